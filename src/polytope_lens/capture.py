@@ -1,0 +1,317 @@
+"""Find every nonlinearity a model applies, by intercepting the calls themselves, and name it by where it runs.
+
+A ``torch.overrides.TorchFunctionMode`` sees each ``F.relu``, ``torch.relu``, ``F.gelu``, ``F.max_pool2d`` ... call,
+whether it comes from an ``nn.ReLU`` module or from a functional call inside a custom module (Lucent's InceptionV1,
+Hugging Face's ``GELUActivation``). Global module hooks keep a stack of the module paths that are running, so a
+call is named ``<module path>.<op>``, with ``#k`` for the k-th further call of the same op in the same module within
+one forward pass (EfficientNet's ``_swish`` runs twice per block: ``_blocks.3._swish.relu6`` and
+``_blocks.3._swish.relu6#1``).
+
+Two extensions cover activations that are not a single torch call:
+
+* *activation modules*: a module whose class composes an activation from primitives (``NewGELUActivation``'s tanh
+  formula) is one site whose unit input is the module's input; the calls inside it are not sites.
+* *declared sites*: a module whose **output** is the pre-activation of a known activation (TransformerLens'
+  ``blocks.0.mlp.hook_pre`` in a SoLU model); calls inside ``suppress`` module paths are then not sites.
+
+Modules that are TransformerLens hook points give aliases: a call whose input is exactly a hook point's output is
+also known by that hook name (``blocks.3.mlp.hook_pre``).
+
+Everything is scoped: hooks and the mode are removed in ``finally`` even when the forward pass fails.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import InvalidInputError, UnsupportedActivationError
+from .kinks import Activation, get_activation, resolve_call
+
+__all__ = ["CallSite", "capture", "list_sites", "select_sites", "StopForward", "ACTIVATION_MODULE_CLASSES"]
+
+# composite activation modules, by class name: their input is the unit input, their inner calls are not sites
+ACTIVATION_MODULE_CLASSES: dict[str, str] = {
+    "NewGELUActivation": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "SiLUActivation": "silu",
+}
+
+
+@dataclass(frozen=True)
+class CallSite:
+    """One application of a nonlinearity during a forward pass.
+
+    Attributes
+    ----------
+    name : str
+        Canonical name: ``<module path>.<op>`` plus ``#k`` for repeated calls (``encoder.layer.0.intermediate.
+        intermediate_act_fn.gelu``), or the module path of a declared site.
+    module_path : str
+        Dotted path of the innermost running module ("" for the root).
+    activation : Activation
+        Registry entry describing the units' pieces and kinks.
+    alias : str or None
+        TransformerLens hook name whose output is this site's unit input, when there is one.
+    order : int
+        Position in execution order within the forward pass.
+    """
+
+    name: str
+    module_path: str
+    activation: Activation
+    alias: str | None
+    order: int
+
+    @property
+    def op(self) -> str:
+        return self.activation.name
+
+    def matches(self, pattern: str) -> bool:
+        """True when ``pattern`` (a glob) matches the name or the alias."""
+        return fnmatch.fnmatchcase(self.name, pattern) or (
+            self.alias is not None and fnmatch.fnmatchcase(self.alias, pattern)
+        )
+
+
+class StopForward(Exception):
+    """Raised by a handler to end the forward pass early (everything it needs has been seen)."""
+
+
+Handler = Callable[[CallSite, torch.Tensor], "torch.Tensor | None"]
+
+
+class _SiteMode(TorchFunctionMode):
+    def __init__(self, tracker: "_Tracker"):
+        super().__init__()
+        self.tracker = tracker
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tr = self.tracker
+        if tr.suppressed == 0 and args and isinstance(args[0], torch.Tensor):
+            try:
+                act = resolve_call(func, args, kwargs)
+            except UnsupportedActivationError as e:
+                where = tr.stack[-1] if tr.stack else "<root>"
+                raise UnsupportedActivationError(f"{e} (called in module {where!r})") from None
+            if act is not None:
+                out = tr.fire(act, args[0], tr.current_path())
+                if out is not None:
+                    return out
+        return func(*args, **kwargs)
+
+
+class _Tracker:
+    """Per-forward state: running module paths, call counters, hook-point outputs for aliases."""
+
+    def __init__(self, model: nn.Module, handler: Handler, activation_modules: dict[str, str],
+                 declared: dict[str, Activation], suppress: tuple[str, ...], aliases: dict[int, str]):
+        self.paths = {id(m): p for p, m in model.named_modules()}
+        self.handler = handler
+        self.activation_modules = activation_modules
+        self.declared = declared
+        self.suppress = suppress
+        self.aliases = aliases
+        self.stack: list[str] = []
+        self.suppressed = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        self.order = 0
+        self.hook_outputs: dict[tuple, str] = {}
+
+    def current_path(self) -> str:
+        return self.stack[-1] if self.stack else ""
+
+    def site_name(self, path: str, op: str) -> str:
+        k = self.counts.get((path, op), 0)
+        self.counts[(path, op)] = k + 1
+        base = f"{path}.{op}" if path else op
+        return base if k == 0 else f"{base}#{k}"
+
+    def fire(self, act: Activation, z: torch.Tensor, path: str, name: str | None = None) -> torch.Tensor | None:
+        alias = self.hook_outputs.get(_key(z))
+        site = CallSite(name or self.site_name(path, act.name), path, act, alias, self.order)
+        self.order += 1
+        return self.handler(site, z)
+
+    # global module hooks -------------------------------------------------------------------------------
+    def pre_hook(self, module, args):
+        path = self.paths.get(id(module))
+        if path is None:
+            return None
+        self.stack.append(path)
+        cls = type(module).__name__
+        if cls in self.activation_modules and self.suppressed == 0 and args and isinstance(args[0], torch.Tensor):
+            self.suppressed += 1  # inner primitive calls are part of this activation
+            module._pl_activation_site = True  # type: ignore[attr-defined]
+        elif any(fnmatch.fnmatchcase(path, s) for s in self.suppress):
+            self.suppressed += 1
+            module._pl_suppressing = True  # type: ignore[attr-defined]
+        return None
+
+    def post_hook(self, module, args, output):
+        path = self.paths.get(id(module))
+        if path is None:
+            return None
+        replaced = None
+        if getattr(module, "_pl_activation_site", False):
+            del module._pl_activation_site
+            self.suppressed -= 1
+            act = get_activation(self.activation_modules[type(module).__name__])
+            replaced = self.fire(act, args[0], path)
+        elif getattr(module, "_pl_suppressing", False):
+            del module._pl_suppressing
+            self.suppressed -= 1
+        if path in self.aliases and isinstance(output, torch.Tensor):
+            self.hook_outputs[_key(output)] = self.aliases[path]
+        if path in self.declared and isinstance(output, torch.Tensor):
+            replaced = self.fire(self.declared[path], output, path, name=self.aliases.get(path, path))
+        if self.stack and self.stack[-1] == path:
+            self.stack.pop()
+        return replaced
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+
+
+def _tl_aliases(model: nn.Module) -> dict[str, str]:
+    """Module path -> preferred TransformerLens hook name, for models that expose ``hook_dict``."""
+    hook_dict = getattr(model, "hook_dict", None)
+    if not isinstance(hook_dict, dict):
+        return {}
+    paths = {id(m): p for p, m in model.named_modules()}
+    best: dict[str, str] = {}
+    for name, mod in hook_dict.items():
+        path = paths.get(id(mod))
+        if path is None:
+            continue
+        prev = best.get(path)
+        # prefer the canonical TransformerLens names (hook_pre, hook_resid_*) over component-internal ones
+        rank = (not name.endswith(("hook_pre", "hook_post", "hook_mid")), name.count("."), len(name))
+        if prev is None or rank < (not prev.endswith(("hook_pre", "hook_post", "hook_mid")), prev.count("."),
+                                   len(prev)):
+            best[path] = name
+    return best
+
+
+# TransformerLens act_fn values that are formulas, not single torch calls: declared at blocks.L.mlp.hook_pre
+_TL_COMPOSITE_ACTS = {"solu": "solu", "solu_ln": "solu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+                      "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _tl_declared(model: nn.Module, aliases: dict[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Declared sites and suppressed paths for TransformerLens models whose activation is a formula (SoLU...)."""
+    act = str(getattr(getattr(model, "cfg", None), "act_fn", "") or "").lower()
+    if act not in _TL_COMPOSITE_ACTS or not aliases:
+        return {}, ()
+    declared, suppress = {}, []
+    for path, name in aliases.items():
+        if name.endswith("mlp.hook_pre"):
+            declared[name] = _TL_COMPOSITE_ACTS[act]
+        if name.endswith("mlp.hook_in"):
+            suppress.append(path.rsplit(".", 1)[0] + "*")  # the MLP component: its inner calls form the formula
+    return declared, tuple(suppress)
+
+
+@contextmanager
+def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str, str] | None = None,
+            declared_sites: dict[str, str | Activation] | None = None,
+            suppress: tuple[str, ...] = ()) -> Iterator[Callable[[], None]]:
+    """Call ``handler(site, unit_input)`` for every nonlinearity ``model`` applies inside the ``with`` block.
+
+    The handler runs *before* the nonlinearity; returning a tensor replaces the nonlinearity's output (used by
+    interventions such as activation scaling), returning None lets it run. Raise ``StopForward`` to end the pass.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model whose module tree names the sites.
+    handler : callable
+        ``handler(site: CallSite, z: Tensor) -> Tensor | None``.
+    activation_modules : dict, optional
+        Extra ``{class name: registry name}`` for composite activation modules (added to
+        ``ACTIVATION_MODULE_CLASSES``).
+    declared_sites : dict, optional
+        ``{module path or TransformerLens hook name: registry name}``: the module's output is a site's unit input.
+        TransformerLens models whose ``cfg.act_fn`` is a formula (SoLU, gelu_new) get theirs automatically.
+    suppress : tuple of str
+        Module path globs inside which intercepted calls are not sites (used with ``declared_sites``).
+
+    Yields
+    ------
+    reset : callable
+        Call between forward passes to restart the per-pass call counters (``run`` does it for you).
+    """
+    aliases = _tl_aliases(model)
+    by_alias = {v: k for k, v in aliases.items()}
+    tl_declared, tl_suppress = _tl_declared(model, aliases)
+    suppress = tuple(suppress) + tl_suppress
+    declared: dict[str, Activation] = {}
+    for key, act in {**tl_declared, **(declared_sites or {})}.items():
+        path = by_alias.get(key, key)
+        declared[path] = act if isinstance(act, Activation) else get_activation(act)
+    tracker = _Tracker(model, handler, {**ACTIVATION_MODULE_CLASSES, **(activation_modules or {})}, declared,
+                       tuple(suppress), aliases)
+    pre = nn.modules.module.register_module_forward_pre_hook(tracker.pre_hook)
+    post = nn.modules.module.register_module_forward_hook(tracker.post_hook, always_call=True)
+    try:
+        with _SiteMode(tracker):
+            yield tracker.reset
+    finally:
+        pre.remove()
+        post.remove()
+
+
+def run(model: nn.Module, forward: Callable[[], object], handler: Handler, **capture_kwargs) -> object | None:
+    """Run ``forward()`` under ``capture``; returns its result, or None when a handler stopped it early."""
+    with capture(model, handler, **capture_kwargs) as reset, torch.no_grad():
+        reset()
+        try:
+            return forward()
+        except StopForward:
+            return None
+
+
+def list_sites(model: nn.Module, forward: Callable[[], object], **capture_kwargs) -> list[CallSite]:
+    """The call sites of one forward pass, in execution order."""
+    sites: list[CallSite] = []
+    run(model, forward, lambda site, z: sites.append(site), **capture_kwargs)
+    return sites
+
+
+def select_sites(sites: list[CallSite], layers: str | list[str] | None) -> list[CallSite]:
+    """Sites whose name or alias matches any glob in ``layers`` (comma-separated string or list; None = all).
+
+    Raises
+    ------
+    InvalidInputError
+        If a pattern matches no site; the message lists the first available names.
+    """
+    if layers is None:
+        return list(sites)
+    patterns = [p.strip() for p in (layers.split(",") if isinstance(layers, str) else layers) if p.strip()]
+    if not patterns:
+        raise InvalidInputError("The 'layers' parameter is empty; give a glob such as '*relu*' or a site name.")
+    chosen = []
+    for p in patterns:
+        hits = [s for s in sites if s.matches(p)]
+        if not hits:
+            names = ", ".join(s.alias or s.name for s in sites[:8]) + (" ..." if len(sites) > 8 else "")
+            raise InvalidInputError(
+                f"The layer pattern {p!r} matches none of the model's {len(sites)} activation sites "
+                f"({names or 'none found'}); run 'polytope-lens sites' to list them."
+            )
+        chosen.extend(s for s in hits if s not in chosen)
+    return sorted(chosen, key=lambda s: s.order)

