@@ -63,6 +63,8 @@ class CallSite:
         TransformerLens hook name whose output is this site's unit input, when there is one.
     order : int
         Position in execution order within the forward pass.
+    shape : tuple
+        Shape of the unit input when the site was seen (batch first).
     """
 
     name: str
@@ -70,6 +72,7 @@ class CallSite:
     activation: Activation
     alias: str | None
     order: int
+    shape: tuple = ()
 
     @property
     def op(self) -> str:
@@ -141,7 +144,7 @@ class _Tracker:
 
     def fire(self, act: Activation, z: torch.Tensor, path: str, name: str | None = None) -> torch.Tensor | None:
         alias = self.hook_outputs.get(_key(z))
-        site = CallSite(name or self.site_name(path, act.name), path, act, alias, self.order)
+        site = CallSite(name or self.site_name(path, act.name), path, act, alias, self.order, tuple(z.shape))
         self.order += 1
         return self.handler(site, z)
 

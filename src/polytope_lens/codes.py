@@ -35,7 +35,9 @@ __all__ = [
     "SplineCodes",
     "UnitSelection",
     "spline_codes",
+    "CodeExtractor",
     "pack_pieces",
+    "pack_bits",
     "unpack_pieces",
     "hamming",
     "jaccard",
@@ -44,21 +46,21 @@ __all__ = [
 
 
 # ------------------------------------------------------------------------------------------------ packing
-def pack_pieces(pieces: torch.Tensor, activation: Activation) -> torch.Tensor:
-    """Pack integer pieces (rows, units) into uint8 bytes (rows, ceil(units * bits / 8)), on the pieces' device."""
-    rows, units = pieces.shape
-    bpu = activation.bits_per_unit
-    j = torch.arange(bpu, device=pieces.device)
-    if activation.ordered:
-        bits = pieces[..., None] > j  # thermometer
-    else:
-        bits = ((pieces[..., None] >> j) & 1).bool()
-    bits = bits.reshape(rows, units * bpu)
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor (rows, n_bits) into uint8 (rows, ceil(n_bits / 8)), little-endian within each byte."""
+    if bits.device.type == "cpu":
+        return torch.from_numpy(np.packbits(bits.numpy(), axis=1, bitorder="little"))
+    rows = bits.shape[0]
     pad = (-bits.shape[1]) % 8
     if pad:
         bits = torch.nn.functional.pad(bits, (0, pad))
-    weights = (1 << torch.arange(8, device=pieces.device)).to(torch.uint8)
+    weights = (1 << torch.arange(8, device=bits.device)).to(torch.uint8)
     return (bits.reshape(rows, -1, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def pack_pieces(pieces: torch.Tensor, activation: Activation) -> torch.Tensor:
+    """Pack integer pieces (rows, units) into uint8 bytes (rows, ceil(units * bits / 8)), on the pieces' device."""
+    return pack_bits(activation.bits_from_pieces(pieces).reshape(pieces.shape[0], -1))
 
 
 def unpack_pieces(packed: np.ndarray, n_units: int, activation: Activation | Mapping) -> np.ndarray:
@@ -101,6 +103,11 @@ class UnitSelection:
             raise InvalidInputError(f"Token protocol needs k >= 1 and skip >= 0. Got k={self.k}, skip={self.skip}.")
         if not all(0.0 <= p <= 1.0 for p in self.position):
             raise InvalidInputError(f"The 'position' must be two fractions in [0, 1]. Got {self.position}.")
+
+    def fits(self, site: CallSite) -> bool:
+        """Whether the site's unit tensor has the layout this selection needs (any, 4-D images, 3-D tokens)."""
+        need = {"all": None, "position": 4, "tokens": 3, "all-tokens": 3}[self.kind]
+        return need is None or len(site.shape) == need
 
     def rows(self, batch: int, mask: torch.Tensor | None) -> np.ndarray:
         """(n_rows, 2) int64: [example index within batch, token position or -1]."""
@@ -306,6 +313,98 @@ def _default_forward(model: nn.Module) -> Callable[[object], object]:
     return forward
 
 
+class CodeExtractor:
+    """Spline codes of chosen sites of one model, for any number of input batches.
+
+    Sites are resolved once (on the first example seen) and reused, so a data set can be coded chunk by chunk.
+    Parameters are those of ``spline_codes``.
+    """
+
+    def __init__(self, model: nn.Module, *, layers: str | list[str] | None = None,
+                 units: str | UnitSelection = "all", soft: bool = False, batch_size: int = 64,
+                 forward: Callable[[object], object] | None = None, **capture_kwargs):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidInputError(
+                f"The 'batch_size' parameter of spline_codes must be an int >= 1. Got {batch_size!r}.")
+        self.model, self.layers, self.soft, self.batch_size = model, layers, soft, batch_size
+        self.selection = _as_selection(units)
+        self.forward = forward or _default_forward(model)
+        self.capture_kwargs = capture_kwargs
+        self.sites: list[CallSite] | None = None
+
+    def resolve_sites(self, inputs) -> list[CallSite]:
+        """The selected sites, found with one forward pass of the first example of ``inputs``."""
+        if self.sites is None:
+            first, _, _ = next(_batches(inputs, 1))
+            found = list_sites(self.model, lambda: self.forward(first), **self.capture_kwargs)
+            if not found:
+                raise InvalidInputError(
+                    "The model applies no nonlinearity the kink registry knows; there is nothing to code.")
+            if self.layers is None:  # all sites that fit the selection (a BERT pooler has no token axis)
+                found = [s for s in found if self.selection.fits(s)] or found
+            self.sites = select_sites(found, self.layers)
+        return self.sites
+
+    def __call__(self, inputs, progress: Callable[[int], None] | None = None) -> SplineCodes:
+        n_total = _check_inputs(inputs)
+        wanted = {s.name: s for s in self.resolve_sites(inputs)}
+        selection, soft = self.selection, self.soft
+        chunks: dict[str, list] = {n: [] for n in wanted}
+        softs: dict[str, list] = {n: [] for n in wanted}
+        shapes: dict[str, tuple] = {}
+        all_rows, offset, dtype = [], 0, None
+        for batch, mask, blen in _batches(inputs, self.batch_size):
+            rows = selection.rows(blen, mask)
+            done = set()
+
+            def handler(site: CallSite, z: torch.Tensor):
+                nonlocal dtype
+                if site.name not in wanted:
+                    return None
+                dtype = dtype or str(z.dtype).replace("torch.", "")
+                act = site.activation
+                if act.elementwise:  # select units first, then code only those
+                    units = selection.apply(site, z, rows)
+                    shape = z.shape[1:] if selection.kind == "all" else units.shape[1:]
+                    bits = act.code_bits(units)
+                else:
+                    full = act.pieces(z)
+                    units = selection.apply(site, full, rows)
+                    shape = full.shape[1:] if selection.kind == "all" else units.shape[1:]
+                    bits = act.bits_from_pieces(units)
+                shapes.setdefault(site.name, tuple(shape))
+                chunks[site.name].append(pack_bits(bits.reshape(len(units), -1)).cpu())
+                if soft:
+                    s = act.soft(z)
+                    if s is not None:
+                        softs[site.name].append(selection.apply(site, s, rows).reshape(len(units), -1).float().cpu())
+                done.add(site.name)
+                if len(done) == len(wanted):
+                    raise StopForward  # every wanted site has been coded: skip the rest of the network
+                return None
+
+            run(self.model, lambda: self.forward(batch), handler, **self.capture_kwargs)
+            if len(done) != len(wanted):
+                raise InvalidInputError(
+                    f"Sites {sorted(set(wanted) - done)} did not run on rows {offset}..{offset + blen - 1}; the "
+                    "model's call graph depends on its input, which spline codes do not support.")
+            all_rows.append(rows + np.array([offset, 0]))
+            offset += blen
+            if progress is not None:
+                progress(blen)
+
+        rows = np.concatenate(all_rows)
+        if len(rows) == 0:
+            raise InvalidInputError(f"No rows were selected: the {selection.kind!r} selection found no positions "
+                                    f"(are all sequences shorter than skip={selection.skip} tokens?).")
+        layers_out = {}
+        for name, site in wanted.items():
+            layers_out[name] = LayerCodes(
+                name, site.alias, site.activation.describe(), int(np.prod(shapes[name])), shapes[name],
+                torch.cat(chunks[name]).numpy(), torch.cat(softs[name]).numpy() if softs[name] else None)
+        return SplineCodes(layers_out, rows, selection.to_dict(), dtype or "unknown", {"n_examples": n_total})
+
+
 def spline_codes(model: nn.Module, inputs, *, layers: str | list[str] | None = None,
                  units: str | UnitSelection = "all", soft: bool = False, batch_size: int = 64,
                  forward: Callable[[object], object] | None = None, progress: Callable[[int], None] | None = None,
@@ -317,9 +416,11 @@ def spline_codes(model: nn.Module, inputs, *, layers: str | list[str] | None = N
     model : nn.Module
         Any PyTorch model; its nonlinearities are found by intercepting their calls.
     inputs : Tensor (batch, ...) or mapping of tensors, or an object with ``.tensors`` and ``.attention_mask``
-        Model inputs with a batch dimension (a mapping is passed as keyword arguments).
+        Model inputs with a batch dimension (a mapping is passed as keyword arguments). Integer 2-D tensors are
+        token ids (every position real).
     layers : str or list of str, optional
-        Globs over site names or TransformerLens aliases (``"*relu*"``, ``"blocks.*.mlp.hook_pre"``); None = all.
+        Globs over site names or TransformerLens aliases (``"*relu*"``, ``"blocks.*.mlp.hook_pre"``); None = every
+        site whose layout fits ``units`` (e.g. only token-level sites for the token protocol).
     units : {"all", "position", "tokens", "all-tokens"} or UnitSelection
         What a row is (see ``UnitSelection``).
     soft : bool
@@ -329,11 +430,20 @@ def spline_codes(model: nn.Module, inputs, *, layers: str | list[str] | None = N
     forward : callable, optional
         ``forward(batch_inputs)`` to run instead of ``model(x)`` / ``model(**x)``.
     progress : callable, optional
-        Called with the number of examples done after each batch.
+        Called with the number of examples done in each batch.
+    **capture_kwargs
+        Passed to ``capture`` (``activation_modules``, ``declared_sites``, ``suppress``).
 
     Returns
     -------
     SplineCodes
+
+    Raises
+    ------
+    InvalidInputError
+        Empty or non-finite inputs, a layer pattern that matches nothing, a selection that does not fit a site.
+    UnsupportedActivationError
+        The model calls a nonlinearity the registry does not describe.
 
     Examples
     --------
@@ -342,71 +452,9 @@ def spline_codes(model: nn.Module, inputs, *, layers: str | list[str] | None = N
     >>> codes["1.relu"].packed.shape   # 5 rows, 8 units of 1 bit
     (5, 1)
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidInputError(f"The 'batch_size' parameter of spline_codes must be an int >= 1. Got {batch_size!r}.")
-    selection = _as_selection(units)
-    n_total = _check_inputs(inputs)
-    fwd = forward or _default_forward(model)
-
-    first, _, _ = next(_batches(inputs, 1))
-    sites = select_sites(list_sites(model, lambda: fwd(first), **capture_kwargs), layers)
-    wanted = {s.name: s for s in sites}
-    if not sites:
-        raise InvalidInputError("The model applies no nonlinearity the kink registry knows; there is nothing to code.")
-
-    chunks: dict[str, list] = {n: [] for n in wanted}
-    softs: dict[str, list] = {n: [] for n in wanted}
-    shapes: dict[str, tuple] = {}
-    seen_sites: dict[str, CallSite] = {}
-    all_rows = []
-    offset = 0
-    model_dtype = None
-    for batch, mask, blen in _batches(inputs, batch_size):
-        rows = selection.rows(blen, mask)
-        state = {"count": 0}
-
-        def handler(site: CallSite, z: torch.Tensor):
-            nonlocal model_dtype
-            if site.name not in wanted:
-                return None
-            model_dtype = model_dtype or str(z.dtype).replace("torch.", "")
-            act = site.activation
-            full = act.pieces(z)
-            pieces = selection.apply(site, full, rows)
-            shapes.setdefault(site.name, tuple(full.shape[1:] if selection.kind == "all" else pieces.shape[1:]))
-            chunks[site.name].append(pack_pieces(pieces.reshape(pieces.shape[0], -1), act).cpu())
-            if soft:
-                s = act.soft(z)
-                if s is not None:
-                    softs[site.name].append(selection.apply(site, s, rows).reshape(len(pieces), -1).float().cpu())
-            seen_sites[site.name] = site
-            state["count"] += 1
-            if state["count"] == len(wanted):
-                raise StopForward  # every wanted site has been coded: skip the rest of the network
-            return None
-
-        run(model, lambda: fwd(batch), handler, **capture_kwargs)
-        missing = [n for n in wanted if len(chunks[n]) != len(all_rows) + 1]
-        if missing:
-            raise InvalidInputError(f"Sites {missing} did not run on this batch; the model's call graph depends on "
-                                    "its input, which spline_codes does not support.")
-        all_rows.append(rows + np.array([offset, 0]))
-        offset += blen
-        if progress is not None:
-            progress(offset)
-
-    layers_out = {}
-    for name, site in sorted(seen_sites.items(), key=lambda kv: kv[1].order):
-        packed = torch.cat(chunks[name]).numpy()
-        n_units = int(np.prod(shapes[name])) if shapes[name] else 1
-        soft_arr = torch.cat(softs[name]).numpy() if softs[name] else None
-        layers_out[name] = LayerCodes(name, site.alias, site.activation.describe(), n_units, shapes[name], packed,
-                                      soft_arr)
-    rows = np.concatenate(all_rows) if all_rows else np.zeros((0, 2), np.int64)
-    if len(rows) == 0:
-        raise InvalidInputError(f"No rows were selected: the {selection.kind!r} selection found no positions "
-                                f"(sequences shorter than skip={selection.skip}?).")
-    return SplineCodes(layers_out, rows, selection.to_dict(), model_dtype or "unknown", {"n_examples": n_total})
+    extractor = CodeExtractor(model, layers=layers, units=units, soft=soft, batch_size=batch_size, forward=forward,
+                              **capture_kwargs)
+    return extractor(inputs, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------------ distances

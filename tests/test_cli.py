@@ -1,0 +1,163 @@
+"""The CLI: wiring, summaries, and bad inputs that must give one clear line, exit 1 and leave nothing behind."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from polytope_lens.cli import app
+from polytope_lens.store import read_codes
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def toy_data(tmp_path):
+    x = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+    path = tmp_path / "x.npy"
+    np.save(path, x)
+    return path, x
+
+
+def test_version():
+    r = invoke("--version")
+    assert r.exit_code == 0 and "polytope-lens" in r.output and "torch" in r.output
+
+
+def test_codes_writes_store_matching_hand_computation(tmp_path, toy_data):
+    """The store holds the codes of the toy MLP, equal to signs computed from its weights."""
+    path, x = toy_data
+    out = tmp_path / "codes.zarr"
+    r = invoke("codes", "--model", "toy:4-8-8-3:seed=3", "--data", f"npy:{path}", "--out", out,
+               "--batch-size", 7, "--json", tmp_path / "s.json")
+    assert r.exit_code == 0, r.output
+    assert "20 rows of exact polytope codes" in r.output
+    codes = read_codes(out)
+    from polytope_lens.models import load_model
+
+    mlp = load_model("toy:4-8-8-3:seed=3").module
+    linears = [m for m in mlp.modules() if isinstance(m, nn.Linear)]
+    z1 = torch.from_numpy(x) @ linears[0].weight.T + linears[0].bias
+    first = next(iter(codes.layers.values()))
+    assert np.array_equal(first.pieces(), (z1 > 0).detach().numpy())
+    assert codes.rows[:, 0].tolist() == list(range(20))
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["exact"] is True and summary["rows"] == 20 and summary["model"].startswith("toy:")
+    assert read_codes(out).meta["data_provenance"]
+
+
+def test_sites_lists_in_order():
+    r = invoke("sites", "--model", "toy:2-5-5-2")
+    assert r.exit_code == 0
+    assert "2 activation sites" in r.output
+
+
+def _elu_model(tmp_path):
+    p = tmp_path / "elu.pt"
+    torch.save(nn.Sequential(nn.Linear(4, 3), nn.ELU()), p)
+    return p
+
+
+BAD = {
+    "unknown model spec": (lambda t, d: ["--model", "resnet9000", "--data", f"npy:{d}"], "resnet9000"),
+    "unknown data spec": (lambda t, d: ["--model", "toy:4-5-3", "--data", "imagenet"], "imagenet"),
+    "unknown activation": (lambda t, d: ["--model", f"file:{_elu_model(t)}", "--data", f"npy:{d}"],
+                           "elu is not in the kink registry"),
+    "missing model file": (lambda t, d: ["--model", f"file:{t}/none.pt", "--data", f"npy:{d}"], "none.pt"),
+    "layer pattern matching nothing": (lambda t, d: ["--model", "toy:4-5-3", "--data", f"npy:{d}", "--layers",
+                                                     "blocks.*"], "matches none"),
+    "wrong input shape": (lambda t, d: ["--model", "toy:5-6-3", "--data", f"npy:{d}"], "shape"),
+    "NaN input": (lambda t, d: ["--model", "toy:4-5-3", "--data", f"npy:{_nan(t)}"], "NaN"),
+    "empty text": (lambda t, d: ["--model", "toy:4-5-3", "--data", f"text:{_empty(t)}"], "empty"),
+    "unwritable output folder": (lambda t, d: ["--model", "toy:4-5-3", "--data", f"npy:{d}", "--out",
+                                               f"{d}/sub/codes.zarr"], "does not exist"),
+    "bad unit selection": (lambda t, d: ["--model", "toy:4-5-3", "--data", f"npy:{d}", "--units", "pixels"],
+                           "units' parameter must be one of"),
+    "position protocol on an MLP": (lambda t, d: ["--model", "toy:4-5-3", "--data", f"npy:{d}", "--units",
+                                                  "position"], "needs (batch, channels, height, width)"),
+    "bad position": (lambda t, d: ["--model", "toy:4-5-3", "--data", f"npy:{d}", "--position", "middle"],
+                     "--position must be two fractions"),
+    "zero batch size": (lambda t, d: ["--model", "toy:4-5-3", "--data", f"npy:{d}", "--batch-size", "0"],
+                        "batch_size"),
+    "text data for a vector model": (lambda t, d: ["--model", "toy:4-5-3", "--data", "pydoc", "--limit", "2"],
+                                     "text"),
+}
+
+
+def _nan(t):
+    p = t / "nan.npy"
+    a = np.zeros((3, 4), np.float32)
+    a[1, 2] = np.nan
+    np.save(p, a)
+    return p
+
+
+def _empty(t):
+    p = t / "empty.txt"
+    p.write_text("   \n")
+    return p
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_one_line_no_store(case, tmp_path, toy_data):
+    """Each bad input: exit code 1, one line naming the problem, no traceback, no store written."""
+    args, expected = BAD[case]
+    argv = args(tmp_path, toy_data[0])
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "codes.zarr")]
+    r = runner.invoke(app, ["codes", *argv])
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert expected.lower() in lines[0].lower()
+    assert not (tmp_path / "codes.zarr").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".codes.zarr.tmp")]
+
+
+def test_existing_output_needs_overwrite(tmp_path, toy_data):
+    out = tmp_path / "c.zarr"
+    assert invoke("codes", "--model", "toy:4-5-3", "--data", f"npy:{toy_data[0]}", "--out", out).exit_code == 0
+    r = runner.invoke(app, ["codes", "--model", "toy:4-5-3", "--data", f"npy:{toy_data[0]}", "--out", str(out)])
+    assert r.exit_code == 1 and "already exists" in r.stderr
+    r = invoke("codes", "--model", "toy:4-5-3", "--data", f"npy:{toy_data[0]}", "--out", out, "--overwrite")
+    assert r.exit_code == 0
+
+
+def test_missing_optional_package(monkeypatch, tmp_path):
+    """A model whose package is absent: one line saying how to install it."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)
+    r = runner.invoke(app, ["codes", "--model", "efficientnet-lite0", "--data", "skimage", "--out",
+                            str(tmp_path / "e.zarr")])
+    assert r.exit_code == 1
+    assert "pip install" in r.stderr and "Traceback" not in r.output
+    assert not (tmp_path / "e.zarr").exists()
+
+
+def test_failure_midway_leaves_no_store(tmp_path, monkeypatch, toy_data):
+    """An error after some chunks were written removes the temporary store."""
+    import polytope_lens.store as store
+
+    calls = {"n": 0}
+    orig = store.CodeStoreWriter.append
+
+    def failing(self, codes, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise store.PolytopeLensError("disk full (simulated)")
+        return orig(self, codes, **kw)
+
+    monkeypatch.setattr(store.CodeStoreWriter, "append", failing)
+    r = runner.invoke(app, ["codes", "--model", "toy:4-5-3", "--data", f"npy:{toy_data[0]}", "--batch-size", "5",
+                            "--out", str(tmp_path / "c.zarr")])
+    assert r.exit_code == 1 and "disk full" in r.stderr
+    assert list(tmp_path.iterdir()) == [toy_data[0]]

