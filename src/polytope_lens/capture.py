@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -107,7 +107,7 @@ class _SiteMode(TorchFunctionMode):
                 where = tr.stack[-1] if tr.stack else "<root>"
                 raise UnsupportedActivationError(f"{e} (called in module {where!r})") from None
             if act is not None:
-                out = tr.fire(act, args[0], tr.current_path())
+                out = tr.fire(act, args[0], tr.current_path(), apply=_CallApply(func, args[1:], kwargs))
                 if out is not None:
                     return out
         return func(*args, **kwargs)
@@ -172,7 +172,7 @@ class _Tracker:
             del module._pl_activation_site
             self.suppressed -= 1
             act = get_activation(self.activation_modules[type(module).__name__])
-            replaced = self.fire(act, args[0], path)
+            replaced = self.fire(act, args[0], path, apply=module.forward)
         elif getattr(module, "_pl_suppressing", False):
             del module._pl_suppressing
             self.suppressed -= 1
@@ -183,6 +183,18 @@ class _Tracker:
         if self.stack and self.stack[-1] == path:
             self.stack.pop()
         return replaced
+
+
+class _CallApply:
+    """The intercepted call with a new unit input: ``func(z.clone(), *rest, **kwargs)`` (clone: in-place variants)."""
+
+    __slots__ = ("func", "rest", "kwargs")
+
+    def __init__(self, func, rest: tuple, kwargs: dict):
+        self.func, self.rest, self.kwargs = func, tuple(rest), dict(kwargs)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return self.func(z.clone(), *self.rest, **self.kwargs)
 
 
 def _key(t: torch.Tensor) -> tuple:

@@ -272,9 +272,11 @@ def _pool_out(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int
 
 
 def _sorted(c: Crossings) -> Crossings:
-    order = torch.argsort(c.segment * 2.0 + c.t.to(torch.float64), stable=True) if len(c) else None
-    if order is None:
+    # lexicographic (segment, t): sort by t, then stably by segment (a combined float key would lose t's precision)
+    if not len(c):
         return c
+    order = torch.argsort(c.t, stable=True)
+    order = order[torch.argsort(c.segment[order], stable=True)]
     return Crossings(c.segment[order], c.unit[order], c.t[order], c.piece[order])
 
 
