@@ -149,6 +149,8 @@ def codes_cmd(
     max_length: Annotated[int, typer.Option(help="Longest token sequence (text models).")] = 256,
     soft: Annotated[bool, typer.Option(help="Also store soft codes in (0,1) for smooth activations.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run (same model, data, layers and "
+                                              "batching) from its partial store.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the summary as JSON here.")] = None,
 ):
     """Extract packed spline codes of a model over a data set into a chunked zarr store, and summarise them."""
@@ -162,7 +164,7 @@ def codes_cmd(
     source = load_data(data, limit=limit)
     with _progress(len(source), f"codes {bundle.spec} on {source.spec}") as bar:
         task = bar.add_task("codes", total=len(source))
-        summary = extract_to_store(bundle, source, out_path, overwrite=overwrite, layers=layers, units=units, k=k,
+        summary = extract_to_store(bundle, source, out_path, overwrite=overwrite, resume=resume, layers=layers, units=units, k=k,
                                    skip=skip, position=_position(position), soft=soft, batch_size=batch_size,
                                    max_length=max_length, progress=lambda n: bar.advance(task, n))
     _print_summary(summary)

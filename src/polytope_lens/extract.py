@@ -43,15 +43,20 @@ def default_units(bundle) -> str:
 
 
 def _selection(bundle, units, k, skip, position) -> UnitSelection:
+    if isinstance(units, UnitSelection):
+        return units
     kind = default_units(bundle) if units in (None, "auto") else units
     return UnitSelection(kind, position=tuple(position), k=k, skip=skip)
 
 
 def iter_code_chunks(model, data, *, layers=None, units="auto", k: int = 6, skip: int = 100,
                      position=(0.5, 0.5), soft: bool = False, batch_size: int = 32, max_length: int = 256,
-                     limit: int | None = None, progress: Callable[[int], None] | None = None,
+                     limit: int | None = None, start: int = 0, progress: Callable[[int], None] | None = None,
                      ) -> Iterator[tuple[int, SplineCodes, object, object]]:
-    """Yield ``(first example index, codes of the chunk, bundle, data)`` for consecutive chunks of ``data``."""
+    """Yield ``(first example index, codes of the chunk, bundle, data)`` for consecutive chunks of ``data``.
+
+    Chunks are ``batch_size`` examples each, starting at example ``start`` (a resumed run starts mid-way).
+    """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInputError(f"The 'batch_size' parameter must be an int >= 1. Got {batch_size!r}.")
     bundle, source = _bundle(model), _source(data, limit)
@@ -62,26 +67,29 @@ def iter_code_chunks(model, data, *, layers=None, units="auto", k: int = 6, skip
 
     extractor = CodeExtractor(bundle.module, layers=layers, units=selection, soft=soft, batch_size=batch_size,
                               forward=lambda t: bundle.forward(ModelInputs(t)))
-    for start in range(0, len(source), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(source)))
+    for first in range(start, len(source), batch_size):
+        idx = np.arange(first, min(first + batch_size, len(source)))
         inputs = bundle.encode(source, idx, max_length=max_length)
-        yield start, extractor(inputs, progress=progress), bundle, source
+        yield first, extractor(inputs, progress=progress), bundle, source
 
 
 def extract_codes(model, data, **kwargs) -> SplineCodes:
     """Spline codes of ``model`` (spec or ``ModelBundle``) over ``data`` (spec or ``DataSource``), in memory.
 
-    Keyword arguments are those of ``extract_to_store`` except ``out``/``overwrite``.
+    Keyword arguments are those of ``extract_to_store`` except ``out``/``overwrite``/``resume``.
     """
     parts, offsets = [], []
     bundle = source = None
-    for start, codes, bundle, source in iter_code_chunks(model, data, **kwargs):
+    for first, codes, bundle, source in iter_code_chunks(model, data, **kwargs):
         parts.append(codes)
-        offsets.append(start)
+        offsets.append(first)
     return _concat(parts, offsets, _meta(bundle, source))
 
 
-def extract_to_store(model, data, out, *, overwrite: bool = False, **kwargs) -> dict:
+def extract_to_store(model, data, out, *, overwrite: bool = False, resume: bool = False, layers=None,
+                     units="auto", k: int = 6, skip: int = 100, position=(0.5, 0.5), soft: bool = False,
+                     batch_size: int = 32, max_length: int = 256, limit: int | None = None,
+                     progress: Callable[[int], None] | None = None) -> dict:
     """Stream the spline codes of ``model`` over ``data`` into a new zarr store at ``out``; returns its summary.
 
     Parameters
@@ -91,36 +99,42 @@ def extract_to_store(model, data, out, *, overwrite: bool = False, **kwargs) -> 
     data : str or DataSource
         Data spec (``"skimage"``, ``"pydoc"``, ``"digits"`` ...) or a loaded source.
     out : str or Path
-        Destination folder; written atomically (nothing appears there if the run fails).
+        Destination folder; published only when complete (nothing appears there if the run fails).
     overwrite : bool
         Replace an existing store.
+    resume : bool
+        Continue the partial store of an interrupted run with the same model, data, sites and batching (the result
+        is identical to an uninterrupted run); without it a stale partial store is discarded.
     layers, units, k, skip, position, soft, batch_size, max_length, limit, progress
         As in ``spline_codes`` / ``UnitSelection``; ``units="auto"`` picks the token protocol for text models
         and all units otherwise; ``limit`` keeps the first N items of the data.
     """
-    writer = CodeStoreWriter(out, overwrite=overwrite)
-    active: dict[str, list[float]] = {}
-    try:
-        bundle = source = None
-        for start, codes, bundle, source in iter_code_chunks(model, data, **kwargs):
-            if writer.group is None:
-                writer.meta.update(_meta(bundle, source))
-            writer.append(codes, row_offset=start)
-            for name, lc in codes.layers.items():
-                on = lc.pieces() > 0
-                a = active.setdefault(name, [0.0, 0.0])
-                a[0] += float(on.sum())
-                a[1] += on.size
+    bundle, source = _bundle(model), _source(data, limit)
+    selection = _selection(bundle, units, k, skip, position)
+    fingerprint = {"model": bundle.spec, "data": source.spec, "n_items": len(source), "layers": layers,
+                   "selection": selection.to_dict(), "soft": soft, "batch_size": batch_size,
+                   "max_length": max_length}
+    writer = CodeStoreWriter(out, overwrite=overwrite, resume=resume, fingerprint=fingerprint,
+                             meta=_meta(bundle, source))
+    with writer:
+        if progress is not None and writer.next_example:
+            progress(writer.next_example)
+        for first, codes, _, _ in iter_code_chunks(bundle, source, layers=layers, units=selection, soft=soft,
+                                                   batch_size=batch_size, max_length=max_length,
+                                                   start=writer.next_example, progress=progress):
+            writer.append(codes, row_offset=first)
         path = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
+    active = {m["site"]: [0, 0] for m in writer.layer_meta}
+    for chunk in writer.chunks:
+        for site, (on, total) in chunk["active"].items():
+            active[site][0] += on
+            active[site][1] += total
     return {
         "store": str(path), "rows": writer.n_rows, "exact": all(m["exact"] for m in writer.layer_meta),
         "dtype": writer.dtype, "selection": writer.selection, **writer.meta,
-        "layers": [{**{k: m[k] for k in ("site", "alias", "n_units", "bits_per_unit", "exact")},
+        "layers": [{**{key: m[key] for key in ("site", "alias", "n_units", "bits_per_unit", "exact")},
                     "activation": m["activation"]["name"],
-                    "fraction_active": active[m["site"]][0] / max(1.0, active[m["site"]][1])}
+                    "fraction_active": active[m["site"]][0] / max(1, active[m["site"]][1])}
                    for m in writer.layer_meta],
     }
 

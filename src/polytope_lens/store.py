@@ -7,15 +7,17 @@ Layout of a store (a zarr v3 group)::
     codes/site_000 ...    uint8 (n_rows, bytes_per_row) per site, in execution order (names in attrs["layers"])
     soft/site_000 ...     float16 (n_rows, n_units) soft codes, when requested
 
-A store is written into a hidden temporary folder beside its destination and renamed into place only when complete,
-so an interrupted or failed run never leaves a half-written store at the destination.
+A store is written into a hidden folder beside its destination (``.NAME.partial``, with a manifest of completed
+chunks and their checksums) and renamed into place only when complete, so an interrupted or failed run never leaves
+a half-written store at the destination, and ``resume=True`` continues an interrupted run exactly.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +37,14 @@ def _zarr():
 
 
 class CodeStoreWriter:
-    """Append batches of ``SplineCodes`` (same sites, same selection) to a new store; ``close()`` publishes it.
+    """Write ``SplineCodes`` chunk by chunk into a new store; ``close()`` publishes it at ``path``.
 
-    Use as a context manager: on an exception the temporary folder is removed and the destination is untouched.
+    The store grows in a hidden folder beside ``path`` (``.NAME.partial``) with a manifest of completed chunks and
+    their SHA-256 checksums, rewritten atomically after each chunk. A run killed at any moment (even SIGKILL) leaves
+    a partial store that ``resume=True`` continues exactly: rows written after the last manifest entry are cut
+    off, every recorded chunk is verified, and the first corrupt chunk and everything after it are redone. Use as a
+    context manager: on an exception the partial folder is removed, unless ``resume`` is set (then it is kept so
+    that the run can be resumed).
 
     Parameters
     ----------
@@ -45,13 +52,21 @@ class CodeStoreWriter:
         Destination folder (conventionally ``*.zarr``).
     meta : dict
         JSON-safe metadata stored in the group attributes (model spec, data provenance, ...).
+    fingerprint : dict
+        What the store is made of (model, data, sites, selection, batching); a partial store made with another
+        fingerprint is never continued.
     overwrite : bool
         Replace an existing store at ``path``; otherwise an existing path is an error.
+    resume : bool
+        Continue a partial store left by an interrupted run with the same fingerprint.
     chunk_rows : int
         Rows per zarr chunk.
     """
 
-    def __init__(self, path, *, meta: dict | None = None, overwrite: bool = False, chunk_rows: int = 4096):
+    MANIFEST = "manifest.json"
+
+    def __init__(self, path, *, meta: dict | None = None, fingerprint: dict | None = None, overwrite: bool = False,
+                 resume: bool = False, chunk_rows: int = 4096):
         self.path = Path(path)
         if self.path.exists() and not overwrite:
             raise InvalidInputError(f"The output {str(self.path)!r} already exists; pass overwrite (--overwrite) "
@@ -61,14 +76,29 @@ class CodeStoreWriter:
             raise InvalidInputError(f"The output folder {str(parent)!r} does not exist.")
         if not os.access(parent, os.W_OK):
             raise InvalidInputError(f"The output folder {str(parent)!r} is not writable.")
-        self.tmp = parent / f".{self.path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp = parent / f".{self.path.name}.partial"
         self.meta = dict(meta or {})
-        self.overwrite = overwrite
-        self.chunk_rows = chunk_rows
+        self.fingerprint = json.loads(json.dumps(fingerprint or {}, default=str))
+        self.overwrite, self.resume, self.chunk_rows = overwrite, resume, chunk_rows
         self.group = None
         self.names: list[str] = []
-        self.n_rows = 0
         self.layer_meta: list[dict] = []
+        self.chunks: list[dict] = []
+        self.selection = self.dtype = None
+        if resume and (self.tmp / self.MANIFEST).exists():
+            self._reopen()
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -------------------------------------------------------------------------------------------- state
+    @property
+    def n_rows(self) -> int:
+        return sum(c["n_rows"] for c in self.chunks)
+
+    @property
+    def next_example(self) -> int:
+        """Index of the first example not yet in the store (where a resumed run starts)."""
+        return sum(c["n_examples"] for c in self.chunks)
 
     def __enter__(self):
         return self
@@ -76,9 +106,55 @@ class CodeStoreWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.close()
-        else:
+        elif not self.resume:
             self.abort()
         return False
+
+    def _manifest(self) -> dict:
+        return {"fingerprint": self.fingerprint, "layers": self.layer_meta, "selection": self.selection,
+                "dtype": self.dtype, "chunks": self.chunks}
+
+    def _write_manifest(self) -> None:
+        tmp = self.tmp / (self.MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(self._manifest()))
+        os.replace(tmp, self.tmp / self.MANIFEST)
+
+    def _reopen(self) -> None:
+        manifest = json.loads((self.tmp / self.MANIFEST).read_text())
+        if manifest["fingerprint"] != self.fingerprint:
+            diff = sorted(k for k in set(manifest["fingerprint"]) | set(self.fingerprint)
+                          if manifest["fingerprint"].get(k) != self.fingerprint.get(k))
+            raise InvalidInputError(
+                f"The partial store {str(self.tmp)!r} was made with a different {', '.join(diff)}; refusing to "
+                "append to it. Run without --resume to start again.")
+        self.group = _zarr().open_group(str(self.tmp), mode="r+")
+        self.layer_meta, self.selection, self.dtype = manifest["layers"], manifest["selection"], manifest["dtype"]
+        self.names = [m["site"] for m in self.layer_meta]
+        self.chunks = manifest["chunks"]
+        self._truncate(self.n_rows)  # rows written after the last completed chunk are dropped
+        for i, chunk in enumerate(self.chunks):
+            if self._checksum(chunk["row_start"], chunk["n_rows"]) != chunk["sha256"]:
+                self.chunks = self.chunks[:i]  # corrupt: redo this chunk and everything after it
+                self._truncate(self.n_rows)
+                self._write_manifest()
+                break
+
+    def _arrays(self):
+        yield self.group["rows"]
+        for m in self.layer_meta:
+            yield self.group[f"codes/{m['key']}"]
+            if m["soft"]:
+                yield self.group[f"soft/{m['key']}"]
+
+    def _truncate(self, n: int) -> None:
+        for arr in self._arrays():
+            arr.resize((n, *arr.shape[1:]))
+
+    def _checksum(self, start: int, n: int) -> str:
+        h = hashlib.sha256()
+        for arr in self._arrays():
+            h.update(np.ascontiguousarray(arr[start:start + n]).tobytes())
+        return h.hexdigest()
 
     def _open(self, first: SplineCodes) -> None:
         zarr = _zarr()
@@ -101,39 +177,62 @@ class CodeStoreWriter:
                                     "soft": lc.soft is not None})
         self.selection, self.dtype = first.selection, first.dtype
 
-    def append(self, codes: SplineCodes, *, row_offset: int = 0) -> None:
-        """Append rows; ``row_offset`` is added to the example index of each row (for batch-wise extraction)."""
+    # -------------------------------------------------------------------------------------------- writing
+    def append(self, codes: SplineCodes, *, row_offset: int | None = None, n_examples: int | None = None) -> None:
+        """Append one chunk of rows and record it in the manifest.
+
+        ``row_offset`` (default: the next example index) is added to each row's example index; ``n_examples`` is
+        the number of examples the chunk covers (default: ``codes.meta["n_examples"]``).
+        """
         if self.group is None:
             self._open(codes)
         if list(codes.layers) != self.names:
             raise InvalidInputError(f"Cannot append codes of sites {list(codes.layers)} to a store of {self.names}.")
-        rows = codes.rows + np.array([row_offset, 0])
+        start = self.next_example if row_offset is None else row_offset
+        n_ex = int(codes.meta.get("n_examples", len(codes)) if n_examples is None else n_examples)
+        r0, n = self.n_rows, len(codes)
+        rows = codes.rows + np.array([start, 0])
+        parts = [rows]
+        for m, lc in zip(self.layer_meta, codes.layers.values()):
+            parts.append(lc.packed)
+            if m["soft"]:
+                parts.append(lc.soft.astype(np.float16))
         try:
-            self.group["rows"].append(rows, axis=0)
-            for m, lc in zip(self.layer_meta, codes.layers.values()):
-                self.group[f"codes/{m['key']}"].append(lc.packed, axis=0)
-                if m["soft"]:
-                    self.group[f"soft/{m['key']}"].append(lc.soft.astype(np.float16), axis=0)
+            for arr, data in zip(self._arrays(), parts):
+                arr.resize((r0 + n, *arr.shape[1:]))
+                arr[r0:r0 + n] = data
+            active = {lc.site: [int((p := lc.pieces() > 0).sum()), int(p.size)] for lc in codes.layers.values()}
+            self.chunks.append({"start_example": start, "n_examples": n_ex, "row_start": r0, "n_rows": n,
+                                "sha256": self._checksum(r0, n), "active": active})
+            self._write_manifest()
         except OSError as e:
-            raise PolytopeLensError(f"Writing the store failed: {e.strerror or e}.") from None
-        self.n_rows += len(codes)
+            if not self.resume:
+                self.abort()
+            raise PolytopeLensError(f"Writing the store failed: {e.strerror or e}"
+                                    + (" (the partial store is kept; run again with --resume)." if self.resume
+                                       else "; nothing was written.")) from None
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def close(self) -> Path:
-        """Write the metadata and move the store into place; returns its path."""
+        """Write the metadata and move the store into place; returns its path. Closing twice is harmless."""
+        if getattr(self, "_closed", False):
+            return self.path
         if self.group is None:
             self.abort()
             raise InvalidInputError("No codes were written; the store was not created.")
         exact = all(m["exact"] for m in self.layer_meta)
         self.group.attrs.update({
             "format": FORMAT, "version": _version(), "n_rows": self.n_rows, "exact": exact, "dtype": self.dtype,
-            "selection": self.selection, "layers": self.layer_meta, **self.meta,
+            "selection": self.selection, "layers": self.layer_meta, "fingerprint": self.fingerprint,
+            "chunks": self.chunks, **self.meta,
         })
+        (self.tmp / self.MANIFEST).unlink(missing_ok=True)
         if self.path.exists() and self.overwrite:
             shutil.rmtree(self.path)
         os.replace(self.tmp, self.path)
+        self._closed = True
         return self.path
 
 
@@ -165,5 +264,5 @@ def read_codes(path) -> SplineCodes:
         soft = np.asarray(g[f"soft/{m['key']}"][:], dtype=np.float32) if m["soft"] else None
         layers[m["site"]] = LayerCodes(m["site"], m["alias"], m["activation"], m["n_units"], tuple(m["unit_shape"]),
                                        np.asarray(g[f"codes/{m['key']}"][:]), soft)
-    keep = {k: v for k, v in attrs.items() if k not in ("layers", "selection", "dtype", "format")}
+    keep = {k: v for k, v in attrs.items() if k not in ("layers", "selection", "dtype", "format", "chunks")}
     return SplineCodes(layers, np.asarray(g["rows"][:]), attrs["selection"], attrs["dtype"], keep)

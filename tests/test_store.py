@@ -1,0 +1,171 @@
+"""Code stores: round trips, atomic publication, and exact resumption after SIGKILL or corruption."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from polytope_lens.codes import spline_codes
+from polytope_lens.errors import InvalidInputError, PolytopeLensError
+from polytope_lens.extract import extract_to_store
+from polytope_lens.store import CodeStoreWriter, read_codes, write_codes
+
+
+def _codes(n=10, soft=False):
+    m = nn.Sequential(nn.Linear(3, 9), nn.ReLU6(), nn.Linear(9, 4), nn.GELU())
+    return spline_codes(m, torch.randn(n, 3) * 4, soft=soft)
+
+
+def test_roundtrip(tmp_path):
+    codes = _codes(soft=True)
+    write_codes(codes, tmp_path / "c.zarr", meta={"model": "toy"})
+    back = read_codes(tmp_path / "c.zarr")
+    assert list(back.layers) == list(codes.layers)
+    for name in codes.layers:
+        assert np.array_equal(back[name].packed, codes[name].packed)
+        assert np.array_equal(back[name].pieces(), codes[name].pieces())
+    assert np.allclose(back["3.gelu"].soft, codes["3.gelu"].soft, atol=1e-3)
+    assert back.meta["model"] == "toy" and back.exact is False and np.array_equal(back.rows, codes.rows)
+
+
+def test_read_rejects_other_folders(tmp_path):
+    with pytest.raises(InvalidInputError, match="not a polytope-lens code store"):
+        read_codes(tmp_path)
+
+
+def test_refuses_other_sites(tmp_path):
+    w = CodeStoreWriter(tmp_path / "c.zarr")
+    w.append(_codes())
+    other = spline_codes(nn.Sequential(nn.Linear(3, 2), nn.ReLU()), torch.randn(2, 3))
+    with pytest.raises(InvalidInputError, match="Cannot append codes of sites"):
+        w.append(other)
+    w.abort()
+
+
+@pytest.fixture
+def toy_npy(tmp_path):
+    x = np.random.default_rng(1).normal(size=(3000, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    return tmp_path / "x.npy"
+
+
+MODEL = "toy:32-256-256-256-10:seed=5"
+
+
+def _run_cli(out, data, *extra):
+    return subprocess.Popen([sys.executable, "-m", "polytope_lens.cli", "codes", "--model", MODEL, "--data",
+                             f"npy:{data}", "--out", str(out), "--batch-size", "8", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _same_store(a, b):
+    ca, cb = read_codes(a), read_codes(b)
+    assert np.array_equal(ca.rows, cb.rows)
+    for name in ca.layers:
+        assert np.array_equal(ca[name].packed, cb[name].packed), name
+    return len(ca)
+
+
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path, toy_npy):
+    """Kill an extraction with SIGKILL at random moments, resume each time: the store equals an uninterrupted one."""
+    reference = tmp_path / "ref.zarr"
+    extract_to_store(MODEL, f"npy:{toy_npy}", reference, batch_size=8)
+    out = tmp_path / "resumed.zarr"
+    partial = tmp_path / ".resumed.zarr.partial"
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(40):
+        p = _run_cli(out, toy_npy, "--resume")
+        if kills < 3:
+            # wait until the run has written some chunks, then kill it at a random moment
+            deadline = time.time() + 60
+            while not (partial / "manifest.json").exists() and p.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 0.4))
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+                kills += 1
+                assert not out.exists()  # nothing is published by a killed run
+                continue
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+        break
+    assert kills == 3
+    assert out.exists() and not partial.exists()
+    assert _same_store(out, reference) == 3000
+
+
+def test_corrupt_chunk_is_detected_and_redone(tmp_path, toy_npy):
+    """Flip bytes of a written chunk in a partial store: resume notices it and rewrites from there."""
+    out = tmp_path / "c.zarr"
+    w = CodeStoreWriter(out, resume=True, fingerprint={"x": 1})
+    full = _codes(40)
+    # write 4 chunks of the same codes object, then corrupt chunk 1 on disk
+    import copy
+
+    def chunk(s):
+        c = copy.deepcopy(full)
+        c.rows = full.rows[s * 10:(s + 1) * 10] - np.array([s * 10, 0])
+        for lc in c.layers.values():
+            lc.packed = full.layers[lc.site].packed[s * 10:(s + 1) * 10]
+        c.meta["n_examples"] = 10
+        return c
+
+    for s in range(4):
+        w.append(chunk(s))
+    arr = w.group["codes/site_000"]
+    arr[10:20] = arr[10:20] ^ 0xFF
+    w2 = CodeStoreWriter(out, resume=True, fingerprint={"x": 1})
+    assert w2.next_example == 10 and len(w2.chunks) == 1  # chunk 1 is corrupt: redo from there
+    for s in range(1, 4):
+        w2.append(chunk(s))
+    w2.close()
+    back = read_codes(out)
+    assert np.array_equal(back.rows, full.rows)
+    for name in full.layers:
+        assert np.array_equal(back[name].packed, full[name].packed)
+    with pytest.raises(InvalidInputError, match="different x"):
+        CodeStoreWriter(out, resume=True, fingerprint={"x": 2})
+
+
+def test_resume_refuses_other_model(tmp_path, toy_npy):
+    out = tmp_path / "c.zarr"
+    p = _run_cli(out, toy_npy, "--resume")
+    deadline = time.time() + 60
+    while not (tmp_path / ".c.zarr.partial" / "manifest.json").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    with pytest.raises(InvalidInputError, match="different model"):
+        extract_to_store("toy:32-8-10", f"npy:{toy_npy}", out, batch_size=8, resume=True)
+
+
+def test_failing_writer_keeps_a_valid_partial_store(tmp_path, toy_npy, monkeypatch):
+    """A writer that fails mid-way (disk full) gives a clean error; the partial store resumes to the right result."""
+    reference = tmp_path / "ref.zarr"
+    extract_to_store(MODEL, f"npy:{toy_npy}", reference, batch_size=500)
+    out = tmp_path / "c.zarr"
+    calls = {"n": 0}
+    orig = CodeStoreWriter._write_manifest
+
+    def full_disk(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return orig(self)
+
+    monkeypatch.setattr(CodeStoreWriter, "_write_manifest", full_disk)
+    with pytest.raises(PolytopeLensError, match="No space left on device.*--resume"):
+        extract_to_store(MODEL, f"npy:{toy_npy}", out, batch_size=500, resume=True)
+    monkeypatch.setattr(CodeStoreWriter, "_write_manifest", orig)
+    assert not out.exists()
+    extract_to_store(MODEL, f"npy:{toy_npy}", out, batch_size=500, resume=True)
+    assert _same_store(out, reference) == 3000
