@@ -237,3 +237,11 @@ def test_transformer_bridge_hook_names(act_fn, op):
     for l, lc in enumerate(codes.layers.values()):
         assert lc.activation["name"] == op
         assert np.array_equal(lc.pieces(), (cache[f"blocks.{l}.mlp.hook_pre"].reshape(-1, 32) > 0).numpy())
+
+
+def test_token_rows_follow_mask_positions():
+    """Token protocols pick among the positions the mask marks, wherever they are (left padding, no [CLS])."""
+    mask = torch.tensor([[False, False, True, True, True, True, True, False]])
+    sel = UnitSelection("tokens", k=3, skip=1)
+    assert sel.rows(1, mask).tolist() == [[0, 3], [0, 5], [0, 6]]
+    assert UnitSelection("all-tokens").rows(1, mask)[:, 1].tolist() == [2, 3, 4, 5, 6]

@@ -82,7 +82,9 @@ def test_minilm_matches_automodel():
     data = DataSource("t", "text", TEXTS)
     inputs = bundle.encode(data, max_length=16)
     assert inputs.tokens[0][0] == "[CLS]" and inputs.tokens[1][:4] == ["[CLS]", "she", "was", "not"]
-    assert inputs.attention_mask.dtype == torch.bool and inputs.attention_mask.sum(1).tolist() == [14, 5]
+    # the selection mask marks content tokens: padding and [CLS]/[SEP] are left out
+    assert inputs.attention_mask.dtype == torch.bool and inputs.attention_mask.sum(1).tolist() == [12, 3]
+    assert inputs.tensors["attention_mask"].sum(1).tolist() == [14, 5]
     with torch.no_grad():
         hidden = bundle.forward(inputs)
     assert hidden.shape == (2, 14, 384)
@@ -215,16 +217,12 @@ def test_file_image_option(tmp_path):
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten())
     torch.save(model, tmp_path / "c.pt")
     assert load_model(f"file:{tmp_path / 'c.pt'}").input_shape is None
-    bundle = load_model(f"file:{tmp_path / 'c.pt'}:input_shape=1x8x8:modality=image")
-    assert bundle.input_shape == (1, 8, 8) and bundle.modality == "image"
-    inputs = bundle.encode(load_data("fashion-mnist", limit=3) if _has_fashion() else load_data("digits", limit=3))
-    assert inputs.tensors[bundle.input_name].shape == (3, 1, 8, 8)
-
-
-def _has_fashion():
-    from polytope_lens.data.images import find_fashion_mnist
-
-    return find_fashion_mnist() is not None
+    bundle = load_model(f"file:{tmp_path / 'c.pt'}:input_shape=1x4x4:modality=image")
+    assert bundle.input_shape == (1, 4, 4) and bundle.modality == "image"
+    assert bundle.spec == f"file:{tmp_path / 'c.pt'}:input_shape=1x4x4:modality=image"
+    inputs = bundle.encode(load_data("digits", limit=3))
+    assert inputs.tensors[bundle.input_name].shape == (3, 1, 4, 4)
+    assert bundle.forward(inputs).shape == (3, 8)
 
 
 def test_file_errors(tmp_path):
@@ -301,6 +299,26 @@ def test_tl_local_gpt2(tiny_gpt2_dir):
     assert "blocks.0.mlp.hook_pre" in cache
 
 
+def test_tl_minilm_matches_hf_mlp_pre():
+    """tl:minilm's blocks.0.mlp.hook_pre equals HF MiniLM's layer-0 intermediate.dense output on real text."""
+    pytest.importorskip("transformer_lens")
+    bridge = load_model("tl:minilm")
+    hf = load_model("minilm")
+    data = load_data("pydoc", limit=2)
+    seen = {}
+    dense = hf.module.encoder.layer[0].intermediate.dense
+    handle = dense.register_forward_hook(lambda mod, args, out: seen.setdefault("pre", out))
+    try:
+        with torch.no_grad():
+            hf.forward(hf.encode(data, max_length=24))
+            inputs = bridge.encode(data, max_length=24)
+            _, cache = bridge.module.run_with_cache(inputs.tensors["input"],
+                                                    attention_mask=inputs.tensors["attention_mask"])
+    finally:
+        handle.remove()
+    assert torch.allclose(cache["blocks.0.mlp.hook_pre"], seen["pre"], atol=1e-4)
+
+
 def test_torchvision_spec():
     """torchvision:NAME needs torchvision; without it the error says so."""
     if importlib.util.find_spec("torchvision") is None:
@@ -319,9 +337,10 @@ def test_encode_shape_mismatch():
         bundle.encode(DataSource("x", "array", np.zeros((4, 3), np.float32)))
 
 
-def test_encode_modality_mismatch(photos):
-    """Text data for an image model and image data for a text model are rejected."""
-    cnn = load_model("file:" + _saved_linear())
+def test_encode_modality_mismatch(tmp_path):
+    """Text data for a vector or image model is rejected."""
+    torch.save(nn.Linear(3, 1), tmp_path / "lin.pt")
+    cnn = load_model(f"file:{tmp_path / 'lin.pt'}")
     with pytest.raises(InvalidInputError, match="is text"):
         cnn.encode(load_data("pydoc", limit=2))
     bundle = load_model("efficientnet-lite0")
@@ -329,13 +348,11 @@ def test_encode_modality_mismatch(photos):
         bundle.encode(load_data("pydoc", limit=2))
 
 
-def _saved_linear(path=[None]):
-    import tempfile
-
-    if path[0] is None:
-        path[0] = os.path.join(tempfile.mkdtemp(), "lin.pt")
-        torch.save(nn.Linear(3, 1), path[0])
-    return path[0]
+def test_encode_image_data_for_text_model(tiny_gpt2_dir):
+    """Image data given to a text model is rejected, naming both modalities."""
+    bundle = load_model(f"hf:{tiny_gpt2_dir}")
+    with pytest.raises(InvalidInputError, match="reads text but data 'digits' is image"):
+        bundle.encode(load_data("digits", limit=2))
 
 
 def test_encode_greyscale_to_rgb_and_inputs_container():

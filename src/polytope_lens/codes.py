@@ -85,8 +85,9 @@ class UnitSelection:
     kind : {"all", "position", "tokens", "all-tokens"}
         ``all``: one row per example, every unit flattened. ``position``: one row per image, the channel vector at
         ``position`` (fractions of height and width, the paper's CNN protocol). ``tokens``: ``k`` evenly spaced
-        real tokens per sequence, skipping the first ``skip`` (the paper's token protocol: k=6, skip=100).
-        ``all-tokens``: every real token.
+        content tokens per sequence, skipping the first ``skip`` of them (the paper's token protocol: k=6,
+        skip=100). ``all-tokens``: every content token. Content tokens are those the attention mask marks (a
+        ``ModelInputs`` mask also leaves out special tokens such as [CLS] and [SEP]).
     """
 
     kind: str = "all"
@@ -115,11 +116,11 @@ class UnitSelection:
             return np.stack([np.arange(batch), np.full(batch, -1)], axis=1)
         if mask is None:
             raise InvalidInputError(f"The {self.kind!r} unit selection needs a text model (token sequences).")
-        lengths = mask.sum(1).tolist()
         out = []
-        for i, n in enumerate(lengths):
-            pos = token_positions(int(n), self.k, self.skip) if self.kind == "tokens" else range(int(n))
-            out.extend((i, p) for p in pos)
+        for i in range(batch):
+            valid = torch.nonzero(mask[i]).flatten().tolist()  # content positions, in order
+            chosen = token_positions(len(valid), self.k, self.skip) if self.kind == "tokens" else range(len(valid))
+            out.extend((i, valid[j]) for j in chosen)
         return np.asarray(out, dtype=np.int64).reshape(-1, 2)
 
     def apply(self, site: CallSite, t: torch.Tensor, rows: np.ndarray) -> torch.Tensor:

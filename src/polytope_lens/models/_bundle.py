@@ -30,7 +30,8 @@ class ModelInputs:
         Keyword arguments for the module, e.g. ``{"inputs": images}`` (batch, C, H, W) or
         ``{"input_ids": ..., "attention_mask": ...}`` (batch, pos).
     attention_mask : torch.Tensor or None
-        (batch, pos) bool, True at real (non-padding) tokens; None for non-text inputs.
+        (batch, pos) bool, True at content tokens (not padding, not special tokens such as [CLS]/[SEP]): the
+        positions token protocols may pick. None for non-text inputs.
     tokens : list of list of str or None
         Token strings per sequence, one per position including padding; None for non-text inputs.
     """
@@ -210,8 +211,9 @@ class ModelBundle:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise InvalidInputError(f"The 'max_length' parameter of encode must be a positive int; got {max_length!r}.")
         enc = self.tokenizer(list(data.items), padding=True, truncation=True, max_length=max_length,
-                             return_tensors="pt")
-        mask = enc["attention_mask"].bool()
+                             return_tensors="pt", return_special_tokens_mask=True)
+        # rows of token protocols are content tokens: padding and special tokens ([CLS], [SEP]) are left out
+        mask = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()
         tensors = {self.input_name: enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if "token_type_ids" in enc and self.input_name == "input_ids":
             tensors["token_type_ids"] = enc["token_type_ids"]

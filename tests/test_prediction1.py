@@ -1,0 +1,169 @@
+"""Prediction 1: verdict rule, row alignment of codes and activations, end to end on digits-cnn (and MiniLM, slow)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from polytope_lens.codes import UnitSelection
+from polytope_lens.data import DataSource
+from polytope_lens.errors import InvalidInputError
+from polytope_lens.experiments.prediction1 import (lexical_category, row_activations, run_prediction1,
+                                                   token_context)
+from polytope_lens.experiments.stats import VERDICTS, paired_bootstrap, percentile_ci, verdict
+from polytope_lens.extract import extract_codes
+from polytope_lens.models import load_model
+
+
+# ---------------------------------------------------------------------------------------------- verdict rule
+@pytest.mark.parametrize("value,baseline,ci,expected", [
+    (0.8, 0.6, (0.1, 0.3), "holds"),
+    (0.5, 0.7, (-0.3, -0.1), "does not hold"),
+    (0.8, 0.6, (-0.05, 0.4), "inconclusive"),     # CI touches 0
+    (0.6, 0.6, (0.0, 0.0), "inconclusive"),
+    (0.5, 0.6, (0.01, 0.2), "inconclusive"),      # CI and point estimate disagree
+    (float("nan"), 0.6, (0.1, 0.2), "inconclusive"),
+    (0.8, 0.6, (float("nan"), 0.2), "inconclusive"),
+])
+def test_verdict_rule(value, baseline, ci, expected):
+    assert verdict(value, baseline, ci) == expected
+
+
+def test_verdict_rejects_inverted_ci():
+    with pytest.raises(InvalidInputError, match="lower <= upper"):
+        verdict(0.8, 0.6, (0.3, 0.1))
+
+
+def test_percentile_ci_and_paired_bootstrap():
+    """Percentile bounds; a bootstrap of a constant difference gives a degenerate interval at that constant."""
+    assert percentile_ci(np.arange(101), 0.9) == pytest.approx((5.0, 95.0))
+    assert np.isnan(percentile_ci([np.nan, np.nan])[0])
+    x = np.arange(50.0)
+    reps = paired_bootstrap(lambda idx: {"d": (x[idx] + 1).mean() - x[idx].mean()}, 50, n_boot=20)
+    assert reps["d"].shape == (20,) and percentile_ci(reps["d"]) == pytest.approx((1.0, 1.0))
+    with pytest.raises(InvalidInputError, match="'level' parameter of percentile_ci"):
+        percentile_ci([1.0], 1.5)
+    with pytest.raises(InvalidInputError, match="'n_boot' parameter"):
+        paired_bootstrap(lambda idx: {}, 5, n_boot=0)
+
+
+# ------------------------------------------------------------------------------------------------ text labels
+def test_lexical_category_and_context():
+    cats = [lexical_category(t) for t in ["[CLS]", "##ing", ",", "...", "42", "the", "Paris", "Ġbank", "bank"]]
+    assert cats == ["special", "subword", "punctuation", "punctuation", "digit", "stopword", "capitalised", "word",
+                    "word"]
+    toks = ["[CLS]", "the", "river", "bank", "was", "mud", "##dy", "[SEP]"]
+    assert token_context(toks, 3, width=2) == "… the river [[bank]] was mud …"
+    assert token_context(toks, 5, width=10) == "[CLS] the river bank was [[mud]]dy [SEP]"
+    assert token_context(toks, 7, width=1) == "… dy [[[SEP]]]"
+
+
+# ------------------------------------------------------------------------------------------------- alignment
+def test_activation_rows_align_with_code_rows_toy():
+    """Row i of the activations is the unit input whose sign pattern is code row i (ReLU MLP, uneven batches)."""
+    bundle = load_model("toy:4-16-16-3:relu:seed=1")
+    x = np.random.default_rng(0).normal(size=(37, 4)).astype(np.float32)
+    src = DataSource("x", "array", x)
+    codes = extract_codes(bundle, src, batch_size=8)
+    sites = list(codes.layers)
+    acts, rows, tokens = row_activations(bundle, src, sites, UnitSelection("all"), batch_size=8)
+    assert tokens is None and np.array_equal(rows, codes.rows)
+    start = 0
+    for name in sites:
+        lc = codes[name]
+        assert np.array_equal(lc.pieces(), (acts[:, start:start + lc.n_units] > 0).astype(np.int64))
+        start += lc.n_units
+    assert start == acts.shape[1]
+
+
+@pytest.mark.parametrize("units", ["all", "position"])
+def test_activation_rows_align_with_code_rows_cnn(units):
+    """Same on digits-cnn's conv ReLU, for all units and for the channel vector at one position."""
+    from polytope_lens.data import load_data
+
+    bundle, src = load_model("digits-cnn"), load_data("digits", limit=40)
+    sel = UnitSelection(units, position=(0.25, 0.75))
+    codes = extract_codes(bundle, src, layers="conv.1.relu", units=units, position=(0.25, 0.75), batch_size=16)
+    acts, rows, _ = row_activations(bundle, src, ["conv.1.relu"], sel, batch_size=16)
+    assert np.array_equal(rows, codes.rows)
+    assert np.array_equal(codes["conv.1.relu"].pieces(), (acts > 0).astype(np.int64))
+    assert acts.shape == (40, 32 if units == "position" else 32 * 4 * 4)
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def digits_result():
+    return run_prediction1("digits-cnn", "digits", layers="conv.1.relu", n_items=300, seed=0, n_boot=100,
+                           n_stability=3)
+
+
+def test_run_prediction1_digits_is_well_formed(digits_result):
+    """Finite scores, CIs around the observed difference, verdicts from the rule, JSON-safe dict with dashboard."""
+    res = digits_result
+    d = json.loads(json.dumps(res.to_dict()))
+    assert d["model"] == "digits-cnn" and d["n_rows"] == 300 and d["verdict"] in VERDICTS
+    stats = [e["statistic"] for e in d["entries"]]
+    assert stats == ["purity[class]", "nmi[class]", "ari[class]", "stability"]
+    for e in d["entries"]:
+        assert set(e) == {"model", "statistic", "value", "baseline", "ci", "verdict"}
+        assert np.isfinite([e["value"], e["baseline"], *e["ci"]]).all()
+        assert e["ci"][0] <= e["ci"][1]
+        assert e["verdict"] == verdict(e["value"], e["baseline"], e["ci"])
+    assert d["primary"] == "nmi[class]" and d["verdict"] == res.entry("nmi[class]")["verdict"]
+    k = d["code_clustering"]["n_clusters_found"]
+    assert d["baseline_clustering"]["n_clusters"] == max(2, k)  # matched k-means baseline
+    clusters = [c for c in d["code_clusters"] if not c.get("noise")]
+    assert len(clusters) == k and sum(c["size"] for c in d["code_clusters"]) == 300
+    assert all(0 <= i < 300 for c in clusters for i in c["items"]) and clusters[0]["units"]
+    assert len(res.code_labels) == len(res.baseline_labels) == len(res.labels["class"]) == 300
+    assert "<table>" in res._repr_html_()
+
+
+def test_plots_render(digits_result):
+    """The CI plot and an image grid of the code clusters render (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from polytope_lens.data import load_data
+
+    assert digits_result.plot().axes
+    src = load_data("digits", limit=300, seed=0)
+    fig = digits_result.plot(src, max_clusters=3, per_cluster=4)
+    assert len(fig.axes) == 12
+    with pytest.raises(InvalidInputError, match="'which' parameter of plot"):
+        digits_result.plot(src, which="both")
+
+
+def test_run_prediction1_exclude_is_paired():
+    """With noise='exclude' both clusterings are scored on the same kept rows."""
+    res = run_prediction1("digits-cnn", "digits", layers="conv.1.relu", n_items=120, min_cluster_size=5,
+                          noise="exclude", n_boot=20, n_stability=0)
+    keep = res.code_labels != -1
+    assert res.settings["coverage"] == pytest.approx(keep.mean())
+    assert [e["statistic"] for e in res.entries] == ["purity[class]", "nmi[class]", "ari[class]"]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"n_items": 1}, r"The 'n_items' parameter of run_prediction1 must be an int >= 2\. Got 1"),
+    ({"noise": "drop"}, "The 'noise' parameter of run_prediction1 must be one of"),
+    ({"metric": "cosine"}, "The 'metric' parameter of run_prediction1 must be one of 'hamming', 'jaccard'"),
+    ({"baseline_method": "dbscan"}, "The 'baseline_method' parameter of run_prediction1 must be one of"),
+    ({"primary": "nmi[token]"}, r"The 'primary' parameter of run_prediction1 must be one of purity\[class\]"),
+])
+def test_run_prediction1_rejects_bad_inputs(kwargs, match):
+    args = {"layers": "head.2.relu", "n_items": 60, "n_boot": 5, "n_stability": 0, "min_cluster_size": 5, **kwargs}
+    with pytest.raises(InvalidInputError, match=match):
+        run_prediction1("digits-cnn", "digits", **args)
+
+
+@pytest.mark.slow
+def test_run_prediction1_minilm_tokens():
+    """MiniLM on pydoc with the token protocol: token and lexical-category label sets, contexts with marked tokens."""
+    res = run_prediction1("minilm", "pydoc", layers="*layer.0.*", n_items=40, n_boot=50, n_stability=2,
+                          min_cluster_size=5)
+    d = json.loads(json.dumps(res.to_dict()))
+    stats = [e["statistic"] for e in d["entries"]]
+    assert stats[:3] == ["purity[token]", "nmi[token]", "ari[token]"] and "nmi[category]" in stats
+    assert not d["exact"] and d["settings"]["selection"]["kind"] == "tokens"
+    ctx = [c for c in d["code_clusters"] if not c.get("noise")][0]["contexts"]
+    assert ctx and all("[[" in s and "]]" in s for s in ctx)
