@@ -243,5 +243,5 @@ def test_token_rows_follow_mask_positions():
     """Token protocols pick among the positions the mask marks, wherever they are (left padding, no [CLS])."""
     mask = torch.tensor([[False, False, True, True, True, True, True, False]])
     sel = UnitSelection("tokens", k=3, skip=1)
-    assert sel.rows(1, mask).tolist() == [[0, 3], [0, 5], [0, 6]]
+    assert sel.rows(1, mask).tolist() == [[0, 3], [0, 4], [0, 6]]  # content indices 1, 2, 4 of 5
     assert UnitSelection("all-tokens").rows(1, mask)[:, 1].tolist() == [2, 3, 4, 5, 6]
