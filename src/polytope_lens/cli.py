@@ -152,6 +152,11 @@ def codes_cmd(
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run (same model, data, layers and "
                                               "batching) from its partial store.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the summary as JSON here.")] = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Code chunks on Ray workers: local | auto | HOST:PORT "
+                                                             "(needs polytope-lens[scale]); the store is the same "
+                                                             "as without it.")] = None,
+    ray_workers: Annotated[Optional[int], typer.Option(help="Ray workers (default: one per GPU, else per CPU).")
+                           ] = None,
 ):
     """Extract packed spline codes of a model over a data set into a chunked zarr store, and summarise them."""
     from .data import load_data
@@ -166,7 +171,8 @@ def codes_cmd(
         task = bar.add_task("codes", total=len(source))
         summary = extract_to_store(bundle, source, out_path, overwrite=overwrite, resume=resume, layers=layers, units=units, k=k,
                                    skip=skip, position=_position(position), soft=soft, batch_size=batch_size,
-                                   max_length=max_length, progress=lambda n: bar.advance(task, n))
+                                   max_length=max_length, progress=lambda n: bar.advance(task, n),
+                                   **({"ray_address": ray, "ray_workers": ray_workers} if ray is not None else {}))
     _print_summary(summary)
     if json_out is not None:
         json_out.write_text(json.dumps(summary, indent=2, default=str))
@@ -183,6 +189,45 @@ def _print_summary(summary: dict) -> None:
         table.add_row(lay["site"], lay["alias"] or "", lay["activation"], "yes" if lay["exact"] else "no",
                       str(lay["n_units"]), str(lay["bits_per_unit"]), f"{100 * lay['fraction_active']:.1f}%")
     out.print(table)
+
+
+@app.command("cluster")
+@_user_errors
+def cluster_cmd(
+    store: Annotated[Path, typer.Argument(help="A code store written by 'polytope-lens codes'.")],
+    out_path: Annotated[Path, typer.Option("--out", help="Results folder (written atomically).")],
+    metric: Annotated[str, typer.Option(help="hamming | jaccard.")] = "hamming",
+    layers: Annotated[Optional[str], typer.Option(help="Comma-separated globs over site names or aliases "
+                                                       "(default: every site, concatenated).")] = None,
+    min_cluster_size: Annotated[int, typer.Option(help="HDBSCAN's smallest cluster.")] = 20,
+    min_samples: Annotated[Optional[int], typer.Option(help="HDBSCAN's core neighbourhood, the row included "
+                                                            "(default: min-cluster-size).")] = None,
+    n_neighbors: Annotated[Optional[int], typer.Option(help="kNN graph degree (default: max(2 * min-samples, "
+                                                            "16)); larger is closer to exact HDBSCAN.")] = None,
+    index: Annotated[str, typer.Option(help="auto | flat (exact kNN) | hnsw (approximate kNN).")] = "auto",
+    limit: Annotated[Optional[int], typer.Option(help="Cluster only the first N rows.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing results folder.")] = False,
+):
+    """Cluster a store's codes (HDBSCAN through a faiss kNN graph): assignments, clusters.json and index.html."""
+    from .cluster_report import cluster_store
+
+    stages = {"knn": "kNN graph", "bridge": "bridging components", "tree": "HDBSCAN tree"}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True,
+                  disable=not err.is_terminal and "PYTEST_CURRENT_TEST" in os.environ) as bar:
+        tasks: dict = {}
+
+        def progress(stage: str, done: int, total: int):
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stages.get(stage, stage), total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        result = cluster_store(store, out_path, metric=metric, layers=layers, min_cluster_size=min_cluster_size,
+                               min_samples=min_samples, n_neighbors=n_neighbors, index=index, limit=limit,
+                               overwrite=overwrite, progress=progress)
+    out.print(f"[bold]{result['n_clusters']}[/bold] clusters of [bold]{result['n_rows']}[/bold] rows "
+              f"({100 * result['noise_fraction']:.1f}% noise, {result['metric']}, kNN "
+              f"{'exact' if result['knn_exact'] else 'approximate'}, {result['seconds']:.1f} s) -> {result['out']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

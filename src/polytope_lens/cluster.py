@@ -28,7 +28,7 @@ replacement (no duplicates, which would give HDBSCAN zero distances) and measure
 the full-data labels on those rows. 1 = the partition is reproduced exactly; ~0 = no better than chance. Passing the
 same ``indices`` to two estimators pairs their rounds.
 
-Length: ~540 lines, past the ~500 guide, because estimators, scores and summaries share one validation layer and
+Length: ~575 lines, past the ~500 guide, because estimators, scores and summaries share one validation layer and
 one noise policy; split the summaries out if the module grows further.
 """
 
@@ -126,18 +126,19 @@ class _Clusterer(ClusterMixin, BaseEstimator):
 
     _owner = "Clusterer"
     _metrics: tuple = ()
+    _methods: tuple = METHODS
 
     def _validate(self, n: int) -> None:
         owner = self._owner
         _one_of(owner, "metric", self.metric, self._metrics)
-        _one_of(owner, "method", self.method, METHODS)
+        _one_of(owner, "method", self.method, self._methods)
         _int_at_least(owner, "min_cluster_size", self.min_cluster_size, 2)
         _int_at_least(owner, "min_samples", self.min_samples, 1, optional=True)
         _int_at_least(owner, "n_clusters", self.n_clusters, 1, optional=True)
         _int_at_least(owner, "max_rows", self.max_rows, 2)
         if n < 2:
             raise InvalidInputError(f"{owner} needs at least 2 rows to cluster; got {n}.")
-        if self.method != "hdbscan":
+        if self.method not in ("hdbscan", "scalable"):
             if self.n_clusters is None:
                 raise InvalidInputError(f"The 'n_clusters' parameter of {owner} is required with method="
                                         f"{self.method!r}; give the number of clusters (e.g. the HDBSCAN count).")
@@ -197,10 +198,12 @@ class CodeClusterer(_Clusterer):
     metric : {"hamming", "jaccard"}
         Distance between codes (``codes.hamming`` counts kinks separating two codes; ``codes.jaccard`` compares the
         sets of set bits, i.e. active units for ReLU).
-    method : {"hdbscan", "kmeans", "agglomerative"}
+    method : {"hdbscan", "kmeans", "agglomerative", "scalable"}
         HDBSCAN over the precomputed distance matrix; k-means on the unpacked bits (Hamming only: squared Euclidean
         distance between 0/1 vectors is the Hamming distance); average-linkage agglomerative clustering over the
-        precomputed matrix (both metrics).
+        precomputed matrix (both metrics); ``"scalable"``: HDBSCAN through a faiss kNN graph
+        (``cluster_scale.ScalableCodeClusterer`` with its defaults, no row cap; for its own options use it
+        directly). It is never chosen for you: exact HDBSCAN does not silently turn into the kNN-graph version.
     min_cluster_size, min_samples, cluster_selection_epsilon
         HDBSCAN's parameters.
     n_clusters : int, optional
@@ -232,6 +235,7 @@ class CodeClusterer(_Clusterer):
 
     _owner = "CodeClusterer"
     _metrics = CODE_METRICS
+    _methods = METHODS + ("scalable",)
 
     def __init__(self, *, metric: str = "hamming", method: str = "hdbscan", min_cluster_size: int = 5,
                  min_samples: int | None = None, cluster_selection_epsilon: float = 0.0, n_clusters: int | None = None,
@@ -259,8 +263,17 @@ class CodeClusterer(_Clusterer):
             bits = np.unpackbits(X, axis=1).astype(np.float32)
             self._fit_features(bits, "euclidean")
             return self._finish()
+        if self.method == "scalable":
+            from .cluster_scale import ScalableCodeClusterer
+
+            est = ScalableCodeClusterer(metric=self.metric, min_cluster_size=self.min_cluster_size,
+                                        min_samples=self.min_samples,
+                                        cluster_selection_epsilon=self.cluster_selection_epsilon,
+                                        random_state=self.random_state).fit(X)
+            self.labels_, self.probabilities_ = est.labels_, est.probabilities_
+            return self._finish()
         self._check_dense(len(X), "subsample the rows, raise max_rows if memory allows, or use method='kmeans' "
-                                  "(a scalable approximate-neighbour path is planned).")
+                                  "or method='scalable' (HDBSCAN through a kNN graph).")
         distance = hamming if self.metric == "hamming" else jaccard
         self._fit_precomputed(distance(X, memory_bytes=self.memory_bytes))
         return self._finish()
@@ -520,25 +533,42 @@ def cluster_summary(labels, codes, *, y=None, top_k: int = 10, max_members: int 
     else:
         columns = np.arange(packed.shape[1] * 8)
         names = [{"site": None, "unit": int(c), "index": [int(c)], "bit": 0} for c in columns]
-    bits = np.unpackbits(packed, axis=1, bitorder="little")[:, columns].astype(bool)
-    total = bits.sum(0, dtype=np.int64)
-    ids, sizes = np.unique(labels[labels != NOISE], return_counts=True)
+    ids, inverse = np.unique(labels, return_inverse=True)
+    counts = _bits_per_label(packed, columns, inverse, len(ids))  # (labels, bits): members with the bit set
+    total = counts.sum(0)
+    order = np.argsort(inverse, kind="stable")  # rows grouped by label, in row order within each label
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(inverse, minlength=len(ids)))])
+    sizes = np.diff(bounds)
+    keep = np.flatnonzero(ids != NOISE)
     infos = []
-    for c in ids[np.argsort(-sizes, kind="stable")]:
-        mask = labels == c
-        n_in, n_out = int(mask.sum()), int((~mask).sum())
-        on_in = bits[mask].sum(0, dtype=np.int64)
+    for j in keep[np.argsort(-sizes[keep], kind="stable")]:
+        c, members = ids[j], order[bounds[j]:bounds[j + 1]]
+        n_in, n_out = len(members), len(labels) - len(members)
+        on_in = counts[j]
         p_in = on_in / n_in
         p_out = (total - on_in) / n_out if n_out else p_in
         score = np.abs(p_in - p_out)
         top = np.lexsort((np.arange(len(score)), -score))[:top_k]
-        units = tuple({**names[j], "p_in": float(p_in[j]), "p_out": float(p_out[j])} for j in top)
-        members = np.flatnonzero(mask)
+        units = tuple({**names[t], "p_in": float(p_in[t]), "p_out": float(p_out[t])} for t in top)
         majority = share = None
         if y is not None:
-            vals, counts = np.unique(y[mask], return_counts=True)
-            majority, share = vals[np.argmax(counts)], float(counts.max() / n_in)
+            vals, cnt = np.unique(y[members], return_counts=True)
+            majority, share = vals[np.argmax(cnt)], float(cnt.max() / n_in)
             majority = majority.item() if hasattr(majority, "item") else majority
         infos.append(ClusterInfo(int(c), n_in, tuple(int(i) for i in members[:max_members]), units,
                                  int(((p_in == 0) | (p_in == 1)).sum()), majority, share))
     return ClusterSummary(tuple(infos), len(labels), int((labels == NOISE).sum()), len(columns))
+
+
+def _bits_per_label(packed: np.ndarray, columns: np.ndarray, inverse: np.ndarray, n_labels: int,
+                    chunk_rows: int = 2048) -> np.ndarray:
+    """(labels, columns) int64: per label, how many of its rows have each bit set; rows unpacked a chunk at a time."""
+    from scipy.sparse import csr_matrix
+
+    counts = np.zeros((n_labels, len(columns)), dtype=np.float64)
+    for s in range(0, len(packed), chunk_rows):
+        bits = np.unpackbits(packed[s:s + chunk_rows], axis=1, bitorder="little")[:, columns]
+        m = len(bits)
+        onehot = csr_matrix((np.ones(m), (inverse[s:s + m], np.arange(m))), shape=(n_labels, m))
+        counts += onehot @ bits.astype(np.float32)
+    return np.rint(counts).astype(np.int64)

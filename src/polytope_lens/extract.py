@@ -16,7 +16,7 @@ from .codes import CodeExtractor, SplineCodes, UnitSelection
 from .errors import InvalidInputError
 from .store import CodeStoreWriter
 
-__all__ = ["extract_codes", "extract_to_store", "default_units"]
+__all__ = ["extract_codes", "extract_to_store", "default_units", "chunk_coder"]
 
 
 def _bundle(model):
@@ -63,14 +63,29 @@ def iter_code_chunks(model, data, *, layers=None, units="auto", k: int = 6, skip
     if len(source) == 0:
         raise InvalidInputError(f"The data {getattr(source, 'spec', '?')!r} has no items.")
     selection = _selection(bundle, units, k, skip, position)
+    code_chunk = chunk_coder(bundle, source, layers=layers, selection=selection, soft=soft, batch_size=batch_size,
+                             max_length=max_length)
+    for first in range(start, len(source), batch_size):
+        yield first, code_chunk(first, progress), bundle, source
+
+
+def chunk_coder(bundle, source, *, layers, selection: UnitSelection, soft: bool, batch_size: int, max_length: int,
+                ) -> Callable[[int, Callable[[int], None] | None], SplineCodes]:
+    """``code(first, progress)``: the codes of examples ``first .. first + batch_size - 1`` of ``source``.
+
+    One ``CodeExtractor`` serves every chunk (sites resolved once). Single-process extraction and each Ray worker
+    (``distributed``) code chunks with this same function, so their stores are identical.
+    """
     from .models import ModelInputs
 
     extractor = CodeExtractor(bundle.module, layers=layers, units=selection, soft=soft, batch_size=batch_size,
                               forward=lambda t: bundle.forward(ModelInputs(t)))
-    for first in range(start, len(source), batch_size):
+
+    def code(first: int, progress: Callable[[int], None] | None = None) -> SplineCodes:
         idx = np.arange(first, min(first + batch_size, len(source)))
-        inputs = bundle.encode(source, idx, max_length=max_length)
-        yield first, extractor(inputs, progress=progress), bundle, source
+        return extractor(bundle.encode(source, idx, max_length=max_length), progress=progress)
+
+    return code
 
 
 def extract_codes(model, data, **kwargs) -> SplineCodes:
@@ -89,7 +104,8 @@ def extract_codes(model, data, **kwargs) -> SplineCodes:
 def extract_to_store(model, data, out, *, overwrite: bool = False, resume: bool = False, layers=None,
                      units="auto", k: int = 6, skip: int = 100, position=(0.5, 0.5), soft: bool = False,
                      batch_size: int = 32, max_length: int = 256, limit: int | None = None,
-                     progress: Callable[[int], None] | None = None) -> dict:
+                     progress: Callable[[int], None] | None = None, ray_address: str | None = None,
+                     ray_workers: int | None = None) -> dict:
     """Stream the spline codes of ``model`` over ``data`` into a new zarr store at ``out``; returns its summary.
 
     Parameters
@@ -108,6 +124,14 @@ def extract_to_store(model, data, out, *, overwrite: bool = False, resume: bool 
     layers, units, k, skip, position, soft, batch_size, max_length, limit, progress
         As in ``spline_codes`` / ``UnitSelection``; ``units="auto"`` picks the token protocol for text models
         and all units otherwise; ``limit`` keeps the first N items of the data.
+    ray_address : str, optional
+        Code the chunks on Ray workers (``pip install 'polytope-lens[scale]'``): ``"local"`` starts Ray on this
+        machine, ``"auto"`` joins the running cluster, ``"HOST:PORT"`` / ``"ray://HOST:PORT"`` a given one (an
+        already connected session is reused). Each worker loads the model from its spec (on a GPU when the
+        cluster has them); this process writes the chunks in order through the same ``CodeStoreWriter``, so the
+        store equals a single-process run's (on the same kind of device). See ``distributed``.
+    ray_workers : int, optional
+        Ray workers (default: one per GPU if the cluster has GPUs, else one per CPU).
     """
     bundle, source = _bundle(model), _source(data, limit)
     selection = _selection(bundle, units, k, skip, position)
@@ -119,9 +143,17 @@ def extract_to_store(model, data, out, *, overwrite: bool = False, resume: bool 
     with writer:
         if progress is not None and writer.next_example:
             progress(writer.next_example)
-        for first, codes, _, _ in iter_code_chunks(bundle, source, layers=layers, units=selection, soft=soft,
-                                                   batch_size=batch_size, max_length=max_length,
-                                                   start=writer.next_example, progress=progress):
+        if ray_address is not None:
+            from .distributed import ray_code_chunks
+
+            chunks = ray_code_chunks(ray_address, bundle, source, layers=layers, selection=selection, soft=soft,
+                                     batch_size=batch_size, max_length=max_length, start=writer.next_example,
+                                     workers=ray_workers, progress=progress)
+        else:
+            chunks = ((first, codes) for first, codes, _, _ in iter_code_chunks(
+                bundle, source, layers=layers, units=selection, soft=soft, batch_size=batch_size,
+                max_length=max_length, start=writer.next_example, progress=progress))
+        for first, codes in chunks:
             writer.append(codes, row_offset=first)
         path = writer.close()
     active = {m["site"]: [0, 0] for m in writer.layer_meta}

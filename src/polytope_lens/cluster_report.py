@@ -1,0 +1,261 @@
+"""Cluster the codes of a store and write the results folder: assignments, per-cluster summary, static dashboard.
+
+``cluster_store(store, out, ...)`` reads a code store (``store.read_codes``), keeps the chosen sites (all of them,
+concatenated byte-wise, by default) and the first ``limit`` rows, clusters them with
+``cluster_scale.ScalableCodeClusterer`` and writes, atomically (a hidden ``.NAME.partial`` folder renamed into
+place, nothing at ``out`` on failure)::
+
+    out/assignments.npy   int64 (rows,): cluster of store row i (NOISE = -1); row i is store rows[i]
+    out/rows.npy          int64 (rows, 2): [example index, token position or -1], as in the store
+    out/clusters.json     settings, counts, timings and per cluster (largest first): size, member rows (a sample),
+                          defining units (``cluster.cluster_summary``)
+    out/index.html        a static dashboard: cluster sizes and, per cluster, its members as an image grid (when
+                          the store's data set loads with ``data.load_data`` and matches its recorded provenance),
+                          as token contexts (text stores, tokenised by the store's model), or as row indices
+
+Nothing here is exact or approximate beyond the clusterer: ``clusters.json`` records ``knn_exact``.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import html
+import io
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .codes import SplineCodes
+from .errors import InvalidInputError, PolytopeLensError
+from .store import read_codes
+
+__all__ = ["cluster_store", "select_store_sites"]
+
+
+def select_store_sites(codes: SplineCodes, layers: str | list[str] | None) -> SplineCodes:
+    """The store's codes restricted to sites whose name or alias matches one of the comma-separated globs."""
+    if layers is None:
+        return codes
+    pats = [p.strip() for p in (layers.split(",") if isinstance(layers, str) else layers) if p.strip()]
+    keep = {name: lc for name, lc in codes.layers.items()
+            if any(fnmatch.fnmatchcase(name, p) or (lc.alias and fnmatch.fnmatchcase(lc.alias, p)) for p in pats)}
+    if not keep:
+        raise InvalidInputError(f"No site of the store matches --layers {layers!r}; its sites are "
+                                f"{', '.join(codes.layers)}.")
+    return SplineCodes(keep, codes.rows, codes.selection, codes.dtype, codes.meta)
+
+
+def _head(codes: SplineCodes, limit: int | None) -> SplineCodes:
+    if limit is None or limit >= len(codes):
+        return codes
+    layers = {n: type(lc)(lc.site, lc.alias, lc.activation, lc.n_units, lc.unit_shape, lc.packed[:limit],
+                          None if lc.soft is None else lc.soft[:limit]) for n, lc in codes.layers.items()}
+    return SplineCodes(layers, codes.rows[:limit], codes.selection, codes.dtype, codes.meta)
+
+
+def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_cluster_size: int = 20,
+                  min_samples: int | None = None, n_neighbors: int | None = None, index: str = "auto",
+                  limit: int | None = None, overwrite: bool = False, max_members: int = 50, top_k: int = 10,
+                  max_shown: int = 40, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Cluster a code store's rows and write ``assignments.npy``, ``rows.npy``, ``clusters.json``, ``index.html``.
+
+    Parameters
+    ----------
+    store : str or Path
+        A store written by ``polytope-lens codes`` / ``extract_to_store``.
+    out : str or Path
+        Results folder (published only when complete).
+    metric, min_cluster_size, min_samples, n_neighbors, index
+        As in ``ScalableCodeClusterer``.
+    layers : str, optional
+        Comma-separated globs over site names or aliases (default: every site, concatenated).
+    limit : int, optional
+        Cluster only the first N rows.
+    max_members, top_k, max_shown
+        Member rows kept per cluster in ``clusters.json``, defining units per cluster, clusters drawn in the
+        dashboard.
+
+    Returns
+    -------
+    dict
+        What ``clusters.json`` holds, less the per-cluster entries, plus ``out``.
+    """
+    from .cluster import cluster_summary
+    from .cluster_scale import ScalableCodeClusterer
+
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 2):
+        raise InvalidInputError(f"The 'limit' parameter of cluster_store must be an int >= 2. Got {limit!r} instead.")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InvalidInputError(f"The output {str(out)!r} already exists; pass overwrite (--overwrite) to replace it "
+                                "or choose another path.")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InvalidInputError(f"The output folder {str(parent)!r} does not exist or is not writable.")
+    if not Path(store).is_dir():
+        raise InvalidInputError(f"{str(store)!r} is not a polytope-lens code store (no such folder).")
+    codes = _head(select_store_sites(read_codes(store), layers), limit)
+    est = ScalableCodeClusterer(metric=metric, min_cluster_size=min_cluster_size, min_samples=min_samples,
+                                n_neighbors=n_neighbors, index=index)
+    t0 = time.perf_counter()
+    est.fit(codes, progress=progress)
+    seconds = time.perf_counter() - t0
+    summary = cluster_summary(est.labels_, codes, top_k=top_k, max_members=max_members)
+    result = {
+        "format": "polytope-lens/clusters/1", "store": str(store), "model": codes.meta.get("model"),
+        "data": codes.meta.get("data"), "sites": list(codes.layers), "n_rows": len(codes),
+        "metric": metric, "params": est.get_params(), "knn_exact": est.knn_exact_,
+        "exact_codes": codes.exact, "n_clusters": est.n_clusters_, "noise_fraction": est.noise_fraction_,
+        "knn_components": est.n_components_, "seconds": round(seconds, 3),
+        "files": {"assignments": "assignments.npy", "rows": "rows.npy", "dashboard": "index.html"},
+    }
+    tmp = parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        np.save(tmp / "assignments.npy", est.labels_)
+        np.save(tmp / "rows.npy", codes.rows)
+        (tmp / "clusters.json").write_text(json.dumps({**result, **summary.to_dict()}, indent=1, default=str))
+        (tmp / "index.html").write_text(_dashboard(result, summary, codes, max_shown), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PolytopeLensError(f"Writing the results to {str(out)!r} failed: {e.strerror or e}; nothing was "
+                                "written.") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**result, "out": str(out)}
+
+
+# ------------------------------------------------------------------------------------------------ dashboard
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def _sizes_chart(sizes: list[int]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 2.5))
+    ax.bar(np.arange(len(sizes)), sizes, color="#4c72b0")
+    ax.set_xlabel("cluster (largest first)")
+    ax.set_ylabel("rows")
+    return _png(fig)
+
+
+def _image_grid(images: list[np.ndarray]) -> str:
+    import matplotlib.pyplot as plt
+
+    cols = min(8, len(images))
+    rows = -(-len(images) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 0.9), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, im in zip(axes.ravel(), images):
+        im = np.asarray(im, dtype=np.float32)
+        if im.ndim == 3 and im.shape[0] in (1, 3):
+            im = np.moveaxis(im, 0, -1)
+        ax.imshow(np.clip(im.squeeze(), 0, 1), cmap="gray" if im.squeeze().ndim == 2 else None)
+    return _png(fig)
+
+
+def _load_source(meta: dict):
+    """The store's data set when it reloads with the recorded provenance; else (None, reason)."""
+    from .data import load_data
+
+    spec = meta.get("data")
+    if not spec:
+        return None, "the store does not name its data set"
+    n_items = (meta.get("fingerprint") or {}).get("n_items")
+    try:
+        source = load_data(spec, limit=n_items)
+    except PolytopeLensError as e:
+        return None, f"data {spec!r} did not load here: {e}"
+    recorded = meta.get("data_provenance") or {}
+    if json.loads(json.dumps(source.provenance, default=str)) != json.loads(json.dumps(recorded, default=str)):
+        return None, f"data {spec!r} loads here with another provenance than the store records"
+    return source, None
+
+
+def _examples(codes: SplineCodes, summary, max_shown: int, per_cluster: int = 16) -> tuple[dict, str | None]:
+    """Per shown cluster, HTML of its first members (images or token contexts), or a reason why there are none."""
+    source, why = _load_source(codes.meta)
+    if source is None:
+        return {}, why
+    shown = summary.clusters[:max_shown]
+    out = {}
+    try:
+        if source.modality == "image":
+            for c in shown:
+                out[c.cluster] = _image_grid([source.items[int(codes.rows[i, 0])] for i in c.members[:per_cluster]])
+        elif source.modality == "text":
+            from .experiments.prediction1 import token_context
+            from .models import load_model
+
+            bundle = load_model(codes.meta["model"])
+            max_length = (codes.meta.get("fingerprint") or {}).get("max_length", 256)
+            for c in shown:
+                rows = [codes.rows[i] for i in c.members[:per_cluster]]
+                ex = sorted({int(r[0]) for r in rows})
+                tokens = dict(zip(ex, bundle.encode(source, np.asarray(ex), max_length=max_length).tokens))
+                out[c.cluster] = "<ul>" + "".join(
+                    f"<li><code>{html.escape(token_context(tokens[int(r[0])], int(r[1])))}</code></li>"
+                    for r in rows if r[1] >= 0) + "</ul>"
+        else:
+            return {}, f"data {source.spec!r} is neither images nor text"
+    except PolytopeLensError as e:
+        return {}, f"examples unavailable: {e}"
+    return out, None
+
+
+def _dashboard(result: dict, summary, codes: SplineCodes, max_shown: int) -> str:
+    e = html.escape
+    sizes = [c.size for c in summary.clusters]
+    examples, why = _examples(codes, summary, max_shown) if summary.clusters else ({}, None)
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>polytope-lens clusters</title><style>"
+        "body{font-family:sans-serif;margin:2em;max-width:70em} table{border-collapse:collapse;font-size:90%}"
+        "td,th{border:1px solid #ccc;padding:2px 6px} section{margin-top:1.5em} .muted{color:#777}</style></head><body>",
+        f"<h1>{result['n_clusters']} clusters of {result['n_rows']:,} code rows</h1>",
+        f"<p>store <code>{e(str(result['store']))}</code> &middot; model <code>{e(str(result['model']))}</code> "
+        f"&middot; data <code>{e(str(result['data']))}</code> &middot; metric {e(result['metric'])} &middot; "
+        f"noise {100 * result['noise_fraction']:.1f}% &middot; kNN search "
+        f"{'exact' if result['knn_exact'] else 'approximate (HNSW)'} &middot; {result['seconds']:.1f} s</p>",
+        f"<p class='muted'>sites: {e(', '.join(result['sites']))}</p>",
+    ]
+    if sizes:
+        parts.append(_sizes_chart(sizes))
+    if why:
+        parts.append(f"<p class='muted'>No examples shown: {e(why)}.</p>")
+    for c in summary.clusters[:max_shown]:
+        units = "".join(f"<tr><td>{e(str(u['site']))}</td><td>{u['unit']}</td><td>{u['bit']}</td>"
+                        f"<td>{u['p_in']:.2f}</td><td>{u['p_out']:.2f}</td></tr>" for u in c.units)
+        members = ", ".join(f"{i} ({int(codes.rows[i, 0])}" + (f":{int(codes.rows[i, 1])}" if codes.rows[i, 1] >= 0
+                                                                  else "") + ")" for i in c.members[:20])
+        parts.append(
+            f"<section><h2>cluster {c.cluster} &middot; {c.size:,} rows</h2>"
+            f"<p>members (row (example[:token])): {members}{' …' if c.size > 20 else ''}</p>"
+            + examples.get(c.cluster, "")
+            + "<details><summary>defining units</summary><table><tr><th>site</th><th>unit</th><th>bit</th>"
+              f"<th>p in</th><th>p out</th></tr>{units}</table></details></section>")
+    if len(summary.clusters) > max_shown:
+        parts.append(f"<p class='muted'>{len(summary.clusters) - max_shown} smaller clusters are in clusters.json."
+                     "</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

@@ -1,0 +1,177 @@
+"""ScalableCodeClusterer against exact sklearn HDBSCAN on the same distances; the cluster CLI's outputs and errors."""
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.cluster import HDBSCAN
+from sklearn.metrics import adjusted_rand_score
+from typer.testing import CliRunner
+
+from polytope_lens.cli import app
+from polytope_lens.cluster import NOISE, CodeClusterer
+from polytope_lens.cluster_scale import ScalableCodeClusterer, knn_graph
+from polytope_lens.codes import hamming, jaccard
+from polytope_lens.errors import InvalidInputError
+
+pytest.importorskip("faiss")
+
+
+def planted(n=3000, n_clusters=12, n_bits=512, noise=0.05, seed=0):
+    """Prototype codes with per-cluster flip rates in U(2%, 16%), plus uniformly random noise rows (truth NOISE)."""
+    rng = np.random.default_rng(seed)
+    protos = rng.random((n_clusters, n_bits)) < 0.5
+    y = rng.integers(0, n_clusters, n)
+    bits = protos[y] ^ (rng.random((n, n_bits)) < rng.uniform(0.02, 0.16, n_clusters)[y, None])
+    is_noise = rng.random(n) < noise
+    bits[is_noise] = rng.random((int(is_noise.sum()), n_bits)) < 0.5
+    y[is_noise] = NOISE
+    return np.packbits(bits, axis=1, bitorder="little"), y
+
+
+def exact_labels(D, min_cluster_size, min_samples=None):
+    return HDBSCAN(min_cluster_size=min_cluster_size, min_samples=min_samples, metric="precomputed",
+                   copy=True).fit(D).labels_
+
+
+@pytest.fixture(scope="module")
+def codes3000():
+    return planted()
+
+
+@pytest.mark.parametrize("metric", ["hamming", "jaccard"])
+def test_agrees_with_exact_hdbscan_on_planted_codes(codes3000, metric):
+    """3,000 planted codes: ARI >= 0.98 with exact HDBSCAN at the default k (measured 0.994 / 0.996)."""
+    X, y = codes3000
+    D = (hamming if metric == "hamming" else jaccard)(X)
+    ref = exact_labels(D, 20)
+    est = ScalableCodeClusterer(metric=metric, min_cluster_size=20).fit(X)
+    assert est.knn_exact_ and est.n_clusters_ == len(set(ref) - {NOISE})
+    assert adjusted_rand_score(ref, est.labels_) >= 0.98
+    assert adjusted_rand_score(y, est.labels_) >= 0.98
+
+
+def test_large_k_reproduces_exact_hierarchy(codes3000):
+    """With k = 256 the kNN graph holds the full mutual-reachability MST: same merge heights and core distances.
+
+    Labels may still differ by a few rows (measured ARI 0.9994): equal integer merge heights are merged in another
+    order than sklearn's Prim MST, which can move rows between clusters born at the same height.
+    """
+    from sklearn.cluster._hdbscan._linkage import mst_from_mutual_reachability
+    from sklearn.cluster._hdbscan._reachability import mutual_reachability_graph
+
+    X, _ = codes3000
+    D = hamming(X)
+    mst = mst_from_mutual_reachability(mutual_reachability_graph(D.copy(), min_samples=20))
+    est = ScalableCodeClusterer(min_cluster_size=20, n_neighbors=256).fit(X)
+    assert np.array_equal(np.sort(est.single_linkage_tree_["value"]), np.sort(mst["distance"]))
+    assert np.array_equal(est.core_distances_, np.partition(D, 19, axis=1)[:, 19])
+    assert adjusted_rand_score(exact_labels(D, 20), est.labels_) >= 0.999
+
+
+def test_agrees_on_real_digits_cnn_codes():
+    """Codes of digits-cnn on 1,797 digits: ARI >= 0.95 with exact HDBSCAN at the default k; 1.0 at k = 128."""
+    pytest.importorskip("sklearn")
+    from polytope_lens.extract import extract_codes
+
+    X = extract_codes("digits-cnn", "digits", batch_size=256).concat()
+    D = hamming(X)
+    ref = exact_labels(D, 10, 5)
+    default = ScalableCodeClusterer(min_cluster_size=10, min_samples=5).fit(X)
+    big = ScalableCodeClusterer(min_cluster_size=10, min_samples=5, n_neighbors=128).fit(X)
+    assert adjusted_rand_score(ref, default.labels_) >= 0.95
+    assert adjusted_rand_score(ref, big.labels_) >= 0.99
+
+
+def test_disconnected_knn_graph_is_bridged():
+    """Tight far-apart groups give a kNN graph of several components; bridging joins them exactly (ARI 1)."""
+    X, _ = planted(n=600, n_clusters=6, noise=0.0, seed=3)
+    est = ScalableCodeClusterer(min_cluster_size=10, min_samples=5, n_neighbors=8).fit(X)
+    assert est.n_components_ > 1
+    assert adjusted_rand_score(exact_labels(hamming(X), 10, 5), est.labels_) == 1.0
+
+
+def test_hnsw_index_close_to_exact(codes3000):
+    """The approximate HNSW graph gives nearly the same clustering as the exact flat one."""
+    X, _ = codes3000
+    flat = ScalableCodeClusterer(min_cluster_size=20, index="flat").fit(X)
+    hnsw = ScalableCodeClusterer(min_cluster_size=20, index="hnsw").fit(X)
+    assert not hnsw.knn_exact_ and adjusted_rand_score(flat.labels_, hnsw.labels_) >= 0.95
+
+
+def test_knn_graph_matches_brute_force():
+    """Flat Hamming kNN distances equal the sorted rows of the dense matrix; Jaccard re-ranking is exact there too."""
+    X, _ = planted(n=300, seed=1)
+    for metric, fn in (("hamming", hamming), ("jaccard", jaccard)):
+        D, ind = knn_graph(X, 10, metric=metric, jaccard_candidates=30)
+        full = np.sort(fn(X), axis=1)[:, :10]
+        assert np.array_equal(D, full), metric
+        assert (ind >= 0).all()
+
+
+def test_sklearn_contract_and_errors():
+    """Keyword-only, stores its arguments, clones; bad parameters name parameter, owner and value."""
+    est = ScalableCodeClusterer(metric="jaccard", n_neighbors=30)
+    assert clone(est).get_params() == est.get_params()
+    with pytest.raises(TypeError):
+        ScalableCodeClusterer("hamming")
+    X, _ = planted(n=100)
+    with pytest.raises(InvalidInputError, match="'index' parameter of ScalableCodeClusterer"):
+        ScalableCodeClusterer(index="ivf").fit(X)
+    with pytest.raises(InvalidInputError, match=r"'n_neighbors' .* \(4\) must be at least min_samples \(5\)"):
+        ScalableCodeClusterer(min_cluster_size=5, n_neighbors=4).fit(X)
+    with pytest.raises(InvalidInputError, match="2-D uint8"):
+        ScalableCodeClusterer().fit(np.zeros((10, 4)))
+
+
+def test_code_clusterer_scalable_method(codes3000):
+    """CodeClusterer(method='scalable') delegates (no row cap), and the dense error names it."""
+    X, _ = codes3000
+    a = CodeClusterer(method="scalable", min_cluster_size=20).fit(X)
+    b = ScalableCodeClusterer(min_cluster_size=20).fit(X)
+    assert np.array_equal(a.labels_, b.labels_) and a.n_clusters_ == b.n_clusters_
+    with pytest.raises(InvalidInputError, match="method='scalable'"):
+        CodeClusterer(max_rows=100).fit(X)
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory):
+    from polytope_lens.extract import extract_to_store
+
+    path = tmp_path_factory.mktemp("store") / "digits.zarr"
+    extract_to_store("digits-cnn", "digits", path, limit=400, batch_size=100)
+    return path
+
+
+def test_cluster_cli_writes_outputs(digits_store, tmp_path):
+    """assignments.npy, rows.npy, clusters.json and an HTML dashboard with image grids; nothing partial left."""
+    out = tmp_path / "res"
+    r = CliRunner().invoke(app, ["cluster", str(digits_store), "--out", str(out), "--min-cluster-size", "8",
+                                 "--layers", "conv.*,head.*"])
+    assert r.exit_code == 0, r.output
+    labels = np.load(out / "assignments.npy")
+    info = json.loads((out / "clusters.json").read_text())
+    assert labels.shape == (400,) and labels.dtype == np.int64
+    assert np.load(out / "rows.npy").shape == (400, 2)
+    assert info["sites"] == ["conv.1.relu", "head.2.relu"] and info["n_clusters"] == len(info["clusters"]) >= 2
+    assert sum(c["size"] for c in info["clusters"]) + info["n_noise"] == 400
+    page = (out / "index.html").read_text()
+    assert page.count("data:image/png") == 1 + min(40, info["n_clusters"])  # sizes chart + one grid per cluster
+    assert not list(tmp_path.glob(".*partial"))
+
+
+@pytest.mark.parametrize("args,match", [
+    (["cluster", "NOSTORE", "--out", "OUT"], "is not a polytope-lens code store"),
+    (["cluster", "STORE", "--out", "OUT", "--metric", "cosine"], "'metric' parameter of ScalableCodeClusterer"),
+    (["cluster", "STORE", "--out", "OUT", "--layers", "nope*"], "No site of the store matches"),
+])
+def test_cluster_cli_fails_cleanly(digits_store, tmp_path, args, match):
+    """Bad inputs: one line, exit 1, no results folder."""
+    out = tmp_path / "res"
+    args = [str(tmp_path / "none") if a == "NOSTORE" else str(digits_store) if a == "STORE" else
+            str(out) if a == "OUT" else a for a in args]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1 and match in r.output.replace("\n", " ")
+    assert "Traceback" not in r.output and not out.exists()
