@@ -65,6 +65,9 @@ class CallSite:
         Position in execution order within the forward pass.
     shape : tuple
         Shape of the unit input when the site was seen (batch first).
+    apply : callable or None
+        ``apply(z)`` computes this nonlinearity's output for a new unit input ``z`` (same op, same arguments, never
+        in place); call it outside ``capture``. None for declared sites, whose activation the model applies later.
     """
 
     name: str
@@ -73,6 +76,7 @@ class CallSite:
     alias: str | None
     order: int
     shape: tuple = ()
+    apply: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
     def op(self) -> str:
@@ -142,9 +146,10 @@ class _Tracker:
         base = f"{path}.{op}" if path else op
         return base if k == 0 else f"{base}#{k}"
 
-    def fire(self, act: Activation, z: torch.Tensor, path: str, name: str | None = None) -> torch.Tensor | None:
+    def fire(self, act: Activation, z: torch.Tensor, path: str, name: str | None = None,
+             apply: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | None:
         alias = self.hook_outputs.get(_key(z))
-        site = CallSite(name or self.site_name(path, act.name), path, act, alias, self.order, tuple(z.shape))
+        site = CallSite(name or self.site_name(path, act.name), path, act, alias, self.order, tuple(z.shape), apply)
         self.order += 1
         return self.handler(site, z)
 

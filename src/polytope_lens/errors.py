@@ -15,3 +15,7 @@ class UnsupportedActivationError(PolytopeLensError):
 
 class MissingDependencyError(PolytopeLensError, ImportError):
     """An optional package, model or data set is not installed here; the message says how to get it."""
+
+
+class NotPiecewiseLinearError(PolytopeLensError):
+    """An exact (piecewise-linear) analysis met a model that is not piecewise linear between its captured sites."""

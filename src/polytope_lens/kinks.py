@@ -246,7 +246,12 @@ class WindowMax(Activation):
             # among lines meeting at the same t, the steepest one is entered
             at_t = t_meet == t_next[..., None]
             nxt = torch.where(at_t, slope, torch.full_like(slope, -math.inf)).argmax(dim=-1)
-            moving = t_next <= 1.0
+            # a change that lands on t=1 (within rounding) enters the piece ``pieces`` gives at t=1 (first maximum),
+            # so that consecutive segments agree on the piece at their shared end and nothing is counted twice
+            at_end = (t_next >= 1.0 - 1e-12) & (t_next <= 1.0)
+            t_next = torch.where(at_end, torch.ones_like(t_next), t_next)
+            nxt = torch.where(at_end, w1.argmax(dim=-1), nxt)
+            moving = (t_next <= 1.0) & (nxt != cur)
             if not bool(moving.any()):
                 break
             seg, unit = torch.nonzero(moving, as_tuple=True)

@@ -1,0 +1,94 @@
+"""Exact 1-D crossing counts: polytope-lens (float64, CPU) vs Regioncam1D (float32), same paths, same run.
+
+Segments between N(0,1) points through ReLU MLPs with weights N(0, 2/fan_in) and biases N(0, 0.25) (std 0.5).
+Regioncam1D covers exactly a -> b with ``through_points([a, b], size=2.0)``; its crossings are ``num_vertices - 2``.
+When Regioncam would take too long it runs on a sample of the paths (``--rc-paths``), and the table says so.
+
+    python benchmarks/bench_paths.py                  # 1000 paths per network
+    python benchmarks/bench_paths.py --paths 200 --rc-paths 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from polytope_lens.paths import path_crossings
+
+NETWORKS = {"784-4x512": (784, [512] * 4), "784-3x2048": (784, [2048] * 3)}
+
+
+def make_mlp(din: int, widths: list[int], seed: int = 0) -> nn.Sequential:
+    g = torch.Generator().manual_seed(seed)
+    layers, d = [], din
+    for w in widths:
+        lin = nn.Linear(d, w)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(w, d, generator=g) * (2.0 / d) ** 0.5)
+            lin.bias.copy_(torch.randn(w, generator=g) * 0.5)
+        layers += [lin, nn.ReLU()]
+        d = w
+    return nn.Sequential(*layers)
+
+
+def regioncam_counts(mlp: nn.Sequential, a: torch.Tensor, b: torch.Tensor) -> tuple[list[int], float]:
+    import regioncam
+
+    params = [(np.ascontiguousarray(m.weight.detach().numpy().T.astype(np.float32)),
+               np.ascontiguousarray(m.bias.detach().numpy().astype(np.float32)))
+              for m in mlp if isinstance(m, nn.Linear)]
+    counts = []
+    t0 = time.perf_counter()
+    for x, y in zip(a, b):
+        rc = regioncam.Regioncam1D.through_points(np.stack([x.numpy(), y.numpy()]).astype(np.float32), size=2.0)
+        for w, bias in params:
+            rc.linear(w, bias)
+            rc.relu()
+        counts.append(rc.num_vertices - 2)
+    return counts, time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--paths", type=int, default=1000, help="segments per network")
+    ap.add_argument("--rc-paths", type=int, default=None,
+                    help="paths given to Regioncam1D (default: all for 4x512, 100 for 3x2048)")
+    ap.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated subset of " + ", ".join(NETWORKS))
+    ap.add_argument("--memory-budget", type=int, default=1 << 29, help="bytes for polytope-lens chunks")
+    ap.add_argument("--repeat", type=int, default=3, help="alternating runs of each tool; the best time is kept")
+    args = ap.parse_args()
+    rows = []
+    for name in args.networks.split(","):
+        din, widths = NETWORKS[name]
+        mlp = make_mlp(din, widths)
+        g = torch.Generator().manual_seed(1)
+        a, b = torch.randn(args.paths, din, generator=g), torch.randn(args.paths, din, generator=g)
+        n_rc = args.rc_paths if args.rc_paths is not None else (args.paths if widths[0] <= 512 else 100)
+        n_rc = min(n_rc, args.paths)
+        ours_s = rc_s = float("inf")
+        for _ in range(args.repeat):  # alternate the two tools; keep each one's best run (shared machines are noisy)
+            t0 = time.perf_counter()
+            res = path_crossings(mlp, a, b, trace=False, verify=False, memory_budget=args.memory_budget)
+            ours_s = min(ours_s, time.perf_counter() - t0)
+            rc, s = regioncam_counts(mlp, a[:n_rc], b[:n_rc])
+            rc_s = min(rc_s, s)
+        ours = res.counts[:n_rc]
+        agree = float(np.mean(ours == np.asarray(rc))) * 100
+        rows.append((name, args.paths, float(res.counts.mean()), args.paths / ours_s, n_rc, rc_s and n_rc / rc_s,
+                     agree, int(sum(p.ties for p in res.paths)), int(np.abs(ours - np.asarray(rc)).max())))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ours float64, Regioncam1D float32; "
+          f"best of {args.repeat} alternating runs\n")
+    print("| network | paths | mean crossings | ours paths/s | Regioncam1D paths (sample) | Regioncam1D paths/s "
+          "| speed-up | agreement | ties | max count diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, n, mean, ours_ps, n_rc, rc_ps, agree, ties, dmax in rows:
+        print(f"| {name} | {n} | {mean:.1f} | {ours_ps:.1f} | {n_rc} | {rc_ps:.2f} | {ours_ps / rc_ps:.1f}x "
+              f"| {agree:.1f} % | {ties} | {dmax} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""1-D paths through a model: exact boundary crossings along segments, polylines and scaling rays.
+
+``path_crossings(model, start, end)`` counts, for every path, where each unit of each nonlinearity changes linear
+piece between ``start`` and ``end`` (t = 0 to 1): per site, with positions, units, pieces, ties, polytope density and
+a semantic trace of the model's output along the way. Paths may live in the input space or, with ``layer=``, in the
+output space of one activation site (the network then runs from that site on, the real ``inputs`` still feeding every
+other branch). ``polyline_crossings`` and ``ray_crossings`` (``alpha * a`` or ``a + alpha * d`` with ``a`` a site's
+activation) use the same engine.
+
+Methods: ``"exact"`` (layered breakpoint refinement, ``exact.py``; float64 by default, ties reported) for models that
+are piecewise linear between their captured sites; ``"sampled"`` (dense samples plus bisection, ``sampled.py``;
+counts are lower bounds) for everything else; ``"auto"`` picks exact when every site is piecewise linear and a probe
+confirms the model is affine between sites, and the result says which method ran.
+
+Layout: ``geometry`` (path constructors, validation), ``runner`` (running the model at path points, affinity
+proofs), ``exact``, ``sampled``, ``results`` (result objects, trace).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..capture import StopForward, list_sites, run, select_sites
+from ..errors import InvalidInputError, NotPiecewiseLinearError
+from . import geometry
+from .exact import Refiner, verify_chunk
+from .geometry import PathSpec
+from .results import PathBatchResult, PathResult, Trace, trace_from_outputs
+from .runner import Runner, default_forward, index_inputs, prepare_model
+from .sampled import sampled_chunk
+
+__all__ = ["path_crossings", "polyline_crossings", "ray_crossings", "PathResult", "PathBatchResult", "Trace",
+           "PathSpec"]
+
+METHODS = ("auto", "exact", "sampled")
+EVALUATORS = ("auto", "affine", "graph")
+
+
+def _check_options(owner: str, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator) -> None:
+    if method not in METHODS:
+        raise InvalidInputError(f"The 'method' parameter of {owner} must be one of {', '.join(METHODS)}. "
+                                f"Got {method!r}.")
+    if evaluator not in EVALUATORS:
+        raise InvalidInputError(f"The 'evaluator' parameter of {owner} must be one of {', '.join(EVALUATORS)}. "
+                                f"Got {evaluator!r}.")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InvalidInputError(f"The 'dtype' parameter of {owner} must be a floating torch dtype. Got {dtype!r}.")
+    if not isinstance(memory_budget, int) or memory_budget < (1 << 20):
+        raise InvalidInputError(f"The 'memory_budget' parameter of {owner} must be an int >= 1 MiB (bytes). "
+                                f"Got {memory_budget!r}.")
+    if not (isinstance(tie_tol, (int, float)) and 0 <= tie_tol < 1e-3):
+        raise InvalidInputError(f"The 'tie_tol' parameter of {owner} must be a number in [0, 1e-3). Got {tie_tol!r}.")
+    if not isinstance(n_samples, int) or n_samples < 2:
+        raise InvalidInputError(f"The 'n_samples' parameter of {owner} must be an int >= 2. Got {n_samples!r}.")
+    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise InvalidInputError(f"The 'tol' parameter of {owner} must be a number in (0, 1). Got {tol!r}.")
+
+
+def _check_base(inputs, n_paths: int, owner: str):
+    if inputs is None:
+        raise InvalidInputError(f"{owner} with layer= needs 'inputs': the real model inputs (one per path) that feed "
+                                "every branch other than the path site.")
+    tensors = getattr(inputs, "tensors", inputs)
+    vals = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors.values()) if isinstance(
+        tensors, Mapping) else []
+    if not vals:
+        raise InvalidInputError(f"The 'inputs' parameter of {owner} must be a tensor or a mapping of tensors. "
+                                f"Got {type(inputs).__name__}.")
+    for v in vals:
+        if v.dim() == 0 or v.shape[0] != n_paths:
+            raise InvalidInputError(f"The 'inputs' parameter of {owner} needs one row per path ({n_paths}). Got a "
+                                    f"tensor of shape {tuple(v.shape)}.")
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise InvalidInputError(f"The 'inputs' parameter of {owner} contains NaN or infinite values.")
+    return tensors
+
+
+class _Prepared:
+    def __init__(self, model, forward, dtype, device):
+        self.model = prepare_model(model, dtype, device)
+        self.fwd = forward(self.model) if forward is not None else default_forward(self.model)
+        self.dtype, self.device = dtype, torch.device(device)
+
+    def cast(self, v):
+        if isinstance(v, torch.Tensor):
+            return v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+        return {k: self.cast(x) for k, x in v.items()}
+
+    def resolve_site(self, base, layer: str, owner: str, capture_kwargs):
+        first = index_inputs(base, torch.zeros(1, dtype=torch.long, device=self.device))
+        sites = list_sites(self.model, lambda: self.fwd(first), **capture_kwargs)
+        chosen = select_sites(sites, layer)
+        if len(chosen) != 1:
+            raise InvalidInputError(f"The 'layer' parameter of {owner} must name one site; {layer!r} matches "
+                                    f"{len(chosen)} ({', '.join(s.name for s in chosen[:5])}).")
+        return chosen[0]
+
+    def site_output(self, base, site, n: int, capture_kwargs) -> torch.Tensor:
+        zs = []
+        step = 256
+        for s in range(0, n, step):
+            idx = torch.arange(s, min(n, s + step), device=self.device)
+
+            def handler(st, z):
+                if st.name == site.name:
+                    zs.append(z.detach())
+                    raise StopForward
+            run(self.model, lambda: self.fwd(index_inputs(base, idx)), handler, **capture_kwargs)
+        z = torch.cat(zs)
+        if site.apply is None:
+            raise InvalidInputError(f"Site {site.name!r} is a declared site; paths at it are not supported.")
+        return site.apply(z)
+
+
+def _analyse(prep: _Prepared, spec: PathSpec, *, owner, layers, method, tie_tol, n_samples, tol, trace, verify,
+             memory_budget, evaluator, capture_kwargs) -> PathBatchResult:
+    t0 = time.perf_counter()
+    spec = spec.to(prep.dtype, prep.device)
+    if spec.site is None:
+        probe = spec.knots_x[0:1, 0]
+    else:
+        probe = index_inputs(spec.base, torch.zeros(1, dtype=torch.long, device=prep.device))
+    runner = Runner(prep.model, prep.fwd, spec, dtype=prep.dtype, device=prep.device, memory_budget=memory_budget,
+                    capture_kwargs=capture_kwargs, owner=owner, probe_input=probe)
+    if not runner.processed:
+        raise InvalidInputError(f"No activation site runs after {spec.site or 'the input'} in this model, so {owner} "
+                                "has no boundaries to count.")
+    reported = [s.name for s in select_sites(runner.processed, layers)] if layers is not None else runner.names
+    notes = []
+    smooth = [s.name for s in runner.processed if not s.activation.exact]
+    bad, out_affine = runner.affinity_probe(want_output=trace)
+    if method == "exact":
+        if smooth:
+            raise NotPiecewiseLinearError(
+                f"not piecewise-linear: site {smooth[0]!r} applies a smooth activation "
+                f"({runner.processed[runner.names.index(smooth[0])].op}); use method='sampled' (or 'auto').")
+        if bad:
+            raise NotPiecewiseLinearError(
+                f"not piecewise-linear: the unit input of site {bad[0]!r} is not an affine function of the earlier "
+                "sites' outputs (an operation capture does not see, e.g. LayerNorm or softmax, sits before it); use "
+                "method='sampled' (or 'auto').")
+    use_exact = method == "exact" or (method == "auto" and not smooth and not bad)
+    if method == "auto" and not use_exact:
+        notes.append("auto chose sampled: " + (f"smooth activation at {smooth[0]}" if smooth else
+                                                f"not affine between sites before {bad[0]}"))
+    affine = None
+    if use_exact and evaluator != "graph":
+        affine = runner.extract_affine(want_output=trace and out_affine)
+        if affine is None and evaluator == "affine":
+            raise InvalidInputError(f"evaluator='affine' in {owner}: the Jacobian blocks between sites do not fit in "
+                                    f"half the memory budget ({memory_budget} bytes); raise it or use 'graph'.")
+    if use_exact:
+        notes.append("evaluator: affine (Jacobian blocks between sites)" if affine is not None
+                     else "evaluator: graph (one forward pass per new breakpoint)")
+    refiner = Refiner(runner, affine, tie_tol, trace) if use_exact else None
+
+    n_paths = spec.n_paths
+    zdims = [math.prod(runner.z_shape[n]) for n in runner.names]
+    width = max(zdims)
+    if use_exact:
+        per_point = 8 * (6 * width + (sum(zdims) if affine is None else 2 * width) + 64)
+        est_pts = spec.knots_t.shape[1] + 0.5 * sum(zdims)
+    else:
+        per_point = 8 * (2 * sum(zdims) + 64)
+        est_pts = n_samples + 1
+    results: list = [None] * n_paths
+    start = 0
+    while start < n_paths:
+        c = int(max(1, min(n_paths - start, memory_budget // max(1, int(est_pts * per_point)))))
+        gp = torch.arange(start, start + c, device=prep.device)
+        if use_exact:
+            out = refiner.run_chunk(gp)
+            if verify:
+                verify_chunk(runner, gp, out["pid"], out["t"], n_check=32, seed=start)
+        else:
+            out = sampled_chunk(runner, gp, n_samples, tol, trace)
+        counts = torch.bincount(out["pid"], minlength=c)
+        if use_exact:
+            est_pts = max(est_pts, 1.25 * float(counts.max()))
+        _collect(results, out, gp, spec, runner, reported, use_exact, trace)
+        start += c
+    tolerance = {"tie_tol": float(tie_tol)} if use_exact else {"tol": float(tol), "n_samples": int(n_samples)}
+    return PathBatchResult(results, use_exact, "exact" if use_exact else "sampled",
+                           str(prep.dtype).replace("torch.", ""), tolerance, spec.kind, spec.site, tuple(reported),
+                           tuple(notes), time.perf_counter() - t0)
+
+
+def _collect(results, out, gp, spec: PathSpec, runner: Runner, reported, exact: bool, trace: bool) -> None:
+    pid, t, tied = out["pid"], out["t"], out["tied"]
+    keep_sites = [runner.names.index(n) for n in reported]
+    remap = {k: i for i, k in enumerate(keep_sites)}
+    parts = [(p, tt, torch.full_like(p, remap[k]), u, pc) for p, tt, k, u, pc in out["records"] if k in remap]
+    if parts:
+        rp, rt, rs, ru, rpc = (torch.cat(x) for x in zip(*parts))
+    else:
+        z = torch.zeros(0, dtype=torch.long)
+        rp, rt, rs, ru, rpc = z, z.double(), z, z, z
+    o = torch.argsort(rt, stable=True)
+    o = o[torch.argsort(rp[o], stable=True)]
+    rp, rt, rs, ru, rpc = (x[o].cpu() for x in (rp, rt, rs, ru, rpc))
+    c = len(gp)
+    rcount = torch.bincount(rp, minlength=c).tolist()
+    pcount = torch.bincount(pid, minlength=c).tolist()
+    t_np, tied_np = t.cpu().numpy(), tied.cpu().numpy()
+    rt_np, rs_np, ru_np, rpc_np = rt.numpy(), rs.numpy(), ru.numpy(), rpc.numpy()
+    output = out.get("output") if trace else None
+    r0 = p0 = 0
+    for i in range(c):
+        g = int(gp[i])
+        r1, p1 = r0 + rcount[i], p0 + pcount[i]
+        sites_i = rs_np[r0:r1]
+        per = np.bincount(sites_i, minlength=len(reported))
+        per_layer = {reported[k]: int(per[k]) for k in range(len(reported))}
+        n_cross = int(r1 - r0)
+        length = float(spec.length[g])
+        tr = None
+        if output is not None:
+            tt = out["t"][p0:p1]
+            if exact:
+                tr = trace_from_outputs(0.5 * (tt[:-1] + tt[1:]), output[p0:p1 - 1], tt[1:-1])
+            else:
+                tr = trace_from_outputs(tt, output[p0:p1], 0.5 * (tt[:-1] + tt[1:]))
+        bps = t_np[p0:p1] if exact else np.unique(np.concatenate([[0.0, 1.0], rt_np[r0:r1]]))
+        results[g] = PathResult(
+            index=g, crossings=n_cross, per_layer=per_layer, density=n_cross / length, length=length,
+            t=bps, records={"t": rt_np[r0:r1], "site": sites_i, "unit": ru_np[r0:r1], "piece": rpc_np[r0:r1]},
+            sites=tuple(reported), ties=int(tied_np[p0:p1].sum()), trace=tr, alphas=spec.alphas)
+        r0, p0 = r1, p1
+
+
+_COMMON_DOC = """
+    layers : str or list of str, optional
+        Globs over site names (or TransformerLens aliases) whose crossings are reported; None = every site after the
+        path's start. All sites are always used to find the breakpoints.
+    method : {"auto", "exact", "sampled"}
+        ``exact`` raises ``NotPiecewiseLinearError`` on smooth activations or on models that are not affine between
+        their sites (LayerNorm, softmax); ``auto`` then uses ``sampled``; the result says which ran.
+    dtype : torch.dtype
+        The model is copied and cast to it (float64 by default), in eval mode.
+    device : str or torch.device
+    tie_tol : float
+        Exact mode: crossings closer than this in t make one breakpoint (counted in ``ties``); see ``exact``.
+    n_samples, tol : int, float
+        Sampled mode: samples per path and bisection width in t.
+    trace : bool
+        Compute the semantic trace (model output per region).
+    verify : bool
+        Exact mode: check the invariant on 32 random final intervals per chunk (raises on failure).
+    memory_budget : int
+        Bytes; paths are processed in chunks that fit it (large batches are chunked, never refused).
+    evaluator : {"auto", "affine", "graph"}
+        Exact mode: evaluate breakpoints through Jacobian blocks between sites (when they fit in half the budget)
+        or by forward passes; ``auto`` prefers ``affine``.
+    forward : callable, optional
+        ``forward(batch)`` to run instead of ``model(x)`` / ``model(**x)`` (e.g. ``lambda x: m(inputs_embeds=x)``).
+    **capture_kwargs
+        Passed to ``capture`` (``activation_modules``, ``declared_sites``, ``suppress``).
+
+    Returns
+    -------
+    PathBatchResult
+"""
+
+
+def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, inputs=None,
+                   layers: str | list[str] | None = None, method: str = "auto", dtype: torch.dtype = torch.float64,
+                   device="cpu", tie_tol: float = 1e-12, n_samples: int = 1024, tol: float = 1e-9,
+                   trace: bool = True, verify: bool = True, memory_budget: int = 1 << 30, evaluator: str = "auto",
+                   forward: Callable | None = None, **capture_kwargs) -> PathBatchResult:
+    owner = "path_crossings"
+    _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator)
+    start, end = geometry.segments(start, end, owner=owner)
+    prep = _Prepared(model, forward, dtype, device)
+    base, site_name = None, None
+    if layer is not None:
+        base = prep.cast(_check_base(inputs, len(start), owner))
+        site = prep.resolve_site(base, layer, owner, capture_kwargs)
+        site_name = site.name
+        shape = tuple(prep.site_output(base, site, 1, capture_kwargs).shape[1:])
+        if tuple(start.shape[1:]) != shape:
+            raise InvalidInputError(f"The 'start' and 'end' of {owner} at layer {site.name!r} must have that site's "
+                                    f"output shape (P, {', '.join(map(str, shape))}). Got {tuple(start.shape)}.")
+    x = torch.stack([start, end], dim=1)
+    length = (end - start).reshape(len(start), -1).to(torch.float64).norm(dim=1)
+    kt = torch.tensor([0.0, 1.0], dtype=torch.float64).expand(len(start), 2)
+    spec = PathSpec(kt, x, length, "segment", site_name, base)
+    return _analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol, n_samples=n_samples,
+                    tol=tol, trace=trace, verify=verify, memory_budget=memory_budget, evaluator=evaluator,
+                    capture_kwargs=capture_kwargs)
+
+
+path_crossings.__doc__ = """Exact (or sampled) boundary crossings along straight segments ``start -> end``.
+
+    Parameters
+    ----------
+    model : nn.Module
+    start, end : Tensor (P, *shape)
+        Path endpoints: model inputs, or outputs of site ``layer`` when it is given.
+    layer : str, optional
+        Site (name or glob matching one site) whose output the paths replace; needs ``inputs``.
+    inputs : Tensor or mapping (P, ...), optional
+        Real model inputs feeding every other branch of a site path.
+""" + _COMMON_DOC + """
+    Examples
+    --------
+    >>> mlp = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3))
+    >>> res = path_crossings(mlp, torch.randn(5, 2), torch.randn(5, 2))
+    >>> res.exact, res.method, len(res.paths)
+    (True, 'exact', 5)
+"""
+
+
+def polyline_crossings(model: nn.Module, points, *, layer: str | None = None, inputs=None,
+                       layers: str | list[str] | None = None, method: str = "auto",
+                       dtype: torch.dtype = torch.float64, device="cpu", tie_tol: float = 1e-12,
+                       n_samples: int = 1024, tol: float = 1e-9, trace: bool = True, verify: bool = True,
+                       memory_budget: int = 1 << 30, evaluator: str = "auto", forward: Callable | None = None,
+                       **capture_kwargs) -> PathBatchResult:
+    owner = "polyline_crossings"
+    _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator)
+    knots, pts, length = geometry.polyline(points, owner=owner)
+    prep = _Prepared(model, forward, dtype, device)
+    base, site_name = None, None
+    if layer is not None:
+        base = prep.cast(_check_base(inputs, len(pts), owner))
+        site_name = prep.resolve_site(base, layer, owner, capture_kwargs).name
+    spec = PathSpec(knots.to(torch.float64), pts, length.to(torch.float64), "polyline", site_name, base)
+    return _analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol, n_samples=n_samples,
+                    tol=tol, trace=trace, verify=verify, memory_budget=memory_budget, evaluator=evaluator,
+                    capture_kwargs=capture_kwargs)
+
+
+polyline_crossings.__doc__ = """Crossings along polylines through ``points`` (P, K, *shape), t by arc length.
+
+    Parameters
+    ----------
+    model : nn.Module
+    points : Tensor (P, K >= 2, *shape)
+    layer, inputs : as in ``path_crossings``.
+""" + _COMMON_DOC
+
+
+def ray_crossings(model: nn.Module, inputs, *, layer: str, alphas=(0.0, 2.0), direction=None,
+                  layers: str | list[str] | None = None, method: str = "auto", dtype: torch.dtype = torch.float64,
+                  device="cpu", tie_tol: float = 1e-12, n_samples: int = 1024, tol: float = 1e-9,
+                  trace: bool = True, verify: bool = True, memory_budget: int = 1 << 30, evaluator: str = "auto",
+                  forward: Callable | None = None, **capture_kwargs) -> PathBatchResult:
+    owner = "ray_crossings"
+    _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator)
+    if layer is None:
+        raise InvalidInputError(f"The 'layer' parameter of {owner} is required: the site whose activation is scaled.")
+    tensors = getattr(inputs, "tensors", inputs)
+    n = tensors.shape[0] if isinstance(tensors, torch.Tensor) else (
+        next(iter(tensors.values())).shape[0] if isinstance(tensors, Mapping) and tensors else 0)
+    if n == 0:
+        raise InvalidInputError(f"The 'inputs' parameter of {owner} must hold at least one example (batch first).")
+    prep = _Prepared(model, forward, dtype, device)
+    base = prep.cast(_check_base(tensors, n, owner))
+    site = prep.resolve_site(base, layer, owner, capture_kwargs)
+    a = prep.site_output(base, site, n, capture_kwargs)
+    if direction is not None:
+        direction = torch.as_tensor(direction).to(prep.device, prep.dtype)
+    x, length, al = geometry.ray(a, direction, alphas, owner=owner)
+    kt = torch.tensor([0.0, 1.0], dtype=torch.float64).expand(n, 2)
+    spec = PathSpec(kt, x, length.to(torch.float64), "ray", site.name, base, al)
+    return _analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol, n_samples=n_samples,
+                    tol=tol, trace=trace, verify=verify, memory_budget=memory_budget, evaluator=evaluator,
+                    capture_kwargs=capture_kwargs)
+
+
+ray_crossings.__doc__ = """Crossings along scaling rays at site ``layer``: ``alpha * a`` (or ``a + alpha * d``).
+
+    ``a`` is the site's activation (output) for each of ``inputs``; the network runs from that site on with the real
+    input feeding every other branch. t maps to ``alpha = alpha0 + t * (alpha1 - alpha0)`` (``PathResult.alpha``);
+    density is per unit of Euclidean length ``(alpha1 - alpha0) * |a|`` (or ``|d|``).
+
+    Parameters
+    ----------
+    model : nn.Module
+    inputs : Tensor or mapping (P, ...)
+    layer : str
+        Site name or glob matching one site.
+    alphas : (float, float)
+        alpha0 < alpha1.
+    direction : Tensor (*site_shape) or (P, *site_shape), optional
+        ``d`` for rays ``a + alpha * d``.
+""" + _COMMON_DOC

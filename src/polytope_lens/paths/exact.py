@@ -1,0 +1,433 @@
+"""Exact boundary crossings along piecewise-affine paths: layered breakpoint refinement.
+
+Invariant
+---------
+Sites are processed in execution order. Let B_k be the breakpoints found at sites before k (plus t = 0, 1 and
+polyline knots). Between consecutive points of B_k every earlier site keeps each unit on one linear piece, so every
+tensor that feeds site k is affine in t there, and so is site k's unit input z_k (the model is checked to be affine
+between sites: ``Runner.affinity_probe``). Hence each unit crosses a kink at most once per kink inside such an
+interval, at the t that ``Activation.crossings`` computes from z_k at the two ends, and z_k at a new breakpoint is the
+linear interpolation of the ends. Crossings at all sites therefore come out exact up to float rounding (float64 by
+default).
+
+Evaluation
+----------
+Each breakpoint is evaluated once per later site, never by re-running the prefix:
+
+* *affine route* (default when the Jacobian blocks between sites fit in half the memory budget): the runner reads the
+  affine maps ``z_m = sum_l J_ml a_l + c_m`` off the model by capture (``Runner.extract_affine``). Points older than
+  the previous site get one matrix product per site, batched over all points of a chunk of paths. Points that the
+  previous site just created need no product at all: on their interval of B_{k-1} only the previous site's crossed
+  units are not affine, so z_k there is the interpolation of the ends plus a piecewise-linear correction whose slope
+  changes, at each new point, by one Jacobian column times the crossed unit's slope jump (cumulative sums within the
+  interval, O(units) per point). Values of earlier sites' outputs at new points are interpolated.
+* *graph route* (any graph, any size): each new breakpoint runs one forward pass through ``capture`` that records the
+  unit inputs of every later site.
+
+Ties
+----
+``tie_tol`` (in t, default 1e-12): crossings on one interval closer than ``tie_tol`` become one breakpoint (at the
+first crossing's t); a crossing within ``tie_tol`` of an existing breakpoint (including a unit exactly on its kink
+there) is placed at that breakpoint. Every crossing is still one record and counts once; ``ties`` counts the
+breakpoints that carry such coincidences. z == kink belongs to the lower piece (the registry's convention), so a unit
+that touches its kink at a breakpoint is counted on the interval where its piece changes, never twice.
+
+Cost
+----
+About one matrix product per breakpoint and later site beyond the next, O(units) for the next, plus O(points x units)
+bookkeeping; memory is chunked over paths to ``memory_budget``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import NotPiecewiseLinearError
+from ..kinks import ScalarKinks, WindowMax
+from .runner import SRC, Affine, Runner
+
+
+@dataclass
+class _Pending:
+    """New points of the previous stage, in the merged arrays."""
+
+    site: str
+    new_idx: torch.Tensor  # (n,) positions of new points
+    left: torch.Tensor  # (n,) positions of their interval's left end
+    right: torch.Tensor
+    u: torch.Tensor  # (n,) relative position in the interval
+    grp: torch.Tensor  # (n,) interval id (sorted, contiguous)
+    n_grp: int
+    c_point: torch.Tensor  # (c,) new point of each inner crossing
+    c_unit: torch.Tensor
+    c_jump: torch.Tensor  # slope jump of the crossed unit's output, per unit of u
+
+
+def _merge(old: torch.Tensor, new: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Tensor) -> torch.Tensor:
+    out = old.new_empty((len(old) + len(new), *old.shape[1:]))
+    out[old_pos] = old
+    out[new_pos] = new
+    return out
+
+
+def _lerp_rows(x: torch.Tensor, left: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    a, b = x[left], x[left + 1]
+    return a + u.reshape(-1, *([1] * (x.dim() - 1))) * (b - a)
+
+
+def _segmented_exclusive_cumsum(x: torch.Tensor, grp: torch.Tensor, n_grp: int):
+    """Exclusive cumulative sums of rows of ``x`` within contiguous groups, and group totals."""
+    n, d = x.shape
+    counts = torch.bincount(grp, minlength=n_grp)
+    total = x.new_zeros(n_grp, d).index_add_(0, grp, x)
+    out = x.new_zeros(n, d)
+    if n == 0:
+        return out, total
+    start = torch.cumsum(counts, 0) - counts
+    lo = 2
+    cmax = int(counts.max())
+    while lo <= cmax:
+        hi = 2 * lo
+        gs = torch.nonzero((counts >= lo) & (counts < hi)).flatten()
+        if len(gs):
+            width = int(counts[gs].max())
+            ar = torch.arange(width, device=x.device)
+            idx = start[gs, None] + ar
+            valid = ar < counts[gs, None]
+            idx = torch.where(valid, idx, torch.zeros_like(idx))
+            pad = x[idx] * valid[..., None]
+            cs = torch.cumsum(pad, dim=1) - pad
+            out[idx[valid]] = cs[valid]
+        lo = hi
+    return out, total
+
+
+def _walk(zl: torch.Tensor, zr: torch.Tensor, v: torch.Tensor, u: torch.Tensor, grp: torch.Tensor,
+          n_grp: int) -> torch.Tensor:
+    """Values at the new points of each interval (contiguous groups, sorted by u in [0, 1]) of a function that is
+    ``zl`` at u=0, ``zr`` at u=1 and piecewise linear with slope increasing by ``v[i]`` at point i.
+
+    The initial slope is ``zr - zl - sum_i v_i (1 - u_i)``; then z_i = z_{i-1} + (u_i - u_{i-1}) slope_{i-1} and
+    slope_i = slope_{i-1} + v_i: two cumulative sums per interval, intervals of similar length padded together.
+    """
+    n, d = v.shape
+    out = torch.empty_like(v)
+    if n == 0:
+        return out
+    counts = torch.bincount(grp, minlength=n_grp)
+    start = torch.cumsum(counts, 0) - counts
+    tot = v.new_zeros(n_grp, d).index_add_(0, grp, v * (1.0 - u)[:, None])
+    lo, cmax = 1, int(counts.max())
+    while lo <= cmax:
+        gs = torch.nonzero((counts >= lo) & (counts < 2 * lo)).flatten()
+        lo *= 2
+        if not len(gs):
+            continue
+        first = start[gs]
+        sigma0 = (zr[first] - zl[first]) - tot[gs]  # (G, d)
+        w = int(counts[gs].max())
+        if w == 1:
+            out[first] = zl[first] + u[first, None] * sigma0
+            continue
+        ar = torch.arange(w, device=v.device)
+        valid = ar < counts[gs, None]
+        idx = torch.where(valid, first[:, None] + ar, first[:, None])
+        vv = v[idx] * valid[..., None]
+        uu = u[idx]
+        slope_prev = torch.cat([sigma0[:, None], sigma0[:, None] + torch.cumsum(vv[:, :-1], 1)], 1)
+        du = torch.cat([uu[:, :1], uu[:, 1:] - uu[:, :-1]], 1)
+        z = zl[first][:, None] + torch.cumsum(du[..., None] * slope_prev, 1)
+        out[idx[valid]] = z[valid]
+    return out
+
+
+def piece_slopes(site, act: ScalarKinks, zshape: tuple, dtype, device) -> torch.Tensor:
+    """Slope of the site's output on each piece, per unit: (n_pieces, units), probed through ``site.apply``."""
+    k = list(act.kinks)
+    pts = []
+    for p in range(act.n_pieces):
+        if p == 0:
+            pts.append((k[0] - 2.0, k[0] - 1.0))
+        elif p == len(k):
+            pts.append((k[-1] + 1.0, k[-1] + 2.0))
+        else:
+            w = k[p] - k[p - 1]
+            pts.append((k[p - 1] + 0.25 * w, k[p - 1] + 0.75 * w))
+    vals = torch.tensor([v for pr in pts for v in pr], dtype=dtype, device=device)
+    z = vals.reshape(-1, *([1] * len(zshape))).expand(len(vals), *zshape).contiguous()
+    out = site.apply(z).reshape(len(vals), -1)
+    lo, hi = out[0::2], out[1::2]
+    dz = (vals[1::2] - vals[0::2])[:, None]
+    return (hi - lo) / dz
+
+
+class Refiner:
+    """Layered breakpoint refinement over one chunk of paths at a time."""
+
+    def __init__(self, runner: Runner, affine: Affine | None, tie_tol: float, want_output: bool):
+        self.r = runner
+        self.aff = affine
+        self.tie_tol = float(tie_tol)
+        self.want_output = want_output
+        names = runner.names
+        self.slopes = {}
+        if affine is not None:
+            for s in runner.processed:
+                if isinstance(s.activation, ScalarKinks):
+                    self.slopes[s.name] = piece_slopes(s, s.activation, runner.z_shape[s.name], runner.dtype,
+                                                       runner.device)
+            # last target index using each leaf's stored values
+            targets = names + (["output"] if "output" in affine.deps else [])
+            self.last_use = {}
+            for i, m in enumerate(targets):
+                for leaf in affine.deps[m]:
+                    self.last_use[leaf] = i
+
+    # ------------------------------------------------------------------------------------------------ stage
+    def _crossings(self, act, z, pid, t):
+        cr = act.crossings(z[:-1], z[1:])
+        same = pid[:-1] == pid[1:]
+        keep = same[cr.segment]
+        seg, unit, s, piece = cr.segment[keep], cr.unit[keep], cr.t[keep], cr.piece[keep]
+        tl, tr = t[seg], t[seg + 1]
+        dt = tr - tl
+        off = s * dt
+        snap_l = off <= self.tie_tol
+        snap_r = (~snap_l) & ((dt - off) <= self.tie_tol)
+        inner = ~(snap_l | snap_r)
+        tc = tl + off
+        ji, ti, si = seg[inner], tc[inner], s[inner]
+        newg = torch.ones(len(ji), dtype=torch.bool, device=t.device)
+        if len(ji) > 1:
+            newg[1:] = (ji[1:] != ji[:-1]) | ((ti[1:] - ti[:-1]) > self.tie_tol)
+        gid = torch.cumsum(newg.long(), 0) - 1
+        pj, pt, pu = ji[newg], ti[newg], si[newg]
+        sizes = torch.bincount(gid, minlength=len(pj))
+        rec_t = torch.where(snap_l, tl, torch.where(snap_r, tr, tc))
+        rec_t[inner] = pt[gid]
+        snapped_to = torch.where(snap_l, seg, seg + 1)[~inner]
+        return dict(seg=seg, unit=unit, piece=piece, inner=inner, rec_t=rec_t, gid=gid, pj=pj, pt=pt, pu=pu,
+                    sizes=sizes, snapped_to=snapped_to)
+
+    def _jumps(self, site, z, cr) -> torch.Tensor:
+        """Slope jump (per unit of relative position u) of each crossed unit's output at its crossing."""
+        act = site.activation
+        seg, unit, piece = cr["seg"], cr["unit"], cr["piece"]
+        n = len(seg)
+        o = torch.argsort(unit, stable=True)
+        o = o[torch.argsort(seg[o], stable=True)]
+        so, uo = seg[o], unit[o]
+        prev_same = torch.zeros(n, dtype=torch.bool, device=z.device)
+        if n > 1:
+            prev_same[1:] = (so[1:] == so[:-1]) & (uo[1:] == uo[:-1])
+        if isinstance(act, ScalarKinks):
+            zf = z.reshape(len(z), -1)
+            zl, zr = zf[seg, unit], zf[seg + 1, unit]
+            first = act.pieces(zl)
+            dz = zr - zl
+        elif isinstance(act, WindowMax):
+            wl = act.windows(z[seg]).reshape(n, -1, act.n_pieces)[torch.arange(n, device=z.device), unit]
+            wr = act.windows(z[seg + 1]).reshape(n, -1, act.n_pieces)[torch.arange(n, device=z.device), unit]
+            first = wl.argmax(-1)
+            dw = torch.where(torch.isfinite(wl), wr - wl, torch.zeros_like(wl))
+        else:  # pragma: no cover - the registry has two exact families
+            raise NotPiecewiseLinearError(f"site {site.name!r}: no exact slope rule for {act.name}")
+        pb_o = first[o].clone()
+        pa_o = piece[o]
+        if n > 1:
+            pb_o[1:] = torch.where(prev_same[1:], pa_o[:-1], pb_o[1:])
+        before = torch.empty_like(pb_o)
+        before[o] = pb_o
+        if isinstance(act, ScalarKinks):
+            g = self.slopes[site.name]
+            return (g[piece, unit] - g[before, unit]) * dz
+        ar = torch.arange(n, device=z.device)
+        return dw[ar, piece] - dw[ar, before]
+
+    # --------------------------------------------------------------------------------------------- values
+    def _src(self, gpid, t) -> torch.Tensor:
+        return self.r.spec.points(gpid, t).reshape(len(t), -1)
+
+    def _affine_z(self, m: str, pid, t, gpids, store, pend: _Pending | None, dense: bool = False) -> torch.Tensor:
+        aff = self.aff
+        n = len(t)
+        c = aff.c[m]
+        if pend is None or dense:
+            old = None
+        else:
+            mask = torch.ones(n, dtype=torch.bool, device=t.device)
+            mask[pend.new_idx] = False
+            old = torch.nonzero(mask).flatten()
+        rows_pid = pid if old is None else pid[old]
+        zo = (c.expand(len(rows_pid), -1) if c.shape[0] == 1 else c[gpids[rows_pid]]).clone()
+        for leaf in aff.deps[m]:
+            if leaf == SRC:
+                a = self._src(gpids[rows_pid], t if old is None else t[old])
+            else:
+                a = store[leaf] if old is None else store[leaf][old]
+            zo.addmm_(a, aff.jt[m, leaf])
+        if pend is None or dense:
+            return zo
+        z = zo.new_empty(n, zo.shape[1])
+        z[old] = zo
+        zl, zr = z[pend.left], z[pend.right]
+        u = pend.u[:, None]
+        if pend.site in aff.deps[m] and len(pend.c_point):
+            jt = aff.jt[m, pend.site]
+            if len(pend.c_point) == len(pend.u):  # no ties: one crossing per new point, in point order
+                v = jt[pend.c_unit] * pend.c_jump[:, None]
+            else:
+                v = zo.new_zeros(len(pend.u), zo.shape[1])
+                v.index_add_(0, pend.c_point, jt[pend.c_unit] * pend.c_jump[:, None])
+            z[pend.new_idx] = _walk(zl, zr, v, pend.u, pend.grp, pend.n_grp)
+        else:
+            z[pend.new_idx] = zl + u * (zr - zl)
+        return z
+
+    # ---------------------------------------------------------------------------------------------- chunk
+    def run_chunk(self, gpids: torch.Tensor) -> dict:
+        r = self.r
+        spec = r.spec
+        dev = r.device
+        kt = spec.knots_t[gpids]
+        c_paths, k0 = kt.shape
+        pid = torch.arange(c_paths, device=dev).repeat_interleave(k0)
+        t = kt.reshape(-1).clone()
+        tied = torch.zeros(len(t), dtype=torch.bool, device=dev)
+        store: dict = {}
+        cache: dict = {}
+        pend: _Pending | None = None
+        recs = []
+        names = r.names
+        if self.aff is None:
+            cache = r.eval_points(gpids[pid], t, names)
+        for k, site in enumerate(r.processed):
+            name, act = site.name, site.activation
+            zshape = r.z_shape[name]
+            if self.aff is None:
+                if pend is not None and len(pend.new_idx):
+                    fresh = r.eval_points(gpids[pid[pend.new_idx]], t[pend.new_idx], names[k:])
+                    for key, v in fresh.items():
+                        cache[key][pend.new_idx] = v
+                zf = cache.pop(name)
+            else:
+                # max pooling compares window entries that are often exactly equal (clamped ReLU/ReLU6 outputs):
+                # evaluate its inputs by products at every point, so exact ties are not broken by rounding
+                zf = self._affine_z(name, pid, t, gpids, store, pend, dense=isinstance(act, WindowMax))
+            z = zf.reshape(len(t), *zshape)
+            cr = self._crossings(act, z, pid, t)
+            recs.append((pid[cr["seg"]], cr["rec_t"], k, cr["unit"], cr["piece"]))
+            n = len(t)
+            pj, pt, pu = cr["pj"], cr["pt"], cr["pu"]
+            tied[cr["snapped_to"]] = True
+            cnt = torch.bincount(pj, minlength=n)
+            before = torch.cumsum(cnt, 0) - cnt
+            old_pos = torch.arange(n, device=dev) + before
+            new_pos = pj + 1 + torch.arange(len(pj), device=dev)
+            last = k == len(r.processed) - 1
+            if self.aff is not None:
+                inner = cr["inner"]
+                jump = self._jumps(site, z, cr)[inner] if len(cr["seg"]) else zf.new_zeros(0)
+                c_unit, c_point = cr["unit"][inner], cr["gid"]
+                for leaf in list(store):
+                    if self.last_use.get(leaf, -1) <= k and not (self.want_output and leaf in self.aff.deps.get(
+                            "output", [])):
+                        del store[leaf]
+                        continue
+                    store[leaf] = _merge(store[leaf], _lerp_rows(store[leaf], pj, pu), old_pos, new_pos)
+                needed = self.last_use.get(name, -1) > k
+                if needed:
+                    znew = _lerp_rows(zf, pj, pu)
+                    if isinstance(act, ScalarKinks) and len(c_unit):
+                        # a crossed unit sits exactly on its kink at its new breakpoint
+                        zfl = zf.reshape(len(zf), -1)
+                        seg_i = cr["seg"][inner]
+                        up = zfl[seg_i + 1, c_unit] > zfl[seg_i, c_unit]
+                        kidx = torch.where(up, cr["piece"][inner] - 1, cr["piece"][inner])
+                        kinks = torch.tensor(act.kinks, dtype=zf.dtype, device=dev)
+                        znew[c_point, c_unit] = kinks[kidx]
+                    zall = _merge(zf, znew, old_pos, new_pos)
+                    store[name] = site.apply(zall.reshape(len(zall), *zshape)).reshape(len(zall), -1)
+            else:
+                for key in list(cache):
+                    v = cache[key]
+                    cache[key] = _merge(v, torch.full((len(pj), v.shape[1]), math.nan, dtype=v.dtype, device=dev),
+                                        old_pos, new_pos)
+            grp_change = torch.ones(len(pj), dtype=torch.bool, device=dev)
+            if len(pj) > 1:
+                grp_change[1:] = pj[1:] != pj[:-1]
+            grp = torch.cumsum(grp_change.long(), 0) - 1
+            pend = _Pending(name, new_pos, old_pos[pj], old_pos[pj + 1], pu, grp, int(grp_change.sum()),
+                            cr["gid"], cr["unit"][cr["inner"]] if self.aff is not None else pj,
+                            jump if self.aff is not None else pu)
+            tied = _merge(tied, cr["sizes"] >= 2, old_pos, new_pos)
+            t = _merge(t, pt, old_pos, new_pos)
+            pid = _merge(pid, pid[pj], old_pos, new_pos)
+            if last:
+                break
+        out = {"pid": pid, "t": t, "tied": tied, "records": recs}
+        if self.want_output:
+            out["output"] = self._outputs(pid, t, gpids, store)
+        return out
+
+    def _outputs(self, pid, t, gpids, store) -> torch.Tensor:
+        """Model scores at region midpoints (n_points - 1 rows; rows across paths are junk and dropped later)."""
+        mids_t = 0.5 * (t[:-1] + t[1:])
+        if self.aff is not None and "output" in self.aff.deps:
+            c = self.aff.c["output"]
+            o = (c.expand(len(t), -1) if c.shape[0] == 1 else c[gpids[pid]]).clone()
+            for leaf in self.aff.deps["output"]:
+                a = self._src(gpids[pid], t) if leaf == SRC else store[leaf]
+                o.addmm_(a, self.aff.jt["output", leaf])
+            return 0.5 * (o[:-1] + o[1:])
+        same = torch.nonzero(pid[:-1] == pid[1:]).flatten()
+        res = self.r.eval_points(gpids[pid[same]], mids_t[same], [], want_output=True)["output"]
+        full = res.new_zeros(len(t) - 1, res.shape[1])
+        full[same] = res
+        return full
+
+
+def verify_chunk(runner: Runner, gpids: torch.Tensor, pid: torch.Tensor, t: torch.Tensor, n_check: int,
+                 seed: int = 0) -> None:
+    """Check the invariant on a sample of final intervals: every site's unit input is affine there, and no unit
+    changes piece strictly inside (a piece change between the ends needs an end on the kink).
+
+    Raises
+    ------
+    NotPiecewiseLinearError
+    """
+    same = torch.nonzero(pid[:-1] == pid[1:]).flatten()
+    if not len(same) or not runner.names:
+        return
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    pick = same[torch.randperm(len(same), generator=g)[:n_check].to(same.device)]
+    tl, tr = t[pick], t[pick + 1]
+    gp = gpids[pid[pick]]
+    pts_t = torch.cat([tl, tr, 0.5 * (tl + tr)])
+    vals = runner.eval_points(torch.cat([gp, gp, gp]), pts_t, runner.names)
+    n = len(pick)
+    for site in runner.processed:
+        z = vals[site.name]
+        zl, zr, zm = z[:n], z[n:2 * n], z[2 * n:]
+        scale = torch.maximum(zl.abs(), zr.abs()).amax(1, keepdim=True).clamp_min(1.0)
+        err = ((zm - 0.5 * (zl + zr)).abs() / scale).max()
+        if not bool(err <= 1e-9):
+            raise NotPiecewiseLinearError(
+                f"not piecewise-linear: the unit input of site {site.name!r} is not affine between two consecutive "
+                f"breakpoints (relative deviation {float(err):.2e}); an operation capture does not see (LayerNorm, "
+                "softmax, normalisation by batch statistics...) sits before it. Use method='sampled'.")
+        act = site.activation
+        if isinstance(act, ScalarKinks):
+            pl, pr = act.pieces(zl), act.pieces(zr)
+            diff = pl != pr
+            if bool(diff.any()):
+                near = torch.zeros_like(diff)
+                for kink in act.kinks:
+                    near |= ((zl - kink).abs() <= 1e-9 * scale) | ((zr - kink).abs() <= 1e-9 * scale)
+                if bool((diff & ~near).any()):
+                    raise NotPiecewiseLinearError(
+                        f"internal check failed: a unit of site {site.name!r} changes piece strictly between two "
+                        "breakpoints; please report this with the model and path.")

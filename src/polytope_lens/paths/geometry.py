@@ -1,0 +1,169 @@
+"""Path constructors and validation: every path becomes a piecewise-affine map t -> point, t in [0, 1].
+
+A path lives either in the model's input space (``site=None``) or in the output space of one activation site (the
+network then runs from that site on: the site's output is replaced by the path point, while the real input still
+feeds every other branch). Straight segments, polylines and scaling rays all reduce to *knots*: positions
+``knots_t`` (P, K) with 0 = t_0 < ... < t_{K-1} = 1 and points ``knots_x`` (P, K, *shape); between knots the path is
+affine. Polylines are parameterised by arc length, so t is the fraction of the path's length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from ..errors import InvalidInputError
+
+__all__ = ["PathSpec", "segments", "polyline", "ray"]
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """P piecewise-affine paths.
+
+    Attributes
+    ----------
+    knots_t : Tensor (P, K)
+        Knot positions, 0 first and 1 last.
+    knots_x : Tensor (P, K, *shape)
+        Path points at the knots.
+    length : Tensor (P,)
+        Euclidean length of each path in the space it is drawn in.
+    kind : {"segment", "polyline", "ray"}
+    site : str or None
+        Canonical name of the site whose output the path replaces; None for the model input.
+    base : Tensor or mapping or None
+        Real model inputs (P, ...) feeding the other branches of site paths.
+    alphas : tuple or None
+        (alpha0, alpha1) of a scaling ray: t maps to alpha0 + t * (alpha1 - alpha0).
+    """
+
+    knots_t: torch.Tensor
+    knots_x: torch.Tensor
+    length: torch.Tensor
+    kind: str
+    site: str | None = None
+    base: object = None
+    alphas: tuple[float, float] | None = None
+
+    @property
+    def n_paths(self) -> int:
+        return int(self.knots_t.shape[0])
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.knots_x.shape[2:])
+
+    def points(self, pid: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Path points (n, *shape) at positions ``t`` of paths ``pid``."""
+        kt, kx = self.knots_t, self.knots_x
+        if kt.shape[1] == 2:
+            x0, x1 = kx[pid, 0], kx[pid, 1]
+            s = t.reshape(-1, *([1] * len(self.shape)))
+            return x0 + s * (x1 - x0)
+        seg = torch.searchsorted(kt[pid], t[:, None].contiguous(), right=True).squeeze(1) - 1
+        seg = seg.clamp_(0, kt.shape[1] - 2)
+        t0, t1 = kt[pid, seg], kt[pid, seg + 1]
+        s = ((t - t0) / (t1 - t0)).reshape(-1, *([1] * len(self.shape)))
+        x0, x1 = kx[pid, seg], kx[pid, seg + 1]
+        return x0 + s * (x1 - x0)
+
+    def to(self, dtype: torch.dtype, device) -> "PathSpec":
+        base = self.base
+        if isinstance(base, torch.Tensor):
+            base = _cast(base, dtype, device)
+        elif isinstance(base, Mapping):
+            base = {k: _cast(v, dtype, device) for k, v in base.items()}
+        return PathSpec(self.knots_t.to(device, dtype), self.knots_x.to(device, dtype), self.length.to(dtype),
+                        self.kind, self.site, base, self.alphas)
+
+
+def _cast(v, dtype, device):
+    if isinstance(v, torch.Tensor):
+        return v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+    return v
+
+
+def _tensor(name: str, owner: str, v, min_dim: int) -> torch.Tensor:
+    if not isinstance(v, torch.Tensor):
+        try:
+            v = torch.as_tensor(v)
+        except Exception:
+            raise InvalidInputError(f"The {name!r} parameter of {owner} must be a tensor. Got {type(v).__name__}.") \
+                from None
+    if not v.is_floating_point():
+        raise InvalidInputError(f"The {name!r} parameter of {owner} must be a floating-point tensor (paths are "
+                                f"continuous). Got dtype {v.dtype}; pass embeddings or use layer=.")
+    if v.dim() < min_dim or v.shape[0] == 0:
+        raise InvalidInputError(f"The {name!r} parameter of {owner} must have a batch dimension of paths first "
+                                f"(shape (P, ...), P >= 1). Got shape {tuple(v.shape)}.")
+    bad = int((~torch.isfinite(v)).sum())
+    if bad:
+        raise InvalidInputError(f"The {name!r} parameter of {owner} contains {bad} NaN or infinite values; "
+                                "paths need finite points.")
+    return v.detach()
+
+
+def segments(start, end, *, owner: str = "path_crossings") -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated straight segments: start, end of shape (P, *shape)."""
+    start, end = _tensor("start", owner, start, 1), _tensor("end", owner, end, 1)
+    if start.shape != end.shape:
+        raise InvalidInputError(f"The 'start' and 'end' parameters of {owner} must have the same shape. Got "
+                                f"{tuple(start.shape)} and {tuple(end.shape)}.")
+    d = (end - start).reshape(len(start), -1).norm(dim=1)
+    same = torch.nonzero(d == 0).flatten().tolist()
+    if same:
+        raise InvalidInputError(f"Paths {same[:5]} of {owner} have equal start and end points; a path needs two "
+                                "distinct endpoints.")
+    return start, end
+
+
+def polyline(points, *, owner: str = "polyline_crossings") -> tuple[torch.Tensor, torch.Tensor]:
+    """Knots (P, K) by arc length and points (P, K, *shape) of validated polylines."""
+    pts = _tensor("points", owner, points, 2)
+    if pts.shape[1] < 2:
+        raise InvalidInputError(f"The 'points' parameter of {owner} needs at least 2 points per path (shape "
+                                f"(P, K >= 2, ...)). Got shape {tuple(pts.shape)}.")
+    seg = (pts[:, 1:] - pts[:, :-1]).reshape(pts.shape[0], pts.shape[1] - 1, -1).norm(dim=2)
+    zero = torch.nonzero(seg == 0)
+    if len(zero):
+        p, k = zero[0].tolist()
+        raise InvalidInputError(f"Path {p} of {owner} repeats point {k} (a zero-length piece); remove repeated "
+                                "consecutive points.")
+    cum = torch.cat([torch.zeros_like(seg[:, :1]), seg.cumsum(1)], dim=1)
+    knots = cum / cum[:, -1:]
+    knots[:, -1] = 1.0
+    return knots, pts, cum[:, -1]
+
+
+def ray(a: torch.Tensor, direction, alphas, *, owner: str = "ray_crossings"):
+    """Knot points (P, 2, *shape) and lengths of rays alpha*a or a + alpha*d over [alpha0, alpha1]."""
+    try:
+        a0, a1 = (float(v) for v in alphas)
+    except Exception:
+        raise InvalidInputError(f"The 'alphas' parameter of {owner} must be two numbers (alpha0, alpha1). Got "
+                                f"{alphas!r}.") from None
+    if not (math.isfinite(a0) and math.isfinite(a1)) or a0 >= a1:
+        raise InvalidInputError(f"The 'alphas' parameter of {owner} must satisfy alpha0 < alpha1 (finite). Got "
+                                f"{(a0, a1)}.")
+    if direction is None:
+        d = a
+        x0, x1 = a0 * a, a1 * a
+    else:
+        d = _tensor("direction", owner, direction, 0)
+        if d.shape == a.shape[1:]:
+            d = d.expand_as(a)
+        if d.shape != a.shape:
+            raise InvalidInputError(f"The 'direction' parameter of {owner} must have the site's activation shape "
+                                    f"{tuple(a.shape[1:])} or {tuple(a.shape)}. Got {tuple(d.shape)}.")
+        d = d.to(a.dtype)
+        x0, x1 = a + a0 * d, a + a1 * d
+    length = (a1 - a0) * d.reshape(len(a), -1).norm(dim=1)
+    zero = torch.nonzero(length == 0).flatten().tolist()
+    if zero:
+        raise InvalidInputError(f"Rays {zero[:5]} of {owner} have a zero {'activation' if direction is None else 'direction'}"
+                                " vector, so the ray is a single point.")
+    return torch.stack([x0, x1], dim=1), length, (a0, a1)

@@ -1,0 +1,186 @@
+"""Result objects of 1-D path analyses and the semantic trace along a path.
+
+``PathResult`` describes one path (crossings, per-site counts, density, breakpoints, crossing records, ties, trace);
+``PathBatchResult`` holds the paths of one call with what makes the numbers trustworthy: ``exact``, ``method``,
+``dtype`` and ``tolerance``. Both are frozen and give a JSON-safe ``to_dict()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["Trace", "PathResult", "PathBatchResult", "trace_from_outputs"]
+
+
+@dataclass(frozen=True)
+class Trace:
+    """What the model outputs along a path, one row per region (exact) or per sample (sampled).
+
+    Attributes
+    ----------
+    t : ndarray (n,)
+        Where the outputs were taken: region midpoints (exact) or sample positions (sampled).
+    top_class : ndarray int64 (n,)
+        Argmax of the output at each position.
+    class_changes : ndarray (k,)
+        Positions t where the top class changes (the breakpoint between the two regions, or the midpoint between
+        two samples).
+    js : ndarray (n - 1,)
+        Jensen-Shannon divergence (nats) between consecutive softmax output distributions.
+    """
+
+    t: np.ndarray
+    top_class: np.ndarray
+    class_changes: np.ndarray
+    js: np.ndarray
+
+    def to_dict(self) -> dict:
+        return {"t": self.t.tolist(), "top_class": self.top_class.tolist(),
+                "class_changes": self.class_changes.tolist(), "js": self.js.tolist()}
+
+
+def _js(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    m = 0.5 * (p + q)
+
+    def kl(a, b):
+        return torch.where(a > 0, a * (torch.log(a.clamp_min(1e-300)) - torch.log(b.clamp_min(1e-300))),
+                           torch.zeros_like(a)).sum(-1)
+    return 0.5 * kl(p, m) + 0.5 * kl(q, m)
+
+
+def trace_from_outputs(t_at: torch.Tensor, logits: torch.Tensor, t_between: torch.Tensor) -> Trace:
+    """Trace of one path from outputs (n, classes) taken at ``t_at``; ``t_between`` (n - 1,) are the positions
+    reported for a change between consecutive rows."""
+    logits = logits.to(torch.float64)
+    probs = torch.softmax(logits, dim=-1)
+    top = logits.argmax(-1)
+    change = torch.nonzero(top[1:] != top[:-1]).flatten()
+    js = _js(probs[:-1], probs[1:]) if len(probs) > 1 else probs.new_zeros(0)
+    return Trace(t_at.cpu().numpy(), top.cpu().numpy(), t_between[change].cpu().numpy(), js.cpu().numpy())
+
+
+@dataclass(frozen=True)
+class PathResult:
+    """Boundary crossings along one path.
+
+    Attributes
+    ----------
+    index : int
+        Position of the path in the batch.
+    crossings : int
+        Number of unit crossings (one per unit and kink crossed) at the reported sites.
+    per_layer : dict[str, int]
+        Crossings per site name, in execution order.
+    density : float
+        ``crossings / length``: crossings per unit of Euclidean length in the space the path is drawn in.
+    length : float
+        Euclidean length of the path.
+    t : ndarray (n_breakpoints,)
+        Sorted distinct breakpoints, including 0 and 1 (and polyline knots); regions = len(t) - 1.
+    records : dict of ndarrays
+        One entry per crossing, sorted by t: ``t``, ``site`` (index into ``sites``), ``unit`` (flat unit index in
+        the site's unit tensor; the output element for max pooling), ``piece`` (piece entered moving forward).
+    sites : tuple of str
+        Names of the sites in ``records``.
+    ties : int
+        Breakpoints where several crossings coincide within the tie tolerance, or where a unit sits on its kink at
+        an existing breakpoint (exact mode only; 0 when sampled).
+    trace : Trace or None
+    alphas : tuple or None
+        (alpha0, alpha1) of a ray; ``alpha = alpha0 + t * (alpha1 - alpha0)``.
+    """
+
+    index: int
+    crossings: int
+    per_layer: dict
+    density: float
+    length: float
+    t: np.ndarray
+    records: dict
+    sites: tuple
+    ties: int = 0
+    trace: Trace | None = None
+    alphas: tuple | None = None
+
+    @property
+    def n_regions(self) -> int:
+        return max(0, len(self.t) - 1)
+
+    def alpha(self, t) -> np.ndarray:
+        """Ray parameter alpha at positions t (rays only)."""
+        if self.alphas is None:
+            raise ValueError("alpha() is only defined for scaling rays.")
+        a0, a1 = self.alphas
+        return a0 + np.asarray(t) * (a1 - a0)
+
+    def to_dict(self, records: bool = True) -> dict:
+        d = {"index": self.index, "crossings": self.crossings, "per_layer": dict(self.per_layer),
+             "density": self.density, "length": self.length, "ties": self.ties, "n_regions": self.n_regions,
+             "t": self.t.tolist(), "trace": None if self.trace is None else self.trace.to_dict()}
+        if self.alphas is not None:
+            d["alphas"] = list(self.alphas)
+        if records:
+            r = self.records
+            d["records"] = [{"t": float(t), "site": self.sites[int(s)], "unit": int(u), "piece": int(p)}
+                            for t, s, u, p in zip(r["t"], r["site"], r["unit"], r["piece"])]
+        return d
+
+
+@dataclass(frozen=True)
+class PathBatchResult:
+    """Crossings along a batch of paths, with how they were computed.
+
+    Attributes
+    ----------
+    paths : list of PathResult
+    exact : bool
+        True for layered breakpoint refinement on a verified piecewise-linear model; False when sampled (counts are
+        then lower bounds).
+    method : {"exact", "sampled"}
+    dtype : str
+    tolerance : dict
+        ``tie_tol`` (exact: crossings closer than this in t are one breakpoint) or ``tol`` and ``n_samples``
+        (sampled: bisection width and initial samples per path).
+    kind : {"segment", "polyline", "ray"}
+    layer : str or None
+        Site whose output the paths replace; None for the model input.
+    sites : tuple of str
+        Sites whose crossings are reported, in execution order.
+    notes : tuple of str
+        How the engine ran (evaluator, fallbacks), for the record.
+    """
+
+    paths: list
+    exact: bool
+    method: str
+    dtype: str
+    tolerance: dict
+    kind: str
+    layer: str | None
+    sites: tuple
+    notes: tuple = field(default=())
+    seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i) -> PathResult:
+        return self.paths[i]
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Crossings per path, int64 (P,)."""
+        return np.array([p.crossings for p in self.paths], dtype=np.int64)
+
+    @property
+    def per_layer(self) -> dict:
+        """Crossings per site summed over paths."""
+        return {s: int(sum(p.per_layer.get(s, 0) for p in self.paths)) for s in self.sites}
+
+    def to_dict(self, records: bool = False) -> dict:
+        return {"exact": self.exact, "method": self.method, "dtype": self.dtype, "tolerance": dict(self.tolerance),
+                "kind": self.kind, "layer": self.layer, "sites": list(self.sites), "notes": list(self.notes),
+                "seconds": self.seconds, "paths": [p.to_dict(records=records) for p in self.paths]}

@@ -1,0 +1,280 @@
+"""Running a model at path points through ``capture``, and proving it is affine between its sites.
+
+``Runner`` owns a float64 (or chosen dtype) eval-mode copy of the model, the ordered call sites, and the path: it
+evaluates the unit inputs of chosen sites at points ``(pid, t)``, replacing the path site's output by the path point
+when the path lives at a site. Everything here is driven by intercepted calls, never by layer classes.
+
+Two facts about the model are established here, both from forward passes only:
+
+* ``affinity_probe``: with every site's output replaced by free values (and the path source free too), each later
+  site's unit input must be a jointly affine function of them. Evaluated at two random configurations and their
+  midpoint, any nonlinearity that capture does not see (LayerNorm, softmax attention, batch statistics) breaks it.
+* ``extract_affine``: given that, the map from (source, site outputs) to each site's unit input is
+  ``z_m = sum_l J_ml a_l + c_m``; its blocks are read off by replacing one source by basis vectors. This lets the
+  exact engine evaluate the network in pieces (one matrix product per site) instead of re-running prefixes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..capture import CallSite, StopForward, list_sites, run
+from ..errors import InvalidInputError
+from .geometry import PathSpec
+
+SRC = "<source>"
+
+
+def default_forward(model: nn.Module) -> Callable[[object], object]:
+    def forward(x):
+        return model(**x) if isinstance(x, Mapping) else model(x)
+    return forward
+
+
+def logits_of(out) -> torch.Tensor | None:
+    """The tensor of class scores in a model output (tensor, ``.logits``, or first element), as (n, classes)."""
+    if hasattr(out, "logits"):
+        out = out.logits
+    elif isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        return None
+    if out.dim() == 1:
+        out = out[:, None]
+    if out.dim() > 2:
+        out = out.reshape(out.shape[0], -1, out.shape[-1])[:, -1]
+    if out.shape[1] == 1:
+        out = torch.cat([torch.zeros_like(out), out], dim=1)
+    return out
+
+
+def prepare_model(model: nn.Module, dtype, device) -> nn.Module:
+    """A copy of ``model`` in ``dtype`` on ``device``, in eval mode (dropout off, BatchNorm on running statistics)."""
+    m = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m
+
+
+def index_inputs(base, idx: torch.Tensor):
+    """Rows ``idx`` of a tensor or of every tensor in a mapping."""
+    if isinstance(base, torch.Tensor):
+        return base[idx]
+    return {k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in base.items()}
+
+
+@dataclass
+class Affine:
+    """``z_m = sum_{l in deps[m]} a_l @ jt[m, l] + c[m]`` for every processed site m (and "output" when affine).
+
+    ``jt[m, l]`` is (d_l, d_m) (the transposed Jacobian block); ``c[m]`` is (1, d_m) or (P, d_m) for site paths.
+    """
+
+    deps: dict
+    jt: dict
+    c: dict
+
+
+class Runner:
+    """A prepared model: dtype/device copy in eval mode, its sites, and the paths."""
+
+    def __init__(self, model: nn.Module, fwd: Callable, spec: PathSpec, *, dtype, device, memory_budget: int,
+                 capture_kwargs: dict, owner: str, probe_input):
+        self.model = model  # already a prepared copy (see ``prepare_model``)
+        self.fwd = fwd
+        self.spec = spec
+        self.dtype, self.device = dtype, torch.device(device)
+        self.budget = int(memory_budget)
+        self.ckw = capture_kwargs
+        self.owner = owner
+        seen: dict = {}
+
+        def record(site, z):
+            seen[site.name] = (site, z.detach())
+        run(self.model, lambda: self.fwd(probe_input), record, **capture_kwargs)
+        self.all_sites: list[CallSite] = [s for s, _ in seen.values()]
+        self.out_shape = {}
+        for name, (site, z) in seen.items():
+            if site.apply is None:
+                self.out_shape[name] = tuple(z.shape[1:])
+            else:
+                self.out_shape[name] = tuple(site.apply(z).shape[1:])
+        self.z_shape = {name: tuple(z.shape[1:]) for name, (_, z) in seen.items()}
+        if spec.site is None:
+            self.processed = list(self.all_sites)
+        else:
+            order = next(s.order for s in self.all_sites if s.name == spec.site)
+            self.processed = [s for s in self.all_sites if s.order > order]
+        self.names = [s.name for s in self.processed]
+        n_units = sum(math.prod(self.z_shape[n]) for n in self.names)
+        self.row_bytes = 8 * (4 * n_units + 4 * sum(math.prod(self.out_shape[n]) for n in self.names)
+                              + 4 * math.prod(spec.shape) + 64)
+
+    # --------------------------------------------------------------------------------------- raw forward
+    def _run(self, inp, n: int, replace: Callable[[CallSite, int], torch.Tensor | None], record: set,
+             stop_after: str | None, want_output: bool = False):
+        out: dict = {}
+
+        def handler(site, z):
+            if site.name in record:
+                out[site.name] = z.detach().reshape(n, -1)
+            rep = replace(site, n)
+            if site.name == stop_after and not want_output:
+                raise StopForward
+            return rep
+        res = run(self.model, lambda: self.fwd(inp), handler, **self.ckw)
+        if want_output:
+            out["output"] = logits_of(res)
+        return out
+
+    def rows_per_batch(self) -> int:
+        return max(1, self.budget // (4 * self.row_bytes))
+
+    def eval_points(self, pid: torch.Tensor, t: torch.Tensor, names: list[str], want_output: bool = False) -> dict:
+        """Unit inputs (n, units) of sites ``names`` (and model scores when asked) at path points."""
+        res: dict = {k: [] for k in names}
+        if want_output:
+            res["output"] = []
+        stop = max(names, key=self.names.index) if names else None
+        step = self.rows_per_batch()
+        for s in range(0, len(t), step):
+            p, tt = pid[s:s + step], t[s:s + step]
+            x = self.spec.points(p, tt)
+            if self.spec.site is None:
+                inp, rep = x, (lambda site, n: None)
+            else:
+                inp = index_inputs(self.spec.base, p)
+                rep = (lambda site, n, x=x: x.reshape(n, *self.out_shape[site.name]) if site.name == self.spec.site
+                       else None)
+            o = self._run(inp, len(tt), rep, set(names), stop, want_output)
+            for k in res:
+                if o.get(k) is None:
+                    raise InvalidInputError(f"Site {k!r} did not run at some path points of {self.owner}; the model's "
+                                            "call graph depends on its input, which path analyses do not support.")
+                res[k].append(o[k])
+        return {k: torch.cat(v) for k, v in res.items()}
+
+    # --------------------------------------------------------------------------------- leaf-replaced runs
+    def _leaf_run(self, values: dict, n: int, record: set, want_output: bool) -> dict:
+        """Run with the source and every processed site's output replaced by ``values[name]`` (n, d) (zeros when
+        absent); the model input is the source (input paths) or the first path's real input (site paths)."""
+        src = values.get(SRC)
+        if self.spec.site is None:
+            if src is None:
+                src = torch.zeros(n, math.prod(self.spec.shape), dtype=self.dtype, device=self.device)
+            inp = src.reshape(n, *self.spec.shape)
+        else:
+            inp = index_inputs(self.spec.base, torch.zeros(n, dtype=torch.long, device=self.device))
+        names = set(self.names)
+
+        def replace(site, n_):
+            if site.name == self.spec.site:
+                v = values.get(SRC)
+            elif site.name in names:
+                v = values.get(site.name)
+            else:
+                return None
+            shape = self.out_shape[site.name]
+            if v is None:
+                return torch.zeros(n_, *shape, dtype=self.dtype, device=self.device)
+            return v.reshape(n_, *shape)
+        stop = max(record, key=self.names.index) if record and not want_output else None
+        return self._run(inp, n, replace, record, stop, want_output)
+
+    def leaf_dims(self) -> dict:
+        d = {SRC: math.prod(self.spec.shape)}
+        d.update({n: math.prod(self.out_shape[n]) for n in self.names})
+        return d
+
+    def affinity_probe(self, want_output: bool, seed: int = 0) -> tuple[list[str], bool]:
+        """Sites whose unit input is not affine in (source, earlier site outputs); and whether the output is."""
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        dims = self.leaf_dims()
+        vals = {}
+        for k, d in dims.items():
+            a = torch.randn(2, d, generator=g, dtype=torch.float64).to(self.device, self.dtype)
+            vals[k] = torch.cat([a, a.mean(0, keepdim=True)])
+        o = self._leaf_run(vals, 3, set(self.names), want_output)
+        bad = []
+        for k in self.names + (["output"] if want_output else []):
+            z = o.get(k)
+            if z is None:
+                if k == "output":
+                    return bad, False
+                continue
+            err = (z[2] - 0.5 * (z[0] + z[1])).abs().max()
+            scale = z[:2].abs().max().clamp_min(1.0)
+            if not bool(err <= 1e-9 * scale):
+                if k == "output":
+                    return bad, False
+                bad.append(k)
+        return bad, True if want_output else False
+
+    def extract_affine(self, want_output: bool) -> Affine | None:
+        """Jacobian blocks between sites, or None when they would not fit in half the memory budget."""
+        dims = self.leaf_dims()
+        zd = {n: math.prod(self.z_shape[n]) for n in self.names}
+        order = [SRC] + self.names
+        targets = list(self.names) + (["output"] if want_output else [])
+        est = sum(dims[l] * zd[m] for i, l in enumerate(order) for m in self.names[i:])
+        if 8 * est > self.budget // 2:
+            return None
+        jt, c, deps = {}, {}, {m: [] for m in targets}
+        base_rows = None
+        for i, leaf in enumerate(order):
+            later = set(self.names[i:])
+            if not later and not want_output:
+                continue
+            d = dims[leaf]
+            step = max(1, min(d + 1, self.budget // (8 * self.row_bytes)))
+            rows: dict = {}
+            for s in range(0, d + 1, step):
+                r = torch.arange(s, min(d + 1, s + step), device=self.device)
+                basis = torch.zeros(len(r), d, dtype=self.dtype, device=self.device)
+                nz = r > 0
+                basis[nz.nonzero().flatten(), r[nz] - 1] = 1.0
+                o = self._leaf_run({leaf: basis}, len(r), later, want_output)
+                for k, v in o.items():
+                    if v is not None:
+                        rows.setdefault(k, []).append(v)
+            rows = {k: torch.cat(v) for k, v in rows.items()}
+            if base_rows is None:
+                base_rows = {k: v[0:1] for k, v in rows.items()}
+            for m, z in rows.items():
+                if m != "output" and m not in later:
+                    continue
+                block = z[1:] - z[0:1]
+                if bool((block != 0).any()):
+                    jt[m, leaf] = block.contiguous()
+                    deps[m].append(leaf)
+        if want_output and "output" not in base_rows:
+            targets.remove("output")
+            deps.pop("output", None)
+            want_output = False
+        if self.spec.site is None:
+            c = {m: base_rows[m] for m in targets}
+        else:
+            # constants differ per path: every branch that does not pass through the path site sees the real input
+            res = {m: [] for m in targets}
+            step = self.rows_per_batch()
+            for s in range(0, self.spec.n_paths, step):
+                p = torch.arange(s, min(self.spec.n_paths, s + step), device=self.device)
+                inp = index_inputs(self.spec.base, p)
+                names = set(self.names)
+
+                def replace(site, n_):
+                    if site.name == self.spec.site or site.name in names:
+                        return torch.zeros(n_, *self.out_shape[site.name], dtype=self.dtype, device=self.device)
+                    return None
+                o = self._run(inp, len(p), replace, set(self.names), None if want_output else
+                              (max(self.names, key=self.names.index) if self.names else None), want_output)
+                for m in targets:
+                    res[m].append(o[m])
+            c = {m: torch.cat(v) for m, v in res.items()}
+        return Affine(deps, jt, c)

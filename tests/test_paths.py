@@ -1,0 +1,319 @@
+"""Exact 1-D crossings: against Regioncam1D, against dense float64 sampling, hand-computed ties, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from polytope_lens.capture import run
+from polytope_lens.errors import InvalidInputError, NotPiecewiseLinearError
+from polytope_lens.paths import path_crossings, polyline_crossings, ray_crossings
+from polytope_lens.paths.runner import index_inputs, prepare_model
+
+regioncam = pytest.importorskip("regioncam")
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def _init(lin: nn.Module, g: torch.Generator, bias_std: float = 0.5) -> nn.Module:
+    with torch.no_grad():
+        fan_in = lin.weight[0].numel()
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * math.sqrt(2.0 / fan_in))
+        lin.bias.copy_(torch.randn(lin.bias.shape, generator=g) * bias_std)
+    return lin
+
+
+class MLP(nn.Module):
+    """ReLU/LeakyReLU MLP, optionally with residual blocks h + W2 act(W1 h + b1) + b2."""
+
+    def __init__(self, din, width, depth, slope=None, residual=False, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.slope, self.residual = slope, residual
+        self.inp = _init(nn.Linear(din, width), g)
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            if residual:
+                self.blocks.append(nn.Sequential(_init(nn.Linear(width, width), g), _init(nn.Linear(width, width), g)))
+            else:
+                self.blocks.append(_init(nn.Linear(width, width), g))
+
+    def act(self, x):
+        return F.relu(x) if self.slope is None else F.leaky_relu(x, self.slope)
+
+    def forward(self, x):
+        h = self.act(self.inp(x))
+        for b in self.blocks:
+            h = h + b[1](self.act(b[0](h))) if self.residual else self.act(b(h))
+        return h
+
+    def regioncam_count(self, a, b) -> int:
+        rc = regioncam.Regioncam1D.through_points(np.stack([a.numpy(), b.numpy()]).astype(np.float32), size=2.0)
+
+        def lin(m):
+            return (np.ascontiguousarray(m.weight.detach().numpy().T.astype(np.float32)),
+                    np.ascontiguousarray(m.bias.detach().numpy().astype(np.float32)))
+
+        def act_layer():
+            return regioncam.ReLU() if self.slope is None else regioncam.LeakyReLU(self.slope)
+        rc.linear(*lin(self.inp))
+        rc.relu() if self.slope is None else rc.leaky_relu(self.slope)
+        for b in self.blocks:
+            if self.residual:
+                rc.add(regioncam.Residual(regioncam.Sequential(regioncam.Linear(*lin(b[0])), act_layer(),
+                                                               regioncam.Linear(*lin(b[1])))))
+            else:
+                rc.linear(*lin(b))
+                rc.relu() if self.slope is None else rc.leaky_relu(self.slope)
+        return rc.num_vertices - 2
+
+
+class SmallCNN(nn.Module):
+    """Conv-BN-ReLU6-MaxPool, a residual block with BatchNorm, Hardtanh and abs, then a linear head."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.c1 = _init(nn.Conv2d(1, 4, 3, padding=1), g, 0.3)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.c2 = _init(nn.Conv2d(4, 4, 3, padding=1), g, 0.3)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.c3 = _init(nn.Conv2d(4, 4, 3, padding=1), g, 0.3)
+        self.head = _init(nn.Linear(4 * 3 * 3 * 2, 5), g)
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.copy_(torch.randn(4, generator=g) * 0.2)
+                bn.running_var.copy_(torch.rand(4, generator=g) + 0.5)
+                bn.weight.copy_(torch.rand(4, generator=g) + 0.5)
+                bn.bias.copy_(torch.randn(4, generator=g) * 0.2)
+        self.eval()
+
+    def forward(self, x):
+        h = F.relu6(3.0 * self.bn1(self.c1(x)))
+        h = F.max_pool2d(h, 2)  # 4x3x3 from 6x6
+        r = F.relu(self.bn2(self.c2(h)))
+        h = F.hardtanh(h + self.c3(r), -1.0, 2.0)
+        h = torch.cat([h, torch.abs(F.avg_pool2d(h, 1) - 0.5)], dim=1)
+        return self.head(h.flatten(1))
+
+
+# ------------------------------------------------------------------------------------------ sampling oracle
+def _pieces_along(model, t, point, site=None, base=None):
+    """Pieces of every unit at every site (execution order) at path points ``point(t)``."""
+    m = prepare_model(model, torch.float64, "cpu")
+    x = point(t)
+    out: dict = {}
+
+    def handler(s, z):
+        if s.name == site:
+            return x
+        out[s.name] = s.activation.pieces(z).reshape(len(t), -1)
+    inp = x if site is None else index_inputs(base, torch.zeros(len(t), dtype=torch.long))
+    run(m, lambda: m(inp), handler)
+    return out
+
+
+def dense_count(model, point, site=None, base=None, n0=2048, n_max=2 ** 17) -> dict:
+    """Crossings per site from dense float64 samples, doubling the grid until every count is stable."""
+    prev, n = None, n0
+    while n <= n_max:
+        t = torch.linspace(0, 1, n + 1, dtype=torch.float64)
+        counts = {}
+        for name, p in _pieces_along(model, t, point, site, base).items():
+            d = p[1:] != p[:-1]
+            counts[name] = int(d.sum())
+        if prev == counts:
+            return counts
+        prev, n = counts, n * 4
+    raise AssertionError("sampling did not stabilise")
+
+
+# ----------------------------------------------------------------------------------------- vs Regioncam1D
+@pytest.mark.parametrize("slope", [None, 0.1])
+@pytest.mark.parametrize("residual", [False, True])
+def test_counts_equal_regioncam_on_random_mlps(slope, residual):
+    """Counts equal Regioncam1D's on ReLU and LeakyReLU MLPs, with and without residual blocks (float32-safe)."""
+    mlp = MLP(12, 24, 3, slope=slope, residual=residual, seed=3)
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(16, 12, generator=g), torch.randn(16, 12, generator=g)
+    res = path_crossings(mlp, a, b)
+    assert res.exact and res.method == "exact" and res.dtype == "float64"
+    # Regioncam is float32: compare on paths where float32 is unambiguous (no tie, breakpoints >= 1e-6 apart in t)
+    clear = [i for i, p in enumerate(res.paths) if p.ties == 0 and np.diff(p.t).min() > 1e-6]
+    assert len(clear) >= 12
+    rc = [mlp.regioncam_count(a[i], b[i]) for i in clear]
+    assert res.counts[clear].tolist() == rc
+
+
+def test_affine_and_graph_evaluators_agree():
+    """The two evaluators (Jacobian blocks, forward passes) give identical records."""
+    mlp = MLP(6, 16, 2, residual=True, seed=1)
+    a, b = torch.randn(5, 6), torch.randn(5, 6)
+    r1 = path_crossings(mlp, a, b, evaluator="affine")
+    r2 = path_crossings(mlp, a, b, evaluator="graph")
+    assert "affine" in r1.notes[0] and "graph" in r2.notes[0]
+    for p, q in zip(r1.paths, r2.paths):
+        assert p.per_layer == q.per_layer
+        np.testing.assert_allclose(p.records["t"], q.records["t"], atol=1e-12)
+        assert (p.records["unit"] == q.records["unit"]).all() and (p.records["piece"] == q.records["piece"]).all()
+
+
+# -------------------------------------------------------------------------------------------- vs sampling
+@pytest.mark.parametrize("evaluator", ["affine", "graph"])
+def test_cnn_counts_equal_dense_sampling(evaluator):
+    """BatchNorm (eval), ReLU6, MaxPool, residual add, Hardtanh, abs, concat, avg pool: exact = dense sampling."""
+    cnn = SmallCNN(seed=2)
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(3, 1, 6, 6, generator=g), torch.randn(3, 1, 6, 6, generator=g)
+    res = path_crossings(cnn, a, b, evaluator=evaluator)
+    assert res.exact
+    assert set(res.sites) == {"relu6", "max_pool2d", "relu", "hardtanh", "abs"}
+    assert sum(p.ties for p in res.paths) > 0  # max pooling over clamped ReLU6 outputs ties with their crossings
+    for i, p in enumerate(res.paths):
+        want = dense_count(cnn, lambda t, i=i: a[i:i + 1].double() + t.reshape(-1, 1, 1, 1) * (b[i] - a[i]).double())
+        assert p.per_layer == want
+
+
+def test_paths_at_a_layer_and_rays_equal_sampling():
+    """Segments between activations at a named site, and scaling rays there, match dense sampling."""
+    mlp = MLP(5, 12, 3, residual=True, seed=4)
+    x = torch.randn(3, 5)
+    names = [s.name for s in __import__("polytope_lens").list_sites(mlp, lambda: mlp(x[:1]))]
+    site = names[1]
+    a = torch.relu(torch.randn(3, 12))
+    b = torch.relu(torch.randn(3, 12))
+    res = path_crossings(mlp, a, b, layer=site, inputs=x)
+    assert res.layer == site and site not in res.sites and names[0] not in res.sites
+    for i, p in enumerate(res.paths):
+        want = dense_count(mlp, lambda t, i=i: a[i].double() + t[:, None] * (b[i] - a[i]).double(), site=site,
+                           base=x[i:i + 1].double())
+        want = {k: v for k, v in want.items() if k in res.sites}
+        assert p.per_layer == want
+    rays = ray_crossings(mlp, x, layer=site, alphas=(0.0, 3.0))
+    act = {}
+    run(mlp, lambda: mlp(x), lambda s, z: act.setdefault(s.name, torch.relu(z)))
+    for i, p in enumerate(rays.paths):
+        ai = act[site][i].double()
+        want = dense_count(mlp, lambda t, ai=ai: (3.0 * t)[:, None] * ai, site=site, base=x[i:i + 1].double())
+        assert p.per_layer == {k: v for k, v in want.items() if k in rays.sites}
+        assert p.alphas == (0.0, 3.0) and p.alpha(0.5) == 1.5
+        assert p.density == pytest.approx(p.crossings / (3.0 * float(ai.norm())))
+
+
+def test_polyline_is_the_sum_of_its_segments():
+    """A polyline's crossings are those of its pieces, and density uses its total length."""
+    mlp = MLP(4, 16, 2, seed=6)
+    pts = torch.randn(2, 3, 4)
+    res = polyline_crossings(mlp, pts)
+    s1 = path_crossings(mlp, pts[:, 0], pts[:, 1])
+    s2 = path_crossings(mlp, pts[:, 1], pts[:, 2])
+    assert res.counts.tolist() == (s1.counts + s2.counts).tolist()
+    length = (pts[:, 1:] - pts[:, :-1]).norm(dim=2).sum(1)
+    assert res.paths[0].length == pytest.approx(float(length[0]))
+
+
+# ------------------------------------------------------------------------------------------------- ties
+def test_hand_computed_tie():
+    """Two units with the same kink position on the path make one tied breakpoint and two crossings."""
+    lin = nn.Linear(1, 3)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0], [2.0], [-1.0]]))
+        lin.bias.copy_(torch.tensor([-0.5, -1.0, 0.25]))
+    model = nn.Sequential(lin, nn.ReLU())
+    res = path_crossings(model, torch.zeros(1, 1), torch.ones(1, 1))
+    p = res.paths[0]
+    assert p.crossings == 3 and p.ties == 1
+    np.testing.assert_allclose(p.t, [0.0, 0.25, 0.5, 1.0])
+    assert sorted(p.records["unit"][p.records["t"] == 0.5].tolist()) == [0, 1]
+    assert p.records["piece"].tolist() == [0, 1, 1]  # unit 2 turns off at 0.25; units 0, 1 turn on at 0.5
+
+
+def test_unit_on_its_kink_at_an_endpoint_is_a_tie():
+    """A unit exactly at its kink at t=0 that then rises is one crossing at t=0, reported as a tie."""
+    model = nn.Sequential(nn.Linear(1, 1), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.fill_(0.0)
+    p = path_crossings(model, torch.zeros(1, 1), torch.ones(1, 1)).paths[0]
+    assert p.crossings == 1 and p.ties == 1 and p.records["t"].tolist() == [0.0]
+    np.testing.assert_allclose(p.t, [0.0, 1.0])
+
+
+# ------------------------------------------------------------------------------------- methods and trace
+def test_smooth_and_layernorm_models_are_refused_in_exact_and_sampled_in_auto():
+    """GELU and LayerNorm are not piecewise linear: exact raises, auto samples and says so."""
+    gelu = nn.Sequential(nn.Linear(3, 8), nn.GELU(), nn.Linear(8, 2))
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    with pytest.raises(NotPiecewiseLinearError, match="smooth activation"):
+        path_crossings(gelu, a, b, method="exact")
+    r = path_crossings(gelu, a, b, n_samples=256)
+    assert not r.exact and r.method == "sampled" and "smooth" in r.notes[0]
+    ln = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(NotPiecewiseLinearError, match="not piecewise-linear"):
+        path_crossings(ln, a, b, method="exact")
+    assert path_crossings(ln, a, b, n_samples=256).method == "sampled"
+
+
+def test_sampled_mode_matches_exact_on_a_relu_net():
+    """On a piecewise-linear net, sampling finely finds the exact crossings (within its tolerance)."""
+    mlp = MLP(4, 10, 2, seed=8)
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    ex = path_crossings(mlp, a, b)
+    sm = path_crossings(mlp, a, b, method="sampled", n_samples=4096, tol=1e-11)
+    assert sm.tolerance == {"tol": 1e-11, "n_samples": 4096}
+    assert sm.counts.tolist() == ex.counts.tolist()
+    np.testing.assert_allclose(sm.paths[0].records["t"], ex.paths[0].records["t"], atol=1e-10)
+
+
+def test_trace_and_json():
+    """The trace has one row per region, class changes at breakpoints, and results serialise to JSON."""
+    mlp = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    a, b = torch.randn(3, 2) * 3, torch.randn(3, 2) * 3
+    res = path_crossings(mlp, a, b)
+    for p in res.paths:
+        assert len(p.trace.top_class) == p.n_regions and len(p.trace.js) == p.n_regions - 1
+        assert set(p.trace.class_changes.tolist()) <= set(p.t.tolist())
+        mids = torch.tensor(0.5 * (p.t[:-1] + p.t[1:]))
+        want = mlp((a[p.index] + mids[:, None].float() * (b[p.index] - a[p.index]))).argmax(1)
+        assert (want.numpy() == p.trace.top_class).mean() > 0.95
+    json.dumps(res.to_dict(records=True))
+
+
+def test_layers_filter_and_chunking():
+    """layers= filters the report; a tiny memory budget chunks the batch and changes nothing."""
+    mlp = MLP(6, 16, 2, seed=9)
+    a, b = torch.randn(40, 6), torch.randn(40, 6)
+    full = path_crossings(mlp, a, b)
+    tiny = path_crossings(mlp, a, b, memory_budget=1 << 20, layers="relu#2")
+    assert tiny.sites == ("relu#2",)
+    assert [p.per_layer["relu#2"] for p in tiny.paths] == [p.per_layer["relu#2"] for p in full.paths]
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_bad_inputs_raise_clear_errors():
+    """Each bad input raises one clear sentence."""
+    mlp = MLP(3, 8, 1)
+    a = torch.randn(2, 3)
+    with pytest.raises(InvalidInputError, match="equal start and end"):
+        path_crossings(mlp, a, a.clone())
+    with pytest.raises(InvalidInputError, match="NaN"):
+        path_crossings(mlp, a, torch.full((2, 3), float("nan")))
+    with pytest.raises(InvalidInputError, match="same shape"):
+        path_crossings(mlp, a, torch.randn(3, 3))
+    with pytest.raises(InvalidInputError, match="matches none"):
+        ray_crossings(mlp, a, layer="nope.*")
+    with pytest.raises(InvalidInputError, match="alpha0 < alpha1"):
+        ray_crossings(mlp, a, layer="relu", alphas=(2.0, 1.0))
+    with pytest.raises(InvalidInputError, match="'method'"):
+        path_crossings(mlp, a, -a, method="fast")
+    with pytest.raises(InvalidInputError, match="needs 'inputs'"):
+        path_crossings(mlp, torch.randn(2, 8), torch.randn(2, 8), layer="relu")
+    with pytest.raises(InvalidInputError, match="output shape"):
+        path_crossings(mlp, torch.randn(2, 5), torch.randn(2, 5), layer="relu", inputs=a)
+    with pytest.raises(InvalidInputError, match="repeats point"):
+        polyline_crossings(mlp, torch.stack([a, a, -a], dim=1))
