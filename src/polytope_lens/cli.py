@@ -178,6 +178,187 @@ def codes_cmd(
         json_out.write_text(json.dumps(summary, indent=2, default=str))
 
 
+def _item(bundle, ref: str, what: str):
+    """Model input(s) for ``DATA_SPEC@KEY`` (KEY: row index or label name, e.g. skimage@chelsea) or a .npy file."""
+    import numpy as np
+    import torch
+
+    from .data import load_data
+
+    if "@" in ref:
+        spec, key = ref.rsplit("@", 1)
+        source = load_data(spec)
+        names = list(source.label_names or [])
+        if key.isdigit():
+            row = int(key)
+        elif source.labels is not None and key in names:
+            row = int(np.flatnonzero(np.asarray(source.labels) == names.index(key))[0])
+        else:
+            raise InvalidInputError(f"{what} {ref!r}: {key!r} is neither a row index nor one of the labels "
+                                    f"({', '.join(names[:12]) or 'none'}).")
+        if not 0 <= row < len(source):
+            raise InvalidInputError(f"{what} {ref!r}: row {row} is out of range (the data has {len(source)} items).")
+        inputs = bundle.encode(source, [row])
+    else:
+        path = Path(ref)
+        if path.suffix != ".npy" or not path.is_file():
+            raise InvalidInputError(f"{what} {ref!r} must be DATA_SPEC@INDEX (e.g. skimage@chelsea, digits@0) or an "
+                                    "existing .npy file.")
+        from .data import DataSource
+
+        arr = np.load(path)
+        arr = arr if bundle.input_shape is None or arr.shape != tuple(bundle.input_shape) else arr[None]
+        inputs = bundle.encode(DataSource(str(path), "array", arr.astype(np.float32), None, None, {}))
+    if bundle.modality == "text":
+        raise InvalidInputError(f"Paths between text inputs are not defined (token sequences differ); use the "
+                                f"Python API with layer= on {bundle.spec!r}.")
+    return next(iter(inputs.tensors.values())).to(torch.float64)
+
+
+def _pairs(bundle, path: Path):
+    import numpy as np
+    import torch
+
+    if not path.is_file():
+        raise InvalidInputError(f"The pairs file {str(path)!r} does not exist.")
+    with np.load(path) as z:
+        if "start" not in z or "end" not in z:
+            raise InvalidInputError(f"The pairs file {str(path)!r} must hold arrays 'start' and 'end'; it has "
+                                    f"{', '.join(z.files)}.")
+        return torch.from_numpy(z["start"]).double(), torch.from_numpy(z["end"]).double()
+
+
+def _dtype(name: str):
+    import torch
+
+    if name not in ("float64", "float32"):
+        raise InvalidInputError(f"--dtype must be float64 or float32. Got {name!r}.")
+    return getattr(torch, name)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InvalidInputError(f"The JSON output folder {str(parent)!r} does not exist.")
+    tmp = parent / f".{path.name}.tmp"
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _check_json_target(path: Path) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InvalidInputError(f"The JSON output folder {str(parent)!r} does not exist or is not writable.")
+
+
+def _print_paths(result, what: str) -> None:
+    kind = "exact" if result.exact else f"approximate ({result.method}, counts are lower bounds)"
+    table = Table(title=f"{what}: {kind} crossings, {result.dtype}", title_justify="left")
+    for col in ("path", "crossings", "regions", "density", "ties", "class changes"):
+        table.add_column(col)
+    for p in result.paths[:20]:
+        changes = "" if p.trace is None else str(len(p.trace.class_changes))
+        table.add_row(str(p.index), str(p.crossings), str(p.n_regions), f"{p.density:.4g}", str(p.ties), changes)
+    out.print(table)
+    if len(result.paths) > 20:
+        out.print(f"... {len(result.paths) - 20} more paths in the JSON output")
+
+
+Method = Annotated[str, typer.Option(help="auto | exact | sampled. auto: exact when every site is piecewise "
+                                          "linear and the model is affine between sites, else sampled.")]
+Dtype = Annotated[str, typer.Option(help="float64 (default, exact counts) or float32.")]
+Device = Annotated[str, typer.Option(help="cpu or cuda.")]
+Budget = Annotated[int, typer.Option(help="Memory budget in MiB; larger batches are chunked to fit.")]
+
+
+@app.command("path")
+@_user_errors
+def path_cmd(
+    model: Annotated[str, typer.Option(help="Model spec (see 'polytope-lens models').")],
+    json_out: Annotated[Path, typer.Option("--json", help="Write the result (one entry per path) here.")],
+    from_ref: Annotated[Optional[str], typer.Option("--from", help="Start: DATA_SPEC@INDEX or @LABEL "
+                                                                   "(skimage@chelsea, digits@0) or an .npy file.")] = None,
+    to_ref: Annotated[Optional[str], typer.Option("--to", help="End, same forms as --from.")] = None,
+    pairs: Annotated[Optional[Path], typer.Option(help=".npz with arrays 'start' and 'end' (P, *input_shape): "
+                                                       "one path per pair.")] = None,
+    layer: Annotated[Optional[str], typer.Option(help="Site whose activation space the path is drawn in (between "
+                                                      "the two inputs' activations; the --from input feeds the "
+                                                      "other branches).")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Globs of the sites whose crossings are reported.")] = None,
+    method: Method = "auto", dtype: Dtype = "float64", device: Device = "cpu", memory_mib: Budget = 1024,
+    records: Annotated[bool, typer.Option(help="Include every crossing (t, site, unit, piece) in the JSON.")] = False,
+    trace: Annotated[bool, typer.Option(help="Semantic trace: the output in every region (one model evaluation "
+                                             "per region; turn off for paths with very many regions).")] = True,
+):
+    """Boundary crossings along straight paths between inputs (or between their activations at --layer)."""
+    from .models import load_model
+    from .paths import path_crossings, site_activations
+
+    _check_json_target(json_out)
+    if (pairs is None) == (from_ref is None or to_ref is None):
+        raise InvalidInputError("Give either --from and --to, or --pairs FILE.npz.")
+    bundle = load_model(model)
+    if pairs is not None:
+        start, end = _pairs(bundle, pairs)
+    else:
+        start, end = _item(bundle, from_ref, "--from"), _item(bundle, to_ref, "--to")
+    kw = dict(method=method, dtype=_dtype(dtype), device=device, layers=layers, memory_budget=memory_mib << 20,
+              trace=trace)
+    with err.status(f"crossings along {len(start)} path(s) of {bundle.spec}"):
+        if layer is None:
+            result = path_crossings(bundle.module, start, end, **kw)
+        else:
+            base = start
+            a = site_activations(bundle.module, _cat(start, end), layer=layer, dtype=kw["dtype"], device=device)
+            n = len(start)
+            result = path_crossings(bundle.module, a[:n], a[n:], layer=layer, inputs=base, **kw)
+    _print_paths(result, f"{bundle.spec} path")
+    _write_json(json_out, {"model": bundle.spec, "from": from_ref, "to": to_ref,
+                           "pairs": None if pairs is None else str(pairs), **result.to_dict(records=records)})
+
+
+def _cat(a, b):
+    import torch
+
+    return torch.cat([a, b])
+
+
+def _alphas(text: str) -> tuple[float, float]:
+    try:
+        a0, a1 = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise InvalidInputError(f"--alphas must be A0:A1, e.g. 0:4. Got {text!r}.") from None
+    return a0, a1
+
+
+@app.command("scale")
+@_user_errors
+def scale_cmd(
+    model: Annotated[str, typer.Option(help="Model spec.")],
+    input_ref: Annotated[str, typer.Option("--input", help="DATA_SPEC@INDEX or @LABEL, or an .npy file.")],
+    layer: Annotated[str, typer.Option(help="Site whose activation a is scaled: the ray is alpha * a.")],
+    json_out: Annotated[Path, typer.Option("--json", help="Write the result here.")],
+    alphas: Annotated[str, typer.Option(help="Scaling range A0:A1.")] = "0:4",
+    layers: Annotated[Optional[str], typer.Option(help="Globs of the sites whose crossings are reported.")] = None,
+    method: Method = "auto", dtype: Dtype = "float64", device: Device = "cpu", memory_mib: Budget = 1024,
+    records: Annotated[bool, typer.Option(help="Include every crossing in the JSON.")] = False,
+    trace: Annotated[bool, typer.Option(help="Semantic trace: the output in every region.")] = True,
+):
+    """Boundary crossings and the prediction along a scaling ray alpha * a of one site's activation."""
+    from .models import load_model
+    from .paths import ray_crossings
+
+    _check_json_target(json_out)
+    bundle = load_model(model)
+    x = _item(bundle, input_ref, "--input")
+    with err.status(f"crossings along the scaling ray of {layer}"):
+        result = ray_crossings(bundle.module, x, layer=layer, alphas=_alphas(alphas), method=method,
+                               dtype=_dtype(dtype), device=device, layers=layers, memory_budget=memory_mib << 20,
+                               trace=trace)
+    _print_paths(result, f"{bundle.spec} scaling ray at {result.layer}")
+    _write_json(json_out, {"model": bundle.spec, "input": input_ref, **result.to_dict(records=records)})
+
+
 def _print_summary(summary: dict) -> None:
     kind = "exact polytope codes" if summary["exact"] else "threshold codes of smooth activations (approximate)"
     out.print(f"[bold]{summary['rows']}[/bold] rows of {kind} from [bold]{summary['model']}[/bold] on "

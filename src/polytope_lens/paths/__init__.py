@@ -35,8 +35,8 @@ from .results import PathBatchResult, PathResult, Trace, trace_from_outputs
 from .runner import Runner, default_forward, index_inputs, prepare_model
 from .sampled import sampled_chunk
 
-__all__ = ["path_crossings", "polyline_crossings", "ray_crossings", "PathResult", "PathBatchResult", "Trace",
-           "PathSpec"]
+__all__ = ["path_crossings", "polyline_crossings", "ray_crossings", "site_activations", "PathResult",
+           "PathBatchResult", "Trace", "PathSpec"]
 
 METHODS = ("auto", "exact", "sampled")
 EVALUATORS = ("auto", "affine", "graph")
@@ -391,3 +391,18 @@ ray_crossings.__doc__ = """Crossings along scaling rays at site ``layer``: ``alp
     direction : Tensor (*site_shape) or (P, *site_shape), optional
         ``d`` for rays ``a + alpha * d``.
 """ + _COMMON_DOC
+
+
+def site_activations(model: nn.Module, inputs, *, layer: str, dtype: torch.dtype = torch.float64, device="cpu",
+                     forward: Callable | None = None, **capture_kwargs) -> torch.Tensor:
+    """Output of the one site matching ``layer`` for each example of ``inputs``: (P, *site_output_shape).
+
+    These are the points a path at ``layer`` runs between (``path_crossings(..., layer=layer, inputs=...)``).
+    """
+    owner = "site_activations"
+    tensors = getattr(inputs, "tensors", inputs)
+    prep = _Prepared(model, forward, dtype, device)
+    n = tensors.shape[0] if isinstance(tensors, torch.Tensor) else next(iter(tensors.values())).shape[0]
+    base = prep.cast(_check_base(tensors, n, owner))
+    site = prep.resolve_site(base, layer, owner, capture_kwargs)
+    return prep.site_output(base, site, n, capture_kwargs)

@@ -1,0 +1,97 @@
+"""CLI path and scale commands: wiring against the Python API, JSON shape, and one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from polytope_lens.cli import app
+from polytope_lens.models import load_model
+from polytope_lens.paths import path_crossings
+
+runner = CliRunner()
+MODEL = "toy:6-16-16-3:seed=2"
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    rng = np.random.default_rng(0)
+    p = tmp_path / "pairs.npz"
+    np.savez(p, start=rng.normal(size=(5, 6)), end=rng.normal(size=(5, 6)))
+    return p
+
+
+def test_pairs_json_matches_api(tmp_path, pairs):
+    """--pairs gives one entry per pair with counts equal to path_crossings on the same model."""
+    r = runner.invoke(app, ["path", "--model", MODEL, "--pairs", str(pairs), "--json", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "p.json").read_text())
+    assert d["exact"] is True and d["dtype"] == "float64" and len(d["paths"]) == 5
+    z = np.load(pairs)
+    ref = path_crossings(load_model(MODEL).module, torch.from_numpy(z["start"]), torch.from_numpy(z["end"]))
+    assert [p["crossings"] for p in d["paths"]] == [p.crossings for p in ref.paths]
+    assert all(set(p) >= {"crossings", "per_layer", "density", "trace"} for p in d["paths"])
+
+
+def test_from_to_and_scale(tmp_path):
+    x = np.random.default_rng(1).normal(size=(2, 6)).astype(np.float32)
+    np.save(tmp_path / "a.npy", x[0])
+    np.save(tmp_path / "b.npy", x[1])
+    r = runner.invoke(app, ["path", "--model", MODEL, "--from", str(tmp_path / "a.npy"), "--to",
+                            str(tmp_path / "b.npy"), "--json", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["scale", "--model", MODEL, "--input", str(tmp_path / "a.npy"), "--layer", "*relu",
+                            "--alphas", "0:3", "--json", str(tmp_path / "s.json")])
+    # '*relu' matches two sites: one line saying so
+    assert r.exit_code == 1 and "must name one site" in r.stderr
+    sites = [ln for ln in runner.invoke(app, ["sites", "--model", MODEL]).output.split() if ln.endswith(".relu")]
+    r = runner.invoke(app, ["scale", "--model", MODEL, "--input", str(tmp_path / "a.npy"), "--layer", sites[0],
+                            "--alphas", "0:3", "--json", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "s.json").read_text())
+    assert d["kind"] == "ray" and d["paths"][0]["alphas"] == [0.0, 3.0]
+
+
+def _npy(tmp_path, name, arr):
+    np.save(tmp_path / name, arr)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("case", ["equal endpoints", "NaN", "mismatched shapes", "unknown layer", "unsupported op",
+                                  "bad alphas", "neither endpoints nor pairs", "pairs without arrays"])
+def test_bad_inputs(case, tmp_path):
+    a = _npy(tmp_path, "a.npy", np.ones(6, np.float32))
+    out = str(tmp_path / "o.json")
+    args = {
+        "equal endpoints": ["path", "--model", MODEL, "--from", a, "--to", a, "--json", out],
+        "NaN": ["path", "--model", MODEL, "--from", a, "--to", _npy(tmp_path, "n.npy", np.full(6, np.nan)),
+                "--json", out],
+        "mismatched shapes": ["path", "--model", MODEL, "--from", a, "--to",
+                              _npy(tmp_path, "c.npy", np.ones(7, np.float32)), "--json", out],
+        "unknown layer": ["scale", "--model", MODEL, "--input", a, "--layer", "blocks.9", "--json", out],
+        "unsupported op": ["path", "--model", f"file:{_elu(tmp_path)}", "--from", a, "--to",
+                           _npy(tmp_path, "d.npy", np.zeros(6, np.float32)), "--json", out],
+        "bad alphas": ["scale", "--model", MODEL, "--input", a, "--layer", "*", "--alphas", "two", "--json", out],
+        "neither endpoints nor pairs": ["path", "--model", MODEL, "--json", out],
+        "pairs without arrays": ["path", "--model", MODEL, "--pairs", _npz(tmp_path), "--json", out],
+    }[case]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert not (tmp_path / "o.json").exists()
+
+
+def _elu(tmp_path):
+    p = tmp_path / "elu.pt"
+    torch.save(nn.Sequential(nn.Linear(6, 4), nn.ELU(), nn.Linear(4, 2)), p)
+    return p
+
+
+def _npz(tmp_path):
+    p = tmp_path / "bad.npz"
+    np.savez(p, a=np.zeros(3))
+    return str(p)
