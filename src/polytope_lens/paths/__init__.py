@@ -133,6 +133,14 @@ def _analyse(prep: _Prepared, spec: PathSpec, *, owner, layers, method, tie_tol,
                                 "has no boundaries to count.")
     reported = [s.name for s in select_sites(runner.processed, layers)] if layers is not None else runner.names
     notes = []
+    if layers is not None:
+        # crossings of the reported sites depend only on the sites up to the last of them: stop there
+        last = max(runner.names.index(n) for n in reported)
+        if last + 1 < len(runner.names):
+            runner.processed, runner.names = runner.processed[:last + 1], runner.names[:last + 1]
+            notes.append(f"sites after {runner.names[-1]} were not processed (not needed for the reported ones)"
+                         + ("; the trace's regions are those of the processed sites, so class changes are placed "
+                            "at their breakpoints" if trace else ""))
     smooth = [s.name for s in runner.processed if not s.activation.exact]
     bad, out_affine = runner.affinity_probe(want_output=trace)
     if method == "exact":
@@ -237,7 +245,8 @@ def _collect(results, out, gp, spec: PathSpec, runner: Runner, reported, exact: 
 _COMMON_DOC = """
     layers : str or list of str, optional
         Globs over site names (or TransformerLens aliases) whose crossings are reported; None = every site after the
-        path's start. All sites are always used to find the breakpoints.
+        path's start. Every site up to the last reported one is used to find the breakpoints; later sites are
+        skipped (their kinks cannot move the reported crossings).
     method : {"auto", "exact", "sampled"}
         ``exact`` raises ``NotPiecewiseLinearError`` on smooth activations or on models that are not affine between
         their sites (LayerNorm, softmax); ``auto`` then uses ``sampled``; the result says which ran.
