@@ -67,12 +67,17 @@ def _progress(total: int, what: str) -> Progress:
                     console=err, transient=True, disable=not err.is_terminal and "PYTEST_CURRENT_TEST" in os.environ)
 
 
-def _position(text: str) -> tuple[float, float]:
+def _two_floats(text: str, sep: str, option: str, form: str) -> tuple[float, float]:
+    """Parse 'A<sep>B' into two floats; a one-line error naming the option otherwise."""
     try:
-        r, c = (float(v) for v in text.split(","))
+        a, b = (float(v) for v in text.split(sep))
     except ValueError:
-        raise InvalidInputError(f"--position must be two fractions 'ROW,COL' such as 0.5,0.5. Got {text!r}.") from None
-    return r, c
+        raise InvalidInputError(f"{option} must be {form}. Got {text!r}.") from None
+    return a, b
+
+
+def _position(text: str) -> tuple[float, float]:
+    return _two_floats(text, ",", "--position", "two fractions 'ROW,COL' such as 0.5,0.5")
 
 
 @app.command("models")
@@ -324,11 +329,7 @@ def _cat(a, b):
 
 
 def _alphas(text: str) -> tuple[float, float]:
-    try:
-        a0, a1 = (float(v) for v in text.split(":"))
-    except ValueError:
-        raise InvalidInputError(f"--alphas must be A0:A1, e.g. 0:4. Got {text!r}.") from None
-    return a0, a1
+    return _two_floats(text, ":", "--alphas", "A0:A1, e.g. 0:4")
 
 
 @app.command("scale")
