@@ -360,6 +360,132 @@ def scale_cmd(
     _write_json(json_out, {"model": bundle.spec, "input": input_ref, **result.to_dict(records=records)})
 
 
+def _box(text: str) -> tuple[float, float, float, float]:
+    try:
+        x0, x1, y0, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise InvalidInputError(f"--box must be four numbers XMIN,XMAX,YMIN,YMAX such as -1,1,-1,1. Got {text!r}.") \
+            from None
+    return x0, x1, y0, y1
+
+
+def _three_points(bundle, points: Path | None, through: str | None):
+    import numpy as np
+    import torch
+
+    if points is not None:
+        if not points.is_file():
+            raise InvalidInputError(f"The points file {str(points)!r} does not exist.")
+        arr = np.load(points)
+        if arr.ndim < 2 or arr.shape[0] != 3:
+            raise InvalidInputError(f"--points must hold three points, an array of shape (3, *input_shape). Got "
+                                    f"{arr.shape}.")
+        return torch.from_numpy(arr).double()
+    refs = [r for r in through.split(",") if r]
+    if len(refs) != 3:
+        raise InvalidInputError(f"--through must name three inputs separated by commas. Got {through!r}.")
+    return torch.cat([_item(bundle, r, "--through") for r in refs])
+
+
+@app.command("slice")
+@_user_errors
+def slice_cmd(
+    model: Annotated[str, typer.Option(help="Model spec.")],
+    json_out: Annotated[Path, typer.Option("--json", help="Write num_regions, exact, dtype and every region's area "
+                                                          "and code here.")],
+    box: Annotated[Optional[str], typer.Option(help="XMIN,XMAX,YMIN,YMAX: the input box of a 2-input model.")] = None,
+    points: Annotated[Optional[Path], typer.Option(help=".npy of shape (3, *input_shape): the plane through "
+                                                        "three points.")] = None,
+    through: Annotated[Optional[str], typer.Option(help="Three inputs A,B,C as DATA_SPEC@ROW or @LABEL (e.g. "
+                                                        "skimage@chelsea,skimage@coffee,skimage@rocket).")] = None,
+    layer: Annotated[Optional[str], typer.Option(help="Slice the activation space of this site (the three points "
+                                                      "are then the inputs' activations there).")] = None,
+    until: Annotated[Optional[str], typer.Option(help="Last site that cuts (regions of the network truncated "
+                                                      "there).")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="Write a picture (PNG).")] = None,
+    svg: Annotated[Optional[Path], typer.Option(help="Write a picture (SVG).")] = None,
+    color_by: Annotated[str, typer.Option(help="code | slope | class.")] = "code",
+    memory_mib: Budget = 1024,
+):
+    """Exact 2-D slice: the linear regions of a piecewise-linear model on a box or a plane through three points."""
+    import torch
+
+    from .models import load_model
+    from .paths import site_activations
+    from .slices import Plane, slice_plane
+
+    for target in (json_out, png, svg):
+        if target is not None:
+            _check_json_target(target)
+    if color_by not in ("code", "slope", "class"):
+        raise InvalidInputError(f"--color-by must be code, slope or class. Got {color_by!r}.")
+    if sum(v is not None for v in (box, points, through)) != 1:
+        raise InvalidInputError("Give exactly one of --box, --points or --through.")
+    bundle = load_model(model)
+    kw = dict(until=until, memory_budget=memory_mib << 20)
+    if box is not None:
+        x0, x1, y0, y1 = _box(box)
+        plane = Plane.box(x0, x1, ylo=y0, yhi=y1)
+        if layer is not None:
+            raise InvalidInputError("--layer goes with --points or --through (a plane through three inputs).")
+    else:
+        pts = _three_points(bundle, points, through)
+        if layer is not None:
+            kw.update(layer=layer, inputs=pts[:1])
+            pts = site_activations(bundle.module, pts, layer=layer)
+        plane = Plane.through(pts[0], pts[1], pts[2])
+    with err.status(f"slicing {bundle.spec}"):
+        result = slice_plane(bundle.module, plane, **kw)
+    kind = "exact" if result.exact else "approximate"
+    out.print(f"[bold]{result.num_regions}[/bold] regions ({kind}, {result.dtype}) on a {result.plane.kind} of "
+              f"area {result.plane.area:.4g}; {result.seconds:.2f} s")
+    for note in result.notes:
+        out.print(f"note: {note}")
+    for path, fmt in ((png, "png"), (svg, "svg")):
+        if path is not None:
+            result._save(path, fmt, color_by=color_by)
+    _write_json(json_out, {"model": bundle.spec, **result.to_dict()})
+
+
+@app.command("complexity")
+@_user_errors
+def complexity_cmd(
+    model: Annotated[str, typer.Option(help="Model spec.")],
+    data: Annotated[str, typer.Option(help="Data spec: the points where local complexity is measured.")],
+    json_out: Annotated[Path, typer.Option("--json", help="Write per-point and per-site counts here.")],
+    limit: Annotated[int, typer.Option(help="Number of points (first N items of the data).")] = 64,
+    radius: Annotated[float, typer.Option(help="Radius r of the cross-polytope (input units).")] = 0.005,
+    n_dirs: Annotated[int, typer.Option(help="P: 2P vertices per point, in a random P-dim subspace.")] = 20,
+    layers: Annotated[Optional[str], typer.Option(help="Globs of the sites counted (default: all).")] = None,
+    exact: Annotated[bool, typer.Option(help="Also count the exact regions in a square of side r in a random plane "
+                                             "through each point.")] = False,
+):
+    """Local complexity (Humayun et al.): units whose piece changes near each point, per site."""
+    from .data import load_data
+    from .models import load_model
+    from .slices import exact_local_complexity, local_complexity
+
+    _check_json_target(json_out)
+    bundle = load_model(model)
+    source = load_data(data, limit=limit)
+    if bundle.modality == "text":
+        raise InvalidInputError("Local complexity needs image or vector inputs; text models are not supported.")
+    x = next(iter(bundle.encode(source).tensors.values())).double()
+    with err.status(f"local complexity of {bundle.spec} at {len(x)} points"):
+        lc = local_complexity(bundle.module, x, radius=radius, n_dirs=n_dirs, layers=layers)
+        payload = {"model": bundle.spec, "data": source.spec, "approximate": lc.to_dict()}
+        if exact:
+            payload["exact"] = exact_local_complexity(bundle.module, x, radius=radius).to_dict()
+    table = Table(title=f"local complexity of {bundle.spec} on {source.spec} (approximate: {2 * n_dirs} vertices, "
+                        f"r={radius})", title_justify="left")
+    table.add_column("site", overflow="fold")
+    table.add_column("mean units changing")
+    for site, v in lc.per_site.items():
+        table.add_row(site, f"{float(v.mean()):.2f}")
+    out.print(table)
+    _write_json(json_out, payload)
+
+
 def _print_summary(summary: dict) -> None:
     kind = "exact polytope codes" if summary["exact"] else "threshold codes of smooth activations (approximate)"
     out.print(f"[bold]{summary['rows']}[/bold] rows of {kind} from [bold]{summary['model']}[/bold] on "

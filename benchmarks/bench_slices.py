@@ -1,0 +1,69 @@
+"""Exact 2-D slices: regions/s against Regioncam (same weights, same run), and a slice of EfficientNet-Lite0.
+
+Run: python benchmarks/bench_slices.py [--skip-effnet]. Prints a markdown table.
+"""
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def mlp(width, depth, seed):
+    g = torch.Generator().manual_seed(seed)
+    layers, d = [], 2
+    for _ in range(depth):
+        lin = nn.Linear(d, width)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(width, d, generator=g) * np.sqrt(2 / d))
+            lin.bias.copy_(torch.randn(width, generator=g) * 0.5)  # N(0, 0.25)
+        layers += [lin, nn.ReLU()]
+        d = width
+    return nn.Sequential(*layers)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-effnet", action="store_true")
+    args = ap.parse_args()
+    import regioncam
+    from polytope_lens.slices import slice_box, slice_through
+    rows = []
+    for width in (128, 256):
+        m = mlp(width, 3, 0)
+        t = time.perf_counter()
+        rc = regioncam.Regioncam(size=1)
+        rc.add(m)
+        t_rc = time.perf_counter() - t
+        res = slice_box(m, outputs=False)
+        res_o = slice_box(m, outputs=True)
+        rows.append((f"2→3×{width}, box [-1,1]²", rc.num_faces, t_rc, res.num_regions, res.seconds, res_o.seconds))
+    print("| slice | Regioncam regions | Regioncam s | ours regions | ours s (partition) | ours s (+maps, DB) | "
+          "ratio regions/s (partition) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, n_rc, t_rc, n, t, t_o in rows:
+        print(f"| {name} | {n_rc} | {t_rc:.2f} | {n} | {t:.2f} | {t_o:.2f} | {(n / t) / (n_rc / t_rc):.2f}× |")
+    if not args.skip_effnet:
+        from polytope_lens.data import load_data
+        from polytope_lens.models import load_model
+        bundle = load_model("efficientnet-lite0")
+        data = load_data("skimage")
+        x = bundle.encode(data, [0, 1, 2])
+        x = next(iter(x.tensors.values())) if hasattr(x, "tensors") else x
+        model = bundle.module
+        from polytope_lens.capture import list_sites
+        sites = list_sites(model, lambda: model(x[:1]))
+        first = sites[0]
+        c, h, w = first.shape[1:]
+        units = [ch * h * w + (h // 2) * w + (w // 2) for ch in range(c)]
+        t = time.perf_counter()
+        res = slice_through(model, x[0], x[1], x[2], until=first.name, units=units, outputs=False)
+        el = time.perf_counter() - t
+        print(f"\n| EfficientNet-Lite0, plane through 3 photos, site {first.name} (channel vector at centre, {c} "
+              f"units) | {res.num_regions} regions | {el:.1f} s |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Exact 2-D slices of piecewise-linear models: linear regions, pictures, local complexity, neighbouring regions.
+
+``slice_box(model)`` partitions the box [-1, 1]^2 of a 2-input model; ``slice_through(model, p0, p1, p2)`` the plane
+through three points of any input space, or (``layer=``, ``inputs=``) of any site's output space; ``slice_plane`` takes
+a ``Plane``. Each returns a ``SliceResult`` (regions with vertices, area, code per site and output affine map; the
+decision boundary; ``to_dict``, ``plot``, ``save_png``, ``save_svg``). ``neighbours`` compares adjacent regions,
+``local_complexity``/``exact_local_complexity`` measure how many units change piece near points, and
+``render.opening_figure`` draws a toy classifier's polytopes per layer.
+
+Layout: ``geometry`` (planes, validation), ``_mesh`` (cells and the cutting primitive), ``partition`` (the site loop),
+``results``, ``render``, ``neighbours``, ``complexity``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import InvalidInputError
+from .complexity import LocalComplexity, exact_local_complexity, local_complexity
+from .geometry import Plane
+from .neighbours import Neighbours, neighbours
+from .results import SliceResult
+
+__all__ = ["Plane", "SliceResult", "slice_plane", "slice_box", "slice_through", "neighbours", "Neighbours",
+           "local_complexity", "exact_local_complexity", "LocalComplexity"]
+
+
+def _check(owner, dtype, tol, memory_budget):
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise InvalidInputError(f"The 'dtype' parameter of {owner} must be a floating torch dtype. Got {dtype!r}.")
+    if not (isinstance(tol, (int, float)) and 0 <= tol < 1e-3):
+        raise InvalidInputError(f"The 'tol' parameter of {owner} must be a number in [0, 1e-3). Got {tol!r}.")
+    if not isinstance(memory_budget, int) or memory_budget < (1 << 16):
+        raise InvalidInputError(f"The 'memory_budget' parameter of {owner} must be an int >= 64 KiB (bytes). "
+                                f"Got {memory_budget!r}.")
+
+
+def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inputs=None, until: str | None = None,
+                units=None, dtype: torch.dtype = torch.float64, device="cpu", tol: float = 1e-10,
+                memory_budget: int = 1 << 30, outputs: bool = True, single_thread: bool = True,
+                forward: Callable | None = None, **capture_kwargs) -> SliceResult:
+    """Exact partition of ``plane`` into the linear regions of ``model``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Piecewise linear between its captured sites (Linear, Conv, BatchNorm in eval, pooling, residual adds; ReLU,
+        LeakyReLU, ReLU6/Hardtanh, abs, MaxPool).
+    plane : Plane
+    layer : str, optional
+        Site whose output the plane replaces (then ``inputs``: one real example feeding every other branch).
+    until : str, optional
+        Glob naming the last site that cuts (the regions of the network truncated there; no output maps then).
+    units : sequence of int, optional
+        Flat unit indices of the last site that cut (e.g. the channel vector at one spatial position).
+    dtype, device, tol
+        float64 by default; ``tol`` is the snapping tolerance relative to each site's scale (see ``partition``).
+    memory_budget : int
+        Bytes; estimated before each site and checked as cells grow; over it raises ``InvalidInputError``.
+    outputs : bool
+        Fit the output's affine map per region and find the decision boundary.
+    single_thread : bool
+        On CPU run with one torch thread (many small ops; multi-threaded row gathers are far slower); restored after.
+
+    Returns
+    -------
+    SliceResult
+
+    Raises
+    ------
+    InvalidInputError, NotPiecewiseLinearError, UnsupportedActivationError
+
+    Examples
+    --------
+    >>> mlp = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3))
+    >>> res = slice_box(mlp)
+    >>> res.exact, float(res.area.sum())
+    (True, 4.0)
+    """
+    from .partition import build
+    owner = "slice_plane"
+    _check(owner, dtype, tol, memory_budget)
+    if not isinstance(plane, Plane):
+        raise InvalidInputError(f"The 'plane' parameter of {owner} must be a Plane. Got {type(plane).__name__}.")
+    if layer is not None:
+        if inputs is None:
+            raise InvalidInputError(f"{owner} with layer= needs 'inputs': one real model input (batch of 1) that "
+                                    "feeds every other branch.")
+        plane = plane.at(_resolve_site(model, inputs, layer, forward, capture_kwargs), inputs)
+    threads = torch.get_num_threads()
+    if single_thread and torch.device(device).type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        out = build(model, plane, until=until, units=units, dtype=dtype, device=device, tol=tol,
+                    memory_budget=memory_budget, forward=forward, capture_kwargs=capture_kwargs, owner=owner,
+                    want_output=outputs)
+    finally:
+        torch.set_num_threads(threads)
+    info = {}
+    for s in out["sites"]:
+        n = int(np.prod(out["z_shape"][s.name])) if not (out["units"] is not None and s is out["sites"][-1]) \
+            else len(out["units"])
+        if s.activation.__class__.__name__ == "WindowMax":
+            from .partition import _n_windows
+            n = _n_windows(s.activation, out["z_shape"][s.name])
+        info[s.name] = {"units": n, "activation": s.activation.describe()}
+    notes = []
+    if not out["full"]:
+        notes.append("partial: only sites up to " + out["sites"][-1].name + (" (selected units)" if
+                     out["units"] is not None else ""))
+    return SliceResult(
+        num_regions=int(len(out["deg"])), exact=True, dtype=str(dtype).replace("torch.", ""), tol=float(tol),
+        plane=out["plane"], sites=tuple(s.name for s in out["sites"]), site_info=info,
+        coords=out["coords"].cpu(), ring=out["ring"].cpu(), deg=out["deg"].cpu(), area=out["area"].cpu(),
+        codes=out["codes"].cpu().numpy(), site_bytes={n: (o, b) for n, o, b in out["site_bytes"]},
+        slope=None if out["slope"] is None else out["slope"].cpu(),
+        offset=None if out["offset"] is None else out["offset"].cpu(),
+        boundary=None if out["boundary"] is None else out["boundary"].cpu(), seconds=out["seconds"],
+        rounds=out["rounds"], notes=tuple(notes))
+
+
+def _resolve_site(model, inputs, layer, forward, capture_kwargs) -> str:
+    from ..capture import list_sites, select_sites
+    from ..paths.runner import default_forward
+    fwd = forward(model) if forward is not None else default_forward(model)
+    with torch.no_grad():
+        sites = list_sites(model, lambda: fwd(inputs), **capture_kwargs)
+    chosen = select_sites(sites, layer)
+    if len(chosen) != 1:
+        raise InvalidInputError(f"The 'layer' parameter must name one site; {layer!r} matches {len(chosen)} "
+                                f"({', '.join(s.name for s in chosen[:5])}).")
+    return chosen[0].name
+
+
+def slice_box(model: nn.Module, lo: float = -1.0, hi: float = 1.0, **kwargs) -> SliceResult:
+    """Exact partition of the box ``[lo, hi]^2`` of a 2-input model (see ``slice_plane`` for options)."""
+    return slice_plane(model, Plane.box(lo, hi), **kwargs)
+
+
+def slice_through(model: nn.Module, p0, p1, p2, *, margin: float = 0.25, **kwargs) -> SliceResult:
+    """Exact partition of the plane through three points (inputs, or site outputs with ``layer=``/``inputs=``)."""
+    return slice_plane(model, Plane.through(p0, p1, p2, margin=margin), **kwargs)

@@ -1,0 +1,154 @@
+"""Local complexity (Humayun, Balestriero & Baraniuk): how many units change piece in a small neighbourhood.
+
+Invariant relied on: a unit's piece is whatever the kink registry's ``pieces`` says at each vertex (captured by call,
+so any model works); LC per site is the number of units whose piece is not the same at all 2P vertices of the
+cross-polytope ``{x +- r v_p}``, with ``v_1..v_P`` an orthonormal basis of one random P-dim subspace of input space
+(shared by all points of a call, as in the authors' code). This is a sampled proxy (``exact=False``): a unit that
+changes piece only inside the hull is missed, and for deeper sites the hull is approximated by its vertices' images.
+``exact_local_complexity`` instead counts the regions of the exact partition of a square of side ``r`` centred at each
+point in a random plane (``exact=True`` for piecewise-linear models).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..capture import run, select_sites
+from ..errors import InvalidInputError
+from ..paths.runner import default_forward, prepare_model
+
+__all__ = ["LocalComplexity", "local_complexity", "exact_local_complexity"]
+
+
+@dataclass(frozen=True)
+class LocalComplexity:
+    """Per-point local complexity.
+
+    Attributes
+    ----------
+    per_site : dict name -> ndarray (n_points,)
+        Units whose piece differs among the neighbourhood's vertices (sampled) / regions in the square (exact: one
+        entry ``"regions"``).
+    total : ndarray (n_points,)
+    exact : bool
+    method : str
+    radius : float
+    n_dirs : int
+    dtype : str
+    """
+
+    per_site: dict
+    total: np.ndarray
+    exact: bool
+    method: str
+    radius: float
+    n_dirs: int
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return {"exact": self.exact, "method": self.method, "radius": self.radius, "n_dirs": self.n_dirs,
+                "dtype": self.dtype, "mean_total": float(self.total.mean()) if len(self.total) else None,
+                "per_site_mean": {k: float(v.mean()) for k, v in self.per_site.items()},
+                "total": self.total.tolist()}
+
+
+def _points(points, owner):
+    if not isinstance(points, torch.Tensor) or not points.is_floating_point() or points.dim() < 2 or not len(points):
+        raise InvalidInputError(f"The 'points' parameter of {owner} must be a floating tensor (n, ...) with n >= 1. "
+                                f"Got {type(points).__name__} {tuple(getattr(points, 'shape', ()))}.")
+    if not bool(torch.isfinite(points).all()):
+        raise InvalidInputError(f"The 'points' parameter of {owner} contains NaN or infinite values.")
+    return points.detach()
+
+
+def local_complexity(model: nn.Module, points: torch.Tensor, *, radius: float = 0.005, n_dirs: int = 20,
+                     layers: str | list[str] | None = None, seed: int = 0, dtype: torch.dtype = torch.float64,
+                     device="cpu", batch_size: int = 64, forward: Callable | None = None,
+                     **capture_kwargs) -> LocalComplexity:
+    """Humayun et al.'s local complexity at each of ``points`` (n, *input_shape), batched over points.
+
+    Parameters
+    ----------
+    radius : float
+        r, the cross-polytope's radius (their default 0.005).
+    n_dirs : int
+        P, the subspace dimension: 2P vertices per point (their default 20, i.e. 40 vertices).
+    layers : globs selecting the sites counted (None = all).
+
+    Examples
+    --------
+    >>> mlp = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+    >>> lc = local_complexity(mlp, torch.randn(8, 2), radius=0.1, n_dirs=2)
+    >>> lc.total.shape
+    (8,)
+    """
+    owner = "local_complexity"
+    pts = _points(points, owner)
+    d = math.prod(pts.shape[1:])
+    if not (isinstance(n_dirs, int) and 1 <= n_dirs <= d):
+        raise InvalidInputError(f"The 'n_dirs' parameter of {owner} must be an int in [1, {d}]. Got {n_dirs!r}.")
+    if not (isinstance(radius, (int, float)) and radius > 0):
+        raise InvalidInputError(f"The 'radius' parameter of {owner} must be a number > 0. Got {radius!r}.")
+    m = prepare_model(model, dtype, device)
+    fwd = forward(m) if forward is not None else default_forward(m)
+    g = torch.Generator().manual_seed(seed)
+    v, _ = torch.linalg.qr(torch.randn(d, n_dirs, generator=g, dtype=torch.float64))
+    frame = torch.cat([v.T, -v.T]).to(device, dtype) * radius  # (2P, d)
+    counts: dict = {}
+    exact = True
+    chosen = None
+    for s in range(0, len(pts), batch_size):
+        x = pts[s:s + batch_size].to(device, dtype)
+        n = len(x)
+        verts = (x.reshape(n, 1, d) + frame[None]).reshape(n * 2 * n_dirs, *pts.shape[1:])
+        got = {}
+
+        def handler(site, z, n=n):
+            got[site.name] = (site, site.activation.pieces(z.detach()).reshape(n, 2 * n_dirs, -1))
+        run(m, lambda: fwd(verts), handler, **capture_kwargs)
+        if chosen is None:
+            chosen = [st.name for st in select_sites([v_[0] for v_ in got.values()], layers)]
+        for name in chosen:
+            site, pc = got[name]
+            exact &= site.activation.exact
+            c = (pc != pc[:, :1]).any(1).sum(-1).cpu().numpy()
+            counts.setdefault(name, []).append(c)
+    per = {k: np.concatenate(v_) for k, v_ in counts.items()}
+    total = np.sum(list(per.values()), axis=0) if per else np.zeros(len(pts), dtype=np.int64)
+    return LocalComplexity(per, total, False, "cross-polytope (sampled vertices)" + ("" if exact else
+                           "; smooth activations use threshold codes"), float(radius), n_dirs,
+                           str(dtype).replace("torch.", ""))
+
+
+def exact_local_complexity(model: nn.Module, points: torch.Tensor, *, radius: float = 0.05, seed: int = 0,
+                           dtype: torch.dtype = torch.float64, device="cpu", memory_budget: int = 1 << 30,
+                           **slice_kwargs) -> LocalComplexity:
+    """Number of linear regions in the square of side ``radius`` centred at each point, in a random plane through
+    it (exact partition per point)."""
+    from . import slice_plane
+    from .geometry import Plane
+    owner = "exact_local_complexity"
+    pts = _points(points, owner)
+    if not (isinstance(radius, (int, float)) and radius > 0):
+        raise InvalidInputError(f"The 'radius' parameter of {owner} must be a number > 0. Got {radius!r}.")
+    d = math.prod(pts.shape[1:])
+    if d < 2:
+        raise InvalidInputError(f"{owner} needs an input space of dimension >= 2. Got {d}.")
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for x in pts:
+        q, _ = torch.linalg.qr(torch.randn(d, 2, generator=g, dtype=torch.float64))
+        pl = Plane.from_directions(x.to(torch.float64), (q[:, 0] * radius / 2).reshape(x.shape),
+                                   (q[:, 1] * radius / 2).reshape(x.shape), extent=1.0)
+        r = slice_plane(model, pl, dtype=dtype, device=device, memory_budget=memory_budget, outputs=False,
+                        **slice_kwargs)
+        out.append(r.num_regions)
+    tot = np.array(out)
+    return LocalComplexity({"regions": tot}, tot, True, "exact regions in a square", float(radius), 2,
+                           str(dtype).replace("torch.", ""))

@@ -1,0 +1,183 @@
+"""2-D domains: a convex polygon in slice coordinates ``u`` and the affine map ``u -> x = origin + u @ basis``.
+
+Invariant
+---------
+The map from slice coordinates to the space the slice lives in (model input, or the output of one activation site)
+is affine and injective (the two basis rows are linearly independent), and the domain is a convex polygon with
+positive area given counter-clockwise. Every exact statement of the partition is made in slice coordinates; areas are
+areas in ``u`` (for ``Plane.through`` the basis is orthonormal, so they are also areas in the model's space).
+
+Constructors
+------------
+``Plane.box(lo, hi)``: the box ``[lo, hi]^2`` of a model with 2 inputs (``x = u``).
+``Plane.through(p0, p1, p2, margin=0.25)``: the plane through three points (orthonormal basis from Gram-Schmidt, origin
+at their centroid), domain the bounding square of the three points widened by ``margin`` of its side.
+``Plane.from_directions(point, d1, d2, extent=1.0)``: ``x = point + u1 d1 + u2 d2`` on ``[-extent, extent]^2``.
+Any of them may live at a site (``site=``, with one real ``inputs`` example feeding the other branches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Mapping
+
+import torch
+
+from ..errors import InvalidInputError
+
+__all__ = ["Plane"]
+
+
+def _tensor(name: str, owner: str, v) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(v)
+    except Exception:
+        raise InvalidInputError(f"The {name!r} parameter of {owner} must be a tensor. Got {type(v).__name__}.") \
+            from None
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
+    if not bool(torch.isfinite(t).all()):
+        raise InvalidInputError(f"The {name!r} parameter of {owner} contains NaN or infinite values.")
+    return t.detach().to(torch.float64)
+
+
+@dataclass(frozen=True)
+class Plane:
+    """A 2-D slice: polygon ``domain`` (V, 2) in slice coordinates, mapped by ``x = origin + u @ basis``.
+
+    Attributes
+    ----------
+    origin : Tensor (*shape)
+    basis : Tensor (2, *shape)
+    domain : Tensor (V, 2)
+        Convex polygon, counter-clockwise.
+    kind : {"box", "through", "directions"}
+    site : str or None
+        Site (name or glob matching one site) whose output the plane replaces; None = model input.
+    inputs : Tensor or mapping or None
+        One real model input (batch of 1) feeding every other branch of a site plane.
+    anchors : Tensor (k, 2) or None
+        Slice coordinates of the points the plane was built from (drawn as markers).
+    """
+
+    origin: torch.Tensor
+    basis: torch.Tensor
+    domain: torch.Tensor
+    kind: str
+    site: str | None = None
+    inputs: object = None
+    anchors: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.origin.shape)
+
+    @property
+    def area(self) -> float:
+        return float(polygon_area(self.domain[None], torch.tensor([len(self.domain)]))[0])
+
+    def points(self, u: torch.Tensor) -> torch.Tensor:
+        """Points (n, *shape) of the model's space at slice coordinates ``u`` (n, 2)."""
+        b = self.basis.reshape(2, -1).to(u)
+        return (self.origin.reshape(1, -1).to(u) + u @ b).reshape(len(u), *self.shape)
+
+    def at(self, site: str | None, inputs=None) -> "Plane":
+        return replace(self, site=site, inputs=inputs)
+
+    # ------------------------------------------------------------------------------------------ constructors
+    @staticmethod
+    def box(lo: float = -1.0, hi: float = 1.0, *, ylo: float | None = None, yhi: float | None = None) -> "Plane":
+        """The box ``[lo, hi] x [ylo, yhi]`` (default square) of a 2-input model; ``x = u``."""
+        ylo = lo if ylo is None else ylo
+        yhi = hi if yhi is None else yhi
+        vals = [lo, hi, ylo, yhi]
+        if not all(isinstance(v, (int, float)) and abs(v) < float("inf") for v in vals):
+            raise InvalidInputError(f"The bounds of Plane.box must be finite numbers. Got {vals}.")
+        if not (hi > lo and yhi > ylo):
+            raise InvalidInputError(f"Plane.box needs lo < hi in both axes (a box of positive area). Got "
+                                    f"x in [{lo}, {hi}], y in [{ylo}, {yhi}].")
+        dom = torch.tensor([[lo, ylo], [hi, ylo], [hi, yhi], [lo, yhi]], dtype=torch.float64)
+        return Plane(torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64), dom, "box")
+
+    @staticmethod
+    def through(p0, p1, p2, *, margin: float = 0.25) -> "Plane":
+        """The plane through three points (same shape), orthonormal coordinates, origin at their centroid."""
+        owner = "Plane.through"
+        pts = [_tensor(n, owner, p) for n, p in (("p0", p0), ("p1", p1), ("p2", p2))]
+        if not (pts[0].shape == pts[1].shape == pts[2].shape):
+            raise InvalidInputError(f"The three points of {owner} must have the same shape. Got "
+                                    f"{[tuple(p.shape) for p in pts]}.")
+        if not (isinstance(margin, (int, float)) and margin >= 0):
+            raise InvalidInputError(f"The 'margin' parameter of {owner} must be a number >= 0. Got {margin!r}.")
+        flat = torch.stack([p.reshape(-1) for p in pts])
+        origin = flat.mean(0)
+        e1 = flat[1] - flat[0]
+        n1 = e1.norm()
+        v = flat[2] - flat[0]
+        scale = max(float(n1), float(v.norm()), 1e-300)
+        if float(n1) <= 1e-12 * max(1.0, float(flat.abs().max())):
+            raise InvalidInputError(f"The points of {owner} are collinear (p0 and p1 coincide); three points "
+                                    "spanning a plane are needed.")
+        e1 = e1 / n1
+        e2 = v - (v @ e1) * e1
+        if float(e2.norm()) <= 1e-9 * scale:
+            raise InvalidInputError(f"The points of {owner} are collinear (p2 lies on the line through p0 and p1, "
+                                    f"distance {float(e2.norm()):.3g}); three points spanning a plane are needed.")
+        e2 = e2 / e2.norm()
+        basis = torch.stack([e1, e2])
+        anchors = (flat - origin) @ basis.T
+        lo, hi = anchors.min(0).values, anchors.max(0).values
+        side = float((hi - lo).max())
+        mid = 0.5 * (lo + hi)
+        h = 0.5 * side * (1 + 2 * margin)
+        dom = torch.stack([mid + torch.tensor([-h, -h], dtype=torch.float64), mid + torch.tensor([h, -h]),
+                           mid + torch.tensor([h, h]), mid + torch.tensor([-h, h])])
+        shape = pts[0].shape
+        return Plane(origin.reshape(shape), basis.reshape(2, *shape), dom.to(torch.float64), "through",
+                     anchors=anchors)
+
+    @staticmethod
+    def from_directions(point, d1, d2, *, extent: float = 1.0) -> "Plane":
+        """``x = point + u1 d1 + u2 d2`` for u in ``[-extent, extent]^2``."""
+        owner = "Plane.from_directions"
+        p, a, b = (_tensor(n, owner, v) for n, v in (("point", point), ("d1", d1), ("d2", d2)))
+        if not (p.shape == a.shape == b.shape):
+            raise InvalidInputError(f"point, d1 and d2 of {owner} must have the same shape. Got "
+                                    f"{tuple(p.shape)}, {tuple(a.shape)}, {tuple(b.shape)}.")
+        if not (isinstance(extent, (int, float)) and extent > 0):
+            raise InvalidInputError(f"The 'extent' parameter of {owner} must be a number > 0. Got {extent!r}.")
+        fa, fb = a.reshape(-1), b.reshape(-1)
+        na, nb = float(fa.norm()), float(fb.norm())
+        if na == 0 or nb == 0:
+            raise InvalidInputError(f"The directions of {owner} must be non-zero. Got norms {na:.3g}, {nb:.3g}.")
+        sin = float((fb - (fb @ fa) / na**2 * fa).norm()) / nb
+        if sin <= 1e-9:
+            raise InvalidInputError(f"The directions of {owner} are parallel (sin of their angle {sin:.3g}); two "
+                                    "independent directions are needed.")
+        e = float(extent)
+        dom = torch.tensor([[-e, -e], [e, -e], [e, e], [-e, e]], dtype=torch.float64)
+        return Plane(p, torch.stack([a, b]), dom, "directions", anchors=torch.zeros(1, 2, dtype=torch.float64))
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "site": self.site, "shape": list(self.shape),
+                "domain": self.domain.tolist(), "area": self.area}
+
+
+def polygon_area(xy: torch.Tensor, deg: torch.Tensor) -> torch.Tensor:
+    """Signed shoelace areas of padded polygons ``xy`` (n, W, 2) with ``deg`` (n,) valid vertices each."""
+    n, w, _ = xy.shape
+    ar = torch.arange(w, device=xy.device)
+    nxt = torch.where(ar[None] + 1 < deg[:, None], ar[None] + 1, torch.zeros_like(ar[None]))
+    valid = ar[None] < deg[:, None]
+    x, y = xy[..., 0], xy[..., 1]
+    xn, yn = x.gather(1, nxt), y.gather(1, nxt)
+    cross = torch.where(valid, x * yn - xn * y, torch.zeros_like(x))
+    return 0.5 * cross.sum(1)
+
+
+def cast_inputs(v, dtype, device):
+    if isinstance(v, torch.Tensor):
+        return v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+    if isinstance(v, Mapping):
+        return {k: cast_inputs(x, dtype, device) for k, x in v.items()}
+    return v

@@ -1,0 +1,507 @@
+"""Exact partition of a 2-D slice into linear regions: convex cells split site by site, in execution order.
+
+Invariant
+---------
+Before site k is processed, every cell lies inside one linear region of every earlier site (each unit stays on one
+piece over the cell), and the model is affine between its captured sites (checked once, by the paths engine's
+``Runner.affinity_probe``), so site k's unit inputs are affine over each cell. They are evaluated once per vertex by a
+forward pass at the start of the site (the network is continuous, so a vertex shared by several cells has one value)
+and every later vertex of the site is an exact linear interpolation on an edge (``_mesh.cut``). Each cell is then cut
+by every kink line that crosses it: for elementwise units one round per unit (all cells that unit crosses at once),
+for max pooling one round per window, in which each cell is clipped into the argmax regions of the window
+(``{z_a >= z_c for all c}``; the kink of ``max(z_a, z_c) = z_c + relu(z_a - z_c)`` is relu's kink of the
+difference), keeping first-maximum ties as ``torch.argmax`` does. After the last site every cell is one linear region
+and the model output is affine over it; its map is fitted on the cell's vertices.
+
+Codes are bookkept, not re-evaluated: when a site is done each cell's unit inputs at its vertex average (an interior
+point, by convexity) give its pieces through the registry's ``pieces``; children copy their parent's codes.
+
+Ties and tolerance
+------------------
+Values within ``tol * max(1, max |z|)`` of a kink are snapped onto it (see ``_mesh``): a kink line through a vertex
+adds no vertex and a unit touching its kink on a cell does not cut it; cells thinner than that are not made. Counts
+are exact up to that tolerance (stated on the result).
+
+Cost and memory
+---------------
+Per site: one forward pass per vertex, one vectorised round per unit (or window) that cuts any cell, work proportional
+to the cells it cuts. Memory is about (vertices x units of the site) values plus (cells x units) candidate flags; it is
+estimated before each site and checked as cells grow; over ``memory_budget`` raises with the estimate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import torch
+
+from ..capture import StopForward, run, select_sites
+from ..codes import pack_pieces
+from ..errors import InvalidInputError, NotPiecewiseLinearError
+from ..kinks import REGISTRY, ScalarKinks, WindowMax
+from ..paths.geometry import PathSpec
+from ..paths.runner import Runner, default_forward, index_inputs, logits_of, prepare_model
+from . import _mesh
+from ._mesh import take
+from .geometry import Plane, cast_inputs, polygon_area
+
+_RELU = REGISTRY["relu"]
+
+
+class _Model:
+    """Forward passes at slice points, through ``capture`` (the plane's site replaced when the plane lives there)."""
+
+    def __init__(self, model, fwd, plane: Plane, dtype, device, budget: int, row_bytes: int, ckw: dict):
+        self.model, self.fwd, self.plane = model, fwd, plane
+        self.dtype, self.device = dtype, device
+        self.ckw = ckw
+        self.step = max(1, budget // max(1, 8 * row_bytes))
+
+    def _inputs(self, u):
+        x = self.plane.points(u)
+        if self.plane.site is None:
+            return x, None
+        base = index_inputs(self.plane.inputs, torch.zeros(len(u), dtype=torch.long, device=self.device))
+        return base, x
+
+    def site_values(self, u: torch.Tensor, name: str, cols: torch.Tensor | None) -> torch.Tensor:
+        out = []
+        for s in range(0, len(u), self.step):
+            uu = u[s:s + self.step]
+            inp, rep = self._inputs(uu)
+            got = []
+
+            def handler(site, z, rep=rep, n=len(uu)):
+                if rep is not None and site.name == self.plane.site:
+                    return rep.reshape(n, *z.shape[1:]) if site.apply is None else rep.reshape(
+                        n, *site.apply(z[:1]).shape[1:])
+                if site.name == name:
+                    zz = z.detach().reshape(n, -1)
+                    got.append(zz if cols is None else zz[:, cols])
+                    raise StopForward
+                return None
+            run(self.model, lambda: self.fwd(inp), handler, **self.ckw)
+            if not got:
+                raise InvalidInputError(f"Site {name!r} did not run at some slice points; the model's call graph "
+                                        "depends on its input, which slices do not support.")
+            out.append(got[0])
+        return torch.cat(out)
+
+    def outputs(self, u: torch.Tensor) -> torch.Tensor:
+        out = []
+        for s in range(0, len(u), self.step):
+            uu = u[s:s + self.step]
+            inp, rep = self._inputs(uu)
+
+            def handler(site, z, rep=rep, n=len(uu)):
+                if rep is not None and site.name == self.plane.site:
+                    return rep.reshape(n, *site.apply(z[:1]).shape[1:])
+                return None
+            o = logits_of(run(self.model, lambda: self.fwd(inp), handler, **self.ckw))
+            out.append(o.reshape(len(uu), -1))
+        return torch.cat(out)
+
+
+def _budget_error(owner: str, what: str, est: int, budget: int) -> InvalidInputError:
+    return InvalidInputError(
+        f"{owner}: {what} needs about {est / 2**20:.1f} MiB, over the memory budget of {budget / 2**20:.1f} MiB. "
+        "Raise 'memory_budget', shrink the domain, or restrict the partition with 'until='/'units='.")
+
+
+class _Partitioner:
+    def __init__(self, m: _Model, sites, z_shape: dict, units: torch.Tensor | None, tol: float, budget: int,
+                 owner: str):
+        self.m, self.sites, self.z_shape = m, sites, z_shape
+        self.units, self.tol, self.budget, self.owner = units, tol, budget, owner
+        self.rounds = 0
+        self.site_bytes: list[tuple[str, int, int]] = []  # (name, byte offset, n bytes) in the code buffer
+
+    def mesh_bytes(self, mesh: _mesh.Mesh) -> int:
+        rows = sum(r.element_size() * r[0].numel() for r in mesh.rows) if mesh.nc else 0
+        return (mesh.coords.shape[0] * (16 + 8 * mesh.vals.shape[1])
+                + mesh.ring.shape[0] * (8 * mesh.ring.shape[1] + 8 + rows))
+
+    def check(self, mesh, what: str, extra: int = 0) -> None:
+        est = self.mesh_bytes(mesh) + extra
+        if est > self.budget:
+            raise _budget_error(self.owner, what, est, self.budget)
+
+    def run(self, mesh: _mesh.Mesh) -> None:
+        codes = torch.zeros((mesh.nc, 0), dtype=torch.uint8, device=mesh.coords.device)
+        mesh.rows = [codes]
+        for i, site in enumerate(self.sites):
+            last = i == len(self.sites) - 1
+            cols = self.units if (last and self.units is not None) else None
+            d = len(cols) if cols is not None else math.prod(self.z_shape[site.name])
+            act = site.activation
+            n_lines = d if isinstance(act, ScalarKinks) else _n_windows(act, self.z_shape[site.name])
+            est = mesh.nv * (8 * d) * 3 + mesh.nc * n_lines + self.mesh_bytes(mesh)
+            if est > self.budget:
+                raise _budget_error(self.owner, f"site {site.name!r} ({d} units, {mesh.nc} cells, {mesh.nv} "
+                                    "vertices so far)", est, self.budget)
+            mesh.set_vals(self.m.site_values(mesh.coords[: mesh.nv], site.name, cols))
+            scale = max(1.0, float(mesh.vals.abs().max())) if mesh.nv else 1.0
+            tol = self.tol * scale
+            self.cur_tol = tol
+            if isinstance(act, ScalarKinks):
+                self._scalar_site(mesh, act, tol, site.name)
+            elif isinstance(act, WindowMax):
+                self._window_site(mesh, act, tol, self.z_shape[site.name], site.name)
+            else:  # pragma: no cover - registry has only these two families
+                raise NotPiecewiseLinearError(f"site {site.name!r}: {act.name} has no exact 2-D cutting rule")
+            self._codes(mesh, act, site.name, cols)
+
+    # ---------------------------------------------------------------------------------------- scalar sites
+    def _scalar_site(self, mesh, act: ScalarKinks, tol: float, name: str) -> None:
+        kinks = torch.tensor(act.kinks, dtype=mesh.vals.dtype, device=mesh.vals.device)
+        d = mesh.vals.shape[1]
+        cand = self._scalar_cand(mesh, act, kinks, tol)
+        mesh.rows.append(cand)
+        try:
+            lines = torch.nonzero(cand[: mesh.nc].any(0)).flatten().tolist()
+            zero = torch.zeros(1, dtype=torch.long, device=mesh.coords.device)
+            for j in lines:
+                cand = mesh.rows[-1]
+                A = torch.nonzero(cand[: mesh.nc, j]).flatten()
+                if not len(A):
+                    continue
+                R, dg = mesh.cells(A)
+                W = int(dg.max())
+                R = R[:, :W]
+                g = _mesh.snap(mesh.vals[R, j], kinks, tol)
+                keep = _mesh.cut_mask(act, g, dg, kinks)
+                if not bool(keep.all()):
+                    kk = torch.nonzero(keep).flatten()
+                    A, R, dg, g = A[kk], take(R, kk), dg[kk], take(g, kk)
+                if not len(A):
+                    continue
+                self.rounds += 1
+                ring, alo, ahi = _mesh.cut(mesh, act, kinks, R, dg, g, zero.expand(len(A)), 1)
+                self._write_bands(mesh, A, ring, alo, ahi, act.n_pieces)
+                if mesh.nc & 0xFFF == 0 or self.rounds % 64 == 0:
+                    self.check(mesh, f"the partition at site {name!r}")
+            del d
+        finally:
+            mesh.rows.pop()
+
+    def _scalar_cand(self, mesh, act, kinks, tol) -> torch.Tensor:
+        R = _filled_rings(mesh)
+        d = mesh.vals.shape[1]
+        W = R.shape[1]
+        out = torch.zeros((mesh.nc, d), dtype=torch.bool, device=R.device)
+        step = max(1, (16 << 20) // max(1, 8 * W * d))
+        for s in range(0, mesh.nc, step):
+            z = take(mesh.vals, R[s:s + step])  # (c, W, d)
+            zmax, zmin = z.amax(1), z.amin(1)
+            lo_max, _ = _mesh.piece_range(act, _mesh.snap(zmax, kinks, tol), kinks)
+            _, hi_min = _mesh.piece_range(act, _mesh.snap(zmin, kinks, tol), kinks)
+            out[s:s + step] = lo_max > hi_min
+        return out
+
+    def _write_bands(self, mesh, A, ring, alo, ahi, n_bands: int) -> None:
+        kids, degs, oks = [], [], []
+        for b in range(n_bands):
+            r, dg, ok = _mesh.band(ring, alo, ahi, b)
+            kids.append(r)
+            degs.append(dg)
+            oks.append(ok)
+        W = max(k.shape[1] for k in kids)
+        kids = [torch.nn.functional.pad(k, (0, W - k.shape[1])) for k in kids]
+        ok = torch.stack(oks)  # (bands, n)
+        first = ok & (torch.cumsum(ok.long(), 0) == 1)
+        sel = torch.nonzero(ok.flatten()).flatten()
+        parent = A.repeat(n_bands)[sel]
+        mesh.replace_cells(parent, take(torch.cat(kids), sel), torch.cat(degs)[sel], first.flatten()[sel])
+
+    # ----------------------------------------------------------------------------------------- max pooling
+    def _window_site(self, mesh, act: WindowMax, tol: float, z_shape: tuple, name: str) -> None:
+        self.clip_windows(mesh, _window_table(act, z_shape, mesh.vals.device), tol, name)
+
+    def clip_windows(self, mesh, win: torch.Tensor, tol: float, name: str) -> None:
+        """Cut every cell into the argmax regions of each window (rows of ``win``: value columns, -1 = padding)."""
+        n_win, K = win.shape
+        zero_k = torch.zeros(1, dtype=mesh.vals.dtype, device=mesh.vals.device)
+        cand = self._window_cand(mesh, win, tol)
+        mesh.rows.append(cand)
+        try:
+            for w in torch.nonzero(cand[: mesh.nc].any(0)).flatten().tolist():
+                cand = mesh.rows[-1]
+                A = torch.nonzero(cand[: mesh.nc, w]).flatten()
+                if not len(A):
+                    continue
+                self.rounds += 1
+                ent = win[w]
+                ok_ent = torch.nonzero(ent >= 0).flatten().tolist()
+                # copies (cell, a): clip by z_a >= z_c (c > a), z_a > z_c (c < a)
+                R0, dg0 = mesh.cells(A)
+                W0 = int(dg0.max())
+                rings, degs, alive, parents, owners = [], [], [], [], []
+                for a in ok_ent:
+                    rings.append(R0[:, :W0])
+                    degs.append(dg0)
+                    parents.append(A)
+                    owners.append(torch.full_like(A, a))
+                R = torch.cat(rings)
+                dg = torch.cat(degs)
+                par = torch.cat(parents)
+                own = torch.cat(owners)
+                alive = torch.ones(len(R), dtype=torch.bool, device=R.device)
+                for c in ok_ent:
+                    idx = torch.nonzero(alive & (own != c)).flatten()
+                    if not len(idx):
+                        continue
+                    Ri, dgi = take(R, idx), dg[idx]
+                    Wi = int(dgi.max())
+                    Ri = Ri[:, :Wi]
+                    col_a = ent[own[idx]]
+                    g = mesh.vals[Ri, col_a[:, None].expand_as(Ri)] - mesh.vals[Ri, ent[c]]
+                    g = _mesh.snap(g, zero_k, tol)
+                    valid = torch.arange(Wi, device=R.device)[None] < dgi[:, None]
+                    gpos = ((g > 0) & valid).any(1)
+                    gneg = ((g < 0) & valid).any(1)
+                    flat = ~gpos & ~gneg
+                    # empty interior: nothing strictly on a's side (unless a tie everywhere and a comes first)
+                    dead = ~gpos & ~(flat & (own[idx] < c))
+                    cutting = gpos & gneg
+                    alive[idx[dead]] = False
+                    ci = idx[cutting]
+                    if len(ci):
+                        lo_ab = torch.minimum(own[ci], torch.full_like(ci, c))
+                        hi_ab = torch.maximum(own[ci], torch.full_like(ci, c))
+                        line = (w * K + lo_ab) * K + hi_ab
+                        cw = torch.nonzero(cutting).flatten()
+                        ring, alo, ahi = _mesh.cut(mesh, _RELU, zero_k, take(Ri, cw), dgi[cw], take(g, cw),
+                                                   line, n_win * K * K)
+                        kid, kdg, _ = _mesh.band(ring, alo, ahi, 1)
+                        if kid.shape[1] > R.shape[1]:
+                            R = torch.nn.functional.pad(R, (0, kid.shape[1] - R.shape[1]))
+                        R.index_copy_(0, ci, torch.nn.functional.pad(kid, (0, R.shape[1] - kid.shape[1])))
+                        dg[ci] = kdg
+                keep = torch.nonzero(alive).flatten()
+                par_k = par[keep]
+                order = torch.argsort(par_k, stable=True)
+                keep, par_k = keep[order], par_k[order]
+                first = torch.ones_like(par_k, dtype=torch.bool)
+                first[1:] = par_k[1:] != par_k[:-1]
+                W = int(dg[keep].max())
+                mesh.replace_cells(par_k, take(R, keep)[:, :W], dg[keep], first)
+                self.check(mesh, f"the partition at site {name!r}")
+        finally:
+            mesh.rows.pop()
+
+    def _window_cand(self, mesh, win, tol) -> torch.Tensor:
+        R, dg = mesh.cells()
+        W = R.shape[1]
+        n_win, K = win.shape
+        out = torch.zeros((mesh.nc, n_win), dtype=torch.bool, device=R.device)
+        step = max(1, (32 << 20) // max(1, 8 * W * n_win * K))
+        safe = win.clamp_min(0)
+        pad = win < 0
+        valid_all = torch.arange(W, device=R.device)[None] < dg[:, None]
+        for s in range(0, mesh.nc, step):
+            r, v, d = R[s:s + step], valid_all[s:s + step], dg[s:s + step]
+            z = take(mesh.vals, r)[..., safe]  # (c, W, n_win, K)
+            z = torch.where(pad, torch.full_like(z, -math.inf), z)
+            zc = torch.where(v[..., None, None], z, torch.zeros_like(z)).sum(1) / d[:, None, None]
+            zc = torch.where(pad, torch.full_like(zc, -math.inf), zc)
+            a = zc.argmax(-1)  # (c, n_win)
+            za = z.gather(-1, a[:, None, :, None].expand(-1, W, -1, 1))
+            over = ((z - za) > tol) & v[..., None, None]
+            out[s:s + step] = over.any(-1).any(1)
+        return out
+
+    # ------------------------------------------------------------------------------------------------ codes
+    def _codes(self, mesh, act, name: str, cols) -> None:
+        # any positive weighting of a convex cell's vertices is an interior point: the filled ring repeats vertex 0
+        R = _filled_rings(mesh)
+        W = R.shape[1]
+        d = mesh.vals.shape[1]
+        step = max(1, (16 << 20) // max(1, 8 * W * d))
+        packed = []
+        for s in range(0, mesh.nc, step):
+            zc = take(mesh.vals, R[s:s + step]).mean(1)
+            if isinstance(act, WindowMax):
+                # tie policy of the cuts: entries within tol of the window's max tie, and the first of them wins
+                w = act.windows(zc.reshape(len(zc), *self.z_shape[name]))
+                top = w.amax(-1, keepdim=True)
+                w = torch.where(w >= top - self.cur_tol, top.expand_as(w), w)
+                pieces = w.argmax(-1).reshape(len(zc), -1)
+            else:
+                pieces = act.pieces(zc)
+            packed.append(pack_pieces(pieces.cpu(), act).to(R.device))
+        packed = torch.cat(packed) if packed else torch.zeros((0, 0), dtype=torch.uint8, device=R.device)
+        codes = mesh.rows[0]
+        self.site_bytes.append((name, codes.shape[1], packed.shape[1]))
+        new = codes.new_zeros((codes.shape[0], codes.shape[1] + packed.shape[1]))
+        new[:, : codes.shape[1]] = codes
+        new[: mesh.nc, codes.shape[1]:] = packed
+        mesh.rows[0] = new
+
+
+def decision_boundary(part: "_Partitioner", coords, outs, R, dg, tol: float) -> torch.Tensor:
+    """Segments (S, 2, 2) where the top class changes: each region is clipped into the argmax regions of the
+    output (the same clipping as max pooling), and the clipped edges along which the top two classes tie are kept."""
+    n_cls = outs.shape[1]
+    if n_cls < 2 or not len(R):
+        return coords.new_zeros((0, 2, 2))
+    scale = max(1.0, float(outs.abs().max()))
+    t = tol * scale
+    Rf = torch.where(torch.arange(R.shape[1], device=R.device)[None] < dg[:, None], R, R[:, :1])
+    o = take(outs, Rf)  # (n, W, cls)
+    top = o.mean(1).argmax(1)
+    gap = (o - o.gather(2, top[:, None, None].expand(-1, o.shape[1], 1))).amax(2).amax(1)
+    mixed = torch.nonzero(gap > t).flatten()
+    if not len(mixed):
+        return coords.new_zeros((0, 2, 2))
+    sub = take(R, mixed)
+    used, inv = torch.unique(sub, return_inverse=True)
+    mesh = _mesh.Mesh(take(coords, used), inv, dg[mixed])
+    mesh.set_vals(take(outs, used))
+    mesh.rows = []
+    part.clip_windows(mesh, torch.arange(n_cls, device=R.device)[None], t, "output")
+    Rc, dc = mesh.cells()
+    W = Rc.shape[1]
+    ar = torch.arange(W, device=R.device)
+    valid = ar[None] < dc[:, None]
+    nxt = torch.where(ar[None] + 1 < dc[:, None], ar[None] + 1, torch.zeros_like(ar[None]))
+    p, q = Rc, Rc.gather(1, nxt)
+    v = mesh.vals[: mesh.nv]
+    top2 = v.topk(2, dim=1).values
+    tied = (top2[:, 0] - top2[:, 1]) <= t
+    mid = 0.5 * (take(v, p) + take(v, q))
+    m2 = mid.topk(2, dim=-1).values
+    on = valid & tied[p] & tied[q] & ((m2[..., 0] - m2[..., 1]) <= t) & (p != q)
+    a, b = torch.minimum(p[on], q[on]), torch.maximum(p[on], q[on])
+    key = torch.unique(a * mesh.nv + b)
+    a, b = key // mesh.nv, key % mesh.nv
+    xy = mesh.coords[: mesh.nv]
+    return torch.stack([take(xy, a), take(xy, b)], 1)
+
+
+def _filled_rings(mesh) -> torch.Tensor:
+    """Rings (cells, W) with padding replaced by each cell's first vertex (no masks needed for min, max, mean)."""
+    R, dg = mesh.cells()
+    W = int(dg.max())
+    R = R[:, :W]
+    valid = torch.arange(W, device=R.device)[None] < dg[:, None]
+    return torch.where(valid, R, R[:, :1])
+
+
+def _n_windows(act: WindowMax, z_shape: tuple) -> int:
+    return int(act.windows(torch.zeros(1, *z_shape)).reshape(-1, act.n_pieces).shape[0])
+
+
+def _window_table(act: WindowMax, z_shape: tuple, device) -> torch.Tensor:
+    idx = torch.arange(math.prod(z_shape), dtype=torch.float64).reshape(1, *z_shape)
+    w = act.windows(idx).reshape(-1, act.n_pieces)
+    return torch.where(torch.isfinite(w), w, torch.full_like(w, -1)).long().to(device)
+
+
+def fit_affine(coords: torch.Tensor, outs: torch.Tensor, R: torch.Tensor, dg: torch.Tensor):
+    """Affine map per cell from three of its vertices: slope (n, 2, m), offset (n, m).
+
+    The output is affine on the cell, so any three non-collinear vertices determine it; we take vertex 0, the vertex
+    farthest from it and the one farthest from their line (the best-conditioned choice among such triples, up to 2x).
+    """
+    W = R.shape[1]
+    valid = torch.arange(W, device=R.device)[None] < dg[:, None]
+    xy = take(coords, R)
+    d0 = xy - xy[:, :1]
+    dist = torch.where(valid, (d0 * d0).sum(-1), torch.full_like(d0[..., 0], -1.0))
+    i = dist.argmax(1)
+    e = d0.gather(1, i[:, None, None].expand(-1, 1, 2))[:, 0]
+    cr = (e[:, None, 0] * d0[..., 1] - e[:, None, 1] * d0[..., 0]).abs()
+    j = torch.where(valid, cr, torch.full_like(cr, -1.0)).argmax(1)
+    f = d0.gather(1, j[:, None, None].expand(-1, 1, 2))[:, 0]
+    r = torch.arange(len(R), device=R.device)
+    o0 = take(outs, R[:, 0])
+    oi, oj = take(outs, R[r, i]) - o0, take(outs, R[r, j]) - o0
+    det = (e[:, 0] * f[:, 1] - e[:, 1] * f[:, 0])[:, None]
+    # [e; f] @ S = [oi; oj]  ->  S = [e; f]^-1 [oi; oj]
+    s0 = (f[:, 1, None] * oi - e[:, 1, None] * oj) / det
+    s1 = (-f[:, 0, None] * oi + e[:, 0, None] * oj) / det
+    slope = torch.stack([s0, s1], 1)
+    offset = o0 - (xy[:, 0, :, None] * slope).sum(1)
+    return slope, offset
+
+
+def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budget, forward: Callable | None,
+          capture_kwargs: dict, owner: str, want_output: bool):
+    """Run the exact partition; returns a dict of tensors for ``SliceResult``."""
+    t0 = time.perf_counter()
+    m = prepare_model(model, dtype, device)
+    fwd = forward(m) if forward is not None else default_forward(m)
+    plane = Plane(plane.origin.to(device, dtype), plane.basis.to(device, dtype), plane.domain.to(device, dtype),
+                  plane.kind, plane.site, cast_inputs(plane.inputs, dtype, device), plane.anchors)
+    if plane.site is None:
+        probe = plane.origin[None]
+    else:
+        probe = index_inputs(plane.inputs, torch.zeros(1, dtype=torch.long, device=device))
+    kx = torch.stack([plane.origin, plane.origin + plane.basis[0]])[None]
+    spec = PathSpec(torch.tensor([[0.0, 1.0]], dtype=torch.float64), kx, torch.ones(1, dtype=torch.float64),
+                    "segment", plane.site, plane.inputs if plane.site is not None else None)
+    try:
+        runner = Runner(m, fwd, spec, dtype=dtype, device=device, memory_budget=memory_budget,
+                        capture_kwargs=capture_kwargs, owner=owner, probe_input=probe)
+    except RuntimeError as e:
+        raise InvalidInputError(f"{owner}: the model does not run on slice points of shape {plane.shape}: {e}") \
+            from None
+    sites = list(runner.processed)
+    if not sites:
+        raise InvalidInputError(f"No activation site runs after {plane.site or 'the input'} in this model, so {owner} "
+                                "has no regions to find.")
+    if until is not None:
+        hit = select_sites(sites, until)
+        last = max(s.order for s in hit)
+        sites = [s for s in sites if s.order <= last]
+    smooth = [s for s in sites if not s.activation.exact]
+    if smooth:
+        raise NotPiecewiseLinearError(f"not piecewise-linear: site {smooth[0].name!r} applies a smooth activation "
+                                      f"({smooth[0].op}); exact slices need piecewise-linear models (use "
+                                      "local_complexity for an approximate measure).")
+    bad, out_affine = runner.affinity_probe(want_output=want_output)
+    bad = [b for b in bad if b in {s.name for s in sites}]
+    if bad:
+        raise NotPiecewiseLinearError(f"not piecewise-linear: the unit input of site {bad[0]!r} is not an affine "
+                                      "function of the earlier sites' outputs (an operation capture does not see, "
+                                      "e.g. LayerNorm or softmax, sits before it).")
+    full = len(sites) == len(runner.processed) and units is None
+    z_shape = {s.name: runner.z_shape[s.name] for s in sites}
+    sel = None
+    if units is not None:
+        last = sites[-1]
+        if not isinstance(last.activation, ScalarKinks):
+            raise InvalidInputError(f"The 'units' parameter of {owner} needs an elementwise last site; "
+                                    f"{last.name!r} is {last.op}.")
+        n_units = math.prod(z_shape[last.name])
+        sel = torch.as_tensor(units).reshape(-1).long()
+        if len(sel) == 0 or int(sel.min()) < 0 or int(sel.max()) >= n_units:
+            raise InvalidInputError(f"The 'units' parameter of {owner} must hold flat unit indices in [0, {n_units}) "
+                                    f"of site {last.name!r}. Got {len(sel)} indices.")
+        sel = sel.to(device)
+    row_bytes = 8 * (math.prod(plane.shape) * 2 + max(math.prod(v) for v in z_shape.values()) * 4 + 64)
+    mdl = _Model(m, fwd, plane, dtype, device, memory_budget // 4, row_bytes, capture_kwargs)
+    dom = plane.domain
+    mesh = _mesh.Mesh(dom, torch.arange(len(dom), device=device)[None], torch.tensor([len(dom)], device=device))
+    part = _Partitioner(mdl, sites, z_shape, sel, tol, memory_budget, owner)
+    part.run(mesh)
+    R, dg = mesh.cells()
+    W = int(dg.max())
+    R = R[:, :W].contiguous()
+    coords = mesh.coords[: mesh.nv]
+    xy = take(coords, R)
+    area = polygon_area(xy, dg)
+    out = {"plane": plane, "sites": sites, "z_shape": z_shape, "site_bytes": part.site_bytes, "ring": R, "deg": dg,
+           "coords": coords, "area": area, "codes": mesh.rows[0][: mesh.nc], "rounds": part.rounds,
+           "full": full, "slope": None, "offset": None, "outputs": None, "units": sel, "boundary": None}
+    if full and out_affine and want_output:
+        outs = mdl.outputs(coords)
+        out["slope"], out["offset"] = fit_affine(coords, outs, R, dg)
+        out["outputs"] = outs
+        out["boundary"] = decision_boundary(part, coords, outs, R, dg, tol)
+    out["seconds"] = time.perf_counter() - t0
+    out["model"] = mdl
+    out["tol"] = tol
+    return out

@@ -1,0 +1,130 @@
+"""Pictures of exact slices with matplotlib (PolyCollection): regions, kink lines of one site, decision boundary.
+
+Invariant relied on: a region's colour depends only on its packed code (``results.code_color``: blake2b of the bytes),
+so the same code gets the same colour in every run and every picture; kink lines of a site are exactly the shared edges
+across which that site's code differs (``neighbours.shared_edges``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .results import code_color
+
+__all__ = ["plot_slice", "colors_for", "opening_figure", "toy_classifier"]
+
+
+def colors_for(res, by: str = "code") -> np.ndarray:
+    import matplotlib
+    if by == "code":
+        rgb = np.array([code_color(bytes(r)) for r in res.codes]) if res.num_regions else np.zeros((0, 3))
+        return np.concatenate([rgb, np.ones((len(rgb), 1))], 1)
+    if by == "slope":
+        v = res.slope_norm()
+        if v is None:
+            raise ValueError("color_by='slope' needs output maps (partition the whole model).")
+        v = (v - v.min()) / max(1e-300, float(np.ptp(v)))
+        return matplotlib.colormaps["viridis"](v)
+    if by == "class":
+        c = res.top_class()
+        if c is None:
+            raise ValueError("color_by='class' needs output maps (partition the whole model).")
+        base = matplotlib.colormaps["tab10"](c % 10)
+        shade = np.array([code_color(bytes(r))[0] for r in res.codes])[:, None]
+        return np.concatenate([base[:, :3] * (0.75 + 0.25 * shade), np.ones((len(c), 1))], 1)
+    raise ValueError(f"The 'color_by' parameter must be one of code, slope, class. Got {by!r}.")
+
+
+def plot_slice(res, ax=None, *, color_by: str = "code", kinks_of: str | None = None, boundary: bool = True,
+               edges: bool = True, title: str | None = None, linewidth: float = 0.3):
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection, PolyCollection
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 6))
+    polys = res.polygons()
+    pc = PolyCollection(polys, facecolors=colors_for(res, color_by), edgecolors="k" if edges else "none",
+                        linewidths=linewidth if edges else 0)
+    ax.add_collection(pc)
+    if kinks_of is not None:
+        from .neighbours import shared_edges
+        if kinks_of not in res.site_bytes:
+            raise ValueError(f"kinks_of={kinks_of!r} is not a site of this slice ({', '.join(res.sites)}).")
+        ra, rb, p, q = shared_edges(res)
+        off, nb = res.site_bytes[kinks_of]
+        diff = (res.codes[ra.numpy(), off:off + nb] != res.codes[rb.numpy(), off:off + nb]).any(1)
+        xy = res.coords.cpu().numpy()
+        segs = np.stack([xy[p.numpy()[diff]], xy[q.numpy()[diff]]], 1)
+        ax.add_collection(LineCollection(segs, colors="white", linewidths=1.2 * linewidth + 0.6))
+    if boundary and res.boundary is not None and len(res.boundary):
+        ax.add_collection(LineCollection(res.boundary.cpu().numpy(), colors="red", linewidths=1.5))
+    dom = res.plane.domain.cpu().numpy()
+    ax.set_xlim(dom[:, 0].min(), dom[:, 0].max())
+    ax.set_ylim(dom[:, 1].min(), dom[:, 1].max())
+    ax.set_aspect("equal")
+    if res.plane.anchors is not None and res.plane.kind == "through":
+        a = res.plane.anchors.cpu().numpy()
+        ax.scatter(a[:, 0], a[:, 1], c="k", s=12, zorder=3)
+    ax.set_title(title or f"{res.num_regions} regions")
+    return ax
+
+
+def toy_classifier(dataset: str = "moons", width: int = 32, depth: int = 3, steps: int = 600, seed: int = 0):
+    """A 2 -> depth x width ReLU MLP -> n_classes trained in place (Adam, full batch) on sklearn ``make_moons``
+    (2 classes) or a 3-arm spiral; returns (model, X, y)."""
+    from torch import nn
+    g = torch.Generator().manual_seed(seed)
+    if dataset == "moons":
+        from sklearn.datasets import make_moons
+        X, y = make_moons(n_samples=512, noise=0.1, random_state=seed)
+        X = (X - X.mean(0)) / X.std(0) * 0.5
+        n_cls = 2
+    elif dataset == "spirals":
+        n, n_cls = 600, 3
+        t = torch.rand(n, generator=g) * 3.0 + 0.3
+        k = torch.arange(n) % n_cls
+        ang = t * 2.2 + k * (2 * np.pi / n_cls)
+        X = (torch.stack([t * torch.cos(ang), t * torch.sin(ang)], 1) / 3.5).numpy()
+        X = X + 0.02 * np.random.default_rng(seed).standard_normal(X.shape)
+        y = k.numpy()
+    else:
+        raise ValueError(f"The 'dataset' parameter must be 'moons' or 'spirals'. Got {dataset!r}.")
+    torch.manual_seed(seed)
+    layers, d = [], 2
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    model = nn.Sequential(*layers, nn.Linear(d, n_cls))
+    Xt, yt = torch.tensor(X, dtype=torch.float32), torch.tensor(y)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(Xt), yt)
+        loss.backward()
+        opt.step()
+    return model.eval(), X, y
+
+
+def opening_figure(path=None, *, dataset: str = "moons", width: int = 32, depth: int = 3, seed: int = 0,
+                   lo: float = -1.0, hi: float = 1.0):
+    """The paper's opening picture: a toy 2-D classifier's polytopes after each layer and its decision boundary.
+
+    Returns (figure, list of SliceResult); writes ``path`` (PNG or SVG by suffix) when given."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from . import slice_box
+    from ..capture import list_sites
+    model, X, y = toy_classifier(dataset, width, depth, seed=seed)
+    sites = [s.name for s in list_sites(model, lambda: model(torch.zeros(1, 2)))]
+    results = [slice_box(model, lo, hi, until=s) for s in sites[:-1]] + [slice_box(model, lo, hi)]
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 4.2))
+    for i, (ax, r) in enumerate(zip(np.atleast_1d(axes), results)):
+        last = i == len(results) - 1
+        r.plot(ax, color_by="class" if last else "code", kinks_of=sites[i], boundary=last,
+               title=f"after {sites[i]}: {r.num_regions} regions")
+        ax.scatter(X[:, 0], X[:, 1], c=y, s=2, cmap="coolwarm", alpha=0.5)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+    return fig, results

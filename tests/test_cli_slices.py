@@ -1,0 +1,53 @@
+"""CLI slice and complexity commands: wiring, JSON shape, and one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from polytope_lens.cli import app
+from polytope_lens.models import load_model
+from polytope_lens.slices import slice_box
+
+runner = CliRunner()
+
+
+def test_box_slice_json_and_pictures(tmp_path):
+    r = runner.invoke(app, ["slice", "--model", "toy:2-16-16-3:seed=1", "--box", "-1,1,-1,1", "--json",
+                            str(tmp_path / "s.json"), "--png", str(tmp_path / "s.png"), "--svg", str(tmp_path / "s.svg")])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "s.json").read_text())
+    assert d["num_regions"] == slice_box(load_model("toy:2-16-16-3:seed=1").module).num_regions
+    assert d["exact"] is True and abs(d["total_area"] - 4.0) < 1e-9
+    assert (tmp_path / "s.png").stat().st_size > 1000 and (tmp_path / "s.svg").read_text().startswith("<?xml")
+
+
+def test_complexity_json(tmp_path):
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    r = runner.invoke(app, ["complexity", "--model", "toy:4-8-8-2", "--data", f"npy:{tmp_path / 'x.npy'}",
+                            "--radius", "0.5", "--n-dirs", "2", "--exact", "--json", str(tmp_path / "c.json")])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "c.json").read_text())
+    assert len(d["approximate"]["total"]) == 5 and d["approximate"]["exact"] is False
+    assert d["exact"]["exact"] is True and all(v >= 1 for v in d["exact"]["total"])
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--box", "1,1,-1,1"], "positive area"),
+    (["--box", "a,b"], "--box must be four numbers"),
+    ([], "exactly one of --box"),
+    (["--points", "COLLINEAR"], "collinear"),
+    (["--box", "-1,1,-1,1", "--memory-mib", "0"], "memory_budget"),
+])
+def test_bad_slices(args, match, tmp_path):
+    if "COLLINEAR" in args:
+        p = tmp_path / "p.npy"
+        np.save(p, np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]))
+        args = ["--points", str(p)]
+    r = runner.invoke(app, ["slice", "--model", "toy:2-8-2", "--json", str(tmp_path / "s.json"), *args])
+    assert r.exit_code == 1, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and match.lower() in lines[0].lower(), r.stderr
+    assert not (tmp_path / "s.json").exists()

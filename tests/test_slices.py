@@ -1,0 +1,241 @@
+"""Exact 2-D slices: counts against Regioncam, areas, codes, affine maps, neighbours, local complexity, errors."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from polytope_lens.codes import spline_codes
+from polytope_lens.errors import InvalidInputError, NotPiecewiseLinearError, UnsupportedActivationError
+from polytope_lens.slices import (Plane, exact_local_complexity, local_complexity, neighbours, slice_box,
+                                  slice_plane, slice_through)
+
+regioncam = pytest.importorskip("regioncam")
+
+
+class Residual(nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return x + self.m(x)
+
+
+def _mlp(width, depth, seed, slope=None, residual=False):
+    g = torch.Generator().manual_seed(seed)
+    layers, d = [], 2
+    for i in range(depth):
+        lin = nn.Linear(d, width)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(width, d, generator=g) * np.sqrt(2 / d))
+            lin.bias.copy_(torch.randn(width, generator=g) * 0.5)
+        act = nn.ReLU() if slope is None else nn.LeakyReLU(slope)
+        block = nn.Sequential(lin, act)
+        layers.append(Residual(block) if residual and d == width else block)
+        d = width
+    return nn.Sequential(*layers)
+
+
+def _regioncam_count(model, slope=None):
+    rc = regioncam.Regioncam(size=1)
+    for block in model:
+        inner = block.m if isinstance(block, Residual) else block
+        lin = inner[0]
+        w = lin.weight.detach().double().numpy().T.astype(np.float32)
+        b = lin.bias.detach().double().numpy().astype(np.float32)
+        layer = [regioncam.Linear(w, b), regioncam.ReLU() if slope is None else regioncam.LeakyReLU(slope)]
+        if isinstance(block, Residual):
+            rc.add(regioncam.Residual(regioncam.Sequential(*layer)))
+        else:
+            rc.add(regioncam.Sequential(*layer))
+    return rc.num_faces
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("slope,residual", [(None, False), (0.1, False), (None, True), (0.2, True)])
+def test_counts_match_regioncam(seed, slope, residual):
+    """Region counts equal Regioncam's on random (Leaky)ReLU MLPs, with and without residual blocks."""
+    m = _mlp(16, 3, seed, slope, residual)
+    res = slice_box(m, outputs=False)
+    assert res.num_regions == _regioncam_count(m, slope)
+
+
+def test_areas_codes_and_maps_mlp():
+    """Areas sum to the box; codes equal spline_codes at centroids; maps reproduce the model at interior points."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 3)).double()
+    res = slice_box(m, -2, 2)
+    assert abs(float(res.area.sum()) - 16.0) < 1e-9
+    assert bool((res.area > 0).all())
+    c = res.centroids()
+    codes = spline_codes(m, c)
+    for s in res.sites:
+        off, nb = res.site_bytes[s]
+        assert np.array_equal(codes[s].packed, res.codes[:, off:off + nb])
+    assert len(set(res.code_hex())) == res.num_regions
+    pred = res.predict(c, torch.arange(res.num_regions))
+    assert torch.allclose(pred, m(c), atol=1e-10, rtol=0)
+    d = res.to_dict()
+    assert d["num_regions"] == res.num_regions and d["exact"] and d["dtype"] == "float64"
+    import json
+    json.dumps(d)
+
+
+def _interior(res, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = res.ring.shape[1]
+    w = torch.rand(res.num_regions, k, W, generator=g, dtype=torch.float64) + 0.05
+    w = w * (torch.arange(W)[None, None] < res.deg[:, None, None])
+    w = w / w.sum(-1, keepdim=True)
+    pts = w @ res.coords[res.ring].to(torch.float64)
+    return pts.reshape(-1, 2), torch.arange(res.num_regions).repeat_interleave(k)
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        h = F.relu6(self.bn(self.c1(x)) * 3)
+        h = F.max_pool2d(h, 2)
+        h = h + F.relu(self.c2(h))
+        return self.fc(h.flatten(1))
+
+
+def test_cnn_slice_maps_and_codes():
+    """CNN (BN, ReLU6, MaxPool, residual): areas sum, codes at centroids, maps reproduce outputs to 1e-9."""
+    torch.manual_seed(3)
+    m = SmallCNN()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-0.2, 0.2)
+        m.bn.running_var.uniform_(0.5, 1.5)
+    m = m.double().eval()
+    x = torch.randn(3, 1, 6, 6, dtype=torch.float64)
+    res = slice_through(m, x[0], x[1], x[2])
+    assert res.num_regions > 20
+    assert abs(float(res.area.sum()) - res.plane.area) < 1e-9 * res.plane.area
+    c = res.centroids()
+    codes = spline_codes(m, res.plane.points(c))
+    for s in res.sites:
+        off, nb = res.site_bytes[s]
+        assert np.array_equal(codes[s].packed, res.codes[:, off:off + nb]), s
+    u, reg = _interior(res)
+    y = m(res.plane.points(u))
+    err = (res.predict(u, reg) - y).abs().max()
+    assert float(err) <= 1e-9 * max(1.0, float(y.abs().max()))
+
+
+def test_site_plane_and_units():
+    """A plane in a site's output space, and a partition restricted to a few units of one site."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    x = torch.randn(1, 5, dtype=torch.float64)
+    a = torch.relu(m[0](torch.randn(3, 5, dtype=torch.float64)))
+    res = slice_through(m, a[0], a[1], a[2], layer="1.relu", inputs=x)
+    assert res.sites == ("3.relu",)
+    u, reg = _interior(res)
+    y = m[4](m[3](m[2](res.plane.points(u))))
+    assert torch.allclose(res.predict(u, reg), y, atol=1e-10)
+    part = slice_through(m, *torch.randn(3, 5), until="1.relu", units=[0, 1, 2])
+    assert part.slope is None and part.num_regions <= 7
+
+
+def test_neighbours_differ_on_shared_edge():
+    """Neighbours differ in exactly the units whose kink the shared edge lies on."""
+    m = _mlp(8, 2, 5).double()
+    res = slice_box(m)
+    nb = neighbours(res)
+    assert len(nb.a) > 0
+    edges = torch.tensor(nb.edge)
+    zs = {}
+
+    def grab(model, x):
+        h1 = model[0][0](x)
+        h2 = model[1][0](torch.relu(h1))
+        return {"0.1.relu": h1, "1.1.relu": h2}
+    for k in range(2):
+        zs[k] = grab(m, edges[:, k])
+    for i in range(len(nb.a)):
+        on = {(s, int(u)) for s in zs[0] for u in torch.nonzero((zs[0][s][i].abs() < 1e-9)
+                                                                & (zs[1][s][i].abs() < 1e-9)).flatten()}
+        assert set(nb.units[i]) == on
+    assert (nb.map_distance > 0).all()
+
+
+def test_local_complexity_bruteforce():
+    """Sampled LC equals a direct count of sign changes among the cross-polytope's vertices."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU())
+    pts = torch.randn(7, 3)
+    lc = local_complexity(m, pts, radius=0.3, n_dirs=2, seed=4)
+    g = torch.Generator().manual_seed(4)
+    v, _ = torch.linalg.qr(torch.randn(3, 2, generator=g, dtype=torch.float64))
+    md = m.double()
+    for i, x in enumerate(pts.double()):
+        verts = torch.cat([x + 0.3 * v.T, x - 0.3 * v.T])
+        z1 = md[0](verts)
+        z2 = md[2](torch.relu(z1))
+        for name, z in (("1.relu", z1), ("3.relu", z2)):
+            s = z > 0
+            assert lc.per_site[name][i] == int((s != s[:1]).any(0).sum())
+    ex = exact_local_complexity(m, pts[:2], radius=0.5)
+    assert ex.exact and (ex.total >= 1).all()
+
+
+def test_pictures(tmp_path):
+    """PNG/SVG export, stable colours, opening figure."""
+    m = _mlp(8, 2, 0)
+    res = slice_box(m)
+    res.save_png(tmp_path / "a.png", kinks_of="1.1.relu")
+    res.save_svg(tmp_path / "a.svg", color_by="slope")
+    assert (tmp_path / "a.png").stat().st_size > 1000 and (tmp_path / "a.svg").stat().st_size > 1000
+    assert np.allclose(res.colors(), slice_box(m).colors())
+    assert res._repr_png_()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_opening_figure(tmp_path):
+    from polytope_lens.slices.render import opening_figure
+    """The paper's opening picture: a toy moons classifier's polytopes after each layer."""
+    fig, results = opening_figure(tmp_path / "o.png")
+    assert len(results) == 3 and results[-1].boundary is not None and (tmp_path / "o.png").exists()
+    assert results[0].num_regions <= results[1].num_regions <= results[2].num_regions
+
+
+def test_bad_inputs():
+    """Collinear points, degenerate box, unsupported op, smooth model, memory budget."""
+    with pytest.raises(InvalidInputError, match="collinear"):
+        Plane.through(torch.zeros(3), torch.ones(3), 2 * torch.ones(3))
+    with pytest.raises(InvalidInputError, match="positive area"):
+        Plane.box(1.0, 1.0)
+    with pytest.raises(InvalidInputError, match="parallel"):
+        Plane.from_directions(torch.zeros(2), torch.ones(2), 2 * torch.ones(2))
+    with pytest.raises(UnsupportedActivationError, match="elu"):
+        slice_box(nn.Sequential(nn.Linear(2, 4), nn.ELU()))
+    with pytest.raises(NotPiecewiseLinearError, match="smooth"):
+        slice_box(nn.Sequential(nn.Linear(2, 4), nn.GELU()))
+    with pytest.raises(NotPiecewiseLinearError, match="not an affine"):
+        slice_box(nn.Sequential(nn.Linear(2, 4), nn.LayerNorm(4), nn.ReLU()))
+    with pytest.raises(InvalidInputError, match="memory budget"):
+        slice_box(_mlp(64, 3, 0), memory_budget=1 << 17)
+
+
+def test_relu6_middle_band_regression():
+    """A cell crossed by both kinks of a ReLU6 unit keeps its middle band (areas sum, codes match)."""
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(2, 6), nn.ReLU6(), nn.Linear(6, 6), nn.Hardtanh(-0.5, 0.5), nn.Linear(6, 2))
+    with torch.no_grad():
+        m[0].weight.mul_(20)
+    m = m.double()
+    res = slice_box(m)
+    assert abs(float(res.area.sum()) - 4.0) < 1e-9
+    codes = spline_codes(m, res.centroids())
+    for s in res.sites:
+        off, nb = res.site_bytes[s]
+        assert np.array_equal(codes[s].packed, res.codes[:, off:off + nb])
