@@ -538,5 +538,35 @@ def cluster_cmd(
               f"{'exact' if result['knn_exact'] else 'approximate'}, {result['seconds']:.1f} s) -> {result['out']}")
 
 
+@app.command("reproduce")
+@_user_errors
+def reproduce_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for index.html and results.json.")],
+    quick: Annotated[bool, typer.Option(help="Small sizes (under 5 minutes on 2 CPU cores).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated model jobs (default: all available).")] = None,
+):
+    """Run predictions 1-3 and the representational flow on the embedded models; write the HTML report."""
+    from .reproduce import FULL, JOBS, QUICK, QUICK_MODELS, estimate_seconds, reproduce
+
+    chosen = [m.strip() for m in models.split(",")] if models else (QUICK_MODELS if quick else list(JOBS))
+    if out_dir.exists() and not overwrite:
+        raise InvalidInputError(f"{out_dir} exists; pass --overwrite to replace it.")
+    est = estimate_seconds(QUICK if quick else FULL, chosen)
+    err.print(f"{'quick' if quick else 'full'} run of {', '.join(chosen)}: estimated {est / 60:.1f} min")
+    with Progress(TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True,
+                  disable=not err.is_terminal and "PYTEST_CURRENT_TEST" in os.environ) as bar:
+        task = bar.add_task("starting", total=None)
+        result = reproduce(out_dir, quick=quick, models=chosen, overwrite=overwrite,
+                           progress=lambda msg: bar.update(task, description=msg))
+    for key, entries in result["results"].items():
+        for e in entries:
+            out.print(f"{key} {e['model']} {e['statistic']}: {e['value']:.4g} vs {e['baseline']:.4g} "
+                      f"-> {e['verdict']}", highlight=False)
+    for m, why in result["skipped"].items():
+        err.print(f"[yellow]skipped[/yellow] {m}: {why}", highlight=False)
+    out.print(f"report in {result['seconds']:.0f} s -> {result['out_dir']}/index.html")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

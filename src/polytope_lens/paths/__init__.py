@@ -218,6 +218,17 @@ def _collect(results, out, gp, spec: PathSpec, runner: Runner, reported, exact: 
     t_np, tied_np = t.cpu().numpy(), tied.cpu().numpy()
     rt_np, rs_np, ru_np, rpc_np = rt.numpy(), rs.numpy(), ru.numpy(), rpc.numpy()
     output = out.get("output") if trace else None
+    traces = {}
+    if output is not None:
+        p0 = 0
+        for i in range(c):
+            tt = out["t"][p0:p0 + pcount[i]]
+            if exact:
+                traces[i] = trace_from_outputs(0.5 * (tt[:-1] + tt[1:]), output[p0:p0 + pcount[i] - 1], tt[1:-1])
+            else:
+                traces[i] = trace_from_outputs(tt, output[p0:p0 + pcount[i]], 0.5 * (tt[:-1] + tt[1:]))
+            p0 += pcount[i]
+        traces = _refine_flips(traces, gp, runner)
     r0 = p0 = 0
     for i in range(c):
         g = int(gp[i])
@@ -227,19 +238,48 @@ def _collect(results, out, gp, spec: PathSpec, runner: Runner, reported, exact: 
         per_layer = {reported[k]: int(per[k]) for k in range(len(reported))}
         n_cross = int(r1 - r0)
         length = float(spec.length[g])
-        tr = None
-        if output is not None:
-            tt = out["t"][p0:p1]
-            if exact:
-                tr = trace_from_outputs(0.5 * (tt[:-1] + tt[1:]), output[p0:p1 - 1], tt[1:-1])
-            else:
-                tr = trace_from_outputs(tt, output[p0:p1], 0.5 * (tt[:-1] + tt[1:]))
+        tr = traces.get(i)
         bps = t_np[p0:p1] if exact else np.unique(np.concatenate([[0.0, 1.0], rt_np[r0:r1]]))
         results[g] = PathResult(
             index=g, crossings=n_cross, per_layer=per_layer, density=n_cross / length, length=length,
             t=bps, records={"t": rt_np[r0:r1], "site": sites_i, "unit": ru_np[r0:r1], "piece": rpc_np[r0:r1]},
             sites=tuple(reported), ties=int(tied_np[p0:p1].sum()), trace=tr, alphas=spec.alphas)
         r0, p0 = r1, p1
+
+
+def _refine_flips(traces: dict, gp: torch.Tensor, runner: Runner, tol: float = 1e-10) -> dict:
+    """Place every class change exactly: bisection on the model between the two positions whose top classes differ.
+
+    The trace holds one output per region (or sample), so a change is only known to lie between two of them; the
+    model is evaluated along the path (batched over all changes of the chunk) until the bracket is below ``tol``.
+    """
+    import dataclasses
+
+    which, lo, hi, c_lo = [], [], [], []
+    for i, tr in traces.items():
+        for j in np.flatnonzero(tr.top_class[1:] != tr.top_class[:-1]):
+            which.append(i)
+            lo.append(tr.t[j])
+            hi.append(tr.t[j + 1])
+            c_lo.append(tr.top_class[j])
+    if not which:
+        return traces
+    pid = gp[torch.as_tensor(which, device=gp.device)]
+    lo = torch.as_tensor(np.asarray(lo), dtype=torch.float64, device=gp.device)
+    hi = torch.as_tensor(np.asarray(hi), dtype=torch.float64, device=gp.device)
+    c_lo = torch.as_tensor(np.asarray(c_lo), device=gp.device)
+    for _ in range(max(1, int(math.ceil(math.log2(max(float((hi - lo).max()), tol) / tol))))):
+        mid = 0.5 * (lo + hi)
+        top = runner.eval_points(pid, mid.to(runner.dtype), [], want_output=True)["output"].argmax(-1)
+        same = top == c_lo
+        lo, hi = torch.where(same, mid, lo), torch.where(same, hi, mid)
+    flips = (0.5 * (lo + hi)).cpu().numpy()
+    out, k = dict(traces), 0
+    for i, tr in traces.items():
+        n = int((tr.top_class[1:] != tr.top_class[:-1]).sum())
+        out[i] = dataclasses.replace(tr, class_changes=flips[k:k + n])
+        k += n
+    return out
 
 
 _COMMON_DOC = """

@@ -26,8 +26,8 @@ class Trace:
     top_class : ndarray int64 (n,)
         Argmax of the output at each position.
     class_changes : ndarray (k,)
-        Positions t where the top class changes (the breakpoint between the two regions, or the midpoint between
-        two samples).
+        Positions t where the top class changes, located by bisection on the model between the two positions whose
+        top classes differ (to 1e-10 in t), so a flip inside a region is not moved onto a boundary.
     js : ndarray (n - 1,)
         Jensen-Shannon divergence (nats) between consecutive softmax output distributions.
     """

@@ -1,0 +1,317 @@
+"""Prediction 2 (paper §4.3): polytope boundary density tracks semantic boundaries.
+
+``run_prediction2(model, data, ...)`` draws pairs of inputs (different-class, same-class) and a control of random
+directions (start + a random direction with the norm of a different-class pair's displacement), interpolates
+linearly between their activations at site ``layer`` (or in input space), counts boundary crossings per layer along
+each path with ``paths.path_crossings`` (exact for piecewise-linear models), and compares them with the semantic
+trace (top class, Jensen-Shannon divergence between consecutive regions).
+
+``path_statistics(different, same, control, ...)`` computes the statistics from ``PathBatchResult`` objects, so
+hand-made models can be tested directly. Statistics (larger is better for every one; CI of method - baseline):
+
+* ``density[different vs same]``: mean crossings per unit length, different-class vs same-class paths (unpaired
+  bootstrap: each group resampled on its own);
+* ``crossings[different vs same]`` and ``crossings[different vs random]`` (the latter paired by start point);
+* ``alignment[peak vs flip]``: ``1 - |t_peak - t_flip|`` (t_peak = centre of the densest of ``n_windows`` windows,
+  t_flip = the prediction flip nearest to it; flips are located on the model by the trace's bisection) vs the null
+  of a peak at a uniform random position U, ``1 - E min_j |U - t_flip_j|``; paths without a flip are left out;
+* ``spearman[density vs JS]``: per path, Spearman correlation of the crossings per window with the summed JS
+  divergence per window, vs the same with the JS windows shuffled within the path (paired over paths).
+
+Without classes (text encoders), ``semantic="embedding"``: the trace is the cosine change of the mean-pooled output
+between consecutive samples, and the flip is where that change is largest (approximate: sampled crossings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+_GRID = (np.arange(2000) + 0.5) / 2000  # U(0, 1) quadrature for the alignment null
+
+from ..errors import InvalidInputError
+from .stats import paired_bootstrap, percentile_ci, verdict
+
+__all__ = ["Prediction2Result", "run_prediction2", "path_statistics", "window_counts"]
+
+
+def _entry(model, statistic, value, baseline, ci, **extra) -> dict:
+    return {"model": model, "statistic": statistic, "value": float(value), "baseline": float(baseline),
+            "ci": [float(ci[0]), float(ci[1])], "verdict": verdict(value, baseline, ci), **extra}
+
+
+def window_counts(t: np.ndarray, n_windows: int, weights=None) -> np.ndarray:
+    """Histogram of positions ``t`` in [0, 1] over ``n_windows`` equal windows (optionally weighted)."""
+    return np.histogram(np.clip(np.asarray(t, dtype=np.float64), 0, 1), bins=n_windows, range=(0.0, 1.0),
+                        weights=weights)[0].astype(np.float64)
+
+
+def _spearman(a, b) -> float:
+    from scipy.stats import spearmanr
+
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
+def _unpaired(xa: np.ndarray, xb: np.ndarray, n_boot: int, seed: int):
+    ra = paired_bootstrap(lambda i: {"m": xa[i].mean()}, len(xa), n_boot=n_boot, random_state=seed)["m"]
+    rb = paired_bootstrap(lambda i: {"m": xb[i].mean()}, len(xb), n_boot=n_boot, random_state=seed + 1)["m"]
+    return ra - rb
+
+
+def path_statistics(different, same=None, control=None, *, model: str = "model", n_windows: int = 20,
+                    n_boot: int = 1000, level: float = 0.95, seed: int = 0, flips=None, js=None) -> dict:
+    """Entries and plot data from path batches (``PathBatchResult``) of different-class, same-class and control
+    paths. ``flips``/``js`` (lists per different-class path) override the trace's class changes and JS (used for
+    text encoders). Returns ``{"entries": [...], "plot": {...}}``."""
+    rng = np.random.default_rng(seed)
+    entries = []
+    d_counts = different.counts.astype(np.float64)
+    d_dens = np.array([p.density for p in different.paths])
+    if same is not None and len(same):
+        s_counts = same.counts.astype(np.float64)
+        s_dens = np.array([p.density for p in same.paths])
+        diff = _unpaired(d_dens, s_dens, n_boot, seed)
+        entries.append(_entry(model, "density[different vs same]", d_dens.mean(), s_dens.mean(),
+                              percentile_ci(diff, level), unit="crossings per unit length"))
+        diff = _unpaired(d_counts, s_counts, n_boot, seed)
+        entries.append(_entry(model, "crossings[different vs same]", d_counts.mean(), s_counts.mean(),
+                              percentile_ci(diff, level), unit="crossings per path"))
+    if control is not None and len(control) == len(different):
+        c_counts = control.counts.astype(np.float64)
+        reps = paired_bootstrap(lambda i: {"d": d_counts[i].mean() - c_counts[i].mean()}, len(d_counts),
+                                n_boot=n_boot, random_state=seed)
+        entries.append(_entry(model, "crossings[different vs random]", d_counts.mean(), c_counts.mean(),
+                              percentile_ci(reps["d"], level), unit="crossings per path (same start and length)"))
+    # windows, alignment, correlation
+    centres = (np.arange(n_windows) + 0.5) / n_windows
+    dens_w, js_w, peaks, flips_used, align, align_base, rho, rho_sh = [], [], [], [], [], [], [], []
+    for i, p in enumerate(different.paths):
+        w = window_counts(p.records["t"], n_windows)
+        dens_w.append(w * n_windows / max(p.length, 1e-300))
+        tr = p.trace
+        fl = np.asarray(flips[i] if flips is not None else (tr.class_changes if tr is not None else []), float)
+        if js is not None:
+            jt, jv = js[i]
+        elif tr is not None and len(tr.js):
+            jt, jv = 0.5 * (tr.t[:-1] + tr.t[1:]), tr.js
+        else:
+            jt, jv = np.zeros(0), np.zeros(0)
+        jw = window_counts(jt, n_windows, weights=jv)
+        js_w.append(jw)
+        if w.sum() > 0:
+            t_peak = centres[int(np.argmax(w))]
+            peaks.append(t_peak)
+            if len(fl):
+                f = fl[np.argmin(np.abs(fl - t_peak))]
+                flips_used.append(f)
+                align.append(1 - abs(t_peak - f))
+                # null: the density peak falls anywhere, unrelated to the flips: 1 - E min_j |U - flip_j|
+                align_base.append(1 - np.abs(_GRID[:, None] - fl[None, :]).min(1).mean())
+        r = _spearman(w, jw)
+        if not np.isnan(r):
+            rho.append(r)
+            rho_sh.append(np.nanmean([_spearman(w, rng.permutation(jw)) for _ in range(20)]))
+    if align:
+        a, b = np.array(align), np.array(align_base)
+        reps = paired_bootstrap(lambda i: {"d": a[i].mean() - b[i].mean()}, len(a), n_boot=n_boot,
+                                random_state=seed)
+        entries.append(_entry(model, "alignment[peak vs flip]", a.mean(), b.mean(), percentile_ci(reps["d"], level),
+                              n_paths=len(a), mean_distance=float(1 - a.mean())))
+    else:
+        entries.append(_entry(model, "alignment[peak vs flip]", float("nan"), float("nan"),
+                              (float("nan"), float("nan")), n_paths=0))
+    if rho:
+        a, b = np.array(rho), np.array(rho_sh)
+        reps = paired_bootstrap(lambda i: {"d": a[i].mean() - b[i].mean()}, len(a), n_boot=n_boot,
+                                random_state=seed)
+        entries.append(_entry(model, "spearman[density vs JS]", a.mean(), b.mean(), percentile_ci(reps["d"], level),
+                              n_paths=len(a)))
+    plot = {"counts": {"different": different.counts.tolist(),
+                       "same": same.counts.tolist() if same is not None else [],
+                       "random": control.counts.tolist() if control is not None else []},
+            "per_layer": {"different": different.per_layer,
+                          "same": same.per_layer if same is not None else {},
+                          "random": control.per_layer if control is not None else {}},
+            "window_centres": centres.tolist(),
+            "density_windows": np.array(dens_w).tolist(), "js_windows": np.array(js_w).tolist(),
+            "flips": [np.asarray(flips[i] if flips is not None else (p.trace.class_changes if p.trace is not None
+                                                                      else []), float).tolist()
+                      for i, p in enumerate(different.paths)],
+            "peaks": peaks}
+    return {"entries": entries, "plot": plot}
+
+
+@dataclass(frozen=True, eq=False)
+class Prediction2Result:
+    """Outcome of ``run_prediction2``: ``entries`` (one per statistic), the overall ``verdict`` (of ``primary``),
+    ``plot`` data, the path batches (``paths``: different / same / random) and ``settings``."""
+
+    model: str
+    data: str
+    entries: tuple
+    primary: str
+    verdict: str
+    plot: dict
+    exact: bool
+    method: str
+    layer: str | None
+    paths: dict = field(repr=False)
+    pairs: dict = field(repr=False)
+    settings: dict = field(default_factory=dict)
+
+    def entry(self, statistic: str) -> dict:
+        for e in self.entries:
+            if e["statistic"] == statistic:
+                return e
+        raise InvalidInputError(f"No statistic {statistic!r}; known: {', '.join(e['statistic'] for e in self.entries)}.")
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "data": self.data, "prediction": 2, "primary": self.primary,
+                "verdict": self.verdict, "exact": self.exact, "method": self.method, "layer": self.layer,
+                "entries": [dict(e) for e in self.entries], "plot": self.plot,
+                "pairs": {k: np.asarray(v).tolist() for k, v in self.pairs.items()}, "settings": self.settings}
+
+
+def _draw_pairs(labels: np.ndarray, n_pairs: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    n = len(labels)
+    diff, same = [], []
+    tries = 0
+    while (len(diff) < n_pairs or len(same) < n_pairs) and tries < 100 * n_pairs:
+        tries += 1
+        i, j = rng.integers(0, n, 2)
+        if i == j:
+            continue
+        if labels[i] != labels[j] and len(diff) < n_pairs:
+            diff.append((i, j))
+        elif labels[i] == labels[j] and len(same) < n_pairs:
+            same.append((i, j))
+    return np.array(diff, dtype=np.int64).reshape(-1, 2), np.array(same, dtype=np.int64).reshape(-1, 2)
+
+
+def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50, n_items: int = 200, seed: int = 0,
+                    method: str = "auto", n_samples: int = 256, n_windows: int = 20, n_boot: int = 1000,
+                    level: float = 0.95, labels=None, max_length: int = 64, primary: str = "alignment[peak vs flip]",
+                    progress=None) -> Prediction2Result:
+    """Crossings along different-class, same-class and random-direction paths, against the semantic trace.
+
+    Parameters
+    ----------
+    model : str or ModelBundle
+    data : str or DataSource
+    layer : str, optional
+        Site whose output space the paths live in (the network runs from there on); None = input space.
+    n_pairs : int
+        Pairs per kind (different-class, same-class); the control has one random direction per different pair.
+    labels : array (n_items,), optional
+        Overrides the data's labels (e.g. source photo of augmented images); text without labels uses the
+        embedding trace and makes no same-class pairs (pairs are consecutive passages vs random directions).
+    method, n_samples
+        Passed to ``path_crossings`` (``auto``: exact where the model is piecewise linear after ``layer``).
+    n_windows, n_boot, level, seed
+        Windows for the density profile; bootstrap resamples and level; seed of pairs, directions, resampling.
+
+    Returns
+    -------
+    Prediction2Result
+    """
+    from ..data import load_data
+    from ..models import load_model
+    from ..paths import path_crossings, site_activations
+    from ._along import outputs_along
+
+    if isinstance(n_pairs, bool) or not isinstance(n_pairs, int) or n_pairs < 2:
+        raise InvalidInputError(f"The 'n_pairs' parameter of run_prediction2 must be an int >= 2. Got {n_pairs!r}.")
+    bundle = load_model(model) if isinstance(model, str) else model
+    source = load_data(data, limit=n_items, seed=seed) if isinstance(data, str) else data
+    say = progress or (lambda msg: None)
+    rng = np.random.default_rng(seed)
+    text = bundle.modality == "text"
+    y = np.asarray(labels) if labels is not None else (None if source.labels is None else np.asarray(source.labels))
+    if y is None and not text:
+        raise InvalidInputError(f"Data {source.spec!r} has no labels; prediction 2 needs classes (or pass labels=).")
+    if text:
+        if layer is None:
+            raise InvalidInputError("Text models need layer= (a site whose activation space the paths live in).")
+        k = min(n_pairs, len(source) // 2)
+        diff = np.stack([np.arange(0, 2 * k, 2), np.arange(1, 2 * k, 2)], 1)
+        same = np.zeros((0, 2), dtype=np.int64)
+    else:
+        diff, same = _draw_pairs(y, n_pairs, rng)
+    if len(diff) < 2:
+        raise InvalidInputError(f"Only {len(diff)} different-class pairs could be drawn from {len(source)} items.")
+    enc = lambda idx: bundle.encode(source, idx, max_length=max_length) if text else bundle.encode(source, idx)
+    fwd = lambda x: bundle.module(**x)
+    kw = dict(method=method, n_samples=n_samples, trace=not text)
+    name = bundle.spec
+
+    def endpoints(pairs):
+        xa, xb = enc(pairs[:, 0]), enc(pairs[:, 1])
+        if layer is None:
+            key = bundle.input_name
+            return xa.tensors[key], xb.tensors[key], None
+        a = site_activations(bundle.module, xa.tensors, layer=layer)
+        b = site_activations(bundle.module, xb.tensors, layer=layer)
+        if text:  # sequences differ in length: pad/cut b to a's shape (positions beyond a's mask are ignored)
+            if b.shape != a.shape:
+                bb = torch.zeros_like(a)
+                m = min(a.shape[1], b.shape[1])
+                bb[:, :m] = b[:, :m]
+                b = bb
+        return a, b, xa.tensors
+
+    def crossings(a, b, base):
+        if layer is None:
+            return path_crossings(bundle.module, a, b, **kw)
+        return path_crossings(bundle.module, a, b, layer=layer, inputs=base, **kw)
+
+    say(f"{name}: {len(diff)} different-class paths")
+    a, b, base = endpoints(diff)
+    res_d = crossings(a, b, base)
+    d = (b - a)
+    u = torch.randn(d.shape, generator=torch.Generator().manual_seed(seed), dtype=d.dtype)
+    u = u * (d.flatten(1).norm(dim=1) / u.flatten(1).norm(dim=1).clamp_min(1e-30)).view(-1, *[1] * (d.dim() - 1))
+    say(f"{name}: {len(diff)} random-direction paths")
+    res_c = crossings(a, a + u, base)
+    res_s = None
+    if len(same) >= 2:
+        say(f"{name}: {len(same)} same-class paths")
+        sa, sb, sbase = endpoints(same)
+        res_s = crossings(sa, sb, sbase)
+    flips = js = None
+    if text:  # embedding trace on a grid: change of the mean-pooled output between consecutive samples
+        G = 33
+        ts = torch.linspace(0, 1, G, dtype=a.dtype)
+        pts = a[:, None] + ts.view(1, G, *[1] * (a.dim() - 1)) * (b - a)[:, None]
+        out = outputs_along(bundle.module, fwd, base, layer, pts)  # (P, G, pos, d)
+        mask = base["attention_mask"].to(torch.float64)[:, None, :, None]
+        emb = (out * mask).sum(2) / mask.sum(2).clamp_min(1)
+        cos = torch.nn.functional.cosine_similarity(emb[:, 1:], emb[:, :-1], dim=-1)
+        change = (1 - cos).numpy()
+        mids = (0.5 * (ts[1:] + ts[:-1])).numpy()
+        flips = [[float(mids[int(np.argmax(c))])] for c in change]
+        js = [(mids, c) for c in change]
+    stats_ = path_statistics(res_d, res_s, res_c, model=name, n_windows=n_windows, n_boot=n_boot, level=level,
+                             seed=seed, flips=flips, js=js)
+    entries = stats_["entries"]
+    if text:
+        for e in entries:
+            e["approximate"] = True
+            if e["statistic"] == "spearman[density vs JS]":
+                e["statistic"] = "spearman[density vs embedding change]"
+        primary = "alignment[peak vs flip]"
+    overall = next((e["verdict"] for e in entries if e["statistic"] == primary), "inconclusive")
+    settings = {"n_pairs": int(len(diff)), "n_same": int(len(same)), "n_items": len(source), "seed": seed,
+                "layer": layer, "method": res_d.method, "n_samples": n_samples, "n_windows": n_windows,
+                "n_boot": n_boot, "level": level, "dtype": res_d.dtype, "tolerance": res_d.tolerance,
+                "seconds": float(res_d.seconds + res_c.seconds + (res_s.seconds if res_s else 0.0)),
+                "semantic": "embedding change (1 - cosine of mean-pooled output)" if text else "top class / JS",
+                "sites": list(res_d.sites)}
+    return Prediction2Result(model=name, data=getattr(source, "spec", str(data)), entries=tuple(entries),
+                             primary=primary, verdict=overall, plot=stats_["plot"], exact=res_d.exact,
+                             method=res_d.method, layer=layer,
+                             paths={"different": res_d, "same": res_s, "random": res_c},
+                             pairs={"different": diff, "same": same}, settings=settings)

@@ -1,0 +1,159 @@
+"""Prediction 3 (paper §4.4): polytope boundaries bound the range over which a direction keeps its meaning.
+
+``run_prediction3(model, data, layer=..., alphas=(0, 4))`` scales the activation of site ``layer`` by alpha for many
+inputs (``paths.ray_crossings``), records the crossings on each ray, the top class along the ray (exact trace) and
+the top-class probability on an alpha grid, and finds the **validity interval**: the contiguous alpha range around
+alpha = 1 over which the top class equals the class at alpha = 1. Its finite ends (class changes) are compared with
+boundary density: ``density[near ends vs elsewhere]`` = crossings per unit alpha within ``half_width`` of an end vs
+crossings per unit alpha on the rest of the ray (paired bootstrap over rays with at least one finite end).
+
+``validity_interval(alpha, top_class)`` and ``ray_statistics(batch, ...)`` work on any trace, for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import InvalidInputError
+from .prediction2 import _entry
+from .stats import paired_bootstrap, percentile_ci
+
+__all__ = ["Prediction3Result", "run_prediction3", "validity_interval", "ray_statistics"]
+
+
+def validity_interval(alpha: np.ndarray, top_class: np.ndarray, at: float = 1.0, bounds=(None, None)):
+    """(lo, hi, cls): the contiguous range of trace positions ``alpha`` (region midpoints, sorted) around ``at``
+    with the class of ``at``; the ends are the midpoints between the last same-class and the first other-class
+    position, or ``bounds`` (None = open) when the class never changes on that side."""
+    alpha, top = np.asarray(alpha, float), np.asarray(top_class)
+    i = int(np.argmin(np.abs(alpha - at)))
+    c = top[i]
+    j = i
+    while j > 0 and top[j - 1] == c:
+        j -= 1
+    k = i
+    while k < len(top) - 1 and top[k + 1] == c:
+        k += 1
+    lo = 0.5 * (alpha[j - 1] + alpha[j]) if j > 0 else bounds[0]
+    hi = 0.5 * (alpha[k] + alpha[k + 1]) if k < len(top) - 1 else bounds[1]
+    return lo, hi, int(c)
+
+
+def _ray_class_boundaries(path, a0, a1):
+    """Positions (alpha) where the top class changes, from the exact trace (breakpoints between regions)."""
+    return path.alpha(path.trace.class_changes)
+
+
+def ray_statistics(batch, *, model: str = "model", half_width: float = 0.1, n_boot: int = 1000, level: float = 0.95,
+                   seed: int = 0) -> dict:
+    """Validity intervals and density near their ends vs elsewhere for a batch of rays (``ray_crossings``)."""
+    intervals, near, far = [], [], []
+    for p in batch.paths:
+        a0, a1 = p.alphas
+        tr = p.trace
+        lo, hi, c = validity_interval(p.alpha(tr.t), tr.top_class, 1.0)
+        intervals.append({"lo": None if lo is None else float(lo), "hi": None if hi is None else float(hi), "class": c})
+        ends = [e for e in (lo, hi) if e is not None]
+        if not ends:
+            continue
+        xa = p.alpha(p.records["t"])
+        mask = np.zeros(len(xa), dtype=bool)
+        covered = np.zeros(2001, dtype=bool)
+        grid = np.linspace(a0, a1, 2001)
+        for e in ends:
+            mask |= np.abs(xa - e) <= half_width
+            covered |= np.abs(grid - e) <= half_width
+        len_near = covered.mean() * (a1 - a0)
+        len_far = (a1 - a0) - len_near
+        if len_near <= 0 or len_far <= 0:
+            continue
+        near.append(mask.sum() / len_near)
+        far.append((~mask).sum() / len_far)
+    entries = []
+    if near:
+        a, b = np.array(near), np.array(far)
+        reps = paired_bootstrap(lambda i: {"d": a[i].mean() - b[i].mean()}, len(a), n_boot=n_boot,
+                                random_state=seed)
+        entries.append(_entry(model, "density[near validity ends vs elsewhere]", a.mean(), b.mean(),
+                              percentile_ci(reps["d"], level), unit="crossings per unit alpha", n_rays=len(a),
+                              half_width=half_width))
+    else:
+        entries.append(_entry(model, "density[near validity ends vs elsewhere]", float("nan"), float("nan"),
+                              (float("nan"), float("nan")), n_rays=0, half_width=half_width))
+    widths = [(i["hi"] if i["hi"] is not None else np.nan) - (i["lo"] if i["lo"] is not None else np.nan)
+              for i in intervals]
+    return {"entries": entries, "intervals": intervals, "widths": widths}
+
+
+@dataclass(frozen=True, eq=False)
+class Prediction3Result:
+    """Outcome of ``run_prediction3``: ``entries``, ``verdict``, per-ray ``intervals`` and ``plot`` data (alpha grid,
+    top class and its probability per ray, crossing positions)."""
+
+    model: str
+    data: str
+    entries: tuple
+    verdict: str
+    intervals: tuple
+    plot: dict
+    exact: bool
+    method: str
+    layer: str
+    rays: object = field(repr=False)
+    settings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "data": self.data, "prediction": 3, "verdict": self.verdict,
+                "exact": self.exact, "method": self.method, "layer": self.layer,
+                "entries": [dict(e) for e in self.entries], "intervals": list(self.intervals), "plot": self.plot,
+                "settings": self.settings}
+
+
+def run_prediction3(model, data, *, layer: str, n_items: int = 50, alphas=(0.25, 4.0), seed: int = 0,
+                    method: str = "auto", n_samples: int = 512, half_width: float = 0.1, n_grid: int = 81,
+                    n_boot: int = 1000, level: float = 0.95, index=None, progress=None) -> Prediction3Result:
+    """Scale site ``layer``'s activation of ``n_items`` inputs by alpha in ``alphas``; validity intervals and the
+    density of boundaries near their ends. ``index``: rows of the data to use (default the first ``n_items``)."""
+    from ..data import load_data
+    from ..models import load_model
+    from ..paths import ray_crossings, site_activations
+    from ._along import outputs_along
+
+    bundle = load_model(model) if isinstance(model, str) else model
+    if bundle.modality == "text":
+        raise InvalidInputError("run_prediction3 needs a classifier (the validity interval is defined by the top "
+                                "class); got a text encoder.")
+    source = load_data(data, limit=n_items, seed=seed) if isinstance(data, str) else data
+    idx = np.arange(min(n_items, len(source))) if index is None else np.asarray(index)
+    x = bundle.encode(source, idx)
+    say = progress or (lambda msg: None)
+    say(f"{bundle.spec}: {len(idx)} scaling rays at {layer}")
+    rays = ray_crossings(bundle.module, x.tensors, layer=layer, alphas=tuple(alphas), method=method,
+                         n_samples=n_samples)
+    st = ray_statistics(rays, model=bundle.spec, half_width=half_width, n_boot=n_boot, level=level, seed=seed)
+    a = site_activations(bundle.module, x.tensors, layer=layer).to(torch.float32)
+    grid = np.linspace(alphas[0], alphas[1], n_grid)
+    pts = a[:, None] * torch.tensor(grid, dtype=torch.float32).view(1, -1, *[1] * (a.dim() - 1))
+    out = outputs_along(bundle.module, lambda d: bundle.module(**d), x.tensors, layer, pts)
+    prob = torch.softmax(out, -1)
+    top = prob.argmax(-1)
+    names = bundle.class_names
+    plot = {"alpha": grid.tolist(), "top_class": top.tolist(),
+            "top_prob": prob.max(-1).values.tolist(),
+            "class_at_1_prob": [prob[i, :, iv["class"]].tolist() for i, iv in enumerate(st["intervals"])],
+            "crossings_alpha": [p.alpha(p.records["t"]).tolist() for p in rays.paths],
+            "counts": rays.counts.tolist(),
+            "class_names": {int(c): (names[c] if names else str(c)) for c in np.unique(top.numpy())}}
+    for iv in st["intervals"]:
+        iv["class_name"] = names[iv["class"]] if names else str(iv["class"])
+    e = st["entries"]
+    settings = {"layer": layer, "alphas": list(alphas), "n_items": int(len(idx)), "method": rays.method,
+                "dtype": rays.dtype, "tolerance": rays.tolerance, "half_width": half_width, "n_boot": n_boot,
+                "level": level, "seconds": rays.seconds, "sites": list(rays.sites),
+                "closed_intervals": int(np.isfinite(st["widths"]).sum())}
+    return Prediction3Result(model=bundle.spec, data=getattr(source, "spec", str(data)), entries=tuple(e),
+                             verdict=e[0]["verdict"], intervals=tuple(st["intervals"]), plot=plot, exact=rays.exact,
+                             method=rays.method, layer=layer, rays=rays, settings=settings)

@@ -1,0 +1,141 @@
+"""Assemble ``index.html`` (self-contained: inline CSS, inline base64 PNG figures, no JS) from the run state."""
+
+from __future__ import annotations
+
+import html
+import math
+
+from . import figures
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.86em}td,th{border:1px solid #ddd;padding:3px 7px;text-align:left}
+th{background:#f4f4f4}.holds{color:#17751d;font-weight:600}.does-not-hold{color:#b3261e;font-weight:600}
+.inconclusive{color:#8a6d00;font-weight:600}img.fig{max-width:100%;border:1px solid #eee;margin:.4em 0;display:block}
+code,pre{background:#f6f6f6}pre{padding:.5em;overflow-x:auto;font-size:.8em}.note{color:#555;font-size:.9em}
+"""
+
+
+def _f(x) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        return f"{x:.4g}"
+    return html.escape(str(x))
+
+
+def _verdict(v: str) -> str:
+    return f'<span class="{v.replace(" ", "-")}">{html.escape(v)}</span>'
+
+
+def _table(entries: list) -> str:
+    head = "<tr><th>model</th><th>statistic</th><th>value</th><th>baseline</th><th>95% CI of difference</th>" \
+           "<th>verdict</th></tr>"
+    rows = "".join(f"<tr><td>{_f(e['model'])}</td><td>{_f(e['statistic'])}</td><td>{_f(e['value'])}</td>"
+                   f"<td>{_f(e['baseline'])}</td><td>[{_f(e['ci'][0])}, {_f(e['ci'][1])}]</td>"
+                   f"<td>{_verdict(e['verdict'])}</td></tr>" for e in entries)
+    return f"<table>{head}{rows}</table>"
+
+
+def _img(b64: str, alt: str) -> str:
+    return f'<img class="fig" alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+
+
+def render_report(state: dict) -> str:
+    """HTML text of the report from the reproduce state (see ``reproduce``)."""
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>polytope-lens reproduction</title>"
+             f"<style>{_CSS}</style></head><body><h1>polytope-lens: reproduction of the paper's predictions</h1>"
+             f"<p class='note'>{html.escape(state.get('subtitle', ''))}</p>"]
+    # summary
+    rows = []
+    for key, label in (("p1", "1: polytopes are monosemantic"), ("p2", "2: density tracks semantic boundaries"),
+                       ("p3", "3: boundaries bound validity")):
+        for r in state.get(key, []):
+            e = next((x for x in r["entries"] if x["statistic"] == r.get("primary")), r["entries"][0])
+            rows.append(f"<tr><td>{label}</td><td>{_f(r['model'])}</td><td>{_f(e['statistic'])}</td>"
+                        f"<td>{_f(e['value'])}</td><td>{_f(e['baseline'])}</td>"
+                        f"<td>[{_f(e['ci'][0])}, {_f(e['ci'][1])}]</td><td>{_verdict(e['verdict'])}</td>"
+                        f"<td>{'exact' if r.get('exact') else 'approximate'}</td></tr>")
+    parts.append("<section id='summary'><h2>Summary</h2><p>One verdict per prediction per model, from its primary "
+                 "statistic: <b>holds</b> when the value beats the baseline and the whole bootstrap CI of the "
+                 "difference is above 0, <b>does not hold</b> when the whole CI is below 0, else "
+                 "<b>inconclusive</b>.</p><table><tr><th>prediction</th><th>model</th><th>statistic</th>"
+                 "<th>value</th><th>baseline</th><th>95% CI of difference</th><th>verdict</th><th>counts</th></tr>"
+                 + "".join(rows) + "</table></section>")
+    # prediction 1
+    p1 = state.get("p1", [])
+    sec = ["<section id='prediction-1'><h2>Prediction 1: spline-code clusters vs activation clusters</h2>"]
+    all_e = [e for r in p1 for e in r["entries"]]
+    if all_e:
+        sec.append(_table(all_e))
+        sec.append(_img(figures.entries_figure(all_e, "Prediction 1: codes - activations"), "prediction 1 CIs"))
+    for r in p1:
+        sec.append(f"<h3>{_f(r['model'])} on {_f(r['data'])}</h3>")
+        grid = state.get("grids", {}).get(r["model"])
+        if grid:
+            sec.append("<p>Code clusters (one row per cluster, most confident members):</p>" + _img(grid, "grid"))
+        ctx = [c for c in r.get("code_clusters", []) if "contexts" in c][:6]
+        for c in ctx:
+            items = "".join(f"<li><code>{html.escape(t)}</code></li>" for t in c["contexts"][:5])
+            sec.append(f"<p>cluster #{c['cluster']} (n={c['size']}, majority {html.escape(str(c['majority']))})</p>"
+                       f"<ul>{items}</ul>")
+    sec.append("</section>")
+    parts.append("".join(sec))
+    # prediction 2
+    p2 = state.get("p2", [])
+    sec = ["<section id='prediction-2'><h2>Prediction 2: boundary density along interpolation paths</h2>"]
+    all_e = [e for r in p2 for e in r["entries"]]
+    if all_e:
+        sec.append(_table(all_e))
+    for r in p2:
+        sec.append(f"<h3>{_f(r['model'])} (paths at {_f(r['layer'] or 'input')}, {r['method']})</h3>")
+        sec.append(_img(figures.crossings_histogram(r), "crossings histogram"))
+        sec.append(_img(figures.density_vs_t(r), "density vs t"))
+    if state.get("slice"):
+        sec.append("<h3>A 2-D slice</h3>" + _img(state["slice"], "slice"))
+    sec.append("</section>")
+    parts.append("".join(sec))
+    # prediction 3
+    p3 = state.get("p3", [])
+    sec = ["<section id='prediction-3'><h2>Prediction 3: scaling and validity intervals</h2>"]
+    all_e = [e for r in p3 for e in r["entries"]]
+    if all_e:
+        sec.append(_table(all_e))
+    for r in p3:
+        sec.append(f"<h3>{_f(r['model'])} (scaling {_f(r['layer'])}, alpha in {r['settings']['alphas']})</h3>")
+        sec.append(_img(figures.scaling_figure(r), "scaling"))
+        iv = "".join(f"<tr><td>{i}</td><td>{_f(v['class_name'])}</td><td>{_f(v['lo'])}</td><td>{_f(v['hi'])}</td></tr>"
+                     for i, v in enumerate(r["intervals"][:12]))
+        sec.append("<table><tr><th>ray</th><th>class at alpha=1</th><th>interval lo</th><th>interval hi</th></tr>"
+                   f"{iv}</table><p class='note'>— : the class does not change on that side within the range.</p>")
+    sec.append("</section>")
+    parts.append("".join(sec))
+    # flow
+    sec = ["<section id='flow'><h2>Representational flow</h2><p>Regions visited per layer along the "
+           "different-class paths of prediction 2 (a region = the site's spline code; hashed).</p>"]
+    for model, fl in state.get("flow", {}).items():
+        rows = "".join(
+            f"<tr><td>{_f(site)}</td><td>{_f(v['regions_per_path_mean'])}</td><td>{v['regions_per_path_max']}</td>"
+            f"<td>{v['distinct_regions']}</td><td>{v['revisits']}</td><td>"
+            + ", ".join(f"{t['from']}→{t['to']} ×{t['count']}" for t in v["top_transitions"][:3]) + "</td></tr>"
+            for site, v in fl.items())
+        sec.append(f"<h3>{_f(model)}</h3><table><tr><th>site</th><th>regions per path (mean)</th><th>max</th>"
+                   f"<th>distinct regions</th><th>repeated transitions</th><th>most frequent transitions</th></tr>"
+                   f"{rows}</table>")
+    sec.append("</section>")
+    parts.append("".join(sec))
+    # methods
+    m = state.get("methods", {})
+    parts.append("<section id='methods'><h2>Methods</h2>" + "".join(
+        f"<h3>{html.escape(k)}</h3><pre>{html.escape(v if isinstance(v, str) else _pretty(v))}</pre>"
+        for k, v in m.items()) + "</section></body></html>")
+    return "".join(parts)
+
+
+def _pretty(v) -> str:
+    import json
+
+    return json.dumps(v, indent=1, default=str)

@@ -1,0 +1,90 @@
+"""Prediction 2 statistics on hand-made piecewise-linear models."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from polytope_lens.experiments.prediction2 import path_statistics, window_counts
+from polytope_lens.paths import path_crossings
+
+
+def _mlp(kinks: np.ndarray) -> nn.Module:
+    """1-D input x in [0, 1] (path from 0 to 1): hidden unit i kinks at x = kinks[i]; logits (0.5 - x, x - 0.5),
+    so the class flips at x = 0.5."""
+    h = len(kinks)
+    l1 = nn.Linear(1, h + 2)
+    with torch.no_grad():
+        l1.weight.zero_()
+        l1.bias.zero_()
+        l1.weight[:h, 0] = 1.0
+        l1.bias[:h] = -torch.tensor(kinks, dtype=torch.float32)
+        l1.weight[h, 0], l1.bias[h] = 1.0, 10.0          # x + 10 > 0 always: identity channel
+    l2 = nn.Linear(h + 2, 2)
+    with torch.no_grad():
+        l2.weight.zero_()
+        l2.bias.zero_()
+        l2.weight[0, h], l2.bias[0] = -1.0, 10.5         # 0.5 - x
+        l2.weight[1, h], l2.bias[1] = 1.0, -10.5         # x - 0.5
+        l2.weight[:, :h] = 1e-4                          # kinks change the output only slightly (same both logits)
+    return nn.Sequential(l1, nn.ReLU(), l2)
+
+
+def _batch(kinks_per_path):
+    res = []
+    for k in kinks_per_path:
+        m = _mlp(k)
+        res.append(path_crossings(m, torch.zeros(1, 1), torch.ones(1, 1)))
+    paths = [r.paths[0] for r in res]
+    r0 = res[0]
+    return type(r0)(paths, r0.exact, r0.method, r0.dtype, r0.tolerance, r0.kind, r0.layer, r0.sites)
+
+
+def test_alignment_separates_aligned_from_spread():
+    """Kinks clustered at the flip align (holds); uniformly spread kinks do not."""
+    rng = np.random.default_rng(0)
+    aligned = _batch([0.5 + rng.uniform(-0.02, 0.02, 40) for _ in range(12)])
+    spread = _batch([rng.uniform(0.01, 0.99, 40) for _ in range(60)])
+    a = {e["statistic"]: e for e in path_statistics(aligned, n_boot=300)["entries"]}
+    s = {e["statistic"]: e for e in path_statistics(spread, n_boot=300)["entries"]}
+    assert np.allclose(aligned.paths[0].trace.class_changes, [0.5], atol=1e-6)  # bisected on the model
+    assert a["alignment[peak vs flip]"]["verdict"] == "holds"
+    assert a["alignment[peak vs flip]"]["mean_distance"] < 0.03
+    assert s["alignment[peak vs flip]"]["verdict"] != "holds"
+    assert s["alignment[peak vs flip]"]["value"] < a["alignment[peak vs flip]"]["value"] - 0.1
+
+
+def test_kinks_far_from_flip_do_not_hold():
+    """Kinks all at t = 0.95 (flip at 0.5): the peak is farther from the flip than a random flip would be."""
+    far = _batch([0.95 + np.linspace(-0.01, 0.01, 30) for _ in range(10)])
+    e = {x["statistic"]: x for x in path_statistics(far, n_boot=300)["entries"]}["alignment[peak vs flip]"]
+    assert e["value"] < e["baseline"]
+    assert e["verdict"] == "does not hold"
+
+
+def test_different_vs_same_counts_verdicts():
+    """More crossings on different-class paths holds; the reverse does not hold."""
+    many = _batch([np.linspace(0.1, 0.9, 40) for _ in range(8)])
+    few = _batch([np.linspace(0.1, 0.9, 5) for _ in range(8)])
+    e = {x["statistic"]: x for x in path_statistics(many, few, n_boot=300)["entries"]}
+    assert e["crossings[different vs same]"]["verdict"] == "holds"
+    e = {x["statistic"]: x for x in path_statistics(few, many, n_boot=300)["entries"]}
+    assert e["crossings[different vs same]"]["verdict"] == "does not hold"
+    assert e["crossings[different vs same]"]["value"] == 5
+
+
+def test_window_counts():
+    assert window_counts([0.0, 0.06, 0.5, 1.0], 10).tolist() == [2, 0, 0, 0, 0, 1, 0, 0, 0, 1]
+
+
+def test_run_prediction2_digits_small():
+    """The real pipeline on digits-cnn: exact paths at a late site, all entries well formed."""
+    from polytope_lens.experiments.prediction2 import run_prediction2
+
+    r = run_prediction2("digits-cnn", "digits", layer="pool2.max_pool2d", n_pairs=3, n_items=60, n_boot=50)
+    d = r.to_dict()
+    assert r.exact and d["method"] == "exact"
+    names = {e["statistic"] for e in d["entries"]}
+    assert {"crossings[different vs same]", "crossings[different vs random]", "alignment[peak vs flip]"} <= names
+    for e in d["entries"]:
+        assert set(e) >= {"model", "statistic", "value", "baseline", "ci", "verdict"}
