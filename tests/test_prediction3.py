@@ -19,43 +19,48 @@ def test_validity_interval_planted():
 
 
 class _Planted(nn.Module):
-    """Site 'relu' output a (1-D, a = 1 for the input); after it: hidden kinks at alpha = kinks; logits change class
-    at alpha = 0.6 and 2.5."""
+    """Input (B, 2) = (a, s). Site 'pre.relu' outputs a (the scaled activation, a = 1 for the inputs used); s shifts
+    everything ray by ray: hidden kinks at alpha = kinks + s (+ kink_shift), class changes at alpha = 0.6 + s and
+    2.5 + s (class 0 below, 1 between, 2 above)."""
 
-    def __init__(self, kinks, flips=(0.6, 2.5)):
+    def __init__(self, kinks, flips=(0.6, 2.5), kink_shift=0.0):
         super().__init__()
         self.pre = nn.ReLU()
         self.k = torch.tensor(kinks, dtype=torch.float32)
         self.flips = flips
+        self.kink_shift = kink_shift
         self.act = nn.ReLU()
 
     def forward(self, x):
-        a = self.pre(x)                                   # (B, 1), the scaled site
-        h = self.act(a - self.k.to(a.dtype))              # kinks at alpha = k
+        a = self.pre(x[:, :1])                            # (B, 1), the scaled site
+        s = x[:, 1:2]                                     # per-ray shift, from the real input
+        h = self.act(a - self.k.to(a.dtype) - s - self.kink_shift)
         f0, f1 = self.flips
-        # three logits, piecewise linear in a: class 0 below f0, 1 between, 2 above
-        l0 = -(a - f0) * 10
-        l1 = torch.minimum((a - f0) * 10, (f1 - a) * 10)
-        l2 = (a - f1) * 10
+        l0 = -(a - s - f0) * 10
+        l1 = torch.minimum((a - s - f0) * 10, (f1 + s - a) * 10)
+        l2 = (a - s - f1) * 10
         return torch.cat([l0, l1, l2], 1) + 1e-6 * h.sum(1, keepdim=True)
 
 
-def _rays(kinks, n=8):
-    m = _Planted(kinks)
-    return ray_crossings(m, torch.ones(n, 1), layer="pre.relu", alphas=(0.0, 4.0), method="sampled", n_samples=2000)
+def _rays(kinks, kink_shift=0.0, n=6):
+    m = _Planted(kinks, kink_shift=kink_shift)
+    x = torch.stack([torch.ones(n), 0.15 * torch.arange(n, dtype=torch.float32)], 1)  # shifts 0, 0.15, ..., 0.75
+    return ray_crossings(m, x, layer="pre.relu", alphas=(0.0, 4.0), method="sampled", n_samples=2000)
 
 
 def test_planted_interval_and_density_holds():
-    """Kinks clustered at the interval ends: recovered interval, density near ends > elsewhere (holds)."""
-    kinks = np.concatenate([0.6 + np.linspace(-0.03, 0.03, 10), 2.5 + np.linspace(-0.03, 0.03, 10), [1.5]])
-    st = ray_statistics(_rays(kinks), n_boot=200)
-    iv = st["intervals"][0]
-    assert iv["class"] == 1 and abs(iv["lo"] - 0.6) < 0.01 and abs(iv["hi"] - 2.5) < 0.01
+    """Kinks clustered at each ray's own interval ends: intervals recovered; denser there than at other rays'
+    ends (holds)."""
+    kinks = np.concatenate([0.6 + np.linspace(-0.03, 0.03, 10), 2.5 + np.linspace(-0.03, 0.03, 10)])
+    st = ray_statistics(_rays(kinks), n_boot=200, half_width=0.05)
+    iv = st["intervals"][1]  # shift 0.15
+    assert iv["class"] == 1 and abs(iv["lo"] - 0.75) < 0.01 and abs(iv["hi"] - 2.65) < 0.01
     assert st["entries"][0]["verdict"] == "holds"
 
 
 def test_kinks_away_from_ends_do_not_hold():
-    """Kinks spread away from the ends: density near the ends is lower (does not hold)."""
-    kinks = np.concatenate([np.linspace(1.0, 2.2, 20), np.linspace(3.0, 3.9, 10)])
-    e = ray_statistics(_rays(kinks), n_boot=200)["entries"][0]
+    """Kinks clustered 0.15 past each ray's ends, i.e. at the next ray's ends: density near a ray's own ends is
+    lower than near the other rays' ends (does not hold)."""
+    kinks = np.concatenate([0.6 + np.linspace(-0.02, 0.02, 10), 2.5 + np.linspace(-0.02, 0.02, 10)])
+    e = ray_statistics(_rays(kinks, kink_shift=0.15), n_boot=200, half_width=0.05)["entries"][0]
     assert e["value"] < e["baseline"] and e["verdict"] == "does not hold"

@@ -562,9 +562,9 @@ def reproduce_cmd(
     for key, entries in result["results"].items():
         for e in entries:
             out.print(f"{key} {e['model']} {e['statistic']}: {e['value']:.4g} vs {e['baseline']:.4g} "
-                      f"-> {e['verdict']}", highlight=False)
+                      f"-> {e['verdict']}", highlight=False, markup=False)
     for m, why in result["skipped"].items():
-        err.print(f"[yellow]skipped[/yellow] {m}: {why}", highlight=False)
+        err.print(f"skipped {m}: {why}", highlight=False, markup=False)
     out.print(f"report in {result['seconds']:.0f} s -> {result['out_dir']}/index.html")
 
 

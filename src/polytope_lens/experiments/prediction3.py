@@ -3,9 +3,10 @@
 ``run_prediction3(model, data, layer=..., alphas=(0, 4))`` scales the activation of site ``layer`` by alpha for many
 inputs (``paths.ray_crossings``), records the crossings on each ray, the top class along the ray (exact trace) and
 the top-class probability on an alpha grid, and finds the **validity interval**: the contiguous alpha range around
-alpha = 1 over which the top class equals the class at alpha = 1. Its finite ends (class changes) are compared with
-boundary density: ``density[near ends vs elsewhere]`` = crossings per unit alpha within ``half_width`` of an end vs
-crossings per unit alpha on the rest of the ray (paired bootstrap over rays with at least one finite end).
+alpha = 1 over which the top class equals the class at alpha = 1. Its finite ends (class changes, located on the
+model) are compared with boundary density: ``density[near validity ends vs elsewhere]`` = crossings per unit alpha
+within ``half_width`` of the ray's own ends vs the same ray's density near the other rays' ends (a null that keeps
+the ray's own alpha-dependence of density; paired bootstrap over rays).
 
 ``validity_interval(alpha, top_class)`` and ``ray_statistics(batch, ...)`` work on any trace, for tests.
 """
@@ -42,36 +43,56 @@ def validity_interval(alpha: np.ndarray, top_class: np.ndarray, at: float = 1.0,
     return lo, hi, int(c)
 
 
-def _ray_class_boundaries(path, a0, a1):
-    """Positions (alpha) where the top class changes, from the exact trace (breakpoints between regions)."""
-    return path.alpha(path.trace.class_changes)
+def _ends(path) -> tuple[float | None, float | None, int]:
+    """The validity interval's ends in alpha: the class changes nearest to alpha = 1 on each side (exact positions,
+    bisected on the model by the trace), None where the class never changes on that side."""
+    tr = path.trace
+    changes = np.asarray(path.alpha(tr.class_changes), float)
+    at_one = int(tr.top_class[int(np.argmin(np.abs(np.asarray(path.alpha(tr.t)) - 1.0)))])
+    below, above = changes[changes < 1.0], changes[changes > 1.0]
+    return (float(below.max()) if len(below) else None, float(above.min()) if len(above) else None, at_one)
+
+
+def _density_near(xa: np.ndarray, ends: list[float], a0: float, a1: float, half_width: float):
+    """Crossings per unit alpha within ``half_width`` of any of ``ends`` (None when that window is empty)."""
+    grid = np.linspace(a0, a1, 2001)
+    covered = np.zeros(len(grid), dtype=bool)
+    mask = np.zeros(len(xa), dtype=bool)
+    for e in ends:
+        covered |= np.abs(grid - e) <= half_width
+        mask |= np.abs(xa - e) <= half_width
+    length = covered.mean() * (a1 - a0)
+    return None if length <= 0 else mask.sum() / length
 
 
 def ray_statistics(batch, *, model: str = "model", half_width: float = 0.1, n_boot: int = 1000, level: float = 0.95,
                    seed: int = 0) -> dict:
-    """Validity intervals and density near their ends vs elsewhere for a batch of rays (``ray_crossings``)."""
-    intervals, near, far = [], [], []
+    """Validity intervals and boundary density near their ends, for a batch of rays (``ray_crossings``).
+
+    The statistic is the density of crossings (per unit alpha) within ``half_width`` of a ray's own interval ends;
+    the baseline is the same ray's density near the *other* rays' ends. Density along a ray depends on alpha by
+    itself (kinks crowd near small alpha), so comparing each ray with itself at the alphas where other rays change
+    class isolates what is specific to its own class changes (paired bootstrap over rays).
+    """
+    intervals, own_ends, xas, spans = [], [], [], []
     for p in batch.paths:
-        a0, a1 = p.alphas
-        tr = p.trace
-        lo, hi, c = validity_interval(p.alpha(tr.t), tr.top_class, 1.0)
-        intervals.append({"lo": None if lo is None else float(lo), "hi": None if hi is None else float(hi), "class": c})
-        ends = [e for e in (lo, hi) if e is not None]
-        if not ends:
+        lo, hi, c = _ends(p)
+        intervals.append({"lo": lo, "hi": hi, "class": c})
+        own_ends.append([e for e in (lo, hi) if e is not None])
+        xas.append(np.asarray(p.alpha(p.records["t"]), float))
+        spans.append(tuple(p.alphas))
+    near, far = [], []
+    for i, ends in enumerate(own_ends):
+        others = [e for j, es in enumerate(own_ends) if j != i for e in es]
+        if not ends or not others:
             continue
-        xa = p.alpha(p.records["t"])
-        mask = np.zeros(len(xa), dtype=bool)
-        covered = np.zeros(2001, dtype=bool)
-        grid = np.linspace(a0, a1, 2001)
-        for e in ends:
-            mask |= np.abs(xa - e) <= half_width
-            covered |= np.abs(grid - e) <= half_width
-        len_near = covered.mean() * (a1 - a0)
-        len_far = (a1 - a0) - len_near
-        if len_near <= 0 or len_far <= 0:
+        a0, a1 = spans[i]
+        own = _density_near(xas[i], ends, a0, a1, half_width)
+        base = [d for d in (_density_near(xas[i], [e], a0, a1, half_width) for e in others) if d is not None]
+        if own is None or not base:
             continue
-        near.append(mask.sum() / len_near)
-        far.append((~mask).sum() / len_far)
+        near.append(own)
+        far.append(float(np.mean(base)))
     entries = []
     if near:
         a, b = np.array(near), np.array(far)
