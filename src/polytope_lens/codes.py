@@ -332,6 +332,7 @@ class CodeExtractor:
         self.forward = forward or _default_forward(model)
         self.capture_kwargs = capture_kwargs
         self.sites: list[CallSite] | None = None
+        self._bit_buffers: dict[str, torch.Tensor] = {}
 
     def resolve_sites(self, inputs) -> list[CallSite]:
         """The selected sites, found with one forward pass of the first example of ``inputs``."""
@@ -367,7 +368,8 @@ class CodeExtractor:
                 if act.elementwise:  # select units first, then code only those
                     units = selection.apply(site, z, rows)
                     shape = z.shape[1:] if selection.kind == "all" else units.shape[1:]
-                    bits = act.code_bits(units)
+                    bits = act.code_bits(units, out=self._bit_buffers.get(site.name))
+                    self._bit_buffers[site.name] = bits  # reused by the next batch (no fresh pages to fault in)
                 else:
                     full = act.pieces(z)
                     units = selection.apply(site, full, rows)
