@@ -36,7 +36,7 @@ from ..cluster import (ACTIVATION_METRICS, CODE_METRICS, METHODS, NOISE, NOISE_P
 from ..errors import InvalidInputError
 from ..codes import UnitSelection
 from ..extract import default_units, extract_codes
-from .stats import paired_bootstrap, percentile_ci, verdict
+from .stats import find_entry, paired_bootstrap, percentile_ci, verdict
 
 __all__ = ["Prediction1Result", "run_prediction1", "row_activations", "lexical_category", "LEXICAL_CATEGORIES",
            "token_context"]
@@ -182,10 +182,7 @@ class Prediction1Result:
 
     def entry(self, statistic: str) -> dict:
         """The entry of one statistic (e.g. ``"nmi[class]"``)."""
-        for e in self.entries:
-            if e["statistic"] == statistic:
-                return e
-        raise InvalidInputError(f"No statistic {statistic!r}; known: {', '.join(e['statistic'] for e in self.entries)}.")
+        return find_entry(self.entries, statistic)
 
     def to_dict(self) -> dict:
         """JSON-safe: ``entries`` (the report's rows), the verdict, both clusterings and the dashboard data."""

@@ -32,7 +32,7 @@ import torch
 _GRID = (np.arange(2000) + 0.5) / 2000  # U(0, 1) quadrature for the alignment null
 
 from ..errors import InvalidInputError
-from .stats import paired_bootstrap, percentile_ci, verdict
+from .stats import find_entry, paired_bootstrap, percentile_ci, verdict
 
 __all__ = ["Prediction2Result", "run_prediction2", "path_statistics", "window_counts"]
 
@@ -164,10 +164,8 @@ class Prediction2Result:
     settings: dict = field(default_factory=dict)
 
     def entry(self, statistic: str) -> dict:
-        for e in self.entries:
-            if e["statistic"] == statistic:
-                return e
-        raise InvalidInputError(f"No statistic {statistic!r}; known: {', '.join(e['statistic'] for e in self.entries)}.")
+        """The entry of one statistic (e.g. ``"nmi[class]"``)."""
+        return find_entry(self.entries, statistic)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "data": self.data, "prediction": 2, "primary": self.primary,

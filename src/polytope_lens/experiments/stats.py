@@ -76,3 +76,11 @@ def paired_bootstrap(statistic: Callable[[np.ndarray], dict], n: int, *, n_boot:
         for name, v in statistic(rng.integers(0, n, n)).items():
             out.setdefault(name, []).append(float(v))
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+def find_entry(entries: list[dict], statistic: str) -> dict:
+    """The entry of one statistic (e.g. ``"nmi[class]"``) in a result's ``entries``."""
+    for e in entries:
+        if e["statistic"] == statistic:
+            return e
+    raise InvalidInputError(f"No statistic {statistic!r}; known: {', '.join(e['statistic'] for e in entries)}.")
