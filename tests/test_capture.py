@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polytope_lens.capture import capture, list_sites, run, select_sites
+from polytope_lens.capture import list_sites, run, select_sites
 from polytope_lens.errors import InvalidInputError, UnsupportedActivationError
 
 

@@ -1,7 +1,6 @@
 """Prediction 2 statistics on hand-made piecewise-linear models."""
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 

@@ -1,6 +1,5 @@
 """Ray extraction: a 2-worker local cluster writes the same store as one process; a dead address fails fast."""
 
-import json
 import time
 
 import numpy as np

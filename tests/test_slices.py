@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from polytope_lens.codes import spline_codes
 from polytope_lens.errors import InvalidInputError, NotPiecewiseLinearError, UnsupportedActivationError
 from polytope_lens.slices import (Plane, exact_local_complexity, local_complexity, neighbours, slice_box,
-                                  slice_plane, slice_through)
+                                  slice_through)
 
 regioncam = pytest.importorskip("regioncam")
 

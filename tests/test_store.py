@@ -1,7 +1,5 @@
 """Code stores: round trips, atomic publication, and exact resumption after SIGKILL or corruption."""
 
-import json
-import os
 import random
 import signal
 import subprocess

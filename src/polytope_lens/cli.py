@@ -408,7 +408,6 @@ def slice_cmd(
     memory_mib: Budget = 1024,
 ):
     """Exact 2-D slice: the linear regions of a piecewise-linear model on a box or a plane through three points."""
-    import torch
 
     from .models import load_model
     from .paths import site_activations

@@ -7,7 +7,6 @@ either concatenates the chunks or appends them to a ``CodeStoreWriter`` (publish
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np

@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from ..capture import CallSite, StopForward, list_sites, run
+from ..capture import CallSite, StopForward, run
 from ..errors import InvalidInputError
 from .geometry import PathSpec
 
