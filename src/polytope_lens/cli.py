@@ -314,18 +314,15 @@ def path_cmd(
             result = path_crossings(bundle.module, start, end, **kw)
         else:
             base = start
-            a = site_activations(bundle.module, _cat(start, end), layer=layer, dtype=kw["dtype"], device=device)
+            import torch
+
+            a = site_activations(bundle.module, torch.cat([start, end]), layer=layer, dtype=kw["dtype"],
+                                 device=device)
             n = len(start)
             result = path_crossings(bundle.module, a[:n], a[n:], layer=layer, inputs=base, **kw)
     _print_paths(result, f"{bundle.spec} path")
     _write_json(json_out, {"model": bundle.spec, "from": from_ref, "to": to_ref,
                            "pairs": None if pairs is None else str(pairs), **result.to_dict(records=records)})
-
-
-def _cat(a, b):
-    import torch
-
-    return torch.cat([a, b])
 
 
 def _alphas(text: str) -> tuple[float, float]:
