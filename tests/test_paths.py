@@ -294,6 +294,28 @@ def test_layers_filter_and_chunking():
     assert [p.per_layer["relu#2"] for p in tiny.paths] == [p.per_layer["relu#2"] for p in full.paths]
 
 
+def test_a_long_path_is_refined_in_pieces_within_the_budget():
+    """A path with more breakpoints than the budget holds is refined in pieces along t: the crossings (t, unit,
+    piece), the counts against Regioncam1D, the ties and the trace equal the one-piece run's."""
+    mlp = MLP(8, 256, 4, seed=11)
+    g = torch.Generator().manual_seed(3)
+    a, b = 3 * torch.randn(2, 8, generator=g), 3 * torch.randn(2, 8, generator=g)
+    whole = path_crossings(mlp, a, b)
+    pieces = path_crossings(mlp, a, b, memory_budget=1 << 20)  # about 60 breakpoints per piece
+    assert min(p.crossings for p in whole.paths) > 400
+    for p, q in zip(whole.paths, pieces.paths):
+        assert p.per_layer == q.per_layer and p.ties == q.ties
+        np.testing.assert_allclose(p.records["t"], q.records["t"], rtol=0, atol=1e-12)
+        assert (p.records["unit"] == q.records["unit"]).all() and (p.records["piece"] == q.records["piece"]).all()
+        np.testing.assert_allclose(p.t, q.t, rtol=0, atol=1e-12)
+        assert (p.trace.top_class == q.trace.top_class).all()
+    assert [p.crossings for p in pieces.paths] == [mlp.regioncam_count(a[i], b[i]) for i in range(2)]
+    cnn = SmallCNN(seed=2)
+    x0, x1 = 4 * torch.randn(1, 1, 6, 6, generator=g), 4 * torch.randn(1, 1, 6, 6, generator=g)
+    r1, r2 = path_crossings(cnn, x0, x1), path_crossings(cnn, x0, x1, memory_budget=1 << 20)
+    assert r1.paths[0].per_layer == r2.paths[0].per_layer and r1.paths[0].ties == r2.paths[0].ties
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def test_bad_inputs_raise_clear_errors():
     """Each bad input raises one clear sentence."""

@@ -1,4 +1,5 @@
-"""Ray extraction: a 2-worker local cluster writes the same store as one process; a dead address fails fast."""
+"""Ray on a local 2-worker cluster: codes, path and cluster give the single-process results; a dead address fails
+fast with one line."""
 
 import time
 
@@ -93,3 +94,131 @@ def test_codes_cli_passes_ray_options(monkeypatch, tmp_path):
                                  str(tmp_path / "s.zarr"), "--ray", "10.0.0.1:6379", "--ray-workers", "3"])
     assert r.exit_code == 1 and "stop here" in r.output
     assert seen["ray_address"] == "10.0.0.1:6379" and seen["ray_workers"] == 3
+
+
+# ------------------------------------------------------------------------------------------------- path, cluster
+PATH_MODEL = "toy:6-16-16-3:seed=2"
+
+
+def _pairs_file(tmp_path, n=8):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "pairs.npz"
+    np.savez(path, start=rng.normal(size=(n, 6)), end=rng.normal(size=(n, 6)))
+    return path
+
+
+def _assert_same(a, b, where="", tol=1e-12):
+    """Equal JSON values, except floats within ``tol`` (class changes: 1e-9, their bisection tolerance)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same(a[key], b[key], f"{where}.{key}", 1e-9 if key == "class_changes" else tol)
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]", tol)
+    elif isinstance(a, float) and not isinstance(b, bool):
+        assert abs(a - b) <= tol, (where, a, b)
+    else:
+        assert a == b, (where, a, b)
+
+
+def test_path_cli_on_two_ray_workers_matches_one_process(ray_cluster, tmp_path):
+    """8 pairs over 2 workers: every count, site, unit and piece equals the single-process JSON; positions t (and
+    the trace) agree to rounding, since BLAS rounds a row of a product differently in a batch of another size."""
+    import json
+
+    pairs = _pairs_file(tmp_path)
+    base = ["path", "--model", PATH_MODEL, "--pairs", str(pairs), "--records"]
+    r1 = CliRunner().invoke(app, [*base, "--json", str(tmp_path / "one.json")])
+    r2 = CliRunner().invoke(app, [*base, "--json", str(tmp_path / "ray.json"), "--ray", ray_cluster,
+                                  "--ray-workers", "2"])
+    assert r1.exit_code == 0 and r2.exit_code == 0, r1.output + r2.output
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "ray"))
+    assert one.pop("seconds") > 0 and two.pop("seconds") > 0
+    assert [p["index"] for p in two["paths"]] == list(range(8)) and sum(p["crossings"] for p in one["paths"]) > 50
+    for p, q in zip(one["paths"], two["paths"]):
+        for key in ("crossings", "per_layer", "ties", "n_regions", "length", "density"):
+            assert p[key] == q[key], key
+        assert [(c["site"], c["unit"], c["piece"]) for c in p["records"]] == \
+            [(c["site"], c["unit"], c["piece"]) for c in q["records"]]
+        assert p["trace"]["top_class"] == q["trace"]["top_class"]
+    _assert_same(one, two)
+
+
+def test_path_on_ray_input_errors(ray_cluster):
+    """A bare module (workers need a spec), cuda on a cluster without GPUs, and a library error raised on a worker
+    (an unknown layer) are each one clean error of the library's own class."""
+    import ray
+    import torch
+
+    from polytope_lens.errors import InvalidInputError
+    from polytope_lens.models import load_model
+    from polytope_lens.paths import path_crossings
+
+    bundle = load_model(PATH_MODEL)
+    s, e = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    with pytest.raises(InvalidInputError, match="needs the model as a ModelBundle"):
+        path_crossings(bundle.module, s, e, ray_address=ray_cluster)
+    with pytest.raises(InvalidInputError, match="'ray_workers' parameter must be an int >= 1"):
+        path_crossings(bundle, s, e, ray_address=ray_cluster, ray_workers=0)
+    if not ray.cluster_resources().get("GPU"):
+        with pytest.raises(InvalidInputError, match="has no GPUs"):
+            path_crossings(bundle, s, e, device="cuda", ray_address=ray_cluster)
+    with pytest.raises(InvalidInputError, match="'nope' matches none"):
+        path_crossings(bundle, s, e, layer="nope", inputs=s, ray_address=ray_cluster, ray_workers=2)
+
+
+def test_path_results_concat():
+    """Blocks join in order with re-indexed paths; blocks computed another way (sampled vs exact) are refused."""
+    import torch
+
+    from polytope_lens.errors import InvalidInputError
+    from polytope_lens.models import load_model
+    from polytope_lens.paths import PathBatchResult, path_crossings
+
+    module = load_model(PATH_MODEL).module
+    s, e = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    a, b = path_crossings(module, s[:2], e[:2]), path_crossings(module, s[2:], e[2:])
+    joined = PathBatchResult.concat([a, b], seconds=1.5)
+    assert [p.index for p in joined.paths] == list(range(5)) and joined.seconds == 1.5
+    assert joined.counts.tolist() == a.counts.tolist() + b.counts.tolist() and joined.notes == a.notes
+    with pytest.raises(InvalidInputError, match="different exact"):
+        PathBatchResult.concat([a, path_crossings(module, s[2:], e[2:], method="sampled")])
+
+
+@pytest.mark.parametrize("index,metric", [("flat", "hamming"), ("hnsw", "jaccard")])
+def test_cluster_on_two_ray_workers_matches_one_process(ray_cluster, index, metric):
+    """3,000 planted codes: the kNN search sharded over 2 workers gives the single-process labels, row for row
+    (faiss answers each query on its own: exact flat and HNSW alike)."""
+    pytest.importorskip("faiss")
+    from test_cluster_scale import planted
+
+    from polytope_lens.cluster_scale import ScalableCodeClusterer
+
+    X, _ = planted()
+    kw = {"min_cluster_size": 20, "index": index, "metric": metric}
+    one = ScalableCodeClusterer(**kw).fit(X)
+    two = ScalableCodeClusterer(**kw, ray_address=ray_cluster, ray_workers=2).fit(X)
+    assert one.n_clusters_ >= 10 and np.array_equal(one.labels_, two.labels_)
+    assert np.array_equal(one.core_distances_, two.core_distances_)
+    assert np.array_equal(one.probabilities_, two.probabilities_)
+
+
+def test_dead_address_path_and_cluster_cli(tmp_path):
+    """--ray 127.0.0.1:1 on path and cluster: one line, exit 1, no traceback, no JSON and no results folder."""
+    pytest.importorskip("ray")
+    pytest.importorskip("faiss")
+    store = tmp_path / "s.zarr"
+    extract_to_store("toy:2-8-2", "npy:" + str(_npy(tmp_path)), store)
+    runs = {
+        tmp_path / "p.json": ["path", "--model", PATH_MODEL, "--pairs", str(_pairs_file(tmp_path)), "--json",
+                              str(tmp_path / "p.json"), "--ray", "127.0.0.1:1"],
+        tmp_path / "res": ["cluster", str(store), "--out", str(tmp_path / "res"), "--min-cluster-size", "5",
+                           "--ray", "127.0.0.1:1"],
+    }
+    for target, args in runs.items():
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 1 and "No Ray cluster answers at '127.0.0.1:1'" in r.output, r.output
+        assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+        assert not target.exists() and not list(tmp_path.glob(".*partial"))

@@ -158,7 +158,7 @@ def codes_cmd(
                                               "batching) from its partial store.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the summary as JSON here.")] = None,
     ray: Annotated[Optional[str], typer.Option("--ray", help="Code chunks on Ray workers: local | auto | HOST:PORT "
-                                                             "(needs polytope-lens[scale]); the store is the same "
+                                                             "(needs polytope-lens\\[scale]); the store is the same "
                                                              "as without it.")] = None,
     ray_workers: Annotated[Optional[int], typer.Option(help="Ray workers (default: one per GPU, else per CPU).")
                            ] = None,
@@ -294,6 +294,12 @@ def path_cmd(
     records: Annotated[bool, typer.Option(help="Include every crossing (t, site, unit, piece) in the JSON.")] = False,
     trace: Annotated[bool, typer.Option(help="Semantic trace: the output in every region (one model evaluation "
                                              "per region; turn off for paths with very many regions).")] = True,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Analyse blocks of pairs on Ray workers: local | auto | "
+                                                             "HOST:PORT (needs polytope-lens\\[scale]); counts are the "
+                                                             "same as without it, positions equal to rounding; "
+                                                             "--device cuda puts each worker on a GPU.")] = None,
+    ray_workers: Annotated[Optional[int], typer.Option(help="Ray workers (default: one per GPU with --device cuda, "
+                                                            "else one per CPU).")] = None,
 ):
     """Boundary crossings along straight paths between inputs (or between their activations at --layer)."""
     from .models import load_model
@@ -308,10 +314,10 @@ def path_cmd(
     else:
         start, end = _item(bundle, from_ref, "--from"), _item(bundle, to_ref, "--to")
     kw = dict(method=method, dtype=_dtype(dtype), device=device, layers=layers, memory_budget=memory_mib << 20,
-              trace=trace)
+              trace=trace, ray_address=ray, ray_workers=ray_workers)
     with err.status(f"crossings along {len(start)} path(s) of {bundle.spec}"):
         if layer is None:
-            result = path_crossings(bundle.module, start, end, **kw)
+            result = path_crossings(bundle, start, end, **kw)
         else:
             base = start
             import torch
@@ -319,7 +325,7 @@ def path_cmd(
             a = site_activations(bundle.module, torch.cat([start, end]), layer=layer, dtype=kw["dtype"],
                                  device=device)
             n = len(start)
-            result = path_crossings(bundle.module, a[:n], a[n:], layer=layer, inputs=base, **kw)
+            result = path_crossings(bundle, a[:n], a[n:], layer=layer, inputs=base, **kw)
     _print_paths(result, f"{bundle.spec} path")
     _write_json(json_out, {"model": bundle.spec, "from": from_ref, "to": to_ref,
                            "pairs": None if pairs is None else str(pairs), **result.to_dict(records=records)})
@@ -511,6 +517,10 @@ def cluster_cmd(
     index: Annotated[str, typer.Option(help="auto | flat (exact kNN) | hnsw (approximate kNN).")] = "auto",
     limit: Annotated[Optional[int], typer.Option(help="Cluster only the first N rows.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing results folder.")] = False,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="Search the kNN graph on Ray workers: local | auto | "
+                                                             "HOST:PORT (needs polytope-lens\\[scale]); the results "
+                                                             "are the same as without it.")] = None,
+    ray_workers: Annotated[Optional[int], typer.Option(help="Ray workers (default: one per CPU).")] = None,
 ):
     """Cluster a store's codes (HDBSCAN through a faiss kNN graph): assignments, clusters.json and index.html."""
     from .cluster_report import cluster_store
@@ -528,7 +538,7 @@ def cluster_cmd(
 
         result = cluster_store(store, out_path, metric=metric, layers=layers, min_cluster_size=min_cluster_size,
                                min_samples=min_samples, n_neighbors=n_neighbors, index=index, limit=limit,
-                               overwrite=overwrite, progress=progress)
+                               overwrite=overwrite, progress=progress, ray_address=ray, ray_workers=ray_workers)
     out.print(f"[bold]{result['n_clusters']}[/bold] clusters of [bold]{result['n_rows']}[/bold] rows "
               f"({100 * result['noise_fraction']:.1f}% noise, {result['metric']}, kNN "
               f"{'exact' if result['knn_exact'] else 'approximate'}, {result['seconds']:.1f} s) -> {result['out']}")
@@ -548,7 +558,7 @@ def reproduce_cmd(
     chosen = [m.strip() for m in models.split(",")] if models else (QUICK_MODELS if quick else list(JOBS))
     if out_dir.exists() and not overwrite:
         raise InvalidInputError(f"{out_dir} exists; pass --overwrite to replace it.")
-    est = estimate_seconds(QUICK if quick else FULL, chosen)
+    est = estimate_seconds(QUICK if quick else FULL, chosen, quick=quick)
     err.print(f"{'quick' if quick else 'full'} run of {', '.join(chosen)}: estimated {est / 60:.1f} min")
     with Progress(TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True,
                   disable=not err.is_terminal and "PYTEST_CURRENT_TEST" in os.environ) as bar:

@@ -62,7 +62,8 @@ def _head(codes: SplineCodes, limit: int | None) -> SplineCodes:
 def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_cluster_size: int = 20,
                   min_samples: int | None = None, n_neighbors: int | None = None, index: str = "auto",
                   limit: int | None = None, overwrite: bool = False, max_members: int = 50, top_k: int = 10,
-                  max_shown: int = 40, progress: Callable[[str, int, int], None] | None = None) -> dict:
+                  max_shown: int = 40, progress: Callable[[str, int, int], None] | None = None,
+                  ray_address: str | None = None, ray_workers: int | None = None) -> dict:
     """Cluster a code store's rows and write ``assignments.npy``, ``rows.npy``, ``clusters.json``, ``index.html``.
 
     Parameters
@@ -80,6 +81,9 @@ def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_clust
     max_members, top_k, max_shown
         Member rows kept per cluster in ``clusters.json``, defining units per cluster, clusters drawn in the
         dashboard.
+    ray_address, ray_workers
+        Shard the kNN search over Ray workers, as in ``ScalableCodeClusterer``; the outputs are those of a
+        single-process run (``params`` in ``clusters.json`` leaves these two out: they do not change the result).
 
     Returns
     -------
@@ -102,7 +106,8 @@ def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_clust
         raise InvalidInputError(f"{str(store)!r} is not a polytope-lens code store (no such folder).")
     codes = _head(select_store_sites(read_codes(store), layers), limit)
     est = ScalableCodeClusterer(metric=metric, min_cluster_size=min_cluster_size, min_samples=min_samples,
-                                n_neighbors=n_neighbors, index=index)
+                                n_neighbors=n_neighbors, index=index, ray_address=ray_address,
+                                ray_workers=ray_workers)
     t0 = time.perf_counter()
     est.fit(codes, progress=progress)
     seconds = time.perf_counter() - t0
@@ -110,7 +115,8 @@ def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_clust
     result = {
         "format": "polytope-lens/clusters/1", "store": str(store), "model": codes.meta.get("model"),
         "data": codes.meta.get("data"), "sites": list(codes.layers), "n_rows": len(codes),
-        "metric": metric, "params": est.get_params(), "knn_exact": est.knn_exact_,
+        "metric": metric, "params": {k: v for k, v in est.get_params().items() if not k.startswith("ray_")},
+        "knn_exact": est.knn_exact_,
         "exact_codes": codes.exact, "n_clusters": est.n_clusters_, "noise_fraction": est.noise_fraction_,
         "knn_components": est.n_components_, "seconds": round(seconds, 3),
         "files": {"assignments": "assignments.npy", "rows": "rows.npy", "dashboard": "index.html"},

@@ -33,6 +33,8 @@ bound the adjusted Rand index against ``sklearn.cluster.HDBSCAN(metric="precompu
 
 Cost: the flat search dominates (~5e7 row pairs/s on 2 cores at 3072 bits); HNSW makes 100k rows a matter of tens
 of seconds and 1M rows tens of minutes. Memory: ``rows * n_neighbors`` edges (~24 bytes each) plus the codes.
+``ray_address`` shards the search's query rows over Ray workers (the same graph, see ``distributed``); building the
+index, the MST and the tree stay in this process, and each worker holds its own copy of an HNSW index.
 """
 
 from __future__ import annotations
@@ -114,9 +116,37 @@ def _make_index(X: np.ndarray, index: str, hnsw_m: int, ef_construction: int, ef
     return idx
 
 
+def _load_index(X: np.ndarray, index_bytes, ef_search: int):
+    """A Ray worker's copy of the driver's index: deserialized (HNSW, ``efSearch`` restored) or, when
+    ``index_bytes`` is None, an exact flat index over ``X`` (adding to a flat index only copies the codes)."""
+    if index_bytes is None:
+        return _make_index(X, "flat", 0, 0, 0)
+    idx = _faiss().deserialize_index_binary(index_bytes)
+    idx.hnsw.efSearch = max(ef_search, 1)
+    return idx
+
+
+def _search_rows(idx, X: np.ndarray, s: int, e: int, k: int, kc: int, metric: str,
+                 pop: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Distances and indices (e - s, k) of rows ``s:e``'s nearest rows; ``kc`` Hamming candidates for Jaccard.
+
+    faiss answers each query on its own, so the rows of a block do not depend on the block (checked in the tests):
+    the single-process loop and the Ray workers (``distributed.ray_knn_blocks``) both call this.
+    """
+    dh, ih = idx.search(X[s:e], kc)
+    if metric != "jaccard":
+        return dh.astype(np.float64), ih
+    valid = ih >= 0
+    dj = _jaccard_from(dh.astype(np.int64), pop[s:e, None], pop[np.where(valid, ih, 0)])
+    dj = np.where(valid, dj, np.inf)
+    order = np.argsort(dj, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(dj, order, 1), np.take_along_axis(ih, order, 1)
+
+
 def knn_graph(X: np.ndarray, n_neighbors: int, *, metric: str = "hamming", index: str = "flat",
               jaccard_candidates: int = 4, hnsw_m: int = 32, ef_search: int = 128, ef_construction: int = 64,
-              chunk_rows: int = 8192, progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+              chunk_rows: int = 8192, progress: Progress | None = None, ray_address: str | None = None,
+              ray_workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each row's ``n_neighbors`` nearest rows (itself included, usually first) and their distances.
 
     Parameters
@@ -129,6 +159,11 @@ def knn_graph(X: np.ndarray, n_neighbors: int, *, metric: str = "hamming", index
         Jaccard re-ranks ``jaccard_candidates * n_neighbors`` Hamming candidates (see the module docstring).
     index : {"flat", "hnsw"}
         Exact or approximate faiss binary index.
+    ray_address : str, optional
+        Search blocks of query rows on Ray workers (``"local"``, ``"auto"``, ``"HOST:PORT"``; see ``distributed``):
+        the index is built here once and shipped to them; the graph is identical to a single-process search.
+    ray_workers : int, optional
+        Ray workers (default: one per CPU of the cluster).
 
     Returns
     -------
@@ -141,23 +176,23 @@ def knn_graph(X: np.ndarray, n_neighbors: int, *, metric: str = "hamming", index
     if index == "hnsw":
         ef_search = max(ef_search, kc)
     idx = _make_index(X, index, hnsw_m, ef_construction, ef_search)
-    pop = _popcount(X) if metric == "jaccard" else None
     D = np.empty((n, k), dtype=np.float64)
     Ind = np.empty((n, k), dtype=np.int64)
-    for s in range(0, n, chunk_rows):
-        e = min(n, s + chunk_rows)
-        dh, ih = idx.search(X[s:e], kc)
-        if metric == "jaccard":
-            valid = ih >= 0
-            dj = _jaccard_from(dh.astype(np.int64), pop[s:e, None], pop[np.where(valid, ih, 0)])
-            dj = np.where(valid, dj, np.inf)
-            order = np.argsort(dj, axis=1, kind="stable")[:, :k]
-            D[s:e] = np.take_along_axis(dj, order, 1)
-            Ind[s:e] = np.take_along_axis(ih, order, 1)
-        else:
-            D[s:e], Ind[s:e] = dh, ih
+    if ray_address is not None:
+        from .distributed import ray_knn_blocks
+
+        blob = None if index == "flat" else _faiss().serialize_index_binary(idx)
+        del idx  # the workers hold their own copies
+        blocks = ray_knn_blocks(ray_address, X, blob, k=k, kc=kc, metric=metric, ef_search=ef_search,
+                                workers=ray_workers, block_rows=chunk_rows)
+    else:
+        pop = _popcount(X) if metric == "jaccard" else None
+        blocks = ((s, *_search_rows(idx, X, s, min(n, s + chunk_rows), k, kc, metric, pop))
+                  for s in range(0, n, chunk_rows))
+    for s, d, i in blocks:
+        D[s:s + len(d)], Ind[s:s + len(d)] = d, i
         if progress is not None:
-            progress("knn", e, n)
+            progress("knn", s + len(d), n)
     D[Ind < 0] = np.inf
     return D, Ind
 
@@ -221,6 +256,13 @@ class ScalableCodeClusterer(ClusterMixin, BaseEstimator):
         Members per kNN-graph component searched when bridging components.
     random_state : int
         Seed of the bridge sampling.
+    ray_address : str, optional
+        Shard the kNN search (the expensive step) over Ray workers: ``"local"``, ``"auto"``, ``"HOST:PORT"`` or
+        ``"ray://HOST:PORT"`` (``pip install 'polytope-lens[scale]'``; see ``distributed``). The index is built here
+        and shipped once; each worker searches blocks of query rows; the rest runs here. The labels equal a
+        single-process fit's (faiss answers each query independently).
+    ray_workers : int, optional
+        Ray workers (default: one per CPU of the cluster).
 
     Attributes
     ----------
@@ -251,7 +293,8 @@ class ScalableCodeClusterer(ClusterMixin, BaseEstimator):
                  n_neighbors: int | None = None, index: str = "auto", flat_max_rows: int = 20_000,
                  cluster_selection_epsilon: float = 0.0, allow_single_cluster: bool = False,
                  jaccard_candidates: int = 4, hnsw_m: int = 32, ef_search: int = 128, ef_construction: int = 64,
-                 bridge_samples: int = 64, random_state: int = 0):
+                 bridge_samples: int = 64, random_state: int = 0, ray_address: str | None = None,
+                 ray_workers: int | None = None):
         self.metric = metric
         self.min_cluster_size = min_cluster_size
         self.min_samples = min_samples
@@ -266,6 +309,8 @@ class ScalableCodeClusterer(ClusterMixin, BaseEstimator):
         self.ef_construction = ef_construction
         self.bridge_samples = bridge_samples
         self.random_state = random_state
+        self.ray_address = ray_address
+        self.ray_workers = ray_workers
 
     def _validate(self, n: int) -> tuple[int, int, str]:
         from .cluster import _int_at_least, _one_of
@@ -282,6 +327,10 @@ class ScalableCodeClusterer(ClusterMixin, BaseEstimator):
         if not isinstance(self.cluster_selection_epsilon, numbers.Real) or self.cluster_selection_epsilon < 0:
             raise InvalidInputError(f"The 'cluster_selection_epsilon' parameter of {owner} must be a float >= 0. "
                                     f"Got {self.cluster_selection_epsilon!r} instead.")
+        if self.ray_address is not None and not isinstance(self.ray_address, str):
+            raise InvalidInputError(f"The 'ray_address' parameter of {owner} must be a str ('local', 'auto', "
+                                    f"'HOST:PORT') or None. Got {self.ray_address!r} instead.")
+        _int_at_least(owner, "ray_workers", self.ray_workers, 1, optional=True)
         if n < 2:
             raise InvalidInputError(f"{owner} needs at least 2 rows to cluster; got {n}.")
         min_samples = self.min_cluster_size if self.min_samples is None else self.min_samples
@@ -309,7 +358,7 @@ class ScalableCodeClusterer(ClusterMixin, BaseEstimator):
         pop = _popcount(X) if self.metric == "jaccard" else None
         D, Ind = knn_graph(X, k, metric=self.metric, index=index, jaccard_candidates=self.jaccard_candidates,
                            hnsw_m=self.hnsw_m, ef_search=self.ef_search, ef_construction=self.ef_construction,
-                           progress=progress)
+                           progress=progress, ray_address=self.ray_address, ray_workers=self.ray_workers)
         core = D[:, min_samples - 1].copy()
         rows = np.repeat(np.arange(n), k)
         cols = Ind.ravel()

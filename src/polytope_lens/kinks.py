@@ -218,16 +218,42 @@ class WindowMax(Activation):
         out_h, out_w = _pool_out(h, kh, sh, ph, dh, self.ceil_mode), _pool_out(w, kw, sw, pw, dw, self.ceil_mode)
         extra_h = max(0, (out_h - 1) * sh + dh * (kh - 1) + 1 - h - 2 * ph)
         extra_w = max(0, (out_w - 1) * sw + dw * (kw - 1) + 1 - w - 2 * pw)
-        xp = F.pad(x, (pw, pw + extra_w, ph, ph + extra_h), value=-math.inf)
-        cols = F.unfold(xp.reshape(n * c, 1, *xp.shape[2:]), (kh, kw), dilation=(dh, dw), stride=(sh, sw))
-        cols = cols.reshape(n, c, kh * kw, -1)[..., : out_h * out_w]
-        win = cols.reshape(n, c, kh * kw, out_h, out_w).permute(0, 1, 3, 4, 2)
+        pads = (pw, pw + extra_w, ph, ph + extra_h)
+        xp = F.pad(x, pads, value=-math.inf) if any(pads) else x
+        # strided views (no im2col): (n, c, rows, cols, span_h, span_w), then every dilation-th entry
+        win = xp.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
+        win = win[:, :, :out_h, :out_w].reshape(n, c, out_h, out_w, kh * kw)
         return win.squeeze(2) if squeeze else win
 
     def pieces(self, z: torch.Tensor) -> torch.Tensor:
         return self.windows(z).argmax(dim=-1)
 
+    def window_index(self, shape: tuple[int, ...], device=None) -> torch.Tensor:
+        """Flat input index of every window entry, (units, n_pieces); -1 where the window hangs over padding."""
+        idx = torch.arange(math.prod(shape), dtype=torch.float64, device=device).reshape(1, *shape)
+        w = self.windows(idx)
+        return torch.where(torch.isfinite(w), w, -1.0).long().reshape(-1, self.n_pieces)
+
+    def unit_windows(self, z: torch.Tensor, rows: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+        """Window entries ``(n, n_pieces)`` of output unit ``unit[i]`` in example ``rows[i]`` of ``z`` (-inf on
+        padding), without unfolding every window of every example."""
+        idx = self.window_index(tuple(z.shape[1:]), z.device)[unit]
+        vals = z.reshape(len(z), -1)[rows[:, None], idx.clamp(min=0)]
+        return torch.where(idx >= 0, vals, torch.full_like(vals, -math.inf))
+
     def crossings(self, z0: torch.Tensor, z1: torch.Tensor) -> Crossings:
+        # about a dozen (segment, unit, window entry) temporaries are alive at once: work in blocks of segments
+        n_seg = z0.shape[0]
+        block = max(1, _BLOCK_BYTES // (12 * 8 * max(1, z0[:1].numel()) * self.n_pieces))
+        if n_seg <= block:
+            return self._crossings_block(z0, z1)
+        parts = []
+        for i in range(0, n_seg, block):
+            c = self._crossings_block(z0[i:i + block], z1[i:i + block])
+            parts.append(Crossings(c.segment + i, c.unit, c.t, c.piece))
+        return Crossings.cat(parts)  # blocks are in segment order, each sorted by (segment, t)
+
+    def _crossings_block(self, z0: torch.Tensor, z1: torch.Tensor) -> Crossings:
         n_seg = z0.shape[0]
         w0 = self.windows(z0).reshape(n_seg, -1, self.n_pieces)
         w1 = self.windows(z1).reshape(n_seg, -1, self.n_pieces)
@@ -269,6 +295,9 @@ class WindowMax(Activation):
     def describe(self) -> dict:
         return {**super().describe(), "kernel": list(self.kernel), "stride": list(self.stride),
                 "padding": list(self.padding), "dilation": list(self.dilation), "ceil_mode": self.ceil_mode}
+
+
+_BLOCK_BYTES = 256 << 20  # working memory of one block of max-pool crossings
 
 
 def _pool_out(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:

@@ -5,9 +5,10 @@ sizes), prediction 1 (``run_prediction1``), prediction 2 (``run_prediction2``), 
 and the representational flow of prediction 2's paths, then writes ``index.html`` and ``results.json`` into a
 temporary folder beside ``out_dir`` and renames it into place on success (nothing is left half-written).
 
-Jobs: digits-cnn on digits (always); fashion-cnn on Fashion-MNIST and EfficientNet-Lite0 on the scikit-image photos
-(flips and crops, labelled by source photo) and MiniLM on pydoc when they load. A job whose model or data is missing
-is skipped and the report's Methods section says why.
+Jobs: digits-cnn on digits (always); fashion-cnn on Fashion-MNIST, EfficientNet-Lite0 on the scikit-image photos
+(flips and crops, labelled by source photo), MiniLM on pydoc and MiniLM on Jane Austen's novels when they load. A job
+names its model (``"model"``, default: the job's key) and data; every result entry carries both. A job whose model or
+data is missing is skipped and the report's Methods section says why.
 """
 
 from __future__ import annotations
@@ -29,41 +30,57 @@ __all__ = ["reproduce", "JOBS", "QUICK", "FULL", "estimate_seconds"]
 
 JOBS = {
     # prediction 3 scales the first site's activation up to 16x: scaling a late site of these small ReLU CNNs
-    # almost never changes the class (the head is nearly positively homogeneous), so no validity interval has ends
+    # almost never changes the class (the head is nearly positively homogeneous), so no validity interval has ends.
+    # "cost": seconds on 2 CPU cores to load, per prediction-1 item, per prediction-2 pair (three kinds of path) and
+    # per prediction-3 ray, measured in full runs; the full run's printed estimate is built from them.
     "digits-cnn": {"data": "digits", "p1_layers": "head.2.relu", "p1_units": "all", "layer": "pool1.max_pool2d",
-                   "p3_layer": "stem.2.relu", "p3_alphas": (0.25, 16.0)},
+                   "p3_layer": "stem.2.relu", "p3_alphas": (0.25, 16.0),
+                   "cost": {"load": 5, "p1": 0.01, "p2": 2.4, "p3": 0.6}},
     "fashion-cnn": {"data": "fashion-mnist", "p1_layers": "head.2.relu", "p1_units": "all",
                     "layer": "pool2.max_pool2d", "p3_layer": "stem.2.relu", "p3_alphas": (0.25, 16.0),
-                    "p3_in_quick": False},  # ~70 s per ray on 2 cores: full run only
+                    "p3_in_quick": False, "p3_max_items": 10,  # ~45 s per ray (22,000 crossings): full run only
+                    "cost": {"load": 10, "p1": 0.01, "p2": 2.4, "p3": 45.0}},
     "efficientnet-lite0": {"data": "skimage-augmented", "p1_layers": "_blocks.15._swish.relu6#1",
                            "p1_units": "position", "layer": "_blocks.15._swish.relu6#1",
-                           "p3_layer": "_blocks.15._swish.relu6#1"},
+                           "p3_layer": "_blocks.15._swish.relu6#1",
+                           "cost": {"load": 30, "p1": 0.0, "p2": 24.0, "p3": 12.0}},
     "minilm": {"data": "pydoc", "p1_layers": "encoder.layer.3.intermediate.intermediate_act_fn.gelu",
                "p1_units": "tokens", "layer": "encoder.layer.4.intermediate.intermediate_act_fn.gelu",
-               "p3_layer": None},
+               "p3_layer": None, "cost": {"load": 30, "p1": 0.0, "p2": 8.0, "p3": 0.0}},
+    "minilm-austen": {"model": "minilm", "data": "austen",
+                      "p1_layers": "encoder.layer.3.intermediate.intermediate_act_fn.gelu", "p1_units": "tokens",
+                      "layer": "encoder.layer.4.intermediate.intermediate_act_fn.gelu", "p3_layer": None,
+                      "cost": {"load": 30, "p1": 0.0, "p2": 8.0, "p3": 0.0}},
 }
 QUICK = {"p1_items": 200, "p2_pairs": 6, "p2_items": 120, "p3_items": 6, "n_boot": 200, "n_stability": 0,
          "text_items": 12, "text_pairs": 3, "n_samples": 48, "photo_pairs": 4, "photo_rays": 3}
 FULL = {"p1_items": 1000, "p2_pairs": 40, "p2_items": 400, "p3_items": 30, "n_boot": 1000, "n_stability": 10,
         "text_items": 60, "text_pairs": 12, "n_samples": 128, "photo_pairs": 12, "photo_rays": 10}
 QUICK_MODELS = ["digits-cnn", "fashion-cnn"]
-# seconds per unit of work on 2 CPU cores, measured in quick runs (used for the full run's estimate)
-_COST = {"p1_items": 0.01, "p2_pairs": 0.8, "p3_items": 1.2, "text_pairs": 8.0, "photo_pairs": 12.0,
-         "photo_rays": 12.0}
+_N_PHOTOS = 25  # scikit-image photos x 5 augmentations
 
 
-def estimate_seconds(config: dict, models: list[str]) -> float:
-    """Rough duration of a run from a per-item cost table (2 CPU cores)."""
-    per_model = config["p1_items"] * _COST["p1_items"] + config["p2_pairs"] * _COST["p2_pairs"] * 3 \
-        + config["p3_items"] * _COST["p3_items"]
+def _sizes(job: dict, config: dict, quick: bool) -> tuple[int, int, int]:
+    """(prediction-1 items, prediction-2 pairs, prediction-3 rays) of one job under ``config``."""
+    text = job.get("model", "") == "minilm" or job["data"] in ("pydoc", "austen")
+    if text:
+        return config["text_items"], config["text_pairs"], 0
+    if job["data"] == "skimage-augmented":
+        n1, n2, n3 = _N_PHOTOS, config["photo_pairs"], config["photo_rays"]
+    else:
+        n1, n2, n3 = config["p1_items"], config["p2_pairs"], min(config["p3_items"], job.get("p3_max_items", 1 << 30))
+    if not job["p3_layer"] or (quick and not job.get("p3_in_quick", True)):
+        n3 = 0
+    return n1, n2, n3
+
+
+def estimate_seconds(config: dict, models: list[str], quick: bool = False) -> float:
+    """Rough duration of a run on 2 CPU cores from the jobs' measured per-item costs."""
     total = 0.0
     for m in models:
-        if m == "minilm":
-            total += 30 + config["text_pairs"] * _COST["text_pairs"]
-        elif m == "efficientnet-lite0":
-            total += 30 + config["photo_pairs"] * _COST["photo_pairs"] * 2 + config["photo_rays"] * _COST["photo_rays"]
-        else:
-            total += 5 + per_model
+        c = JOBS[m]["cost"]
+        n1, n2, n3 = _sizes(JOBS[m], config, quick)
+        total += c["load"] + n1 * c["p1"] + n2 * c["p2"] + n3 * c["p3"]
     return total
 
 
@@ -102,7 +119,7 @@ def _available(models: list[str]) -> tuple[list[str], dict]:
             raise InvalidInputError(f"Unknown model job {m!r}; known: {', '.join(JOBS)}.")
         d = JOBS[m]["data"]
         dkey = "skimage" if d == "skimage-augmented" else d
-        if not have_m.get(m, False):
+        if not have_m.get(JOBS[m].get("model", m), False):
             skipped[m] = "model not available here"
         elif not have_d.get(dkey, False):
             skipped[m] = f"data {dkey!r} not available here"
@@ -159,26 +176,27 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
         job = JOBS[m]
         t0 = time.perf_counter()
         try:
-            bundle = load_model(m)
+            bundle = load_model(job.get("model", m))
             photos = job["data"] == "skimage-augmented"
             text = bundle.modality == "text"
             data = _augmented_photos() if photos else job["data"]
             # ---- prediction 1
             say(f"{m}: prediction 1")
-            n1 = len(data) if photos else (cfg["text_items"] if text else cfg["p1_items"])
+            n1, n2, n3 = _sizes(job, cfg, quick)
+            n1 = len(data) if photos else n1
             r1 = run_prediction1(bundle, data, layers=job["p1_layers"], units=job["p1_units"], n_items=n1,
                                  n_boot=nb, n_stability=cfg["n_stability"], min_cluster_size=3 if photos else 5,
                                  k=6, skip=0 if text else 100)
             d1 = r1.to_dict()
             state["p1"].append(d1)
-            results["prediction_1"] += d1["entries"]
+            results["prediction_1"] += [dict(e, data=d1["data"]) for e in d1["entries"]]
             if bundle.modality == "image":
                 src = data if photos else load_data(job["data"], limit=n1, seed=0)
                 try:
                     import matplotlib
                     matplotlib.use("Agg")
                     from .report.figures import _png
-                    state["grids"][bundle.spec] = _png(r1.plot(src, max_clusters=6, per_cluster=8))
+                    state["grids"][_label(d1)] = _png(r1.plot(src, max_clusters=6, per_cluster=8))
                 except PolytopeLensError:
                     pass
             timings[f"{m}/prediction_1"] = round(time.perf_counter() - t0, 2)
@@ -186,37 +204,38 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
             t1 = time.perf_counter()
             say(f"{m}: prediction 2")
             if text:
-                r2 = run_prediction2(bundle, data, layer=job["layer"], n_pairs=cfg["text_pairs"],
-                                     n_items=2 * cfg["text_pairs"], method="sampled", n_samples=cfg["n_samples"],
+                r2 = run_prediction2(bundle, data, layer=job["layer"], n_pairs=n2,
+                                     n_items=2 * n2, method="sampled", n_samples=cfg["n_samples"],
                                      n_boot=nb, max_length=32, progress=say)
             elif photos:
-                r2 = run_prediction2(bundle, data, layer=job["layer"], n_pairs=cfg["photo_pairs"], n_boot=nb,
+                r2 = run_prediction2(bundle, data, layer=job["layer"], n_pairs=n2, n_boot=nb,
                                      progress=say)
             else:
-                r2 = run_prediction2(bundle, data, layer=job["layer"], n_pairs=cfg["p2_pairs"],
+                r2 = run_prediction2(bundle, data, layer=job["layer"], n_pairs=n2,
                                      n_items=cfg["p2_items"], n_boot=nb, progress=say)
             d2 = r2.to_dict()
             state["p2"].append(d2)
-            results["prediction_2"] += [dict(e, exact=r2.exact, method=r2.method) for e in d2["entries"]]
-            state["flow"][bundle.spec] = region_flow(r2.paths["different"])
+            results["prediction_2"] += [dict(e, data=d2["data"], exact=r2.exact, method=r2.method)
+                                        for e in d2["entries"]]
+            state["flow"][_label(d2)] = region_flow(r2.paths["different"])
             timings[f"{m}/prediction_2"] = round(time.perf_counter() - t1, 2)
             # ---- prediction 3
-            if job["p3_layer"] and not text and (not quick or job.get("p3_in_quick", True)):
+            d3 = None
+            if n3:
                 t2 = time.perf_counter()
                 say(f"{m}: prediction 3")
-                n3 = cfg["photo_rays"] if photos else cfg["p3_items"]
                 index = np.arange(0, len(data), 5)[:n3] if photos else None
                 r3 = run_prediction3(bundle, data, layer=job["p3_layer"], n_items=n3, n_boot=nb, index=index,
                                      alphas=job.get("p3_alphas", (0.25, 4.0)), progress=say)
                 d3 = r3.to_dict()
                 state["p3"].append(d3)
-                results["prediction_3"] += [dict(e, exact=r3.exact, method=r3.method) for e in d3["entries"]]
+                results["prediction_3"] += [dict(e, data=d3["data"], exact=r3.exact, method=r3.method)
+                                            for e in d3["entries"]]
                 timings[f"{m}/prediction_3"] = round(time.perf_counter() - t2, 2)
-            state["methods"][f"model: {m}"] = {"provenance": bundle.provenance,
-                                              "data": getattr(data, "provenance", job["data"]),
-                                              "prediction_2": d2["settings"],
-                                              "prediction_3": state["p3"][-1]["settings"] if state["p3"] and
-                                              state["p3"][-1]["model"] == bundle.spec else None}
+            state["methods"][f"job: {m}"] = {"model": bundle.spec, "provenance": bundle.provenance,
+                                            "data": getattr(data, "provenance", job["data"]),
+                                            "prediction_2": d2["settings"],
+                                            "prediction_3": d3["settings"] if d3 else None}
         except PolytopeLensError as e:
             skipped[m] = f"failed: {e}"
             say(f"{m}: skipped ({e})")
@@ -234,11 +253,8 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
                                "cpus": os.cpu_count()}
     state["subtitle"] = (f"{'quick' if quick else 'full'} run, {len(run_models)} model(s), "
                          f"{seconds:.0f} s; generated {time.strftime('%Y-%m-%d %H:%M:%S')}")
-    try:
-        from . import slices  # optional, written by another engineer
-        state["slice"] = None if not hasattr(slices, "slice_picture") else None
-    except Exception:  # noqa: BLE001 - the slice picture is optional
-        pass
+    say("opening picture: exact 2-D slices of a toy classifier")
+    state["slice"] = _opening_picture()
     page = render_report(state)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -254,6 +270,22 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"results": results, "seconds": seconds, "timings": timings, "skipped": skipped, "out_dir": str(out)}
+
+
+def _opening_picture() -> str:
+    """The paper's opening picture (a 2-D classifier trained here, its exact regions after each layer) as PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from .report.figures import _png
+    from .slices.render import opening_figure
+
+    fig, _ = opening_figure()
+    return _png(fig)
+
+
+def _label(result: dict) -> str:
+    """``"MODEL on DATA"``: how the report names one job's results."""
+    return f"{result['model']} on {result['data']}"
 
 
 def _json_default(o):

@@ -179,14 +179,21 @@ def _analyse(prep: _Prepared, spec: PathSpec, *, owner, layers, method, tie_tol,
         est_pts = n_samples + 1
     results: list = [None] * n_paths
     start = 0
+    guessed = True  # est_pts is a guess until a path has been refined
     while start < n_paths:
         c = int(max(1, min(n_paths - start, memory_budget // max(1, int(est_pts * per_point)))))
         gp = torch.arange(start, start + c, device=prep.device)
-        if use_exact:
+        if use_exact and (guessed or est_pts * per_point > memory_budget):
+            # one path whose breakpoints may not fit the budget at once: refine it in pieces along t
+            c, gp = 1, gp[:1]
+            max_pts = max(64, memory_budget // per_point)
+            out = refiner.run_path_in_pieces(gp, max_pts, est_pts if not guessed else 4.0 * max_pts)
+            guessed = False
+        elif use_exact:
             out = refiner.run_chunk(gp)
-            if verify:
-                verify_chunk(runner, gp, out["pid"], out["t"], n_check=32, seed=start)
-        else:
+        if use_exact and verify:
+            verify_chunk(runner, gp, out["pid"], out["t"], n_check=32, seed=start)
+        elif not use_exact:
             out = sampled_chunk(runner, gp, n_samples, tol, trace)
         counts = torch.bincount(out["pid"], minlength=c)
         if use_exact:
@@ -321,10 +328,27 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
                    layers: str | list[str] | None = None, method: str = "auto", dtype: torch.dtype = torch.float64,
                    device="cpu", tie_tol: float = 1e-12, n_samples: int = 1024, tol: float = 1e-9,
                    trace: bool = True, verify: bool = True, memory_budget: int = 1 << 30, evaluator: str = "auto",
-                   forward: Callable | None = None, **capture_kwargs) -> PathBatchResult:
+                   forward: Callable | None = None, ray_address: str | None = None, ray_workers: int | None = None,
+                   **capture_kwargs) -> PathBatchResult:
     owner = "path_crossings"
     _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator)
     start, end = geometry.segments(start, end, owner=owner)
+    spec = getattr(model, "spec", None) if not isinstance(model, nn.Module) else None
+    if ray_address is not None:
+        from ..distributed import check_workers, ray_path_crossings
+
+        if not isinstance(spec, str):
+            raise InvalidInputError(f"{owner} with ray_address needs the model as a ModelBundle (models.load_model): "
+                                    "each Ray worker reloads it from its spec.")
+        check_workers(ray_workers)
+        if layer is not None:
+            inputs = _check_base(inputs, len(start), owner)
+        return ray_path_crossings(ray_address, spec, start, end, inputs=inputs, workers=ray_workers, layer=layer,
+                                  layers=layers, method=method, dtype=dtype, device=device, tie_tol=tie_tol,
+                                  n_samples=n_samples, tol=tol, trace=trace, verify=verify,
+                                  memory_budget=memory_budget, evaluator=evaluator, forward=forward, **capture_kwargs)
+    if spec is not None:
+        model = model.module
     prep = _Prepared(model, forward, dtype, device)
     base, site_name = None, None
     if layer is not None:
@@ -348,13 +372,20 @@ path_crossings.__doc__ = """Exact (or sampled) boundary crossings along straight
 
     Parameters
     ----------
-    model : nn.Module
+    model : nn.Module or ModelBundle
     start, end : Tensor (P, *shape)
         Path endpoints: model inputs, or outputs of site ``layer`` when it is given.
     layer : str, optional
         Site (name or glob matching one site) whose output the paths replace; needs ``inputs``.
     inputs : Tensor or mapping (P, ...), optional
         Real model inputs feeding every other branch of a site path.
+    ray_address : str, optional
+        Analyse contiguous blocks of pairs on Ray workers (``"local"``, ``"auto"``, ``"HOST:PORT"``; ``pip install
+        'polytope-lens[scale]'``); ``model`` must then be a ``ModelBundle``, which each worker reloads from its spec
+        (on one GPU each when ``device`` is cuda). The blocks are joined in order: counts equal a single-process
+        run's, positions to rounding (see ``distributed``). ``memory_budget`` holds per worker.
+    ray_workers : int, optional
+        Ray workers (default: one per GPU when ``device`` is cuda, else one per CPU of the cluster).
 """ + _COMMON_DOC + """
     Examples
     --------

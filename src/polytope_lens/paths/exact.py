@@ -229,8 +229,7 @@ class Refiner:
             first = act.pieces(zl)
             dz = zr - zl
         elif isinstance(act, WindowMax):
-            wl = act.windows(z[seg]).reshape(n, -1, act.n_pieces)[torch.arange(n, device=z.device), unit]
-            wr = act.windows(z[seg + 1]).reshape(n, -1, act.n_pieces)[torch.arange(n, device=z.device), unit]
+            wl, wr = act.unit_windows(z, seg, unit), act.unit_windows(z, seg + 1, unit)
             first = wl.argmax(-1)
             dw = torch.where(torch.isfinite(wl), wr - wl, torch.zeros_like(wl))
         else:  # pragma: no cover - the registry has two exact families
@@ -288,11 +287,16 @@ class Refiner:
         return z
 
     # ---------------------------------------------------------------------------------------------- chunk
-    def run_chunk(self, gpids: torch.Tensor) -> dict:
+    def run_chunk(self, gpids: torch.Tensor, t_range: tuple[float, float] | None = None) -> dict:
+        """Refine paths ``gpids`` (all of each), or only ``[t_range[0], t_range[1]]`` of a single path."""
         r = self.r
         spec = r.spec
         dev = r.device
         kt = spec.knots_t[gpids]
+        if t_range is not None:
+            a, b = t_range
+            inside = kt[0][(kt[0] > a) & (kt[0] < b)]
+            kt = torch.cat([kt.new_tensor([a]), inside, kt.new_tensor([b])])[None]
         c_paths, k0 = kt.shape
         pid = torch.arange(c_paths, device=dev).repeat_interleave(k0)
         t = kt.reshape(-1).clone()
@@ -371,6 +375,51 @@ class Refiner:
         out = {"pid": pid, "t": t, "tied": tied, "records": recs}
         if self.want_output:
             out["output"] = self._outputs(pid, t, gpids, store)
+        return out
+
+    def run_path_in_pieces(self, gpid: torch.Tensor, max_points: int, est_points: float) -> dict:
+        """Refine one path piece by piece along t, each piece sized to hold about ``max_points`` breakpoints
+        (from the density of the pieces done so far; the first from ``est_points``), and join the pieces.
+
+        Pieces share their end points, whose unit inputs are evaluated the same way in both, so a unit sitting on a
+        kink there is counted once (``pieces`` decides on which side, as within one piece)."""
+        pieces, densities, a = [], [max(float(est_points), 1.0)], 0.0  # breakpoints per unit of t
+        while a < 1.0:
+            step = 0.8 * max_points / max(densities)
+            b = 1.0 if a + step >= 1.0 else a + step
+            out = self.run_chunk(gpid, (a, b))
+            densities = ([] if not pieces else densities) + [len(out["t"]) / (b - a)]
+            pieces.append(out)
+            a = b
+        if len(pieces) == 1:
+            return pieces[0]
+        records = [tuple(torch.cat(parts) if j != 2 else parts[0] for j, parts in enumerate(zip(*recs)))
+                   for recs in zip(*(p["records"] for p in pieces))]
+        t = torch.cat([p["t"][1 if i else 0:] for i, p in enumerate(pieces)])
+        tied = [p["tied"].clone() for p in pieces]
+        for i in range(1, len(tied)):
+            tied[i - 1][-1] |= tied[i][0]
+        tied = torch.cat([x[1 if i else 0:] for i, x in enumerate(tied)])
+        # a joint where no unit changes piece is not a region boundary: drop it, and merge the two regions' outputs
+        # (affine on the region) into the output at the merged region's midpoint
+        ends = torch.tensor([len(p["t"]) for p in pieces[:-1]], device=t.device)
+        joints = torch.cumsum(ends - 1, 0)
+        crossed = torch.cat([rec[1] for rec in records]) if records else t.new_zeros(0)
+        drop = joints[~torch.isin(t[joints], crossed)]
+        keep = torch.ones(len(t), dtype=torch.bool, device=t.device)
+        keep[drop] = False
+        out = {"pid": pieces[0]["pid"].new_zeros(int(keep.sum())), "t": t[keep], "tied": tied[keep],
+               "records": records}
+        if "output" in pieces[0]:
+            o = torch.cat([p["output"] for p in pieces])  # one row per region between consecutive points of t
+            m = 0.5 * (t[:-1] + t[1:])
+            region = torch.cumsum(keep[:-1].long(), 0) - 1  # merged region of each original region
+            counts = torch.bincount(region)
+            first = torch.cumsum(counts, 0) - counts
+            last = first + counts - 1
+            tk = t[keep]
+            w = ((0.5 * (tk[:-1] + tk[1:]) - m[first]) / (m[last] - m[first]).where(counts > 1, 1.0))[:, None]
+            out["output"] = o[first] + w * (o[last] - o[first])
         return out
 
     def _outputs(self, pid, t, gpids, store) -> torch.Tensor:

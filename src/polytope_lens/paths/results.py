@@ -7,10 +7,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from ..errors import InvalidInputError
 
 __all__ = ["Trace", "PathResult", "PathBatchResult", "trace_from_outputs"]
 
@@ -166,6 +169,32 @@ class PathBatchResult:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @classmethod
+    def concat(cls, parts: list[PathBatchResult], seconds: float | None = None) -> PathBatchResult:
+        """One result from the results of consecutive blocks of paths (e.g. from Ray workers, ``distributed``).
+
+        Paths are re-indexed in order; the blocks must agree on how they were computed (exact, method, dtype,
+        tolerance, kind, layer, sites), or the joined numbers would mean different things. Notes are kept once each;
+        ``seconds`` defaults to the blocks' sum.
+        """
+        if not parts:
+            raise InvalidInputError("PathBatchResult.concat needs at least one result.")
+        first = parts[0]
+        for key in ("exact", "method", "dtype", "tolerance", "kind", "layer", "sites"):
+            values = [getattr(p, key) for p in parts]
+            if any(v != values[0] for v in values[1:]):
+                other = next(v for v in values if v != values[0])
+                hint = " (pass method='exact' or 'sampled' rather than 'auto')" if key in ("exact", "method") else ""
+                raise InvalidInputError(f"Cannot join path results computed with different {key}: {values[0]!r} "
+                                        f"and {other!r}{hint}.")
+        paths, offset = [], 0
+        for p in parts:
+            paths += [dataclasses.replace(r, index=offset + r.index) for r in p.paths]
+            offset += len(p.paths)
+        notes = tuple(dict.fromkeys(n for p in parts for n in p.notes))
+        return cls(paths, first.exact, first.method, first.dtype, dict(first.tolerance), first.kind, first.layer,
+                   first.sites, notes, float(sum(p.seconds for p in parts)) if seconds is None else float(seconds))
 
     def __getitem__(self, i) -> PathResult:
         return self.paths[i]

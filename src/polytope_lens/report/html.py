@@ -32,12 +32,27 @@ def _verdict(v: str) -> str:
 
 
 def _table(entries: list) -> str:
-    head = "<tr><th>model</th><th>statistic</th><th>value</th><th>baseline</th><th>95% CI of difference</th>" \
+    head = "<tr><th>model</th><th>data</th><th>statistic</th><th>value</th><th>baseline</th><th>95% CI of difference</th>" \
            "<th>verdict</th></tr>"
-    rows = "".join(f"<tr><td>{_f(e['model'])}</td><td>{_f(e['statistic'])}</td><td>{_f(e['value'])}</td>"
+    rows = "".join(f"<tr><td>{_f(e['model'])}</td><td>{_f(e.get('data'))}</td><td>{_f(e['statistic'])}</td><td>{_f(e['value'])}</td>"
                    f"<td>{_f(e['baseline'])}</td><td>[{_f(e['ci'][0])}, {_f(e['ci'][1])}]</td>"
                    f"<td>{_verdict(e['verdict'])}</td></tr>" for e in entries)
     return f"<table>{head}{rows}</table>"
+
+
+def _cluster_table(clusters: list, n: int = 12, n_units: int = 4) -> str:
+    """Dashboard rows of the largest code clusters: size, majority label and share, the bits that set it apart."""
+    rows = []
+    for c in [c for c in clusters if not c.get("noise")][:n]:
+        units = "; ".join(f"{u['site'] or ''}[{u['unit']}] bit {u['bit']}: {u['p_in']:.2f} vs {u['p_out']:.2f}"
+                          for u in c.get("units", [])[:n_units])
+        share = c.get("majority_share")
+        rows.append(f"<tr><td>#{c['cluster']}</td><td>{c['size']}</td><td>{_f(c.get('majority'))}"
+                    f"{'' if share is None else f' ({share:.0%})'}</td><td>{_f(units)}</td></tr>")
+    if not rows:
+        return ""
+    return ("<table><tr><th>code cluster</th><th>size</th><th>majority label</th><th>defining units (site[unit] "
+            "bit: share of members with the bit set vs of other rows)</th></tr>" + "".join(rows) + "</table>")
 
 
 def _img(b64: str, alt: str) -> str:
@@ -55,7 +70,7 @@ def render_report(state: dict) -> str:
                        ("p3", "3: boundaries bound validity")):
         for r in state.get(key, []):
             e = next((x for x in r["entries"] if x["statistic"] == r.get("primary")), r["entries"][0])
-            rows.append(f"<tr><td>{label}</td><td>{_f(r['model'])}</td><td>{_f(e['statistic'])}</td>"
+            rows.append(f"<tr><td>{label}</td><td>{_f(r['model'])} on {_f(r['data'])}</td><td>{_f(e['statistic'])}</td>"
                         f"<td>{_f(e['value'])}</td><td>{_f(e['baseline'])}</td>"
                         f"<td>[{_f(e['ci'][0])}, {_f(e['ci'][1])}]</td><td>{_verdict(e['verdict'])}</td>"
                         f"<td>{'exact' if r.get('exact') else 'approximate'}</td></tr>")
@@ -74,9 +89,10 @@ def render_report(state: dict) -> str:
         sec.append(_img(figures.entries_figure(all_e, "Prediction 1: codes - activations"), "prediction 1 CIs"))
     for r in p1:
         sec.append(f"<h3>{_f(r['model'])} on {_f(r['data'])}</h3>")
-        grid = state.get("grids", {}).get(r["model"])
+        grid = state.get("grids", {}).get(f"{r['model']} on {r['data']}")
         if grid:
             sec.append("<p>Code clusters (one row per cluster, most confident members):</p>" + _img(grid, "grid"))
+        sec.append(_cluster_table(r.get("code_clusters", [])))
         ctx = [c for c in r.get("code_clusters", []) if "contexts" in c][:6]
         for c in ctx:
             items = "".join(f"<li><code>{html.escape(t)}</code></li>" for t in c["contexts"][:5])
@@ -91,11 +107,14 @@ def render_report(state: dict) -> str:
     if all_e:
         sec.append(_table(all_e))
     for r in p2:
-        sec.append(f"<h3>{_f(r['model'])} (paths at {_f(r['layer'] or 'input')}, {r['method']})</h3>")
+        sec.append(f"<h3>{_f(r['model'])} on {_f(r['data'])} (paths at {_f(r['layer'] or 'input')}, {r['method']})</h3>")
         sec.append(_img(figures.crossings_histogram(r), "crossings histogram"))
         sec.append(_img(figures.density_vs_t(r), "density vs t"))
     if state.get("slice"):
-        sec.append("<h3>A 2-D slice</h3>" + _img(state["slice"], "slice"))
+        sec.append("<h3>The polytope picture: exact 2-D regions of a toy classifier after each layer</h3>"
+                   "<p class='note'>A 2-32-32-32-2 ReLU MLP trained here on two moons; regions coloured by a hash of "
+                   "their code, the last panel by class with the decision boundary. Counts are exact.</p>"
+                   + _img(state["slice"], "opening slice picture"))
     sec.append("</section>")
     parts.append("".join(sec))
     # prediction 3
@@ -105,7 +124,7 @@ def render_report(state: dict) -> str:
     if all_e:
         sec.append(_table(all_e))
     for r in p3:
-        sec.append(f"<h3>{_f(r['model'])} (scaling {_f(r['layer'])}, alpha in {r['settings']['alphas']})</h3>")
+        sec.append(f"<h3>{_f(r['model'])} on {_f(r['data'])} (scaling {_f(r['layer'])}, alpha in {r['settings']['alphas']})</h3>")
         sec.append(_img(figures.scaling_figure(r), "scaling"))
         iv = "".join(f"<tr><td>{i}</td><td>{_f(v['class_name'])}</td><td>{_f(v['lo'])}</td><td>{_f(v['hi'])}</td></tr>"
                      for i, v in enumerate(r["intervals"][:12]))

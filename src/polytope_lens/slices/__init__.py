@@ -105,8 +105,7 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
         n = int(np.prod(out["z_shape"][s.name])) if not (out["units"] is not None and s is out["sites"][-1]) \
             else len(out["units"])
         if s.activation.__class__.__name__ == "WindowMax":
-            from .partition import _n_windows
-            n = _n_windows(s.activation, out["z_shape"][s.name])
+            n = len(s.activation.window_index(out["z_shape"][s.name]))
         info[s.name] = {"units": n, "activation": s.activation.describe()}
     notes = []
     if not out["full"]:

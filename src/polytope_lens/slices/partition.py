@@ -136,7 +136,7 @@ class _Partitioner:
             cols = self.units if (last and self.units is not None) else None
             d = len(cols) if cols is not None else math.prod(self.z_shape[site.name])
             act = site.activation
-            n_lines = d if isinstance(act, ScalarKinks) else _n_windows(act, self.z_shape[site.name])
+            n_lines = d if isinstance(act, ScalarKinks) else len(act.window_index(self.z_shape[site.name]))
             est = mesh.nv * (8 * d) * 3 + mesh.nc * n_lines + self.mesh_bytes(mesh)
             if est > self.budget:
                 raise _budget_error(self.owner, f"site {site.name!r} ({d} units, {mesh.nc} cells, {mesh.nv} "
@@ -217,7 +217,7 @@ class _Partitioner:
 
     # ----------------------------------------------------------------------------------------- max pooling
     def _window_site(self, mesh, act: WindowMax, tol: float, z_shape: tuple, name: str) -> None:
-        self.clip_windows(mesh, _window_table(act, z_shape, mesh.vals.device), tol, name)
+        self.clip_windows(mesh, act.window_index(z_shape, mesh.vals.device), tol, name)
 
     def clip_windows(self, mesh, win: torch.Tensor, tol: float, name: str) -> None:
         """Cut every cell into the argmax regions of each window (rows of ``win``: value columns, -1 = padding)."""
@@ -387,16 +387,6 @@ def _filled_rings(mesh) -> torch.Tensor:
     R = R[:, :W]
     valid = torch.arange(W, device=R.device)[None] < dg[:, None]
     return torch.where(valid, R, R[:, :1])
-
-
-def _n_windows(act: WindowMax, z_shape: tuple) -> int:
-    return int(act.windows(torch.zeros(1, *z_shape)).reshape(-1, act.n_pieces).shape[0])
-
-
-def _window_table(act: WindowMax, z_shape: tuple, device) -> torch.Tensor:
-    idx = torch.arange(math.prod(z_shape), dtype=torch.float64).reshape(1, *z_shape)
-    w = act.windows(idx).reshape(-1, act.n_pieces)
-    return torch.where(torch.isfinite(w), w, torch.full_like(w, -1)).long().to(device)
 
 
 def fit_affine(coords: torch.Tensor, outs: torch.Tensor, R: torch.Tensor, dg: torch.Tensor):
