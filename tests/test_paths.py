@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -179,22 +180,24 @@ def test_cnn_counts_equal_dense_sampling(evaluator):
         assert p.per_layer == want
 
 
-def test_paths_at_a_layer_and_rays_equal_sampling():
-    """Segments between activations at a named site, and scaling rays there, match dense sampling."""
+@pytest.mark.parametrize("evaluator", ["affine", "graph"])
+def test_paths_at_a_layer_and_rays_equal_sampling(evaluator):
+    """Segments between activations at a named site, and scaling rays there, match dense sampling (the graph
+    evaluator runs the network before the site once per path: ``SharedPrefix``, residual branches included)."""
     mlp = MLP(5, 12, 3, residual=True, seed=4)
     x = torch.randn(3, 5)
     names = [s.name for s in __import__("polytope_lens").list_sites(mlp, lambda: mlp(x[:1]))]
     site = names[1]
     a = torch.relu(torch.randn(3, 12))
     b = torch.relu(torch.randn(3, 12))
-    res = path_crossings(mlp, a, b, layer=site, inputs=x)
+    res = path_crossings(mlp, a, b, layer=site, inputs=x, evaluator=evaluator)
     assert res.layer == site and site not in res.sites and names[0] not in res.sites
     for i, p in enumerate(res.paths):
         want = dense_count(mlp, lambda t, i=i: a[i].double() + t[:, None] * (b[i] - a[i]).double(), site=site,
                            base=x[i:i + 1].double())
         want = {k: v for k, v in want.items() if k in res.sites}
         assert p.per_layer == want
-    rays = ray_crossings(mlp, x, layer=site, alphas=(0.0, 3.0))
+    rays = ray_crossings(mlp, x, layer=site, alphas=(0.0, 3.0), evaluator=evaluator)
     act = {}
     run(mlp, lambda: mlp(x), lambda s, z: act.setdefault(s.name, torch.relu(z)))
     for i, p in enumerate(rays.paths):
@@ -203,6 +206,45 @@ def test_paths_at_a_layer_and_rays_equal_sampling():
         assert p.per_layer == {k: v for k, v in want.items() if k in rays.sites}
         assert p.alphas == (0.0, 3.0) and p.alpha(0.5) == 1.5
         assert p.density == pytest.approx(p.crossings / (3.0 * float(ai.norm())))
+
+
+class BatchSizeNet(nn.Module):
+    """Reads the batch size before its sites and reshapes with it after them (as EfficientNet's head does)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        self.l1, self.l2, self.l3 = _init(nn.Linear(4, 10), g), _init(nn.Linear(10, 10), g), _init(nn.Linear(10, 3), g)
+
+    def forward(self, x):
+        bs = x.size(0)
+        h = torch.relu(self.l2(torch.relu(self.l1(x))))
+        return self.l3(h.view(bs, -1))
+
+
+def test_shared_prefix_is_used_only_where_it_reproduces_the_model():
+    """The once-per-path prefix is checked on each model: kept for a residual MLP, refused for a model that reads
+    the batch size early (which would break), and both give the per-point forward's counts."""
+    from polytope_lens.paths.geometry import PathSpec
+    from polytope_lens.paths.runner import Runner, default_forward
+
+    def runner(model, x, site):
+        a = torch.relu(torch.randn(2, 10, dtype=torch.float64))
+        spec = PathSpec(torch.tensor([[0.0, 1.0]] * 2, dtype=torch.float64), torch.stack([a, 2 * a], 1),
+                        torch.ones(2, dtype=torch.float64), "segment", site, x.double())
+        model = copy.deepcopy(model).double()
+        return Runner(model, default_forward(model), spec, dtype=torch.float64, device="cpu",
+                      memory_budget=1 << 30, capture_kwargs={}, owner="test", probe_input=x[:1].double())
+
+    net, mlp = BatchSizeNet(), MLP(4, 10, 2, residual=True, seed=3)
+    x = torch.randn(2, 4)
+    assert runner(mlp, x, "relu").share_prefix
+    assert not runner(net, x, "relu").share_prefix
+    rays = ray_crossings(net, x, layer="relu", alphas=(0.0, 3.0), evaluator="graph")
+    act = torch.relu(net.l1(x)).double()
+    for i, p in enumerate(rays.paths):
+        want = dense_count(net, lambda t, i=i: (3.0 * t)[:, None] * act[i], site="relu", base=x[i:i + 1].double())
+        assert p.per_layer == {k: v for k, v in want.items() if k in rays.sites}
 
 
 def test_polyline_is_the_sum_of_its_segments():
@@ -314,6 +356,30 @@ def test_a_long_path_is_refined_in_pieces_within_the_budget():
     x0, x1 = 4 * torch.randn(1, 1, 6, 6, generator=g), 4 * torch.randn(1, 1, 6, 6, generator=g)
     r1, r2 = path_crossings(cnn, x0, x1), path_crossings(cnn, x0, x1, memory_budget=1 << 20)
     assert r1.paths[0].per_layer == r2.paths[0].per_layer and r1.paths[0].ties == r2.paths[0].ties
+
+
+def test_units_of_the_last_site():
+    """units= follows only some units of the last site: their crossings equal the full run's for those units (the
+    full run equals Regioncam1D, tested above), earlier sites are unchanged; bad selections are clear errors."""
+    mlp = MLP(6, 32, 3, seed=5)
+    g = torch.Generator().manual_seed(1)
+    a, b = 2 * torch.randn(4, 6, generator=g), 2 * torch.randn(4, 6, generator=g)
+    full, sub = path_crossings(mlp, a, b), path_crossings(mlp, a, b, units=[3, 7, 20, 31])
+    last = len(full.sites) - 1
+    assert sum(q.per_layer[full.sites[-1]] for q in sub.paths) > 0
+    for p, q in zip(full.paths, sub.paths):
+        want = (p.records["site"] == last) & np.isin(p.records["unit"], [3, 7, 20, 31])
+        got = q.records["site"] == last
+        assert (p.records["unit"][want] == q.records["unit"][got]).all()
+        np.testing.assert_allclose(p.records["t"][want], q.records["t"][got], rtol=0, atol=1e-12)
+        assert {k: v for k, v in p.per_layer.items() if k != full.sites[-1]} == \
+            {k: v for k, v in q.per_layer.items() if k != full.sites[-1]}
+    with pytest.raises(InvalidInputError, match="distinct indices"):
+        path_crossings(mlp, a, b, units=[0, 32])
+    with pytest.raises(InvalidInputError, match="'position'"):
+        path_crossings(mlp, a, b, units="position")
+    with pytest.raises(InvalidInputError, match="exact mode"):
+        path_crossings(mlp, a, b, units=[1], method="sampled")
 
 
 # ------------------------------------------------------------------------------------------------ errors

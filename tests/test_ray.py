@@ -222,3 +222,6 @@ def test_dead_address_path_and_cluster_cli(tmp_path):
         assert r.exit_code == 1 and "No Ray cluster answers at '127.0.0.1:1'" in r.output, r.output
         assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
         assert not target.exists() and not list(tmp_path.glob(".*partial"))
+    for args in runs.values():  # --ray-workers without --ray
+        r = CliRunner().invoke(app, args[:-2] + ["--ray-workers", "2"])
+        assert r.exit_code == 1 and "--ray-workers needs --ray" in r.output and "Traceback" not in r.output

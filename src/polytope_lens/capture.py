@@ -23,6 +23,7 @@ Everything is scoped: hooks and the mode are removed in ``finally`` even when th
 from __future__ import annotations
 
 import fnmatch
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -30,6 +31,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import InvalidInputError, UnsupportedActivationError
 from .kinks import Activation, get_activation, resolve_call
@@ -96,6 +98,42 @@ class StopForward(Exception):
 Handler = Callable[[CallSite, torch.Tensor], "torch.Tensor | None"]
 
 
+class SharedPrefix:
+    """Run the part of a forward pass before a replaced site once per distinct example.
+
+    The model is fed ``U`` distinct examples; a handler replaces one site's output with ``N = len(index)`` rows (row i
+    belongs to example ``index[i]``). Tensors computed before that replacement (and the ``inputs``) hold ``U`` rows;
+    when a later operation uses one of them it gets ``t[index]`` instead, so everything after the site runs on ``N``
+    rows as if the model had been fed the ``N`` repeated examples. Only tensors that operations produced are
+    expanded (never parameters or buffers); callers check equivalence on their model before relying on it.
+    """
+
+    def __init__(self, index: torch.Tensor, inputs=()):
+        self.index = index
+        self.active = False
+        self.pre: dict[int, weakref.ref] = {}
+        self.register(inputs)
+
+    def register(self, obj) -> None:
+        for t in tree_leaves(obj):
+            if isinstance(t, torch.Tensor):
+                self.pre[id(t)] = weakref.ref(t)
+
+    def expand(self, obj):
+        def one(t):
+            if isinstance(t, torch.Tensor):
+                ref = self.pre.get(id(t))
+                if ref is not None and ref() is t:
+                    return t.index_select(0, self.index)
+            return t
+        return tree_map(one, obj)
+
+    def fired(self, z: torch.Tensor, replacement) -> None:
+        if isinstance(replacement, torch.Tensor) and replacement.shape[:1] == self.index.shape[:1] \
+                and z.shape[:1] != replacement.shape[:1]:
+            self.active = True
+
+
 class _SiteMode(TorchFunctionMode):
     def __init__(self, tracker: "_Tracker"):
         super().__init__()
@@ -103,6 +141,16 @@ class _SiteMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        tr = self.tracker
+        sp = tr.shared
+        if sp is not None and sp.active:
+            args, kwargs = sp.expand((args, kwargs))
+        out = self._call(func, args, kwargs)
+        if sp is not None and not sp.active:
+            sp.register(out)
+        return out
+
+    def _call(self, func, args, kwargs):
         tr = self.tracker
         if tr.suppressed == 0 and args and isinstance(args[0], torch.Tensor):
             try:
@@ -130,6 +178,7 @@ class _Tracker:
         self.aliases = aliases
         self.stack: list[str] = []
         self.suppressed = 0
+        self.shared: SharedPrefix | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -151,7 +200,10 @@ class _Tracker:
         alias = self.hook_outputs.get(_key(z))
         site = CallSite(name or self.site_name(path, act.name), path, act, alias, self.order, tuple(z.shape), apply)
         self.order += 1
-        return self.handler(site, z)
+        out = self.handler(site, z)
+        if self.shared is not None and out is not None:
+            self.shared.fired(z, out)
+        return out
 
     # global module hooks -------------------------------------------------------------------------------
     def pre_hook(self, module, args):
@@ -248,7 +300,7 @@ def _tl_declared(model: nn.Module, aliases: dict[str, str]) -> tuple[dict[str, s
 @contextmanager
 def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str, str] | None = None,
             declared_sites: dict[str, str | Activation] | None = None,
-            suppress: tuple[str, ...] = ()) -> Iterator[Callable[[], None]]:
+            suppress: tuple[str, ...] = (), shared: SharedPrefix | None = None) -> Iterator[Callable[[], None]]:
     """Call ``handler(site, unit_input)`` for every nonlinearity ``model`` applies inside the ``with`` block.
 
     The handler runs *before* the nonlinearity; returning a tensor replaces the nonlinearity's output (used by
@@ -268,6 +320,8 @@ def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str,
         TransformerLens models whose ``cfg.act_fn`` is a formula (SoLU, gelu_new) get theirs automatically.
     suppress : tuple of str
         Module path globs inside which intercepted calls are not sites (used with ``declared_sites``).
+    shared : SharedPrefix, optional
+        Run the part before a replaced site once per distinct example.
 
     Yields
     ------
@@ -284,6 +338,7 @@ def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str,
         declared[path] = act if isinstance(act, Activation) else get_activation(act)
     tracker = _Tracker(model, handler, {**ACTIVATION_MODULE_CLASSES, **(activation_modules or {})}, declared,
                        tuple(suppress), aliases)
+    tracker.shared = shared
     pre = nn.modules.module.register_module_forward_pre_hook(tracker.pre_hook)
     post = nn.modules.module.register_module_forward_hook(tracker.post_hook, always_call=True)
     try:
@@ -294,9 +349,12 @@ def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str,
         post.remove()
 
 
-def run(model: nn.Module, forward: Callable[[], object], handler: Handler, **capture_kwargs) -> object | None:
-    """Run ``forward()`` under ``capture``; returns its result, or None when a handler stopped it early."""
-    with capture(model, handler, **capture_kwargs) as reset, torch.no_grad():
+def run(model: nn.Module, forward: Callable[[], object], handler: Handler, *, shared: SharedPrefix | None = None,
+        **capture_kwargs) -> object | None:
+    """Run ``forward()`` under ``capture``; returns its result, or None when a handler stopped it early.
+
+    ``shared``: run the part before a replaced site once per distinct example (see ``SharedPrefix``)."""
+    with capture(model, handler, shared=shared, **capture_kwargs) as reset, torch.no_grad():
         reset()
         try:
             return forward()

@@ -170,6 +170,7 @@ def codes_cmd(
 
     if json_out is not None and not os.access(json_out.parent if str(json_out.parent) else Path("."), os.W_OK):
         raise InvalidInputError(f"The JSON output folder {str(json_out.parent)!r} does not exist or is not writable.")
+    _check_ray(ray, ray_workers)
     bundle = load_model(model)
     source = load_data(data, limit=limit)
     with _progress(len(source), f"codes {bundle.spec} on {source.spec}") as bar:
@@ -306,6 +307,7 @@ def path_cmd(
     from .paths import path_crossings, site_activations
 
     _check_json_target(json_out)
+    _check_ray(ray, ray_workers)
     if (pairs is None) == (from_ref is None or to_ref is None):
         raise InvalidInputError("Give either --from and --to, or --pairs FILE.npz.")
     bundle = load_model(model)
@@ -361,6 +363,11 @@ def scale_cmd(
                                trace=trace)
     _print_paths(result, f"{bundle.spec} scaling ray at {result.layer}")
     _write_json(json_out, {"model": bundle.spec, "input": input_ref, **result.to_dict(records=records)})
+
+
+def _check_ray(ray: str | None, ray_workers: int | None) -> None:
+    if ray_workers is not None and ray is None:
+        raise InvalidInputError("--ray-workers needs --ray (local | auto | HOST:PORT).")
 
 
 def _box(text: str) -> tuple[float, float, float, float]:
@@ -525,6 +532,7 @@ def cluster_cmd(
     """Cluster a store's codes (HDBSCAN through a faiss kNN graph): assignments, clusters.json and index.html."""
     from .cluster_report import cluster_store
 
+    _check_ray(ray, ray_workers)
     stages = {"knn": "kNN graph", "bridge": "bridging components", "tree": "HDBSCAN tree"}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True,

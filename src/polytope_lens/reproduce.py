@@ -43,7 +43,10 @@ JOBS = {
     "efficientnet-lite0": {"data": "skimage-augmented", "p1_layers": "_blocks.15._swish.relu6#1",
                            "p1_units": "position", "layer": "_blocks.15._swish.relu6#1",
                            "p3_layer": "_blocks.15._swish.relu6#1",
-                           "cost": {"load": 30, "p1": 0.0, "p2": 24.0, "p3": 12.0}},
+                           # crossings of the head's centre channel vector (the paper's CNN protocol): following all
+                           # 62,720 head units needs ~30,000 full forward passes per path on the CPU
+                           "units": "position",
+                           "cost": {"load": 30, "p1": 0.0, "p2": 65.0, "p3": 110.0}},
     "minilm": {"data": "pydoc", "p1_layers": "encoder.layer.3.intermediate.intermediate_act_fn.gelu",
                "p1_units": "tokens", "layer": "encoder.layer.4.intermediate.intermediate_act_fn.gelu",
                "p3_layer": None, "cost": {"load": 30, "p1": 0.0, "p2": 8.0, "p3": 0.0}},
@@ -55,7 +58,7 @@ JOBS = {
 QUICK = {"p1_items": 200, "p2_pairs": 6, "p2_items": 120, "p3_items": 6, "n_boot": 200, "n_stability": 0,
          "text_items": 12, "text_pairs": 3, "n_samples": 48, "photo_pairs": 4, "photo_rays": 3}
 FULL = {"p1_items": 1000, "p2_pairs": 40, "p2_items": 400, "p3_items": 30, "n_boot": 1000, "n_stability": 10,
-        "text_items": 60, "text_pairs": 12, "n_samples": 128, "photo_pairs": 12, "photo_rays": 10}
+        "text_items": 60, "text_pairs": 12, "n_samples": 128, "photo_pairs": 6, "photo_rays": 4}
 QUICK_MODELS = ["digits-cnn", "fashion-cnn"]
 _N_PHOTOS = 25  # scikit-image photos x 5 augmentations
 
@@ -209,7 +212,7 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
                                      n_boot=nb, max_length=32, progress=say)
             elif photos:
                 r2 = run_prediction2(bundle, data, layer=job["layer"], n_pairs=n2, n_boot=nb,
-                                     progress=say)
+                                     units=job.get("units"), progress=say)
             else:
                 r2 = run_prediction2(bundle, data, layer=job["layer"], n_pairs=n2,
                                      n_items=cfg["p2_items"], n_boot=nb, progress=say)
@@ -226,7 +229,8 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
                 say(f"{m}: prediction 3")
                 index = np.arange(0, len(data), 5)[:n3] if photos else None
                 r3 = run_prediction3(bundle, data, layer=job["p3_layer"], n_items=n3, n_boot=nb, index=index,
-                                     alphas=job.get("p3_alphas", (0.25, 4.0)), progress=say)
+                                     alphas=job.get("p3_alphas", (0.25, 4.0)), units=job.get("units"),
+                                     progress=say)
                 d3 = r3.to_dict()
                 state["p3"].append(d3)
                 results["prediction_3"] += [dict(e, data=d3["data"], exact=r3.exact, method=r3.method)

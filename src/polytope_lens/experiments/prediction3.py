@@ -135,7 +135,8 @@ class Prediction3Result:
 
 def run_prediction3(model, data, *, layer: str, n_items: int = 50, alphas=(0.25, 4.0), seed: int = 0,
                     method: str = "auto", n_samples: int = 512, half_width: float = 0.1, n_grid: int = 81,
-                    n_boot: int = 1000, level: float = 0.95, index=None, progress=None) -> Prediction3Result:
+                    n_boot: int = 1000, level: float = 0.95, index=None, units=None,
+                    progress=None) -> Prediction3Result:
     """Scale site ``layer``'s activation of ``n_items`` inputs by alpha in ``alphas``; validity intervals and the
     density of boundaries near their ends. ``index``: rows of the data to use (default the first ``n_items``)."""
     from ..data import load_data
@@ -153,7 +154,7 @@ def run_prediction3(model, data, *, layer: str, n_items: int = 50, alphas=(0.25,
     say = progress or (lambda msg: None)
     say(f"{bundle.spec}: {len(idx)} scaling rays at {layer}")
     rays = ray_crossings(bundle.module, x.tensors, layer=layer, alphas=tuple(alphas), method=method,
-                         n_samples=n_samples)
+                         n_samples=n_samples, **({} if units is None else {"units": units}))
     st = ray_statistics(rays, model=bundle.spec, half_width=half_width, n_boot=n_boot, level=level, seed=seed)
     a = site_activations(bundle.module, x.tensors, layer=layer).to(torch.float32)
     grid = np.linspace(alphas[0], alphas[1], n_grid)
@@ -173,7 +174,8 @@ def run_prediction3(model, data, *, layer: str, n_items: int = 50, alphas=(0.25,
     e = st["entries"]
     settings = {"layer": layer, "alphas": list(alphas), "n_items": int(len(idx)), "method": rays.method,
                 "dtype": rays.dtype, "tolerance": rays.tolerance, "half_width": half_width, "n_boot": n_boot,
-                "level": level, "seconds": rays.seconds, "sites": list(rays.sites),
+                "level": level, "seconds": rays.seconds, "sites": list(rays.sites), "notes": list(rays.notes),
+                "units": units if units is None or isinstance(units, str) else "selected",
                 "closed_intervals": int(np.isfinite(st["widths"]).sum())}
     return Prediction3Result(model=bundle.spec, data=getattr(source, "spec", str(data)), entries=tuple(e),
                              verdict=e[0]["verdict"], intervals=tuple(st["intervals"]), plot=plot, exact=rays.exact,

@@ -31,6 +31,7 @@ from ..errors import InvalidInputError, NotPiecewiseLinearError
 from . import geometry
 from .exact import Refiner, verify_chunk
 from .geometry import PathSpec
+from ..kinks import ScalarKinks
 from .results import PathBatchResult, PathResult, Trace, trace_from_outputs
 from .runner import Runner, default_forward, index_inputs, prepare_model
 from .sampled import sampled_chunk
@@ -118,8 +119,33 @@ class _Prepared:
         return site.apply(z)
 
 
+def _last_site_units(runner, units, method, owner) -> torch.Tensor | None:
+    """Flat unit indices of the last processed site to count crossings of (``units``: indices, or ``"position"``
+    for the channel vector at the centre position of a (C, H, W) site, the paper's CNN protocol); None = all."""
+    if units is None:
+        return None
+    site = runner.processed[-1]
+    shape = tuple(runner.z_shape[site.name])
+    if method == "sampled" or not isinstance(site.activation, ScalarKinks):
+        raise InvalidInputError(f"The 'units' parameter of {owner} needs exact mode and an elementwise last site; "
+                                f"{site.name!r} is {site.activation.name} (method {method!r}).")
+    if isinstance(units, str):
+        if units != "position" or len(shape) != 3:
+            raise InvalidInputError(f"The 'units' parameter of {owner} must be unit indices or 'position' (for a site "
+                                    f"of shape (C, H, W)). Got {units!r} for {site.name!r} of shape {shape}.")
+        c, h, w = shape
+        idx = torch.arange(c) * (h * w) + (h // 2) * w + w // 2
+    else:
+        idx = torch.as_tensor(np.asarray(units)).long().flatten()
+        d = math.prod(shape)
+        if not len(idx) or bool((idx < 0).any()) or bool((idx >= d).any()) or len(torch.unique(idx)) != len(idx):
+            raise InvalidInputError(f"The 'units' parameter of {owner} must hold distinct indices in [0, {d}) of "
+                                    f"{site.name!r}'s units.")
+    return torch.sort(idx).values.to(runner.device)
+
+
 def _analyse(prep: _Prepared, spec: PathSpec, *, owner, layers, method, tie_tol, n_samples, tol, trace, verify,
-             memory_budget, evaluator, capture_kwargs) -> PathBatchResult:
+             memory_budget, evaluator, capture_kwargs, units=None) -> PathBatchResult:
     t0 = time.perf_counter()
     spec = spec.to(prep.dtype, prep.device)
     if spec.site is None:
@@ -141,6 +167,10 @@ def _analyse(prep: _Prepared, spec: PathSpec, *, owner, layers, method, tie_tol,
             notes.append(f"sites after {runner.names[-1]} were not processed (not needed for the reported ones)"
                          + ("; the trace's regions are those of the processed sites, so class changes are placed "
                             "at their breakpoints" if trace else ""))
+    unit_idx = _last_site_units(runner, units, method, owner)
+    if unit_idx is not None:
+        notes.append(f"crossings of {runner.names[-1]} counted for {len(unit_idx)} selected units"
+                     + ("; the trace's regions are bounded by those and earlier sites' crossings" if trace else ""))
     smooth = [s.name for s in runner.processed if not s.activation.exact]
     bad, out_affine = runner.affinity_probe(want_output=trace)
     if method == "exact":
@@ -166,7 +196,7 @@ def _analyse(prep: _Prepared, spec: PathSpec, *, owner, layers, method, tie_tol,
     if use_exact:
         notes.append("evaluator: affine (Jacobian blocks between sites)" if affine is not None
                      else "evaluator: graph (one forward pass per new breakpoint)")
-    refiner = Refiner(runner, affine, tie_tol, trace) if use_exact else None
+    refiner = Refiner(runner, affine, tie_tol, trace, unit_idx) if use_exact else None
 
     n_paths = spec.n_paths
     zdims = [math.prod(runner.z_shape[n]) for n in runner.names]
@@ -192,7 +222,7 @@ def _analyse(prep: _Prepared, spec: PathSpec, *, owner, layers, method, tie_tol,
         elif use_exact:
             out = refiner.run_chunk(gp)
         if use_exact and verify:
-            verify_chunk(runner, gp, out["pid"], out["t"], n_check=32, seed=start)
+            verify_chunk(runner, gp, out["pid"], out["t"], n_check=32, seed=start, units=unit_idx)
         elif not use_exact:
             out = sampled_chunk(runner, gp, n_samples, tol, trace)
         counts = torch.bincount(out["pid"], minlength=c)
@@ -294,6 +324,10 @@ _COMMON_DOC = """
         Globs over site names (or TransformerLens aliases) whose crossings are reported; None = every site after the
         path's start. Every site up to the last reported one is used to find the breakpoints; later sites are
         skipped (their kinks cannot move the reported crossings).
+    units : array of int or "position", optional
+        Count the last reported site's crossings for these of its (flattened) units only; ``"position"`` = the
+        channel vector at the centre position of a (C, H, W) site (the paper's CNN protocol). Earlier sites are
+        still refined in full, so the counts stay exact; the trace then has far fewer regions. Exact mode only.
     method : {"auto", "exact", "sampled"}
         ``exact`` raises ``NotPiecewiseLinearError`` on smooth activations or on models that are not affine between
         their sites (LayerNorm, softmax); ``auto`` then uses ``sampled``; the result says which ran.
@@ -328,6 +362,7 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
                    layers: str | list[str] | None = None, method: str = "auto", dtype: torch.dtype = torch.float64,
                    device="cpu", tie_tol: float = 1e-12, n_samples: int = 1024, tol: float = 1e-9,
                    trace: bool = True, verify: bool = True, memory_budget: int = 1 << 30, evaluator: str = "auto",
+                   units=None,
                    forward: Callable | None = None, ray_address: str | None = None, ray_workers: int | None = None,
                    **capture_kwargs) -> PathBatchResult:
     owner = "path_crossings"
@@ -346,7 +381,8 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
         return ray_path_crossings(ray_address, spec, start, end, inputs=inputs, workers=ray_workers, layer=layer,
                                   layers=layers, method=method, dtype=dtype, device=device, tie_tol=tie_tol,
                                   n_samples=n_samples, tol=tol, trace=trace, verify=verify,
-                                  memory_budget=memory_budget, evaluator=evaluator, forward=forward, **capture_kwargs)
+                                  memory_budget=memory_budget, evaluator=evaluator, units=units, forward=forward,
+                                  **capture_kwargs)
     if spec is not None:
         model = model.module
     prep = _Prepared(model, forward, dtype, device)
@@ -365,7 +401,7 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
     spec = PathSpec(kt, x, length, "segment", site_name, base)
     return _analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol, n_samples=n_samples,
                     tol=tol, trace=trace, verify=verify, memory_budget=memory_budget, evaluator=evaluator,
-                    capture_kwargs=capture_kwargs)
+                    units=units, capture_kwargs=capture_kwargs)
 
 
 path_crossings.__doc__ = """Exact (or sampled) boundary crossings along straight segments ``start -> end``.
@@ -400,8 +436,8 @@ def polyline_crossings(model: nn.Module, points, *, layer: str | None = None, in
                        layers: str | list[str] | None = None, method: str = "auto",
                        dtype: torch.dtype = torch.float64, device="cpu", tie_tol: float = 1e-12,
                        n_samples: int = 1024, tol: float = 1e-9, trace: bool = True, verify: bool = True,
-                       memory_budget: int = 1 << 30, evaluator: str = "auto", forward: Callable | None = None,
-                       **capture_kwargs) -> PathBatchResult:
+                       memory_budget: int = 1 << 30, evaluator: str = "auto", units=None,
+                       forward: Callable | None = None, **capture_kwargs) -> PathBatchResult:
     owner = "polyline_crossings"
     _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator)
     knots, pts, length = geometry.polyline(points, owner=owner)
@@ -413,7 +449,7 @@ def polyline_crossings(model: nn.Module, points, *, layer: str | None = None, in
     spec = PathSpec(knots.to(torch.float64), pts, length.to(torch.float64), "polyline", site_name, base)
     return _analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol, n_samples=n_samples,
                     tol=tol, trace=trace, verify=verify, memory_budget=memory_budget, evaluator=evaluator,
-                    capture_kwargs=capture_kwargs)
+                    units=units, capture_kwargs=capture_kwargs)
 
 
 polyline_crossings.__doc__ = """Crossings along polylines through ``points`` (P, K, *shape), t by arc length.
@@ -430,6 +466,7 @@ def ray_crossings(model: nn.Module, inputs, *, layer: str, alphas=(0.0, 2.0), di
                   layers: str | list[str] | None = None, method: str = "auto", dtype: torch.dtype = torch.float64,
                   device="cpu", tie_tol: float = 1e-12, n_samples: int = 1024, tol: float = 1e-9,
                   trace: bool = True, verify: bool = True, memory_budget: int = 1 << 30, evaluator: str = "auto",
+                   units=None,
                   forward: Callable | None = None, **capture_kwargs) -> PathBatchResult:
     owner = "ray_crossings"
     _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator)
@@ -451,7 +488,7 @@ def ray_crossings(model: nn.Module, inputs, *, layer: str, alphas=(0.0, 2.0), di
     spec = PathSpec(kt, x, length.to(torch.float64), "ray", site.name, base, al)
     return _analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol, n_samples=n_samples,
                     tol=tol, trace=trace, verify=verify, memory_budget=memory_budget, evaluator=evaluator,
-                    capture_kwargs=capture_kwargs)
+                    units=units, capture_kwargs=capture_kwargs)
 
 
 ray_crossings.__doc__ = """Crossings along scaling rays at site ``layer``: ``alpha * a`` (or ``a + alpha * d``).

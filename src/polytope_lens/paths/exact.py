@@ -167,8 +167,10 @@ def piece_slopes(site, act: ScalarKinks, zshape: tuple, dtype, device) -> torch.
 class Refiner:
     """Layered breakpoint refinement over one chunk of paths at a time."""
 
-    def __init__(self, runner: Runner, affine: Affine | None, tie_tol: float, want_output: bool):
+    def __init__(self, runner: Runner, affine: Affine | None, tie_tol: float, want_output: bool,
+                 units: torch.Tensor | None = None):
         self.r = runner
+        self.units = units  # flat unit indices of the last site whose crossings are wanted (None = all)
         self.aff = affine
         self.tie_tol = float(tie_tol)
         self.want_output = want_output
@@ -322,7 +324,12 @@ class Refiner:
                 # evaluate its inputs by products at every point, so exact ties are not broken by rounding
                 zf = self._affine_z(name, pid, t, gpids, store, pend, dense=isinstance(act, WindowMax))
             z = zf.reshape(len(t), *zshape)
-            cr = self._crossings(act, z, pid, t)
+            last = k == len(r.processed) - 1
+            if last and self.units is not None:
+                cr = self._crossings(act, zf[:, self.units], pid, t)
+                cr["unit"] = self.units[cr["unit"]]
+            else:
+                cr = self._crossings(act, z, pid, t)
             recs.append((pid[cr["seg"]], cr["rec_t"], k, cr["unit"], cr["piece"]))
             n = len(t)
             pj, pt, pu = cr["pj"], cr["pt"], cr["pu"]
@@ -331,7 +338,6 @@ class Refiner:
             before = torch.cumsum(cnt, 0) - cnt
             old_pos = torch.arange(n, device=dev) + before
             new_pos = pj + 1 + torch.arange(len(pj), device=dev)
-            last = k == len(r.processed) - 1
             if self.aff is not None:
                 inner = cr["inner"]
                 jump = self._jumps(site, z, cr)[inner] if len(cr["seg"]) else zf.new_zeros(0)
@@ -440,7 +446,7 @@ class Refiner:
 
 
 def verify_chunk(runner: Runner, gpids: torch.Tensor, pid: torch.Tensor, t: torch.Tensor, n_check: int,
-                 seed: int = 0) -> None:
+                 seed: int = 0, units: torch.Tensor | None = None) -> None:
     """Check the invariant on a sample of final intervals: every site's unit input is affine there, and no unit
     changes piece strictly inside (a piece change between the ends needs an end on the kink).
 
@@ -460,6 +466,8 @@ def verify_chunk(runner: Runner, gpids: torch.Tensor, pid: torch.Tensor, t: torc
     n = len(pick)
     for site in runner.processed:
         z = vals[site.name]
+        if units is not None and site is runner.processed[-1]:
+            z = z[:, units]  # the other units of the last site are not followed
         zl, zr, zm = z[:n], z[n:2 * n], z[2 * n:]
         scale = torch.maximum(zl.abs(), zr.abs()).amax(1, keepdim=True).clamp_min(1.0)
         err = ((zm - 0.5 * (zl + zr)).abs() / scale).max()

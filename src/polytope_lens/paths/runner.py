@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from ..capture import CallSite, StopForward, run
+from ..capture import CallSite, SharedPrefix, StopForward, run
 from ..errors import InvalidInputError
 from .geometry import PathSpec
 
@@ -115,10 +115,35 @@ class Runner:
         n_units = sum(math.prod(self.z_shape[n]) for n in self.names)
         self.row_bytes = 8 * (4 * n_units + 4 * sum(math.prod(self.out_shape[n]) for n in self.names)
                               + 4 * math.prod(spec.shape) + 64)
+        self.share_prefix = False
+        if spec.site is not None and self.names:
+            self.share_prefix = self._shared_prefix_agrees()
+
+    def _shared_prefix_agrees(self) -> bool:
+        """Whether running the network before the path's site once per path (``SharedPrefix``) gives this model's
+        unit inputs and output at a few path points (to rounding); models whose later code reuses early tensors in
+        ways the expansion does not see fall back to one full forward pass per point."""
+        k = min(2, self.spec.n_paths)
+        pid = torch.arange(k, device=self.device).repeat_interleave(3)
+        t = torch.tensor([0.0, 0.37, 1.0] * k, dtype=self.dtype, device=self.device)
+        try:
+            self.share_prefix = False
+            full = self.eval_points(pid, t, self.names, want_output=True)
+            self.share_prefix = True
+            shared = self.eval_points(pid, t, self.names, want_output=True)
+        except Exception:  # noqa: BLE001 - any failure of the shortcut means: do not use it
+            return False
+        finally:
+            self.share_prefix = False
+        for key, v in full.items():
+            w = shared.get(key)
+            if w is None or w.shape != v.shape or not bool(((w - v).abs() <= 1e-9 * v.abs().max().clamp_min(1.0)).all()):
+                return False
+        return True
 
     # --------------------------------------------------------------------------------------- raw forward
     def _run(self, inp, n: int, replace: Callable[[CallSite, int], torch.Tensor | None], record: set,
-             stop_after: str | None, want_output: bool = False):
+             stop_after: str | None, want_output: bool = False, shared: SharedPrefix | None = None):
         out: dict = {}
 
         def handler(site, z):
@@ -128,7 +153,7 @@ class Runner:
             if site.name == stop_after and not want_output:
                 raise StopForward
             return rep
-        res = run(self.model, lambda: self.fwd(inp), handler, **self.ckw)
+        res = run(self.model, lambda: self.fwd(inp), handler, shared=shared, **self.ckw)
         if want_output:
             out["output"] = logits_of(res)
         return out
@@ -146,13 +171,19 @@ class Runner:
         for s in range(0, len(t), step):
             p, tt = pid[s:s + step], t[s:s + step]
             x = self.spec.points(p, tt)
+            shared = None
             if self.spec.site is None:
                 inp, rep = x, (lambda site, n: None)
             else:
-                inp = index_inputs(self.spec.base, p)
+                if self.share_prefix:  # the network up to the path's site runs once per path, not once per point
+                    uniq, inv = torch.unique(p, return_inverse=True)
+                    inp = index_inputs(self.spec.base, uniq)
+                    shared = SharedPrefix(inv, inp)
+                else:
+                    inp = index_inputs(self.spec.base, p)
                 rep = (lambda site, n, x=x: x.reshape(n, *self.out_shape[site.name]) if site.name == self.spec.site
                        else None)
-            o = self._run(inp, len(tt), rep, set(names), stop, want_output)
+            o = self._run(inp, len(tt), rep, set(names), stop, want_output, shared)
             for k in res:
                 if o.get(k) is None:
                     raise InvalidInputError(f"Site {k!r} did not run at some path points of {self.owner}; the model's "
