@@ -141,9 +141,13 @@ def test_bit_names_skip_padding_and_name_units():
     cols, names = bit_names(codes)
     assert len(cols) == 3 + 5 * 2
     assert cols[:3].tolist() == [0, 1, 2] and cols[3] == 8  # second site starts at the next byte
-    assert names[3] == {"site": "3.relu6", "unit": 0, "index": [0], "bit": 0} and names[4]["bit"] == 1
+    assert names[3] == {"site": "3.relu6", "unit": 0, "index": [0], "bit": 0}  # planar: every unit's bit 0 first
+    assert names[4]["unit"] == 1 and names[8] == {"site": "3.relu6", "unit": 0, "index": [0], "bit": 1}
     unpacked = np.unpackbits(codes.concat(), axis=1, bitorder="little")[:, cols]
     assert np.array_equal(unpacked[:, :3], codes["1.relu"].pieces())
+    pieces = codes["3.relu6"].pieces()
+    for c, name in zip(range(3, 13), names[3:]):  # each named column is that unit's thermometer bit
+        assert np.array_equal(unpacked[:, c], (pieces[:, name["unit"]] > name["bit"]).astype(np.uint8))
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -245,3 +245,26 @@ def test_token_rows_follow_mask_positions():
     sel = UnitSelection("tokens", k=3, skip=1)
     assert sel.rows(1, mask).tolist() == [[0, 3], [0, 4], [0, 6]]  # content indices 1, 2, 4 of 5
     assert UnitSelection("all-tokens").rows(1, mask)[:, 1].tolist() == [2, 3, 4, 5, 6]
+
+
+def test_packed_bytes_are_planar_thermometer_bits():
+    """Hand-made ReLU6 inputs: bytes are bit plane 'z > 0' of all units, then plane 'z > 6' (little-endian), and
+    the fast extraction route (numpy planes) equals pack_pieces for every dtype and layout."""
+    from polytope_lens.codes import pack_pieces, pack_unit_inputs
+    from polytope_lens.kinks import REGISTRY
+
+    act = REGISTRY["relu6"]
+    z = torch.tensor([[-1.0, 3.0, 7.0, 0.0, 6.0]])
+    # plane 0 (z > 0): 0 1 1 0 1 -> bits 1, 2, 4; plane 1 (z > 6): 0 0 1 0 0 -> bit 5 + 2 = bit 7
+    assert pack_pieces(act.pieces(z), act).tolist() == [[0b10010110, 0]]
+    got, _ = pack_unit_inputs(act, z)
+    assert got.tolist() == [[0b10010110, 0]]
+    g = torch.Generator().manual_seed(0)
+    buf = None
+    for name in ("relu", "relu6", "hardtanh", "gelu"):
+        a = REGISTRY[name]
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            for n in (1, 5, 13, 1001):
+                zz = (5 * torch.randn(4, 2 * n, generator=g)).to(dtype)[:, ::2]
+                packed, buf = pack_unit_inputs(a, zz, buf)
+                assert torch.equal(packed, pack_pieces(a.pieces(zz), a)), (name, dtype, n)

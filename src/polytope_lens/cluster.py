@@ -455,9 +455,10 @@ def bit_names(codes: SplineCodes | LayerCodes) -> tuple[np.ndarray, list[dict]]:
         bpu = lc.bits_per_unit
         n_bits = lc.n_units * bpu
         columns.append(offset + np.arange(n_bits))
-        for u in range(lc.n_units):
-            index = [int(i) for i in np.unravel_index(u, lc.unit_shape)] if lc.unit_shape else [u]
-            names.extend({"site": lc.site, "unit": u, "index": index, "bit": j} for j in range(bpu))
+        for j in range(bpu):  # planar: bit j of every unit, then bit j + 1
+            for u in range(lc.n_units):
+                index = [int(i) for i in np.unravel_index(u, lc.unit_shape)] if lc.unit_shape else [u]
+                names.append({"site": lc.site, "unit": u, "index": index, "bit": j})
         offset += lc.packed.shape[1] * 8
     return np.concatenate(columns).astype(np.int64), names
 

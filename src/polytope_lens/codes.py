@@ -8,8 +8,10 @@ each unit of each selected site is in. Codes are packed per row:
   the Hamming distance between two codes is the number of kinks that separate them, unit by unit;
 * categorical pieces (argmax of a max-pool window) use ``ceil(log2(n_pieces))`` bits of the piece index.
 
-Bits are little-endian within each byte (unit 0 is bit 0 of byte 0), each site starts on a byte boundary, and
-padding bits are zero, so concatenating sites byte-wise keeps Hamming and Jaccard distances exact.
+Bits are *planar*: a site's row holds bit 0 of every unit, then bit 1 of every unit, and so on (bit j of unit u is
+bit ``j * units + u``), little-endian within each byte; each site starts on a byte boundary and padding bits are
+zero, so concatenating sites byte-wise keeps Hamming and Jaccard distances exact. Planes let each kink be coded by one
+contiguous comparison.
 
 What a *row* is comes from the unit selection (``units=``): one example with every unit (``"all"``), the channel
 vector at one spatial position per image (``"position"``, the paper's CNN protocol), k evenly spaced tokens per
@@ -38,6 +40,7 @@ __all__ = [
     "CodeExtractor",
     "pack_pieces",
     "pack_bits",
+    "pack_unit_inputs",
     "unpack_pieces",
     "hamming",
     "jaccard",
@@ -59,20 +62,42 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 
 def pack_pieces(pieces: torch.Tensor, activation: Activation) -> torch.Tensor:
-    """Pack integer pieces (rows, units) into uint8 bytes (rows, ceil(units * bits / 8)), on the pieces' device."""
-    return pack_bits(activation.bits_from_pieces(pieces).reshape(pieces.shape[0], -1))
+    """Pack integer pieces (rows, units) into uint8 bytes (rows, ceil(units * bits / 8)), planar, on the pieces'
+    device."""
+    bits = activation.bits_from_pieces(pieces.reshape(pieces.shape[0], -1))  # (rows, units, bits)
+    return pack_bits(bits.transpose(1, 2).reshape(pieces.shape[0], -1))
+
+
+def pack_unit_inputs(activation: Activation, z: torch.Tensor, buffer: torch.Tensor | None = None):
+    """Packed codes of unit inputs ``z`` (rows, ...) of an elementwise activation, as ``pack_pieces`` would give
+    them, without forming pieces: one contiguous comparison per kink into a bit plane of ``buffer`` (rows, kinks,
+    units; reused when its shape fits, so no fresh pages are faulted in). Returns ``(packed, buffer)``."""
+    kinks = getattr(activation, "kinks", None)
+    z2 = z.reshape(len(z), -1)
+    if kinks is None or not activation.ordered:
+        return pack_pieces(activation.pieces(z2), activation), buffer
+    if buffer is None or buffer.shape != (len(z2), len(kinks), z2.shape[1]) or buffer.device != z.device:
+        buffer = torch.empty(len(z2), len(kinks), z2.shape[1], dtype=torch.bool, device=z.device)
+    if z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64):
+        zn, bn = z2.detach().numpy(), buffer.numpy()  # numpy's contiguous comparison is the fastest on the CPU
+        for j, k in enumerate(kinks):
+            np.greater(zn, k, out=bn[:, j])
+    else:
+        for j, k in enumerate(kinks):
+            torch.gt(z2, k, out=buffer[:, j])
+    return pack_bits(buffer.reshape(len(z2), -1)), buffer
 
 
 def unpack_pieces(packed: np.ndarray, n_units: int, activation: Activation | Mapping) -> np.ndarray:
-    """Inverse of ``pack_pieces``: int64 pieces (rows, n_units) from packed bytes."""
+    """Inverse of ``pack_pieces``: int64 pieces (rows, n_units) from packed (planar) bytes."""
     desc = activation.describe() if isinstance(activation, Activation) else activation
     n_pieces, ordered = int(desc["n_pieces"]), bool(desc["ordered"])
     bpu = n_pieces - 1 if ordered else max(1, math.ceil(math.log2(n_pieces)))
     bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), axis=1, bitorder="little")[:, : n_units * bpu]
-    bits = bits.reshape(len(packed), n_units, bpu).astype(np.int64)
+    bits = bits.reshape(len(packed), bpu, n_units).astype(np.int64)
     if ordered:
-        return bits.sum(-1)
-    return (bits << np.arange(bpu)).sum(-1)
+        return bits.sum(1)
+    return (bits << np.arange(bpu)[:, None]).sum(1)
 
 
 # ------------------------------------------------------------------------------------------- unit selection
@@ -368,15 +393,15 @@ class CodeExtractor:
                 if act.elementwise:  # select units first, then code only those
                     units = selection.apply(site, z, rows)
                     shape = z.shape[1:] if selection.kind == "all" else units.shape[1:]
-                    bits = act.code_bits(units, out=self._bit_buffers.get(site.name))
-                    self._bit_buffers[site.name] = bits  # reused by the next batch (no fresh pages to fault in)
+                    packed, buf = pack_unit_inputs(act, units, self._bit_buffers.get(site.name))
+                    self._bit_buffers[site.name] = buf  # reused by the next batch
                 else:
                     full = act.pieces(z)
                     units = selection.apply(site, full, rows)
                     shape = full.shape[1:] if selection.kind == "all" else units.shape[1:]
-                    bits = act.bits_from_pieces(units)
+                    packed = pack_pieces(units, act)
                 shapes.setdefault(site.name, tuple(shape))
-                chunks[site.name].append(pack_bits(bits.reshape(len(units), -1)).cpu())
+                chunks[site.name].append(packed.cpu())
                 if soft:
                     s = act.soft(z)
                     if s is not None:
