@@ -193,7 +193,7 @@ def _draw_pairs(labels: np.ndarray, n_pairs: int, rng) -> tuple[np.ndarray, np.n
 def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50, n_items: int = 200, seed: int = 0,
                     method: str = "auto", n_samples: int = 256, n_windows: int = 20, n_boot: int = 1000,
                     level: float = 0.95, labels=None, max_length: int = 64, primary: str = "alignment[peak vs flip]",
-                    units=None, progress=None) -> Prediction2Result:
+                    units=None, tol: float = 1e-9, progress=None) -> Prediction2Result:
     """Crossings along different-class, same-class and random-direction paths, against the semantic trace.
 
     Parameters
@@ -207,7 +207,7 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
     labels : array (n_items,), optional
         Overrides the data's labels (e.g. source photo of augmented images); text without labels uses the
         embedding trace and makes no same-class pairs (pairs are consecutive passages vs random directions).
-    method, n_samples, units
+    method, n_samples, units, tol
         Passed to ``path_crossings`` (``auto``: exact where the model is piecewise linear after ``layer``;
         ``units="position"``: count the last site's crossings for its centre channel vector only).
     n_windows, n_boot, level, seed
@@ -244,7 +244,8 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
         raise InvalidInputError(f"Only {len(diff)} different-class pairs could be drawn from {len(source)} items.")
     enc = lambda idx: bundle.encode(source, idx, max_length=max_length) if text else bundle.encode(source, idx)
     fwd = lambda x: bundle.module(**x)
-    kw = dict(method=method, n_samples=n_samples, trace=not text, **({} if units is None else {"units": units}))
+    kw = dict(method=method, n_samples=n_samples, tol=tol, trace=not text,
+              **({} if units is None else {"units": units}))
     name = bundle.spec
 
     def endpoints(pairs):

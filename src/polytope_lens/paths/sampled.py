@@ -29,36 +29,24 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
         z = vals[site.name].reshape(len(t), *runner.z_shape[site.name])
         p = act.pieces(z).reshape(len(t), -1)
         j, unit = torch.nonzero((p[:-1] != p[1:]) & same[:, None], as_tuple=True)
-        pending.append((k, j, unit, p[j, unit]))
+        pending.append((k, j, unit, p[j, unit], p[j + 1, unit]))
         del z, p
-    lo_all = torch.cat([t[j] for _, j, _, _ in pending]) if pending else t.new_zeros(0)
-    hi_all = torch.cat([t[j + 1] for _, j, _, _ in pending]) if pending else t.new_zeros(0)
-    sidx = torch.cat([torch.full_like(j, k) for k, j, _, _ in pending]) if pending else t.new_zeros(0, dtype=torch.long)
-    unit_all = torch.cat([u for _, _, u, _ in pending]) if pending else sidx
-    plo = torch.cat([q for _, _, _, q in pending]) if pending else sidx
-    ppid = torch.cat([pid[j] for _, j, _, _ in pending]) if pending else sidx
-    phi = plo.clone()
+    lo_all = torch.cat([t[j] for _, j, _, _, _ in pending]) if pending else t.new_zeros(0)
+    hi_all = torch.cat([t[j + 1] for _, j, _, _, _ in pending]) if pending else t.new_zeros(0)
+    sidx = torch.cat([torch.full_like(j, k) for k, j, _, _, _ in pending]) if pending else t.new_zeros(0, dtype=torch.long)
+    unit_all = torch.cat([u for _, _, u, _, _ in pending]) if pending else sidx
+    plo = torch.cat([q for _, _, _, q, _ in pending]) if pending else sidx
+    ppid = torch.cat([pid[j] for _, j, _, _, _ in pending]) if pending else sidx
+    phi = torch.cat([q for _, _, _, _, q in pending]) if pending else sidx  # piece at the bracket's right end
     while len(lo_all) and bool(((hi_all - lo_all) > tol).any()):
         act_rows = torch.nonzero((hi_all - lo_all) > tol).flatten()
         mid = 0.5 * (lo_all[act_rows] + hi_all[act_rows])
-        need = sorted(set(sidx[act_rows].tolist()))
-        ev = runner.eval_points(gpids[ppid[act_rows]], mid, [runner.names[k] for k in need])
-        pm = torch.empty(len(act_rows), dtype=torch.long, device=dev)
-        for k in need:
-            rows = torch.nonzero(sidx[act_rows] == k).flatten()
-            site = runner.processed[k]
-            zz = ev[site.name][rows].reshape(len(rows), *runner.z_shape[site.name])
-            pm[rows] = site.activation.pieces(zz).reshape(len(rows), -1).gather(
-                1, unit_all[act_rows][rows][:, None]).squeeze(1)
+        pm = _pieces_at(runner, gpids[ppid[act_rows]], mid, sidx[act_rows], unit_all[act_rows])
         stay = pm == plo[act_rows]
         lo_all[act_rows[stay]] = mid[stay]
         hi_all[act_rows[~stay]] = mid[~stay]
         phi[act_rows[~stay]] = pm[~stay]
-    # the piece entered: at the right end of the final bracket
-    if len(lo_all):
-        right = _pieces_at(runner, gpids[ppid], hi_all, sidx, unit_all)
-    else:
-        right = sidx
+    right = phi  # the piece entered: the one at the right end of the final bracket
     for k in range(len(runner.processed)):
         rows = torch.nonzero(sidx == k).flatten()
         recs.append((ppid[rows], 0.5 * (lo_all[rows] + hi_all[rows]), k, unit_all[rows], right[rows]))
@@ -69,12 +57,18 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
 
 
 def _pieces_at(runner: Runner, gp, t, sidx, unit) -> torch.Tensor:
-    need = sorted(set(sidx.tolist()))
-    ev = runner.eval_points(gp, t, [runner.names[k] for k in need])
+    """Piece of unit ``unit[i]`` of site ``sidx[i]`` at point ``t[i]`` of path ``gp[i]``, in blocks of points so that
+    only one block's unit inputs are held at a time."""
     res = torch.empty(len(t), dtype=torch.long, device=t.device)
-    for k in need:
-        rows = torch.nonzero(sidx == k).flatten()
-        site = runner.processed[k]
-        zz = ev[site.name][rows].reshape(len(rows), *runner.z_shape[site.name])
-        res[rows] = site.activation.pieces(zz).reshape(len(rows), -1).gather(1, unit[rows][:, None]).squeeze(1)
+    step = max(1, runner.rows_per_batch())
+    for s0 in range(0, len(t), step):
+        blk = slice(s0, s0 + step)
+        need = sorted(set(sidx[blk].tolist()))
+        ev = runner.eval_points(gp[blk], t[blk], [runner.names[k] for k in need])
+        for k in need:
+            rows = torch.nonzero(sidx[blk] == k).flatten()
+            site = runner.processed[k]
+            zz = ev[site.name][rows].reshape(len(rows), *runner.z_shape[site.name])
+            res[s0 + rows] = site.activation.pieces(zz).reshape(len(rows), -1).gather(
+                1, unit[blk][rows][:, None]).squeeze(1)
     return res
