@@ -118,11 +118,6 @@ class Activation:
             return pieces[..., None] > j
         return ((pieces[..., None] >> j) & 1).bool()
 
-    def code_bits(self, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Code bits of unit inputs ``z`` (elementwise entries only), shaped (*z.shape, bits_per_unit); ``out`` is a
-        buffer that may be reused when it has that shape."""
-        return self.bits_from_pieces(self.pieces(z))
-
     def crossings(self, z0: torch.Tensor, z1: torch.Tensor) -> Crossings:  # pragma: no cover - abstract
         """Every t in [0, 1] where a unit changes piece while its input moves affinely from z0 to z1.
 
@@ -177,14 +172,6 @@ class ScalarKinks(Activation):
 
     def soft(self, z: torch.Tensor) -> torch.Tensor | None:
         return None if self.soft_fn is None else self.soft_fn(z)
-
-    def code_bits(self, z: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        # bit j = "above kink j", written straight from z into (a reusable) ``out``: no int64 pieces, no stack copy
-        if out is None or out.shape != (*z.shape, len(self.kinks)) or out.device != z.device:
-            out = torch.empty(*z.shape, len(self.kinks), dtype=torch.bool, device=z.device)
-        for j, k in enumerate(self.kinks):
-            torch.gt(z, k, out=out[..., j])
-        return out
 
     def describe(self) -> dict:
         return {**super().describe(), "kinks": list(self.kinks)}
