@@ -28,10 +28,10 @@ from torch import nn
 
 from ..capture import StopForward, list_sites, run, select_sites
 from ..errors import InvalidInputError, NotPiecewiseLinearError
+from ..kinks import ScalarKinks
 from . import geometry
 from .exact import Refiner, verify_chunk
 from .geometry import PathSpec
-from ..kinks import ScalarKinks
 from .results import PathBatchResult, PathResult, Trace, trace_from_outputs
 from .runner import Runner, default_forward, index_inputs, prepare_model
 from .sampled import sampled_chunk
@@ -133,8 +133,10 @@ def _last_site_units(runner, units, method, owner) -> torch.Tensor | None:
         if units != "position" or len(shape) != 3:
             raise InvalidInputError(f"The 'units' parameter of {owner} must be unit indices or 'position' (for a site "
                                     f"of shape (C, H, W)). Got {units!r} for {site.name!r} of shape {shape}.")
-        c, h, w = shape
-        idx = torch.arange(c) * (h * w) + (h // 2) * w + w // 2
+        from ..codes import UnitSelection  # the same position as the codes' CNN protocol
+
+        flat = torch.arange(math.prod(shape)).reshape(1, *shape)
+        idx = UnitSelection("position").apply(site, flat, None)[0]
     else:
         idx = torch.as_tensor(np.asarray(units)).long().flatten()
         d = math.prod(shape)
@@ -213,18 +215,18 @@ def _analyse(prep: _Prepared, spec: PathSpec, *, owner, layers, method, tie_tol,
     while start < n_paths:
         c = int(max(1, min(n_paths - start, memory_budget // max(1, int(est_pts * per_point)))))
         gp = torch.arange(start, start + c, device=prep.device)
-        if use_exact and (guessed or est_pts * per_point > memory_budget):
+        if not use_exact:
+            out = sampled_chunk(runner, gp, n_samples, tol, trace)
+        elif guessed or est_pts * per_point > memory_budget:
             # one path whose breakpoints may not fit the budget at once: refine it in pieces along t
             c, gp = 1, gp[:1]
             max_pts = max(64, memory_budget // per_point)
             out = refiner.run_path_in_pieces(gp, max_pts, est_pts if not guessed else 4.0 * max_pts)
             guessed = False
-        elif use_exact:
+        else:
             out = refiner.run_chunk(gp)
         if use_exact and verify:
             verify_chunk(runner, gp, out["pid"], out["t"], n_check=32, seed=start, units=unit_idx)
-        elif not use_exact:
-            out = sampled_chunk(runner, gp, n_samples, tol, trace)
         counts = torch.bincount(out["pid"], minlength=c)
         if use_exact:
             est_pts = max(est_pts, 1.25 * float(counts.max()))

@@ -115,9 +115,16 @@ class Runner:
         n_units = sum(math.prod(self.z_shape[n]) for n in self.names)
         self.row_bytes = 8 * (4 * n_units + 4 * sum(math.prod(self.out_shape[n]) for n in self.names)
                               + 4 * math.prod(spec.shape) + 64)
-        self.share_prefix = False
-        if spec.site is not None and self.names:
-            self.share_prefix = self._shared_prefix_agrees()
+        self._share_prefix: bool | None = None if spec.site is not None and self.names else False
+
+    @property
+    def share_prefix(self) -> bool:
+        """Whether point evaluations run the network before the path's site once per path (checked on first use,
+        so runs that never evaluate points on the graph route do not pay for the check)."""
+        if self._share_prefix is None:
+            self._share_prefix = False  # the check itself evaluates points the plain way first
+            self._share_prefix = self._shared_prefix_agrees()
+        return self._share_prefix
 
     def _shared_prefix_agrees(self) -> bool:
         """Whether running the network before the path's site once per path (``SharedPrefix``) gives this model's
@@ -127,14 +134,14 @@ class Runner:
         pid = torch.arange(k, device=self.device).repeat_interleave(3)
         t = torch.tensor([0.0, 0.37, 1.0] * k, dtype=self.dtype, device=self.device)
         try:
-            self.share_prefix = False
+            self._share_prefix = False
             full = self.eval_points(pid, t, self.names, want_output=True)
-            self.share_prefix = True
+            self._share_prefix = True
             shared = self.eval_points(pid, t, self.names, want_output=True)
         except Exception:  # noqa: BLE001 - any failure of the shortcut means: do not use it
             return False
         finally:
-            self.share_prefix = False
+            self._share_prefix = False
         for key, v in full.items():
             w = shared.get(key)
             if w is None or w.shape != v.shape or not bool(((w - v).abs() <= 1e-9 * v.abs().max().clamp_min(1.0)).all()):
