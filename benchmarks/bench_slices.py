@@ -1,6 +1,7 @@
 """Exact 2-D slices: regions/s against Regioncam (same weights, same run), and a slice of EfficientNet-Lite0.
 
-Run: python benchmarks/bench_slices.py [--skip-effnet]. Prints a markdown table.
+Run: python benchmarks/bench_slices.py [--skip-effnet] [--repeats N]. Prints a markdown table; times are medians of
+N runs after a warm-up, for both tools.
 """
 
 import argparse
@@ -24,22 +25,37 @@ def mlp(width, depth, seed):
     return nn.Sequential(*layers)
 
 
+def _median_time(fn, repeats):
+    """Median wall time of ``repeats`` calls after one warm-up call (both tools get the same treatment)."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)), out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-effnet", action="store_true")
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     import regioncam
     from polytope_lens.slices import slice_box, slice_through
     rows = []
     for width in (128, 256):
         m = mlp(width, 3, 0)
-        t = time.perf_counter()
-        rc = regioncam.Regioncam(size=1)
-        rc.add(m)
-        t_rc = time.perf_counter() - t
-        res = slice_box(m, outputs=False)
-        res_o = slice_box(m, outputs=True)
-        rows.append((f"2→3×{width}, box [-1,1]²", rc.num_faces, t_rc, res.num_regions, res.seconds, res_o.seconds))
+
+        def regioncam_run():
+            rc = regioncam.Regioncam(size=1)
+            rc.add(m)
+            return rc
+
+        t_rc, rc = _median_time(regioncam_run, args.repeats)
+        t_ours, res = _median_time(lambda: slice_box(m, outputs=False), args.repeats)
+        t_o, _ = _median_time(lambda: slice_box(m, outputs=True), 1)
+        rows.append((f"2→3×{width}, box [-1,1]²", rc.num_faces, t_rc, res.num_regions, t_ours, t_o))
     print("| slice | Regioncam regions | Regioncam s | ours regions | ours s (partition) | ours s (+maps, DB) | "
           "ratio regions/s (partition) |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -240,3 +240,71 @@ def test_relu6_middle_band_regression():
     for s in res.sites:
         off, nb = res.site_bytes[s]
         assert np.array_equal(codes[s].packed, res.codes[:, off:off + nb])
+
+
+def _force_unit_by_unit(monkeypatch):
+    import polytope_lens.slices.partition as partition
+    from polytope_lens.slices._arrangement import Degenerate
+
+    def refuse(*a, **k):
+        raise Degenerate("forced by the test")
+    monkeypatch.setattr(partition, "arrange", refuse)
+
+
+def _relu6_net(seed):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(2, 10), nn.ReLU6(), nn.Linear(10, 10), nn.Hardtanh(-0.5, 0.5), nn.Linear(10, 8),
+                      nn.LeakyReLU(0.1), nn.Linear(8, 2))
+    with torch.no_grad():
+        m[0].weight.mul_(8)
+    return m.double()
+
+
+@pytest.mark.parametrize("make", [lambda: _mlp(24, 3, 0), lambda: _mlp(24, 3, 1, 0.1, True), lambda: _relu6_net(2),
+                                  SmallCNN], ids=["relu", "leaky-residual", "relu6-hardtanh-leaky", "cnn"])
+def test_arrangement_equals_unit_by_unit(make, monkeypatch):
+    """All kink lines at once (_arrangement) and the unit-by-unit cut are independent algorithms: same regions
+    (count, codes, areas), and the fast one really ran (no site fell back)."""
+    torch.manual_seed(5)
+    m = make()
+    m = m.double().eval()
+    if isinstance(m, SmallCNN):
+        x = torch.randn(3, 1, 6, 6, dtype=torch.float64)
+        run = lambda: slice_through(m, x[0], x[1], x[2], outputs=False)  # noqa: E731
+    else:
+        run = lambda: slice_box(m, outputs=False)  # noqa: E731
+    fast = run()
+    assert not any("unit by unit" in n for n in fast.notes)
+    _force_unit_by_unit(monkeypatch)
+    slow = run()
+    assert any("unit by unit" in n for n in slow.notes)
+    assert fast.num_regions == slow.num_regions > 10
+    assert sorted(fast.code_hex()) == sorted(slow.code_hex())
+    assert len(set(fast.code_hex())) == fast.num_regions  # a convex region per code, so areas pair up by code
+    fa, sa = (dict(zip(r.code_hex(), r.area.tolist())) for r in (fast, slow))
+    scale = float(slow.area.sum())
+    assert max(abs(fa[h] - sa[h]) for h in sa) <= 1e-9 * scale
+
+
+def test_lines_through_vertices_and_one_point_hand_count():
+    """Hand-computed: x - y = 0 runs through two corners of [-1,1]^2 and x = 0.5 crosses it inside: 4 regions of
+    areas 1/8, 7/8, 9/8, 15/8 (all lines at once). Adding x = 0 and y = 0 puts four lines through the origin:
+    8 triangles of area 1/2 (ties: that site is cut unit by unit, with snapping)."""
+    m = nn.Sequential(nn.Linear(2, 2), nn.ReLU()).double()
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([[1.0, -1.0], [1.0, 0.0]]))
+        m[0].bias.copy_(torch.tensor([0.0, -0.5]))
+    res = slice_box(m, outputs=False)
+    assert not res.notes
+    assert sorted(round(float(a), 12) for a in res.area) == [0.125, 0.875, 1.125, 1.875]
+    codes = spline_codes(m, res.centroids())["1.relu"].packed
+    assert np.array_equal(codes, res.codes)
+    m = nn.Sequential(nn.Linear(2, 4), nn.ReLU()).double()
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]]))
+        m[0].bias.zero_()
+    res = slice_box(m, outputs=False)
+    assert res.num_regions == 8 and any("unit by unit" in n for n in res.notes)
+    assert torch.allclose(res.area, torch.full((8,), 0.5, dtype=res.area.dtype), atol=1e-12)
+    codes = spline_codes(m, res.centroids())["1.relu"].packed
+    assert np.array_equal(codes, res.codes)

@@ -158,7 +158,7 @@ class ScalarKinks(Activation):
 
     def crossings(self, z0: torch.Tensor, z1: torch.Tensor) -> Crossings:
         n_seg = z0.shape[0]
-        a, b = z0.reshape(n_seg, -1), z1.reshape(n_seg, -1)
+        a, b = z0.reshape(n_seg, math.prod(z0.shape[1:])), z1.reshape(n_seg, math.prod(z1.shape[1:]))
         parts = []
         for j, k in enumerate(self.kinks):
             up0, up1 = a > k, b > k

@@ -41,7 +41,7 @@ def _check(owner, dtype, tol, memory_budget):
 
 def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inputs=None, until: str | None = None,
                 units=None, dtype: torch.dtype = torch.float64, device="cpu", tol: float = 1e-10,
-                memory_budget: int = 1 << 30, outputs: bool = True, single_thread: bool = True,
+                memory_budget: int = 1 << 30, outputs: bool = True, single_thread: bool | None = None,
                 forward: Callable | None = None, **capture_kwargs) -> SliceResult:
     """Exact partition of ``plane`` into the linear regions of ``model``.
 
@@ -63,8 +63,10 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
         Bytes; estimated before each site and checked as cells grow; over it raises ``InvalidInputError``.
     outputs : bool
         Fit the output's affine map per region and find the decision boundary.
-    single_thread : bool
-        On CPU run with one torch thread (many small ops; multi-threaded row gathers are far slower); restored after.
+    single_thread : bool or None
+        On CPU, True runs everything on one torch thread and False on all; None (default) uses one thread only for
+        the cuts made one unit or window at a time (max pooling, the decision boundary, degenerate sites: many
+        small ops, where multi-threaded row gathers are far slower) and all threads elsewhere. Restored after.
 
     Returns
     -------
@@ -92,12 +94,13 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
                                     "feeds every other branch.")
         plane = plane.at(_resolve_site(model, inputs, layer, forward, capture_kwargs), inputs)
     threads = torch.get_num_threads()
-    if single_thread and torch.device(device).type == "cpu":
+    cpu = torch.device(device).type == "cpu"
+    if single_thread and cpu:
         torch.set_num_threads(1)
     try:
         out = build(model, plane, until=until, units=units, dtype=dtype, device=device, tol=tol,
                     memory_budget=memory_budget, forward=forward, capture_kwargs=capture_kwargs, owner=owner,
-                    want_output=outputs)
+                    want_output=outputs, round_threads=1 if (single_thread is None and cpu) else None)
     finally:
         torch.set_num_threads(threads)
     info = {}
@@ -111,6 +114,9 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
     if not out["full"]:
         notes.append("partial: only sites up to " + out["sites"][-1].name + (" (selected units)" if
                      out["units"] is not None else ""))
+    if out["fallbacks"]:
+        notes.append(f"{out['fallbacks']} site(s) cut unit by unit: kink lines met within tol (ties), or the all-lines "
+                     "arrangement would not fit the memory budget")
     return SliceResult(
         num_regions=int(len(out["deg"])), exact=True, dtype=str(dtype).replace("torch.", ""), tol=float(tol),
         plane=out["plane"], sites=tuple(s.name for s in out["sites"]), site_info=info,

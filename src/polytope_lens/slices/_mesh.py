@@ -64,13 +64,16 @@ class Mesh:
         self.vals = vals
         self.coords = self.coords[: self.nv].clone()
 
-    def add_vertices(self, coords: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    def add_vertices(self, coords: torch.Tensor, vals: torch.Tensor | None) -> torch.Tensor:
+        """Append vertices; ``vals=None`` when the site's values are no longer needed (``vals`` is then stale until
+        the next ``set_vals``)."""
         n = len(coords)
         ids = torch.arange(self.nv, self.nv + n, device=coords.device)
         self.coords = grow(self.coords, self.nv + n)
-        self.vals = grow(self.vals, self.nv + n)
         self.coords[self.nv: self.nv + n] = coords
-        self.vals[self.nv: self.nv + n] = vals
+        if vals is not None:
+            self.vals = grow(self.vals, self.nv + n)
+            self.vals[self.nv: self.nv + n] = vals
         self.nv += n
         return ids
 

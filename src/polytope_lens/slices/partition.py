@@ -6,15 +6,18 @@ Before site k is processed, every cell lies inside one linear region of every ea
 piece over the cell), and the model is affine between its captured sites (checked once, by the paths engine's
 ``Runner.affinity_probe``), so site k's unit inputs are affine over each cell. They are evaluated once per vertex by a
 forward pass at the start of the site (the network is continuous, so a vertex shared by several cells has one value)
-and every later vertex of the site is an exact linear interpolation on an edge (``_mesh.cut``). Each cell is then cut
-by every kink line that crosses it: for elementwise units one round per unit (all cells that unit crosses at once),
-for max pooling one round per window, in which each cell is clipped into the argmax regions of the window
+and every later vertex of the site is an exact linear interpolation on an edge. Each cell is then cut by every kink
+line that crosses it: for elementwise units all lines at once (``_arrangement.arrange``), or, where lines meet
+within ``tol`` of each other, one round per unit (all cells that unit crosses at once, ``_mesh.cut``, which snaps
+ties); for max pooling one round per window, in which each cell is clipped into the argmax regions of the window
 (``{z_a >= z_c for all c}``; the kink of ``max(z_a, z_c) = z_c + relu(z_a - z_c)`` is relu's kink of the
 difference), keeping first-maximum ties as ``torch.argmax`` does. After the last site every cell is one linear region
 and the model output is affine over it; its map is fitted on the cell's vertices.
 
-Codes are bookkept, not re-evaluated: when a site is done each cell's unit inputs at its vertex average (an interior
-point, by convexity) give its pieces through the registry's ``pieces``; children copy their parent's codes.
+Codes are bookkept, not re-evaluated: an arranged site gives each new cell its side of every line (read at the
+cell's vertex centroid for the lines that cut its parent); after a round-based site each cell's unit inputs at its
+vertex average (an interior point, by convexity) give its pieces through the registry's ``pieces``; children copy
+their parent's codes.
 
 Ties and tolerance
 ------------------
@@ -24,26 +27,30 @@ are exact up to that tolerance (stated on the result).
 
 Cost and memory
 ---------------
-Per site: one forward pass per vertex, one vectorised round per unit (or window) that cuts any cell, work proportional
-to the cells it cuts. Memory is about (vertices x units of the site) values plus (cells x units) candidate flags; it is
+Per site: one forward pass per vertex; arranged: a fixed number of batched steps, work about (cells x lines that
+cross them) plus, per cell, (lines crossing it)^2; round-based: one vectorised round per unit (or window) that cuts
+any cell, work proportional to the cells it cuts. Memory is about (vertices x units of the site) values plus (cells x units) candidate flags; it is
 estimated before each site and checked as cells grow; over ``memory_budget`` raises with the estimate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from typing import Callable
 
 import torch
 
 from ..capture import StopForward, run, select_sites
-from ..codes import pack_pieces
+from ..codes import pack_bits, pack_pieces
 from ..errors import InvalidInputError, NotPiecewiseLinearError
 from ..kinks import REGISTRY, ScalarKinks, WindowMax
 from ..paths.geometry import PathSpec
 from ..paths.runner import Runner, default_forward, index_inputs, logits_of, prepare_model
 from . import _mesh
+from ._arrangement import Degenerate, arrange
 from ._mesh import take
 from .geometry import Plane, cast_inputs, polygon_area
 
@@ -104,6 +111,20 @@ class _Model:
         return torch.cat(out)
 
 
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """Run the block with ``n`` torch threads (None: leave as is)."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _budget_error(owner: str, what: str, est: int, budget: int) -> InvalidInputError:
     return InvalidInputError(
         f"{owner}: {what} needs about {est / 2**20:.1f} MiB, over the memory budget of {budget / 2**20:.1f} MiB. "
@@ -112,10 +133,12 @@ def _budget_error(owner: str, what: str, est: int, budget: int) -> InvalidInputE
 
 class _Partitioner:
     def __init__(self, m: _Model, sites, z_shape: dict, units: torch.Tensor | None, tol: float, budget: int,
-                 owner: str):
+                 owner: str, round_threads: int | None = None):
         self.m, self.sites, self.z_shape = m, sites, z_shape
         self.units, self.tol, self.budget, self.owner = units, tol, budget, owner
+        self.round_threads = round_threads  # torch threads for unit-by-unit / window-by-window cutting
         self.rounds = 0
+        self.fallbacks = 0  # scalar sites cut unit by unit because the all-lines arrangement found them degenerate
         self.site_bytes: list[tuple[str, int, int]] = []  # (name, byte offset, n bytes) in the code buffer
 
     def mesh_bytes(self, mesh: _mesh.Mesh) -> int:
@@ -149,13 +172,34 @@ class _Partitioner:
                 self._scalar_site(mesh, act, tol, site.name)
             elif isinstance(act, WindowMax):
                 self._window_site(mesh, act, tol, self.z_shape[site.name], site.name)
+                self._codes(mesh, act, site.name)
             else:  # pragma: no cover - registry has only these two families
                 raise NotPiecewiseLinearError(f"site {site.name!r}: {act.name} has no exact 2-D cutting rule")
-            self._codes(mesh, act, site.name, cols)
 
     # ---------------------------------------------------------------------------------------- scalar sites
     def _scalar_site(self, mesh, act: ScalarKinks, tol: float, name: str) -> None:
+        """All kink lines at once (``_arrangement``); unit by unit where that finds the cells degenerate."""
         kinks = torch.tensor(act.kinks, dtype=mesh.vals.dtype, device=mesh.vals.device)
+        try:
+            side = arrange(mesh, mesh.vals[: mesh.nv], kinks, tol, self.budget - self.mesh_bytes(mesh))
+        except Degenerate as e:
+            if os.environ.get("PL_NOFALLBACK") and "memory" not in str(e): raise RuntimeError(str(e))
+            self.fallbacks += 1
+            with _threads(self.round_threads):
+                self._scalar_rounds(mesh, act, kinks, tol, name)
+            self._codes(mesh, act, name)
+            return
+        self.rounds += 1
+        self.check(mesh, f"the partition at site {name!r}")
+        if act.ordered:  # thermometer bits: bit j of unit u is 'above kink j', exactly the line's side (planar)
+            packed = pack_bits(side)
+        else:
+            pieces = side.view(mesh.nc, len(kinks), -1).long().sum(1)
+            packed = pack_pieces(pieces.cpu(), act).to(side.device)
+        self._append_codes(mesh, packed, name)
+
+    def _scalar_rounds(self, mesh, act: ScalarKinks, kinks: torch.Tensor, tol: float, name: str) -> None:
+        """One vectorised round per unit: every cell that unit's kinks cross is cut at once."""
         d = mesh.vals.shape[1]
         cand = self._scalar_cand(mesh, act, kinks, tol)
         mesh.rows.append(cand)
@@ -221,6 +265,10 @@ class _Partitioner:
 
     def clip_windows(self, mesh, win: torch.Tensor, tol: float, name: str) -> None:
         """Cut every cell into the argmax regions of each window (rows of ``win``: value columns, -1 = padding)."""
+        with _threads(self.round_threads):
+            self._clip_windows(mesh, win, tol, name)
+
+    def _clip_windows(self, mesh, win: torch.Tensor, tol: float, name: str) -> None:
         n_win, K = win.shape
         zero_k = torch.zeros(1, dtype=mesh.vals.dtype, device=mesh.vals.device)
         cand = self._window_cand(mesh, win, tol)
@@ -313,7 +361,7 @@ class _Partitioner:
         return out
 
     # ------------------------------------------------------------------------------------------------ codes
-    def _codes(self, mesh, act, name: str, cols) -> None:
+    def _codes(self, mesh, act, name: str) -> None:
         # any positive weighting of a convex cell's vertices is an interior point: the filled ring repeats vertex 0
         R = _filled_rings(mesh)
         W = R.shape[1]
@@ -332,6 +380,9 @@ class _Partitioner:
                 pieces = act.pieces(zc)
             packed.append(pack_pieces(pieces.cpu(), act).to(R.device))
         packed = torch.cat(packed) if packed else torch.zeros((0, 0), dtype=torch.uint8, device=R.device)
+        self._append_codes(mesh, packed, name)
+
+    def _append_codes(self, mesh, packed: torch.Tensor, name: str) -> None:
         codes = mesh.rows[0]
         self.site_bytes.append((name, codes.shape[1], packed.shape[1]))
         new = codes.new_zeros((codes.shape[0], codes.shape[1] + packed.shape[1]))
@@ -418,7 +469,7 @@ def fit_affine(coords: torch.Tensor, outs: torch.Tensor, R: torch.Tensor, dg: to
 
 
 def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budget, forward: Callable | None,
-          capture_kwargs: dict, owner: str, want_output: bool):
+          capture_kwargs: dict, owner: str, want_output: bool, round_threads: int | None = None):
     """Run the exact partition; returns a dict of tensors for ``SliceResult``."""
     t0 = time.perf_counter()
     m = prepare_model(model, dtype, device)
@@ -475,7 +526,7 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
     mdl = _Model(m, fwd, plane, dtype, device, memory_budget // 4, row_bytes, capture_kwargs)
     dom = plane.domain
     mesh = _mesh.Mesh(dom, torch.arange(len(dom), device=device)[None], torch.tensor([len(dom)], device=device))
-    part = _Partitioner(mdl, sites, z_shape, sel, tol, memory_budget, owner)
+    part = _Partitioner(mdl, sites, z_shape, sel, tol, memory_budget, owner, round_threads)
     part.run(mesh)
     R, dg = mesh.cells()
     W = int(dg.max())
@@ -484,7 +535,7 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
     xy = take(coords, R)
     area = polygon_area(xy, dg)
     out = {"plane": plane, "sites": sites, "z_shape": z_shape, "site_bytes": part.site_bytes, "ring": R, "deg": dg,
-           "coords": coords, "area": area, "codes": mesh.rows[0][: mesh.nc], "rounds": part.rounds,
+           "coords": coords, "area": area, "codes": mesh.rows[0][: mesh.nc], "rounds": part.rounds, "fallbacks": part.fallbacks,
            "full": full, "slope": None, "offset": None, "outputs": None, "units": sel, "boundary": None}
     if full and out_affine and want_output:
         outs = mdl.outputs(coords)

@@ -1,0 +1,316 @@
+"""All kink lines of one elementwise site cut every cell at once: the line arrangement inside each convex cell.
+
+Why
+---
+Cutting unit by unit costs one vectorised round per unit (hundreds of small torch calls per site); here a site is
+a fixed number of batched steps however many units it has, which is what makes 2-D slices of MLPs fast.
+
+How (topology from ring order, geometry only for coordinates)
+-------------------------------------------------------------
+A line is one (kink k, unit u) pair, ``z_u = kinks[k]``, numbered ``k * units + u`` (the planar bit order of codes,
+so for ordered activations a cell's sides of all lines are its code bits). Over a cell every unit input is affine, so
+a line that crosses the cell's interior (some vertex strictly above it, some strictly below, after snapping values
+within ``tol`` onto it) is a chord: it meets the ring at exactly two points, a vertex that lies on it or a point
+inside an edge (a new vertex, interpolated on the edge in a canonical orientation so that the neighbour across that
+edge computes the same one). A ring point has a *ring position* (vertex index, plus the edge fraction inside an
+edge), and every topological decision compares ring positions or parameters along one chord, never a second
+evaluation that could disagree with the first:
+
+* two chords cross inside the cell iff their ends interleave around the ring;
+* a boundary point's side of a chord is which of the chord's two arcs holds it (0 on the chord);
+* the crossing of chords a < b is placed on chord a; its sides are those of a next to a's first end, flipped by
+  every chord that crosses a before it (a prefix sum over a's crossings sorted by parameter).
+
+Every vertex belongs to each face obtained by putting it on either side of every chord through it, so grouping
+vertex incidences by (cell, side of every chord) gives the faces, ordered by angle around their centroid. Sides
+enter the grouping as two independent random sums over the chords on the + side, about 40 bits of each compared
+(two faces of one cell merge only if both collide). A new cell's side of each chord that cut its parent is read at
+its vertex centroid (interior, by convexity); the other lines keep the parent's side.
+
+Checks and ties
+---------------
+Each site is checked: the faces of every cut cell must tile it (areas within 1e-9 relative, plus rounding of the
+coordinates' size). Ties are left to the unit-by-unit cut, which snaps values within ``tol`` onto kinks: where two
+lines cross one edge, or a third line passes a crossing, within ``tol`` (in value) of each other, where a line meets
+a ring in more than two places, or where the work would not fit the memory budget, ``arrange`` raises
+``Degenerate`` before touching the mesh and the caller cuts that site unit by unit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._mesh import Mesh, take
+from .geometry import polygon_area
+
+
+class Degenerate(Exception):
+    """The cells' arrangement is not in the general position this module assumes (within ``tol``)."""
+
+
+def line_signs(vals: torch.Tensor, kinks: torch.Tensor, tol: float) -> torch.Tensor:
+    """(vertices, kinks * units) int8: side of every line at every vertex, 0 within ``tol``."""
+    out = torch.empty((len(vals), len(kinks), vals.shape[1]), dtype=torch.int8, device=vals.device)
+    for j, k in enumerate(kinks.tolist()):
+        torch.sub((vals > k + tol).to(torch.int8), (vals < k - tol).to(torch.int8), out=out[:, j])
+    return out.reshape(len(vals), -1)
+
+
+def _cross2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
+
+
+def _side(p1, p2, above, x):
+    """Side of chords (ends at ring positions p1 < p2, sign ``above`` on the arc between) at ring positions x."""
+    inside = (x > p1) & (x < p2)
+    on = (x == p1) | (x == p2)
+    return torch.where(on, torch.zeros_like(above), torch.where(inside, above, -above))
+
+
+def _segments(counts: torch.Tensor):
+    """For groups of sizes ``counts``: (group of each item, rank of each item in its group, group starts)."""
+    starts = torch.cumsum(counts, 0) - counts
+    group = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    rank = torch.arange(len(group), device=counts.device) - starts[group]
+    return group, rank, starts
+
+
+def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, budget: int):
+    """Cut every cell of ``mesh`` by every kink line of the site whose unit inputs at the vertices are ``vals``.
+
+    Returns ``side`` (cells after the cut, lines) bool: the side (+ = above) of every line on every new cell.
+    The mesh's cells and vertices are updated in place (children replace their parent as in ``replace_cells``).
+    """
+    dev = vals.device
+    nv, d = vals.shape
+    nk = len(kinks)
+    L = nk * d
+    coords = mesh.coords[:nv]
+    S = line_signs(vals, kinks, tol)
+    R, dg = mesh.cells()
+    nc = mesh.nc
+    W = int(dg.max())
+    R = R[:, :W]
+    ar = torch.arange(W, device=dev)
+    valid = ar[None] < dg[:, None]
+    Rf = torch.where(valid, R, R[:, :1])
+    above = torch.empty((nc, L), dtype=torch.bool, device=dev)
+    below = torch.empty((nc, L), dtype=torch.bool, device=dev)
+    step = max(1, (32 << 20) // max(1, W * L))
+    for s in range(0, nc, step):
+        z = take(S, Rf[s:s + step])
+        above[s:s + step] = z.amax(1) > 0
+        below[s:s + step] = z.amin(1) < 0
+    ci, li = torch.nonzero(above & below, as_tuple=True)  # chords, sorted by (cell, line)
+    del below
+    P = len(ci)
+    if P == 0:
+        return above
+    kc = torch.bincount(ci, minlength=nc)
+    _, loc, start = _segments(kc)
+    est = 48 * int((kc * (kc + dg)).sum()) + 24 * int((kc ** 3).sum() // 2 + 1)
+    if est > budget:
+        raise Degenerate(f"memory: about {est} bytes")  # caller cuts unit by unit, under the budget
+
+    # ---------------------------------------------------------------- chord ends on the ring
+    Rp, dgp, vp = take(R, ci), dg[ci], take(valid, ci)
+    sp = S.reshape(-1)[take(Rf, ci) * L + li[:, None]]  # (P, W) sides of each chord's line around its cell
+    nxt = torch.where(ar[None] + 1 < dgp[:, None], ar[None] + 1, torch.zeros_like(ar[None]))
+    prv = torch.where(ar[None] == 0, dgp[:, None] - 1, ar[None] - 1)
+    s_next, s_prev = sp.gather(1, nxt), sp.gather(1, prv)
+    on_edge = vp & (sp * s_next < 0)
+    on_vertex = vp & (sp == 0) & (s_prev * s_next < 0)
+    if bool(((on_edge.sum(1) + on_vertex.sum(1)) != 2).any()):
+        raise Degenerate("a line meets a cell's ring in more than two places")
+    pe, ie = torch.nonzero(on_edge | on_vertex, as_tuple=True)  # two per chord, by ring index
+    is_edge = on_edge[pe, ie]
+    a_v = Rp[pe, ie]
+    pos = ie.to(vals.dtype)
+    vid = a_v.clone()
+    xy = take(coords, a_v)
+    ke = torch.nonzero(is_edge).flatten()
+    n_edge_new = 0
+    end_lo, end_hi, end_t = a_v.clone(), a_v.clone(), torch.zeros_like(pos)  # each end as lo + t (hi - lo)
+    if len(ke):
+        b_v = Rp[pe[ke], nxt[pe[ke], ie[ke]]]
+        av = a_v[ke]
+        lo, hi = torch.minimum(av, b_v), torch.maximum(av, b_v)
+        line = li[pe[ke]]
+        u, k = line % d, line // d
+        h_lo = vals[lo, u] - kinks[k]
+        h_hi = vals[hi, u] - kinks[k]
+        t = h_lo / (h_lo - h_hi)  # canonical orientation: both cells of a shared edge compute the same point
+        c_lo, c_hi = take(coords, lo), take(coords, hi)
+        pt = c_lo + t[:, None] * (c_hi - c_lo)
+        pos[ke] += torch.where(av == lo, t, 1 - t)
+        end_lo[ke], end_hi[ke], end_t[ke] = lo, hi, t
+        # two lines crossing one edge within tol of each other's crossing: the unit-by-unit cut would snap them
+        # onto one vertex, so leave such sites to it
+        eid = lo * nv + hi
+        o = torch.argsort(t, stable=True)
+        o = o[torch.argsort(eid[o], stable=True)]
+        same = (eid[o][1:] == eid[o][:-1]) & (line[o][1:] != line[o][:-1])
+        gap = (t[o][1:] - t[o][:-1]).abs()
+        rise = (h_hi - h_lo).abs()[o]
+        if bool((same & ((gap * rise[1:] <= tol) | (gap * rise[:-1] <= tol))).any()):
+            raise Degenerate("two lines cross an edge within tol of each other")
+        key = (lo * nv + hi) * L + line
+        ukey, inv = torch.unique(key, return_inverse=True)
+        n_edge_new = len(ukey)
+        first = torch.full((n_edge_new,), len(key), dtype=torch.long, device=dev).scatter_reduce(
+            0, inv, torch.arange(len(key), device=dev), "amin")
+        edge_xy = pt[first]
+        vid[ke] = nv + inv
+        xy[ke] = pt
+    else:
+        edge_xy = coords.new_zeros((0, 2))
+    p1, p2 = pos.view(P, 2).unbind(1)
+    e1, e2 = xy.view(P, 2, 2).unbind(1)
+    up = s_next[pe, ie].view(P, 2)[:, 0]  # side on the arc after the first end (a nonzero vertex sign)
+    if bool((up == 0).any()):
+        raise Degenerate("a line runs along a cell's edge")
+
+    # ---------------------------------------------------------------- chord crossings (ordered pairs per cell)
+    pa, j, _ = _segments(kc[ci])
+    pb = start[ci[pa]] + j
+    a1, a2, b1, b2 = p1[pa], p2[pa], p1[pb], p2[pb]
+    meet = ((a1 < b1) & (b1 < a2) & (a2 < b2)) | ((b1 < a1) & (a1 < b2) & (b2 < a2))
+    da, db = e2[pa] - e1[pa], e2[pb] - e1[pb]
+    den = _cross2(da, db)
+    ua = torch.where(meet, _cross2(e1[pb] - e1[pa], db) / torch.where(meet, den, torch.ones_like(den)),
+                     torch.zeros_like(den)).clamp(0.0, 1.0)
+
+    # ---------------------------------------------------------------- hashed sides of every vertex of every cut cell
+    g = torch.Generator(device="cpu").manual_seed(0x5EED)
+    H = torch.randint(0, 1 << 40, (2, P), generator=g, dtype=torch.long).to(dev)
+    # boundary incidences (ring vertices of cut cells, new edge vertices): side of every chord of the cell
+    cut = torch.nonzero(kc > 0).flatten()
+    rr, ri = torch.nonzero(take(valid, cut), as_tuple=True)
+    b_cell = torch.cat([cut[rr], ci[pe[ke]]])
+    b_vid = torch.cat([R[cut[rr], ri], vid[ke]])
+    b_pos = torch.cat([ri.to(vals.dtype), pos[ke]])
+    nb = len(b_cell)
+    bi, bj, _ = _segments(kc[b_cell])
+    bm = start[b_cell[bi]] + bj
+    b_sign = _side(p1[bm], p2[bm], up[bm], b_pos[bi])
+    plus = b_sign > 0
+    b_hash = torch.zeros((2, nb), dtype=torch.long, device=dev).index_add_(1, bi[plus], H[:, bm[plus]])
+    zero = torch.nonzero(b_sign == 0).flatten()  # grouped by incidence
+    z_inc = bi[zero]
+    zc = torch.bincount(z_inc, minlength=nb)
+    zmax = int(zc.max()) if nb else 0
+    if zmax > 6:
+        raise Degenerate("too many lines through one vertex")
+    _, zr, _ = _segments(zc)
+    Zb = torch.zeros((2, nb, max(zmax, 2)), dtype=torch.long, device=dev)
+    Zb[:, z_inc, zr] = H[:, bm[zero]]
+    # interior vertex a x b (a < b) lies on chord a: its sides are those of a's interior next to its first end,
+    # changed by every chord that crosses a before it (prefix sums over the crossings sorted along a)
+    s1 = _side(p1[pb], p2[pb], up[pb], p1[pa])  # side of chord pb at each end of chord pa
+    s2 = _side(p1[pb], p2[pb], up[pb], p2[pa])
+    start_side = torch.where(s1 != 0, s1, torch.where(pb == pa, s1, s2))
+    init = torch.zeros((2, P), dtype=torch.long, device=dev)
+    sp_ = start_side > 0
+    init.index_add_(1, pa[sp_], H[:, pb[sp_]])
+    mv = torch.nonzero(meet).flatten()  # crossings (a, m), grouped by a
+    ma, mm, mu = pa[mv], pb[mv], ua[mv]
+    o = torch.argsort(mu, stable=True)
+    o = o[torch.argsort(ma[o], stable=True)]
+    mv, ma, mm, mu = mv[o], ma[o], mm[o], mu[o]
+    # a third line within tol of a crossing (three lines through one point, up to tol): left to the unit-by-unit
+    # cut, which snaps it onto the vertex
+    lm = li[mm]
+    um, km = lm % d, kinks[lm // d]
+
+    def _at(e):  # value of each line mm at end e of its chord ma
+        lo_, hi_, t_ = end_lo[e], end_hi[e], end_t[e]
+        return vals[lo_, um] + t_ * (vals[hi_, um] - vals[lo_, um]) - km
+    rise = (_at(2 * ma + 1) - _at(2 * ma)).abs()
+    gap = mu[1:] - mu[:-1]
+    near = (ma[1:] == ma[:-1]) & ((gap * rise[1:] <= tol) | (gap * rise[:-1] <= tol))
+    if bool(near.any()):
+        raise Degenerate("three lines through one point, within tol")
+    delta = H[:, mm] * torch.where(s1[mv] > 0, -1, 1)
+    csum = torch.cumsum(delta, 1) - delta  # exclusive, over all chords
+    n_meet = torch.bincount(ma, minlength=P)
+    first_m = torch.cumsum(n_meet, 0) - n_meet
+    before = csum - csum[:, first_m[ma]]  # sum over the crossings of a before this one
+    lower = ma < mm
+    ia, ib = ma[lower], mm[lower]
+    i_hash = init[:, ia] + before[:, lower] - H[:, ib] * (s1[mv[lower]] > 0)
+    n_inner = len(ia)
+    iu = mu[lower]
+    inner_xy = e1[ia] + iu[:, None] * (e2[ia] - e1[ia])
+    inner_id = nv + n_edge_new + torch.arange(n_inner, device=dev)
+
+    inc_cell = torch.cat([b_cell, ci[ia]])
+    inc_vid = torch.cat([b_vid, inner_id])
+    base = torch.cat([b_hash, i_hash], 1)
+    zc = torch.cat([zc, torch.full((n_inner,), 2, dtype=torch.long, device=dev)])
+    Zh = torch.cat([Zb[:, :, :2] if zmax <= 2 else Zb,
+                    torch.nn.functional.pad(torch.stack([H[:, ia], H[:, ib]], -1), (0, max(zmax, 2) - 2))], 1)
+    zmax = max(zmax, 2 if n_inner else 0)
+
+    # ---------------------------------------------------------------- faces: group by (cell, side of every chord)
+    rows, keys = [], []
+    for mask in range(1 << zmax):
+        r = torch.nonzero((mask >> zc) == 0).flatten()
+        bits = torch.tensor([(mask >> i) & 1 for i in range(Zh.shape[2])], dtype=torch.long, device=dev)
+        keys.append(base[:, r] + (Zh[:, r] * bits).sum(-1))
+        rows.append(r)
+    rows, keys = torch.cat(rows), torch.cat(keys, 1)
+    # exact grouping by cell, hashed grouping by sides: (cell, h1 bits) then (that group, h2 bits) in one int64 each
+    b1 = 62 - nc.bit_length()
+    _, g1 = torch.unique(inc_cell[rows] * (1 << b1) + (keys[0] & ((1 << b1) - 1)), return_inverse=True)
+    b2 = 62 - len(rows).bit_length()
+    _, face = torch.unique(g1 * (1 << b2) + (keys[1] & ((1 << b2) - 1)), return_inverse=True)
+    size = torch.bincount(face)
+    keep = size >= 3  # a vertex put on a side that has no interior next to it forms a group of its own
+    remap = torch.cumsum(keep, 0) - 1
+    rk = torch.nonzero(keep[face]).flatten()
+    rows, face = rows[rk], remap[face[rk]]
+    size = size[keep]
+    n_face = len(size)
+    f_cell = torch.zeros(n_face, dtype=torch.long, device=dev).scatter_(0, face, inc_cell[rows])
+    # vertex order: by face, then angle around the face's centroid
+    all_xy = torch.cat([coords, edge_xy, inner_xy])
+    fxy = take(all_xy, inc_vid[rows])
+    cen = torch.zeros((n_face, 2), dtype=fxy.dtype, device=dev).index_add_(0, face, fxy) / size[:, None]
+    rel = fxy - cen[face]
+    ang = torch.atan2(rel[:, 1], rel[:, 0])
+    o = torch.argsort(ang, stable=True)
+    o = o[torch.argsort(face[o], stable=True)]
+    _, rank, _ = _segments(size)
+    ring = torch.zeros((n_face, int(size.max())), dtype=torch.long, device=dev)
+    ring[face[o], rank] = inc_vid[rows[o]]
+    # each face's side of its cell's chords, read at its centroid (interior, by convexity): the arc from the
+    # first end to the second (ring order, counter-clockwise) lies right of the chord
+    nrm = torch.stack([e1[:, 1] - e2[:, 1], e2[:, 0] - e1[:, 0]], 1)  # cross(e2 - e1, x - e1) = nrm . (x - e1)
+    off = -(nrm * e1).sum(1)
+    fe, fj, _ = _segments(kc[f_cell])
+    fm = start[f_cell[fe]] + fj
+    cen_e = torch.repeat_interleave(cen, kc[f_cell], dim=0)
+    val = torch.addcmul(take(off, fm), take(nrm[:, 0], fm), cen_e[:, 0])
+    val.addcmul_(take(nrm[:, 1], fm), cen_e[:, 1])
+    f_plus = (val < 0) == take(up > 0, fm)
+    f_line = take(li, fm)
+
+    # ---------------------------------------------------------------- check: the faces of each cut cell tile it
+    area_f = polygon_area(take(all_xy, ring), size)
+    area_c = polygon_area(take(coords, R[cut]), dg[cut])
+    tot = torch.zeros(nc, dtype=area_f.dtype, device=dev).index_add_(0, f_cell, area_f)[cut]
+    span = float((coords.amax(0) - coords.amin(0)).max()) if nv else 1.0
+    slack = 1e-9 * area_c.abs() + 1e-12 * span * span  # shoelace rounding is relative to the coordinates' size
+    if bool((area_f <= 0).any()) or bool(((tot - area_c).abs() > slack).any()):
+        raise Degenerate("the faces of a cell do not tile it")
+
+    # ---------------------------------------------------------------- write back
+    mesh.add_vertices(torch.cat([edge_xy, inner_xy]), None)
+    first = torch.ones_like(f_cell, dtype=torch.bool)
+    first[1:] = f_cell[1:] != f_cell[:-1]
+    slot = mesh.replace_cells(f_cell, ring, size, first)
+    side = torch.zeros((mesh.nc, L), dtype=torch.bool, device=dev)
+    side[:nc] = above
+    side[slot] = take(above, f_cell)
+    side[slot[fe], f_line] = f_plus
+    return side
