@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from typing import Callable
 
@@ -182,8 +181,7 @@ class _Partitioner:
         kinks = torch.tensor(act.kinks, dtype=mesh.vals.dtype, device=mesh.vals.device)
         try:
             side = arrange(mesh, mesh.vals[: mesh.nv], kinks, tol, self.budget - self.mesh_bytes(mesh))
-        except Degenerate as e:
-            if os.environ.get("PL_NOFALLBACK") and "memory" not in str(e): raise RuntimeError(str(e))
+        except Degenerate:
             self.fallbacks += 1
             with _threads(self.round_threads):
                 self._scalar_rounds(mesh, act, kinks, tol, name)
