@@ -44,6 +44,9 @@ from ._mesh import Mesh, take
 from .geometry import polygon_area
 
 
+_BLOCK = 1 << 22  # (new cell, parent chord) pairs per block when reading sides
+
+
 class Degenerate(Exception):
     """The cells' arrangement is not in the general position this module assumes (within ``tol``)."""
 
@@ -108,7 +111,8 @@ def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, bud
         return above
     kc = torch.bincount(ci, minlength=nc)
     _, loc, start = _segments(kc)
-    est = 48 * int((kc * (kc + dg)).sum()) + 24 * int((kc ** 3).sum() // 2 + 1)
+    # ordered chord pairs and boundary entries (~100 B each), hashed incidences (~4 per pair), new cells' sides
+    est = 100 * int((kc * (kc + dg)).sum()) + 64 * _BLOCK + int((kc * kc).sum()) * (L + 1) // 2
     if est > budget:
         raise Degenerate(f"memory: about {est} bytes")  # caller cuts unit by unit, under the budget
 
@@ -285,15 +289,6 @@ def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, bud
     ring[face[o], rank] = inc_vid[rows[o]]
     # each face's side of its cell's chords, read at its centroid (interior, by convexity): the arc from the
     # first end to the second (ring order, counter-clockwise) lies right of the chord
-    nrm = torch.stack([e1[:, 1] - e2[:, 1], e2[:, 0] - e1[:, 0]], 1)  # cross(e2 - e1, x - e1) = nrm . (x - e1)
-    off = -(nrm * e1).sum(1)
-    fe, fj, _ = _segments(kc[f_cell])
-    fm = start[f_cell[fe]] + fj
-    cen_e = torch.repeat_interleave(cen, kc[f_cell], dim=0)
-    val = torch.addcmul(take(off, fm), take(nrm[:, 0], fm), cen_e[:, 0])
-    val.addcmul_(take(nrm[:, 1], fm), cen_e[:, 1])
-    f_plus = (val < 0) == take(up > 0, fm)
-    f_line = take(li, fm)
 
     # ---------------------------------------------------------------- check: the faces of each cut cell tile it
     area_f = polygon_area(take(all_xy, ring), size)
@@ -301,7 +296,7 @@ def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, bud
     tot = torch.zeros(nc, dtype=area_f.dtype, device=dev).index_add_(0, f_cell, area_f)[cut]
     span = float((coords.amax(0) - coords.amin(0)).max()) if nv else 1.0
     slack = 1e-9 * area_c.abs() + 1e-12 * span * span  # shoelace rounding is relative to the coordinates' size
-    if bool((area_f <= 0).any()) or bool(((tot - area_c).abs() > slack).any()):
+    if bool((area_f < -1e-12 * span * span).any()) or bool(((tot - area_c).abs() > slack).any()):
         raise Degenerate("the faces of a cell do not tile it")
 
     # ---------------------------------------------------------------- write back
@@ -312,5 +307,21 @@ def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, bud
     side = torch.zeros((mesh.nc, L), dtype=torch.bool, device=dev)
     side[:nc] = above
     side[slot] = take(above, f_cell)
-    side[slot[fe], f_line] = f_plus
+    nrm = torch.stack([e1[:, 1] - e2[:, 1], e2[:, 0] - e1[:, 0]], 1)  # cross(e2 - e1, x - e1) = nrm . (x - e1)
+    off = -(nrm * e1).sum(1)
+    up_plus = up > 0
+    # (new cell, chord of its parent) pairs, in blocks of faces of about _BLOCK entries
+    ends = torch.cumsum(kc[f_cell], 0)
+    lo_f = 0
+    while lo_f < n_face:
+        hi_f = int(torch.searchsorted(ends, int(ends[lo_f]) - int(kc[f_cell[lo_f]]) + _BLOCK, right=True))
+        hi_f = max(hi_f, lo_f + 1)
+        fc = f_cell[lo_f:hi_f]
+        fe, fj, _ = _segments(kc[fc])
+        fm = start[fc[fe]] + fj
+        cen_e = torch.repeat_interleave(cen[lo_f:hi_f], kc[fc], dim=0)
+        val = torch.addcmul(take(off, fm), take(nrm[:, 0], fm), cen_e[:, 0])
+        val.addcmul_(take(nrm[:, 1], fm), cen_e[:, 1])
+        side[slot[lo_f + fe], take(li, fm)] = (val < 0) == take(up_plus, fm)
+        lo_f = hi_f
     return side
