@@ -40,6 +40,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-effnet", action="store_true")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--large", type=int, default=0,
+                    help="also slice a 2->3xLARGE MLP (680 gives about 1e6 regions) on --device, ours only")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--memory-budget", type=int, default=16 << 30)
     args = ap.parse_args()
     import regioncam
     from polytope_lens.slices import slice_box, slice_through
@@ -61,6 +65,17 @@ def main():
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, n_rc, t_rc, n, t, t_o in rows:
         print(f"| {name} | {n_rc} | {t_rc:.2f} | {n} | {t:.2f} | {t_o:.2f} | {(n / t) / (n_rc / t_rc):.2f}× |")
+    if args.large:
+        import resource
+        m = mlp(args.large, 3, 0)
+        if args.device != "cpu":
+            slice_box(mlp(64, 3, 0), device=args.device, outputs=False)  # warm-up (kernels, context)
+        t = time.perf_counter()
+        res = slice_box(m, device=args.device, outputs=False, memory_budget=args.memory_budget)
+        el = time.perf_counter() - t
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(f"\n| 2→3×{args.large}, box [-1,1]², {args.device} | {res.num_regions} regions | {el:.1f} s | "
+              f"peak RSS {rss:.1f} GB | notes: {'; '.join(res.notes) or 'none'} |")
     if not args.skip_effnet:
         from polytope_lens.data import load_data
         from polytope_lens.models import load_model
