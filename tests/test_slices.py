@@ -308,3 +308,28 @@ def test_lines_through_vertices_and_one_point_hand_count():
     assert torch.allclose(res.area, torch.full((8,), 0.5, dtype=res.area.dtype), atol=1e-12)
     codes = spline_codes(m, res.centroids())["1.relu"].packed
     assert np.array_equal(codes, res.codes)
+
+
+@pytest.mark.parametrize("make", [lambda: _mlp(20, 3, 1, 0.1, True), SmallCNN], ids=["leaky-residual", "cnn"])
+def test_affine_route_equals_forward_passes(make, monkeypatch):
+    """Site inputs from stored earlier outputs through the Jacobian blocks (affine route: no forward pass of the
+    vertices) give the same regions, codes and areas as a forward pass of every vertex at every site."""
+    import polytope_lens.slices.partition as partition
+    from polytope_lens.paths.runner import Runner
+    torch.manual_seed(7)
+    m = make().double().eval()
+    x = torch.randn(3, 1, 6, 6, dtype=torch.float64)
+    run = (lambda: slice_through(m, x[0], x[1], x[2], outputs=False)) if isinstance(m, SmallCNN) else \
+        (lambda: slice_box(m, outputs=False))
+    calls = []
+    real = partition._Model.site_values
+    monkeypatch.setattr(partition._Model, "site_values", lambda self, *a: calls.append(1) or real(self, *a))
+    fast = run()
+    assert not calls
+    monkeypatch.setattr(Runner, "extract_affine", lambda self, want_output: None)
+    slow = run()
+    assert calls
+    assert fast.num_regions == slow.num_regions > 10
+    fa, sa = (dict(zip(r.code_hex(), r.area.tolist())) for r in (fast, slow))
+    assert fa.keys() == sa.keys()
+    assert max(abs(fa[h] - sa[h]) for h in sa) <= 1e-9 * float(slow.area.sum())

@@ -78,8 +78,9 @@ def _segments(counts: torch.Tensor):
     return group, rank, starts
 
 
-def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, budget: int):
-    """Cut every cell of ``mesh`` by every kink line of the site whose unit inputs at the vertices are ``vals``.
+def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, budget: int, keep_vals: bool = False):
+    """Cut every cell of ``mesh`` by every kink line of the site whose unit inputs at the vertices are ``vals``
+    (interpolated at the new vertices too when ``keep_vals``; stored ``mesh.leaves`` always are).
 
     Returns ``side`` (cells after the cut, lines) bool: the side (+ = above) of every line on every new cell.
     The mesh's cells and vertices are updated in place (children replace their parent as in ``replace_cells``).
@@ -164,10 +165,12 @@ def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, bud
         first = torch.full((n_edge_new,), len(key), dtype=torch.long, device=dev).scatter_reduce(
             0, inv, torch.arange(len(key), device=dev), "amin")
         edge_xy = pt[first]
+        edge_lerp = (lo[first], hi[first], t[first])
         vid[ke] = nv + inv
         xy[ke] = pt
     else:
         edge_xy = coords.new_zeros((0, 2))
+        edge_lerp = (a_v[:0], a_v[:0], pos[:0])
     p1, p2 = pos.view(P, 2).unbind(1)
     e1, e2 = xy.view(P, 2, 2).unbind(1)
     up = s_next[pe, ie].view(P, 2)[:, 0]  # side on the arc after the first end (a nonzero vertex sign)
@@ -300,7 +303,8 @@ def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, bud
         raise Degenerate("the faces of a cell do not tile it")
 
     # ---------------------------------------------------------------- write back
-    mesh.add_vertices(torch.cat([edge_xy, inner_xy]), None)
+    chord_ends = vid.view(P, 2)  # interior vertices: the same points as inner_xy, now with values
+    mesh.add_lerp(edge_lerp, (chord_ends[ia, 0], chord_ends[ia, 1], iu), vals=keep_vals)
     first = torch.ones_like(f_cell, dtype=torch.bool)
     first[1:] = f_cell[1:] != f_cell[:-1]
     slot = mesh.replace_cells(f_cell, ring, size, first)

@@ -58,23 +58,40 @@ class Mesh:
         self.deg = deg.clone()
         self.nc = len(ring)
         self.rows: list[torch.Tensor] = []  # per-cell payloads copied from parent to children (cand, codes)
+        self.leaves: dict[str, torch.Tensor] = {}  # per-vertex outputs of earlier sites (affine route)
 
     # --------------------------------------------------------------------------------------------- vertices
     def set_vals(self, vals: torch.Tensor) -> None:
         self.vals = vals
         self.coords = self.coords[: self.nv].clone()
 
-    def add_vertices(self, coords: torch.Tensor, vals: torch.Tensor | None) -> torch.Tensor:
-        """Append vertices; ``vals=None`` when the site's values are no longer needed (``vals`` is then stale until
-        the next ``set_vals``)."""
-        n = len(coords)
-        ids = torch.arange(self.nv, self.nv + n, device=coords.device)
-        self.coords = grow(self.coords, self.nv + n)
-        self.coords[self.nv: self.nv + n] = coords
-        if vals is not None:
-            self.vals = grow(self.vals, self.nv + n)
-            self.vals[self.nv: self.nv + n] = vals
-        self.nv += n
+    def add_lerp(self, *stages, vals: bool = True) -> list[torch.Tensor]:
+        """New vertices at ``a + t (b - a)`` for each stage ``(a, b, t)`` of vertex ids and fractions, in order (a
+        stage may use the vertices of earlier ones): coordinates, ``vals`` (unless ``vals=False``: then stale until
+        the next ``set_vals``) and every stored ``leaves`` array are interpolated, exact because all of them are
+        affine along such a segment. Buffers grow once per call. Returns the new ids of each stage."""
+        n = sum(len(a) for a, _, _ in stages)
+        dev = self.coords.device
+
+        def put(arr):
+            arr = grow(arr, self.nv + n)
+            at = self.nv
+            for a, b, t in stages:
+                step = max(1, (64 << 20) // max(1, arr[0].numel() * arr.element_size()))  # bounded temporaries
+                for s in range(0, len(a), step):
+                    x, y = take(arr, a[s:s + step]), take(arr, b[s:s + step])
+                    arr[at + s: at + s + len(x)] = y.sub_(x).mul_(t[s:s + step, None].to(x.dtype)).add_(x)
+                at += len(a)
+            return arr
+        self.coords = put(self.coords)
+        if vals:
+            self.vals = put(self.vals)
+        self.leaves = {k: put(v) for k, v in self.leaves.items()}
+        ids, at = [], self.nv
+        for a, _, _ in stages:
+            ids.append(torch.arange(at, at + len(a), device=dev))
+            at += len(a)
+        self.nv = at
         return ids
 
     # ------------------------------------------------------------------------------------------------ cells
@@ -166,13 +183,7 @@ def cut(mesh: Mesh, act: Activation, kinks: torch.Tensor, R: torch.Tensor, dg: t
     # the new vertex sits on kink k: moving up it enters piece k + 1, moving down piece k
     up = ugb[seg] > uga[seg]
     kidx = torch.where(up, piece - 1, piece)
-    va, vb = ua[seg], ub[seg]
-    tt = t[:, None]
-    ca, cb = take(mesh.coords, va), take(mesh.coords, vb)
-    cnew = ca + tt * (cb - ca)
-    za, zb = take(mesh.vals, va), take(mesh.vals, vb)
-    vnew = za + tt * (zb - za)
-    ids = mesh.add_vertices(cnew, vnew)
+    ids, = mesh.add_lerp((ua[seg], ub[seg], t))
     cnt_u = torch.bincount(seg, minlength=U)
     start_u = torch.cumsum(cnt_u, 0) - cnt_u
     c_e = torch.zeros((n, W), dtype=torch.long, device=dev)

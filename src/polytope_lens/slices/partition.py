@@ -4,9 +4,12 @@ Invariant
 ---------
 Before site k is processed, every cell lies inside one linear region of every earlier site (each unit stays on one
 piece over the cell), and the model is affine between its captured sites (checked once, by the paths engine's
-``Runner.affinity_probe``), so site k's unit inputs are affine over each cell. They are evaluated once per vertex by a
-forward pass at the start of the site (the network is continuous, so a vertex shared by several cells has one value)
-and every later vertex of the site is an exact linear interpolation on an edge. Each cell is then cut by every kink
+``Runner.affinity_probe``), so site k's unit inputs are affine over each cell. They are evaluated once per vertex at
+the start of the site (the network is continuous, so a vertex shared by several cells has one value), and every
+later vertex of the site is an exact linear interpolation on an edge or chord (``Mesh.add_lerp``). The evaluation
+takes the paths engine's affine route when its Jacobian blocks fit (``Runner.extract_affine``): the outputs of the
+sites that later sites read are kept per vertex (interpolated at new vertices, exact for the same reason) and site
+k's inputs are one product per block; otherwise (graph route) every vertex runs a forward pass through ``capture``. Each cell is then cut by every kink
 line that crosses it: for elementwise units all lines at once (``_arrangement.arrange``), or, where lines meet
 within ``tol`` of each other, one round per unit (all cells that unit crosses at once, ``_mesh.cut``, which snaps
 ties); for max pooling one round per window, in which each cell is clipped into the argmax regions of the window
@@ -27,7 +30,7 @@ are exact up to that tolerance (stated on the result).
 
 Cost and memory
 ---------------
-Per site: one forward pass per vertex; arranged: a fixed number of batched steps, work about (cells x lines that
+Per site: one product per Jacobian block (affine route) or one forward pass (graph route) per vertex; arranged: a fixed number of batched steps, work about (cells x lines that
 cross them) plus, per cell, (lines crossing it)^2; round-based: one vectorised round per unit (or window) that cuts
 any cell, work proportional to the cells it cuts. Memory is about (vertices x units of the site) values plus (cells x units) candidate flags; it is
 estimated before each site and checked as cells grow; over ``memory_budget`` raises with the estimate.
@@ -47,7 +50,7 @@ from ..codes import pack_bits, pack_pieces
 from ..errors import InvalidInputError, NotPiecewiseLinearError
 from ..kinks import REGISTRY, ScalarKinks, WindowMax
 from ..paths.geometry import PathSpec
-from ..paths.runner import Runner, default_forward, index_inputs, logits_of, prepare_model
+from ..paths.runner import SRC, Affine, Runner, default_forward, index_inputs, logits_of, prepare_model
 from . import _mesh
 from ._arrangement import Degenerate, arrange
 from ._mesh import take
@@ -132,17 +135,69 @@ def _budget_error(owner: str, what: str, est: int, budget: int) -> InvalidInputE
 
 class _Partitioner:
     def __init__(self, m: _Model, sites, z_shape: dict, units: torch.Tensor | None, tol: float, budget: int,
-                 owner: str, round_threads: int | None = None):
+                 owner: str, round_threads: int | None = None, affine: Affine | None = None):
         self.m, self.sites, self.z_shape = m, sites, z_shape
         self.units, self.tol, self.budget, self.owner = units, tol, budget, owner
         self.round_threads = round_threads  # torch threads for unit-by-unit / window-by-window cutting
         self.rounds = 0
         self.fallbacks = 0  # scalar sites cut unit by unit because the all-lines arrangement found them degenerate
         self.site_bytes: list[tuple[str, int, int]] = []  # (name, byte offset, n bytes) in the code buffer
+        self.blocks = None if affine is None else self._fold(affine)
+
+    # ------------------------------------------------------------------------------------ site inputs
+    def _fold(self, aff: Affine):
+        """Per site m: (c, J, {leaf: jt}) with z_m = c + u @ J + sum_leaf a_leaf @ jt over slice coordinates u
+        (the plane folded into the source block), and the sites whose outputs later sites read (kept per vertex)."""
+        plane = self.m.plane
+        origin, basis = plane.origin.reshape(1, -1), plane.basis.reshape(2, -1)
+        blocks, self.last_use = {}, {}
+        for i, site in enumerate(self.sites):
+            m = site.name
+            cols = self.units if (i == len(self.sites) - 1 and self.units is not None) else None
+            pick = (lambda x: x) if cols is None else (lambda x: x[:, cols])
+            c, J = pick(aff.c[m]), None
+            leaves = {}
+            for leaf in aff.deps[m]:
+                jt = pick(aff.jt[m, leaf])
+                if leaf == SRC:
+                    c, J = c + origin @ jt, basis @ jt
+                else:
+                    leaves[leaf] = jt
+                    self.last_use[leaf] = i
+            blocks[m] = (c, J, leaves)
+        return blocks
+
+    def _site_z(self, mesh: _mesh.Mesh, site, cols) -> torch.Tensor:
+        """Unit inputs of ``site`` at every vertex: from the stored outputs of earlier sites (affine route, one
+        product per site) or by a forward pass of every vertex (graph route)."""
+        if self.blocks is None:
+            return self.m.site_values(mesh.coords[: mesh.nv], site.name, cols)
+        c, J, leaves = self.blocks[site.name]
+        z = None
+        for a, jt in ([(mesh.coords[: mesh.nv], J)] if J is not None else []) + \
+                [(mesh.leaves[leaf][: mesh.nv], jt) for leaf, jt in leaves.items()]:
+            z = torch.addmm(c, a, jt) if z is None else z.addmm_(a, jt)
+        return c.expand(mesh.nv, -1).clone() if z is None else z
+
+    def _keep_output(self, mesh: _mesh.Mesh, i: int, site) -> None:
+        """After site i is cut: store its output at every vertex if a later site reads it."""
+        if self.blocks is not None and self.last_use.get(site.name, -1) > i:
+            z = mesh.vals[: mesh.nv]
+            shape = self.z_shape[site.name]
+            if site.activation.elementwise:  # output shaped like the input: overwrite the inputs in blocks
+                step = max(1, (64 << 20) // max(1, 8 * z.shape[1]))  # (fresh pages are slow to fault in)
+                for s in range(0, len(z), step):
+                    zz = z[s:s + step]
+                    zz.copy_(site.apply(zz.reshape(len(zz), *shape)).reshape(len(zz), -1))
+                mesh.leaves[site.name] = z
+            else:
+                mesh.leaves[site.name] = site.apply(z.reshape(len(z), *shape)).reshape(len(z), -1)
+            mesh.vals = mesh.vals[:0]
 
     def mesh_bytes(self, mesh: _mesh.Mesh) -> int:
         rows = sum(r.element_size() * r[0].numel() for r in mesh.rows) if mesh.nc else 0
-        return (mesh.coords.shape[0] * (16 + 8 * mesh.vals.shape[1])
+        leaves = sum(v.shape[1] for v in mesh.leaves.values())
+        return (mesh.coords.shape[0] * (16 + 8 * mesh.vals.shape[1] + 8 * leaves)
                 + mesh.ring.shape[0] * (8 * mesh.ring.shape[1] + 8 + rows))
 
     def check(self, mesh, what: str, extra: int = 0) -> None:
@@ -163,24 +218,29 @@ class _Partitioner:
             if est > self.budget:
                 raise _budget_error(self.owner, f"site {site.name!r} ({d} units, {mesh.nc} cells, {mesh.nv} "
                                     "vertices so far)", est, self.budget)
-            mesh.set_vals(self.m.site_values(mesh.coords[: mesh.nv], site.name, cols))
+            mesh.vals = mesh.vals[:0]  # the previous site's inputs are no longer needed
+            mesh.set_vals(self._site_z(mesh, site, cols))
+            for leaf in [k for k in mesh.leaves if self.last_use[k] <= i]:  # read for the last time just now
+                del mesh.leaves[leaf]
             scale = max(1.0, float(mesh.vals.abs().max())) if mesh.nv else 1.0
             tol = self.tol * scale
             self.cur_tol = tol
             if isinstance(act, ScalarKinks):
-                self._scalar_site(mesh, act, tol, site.name)
+                self._scalar_site(mesh, act, tol, site.name, keep_vals=self.last_use.get(site.name, -1) > i
+                                  if self.blocks is not None else False)
             elif isinstance(act, WindowMax):
                 self._window_site(mesh, act, tol, self.z_shape[site.name], site.name)
                 self._codes(mesh, act, site.name)
             else:  # pragma: no cover - registry has only these two families
                 raise NotPiecewiseLinearError(f"site {site.name!r}: {act.name} has no exact 2-D cutting rule")
+            self._keep_output(mesh, i, site)
 
     # ---------------------------------------------------------------------------------------- scalar sites
-    def _scalar_site(self, mesh, act: ScalarKinks, tol: float, name: str) -> None:
+    def _scalar_site(self, mesh, act: ScalarKinks, tol: float, name: str, keep_vals: bool = False) -> None:
         """All kink lines at once (``_arrangement``); unit by unit where that finds the cells degenerate."""
         kinks = torch.tensor(act.kinks, dtype=mesh.vals.dtype, device=mesh.vals.device)
         try:
-            side = arrange(mesh, mesh.vals[: mesh.nv], kinks, tol, self.budget - self.mesh_bytes(mesh))
+            side = arrange(mesh, mesh.vals[: mesh.nv], kinks, tol, self.budget - self.mesh_bytes(mesh), keep_vals)
         except Degenerate:
             self.fallbacks += 1
             with _threads(self.round_threads):
@@ -524,7 +584,10 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
     mdl = _Model(m, fwd, plane, dtype, device, memory_budget // 4, row_bytes, capture_kwargs)
     dom = plane.domain
     mesh = _mesh.Mesh(dom, torch.arange(len(dom), device=device)[None], torch.tensor([len(dom)], device=device))
-    part = _Partitioner(mdl, sites, z_shape, sel, tol, memory_budget, owner, round_threads)
+    affine = runner.extract_affine(want_output=False)
+    if affine is not None and any(s.apply is None for s in sites):
+        affine = None
+    part = _Partitioner(mdl, sites, z_shape, sel, tol, memory_budget, owner, round_threads, affine)
     part.run(mesh)
     R, dg = mesh.cells()
     W = int(dg.max())
