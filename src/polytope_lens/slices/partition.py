@@ -434,8 +434,9 @@ class _Partitioner:
                 top = w.amax(-1, keepdim=True)
                 w = torch.where(w >= top - self.cur_tol, top.expand_as(w), w)
                 pieces = w.argmax(-1).reshape(len(zc), -1)
-            else:
-                pieces = act.pieces(zc)
+            else:  # a unit within tol of a kink over a whole cell is on it: the registry's lower piece
+                kinks = torch.tensor(act.kinks, dtype=zc.dtype, device=zc.device)
+                pieces = act.pieces(_mesh.snap(zc, kinks, self.cur_tol))
             packed.append(pack_pieces(pieces.cpu(), act).to(R.device))
         packed = torch.cat(packed) if packed else torch.zeros((0, 0), dtype=torch.uint8, device=R.device)
         self._append_codes(mesh, packed, name)
