@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--networks", default=",".join(NETWORKS), help="comma-separated subset of " + ", ".join(NETWORKS))
     ap.add_argument("--memory-budget", type=int, default=1 << 29, help="bytes for polytope-lens chunks")
     ap.add_argument("--repeat", type=int, default=3, help="alternating runs of each tool; the best time is kept")
+    ap.add_argument("--device", default="cpu", help="device for polytope-lens (Regioncam1D always runs on the CPU)")
+    ap.add_argument("--no-regioncam", action="store_true", help="time polytope-lens only (e.g. on a GPU)")
     args = ap.parse_args()
     rows = []
     for name in args.networks.split(","):
@@ -68,20 +70,28 @@ def main() -> None:
         g = torch.Generator().manual_seed(1)
         a, b = torch.randn(args.paths, din, generator=g), torch.randn(args.paths, din, generator=g)
         n_rc = args.rc_paths if args.rc_paths is not None else (args.paths if widths[0] <= 512 else 100)
-        n_rc = min(n_rc, args.paths)
+        n_rc = 0 if args.no_regioncam else min(n_rc, args.paths)
         ours_s = rc_s = float("inf")
+        if args.device != "cpu":  # warm-up: CUDA context, kernels
+            path_crossings(mlp, a[:8], b[:8], trace=False, verify=False, device=args.device)
         for _ in range(args.repeat):  # alternate the two tools; keep each one's best run (shared machines are noisy)
             t0 = time.perf_counter()
-            res = path_crossings(mlp, a, b, trace=False, verify=False, memory_budget=args.memory_budget)
-            ours_s = min(ours_s, time.perf_counter() - t0)
-            rc, s = regioncam_counts(mlp, a[:n_rc], b[:n_rc])
-            rc_s = min(rc_s, s)
-        ours = res.counts[:n_rc]
-        agree = float(np.mean(ours == np.asarray(rc))) * 100
-        rows.append((name, args.paths, float(res.counts.mean()), args.paths / ours_s, n_rc, rc_s and n_rc / rc_s,
-                     agree, int(sum(p.ties for p in res.paths)), int(np.abs(ours - np.asarray(rc)).max())))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ours float64, Regioncam1D float32; "
-          f"best of {args.repeat} alternating runs\n")
+            res = path_crossings(mlp, a, b, trace=False, verify=False, memory_budget=args.memory_budget,
+                                 device=args.device)
+            ours_s = min(ours_s, time.perf_counter() - t0)  # results come back on the CPU: the device is synced
+            if n_rc:
+                rc, s = regioncam_counts(mlp, a[:n_rc], b[:n_rc])
+                rc_s = min(rc_s, s)
+        if n_rc:
+            ours = res.counts[:n_rc]
+            agree = float(np.mean(ours == np.asarray(rc))) * 100
+            dmax = int(np.abs(ours - np.asarray(rc)).max())
+        else:
+            agree, dmax = float("nan"), -1
+        rows.append((name, args.paths, float(res.counts.mean()), args.paths / ours_s, n_rc,
+                     n_rc / rc_s if n_rc else float("nan"), agree, int(sum(p.ties for p in res.paths)), dmax))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ours on {args.device}; ours float64, "
+          f"Regioncam1D float32; best of {args.repeat} alternating runs\n")
     print("| network | paths | mean crossings | ours paths/s | Regioncam1D paths (sample) | Regioncam1D paths/s "
           "| speed-up | agreement | ties | max count diff |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

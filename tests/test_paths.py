@@ -358,6 +358,25 @@ def test_a_long_path_is_refined_in_pieces_within_the_budget():
     assert r1.paths[0].per_layer == r2.paths[0].per_layer and r1.paths[0].ties == r2.paths[0].ties
 
 
+def test_last_site_breakpoints_do_not_shrink_the_pieces(monkeypatch):
+    """Breakpoints made at the last site are never evaluated again, so they do not count against the memory budget:
+    a one-layer path with ~10,000 crossings (about 10x what the budget holds as evaluated points) runs in two
+    pieces, and its count equals the hand count (units whose input changes sign between the ends)."""
+    import polytope_lens.paths.exact as exact
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 20000).double()
+    model = nn.Sequential(lin, nn.ReLU())
+    a, b = torch.randn(1, 4, dtype=torch.float64), torch.randn(1, 4, dtype=torch.float64)
+    calls = []
+    real = exact.Refiner.run_chunk
+    monkeypatch.setattr(exact.Refiner, "run_chunk", lambda self, *args: calls.append(1) or real(self, *args))
+    res = path_crossings(model, a, b, trace=False, memory_budget=1 << 30)
+    with torch.no_grad():
+        hand = int(((lin(a) > 0) != (lin(b) > 0)).sum())
+    assert res.paths[0].crossings == hand > 9000
+    assert len(calls) <= 2
+
+
 def test_units_of_the_last_site():
     """units= follows only some units of the last site: their crossings equal the full run's for those units (the
     full run equals Regioncam1D, tested above), earlier sites are unchanged; bad selections are clear errors."""

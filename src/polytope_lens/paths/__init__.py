@@ -222,14 +222,14 @@ def _analyse(prep: _Prepared, spec: PathSpec, *, owner, layers, method, tie_tol,
             c, gp = 1, gp[:1]
             max_pts = max(64, memory_budget // per_point)
             out = refiner.run_path_in_pieces(gp, max_pts, est_pts if not guessed else 4.0 * max_pts)
-            guessed = False
+            if guessed:
+                est_pts, guessed = 0.0, False  # measured from now on
         else:
             out = refiner.run_chunk(gp)
         if use_exact and verify:
             verify_chunk(runner, gp, out["pid"], out["t"], n_check=32, seed=start, units=unit_idx)
-        counts = torch.bincount(out["pid"], minlength=c)
-        if use_exact:
-            est_pts = max(est_pts, 1.25 * float(counts.max()))
+        if use_exact:  # memory scales with the points evaluated at the last site (see Refiner.run_chunk)
+            est_pts = max(est_pts, 1.25 * out["n_evaluated"] / c)
         _collect(results, out, gp, spec, runner, reported, use_exact, trace)
         start += c
     tolerance = {"tie_tol": float(tie_tol)} if use_exact else {"tol": float(tol), "n_samples": int(n_samples)}

