@@ -32,7 +32,7 @@ Checks and ties
 Each site is checked: the faces of every cut cell must tile it (areas within 1e-9 relative, plus rounding of the
 coordinates' size). Ties are left to the unit-by-unit cut, which snaps values within ``tol`` onto kinks: where two
 lines cross one edge, or a third line passes a crossing, within ``tol`` (in value) of each other, where a line meets
-a ring in more than two places, or where the work would not fit the memory budget, ``arrange`` raises
+a ring in other than two places, or where the work would not fit the memory budget, ``arrange`` raises
 ``Degenerate`` before touching the mesh and the caller cuts that site unit by unit.
 """
 
@@ -126,7 +126,7 @@ def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, bud
     on_edge = vp & (sp * s_next < 0)
     on_vertex = vp & (sp == 0) & (s_prev * s_next < 0)
     if bool(((on_edge.sum(1) + on_vertex.sum(1)) != 2).any()):
-        raise Degenerate("a line meets a cell's ring in more than two places")
+        raise Degenerate("a line meets a cell's ring in other than two places")
     pe, ie = torch.nonzero(on_edge | on_vertex, as_tuple=True)  # two per chord, by ring index
     is_edge = on_edge[pe, ie]
     a_v = Rp[pe, ie]
