@@ -9,12 +9,12 @@ the start of the site (the network is continuous, so a vertex shared by several 
 later vertex of the site is an exact linear interpolation on an edge or chord (``Mesh.add_lerp``). The evaluation
 takes the paths engine's affine route when its Jacobian blocks fit (``Runner.extract_affine``): the outputs of the
 sites that later sites read are kept per vertex (interpolated at new vertices, exact for the same reason) and site
-k's inputs are one product per block; otherwise (graph route) every vertex runs a forward pass through ``capture``. Each cell is then cut by every kink
-line that crosses it: for elementwise units all lines at once (``_arrangement.arrange``), or, where lines meet
-within ``tol`` of each other, one round per unit (all cells that unit crosses at once, ``_mesh.cut``, which snaps
-ties); for max pooling one round per window, in which each cell is clipped into the argmax regions of the window
-(``{z_a >= z_c for all c}``; the kink of ``max(z_a, z_c) = z_c + relu(z_a - z_c)`` is relu's kink of the
-difference), keeping first-maximum ties as ``torch.argmax`` does. After the last site every cell is one linear region
+k's inputs are one product per block; otherwise (graph route) every vertex runs a forward pass through
+``capture``. Each cell is then cut by every kink line that crosses it: for elementwise units all lines at once
+(``_arrangement.arrange``), or, where lines meet within ``tol`` of each other, one round per unit (all cells that
+unit crosses at once, ``_mesh.cut``, which snaps ties); for max pooling one round per window, in which each cell
+is clipped into the argmax regions of the window (``{z_a >= z_c for all c}``; the kink of ``max(z_a, z_c) = z_c +
+relu(z_a - z_c)`` is relu's kink of the difference), keeping first-maximum ties as ``torch.argmax`` does. After the last site every cell is one linear region
 and the model output is affine over it; its map is fitted on the cell's vertices.
 
 Codes are bookkept, not re-evaluated: an arranged site gives each new cell its side of every line (read at the
@@ -30,10 +30,11 @@ are exact up to that tolerance (stated on the result).
 
 Cost and memory
 ---------------
-Per site: one product per Jacobian block (affine route) or one forward pass (graph route) per vertex; arranged: a fixed number of batched steps, work about (cells x lines that
-cross them) plus, per cell, (lines crossing it)^2; round-based: one vectorised round per unit (or window) that cuts
-any cell, work proportional to the cells it cuts. Memory is about (vertices x units of the site) values plus (cells x units) candidate flags; it is
-estimated before each site and checked as cells grow; over ``memory_budget`` raises with the estimate.
+Per site: one product per Jacobian block (affine route) or one forward pass (graph route) per vertex; arranged: a
+fixed number of batched steps, work about (cells x lines that cross them) plus, per cell, (lines crossing it)^2;
+round-based: one vectorised round per unit (or window) that cuts any cell, work proportional to the cells it cuts.
+Memory is about (vertices x units of the site) values plus (cells x units) candidate flags; it is estimated before
+each site and checked as cells grow; over ``memory_budget`` raises with the estimate.
 """
 
 from __future__ import annotations
@@ -597,8 +598,9 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
     xy = take(coords, R)
     area = polygon_area(xy, dg)
     out = {"plane": plane, "sites": sites, "z_shape": z_shape, "site_bytes": part.site_bytes, "ring": R, "deg": dg,
-           "coords": coords, "area": area, "codes": mesh.rows[0][: mesh.nc], "rounds": part.rounds, "fallbacks": part.fallbacks,
-           "full": full, "slope": None, "offset": None, "outputs": None, "units": sel, "boundary": None}
+           "coords": coords, "area": area, "codes": mesh.rows[0][: mesh.nc], "rounds": part.rounds,
+           "fallbacks": part.fallbacks, "full": full, "slope": None, "offset": None, "outputs": None, "units": sel,
+           "boundary": None}
     if full and out_affine and want_output:
         outs = mdl.outputs(coords)
         out["slope"], out["offset"] = fit_affine(coords, outs, R, dg)
