@@ -14,8 +14,9 @@ k's inputs are one product per block; otherwise (graph route) every vertex runs 
 (``_arrangement.arrange``), or, where lines meet within ``tol`` of each other, one round per unit (all cells that
 unit crosses at once, ``_mesh.cut``, which snaps ties); for max pooling one round per window, in which each cell
 is clipped into the argmax regions of the window (``{z_a >= z_c for all c}``; the kink of ``max(z_a, z_c) = z_c +
-relu(z_a - z_c)`` is relu's kink of the difference), keeping first-maximum ties as ``torch.argmax`` does. After the last site every cell is one linear region
-and the model output is affine over it; its map is fitted on the cell's vertices.
+relu(z_a - z_c)`` is relu's kink of the difference), keeping first-maximum ties as ``torch.argmax`` does. After
+the last site every cell is one linear region and the model output is affine over it; its map is fitted on the
+cell's vertices.
 
 Codes are bookkept, not re-evaluated: an arranged site gives each new cell its side of every line (read at the
 cell's vertex centroid for the lines that cut its parent); after a round-based site each cell's unit inputs at its
