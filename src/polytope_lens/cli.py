@@ -415,7 +415,9 @@ def slice_cmd(
     png: Annotated[Optional[Path], typer.Option(help="Write a picture (PNG).")] = None,
     svg: Annotated[Optional[Path], typer.Option(help="Write a picture (SVG).")] = None,
     color_by: Annotated[str, typer.Option(help="code | slope | class.")] = "code",
-    memory_mib: Budget = 1024,
+    memory_mib: Annotated[int, typer.Option(help="Memory budget in MiB, estimated before each site: a slice over it "
+                                                 "stops with the estimate (raise it, or use --until / a smaller "
+                                                 "box).")] = 1024,
 ):
     """Exact 2-D slice: the linear regions of a piecewise-linear model on a box or a plane through three points."""
 
