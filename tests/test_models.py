@@ -68,6 +68,10 @@ def test_efficientnet_predicts_known_classes(photos):
     assert set(logits[0].topk(3).indices.tolist()) == {281, 282, 285}
     assert int(logits[1].argmax()) == 967
     assert not any(isinstance(m, nn.SiLU) for m in bundle.module.modules())
+    # the loader's forward (no early batch-size read, for SharedPrefix) is the package's, operation for operation
+    import efficientnet_lite_pytorch.model as package
+    with torch.no_grad():
+        assert torch.equal(package.EfficientNet.forward(bundle.module, x), bundle.module(x))
     json.dumps(bundle.provenance)
 
 
