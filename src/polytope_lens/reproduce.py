@@ -44,9 +44,9 @@ JOBS = {
                            "p1_units": "position", "layer": "_blocks.15._swish.relu6#1",
                            "p3_layer": "_blocks.15._swish.relu6#1",
                            # crossings of the head's centre channel vector (the paper's CNN protocol): following all
-                           # 62,720 head units needs ~30,000 full forward passes per path on the CPU
+                           # 62,720 head units needs ~30,000 forward passes (of the network after the site) per path
                            "units": "position",
-                           "cost": {"load": 30, "p1": 0.0, "p2": 65.0, "p3": 110.0}},
+                           "cost": {"load": 30, "p1": 0.0, "p2": 6.0, "p3": 6.5}},
     "minilm": {"data": "pydoc", "p1_layers": "encoder.layer.3.intermediate.intermediate_act_fn.gelu",
                "p1_units": "tokens", "layer": "encoder.layer.4.intermediate.intermediate_act_fn.gelu",
                "p3_layer": None, "cost": {"load": 30, "p1": 0.0, "p2": 4.0, "p3": 0.0}},
