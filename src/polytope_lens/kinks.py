@@ -295,12 +295,18 @@ def _pool_out(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int
     return out
 
 
+def lexsort(major: torch.Tensor, minor: torch.Tensor) -> torch.Tensor:
+    """Order sorting by ``major``, then ``minor`` (both 1-D): two stable sorts, since a combined key would lose a
+    float minor key's precision."""
+    order = torch.argsort(minor, stable=True)
+    return order[torch.argsort(major[order], stable=True)]
+
+
 def _sorted(c: Crossings) -> Crossings:
-    # lexicographic (segment, t): sort by t, then stably by segment (a combined float key would lose t's precision)
+    # lexicographic (segment, t)
     if not len(c):
         return c
-    order = torch.argsort(c.t, stable=True)
-    order = order[torch.argsort(c.segment[order], stable=True)]
+    order = lexsort(c.segment, c.t)
     return Crossings(c.segment[order], c.unit[order], c.t[order], c.piece[order])
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..capture import StopForward, list_sites, run, select_sites
 from ..errors import InvalidInputError, NotPiecewiseLinearError
-from ..kinks import ScalarKinks
+from ..kinks import ScalarKinks, lexsort
 from . import geometry
 from .exact import Refiner, verify_chunk
 from .geometry import PathSpec
@@ -248,8 +248,7 @@ def _collect(results, out, gp, spec: PathSpec, runner: Runner, reported, exact: 
     else:
         z = torch.zeros(0, dtype=torch.long)
         rp, rt, rs, ru, rpc = z, z.double(), z, z, z
-    o = torch.argsort(rt, stable=True)
-    o = o[torch.argsort(rp[o], stable=True)]
+    o = lexsort(rp, rt)
     rp, rt, rs, ru, rpc = (x[o].cpu() for x in (rp, rt, rs, ru, rpc))
     c = len(gp)
     rcount = torch.bincount(rp, minlength=c).tolist()

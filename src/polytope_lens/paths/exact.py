@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NotPiecewiseLinearError
-from ..kinks import ScalarKinks, WindowMax
+from ..kinks import ScalarKinks, WindowMax, lexsort
 from .runner import SRC, Affine, Runner
 
 
@@ -219,8 +219,7 @@ class Refiner:
         act = site.activation
         seg, unit, piece = cr["seg"], cr["unit"], cr["piece"]
         n = len(seg)
-        o = torch.argsort(unit, stable=True)
-        o = o[torch.argsort(seg[o], stable=True)]
+        o = lexsort(seg, unit)
         so, uo = seg[o], unit[o]
         prev_same = torch.zeros(n, dtype=torch.bool, device=z.device)
         if n > 1:

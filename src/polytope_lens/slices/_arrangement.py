@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import torch
 
+from ..kinks import lexsort
 from ._mesh import Mesh, take
 from .geometry import polygon_area
 
@@ -152,8 +153,7 @@ def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, bud
         # two lines crossing one edge within tol of each other's crossing: the unit-by-unit cut would snap them
         # onto one vertex, so leave such sites to it
         eid = lo * nv + hi
-        o = torch.argsort(t, stable=True)
-        o = o[torch.argsort(eid[o], stable=True)]
+        o = lexsort(eid, t)
         same = (eid[o][1:] == eid[o][:-1]) & (line[o][1:] != line[o][:-1])
         gap = (t[o][1:] - t[o][:-1]).abs()
         rise = (h_hi - h_lo).abs()[o]
@@ -221,8 +221,7 @@ def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, bud
     init.index_add_(1, pa[sp_], H[:, pb[sp_]])
     mv = torch.nonzero(meet).flatten()  # crossings (a, m), grouped by a
     ma, mm, mu = pa[mv], pb[mv], ua[mv]
-    o = torch.argsort(mu, stable=True)
-    o = o[torch.argsort(ma[o], stable=True)]
+    o = lexsort(ma, mu)
     mv, ma, mm, mu = mv[o], ma[o], mm[o], mu[o]
     # a third line within tol of a crossing (three lines through one point, up to tol): left to the unit-by-unit
     # cut, which snaps it onto the vertex
@@ -285,8 +284,7 @@ def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, bud
     cen = torch.zeros((n_face, 2), dtype=fxy.dtype, device=dev).index_add_(0, face, fxy) / size[:, None]
     rel = fxy - cen[face]
     ang = torch.atan2(rel[:, 1], rel[:, 0])
-    o = torch.argsort(ang, stable=True)
-    o = o[torch.argsort(face[o], stable=True)]
+    o = lexsort(face, ang)
     _, rank, _ = _segments(size)
     ring = torch.zeros((n_face, int(size.max())), dtype=torch.long, device=dev)
     ring[face[o], rank] = inc_vid[rows[o]]
