@@ -112,7 +112,7 @@ def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, bud
     if P == 0:
         return above
     kc = torch.bincount(ci, minlength=nc)
-    _, loc, start = _segments(kc)
+    _, _, start = _segments(kc)
     # ordered chord pairs and boundary entries (~100 B each), hashed incidences (~4 per pair), new cells' sides
     est = 100 * int((kc * (kc + dg)).sum()) + 64 * _BLOCK + int((kc * kc).sum()) * (L + 1) // 2
     if est > budget:
@@ -253,8 +253,8 @@ def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, bud
     inc_vid = torch.cat([b_vid, inner_id])
     base = torch.cat([b_hash, i_hash], 1)
     zc = torch.cat([zc, torch.full((n_inner,), 2, dtype=torch.long, device=dev)])
-    Zh = torch.cat([Zb[:, :, :2] if zmax <= 2 else Zb,
-                    torch.nn.functional.pad(torch.stack([H[:, ia], H[:, ib]], -1), (0, max(zmax, 2) - 2))], 1)
+    Zi = torch.stack([H[:, ia], H[:, ib]], -1)  # an interior vertex lies on its two chords
+    Zh = torch.cat([Zb, torch.nn.functional.pad(Zi, (0, Zb.shape[2] - 2))], 1)
     zmax = max(zmax, 2 if n_inner else 0)
 
     # ---------------------------------------------------------------- faces: group by (cell, side of every chord)
@@ -288,8 +288,6 @@ def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, bud
     _, rank, _ = _segments(size)
     ring = torch.zeros((n_face, int(size.max())), dtype=torch.long, device=dev)
     ring[face[o], rank] = inc_vid[rows[o]]
-    # each face's side of its cell's chords, read at its centroid (interior, by convexity): the arc from the
-    # first end to the second (ring order, counter-clockwise) lies right of the chord
 
     # ---------------------------------------------------------------- check: the faces of each cut cell tile it
     area_f = polygon_area(take(all_xy, ring), size)
@@ -309,6 +307,8 @@ def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, bud
     side = torch.zeros((mesh.nc, L), dtype=torch.bool, device=dev)
     side[:nc] = above
     side[slot] = take(above, f_cell)
+    # each new cell's side of its parent's chords, read at its centroid (interior, by convexity): the arc from the
+    # first end to the second (ring order, counter-clockwise) lies right of the chord
     nrm = torch.stack([e1[:, 1] - e2[:, 1], e2[:, 0] - e1[:, 0]], 1)  # cross(e2 - e1, x - e1) = nrm . (x - e1)
     off = -(nrm * e1).sum(1)
     up_plus = up > 0

@@ -427,6 +427,8 @@ class _Partitioner:
         W = R.shape[1]
         d = mesh.vals.shape[1]
         step = max(1, (16 << 20) // max(1, 8 * W * d))
+        kinks = None if isinstance(act, WindowMax) else torch.tensor(act.kinks, dtype=mesh.vals.dtype,
+                                                                      device=mesh.vals.device)
         packed = []
         for s in range(0, mesh.nc, step):
             zc = take(mesh.vals, R[s:s + step]).mean(1)
@@ -437,7 +439,6 @@ class _Partitioner:
                 w = torch.where(w >= top - self.cur_tol, top.expand_as(w), w)
                 pieces = w.argmax(-1).reshape(len(zc), -1)
             else:  # a unit within tol of a kink over a whole cell is on it: the registry's lower piece
-                kinks = torch.tensor(act.kinks, dtype=zc.dtype, device=zc.device)
                 pieces = act.pieces(_mesh.snap(zc, kinks, self.cur_tol))
             packed.append(pack_pieces(pieces.cpu(), act).to(R.device))
         packed = torch.cat(packed) if packed else torch.zeros((0, 0), dtype=torch.uint8, device=R.device)
