@@ -44,6 +44,11 @@ def main():
                       device=dev)
     rows.append(("scaling ray of _blocks.15._swish.relu6#1 (chelsea), alpha 0..3, all later sites",
                  time.perf_counter() - t0, r.paths[0].crossings, r.exact, r.notes[-1]))
+    t0 = time.perf_counter()
+    r = ray_crossings(bundle.module, x[:1], layer="_blocks.15._swish.relu6#1", alphas=(0.25, 4.0), units="position",
+                      device=dev)
+    rows.append(("prediction-3 ray of _blocks.15._swish.relu6#1 (chelsea), alpha 0.25..4, head centre channel vector, "
+                 "with the trace", time.perf_counter() - t0, r.paths[0].crossings, r.exact, r.notes[-1]))
     if args.full:
         t0 = time.perf_counter()
         r = path_crossings(bundle.module, x[:1], x[1:], trace=False, device=dev, memory_budget=32 << 30)

@@ -44,6 +44,8 @@ def main():
                     help="also slice a 2->3xLARGE MLP (680 gives about 1e6 regions) on --device, ours only")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--large-only", action="store_true", help="skip the Regioncam table (no regioncam needed)")
+    ap.add_argument("--routes", action="store_true",
+                    help="also time 6-layer MLPs with site inputs from the affine route vs a forward pass per vertex")
     ap.add_argument("--memory-budget", type=int, default=16 << 30)
     args = ap.parse_args()
     from polytope_lens.slices import slice_box, slice_through
@@ -68,6 +70,21 @@ def main():
         print("|---|---:|---:|---:|---:|---:|---:|")
     for name, n_rc, t_rc, n, t, t_o in rows:
         print(f"| {name} | {n_rc} | {t_rc:.2f} | {n} | {t:.2f} | {t_o:.2f} | {(n / t) / (n_rc / t_rc):.2f}× |")
+    if args.routes:
+        from polytope_lens.paths.runner import Runner
+        affine = Runner.extract_affine
+        print("\n| slice (box [-1,1]²) | regions | affine route s | forward pass per vertex s |\n|---|---:|---:|---:|")
+        for width in (128, 256):
+            m = mlp(width, 6, 0)
+            t_aff, res = _median_time(lambda: slice_box(m, outputs=False, memory_budget=args.memory_budget), 3)
+            Runner.extract_affine = lambda self, want_output: None  # graph route
+            try:
+                t_graph, res_g = _median_time(lambda: slice_box(m, outputs=False, memory_budget=args.memory_budget),
+                                              3)
+            finally:
+                Runner.extract_affine = affine
+            assert res.num_regions == res_g.num_regions
+            print(f"| 2→6×{width} | {res.num_regions} | {t_aff:.2f} | {t_graph:.2f} |")
     if args.large:
         import resource
         m = mlp(args.large, 3, 0)
