@@ -34,6 +34,23 @@ def test_scalar_crossings_hand_computed():
     assert down.piece.tolist() == [1, 0]
 
 
+def test_crossings_along_rows_equal_crossings_between_row_pairs():
+    """The polyline form (one side test per point) gives the same crossings as explicit segment ends, including
+    points exactly on a kink."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(40, 3, 5, generator=g, dtype=torch.float64) * 4
+    z[7, 0, 1] = 0.0
+    z[8, 2, 2] = 6.0
+    for name in ("relu", "relu6", "hardtanh", "leaky_relu"):
+        act = REGISTRY[name]
+        a, b = act.crossings_along(z), act.crossings(z[:-1], z[1:])
+        for field in ("segment", "unit", "t", "piece"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), (name, field)
+    pool = WindowMax("max_pool2d", kernel=(2, 2), stride=(2, 2))
+    x = torch.randn(6, 2, 4, 4, generator=g, dtype=torch.float64)
+    assert torch.equal(pool.crossings_along(x).t, pool.crossings(x[:-1], x[1:]).t)
+
+
 def _brute_argmax_changes(w0, w1, n=20001):
     ts = np.linspace(0, 1, n)
     vals = w0[None] + ts[:, None] * (w1 - w0)[None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import json
 import math
 
@@ -424,3 +425,57 @@ def test_bad_inputs_raise_clear_errors():
         path_crossings(mlp, torch.randn(2, 5), torch.randn(2, 5), layer="relu", inputs=a)
     with pytest.raises(InvalidInputError, match="repeats point"):
         polyline_crossings(mlp, torch.stack([a, a, -a], dim=1))
+
+
+def test_bend_matches_the_piecewise_linear_function_it_describes():
+    """``_bend`` (pairwise sums for short intervals, restarted prefix sums for long ones) against the function
+    written out directly: zl + s0 u + sum_j v_j max(0, u - u_j), with s0 fixed by the value zr at u = 1."""
+    from polytope_lens.paths.exact import _PAIRWISE_MAX, _bend
+
+    g = torch.Generator().manual_seed(5)
+    sizes = [1, 2, 5, _PAIRWISE_MAX, _PAIRWISE_MAX + 1, 40, 1, 3, 60]
+    d = 7
+    zl = torch.randn(len(sizes), d, generator=g, dtype=torch.float64)
+    zr = torch.randn(len(sizes), d, generator=g, dtype=torch.float64)
+    us = [torch.sort(torch.rand(n, generator=g, dtype=torch.float64)).values for n in sizes]
+    v = torch.randn(sum(sizes), d, generator=g, dtype=torch.float64)
+    grp = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+    u = torch.cat(us)
+    got = _bend(zl[grp], zr[grp], u, grp, len(sizes), v)
+    want, row = [], 0
+    for i, n in enumerate(sizes):
+        ui, vi = us[i].numpy(), v[row:row + n].numpy()
+        s0 = zr[i].numpy() - zl[i].numpy() - ((1 - ui)[:, None] * vi).sum(0)
+        for k in range(n):
+            want.append(zl[i].numpy() + s0 * ui[k] + (np.maximum(0.0, ui[k] - ui)[:, None] * vi).sum(0))
+        row += n
+    np.testing.assert_allclose(got.numpy(), np.array(want), rtol=0, atol=1e-12)
+    # no slope changes: plain interpolation
+    np.testing.assert_allclose(_bend(zl[grp], zr[grp], u, grp, len(sizes), None).numpy(),
+                               (zl[grp] + u[:, None] * (zr[grp] - zl[grp])).numpy(), atol=1e-15)
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 200])
+def test_cumsum_rows_equals_torch_cumsum(n):
+    from polytope_lens.paths.exact import _cumsum_rows
+
+    x = torch.randn(n, 5, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    np.testing.assert_allclose(_cumsum_rows(x).numpy(), torch.cumsum(x, 0).numpy(), atol=1e-12)
+
+
+def test_keep_freed_memory_sets_glibc_malloc_once_and_can_be_turned_off():
+    import subprocess
+    import sys
+
+    from polytope_lens import _heap
+
+    code = "from polytope_lens._heap import keep_freed_memory as k; a = k(); print(sorted(a.items()), a is k())"
+    env = dict(os.environ)
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    env["POLYTOPE_LENS_KEEP_FREED_MEMORY"] = "0"
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert off.strip() == "[] True"
+    if _heap._glibc() is not None:  # every parameter accepted by mallopt
+        assert on.strip() == f"{sorted((name, True) for name in _heap.SETTINGS)} True"
+    else:
+        assert on.strip() == "[] True"

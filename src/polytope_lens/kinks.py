@@ -127,6 +127,10 @@ class Activation:
         """
         raise NotImplementedError
 
+    def crossings_along(self, z: torch.Tensor) -> Crossings:
+        """``crossings(z[:-1], z[1:])``: segment i runs from row i to row i + 1 (a polyline of points)."""
+        return self.crossings(z[:-1], z[1:])
+
     def soft(self, z: torch.Tensor) -> torch.Tensor | None:
         """Soft code in (0, 1) per unit for smooth activations; None for piecewise-linear ones."""
         return None
@@ -159,9 +163,17 @@ class ScalarKinks(Activation):
     def crossings(self, z0: torch.Tensor, z1: torch.Tensor) -> Crossings:
         n_seg = z0.shape[0]
         a, b = z0.reshape(n_seg, math.prod(z0.shape[1:])), z1.reshape(n_seg, math.prod(z1.shape[1:]))
+        return self._crossings(a, b, [(a > k, b > k) for k in self.kinks])
+
+    def crossings_along(self, z: torch.Tensor) -> Crossings:
+        # each point's side of a kink is compared once, not once per segment end
+        zf = z.reshape(len(z), -1)
+        ups = [zf > k for k in self.kinks]
+        return self._crossings(zf[:-1], zf[1:], [(up[:-1], up[1:]) for up in ups])
+
+    def _crossings(self, a: torch.Tensor, b: torch.Tensor, sides: list) -> Crossings:
         parts = []
-        for j, k in enumerate(self.kinks):
-            up0, up1 = a > k, b > k
+        for j, (k, (up0, up1)) in enumerate(zip(self.kinks, sides)):
             seg, unit = torch.nonzero(up0 != up1, as_tuple=True)
             za, zb = a[seg, unit], b[seg, unit]
             t = ((k - za) / (zb - za)).clamp_(0.0, 1.0)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._heap import keep_freed_memory
 from ..capture import StopForward, list_sites, run, select_sites
 from ..errors import InvalidInputError, NotPiecewiseLinearError
 from ..kinks import ScalarKinks, lexsort
@@ -149,6 +150,7 @@ def _last_site_units(runner, units, method, owner) -> torch.Tensor | None:
 def _analyse(prep: _Prepared, spec: PathSpec, *, owner, layers, method, tie_tol, n_samples, tol, trace, verify,
              memory_budget, evaluator, capture_kwargs, units=None) -> PathBatchResult:
     t0 = time.perf_counter()
+    keep_freed_memory()
     spec = spec.to(prep.dtype, prep.device)
     if spec.site is None:
         probe = spec.knots_x[0:1, 0]

@@ -18,9 +18,9 @@ Each breakpoint is evaluated once per later site, never by re-running the prefix
   affine maps ``z_m = sum_l J_ml a_l + c_m`` off the model by capture (``Runner.extract_affine``). Points older than
   the previous site get one matrix product per site, batched over all points of a chunk of paths. Points that the
   previous site just created need no product at all: on their interval of B_{k-1} only the previous site's crossed
-  units are not affine, so z_k there is the interpolation of the ends plus a piecewise-linear correction whose slope
-  changes, at each new point, by one Jacobian column times the crossed unit's slope jump (cumulative sums within the
-  interval, O(units) per point). Values of earlier sites' outputs at new points are interpolated.
+  units are not affine, so z_k there is the interpolation of the ends plus, per crossing, one Jacobian column times
+  the crossed unit's slope jump times a hat function of the position (``_bend``, O(units) per point). Earlier sites'
+  outputs at new points are interpolated; an output that only the next site reads is not merged at all.
 * *graph route* (any graph, any size): each new breakpoint runs one forward pass through ``capture`` that records the
   unit inputs of every later site.
 
@@ -56,8 +56,8 @@ class _Pending:
 
     site: str
     new_idx: torch.Tensor  # (n,) positions of new points
-    left: torch.Tensor  # (n,) positions of their interval's left end
-    right: torch.Tensor
+    old_idx: torch.Tensor  # positions of the previous stage's points
+    left: torch.Tensor  # (n,) index among the previous stage's points of their interval's left end
     u: torch.Tensor  # (n,) relative position in the interval
     grp: torch.Tensor  # (n,) interval id (sorted, contiguous)
     n_grp: int
@@ -78,69 +78,68 @@ def _lerp_rows(x: torch.Tensor, left: torch.Tensor, u: torch.Tensor) -> torch.Te
     return a + u.reshape(-1, *([1] * (x.dim() - 1))) * (b - a)
 
 
-def _segmented_exclusive_cumsum(x: torch.Tensor, grp: torch.Tensor, n_grp: int):
-    """Exclusive cumulative sums of rows of ``x`` within contiguous groups, and group totals."""
+def _cumsum_rows(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """``torch.cumsum(x, 0)`` for a (n, d) tensor, several times faster on CPU: a triangular product within blocks
+    of rows, then the running block totals (torch's cumsum along a non-innermost dimension is a strided loop)."""
     n, d = x.shape
-    counts = torch.bincount(grp, minlength=n_grp)
-    total = x.new_zeros(n_grp, d).index_add_(0, grp, x)
-    out = x.new_zeros(n, d)
-    if n == 0:
-        return out, total
-    start = torch.cumsum(counts, 0) - counts
-    lo = 2
-    cmax = int(counts.max())
-    while lo <= cmax:
-        hi = 2 * lo
-        gs = torch.nonzero((counts >= lo) & (counts < hi)).flatten()
-        if len(gs):
-            width = int(counts[gs].max())
-            ar = torch.arange(width, device=x.device)
-            idx = start[gs, None] + ar
-            valid = ar < counts[gs, None]
-            idx = torch.where(valid, idx, torch.zeros_like(idx))
-            pad = x[idx] * valid[..., None]
-            cs = torch.cumsum(pad, dim=1) - pad
-            out[idx[valid]] = cs[valid]
-        lo = hi
-    return out, total
+    nb = -(-n // block)
+    xp = x.new_zeros(nb * block, d)
+    xp[:n] = x
+    within = torch.matmul(torch.ones(block, block, dtype=x.dtype, device=x.device).tril_(), xp.view(nb, block, d))
+    within[1:] += within[:-1, -1].cumsum(0)[:, None]
+    return within.view(-1, d)[:n]
 
 
-def _walk(zl: torch.Tensor, zr: torch.Tensor, v: torch.Tensor, u: torch.Tensor, grp: torch.Tensor,
-          n_grp: int) -> torch.Tensor:
-    """Values at the new points of each interval (contiguous groups, sorted by u in [0, 1]) of a function that is
-    ``zl`` at u=0, ``zr`` at u=1 and piecewise linear with slope increasing by ``v[i]`` at point i.
+_PAIRWISE_MAX = 16  # intervals with at most this many new points sum their point pairs directly
 
-    The initial slope is ``zr - zl - sum_i v_i (1 - u_i)``; then z_i = z_{i-1} + (u_i - u_{i-1}) slope_{i-1} and
-    slope_i = slope_{i-1} + v_i: two cumulative sums per interval, intervals of similar length padded together.
+
+def _bend(zl: torch.Tensor, zr: torch.Tensor, u: torch.Tensor, grp: torch.Tensor, n_grp: int,
+          v: torch.Tensor | None) -> torch.Tensor:
+    """Values at the new points of each interval (contiguous groups, sorted by u in (0, 1)) of the function that is
+    ``zl`` at u = 0, ``zr`` at u = 1 and linear except that its slope grows by ``v[i]`` at point i.
+
+    Closed form (the Green's function of d2/du2 on [0, 1] with zero ends): z_i = lerp(zl, zr, u_i) - sum_j
+    min(u_i, u_j) (1 - max(u_i, u_j)) v_j over the points j of i's interval. Intervals with few points sum their
+    pairs (O(points^2) rows, no running sums); longer ones use prefix sums, z_i = lerp - (1 - u_i) sum_{j<i} u_j v_j -
+    u_i sum_{j>=i} (1 - u_j) v_j, taken over all long intervals' rows at once and restarted at each interval by
+    subtracting the sum before it (rounding of order eps times that running sum). About seven passes over
+    (points x units), against one matrix product per point for a forward evaluation.
     """
-    n, d = v.shape
-    out = torch.empty_like(v)
-    if n == 0:
+    out = torch.lerp(zl, zr, u[:, None])
+    if v is None or not len(u):
         return out
+    out.addcmul_(v, (u * (u - 1.0))[:, None])  # j = i
     counts = torch.bincount(grp, minlength=n_grp)
-    start = torch.cumsum(counts, 0) - counts
-    tot = v.new_zeros(n_grp, d).index_add_(0, grp, v * (1.0 - u)[:, None])
-    lo, cmax = 1, int(counts.max())
-    while lo <= cmax:
-        gs = torch.nonzero((counts >= lo) & (counts < 2 * lo)).flatten()
-        lo *= 2
-        if not len(gs):
-            continue
-        first = start[gs]
-        sigma0 = (zr[first] - zl[first]) - tot[gs]  # (G, d)
-        w = int(counts[gs].max())
-        if w == 1:
-            out[first] = zl[first] + u[first, None] * sigma0
-            continue
-        ar = torch.arange(w, device=v.device)
-        valid = ar < counts[gs, None]
-        idx = torch.where(valid, first[:, None] + ar, first[:, None])
-        vv = v[idx] * valid[..., None]
-        uu = u[idx]
-        slope_prev = torch.cat([sigma0[:, None], sigma0[:, None] + torch.cumsum(vv[:, :-1], 1)], 1)
-        du = torch.cat([uu[:, :1], uu[:, 1:] - uu[:, :-1]], 1)
-        z = zl[first][:, None] + torch.cumsum(du[..., None] * slope_prev, 1)
-        out[idx[valid]] = z[valid]
+    w = counts[grp]
+    pairs = torch.nonzero((w > 1) & (w <= _PAIRWISE_MAX)).flatten()
+    if len(pairs):
+        wi = w[pairs]
+        first = (torch.cumsum(counts, 0) - counts)[grp[pairs]]
+        i = pairs.repeat_interleave(wi)
+        ends = torch.cumsum(wi, 0)
+        j = first.repeat_interleave(wi) + torch.arange(len(i), device=u.device) - (ends - wi).repeat_interleave(wi)
+        off = j != i
+        i, j = i[off], j[off]
+        ui, uj = u[i], u[j]
+        coef = torch.minimum(ui, uj) * (torch.maximum(ui, uj) - 1.0)
+        out.index_add_(0, i, v[j] * coef[:, None])
+    long = torch.nonzero(w > _PAIRWISE_MAX).flatten()
+    if len(long):
+        # prefix sums over the long intervals' rows, restarted at each interval by subtracting the sum before it
+        g = grp[long]
+        head = torch.ones(len(long), dtype=torch.bool, device=u.device)
+        head[1:] = g[1:] != g[:-1]
+        seg = torch.cumsum(head.long(), 0) - 1
+        starts = torch.nonzero(head).flatten()
+        ends = torch.cat([starts[1:], starts.new_tensor([len(long)])]) - 1
+        ul, vl = u[long, None], v[long]
+        x = ul * vl
+        cs = _cumsum_rows(x)
+        before = cs - x - (cs[starts] - x[starts])[seg]  # sum_{j<i} u_j v_j
+        y = vl - x  # (1 - u_j) v_j
+        cs = _cumsum_rows(y)
+        after = cs[ends][seg] - cs  # sum_{j>i} (1 - u_j) v_j
+        out[long] -= (1.0 - ul) * before + ul * after
     return out
 
 
@@ -187,10 +186,23 @@ class Refiner:
             for i, m in enumerate(targets):
                 for leaf in affine.deps[m]:
                     self.last_use[leaf] = i
+        # max pooling compares window entries that are often exactly equal (clamped ReLU/ReLU6 outputs): its inputs
+        # are evaluated by products at every point, so exact ties are not broken by rounding
+        self.dense = [isinstance(s.activation, WindowMax) for s in runner.processed]
+        # a site's output is kept at every point (merged stage by stage) when a site after the next one, a dense
+        # next site, or the output reads it; otherwise only the next site reads it, at the points it was made at
+        self.merge_leaf = []
+        for k, s in enumerate(runner.processed):
+            if affine is None:
+                self.merge_leaf.append(False)
+                continue
+            nxt = k + 1 < len(names) and s.name in affine.deps[names[k + 1]]
+            self.merge_leaf.append(self.last_use.get(s.name, -1) > k + 1 or (nxt and self.dense[k + 1])
+                                   or (want_output and s.name in affine.deps.get("output", [])))
 
     # ------------------------------------------------------------------------------------------------ stage
     def _crossings(self, act, z, pid, t):
-        cr = act.crossings(z[:-1], z[1:])
+        cr = act.crossings_along(z)
         same = pid[:-1] == pid[1:]
         keep = same[cr.segment]
         seg, unit, s, piece = cr.segment[keep], cr.unit[keep], cr.t[keep], cr.piece[keep]
@@ -251,40 +263,39 @@ class Refiner:
     def _src(self, gpid, t) -> torch.Tensor:
         return self.r.spec.points(gpid, t).reshape(len(t), -1)
 
-    def _affine_z(self, m: str, pid, t, gpids, store, pend: _Pending | None, dense: bool = False) -> torch.Tensor:
+    def _affine_z(self, m: str, pid, t, gpids, store, prev, pend: _Pending | None, dense: bool = False):
+        """Unit inputs of site ``m`` at every point: one product per leaf at the previous stage's points, and
+        ``_bend`` (no product) at the points the previous site just created."""
         aff = self.aff
-        n = len(t)
-        c = aff.c[m]
-        if pend is None or dense:
-            old = None
-        else:
-            mask = torch.ones(n, dtype=torch.bool, device=t.device)
-            mask[pend.new_idx] = False
-            old = torch.nonzero(mask).flatten()
+        old = None if pend is None or dense else pend.old_idx
         rows_pid = pid if old is None else pid[old]
-        zo = (c.expand(len(rows_pid), -1) if c.shape[0] == 1 else c[gpids[rows_pid]]).clone()
+        c = aff.c[m]
+        c = c if c.shape[0] == 1 else c[gpids[rows_pid]]
+        zo = None
         for leaf in aff.deps[m]:
             if leaf == SRC:
                 a = self._src(gpids[rows_pid], t if old is None else t[old])
+            elif old is not None and leaf in prev:
+                a = prev[leaf]  # already at the previous stage's points
             else:
                 a = store[leaf] if old is None else store[leaf][old]
-            zo.addmm_(a, aff.jt[m, leaf])
-        if pend is None or dense:
+            zo = torch.addmm(c, a, aff.jt[m, leaf]) if zo is None else zo.addmm_(a, aff.jt[m, leaf])
+        if zo is None:
+            zo = c.expand(len(rows_pid), -1).clone()
+        if old is None:
             return zo
-        z = zo.new_empty(n, zo.shape[1])
-        z[old] = zo
-        zl, zr = z[pend.left], z[pend.right]
-        u = pend.u[:, None]
+        v = None
         if pend.site in aff.deps[m] and len(pend.c_point):
             jt = aff.jt[m, pend.site]
             if len(pend.c_point) == len(pend.u):  # no ties: one crossing per new point, in point order
-                v = jt[pend.c_unit] * pend.c_jump[:, None]
+                v = jt.index_select(0, pend.c_unit).mul_(pend.c_jump[:, None])
             else:
                 v = zo.new_zeros(len(pend.u), zo.shape[1])
                 v.index_add_(0, pend.c_point, jt[pend.c_unit] * pend.c_jump[:, None])
-            z[pend.new_idx] = _walk(zl, zr, v, pend.u, pend.grp, pend.n_grp)
-        else:
-            z[pend.new_idx] = zl + u * (zr - zl)
+        znew = _bend(zo[pend.left], zo[pend.left + 1], pend.u, pend.grp, pend.n_grp, v)
+        z = zo.new_empty(len(t), zo.shape[1])
+        z.index_copy_(0, old, zo)
+        z.index_copy_(0, pend.new_idx, znew)
         return z
 
     # ---------------------------------------------------------------------------------------------- chunk
@@ -302,7 +313,8 @@ class Refiner:
         pid = torch.arange(c_paths, device=dev).repeat_interleave(k0)
         t = kt.reshape(-1).clone()
         tied = torch.zeros(len(t), dtype=torch.bool, device=dev)
-        store: dict = {}
+        store: dict = {}  # leaf -> its values at every current point
+        prev: dict = {}  # leaf -> its values at the previous stage's points (used by the next site only)
         cache: dict = {}
         pend: _Pending | None = None
         recs = []
@@ -319,9 +331,7 @@ class Refiner:
                         cache[key][pend.new_idx] = v
                 zf = cache.pop(name)
             else:
-                # max pooling compares window entries that are often exactly equal (clamped ReLU/ReLU6 outputs):
-                # evaluate its inputs by products at every point, so exact ties are not broken by rounding
-                zf = self._affine_z(name, pid, t, gpids, store, pend, dense=isinstance(act, WindowMax))
+                zf = self._affine_z(name, pid, t, gpids, store, prev, pend, dense=self.dense[k])
             z = zf.reshape(len(t), *zshape)
             last = k == len(r.processed) - 1
             if last and self.units is not None:
@@ -347,8 +357,8 @@ class Refiner:
                         del store[leaf]
                         continue
                     store[leaf] = _merge(store[leaf], _lerp_rows(store[leaf], pj, pu), old_pos, new_pos)
-                needed = self.last_use.get(name, -1) > k
-                if needed:
+                prev = {}
+                if self.merge_leaf[k]:
                     znew = _lerp_rows(zf, pj, pu)
                     if isinstance(act, ScalarKinks) and len(c_unit):
                         # a crossed unit sits exactly on its kink at its new breakpoint
@@ -360,6 +370,8 @@ class Refiner:
                         znew[c_point, c_unit] = kinks[kidx]
                     zall = _merge(zf, znew, old_pos, new_pos)
                     store[name] = site.apply(zall.reshape(len(zall), *zshape)).reshape(len(zall), -1)
+                elif self.last_use.get(name, -1) > k:  # only the next site reads it, at these points
+                    prev[name] = site.apply(z).reshape(len(zf), -1)
             else:
                 for key in list(cache):
                     v = cache[key]
@@ -369,7 +381,7 @@ class Refiner:
             if len(pj) > 1:
                 grp_change[1:] = pj[1:] != pj[:-1]
             grp = torch.cumsum(grp_change.long(), 0) - 1
-            pend = _Pending(name, new_pos, old_pos[pj], old_pos[pj + 1], pu, grp, int(grp_change.sum()),
+            pend = _Pending(name, new_pos, old_pos, pj, pu, grp, int(grp_change.sum()),
                             cr["gid"], cr["unit"][cr["inner"]] if self.aff is not None else pj,
                             jump if self.aff is not None else pu)
             tied = _merge(tied, cr["sizes"] >= 2, old_pos, new_pos)

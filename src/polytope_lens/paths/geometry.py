@@ -164,6 +164,6 @@ def ray(a: torch.Tensor, direction, alphas, *, owner: str = "ray_crossings"):
     length = (a1 - a0) * d.reshape(len(a), -1).norm(dim=1)
     zero = torch.nonzero(length == 0).flatten().tolist()
     if zero:
-        raise InvalidInputError(f"Rays {zero[:5]} of {owner} have a zero {'activation' if direction is None else 'direction'}"
-                                " vector, so the ray is a single point.")
+        what = "activation" if direction is None else "direction"
+        raise InvalidInputError(f"Rays {zero[:5]} of {owner} have a zero {what} vector, so the ray is a single point.")
     return torch.stack([x0, x1], dim=1), length, (a0, a1)

@@ -144,7 +144,9 @@ class Runner:
             self._share_prefix = False
         for key, v in full.items():
             w = shared.get(key)
-            if w is None or w.shape != v.shape or not bool(((w - v).abs() <= 1e-9 * v.abs().max().clamp_min(1.0)).all()):
+            if w is None or w.shape != v.shape:
+                return False
+            if not bool(((w - v).abs() <= 1e-9 * v.abs().max().clamp_min(1.0)).all()):
                 return False
         return True
 

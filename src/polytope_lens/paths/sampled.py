@@ -33,7 +33,8 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
         del z, p
     lo_all = torch.cat([t[j] for _, j, _, _, _ in pending]) if pending else t.new_zeros(0)
     hi_all = torch.cat([t[j + 1] for _, j, _, _, _ in pending]) if pending else t.new_zeros(0)
-    sidx = torch.cat([torch.full_like(j, k) for k, j, _, _, _ in pending]) if pending else t.new_zeros(0, dtype=torch.long)
+    sidx = (torch.cat([torch.full_like(j, k) for k, j, _, _, _ in pending]) if pending
+            else t.new_zeros(0, dtype=torch.long))
     unit_all = torch.cat([u for _, _, u, _, _ in pending]) if pending else sidx
     plo = torch.cat([q for _, _, _, q, _ in pending]) if pending else sidx
     ppid = torch.cat([pid[j] for _, j, _, _, _ in pending]) if pending else sidx

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._heap import keep_freed_memory
 from ..errors import InvalidInputError
 from .complexity import LocalComplexity, exact_local_complexity, local_complexity
 from .geometry import Plane
@@ -97,6 +98,7 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
     cpu = torch.device(device).type == "cpu"
     if single_thread and cpu:
         torch.set_num_threads(1)
+    keep_freed_memory()
     try:
         out = build(model, plane, until=until, units=units, dtype=dtype, device=device, tol=tol,
                     memory_budget=memory_budget, forward=forward, capture_kwargs=capture_kwargs, owner=owner,
