@@ -107,10 +107,9 @@ def main():
         from polytope_lens.capture import list_sites
         sites = list_sites(model, lambda: model(x[:1]))
         first = sites[0]
-        c, h, w = first.shape[1:]
-        units = [ch * h * w + (h // 2) * w + (w // 2) for ch in range(c)]
+        c = first.shape[1]
         t = time.perf_counter()
-        res = slice_through(model, x[0], x[1], x[2], until=first.name, units=units, outputs=False)
+        res = slice_through(model, x[0], x[1], x[2], until=first.name, units="position", outputs=False)
         el = time.perf_counter() - t
         print(f"\n| EfficientNet-Lite0, plane through 3 photos, site {first.name} (channel vector at centre, {c} "
               f"units) | {res.num_regions} regions | {el:.1f} s |")

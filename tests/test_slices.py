@@ -147,6 +147,20 @@ def test_site_plane_and_units():
     assert part.slope is None and part.num_regions <= 7
 
 
+def test_units_position_is_the_centre_channel_vector():
+    """units="position" cuts with the channel vector at the centre of a (C, H, W) site, the same units as indices
+    written out by hand; repeated indices are refused (one resolver for slices and paths)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).double()
+    p = torch.randn(3, 1, 5, 5, dtype=torch.float64)
+    by_name = slice_through(m, p[0], p[1], p[2], units="position")
+    by_hand = slice_through(m, p[0], p[1], p[2], units=[c * 25 + 2 * 5 + 2 for c in range(4)])
+    assert by_name.num_regions == by_hand.num_regions > 1
+    assert np.array_equal(by_name.codes, by_hand.codes)
+    with pytest.raises(InvalidInputError, match="distinct indices"):
+        slice_through(m, p[0], p[1], p[2], units=[1, 1])
+
+
 def test_neighbours_differ_on_shared_edge():
     """Neighbours differ in exactly the units whose kink the shared edge lies on."""
     m = _mlp(8, 2, 5).double()

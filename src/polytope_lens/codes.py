@@ -30,7 +30,7 @@ from torch import nn
 
 from .capture import CallSite, StopForward, list_sites, run, select_sites
 from .errors import InvalidInputError
-from .kinks import Activation
+from .kinks import Activation, ScalarKinks
 
 __all__ = [
     "LayerCodes",
@@ -176,6 +176,33 @@ class UnitSelection:
         if self.kind == "tokens":
             d.update(k=self.k, skip=self.skip)
         return d
+
+
+def site_unit_indices(site: CallSite, shape: tuple, units, owner: str) -> torch.Tensor:
+    """Flat indices of the units of ``site`` (unit tensor ``shape``, batch excluded) that a path or slice follows:
+    distinct indices in the order given, or ``"position"``: the channel vector at the centre position of a (C, H, W)
+    site, the same units as the codes' ``UnitSelection("position")`` (the paper's CNN protocol).
+
+    Raises
+    ------
+    InvalidInputError
+        Not an elementwise (scalar-kink) site, an unknown string, or indices out of range or repeated.
+    """
+    if not isinstance(site.activation, ScalarKinks):
+        raise InvalidInputError(f"The 'units' parameter of {owner} needs an elementwise last site; {site.name!r} is "
+                                f"{site.activation.name}.")
+    d = math.prod(shape)
+    if isinstance(units, str):
+        if units != "position" or len(shape) != 3:
+            raise InvalidInputError(f"The 'units' parameter of {owner} must be unit indices or 'position' (for a site "
+                                    f"of shape (C, H, W)). Got {units!r} for {site.name!r} of shape {tuple(shape)}.")
+        flat = torch.arange(d).reshape(1, *shape)
+        return UnitSelection("position").apply(site, flat, None)[0]
+    idx = torch.as_tensor(np.asarray(units)).long().flatten()
+    if not len(idx) or bool((idx < 0).any()) or bool((idx >= d).any()) or len(torch.unique(idx)) != len(idx):
+        raise InvalidInputError(f"The 'units' parameter of {owner} must hold distinct indices in [0, {d}) of "
+                                f"{site.name!r}'s units. Got {len(idx)} indices.")
+    return idx
 
 
 def token_positions(length: int, k: int = 6, skip: int = 100) -> list[int]:

@@ -28,8 +28,9 @@ from torch import nn
 
 from .._heap import keep_freed_memory
 from ..capture import StopForward, list_sites, run, select_sites
+from ..codes import site_unit_indices
 from ..errors import InvalidInputError, NotPiecewiseLinearError
-from ..kinks import ScalarKinks, lexsort
+from ..kinks import lexsort
 from . import geometry
 from .exact import Refiner, verify_chunk
 from .geometry import PathSpec
@@ -126,24 +127,9 @@ def _last_site_units(runner, units, method, owner) -> torch.Tensor | None:
     if units is None:
         return None
     site = runner.processed[-1]
-    shape = tuple(runner.z_shape[site.name])
-    if method == "sampled" or not isinstance(site.activation, ScalarKinks):
-        raise InvalidInputError(f"The 'units' parameter of {owner} needs exact mode and an elementwise last site; "
-                                f"{site.name!r} is {site.activation.name} (method {method!r}).")
-    if isinstance(units, str):
-        if units != "position" or len(shape) != 3:
-            raise InvalidInputError(f"The 'units' parameter of {owner} must be unit indices or 'position' (for a site "
-                                    f"of shape (C, H, W)). Got {units!r} for {site.name!r} of shape {shape}.")
-        from ..codes import UnitSelection  # the same position as the codes' CNN protocol
-
-        flat = torch.arange(math.prod(shape)).reshape(1, *shape)
-        idx = UnitSelection("position").apply(site, flat, None)[0]
-    else:
-        idx = torch.as_tensor(np.asarray(units)).long().flatten()
-        d = math.prod(shape)
-        if not len(idx) or bool((idx < 0).any()) or bool((idx >= d).any()) or len(torch.unique(idx)) != len(idx):
-            raise InvalidInputError(f"The 'units' parameter of {owner} must hold distinct indices in [0, {d}) of "
-                                    f"{site.name!r}'s units.")
+    if method == "sampled":
+        raise InvalidInputError(f"The 'units' parameter of {owner} needs exact mode (method {method!r}).")
+    idx = site_unit_indices(site, tuple(runner.z_shape[site.name]), units, owner)
     return torch.sort(idx).values.to(runner.device)
 
 

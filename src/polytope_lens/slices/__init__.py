@@ -56,8 +56,9 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
         Site whose output the plane replaces (then ``inputs``: one real example feeding every other branch).
     until : str, optional
         Glob naming the last site that cuts (the regions of the network truncated there; no output maps then).
-    units : sequence of int, optional
-        Flat unit indices of the last site that cut (e.g. the channel vector at one spatial position).
+    units : sequence of int or "position", optional
+        Distinct flat unit indices of the last site that cut, or ``"position"``: the channel vector at the centre
+        position of a (C, H, W) site (the paper's CNN protocol, the same units as paths' ``units="position"``).
     dtype, device, tol
         float64 by default; ``tol`` is the snapping tolerance relative to each site's scale (see ``partition``).
     memory_budget : int

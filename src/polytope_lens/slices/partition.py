@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 
 from ..capture import StopForward, run, select_sites
-from ..codes import pack_bits, pack_pieces
+from ..codes import pack_bits, pack_pieces, site_unit_indices
 from ..errors import InvalidInputError, NotPiecewiseLinearError
 from ..kinks import REGISTRY, ScalarKinks, WindowMax
 from ..paths.geometry import PathSpec
@@ -575,15 +575,7 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
     sel = None
     if units is not None:
         last = sites[-1]
-        if not isinstance(last.activation, ScalarKinks):
-            raise InvalidInputError(f"The 'units' parameter of {owner} needs an elementwise last site; "
-                                    f"{last.name!r} is {last.op}.")
-        n_units = math.prod(z_shape[last.name])
-        sel = torch.as_tensor(units).reshape(-1).long()
-        if len(sel) == 0 or int(sel.min()) < 0 or int(sel.max()) >= n_units:
-            raise InvalidInputError(f"The 'units' parameter of {owner} must hold flat unit indices in [0, {n_units}) "
-                                    f"of site {last.name!r}. Got {len(sel)} indices.")
-        sel = sel.to(device)
+        sel = site_unit_indices(last, tuple(z_shape[last.name]), units, owner).to(device)
     row_bytes = 8 * (math.prod(plane.shape) * 2 + max(math.prod(v) for v in z_shape.values()) * 4 + 64)
     mdl = _Model(m, fwd, plane, dtype, device, memory_budget // 4, row_bytes, capture_kwargs)
     dom = plane.domain
