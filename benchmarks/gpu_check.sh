@@ -16,7 +16,8 @@ step() {  # step NAME SECONDS COMMAND...
   local name=$1 secs=$2; shift 2
   echo "## $name" ; timeout "$secs" "$@" > "$OUT/$name.md" 2>&1; echo "exit $?" >> "$OUT/$name.md"
 }
-step paths 150 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 20000 --repeat 2
+step paths 150 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 20000 --repeat 2 \
+  --memory-budget 17179869184  # 16 GiB chunks: a GPU needs hundreds of paths per launch
 step slices 120 python3 benchmarks/bench_slices.py --device cuda --skip-effnet --large-only --large 680
 step effnet_paths 180 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full
 step codes 90 python3 benchmarks/bench_codes.py --gpu-only

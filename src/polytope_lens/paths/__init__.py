@@ -133,6 +133,9 @@ def _last_site_units(runner, units, method, owner) -> torch.Tensor | None:
     return torch.sort(idx).values.to(runner.device)
 
 
+CPU_CHUNK_BYTES = 512 << 20
+
+
 def _analyse(prep: _Prepared, spec: PathSpec, *, owner, layers, method, tie_tol, n_samples, tol, trace, verify,
              memory_budget, evaluator, capture_kwargs, units=None) -> PathBatchResult:
     t0 = time.perf_counter()
@@ -197,11 +200,14 @@ def _analyse(prep: _Prepared, spec: PathSpec, *, owner, layers, method, tie_tol,
     else:
         per_point = 8 * (2 * sum(zdims) + 64)
         est_pts = n_samples + 1
+    # on the CPU a chunk beyond a few hundred MiB only adds cache misses and page faults (784->4x512: 122 paths/s at
+    # 128-512 MiB chunks, 107 at 1 GiB, 76 at 2 GiB); on a GPU bigger chunks amortise the launches, so the budget rules
+    chunk_bytes = min(memory_budget, CPU_CHUNK_BYTES) if prep.device.type == "cpu" else memory_budget
     results: list = [None] * n_paths
     start = 0
     guessed = True  # est_pts is a guess until a path has been refined
     while start < n_paths:
-        c = int(max(1, min(n_paths - start, memory_budget // max(1, int(est_pts * per_point)))))
+        c = int(max(1, min(n_paths - start, chunk_bytes // max(1, int(est_pts * per_point)))))
         gp = torch.arange(start, start + c, device=prep.device)
         if not use_exact:
             out = sampled_chunk(runner, gp, n_samples, tol, trace)
