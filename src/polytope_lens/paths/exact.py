@@ -83,8 +83,7 @@ def _cumsum_rows(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     of rows, then the running block totals (torch's cumsum along a non-innermost dimension is a strided loop)."""
     n, d = x.shape
     nb = -(-n // block)
-    xp = x.new_zeros(nb * block, d)
-    xp[:n] = x
+    xp = x if n == nb * block else torch.cat([x, x.new_zeros(nb * block - n, d)])
     within = torch.matmul(torch.ones(block, block, dtype=x.dtype, device=x.device).tril_(), xp.view(nb, block, d))
     within[1:] += within[:-1, -1].cumsum(0)[:, None]
     return within.view(-1, d)[:n]
@@ -134,12 +133,13 @@ def _bend(zl: torch.Tensor, zr: torch.Tensor, u: torch.Tensor, grp: torch.Tensor
         ends = torch.cat([starts[1:], starts.new_tensor([len(long)])]) - 1
         ul, vl = u[long, None], v[long]
         x = ul * vl
-        cs = _cumsum_rows(x)
-        before = cs - x - (cs[starts] - x[starts])[seg]  # sum_{j<i} u_j v_j
-        y = vl - x  # (1 - u_j) v_j
-        cs = _cumsum_rows(y)
-        after = cs[ends][seg] - cs  # sum_{j>i} (1 - u_j) v_j
-        out[long] -= (1.0 - ul) * before + ul * after
+        before = _cumsum_rows(x).sub_(x)  # exclusive prefix sums of u_j v_j over the long rows
+        before -= before[starts][seg]  # ... from the start of each interval: sum_{j<i} u_j v_j
+        y = vl.sub_(x)  # (1 - u_j) v_j
+        after = _cumsum_rows(y)
+        after = after[ends][seg].sub_(after)  # sum_{j>i} (1 - u_j) v_j
+        before.mul_(1.0 - ul).add_(after.mul_(ul))
+        out.index_add_(0, long, before, alpha=-1.0)
     return out
 
 
