@@ -335,7 +335,8 @@ def _batches(inputs, batch_size: int) -> Iterator[tuple[object, torch.Tensor | N
             yield part, (torch.ones(part.shape, dtype=torch.bool) if tokens else None), min(batch_size, n - s)
         return
     if not isinstance(tensors, Mapping) or not tensors:
-        raise InvalidInputError(f"Inputs must be a tensor or a non-empty mapping of tensors. Got {type(inputs).__name__}.")
+        raise InvalidInputError("Inputs must be a tensor or a non-empty mapping of tensors. "
+                                f"Got {type(inputs).__name__}.")
     n = next(iter(tensors.values())).shape[0]
     if mask_all is None and "attention_mask" in tensors:
         mask_all = tensors["attention_mask"]
