@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="alternating runs of each tool; the best time is kept")
     ap.add_argument("--device", default="cpu", help="device for polytope-lens (Regioncam1D always runs on the CPU)")
     ap.add_argument("--no-regioncam", action="store_true", help="time polytope-lens only (e.g. on a GPU)")
+    ap.add_argument("--dtype", default="float64", choices=["float64", "float32"],
+                    help="polytope-lens' dtype (the issue's goal is float64; float32 is Regioncam1D's precision)")
     args = ap.parse_args()
     rows = []
     for name in args.networks.split(","):
@@ -73,12 +75,14 @@ def main() -> None:
         n_rc = 0 if args.no_regioncam else min(n_rc, args.paths)
         ours_s = rc_s = float("inf")
         if args.device != "cpu":  # warm-up: CUDA context, kernels
-            path_crossings(mlp, a[:8], b[:8], trace=False, verify=False, device=args.device)
+            path_crossings(mlp, a[:8], b[:8], trace=False, verify=False, device=args.device,
+                           dtype=getattr(torch, args.dtype))
         for _ in range(args.repeat):  # alternate the two tools; keep each one's best run (shared machines are noisy)
             t0 = time.perf_counter()
             res = path_crossings(mlp, a, b, trace=False, verify=False, memory_budget=args.memory_budget,
-                                 device=args.device)
+                                 device=args.device, dtype=getattr(torch, args.dtype))
             ours_s = min(ours_s, time.perf_counter() - t0)  # results come back on the CPU: the device is synced
+            assert res.exact and res.dtype == args.dtype, res.notes
             if n_rc:
                 rc, s = regioncam_counts(mlp, a[:n_rc], b[:n_rc])
                 rc_s = min(rc_s, s)
@@ -90,7 +94,7 @@ def main() -> None:
             agree, dmax = float("nan"), -1
         rows.append((name, args.paths, float(res.counts.mean()), args.paths / ours_s, n_rc,
                      n_rc / rc_s if n_rc else float("nan"), agree, int(sum(p.ties for p in res.paths)), dmax))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ours on {args.device}; ours float64, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ours on {args.device}; ours {args.dtype}, "
           f"Regioncam1D float32; best of {args.repeat} alternating runs\n")
     print("| network | paths | mean crossings | ours paths/s | Regioncam1D paths (sample) | Regioncam1D paths/s "
           "| speed-up | agreement | ties | max count diff |")

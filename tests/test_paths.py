@@ -479,3 +479,19 @@ def test_keep_freed_memory_sets_glibc_malloc_once_and_can_be_turned_off():
         assert on.strip() == f"{sorted((name, True) for name in _heap.SETTINGS)} True"
     else:
         assert on.strip() == "[] True"
+
+
+def test_float32_runs_exact_with_rounding_sized_checks():
+    """In float32 the affinity checks allow float32 rounding (1000 ulps) instead of float64's 1e-9, so a ReLU MLP
+    stays exact (before: refused as 'not affine') and its counts equal float64's here."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+    a, b = torch.randn(20, 10), torch.randn(20, 10)
+    r64 = path_crossings(m, a, b)
+    r32 = path_crossings(m, a, b, dtype=torch.float32, method="exact")
+    assert r32.exact and r32.dtype == "float32"
+    assert np.array_equal(r32.counts, r64.counts) and r64.counts.min() > 10
+    # a real nonlinearity is still caught at float32's tolerance
+    ln = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.LayerNorm(32), nn.Linear(32, 8), nn.ReLU())
+    with pytest.raises(NotPiecewiseLinearError):
+        path_crossings(ln, a, b, dtype=torch.float32, method="exact")

@@ -161,6 +161,15 @@ def test_units_position_is_the_centre_channel_vector():
         slice_through(m, p[0], p[1], p[2], units=[1, 1])
 
 
+def test_float32_slice_has_the_float64_regions():
+    """The affinity probe allows float32 rounding, so a float32 slice runs (before: refused as 'not affine') and
+    finds the same regions as float64 on a small ReLU MLP."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
+    s64, s32 = slice_box(m), slice_box(m, dtype=torch.float32)
+    assert s32.dtype == "float32" and s32.num_regions == s64.num_regions > 100
+
+
 def test_neighbours_differ_on_shared_edge():
     """Neighbours differ in exactly the units whose kink the shared edge lies on."""
     m = _mlp(8, 2, 5).double()

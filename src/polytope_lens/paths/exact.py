@@ -485,7 +485,7 @@ def verify_chunk(runner: Runner, gpids: torch.Tensor, pid: torch.Tensor, t: torc
         zl, zr, zm = z[:n], z[n:2 * n], z[2 * n:]
         scale = torch.maximum(zl.abs(), zr.abs()).amax(1, keepdim=True).clamp_min(1.0)
         err = ((zm - 0.5 * (zl + zr)).abs() / scale).max()
-        if not bool(err <= 1e-9):
+        if not bool(err <= runner.tol):
             raise NotPiecewiseLinearError(
                 f"not piecewise-linear: the unit input of site {site.name!r} is not affine between two consecutive "
                 f"breakpoints (relative deviation {float(err):.2e}); an operation capture does not see (LayerNorm, "
@@ -497,7 +497,7 @@ def verify_chunk(runner: Runner, gpids: torch.Tensor, pid: torch.Tensor, t: torc
             if bool(diff.any()):
                 near = torch.zeros_like(diff)
                 for kink in act.kinks:
-                    near |= ((zl - kink).abs() <= 1e-9 * scale) | ((zr - kink).abs() <= 1e-9 * scale)
+                    near |= ((zl - kink).abs() <= runner.tol * scale) | ((zr - kink).abs() <= runner.tol * scale)
                 if bool((diff & ~near).any()):
                     raise NotPiecewiseLinearError(
                         f"internal check failed: a unit of site {site.name!r} changes piece strictly between two "

@@ -31,6 +31,12 @@ from .geometry import PathSpec
 SRC = "<source>"
 
 
+def affine_tol(dtype: torch.dtype) -> float:
+    """Relative tolerance of the checks that a map is affine: 1e-9 in float64, 1000 ulps in wider-rounding dtypes
+    (1.2e-4 in float32), so rounding is never mistaken for a nonlinearity (LayerNorm or softmax deviate by O(1))."""
+    return max(1e-9, 1e3 * torch.finfo(dtype).eps)
+
+
 def default_forward(model: nn.Module) -> Callable[[object], object]:
     def forward(x):
         return model(**x) if isinstance(x, Mapping) else model(x)
@@ -90,6 +96,7 @@ class Runner:
         self.fwd = fwd
         self.spec = spec
         self.dtype, self.device = dtype, torch.device(device)
+        self.tol = affine_tol(dtype)
         self.budget = int(memory_budget)
         self.ckw = capture_kwargs
         self.owner = owner
@@ -146,7 +153,7 @@ class Runner:
             w = shared.get(key)
             if w is None or w.shape != v.shape:
                 return False
-            if not bool(((w - v).abs() <= 1e-9 * v.abs().max().clamp_min(1.0)).all()):
+            if not bool(((w - v).abs() <= self.tol * v.abs().max().clamp_min(1.0)).all()):
                 return False
         return True
 
@@ -250,7 +257,7 @@ class Runner:
                 continue
             err = (z[2] - 0.5 * (z[0] + z[1])).abs().max()
             scale = z[:2].abs().max().clamp_min(1.0)
-            if not bool(err <= 1e-9 * scale):
+            if not bool(err <= self.tol * scale):
                 if k == "output":
                     return bad, False
                 bad.append(k)
