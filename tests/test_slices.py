@@ -168,6 +168,7 @@ def test_float32_slice_has_the_float64_regions():
     m = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU())
     s64, s32 = slice_box(m), slice_box(m, dtype=torch.float32)
     assert s32.dtype == "float32" and s32.num_regions == s64.num_regions > 100
+    assert not s32.notes  # the arrangement's tiling check allows float32 rounding too: no unit-by-unit fallback
 
 
 def test_neighbours_differ_on_shared_edge():

@@ -29,8 +29,8 @@ its vertex centroid (interior, by convexity); the other lines keep the parent's 
 
 Checks and ties
 ---------------
-Each site is checked: the faces of every cut cell must tile it (areas within 1e-9 relative, plus rounding of the
-coordinates' size). Ties are left to the unit-by-unit cut, which snaps values within ``tol`` onto kinks: where two
+Each site is checked: the faces of every cut cell must tile it (areas within 1e-9 relative in float64, 1000 ulps in
+float32, plus rounding of the coordinates' size). Ties are left to the unit-by-unit cut, which snaps values within ``tol`` onto kinks: where two
 lines cross one edge, or a third line passes a crossing, within ``tol`` (in value) of each other, where a line meets
 a ring in other than two places, or where the work would not fit the memory budget, ``arrange`` raises
 ``Degenerate`` before touching the mesh and the caller cuts that site unit by unit.
@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 
 from ..kinks import lexsort
+from ..paths.runner import affine_tol
 from ._mesh import Mesh, take
 from .geometry import polygon_area
 
@@ -294,8 +295,9 @@ def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, bud
     area_c = polygon_area(take(coords, R[cut]), dg[cut])
     tot = torch.zeros(nc, dtype=area_f.dtype, device=dev).index_add_(0, f_cell, area_f)[cut]
     span = float((coords.amax(0) - coords.amin(0)).max()) if nv else 1.0
-    slack = 1e-9 * area_c.abs() + 1e-12 * span * span  # shoelace rounding is relative to the coordinates' size
-    if bool((area_f < -1e-12 * span * span).any()) or bool(((tot - area_c).abs() > slack).any()):
+    rel = affine_tol(area_c.dtype)  # 1e-9 in float64, 1000 ulps in float32
+    slack = rel * area_c.abs() + 1e-3 * rel * span * span  # shoelace rounding is relative to the coordinates' size
+    if bool((area_f < -1e-3 * rel * span * span).any()) or bool(((tot - area_c).abs() > slack).any()):
         raise Degenerate("the faces of a cell do not tile it")
 
     # ---------------------------------------------------------------- write back
