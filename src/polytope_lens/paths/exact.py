@@ -189,16 +189,19 @@ class Refiner:
         # max pooling compares window entries that are often exactly equal (clamped ReLU/ReLU6 outputs): its inputs
         # are evaluated by products at every point, so exact ties are not broken by rounding
         self.dense = [isinstance(s.activation, WindowMax) for s in runner.processed]
-        # a site's output is kept at every point (merged stage by stage) when a site after the next one, a dense
-        # next site, or the output reads it; otherwise only the next site reads it, at the points it was made at
-        self.merge_leaf = []
-        for k, s in enumerate(runner.processed):
-            if affine is None:
-                self.merge_leaf.append(False)
-                continue
-            nxt = k + 1 < len(names) and s.name in affine.deps[names[k + 1]]
-            self.merge_leaf.append(self.last_use.get(s.name, -1) > k + 1 or (nxt and self.dense[k + 1])
-                                   or (want_output and s.name in affine.deps.get("output", [])))
+        # what each site's output is kept for: "all" points (merged stage by stage) when a site after the next one, a
+        # dense next site, or the output reads it; "next" (only the next site reads it, at the points it was made
+        # at: no merge); None when nothing later reads it
+        self.keep: list[str | None] = []
+        if affine is not None:
+            for k, s in enumerate(runner.processed):
+                last = self.last_use.get(s.name, -1)  # len(names) when the output reads it
+                nxt = last == k + 1 < len(names)
+                if last > k + 1 or (nxt and self.dense[k + 1]) or (want_output and s.name in affine.deps.get(
+                        "output", [])):
+                    self.keep.append("all")
+                else:
+                    self.keep.append("next" if nxt else None)
 
     # ------------------------------------------------------------------------------------------------ stage
     def _crossings(self, act, z, pid, t):
@@ -358,7 +361,7 @@ class Refiner:
                         continue
                     store[leaf] = _merge(store[leaf], _lerp_rows(store[leaf], pj, pu), old_pos, new_pos)
                 prev = {}
-                if self.merge_leaf[k]:
+                if self.keep[k] == "all":
                     znew = _lerp_rows(zf, pj, pu)
                     if isinstance(act, ScalarKinks) and len(c_unit):
                         # a crossed unit sits exactly on its kink at its new breakpoint
@@ -370,7 +373,7 @@ class Refiner:
                         znew[c_point, c_unit] = kinks[kidx]
                     zall = _merge(zf, znew, old_pos, new_pos)
                     store[name] = site.apply(zall.reshape(len(zall), *zshape)).reshape(len(zall), -1)
-                elif self.last_use.get(name, -1) > k:  # only the next site reads it, at these points
+                elif self.keep[k] == "next":
                     prev[name] = site.apply(z).reshape(len(zf), -1)
             else:
                 for key in list(cache):
