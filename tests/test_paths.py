@@ -327,6 +327,26 @@ def test_trace_and_json():
     json.dumps(res.to_dict(records=True))
 
 
+@pytest.mark.parametrize("evaluator", ["affine", "graph"])
+@pytest.mark.parametrize("units", [None, [1, 4, 9]])
+def test_trace_is_the_model_at_region_midpoints(evaluator, units):
+    """Each region's output is the float64 model's at the region's midpoint: taken from the regions' ends when the
+    output is affine on every region, evaluated at the midpoints when units= leaves kinks inside regions."""
+    from polytope_lens.paths.results import trace_from_outputs
+    torch.manual_seed(3)
+    mlp = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    a, b = 3 * torch.randn(2, 3), 3 * torch.randn(2, 3)
+    res = path_crossings(mlp, a, b, evaluator=evaluator, units=units)
+    m = copy.deepcopy(mlp).double()
+    for p in res.paths:
+        mids = torch.tensor(0.5 * (p.t[:-1] + p.t[1:]))
+        with torch.no_grad():
+            out = m(a[p.index].double() + mids[:, None] * (b[p.index].double() - a[p.index].double()))
+        want = trace_from_outputs(mids, out, torch.tensor(p.t[1:-1]))
+        assert (p.trace.top_class == want.top_class).all()
+        np.testing.assert_allclose(p.trace.js, want.js, rtol=1e-9, atol=1e-14)
+
+
 def test_layers_filter_and_chunking():
     """layers= filters the report; a tiny memory budget chunks the batch and changes nothing."""
     mlp = MLP(6, 16, 2, seed=9)

@@ -241,54 +241,64 @@ class WindowMax(Activation):
         return torch.where(idx >= 0, vals, torch.full_like(vals, -math.inf))
 
     def crossings(self, z0: torch.Tensor, z1: torch.Tensor) -> Crossings:
-        # about a dozen (segment, unit, window entry) temporaries are alive at once: work in blocks of segments
+        # a few (segment, unit, window entry) temporaries are alive at once: work in blocks of segments
         n_seg = z0.shape[0]
-        block = max(1, _BLOCK_BYTES // (12 * 8 * max(1, z0[:1].numel()) * self.n_pieces))
-        if n_seg <= block:
-            return self._crossings_block(z0, z1)
+        block = max(1, _BLOCK_BYTES // (4 * 8 * max(1, z0[:1].numel()) * self.n_pieces))
         parts = []
-        for i in range(0, n_seg, block):
-            c = self._crossings_block(z0[i:i + block], z1[i:i + block])
-            parts.append(Crossings(c.segment + i, c.unit, c.t, c.piece))
+        for i in range(0, max(n_seg, 1), block):
+            w0 = self.windows(z0[i:i + block]).flatten(1, -2)
+            w1 = self.windows(z1[i:i + block]).flatten(1, -2)
+            parts.append(self._changes(w0, w1, w0.argmax(dim=-1), w1.argmax(dim=-1), offset=i))
         return Crossings.cat(parts)  # blocks are in segment order, each sorted by (segment, t)
 
-    def _crossings_block(self, z0: torch.Tensor, z1: torch.Tensor) -> Crossings:
-        n_seg = z0.shape[0]
-        w0 = self.windows(z0).reshape(n_seg, -1, self.n_pieces)
-        w1 = self.windows(z1).reshape(n_seg, -1, self.n_pieces)
-        slope = w1 - w0
-        finite = torch.isfinite(w0)
-        slope = torch.where(finite, slope, torch.zeros_like(slope))
-        cur = w0.argmax(dim=-1)  # (seg, unit)
-        t_now = torch.zeros(cur.shape, dtype=z0.dtype, device=z0.device)
+    def crossings_along(self, z: torch.Tensor) -> Crossings:
+        # each point's windows are gathered once, not once per segment end
+        w = self.windows(z).flatten(1, -2)
+        top = w.argmax(dim=-1)
+        return self._changes(w[:-1], w[1:], top[:-1], top[1:])
+
+    def _changes(self, w0: torch.Tensor, w1: torch.Tensor, first: torch.Tensor, last: torch.Tensor,
+                 offset: int = 0) -> Crossings:
+        """Changes of the maximal entry of every window between the segments' ends ``w0`` and ``w1`` ((segment,
+        unit, entry); entries are affine in t along a segment, -inf on padding), whose first maxima are ``first``
+        and ``last``; segments are numbered from ``offset``.
+
+        The upper envelope of K lines is convex: each change enters a strictly steeper line, so a window whose
+        maximum is the same entry at both ends (the first maximum, as ``pieces`` gives) changes nowhere in between;
+        only the others are followed, through at most K - 1 changes."""
+        seg, unit = torch.nonzero(first != last, as_tuple=True)
+        a, b = w0[seg, unit], w1[seg, unit]  # (changing windows, K)
+        finite = torch.isfinite(a)
+        slope = torch.where(finite, b - a, torch.zeros_like(a))
+        cur, end_piece = first[seg, unit], last[seg, unit]
+        t_now = torch.zeros(len(seg), dtype=a.dtype, device=a.device)
         parts = []
-        # the upper envelope of K lines changes at most K - 1 times: each change moves to a strictly steeper line
         for _ in range(self.n_pieces - 1):
-            v_cur = w0.gather(-1, cur[..., None])  # current line, value at t=0 and slope
-            s_cur = slope.gather(-1, cur[..., None])
+            v_cur = a.gather(-1, cur[:, None])  # current line, value at t=0 and slope
+            s_cur = slope.gather(-1, cur[:, None])
             steeper = (slope > s_cur) & finite
-            t_meet = (v_cur - w0) / (slope - s_cur)
+            t_meet = (v_cur - a) / (slope - s_cur)
             # a line overtakes where it meets the current one after t_now (ties at t_now: steeper line wins now)
-            t_meet = torch.where(steeper & (t_meet >= t_now[..., None]), t_meet, torch.full_like(t_meet, math.inf))
-            t_next, nxt = t_meet.min(dim=-1)
+            t_meet = torch.where(steeper & (t_meet >= t_now[:, None]), t_meet, torch.full_like(t_meet, math.inf))
+            t_next = t_meet.min(dim=-1).values
             # among lines meeting at the same t, the steepest one is entered
-            at_t = t_meet == t_next[..., None]
+            at_t = t_meet == t_next[:, None]
             nxt = torch.where(at_t, slope, torch.full_like(slope, -math.inf)).argmax(dim=-1)
             # a change that lands on t=1 (within rounding) enters the piece ``pieces`` gives at t=1 (first maximum),
             # so that consecutive segments agree on the piece at their shared end and nothing is counted twice
             at_end = (t_next >= 1.0 - 1e-12) & (t_next <= 1.0)
             t_next = torch.where(at_end, torch.ones_like(t_next), t_next)
-            nxt = torch.where(at_end, w1.argmax(dim=-1), nxt)
+            nxt = torch.where(at_end, end_piece, nxt)
             moving = (t_next <= 1.0) & (nxt != cur)
             if not bool(moving.any()):
                 break
-            seg, unit = torch.nonzero(moving, as_tuple=True)
-            parts.append(Crossings(seg, unit, t_next[seg, unit], nxt[seg, unit]))
+            r = torch.nonzero(moving).flatten()
+            parts.append(Crossings(seg[r] + offset, unit[r], t_next[r], nxt[r]))
             cur = torch.where(moving, nxt, cur)
             t_now = torch.where(moving, t_next, t_now)
         if not parts:
-            empty = torch.zeros(0, dtype=torch.int64, device=z0.device)
-            return Crossings(empty, empty, torch.zeros(0, dtype=z0.dtype, device=z0.device), empty)
+            empty = torch.zeros(0, dtype=torch.int64, device=w0.device)
+            return Crossings(empty, empty, torch.zeros(0, dtype=w0.dtype, device=w0.device), empty)
         return _sorted(Crossings.cat(parts))
 
     def describe(self) -> dict:

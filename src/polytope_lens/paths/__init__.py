@@ -182,14 +182,14 @@ def _analyse(prep: _Prepared, spec: PathSpec, *, owner, layers, method, tie_tol,
                                                 f"not affine between sites before {bad[0]}"))
     affine = None
     if use_exact and evaluator != "graph":
-        affine = runner.extract_affine(want_output=trace and out_affine)
+        affine = runner.extract_affine(want_output=trace and out_affine and unit_idx is None)
         if affine is None and evaluator == "affine":
             raise InvalidInputError(f"evaluator='affine' in {owner}: the Jacobian blocks between sites do not fit in "
                                     f"half the memory budget ({memory_budget} bytes); raise it or use 'graph'.")
     if use_exact:
         notes.append("evaluator: affine (Jacobian blocks between sites)" if affine is not None
                      else "evaluator: graph (one forward pass per new breakpoint)")
-    refiner = Refiner(runner, affine, tie_tol, trace, unit_idx) if use_exact else None
+    refiner = Refiner(runner, affine, tie_tol, trace, unit_idx, output_affine=out_affine) if use_exact else None
 
     n_paths = spec.n_paths
     zdims = [math.prod(runner.z_shape[n]) for n in runner.names]

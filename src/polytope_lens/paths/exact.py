@@ -40,7 +40,6 @@ bookkeeping; memory is chunked over paths to ``memory_budget``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +142,29 @@ def _bend(zl: torch.Tensor, zr: torch.Tensor, u: torch.Tensor, grp: torch.Tensor
     return out
 
 
+class _PointCache:
+    """Graph route: values evaluated at points, kept in the batches they were evaluated in, by point id. A site's
+    unit inputs are assembled at every current point once, when the site is processed (no merge per stage)."""
+
+    def __init__(self):
+        self.blocks: dict[str, list] = {}  # key -> [(point ids, values)]
+
+    def add(self, ids: torch.Tensor, batches) -> None:
+        for rows, values in batches:
+            for key, v in values.items():
+                self.blocks.setdefault(key, []).append((ids[rows], v))
+
+    def take(self, key: str, ids: torch.Tensor, n_ids: int) -> torch.Tensor:
+        """Values of ``key`` at points ``ids`` (in that order), every one of which was evaluated."""
+        blocks = self.blocks.pop(key)
+        pos = torch.empty(n_ids, dtype=torch.long, device=ids.device)
+        pos[ids] = torch.arange(len(ids), device=ids.device)
+        out = blocks[0][1].new_empty(len(ids), blocks[0][1].shape[1])
+        for bid, v in blocks:
+            out.index_copy_(0, pos[bid], v)
+        return out
+
+
 def piece_slopes(site, act: ScalarKinks, zshape: tuple, dtype, device) -> torch.Tensor:
     """Slope of the site's output on each piece, per unit: (n_pieces, units), probed through ``site.apply``."""
     k = list(act.kinks)
@@ -167,12 +189,17 @@ class Refiner:
     """Layered breakpoint refinement over one chunk of paths at a time."""
 
     def __init__(self, runner: Runner, affine: Affine | None, tie_tol: float, want_output: bool,
-                 units: torch.Tensor | None = None):
+                 units: torch.Tensor | None = None, output_affine: bool = False):
         self.r = runner
         self.units = units  # flat unit indices of the last site whose crossings are wanted (None = all)
         self.aff = affine
         self.tie_tol = float(tie_tol)
         self.want_output = want_output
+        # when the model output is affine on every region the processed sites bound (``output_affine``: no
+        # nonlinearity after them, every unit followed), its value at a region's midpoint is the mean of its values
+        # at the region's ends, which come with the points; otherwise the midpoints are evaluated
+        self.output_at_points = want_output and output_affine and units is None and (
+            affine is None or "output" in affine.deps)
         names = runner.names
         self.slopes = {}
         if affine is not None:
@@ -318,21 +345,22 @@ class Refiner:
         tied = torch.zeros(len(t), dtype=torch.bool, device=dev)
         store: dict = {}  # leaf -> its values at every current point
         prev: dict = {}  # leaf -> its values at the previous stage's points (used by the next site only)
-        cache: dict = {}
+        cache = _PointCache()  # graph route: evaluated values by point id
+        ids, n_ids = torch.arange(len(t), device=dev), len(t)  # point ids, in path order
         pend: _Pending | None = None
         recs = []
         names = r.names
+        with_output = self.output_at_points and self.aff is None
         if self.aff is None:
-            cache = r.eval_points(gpids[pid], t, names)
+            cache.add(ids, r.eval_point_batches(gpids[pid], t, names, with_output))
         for k, site in enumerate(r.processed):
             name, act = site.name, site.activation
             zshape = r.z_shape[name]
             if self.aff is None:
                 if pend is not None and len(pend.new_idx):
-                    fresh = r.eval_points(gpids[pid[pend.new_idx]], t[pend.new_idx], names[k:])
-                    for key, v in fresh.items():
-                        cache[key][pend.new_idx] = v
-                zf = cache.pop(name)
+                    new = pend.new_idx
+                    cache.add(ids[new], r.eval_point_batches(gpids[pid[new]], t[new], names[k:], with_output))
+                zf = cache.take(name, ids, n_ids)
             else:
                 zf = self._affine_z(name, pid, t, gpids, store, prev, pend, dense=self.dense[k])
             z = zf.reshape(len(t), *zshape)
@@ -375,11 +403,6 @@ class Refiner:
                     store[name] = site.apply(zall.reshape(len(zall), *zshape)).reshape(len(zall), -1)
                 elif self.keep[k] == "next":
                     prev[name] = site.apply(z).reshape(len(zf), -1)
-            else:
-                for key in list(cache):
-                    v = cache[key]
-                    cache[key] = _merge(v, torch.full((len(pj), v.shape[1]), math.nan, dtype=v.dtype, device=dev),
-                                        old_pos, new_pos)
             grp_change = torch.ones(len(pj), dtype=torch.bool, device=dev)
             if len(pj) > 1:
                 grp_change[1:] = pj[1:] != pj[:-1]
@@ -390,13 +413,21 @@ class Refiner:
             tied = _merge(tied, cr["sizes"] >= 2, old_pos, new_pos)
             t = _merge(t, pt, old_pos, new_pos)
             pid = _merge(pid, pid[pj], old_pos, new_pos)
+            ids = _merge(ids, torch.arange(n_ids, n_ids + len(pj), device=dev), old_pos, new_pos)
+            n_ids += len(pj)
             if last:
                 break
         # points whose unit inputs were held at the last site: what the chunk's memory scales with (the last
         # site's own breakpoints are never evaluated again, they cost a few numbers each)
         out = {"pid": pid, "t": t, "tied": tied, "records": recs, "n_evaluated": n}
         if self.want_output:
-            out["output"] = self._outputs(pid, t, gpids, store)
+            if with_output:  # the last site's breakpoints were not evaluated yet
+                new = pend.new_idx
+                cache.add(ids[new], r.eval_point_batches(gpids[pid[new]], t[new], [], True))
+                o = cache.take("output", ids, n_ids)
+                out["output"] = 0.5 * (o[:-1] + o[1:])
+            else:
+                out["output"] = self._outputs(pid, t, gpids, store)
         return out
 
     def run_path_in_pieces(self, gpid: torch.Tensor, max_points: int, est_points: float) -> dict:
@@ -448,7 +479,7 @@ class Refiner:
     def _outputs(self, pid, t, gpids, store) -> torch.Tensor:
         """Model scores at region midpoints (n_points - 1 rows; rows across paths are junk and dropped later)."""
         mids_t = 0.5 * (t[:-1] + t[1:])
-        if self.aff is not None and "output" in self.aff.deps:
+        if self.aff is not None and self.output_at_points:
             c = self.aff.c["output"]
             o = (c.expand(len(t), -1) if c.shape[0] == 1 else c[gpids[pid]]).clone()
             for leaf in self.aff.deps["output"]:

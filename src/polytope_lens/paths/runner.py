@@ -179,9 +179,15 @@ class Runner:
 
     def eval_points(self, pid: torch.Tensor, t: torch.Tensor, names: list[str], want_output: bool = False) -> dict:
         """Unit inputs (n, units) of sites ``names`` (and model scores when asked) at path points."""
-        res: dict = {k: [] for k in names}
-        if want_output:
-            res["output"] = []
+        res: dict = {k: [] for k in names + (["output"] if want_output else [])}
+        for _, o in self.eval_point_batches(pid, t, names, want_output):
+            for k in res:
+                res[k].append(o[k])
+        return {k: torch.cat(v) for k, v in res.items()}
+
+    def eval_point_batches(self, pid: torch.Tensor, t: torch.Tensor, names: list[str], want_output: bool = False):
+        """``eval_points`` batch by batch (as many rows as the memory budget allows): yields ``(rows, values)``,
+        ``rows`` a slice of the points, so callers can place each batch without concatenating them first."""
         stop = max(names, key=self.names.index) if names else None
         step = self.rows_per_batch()
         for s in range(0, len(t), step):
@@ -200,12 +206,11 @@ class Runner:
                 rep = (lambda site, n, x=x: x.reshape(n, *self.out_shape[site.name]) if site.name == self.spec.site
                        else None)
             o = self._run(inp, len(tt), rep, set(names), stop, want_output, shared)
-            for k in res:
+            for k in names + (["output"] if want_output else []):
                 if o.get(k) is None:
                     raise InvalidInputError(f"Site {k!r} did not run at some path points of {self.owner}; the model's "
                                             "call graph depends on its input, which path analyses do not support.")
-                res[k].append(o[k])
-        return {k: torch.cat(v) for k, v in res.items()}
+            yield slice(s, s + len(tt)), o
 
     # --------------------------------------------------------------------------------- leaf-replaced runs
     def _leaf_run(self, values: dict, n: int, record: set, want_output: bool) -> dict:
