@@ -248,6 +248,71 @@ def test_shared_prefix_is_used_only_where_it_reproduces_the_model():
         assert p.per_layer == {k: v for k, v in want.items() if k in rays.sites}
 
 
+class PoolNet(nn.Module):
+    """ReLU then max pooling: windows of clamped zeros that a crossing unit leaves exactly at its kink."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.c1 = _init(nn.Conv2d(1, 4, 3, padding=1), g, 0.3)
+        self.c2 = _init(nn.Conv2d(4, 4, 3, padding=1), g, 0.3)
+        self.head = _init(nn.Linear(4 * 4 * 4, 3), g)
+
+    def forward(self, x):
+        h = F.max_pool2d(torch.relu(self.c1(x)), 2)
+        return self.head(torch.relu(self.c2(h)).flatten(1))
+
+
+def _same_records(p, q, atol=1e-12):
+    assert p.per_layer == q.per_layer and p.ties == q.ties
+    op = np.lexsort((p.records["t"], p.records["unit"], p.records["site"]))
+    oq = np.lexsort((q.records["t"], q.records["unit"], q.records["site"]))
+    for f in ("site", "unit", "piece"):
+        assert (p.records[f][op] == q.records[f][oq]).all()
+    np.testing.assert_allclose(p.records["t"][op], q.records["t"][oq], rtol=0, atol=atol)
+
+
+def test_graph_route_places_max_pool_crossings_exactly():
+    """A unit that crosses its ReLU kink makes a breakpoint where its output is exactly 0, tied with the zeros in its
+    pooling window; the graph route takes the site's output there from the interpolated unit inputs (kink exact),
+    as the affine route does, so rounding cannot move or drop the pool's crossing (before: one path counted 71 of
+    72 and placed crossings up to a whole interval early). Records equal the affine route's and dense sampling."""
+    net = PoolNet()
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(6, 1, 8, 8, generator=g), torch.randn(6, 1, 8, 8, generator=g)
+    graph, affine = path_crossings(net, a, b, evaluator="graph"), path_crossings(net, a, b, evaluator="affine")
+    for i, (p, q) in enumerate(zip(graph.paths, affine.paths)):
+        _same_records(p, q)
+        assert p.per_layer == dense_count(net, lambda t, i=i: a[i:i + 1].double() + t.reshape(-1, 1, 1, 1)
+                                          * (b[i] - a[i]).double())
+
+
+def test_graph_route_runs_the_pass_before_a_site_on_fewer_rows(monkeypatch):
+    """New breakpoints are evaluated from the site that made them: the pass before it runs on one row when nothing
+    after it reads that part (a plain chain), at the ends of the points' intervals when a residual branch does, and
+    once per point for a model that reads the batch size early; each way is checked once per site, and the records
+    equal the affine route's (or, for that model, dense sampling's)."""
+    import polytope_lens.paths.exact as exact
+    chosen = []
+    real = exact.Refiner._check_reduction
+    monkeypatch.setattr(exact.Refiner, "_check_reduction", lambda self, ev: chosen.append(real(self, ev)) or chosen[-1])
+    g = torch.Generator().manual_seed(2)
+    a, b = 2 * torch.randn(3, 6, generator=g), 2 * torch.randn(3, 6, generator=g)
+    for model, ways in ((MLP(6, 24, 3, seed=1), {"one row"}), (MLP(6, 24, 2, residual=True, seed=2), {"ends"})):
+        chosen.clear()
+        graph, affine = path_crossings(model, a, b, evaluator="graph"), path_crossings(model, a, b, evaluator="affine")
+        assert ways <= set(chosen) <= {"one row", "ends"}
+        for p, q in zip(graph.paths, affine.paths):
+            _same_records(p, q)
+    chosen.clear()
+    net = BatchSizeNet()
+    x0, x1 = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    res = path_crossings(net, x0, x1, evaluator="graph")
+    assert chosen[0] == "every point"  # the first site's new points: the early batch size breaks any reduction
+    for i, p in enumerate(res.paths):
+        assert p.per_layer == dense_count(net, lambda t, i=i: x0[i].double() + t[:, None] * (x1[i] - x0[i]).double())
+
+
 def test_polyline_is_the_sum_of_its_segments():
     """A polyline's crossings are those of its pieces, and density uses its total length."""
     mlp = MLP(4, 16, 2, seed=6)

@@ -36,7 +36,8 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .errors import InvalidInputError, UnsupportedActivationError
 from .kinks import Activation, get_activation, resolve_call
 
-__all__ = ["CallSite", "capture", "list_sites", "select_sites", "StopForward", "ACTIVATION_MODULE_CLASSES"]
+__all__ = ["CallSite", "capture", "list_sites", "select_sites", "StopForward", "SharedPrefix", "PrefixRead",
+           "ACTIVATION_MODULE_CLASSES"]
 
 # composite activation modules, by class name: their input is the unit input, their inner calls are not sites
 ACTIVATION_MODULE_CLASSES: dict[str, str] = {
@@ -98,18 +99,32 @@ class StopForward(Exception):
 Handler = Callable[[CallSite, torch.Tensor], "torch.Tensor | None"]
 
 
-class SharedPrefix:
-    """Run the part of a forward pass before a replaced site once per distinct example.
+class PrefixRead(Exception):
+    """Raised when the part of a forward pass after a replaced site reads a tensor made before it, which the
+    ``SharedPrefix`` in use cannot supply."""
 
-    The model is fed ``U`` distinct examples; a handler replaces one site's output with ``N = len(index)`` rows (row i
-    belongs to example ``index[i]``). Tensors computed before that replacement (and the ``inputs``) hold ``U`` rows;
-    when a later operation uses one of them it gets ``t[index]`` instead, so everything after the site runs on ``N``
-    rows as if the model had been fed the ``N`` repeated examples. Only tensors that operations produced are
-    expanded (never parameters or buffers); callers check equivalence on their model before relying on it.
+
+class SharedPrefix:
+    """Run the part of a forward pass before a replaced site on fewer rows than the part after it.
+
+    The model is fed ``U`` rows; a handler replaces one site's output with ``N`` rows. Tensors computed before that
+    replacement (and the ``inputs``) hold ``U`` rows; when a later operation uses one of them it gets ``rows(t)``
+    instead, so everything after the site runs on ``N`` rows as if the model had been fed them. Two uses:
+
+    * ``SharedPrefix(index)``: ``U`` distinct examples, row i of the ``N`` belongs to example ``index[i]``
+      (``rows(t) = t[index]``); the replacement is the first one with a number of rows other than ``U``.
+    * ``SharedPrefix(rows=fn, at=name)``: the replacement at site ``name``, with any expansion ``fn`` (the
+      interpolation between two prefix rows when every prefix tensor is affine between them, or raising
+      ``PrefixRead`` when the rest of the pass must not read the prefix).
+
+    Only tensors that operations produced are expanded (never parameters or buffers); callers check equivalence on
+    their model before relying on it.
     """
 
-    def __init__(self, index: torch.Tensor, inputs=()):
+    def __init__(self, index: torch.Tensor | None = None, inputs=(), *, rows=None, at: str | None = None):
         self.index = index
+        self.rows = rows if rows is not None else (lambda t: t.index_select(0, index))
+        self.at = at
         self.active = False
         self.pre: dict[int, weakref.ref] = {}
         self.register(inputs)
@@ -124,12 +139,14 @@ class SharedPrefix:
             if isinstance(t, torch.Tensor):
                 ref = self.pre.get(id(t))
                 if ref is not None and ref() is t:
-                    return t.index_select(0, self.index)
+                    return self.rows(t)
             return t
         return tree_map(one, obj)
 
-    def fired(self, z: torch.Tensor, replacement) -> None:
-        if isinstance(replacement, torch.Tensor) and replacement.shape[:1] == self.index.shape[:1] \
+    def fired(self, site_name: str, z: torch.Tensor, replacement) -> None:
+        if self.at is not None:
+            self.active = self.active or site_name == self.at
+        elif isinstance(replacement, torch.Tensor) and replacement.shape[:1] == self.index.shape[:1] \
                 and z.shape[:1] != replacement.shape[:1]:
             self.active = True
 
@@ -202,7 +219,7 @@ class _Tracker:
         self.order += 1
         out = self.handler(site, z)
         if self.shared is not None and out is not None:
-            self.shared.fired(z, out)
+            self.shared.fired(site.name, z, out)
         return out
 
     # global module hooks -------------------------------------------------------------------------------
@@ -321,7 +338,7 @@ def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str,
     suppress : tuple of str
         Module path globs inside which intercepted calls are not sites (used with ``declared_sites``).
     shared : SharedPrefix, optional
-        Run the part before a replaced site once per distinct example.
+        Run the part before a replaced site on fewer rows (once per distinct example, or at a few points).
 
     Yields
     ------
@@ -353,7 +370,7 @@ def run(model: nn.Module, forward: Callable[[], object], handler: Handler, *, sh
         **capture_kwargs) -> object | None:
     """Run ``forward()`` under ``capture``; returns its result, or None when a handler stopped it early.
 
-    ``shared``: run the part before a replaced site once per distinct example (see ``SharedPrefix``)."""
+    ``shared``: run the part before a replaced site on fewer rows (see ``SharedPrefix``)."""
     with capture(model, handler, shared=shared, **capture_kwargs) as reset, torch.no_grad():
         reset()
         try:

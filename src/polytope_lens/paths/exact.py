@@ -62,7 +62,7 @@ class _Pending:
     n_grp: int
     c_point: torch.Tensor  # (c,) new point of each inner crossing
     c_unit: torch.Tensor
-    c_jump: torch.Tensor  # slope jump of the crossed unit's output, per unit of u
+    c_jump: torch.Tensor | None  # slope jump of the crossed unit's output, per unit of u (affine route)
 
 
 def _merge(old: torch.Tensor, new: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Tensor) -> torch.Tensor:
@@ -73,8 +73,8 @@ def _merge(old: torch.Tensor, new: torch.Tensor, old_pos: torch.Tensor, new_pos:
 
 
 def _lerp_rows(x: torch.Tensor, left: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    a, b = x[left], x[left + 1]
-    return a + u.reshape(-1, *([1] * (x.dim() - 1))) * (b - a)
+    """Rows ``left + u`` of ``x``, interpolated between rows ``left`` and ``left + 1``."""
+    return x.index_select(0, left).lerp_(x.index_select(0, left + 1), u.reshape(-1, *([1] * (x.dim() - 1))))
 
 
 def _cumsum_rows(x: torch.Tensor, block: int = 32) -> torch.Tensor:
@@ -165,6 +165,26 @@ class _PointCache:
         return out
 
 
+def _inputs_at_new(act, zf: torch.Tensor, cr: dict, rows: slice = slice(None)) -> torch.Tensor:
+    """A site's unit inputs (points x units) at the breakpoints it just made (``rows`` of them): interpolated on
+    their interval of the previous stage (every unit is affine there), and a crossed unit exactly on its kink."""
+    znew = _lerp_rows(zf, cr["pj"][rows], cr["pu"][rows])
+    if isinstance(act, ScalarKinks) and len(cr["gid"]):
+        inner = cr["inner"]
+        c_point = cr["gid"]  # non-decreasing: the crossings of a slice of new points are contiguous
+        first, stop, _ = rows.indices(len(cr["pj"]))
+        lo, hi = (int(i) for i in torch.searchsorted(c_point, c_point.new_tensor([first, stop])))
+        seg_i, c_unit, piece = cr["seg"][inner][lo:hi], cr["unit"][inner][lo:hi], cr["piece"][inner][lo:hi]
+        up = zf[seg_i + 1, c_unit] > zf[seg_i, c_unit]
+        kinks = torch.tensor(act.kinks, dtype=zf.dtype, device=zf.device)
+        znew[c_point[lo:hi] - first, c_unit] = kinks[torch.where(up, piece - 1, piece)]
+    return znew
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    return a.shape == b.shape and bool(((a - b).abs() <= tol * b.abs().max().clamp_min(1.0)).all())
+
+
 def piece_slopes(site, act: ScalarKinks, zshape: tuple, dtype, device) -> torch.Tensor:
     """Slope of the site's output on each piece, per unit: (n_pieces, units), probed through ``site.apply``."""
     k = list(act.kinks)
@@ -195,6 +215,7 @@ class Refiner:
         self.aff = affine
         self.tie_tol = float(tie_tol)
         self.want_output = want_output
+        self.reduction: dict[str, str] = {}  # graph route: how the pass before each site runs at its new points
         # when the model output is affine on every region the processed sites bound (``output_affine``: no
         # nonlinearity after them, every unit followed), its value at a region's midpoint is the mean of its values
         # at the region's ends, which come with the points; otherwise the midpoints are evaluated
@@ -348,6 +369,7 @@ class Refiner:
         cache = _PointCache()  # graph route: evaluated values by point id
         ids, n_ids = torch.arange(len(t), device=dev), len(t)  # point ids, in path order
         pend: _Pending | None = None
+        z_new = None  # graph route: what gives the last site's unit inputs at the breakpoints it made
         recs = []
         names = r.names
         with_output = self.output_at_points and self.aff is None
@@ -358,8 +380,7 @@ class Refiner:
             zshape = r.z_shape[name]
             if self.aff is None:
                 if pend is not None and len(pend.new_idx):
-                    new = pend.new_idx
-                    cache.add(ids[new], r.eval_point_batches(gpids[pid[new]], t[new], names[k:], with_output))
+                    cache.add(ids[pend.new_idx], self._eval_new(k - 1, pend, z_new, gpids, pid, t, with_output))
                 zf = cache.take(name, ids, n_ids)
             else:
                 zf = self._affine_z(name, pid, t, gpids, store, prev, pend, dense=self.dense[k])
@@ -378,10 +399,9 @@ class Refiner:
             before = torch.cumsum(cnt, 0) - cnt
             old_pos = torch.arange(n, device=dev) + before
             new_pos = pj + 1 + torch.arange(len(pj), device=dev)
+            c_unit, jump = cr["unit"][cr["inner"]], None
             if self.aff is not None:
-                inner = cr["inner"]
-                jump = self._jumps(site, z, cr)[inner] if len(cr["seg"]) else zf.new_zeros(0)
-                c_unit, c_point = cr["unit"][inner], cr["gid"]
+                jump = self._jumps(site, z, cr)[cr["inner"]] if len(cr["seg"]) else zf.new_zeros(0)
                 for leaf in list(store):
                     if self.last_use.get(leaf, -1) <= k and not (self.want_output and leaf in self.aff.deps.get(
                             "output", [])):
@@ -390,26 +410,17 @@ class Refiner:
                     store[leaf] = _merge(store[leaf], _lerp_rows(store[leaf], pj, pu), old_pos, new_pos)
                 prev = {}
                 if self.keep[k] == "all":
-                    znew = _lerp_rows(zf, pj, pu)
-                    if isinstance(act, ScalarKinks) and len(c_unit):
-                        # a crossed unit sits exactly on its kink at its new breakpoint
-                        zfl = zf.reshape(len(zf), -1)
-                        seg_i = cr["seg"][inner]
-                        up = zfl[seg_i + 1, c_unit] > zfl[seg_i, c_unit]
-                        kidx = torch.where(up, cr["piece"][inner] - 1, cr["piece"][inner])
-                        kinks = torch.tensor(act.kinks, dtype=zf.dtype, device=dev)
-                        znew[c_point, c_unit] = kinks[kidx]
-                    zall = _merge(zf, znew, old_pos, new_pos)
+                    zall = _merge(zf, _inputs_at_new(act, zf, cr), old_pos, new_pos)
                     store[name] = site.apply(zall.reshape(len(zall), *zshape)).reshape(len(zall), -1)
                 elif self.keep[k] == "next":
                     prev[name] = site.apply(z).reshape(len(zf), -1)
+            elif not last or with_output:
+                z_new = (act, zf, cr)  # evaluated batch by batch in _eval_new
             grp_change = torch.ones(len(pj), dtype=torch.bool, device=dev)
             if len(pj) > 1:
                 grp_change[1:] = pj[1:] != pj[:-1]
             grp = torch.cumsum(grp_change.long(), 0) - 1
-            pend = _Pending(name, new_pos, old_pos, pj, pu, grp, int(grp_change.sum()),
-                            cr["gid"], cr["unit"][cr["inner"]] if self.aff is not None else pj,
-                            jump if self.aff is not None else pu)
+            pend = _Pending(name, new_pos, old_pos, pj, pu, grp, int(grp_change.sum()), cr["gid"], c_unit, jump)
             tied = _merge(tied, cr["sizes"] >= 2, old_pos, new_pos)
             t = _merge(t, pt, old_pos, new_pos)
             pid = _merge(pid, pid[pj], old_pos, new_pos)
@@ -421,9 +432,8 @@ class Refiner:
         # site's own breakpoints are never evaluated again, they cost a few numbers each)
         out = {"pid": pid, "t": t, "tied": tied, "records": recs, "n_evaluated": n}
         if self.want_output:
-            if with_output:  # the last site's breakpoints were not evaluated yet
-                new = pend.new_idx
-                cache.add(ids[new], r.eval_point_batches(gpids[pid[new]], t[new], [], True))
+            if with_output and len(pend.new_idx):  # the last site's breakpoints were not evaluated yet
+                cache.add(ids[pend.new_idx], self._eval_new(len(names) - 1, pend, z_new, gpids, pid, t, True))
                 o = cache.take("output", ids, n_ids)
                 out["output"] = 0.5 * (o[:-1] + o[1:])
             else:
@@ -475,6 +485,58 @@ class Refiner:
             w = ((0.5 * (tk[:-1] + tk[1:]) - m[first]) / (m[last] - m[first]).where(counts > 1, 1.0))[:, None]
             out["output"] = o[first] + w * (o[last] - o[first])
         return out
+
+    def _eval_new(self, k: int, pend: _Pending, z_new: tuple, gpids, pid, t, with_output: bool) -> list:
+        """Graph route: the later sites' unit inputs (and the output when asked) at the breakpoints site ``k`` just
+        made, as ``(rows, values)`` batches. Their unit inputs at site k are known (``_inputs_at_new(*z_new)``, taken
+        batch by batch, crossed units exactly on their kinks), so the forward pass before site k need not run once
+        per point (``Runner.eval_point_batches``): on one row when nothing after site k reads what was computed
+        before it, else at the ends of the points' intervals when they are fewer than half the points. Each
+        reduction is checked once per site against the unreduced pass at a few points; models whose code it does
+        not reproduce get that pass."""
+        r = self.r
+        at, names = r.names[k], r.names[k + 1:]
+        new = pend.new_idx
+        p, tn = gpids[pid[new]], t[new]
+        left, right = pend.old_idx[pend.left], pend.old_idx[pend.left + 1]
+
+        def evaluate(way, rows=slice(None)):  # rows: the first points or all
+            ends = (left[rows], right[rows], pend.u[rows], gpids[pid], t) if way == "ends" else way
+            return list(r.eval_point_batches(p[rows], tn[rows], names, with_output, at,
+                                             lambda b: _inputs_at_new(*z_new, b), ends))
+        way = self.reduction.get(at)
+        if way is None:
+            if len(new) < 2:  # a reduction is checked on at least two points (one row must differ from them)
+                return evaluate("every point")
+            way = self.reduction[at] = self._check_reduction(evaluate)
+        if way == "ends" and 2 * len(torch.unique(torch.cat([left, right]))) > len(new):
+            way = "every point"
+        if way != "every point":
+            try:
+                return evaluate(way)
+            except Exception:  # noqa: BLE001 - the model's code does not allow it after all (batch sizes read early)
+                self.reduction[at] = "every point"
+        return evaluate("every point")
+
+    def _check_reduction(self, evaluate) -> str:
+        """The cheapest reduction of the forward pass before a site that reproduces the unreduced pass at (up to)
+        four new points (at least two)."""
+        def joined(batches):
+            out: dict = {}
+            for _, o in batches:
+                for key, v in o.items():
+                    out.setdefault(key, []).append(v)
+            return {key: torch.cat(v) for key, v in out.items()}
+        rows = slice(0, 4)
+        want = joined(evaluate("every point", rows))
+        for way in ("one row", "ends"):
+            try:
+                got = joined(evaluate(way, rows))
+            except Exception:  # noqa: BLE001 - any failure of the reduction means: do not use it
+                continue
+            if all(key in got and _close(got[key], v, self.r.tol) for key, v in want.items()):
+                return way
+        return "every point"
 
     def _outputs(self, pid, t, gpids, store) -> torch.Tensor:
         """Model scores at region midpoints (n_points - 1 rows; rows across paths are junk and dropped later)."""

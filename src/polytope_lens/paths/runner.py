@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from ..capture import CallSite, SharedPrefix, StopForward, run
+from ..capture import CallSite, PrefixRead, SharedPrefix, StopForward, run
 from ..errors import InvalidInputError
 from .geometry import PathSpec
 
@@ -185,32 +185,79 @@ class Runner:
                 res[k].append(o[k])
         return {k: torch.cat(v) for k, v in res.items()}
 
-    def eval_point_batches(self, pid: torch.Tensor, t: torch.Tensor, names: list[str], want_output: bool = False):
+    def eval_point_batches(self, pid: torch.Tensor, t: torch.Tensor, names: list[str], want_output: bool = False,
+                           at: str | None = None, z_at: Callable[[slice], torch.Tensor] | None = None,
+                           ends="every point"):
         """``eval_points`` batch by batch (as many rows as the memory budget allows): yields ``(rows, values)``,
-        ``rows`` a slice of the points, so callers can place each batch without concatenating them first."""
+        ``rows`` a slice of the points, so callers can place each batch without concatenating them first.
+
+        ``at``, ``z_at``: the points were just made by site ``at`` and their unit inputs there are ``z_at(rows)``
+        (rows x units, for a slice of the points); its output is then ``site.apply(z_at)`` (a crossed unit exactly
+        on its kink, not rounding's neighbour), and the forward pass before ``at`` can run on fewer rows than the
+        points (``ends``):
+
+        * ``"every point"``: no reduction (the network before a path's site still runs once per path when
+          ``share_prefix``);
+        * ``"one row"``: one row, and the rest of the pass must not read a tensor made before ``at``
+          (``PrefixRead`` otherwise);
+        * ``(left, right, u, end_pid, end_t)``: the ends of each point's interval (points ``left[i]``, ``right[i]``
+          of ``end_pid, end_t``), between which every tensor before ``at`` is affine in t; a prefix tensor read
+          later is interpolated at ``u[i]``.
+        """
         stop = max(names, key=self.names.index) if names else None
         step = self.rows_per_batch()
         for s in range(0, len(t), step):
             p, tt = pid[s:s + step], t[s:s + step]
-            x = self.spec.points(p, tt)
+            n = len(tt)
+            zb = None if at is None else z_at(slice(s, s + n))
+            reduced = not (at is None or ends == "every point")
+            if not reduced:
+                rp, rt = p, tt
+            else:
+                if ends == "one row":
+                    rp, rt = p[:1], tt[:1]
+
+                    def rows(x):
+                        raise PrefixRead(f"the forward pass after {at} reads a tensor made before it")
+                else:
+                    left, right, u, end_pid, end_t = ends
+                    uniq, inv = torch.unique(torch.cat([left[s:s + step], right[s:s + step]]), return_inverse=True)
+                    rp, rt = end_pid[uniq], end_t[uniq]
+
+                    def rows(x, il=inv[:n], ir=inv[n:], ub=u[s:s + step], m=len(uniq)):
+                        if x.dim() == 0 or x.shape[0] != m:
+                            raise PrefixRead(f"a tensor made before {at} has no row per prefix point")
+                        a, b = x[il], x[ir]
+                        if not x.is_floating_point():
+                            if not torch.equal(a, b):
+                                raise PrefixRead(f"an integer tensor made before {at} differs between interval ends")
+                            return a
+                        return torch.lerp(a, b, ub.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1))))
+            x = self.spec.points(rp, rt)
             shared = None
             if self.spec.site is None:
-                inp, rep = x, (lambda site, n: None)
+                inp = x
+            elif not reduced and self.share_prefix:  # the network up to the path's site runs once per path
+                uniq, inv = torch.unique(p, return_inverse=True)
+                inp = index_inputs(self.spec.base, uniq)
+                shared = SharedPrefix(inv, inp)
             else:
-                if self.share_prefix:  # the network up to the path's site runs once per path, not once per point
-                    uniq, inv = torch.unique(p, return_inverse=True)
-                    inp = index_inputs(self.spec.base, uniq)
-                    shared = SharedPrefix(inv, inp)
-                else:
-                    inp = index_inputs(self.spec.base, p)
-                rep = (lambda site, n, x=x: x.reshape(n, *self.out_shape[site.name]) if site.name == self.spec.site
-                       else None)
-            o = self._run(inp, len(tt), rep, set(names), stop, want_output, shared)
+                inp = index_inputs(self.spec.base, rp)
+            if reduced:
+                shared = SharedPrefix(inputs=inp, rows=rows, at=at)
+
+            def rep(site, n_, x=x, zb=zb):
+                if site.name == self.spec.site:
+                    return x.reshape(len(x), *self.out_shape[site.name])
+                if site.name == at:
+                    return site.apply(zb.reshape(len(zb), *self.z_shape[at]))
+                return None
+            o = self._run(inp, n, rep, set(names), stop, want_output, shared)
             for k in names + (["output"] if want_output else []):
                 if o.get(k) is None:
                     raise InvalidInputError(f"Site {k!r} did not run at some path points of {self.owner}; the model's "
                                             "call graph depends on its input, which path analyses do not support.")
-            yield slice(s, s + len(tt)), o
+            yield slice(s, s + n), o
 
     # --------------------------------------------------------------------------------- leaf-replaced runs
     def _leaf_run(self, values: dict, n: int, record: set, want_output: bool) -> dict:
