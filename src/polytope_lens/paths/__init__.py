@@ -188,7 +188,8 @@ def _analyse(prep: _Prepared, spec: PathSpec, *, owner, layers, method, tie_tol,
                                     f"half the memory budget ({memory_budget} bytes); raise it or use 'graph'.")
     if use_exact:
         notes.append("evaluator: affine (Jacobian blocks between sites)" if affine is not None
-                     else "evaluator: graph (one forward pass per new breakpoint)")
+                     else "evaluator: graph (forward passes at new breakpoints, from the site that made them where "
+                     "the model allows)")
     refiner = Refiner(runner, affine, tie_tol, trace, unit_idx, output_affine=out_affine) if use_exact else None
 
     n_paths = spec.n_paths
