@@ -138,3 +138,36 @@ def test_unknown_activation_errors():
 def test_bits_per_unit():
     assert REGISTRY["relu"].bits_per_unit == 1
     assert WindowMax("max_pool2d", kernel=(3, 3), stride=(2, 2)).bits_per_unit == math.ceil(math.log2(9))
+
+
+def test_crossings_are_sorted_by_segment_then_t():
+    """``_sorted`` (only the segments with several crossings are sorted when rows come in segment order) against
+    Python's sort of (segment, t), for rows in segment order and in any order."""
+    from polytope_lens.kinks import Crossings, _sorted
+    g = torch.Generator().manual_seed(0)
+    seg = torch.sort(torch.randint(0, 40, (200,), generator=g)).values
+    t = torch.rand(200, generator=g, dtype=torch.float64)
+    t[5] = t[6] if seg[5] == seg[6] else t[5]  # a tie in t keeps its order (stable)
+    for perm in (torch.arange(200), torch.randperm(200, generator=g)):
+        c = _sorted(Crossings(seg[perm], torch.arange(200)[perm], t[perm], torch.zeros(200, dtype=torch.long)))
+        want = sorted(range(200), key=lambda i: (int(seg[perm][i]), float(t[perm][i]), i))
+        assert c.unit.tolist() == torch.arange(200)[perm][want].tolist()
+
+
+def test_max_pool_crossings_with_a_tolerance_ignore_rounding_and_keep_real_changes():
+    """With ``tol``, window entries within the tolerance of the maximum count as tied at it and entries within it of
+    each other at both ends of a segment are one line: rounding noise between equal entries gives no crossing, and
+    on generic windows the crossings (segment, unit, t, piece) are exactly those without a tolerance."""
+    pool = WindowMax("max_pool2d", kernel=(2, 2), stride=(2, 2))
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(50, 2, 4, 4, generator=g, dtype=torch.float64)
+    exact, tol = pool.crossings_along(z), pool.crossings_along(z, 1e-9)
+    assert len(exact) > 20
+    for f in ("segment", "unit", "piece"):
+        assert torch.equal(getattr(exact, f), getattr(tol, f))
+    assert torch.equal(exact.t, tol.t)
+    # every window holds one value, perturbed by a few ulps differently at each point
+    base = torch.linspace(-1.0, 1.0, 50, dtype=torch.float64)[:, None, None, None].expand(50, 2, 4, 4)
+    noisy = base * (1.0 + 4e-16 * torch.randn(50, 2, 4, 4, generator=g, dtype=torch.float64))
+    assert len(pool.crossings_along(noisy)) > 0
+    assert len(pool.crossings_along(noisy, 1e-9)) == 0

@@ -118,18 +118,20 @@ class Activation:
             return pieces[..., None] > j
         return ((pieces[..., None] >> j) & 1).bool()
 
-    def crossings(self, z0: torch.Tensor, z1: torch.Tensor) -> Crossings:  # pragma: no cover - abstract
+    def crossings(self, z0: torch.Tensor, z1: torch.Tensor, tol: float = 0.0) -> Crossings:  # pragma: no cover
         """Every t in [0, 1] where a unit changes piece while its input moves affinely from z0 to z1.
 
         ``z0`` and ``z1`` are shaped ``(segments, *unit_input_shape)``. A crossing is reported wherever the piece
         that ``pieces`` assigns changes: at t=0 only when ``z0`` sits exactly on a kink and the unit leaves it, at
-        t=1 when ``z1`` lands exactly on one. Crossings come sorted by (segment, t).
+        t=1 when ``z1`` lands exactly on one. Crossings come sorted by (segment, t). ``tol``: for max pooling,
+        window entries within ``tol * max(1, |maximum|)`` of the maximum count as equal to it (rounding of entries
+        that are equal in exact arithmetic); scalar kinks ignore it.
         """
         raise NotImplementedError
 
-    def crossings_along(self, z: torch.Tensor) -> Crossings:
-        """``crossings(z[:-1], z[1:])``: segment i runs from row i to row i + 1 (a polyline of points)."""
-        return self.crossings(z[:-1], z[1:])
+    def crossings_along(self, z: torch.Tensor, tol: float = 0.0) -> Crossings:
+        """``crossings(z[:-1], z[1:], tol)``: segment i runs from row i to row i + 1 (a polyline of points)."""
+        return self.crossings(z[:-1], z[1:], tol)
 
     def soft(self, z: torch.Tensor) -> torch.Tensor | None:
         """Soft code in (0, 1) per unit for smooth activations; None for piecewise-linear ones."""
@@ -160,12 +162,12 @@ class ScalarKinks(Activation):
             piece += z > k
         return piece
 
-    def crossings(self, z0: torch.Tensor, z1: torch.Tensor) -> Crossings:
+    def crossings(self, z0: torch.Tensor, z1: torch.Tensor, tol: float = 0.0) -> Crossings:
         n_seg = z0.shape[0]
         a, b = z0.reshape(n_seg, math.prod(z0.shape[1:])), z1.reshape(n_seg, math.prod(z1.shape[1:]))
         return self._crossings(a, b, [(a > k, b > k) for k in self.kinks])
 
-    def crossings_along(self, z: torch.Tensor) -> Crossings:
+    def crossings_along(self, z: torch.Tensor, tol: float = 0.0) -> Crossings:
         # each point's side of a kink is compared once, not once per segment end
         zf = z.reshape(len(z), -1)
         ups = [zf > k for k in self.kinks]
@@ -240,7 +242,7 @@ class WindowMax(Activation):
         vals = z.reshape(len(z), -1)[rows[:, None], idx.clamp(min=0)]
         return torch.where(idx >= 0, vals, torch.full_like(vals, -math.inf))
 
-    def crossings(self, z0: torch.Tensor, z1: torch.Tensor) -> Crossings:
+    def crossings(self, z0: torch.Tensor, z1: torch.Tensor, tol: float = 0.0) -> Crossings:
         # a few (segment, unit, window entry) temporaries are alive at once: work in blocks of segments
         n_seg = z0.shape[0]
         block = max(1, _BLOCK_BYTES // (4 * 8 * max(1, z0[:1].numel()) * self.n_pieces))
@@ -248,29 +250,40 @@ class WindowMax(Activation):
         for i in range(0, max(n_seg, 1), block):
             w0 = self.windows(z0[i:i + block]).flatten(1, -2)
             w1 = self.windows(z1[i:i + block]).flatten(1, -2)
-            parts.append(self._changes(w0, w1, w0.argmax(dim=-1), w1.argmax(dim=-1), offset=i))
+            parts.append(self._changes(w0, w1, _first_max(w0, tol), _first_max(w1, tol), tol, offset=i))
         return Crossings.cat(parts)  # blocks are in segment order, each sorted by (segment, t)
 
-    def crossings_along(self, z: torch.Tensor) -> Crossings:
+    def crossings_along(self, z: torch.Tensor, tol: float = 0.0) -> Crossings:
         # each point's windows are gathered once, not once per segment end
         w = self.windows(z).flatten(1, -2)
-        top = w.argmax(dim=-1)
-        return self._changes(w[:-1], w[1:], top[:-1], top[1:])
+        top = _first_max(w, tol)
+        return self._changes(w[:-1], w[1:], top[:-1], top[1:], tol)
 
-    def _changes(self, w0: torch.Tensor, w1: torch.Tensor, first: torch.Tensor, last: torch.Tensor,
+    def _changes(self, w0: torch.Tensor, w1: torch.Tensor, first: torch.Tensor, last: torch.Tensor, tol: float,
                  offset: int = 0) -> Crossings:
         """Changes of the maximal entry of every window between the segments' ends ``w0`` and ``w1`` ((segment,
         unit, entry); entries are affine in t along a segment, -inf on padding), whose first maxima are ``first``
-        and ``last``; segments are numbered from ``offset``.
+        and ``last`` (``_first_max``); segments are numbered from ``offset``.
 
         The upper envelope of K lines is convex: each change enters a strictly steeper line, so a window whose
         maximum is the same entry at both ends (the first maximum, as ``pieces`` gives) changes nowhere in between;
-        only the others are followed, through at most K - 1 changes."""
+        only the others are followed, through at most K - 1 changes. Entries within the tolerance of the maximum at
+        an end are set to it there, so rounding between entries that are equal in exact arithmetic (a uniform
+        image region) is not read as a change."""
         seg, unit = torch.nonzero(first != last, as_tuple=True)
-        a, b = w0[seg, unit], w1[seg, unit]  # (changing windows, K)
+        a, b = _snap_to_max(w0[seg, unit], tol), _snap_to_max(w1[seg, unit], tol)  # (changing windows, K)
+        cur, end_piece = first[seg, unit], last[seg, unit]
+        if tol > 0 and len(seg):
+            # entries within the tolerance of each other at both ends are one line over the segment (the lowest
+            # index): rounding between them must not make the envelope switch back and forth in the middle
+            k = self.n_pieces
+            scale = tol * torch.maximum(a.amax(-1), b.amax(-1)).abs().clamp_min(1.0)[:, None, None]
+            same = ((a[:, :, None] - a[:, None, :]).abs() <= scale) & ((b[:, :, None] - b[:, None, :]).abs() <= scale)
+            dup = (same & torch.ones(k, k, dtype=torch.bool, device=a.device).tril(-1)).any(-1)
+            a, b = a.masked_fill(dup, -math.inf), b.masked_fill(dup, -math.inf)
+            cur, end_piece = a.argmax(dim=-1), b.argmax(dim=-1)
         finite = torch.isfinite(a)
         slope = torch.where(finite, b - a, torch.zeros_like(a))
-        cur, end_piece = first[seg, unit], last[seg, unit]
         t_now = torch.zeros(len(seg), dtype=a.dtype, device=a.device)
         parts = []
         for _ in range(self.n_pieces - 1):
@@ -306,6 +319,27 @@ class WindowMax(Activation):
                 "padding": list(self.padding), "dilation": list(self.dilation), "ceil_mode": self.ceil_mode}
 
 
+def _near_max(w: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    top = w.amax(dim=-1, keepdim=True)
+    return top, w >= top - tol * top.abs().clamp_min(1.0)
+
+
+def _first_max(w: torch.Tensor, tol: float) -> torch.Tensor:
+    """Index of the first window entry within ``tol * max(1, |maximum|)`` of the maximum (the first maximum, as
+    ``torch.argmax`` gives, when ``tol`` is 0)."""
+    if tol <= 0:
+        return w.argmax(dim=-1)
+    return _near_max(w, tol)[1].to(torch.uint8).argmax(dim=-1)
+
+
+def _snap_to_max(w: torch.Tensor, tol: float) -> torch.Tensor:
+    """Entries within ``tol * max(1, |maximum|)`` of their window's maximum set to it (a tie at the maximum)."""
+    if tol <= 0:
+        return w
+    top, near = _near_max(w, tol)
+    return torch.where(near, top, w)
+
+
 _BLOCK_BYTES = 256 << 20  # working memory of one block of max-pool crossings
 
 
@@ -325,11 +359,21 @@ def lexsort(major: torch.Tensor, minor: torch.Tensor) -> torch.Tensor:
 
 
 def _sorted(c: Crossings) -> Crossings:
-    # lexicographic (segment, t)
-    if not len(c):
+    """``c`` in lexicographic (segment, t) order. Crossings that already come in segment order (one kink) need only
+    the segments with several crossings sorted, which along a refined path are few."""
+    if len(c) < 2:
         return c
-    order = lexsort(c.segment, c.t)
-    return Crossings(c.segment[order], c.unit[order], c.t[order], c.piece[order])
+    seg = c.segment
+    if bool((seg[1:] >= seg[:-1]).all()):
+        counts = torch.bincount(seg)
+        rows = torch.nonzero(counts[seg] > 1).flatten()
+        if not len(rows):
+            return c
+        order = torch.arange(len(seg), device=seg.device)
+        order[rows] = rows[lexsort(seg[rows], c.t[rows])]
+    else:
+        order = lexsort(seg, c.t)
+    return Crossings(seg[order], c.unit[order], c.t[order], c.piece[order])
 
 
 # --------------------------------------------------------------------------------------------- soft codes

@@ -22,7 +22,10 @@ Each breakpoint is evaluated once per later site, never by re-running the prefix
   the crossed unit's slope jump times a hat function of the position (``_bend``, O(units) per point). Earlier sites'
   outputs at new points are interpolated; an output that only the next site reads is not merged at all.
 * *graph route* (any graph, any size): each new breakpoint runs one forward pass through ``capture`` that records the
-  unit inputs of every later site.
+  unit inputs of every later site. The site that made it is not re-evaluated there: its unit inputs are the
+  interpolation of the interval's ends (crossed units exactly on their kinks) and replace its output, so the pass
+  before that site runs on one row, or at the interval ends when a later part of the model reads it (a residual
+  branch), whichever reproduces the unreduced pass on the model (``Refiner._eval_new``).
 
 Ties
 ----
@@ -34,8 +37,10 @@ that touches its kink at a breakpoint is counted on the interval where its piece
 
 Cost
 ----
-About one matrix product per breakpoint and later site beyond the next, O(units) for the next, plus O(points x units)
-bookkeeping; memory is chunked over paths to ``memory_budget``.
+Affine route: about one matrix product per breakpoint and later site beyond the next, O(units) for the next, plus
+O(points x units) bookkeeping. Graph route: one pass through the part of the model after the site that made each
+breakpoint (after the first site that a residual branch does not cross). Memory is chunked over paths to
+``memory_budget``.
 """
 
 from __future__ import annotations
@@ -91,10 +96,10 @@ def _cumsum_rows(x: torch.Tensor, block: int = 32) -> torch.Tensor:
 _PAIRWISE_MAX = 16  # intervals with at most this many new points sum their point pairs directly
 
 
-def _bend(zl: torch.Tensor, zr: torch.Tensor, u: torch.Tensor, grp: torch.Tensor, n_grp: int,
-          v: torch.Tensor | None) -> torch.Tensor:
+def _bend(line: torch.Tensor, u: torch.Tensor, grp: torch.Tensor, n_grp: int, v: torch.Tensor | None) -> torch.Tensor:
     """Values at the new points of each interval (contiguous groups, sorted by u in (0, 1)) of the function that is
-    ``zl`` at u = 0, ``zr`` at u = 1 and linear except that its slope grows by ``v[i]`` at point i.
+    zl at u = 0, zr at u = 1 and linear except that its slope grows by ``v[i]`` at point i; ``line`` holds
+    lerp(zl, zr, u_i) and is overwritten.
 
     Closed form (the Green's function of d2/du2 on [0, 1] with zero ends): z_i = lerp(zl, zr, u_i) - sum_j
     min(u_i, u_j) (1 - max(u_i, u_j)) v_j over the points j of i's interval. Intervals with few points sum their
@@ -103,7 +108,7 @@ def _bend(zl: torch.Tensor, zr: torch.Tensor, u: torch.Tensor, grp: torch.Tensor
     subtracting the sum before it (rounding of order eps times that running sum). About seven passes over
     (points x units), against one matrix product per point for a forward evaluation.
     """
-    out = torch.lerp(zl, zr, u[:, None])
+    out = line
     if v is None or not len(u):
         return out
     out.addcmul_(v, (u * (u - 1.0))[:, None])  # j = i
@@ -253,7 +258,7 @@ class Refiner:
 
     # ------------------------------------------------------------------------------------------------ stage
     def _crossings(self, act, z, pid, t):
-        cr = act.crossings_along(z)
+        cr = act.crossings_along(z, self.r.tol)
         same = pid[:-1] == pid[1:]
         keep = same[cr.segment]
         seg, unit, s, piece = cr.segment[keep], cr.unit[keep], cr.t[keep], cr.piece[keep]
@@ -343,7 +348,7 @@ class Refiner:
             else:
                 v = zo.new_zeros(len(pend.u), zo.shape[1])
                 v.index_add_(0, pend.c_point, jt[pend.c_unit] * pend.c_jump[:, None])
-        znew = _bend(zo[pend.left], zo[pend.left + 1], pend.u, pend.grp, pend.n_grp, v)
+        znew = _bend(_lerp_rows(zo, pend.left, pend.u), pend.u, pend.grp, pend.n_grp, v)
         z = zo.new_empty(len(t), zo.shape[1])
         z.index_copy_(0, old, zo)
         z.index_copy_(0, pend.new_idx, znew)
