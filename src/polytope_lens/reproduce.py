@@ -38,8 +38,8 @@ JOBS = {
                    "cost": {"load": 5, "p1": 0.01, "p2": 2.4, "p3": 0.6}},
     "fashion-cnn": {"data": "fashion-mnist", "p1_layers": "head.2.relu", "p1_units": "all",
                     "layer": "pool2.max_pool2d", "p3_layer": "stem.2.relu", "p3_alphas": (0.25, 16.0),
-                    "p3_in_quick": False, "p3_max_items": 10,  # ~26 s per ray (22,000 crossings): full run only
-                    "cost": {"load": 10, "p1": 0.01, "p2": 2.4, "p3": 26.0}},
+                    "p3_in_quick": False, "p3_max_items": 10,  # ~11 s per ray (22,000-27,000 crossings): full run only
+                    "cost": {"load": 10, "p1": 0.01, "p2": 2.4, "p3": 10.8}},
     "efficientnet-lite0": {"data": "skimage-augmented", "p1_layers": "_blocks.15._swish.relu6#1",
                            "p1_units": "position", "layer": "_blocks.15._swish.relu6#1",
                            "p3_layer": "_blocks.15._swish.relu6#1",
