@@ -314,6 +314,7 @@ def test_rounding_between_equal_pool_entries_is_not_a_crossing(evaluator):
     with torch.no_grad():
         hand = ((m.lin(a) > 0) != (m.lin(b) > 0)).sum(1)
     assert [p.per_layer for p in res.paths] == [{"relu": int(h), "max_pool2d": 0} for h in hand]
+    assert res.tolerance == {"tie_tol": 1e-12, "value_tol": 1e-9}  # both stated on the result
 
 
 def test_graph_route_runs_the_pass_before_a_site_on_fewer_rows(monkeypatch):

@@ -247,9 +247,11 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
     seconds = time.perf_counter() - t_start
     state["methods"]["exact vs approximate"] = (
         "Crossing counts of ReLU/ReLU6/max-pool models (digits-cnn, fashion-cnn, EfficientNet-Lite0 after the path "
-        "site) are exact: layered breakpoint refinement in float64 (tie tolerance 1e-12 in t), verified on random "
-        "intervals. MiniLM (GELU, LayerNorm) uses sampled crossings (threshold-code changes between dense samples, "
-        "located to the sample spacing; counts are lower bounds) and the embedding-change trace (1 - cosine of mean-pooled output, 33 points): approximate. "
+        "site) are exact: layered breakpoint refinement in float64 (tie tolerance 1e-12 in t; max-pool entries "
+        "within 1e-9 x max(1, |maximum|) of a window's maximum count as tied), verified on random intervals. MiniLM "
+        "(GELU, LayerNorm) uses sampled crossings (threshold-code changes between dense samples, located to the "
+        "sample spacing; counts are lower bounds) and the embedding-change trace (1 - cosine of mean-pooled output, "
+        "33 points): approximate. "
         "Top-class probabilities along scaling rays are float32 forward passes on an alpha grid. Prediction-1 "
         "codes are exact signs of the unit inputs. Bootstrap: percentile intervals, "
         f"{nb} resamples, level 0.95.")

@@ -227,7 +227,8 @@ def _analyse(prep: _Prepared, spec: PathSpec, *, owner, layers, method, tie_tol,
             est_pts = max(est_pts, 1.25 * out["n_evaluated"] / c)
         _collect(results, out, gp, spec, runner, reported, use_exact, trace)
         start += c
-    tolerance = {"tie_tol": float(tie_tol)} if use_exact else {"tol": float(tol), "n_samples": int(n_samples)}
+    tolerance = ({"tie_tol": float(tie_tol), "value_tol": float(runner.tol)} if use_exact
+                 else {"tol": float(tol), "n_samples": int(n_samples)})
     return PathBatchResult(results, use_exact, "exact" if use_exact else "sampled",
                            str(prep.dtype).replace("torch.", ""), tolerance, spec.kind, spec.site, tuple(reported),
                            tuple(notes), time.perf_counter() - t0)
