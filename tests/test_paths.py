@@ -224,8 +224,9 @@ class BatchSizeNet(nn.Module):
 
 
 def test_shared_prefix_is_used_only_where_it_reproduces_the_model():
-    """The once-per-path prefix is checked on each model: kept for a residual MLP, refused for a model that reads
-    the batch size early (which would break), and both give the per-point forward's counts."""
+    """The once-per-path prefix is checked on each model: kept for a residual MLP and for a model without class
+    scores, refused for a model that reads the batch size early (which would break), and both give the per-point
+    forward's counts."""
     from polytope_lens.paths.geometry import PathSpec
     from polytope_lens.paths.runner import Runner, default_forward
 
@@ -237,10 +238,21 @@ def test_shared_prefix_is_used_only_where_it_reproduces_the_model():
         return Runner(model, default_forward(model), spec, dtype=torch.float64, device="cpu",
                       memory_budget=1 << 30, capture_kwargs={}, owner="test", probe_input=x[:1].double())
 
+    class Encoder(nn.Module):  # no class scores, like a text encoder's hidden states
+        def __init__(self):
+            super().__init__()
+            self.mlp = MLP(4, 10, 2, residual=True, seed=3)
+
+        def forward(self, x):
+            return {"hidden": self.mlp(x)}
+
     net, mlp = BatchSizeNet(), MLP(4, 10, 2, residual=True, seed=3)
     x = torch.randn(2, 4)
     assert runner(mlp, x, "relu").share_prefix
     assert not runner(net, x, "relu").share_prefix
+    # the check compares the output only where there is one (before: a model without class scores always failed it,
+    # so MiniLM paths ran the whole encoder once per point)
+    assert runner(Encoder(), x, "mlp.relu").share_prefix
     rays = ray_crossings(net, x, layer="relu", alphas=(0.0, 3.0), evaluator="graph")
     act = torch.relu(net.l1(x)).double()
     for i, p in enumerate(rays.paths):

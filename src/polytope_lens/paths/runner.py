@@ -104,7 +104,8 @@ class Runner:
 
         def record(site, z):
             seen[site.name] = (site, z.detach())
-        run(self.model, lambda: self.fwd(probe_input), record, **capture_kwargs)
+        out = run(self.model, lambda: self.fwd(probe_input), record, **capture_kwargs)
+        self.has_output = logits_of(out) is not None  # class scores (text encoders have none)
         self.all_sites: list[CallSite] = [s for s, _ in seen.values()]
         self.out_shape = {}
         for name, (site, z) in seen.items():
@@ -135,16 +136,16 @@ class Runner:
 
     def _shared_prefix_agrees(self) -> bool:
         """Whether running the network before the path's site once per path (``SharedPrefix``) gives this model's
-        unit inputs and output at a few path points (to rounding); models whose later code reuses early tensors in
-        ways the expansion does not see fall back to one full forward pass per point."""
+        unit inputs and output (when it has class scores) at a few path points (to rounding); models whose later
+        code reuses early tensors in ways the expansion does not see fall back to one full forward pass per point."""
         k = min(2, self.spec.n_paths)
         pid = torch.arange(k, device=self.device).repeat_interleave(3)
         t = torch.tensor([0.0, 0.37, 1.0] * k, dtype=self.dtype, device=self.device)
         try:
             self._share_prefix = False
-            full = self.eval_points(pid, t, self.names, want_output=True)
+            full = self.eval_points(pid, t, self.names, want_output=self.has_output)
             self._share_prefix = True
-            shared = self.eval_points(pid, t, self.names, want_output=True)
+            shared = self.eval_points(pid, t, self.names, want_output=self.has_output)
         except Exception:  # noqa: BLE001 - any failure of the shortcut means: do not use it
             return False
         finally:
