@@ -333,6 +333,8 @@ _COMMON_DOC = """
     device : str or torch.device
     tie_tol : float
         Exact mode: crossings closer than this in t make one breakpoint (counted in ``ties``); see ``exact``.
+        Max-pool entries within the dtype's affine tolerance of a window's maximum count as tied at it (rounding of
+        entries equal in exact arithmetic); the result states both as ``tolerance["tie_tol"]``, ``["value_tol"]``.
     n_samples, tol : int, float
         Sampled mode: samples per path and bisection width in t.
     trace : bool
