@@ -437,12 +437,12 @@ class Refiner:
         # site's own breakpoints are never evaluated again, they cost a few numbers each)
         out = {"pid": pid, "t": t, "tied": tied, "records": recs, "n_evaluated": n}
         if self.want_output:
-            if with_output and len(pend.new_idx):  # the last site's breakpoints were not evaluated yet
-                cache.add(ids[pend.new_idx], self._eval_new(len(names) - 1, pend, z_new, gpids, pid, t, True))
-                o = cache.take("output", ids, n_ids)
-                out["output"] = 0.5 * (o[:-1] + o[1:])
-            else:
-                out["output"] = self._outputs(pid, t, gpids, store)
+            at_points = None
+            if with_output:
+                if len(pend.new_idx):  # the last site's breakpoints were not evaluated yet
+                    cache.add(ids[pend.new_idx], self._eval_new(len(names) - 1, pend, z_new, gpids, pid, t, True))
+                at_points = cache.take("output", ids, n_ids)
+            out["output"] = self._outputs(pid, t, gpids, store, at_points)
         return out
 
     def run_path_in_pieces(self, gpid: torch.Tensor, max_points: int, est_points: float) -> dict:
@@ -543,15 +543,19 @@ class Refiner:
                 return way
         return "every point"
 
-    def _outputs(self, pid, t, gpids, store) -> torch.Tensor:
-        """Model scores at region midpoints (n_points - 1 rows; rows across paths are junk and dropped later)."""
+    def _outputs(self, pid, t, gpids, store, at_points: torch.Tensor | None = None) -> torch.Tensor:
+        """Model scores at region midpoints (n_points - 1 rows; rows across paths are junk and dropped later): the
+        mean of the scores at each region's ends when ``output_at_points`` (given as ``at_points`` on the graph
+        route, from the stored site outputs on the affine route), else one evaluation per midpoint."""
         mids_t = 0.5 * (t[:-1] + t[1:])
-        if self.aff is not None and self.output_at_points:
-            c = self.aff.c["output"]
-            o = (c.expand(len(t), -1) if c.shape[0] == 1 else c[gpids[pid]]).clone()
-            for leaf in self.aff.deps["output"]:
-                a = self._src(gpids[pid], t) if leaf == SRC else store[leaf]
-                o.addmm_(a, self.aff.jt["output", leaf])
+        if self.output_at_points:
+            o = at_points
+            if o is None:
+                c = self.aff.c["output"]
+                o = (c.expand(len(t), -1) if c.shape[0] == 1 else c[gpids[pid]]).clone()
+                for leaf in self.aff.deps["output"]:
+                    a = self._src(gpids[pid], t) if leaf == SRC else store[leaf]
+                    o.addmm_(a, self.aff.jt["output", leaf])
             return 0.5 * (o[:-1] + o[1:])
         same = torch.nonzero(pid[:-1] == pid[1:]).flatten()
         res = self.r.eval_points(gpids[pid[same]], mids_t[same], [], want_output=True)["output"]
