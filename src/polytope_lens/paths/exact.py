@@ -51,7 +51,7 @@ import torch
 
 from ..errors import NotPiecewiseLinearError
 from ..kinks import ScalarKinks, WindowMax, lexsort
-from .runner import SRC, Affine, Runner
+from .runner import SRC, Affine, Runner, same_values
 
 
 @dataclass
@@ -184,10 +184,6 @@ def _inputs_at_new(act, zf: torch.Tensor, cr: dict, rows: slice = slice(None)) -
         kinks = torch.tensor(act.kinks, dtype=zf.dtype, device=zf.device)
         znew[c_point[lo:hi] - first, c_unit] = kinks[torch.where(up, piece - 1, piece)]
     return znew
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
-    return a.shape == b.shape and bool(((a - b).abs() <= tol * b.abs().max().clamp_min(1.0)).all())
 
 
 def piece_slopes(site, act: ScalarKinks, zshape: tuple, dtype, device) -> torch.Tensor:
@@ -539,7 +535,7 @@ class Refiner:
                 got = joined(evaluate(way, rows))
             except Exception:  # noqa: BLE001 - any failure of the reduction means: do not use it
                 continue
-            if all(key in got and _close(got[key], v, self.r.tol) for key, v in want.items()):
+            if all(key in got and same_values(got[key], v, self.r.tol) for key, v in want.items()):
                 return way
         return "every point"
 
