@@ -59,6 +59,14 @@ def test_sites_lists_in_order():
     assert "2 activation sites" in r.output
 
 
+def test_sites_runs_a_trained_cnn_on_its_own_data():
+    """Without --data the example input comes from the data the model reads (digits for digits-cnn, not photos)."""
+    r = invoke("sites", "--model", "digits-cnn")
+    assert r.exit_code == 0, r.output
+    names = [ln.split("│")[2].strip() for ln in r.output.splitlines() if ln.count("│") > 3]
+    assert names[0] == "stem.2.relu" and "pool1.max_pool2d" in names and len(names) == 7
+
+
 def _elu_model(tmp_path):
     p = tmp_path / "elu.pt"
     torch.save(nn.Sequential(nn.Linear(4, 3), nn.ELU()), p)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from polytope_lens.cli import app
 from polytope_lens.models import load_model
-from polytope_lens.paths import path_crossings
+from polytope_lens.paths import path_crossings, ray_crossings
 
 runner = CliRunner()
 MODEL = "toy:6-16-16-3:seed=2"
@@ -53,6 +53,19 @@ def test_from_to_and_scale(tmp_path):
     assert r.exit_code == 0, r.output
     d = json.loads((tmp_path / "s.json").read_text())
     assert d["kind"] == "ray" and d["paths"][0]["alphas"] == [0.0, 3.0]
+    # a + alpha * d: the same counts and density as the API
+    direction = np.random.default_rng(2).normal(size=16)
+    np.save(tmp_path / "d.npy", direction)
+    r = runner.invoke(app, ["scale", "--model", MODEL, "--input", str(tmp_path / "a.npy"), "--layer", sites[0],
+                            "--alphas", "-1:2", "--direction", str(tmp_path / "d.npy"), "--json",
+                            str(tmp_path / "sd.json")])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "sd.json").read_text())
+    ref = ray_crossings(load_model(MODEL).module, torch.from_numpy(x[:1]), layer=sites[0], alphas=(-1.0, 2.0),
+                        direction=torch.from_numpy(direction))
+    assert d["direction"] == str(tmp_path / "d.npy")
+    assert d["paths"][0]["per_layer"] == ref.paths[0].per_layer and ref.paths[0].crossings > 0
+    assert d["paths"][0]["density"] == pytest.approx(ref.paths[0].density)
 
 
 def _npy(tmp_path, name, arr):
@@ -61,7 +74,8 @@ def _npy(tmp_path, name, arr):
 
 
 @pytest.mark.parametrize("case", ["equal endpoints", "NaN", "mismatched shapes", "unknown layer", "unsupported op",
-                                  "bad alphas", "neither endpoints nor pairs", "pairs without arrays"])
+                                  "bad alphas", "neither endpoints nor pairs", "pairs without arrays",
+                                  "direction of the wrong shape", "unreadable direction"])
 def test_bad_inputs(case, tmp_path):
     a = _npy(tmp_path, "a.npy", np.ones(6, np.float32))
     out = str(tmp_path / "o.json")
@@ -77,6 +91,10 @@ def test_bad_inputs(case, tmp_path):
         "bad alphas": ["scale", "--model", MODEL, "--input", a, "--layer", "*", "--alphas", "two", "--json", out],
         "neither endpoints nor pairs": ["path", "--model", MODEL, "--json", out],
         "pairs without arrays": ["path", "--model", MODEL, "--pairs", _npz(tmp_path), "--json", out],
+        "direction of the wrong shape": ["scale", "--model", MODEL, "--input", a, "--layer", "1.relu", "--direction",
+                                         _npy(tmp_path, "w.npy", np.ones(5)), "--json", out],
+        "unreadable direction": ["scale", "--model", MODEL, "--input", a, "--layer", "1.relu", "--direction",
+                                 _text(tmp_path / "x.npy"), "--json", out],
     }[case]
     r = runner.invoke(app, args)
     assert r.exit_code == 1, r.output
@@ -94,4 +112,9 @@ def _elu(tmp_path):
 def _npz(tmp_path):
     p = tmp_path / "bad.npz"
     np.savez(p, a=np.zeros(3))
+    return str(p)
+
+
+def _text(p):
+    p.write_text("not an array")
     return str(p)

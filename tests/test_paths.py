@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from polytope_lens.capture import run
 from polytope_lens.errors import InvalidInputError, NotPiecewiseLinearError
-from polytope_lens.paths import path_crossings, polyline_crossings, ray_crossings
+from polytope_lens.paths import path_crossings, polyline_crossings, ray_crossings, site_activations
 from polytope_lens.paths.runner import index_inputs, prepare_model
 
 regioncam = pytest.importorskip("regioncam")
@@ -208,6 +208,34 @@ def test_paths_at_a_layer_and_rays_equal_sampling(evaluator):
         assert p.alphas == (0.0, 3.0) and p.alpha(0.5) == 1.5
         assert p.density == pytest.approx(p.crossings / (3.0 * float(ai.norm())))
 
+
+
+@pytest.mark.parametrize("evaluator", ["affine", "graph"])
+def test_rays_along_a_direction_equal_sampling_and_the_segment(evaluator):
+    """Rays a + alpha * d (one d for all paths, and one per path) match dense sampling of that line, equal the
+    segment between its two ends at the site record for record, and measure density along |d|."""
+    mlp = MLP(5, 12, 3, residual=True, seed=6)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
+    site = [s.name for s in __import__("polytope_lens").list_sites(mlp, lambda: mlp(x[:1]))][1]
+    a = site_activations(mlp, x, layer=site)  # float64, as the ray computes it
+    g = torch.Generator().manual_seed(3)
+    for d in (torch.randn(12, generator=g), torch.randn(3, 12, generator=g)):
+        rays = ray_crossings(mlp, x, layer=site, alphas=(-1.0, 2.5), direction=d, evaluator=evaluator)
+        dd = d.double().expand_as(a)
+        seg = path_crossings(mlp, a - dd, a + 2.5 * dd, layer=site, inputs=x, evaluator=evaluator)
+        for i, (p, q) in enumerate(zip(rays.paths, seg.paths)):
+            want = dense_count(mlp, lambda t, i=i: a[i] + (-1.0 + 3.5 * t)[:, None] * dd[i], site=site,
+                               base=x[i:i + 1].double())
+            assert p.per_layer == {k: v for k, v in want.items() if k in rays.sites}
+            assert p.per_layer == q.per_layer and p.crossings > 0
+            for key in ("t", "site", "unit", "piece"):
+                np.testing.assert_array_equal(p.records[key], q.records[key])
+            assert p.alpha(0.0) == -1.0 and p.alpha(1.0) == 2.5
+            assert p.density == pytest.approx(p.crossings / (3.5 * float(dd[i].norm())))
+    for bad, msg in ((torch.randn(5), "activation shape"), (torch.full((12,), float("nan")), "NaN"),
+                     (torch.zeros(12), "zero direction"), ("up", "array of numbers")):
+        with pytest.raises(InvalidInputError, match=msg):
+            ray_crossings(mlp, x, layer=site, direction=bad)
 
 class BatchSizeNet(nn.Module):
     """Reads the batch size before its sites and reshapes with it after them (as EfficientNet's head does)."""
@@ -552,6 +580,36 @@ def test_bad_inputs_raise_clear_errors():
         path_crossings(mlp, torch.randn(2, 5), torch.randn(2, 5), layer="relu", inputs=a)
     with pytest.raises(InvalidInputError, match="repeats point"):
         polyline_crossings(mlp, torch.stack([a, a, -a], dim=1))
+
+
+@pytest.mark.parametrize("option, value, msg", [
+    ("evaluator", "fastest", "'evaluator'"), ("dtype", torch.int32, "'dtype'"), ("dtype", "float64", "'dtype'"),
+    ("memory_budget", 1000, "'memory_budget'"), ("memory_budget", 2.0 ** 30, "'memory_budget'"),
+    ("tie_tol", -1.0, "'tie_tol'"), ("tie_tol", 0.1, "'tie_tol'"), ("n_samples", 1, "'n_samples'"),
+    ("tol", 0.0, "'tol'"), ("tol", "small", "'tol'")])
+def test_bad_options_raise_clear_errors(option, value, msg):
+    """Every option is validated before any work, by all three entry points, with a message naming it."""
+    mlp = MLP(3, 8, 1)
+    a = torch.randn(2, 3)
+    for call in (lambda **kw: path_crossings(mlp, a, -a, **kw),
+                 lambda **kw: polyline_crossings(mlp, torch.stack([a, -a], dim=1), **kw),
+                 lambda **kw: ray_crossings(mlp, a, layer="*relu", **kw)):
+        with pytest.raises(InvalidInputError, match=msg):
+            call(**{option: value})
+
+
+def test_bad_site_inputs_raise_clear_errors():
+    """Paths at a site need one finite real input per path."""
+    mlp = MLP(3, 8, 1)
+    a, b = torch.relu(torch.randn(2, 8)), torch.relu(torch.randn(2, 8))
+    for inputs, msg in ((torch.randn(3, 3), "one row per path"), (torch.full((2, 3), float("nan")), "NaN"),
+                        ([1, 2], "tensor or a mapping")):
+        with pytest.raises(InvalidInputError, match=msg):
+            path_crossings(mlp, a, b, layer="*relu", inputs=inputs)
+    with pytest.raises(InvalidInputError, match="'layer' parameter of ray_crossings is required"):
+        ray_crossings(mlp, torch.randn(2, 3), layer=None)
+    with pytest.raises(InvalidInputError, match="at least one example"):
+        ray_crossings(mlp, torch.randn(0, 3), layer="*relu")
 
 
 def test_bend_matches_the_piecewise_linear_function_it_describes():

@@ -124,7 +124,7 @@ def _example_data(bundle, data: str | None):
 
     if data is not None:
         return load_data(data, limit=1)
-    default = {"text": "pydoc", "image": "skimage"}.get(bundle.modality)
+    default = bundle.example_data or {"text": "pydoc", "image": "skimage"}.get(bundle.modality)
     if default is None:
         import numpy as np
 
@@ -184,6 +184,18 @@ def codes_cmd(
         json_out.write_text(json.dumps(summary, indent=2, default=str))
 
 
+def _load_npy(path: Path, what: str):
+    """The array in an existing .npy file, or a one-line error naming the option."""
+    import numpy as np
+
+    if path.suffix != ".npy" or not path.is_file():
+        raise InvalidInputError(f"{what} {str(path)!r} must be an existing .npy file.")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise InvalidInputError(f"{what} {str(path)!r} is not a readable .npy array ({type(e).__name__}).") from None
+
+
 def _item(bundle, ref: str, what: str):
     """Model input(s) for ``DATA_SPEC@KEY`` (KEY: row index or label name, e.g. skimage@chelsea) or a .npy file."""
     import numpy as np
@@ -212,7 +224,7 @@ def _item(bundle, ref: str, what: str):
                                     "existing .npy file.")
         from .data import DataSource
 
-        arr = np.load(path)
+        arr = _load_npy(path, what)
         arr = arr if bundle.input_shape is None or arr.shape != tuple(bundle.input_shape) else arr[None]
         inputs = bundle.encode(DataSource(str(path), "array", arr.astype(np.float32), None, None, {}))
     if bundle.modality == "text":
@@ -342,27 +354,34 @@ def _alphas(text: str) -> tuple[float, float]:
 def scale_cmd(
     model: Annotated[str, typer.Option(help="Model spec.")],
     input_ref: Annotated[str, typer.Option("--input", help="DATA_SPEC@INDEX or @LABEL, or an .npy file.")],
-    layer: Annotated[str, typer.Option(help="Site whose activation a is scaled: the ray is alpha * a.")],
+    layer: Annotated[str, typer.Option(help="Site whose activation a is scaled: the ray is alpha * a (a + alpha * d "
+                                            "with --direction).")],
     json_out: Annotated[Path, typer.Option("--json", help="Write the result here.")],
     alphas: Annotated[str, typer.Option(help="Scaling range A0:A1.")] = "0:4",
+    direction: Annotated[Optional[Path], typer.Option(
+        help="A .npy of the site's activation shape: the ray is a + alpha * d instead of alpha * a.")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Globs of the sites whose crossings are reported.")] = None,
     method: Method = "auto", dtype: Dtype = "float64", device: Device = "cpu", memory_mib: Budget = 1024,
     records: Annotated[bool, typer.Option(help="Include every crossing in the JSON.")] = False,
     trace: Annotated[bool, typer.Option(help="Semantic trace: the output in every region.")] = True,
 ):
-    """Boundary crossings and the prediction along a scaling ray alpha * a of one site's activation."""
+    """Boundary crossings and the prediction along a scaling ray alpha * a (or a + alpha * d) of one site's
+    activation."""
     from .models import load_model
     from .paths import ray_crossings
 
     _check_json_target(json_out)
     bundle = load_model(model)
     x = _item(bundle, input_ref, "--input")
+    d = None if direction is None else _load_npy(direction, "--direction")
     with err.status(f"crossings along the scaling ray of {layer}"):
-        result = ray_crossings(bundle.module, x, layer=layer, alphas=_alphas(alphas), method=method,
+        result = ray_crossings(bundle.module, x, layer=layer, alphas=_alphas(alphas), direction=d, method=method,
                                dtype=_dtype(dtype), device=device, layers=layers, memory_budget=memory_mib << 20,
                                trace=trace)
     _print_paths(result, f"{bundle.spec} scaling ray at {result.layer}")
-    _write_json(json_out, {"model": bundle.spec, "input": input_ref, **result.to_dict(records=records)})
+    _write_json(json_out, {"model": bundle.spec, "input": input_ref,
+                           **({} if direction is None else {"direction": str(direction)}),
+                           **result.to_dict(records=records)})
 
 
 def _check_ray(ray: str | None, ray_workers: int | None) -> None:
@@ -380,13 +399,10 @@ def _box(text: str) -> tuple[float, float, float, float]:
 
 
 def _three_points(bundle, points: Path | None, through: str | None):
-    import numpy as np
     import torch
 
     if points is not None:
-        if not points.is_file():
-            raise InvalidInputError(f"The points file {str(points)!r} does not exist.")
-        arr = np.load(points)
+        arr = _load_npy(points, "--points")
         if arr.ndim < 2 or arr.shape[0] != 3:
             raise InvalidInputError(f"--points must hold three points, an array of shape (3, *input_shape). Got "
                                     f"{arr.shape}.")

@@ -101,6 +101,9 @@ class ModelBundle:
         Maps image pixels in [0, 1], (batch, C, H, W), to the model's input scale; None means identity.
     input_name : str
         Keyword under which the main input tensor is passed to ``module`` (``"input_ids"`` for HF text models).
+    example_data : str or None
+        Data spec the model is meant to read (what it was trained on), used where a command needs an example
+        input and none is given; None: any data of its modality.
     """
 
     spec: str
@@ -112,6 +115,7 @@ class ModelBundle:
     provenance: dict = field(default_factory=dict)
     normalize: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, repr=False)
     input_name: str = ""
+    example_data: str | None = None
 
     def __post_init__(self) -> None:
         if self.modality not in MODEL_MODALITIES:

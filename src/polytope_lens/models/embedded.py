@@ -250,4 +250,5 @@ def load_trained_cnn(name: str, device: str) -> ModelBundle:
         "trained_now": trained_now,
         **record,
     }
-    return ModelBundle(name, module, "image", (1, side, side), classes, None, provenance)
+    return ModelBundle(name, module, "image", (1, side, side), classes, None, provenance,
+                       example_data=recipe["data"])

@@ -480,8 +480,6 @@ def ray_crossings(model: nn.Module, inputs, *, layer: str, alphas=(0.0, 2.0), di
     base = prep.cast(_check_base(tensors, n, owner))
     site = prep.resolve_site(base, layer, owner, capture_kwargs)
     a = prep.site_output(base, site, n, capture_kwargs)
-    if direction is not None:
-        direction = torch.as_tensor(direction).to(prep.device, prep.dtype)
     x, length, al = geometry.ray(a, direction, alphas, owner=owner)
     kt = torch.tensor([0.0, 1.0], dtype=torch.float64).expand(n, 2)
     spec = PathSpec(kt, x, length.to(torch.float64), "ray", site.name, base, al)

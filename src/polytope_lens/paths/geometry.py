@@ -153,13 +153,17 @@ def ray(a: torch.Tensor, direction, alphas, *, owner: str = "ray_crossings"):
         d = a
         x0, x1 = a0 * a, a1 * a
     else:
-        d = _tensor("direction", owner, direction, 0)
+        try:
+            d = torch.as_tensor(direction).detach().to(device=a.device, dtype=a.dtype)
+        except Exception:
+            raise InvalidInputError(f"The 'direction' parameter of {owner} must be an array of numbers. Got "
+                                    f"{type(direction).__name__}.") from None
         if d.shape == a.shape[1:]:
             d = d.expand_as(a)
         if d.shape != a.shape:
             raise InvalidInputError(f"The 'direction' parameter of {owner} must have the site's activation shape "
                                     f"{tuple(a.shape[1:])} or {tuple(a.shape)}. Got {tuple(d.shape)}.")
-        d = d.to(a.dtype)
+        d = _tensor("direction", owner, d, 1)  # NaN and infinities
         x0, x1 = a + a0 * d, a + a1 * d
     length = (a1 - a0) * d.reshape(len(a), -1).norm(dim=1)
     zero = torch.nonzero(length == 0).flatten().tolist()
