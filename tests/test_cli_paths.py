@@ -75,7 +75,8 @@ def _npy(tmp_path, name, arr):
 
 @pytest.mark.parametrize("case", ["equal endpoints", "NaN", "mismatched shapes", "unknown layer", "unsupported op",
                                   "bad alphas", "neither endpoints nor pairs", "pairs without arrays",
-                                  "direction of the wrong shape", "unreadable direction"])
+                                  "direction of the wrong shape", "unreadable direction", "pairs of the wrong shape",
+                                  "pairs file not an npz"])
 def test_bad_inputs(case, tmp_path):
     a = _npy(tmp_path, "a.npy", np.ones(6, np.float32))
     out = str(tmp_path / "o.json")
@@ -93,6 +94,9 @@ def test_bad_inputs(case, tmp_path):
         "pairs without arrays": ["path", "--model", MODEL, "--pairs", _npz(tmp_path), "--json", out],
         "direction of the wrong shape": ["scale", "--model", MODEL, "--input", a, "--layer", "1.relu", "--direction",
                                          _npy(tmp_path, "w.npy", np.ones(5)), "--json", out],
+        "pairs of the wrong shape": ["path", "--model", MODEL, "--pairs", _npz(tmp_path, start=np.zeros((2, 5)),
+                                                                             end=np.ones((2, 5))), "--json", out],
+        "pairs file not an npz": ["path", "--model", MODEL, "--pairs", _text(tmp_path / "y.npz"), "--json", out],
         "unreadable direction": ["scale", "--model", MODEL, "--input", a, "--layer", "1.relu", "--direction",
                                  _text(tmp_path / "x.npy"), "--json", out],
     }[case]
@@ -109,9 +113,9 @@ def _elu(tmp_path):
     return p
 
 
-def _npz(tmp_path):
+def _npz(tmp_path, **arrays):
     p = tmp_path / "bad.npz"
-    np.savez(p, a=np.zeros(3))
+    np.savez(p, **(arrays or {"a": np.zeros(3)}))
     return str(p)
 
 

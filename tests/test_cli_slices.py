@@ -23,6 +23,29 @@ def test_box_slice_json_and_pictures(tmp_path):
     assert (tmp_path / "s.png").stat().st_size > 1000 and (tmp_path / "s.svg").read_text().startswith("<?xml")
 
 
+def test_slice_at_a_layer_of_a_float32_model(tmp_path):
+    """--layer with --points on a float32 model (every loaded model is): the site is resolved on the float64 copy
+    the slice runs on (it used to run the float32 model on float64 points and fail), and the regions equal the API's
+    on the same plane."""
+    import torch
+
+    from polytope_lens.paths import site_activations
+    from polytope_lens.slices import Plane, slice_plane
+
+    pts = np.random.default_rng(3).normal(size=(3, 6))
+    np.save(tmp_path / "p.npy", pts)
+    r = runner.invoke(app, ["slice", "--model", "toy:6-16-16-3:seed=2", "--points", str(tmp_path / "p.npy"),
+                            "--layer", "1.relu", "--json", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "s.json").read_text())
+    m = load_model("toy:6-16-16-3:seed=2").module
+    x = torch.from_numpy(pts)
+    a = site_activations(m, x, layer="1.relu")
+    for inputs in (x[:1], x[:1].float()):
+        res = slice_plane(m, Plane.through(a[0], a[1], a[2]), layer="1.relu", inputs=inputs)
+        assert res.num_regions == d["num_regions"] > 1 and res.sites == ("3.relu",)
+
+
 def test_complexity_json(tmp_path):
     x = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)

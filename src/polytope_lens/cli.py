@@ -113,7 +113,7 @@ def sites_cmd(
     sites = select_sites(list_sites(bundle.module, lambda: bundle.forward(inputs)), layers)
     table = Table(title=f"{len(sites)} activation sites of {bundle.spec}", title_justify="left")
     for col in ("#", "site", "alias", "activation", "exact"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for s in sites:
         table.add_row(str(s.order), s.name, s.alias or "", s.op, "yes" if s.activation.exact else "no (threshold)")
     out.print(table)
@@ -239,11 +239,23 @@ def _pairs(bundle, path: Path):
 
     if not path.is_file():
         raise InvalidInputError(f"The pairs file {str(path)!r} does not exist.")
-    with np.load(path) as z:
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise InvalidInputError(f"The pairs file {str(path)!r} is not a readable .npz ({type(e).__name__}).") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise InvalidInputError(f"The pairs file {str(path)!r} must be an .npz holding arrays 'start' and 'end'.")
+    with z:
         if "start" not in z or "end" not in z:
             raise InvalidInputError(f"The pairs file {str(path)!r} must hold arrays 'start' and 'end'; it has "
                                     f"{', '.join(z.files)}.")
-        return torch.from_numpy(z["start"]).double(), torch.from_numpy(z["end"]).double()
+        start, end = z["start"], z["end"]
+    want = None if bundle.input_shape is None else tuple(bundle.input_shape)
+    for name, arr in (("start", start), ("end", end)):
+        if want is not None and tuple(arr.shape[1:]) != want:
+            raise InvalidInputError(f"The pairs file's {name!r} array has shape {arr.shape}; model {bundle.spec!r} "
+                                    f"needs (P, {', '.join(map(str, want))}).")
+    return torch.from_numpy(start).double(), torch.from_numpy(end).double()
 
 
 def _dtype(name: str):
@@ -464,7 +476,8 @@ def slice_cmd(
     with err.status(f"slicing {bundle.spec}"):
         result = slice_plane(bundle.module, plane, **kw)
     kind = "exact" if result.exact else "approximate"
-    out.print(f"[bold]{result.num_regions}[/bold] regions ({kind}, {result.dtype}) on a {result.plane.kind} of "
+    where = {"box": "a box", "through": "a plane through three points"}.get(result.plane.kind, "a plane")
+    out.print(f"[bold]{result.num_regions}[/bold] regions ({kind}, {result.dtype}) on {where} of "
               f"area {result.plane.area:.4g}; {result.seconds:.2f} s")
     for note in result.notes:
         out.print(f"note: {note}")

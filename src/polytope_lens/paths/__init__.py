@@ -84,7 +84,9 @@ def _check_base(inputs, n_paths: int, owner: str):
     return tensors
 
 
-class _Prepared:
+class PreparedModel:
+    """A float64 (or ``dtype``) eval-mode copy of a model with its forward call: what paths and slices run."""
+
     def __init__(self, model, forward, dtype, device):
         self.model = prepare_model(model, dtype, device)
         self.fwd = forward(self.model) if forward is not None else default_forward(self.model)
@@ -136,7 +138,7 @@ def _last_site_units(runner, units, method, owner) -> torch.Tensor | None:
 CPU_CHUNK_BYTES = 512 << 20
 
 
-def _analyse(prep: _Prepared, spec: PathSpec, *, owner, layers, method, tie_tol, n_samples, tol, trace, verify,
+def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_tol, n_samples, tol, trace, verify,
              memory_budget, evaluator, capture_kwargs, units=None) -> PathBatchResult:
     t0 = time.perf_counter()
     keep_freed_memory()
@@ -384,7 +386,7 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
                                   **capture_kwargs)
     if spec is not None:
         model = model.module
-    prep = _Prepared(model, forward, dtype, device)
+    prep = PreparedModel(model, forward, dtype, device)
     base, site_name = None, None
     if layer is not None:
         base = prep.cast(_check_base(inputs, len(start), owner))
@@ -440,7 +442,7 @@ def polyline_crossings(model: nn.Module, points, *, layer: str | None = None, in
     owner = "polyline_crossings"
     _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator)
     knots, pts, length = geometry.polyline(points, owner=owner)
-    prep = _Prepared(model, forward, dtype, device)
+    prep = PreparedModel(model, forward, dtype, device)
     base, site_name = None, None
     if layer is not None:
         base = prep.cast(_check_base(inputs, len(pts), owner))
@@ -476,7 +478,7 @@ def ray_crossings(model: nn.Module, inputs, *, layer: str, alphas=(0.0, 2.0), di
         next(iter(tensors.values())).shape[0] if isinstance(tensors, Mapping) and tensors else 0)
     if n == 0:
         raise InvalidInputError(f"The 'inputs' parameter of {owner} must hold at least one example (batch first).")
-    prep = _Prepared(model, forward, dtype, device)
+    prep = PreparedModel(model, forward, dtype, device)
     base = prep.cast(_check_base(tensors, n, owner))
     site = prep.resolve_site(base, layer, owner, capture_kwargs)
     a = prep.site_output(base, site, n, capture_kwargs)
@@ -515,7 +517,7 @@ def site_activations(model: nn.Module, inputs, *, layer: str, dtype: torch.dtype
     """
     owner = "site_activations"
     tensors = getattr(inputs, "tensors", inputs)
-    prep = _Prepared(model, forward, dtype, device)
+    prep = PreparedModel(model, forward, dtype, device)
     n = tensors.shape[0] if isinstance(tensors, torch.Tensor) else next(iter(tensors.values())).shape[0]
     base = prep.cast(_check_base(tensors, n, owner))
     site = prep.resolve_site(base, layer, owner, capture_kwargs)

@@ -94,7 +94,7 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
         if inputs is None:
             raise InvalidInputError(f"{owner} with layer= needs 'inputs': one real model input (batch of 1) that "
                                     "feeds every other branch.")
-        plane = plane.at(_resolve_site(model, inputs, layer, forward, capture_kwargs), inputs)
+        plane = plane.at(_resolve_site(model, inputs, layer, forward, capture_kwargs, dtype, device), inputs)
     threads = torch.get_num_threads()
     cpu = torch.device(device).type == "cpu"
     if single_thread and cpu:
@@ -131,17 +131,11 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
         rounds=out["rounds"], notes=tuple(notes))
 
 
-def _resolve_site(model, inputs, layer, forward, capture_kwargs) -> str:
-    from ..capture import list_sites, select_sites
-    from ..paths.runner import default_forward
-    fwd = forward(model) if forward is not None else default_forward(model)
+def _resolve_site(model, inputs, layer, forward, capture_kwargs, dtype, device) -> str:
+    from ..paths import PreparedModel
+    prep = PreparedModel(model, forward, dtype, device)
     with torch.no_grad():
-        sites = list_sites(model, lambda: fwd(inputs), **capture_kwargs)
-    chosen = select_sites(sites, layer)
-    if len(chosen) != 1:
-        raise InvalidInputError(f"The 'layer' parameter must name one site; {layer!r} matches {len(chosen)} "
-                                f"({', '.join(s.name for s in chosen[:5])}).")
-    return chosen[0].name
+        return prep.resolve_site(prep.cast(inputs), layer, "slice_plane", capture_kwargs).name
 
 
 def slice_box(model: nn.Module, lo: float = -1.0, hi: float = 1.0, **kwargs) -> SliceResult:
