@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from polytope_lens.codes import spline_codes
 from polytope_lens.errors import InvalidInputError, NotPiecewiseLinearError, UnsupportedActivationError
-from polytope_lens.slices import (Plane, exact_local_complexity, local_complexity, neighbours, slice_box,
+from polytope_lens.slices import (Plane, slice_plane, exact_local_complexity, local_complexity, neighbours, slice_box,
                                   slice_through)
 
 regioncam = pytest.importorskip("regioncam")
@@ -357,6 +357,38 @@ def test_affine_route_equals_forward_passes(make, monkeypatch):
     fa, sa = (dict(zip(r.code_hex(), r.area.tolist())) for r in (fast, slow))
     assert fa.keys() == sa.keys()
     assert max(abs(fa[h] - sa[h]) for h in sa) <= 1e-9 * float(slow.area.sum())
+
+
+def test_site_plane_graph_route_runs_the_prefix_once_per_batch(monkeypatch):
+    """A plane in a site's output space, on the graph route (no Jacobian blocks): the network before the site runs
+    on the one real input per batch of vertices (the paths engine's point evaluation), not once per vertex, and the
+    regions, codes and areas equal both the affine route's and a full forward pass per vertex."""
+    from polytope_lens.paths import site_activations
+    from polytope_lens.paths.runner import Runner
+    torch.manual_seed(3)
+    m = SmallCNN().double().eval()
+    x = torch.randn(3, 1, 6, 6, dtype=torch.float64)
+    a = site_activations(m, x, layer="max_pool2d")
+    rows = []
+    m.c1.register_forward_hook(lambda mod, inp, out: rows.append(len(out)))
+
+    def run():
+        rows.clear()
+        return slice_plane(m, Plane.through(a[0], a[1], a[2]), layer="max_pool2d", inputs=x[:1], outputs=True)
+    affine = run()
+    monkeypatch.setattr(Runner, "extract_affine", lambda self, want_output: None)
+    graph = run()
+    n_vertices = len(graph.coords)
+    assert graph.num_regions > 10 and sum(rows) < 20 < n_vertices  # one row per batch, plus the 3 of the check
+    monkeypatch.setattr(Runner, "share_prefix", property(lambda self: False))
+    full = run()
+    assert sum(rows) >= n_vertices
+    for other in (affine, full):
+        assert other.num_regions == graph.num_regions
+        ga, oa = (dict(zip(r.code_hex(), r.area.tolist())) for r in (graph, other))
+        assert ga.keys() == oa.keys()
+        assert max(abs(ga[h] - oa[h]) for h in oa) <= 1e-9 * float(graph.area.sum())
+    torch.testing.assert_close(graph.slope, full.slope, rtol=0, atol=1e-9)
 
 
 def test_integer_weight_nets_ties_agree(monkeypatch):

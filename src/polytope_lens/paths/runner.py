@@ -186,11 +186,15 @@ class Runner:
                 res[k].append(o[k])
         return {k: torch.cat(v) for k, v in res.items()}
 
-    def eval_point_batches(self, pid: torch.Tensor, t: torch.Tensor, names: list[str], want_output: bool = False,
-                           at: str | None = None, z_at: Callable[[slice], torch.Tensor] | None = None,
-                           ends="every point"):
+    def eval_point_batches(self, pid: torch.Tensor, t: torch.Tensor | None, names: list[str],
+                           want_output: bool = False, at: str | None = None,
+                           z_at: Callable[[slice], torch.Tensor] | None = None, ends="every point",
+                           points: Callable[[slice], torch.Tensor] | None = None):
         """``eval_points`` batch by batch (as many rows as the memory budget allows): yields ``(rows, values)``,
         ``rows`` a slice of the points, so callers can place each batch without concatenating them first.
+
+        ``points``: the points themselves instead of positions ``t`` on the paths, ``points(rows)`` (rows x
+        ``spec.shape``) for a slice of them (2-D slices evaluate plane points this way; ``t`` is then None).
 
         ``at``, ``z_at``: the points were just made by site ``at`` and their unit inputs there are ``z_at(rows)``
         (rows x units, for a slice of the points); its output is then ``site.apply(z_at)`` (a crossed unit exactly
@@ -207,9 +211,9 @@ class Runner:
         """
         stop = max(names, key=self.names.index) if names else None
         step = self.rows_per_batch()
-        for s in range(0, len(t), step):
-            p, tt = pid[s:s + step], t[s:s + step]
-            n = len(tt)
+        for s in range(0, len(pid), step):
+            p, tt = pid[s:s + step], None if t is None else t[s:s + step]
+            n = len(p)
             zb = None if at is None else z_at(slice(s, s + n))
             reduced = not (at is None or ends == "every point")
             if not reduced:
@@ -234,7 +238,7 @@ class Runner:
                                 raise PrefixRead(f"an integer tensor made before {at} differs between interval ends")
                             return a
                         return torch.lerp(a, b, ub.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1))))
-            x = self.spec.points(rp, rt)
+            x = self.spec.points(rp, rt) if points is None else points(slice(s, s + n))
             shared = None
             if self.spec.site is None:
                 inp = x
@@ -256,8 +260,8 @@ class Runner:
             o = self._run(inp, n, rep, set(names), stop, want_output, shared)
             for k in names + (["output"] if want_output else []):
                 if o.get(k) is None:
-                    raise InvalidInputError(f"Site {k!r} did not run at some path points of {self.owner}; the model's "
-                                            "call graph depends on its input, which path analyses do not support.")
+                    raise InvalidInputError(f"Site {k!r} did not run at some points of {self.owner}; the model's call "
+                                            "graph depends on its input, which exact analyses do not support.")
             yield slice(s, s + n), o
 
     # --------------------------------------------------------------------------------- leaf-replaced runs

@@ -47,12 +47,12 @@ from typing import Callable
 
 import torch
 
-from ..capture import StopForward, run, select_sites
+from ..capture import select_sites
 from ..codes import pack_bits, pack_pieces, site_unit_indices
 from ..errors import InvalidInputError, NotPiecewiseLinearError
 from ..kinks import REGISTRY, ScalarKinks, WindowMax
 from ..paths.geometry import PathSpec
-from ..paths.runner import SRC, Affine, Runner, default_forward, index_inputs, logits_of, prepare_model
+from ..paths.runner import SRC, Affine, Runner, default_forward, index_inputs, prepare_model
 from . import _mesh
 from ._arrangement import Degenerate, arrange
 from ._mesh import take
@@ -62,57 +62,25 @@ _RELU = REGISTRY["relu"]
 
 
 class _Model:
-    """Forward passes at slice points, through ``capture`` (the plane's site replaced when the plane lives there)."""
+    """Forward passes at slice points (plane coordinates), by the paths engine's point evaluation
+    (``Runner.eval_point_batches``: batches sized to the memory budget; for a plane at a site, the network before it
+    runs once per batch on the real input, where that reproduces the model)."""
 
-    def __init__(self, model, fwd, plane: Plane, dtype, device, budget: int, row_bytes: int, ckw: dict):
-        self.model, self.fwd, self.plane = model, fwd, plane
-        self.dtype, self.device = dtype, device
-        self.ckw = ckw
-        self.step = max(1, budget // max(1, 8 * row_bytes))
+    def __init__(self, runner: Runner, plane: Plane):
+        self.runner, self.plane = runner, plane
 
-    def _inputs(self, u):
-        x = self.plane.points(u)
-        if self.plane.site is None:
-            return x, None
-        base = index_inputs(self.plane.inputs, torch.zeros(len(u), dtype=torch.long, device=self.device))
-        return base, x
+    def _batches(self, u: torch.Tensor, names: list[str], want_output: bool):
+        pid = torch.zeros(len(u), dtype=torch.long, device=u.device)
+        return self.runner.eval_point_batches(pid, None, names, want_output,
+                                              points=lambda rows: self.plane.points(u[rows]))
 
     def site_values(self, u: torch.Tensor, name: str, cols: torch.Tensor | None) -> torch.Tensor:
-        out = []
-        for s in range(0, len(u), self.step):
-            uu = u[s:s + self.step]
-            inp, rep = self._inputs(uu)
-            got = []
-
-            def handler(site, z, rep=rep, n=len(uu)):
-                if rep is not None and site.name == self.plane.site:
-                    return rep.reshape(n, *z.shape[1:]) if site.apply is None else rep.reshape(
-                        n, *site.apply(z[:1]).shape[1:])
-                if site.name == name:
-                    zz = z.detach().reshape(n, -1)
-                    got.append(zz if cols is None else zz[:, cols])
-                    raise StopForward
-                return None
-            run(self.model, lambda: self.fwd(inp), handler, **self.ckw)
-            if not got:
-                raise InvalidInputError(f"Site {name!r} did not run at some slice points; the model's call graph "
-                                        "depends on its input, which slices do not support.")
-            out.append(got[0])
-        return torch.cat(out)
+        """Unit inputs (vertices x units, or the ``cols``) of site ``name`` at plane points ``u``."""
+        return torch.cat([o[name] if cols is None else o[name][:, cols] for _, o in self._batches(u, [name], False)])
 
     def outputs(self, u: torch.Tensor) -> torch.Tensor:
-        out = []
-        for s in range(0, len(u), self.step):
-            uu = u[s:s + self.step]
-            inp, rep = self._inputs(uu)
-
-            def handler(site, z, rep=rep, n=len(uu)):
-                if rep is not None and site.name == self.plane.site:
-                    return rep.reshape(n, *site.apply(z[:1]).shape[1:])
-                return None
-            o = logits_of(run(self.model, lambda: self.fwd(inp), handler, **self.ckw))
-            out.append(o.reshape(len(uu), -1))
-        return torch.cat(out)
+        """Model scores at plane points ``u``."""
+        return torch.cat([o["output"].reshape(len(o["output"]), -1) for _, o in self._batches(u, [], True)])
 
 
 @contextlib.contextmanager
@@ -576,8 +544,7 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
     if units is not None:
         last = sites[-1]
         sel = site_unit_indices(last, tuple(z_shape[last.name]), units, owner).to(device)
-    row_bytes = 8 * (math.prod(plane.shape) * 2 + max(math.prod(v) for v in z_shape.values()) * 4 + 64)
-    mdl = _Model(m, fwd, plane, dtype, device, memory_budget // 4, row_bytes, capture_kwargs)
+    mdl = _Model(runner, plane)
     dom = plane.domain
     mesh = _mesh.Mesh(dom, torch.arange(len(dom), device=device)[None], torch.tensor([len(dom)], device=device))
     affine = runner.extract_affine(want_output=False)
@@ -601,6 +568,5 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
         out["outputs"] = outs
         out["boundary"] = decision_boundary(part, coords, outs, R, dg, tol)
     out["seconds"] = time.perf_counter() - t0
-    out["model"] = mdl
     out["tol"] = tol
     return out
