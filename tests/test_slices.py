@@ -417,3 +417,24 @@ def test_integer_weight_nets_ties_agree(monkeypatch):
         assert a.num_regions == b.num_regions
         assert sorted(a.code_hex()) == sorted(b.code_hex())
         assert abs(float(a.area.sum()) - 4.0) < 1e-9
+
+
+def test_area_and_centroid_of_a_tiny_polygon_far_from_the_origin():
+    """Hand-computed: a right triangle with legs 1e-5 at (1000, -1000) and a 1e-5 square at (4, 2). The absolute
+    shoelace cancelled terms of size |x|^2 down to the area and put the triangle's centroid outside it (a region's
+    code at its centroid then disagreed with the region's code); relative to the first vertex both are exact to
+    rounding."""
+    from polytope_lens.slices.geometry import polygon_area, polygon_centroid
+    h = 1e-5
+    tri = torch.tensor([[1000.0, -1000.0], [1000.0 + h, -1000.0], [1000.0, -1000.0 + h], [0.0, 0.0]],
+                       dtype=torch.float64)
+    sq = torch.tensor([[4.0, 2.0], [4.0 + h, 2.0], [4.0 + h, 2.0 + h], [4.0, 2.0 + h]], dtype=torch.float64)
+    xy, deg = torch.stack([tri, sq]), torch.tensor([3, 4])
+    area = polygon_area(xy, deg)
+    c = polygon_centroid(xy, deg)
+    # the legs as stored (differences of nearby floats are exact)
+    tx, ty = float(tri[1, 0] - tri[0, 0]), float(tri[2, 1] - tri[0, 1])
+    sx, sy = float(sq[1, 0] - sq[0, 0]), float(sq[3, 1] - sq[0, 1])
+    torch.testing.assert_close(area, torch.tensor([tx * ty / 2, sx * sy], dtype=torch.float64), rtol=1e-12, atol=0)
+    want = torch.tensor([[1000.0 + tx / 3, -1000.0 + ty / 3], [4.0 + sx / 2, 2.0 + sy / 2]], dtype=torch.float64)
+    torch.testing.assert_close(c, want, rtol=0, atol=1e-9 * h)

@@ -163,16 +163,30 @@ class Plane:
                 "domain": self.domain.tolist(), "area": self.area}
 
 
-def polygon_area(xy: torch.Tensor, deg: torch.Tensor) -> torch.Tensor:
-    """Signed shoelace areas of padded polygons ``xy`` (n, W, 2) with ``deg`` (n,) valid vertices each."""
+def _shoelace(xy: torch.Tensor, deg: torch.Tensor):
+    """Each padded polygon's vertices relative to its first one, their successors, and the cross products of
+    consecutive pairs (0 on padding). Relative coordinates keep small polygons far from the origin accurate: the
+    absolute shoelace cancels terms of size |x|^2 down to the area (a 1e-11 region at distance 4 lost 4 digits)."""
     n, w, _ = xy.shape
     ar = torch.arange(w, device=xy.device)
     nxt = torch.where(ar[None] + 1 < deg[:, None], ar[None] + 1, torch.zeros_like(ar[None]))
     valid = ar[None] < deg[:, None]
-    x, y = xy[..., 0], xy[..., 1]
-    xn, yn = x.gather(1, nxt), y.gather(1, nxt)
-    cross = torch.where(valid, x * yn - xn * y, torch.zeros_like(x))
-    return 0.5 * cross.sum(1)
+    rel = xy - xy[:, :1]
+    rn = rel.gather(1, nxt[..., None].expand(-1, -1, 2))
+    cross = torch.where(valid, rel[..., 0] * rn[..., 1] - rn[..., 0] * rel[..., 1], torch.zeros_like(rel[..., 0]))
+    return rel, rn, cross
+
+
+def polygon_area(xy: torch.Tensor, deg: torch.Tensor) -> torch.Tensor:
+    """Signed shoelace areas of padded polygons ``xy`` (n, W, 2) with ``deg`` (n,) valid vertices each."""
+    return 0.5 * _shoelace(xy, deg)[2].sum(1)
+
+
+def polygon_centroid(xy: torch.Tensor, deg: torch.Tensor) -> torch.Tensor:
+    """Area centroids (n, 2) of padded polygons ``xy`` (n, W, 2) with ``deg`` (n,) valid vertices each."""
+    rel, rn, cross = _shoelace(xy, deg)
+    a = 0.5 * cross.sum(1)
+    return ((rel + rn) * cross[..., None]).sum(1) / (6 * a[:, None]) + xy[:, 0]
 
 
 def cast_inputs(v, dtype, device):

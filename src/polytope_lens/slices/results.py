@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..codes import unpack_pieces
+from .geometry import polygon_centroid
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,7 @@ class SliceResult:
 
     def centroids(self) -> torch.Tensor:
         """Area centroids (R, 2): interior points of the (convex) regions."""
-        W = self.ring.shape[1]
-        valid = torch.arange(W)[None] < self.deg[:, None]
-        xy = self.coords[self.ring]
-        nxt = torch.where(torch.arange(W)[None] + 1 < self.deg[:, None], torch.arange(W)[None] + 1, 0)
-        xn = xy.gather(1, nxt[..., None].expand(-1, -1, 2))
-        cr = torch.where(valid, xy[..., 0] * xn[..., 1] - xn[..., 0] * xy[..., 1], torch.zeros_like(xy[..., 0]))
-        a = cr.sum(1) / 2
-        c = ((xy + xn) * cr[..., None]).sum(1) / (6 * a[:, None])
-        return c
+        return polygon_centroid(self.coords[self.ring], self.deg)
 
     def pieces(self, site: str) -> np.ndarray:
         """Pieces (R, units) of every region at ``site``."""
