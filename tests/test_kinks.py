@@ -171,3 +171,38 @@ def test_max_pool_crossings_with_a_tolerance_ignore_rounding_and_keep_real_chang
     noisy = base * (1.0 + 4e-16 * torch.randn(50, 2, 4, 4, generator=g, dtype=torch.float64))
     assert len(pool.crossings_along(noisy)) > 0
     assert len(pool.crossings_along(noisy, 1e-9)) == 0
+
+
+def test_max_pool_lines_through_one_point_enter_the_steepest_once():
+    """Hand case: window entries c_i (t - 0.3) all meet at t = 0.3 (value 0, e.g. entries that are 0 at a point of
+    a ray). The envelope goes from the falling line straight to the steepest one: one crossing entering it, not a
+    detour through a line that only touches the envelope at that point, whichever line's meeting t rounding puts
+    first."""
+    pool = WindowMax("max_pool2d", kernel=(1, 4), stride=(1, 4))
+    c = torch.tensor([-1.7, 0.9, 1.3, 2.3], dtype=torch.float64)
+    seen = set()
+    for shift in torch.linspace(-1e-3, 1e-3, 41, dtype=torch.float64):
+        cc = c * (1.0 + shift)  # different roundings of the meeting points
+        cc[0] = c[0]
+        z0, z1 = (cc * (-0.3)).reshape(1, 1, 1, 4), (cc * 0.7).reshape(1, 1, 1, 4)
+        cr = pool.crossings(z0, z1, 1e-9)
+        assert cr.piece.tolist() == [3] and abs(float(cr.t[0]) - 0.3) < 1e-12
+        seen.add(float(cr.t[0]))
+    assert len(seen) > 1  # rounding did vary the meeting point
+
+
+def test_max_pool_change_onto_a_tie_at_the_segment_end_is_kept():
+    """Entry 1 is the maximum along the segment and entry 0 catches up with it exactly at t = 1 (equal there, as
+    clamped entries are): at t = 1 the first maximum is entry 0, so the window changes piece there, once, whatever
+    the rounding of the meeting point (before: lost when it rounded just past 1, in about half of these windows)."""
+    pool = WindowMax("max_pool2d", kernel=(1, 2), stride=(1, 2))
+    g = torch.Generator().manual_seed(0)
+    end = torch.rand(200, generator=g, dtype=torch.float64) + 0.5
+    lo = end - torch.rand(200, generator=g, dtype=torch.float64)
+    hi = lo + (end - lo) * torch.rand(200, generator=g, dtype=torch.float64)
+    z0 = torch.stack([lo, hi], -1).reshape(200, 1, 1, 2)
+    z1 = torch.stack([end, end], -1).reshape(200, 1, 1, 2)
+    for tol in (0.0, 1e-9):
+        cr = pool.crossings(z0, z1, tol)
+        assert cr.segment.tolist() == list(range(200))
+        assert bool((cr.t == 1.0).all()) and bool((cr.piece == 0).all())

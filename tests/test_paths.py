@@ -105,6 +105,14 @@ class SmallCNN(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ sampling oracle
+def _first_max_within(w, tol=1e-9):
+    """The documented max-pool rule: the first window entry within tol * max(1, |max|) of the window's maximum (so
+    entries equal in exact arithmetic but rounded apart are tied, as at clamped or interpolated points)."""
+    top = w.amax(-1, keepdim=True)
+    near = w >= top - tol * top.abs().clamp_min(1.0)
+    return torch.argmax(near.to(torch.uint8), dim=-1)
+
+
 def _pieces_along(model, t, point, site=None, base=None):
     """Pieces of every unit at every site (execution order) at path points ``point(t)``."""
     m = prepare_model(model, torch.float64, "cpu")
@@ -114,7 +122,9 @@ def _pieces_along(model, t, point, site=None, base=None):
     def handler(s, z):
         if s.name == site:
             return x
-        out[s.name] = s.activation.pieces(z).reshape(len(t), -1)
+        windows = getattr(s.activation, "windows", None)
+        p = s.activation.pieces(z) if windows is None else _first_max_within(windows(z))
+        out[s.name] = p.reshape(len(t), -1)
     inp = x if site is None else index_inputs(base, torch.zeros(len(t), dtype=torch.long))
     run(m, lambda: m(inp), handler)
     return out

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polytope_lens import list_sites
 from polytope_lens.codes import spline_codes
-from polytope_lens.paths import path_crossings
+from polytope_lens.paths import path_crossings, ray_crossings, site_activations
 from polytope_lens.slices import slice_through
 
 from test_paths import dense_count
@@ -73,6 +74,32 @@ def test_path_counts_equal_dense_sampling(seed, evaluator):
         want = dense_count(m, lambda t, i=i: a[i:i + 1].double() + t.reshape(-1, 1, 1, 1) * (b[i] - a[i]).double(),
                            n0=4096, n_max=2 ** 18)
         assert p.per_layer == want
+
+
+@pytest.mark.parametrize("seed", [150, 166, 168, 229, 38, 0])
+def test_paths_at_a_site_and_rays_equal_dense_sampling(seed):
+    """Segments between two activations at the first site (one of them an affine image of the other's clamped
+    entries, so pool windows tie exactly at the ends) and rays a + alpha d through alpha = 0 (where ReLU zeros tie):
+    the seeds where such ties once miscounted (a pool change onto a tie at t = 1 lost to rounding, a detour through
+    a line that only touches the envelope)."""
+    m = RandomCNN(seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 1, m.side, m.side, generator=g)
+    site = list_sites(m, lambda: m(x[:1]))[0].name
+    a = site_activations(m, x, layer=site)
+    b = a.flip(0) * 0.7 + 0.1
+    d = torch.randn(a.shape[1:], generator=g, dtype=torch.float64)
+    shape = (-1, *[1] * (a.dim() - 1))
+    for evaluator in ("affine", "graph"):
+        seg = path_crossings(m, a, b, layer=site, inputs=x, evaluator=evaluator, trace=False)
+        ray = ray_crossings(m, x, layer=site, alphas=(-0.5, 2.5), direction=d, evaluator=evaluator, trace=False)
+        for i in range(2):
+            want = dense_count(m, lambda t: a[i][None] + t.reshape(shape) * (b[i] - a[i])[None], site=site,
+                               base=x[i:i + 1].double(), n0=4096, n_max=2 ** 18)
+            assert seg.paths[i].per_layer == {k: v for k, v in want.items() if k in seg.sites}
+            want = dense_count(m, lambda t: a[i][None] + (-0.5 + 3.0 * t).reshape(shape) * d[None], site=site,
+                               base=x[i:i + 1].double(), n0=4096, n_max=2 ** 18)
+            assert ray.paths[i].per_layer == {k: v for k, v in want.items() if k in ray.sites}
 
 
 @pytest.mark.parametrize("seed", range(8))

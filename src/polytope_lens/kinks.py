@@ -291,11 +291,21 @@ class WindowMax(Activation):
             s_cur = slope.gather(-1, cur[:, None])
             steeper = (slope > s_cur) & finite
             t_meet = (v_cur - a) / (slope - s_cur)
+            # lines tied with the current one at t=1 (exactly, after the snap) meet it there, whatever the rounding
+            # of the division (else a change landing on t=1 could be lost just past it)
+            t_meet = torch.where(b == b.gather(-1, cur[:, None]), torch.ones_like(t_meet), t_meet)
             # a line overtakes where it meets the current one after t_now (ties at t_now: steeper line wins now)
             t_meet = torch.where(steeper & (t_meet >= t_now[:, None]), t_meet, torch.full_like(t_meet, math.inf))
             t_next = t_meet.min(dim=-1).values
-            # among lines meeting at the same t, the steepest one is entered
+            # among lines meeting the current one at the same t, the steepest is entered (lines through one point,
+            # e.g. entries that are all 0 there: the envelope goes straight to the steepest, and the others touch it
+            # only at that point); "the same t" is within the value tolerance there, not the rounding of t_meet
             at_t = t_meet == t_next[:, None]
+            if tol > 0:
+                tn = torch.where(torch.isfinite(t_next), t_next, torch.zeros_like(t_next))[:, None]
+                v_now = v_cur + s_cur * tn
+                near = (a + slope * tn) >= v_now - tol * v_now.abs().clamp_min(1.0)
+                at_t |= torch.isfinite(t_meet) & near
             nxt = torch.where(at_t, slope, torch.full_like(slope, -math.inf)).argmax(dim=-1)
             # a change that lands on t=1 (within rounding) enters the piece ``pieces`` gives at t=1 (first maximum),
             # so that consecutive segments agree on the piece at their shared end and nothing is counted twice
@@ -410,7 +420,7 @@ REGISTRY: dict[str, Activation] = {
 }
 
 
-def get_activation(name: str, **params) -> Activation:
+def get_activation(name: str, /, **params) -> Activation:
     """Registry entry by name, e.g. ``get_activation("hardtanh", kinks=(0, 6))`` or ``get_activation("relu")``.
 
     Raises
@@ -458,8 +468,13 @@ def _clamp(args, kwargs):
     if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
         raise UnsupportedActivationError("clamp with tensor bounds has per-unit kinks, which are not supported")
     kinks = tuple(float(v) for v in (lo, hi) if v is not None)
+    if len(kinks) == 2 and not kinks[0] < kinks[1]:
+        raise UnsupportedActivationError(f"clamp with min >= max ({kinks[0]}, {kinks[1]}) is constant, not an "
+                                         "activation with kinks")
     if kinks == (0.0,) and lo is not None:
         return REGISTRY["relu"]
+    if kinks == (0.0, 6.0):
+        return REGISTRY["relu6"]
     return get_activation("hardtanh", kinks=kinks, name="clamp")
 
 
