@@ -123,6 +123,14 @@ def test_resolve_calls():
     assert resolve_call(F.hardtanh, (x,), {"min_val": -2.0, "max_val": 3.0}).kinks == (-2.0, 3.0)
     assert resolve_call(F.gelu, (x,), {"approximate": "tanh"}).name == "gelu_tanh"
     assert resolve_call(torch.clamp, (x,), {"min": 0}).name == "relu"
+    # clamp with two bounds, or one other than min=0: a kinked activation named clamp (before: a TypeError)
+    both = resolve_call(torch.clamp, (x, -0.5, 0.6), {})
+    assert (both.name, both.kinks, both.n_pieces) == ("clamp", (-0.5, 0.6), 3)
+    assert resolve_call(torch.Tensor.clamp, (x,), {"min": 0.1}).kinks == (0.1,)
+    assert resolve_call(torch.clip, (x,), {"max": 0.3}).kinks == (0.3,)
+    assert resolve_call(torch.clamp, (x, 0, 6), {}).name == "relu6"
+    with pytest.raises(UnsupportedActivationError, match="min >= max"):
+        resolve_call(torch.clamp, (x, 1.0, 0.0), {})
     mp = resolve_call(F.max_pool2d, (x, 3), {"stride": 2, "padding": 1})
     assert (mp.kernel, mp.stride, mp.padding) == ((3, 3), (2, 2), (1, 1))
     assert resolve_call(torch.add, (x, x), {}) is None

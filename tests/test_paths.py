@@ -247,6 +247,33 @@ def test_rays_along_a_direction_equal_sampling_and_the_segment(evaluator):
         with pytest.raises(InvalidInputError, match=msg):
             ray_crossings(mlp, x, layer=site, direction=bad)
 
+class ClampNet(nn.Module):
+    """Clamps with two bounds, with one nonzero bound (below and above), and a clamped residual."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(8)
+        self.l1, self.l2, self.l3 = (_init(nn.Linear(4, 10), g), _init(nn.Linear(10, 10), g),
+                                     _init(nn.Linear(10, 10), g))
+
+    def forward(self, x):
+        h = torch.clamp(self.l1(x), -0.5, 0.6)
+        h = h + self.l2(h).clamp(min=0.1)
+        return torch.clip(self.l3(h), max=0.3)
+
+
+@pytest.mark.parametrize("evaluator", ["affine", "graph"])
+def test_clamp_sites_equal_sampling(evaluator):
+    m = ClampNet()
+    g = torch.Generator().manual_seed(1)
+    a, b = 2 * torch.randn(3, 4, generator=g), 2 * torch.randn(3, 4, generator=g)
+    res = path_crossings(m, a, b, evaluator=evaluator)
+    assert res.sites == ("clamp", "clamp#1", "clamp#2") and res.exact
+    for i, p in enumerate(res.paths):
+        assert p.per_layer == dense_count(m, lambda t, i=i: a[i].double() + t[:, None] * (b[i] - a[i]).double())
+        assert p.crossings > 0
+
+
 class BatchSizeNet(nn.Module):
     """Reads the batch size before its sites and reshapes with it after them (as EfficientNet's head does)."""
 
