@@ -169,3 +169,25 @@ def test_failure_midway_leaves_no_store(tmp_path, monkeypatch, toy_data):
                             "--out", str(tmp_path / "c.zarr")])
     assert r.exit_code == 1 and "disk full" in r.stderr
     assert list(tmp_path.iterdir()) == [toy_data[0]]
+
+
+def test_out_of_memory_is_one_line(monkeypatch):
+    """An allocation failure (torch's CPU allocator raises RuntimeError) is one line naming the size, exit 1; other
+    RuntimeErrors still surface as they are."""
+    import polytope_lens.models as models
+
+    def no_memory(spec):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 40000000000 bytes. Error code 12")
+    monkeypatch.setattr(models, "load_model", no_memory)
+    r = invoke("sites", "--model", "toy:2-5-2")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1
+    assert lines[0] == ("error: out of memory (tried to allocate 40000000000 bytes); lower --memory-mib, the number "
+                        "of inputs or the model size.")
+
+    def broken(spec):
+        raise RuntimeError("shape mismatch")
+    monkeypatch.setattr(models, "load_model", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        invoke("sites", "--model", "toy:2-5-2")

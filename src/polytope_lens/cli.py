@@ -10,12 +10,14 @@ import functools
 import json
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -59,6 +61,15 @@ def _user_errors(fn):
         except KeyboardInterrupt:
             err.print("[red]interrupted[/red]: nothing was written.")
             raise typer.Exit(130) from None
+        except (MemoryError, RuntimeError) as e:  # torch's CPU and CUDA allocation failures are RuntimeErrors
+            text = str(e)
+            if not isinstance(e, MemoryError) and "allocate" not in text and "out of memory" not in text:
+                raise
+            asked = re.search(r"tried to allocate ([0-9.]+) ?([KMGT]?i?B|bytes)", text)
+            what = f"tried to allocate {asked.group(1)} {asked.group(2)}" if asked else type(e).__name__
+            err.print(f"[red]error:[/red] out of memory ({escape(what)}); lower --memory-mib, the number of inputs "
+                      "or the model size.", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
     return wrapper
 
 
