@@ -1,10 +1,10 @@
 """Neighbouring regions of an exact slice: which units differ across each shared edge, and by how much the maps do.
 
 Invariant relied on: the partition shares vertices between cells cut in the same round (``_mesh.cut``), so two
-regions are neighbours exactly when their rings contain the same edge (unordered pair of vertex ids). Across an edge
-the codes differ in the units whose kink the edge lies on (the paper: neighbours usually differ by one unit, so their
-affine maps differ by one row of one layer's map). Limitation: inside a max-pooling round, argmax regions meeting at an
-interior triple point may hold separate copies of that vertex, so a few max-pool neighbour pairs can be missed.
+regions are neighbours exactly when their rings contain the same edge (unordered pair of vertex ids), once vertices at
+the same point are taken as one (max pooling clips a cell's argmax regions as separate copies with their own
+vertices). Across an edge the codes differ in the units whose kink the edge lies on (the paper: neighbours usually
+differ by one unit, so their affine maps differ by one row of one layer's map).
 """
 
 from __future__ import annotations
@@ -16,37 +16,69 @@ import torch
 
 from ._mesh import take
 
-__all__ = ["Neighbours", "neighbours", "shared_edges"]
+__all__ = ["Neighbours", "neighbours", "same_points", "shared_edges"]
+
+
+def same_points(xy: torch.Tensor, tol: float) -> torch.Tensor:
+    """A label per point (n, 2): points within ``tol`` of each other in both coordinates get the same label
+    (transitively); points farther apart than ``2 tol`` in some coordinate never do through one pair. Four grids of
+    cell ``2 tol``, offset by half a cell in x and y, put every such close pair in one shared cell; labels are the
+    smallest index over shared cells, propagated until stable."""
+    labels = torch.arange(len(xy), device=xy.device)
+    if len(xy) < 2:
+        return labels
+    groups = []
+    for ox in (0.0, tol):
+        for oy in (0.0, tol):
+            cell = torch.floor((xy + xy.new_tensor([ox, oy])) / (2 * tol)).long()
+            groups.append(torch.unique(cell, dim=0, return_inverse=True)[1])
+    while True:
+        old = labels
+        for gid in groups:
+            low = torch.full((int(gid.max()) + 1,), len(xy), dtype=labels.dtype, device=xy.device)
+            labels = low.scatter_reduce_(0, gid, labels, "amin")[gid]
+        if torch.equal(labels, old):
+            return labels
 
 
 def shared_edges(res) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(region_a, region_b, vertex_p, vertex_q) for every edge shared by two regions."""
+    """(region_a, region_b, vertex_p, vertex_q) for every edge shared by two regions (a border made of several ring
+    edges gives several rows for one pair).
+
+    Vertices at the same point are one (``same_points``, within 1e-9 of the slice's coordinate scale): cells cut in
+    one round share their vertices, but the argmax regions of a max-pooling window are clipped as separate copies
+    of a cell, each with its own vertices along the borders they share."""
     R, dg = res.ring, res.deg
     W = R.shape[1]
     ar = torch.arange(W)
     valid = ar[None] < dg[:, None]
     nxt = torch.where(ar[None] + 1 < dg[:, None], ar[None] + 1, torch.zeros_like(ar[None]))
+    coords = res.coords.to(torch.float64)
+    lab = same_points(coords, 1e-9 * max(1.0, float(coords.abs().max())) if len(coords) else 1.0)
     p, q = R, R.gather(1, nxt)
+    lp, lq = lab[p], lab[q]
+    keep = valid & (lp != lq)
     cell = torch.arange(len(R))[:, None].expand_as(R)
-    a, b, c = torch.minimum(p, q)[valid], torch.maximum(p, q)[valid], cell[valid]
+    a, b = torch.minimum(lp, lq)[keep], torch.maximum(lp, lq)[keep]
+    c, pv, qv = cell[keep], p[keep], q[keep]
     nv = len(res.coords)
     key = a * nv + b
     order = torch.argsort(key, stable=True)
-    key, c, a, b = key[order], c[order], a[order], b[order]
-    same = torch.nonzero(key[1:] == key[:-1]).flatten()
-    return c[same], c[same + 1], a[same], b[same]
+    key, c, pv, qv = key[order], c[order], pv[order], qv[order]
+    same = torch.nonzero((key[1:] == key[:-1]) & (c[1:] != c[:-1])).flatten()
+    return c[same], c[same + 1], pv[same], qv[same]
 
 
 @dataclass(frozen=True)
 class Neighbours:
-    """Adjacent region pairs.
+    """Adjacent region pairs, each once.
 
     Attributes
     ----------
     a, b : ndarray (E,)
         Region indices (a < b not guaranteed).
     edge : ndarray (E, 2, 2)
-        The shared edge's endpoints in slice coordinates.
+        Endpoints (slice coordinates) of one edge of the pair's shared border.
     n_units : ndarray (E,)
         Number of units (over all sites) whose piece differs between the two regions.
     units : list of list of (site, unit)
@@ -70,8 +102,12 @@ class Neighbours:
 
 
 def neighbours(res) -> Neighbours:
-    """All adjacent pairs of ``res`` (a ``SliceResult``), the units that differ and the map distance."""
+    """All adjacent pairs of ``res`` (a ``SliceResult``), each once, with one edge of their border, the units that
+    differ and the map distance."""
     ra, rb, p, q = shared_edges(res)
+    pair = torch.minimum(ra, rb) * max(1, res.num_regions) + torch.maximum(ra, rb)
+    first = torch.as_tensor(np.sort(np.unique(pair.numpy(), return_index=True)[1]), dtype=torch.long)
+    ra, rb, p, q = ra[first], rb[first], p[first], q[first]
     units, counts = [], np.zeros(len(ra), dtype=np.int64)
     per_site = []
     for s in res.sites:
