@@ -21,6 +21,8 @@ from polytope_lens.models import load_model
     (0.5, 0.7, (-0.3, -0.1), "does not hold"),
     (0.8, 0.6, (-0.05, 0.4), "inconclusive"),     # CI touches 0
     (0.6, 0.6, (0.0, 0.0), "inconclusive"),
+    (0.78, 0.75, (1e-16, 0.07), "inconclusive"),    # lower bound 0 up to rounding
+    (0.72, 0.75, (-0.07, -1e-16), "inconclusive"),  # upper bound 0 up to rounding
     (0.5, 0.6, (0.01, 0.2), "inconclusive"),      # CI and point estimate disagree
     (float("nan"), 0.6, (0.1, 0.2), "inconclusive"),
     (0.8, 0.6, (float("nan"), 0.2), "inconclusive"),

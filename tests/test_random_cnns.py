@@ -154,3 +154,25 @@ def test_neighbours_are_every_region_across_each_edge(seed):
             want.add((min(o, j), max(o, j)))
     assert want <= have and len(want) > 100
     assert len(have - want) <= 2  # pairs that share only an edge too short to probe
+
+
+@pytest.mark.parametrize("seed", [3, 5])
+@pytest.mark.parametrize("evaluator", ["affine", "graph"])
+def test_class_changes_equal_dense_sampling(seed, evaluator):
+    """The trace's class changes are every change of the model's top class along the path, placed to sampling
+    resolution (the outputs are affine on each region, so the argmax envelope along it is exact). Before: changes
+    were bisected between region midpoints only, and a change in the first region before its midpoint (seed 3)
+    was missed."""
+    m = RandomCNN(seed)
+    g = torch.Generator().manual_seed(seed)
+    a, b = (3 * torch.randn(3, 1, m.side, m.side, generator=g) for _ in range(2))
+    res = path_crossings(m, a, b, evaluator=evaluator)
+    t = torch.linspace(0, 1, 2 ** 17 + 1, dtype=torch.float64)
+    md = m.double()
+    for i, p in enumerate(res.paths):
+        with torch.no_grad():
+            top = md(a[i:i + 1].double() + t.reshape(-1, 1, 1, 1) * (b[i] - a[i]).double()).argmax(1)
+        flips = torch.nonzero(top[1:] != top[:-1]).flatten()
+        got = np.sort(np.asarray(p.trace.class_changes))
+        assert len(got) == len(flips)
+        assert np.all((got >= t[flips].numpy()) & (got <= t[flips + 1].numpy()))

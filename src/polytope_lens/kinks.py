@@ -329,6 +329,16 @@ class WindowMax(Activation):
                 "padding": list(self.padding), "dilation": list(self.dilation), "ceil_mode": self.ceil_mode}
 
 
+def argmax_changes(w0: torch.Tensor, w1: torch.Tensor, tol: float = 0.0) -> Crossings:
+    """Where the first maximum of each row of K scores changes while they move affinely from ``w0`` (t = 0) to
+    ``w1`` (t = 1), both (n, K): max pooling's rule (``WindowMax``) applied to any K scores, e.g. a classifier's
+    top class along a path region where its logits are affine. Crossings' ``segment`` is the row, ``unit`` 0,
+    ``piece`` the entered index."""
+    k = w0.shape[-1]
+    a, b = w0[:, None, :], w1[:, None, :]
+    return WindowMax("argmax", kernel=(1, k), stride=(1, k))._changes(a, b, _first_max(a, tol), _first_max(b, tol), tol)
+
+
 def _near_max(w: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
     top = w.amax(dim=-1, keepdim=True)
     return top, w >= top - tol * top.abs().clamp_min(1.0)

@@ -33,6 +33,8 @@ def verdict(value: float, baseline: float, ci: tuple[float, float]) -> str:
     --------
     >>> verdict(0.8, 0.6, (0.1, 0.3)), verdict(0.5, 0.6, (-0.2, -0.01)), verdict(0.8, 0.6, (-0.1, 0.4))
     ('holds', 'does not hold', 'inconclusive')
+    >>> verdict(0.78, 0.75, (1e-16, 0.07))  # a lower bound of 0 up to rounding
+    'inconclusive'
     """
     lo, hi = (float(c) for c in ci)
     nums = (float(value), float(baseline), lo, hi)
@@ -40,9 +42,11 @@ def verdict(value: float, baseline: float, ci: tuple[float, float]) -> str:
         return "inconclusive"
     if lo > hi:
         raise InvalidInputError(f"A confidence interval needs lower <= upper. Got ({lo}, {hi}).")
-    if value > baseline and lo > 0:
+    # a bound that is 0 up to rounding (a difference of means of equal values) does not exclude 0
+    eps = 1e-12 * max(1.0, abs(float(value)), abs(float(baseline)))
+    if value > baseline and lo > eps:
         return "holds"
-    if value < baseline and hi < 0:
+    if value < baseline and hi < -eps:
         return "does not hold"
     return "inconclusive"
 

@@ -18,6 +18,7 @@ proofs), ``exact``, ``sampled``, ``results`` (result objects, trace).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Callable, Mapping
@@ -30,7 +31,7 @@ from .._heap import keep_freed_memory
 from ..capture import StopForward, list_sites, run, select_sites
 from ..codes import site_unit_indices
 from ..errors import InvalidInputError, NotPiecewiseLinearError
-from ..kinks import lexsort
+from ..kinks import argmax_changes, lexsort
 from . import geometry
 from .exact import Refiner, verify_chunk
 from .geometry import PathSpec
@@ -254,7 +255,8 @@ def _collect(results, out, gp, spec: PathSpec, runner: Runner, reported, exact: 
     t_np, tied_np = t.cpu().numpy(), tied.cpu().numpy()
     rt_np, rs_np, ru_np, rpc_np = rt.numpy(), rs.numpy(), ru.numpy(), rpc.numpy()
     output = out.get("output") if trace else None
-    traces = {}
+    at_points = out.get("output_at_points") if trace else None
+    traces, bisect = {}, {}
     if output is not None:
         p0 = 0
         for i in range(c):
@@ -263,8 +265,13 @@ def _collect(results, out, gp, spec: PathSpec, runner: Runner, reported, exact: 
                 traces[i] = trace_from_outputs(0.5 * (tt[:-1] + tt[1:]), output[p0:p0 + pcount[i] - 1], tt[1:-1])
             else:
                 traces[i] = trace_from_outputs(tt, output[p0:p0 + pcount[i]], 0.5 * (tt[:-1] + tt[1:]))
+            if at_points is not None:
+                traces[i] = dataclasses.replace(traces[i], class_changes=_class_changes(
+                    tt, at_points[p0:p0 + pcount[i]], runner.tol))
+            else:
+                bisect[i] = traces[i]
             p0 += pcount[i]
-        traces = _refine_flips(traces, gp, runner)
+        traces.update(_refine_flips(bisect, gp, runner))
     r0 = p0 = 0
     for i in range(c):
         g = int(gp[i])
@@ -283,14 +290,25 @@ def _collect(results, out, gp, spec: PathSpec, runner: Runner, reported, exact: 
         r0, p0 = r1, p1
 
 
-def _refine_flips(traces: dict, gp: torch.Tensor, runner: Runner, tol: float = 1e-10) -> dict:
-    """Place every class change exactly: bisection on the model between the two positions whose top classes differ.
+def _class_changes(t: torch.Tensor, logits: torch.Tensor, tol: float) -> np.ndarray:
+    """Every position where the top class changes along one path whose outputs ``logits`` at its breakpoints ``t``
+    are affine on each region between them: the argmax of affine scores along each region (``argmax_changes``,
+    max pooling's rule with ties within ``tol``), so several changes inside one region and a change back to the
+    same class across a breakpoint are all found."""
+    if len(t) < 2:
+        return np.zeros(0)
+    cr = argmax_changes(logits[:-1].to(torch.float64), logits[1:].to(torch.float64), tol)
+    tl, tr = t[cr.segment].to(torch.float64), t[cr.segment + 1].to(torch.float64)
+    return (tl + cr.t.to(torch.float64) * (tr - tl)).cpu().numpy()
 
-    The trace holds one output per region (or sample), so a change is only known to lie between two of them; the
+
+def _refine_flips(traces: dict, gp: torch.Tensor, runner: Runner, tol: float = 1e-10) -> dict:
+    """Place the class changes of traces whose outputs are not affine between their positions (sampled mode, or
+    regions of only some sites): bisection on the model between two positions whose top classes differ.
+
+    Such a trace holds one output per region (or sample), so a change is only known to lie between two of them; the
     model is evaluated along the path (batched over all changes of the chunk) until the bracket is below ``tol``.
     """
-    import dataclasses
-
     which, lo, hi, c_lo = [], [], [], []
     for i, tr in traces.items():
         for j in np.flatnonzero(tr.top_class[1:] != tr.top_class[:-1]):

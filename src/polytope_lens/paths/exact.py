@@ -438,7 +438,7 @@ class Refiner:
                 if len(pend.new_idx):  # the last site's breakpoints were not evaluated yet
                     cache.add(ids[pend.new_idx], self._eval_new(len(names) - 1, pend, z_new, gpids, pid, t, True))
                 at_points = cache.take("output", ids, n_ids)
-            out["output"] = self._outputs(pid, t, gpids, store, at_points)
+            out["output"], out["output_at_points"] = self._outputs(pid, t, gpids, store, at_points)
         return out
 
     def run_path_in_pieces(self, gpid: torch.Tensor, max_points: int, est_points: float) -> dict:
@@ -475,6 +475,9 @@ class Refiner:
         keep[drop] = False
         out = {"pid": pieces[0]["pid"].new_zeros(int(keep.sum())), "t": t[keep], "tied": tied[keep],
                "records": records, "n_evaluated": sum(p["n_evaluated"] for p in pieces)}
+        if pieces[0].get("output_at_points") is not None:
+            at = torch.cat([p["output_at_points"][1 if i else 0:] for i, p in enumerate(pieces)])
+            out["output_at_points"] = at[keep]  # a dropped joint's output is on the line through its neighbours'
         if "output" in pieces[0]:
             o = torch.cat([p["output"] for p in pieces])  # one row per region between consecutive points of t
             m = 0.5 * (t[:-1] + t[1:])
@@ -539,10 +542,11 @@ class Refiner:
                 return way
         return "every point"
 
-    def _outputs(self, pid, t, gpids, store, at_points: torch.Tensor | None = None) -> torch.Tensor:
-        """Model scores at region midpoints (n_points - 1 rows; rows across paths are junk and dropped later): the
-        mean of the scores at each region's ends when ``output_at_points`` (given as ``at_points`` on the graph
-        route, from the stored site outputs on the affine route), else one evaluation per midpoint."""
+    def _outputs(self, pid, t, gpids, store, at_points: torch.Tensor | None = None):
+        """Model scores at region midpoints (n_points - 1 rows; rows across paths are junk and dropped later), and
+        at the points themselves when the output is affine on every region (``output_at_points``: given as
+        ``at_points`` on the graph route, from the stored site outputs on the affine route; the midpoints' are then
+        the mean of their ends), else None and one evaluation per midpoint."""
         mids_t = 0.5 * (t[:-1] + t[1:])
         if self.output_at_points:
             o = at_points
@@ -552,12 +556,12 @@ class Refiner:
                 for leaf in self.aff.deps["output"]:
                     a = self._src(gpids[pid], t) if leaf == SRC else store[leaf]
                     o.addmm_(a, self.aff.jt["output", leaf])
-            return 0.5 * (o[:-1] + o[1:])
+            return 0.5 * (o[:-1] + o[1:]), o
         same = torch.nonzero(pid[:-1] == pid[1:]).flatten()
         res = self.r.eval_points(gpids[pid[same]], mids_t[same], [], want_output=True)["output"]
         full = res.new_zeros(len(t) - 1, res.shape[1])
         full[same] = res
-        return full
+        return full, None
 
 
 def verify_chunk(runner: Runner, gpids: torch.Tensor, pid: torch.Tensor, t: torch.Tensor, n_check: int,

@@ -29,8 +29,11 @@ class Trace:
     top_class : ndarray int64 (n,)
         Argmax of the output at each position.
     class_changes : ndarray (k,)
-        Positions t where the top class changes, located by bisection on the model between the two positions whose
-        top classes differ (to 1e-10 in t), so a flip inside a region is not moved onto a boundary.
+        Positions t where the top class changes. Exact mode with every site up to the output processed: every
+        change, from the outputs at the breakpoints (affine on each region, so the top class along a region is the
+        argmax of affine scores: max pooling's rule, ``kinks.argmax_changes``). Otherwise (sampled mode, ``units=``
+        or ``layers=`` stopping early): located by bisection on the model between two positions whose top classes
+        differ (to 1e-10 in t), which finds one change per such pair.
     js : ndarray (n - 1,)
         Jensen-Shannon divergence (nats) between consecutive softmax output distributions.
     """
