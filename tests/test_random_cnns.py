@@ -176,3 +176,34 @@ def test_class_changes_equal_dense_sampling(seed, evaluator):
         got = np.sort(np.asarray(p.trace.class_changes))
         assert len(got) == len(flips)
         assert np.all((got >= t[flips].numpy()) & (got <= t[flips + 1].numpy()))
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_decision_boundary_is_where_the_top_class_changes(seed):
+    """Every boundary segment's midpoint is a tie of the model's top two scores, and the segments' total L1 length
+    equals the grid estimate (class changes between neighbouring points of a 300 x 300 grid, times the spacing) to
+    5 %. Before: each segment was reported twice (both argmax copies of a region held it), doubling the length."""
+    from matplotlib.path import Path
+
+    m = RandomCNN(seed).double()
+    x = torch.randn(3, 1, m.side, m.side, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    res = slice_through(m, x[0], x[1], x[2], memory_budget=4 << 30)
+    seg = res.boundary
+    assert len(seg) > 20
+    with torch.no_grad():
+        y = m(res.plane.points(seg.mean(1)).reshape(len(seg), 1, m.side, m.side))
+    top2 = y.topk(2, dim=1).values
+    assert float((top2[:, 0] - top2[:, 1]).max()) <= 1e-7 * max(1.0, float(y.abs().max()))
+    dom = res.plane.domain
+    lo, hi = dom.min(0).values, dom.max(0).values
+    n = 300
+    gx = torch.linspace(float(lo[0]), float(hi[0]), n, dtype=torch.float64)
+    gy = torch.linspace(float(lo[1]), float(hi[1]), n, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="ij"), -1).reshape(-1, 2)
+    inside = torch.as_tensor(Path(dom.numpy()).contains_points(grid.numpy())).reshape(n, n)
+    with torch.no_grad():
+        cls = m(res.plane.points(grid).reshape(len(grid), 1, m.side, m.side)).argmax(1).reshape(n, n)
+    flips_x = ((cls[1:] != cls[:-1]) & inside[1:] & inside[:-1]).sum() * float(gy[1] - gy[0])
+    flips_y = ((cls[:, 1:] != cls[:, :-1]) & inside[:, 1:] & inside[:, :-1]).sum() * float(gx[1] - gx[0])
+    l1 = float((seg[:, 1] - seg[:, 0]).abs().sum())
+    assert abs(float(flips_x + flips_y) - l1) <= 0.05 * l1

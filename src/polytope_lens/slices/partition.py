@@ -55,6 +55,7 @@ from ..paths.geometry import PathSpec
 from ..paths.runner import SRC, Affine, Runner, default_forward, index_inputs, prepare_model
 from . import _mesh
 from ._arrangement import Degenerate, arrange
+from .neighbours import same_points
 from ._mesh import take
 from .geometry import Plane, cast_inputs, polygon_area
 
@@ -453,11 +454,15 @@ def decision_boundary(part: "_Partitioner", coords, outs, R, dg, tol: float) -> 
     tied = (top2[:, 0] - top2[:, 1]) <= t
     mid = 0.5 * (take(v, p) + take(v, q))
     m2 = mid.topk(2, dim=-1).values
-    on = valid & tied[p] & tied[q] & ((m2[..., 0] - m2[..., 1]) <= t) & (p != q)
-    a, b = torch.minimum(p[on], q[on]), torch.maximum(p[on], q[on])
+    xy = mesh.coords[: mesh.nv]
+    # the argmax regions are clipped as separate copies, so both sides of a border hold its edge with their own
+    # vertices: vertices at one point are one (``same_points``), and each segment is kept once
+    lab = same_points(xy.to(torch.float64), 1e-9 * max(1.0, float(xy.abs().max())))
+    lp, lq = lab[p], lab[q]
+    on = valid & tied[p] & tied[q] & ((m2[..., 0] - m2[..., 1]) <= t) & (lp != lq)
+    a, b = torch.minimum(lp[on], lq[on]), torch.maximum(lp[on], lq[on])
     key = torch.unique(a * mesh.nv + b)
     a, b = key // mesh.nv, key % mesh.nv
-    xy = mesh.coords[: mesh.nv]
     return torch.stack([take(xy, a), take(xy, b)], 1)
 
 
