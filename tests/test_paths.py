@@ -544,6 +544,8 @@ def test_a_long_path_is_refined_in_pieces_within_the_budget():
         assert (p.records["unit"] == q.records["unit"]).all() and (p.records["piece"] == q.records["piece"]).all()
         np.testing.assert_allclose(p.t, q.t, rtol=0, atol=1e-12)
         assert (p.trace.top_class == q.trace.top_class).all()
+        assert len(p.trace.class_changes) == len(q.trace.class_changes) > 0  # exact changes from the joined pieces
+        np.testing.assert_allclose(p.trace.class_changes, q.trace.class_changes, rtol=0, atol=1e-12)
     assert [p.crossings for p in pieces.paths] == [mlp.regioncam_count(a[i], b[i]) for i in range(2)]
     cnn = SmallCNN(seed=2)
     x0, x1 = 4 * torch.randn(1, 1, 6, 6, generator=g), 4 * torch.randn(1, 1, 6, 6, generator=g)
