@@ -274,6 +274,55 @@ def test_clamp_sites_equal_sampling(evaluator):
         assert p.crossings > 0
 
 
+class InPlaceNet(nn.Module):
+    """In-place activations three ways (a module, ``F.relu(x, inplace=True)`` whose result is ignored, and
+    ``torch.relu_``), and ``plain()``: the same network with out-of-place calls."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        self.l1, self.l2, self.l3 = _init(nn.Linear(3, 12), g), _init(nn.Linear(12, 12), g), _init(nn.Linear(12, 4), g)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.l2(self.act(self.l1(x)))
+        F.relu(h, inplace=True)
+        return torch.relu_(self.l3(h) * 1.0)
+
+    def plain(self, x):
+        return torch.relu(self.l3(torch.relu(self.l2(torch.relu(self.l1(x))))))
+
+
+@pytest.mark.parametrize("evaluator", ["affine", "graph"])
+def test_in_place_activations_are_seen_before_they_overwrite_their_input(evaluator):
+    """An in-place activation overwrote the unit input that the engine kept (every later read saw the output) and,
+    when the engine replaced the site's output, the input was left unmodified for code that reads it (the Jacobian
+    blocks came out wrong): the internal check refused the path. Now counts, codes and slices equal the out-of-place
+    network's (dense sampling as the oracle)."""
+    m = InPlaceNet().eval()
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = m
+
+        def forward(self, x):
+            return self.net.plain(x)
+    plain = Plain()
+    g = torch.Generator().manual_seed(2)
+    a, b = 2 * torch.randn(4, 3, generator=g), 2 * torch.randn(4, 3, generator=g)
+    res = path_crossings(m, a, b, evaluator=evaluator)
+    for i, p in enumerate(res.paths):
+        want = dense_count(plain, lambda t, i=i: a[i].double() + t[:, None] * (b[i] - a[i]).double())
+        assert list(p.per_layer.values()) == list(want.values())
+    assert sum(p.crossings for p in res.paths) > 10
+    x = torch.randn(2, 3, generator=g)
+    acts = site_activations(m, x, layer="act.relu")
+    at_site = path_crossings(m, acts, acts.flip(0) + 0.1, layer="act.relu", inputs=x, evaluator=evaluator)
+    ref = path_crossings(plain, acts, acts.flip(0) + 0.1, layer="relu", inputs=x, evaluator=evaluator)
+    assert [list(p.per_layer.values()) for p in at_site.paths] == [list(p.per_layer.values()) for p in ref.paths]
+
+
 class BatchSizeNet(nn.Module):
     """Reads the batch size before its sites and reshapes with it after them (as EfficientNet's head does)."""
 

@@ -23,6 +23,8 @@ Everything is scoped: hooks and the mode are removed in ``finally`` even when th
 from __future__ import annotations
 
 import fnmatch
+import functools
+import inspect
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -176,10 +178,37 @@ class _SiteMode(TorchFunctionMode):
                 where = tr.stack[-1] if tr.stack else "<root>"
                 raise UnsupportedActivationError(f"{e} (called in module {where!r})") from None
             if act is not None:
-                out = tr.fire(act, args[0], tr.current_path(), apply=_CallApply(func, args[1:], kwargs))
+                inplace = _is_inplace(func, args, kwargs)
+                out = tr.fire(act, args[0], tr.current_path(), apply=_CallApply(func, args[1:], kwargs),
+                              inplace=inplace)
                 if out is not None:
+                    if inplace and out.shape == args[0].shape:  # the caller may read the mutated input, not the
+                        args[0].copy_(out)                      # return value (F.relu(x, inplace=True); use x)
+                        return args[0]
                     return out
         return func(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _inplace_position(func) -> int | None:
+    """Position of an ``inplace`` parameter in ``func``'s signature (``F.relu(input, inplace)``), if any."""
+    try:
+        names = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("inplace") if "inplace" in names else None
+
+
+def _is_inplace(func, args, kwargs) -> bool:
+    """Whether an activation call overwrites its input: ``inplace=True`` (by keyword or position) or a trailing
+    underscore (``torch.relu_``, ``Tensor.clamp_``)."""
+    if kwargs.get("inplace"):
+        return True
+    name = getattr(func, "__name__", "")
+    if name.endswith("_") and not name.endswith("__"):
+        return True
+    pos = _inplace_position(func)
+    return pos is not None and len(args) > pos and bool(args[pos])
 
 
 class _Tracker:
@@ -213,11 +242,13 @@ class _Tracker:
         return base if k == 0 else f"{base}#{k}"
 
     def fire(self, act: Activation, z: torch.Tensor, path: str, name: str | None = None,
-             apply: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | None:
+             apply: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             inplace: bool = False) -> torch.Tensor | None:
         alias = self.hook_outputs.get(_key(z))
         site = CallSite(name or self.site_name(path, act.name), path, act, alias, self.order, tuple(z.shape), apply)
         self.order += 1
-        out = self.handler(site, z)
+        # an in-place call overwrites z after the handler returns: a handler that keeps z gets a copy
+        out = self.handler(site, z.clone() if inplace else z)
         if self.shared is not None and out is not None:
             self.shared.fired(site.name, z, out)
         return out
