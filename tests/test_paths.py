@@ -323,6 +323,52 @@ def test_in_place_activations_are_seen_before_they_overwrite_their_input(evaluat
     assert [list(p.per_layer.values()) for p in at_site.paths] == [list(p.per_layer.values()) for p in ref.paths]
 
 
+class TorchvisionStyleResNet(nn.Module):
+    """torchvision's ResNet idioms at toy size: ``nn.ReLU(inplace=True)`` modules called twice per block, ``out +=
+    identity``, a strided 1x1 downsample, MaxPool2d(3, 2, 1), adaptive average pooling, BatchNorm in eval."""
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+            self.relu = nn.ReLU(inplace=True)
+            self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+            self.downsample = None if stride == 1 and cin == cout else nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+        def forward(self, x):
+            identity = x if self.downsample is None else self.downsample(x)
+            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+            out += identity
+            return self.relu(out)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.bn1, self.relu = nn.Conv2d(3, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1, self.layer2 = self.Block(4, 4, 1), self.Block(4, 6, 2)
+        self.avgpool, self.fc = nn.AdaptiveAvgPool2d((1, 1)), nn.Linear(6, 5)
+        with torch.no_grad():
+            for bn in (m for m in self.modules() if isinstance(m, nn.BatchNorm2d)):
+                bn.running_mean.normal_(0, 0.2), bn.running_var.uniform_(0.5, 1.5)
+                bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(0, 0.2)
+        self.eval()
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.maxpool(self.relu(self.bn1(self.conv1(x))))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+@pytest.mark.parametrize("evaluator", ["affine", "graph"])
+def test_torchvision_style_resnet_equals_sampling(evaluator):
+    m = TorchvisionStyleResNet()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    res = path_crossings(m, x[:1], x[1:], evaluator=evaluator)
+    want = dense_count(m, lambda t: x[:1].double() + t.reshape(-1, 1, 1, 1) * (x[1] - x[0]).double())
+    assert res.paths[0].per_layer == want and res.paths[0].crossings > 100
+
+
 class BatchSizeNet(nn.Module):
     """Reads the batch size before its sites and reshapes with it after them (as EfficientNet's head does)."""
 
