@@ -814,3 +814,46 @@ def test_float32_runs_exact_with_rounding_sized_checks():
     ln = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.LayerNorm(32), nn.Linear(32, 8), nn.ReLU())
     with pytest.raises(NotPiecewiseLinearError):
         path_crossings(ln, a, b, dtype=torch.float32, method="exact")
+
+
+IN_PLACE_FORMS = {
+    "ReLU6(inplace=True)": (lambda h: nn.ReLU6(inplace=True)(h), F.relu6),
+    "LeakyReLU(inplace=True)": (lambda h: nn.LeakyReLU(0.1, inplace=True)(h), lambda h: F.leaky_relu(h, 0.1)),
+    "Hardtanh(inplace=True)": (lambda h: nn.Hardtanh(-0.5, 0.5, inplace=True)(h), lambda h: F.hardtanh(h, -0.5, 0.5)),
+    "Tensor.relu_": (lambda h: h.relu_(), torch.relu),
+    "F.relu_": (F.relu_, F.relu),
+    "Tensor.clamp_": (lambda h: h.clamp_(-0.3, 0.4), lambda h: h.clamp(-0.3, 0.4)),
+    "F.leaky_relu(h, 0.2, True)": (lambda h: F.leaky_relu(h, 0.2, True), lambda h: F.leaky_relu(h, 0.2)),
+    "Tensor.abs_": (lambda h: h.abs_(), torch.abs),
+}
+
+
+@pytest.mark.parametrize("form", sorted(IN_PLACE_FORMS))
+def test_in_place_forms_equal_their_out_of_place_twins(form):
+    """Each in-place form, with its return value ignored (the code reads the mutated tensor), gives the crossings
+    (positions included) and the trace of the same network written out of place, on both evaluators."""
+    f_in, f_out = IN_PLACE_FORMS[form]
+    g = torch.Generator().manual_seed(0)
+    l1, l2 = _init(nn.Linear(3, 10), g), _init(nn.Linear(10, 4), g)
+
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = l1, l2
+
+        def forward(self, x):
+            h = 3 * self.l1(x)
+            f_in(h)
+            return self.l2(h)
+
+    class OutOfPlace(InPlace):
+        def forward(self, x):
+            return self.l2(f_out(3 * self.l1(x)))
+    a, b = 3 * torch.randn(5, 3, generator=g), 3 * torch.randn(5, 3, generator=g)
+    for evaluator in ("affine", "graph"):
+        got = path_crossings(InPlace(), a, b, evaluator=evaluator)
+        want = path_crossings(OutOfPlace(), a, b, evaluator=evaluator)
+        assert got.counts.tolist() == want.counts.tolist() and got.counts.sum() > 0
+        for p, q in zip(got.paths, want.paths):
+            np.testing.assert_allclose(p.records["t"], q.records["t"], rtol=0, atol=1e-12)
+            np.testing.assert_allclose(p.trace.class_changes, q.trace.class_changes, rtol=0, atol=1e-12)
