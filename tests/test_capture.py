@@ -56,12 +56,36 @@ def test_nested_paths():
 
 
 def test_handler_sees_pre_activation_even_inplace():
-    """With nn.ReLU(inplace=True) the handler still gets the pre-activation values."""
+    """With nn.ReLU(inplace=True) the handler still gets the pre-activation values, also when it keeps them without
+    a copy (the call overwrites its input after the handler returns); a replacement reaches code that reads the
+    mutated input instead of the return value."""
     m = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True))
     x = torch.randn(5, 3)
     seen = {}
-    run(m, lambda: m(x), lambda site, z: seen.setdefault(site.name, z.clone()))
+    run(m, lambda: m(x), lambda site, z: [seen.setdefault(site.name, z), None][1])
     assert torch.allclose(seen["1.relu"], m[0](x))
+
+    class ReadsInput(nn.Module):
+        def forward(self, x):
+            F.relu(x, inplace=True)  # result ignored
+            return x
+    y = run(ReadsInput(), lambda: ReadsInput()(x.clone()), lambda site, z: torch.full_like(z, 7.0))
+    assert torch.equal(y, torch.full_like(x, 7.0))
+
+
+def test_activations_on_integer_tensors_are_not_sites():
+    """A clamp or abs of integer positions (T5's relative-position buckets) is not a unit of the network's function
+    of its input: no site, and no error."""
+    class Buckets(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, x):
+            bucket = torch.abs(torch.arange(x.shape[1]).clamp(0, 2) - 1)
+            return torch.relu(self.lin(x)) + bucket.sum()
+    m = Buckets()
+    assert [s.name for s in list_sites(m, lambda: m(torch.randn(2, 3)))] == ["relu"]
 
 
 def test_handler_can_replace_output():

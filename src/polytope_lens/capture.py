@@ -171,7 +171,8 @@ class _SiteMode(TorchFunctionMode):
 
     def _call(self, func, args, kwargs):
         tr = self.tracker
-        if tr.suppressed == 0 and args and isinstance(args[0], torch.Tensor):
+        # integer tensors (positions, bucket indices: T5's relative-position clamp) are not units of the function
+        if tr.suppressed == 0 and args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
             try:
                 act = resolve_call(func, args, kwargs)
             except UnsupportedActivationError as e:
