@@ -438,3 +438,18 @@ def test_area_and_centroid_of_a_tiny_polygon_far_from_the_origin():
     torch.testing.assert_close(area, torch.tensor([tx * ty / 2, sx * sy], dtype=torch.float64), rtol=1e-12, atol=0)
     want = torch.tensor([[1000.0 + tx / 3, -1000.0 + ty / 3], [4.0 + sx / 2, 2.0 + sy / 2]], dtype=torch.float64)
     torch.testing.assert_close(c, want, rtol=0, atol=1e-9 * h)
+
+
+def test_same_points_merges_exactly_the_close_points():
+    """Points within tol of each other in both coordinates share a label (transitively), points more than 2 tol
+    apart never do through one pair; near grid-cell borders too (the four offset grids)."""
+    from polytope_lens.slices.neighbours import same_points
+    tol = 1e-9
+    base = torch.tensor([[0.0, 0.0], [1.0, 2.0], [3.0, -1.0], [2e-9 * 7 + 1e-9, 5.0]], dtype=torch.float64)
+    close = base + torch.tensor([[4e-10, -9e-10], [-9e-10, 9e-10], [0.0, 8e-10], [-6e-10, 0.0]], dtype=torch.float64)
+    far = base + 5e-9
+    chain = torch.tensor([[10.0, 10.0], [10.0 + 9e-10, 10.0], [10.0 + 1.8e-9, 10.0]], dtype=torch.float64)
+    lab = same_points(torch.cat([base, close, far, chain]), tol)
+    assert torch.equal(lab[4:8], lab[:4]) and len(set(lab[:4].tolist())) == 4
+    assert torch.equal(lab[8:12], torch.arange(8, 12))
+    assert lab[12] == lab[13] == lab[14] == 12

@@ -31,7 +31,12 @@ def same_points(xy: torch.Tensor, tol: float) -> torch.Tensor:
     for ox in (0.0, tol):
         for oy in (0.0, tol):
             cell = torch.floor((xy + xy.new_tensor([ox, oy])) / (2 * tol)).long()
-            groups.append(torch.unique(cell, dim=0, return_inverse=True)[1])
+            cell -= cell.min(0).values
+            span = cell.max(0).values + 1
+            if float(span[0]) * float(span[1]) < 2.0 ** 62:  # one int64 key per cell: a 1-D unique is far faster
+                groups.append(torch.unique(cell[:, 0] * span[1] + cell[:, 1], return_inverse=True)[1])
+            else:
+                groups.append(torch.unique(cell, dim=0, return_inverse=True)[1])
     while True:
         old = labels
         for gid in groups:
