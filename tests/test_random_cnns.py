@@ -207,3 +207,21 @@ def test_decision_boundary_is_where_the_top_class_changes(seed):
     flips_y = ((cls[:, 1:] != cls[:, :-1]) & inside[:, 1:] & inside[:, :-1]).sum() * float(gx[1] - gx[0])
     l1 = float((seg[:, 1] - seg[:, 0]).abs().sum())
     assert abs(float(flips_x + flips_y) - l1) <= 0.05 * l1
+
+
+def test_bisected_class_changes_include_the_path_ends():
+    """With ``layers=`` stopping at the first site the trace's regions are not affine-output regions, so changes
+    are bisected between positions; the path's ends are positions too (before: seed 3's change at t = 0.03, before
+    the first region's midpoint, was missed)."""
+    m = RandomCNN(3)
+    g = torch.Generator().manual_seed(3)
+    a, b = (3 * torch.randn(3, 1, m.side, m.side, generator=g) for _ in range(2))
+    first = list_sites(m, lambda: m(a[:1]))[0].name
+    res = path_crossings(m, a[:1], b[:1], layers=first)
+    t = torch.linspace(0, 1, 2 ** 16 + 1, dtype=torch.float64)
+    with torch.no_grad():
+        top = m.double()(a[:1].double() + t.reshape(-1, 1, 1, 1) * (b[0] - a[0]).double()).argmax(1)
+    flips = torch.nonzero(top[1:] != top[:-1]).flatten()
+    got = np.sort(res.paths[0].trace.class_changes)
+    assert len(got) == len(flips) >= 1 and res.paths[0].trace.t[0] > float(t[flips[0] + 1])
+    assert np.all((got >= t[flips].numpy()) & (got <= t[flips + 1].numpy()))

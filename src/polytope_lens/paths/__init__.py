@@ -304,20 +304,38 @@ def _class_changes(t: torch.Tensor, logits: torch.Tensor, tol: float) -> np.ndar
 
 def _refine_flips(traces: dict, gp: torch.Tensor, runner: Runner, tol: float = 1e-10) -> dict:
     """Place the class changes of traces whose outputs are not affine between their positions (sampled mode, or
-    regions of only some sites): bisection on the model between two positions whose top classes differ.
+    regions of only some sites): bisection on the model between two positions whose top classes differ, the path's
+    ends included (a change before the first region's midpoint or after the last one is found too).
 
     Such a trace holds one output per region (or sample), so a change is only known to lie between two of them; the
     model is evaluated along the path (batched over all changes of the chunk) until the bracket is below ``tol``.
     """
-    which, lo, hi, c_lo = [], [], [], []
-    for i, tr in traces.items():
-        for j in np.flatnonzero(tr.top_class[1:] != tr.top_class[:-1]):
-            which.append(i)
-            lo.append(tr.t[j])
-            hi.append(tr.t[j + 1])
-            c_lo.append(tr.top_class[j])
-    if not which:
+    if not traces:
         return traces
+    ends = [(i, e) for i, tr in traces.items() for e in (0.0, 1.0) if (tr.t[0] > 0.0 if e == 0.0 else tr.t[-1] < 1.0)]
+    end_top = {}
+    if ends:
+        pid = gp[torch.as_tensor([i for i, _ in ends], device=gp.device)]
+        te = torch.tensor([e for _, e in ends], dtype=runner.dtype, device=gp.device)
+        top = runner.eval_points(pid, te, [], want_output=True)["output"].argmax(-1).cpu().numpy()
+        end_top = {key: int(c) for key, c in zip(ends, top)}
+    which, lo, hi, c_lo, counts = [], [], [], [], {}
+    for i, tr in traces.items():
+        pos, cls = list(tr.t), list(tr.top_class)
+        if (i, 0.0) in end_top:
+            pos, cls = [0.0] + pos, [end_top[i, 0.0]] + cls
+        if (i, 1.0) in end_top:
+            pos, cls = pos + [1.0], cls + [end_top[i, 1.0]]
+        brackets = [j for j in range(len(cls) - 1) if cls[j] != cls[j + 1]]
+        counts[i] = len(brackets)
+        for j in brackets:
+            which.append(i)
+            lo.append(pos[j])
+            hi.append(pos[j + 1])
+            c_lo.append(cls[j])
+    out = {i: dataclasses.replace(tr, class_changes=np.zeros(0)) for i, tr in traces.items()}
+    if not which:
+        return out
     pid = gp[torch.as_tensor(which, device=gp.device)]
     lo = torch.as_tensor(np.asarray(lo), dtype=torch.float64, device=gp.device)
     hi = torch.as_tensor(np.asarray(hi), dtype=torch.float64, device=gp.device)
@@ -328,11 +346,10 @@ def _refine_flips(traces: dict, gp: torch.Tensor, runner: Runner, tol: float = 1
         same = top == c_lo
         lo, hi = torch.where(same, mid, lo), torch.where(same, hi, mid)
     flips = (0.5 * (lo + hi)).cpu().numpy()
-    out, k = dict(traces), 0
-    for i, tr in traces.items():
-        n = int((tr.top_class[1:] != tr.top_class[:-1]).sum())
-        out[i] = dataclasses.replace(tr, class_changes=flips[k:k + n])
-        k += n
+    k = 0
+    for i in traces:
+        out[i] = dataclasses.replace(out[i], class_changes=flips[k:k + counts[i]])
+        k += counts[i]
     return out
 
 

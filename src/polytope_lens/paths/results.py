@@ -33,7 +33,7 @@ class Trace:
         change, from the outputs at the breakpoints (affine on each region, so the top class along a region is the
         argmax of affine scores: max pooling's rule, ``kinks.argmax_changes``). Otherwise (sampled mode, ``units=``
         or ``layers=`` stopping early): located by bisection on the model between two positions whose top classes
-        differ (to 1e-10 in t), which finds one change per such pair.
+        differ (to 1e-10 in t; the path's ends count as positions), which finds one change per such pair.
     js : ndarray (n - 1,)
         Jensen-Shannon divergence (nats) between consecutive softmax output distributions.
     """
