@@ -857,3 +857,19 @@ def test_in_place_forms_equal_their_out_of_place_twins(form):
         for p, q in zip(got.paths, want.paths):
             np.testing.assert_allclose(p.records["t"], q.records["t"], rtol=0, atol=1e-12)
             np.testing.assert_allclose(p.trace.class_changes, q.trace.class_changes, rtol=0, atol=1e-12)
+
+
+def test_device_is_checked_before_any_work():
+    """An unknown device string, or CUDA where torch has none, is one clear error (before: an AssertionError from
+    deep inside torch); with CUDA present the same call runs there."""
+    mlp = MLP(3, 8, 1)
+    a = torch.randn(2, 3)
+    with pytest.raises(InvalidInputError, match="'device' parameter must be a torch device"):
+        path_crossings(mlp, a, -a, device="gpu9")
+    if torch.cuda.is_available():
+        assert path_crossings(mlp, a, -a, device="cuda").counts.tolist() == path_crossings(mlp, a, -a).counts.tolist()
+    else:
+        with pytest.raises(InvalidInputError, match="no CUDA device"):
+            path_crossings(mlp, a, -a, device="cuda")
+        with pytest.raises(InvalidInputError, match="no CUDA device"):
+            ray_crossings(mlp, a, layer="*relu", device="cuda")

@@ -66,9 +66,22 @@ def logits_of(out) -> torch.Tensor | None:
     return out
 
 
+def check_device(device) -> torch.device:
+    """``device`` as a ``torch.device``, or a one-line error when it is not one or is not available here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidInputError(f"The 'device' parameter must be a torch device such as 'cpu' or 'cuda'. Got "
+                                f"{device!r}.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError(f"The 'device' parameter is {device!r}, but torch {torch.__version__} here has no CUDA "
+                                "device; use 'cpu'.")
+    return dev
+
+
 def prepare_model(model: nn.Module, dtype, device) -> nn.Module:
     """A copy of ``model`` in ``dtype`` on ``device``, in eval mode (dropout off, BatchNorm on running statistics)."""
-    m = copy.deepcopy(model).to(device=device, dtype=dtype).eval()
+    m = copy.deepcopy(model).to(device=check_device(device), dtype=dtype).eval()
     for p in m.parameters():
         p.requires_grad_(False)
     return m
