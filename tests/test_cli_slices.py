@@ -74,3 +74,17 @@ def test_bad_slices(args, match, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and match.lower() in lines[0].lower(), r.stderr
     assert not (tmp_path / "s.json").exists()
+
+
+def test_colour_by_slope_needs_the_whole_model(tmp_path):
+    """A slice cut only up to --until has no output maps: colouring by slope or class is one line and writes
+    nothing (before: a ValueError traceback); up to the last site it works."""
+    args = ["slice", "--model", "toy:2-8-8-3", "--box", "-1,1,-1,1", "--json", str(tmp_path / "s.json"),
+            "--png", str(tmp_path / "s.png"), "--color-by", "slope"]
+    r = runner.invoke(app, args + ["--until", "1.relu"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and "needs the output maps" in lines[0], r.stderr
+    assert not (tmp_path / "s.json").exists() and not (tmp_path / "s.png").exists()
+    r = runner.invoke(app, args + ["--until", "3.relu"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "s.png").stat().st_size > 1000

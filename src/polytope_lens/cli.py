@@ -486,6 +486,9 @@ def slice_cmd(
         plane = Plane.through(pts[0], pts[1], pts[2])
     with err.status(f"slicing {bundle.spec}"):
         result = slice_plane(bundle.module, plane, **kw)
+    if color_by != "code" and result.slope is None and (png is not None or svg is not None):
+        raise InvalidInputError(f"--color-by {color_by} needs the output maps of the whole model, which a slice cut "
+                                "only up to --until does not have; use --color-by code.")
     kind = "exact" if result.exact else "approximate"
     where = {"box": "a box", "through": "a plane through three points"}.get(result.plane.kind, "a plane")
     out.print(f"[bold]{result.num_regions}[/bold] regions ({kind}, {result.dtype}) on {where} of "
