@@ -195,16 +195,28 @@ def codes_cmd(
         json_out.write_text(json.dumps(summary, indent=2, default=str))
 
 
+def _np_load(path: Path, what: str):
+    """``np.load`` of an existing file (no pickles), or a one-line error naming the option."""
+    import numpy as np
+
+    if not path.is_file():
+        raise InvalidInputError(f"{what} {str(path)!r} does not exist.")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
+        raise InvalidInputError(f"{what} {str(path)!r} is not a readable numpy file ({type(e).__name__}).") from None
+
+
 def _load_npy(path: Path, what: str):
     """The array in an existing .npy file, or a one-line error naming the option."""
     import numpy as np
 
     if path.suffix != ".npy" or not path.is_file():
         raise InvalidInputError(f"{what} {str(path)!r} must be an existing .npy file.")
-    try:
-        return np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise InvalidInputError(f"{what} {str(path)!r} is not a readable .npy array ({type(e).__name__}).") from None
+    arr = _np_load(path, what)
+    if not isinstance(arr, np.ndarray):
+        raise InvalidInputError(f"{what} {str(path)!r} holds an .npz archive, not one .npy array.")
+    return arr
 
 
 def _item(bundle, ref: str, what: str):
@@ -248,12 +260,7 @@ def _pairs(bundle, path: Path):
     import numpy as np
     import torch
 
-    if not path.is_file():
-        raise InvalidInputError(f"The pairs file {str(path)!r} does not exist.")
-    try:
-        z = np.load(path, allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the same user error
-        raise InvalidInputError(f"The pairs file {str(path)!r} is not a readable .npz ({type(e).__name__}).") from None
+    z = _np_load(path, "The pairs file")
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise InvalidInputError(f"The pairs file {str(path)!r} must be an .npz holding arrays 'start' and 'end'.")
     with z:

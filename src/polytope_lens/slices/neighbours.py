@@ -19,14 +19,18 @@ from ._mesh import take
 __all__ = ["Neighbours", "neighbours", "same_points", "shared_edges"]
 
 
-def same_points(xy: torch.Tensor, tol: float) -> torch.Tensor:
+def same_points(xy: torch.Tensor, tol: float | None = None) -> torch.Tensor:
     """A label per point (n, 2): points within ``tol`` of each other in both coordinates get the same label
     (transitively); points farther apart than ``2 tol`` in some coordinate never do through one pair. Four grids of
     cell ``2 tol``, offset by half a cell in x and y, put every such close pair in one shared cell; labels are the
-    smallest index over shared cells, propagated until stable."""
+    smallest index over shared cells, propagated until stable. ``tol`` defaults to 1e-9 of the coordinates' scale
+    (``max(1, max |xy|)``): one point computed along different routes (the copies of a max-pool clip)."""
     labels = torch.arange(len(xy), device=xy.device)
     if len(xy) < 2:
         return labels
+    xy = xy.to(torch.float64)
+    if tol is None:
+        tol = 1e-9 * max(1.0, float(xy.abs().max()))
     groups = []
     for ox in (0.0, tol):
         for oy in (0.0, tol):
@@ -58,8 +62,7 @@ def shared_edges(res) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
     ar = torch.arange(W)
     valid = ar[None] < dg[:, None]
     nxt = torch.where(ar[None] + 1 < dg[:, None], ar[None] + 1, torch.zeros_like(ar[None]))
-    coords = res.coords.to(torch.float64)
-    lab = same_points(coords, 1e-9 * max(1.0, float(coords.abs().max())) if len(coords) else 1.0)
+    lab = same_points(res.coords)
     p, q = R, R.gather(1, nxt)
     lp, lq = lab[p], lab[q]
     keep = valid & (lp != lq)

@@ -457,7 +457,7 @@ def decision_boundary(part: "_Partitioner", coords, outs, R, dg, tol: float) -> 
     xy = mesh.coords[: mesh.nv]
     # the argmax regions are clipped as separate copies, so both sides of a border hold its edge with their own
     # vertices: vertices at one point are one (``same_points``), and each segment is kept once
-    lab = same_points(xy.to(torch.float64), 1e-9 * max(1.0, float(xy.abs().max())))
+    lab = same_points(xy)
     lp, lq = lab[p], lab[q]
     on = valid & tied[p] & tied[q] & ((m2[..., 0] - m2[..., 1]) <= t) & (lp != lq)
     a, b = torch.minimum(lp[on], lq[on]), torch.maximum(lp[on], lq[on])
