@@ -453,3 +453,85 @@ def test_same_points_merges_exactly_the_close_points():
     assert torch.equal(lab[4:8], lab[:4]) and len(set(lab[:4].tolist())) == 4
     assert torch.equal(lab[8:12], torch.arange(8, 12))
     assert lab[12] == lab[13] == lab[14] == 12
+
+
+def _sized_cuts(monkeypatch):
+    """Every all-lines cut sizes itself and falls back to the unit-by-unit cut, as when it does not fit the budget;
+    returns the records (cells and vertices before the site, cells and vertices the cut is sure to add)."""
+    import polytope_lens.slices.partition as partition
+    from polytope_lens.slices._arrangement import Degenerate, arrange
+    seen = []
+
+    def sized(mesh, vals, kinks, tol, budget, keep_vals=False):
+        try:
+            arrange(mesh, vals, kinks, tol, 0, keep_vals)  # budget 0: sizes the cut and raises, cuts nothing
+        except Degenerate as e:
+            seen.append((mesh.nc, mesh.nv, e.cells, e.vertices))
+            raise
+    monkeypatch.setattr(partition, "arrange", sized)
+    return seen
+
+
+@pytest.mark.parametrize("make", [lambda: _mlp(12, 3, 4), lambda: _mlp(12, 2, 5, 0.1, True), lambda: _relu6_net(3)],
+                         ids=["relu", "leaky-residual", "relu6-hardtanh-leaky"])
+def test_size_of_a_cut_that_does_not_fit_is_the_cut(make, monkeypatch):
+    """When all lines at once do not fit, the cut is sized before anything is cut (so that a slice that cannot fit
+    is refused at once): on random nets in general position the cells it is sure to add are exactly the cells the
+    unit-by-unit cut makes at that site, and its vertices at most the vertices made; with a small pair budget the
+    sizes are lower bounds."""
+    import polytope_lens.slices._arrangement as arrangement
+    m = make().double().eval()
+    sites = slice_box(m, outputs=False).sites
+    seen = _sized_cuts(monkeypatch)
+    sized = 0
+    for cap in (arrangement._SIZE_PAIRS, 4):
+        monkeypatch.setattr(arrangement, "_SIZE_PAIRS", cap)
+        for k, s in enumerate(sites):
+            seen.clear()
+            res = slice_box(m, until=s, outputs=False)
+            if not seen:
+                continue
+            nc, nv, cells, vertices = seen[-1]  # the last site's cut
+            sized += 1
+            if cap > 4:
+                assert res.num_regions == nc + cells
+            else:
+                assert cells <= res.num_regions - nc
+            assert vertices <= len(res.coords) - nv
+    assert sized >= 2 * len(sites) - 1
+
+
+def test_a_slice_that_cannot_fit_is_refused_before_cutting(monkeypatch):
+    """A site whose lines cross about a million times in the slice is refused at once with the size of its
+    partition (before: cut unit by unit for a minute, checking the budget only every 64 units, until the process
+    held 2.5 times the budget)."""
+    import polytope_lens.slices.partition as partition
+
+    def no_rounds(*a, **k):
+        raise AssertionError("the unit-by-unit cut ran")
+    monkeypatch.setattr(partition._Partitioner, "_scalar_rounds", no_rounds)
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(2, 2000).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(2000, 2, generator=g, dtype=torch.float64))
+        lin.bias.copy_(0.5 * torch.randn(2000, generator=g, dtype=torch.float64))
+    with pytest.raises(InvalidInputError, match="needs about .* over the memory budget of 256.0 MiB"):
+        slice_box(nn.Sequential(lin, nn.ReLU()), memory_budget=256 << 20)
+
+
+def test_unit_by_unit_cut_stays_within_the_budget(monkeypatch):
+    """The unit-by-unit cut checks before every unit what it may add: the mesh never holds more than the budget,
+    and a slice over it is refused."""
+    import polytope_lens.slices.partition as partition
+    _force_unit_by_unit(monkeypatch)
+    held = []
+    real = partition._Partitioner._write_bands
+
+    def record(self, mesh, *a):
+        real(self, mesh, *a)
+        held.append(self.mesh_bytes(mesh))
+    monkeypatch.setattr(partition._Partitioner, "_write_bands", record)
+    budget = 4 << 20
+    with pytest.raises(InvalidInputError, match="memory budget"):
+        slice_box(_mlp(300, 1, 0), memory_budget=budget)
+    assert len(held) > 10 and max(held) <= budget

@@ -30,10 +30,12 @@ its vertex centroid (interior, by convexity); the other lines keep the parent's 
 Checks and ties
 ---------------
 Each site is checked: the faces of every cut cell must tile it (areas within 1e-9 relative in float64, 1000 ulps in
-float32, plus rounding of the coordinates' size). Ties are left to the unit-by-unit cut, which snaps values within ``tol`` onto kinks: where two
-lines cross one edge, or a third line passes a crossing, within ``tol`` (in value) of each other, where a line meets
-a ring in other than two places, or where the work would not fit the memory budget, ``arrange`` raises
-``Degenerate`` before touching the mesh and the caller cuts that site unit by unit.
+float32, plus rounding of the coordinates' size). Ties are left to the unit-by-unit cut, which snaps values within
+``tol`` onto kinks: where two lines cross one edge, or a third line passes a crossing, within ``tol`` (in value) of
+each other, where a line meets a ring in other than two places, or where the work would not fit the memory budget,
+``arrange`` raises ``Degenerate`` before touching the mesh and the caller cuts that site unit by unit. In the last
+case it first counts what the cut is sure to make (chords, and pairs of chords whose ends interleave), so that the
+caller can refuse a slice that cannot fit at once instead of after most of the work.
 """
 
 from __future__ import annotations
@@ -50,7 +52,16 @@ _BLOCK = 1 << 22  # (new cell, parent chord) pairs per block when reading sides
 
 
 class Degenerate(Exception):
-    """The cells' arrangement is not in the general position this module assumes (within ``tol``)."""
+    """The cells' arrangement is not in the general position this module assumes (within ``tol``), or does not fit
+    the memory budget. ``cells`` and ``vertices``: what cutting the cells is sure to add in the second case (a lower
+    bound, ``_cut_size_at_least``), so that the caller can refuse a cut that cannot fit before starting it."""
+
+    def __init__(self, why: str, cells: int = 0, vertices: int = 0):
+        super().__init__(why)
+        self.cells, self.vertices = cells, vertices
+
+
+_SIZE_PAIRS = 1 << 26  # chord pairs tested when sizing a cut that does not fit (about a second)
 
 
 def line_signs(vals: torch.Tensor, kinks: torch.Tensor, tol: float) -> torch.Tensor:
@@ -78,6 +89,55 @@ def _segments(counts: torch.Tensor):
     group = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
     rank = torch.arange(len(group), device=counts.device) - starts[group]
     return group, rank, starts
+
+
+def _cut_size_at_least(vals, kinks, tol: float, R, dg, ci, li, kc) -> tuple[int, int]:
+    """(cells, vertices) that cutting each cell by its chords (``ci``, ``li``: cell and line of each, sorted by
+    cell) adds at least: every chord adds one cell, and every two chords that cross inside their cell (their ends
+    interleave around its ring) add one cell and one vertex; equal in general position. Crossings are counted among
+    each cell's first ``m`` chords, ``m`` as large as ``_SIZE_PAIRS`` pair tests allow (all of them on small cuts).
+    """
+    dev = vals.device
+    P, d = len(ci), vals.shape[1]
+    if P == 0:
+        return 0, 0
+    W = R.shape[1]
+    ar = torch.arange(W, device=dev)
+    dgp = dg[ci]
+    valid = ar[None] < dgp[:, None]
+    h = vals[take(R, ci), (li % d)[:, None]] - kinks[li // d][:, None]  # (P, W) line value around the ring
+    s = torch.where(h.abs() <= tol, 0, torch.sign(h)) * valid
+    nxt = torch.where(ar[None] + 1 < dgp[:, None], ar[None] + 1, torch.zeros_like(ar[None]))
+    prv = torch.where(ar[None] == 0, dgp[:, None] - 1, ar[None] - 1)
+    h_n, s_n, s_p = h.gather(1, nxt), s.gather(1, nxt), s.gather(1, prv)
+    edge = valid & (s * s_n < 0)
+    vert = valid & (s == 0) & (s_p * s_n < 0)
+    pos = torch.where(edge, ar[None] + h / (h - h_n), ar[None].to(h.dtype).expand_as(h))
+    pos = torch.where(edge | vert, pos, torch.full_like(pos, float("inf"))).sort(1).values
+    ok = (edge | vert).sum(1) == 2  # others (lines along an edge...) are left out of the crossing count
+    p1, p2 = pos[:, 0], pos[:, 1]
+    # the largest m with sum over cells of min(kc, m)^2 within the pair budget
+    lo, hi = 1, int(kc.max())
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if int((kc.clamp(max=mid) ** 2).sum()) <= _SIZE_PAIRS else (lo, mid - 1)
+    m = kc.clamp(max=lo)
+    start = torch.cumsum(kc, 0) - kc
+    cell_m, rank, _ = _segments(m)
+    sel = start[cell_m] + rank  # each cell's first m chords
+    mc = m[cell_m]
+    first = torch.cumsum(m, 0) - m
+    crossings = 0
+    step = max(1, (1 << 22) // max(1, int(m.max())))
+    for a0 in range(0, len(sel), step):
+        a = torch.arange(a0, min(a0 + step, len(sel)), device=dev)
+        pa, j, _ = _segments(mc[a])
+        ia, ib = sel[a[pa]], sel[first[cell_m[a[pa]]] + j]
+        a1, a2, b1, b2 = p1[ia], p2[ia], p1[ib], p2[ib]
+        meet = ((a1 < b1) & (b1 < a2) & (a2 < b2)) | ((b1 < a1) & (a1 < b2) & (b2 < a2))
+        crossings += int((meet & ok[ia] & ok[ib]).sum())
+    crossings //= 2  # each pair was tested both ways
+    return P + crossings, crossings
 
 
 def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, budget: int, keep_vals: bool = False):
@@ -116,8 +176,9 @@ def arrange(mesh: Mesh, vals: torch.Tensor, kinks: torch.Tensor, tol: float, bud
     _, _, start = _segments(kc)
     # ordered chord pairs and boundary entries (~100 B each), hashed incidences (~4 per pair), new cells' sides
     est = 100 * int((kc * (kc + dg)).sum()) + 64 * _BLOCK + int((kc * kc).sum()) * (L + 1) // 2
-    if est > budget:
-        raise Degenerate(f"memory: about {est} bytes")  # caller cuts unit by unit, under the budget
+    if est > budget:  # caller cuts unit by unit, under the budget, unless even the least the cut makes is over it
+        cells, vertices = _cut_size_at_least(vals, kinks, tol, R, dg, ci, li, kc)
+        raise Degenerate(f"memory: about {est} bytes", cells, vertices)
 
     # ---------------------------------------------------------------- chord ends on the ring
     Rp, dgp, vp = take(R, ci), dg[ci], take(valid, ci)

@@ -18,7 +18,8 @@ Ties
 Values within ``tol`` of a kink are snapped onto it before anything is decided. A snapped vertex lies on the kink and
 belongs to the closures of the pieces on both sides, so a line through an existing vertex adds no vertex there, and
 a unit that only touches its kink on a cell (or lies on it everywhere) does not cut it. A child is kept only when
-its piece has interior in the cell (some entry above its lower kink and some below its upper one), so no zero-area cells are made.
+its piece has interior in the cell (some entry above its lower kink and some below its upper one), so no zero-area
+cells are made.
 
 Cost
 ----
@@ -38,11 +39,16 @@ def take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.index_select(0, idx.reshape(-1)).reshape(*idx.shape, *t.shape[1:])
 
 
+def grown(capacity: int, rows: int) -> int:
+    """Rows a buffer of ``capacity`` rows has once it holds ``rows`` (``grow`` doubles)."""
+    return capacity if rows <= capacity else max(rows, 2 * capacity, 16)
+
+
 def grow(t: torch.Tensor, rows: int) -> torch.Tensor:
     """``t`` with at least ``rows`` rows (doubling), old rows kept."""
     if rows <= t.shape[0]:
         return t
-    new = t.new_zeros((max(rows, 2 * t.shape[0], 16), *t.shape[1:]))
+    new = t.new_zeros((grown(t.shape[0], rows), *t.shape[1:]))
     new[: t.shape[0]] = t
     return new
 

@@ -98,9 +98,13 @@ def _threads(n: int | None):
         torch.set_num_threads(old)
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 10 << 30 else f"{n / 2**30:,.0f} GiB"
+
+
 def _budget_error(owner: str, what: str, est: int, budget: int) -> InvalidInputError:
     return InvalidInputError(
-        f"{owner}: {what} needs about {est / 2**20:.1f} MiB, over the memory budget of {budget / 2**20:.1f} MiB. "
+        f"{owner}: {what} needs about {_mib(est)}, over the memory budget of {_mib(budget)}. "
         "Raise 'memory_budget', shrink the domain, or restrict the partition with 'until='/'units='.")
 
 
@@ -165,14 +169,21 @@ class _Partitioner:
                 mesh.leaves[site.name] = site.apply(z.reshape(len(z), *shape)).reshape(len(z), -1)
             mesh.vals = mesh.vals[:0]
 
-    def mesh_bytes(self, mesh: _mesh.Mesh) -> int:
+    def mesh_bytes(self, mesh: _mesh.Mesh, cells: int = 0, vertices: int = 0, width: int = 0,
+                   cell_extra: int = 0) -> int:
+        """Bytes of the mesh's buffers now, or once they hold ``cells`` more cells and ``vertices`` more vertices
+        (buffers double as they grow), rings ``width`` wide and ``cell_extra`` more bytes per cell."""
         rows = sum(r.element_size() * r[0].numel() for r in mesh.rows) if mesh.nc else 0
         leaves = sum(v.shape[1] for v in mesh.leaves.values())
-        return (mesh.coords.shape[0] * (16 + 8 * mesh.vals.shape[1] + 8 * leaves)
-                + mesh.ring.shape[0] * (8 * mesh.ring.shape[1] + 8 + rows))
+        n_vertex = _mesh.grown(mesh.coords.shape[0], mesh.nv + vertices)
+        n_cell = _mesh.grown(mesh.ring.shape[0], mesh.nc + cells)
+        return (n_vertex * (16 + 8 * mesh.vals.shape[1] + 8 * leaves)
+                + n_cell * (8 * max(width, mesh.ring.shape[1]) + 8 + rows + cell_extra))
 
-    def check(self, mesh, what: str, extra: int = 0) -> None:
-        est = self.mesh_bytes(mesh) + extra
+    def check(self, mesh, what: str, extra: int = 0, **growth) -> None:
+        """Raise the budget error when the mesh (grown by ``growth``, see ``mesh_bytes``) plus ``extra`` bytes is
+        over the budget."""
+        est = self.mesh_bytes(mesh, **growth) + extra
         if est > self.budget:
             raise _budget_error(self.owner, what, est, self.budget)
 
@@ -212,7 +223,11 @@ class _Partitioner:
         kinks = torch.tensor(act.kinks, dtype=mesh.vals.dtype, device=mesh.vals.device)
         try:
             side = arrange(mesh, mesh.vals[: mesh.nv], kinks, tol, self.budget - self.mesh_bytes(mesh), keep_vals)
-        except Degenerate:
+        except Degenerate as e:
+            # the unit-by-unit cut keeps a flag per cell and unit: refuse at once when even the least that the cut
+            # makes (counted by ``arrange`` when it does not fit) is over the budget, not after most of the work
+            self.check(mesh, f"the partition at site {name!r}", cells=e.cells, vertices=e.vertices,
+                       cell_extra=mesh.vals.shape[1])
             self.fallbacks += 1
             with _threads(self.round_threads):
                 self._scalar_rounds(mesh, act, kinks, tol, name)
@@ -251,10 +266,11 @@ class _Partitioner:
                 if not len(A):
                     continue
                 self.rounds += 1
+                # at most: every cut cell in every piece, two new vertices per kink on its ring
+                self.check(mesh, f"the partition at site {name!r}", cells=len(A) * (act.n_pieces - 1),
+                           vertices=2 * len(kinks) * len(A), width=W + 2 * len(kinks))
                 ring, alo, ahi = _mesh.cut(mesh, act, kinks, R, dg, g, zero.expand(len(A)), 1)
                 self._write_bands(mesh, A, ring, alo, ahi, act.n_pieces)
-                if mesh.nc & 0xFFF == 0 or self.rounds % 64 == 0:
-                    self.check(mesh, f"the partition at site {name!r}")
             del d
         finally:
             mesh.rows.pop()
@@ -356,6 +372,9 @@ class _Partitioner:
                             R = torch.nn.functional.pad(R, (0, kid.shape[1] - R.shape[1]))
                         R.index_copy_(0, ci, torch.nn.functional.pad(kid, (0, R.shape[1] - kid.shape[1])))
                         dg[ci] = kdg
+                    # the vertices made so far, and the clipped copies that will replace their cells
+                    self.check(mesh, f"the partition at site {name!r}", cells=int(alive.sum()) - len(A),
+                               width=R.shape[1], extra=R.numel() * 8)
                 keep = torch.nonzero(alive).flatten()
                 par_k = par[keep]
                 order = torch.argsort(par_k, stable=True)
