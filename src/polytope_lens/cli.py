@@ -219,8 +219,10 @@ def _load_npy(path: Path, what: str):
     return arr
 
 
-def _item(bundle, ref: str, what: str):
-    """Model input(s) for ``DATA_SPEC@KEY`` (KEY: row index or label name, e.g. skimage@chelsea) or a .npy file."""
+def _item(bundle, ref: str, what: str, max_tokens: int | None = None):
+    """Model input(s) for ``DATA_SPEC@KEY`` (KEY: row index or label name, e.g. skimage@chelsea) or a .npy file.
+    Text is refused unless ``max_tokens`` is given: then the encoded mapping (token ids, attention mask) comes back,
+    for analyses of one text's activations (scaling rays); a path between two texts is not defined."""
     import numpy as np
     import torch
 
@@ -239,7 +241,8 @@ def _item(bundle, ref: str, what: str):
                                     f"({', '.join(names[:12]) or 'none'}).")
         if not 0 <= row < len(source):
             raise InvalidInputError(f"{what} {ref!r}: row {row} is out of range (the data has {len(source)} items).")
-        inputs = bundle.encode(source, [row])
+        inputs = (bundle.encode(source, [row], max_length=max_tokens) if bundle.modality == "text" and max_tokens
+                  else bundle.encode(source, [row]))
     else:
         path = Path(ref)
         if path.suffix != ".npy" or not path.is_file():
@@ -251,8 +254,10 @@ def _item(bundle, ref: str, what: str):
         arr = arr if bundle.input_shape is None or arr.shape != tuple(bundle.input_shape) else arr[None]
         inputs = bundle.encode(DataSource(str(path), "array", arr.astype(np.float32), None, None, {}))
     if bundle.modality == "text":
-        raise InvalidInputError(f"Paths between text inputs are not defined (token sequences differ); use the "
-                                f"Python API with layer= on {bundle.spec!r}.")
+        if max_tokens is None:
+            raise InvalidInputError(f"Paths between text inputs are not defined (token sequences differ); use the "
+                                    f"Python API with layer= on {bundle.spec!r}, or 'scale' for one text's rays.")
+        return dict(inputs.tensors)
     return next(iter(inputs.tensors.values())).to(torch.float64)
 
 
@@ -317,6 +322,10 @@ Method = Annotated[str, typer.Option(help="auto | exact | sampled. auto: exact w
 Dtype = Annotated[str, typer.Option(help="float64 (default, exact counts) or float32.")]
 Device = Annotated[str, typer.Option(help="cpu or cuda.")]
 Budget = Annotated[int, typer.Option(help="Memory budget in MiB; larger batches are chunked to fit.")]
+Samples = Annotated[int, typer.Option(help="Sampled mode: samples per path (a unit that changes piece and back "
+                                           "between two samples is missed, so counts are lower bounds).")]
+Tol = Annotated[float, typer.Option(help="Sampled mode: each crossing is located to this tolerance in t (one "
+                                         "forward pass per crossing and step).")]
 
 
 @app.command("path")
@@ -334,6 +343,7 @@ def path_cmd(
                                                       "other branches).")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Globs of the sites whose crossings are reported.")] = None,
     method: Method = "auto", dtype: Dtype = "float64", device: Device = "cpu", memory_mib: Budget = 1024,
+    n_samples: Samples = 1024, tol: Tol = 1e-9,
     records: Annotated[bool, typer.Option(help="Include every crossing (t, site, unit, piece) in the JSON.")] = False,
     trace: Annotated[bool, typer.Option(help="Semantic trace: the output in every region (one model evaluation "
                                              "per region; turn off for paths with very many regions).")] = True,
@@ -358,7 +368,7 @@ def path_cmd(
     else:
         start, end = _item(bundle, from_ref, "--from"), _item(bundle, to_ref, "--to")
     kw = dict(method=method, dtype=_dtype(dtype), device=device, layers=layers, memory_budget=memory_mib << 20,
-              trace=trace, ray_address=ray, ray_workers=ray_workers)
+              trace=trace, ray_address=ray, ray_workers=ray_workers, n_samples=n_samples, tol=tol)
     with err.status(f"crossings along {len(start)} path(s) of {bundle.spec}"):
         if layer is None:
             result = path_crossings(bundle, start, end, **kw)
@@ -383,7 +393,8 @@ def _alphas(text: str) -> tuple[float, float]:
 @_user_errors
 def scale_cmd(
     model: Annotated[str, typer.Option(help="Model spec.")],
-    input_ref: Annotated[str, typer.Option("--input", help="DATA_SPEC@INDEX or @LABEL, or an .npy file.")],
+    input_ref: Annotated[str, typer.Option("--input", help="DATA_SPEC@INDEX or @LABEL (a text too, e.g. "
+                                                           "pydoc@0), or an .npy file.")],
     layer: Annotated[str, typer.Option(help="Site whose activation a is scaled: the ray is alpha * a (a + alpha * d "
                                             "with --direction).")],
     json_out: Annotated[Path, typer.Option("--json", help="Write the result here.")],
@@ -392,6 +403,9 @@ def scale_cmd(
         help="A .npy of the site's activation shape: the ray is a + alpha * d instead of alpha * a.")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Globs of the sites whose crossings are reported.")] = None,
     method: Method = "auto", dtype: Dtype = "float64", device: Device = "cpu", memory_mib: Budget = 1024,
+    n_samples: Samples = 1024, tol: Tol = 1e-9,
+    max_tokens: Annotated[int, typer.Option(help="Text inputs: tokens kept (the ray scales every token's "
+                                                 "activation at --layer).")] = 128,
     records: Annotated[bool, typer.Option(help="Include every crossing in the JSON.")] = False,
     trace: Annotated[bool, typer.Option(help="Semantic trace: the output in every region.")] = True,
 ):
@@ -402,12 +416,14 @@ def scale_cmd(
 
     _check_json_target(json_out)
     bundle = load_model(model)
-    x = _item(bundle, input_ref, "--input")
+    if max_tokens < 1:
+        raise InvalidInputError(f"--max-tokens must be at least 1. Got {max_tokens}.")
+    x = _item(bundle, input_ref, "--input", max_tokens=max_tokens)
     d = None if direction is None else _load_npy(direction, "--direction")
     with err.status(f"crossings along the scaling ray of {layer}"):
         result = ray_crossings(bundle.module, x, layer=layer, alphas=_alphas(alphas), direction=d, method=method,
                                dtype=_dtype(dtype), device=device, layers=layers, memory_budget=memory_mib << 20,
-                               trace=trace)
+                               trace=trace, n_samples=n_samples, tol=tol)
     _print_paths(result, f"{bundle.spec} scaling ray at {result.layer}")
     _write_json(json_out, {"model": bundle.spec, "input": input_ref,
                            **({} if direction is None else {"direction": str(direction)}),

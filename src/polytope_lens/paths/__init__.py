@@ -31,11 +31,11 @@ from .._heap import keep_freed_memory
 from ..capture import StopForward, list_sites, run, select_sites
 from ..codes import site_unit_indices
 from ..errors import InvalidInputError, NotPiecewiseLinearError
-from ..kinks import argmax_changes, lexsort
+from ..kinks import _first_max, argmax_changes, lexsort
 from . import geometry
 from .exact import Refiner, verify_chunk
 from .geometry import PathSpec
-from .results import PathBatchResult, PathResult, Trace, trace_from_outputs
+from .results import PathBatchResult, PathResult, Trace, traces_from_outputs
 from .runner import Runner, default_forward, index_inputs, prepare_model
 from .sampled import sampled_chunk
 
@@ -155,6 +155,10 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
                                 "has no boundaries to count.")
     reported = [s.name for s in select_sites(runner.processed, layers)] if layers is not None else runner.names
     notes = []
+    if trace and not runner.has_output:
+        trace = False
+        notes.append("no semantic trace: the model's output holds no class scores (a text encoder's hidden states, "
+                     "say)")
     if layers is not None:
         # crossings of the reported sites depend only on the sites up to the last of them: stop there
         last = max(runner.names.index(n) for n in reported)
@@ -198,11 +202,12 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
     n_paths = spec.n_paths
     zdims = [math.prod(runner.z_shape[n]) for n in runner.names]
     width = max(zdims)
+    trace_w = 3 * runner.n_outputs if trace else 0  # outputs at points and midpoints, softmax temporaries
     if use_exact:
-        per_point = 8 * (6 * width + (sum(zdims) if affine is None else 2 * width) + 64)
+        per_point = 8 * (6 * width + (sum(zdims) if affine is None else 2 * width) + trace_w + 64)
         est_pts = spec.knots_t.shape[1] + 0.5 * sum(zdims)
     else:
-        per_point = 8 * (2 * sum(zdims) + 64)
+        per_point = 8 * (2 * sum(zdims) + trace_w + 64)
         est_pts = n_samples + 1
     # on the CPU a chunk beyond a few hundred MiB only adds cache misses and page faults (784->4x512: 122 paths/s at
     # 128-512 MiB chunks, 107 at 1 GiB, 76 at 2 GiB); on a GPU bigger chunks amortise the launches, so the budget rules
@@ -258,23 +263,12 @@ def _collect(results, out, gp, spec: PathSpec, runner: Runner, reported, exact: 
     at_points = out.get("output_at_points") if trace else None
     traces, bisect = {}, {}
     if output is not None:
-        p0 = 0
-        for i in range(c):
-            tt = out["t"][p0:p0 + pcount[i]]
-            if exact:
-                traces[i] = trace_from_outputs(0.5 * (tt[:-1] + tt[1:]), output[p0:p0 + pcount[i] - 1], tt[1:-1])
-            else:
-                traces[i] = trace_from_outputs(tt, output[p0:p0 + pcount[i]], 0.5 * (tt[:-1] + tt[1:]))
-            if at_points is not None:
-                traces[i] = dataclasses.replace(traces[i], class_changes=_class_changes(
-                    tt, at_points[p0:p0 + pcount[i]], runner.tol))
-            else:
-                bisect[i] = traces[i]
-            p0 += pcount[i]
+        traces = _chunk_traces(out["t"], output, at_points, pcount, exact, runner.tol)
+        if at_points is None:
+            bisect = traces
         traces.update(_refine_flips(bisect, gp, runner))
     r0 = p0 = 0
-    for i in range(c):
-        g = int(gp[i])
+    for i, g in enumerate(gp.tolist()):  # one transfer: int(gp[i]) on a GPU is a synchronising copy per path
         r1, p1 = r0 + rcount[i], p0 + pcount[i]
         sites_i = rs_np[r0:r1]
         per = np.bincount(sites_i, minlength=len(reported))
@@ -290,16 +284,58 @@ def _collect(results, out, gp, spec: PathSpec, runner: Runner, reported, exact: 
         r0, p0 = r1, p1
 
 
-def _class_changes(t: torch.Tensor, logits: torch.Tensor, tol: float) -> np.ndarray:
-    """Every position where the top class changes along one path whose outputs ``logits`` at its breakpoints ``t``
-    are affine on each region between them: the argmax of affine scores along each region (``argmax_changes``,
-    max pooling's rule with ties within ``tol``), so several changes inside one region and a change back to the
-    same class across a breakpoint are all found."""
-    if len(t) < 2:
-        return np.zeros(0)
-    cr = argmax_changes(logits[:-1].to(torch.float64), logits[1:].to(torch.float64), tol)
-    tl, tr = t[cr.segment].to(torch.float64), t[cr.segment + 1].to(torch.float64)
-    return (tl + cr.t.to(torch.float64) * (tr - tl)).cpu().numpy()
+def _chunk_traces(t: torch.Tensor, output: torch.Tensor, at_points, pcount: list[int], exact: bool,
+                  tol: float) -> dict:
+    """Traces of a chunk's paths (``pcount[i]`` consecutive points each), in a few passes over the whole chunk.
+
+    Exact: one output per region (rows at the midpoints of consecutive points; the pair from a path's last point
+    to the next path's first is dropped), a change reported at the breakpoint between two regions; with outputs at
+    the breakpoints (``at_points``, affine on each region) every change of the top class inside a region is placed
+    too (``_class_changes``). Sampled: one output per sample, a change reported at the midpoint between two samples
+    (to be bisected)."""
+    counts = torch.as_tensor(pcount)
+    last = torch.zeros(len(t), dtype=torch.bool)
+    last[torch.cumsum(counts, 0) - 1] = True  # a path's last point: no region starts there, no pair reaches past it
+    inner, last = ~last, last.to(t.device)
+    mid = 0.5 * (t[:-1] + t[1:])
+    keep = inner[:-1].to(t.device)
+    if exact:
+        first = torch.zeros_like(last)
+        first[torch.cumsum(counts, 0).to(t.device) - counts.to(t.device)] = True
+        traces = traces_from_outputs(mid[keep], output[keep], t[~(first | last)], (counts - 1).tolist())
+    else:
+        traces = traces_from_outputs(t, output, mid[keep], pcount)
+    traces = dict(enumerate(traces))
+    if at_points is not None:
+        for i, changes in enumerate(_class_changes(t, at_points, last, pcount, tol)):
+            traces[i] = dataclasses.replace(traces[i], class_changes=changes)
+    return traces
+
+
+def _class_changes(t: torch.Tensor, logits: torch.Tensor, last: torch.Tensor, pcount: list[int],
+                   tol: float, block: int = 256) -> list[np.ndarray]:
+    """Every position where the top class changes along each path of a chunk whose outputs ``logits`` at its
+    breakpoints ``t`` are affine on each region between them: the argmax of affine scores along each region
+    (``argmax_changes``, max pooling's rule with ties within ``tol``), so several changes inside one region and a
+    change back to the same class across a breakpoint are all found. Only regions whose first maximum differs at
+    their ends can change (the upper envelope of lines is convex); they are followed ``block`` at a time, which
+    bounds the (regions x classes x classes) work arrays."""
+    logits = logits.to(torch.float64)
+    first = _first_max(logits, tol)
+    seg = torch.nonzero((first[:-1] != first[1:]) & ~last[:-1]).flatten()
+    pos = []
+    for s in range(0, len(seg), block):
+        j = seg[s:s + block]
+        cr = argmax_changes(logits[j], logits[j + 1], tol)
+        jj = j[cr.segment]
+        pos.append(torch.stack([jj.to(torch.float64), t[jj] + cr.t.to(torch.float64) * (t[jj + 1] - t[jj])]))
+    found = torch.cat(pos, 1).cpu().numpy() if pos else np.zeros((2, 0))
+    ends = np.cumsum(pcount)
+    owner = np.searchsorted(ends, found[0], side="right")  # the path whose points hold the region's first point
+    order = np.lexsort((found[1], owner))
+    owner, where = owner[order], found[1][order]
+    bounds = np.searchsorted(owner, np.arange(len(pcount) + 1))
+    return [where[bounds[i]:bounds[i + 1]] for i in range(len(pcount))]
 
 
 def _refine_flips(traces: dict, gp: torch.Tensor, runner: Runner, tol: float = 1e-10) -> dict:

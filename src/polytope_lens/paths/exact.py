@@ -83,13 +83,16 @@ def _lerp_rows(x: torch.Tensor, left: torch.Tensor, u: torch.Tensor) -> torch.Te
 
 
 def _cumsum_rows(x: torch.Tensor, block: int = 32) -> torch.Tensor:
-    """``torch.cumsum(x, 0)`` for a (n, d) tensor, several times faster on CPU: a triangular product within blocks
-    of rows, then the running block totals (torch's cumsum along a non-innermost dimension is a strided loop)."""
+    """``torch.cumsum(x, 0)`` for a (n, d) tensor, several times faster: a triangular product within blocks of
+    rows, then the running block totals, the same way while there are many blocks (torch's cumsum along a
+    non-innermost dimension is a strided loop on the CPU and one sequential thread per column on a GPU)."""
     n, d = x.shape
+    if n <= block:
+        return x.cumsum(0)
     nb = -(-n // block)
     xp = x if n == nb * block else torch.cat([x, x.new_zeros(nb * block - n, d)])
     within = torch.matmul(torch.ones(block, block, dtype=x.dtype, device=x.device).tril_(), xp.view(nb, block, d))
-    within[1:] += within[:-1, -1].cumsum(0)[:, None]
+    within[1:] += _cumsum_rows(within[:-1, -1], block)[:, None]
     return within.view(-1, d)[:n]
 
 

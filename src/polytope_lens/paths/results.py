@@ -15,7 +15,7 @@ import torch
 
 from ..errors import InvalidInputError
 
-__all__ = ["Trace", "PathResult", "PathBatchResult", "trace_from_outputs"]
+__all__ = ["Trace", "PathResult", "PathBatchResult", "trace_from_outputs", "traces_from_outputs"]
 
 
 @dataclass(frozen=True)
@@ -60,12 +60,38 @@ def _js(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 def trace_from_outputs(t_at: torch.Tensor, logits: torch.Tensor, t_between: torch.Tensor) -> Trace:
     """Trace of one path from outputs (n, classes) taken at ``t_at``; ``t_between`` (n - 1,) are the positions
     reported for a change between consecutive rows."""
-    logits = logits.to(torch.float64)
-    probs = torch.softmax(logits, dim=-1)
-    top = logits.argmax(-1)
-    change = torch.nonzero(top[1:] != top[:-1]).flatten()
-    js = _js(probs[:-1], probs[1:]) if len(probs) > 1 else probs.new_zeros(0)
-    return Trace(t_at.cpu().numpy(), top.cpu().numpy(), t_between[change].cpu().numpy(), js.cpu().numpy())
+    return traces_from_outputs(t_at, logits, t_between, [len(t_at)])[0]
+
+
+def traces_from_outputs(t_at: torch.Tensor, logits: torch.Tensor, t_between: torch.Tensor,
+                        counts: list[int], block_elems: int | None = None) -> list[Trace]:
+    """Traces of consecutive paths at once: path i owns ``counts[i]`` rows of ``t_at`` and ``logits`` and the
+    ``counts[i] - 1`` next entries of ``t_between``. Softmax, argmax and divergences run over all rows on the
+    outputs' device, in blocks of about ``block_elems`` logits, and come to the host once, not once per path (a
+    synchronising copy on a GPU). Default blocks: 2 MiB temporaries on the CPU (cache-sized: 64 MiB ones made the
+    trace of 784->4x512 paths 1.8x slower), 128 MiB on a GPU (few launches)."""
+    if block_elems is None:
+        block_elems = 1 << (18 if logits.device.type == "cpu" else 24)
+    n, k = logits.shape[0], max(1, logits.shape[-1])
+    step = max(2, block_elems // k)  # rows per block
+    top, js = [], []
+    for r in range(0, n, step - 1):  # blocks overlap by one row, so every consecutive pair is in one
+        block = logits[r:r + step].to(torch.float64)
+        top.append(block.argmax(-1)[: step - 1 if r + step < n else None])
+        probs = torch.softmax(block, dim=-1)
+        js.append(_js(probs[:-1], probs[1:]) if len(probs) > 1 else probs.new_zeros(0))
+        if r + step >= n:
+            break
+    top_np = torch.cat(top).cpu().numpy() if n else np.zeros(0, dtype=np.int64)
+    js_np = torch.cat(js).cpu().numpy() if n else np.zeros(0)
+    t_np, tb_np = t_at.cpu().numpy(), t_between.cpu().numpy()
+    out, r0, b0 = [], 0, 0
+    for c in counts:
+        tc = top_np[r0:r0 + c]
+        change = np.flatnonzero(tc[1:] != tc[:-1])
+        out.append(Trace(t_np[r0:r0 + c], tc, tb_np[b0:b0 + max(c - 1, 0)][change], js_np[r0:r0 + max(c - 1, 0)]))
+        r0, b0 = r0 + c, b0 + max(c - 1, 0)
+    return out
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,9 @@ class Runner:
         def record(site, z):
             seen[site.name] = (site, z.detach())
         out = run(self.model, lambda: self.fwd(probe_input), record, **capture_kwargs)
-        self.has_output = logits_of(out) is not None  # class scores (text encoders have none)
+        scores = logits_of(out)
+        self.has_output = scores is not None  # class scores (text encoders have none)
+        self.n_outputs = 0 if scores is None else int(scores.shape[1])
         self.all_sites: list[CallSite] = [s for s, _ in seen.values()]
         self.out_shape = {}
         for name, (site, z) in seen.items():
