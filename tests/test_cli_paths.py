@@ -77,7 +77,7 @@ def _npy(tmp_path, name, arr):
 @pytest.mark.parametrize("case", ["equal endpoints", "NaN", "mismatched shapes", "unknown layer", "unsupported op",
                                   "bad alphas", "neither endpoints nor pairs", "pairs without arrays",
                                   "direction of the wrong shape", "unreadable direction", "pairs of the wrong shape",
-                                  "pairs file not an npz"])
+                                  "pairs file not an npz", "zero budget", "one sample", "zero tolerance"])
 def test_bad_inputs(case, tmp_path):
     a = _npy(tmp_path, "a.npy", np.ones(6, np.float32))
     out = str(tmp_path / "o.json")
@@ -100,11 +100,17 @@ def test_bad_inputs(case, tmp_path):
         "pairs file not an npz": ["path", "--model", MODEL, "--pairs", _text(tmp_path / "y.npz"), "--json", out],
         "unreadable direction": ["scale", "--model", MODEL, "--input", a, "--layer", "1.relu", "--direction",
                                  _text(tmp_path / "x.npy"), "--json", out],
+        "zero budget": ["path", "--model", MODEL, "--from", a, "--to", _npy(tmp_path, "e.npy", np.zeros(6)),
+                        "--memory-mib", "0", "--json", out],
+        "one sample": ["scale", "--model", MODEL, "--input", a, "--layer", "1.relu", "--n-samples", "1", "--json", out],
+        "zero tolerance": ["scale", "--model", MODEL, "--input", a, "--layer", "1.relu", "--tol", "0", "--json", out],
     }[case]
     r = runner.invoke(app, args)
     assert r.exit_code == 1, r.output
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    if case in ("zero budget", "one sample", "zero tolerance"):  # the CLI's flags are named, not API parameters
+        assert any(flag in lines[0] for flag in ("--memory-mib", "--n-samples", "--tol")), lines[0]
     assert not (tmp_path / "o.json").exists()
 
 

@@ -62,7 +62,7 @@ def test_complexity_json(tmp_path):
     (["--box", "a,b"], "--box must be four numbers"),
     ([], "exactly one of --box"),
     (["--points", "COLLINEAR"], "collinear"),
-    (["--box", "-1,1,-1,1", "--memory-mib", "0"], "memory_budget"),
+    (["--box", "-1,1,-1,1", "--memory-mib", "0"], "--memory-mib must be at least 1"),
 ])
 def test_bad_slices(args, match, tmp_path):
     if "COLLINEAR" in args:

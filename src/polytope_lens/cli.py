@@ -367,8 +367,9 @@ def path_cmd(
         start, end = _pairs(bundle, pairs)
     else:
         start, end = _item(bundle, from_ref, "--from"), _item(bundle, to_ref, "--to")
-    kw = dict(method=method, dtype=_dtype(dtype), device=device, layers=layers, memory_budget=memory_mib << 20,
-              trace=trace, ray_address=ray, ray_workers=ray_workers, n_samples=n_samples, tol=tol)
+    kw = dict(method=method, dtype=_dtype(dtype), device=device, layers=layers,
+              memory_budget=_budget_bytes(memory_mib), trace=trace, ray_address=ray, ray_workers=ray_workers,
+              **_sampling(n_samples, tol))
     with err.status(f"crossings along {len(start)} path(s) of {bundle.spec}"):
         if layer is None:
             result = path_crossings(bundle, start, end, **kw)
@@ -383,6 +384,20 @@ def path_cmd(
     _print_paths(result, f"{bundle.spec} path")
     _write_json(json_out, {"model": bundle.spec, "from": from_ref, "to": to_ref,
                            "pairs": None if pairs is None else str(pairs), **result.to_dict(records=records)})
+
+
+def _budget_bytes(memory_mib: int) -> int:
+    if memory_mib < 1:
+        raise InvalidInputError(f"--memory-mib must be at least 1 (MiB). Got {memory_mib}.")
+    return memory_mib << 20
+
+
+def _sampling(n_samples: int, tol: float) -> dict:
+    if n_samples < 2:
+        raise InvalidInputError(f"--n-samples must be at least 2. Got {n_samples}.")
+    if not 0 < tol < 1:
+        raise InvalidInputError(f"--tol must be a number in (0, 1), a tolerance in t. Got {tol}.")
+    return {"n_samples": n_samples, "tol": tol}
 
 
 def _alphas(text: str) -> tuple[float, float]:
@@ -422,8 +437,8 @@ def scale_cmd(
     d = None if direction is None else _load_npy(direction, "--direction")
     with err.status(f"crossings along the scaling ray of {layer}"):
         result = ray_crossings(bundle.module, x, layer=layer, alphas=_alphas(alphas), direction=d, method=method,
-                               dtype=_dtype(dtype), device=device, layers=layers, memory_budget=memory_mib << 20,
-                               trace=trace, n_samples=n_samples, tol=tol)
+                               dtype=_dtype(dtype), device=device, layers=layers,
+                               memory_budget=_budget_bytes(memory_mib), trace=trace, **_sampling(n_samples, tol))
     _print_paths(result, f"{bundle.spec} scaling ray at {result.layer}")
     _write_json(json_out, {"model": bundle.spec, "input": input_ref,
                            **({} if direction is None else {"direction": str(direction)}),
@@ -495,7 +510,7 @@ def slice_cmd(
     if sum(v is not None for v in (box, points, through)) != 1:
         raise InvalidInputError("Give exactly one of --box, --points or --through.")
     bundle = load_model(model)
-    kw = dict(until=until, memory_budget=memory_mib << 20)
+    kw = dict(until=until, memory_budget=_budget_bytes(memory_mib))
     if box is not None:
         x0, x1, y0, y1 = _box(box)
         plane = Plane.box(x0, x1, ylo=y0, yhi=y1)

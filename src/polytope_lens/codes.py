@@ -153,6 +153,8 @@ class UnitSelection:
             return np.stack([np.arange(batch), np.full(batch, -1)], axis=1)
         if mask is None:
             raise InvalidInputError(f"The {self.kind!r} unit selection needs a text model (token sequences).")
+        if self.kind == "all-tokens":  # every content position, example by example: one pass, not a Python loop
+            return torch.nonzero(mask.cpu()).numpy().astype(np.int64).reshape(-1, 2)
         out = []
         for i in range(batch):
             valid = torch.nonzero(mask[i]).flatten().tolist()  # content positions, in order
