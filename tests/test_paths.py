@@ -935,3 +935,19 @@ def test_device_is_checked_before_any_work():
             path_crossings(mlp, a, -a, device="cuda")
         with pytest.raises(InvalidInputError, match="no CUDA device"):
             ray_crossings(mlp, a, layer="*relu", device="cuda")
+
+
+def test_default_memory_budget_is_1_gib_on_the_cpu_and_half_the_free_gpu_memory(monkeypatch):
+    """memory_budget=None: 1 GiB on the CPU (same results as passing it); on a GPU half of what
+    torch.cuda.mem_get_info reports free, never below 1 GiB."""
+    from polytope_lens.paths import default_memory_budget
+
+    assert default_memory_budget(torch.device("cpu")) == 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 << 30, 80 << 30))
+    assert default_memory_budget(torch.device("cuda")) == 5 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 30, 80 << 30))
+    assert default_memory_budget(torch.device("cuda")) == 1 << 30
+    mlp = MLP(5, 12, 2, seed=3)
+    a, b = torch.randn(6, 5), torch.randn(6, 5)
+    assert (path_crossings(mlp, a, b, memory_budget=None).counts.tolist()
+            == path_crossings(mlp, a, b, memory_budget=1 << 30).counts.tolist())

@@ -321,7 +321,9 @@ Method = Annotated[str, typer.Option(help="auto | exact | sampled. auto: exact w
                                           "linear and the model is affine between sites, else sampled.")]
 Dtype = Annotated[str, typer.Option(help="float64 (default, exact counts) or float32.")]
 Device = Annotated[str, typer.Option(help="cpu or cuda.")]
-Budget = Annotated[int, typer.Option(help="Memory budget in MiB; larger batches are chunked to fit.")]
+Budget = Annotated[Optional[int], typer.Option(help="Memory budget in MiB; larger batches are chunked to fit. "
+                                                    "Default: 1024 on the CPU, half the free GPU memory with "
+                                                    "--device cuda.", show_default=False)]
 Samples = Annotated[int, typer.Option(help="Sampled mode: samples per path (a unit that changes piece and back "
                                            "between two samples is missed, so counts are lower bounds).")]
 Tol = Annotated[float, typer.Option(help="Sampled mode: each crossing is located to this tolerance in t (one "
@@ -342,7 +344,7 @@ def path_cmd(
                                                       "the two inputs' activations; the --from input feeds the "
                                                       "other branches).")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Globs of the sites whose crossings are reported.")] = None,
-    method: Method = "auto", dtype: Dtype = "float64", device: Device = "cpu", memory_mib: Budget = 1024,
+    method: Method = "auto", dtype: Dtype = "float64", device: Device = "cpu", memory_mib: Budget = None,
     n_samples: Samples = 1024, tol: Tol = 1e-9,
     records: Annotated[bool, typer.Option(help="Include every crossing (t, site, unit, piece) in the JSON.")] = False,
     trace: Annotated[bool, typer.Option(help="Semantic trace: the output in every region (one model evaluation "
@@ -386,7 +388,9 @@ def path_cmd(
                            "pairs": None if pairs is None else str(pairs), **result.to_dict(records=records)})
 
 
-def _budget_bytes(memory_mib: int) -> int:
+def _budget_bytes(memory_mib: int | None) -> int | None:
+    if memory_mib is None:
+        return None
     if memory_mib < 1:
         raise InvalidInputError(f"--memory-mib must be at least 1 (MiB). Got {memory_mib}.")
     return memory_mib << 20
@@ -417,7 +421,7 @@ def scale_cmd(
     direction: Annotated[Optional[Path], typer.Option(
         help="A .npy of the site's activation shape: the ray is a + alpha * d instead of alpha * a.")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Globs of the sites whose crossings are reported.")] = None,
-    method: Method = "auto", dtype: Dtype = "float64", device: Device = "cpu", memory_mib: Budget = 1024,
+    method: Method = "auto", dtype: Dtype = "float64", device: Device = "cpu", memory_mib: Budget = None,
     n_samples: Samples = 1024, tol: Tol = 1e-9,
     max_tokens: Annotated[int, typer.Option(help="Text inputs: tokens kept (the ray scales every token's "
                                                  "activation at --layer).")] = 128,

@@ -40,10 +40,20 @@ from .runner import Runner, default_forward, index_inputs, prepare_model
 from .sampled import sampled_chunk
 
 __all__ = ["path_crossings", "polyline_crossings", "ray_crossings", "site_activations", "PathResult",
-           "PathBatchResult", "Trace", "PathSpec"]
+           "PathBatchResult", "Trace", "PathSpec", "default_memory_budget"]
 
 METHODS = ("auto", "exact", "sampled")
 EVALUATORS = ("auto", "affine", "graph")
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """The budget when none is given: 1 GiB on the CPU; on a GPU half of its free memory, at least 1 GiB (each
+    chunk costs about the same host time whatever its size, so a GPU wants chunks of hundreds of paths: 784->4x512
+    ran 6,505 paths/s on an H100 under 16 GiB, 8,132 under 64 GiB)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(1 << 30, int(free) // 2)
+    return 1 << 30
 
 
 def _check_options(owner: str, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator) -> None:
@@ -55,8 +65,8 @@ def _check_options(owner: str, method, dtype, memory_budget, tie_tol, n_samples,
                                 f"Got {evaluator!r}.")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise InvalidInputError(f"The 'dtype' parameter of {owner} must be a floating torch dtype. Got {dtype!r}.")
-    if not isinstance(memory_budget, int) or memory_budget < (1 << 20):
-        raise InvalidInputError(f"The 'memory_budget' parameter of {owner} must be an int >= 1 MiB (bytes). "
+    if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < (1 << 20)):
+        raise InvalidInputError(f"The 'memory_budget' parameter of {owner} must be None or an int >= 1 MiB (bytes). "
                                 f"Got {memory_budget!r}.")
     if not (isinstance(tie_tol, (int, float)) and 0 <= tie_tol < 1e-3):
         raise InvalidInputError(f"The 'tie_tol' parameter of {owner} must be a number in [0, 1e-3). Got {tie_tol!r}.")
@@ -143,6 +153,7 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
              memory_budget, evaluator, capture_kwargs, units=None) -> PathBatchResult:
     t0 = time.perf_counter()
     keep_freed_memory()
+    memory_budget = default_memory_budget(prep.device) if memory_budget is None else memory_budget
     spec = spec.to(prep.dtype, prep.device)
     if spec.site is None:
         probe = spec.knots_x[0:1, 0]
@@ -414,8 +425,9 @@ _COMMON_DOC = """
         Compute the semantic trace (model output per region).
     verify : bool
         Exact mode: check the invariant on 32 random final intervals per chunk (raises on failure).
-    memory_budget : int
-        Bytes; paths are processed in chunks that fit it (large batches are chunked, never refused).
+    memory_budget : int or None
+        Bytes; paths are processed in chunks that fit it (large batches are chunked, never refused). None: 1 GiB on
+        the CPU, half the free memory of a GPU.
     evaluator : {"auto", "affine", "graph"}
         Exact mode: evaluate breakpoints through Jacobian blocks between sites (when they fit in half the budget)
         or by forward passes; ``auto`` prefers ``affine``.
@@ -433,7 +445,7 @@ _COMMON_DOC = """
 def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, inputs=None,
                    layers: str | list[str] | None = None, method: str = "auto", dtype: torch.dtype = torch.float64,
                    device="cpu", tie_tol: float = 1e-12, n_samples: int = 1024, tol: float = 1e-9,
-                   trace: bool = True, verify: bool = True, memory_budget: int = 1 << 30, evaluator: str = "auto",
+                   trace: bool = True, verify: bool = True, memory_budget: int | None = None, evaluator: str = "auto",
                    units=None,
                    forward: Callable | None = None, ray_address: str | None = None, ray_workers: int | None = None,
                    **capture_kwargs) -> PathBatchResult:
@@ -508,7 +520,7 @@ def polyline_crossings(model: nn.Module, points, *, layer: str | None = None, in
                        layers: str | list[str] | None = None, method: str = "auto",
                        dtype: torch.dtype = torch.float64, device="cpu", tie_tol: float = 1e-12,
                        n_samples: int = 1024, tol: float = 1e-9, trace: bool = True, verify: bool = True,
-                       memory_budget: int = 1 << 30, evaluator: str = "auto", units=None,
+                       memory_budget: int | None = None, evaluator: str = "auto", units=None,
                        forward: Callable | None = None, **capture_kwargs) -> PathBatchResult:
     owner = "polyline_crossings"
     _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator)
@@ -537,7 +549,7 @@ polyline_crossings.__doc__ = """Crossings along polylines through ``points`` (P,
 def ray_crossings(model: nn.Module, inputs, *, layer: str, alphas=(0.0, 2.0), direction=None,
                   layers: str | list[str] | None = None, method: str = "auto", dtype: torch.dtype = torch.float64,
                   device="cpu", tie_tol: float = 1e-12, n_samples: int = 1024, tol: float = 1e-9,
-                  trace: bool = True, verify: bool = True, memory_budget: int = 1 << 30, evaluator: str = "auto",
+                  trace: bool = True, verify: bool = True, memory_budget: int | None = None, evaluator: str = "auto",
                    units=None,
                   forward: Callable | None = None, **capture_kwargs) -> PathBatchResult:
     owner = "ray_crossings"
