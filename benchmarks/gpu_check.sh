@@ -18,7 +18,8 @@ step() {  # step NAME SECONDS COMMAND... (runs when no step names were given, or
   want "$name" || return 0
   echo "## $name" ; timeout "$secs" "$@" >> "$OUT/$name.md" 2>&1; echo "exit $?" >> "$OUT/$name.md"
 }
-STEPS="$*"  # e.g. `bash benchmarks/gpu_check.sh paths effnet_paths`; none: every step
+STEPS="$*"  # e.g. `bash benchmarks/gpu_check.sh agree paths`; none: every step (agree paths effnet_paths slices codes)
+step agree 60 python3 benchmarks/gpu_agreement.py  # GPU results equal the CPU's (codes, exact and sampled paths)
 step paths 150 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 20000 \
   --repeat 2 --check-cpu 500 --profile --memory-budget 17179869184  # 16 GiB chunks: hundreds of paths per launch
 step paths 100 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-3x2048 --paths 5000 \
