@@ -951,3 +951,27 @@ def test_default_memory_budget_is_1_gib_on_the_cpu_and_half_the_free_gpu_memory(
     a, b = torch.randn(6, 5), torch.randn(6, 5)
     assert (path_crossings(mlp, a, b, memory_budget=None).counts.tolist()
             == path_crossings(mlp, a, b, memory_budget=1 << 30).counts.tolist())
+
+
+@pytest.mark.parametrize("block", [1, 2, 256])
+def test_class_changes_of_a_chunk_equal_per_path_envelopes(block):
+    """Class changes of several paths found in one pass over the chunk (regions in blocks) equal the argmax
+    envelope of each path's regions taken alone, in order, with no region spanning two paths."""
+    from polytope_lens.kinks import argmax_changes
+    from polytope_lens.paths import _class_changes
+
+    g = torch.Generator().manual_seed(5)
+    pcount = [7, 2, 9]
+    t = torch.cat([torch.sort(torch.rand(c, generator=g, dtype=torch.float64)).values for c in pcount])
+    logits = torch.randn(sum(pcount), 4, generator=g, dtype=torch.float64) * 2
+    last = torch.zeros(len(t), dtype=torch.bool)
+    last[np.cumsum(pcount) - 1] = True
+    got = _class_changes(t, logits, last, pcount, 1e-9, block=block)
+    p0 = 0
+    for c, changes in zip(pcount, got):
+        tt, z = t[p0:p0 + c], logits[p0:p0 + c]
+        cr = argmax_changes(z[:-1], z[1:], 1e-9)
+        want = np.sort((tt[cr.segment] + cr.t * (tt[cr.segment + 1] - tt[cr.segment])).numpy())
+        np.testing.assert_allclose(changes, want, rtol=0, atol=1e-15)
+        p0 += c
+    assert sum(len(c) for c in got) > 3

@@ -225,3 +225,21 @@ def test_bisected_class_changes_include_the_path_ends():
     got = np.sort(res.paths[0].trace.class_changes)
     assert len(got) == len(flips) >= 1 and res.paths[0].trace.t[0] > float(t[flips[0] + 1])
     assert np.all((got >= t[flips].numpy()) & (got <= t[flips + 1].numpy()))
+
+
+@pytest.mark.parametrize("seed", [2, 4, 6])  # relu6 / abs / relu6 units around a max pool
+def test_sampled_mode_places_pool_and_unit_crossings_like_exact_mode(seed):
+    """Sampled mode on a piecewise-linear CNN, finely sampled: the same records as exact mode to its tolerance.
+    Max-pool windows have no scalar kink (their brackets are bisected), ReLU-family units do (Illinois steps)."""
+    m = RandomCNN(seed)
+    g = torch.Generator().manual_seed(seed)
+    a, b = (3 * torch.randn(2, 1, m.side, m.side, generator=g) for _ in range(2))
+    ex = path_crossings(m, a, b, trace=False)
+    sm = path_crossings(m, a, b, method="sampled", n_samples=1 << 15, tol=1e-12, trace=False)
+    assert sm.counts.tolist() == ex.counts.tolist()
+    for p, q in zip(ex.paths, sm.paths):
+        o = np.lexsort((p.records["t"], p.records["unit"], p.records["site"]))
+        r = np.lexsort((q.records["t"], q.records["unit"], q.records["site"]))
+        for key in ("site", "unit", "piece"):
+            np.testing.assert_array_equal(p.records[key][o], q.records[key][r])
+        np.testing.assert_allclose(p.records["t"][o], q.records["t"][r], atol=1e-11)
