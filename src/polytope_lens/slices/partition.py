@@ -105,7 +105,8 @@ def _mib(n: int) -> str:
 def _budget_error(owner: str, what: str, est: int, budget: int) -> InvalidInputError:
     return InvalidInputError(
         f"{owner}: {what} needs about {_mib(est)}, over the memory budget of {_mib(budget)}. "
-        "Raise 'memory_budget', shrink the domain, or restrict the partition with 'until='/'units='.")
+        "Raise the budget (memory_budget=, CLI --memory-mib), shrink the domain, or restrict the partition "
+        "(until=/units=, CLI --until).")
 
 
 class _Partitioner:
