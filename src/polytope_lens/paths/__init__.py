@@ -304,16 +304,16 @@ def _chunk_traces(t: torch.Tensor, output: torch.Tensor, at_points, pcount: list
     the breakpoints (``at_points``, affine on each region) every change of the top class inside a region is placed
     too (``_class_changes``). Sampled: one output per sample, a change reported at the midpoint between two samples
     (to be bisected)."""
-    counts = torch.as_tensor(pcount)
-    last = torch.zeros(len(t), dtype=torch.bool)
-    last[torch.cumsum(counts, 0) - 1] = True  # a path's last point: no region starts there, no pair reaches past it
-    inner, last = ~last, last.to(t.device)
+    counts = torch.as_tensor(pcount, device=t.device)
+    ends = torch.cumsum(counts, 0)
+    last = torch.zeros(len(t), dtype=torch.bool, device=t.device)
+    last[ends - 1] = True  # a path's last point: no region starts there, no pair reaches past it
     mid = 0.5 * (t[:-1] + t[1:])
-    keep = inner[:-1].to(t.device)
+    keep = ~last[:-1]
     if exact:
         first = torch.zeros_like(last)
-        first[torch.cumsum(counts, 0).to(t.device) - counts.to(t.device)] = True
-        traces = traces_from_outputs(mid[keep], output[keep], t[~(first | last)], (counts - 1).tolist())
+        first[ends - counts] = True
+        traces = traces_from_outputs(mid[keep], output[keep], t[~(first | last)], [c - 1 for c in pcount])
     else:
         traces = traces_from_outputs(t, output, mid[keep], pcount)
     traces = dict(enumerate(traces))
