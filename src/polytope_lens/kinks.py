@@ -349,7 +349,7 @@ def _first_max(w: torch.Tensor, tol: float) -> torch.Tensor:
     ``torch.argmax`` gives, when ``tol`` is 0)."""
     if tol <= 0:
         return w.argmax(dim=-1)
-    return _near_max(w, tol)[1].to(torch.uint8).argmax(dim=-1)
+    return _near_max(w, tol)[1].view(torch.uint8).argmax(dim=-1)  # a view: bool and uint8 share their bytes
 
 
 def _snap_to_max(w: torch.Tensor, tol: float) -> torch.Tensor:
