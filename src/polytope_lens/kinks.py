@@ -341,7 +341,8 @@ def argmax_changes(w0: torch.Tensor, w1: torch.Tensor, tol: float = 0.0) -> Cros
 
 def _near_max(w: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
     top = w.amax(dim=-1, keepdim=True)
-    return top, w >= top - tol * top.abs().clamp_min(1.0)
+    # top - tol * max(1, |top|), in place: one temporary instead of four (each a fresh, page-faulted array when big)
+    return top, w >= top.abs().clamp_min_(1.0).mul_(-tol).add_(top)
 
 
 def _first_max(w: torch.Tensor, tol: float) -> torch.Tensor:
