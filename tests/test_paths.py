@@ -975,3 +975,18 @@ def test_class_changes_of_a_chunk_equal_per_path_envelopes(block):
         np.testing.assert_allclose(changes, want, rtol=0, atol=1e-15)
         p0 += c
     assert sum(len(c) for c in got) > 3
+
+
+def test_progress_is_called_once_per_chunk_with_the_paths_finished():
+    """progress= gets the number of paths finished after every chunk: several calls under a small budget, summing
+    to the batch; rays report too; anything but a callable is a one-line error."""
+    mlp = MLP(6, 16, 2, seed=9)
+    a, b = torch.randn(40, 6), torch.randn(40, 6)
+    seen = []
+    res = path_crossings(mlp, a, b, memory_budget=1 << 20, progress=seen.append)
+    assert len(seen) > 1 and sum(seen) == 40 and len(res.paths) == 40
+    rays = []
+    ray_crossings(mlp, a[:3], layer="relu#1", alphas=(0.5, 2.0), progress=rays.append)
+    assert sum(rays) == 3
+    with pytest.raises(InvalidInputError, match="'progress' parameter of path_crossings must be None or a callable"):
+        path_crossings(mlp, a, b, progress=3)

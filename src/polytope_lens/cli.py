@@ -372,7 +372,9 @@ def path_cmd(
     kw = dict(method=method, dtype=_dtype(dtype), device=device, layers=layers,
               memory_budget=_budget_bytes(memory_mib), trace=trace, ray_address=ray, ray_workers=ray_workers,
               **_sampling(n_samples, tol))
-    with err.status(f"crossings along {len(start)} path(s) of {bundle.spec}"):
+    with _progress(len(start), f"crossings along {len(start)} path(s) of {bundle.spec}") as bar:
+        task = bar.add_task("paths", total=len(start))
+        kw["progress"] = lambda n: bar.advance(task, n)
         if layer is None:
             result = path_crossings(bundle, start, end, **kw)
         else:

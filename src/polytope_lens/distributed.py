@@ -242,7 +242,7 @@ def _path_worker(ray):
 
 
 def ray_path_crossings(address: str, model_spec: str, start, end, *, inputs=None, workers: int | None = None,
-                       blocks_per_worker: int = 4, connect_timeout: float = 5.0, **kwargs):
+                       blocks_per_worker: int = 4, connect_timeout: float = 5.0, progress=None, **kwargs):
     """``paths.path_crossings`` over blocks of pairs on Ray workers, joined in order into one ``PathBatchResult``.
 
     Parameters
@@ -257,6 +257,8 @@ def ray_path_crossings(address: str, model_spec: str, start, end, *, inputs=None
         Actors to start (default: one per GPU when ``device`` is cuda, else one per CPU).
     blocks_per_worker : int
         The pairs are cut into about ``workers * blocks_per_worker`` contiguous blocks, for load balance.
+    progress : callable, optional
+        Called with the number of paths of each block as it comes back (in order).
     **kwargs
         The other options of ``path_crossings`` (``device``: ``"cuda"`` puts each worker on one GPU);
         ``memory_budget`` holds per worker.
@@ -281,7 +283,11 @@ def ray_path_crossings(address: str, model_spec: str, start, end, *, inputs=None
                 rows = torch.arange(a, min(n_pairs, a + size))
                 yield a, start[a:a + size], end[a:a + size], None if inputs is None else index_inputs(inputs, rows)
 
-        parts = [res for _, res in _ordered(ray, actors, tasks(), f"finding path crossings of {model_spec!r}")]
+        parts = []
+        for _, res in _ordered(ray, actors, tasks(), f"finding path crossings of {model_spec!r}"):
+            parts.append(res)
+            if progress is not None:
+                progress(len(res.paths))
     return PathBatchResult.concat(parts, seconds=time.perf_counter() - t0)
 
 

@@ -56,7 +56,10 @@ def default_memory_budget(device: torch.device) -> int:
     return 1 << 30
 
 
-def _check_options(owner: str, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator) -> None:
+def _check_options(owner: str, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress) -> None:
+    if progress is not None and not callable(progress):
+        raise InvalidInputError(f"The 'progress' parameter of {owner} must be None or a callable taking the number "
+                                f"of paths just finished. Got {progress!r}.")
     if method not in METHODS:
         raise InvalidInputError(f"The 'method' parameter of {owner} must be one of {', '.join(METHODS)}. "
                                 f"Got {method!r}.")
@@ -150,7 +153,7 @@ CPU_CHUNK_BYTES = 512 << 20
 
 
 def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_tol, n_samples, tol, trace, verify,
-             memory_budget, evaluator, capture_kwargs, units=None) -> PathBatchResult:
+             memory_budget, evaluator, capture_kwargs, units=None, progress=None) -> PathBatchResult:
     t0 = time.perf_counter()
     keep_freed_memory()
     memory_budget = default_memory_budget(prep.device) if memory_budget is None else memory_budget
@@ -246,6 +249,8 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
             est_pts = max(est_pts, 1.25 * out["n_evaluated"] / c)
         _collect(results, out, gp, spec, runner, reported, use_exact, trace)
         start += c
+        if progress is not None:
+            progress(c)
     tolerance = ({"tie_tol": float(tie_tol), "value_tol": float(runner.tol)} if use_exact
                  else {"tol": float(tol), "n_samples": int(n_samples)})
     return PathBatchResult(results, use_exact, "exact" if use_exact else "sampled",
@@ -433,6 +438,9 @@ _COMMON_DOC = """
         or by forward passes; ``auto`` prefers ``affine``.
     forward : callable, optional
         ``forward(batch)`` to run instead of ``model(x)`` / ``model(**x)`` (e.g. ``lambda x: m(inputs_embeds=x)``).
+    progress : callable, optional
+        Called with the number of paths just finished, after every chunk (every block on Ray workers): a progress
+        bar's ``advance``, say.
     **capture_kwargs
         Passed to ``capture`` (``activation_modules``, ``declared_sites``, ``suppress``).
 
@@ -448,9 +456,9 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
                    trace: bool = True, verify: bool = True, memory_budget: int | None = None, evaluator: str = "auto",
                    units=None,
                    forward: Callable | None = None, ray_address: str | None = None, ray_workers: int | None = None,
-                   **capture_kwargs) -> PathBatchResult:
+                   progress: Callable[[int], None] | None = None, **capture_kwargs) -> PathBatchResult:
     owner = "path_crossings"
-    _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator)
+    _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress)
     start, end = geometry.segments(start, end, owner=owner)
     spec = getattr(model, "spec", None) if not isinstance(model, nn.Module) else None
     if ray_address is not None:
@@ -462,7 +470,8 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
         check_workers(ray_workers)
         if layer is not None:
             inputs = _check_base(inputs, len(start), owner)
-        return ray_path_crossings(ray_address, spec, start, end, inputs=inputs, workers=ray_workers, layer=layer,
+        return ray_path_crossings(ray_address, spec, start, end, inputs=inputs, workers=ray_workers,
+                                  progress=progress, layer=layer,
                                   layers=layers, method=method, dtype=dtype, device=device, tie_tol=tie_tol,
                                   n_samples=n_samples, tol=tol, trace=trace, verify=verify,
                                   memory_budget=memory_budget, evaluator=evaluator, units=units, forward=forward,
@@ -485,7 +494,7 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
     spec = PathSpec(kt, x, length, "segment", site_name, base)
     return _analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol, n_samples=n_samples,
                     tol=tol, trace=trace, verify=verify, memory_budget=memory_budget, evaluator=evaluator,
-                    units=units, capture_kwargs=capture_kwargs)
+                    units=units, capture_kwargs=capture_kwargs, progress=progress)
 
 
 path_crossings.__doc__ = """Exact (or sampled) boundary crossings along straight segments ``start -> end``.
@@ -521,9 +530,10 @@ def polyline_crossings(model: nn.Module, points, *, layer: str | None = None, in
                        dtype: torch.dtype = torch.float64, device="cpu", tie_tol: float = 1e-12,
                        n_samples: int = 1024, tol: float = 1e-9, trace: bool = True, verify: bool = True,
                        memory_budget: int | None = None, evaluator: str = "auto", units=None,
-                       forward: Callable | None = None, **capture_kwargs) -> PathBatchResult:
+                       forward: Callable | None = None, progress: Callable[[int], None] | None = None,
+                       **capture_kwargs) -> PathBatchResult:
     owner = "polyline_crossings"
-    _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator)
+    _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress)
     knots, pts, length = geometry.polyline(points, owner=owner)
     prep = PreparedModel(model, forward, dtype, device)
     base, site_name = None, None
@@ -533,7 +543,7 @@ def polyline_crossings(model: nn.Module, points, *, layer: str | None = None, in
     spec = PathSpec(knots.to(torch.float64), pts, length.to(torch.float64), "polyline", site_name, base)
     return _analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol, n_samples=n_samples,
                     tol=tol, trace=trace, verify=verify, memory_budget=memory_budget, evaluator=evaluator,
-                    units=units, capture_kwargs=capture_kwargs)
+                    units=units, capture_kwargs=capture_kwargs, progress=progress)
 
 
 polyline_crossings.__doc__ = """Crossings along polylines through ``points`` (P, K, *shape), t by arc length.
@@ -550,10 +560,10 @@ def ray_crossings(model: nn.Module, inputs, *, layer: str, alphas=(0.0, 2.0), di
                   layers: str | list[str] | None = None, method: str = "auto", dtype: torch.dtype = torch.float64,
                   device="cpu", tie_tol: float = 1e-12, n_samples: int = 1024, tol: float = 1e-9,
                   trace: bool = True, verify: bool = True, memory_budget: int | None = None, evaluator: str = "auto",
-                   units=None,
-                  forward: Callable | None = None, **capture_kwargs) -> PathBatchResult:
+                  units=None, forward: Callable | None = None, progress: Callable[[int], None] | None = None,
+                  **capture_kwargs) -> PathBatchResult:
     owner = "ray_crossings"
-    _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator)
+    _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress)
     if layer is None:
         raise InvalidInputError(f"The 'layer' parameter of {owner} is required: the site whose activation is scaled.")
     tensors = getattr(inputs, "tensors", inputs)
@@ -570,7 +580,7 @@ def ray_crossings(model: nn.Module, inputs, *, layer: str, alphas=(0.0, 2.0), di
     spec = PathSpec(kt, x, length.to(torch.float64), "ray", site.name, base, al)
     return _analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol, n_samples=n_samples,
                     tol=tol, trace=trace, verify=verify, memory_budget=memory_budget, evaluator=evaluator,
-                    units=units, capture_kwargs=capture_kwargs)
+                    units=units, capture_kwargs=capture_kwargs, progress=progress)
 
 
 ray_crossings.__doc__ = """Crossings along scaling rays at site ``layer``: ``alpha * a`` (or ``a + alpha * d``).
