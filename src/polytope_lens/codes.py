@@ -180,7 +180,7 @@ class UnitSelection:
                 f"Token unit selections need (batch, pos, units) activations; site {site.name!r} has shape "
                 f"{tuple(t.shape)}."
             )
-        if len(rows) == t.shape[0] * t.shape[1]:  # every position of every example, in order: a view, no copy
+        if self.kind == "all-tokens" and len(rows) == t.shape[0] * t.shape[1]:  # every position, in order: a view
             return t.reshape(len(rows), *t.shape[2:])
         idx = torch.as_tensor(rows, device=t.device)
         return t[idx[:, 0], idx[:, 1]]
@@ -375,9 +375,11 @@ def _to_host(packed: torch.Tensor) -> torch.Tensor:
 
 
 def _wait_for_copies(chunks: dict) -> None:
-    """Wait for the asynchronous device-to-host copies of ``_to_host`` (once per batch)."""
+    """Wait for the asynchronous device-to-host copies of ``_to_host`` (once per batch), on every GPU (the model
+    need not be on the current one)."""
     if any(part.is_pinned() for parts in chunks.values() for part in parts[-1:]):
-        torch.cuda.synchronize()
+        for d in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(d)
 
 
 def _joined(parts: list[torch.Tensor]) -> np.ndarray:
