@@ -10,7 +10,7 @@ The bracket is narrowed at the Illinois point (regula falsi on the unit input mi
 kept twice in a row halved) where the unit has a scalar kink, and at the midpoint otherwise or after four steps that
 did not halve it: the piece at the new point still decides which end moves, so the bracket always holds the change,
 and a smooth unit input converges superlinearly. Each step is a forward pass per bracket: on MiniLM (8 tokens, 16
-samples, tol 1e-6) 6 steps for 6,278 brackets instead of bisection's 16.
+samples, tol 1e-6) all but a few hundred of 6,278 brackets were placed in 6 steps, where bisection takes 16.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
     vals = runner.eval_points(gpids[pid], t, runner.names, want_output=want_output)
     same = pid[:-1] == pid[1:]
     recs = []
-    pending = []  # (k, j, unit, piece_lo)
+    pending = []  # (site k, sample interval j, unit, piece at its left end, piece at its right end)
     for k, site in enumerate(runner.processed):
         act = site.activation
         z = vals[site.name].reshape(len(t), *runner.z_shape[site.name])
