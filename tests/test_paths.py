@@ -670,6 +670,7 @@ def test_traces_of_several_paths_at_once_equal_a_scipy_oracle(block_elems):
         p = softmax(z, axis=1)
         js = [jensenshannon(p[i], p[i + 1]) ** 2 for i in range(c - 1)]
         np.testing.assert_array_equal(tr.top_class, top)
+        np.testing.assert_allclose(tr.top_prob, p.max(1), rtol=1e-12)
         np.testing.assert_allclose(tr.js, js, rtol=1e-9, atol=1e-15)
         np.testing.assert_array_equal(tr.t, t_at[r0:r0 + c].numpy())
         np.testing.assert_array_equal(tr.class_changes, t_between[b0:b0 + c - 1].numpy()[top[1:] != top[:-1]])

@@ -28,6 +28,8 @@ class Trace:
         Where the outputs were taken: region midpoints (exact) or sample positions (sampled).
     top_class : ndarray int64 (n,)
         Argmax of the output at each position.
+    top_prob : ndarray (n,)
+        Softmax probability of that class there (how sure the model is along the path).
     class_changes : ndarray (k,)
         Positions t where the top class changes. Exact mode with every site up to the output processed: every
         change, from the outputs at the breakpoints (affine on each region, so the top class along a region is the
@@ -40,11 +42,12 @@ class Trace:
 
     t: np.ndarray
     top_class: np.ndarray
+    top_prob: np.ndarray
     class_changes: np.ndarray
     js: np.ndarray
 
     def to_dict(self) -> dict:
-        return {"t": self.t.tolist(), "top_class": self.top_class.tolist(),
+        return {"t": self.t.tolist(), "top_class": self.top_class.tolist(), "top_prob": self.top_prob.tolist(),
                 "class_changes": self.class_changes.tolist(), "js": self.js.tolist()}
 
 
@@ -74,22 +77,26 @@ def traces_from_outputs(t_at: torch.Tensor, logits: torch.Tensor, t_between: tor
         block_elems = 1 << (18 if logits.device.type == "cpu" else 24)
     n, k = logits.shape[0], max(1, logits.shape[-1])
     step = max(2, block_elems // k)  # rows per block
-    top, js = [], []
+    top, top_p, js = [], [], []
     for r in range(0, n, step - 1):  # blocks overlap by one row, so every consecutive pair is in one
         block = logits[r:r + step].to(torch.float64)
-        top.append(block.argmax(-1)[: step - 1 if r + step < n else None])
+        own = slice(None, step - 1 if r + step < n else None)  # the rows the next block does not start with
         probs = torch.softmax(block, dim=-1)
+        top.append(block.argmax(-1)[own])
+        top_p.append(probs.gather(-1, top[-1][:, None]).squeeze(-1))
         js.append(_js(probs[:-1], probs[1:]) if len(probs) > 1 else probs.new_zeros(0))
         if r + step >= n:
             break
     top_np = torch.cat(top).cpu().numpy() if n else np.zeros(0, dtype=np.int64)
+    top_p_np = torch.cat(top_p).cpu().numpy() if n else np.zeros(0)
     js_np = torch.cat(js).cpu().numpy() if n else np.zeros(0)
     t_np, tb_np = t_at.cpu().numpy(), t_between.cpu().numpy()
     out, r0, b0 = [], 0, 0
     for c in counts:
         tc = top_np[r0:r0 + c]
         change = np.flatnonzero(tc[1:] != tc[:-1])
-        out.append(Trace(t_np[r0:r0 + c], tc, tb_np[b0:b0 + max(c - 1, 0)][change], js_np[r0:r0 + max(c - 1, 0)]))
+        out.append(Trace(t_np[r0:r0 + c], tc, top_p_np[r0:r0 + c], tb_np[b0:b0 + max(c - 1, 0)][change],
+                         js_np[r0:r0 + max(c - 1, 0)]))
         r0, b0 = r0 + c, b0 + max(c - 1, 0)
     return out
 
