@@ -241,8 +241,8 @@ def _item(bundle, ref: str, what: str, max_tokens: int | None = None):
                                     f"({', '.join(names[:12]) or 'none'}).")
         if not 0 <= row < len(source):
             raise InvalidInputError(f"{what} {ref!r}: row {row} is out of range (the data has {len(source)} items).")
-        inputs = (bundle.encode(source, [row], max_length=max_tokens) if bundle.modality == "text" and max_tokens
-                  else bundle.encode(source, [row]))
+        inputs = (bundle.encode(source, [row], max_length=max_tokens)
+                  if bundle.modality == "text" and max_tokens is not None else bundle.encode(source, [row]))
     else:
         path = Path(ref)
         if path.suffix != ".npy" or not path.is_file():
@@ -364,14 +364,14 @@ def path_cmd(
     _check_ray(ray, ray_workers)
     if (pairs is None) == (from_ref is None or to_ref is None):
         raise InvalidInputError("Give either --from and --to, or --pairs FILE.npz.")
+    kw = dict(method=method, dtype=_dtype(dtype), device=device, layers=layers,
+              memory_budget=_budget_bytes(memory_mib), trace=trace, ray_address=ray, ray_workers=ray_workers,
+              **_sampling(n_samples, tol))  # the options' one-line errors come before the model is loaded
     bundle = load_model(model)
     if pairs is not None:
         start, end = _pairs(bundle, pairs)
     else:
         start, end = _item(bundle, from_ref, "--from"), _item(bundle, to_ref, "--to")
-    kw = dict(method=method, dtype=_dtype(dtype), device=device, layers=layers,
-              memory_budget=_budget_bytes(memory_mib), trace=trace, ray_address=ray, ray_workers=ray_workers,
-              **_sampling(n_samples, tol))
     with _progress(len(start), f"crossings along {len(start)} path(s) of {bundle.spec}") as bar:
         task = bar.add_task("paths", total=len(start))
         kw["progress"] = lambda n: bar.advance(task, n)
@@ -436,15 +436,15 @@ def scale_cmd(
     from .paths import ray_crossings
 
     _check_json_target(json_out)
-    bundle = load_model(model)
     if max_tokens < 1:
         raise InvalidInputError(f"--max-tokens must be at least 1. Got {max_tokens}.")
+    kw = dict(alphas=_alphas(alphas), method=method, dtype=_dtype(dtype), device=device, layers=layers,
+              memory_budget=_budget_bytes(memory_mib), trace=trace, **_sampling(n_samples, tol))
+    bundle = load_model(model)
     x = _item(bundle, input_ref, "--input", max_tokens=max_tokens)
     d = None if direction is None else _load_npy(direction, "--direction")
     with err.status(f"crossings along the scaling ray of {layer}"):
-        result = ray_crossings(bundle.module, x, layer=layer, alphas=_alphas(alphas), direction=d, method=method,
-                               dtype=_dtype(dtype), device=device, layers=layers,
-                               memory_budget=_budget_bytes(memory_mib), trace=trace, **_sampling(n_samples, tol))
+        result = ray_crossings(bundle.module, x, layer=layer, direction=d, **kw)
     _print_paths(result, f"{bundle.spec} scaling ray at {result.layer}")
     _write_json(json_out, {"model": bundle.spec, "input": input_ref,
                            **({} if direction is None else {"direction": str(direction)}),
@@ -515,8 +515,8 @@ def slice_cmd(
         raise InvalidInputError(f"--color-by must be code, slope or class. Got {color_by!r}.")
     if sum(v is not None for v in (box, points, through)) != 1:
         raise InvalidInputError("Give exactly one of --box, --points or --through.")
-    bundle = load_model(model)
     kw = dict(until=until, memory_budget=_budget_bytes(memory_mib))
+    bundle = load_model(model)
     if box is not None:
         x0, x1, y0, y1 = _box(box)
         plane = Plane.box(x0, x1, ylo=y0, yhi=y1)
