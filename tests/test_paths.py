@@ -687,15 +687,29 @@ def test_layers_filter_and_chunking():
     assert [p.per_layer["relu#2"] for p in tiny.paths] == [p.per_layer["relu#2"] for p in full.paths]
 
 
-def test_a_long_path_is_refined_in_pieces_within_the_budget():
+def test_a_long_path_is_refined_in_pieces_within_the_budget(monkeypatch):
     """A path with more breakpoints than the budget holds is refined in pieces along t: the crossings (t, unit,
     piece), the counts against Regioncam1D, the ties and the trace equal the one-piece run's."""
+    import polytope_lens.paths.exact as exact
     mlp = MLP(8, 256, 4, seed=11)
     g = torch.Generator().manual_seed(3)
     a, b = 3 * torch.randn(2, 8, generator=g), 3 * torch.randn(2, 8, generator=g)
     whole = path_crossings(mlp, a, b)
-    pieces = path_crossings(mlp, a, b, memory_budget=1 << 20)  # about 60 breakpoints per piece
     assert min(p.crossings for p in whole.paths) > 400
+    seen = []
+    monkeypatch.setattr(exact, "_JOIN_EVERY", 4)  # pieces are joined 4 at a time, then the joined ones again
+    pieces = path_crossings(mlp, a, b, memory_budget=1 << 20, progress=seen.append)  # ~60 breakpoints per piece
+    # progress comes piece by piece (fractions of a path, so a bar moves and can estimate the time left)
+    assert len(seen) > 8 and all(0 < f < 1 for f in seen) and math.isclose(sum(seen), 2.0)
+    _assert_same_paths(whole, pieces)
+    assert [p.crossings for p in pieces.paths] == [mlp.regioncam_count(a[i], b[i]) for i in range(2)]
+    cnn = SmallCNN(seed=2)
+    x0, x1 = 4 * torch.randn(1, 1, 6, 6, generator=g), 4 * torch.randn(1, 1, 6, 6, generator=g)
+    r1, r2 = path_crossings(cnn, x0, x1), path_crossings(cnn, x0, x1, memory_budget=1 << 20)
+    assert r1.paths[0].per_layer == r2.paths[0].per_layer and r1.paths[0].ties == r2.paths[0].ties
+
+
+def _assert_same_paths(whole, pieces):
     for p, q in zip(whole.paths, pieces.paths):
         assert p.per_layer == q.per_layer and p.ties == q.ties
         np.testing.assert_allclose(p.records["t"], q.records["t"], rtol=0, atol=1e-12)
@@ -704,11 +718,57 @@ def test_a_long_path_is_refined_in_pieces_within_the_budget():
         assert (p.trace.top_class == q.trace.top_class).all()
         assert len(p.trace.class_changes) == len(q.trace.class_changes) > 0  # exact changes from the joined pieces
         np.testing.assert_allclose(p.trace.class_changes, q.trace.class_changes, rtol=0, atol=1e-12)
-    assert [p.crossings for p in pieces.paths] == [mlp.regioncam_count(a[i], b[i]) for i in range(2)]
-    cnn = SmallCNN(seed=2)
-    x0, x1 = 4 * torch.randn(1, 1, 6, 6, generator=g), 4 * torch.randn(1, 1, 6, 6, generator=g)
-    r1, r2 = path_crossings(cnn, x0, x1), path_crossings(cnn, x0, x1, memory_budget=1 << 20)
-    assert r1.paths[0].per_layer == r2.paths[0].per_layer and r1.paths[0].ties == r2.paths[0].ties
+
+
+def test_pieces_hold_about_what_the_budget_allows(monkeypatch):
+    """Each piece of a path holds about the points the budget allows (the first piece sized from the expected
+    breakpoints, the next ones from the density of the one before), also on the graph route; the check of final
+    intervals evaluates batch-sized groups; a budget that cannot hold a few breakpoints is a one-line error naming
+    --memory-mib."""
+    import polytope_lens.paths as paths_mod
+    import polytope_lens.paths.exact as exact
+    held, checked, room = [], [], []
+    real_chunk, real_pieces = exact.Refiner.run_chunk, exact.Refiner.run_path_in_pieces
+
+    def run_chunk(self, *args):
+        out = real_chunk(self, *args)
+        held.append(out["n_evaluated"])  # what a chunk (piece) holds at the last site
+        return out
+
+    def run_path_in_pieces(self, gp, max_points, *args):
+        room.append(max_points)
+        return real_pieces(self, gp, max_points, *args)
+    monkeypatch.setattr(exact.Refiner, "run_chunk", run_chunk)
+    monkeypatch.setattr(exact.Refiner, "run_path_in_pieces", run_path_in_pieces)
+
+    real_verify = exact._verify_intervals
+
+    def verify(runner, gpids, pid, t, pick, units):
+        checked.append((3 * len(pick), runner.rows_per_batch()))  # points evaluated at once, at every site
+        return real_verify(runner, gpids, pid, t, pick, units)
+    monkeypatch.setattr(exact, "_verify_intervals", verify)
+    mlp = MLP(8, 1024, 1, seed=12)
+    g = torch.Generator().manual_seed(3)
+    a, b = 3 * torch.randn(1, 8, generator=g), 3 * torch.randn(1, 8, generator=g)
+    per_point = 8 * (6 * 1024 + 2 * 1024 + 64)  # what _analyse counts per breakpoint on the affine route
+    res = path_crossings(mlp, a, b, memory_budget=1 << 20, verify=False, trace=False)
+    # about: within 2x (a piece is sized from the density of the one before)
+    assert room == [(1 << 20) // per_point] and len(held) > 30 and max(held) <= 2 * room[0]
+    assert res.paths[0].crossings > 800
+    torch.manual_seed(4)
+    cnn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+    x0, x1 = 3 * torch.randn(1, 1, 12, 12, generator=g), 3 * torch.randn(1, 1, 12, 12, generator=g)
+    held.clear()
+    room.clear()
+    r = path_crossings(cnn, x0, x1, memory_budget=1 << 20, evaluator="graph")  # ~75 KiB per breakpoint
+    assert 8 <= room[0] <= 32 and len(held) > 10 and max(held) <= 2 * room[0]
+    assert r.paths[0].per_layer == path_crossings(cnn, x0, x1).paths[0].per_layer
+    assert len(checked) > 1 and all(n <= max(3, rows) for n, rows in checked)  # 32 intervals in several groups
+    with pytest.raises(InvalidInputError, match=r"^The memory budget of path_crossings \(1 MiB\) holds fewer than "
+                       r"4 breakpoints .* --memory-mib"):
+        path_crossings(MLP(8, 5000, 1), a, b, memory_budget=1 << 20)  # 320 KiB per breakpoint
+    assert paths_mod.MIN_PIECE_POINTS == 4
 
 
 def test_last_site_breakpoints_do_not_shrink_the_pieces(monkeypatch):
@@ -979,13 +1039,14 @@ def test_class_changes_of_a_chunk_equal_per_path_envelopes(block):
 
 
 def test_progress_is_called_once_per_chunk_with_the_paths_finished():
-    """progress= gets the number of paths finished after every chunk: several calls under a small budget, summing
+    """progress= gets the number of paths finished after every chunk (the first path, refined in pieces, reports
+    their lengths in t): several calls under a small budget, summing
     to the batch; rays report too; anything but a callable is a one-line error."""
     mlp = MLP(6, 16, 2, seed=9)
     a, b = torch.randn(40, 6), torch.randn(40, 6)
     seen = []
     res = path_crossings(mlp, a, b, memory_budget=1 << 20, progress=seen.append)
-    assert len(seen) > 1 and sum(seen) == 40 and len(res.paths) == 40
+    assert len(seen) > 1 and math.isclose(sum(seen), 40) and len(res.paths) == 40
     rays = []
     ray_crossings(mlp, a[:3], layer="relu#1", alphas=(0.5, 2.0), progress=rays.append)
     assert sum(rays) == 3

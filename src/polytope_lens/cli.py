@@ -18,7 +18,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 from .errors import InvalidInputError, PolytopeLensError
@@ -74,7 +75,9 @@ def _user_errors(fn):
 
 
 def _progress(total: int, what: str) -> Progress:
-    return Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+    # the percentage moves while one long path is refined piece by piece (fractions of a path), M/N when items end
+    return Progress(TextColumn(what), BarColumn(), TaskProgressColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(),
                     console=err, transient=True, disable=not err.is_terminal and "PYTEST_CURRENT_TEST" in os.environ)
 
 

@@ -59,7 +59,7 @@ def default_memory_budget(device: torch.device) -> int:
 def _check_options(owner: str, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress) -> None:
     if progress is not None and not callable(progress):
         raise InvalidInputError(f"The 'progress' parameter of {owner} must be None or a callable taking the number "
-                                f"of paths just finished. Got {progress!r}.")
+                                f"of paths (or fraction of a path) just finished. Got {progress!r}.")
     if method not in METHODS:
         raise InvalidInputError(f"The 'method' parameter of {owner} must be one of {', '.join(METHODS)}. "
                                 f"Got {method!r}.")
@@ -150,6 +150,7 @@ def _last_site_units(runner, units, method, owner) -> torch.Tensor | None:
 
 
 CPU_CHUNK_BYTES = 512 << 20
+MIN_PIECE_POINTS = 4  # a piece of a path holds its two ends and some new breakpoints
 
 
 def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_tol, n_samples, tol, trace, verify,
@@ -219,7 +220,8 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
     trace_w = 3 * runner.n_outputs if trace else 0  # outputs at points and midpoints, softmax temporaries
     if use_exact:
         per_point = 8 * (6 * width + (sum(zdims) if affine is None else 2 * width) + trace_w + 64)
-        est_pts = spec.knots_t.shape[1] + 0.5 * sum(zdims)
+        # points held at the last site, if half the units of the others cross (its own breakpoints cost nothing)
+        est_pts = spec.knots_t.shape[1] + 0.5 * sum(zdims[:-1])
     else:
         per_point = 8 * (2 * sum(zdims) + trace_w + 64)
         est_pts = n_samples + 1
@@ -232,13 +234,20 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
     while start < n_paths:
         c = int(max(1, min(n_paths - start, chunk_bytes // max(1, int(est_pts * per_point)))))
         gp = torch.arange(start, start + c, device=prep.device)
+        in_pieces = False
         if not use_exact:
             out = sampled_chunk(runner, gp, n_samples, tol, trace)
         elif guessed or est_pts * per_point > memory_budget:
             # one path whose breakpoints may not fit the budget at once: refine it in pieces along t
-            c, gp = 1, gp[:1]
-            max_pts = max(64, memory_budget // per_point)
-            out = refiner.run_path_in_pieces(gp, max_pts, est_pts if not guessed else 4.0 * max_pts)
+            c, gp, in_pieces = 1, gp[:1], True
+            max_pts = memory_budget // per_point
+            if max_pts < MIN_PIECE_POINTS:
+                raise InvalidInputError(
+                    f"The memory budget of {owner} ({memory_budget / 2**20:.0f} MiB) holds fewer than "
+                    f"{MIN_PIECE_POINTS} breakpoints of a path through this model (about {per_point / 2**20:.1f} MiB "
+                    f"each): raise it to at least {math.ceil(MIN_PIECE_POINTS * per_point / 2**20)} MiB (CLI "
+                    "--memory-mib), or follow fewer sites (layers=, CLI --layers; or a path at one --layer).")
+            out = refiner.run_path_in_pieces(gp, max_pts, est_pts, progress)
             if guessed:
                 est_pts, guessed = 0.0, False  # measured from now on
         else:
@@ -248,9 +257,9 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
         if use_exact:  # memory scales with the points evaluated at the last site (see Refiner.run_chunk)
             est_pts = max(est_pts, 1.25 * out["n_evaluated"] / c)
         _collect(results, out, gp, spec, runner, reported, use_exact, trace)
-        start += c
-        if progress is not None:
+        if progress is not None and not in_pieces:  # a path refined in pieces has reported each piece
             progress(c)
+        start += c
     tolerance = ({"tie_tol": float(tie_tol), "value_tol": float(runner.tol)} if use_exact
                  else {"tol": float(tol), "n_samples": int(n_samples)})
     return PathBatchResult(results, use_exact, "exact" if use_exact else "sampled",
@@ -439,8 +448,9 @@ _COMMON_DOC = """
     forward : callable, optional
         ``forward(batch)`` to run instead of ``model(x)`` / ``model(**x)`` (e.g. ``lambda x: m(inputs_embeds=x)``).
     progress : callable, optional
-        Called with the number of paths just finished, after every chunk (every block on Ray workers): a progress
-        bar's ``advance``, say.
+        Called with the number of paths just finished, after every chunk (every block on Ray workers), or with the
+        fraction of a path just finished while one long path is refined piece by piece along t; the calls of a batch
+        sum to its number of paths. A progress bar's ``advance``, say.
     **capture_kwargs
         Passed to ``capture`` (``activation_modules``, ``declared_sites``, ``suppress``).
 

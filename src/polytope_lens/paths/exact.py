@@ -45,13 +45,18 @@ breakpoint (after the first site that a residual branch does not cross). Memory 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import NotPiecewiseLinearError
+from ..errors import InvalidInputError, NotPiecewiseLinearError
 from ..kinks import ScalarKinks, WindowMax, lexsort
 from .runner import SRC, Affine, Runner, same_values
+
+
+_JOIN_EVERY = 64  # pieces of one path joined at a time
+_MIN_PIECE = 1e-10  # shortest piece of a path, in t (tie_tol is 1e-12 by default)
 
 
 @dataclass
@@ -444,54 +449,39 @@ class Refiner:
             out["output"], out["output_at_points"] = self._outputs(pid, t, gpids, store, at_points)
         return out
 
-    def run_path_in_pieces(self, gpid: torch.Tensor, max_points: int, est_points: float) -> dict:
+    def run_path_in_pieces(self, gpid: torch.Tensor, max_points: int, est_points: float,
+                           on_piece: Callable[[float], None] | None = None) -> dict:
         """Refine one path piece by piece along t, each piece sized to hold about ``max_points`` evaluated
-        breakpoints (``n_evaluated``, from their density in the pieces done so far; the first from ``est_points``),
-        and join the pieces.
+        breakpoints (``n_evaluated``), and join the pieces. The first piece's size comes from ``est_points`` (the
+        breakpoints expected on the whole path), each later one from the density of new breakpoints in the one before
+        or on the path so far, whichever is higher, and at most twice the one before. ``on_piece`` gets each
+        finished piece's length in t (they sum to 1): a path through a large network can take hours, and its
+        progress is what a user needs to see. Pieces are joined every ``_JOIN_EVERY`` pieces, so a path of many
+        thousands of pieces holds a few arrays, not thousands.
 
         Pieces share their end points, whose unit inputs are evaluated the same way in both, so a unit sitting on a
         kink there is counted once (``pieces`` decides on which side, as within one piece)."""
-        pieces, densities, a = [], [max(float(est_points), 1.0)], 0.0  # breakpoints per unit of t
+        pieces, a, made, done = [], 0.0, 0, 0.0  # new breakpoints made so far, length of t done
+        room = max(1.0, 0.8 * max_points - 2)  # new breakpoints a piece may hold beside its two ends
+        step = room / max(float(est_points), 1.0)
         while a < 1.0:
-            step = 0.8 * max_points / max(densities)
+            if step < _MIN_PIECE:
+                raise InvalidInputError(
+                    f"A path has more than {room / _MIN_PIECE:.0e} breakpoints per unit of t here, more than pieces "
+                    f"of {max_points} points can follow in float64; raise the memory budget.")
             b = 1.0 if a + step >= 1.0 else a + step
             out = self.run_chunk(gpid, (a, b))
-            densities = ([] if not pieces else densities) + [out["n_evaluated"] / (b - a)]
+            # the next piece: what the denser of this piece and the path so far allows, at most twice this one
+            k = max(out["n_evaluated"] - 2, 0)
+            made, done = made + k, done + (b - a)
+            step = min(room / max(k / (b - a), max(made, 1) / done), 2.0 * (b - a))
             pieces.append(out)
+            if len(pieces) == _JOIN_EVERY:
+                pieces = [_join_pieces(pieces)]
+            if on_piece is not None:
+                on_piece(b - a)
             a = b
-        if len(pieces) == 1:
-            return pieces[0]
-        records = [tuple(torch.cat(parts) if j != 2 else parts[0] for j, parts in enumerate(zip(*recs)))
-                   for recs in zip(*(p["records"] for p in pieces))]
-        t = torch.cat([p["t"][1 if i else 0:] for i, p in enumerate(pieces)])
-        tied = [p["tied"].clone() for p in pieces]
-        for i in range(1, len(tied)):
-            tied[i - 1][-1] |= tied[i][0]
-        tied = torch.cat([x[1 if i else 0:] for i, x in enumerate(tied)])
-        # a joint where no unit changes piece is not a region boundary: drop it, and merge the two regions' outputs
-        # (affine on the region) into the output at the merged region's midpoint
-        ends = torch.tensor([len(p["t"]) for p in pieces[:-1]], device=t.device)
-        joints = torch.cumsum(ends - 1, 0)
-        crossed = torch.cat([rec[1] for rec in records]) if records else t.new_zeros(0)
-        drop = joints[~torch.isin(t[joints], crossed)]
-        keep = torch.ones(len(t), dtype=torch.bool, device=t.device)
-        keep[drop] = False
-        out = {"pid": pieces[0]["pid"].new_zeros(int(keep.sum())), "t": t[keep], "tied": tied[keep],
-               "records": records, "n_evaluated": sum(p["n_evaluated"] for p in pieces)}
-        if pieces[0].get("output_at_points") is not None:
-            at = torch.cat([p["output_at_points"][1 if i else 0:] for i, p in enumerate(pieces)])
-            out["output_at_points"] = at[keep]  # a dropped joint's output is on the line through its neighbours'
-        if "output" in pieces[0]:
-            o = torch.cat([p["output"] for p in pieces])  # one row per region between consecutive points of t
-            m = 0.5 * (t[:-1] + t[1:])
-            region = torch.cumsum(keep[:-1].long(), 0) - 1  # merged region of each original region
-            counts = torch.bincount(region)
-            first = torch.cumsum(counts, 0) - counts
-            last = first + counts - 1
-            tk = t[keep]
-            w = ((0.5 * (tk[:-1] + tk[1:]) - m[first]) / (m[last] - m[first]).where(counts > 1, 1.0))[:, None]
-            out["output"] = o[first] + w * (o[last] - o[first])
-        return out
+        return _join_pieces(pieces)
 
     def _eval_new(self, k: int, pend: _Pending, z_new: tuple, gpids, pid, t, with_output: bool) -> list:
         """Graph route: the later sites' unit inputs (and the output when asked) at the breakpoints site ``k`` just
@@ -567,6 +557,44 @@ class Refiner:
         return full, None
 
 
+def _join_pieces(pieces: list[dict]) -> dict:
+    """One chunk output from consecutive pieces of one path (``Refiner.run_path_in_pieces``): shared end points
+    once, joints where no unit changes piece dropped (with their regions' outputs merged)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    records = [tuple(torch.cat(parts) if j != 2 else parts[0] for j, parts in enumerate(zip(*recs)))
+               for recs in zip(*(p["records"] for p in pieces))]
+    t = torch.cat([p["t"][1 if i else 0:] for i, p in enumerate(pieces)])
+    tied = [p["tied"].clone() for p in pieces]
+    for i in range(1, len(tied)):
+        tied[i - 1][-1] |= tied[i][0]
+    tied = torch.cat([x[1 if i else 0:] for i, x in enumerate(tied)])
+    # a joint where no unit changes piece is not a region boundary: drop it, and merge the two regions' outputs
+    # (affine on the region) into the output at the merged region's midpoint
+    ends = torch.tensor([len(p["t"]) for p in pieces[:-1]], device=t.device)
+    joints = torch.cumsum(ends - 1, 0)
+    crossed = torch.cat([rec[1] for rec in records]) if records else t.new_zeros(0)
+    drop = joints[~torch.isin(t[joints], crossed)]
+    keep = torch.ones(len(t), dtype=torch.bool, device=t.device)
+    keep[drop] = False
+    out = {"pid": pieces[0]["pid"].new_zeros(int(keep.sum())), "t": t[keep], "tied": tied[keep],
+           "records": records, "n_evaluated": sum(p["n_evaluated"] for p in pieces)}
+    if pieces[0].get("output_at_points") is not None:
+        at = torch.cat([p["output_at_points"][1 if i else 0:] for i, p in enumerate(pieces)])
+        out["output_at_points"] = at[keep]  # a dropped joint's output is on the line through its neighbours'
+    if "output" in pieces[0]:
+        o = torch.cat([p["output"] for p in pieces])  # one row per region between consecutive points of t
+        m = 0.5 * (t[:-1] + t[1:])
+        region = torch.cumsum(keep[:-1].long(), 0) - 1  # merged region of each original region
+        counts = torch.bincount(region)
+        first = torch.cumsum(counts, 0) - counts
+        last = first + counts - 1
+        tk = t[keep]
+        w = ((0.5 * (tk[:-1] + tk[1:]) - m[first]) / (m[last] - m[first]).where(counts > 1, 1.0))[:, None]
+        out["output"] = o[first] + w * (o[last] - o[first])
+    return out
+
+
 def verify_chunk(runner: Runner, gpids: torch.Tensor, pid: torch.Tensor, t: torch.Tensor, n_check: int,
                  seed: int = 0, units: torch.Tensor | None = None) -> None:
     """Check the invariant on a sample of final intervals: every site's unit input is affine there, and no unit
@@ -581,6 +609,12 @@ def verify_chunk(runner: Runner, gpids: torch.Tensor, pid: torch.Tensor, t: torc
         return
     g = torch.Generator(device="cpu").manual_seed(seed)
     pick = same[torch.randperm(len(same), generator=g)[:n_check].to(same.device)]
+    group = max(1, runner.rows_per_batch() // 3)  # intervals checked at once: a batch's rows (3 points each)
+    for s in range(0, len(pick), group):
+        _verify_intervals(runner, gpids, pid, t, pick[s:s + group], units)
+
+
+def _verify_intervals(runner: Runner, gpids, pid, t, pick, units) -> None:
     tl, tr = t[pick], t[pick + 1]
     gp = gpids[pid[pick]]
     pts_t = torch.cat([tl, tr, 0.5 * (tl + tr)])
