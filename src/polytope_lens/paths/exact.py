@@ -453,7 +453,7 @@ class Refiner:
                            on_piece: Callable[[float], None] | None = None) -> dict:
         """Refine one path piece by piece along t, each piece sized to hold about ``max_points`` evaluated
         breakpoints (``n_evaluated``), and join the pieces. The first piece's size comes from ``est_points`` (the
-        breakpoints expected on the whole path), each later one from the density of new breakpoints in the one before
+        breakpoints expected on the whole path; a quarter of what they allow), each later one from the density of new breakpoints in the one before
         or on the path so far, whichever is higher, and at most twice the one before. ``on_piece`` gets each
         finished piece's length in t (they sum to 1): a path through a large network can take hours, and its
         progress is what a user needs to see. Pieces are joined every ``_JOIN_EVERY`` pieces, so a path of many
@@ -463,7 +463,7 @@ class Refiner:
         kink there is counted once (``pieces`` decides on which side, as within one piece)."""
         pieces, a, made, done = [], 0.0, 0, 0.0  # new breakpoints made so far, length of t done
         room = max(1.0, 0.8 * max_points - 2)  # new breakpoints a piece may hold beside its two ends
-        step = room / max(float(est_points), 1.0)
+        step = room / (4.0 * max(float(est_points), 1.0))  # a quarter: deep sites' units may cross several times
         while a < 1.0:
             if step < _MIN_PIECE:
                 raise InvalidInputError(
