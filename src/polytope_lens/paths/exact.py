@@ -452,12 +452,12 @@ class Refiner:
     def run_path_in_pieces(self, gpid: torch.Tensor, max_points: int, est_points: float,
                            on_piece: Callable[[float], None] | None = None) -> dict:
         """Refine one path piece by piece along t, each piece sized to hold about ``max_points`` evaluated
-        breakpoints (``n_evaluated``), and join the pieces. The first piece's size comes from ``est_points`` (the
-        breakpoints expected on the whole path; a quarter of what they allow), each later one from the density of new breakpoints in the one before
-        or on the path so far, whichever is higher, and at most twice the one before. ``on_piece`` gets each
-        finished piece's length in t (they sum to 1): a path through a large network can take hours, and its
-        progress is what a user needs to see. Pieces are joined every ``_JOIN_EVERY`` pieces, so a path of many
-        thousands of pieces holds a few arrays, not thousands.
+        breakpoints (``n_evaluated``), and join the pieces. The first piece holds a quarter of what ``est_points``
+        (the breakpoints expected on the whole path) allows; each later one is sized from the density of new
+        breakpoints in the one before or on the path so far, whichever is higher, and at most twice the one before.
+        ``on_piece`` gets each finished piece's length in t (they sum to 1): a path through a large network can take
+        hours, and its progress is what a user needs to see. Pieces are joined every ``_JOIN_EVERY`` pieces, so a
+        path of many thousands of pieces holds a few arrays, not thousands.
 
         Pieces share their end points, whose unit inputs are evaluated the same way in both, so a unit sitting on a
         kink there is counted once (``pieces`` decides on which side, as within one piece)."""
