@@ -29,30 +29,41 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
     grid = torch.linspace(0.0, 1.0, n_samples + 1, dtype=runner.dtype, device=dev)
     pid = torch.arange(c_paths, device=dev).repeat_interleave(n_samples + 1)
     t = grid.repeat(c_paths)
-    vals = runner.eval_points(gpids[pid], t, runner.names, want_output=want_output)
     same = pid[:-1] == pid[1:]
     recs = []
-    pending = []  # (site k, sample interval j, unit, piece at its left end, piece at its right end)
-    for k, site in enumerate(runner.processed):
-        act = site.activation
-        z = vals[site.name].reshape(len(t), *runner.z_shape[site.name])
-        p = act.pieces(z).reshape(len(t), -1)
-        j, unit = torch.nonzero((p[:-1] != p[1:]) & same[:, None], as_tuple=True)
-        pending.append((k, j, unit, p[j, unit], p[j + 1, unit]))
-        del z, p
-    lo_all = torch.cat([t[j] for _, j, _, _, _ in pending]) if pending else t.new_zeros(0)
-    hi_all = torch.cat([t[j + 1] for _, j, _, _, _ in pending]) if pending else t.new_zeros(0)
-    sidx = (torch.cat([torch.full_like(j, k) for k, j, _, _, _ in pending]) if pending
+    # (site k, sample interval j, unit, piece at its left end, piece at its right end, unit input at both ends),
+    # found batch by batch: the samples' unit inputs are never all held at once (the memory budget), only the last
+    # sample of the batch before, for the pair that straddles two batches
+    pending, outputs, last = [], [], None
+    for rows, o in runner.eval_point_batches(gpids[pid], t, runner.names, want_output):
+        first = rows.start if last is None else rows.start - 1  # global index of the first row of z below
+        ends = {}
+        for k, site in enumerate(runner.processed):
+            z = o[site.name].reshape(rows.stop - rows.start, -1)
+            if last is not None:
+                z = torch.cat([last[k], z])
+            p = site.activation.pieces(z.reshape(len(z), *runner.z_shape[site.name])).reshape(len(z), -1)
+            j, unit = torch.nonzero((p[:-1] != p[1:]) & same[first:first + len(z) - 1, None], as_tuple=True)
+            pending.append((k, j + first, unit, p[j, unit], p[j + 1, unit], z[j, unit], z[j + 1, unit]))
+            ends[k] = z[-1:]
+            del z, p
+        last = ends
+        if want_output:
+            outputs.append(o["output"])
+    pending.sort(key=lambda e: e[0])  # site by site (stable: sample order within a site)
+    lo_all = torch.cat([t[j] for _, j, *_ in pending]) if pending else t.new_zeros(0)
+    hi_all = torch.cat([t[j + 1] for _, j, *_ in pending]) if pending else t.new_zeros(0)
+    sidx = (torch.cat([torch.full_like(j, k) for k, j, *_ in pending]) if pending
             else t.new_zeros(0, dtype=torch.long))
-    unit_all = torch.cat([u for _, _, u, _, _ in pending]) if pending else sidx
-    plo = torch.cat([q for _, _, _, q, _ in pending]) if pending else sidx
-    ppid = torch.cat([pid[j] for _, j, _, _, _ in pending]) if pending else sidx
-    phi = torch.cat([q for _, _, _, _, q in pending]) if pending else sidx  # piece at the bracket's right end
+    unit_all = torch.cat([e[2] for e in pending]) if pending else sidx
+    plo = torch.cat([e[3] for e in pending]) if pending else sidx
+    ppid = torch.cat([pid[e[1]] for e in pending]) if pending else sidx
+    phi = torch.cat([e[4] for e in pending]) if pending else sidx  # piece at the bracket's right end
     kink = _kink_between(runner, sidx, plo, phi)
-    f_lo, f_hi = ((torch.cat([vals[runner.processed[k].name][j + e, u] for k, j, u, _, _ in pending]) - kink)
-                  if pending else lo_all for e in (0, 1))  # unit input minus kink at the bracket's ends
-    output = vals.get("output")
-    del vals
+    f_lo, f_hi = ((torch.cat([e[5 + i] for e in pending]) - kink) if pending else lo_all
+                  for i in (0, 1))  # unit input minus kink at the bracket's ends
+    output = torch.cat(outputs) if want_output else None
+    del pending, outputs
     moved = torch.zeros(len(lo_all), dtype=torch.int8, device=dev)  # end moved by the last step: -1 lo, +1 hi
     ref_width = hi_all - lo_all  # width when the bracket last halved
     slow = torch.zeros(len(lo_all), dtype=torch.int8, device=dev)  # steps since then
