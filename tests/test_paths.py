@@ -726,7 +726,7 @@ def test_a_long_path_is_refined_in_pieces_within_the_budget(monkeypatch):
     whole = path_crossings(mlp, a, b)
     assert min(p.crossings for p in whole.paths) > 400
     seen = []
-    monkeypatch.setattr(exact, "_JOIN_EVERY", 4)  # pieces are joined 4 at a time, then the joined ones again
+    monkeypatch.setattr(exact, "_JOIN_EVERY", 2)  # pieces joined 2 at a time, runs of them again: several levels
     pieces = path_crossings(mlp, a, b, memory_budget=1 << 20, progress=seen.append)  # ~60 breakpoints per piece
     # progress comes piece by piece (fractions of a path, so a bar moves and can estimate the time left)
     assert len(seen) > 8 and all(0 < f < 1 for f in seen) and math.isclose(sum(seen), 2.0)

@@ -466,7 +466,7 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
                    trace: bool = True, verify: bool = True, memory_budget: int | None = None, evaluator: str = "auto",
                    units=None,
                    forward: Callable | None = None, ray_address: str | None = None, ray_workers: int | None = None,
-                   progress: Callable[[int], None] | None = None, **capture_kwargs) -> PathBatchResult:
+                   progress: Callable[[float], None] | None = None, **capture_kwargs) -> PathBatchResult:
     owner = "path_crossings"
     _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress)
     start, end = geometry.segments(start, end, owner=owner)
@@ -540,7 +540,7 @@ def polyline_crossings(model: nn.Module, points, *, layer: str | None = None, in
                        dtype: torch.dtype = torch.float64, device="cpu", tie_tol: float = 1e-12,
                        n_samples: int = 1024, tol: float = 1e-9, trace: bool = True, verify: bool = True,
                        memory_budget: int | None = None, evaluator: str = "auto", units=None,
-                       forward: Callable | None = None, progress: Callable[[int], None] | None = None,
+                       forward: Callable | None = None, progress: Callable[[float], None] | None = None,
                        **capture_kwargs) -> PathBatchResult:
     owner = "polyline_crossings"
     _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress)
@@ -570,7 +570,7 @@ def ray_crossings(model: nn.Module, inputs, *, layer: str, alphas=(0.0, 2.0), di
                   layers: str | list[str] | None = None, method: str = "auto", dtype: torch.dtype = torch.float64,
                   device="cpu", tie_tol: float = 1e-12, n_samples: int = 1024, tol: float = 1e-9,
                   trace: bool = True, verify: bool = True, memory_budget: int | None = None, evaluator: str = "auto",
-                  units=None, forward: Callable | None = None, progress: Callable[[int], None] | None = None,
+                  units=None, forward: Callable | None = None, progress: Callable[[float], None] | None = None,
                   **capture_kwargs) -> PathBatchResult:
     owner = "ray_crossings"
     _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress)

@@ -55,7 +55,7 @@ from ..kinks import ScalarKinks, WindowMax, lexsort
 from .runner import SRC, Affine, Runner, same_values
 
 
-_JOIN_EVERY = 64  # pieces of one path joined at a time
+_JOIN_EVERY = 64  # pieces (or runs of joined pieces) of one path joined at a time
 _MIN_PIECE = 1e-10  # shortest piece of a path, in t (tie_tol is 1e-12 by default)
 
 
@@ -456,12 +456,13 @@ class Refiner:
         (the breakpoints expected on the whole path) allows; each later one is sized from the density of new
         breakpoints in the one before or on the path so far, whichever is higher, and at most twice the one before.
         ``on_piece`` gets each finished piece's length in t (they sum to 1): a path through a large network can take
-        hours, and its progress is what a user needs to see. Pieces are joined every ``_JOIN_EVERY`` pieces, so a
-        path of many thousands of pieces holds a few arrays, not thousands.
+        hours, and its progress is what a user needs to see. Pieces are joined ``_JOIN_EVERY`` at a time, and
+        joined runs again ``_JOIN_EVERY`` at a time (``_push_run``), so a path of many thousands of pieces holds a
+        few arrays, and each breakpoint is copied once per level, not once per join.
 
         Pieces share their end points, whose unit inputs are evaluated the same way in both, so a unit sitting on a
         kink there is counted once (``pieces`` decides on which side, as within one piece)."""
-        pieces, a, made, done = [], 0.0, 0, 0.0  # new breakpoints made so far, length of t done
+        runs, a, made, done = [], 0.0, 0, 0.0  # (level, joined pieces); new breakpoints made, length of t done
         room = max(1.0, 0.8 * max_points - 2)  # new breakpoints a piece may hold beside its two ends
         step = room / (4.0 * max(float(est_points), 1.0))  # a quarter: deep sites' units may cross several times
         while a < 1.0:
@@ -475,13 +476,11 @@ class Refiner:
             k = max(out["n_evaluated"] - 2, 0)
             made, done = made + k, done + (b - a)
             step = min(room / max(k / (b - a), max(made, 1) / done), 2.0 * (b - a))
-            pieces.append(out)
-            if len(pieces) == _JOIN_EVERY:
-                pieces = [_join_pieces(pieces)]
+            _push_run(runs, 0, out)
             if on_piece is not None:
                 on_piece(b - a)
             a = b
-        return _join_pieces(pieces)
+        return _join_pieces([out for _, out in runs])
 
     def _eval_new(self, k: int, pend: _Pending, z_new: tuple, gpids, pid, t, with_output: bool) -> list:
         """Graph route: the later sites' unit inputs (and the output when asked) at the breakpoints site ``k`` just
@@ -555,6 +554,16 @@ class Refiner:
         full = res.new_zeros(len(t) - 1, res.shape[1])
         full[same] = res
         return full, None
+
+
+def _push_run(runs: list, level: int, out: dict) -> None:
+    """Append ``out`` (a run of consecutive pieces, joined ``level`` times) to ``runs``; ``_JOIN_EVERY`` runs of one
+    level at the end are joined into one of the next level (levels never increase towards the end of the list)."""
+    runs.append((level, out))
+    group = runs[-_JOIN_EVERY:]
+    if len(group) == _JOIN_EVERY and all(lv == level for lv, _ in group):
+        del runs[-_JOIN_EVERY:]
+        _push_run(runs, level + 1, _join_pieces([o for _, o in group]))
 
 
 def _join_pieces(pieces: list[dict]) -> dict:
