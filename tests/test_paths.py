@@ -175,6 +175,29 @@ def test_affine_and_graph_evaluators_agree():
         assert (p.records["unit"] == q.records["unit"]).all() and (p.records["piece"] == q.records["piece"]).all()
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_products_at_every_point_equal_the_closed_form_bends(monkeypatch, residual):
+    """The GPU's affine route (every site's unit inputs by products at every point, ``PRODUCTS_AT_EVERY_POINT``)
+    gives the CPU's records (closed-form bends at new points), on the CPU, and both equal Regioncam1D's counts."""
+    import polytope_lens.paths.exact as exact
+    mlp = MLP(12, 24, 3, residual=residual, seed=3)
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(16, 12, generator=g), torch.randn(16, 12, generator=g)
+    bends = path_crossings(mlp, a, b, evaluator="affine", trace=True)
+    monkeypatch.setattr(exact, "PRODUCTS_AT_EVERY_POINT", {"cpu"})
+    products = path_crossings(mlp, a, b, evaluator="affine", trace=True)
+    assert products.counts.tolist() == bends.counts.tolist()
+    for p, q in zip(products.paths, bends.paths):
+        assert p.per_layer == q.per_layer and p.ties == q.ties
+        np.testing.assert_allclose(p.records["t"], q.records["t"], atol=1e-12)
+        assert (p.records["unit"] == q.records["unit"]).all() and (p.records["piece"] == q.records["piece"]).all()
+        assert (p.trace.top_class == q.trace.top_class).all()
+        np.testing.assert_allclose(p.trace.js, q.trace.js, rtol=1e-9, atol=1e-14)
+    clear = [i for i, p in enumerate(products.paths) if p.ties == 0 and np.diff(p.t).min() > 1e-6]
+    assert len(clear) >= 12
+    assert products.counts[clear].tolist() == [mlp.regioncam_count(a[i], b[i]) for i in clear]
+
+
 # -------------------------------------------------------------------------------------------- vs sampling
 @pytest.mark.parametrize("evaluator", ["affine", "graph"])
 def test_cnn_counts_equal_dense_sampling(evaluator):
@@ -714,6 +737,40 @@ def test_layers_filter_and_chunking():
     tiny = path_crossings(mlp, a, b, memory_budget=1 << 20, layers="relu#2")
     assert tiny.sites == ("relu#2",)
     assert [p.per_layer["relu#2"] for p in tiny.paths] == [p.per_layer["relu#2"] for p in full.paths]
+
+
+@pytest.mark.parametrize("method", ["exact", "sampled"])
+def test_path_list_of_many_chunks_reads_like_a_list(method):
+    """The batch's paths (a ``PathList`` of per-chunk arrays, objects made when read) index, slice and iterate like a
+    list; ``counts`` and ``per_layer`` (read from the arrays) equal the objects'; chunking changes nothing; the
+    result pickles (Ray ships it)."""
+    import pickle
+
+    from polytope_lens.paths import PathList
+    mlp = MLP(6, 16, 2, seed=9)
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(30, 6, generator=g), torch.randn(30, 6, generator=g)
+    one = path_crossings(mlp, a, b, method=method)
+    many = path_crossings(mlp, a, b, method=method, memory_budget=1 << 20, n_samples=256)
+    assert isinstance(many.paths, PathList) and len(many.paths._blocks) > 1 and len(many) == 30
+    objs = list(many.paths)
+    assert [p.index for p in objs] == list(range(30))
+    assert many.paths[-1] is objs[-1] and many.paths[3:7] == objs[3:7] and many[5] is objs[5]
+    with pytest.raises(IndexError):
+        many.paths[30]
+    assert many.counts.tolist() == [p.crossings for p in objs] == [len(p.records["t"]) for p in objs]
+    assert many.per_layer == {s: sum(p.per_layer[s] for p in objs) for s in many.sites}
+    for p in objs:
+        assert p.per_layer == {s: int((p.records["site"] == i).sum()) for i, s in enumerate(p.sites)}
+        assert np.all(np.diff(p.records["t"]) >= 0) and p.t[0] == 0.0 and p.t[-1] == 1.0
+    if method == "exact":  # sampled positions depend on the chunk's samples only through bisection rounding
+        for p, q in zip(objs, one.paths):
+            assert p.per_layer == q.per_layer and p.ties == q.ties
+            np.testing.assert_array_equal(p.t, q.t)
+            np.testing.assert_array_equal(p.records["unit"], q.records["unit"])
+    back = pickle.loads(pickle.dumps(many))
+    assert back.counts.tolist() == many.counts.tolist() and back.paths[4].records["t"].tolist() == \
+        objs[4].records["t"].tolist()
 
 
 def test_a_long_path_is_refined_in_pieces_within_the_budget(monkeypatch):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._transfer import to_host, wait_for_copies
 from .capture import CallSite, StopForward, list_sites, run, select_sites
 from .errors import InvalidInputError
 from .kinks import Activation, ScalarKinks
@@ -362,26 +363,6 @@ def _batches(inputs, batch_size: int) -> Iterator[tuple[object, torch.Tensor | N
         yield part, mask, min(batch_size, n - s)
 
 
-def _to_host(packed: torch.Tensor) -> torch.Tensor:
-    """Packed codes on the host. From a GPU: an asynchronous copy into page-locked memory, so the copy engine
-    overlaps it with the rest of the forward pass (a plain ``.cpu()`` waits for the GPU at every site and copies
-    at pageable speed: a third of the time of a GPT-2-small extraction in bfloat16); ``_wait_for_copies`` must run
-    before the bytes are read."""
-    if packed.device.type != "cuda":
-        return packed.cpu()
-    host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-    host.copy_(packed, non_blocking=True)
-    return host
-
-
-def _wait_for_copies(chunks: dict) -> None:
-    """Wait for the asynchronous device-to-host copies of ``_to_host`` (once per batch), on every GPU (the model
-    need not be on the current one)."""
-    if any(part.is_pinned() for parts in chunks.values() for part in parts[-1:]):
-        for d in range(torch.cuda.device_count()):
-            torch.cuda.synchronize(d)
-
-
 def _joined(parts: list[torch.Tensor]) -> np.ndarray:
     """The batches' rows as one array; a single batch is returned as is (a copy of millions of code bytes costs
     as much as a page-faulting pass over them)."""
@@ -471,7 +452,7 @@ class CodeExtractor:
                     shape = full.shape[1:] if selection.kind == "all" else units.shape[1:]
                     packed = pack_pieces(units, act)
                 shapes.setdefault(site.name, tuple(shape))
-                chunks[site.name].append(_to_host(packed))
+                chunks[site.name].append(to_host(packed))
                 if soft:
                     s = act.soft(z)
                     if s is not None:
@@ -482,7 +463,7 @@ class CodeExtractor:
                 return None
 
             run(self.model, lambda: self.forward(batch), handler, **self.capture_kwargs)
-            _wait_for_copies(chunks)
+            wait_for_copies(parts[-1] for parts in chunks.values() if parts)
             if len(done) != len(wanted):
                 raise InvalidInputError(
                     f"Sites {sorted(set(wanted) - done)} did not run on rows {offset}..{offset + blen - 1}; the "

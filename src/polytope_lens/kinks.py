@@ -182,7 +182,8 @@ class ScalarKinks(Activation):
             # moving up across kink j enters piece j + 1; moving down enters piece j
             piece = torch.where(up1[seg, unit], j + 1, j)
             parts.append(Crossings(seg, unit, t, piece))
-        return _sorted(Crossings.cat(parts))
+        # one kink: nonzero lists (segment, unit) pairs row by row, already in segment order
+        return _sorted(Crossings.cat(parts), in_segment_order=len(parts) == 1)
 
     def soft(self, z: torch.Tensor) -> torch.Tensor | None:
         return None if self.soft_fn is None else self.soft_fn(z)
@@ -379,15 +380,26 @@ def lexsort(major: torch.Tensor, minor: torch.Tensor) -> torch.Tensor:
     return order[torch.argsort(major[order], stable=True)]
 
 
-def _sorted(c: Crossings) -> Crossings:
-    """``c`` in lexicographic (segment, t) order. Crossings that already come in segment order (one kink) need only
-    the segments with several crossings sorted, which along a refined path are few."""
+def counts_below(index: torch.Tensor, n: int) -> torch.Tensor:
+    """``torch.bincount(index, minlength=n)`` for indices known to lie in [0, n): the same counts without the two
+    device-to-host reads (of the minimum and maximum) with which CUDA's bincount sizes its output, each a wait for
+    the GPU to finish everything queued before it."""
+    return torch.zeros(n, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
+
+
+def _sorted(c: Crossings, in_segment_order: bool = False) -> Crossings:
+    """``c`` in lexicographic (segment, t) order. Crossings that already come in segment order (one kink; checked
+    unless the caller says so) need only the segments with several crossings sorted, which along a refined path are
+    few."""
     if len(c) < 2:
         return c
     seg = c.segment
-    if bool((seg[1:] >= seg[:-1]).all()):
-        counts = torch.bincount(seg)
-        rows = torch.nonzero(counts[seg] > 1).flatten()
+    if in_segment_order or bool((seg[1:] >= seg[:-1]).all()):
+        dup = seg[1:] == seg[:-1]
+        shared = torch.zeros(len(seg), dtype=torch.bool, device=seg.device)  # a segment with several crossings
+        shared[1:] |= dup
+        shared[:-1] |= dup
+        rows = torch.nonzero(shared).flatten()
         if not len(rows):
             return c
         order = torch.arange(len(seg), device=seg.device)

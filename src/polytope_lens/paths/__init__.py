@@ -28,18 +28,19 @@ import torch
 from torch import nn
 
 from .._heap import keep_freed_memory
+from .._transfer import to_host, wait_for_copies
 from ..capture import StopForward, list_sites, run, select_sites
 from ..codes import site_unit_indices
 from ..errors import InvalidInputError, NotPiecewiseLinearError
-from ..kinks import _first_max, argmax_changes, lexsort
+from ..kinks import _first_max, argmax_changes, counts_below, lexsort
 from . import geometry
 from .exact import Refiner, verify_chunk
 from .geometry import PathSpec
-from .results import PathBatchResult, PathResult, Trace, traces_from_outputs
+from .results import PathBatchResult, PathBlock, PathList, PathResult, Trace, traces_from_outputs
 from .runner import Runner, default_forward, index_inputs, prepare_model
 from .sampled import sampled_chunk
 
-__all__ = ["path_crossings", "polyline_crossings", "ray_crossings", "site_activations", "PathResult",
+__all__ = ["path_crossings", "polyline_crossings", "ray_crossings", "site_activations", "PathResult", "PathList",
            "PathBatchResult", "Trace", "PathSpec", "default_memory_budget"]
 
 METHODS = ("auto", "exact", "sampled")
@@ -228,7 +229,7 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
     # on the CPU a chunk beyond a few hundred MiB only adds cache misses and page faults (784->4x512: 122 paths/s at
     # 128-512 MiB chunks, 107 at 1 GiB, 76 at 2 GiB); on a GPU bigger chunks amortise the launches, so the budget rules
     chunk_bytes = min(memory_budget, CPU_CHUNK_BYTES) if prep.device.type == "cpu" else memory_budget
-    results: list = [None] * n_paths
+    results = PathList()
     start = 0
     guessed = True  # est_pts is a guess until a path has been refined
     while start < n_paths:
@@ -267,46 +268,44 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
                            tuple(notes), time.perf_counter() - t0)
 
 
-def _collect(results, out, gp, spec: PathSpec, runner: Runner, reported, exact: bool, trace: bool) -> None:
+def _collect(results: PathList, out, gp, spec: PathSpec, runner: Runner, reported, exact: bool, trace: bool) -> None:
+    """Append a chunk's paths to ``results`` as one ``PathBlock``: records sorted by path and t, per-site counts and
+    ties per path computed for the whole chunk on its device, then moved to the host together."""
     pid, t, tied = out["pid"], out["t"], out["tied"]
+    dev, c, ns = t.device, len(gp), len(reported)
     keep_sites = [runner.names.index(n) for n in reported]
     remap = {k: i for i, k in enumerate(keep_sites)}
     parts = [(p, tt, torch.full_like(p, remap[k]), u, pc) for p, tt, k, u, pc in out["records"] if k in remap]
     if parts:
         rp, rt, rs, ru, rpc = (torch.cat(x) for x in zip(*parts))
+        o = lexsort(rp, rt)
+        rp, rt, rs, ru, rpc = (x[o] for x in (rp, rt, rs, ru, rpc))
     else:
-        z = torch.zeros(0, dtype=torch.long)
-        rp, rt, rs, ru, rpc = z, z.double(), z, z, z
-    o = lexsort(rp, rt)
-    rp, rt, rs, ru, rpc = (x[o].cpu() for x in (rp, rt, rs, ru, rpc))
-    c = len(gp)
-    rcount = torch.bincount(rp, minlength=c).tolist()
-    pcount = torch.bincount(pid, minlength=c).tolist()
-    t_np, tied_np = t.cpu().numpy(), tied.cpu().numpy()
-    rt_np, rs_np, ru_np, rpc_np = rt.numpy(), rs.numpy(), ru.numpy(), rpc.numpy()
+        z = torch.zeros(0, dtype=torch.long, device=dev)
+        rp, rt, rs, ru, rpc = z, z.to(t.dtype), z, z, z
+    per_site = counts_below(rp * ns + rs, c * ns).reshape(c, ns)
+    zero = torch.zeros(1, dtype=torch.long, device=dev)
+    rec_off = torch.cat([zero, torch.cumsum(per_site.sum(1), 0)])
+    pt_off = torch.cat([zero, torch.cumsum(counts_below(pid, c), 0)])
+    tied_cum = torch.cat([zero, torch.cumsum(tied.long(), 0)])
+    ties = tied_cum[pt_off[1:]] - tied_cum[pt_off[:-1]]
+    host = [to_host(x) for x in (rt, rs, ru, rpc, per_site, rec_off, pt_off, ties, t)]
+    wait_for_copies(host)
+    rt_np, rs_np, ru_np, rpc_np, per_np, roff_np, poff_np, ties_np, t_np = (x.numpy() for x in host)
+    start = int(gp[0])  # a chunk is a run of consecutive paths
+    len_np = spec.length[start:start + c].double().cpu().numpy()
     output = out.get("output") if trace else None
     at_points = out.get("output_at_points") if trace else None
     traces, bisect = {}, {}
     if output is not None:
+        pcount = (poff_np[1:] - poff_np[:-1]).tolist()
         traces = _chunk_traces(out["t"], output, at_points, pcount, exact, runner.tol)
         if at_points is None:
             bisect = traces
         traces.update(_refine_flips(bisect, gp, runner))
-    r0 = p0 = 0
-    for i, g in enumerate(gp.tolist()):  # one transfer: int(gp[i]) on a GPU is a synchronising copy per path
-        r1, p1 = r0 + rcount[i], p0 + pcount[i]
-        sites_i = rs_np[r0:r1]
-        per = np.bincount(sites_i, minlength=len(reported))
-        per_layer = {reported[k]: int(per[k]) for k in range(len(reported))}
-        n_cross = int(r1 - r0)
-        length = float(spec.length[g])
-        tr = traces.get(i)
-        bps = t_np[p0:p1] if exact else np.unique(np.concatenate([[0.0, 1.0], rt_np[r0:r1]]))
-        results[g] = PathResult(
-            index=g, crossings=n_cross, per_layer=per_layer, density=n_cross / length, length=length,
-            t=bps, records={"t": rt_np[r0:r1], "site": sites_i, "unit": ru_np[r0:r1], "piece": rpc_np[r0:r1]},
-            sites=tuple(reported), ties=int(tied_np[p0:p1].sum()), trace=tr, alphas=spec.alphas)
-        r0, p0 = r1, p1
+    results.append(PathBlock(start, roff_np, rt_np, rs_np, ru_np, rpc_np, per_np, len_np, tuple(reported), exact,
+                             poff_np if exact else None, t_np if exact else None, ties_np if exact else None, traces,
+                             spec.alphas))
 
 
 def _chunk_traces(t: torch.Tensor, output: torch.Tensor, at_points, pcount: list[int], exact: bool,

@@ -51,12 +51,17 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidInputError, NotPiecewiseLinearError
-from ..kinks import ScalarKinks, WindowMax, lexsort
+from ..kinks import ScalarKinks, WindowMax, counts_below, lexsort
 from .runner import SRC, Affine, Runner, same_values
 
 
 _JOIN_EVERY = 64  # pieces (or runs of joined pieces) of one path joined at a time
 _MIN_PIECE = 1e-10  # shortest piece of a path, in t (tie_tol is 1e-12 by default)
+# device types on which the affine route evaluates every site's unit inputs by products at every point, instead of
+# one product per earlier point and closed-form bends (``_bend``) at the previous site's new points: a GPU's float64
+# matrix units outrun the half-dozen memory-bound passes of a bend (784->4x512 on an H100: see docs/benchmarks.md),
+# while on a CPU the products are already half the run time
+PRODUCTS_AT_EVERY_POINT = {"cuda"}
 
 
 @dataclass
@@ -69,7 +74,7 @@ class _Pending:
     left: torch.Tensor  # (n,) index among the previous stage's points of their interval's left end
     u: torch.Tensor  # (n,) relative position in the interval
     grp: torch.Tensor  # (n,) interval id (sorted, contiguous)
-    n_grp: int
+    n_grp: int  # an upper bound on the number of intervals (grp < n_grp)
     c_point: torch.Tensor  # (c,) new point of each inner crossing
     c_unit: torch.Tensor
     c_jump: torch.Tensor | None  # slope jump of the crossed unit's output, per unit of u (affine route)
@@ -120,7 +125,7 @@ def _bend(line: torch.Tensor, u: torch.Tensor, grp: torch.Tensor, n_grp: int, v:
     if v is None or not len(u):
         return out
     out.addcmul_(v, (u * (u - 1.0))[:, None])  # j = i
-    counts = torch.bincount(grp, minlength=n_grp)
+    counts = counts_below(grp, n_grp)
     w = counts[grp]
     pairs = torch.nonzero((w > 1) & (w <= _PAIRWISE_MAX)).flatten()
     if len(pairs):
@@ -183,14 +188,21 @@ def _inputs_at_new(act, zf: torch.Tensor, cr: dict, rows: slice = slice(None)) -
     their interval of the previous stage (every unit is affine there), and a crossed unit exactly on its kink."""
     znew = _lerp_rows(zf, cr["pj"][rows], cr["pu"][rows])
     if isinstance(act, ScalarKinks) and len(cr["gid"]):
-        inner = cr["inner"]
         c_point = cr["gid"]  # non-decreasing: the crossings of a slice of new points are contiguous
         first, stop, _ = rows.indices(len(cr["pj"]))
-        lo, hi = (int(i) for i in torch.searchsorted(c_point, c_point.new_tensor([first, stop])))
-        seg_i, c_unit, piece = cr["seg"][inner][lo:hi], cr["unit"][inner][lo:hi], cr["piece"][inner][lo:hi]
-        up = zf[seg_i + 1, c_unit] > zf[seg_i, c_unit]
-        kinks = torch.tensor(act.kinks, dtype=zf.dtype, device=zf.device)
-        znew[c_point[lo:hi] - first, c_unit] = kinks[torch.where(up, piece - 1, piece)]
+        if (first, stop) == (0, len(cr["pj"])):
+            lo, hi = 0, len(c_point)
+        else:
+            lo, hi = torch.searchsorted(c_point, c_point.new_tensor([first, stop])).tolist()
+        idx = cr["inner"][lo:hi]
+        seg_i, c_unit, piece = cr["seg"][idx], cr["unit"][idx], cr["piece"][idx]
+        if len(act.kinks) == 1:
+            # index_fill_ takes the value as a kernel argument (an index_put_ of a Python number copies it over)
+            znew.view(-1).index_fill_(0, (c_point[lo:hi] - first) * znew.shape[1] + c_unit, act.kinks[0])
+        else:
+            up = zf[seg_i + 1, c_unit] > zf[seg_i, c_unit]
+            kinks = torch.tensor(act.kinks, dtype=zf.dtype, device=zf.device)
+            znew[c_point[lo:hi] - first, c_unit] = kinks[torch.where(up, piece - 1, piece)]
     return znew
 
 
@@ -244,8 +256,10 @@ class Refiner:
                 for leaf in affine.deps[m]:
                     self.last_use[leaf] = i
         # max pooling compares window entries that are often exactly equal (clamped ReLU/ReLU6 outputs): its inputs
-        # are evaluated by products at every point, so exact ties are not broken by rounding
-        self.dense = [isinstance(s.activation, WindowMax) for s in runner.processed]
+        # are evaluated by products at every point, so exact ties are not broken by rounding; on a GPU every site's
+        # are (PRODUCTS_AT_EVERY_POINT)
+        every = runner.device.type in PRODUCTS_AT_EVERY_POINT
+        self.dense = [every or isinstance(s.activation, WindowMax) for s in runner.processed]
         # what each site's output is kept for: "all" points (merged stage by stage) when a site after the next one, a
         # dense next site, or the output reads it; "next" (only the next site reads it, at the points it was made
         # at: no merge); None when nothing later reads it
@@ -262,27 +276,31 @@ class Refiner:
 
     # ------------------------------------------------------------------------------------------------ stage
     def _crossings(self, act, z, pid, t):
+        # masks are turned into index lists once each: on a GPU every boolean-mask read is a wait for the device
         cr = act.crossings_along(z, self.r.tol)
         same = pid[:-1] == pid[1:]
-        keep = same[cr.segment]
-        seg, unit, s, piece = cr.segment[keep], cr.unit[keep], cr.t[keep], cr.piece[keep]
+        kept = torch.nonzero(same[cr.segment]).flatten()
+        seg, unit, s, piece = (x[kept] for x in (cr.segment, cr.unit, cr.t, cr.piece))
         tl, tr = t[seg], t[seg + 1]
         dt = tr - tl
         off = s * dt
         snap_l = off <= self.tie_tol
         snap_r = (~snap_l) & ((dt - off) <= self.tie_tol)
-        inner = ~(snap_l | snap_r)
+        by_side = torch.argsort((snap_l | snap_r).to(torch.uint8), stable=True)
+        n_inner = len(seg) - int((snap_l | snap_r).sum())
+        inner, outer = by_side[:n_inner], by_side[n_inner:]  # crossing indices, each in order
         tc = tl + off
         ji, ti, si = seg[inner], tc[inner], s[inner]
         newg = torch.ones(len(ji), dtype=torch.bool, device=t.device)
         if len(ji) > 1:
             newg[1:] = (ji[1:] != ji[:-1]) | ((ti[1:] - ti[:-1]) > self.tie_tol)
         gid = torch.cumsum(newg.long(), 0) - 1
-        pj, pt, pu = ji[newg], ti[newg], si[newg]
-        sizes = torch.bincount(gid, minlength=len(pj))
+        first = torch.nonzero(newg).flatten()
+        pj, pt, pu = ji[first], ti[first], si[first]
+        sizes = counts_below(gid, len(pj))
         rec_t = torch.where(snap_l, tl, torch.where(snap_r, tr, tc))
         rec_t[inner] = pt[gid]
-        snapped_to = torch.where(snap_l, seg, seg + 1)[~inner]
+        snapped_to = torch.where(snap_l, seg, seg + 1)[outer]
         return dict(seg=seg, unit=unit, piece=piece, inner=inner, rec_t=rec_t, gid=gid, pj=pj, pt=pt, pu=pu,
                     sizes=sizes, snapped_to=snapped_to)
 
@@ -403,14 +421,15 @@ class Refiner:
             recs.append((pid[cr["seg"]], cr["rec_t"], k, cr["unit"], cr["piece"]))
             n = len(t)
             pj, pt, pu = cr["pj"], cr["pt"], cr["pu"]
-            tied[cr["snapped_to"]] = True
-            cnt = torch.bincount(pj, minlength=n)
+            tied.index_fill_(0, cr["snapped_to"], True)
+            cnt = counts_below(pj, n)
             before = torch.cumsum(cnt, 0) - cnt
             old_pos = torch.arange(n, device=dev) + before
             new_pos = pj + 1 + torch.arange(len(pj), device=dev)
             c_unit, jump = cr["unit"][cr["inner"]], None
             if self.aff is not None:
-                jump = self._jumps(site, z, cr)[cr["inner"]] if len(cr["seg"]) else zf.new_zeros(0)
+                if not last and not self.dense[k + 1]:  # only a bend of the next site's inputs needs them
+                    jump = self._jumps(site, z, cr)[cr["inner"]] if len(cr["seg"]) else zf.new_zeros(0)
                 for leaf in list(store):
                     if self.last_use.get(leaf, -1) <= k and not (self.want_output and leaf in self.aff.deps.get(
                             "output", [])):
@@ -429,7 +448,7 @@ class Refiner:
             if len(pj) > 1:
                 grp_change[1:] = pj[1:] != pj[:-1]
             grp = torch.cumsum(grp_change.long(), 0) - 1
-            pend = _Pending(name, new_pos, old_pos, pj, pu, grp, int(grp_change.sum()), cr["gid"], c_unit, jump)
+            pend = _Pending(name, new_pos, old_pos, pj, pu, grp, len(pj), cr["gid"], c_unit, jump)
             tied = _merge(tied, cr["sizes"] >= 2, old_pos, new_pos)
             t = _merge(t, pt, old_pos, new_pos)
             pid = _merge(pid, pid[pj], old_pos, new_pos)

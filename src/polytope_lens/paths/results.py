@@ -2,12 +2,15 @@
 
 ``PathResult`` describes one path (crossings, per-site counts, density, breakpoints, crossing records, ties, trace);
 ``PathBatchResult`` holds the paths of one call with what makes the numbers trustworthy: ``exact``, ``method``,
-``dtype`` and ``tolerance``. Both are frozen and give a JSON-safe ``to_dict()``.
+``dtype`` and ``tolerance``. Both are frozen and give a JSON-safe ``to_dict()``. A batch's paths are a ``PathList``:
+the engine's flat arrays per chunk, each ``PathResult`` made when first read, and the batch's counts read straight
+from the arrays.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,7 +18,7 @@ import torch
 
 from ..errors import InvalidInputError
 
-__all__ = ["Trace", "PathResult", "PathBatchResult", "trace_from_outputs", "traces_from_outputs"]
+__all__ = ["Trace", "PathResult", "PathList", "PathBatchResult", "trace_from_outputs", "traces_from_outputs"]
 
 
 @dataclass(frozen=True)
@@ -169,12 +172,95 @@ class PathResult:
 
 
 @dataclass(frozen=True)
+class PathBlock:
+    """Flat arrays for consecutive paths ``start, start + 1, ...`` (one engine chunk): records sorted by path and t,
+    with per-path offsets into them and into the breakpoints."""
+
+    start: int
+    rec_off: np.ndarray  # (c + 1,) path i's records are rec_*[rec_off[i]:rec_off[i + 1]]
+    rec_t: np.ndarray
+    rec_site: np.ndarray
+    rec_unit: np.ndarray
+    rec_piece: np.ndarray
+    per_site: np.ndarray  # (c, n_sites) crossings per path and site
+    lengths: np.ndarray  # (c,)
+    sites: tuple
+    exact: bool
+    pt_off: np.ndarray | None = None  # exact: path i's breakpoints are t[pt_off[i]:pt_off[i + 1]]
+    t: np.ndarray | None = None
+    ties: np.ndarray | None = None  # (c,) exact: tied breakpoints per path
+    traces: dict = field(default_factory=dict)  # i -> Trace
+    alphas: tuple | None = None
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def path(self, i: int) -> PathResult:
+        r0, r1 = int(self.rec_off[i]), int(self.rec_off[i + 1])
+        rt = self.rec_t[r0:r1]
+        if self.exact:
+            bps, ties = self.t[self.pt_off[i]:self.pt_off[i + 1]], int(self.ties[i])
+        else:
+            bps, ties = np.unique(np.concatenate([[0.0, 1.0], rt])), 0
+        n, length = r1 - r0, float(self.lengths[i])
+        return PathResult(index=self.start + i, crossings=n, density=n / length, length=length, t=bps,
+                          per_layer={s: int(c) for s, c in zip(self.sites, self.per_site[i].tolist())},
+                          records={"t": rt, "site": self.rec_site[r0:r1], "unit": self.rec_unit[r0:r1],
+                                   "piece": self.rec_piece[r0:r1]},
+                          sites=self.sites, ties=ties, trace=self.traces.get(i), alphas=self.alphas)
+
+
+class PathList(Sequence):
+    """The paths of a batch, in order, from the engine's ``PathBlock``s: each ``PathResult`` is made when first read
+    (a GPU finds the crossings of tens of thousands of paths per second, faster than Python makes objects for them),
+    and ``counts`` and ``per_site`` come from the arrays directly."""
+
+    def __init__(self, blocks: list[PathBlock] | None = None):
+        self._blocks: list[PathBlock] = []
+        self._starts: list[int] = []
+        self._made: dict[int, PathResult] = {}
+        for b in blocks or []:
+            self.append(b)
+
+    def append(self, block: PathBlock) -> None:
+        if block.start != len(self):
+            raise ValueError(f"PathList: a block starting at path {block.start} follows {len(self)} paths.")
+        self._blocks.append(block)
+        self._starts.append(block.start)
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self._blocks)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        i = int(i) + n if int(i) < 0 else int(i)
+        if not 0 <= i < n:
+            raise IndexError(f"path index {i} out of range for {n} paths")
+        if i not in self._made:
+            k = int(np.searchsorted(self._starts, i, side="right")) - 1
+            self._made[i] = self._blocks[k].path(i - self._starts[k])
+        return self._made[i]
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.concatenate([b.rec_off[1:] - b.rec_off[:-1] for b in self._blocks]).astype(np.int64) \
+            if self._blocks else np.zeros(0, dtype=np.int64)
+
+    @property
+    def per_site(self) -> np.ndarray:
+        """(paths, sites) crossings."""
+        return np.concatenate([b.per_site for b in self._blocks]) if self._blocks else np.zeros((0, 0), np.int64)
+
+
+@dataclass(frozen=True)
 class PathBatchResult:
     """Crossings along a batch of paths, with how they were computed.
 
     Attributes
     ----------
-    paths : list of PathResult
+    paths : sequence of PathResult (a ``PathList`` from the engine, a list after ``concat``)
     exact : bool
         True for layered breakpoint refinement on a verified piecewise-linear model; False when sampled (counts are
         then lower bounds).
@@ -193,7 +279,7 @@ class PathBatchResult:
         How the engine ran (evaluator, fallbacks), for the record.
     """
 
-    paths: list
+    paths: Sequence
     exact: bool
     method: str
     dtype: str
@@ -239,11 +325,15 @@ class PathBatchResult:
     @property
     def counts(self) -> np.ndarray:
         """Crossings per path, int64 (P,)."""
+        if isinstance(self.paths, PathList):
+            return self.paths.counts
         return np.array([p.crossings for p in self.paths], dtype=np.int64)
 
     @property
     def per_layer(self) -> dict:
         """Crossings per site summed over paths."""
+        if isinstance(self.paths, PathList) and len(self.paths):
+            return {s: int(c) for s, c in zip(self.sites, self.paths.per_site.sum(0).tolist())}
         return {s: int(sum(p.per_layer.get(s, 0) for p in self.paths)) for s in self.sites}
 
     def to_dict(self, records: bool = False) -> dict:
