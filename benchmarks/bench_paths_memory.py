@@ -9,6 +9,11 @@ timed call):
 * ``effnet``: the exact full-network path through EfficientNet-Lite0 over the first ``--fraction`` of the segment
   chelsea -> coffee (every site, no trace, the check of final intervals on), under ``--budget-mib``;
 * ``sampled``: a sampled path through a 3->2x4096 GELU MLP with 8,192 samples under 256 MiB.
+
+Peak RSS counts freed memory that the C allocator keeps for reuse: up to 512 MiB by polytope-lens' own setting
+(``_heap.keep_freed_memory``), and whatever glibc's adaptive mmap threshold leaves in the heap. ``--live`` runs each
+case a second time with that setting off and every allocation of 64 KiB or more mapped and unmapped on its own
+(``POLYTOPE_LENS_KEEP_FREED_MEMORY=0 MALLOC_MMAP_THRESHOLD_=65536``), so that the RSS follows the live arrays.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ def run_case(case: str, fraction: float, budget_mib: int) -> None:
                                     torch.nn.GELU(), torch.nn.Linear(4096, 3)).double()
         a, b = torch.randn(1, 3, dtype=torch.float64), torch.randn(1, 3, dtype=torch.float64)
         what, kw = "3->2x4096 GELU MLP, sampled, 8,192 samples", dict(n_samples=8192)
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        what += ", freed memory returned at once"
     base = _rss_gb()
     t0 = time.perf_counter()
     res = path_crossings(model, a, b, memory_budget=budget_mib << 20, **kw)
@@ -64,15 +71,19 @@ def main() -> None:
     ap.add_argument("--case", choices=["effnet", "sampled"])
     ap.add_argument("--fraction", type=float, default=2e-5, help="effnet: fraction of the segment, from chelsea")
     ap.add_argument("--budget-mib", type=int, default=1024)
+    ap.add_argument("--live", action="store_true",
+                    help="also run each case with freed memory returned at once (RSS = live arrays; slower)")
     args = ap.parse_args()
     if args.case is not None:
         run_case(args.case, args.fraction, args.budget_mib)
         return
     print("| case | budget | seconds | crossings | RSS growth GB | peak RSS GB |")
     print("|---|---:|---:|---:|---:|---:|", flush=True)
+    live = dict(os.environ, POLYTOPE_LENS_KEEP_FREED_MEMORY="0", MALLOC_MMAP_THRESHOLD_="65536")
     for case, frac, mib in DEFAULT_CASES:
-        subprocess.run([sys.executable, __file__, "--case", case, "--fraction", str(frac), "--budget-mib", str(mib)],
-                       check=True)
+        for env in [None, live] if args.live else [None]:
+            subprocess.run([sys.executable, __file__, "--case", case, "--fraction", str(frac), "--budget-mib",
+                            str(mib)], check=True, env=env)
 
 
 if __name__ == "__main__":

@@ -251,20 +251,20 @@ class WindowMax(Activation):
         for i in range(0, max(n_seg, 1), block):
             w0 = self.windows(z0[i:i + block]).flatten(1, -2)
             w1 = self.windows(z1[i:i + block]).flatten(1, -2)
-            parts.append(self._changes(w0, w1, _first_max(w0, tol), _first_max(w1, tol), tol, offset=i))
+            parts.append(self._changes(w0, w1, first_max(w0, tol), first_max(w1, tol), tol, offset=i))
         return Crossings.cat(parts)  # blocks are in segment order, each sorted by (segment, t)
 
     def crossings_along(self, z: torch.Tensor, tol: float = 0.0) -> Crossings:
         # each point's windows are gathered once, not once per segment end
         w = self.windows(z).flatten(1, -2)
-        top = _first_max(w, tol)
+        top = first_max(w, tol)
         return self._changes(w[:-1], w[1:], top[:-1], top[1:], tol)
 
     def _changes(self, w0: torch.Tensor, w1: torch.Tensor, first: torch.Tensor, last: torch.Tensor, tol: float,
                  offset: int = 0) -> Crossings:
         """Changes of the maximal entry of every window between the segments' ends ``w0`` and ``w1`` ((segment,
         unit, entry); entries are affine in t along a segment, -inf on padding), whose first maxima are ``first``
-        and ``last`` (``_first_max``); segments are numbered from ``offset``.
+        and ``last`` (``first_max``); segments are numbered from ``offset``.
 
         The upper envelope of K lines is convex: each change enters a strictly steeper line, so a window whose
         maximum is the same entry at both ends (the first maximum, as ``pieces`` gives) changes nowhere in between;
@@ -337,7 +337,7 @@ def argmax_changes(w0: torch.Tensor, w1: torch.Tensor, tol: float = 0.0) -> Cros
     ``piece`` the entered index."""
     k = w0.shape[-1]
     a, b = w0[:, None, :], w1[:, None, :]
-    return WindowMax("argmax", kernel=(1, k), stride=(1, k))._changes(a, b, _first_max(a, tol), _first_max(b, tol), tol)
+    return WindowMax("argmax", kernel=(1, k), stride=(1, k))._changes(a, b, first_max(a, tol), first_max(b, tol), tol)
 
 
 def _near_max(w: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,7 +346,7 @@ def _near_max(w: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
     return top, w >= top.abs().clamp_min_(1.0).mul_(-tol).add_(top)
 
 
-def _first_max(w: torch.Tensor, tol: float) -> torch.Tensor:
+def first_max(w: torch.Tensor, tol: float) -> torch.Tensor:
     """Index of the first window entry within ``tol * max(1, |maximum|)`` of the maximum (the first maximum, as
     ``torch.argmax`` gives, when ``tol`` is 0)."""
     if tol <= 0:

@@ -32,7 +32,7 @@ from .._transfer import to_host, wait_for_copies
 from ..capture import StopForward, list_sites, run, select_sites
 from ..codes import site_unit_indices
 from ..errors import InvalidInputError, NotPiecewiseLinearError
-from ..kinks import _first_max, argmax_changes, counts_below, lexsort
+from ..kinks import argmax_changes, counts_below, first_max, lexsort
 from . import geometry
 from .exact import Refiner, verify_chunk
 from .geometry import PathSpec
@@ -345,7 +345,7 @@ def _class_changes(t: torch.Tensor, logits: torch.Tensor, last: torch.Tensor, pc
     their ends can change (the upper envelope of lines is convex); they are followed ``block`` at a time, which
     bounds the (regions x classes x classes) work arrays."""
     logits = logits.to(torch.float64)
-    first = _first_max(logits, tol)
+    first = first_max(logits, tol)
     seg = torch.nonzero((first[:-1] != first[1:]) & ~last[:-1]).flatten()
     pos = []
     for s in range(0, len(seg), block):

@@ -195,11 +195,12 @@ def _inputs_at_new(act, zf: torch.Tensor, cr: dict, rows: slice = slice(None)) -
         else:
             lo, hi = torch.searchsorted(c_point, c_point.new_tensor([first, stop])).tolist()
         idx = cr["inner"][lo:hi]
-        seg_i, c_unit, piece = cr["seg"][idx], cr["unit"][idx], cr["piece"][idx]
+        c_unit = cr["unit"][idx]
         if len(act.kinks) == 1:
             # index_fill_ takes the value as a kernel argument (an index_put_ of a Python number copies it over)
             znew.view(-1).index_fill_(0, (c_point[lo:hi] - first) * znew.shape[1] + c_unit, act.kinks[0])
         else:
+            seg_i, piece = cr["seg"][idx], cr["piece"][idx]
             up = zf[seg_i + 1, c_unit] > zf[seg_i, c_unit]
             kinks = torch.tensor(act.kinks, dtype=zf.dtype, device=zf.device)
             znew[c_point[lo:hi] - first, c_unit] = kinks[torch.where(up, piece - 1, piece)]
@@ -286,8 +287,9 @@ class Refiner:
         off = s * dt
         snap_l = off <= self.tie_tol
         snap_r = (~snap_l) & ((dt - off) <= self.tie_tol)
-        by_side = torch.argsort((snap_l | snap_r).to(torch.uint8), stable=True)
-        n_inner = len(seg) - int((snap_l | snap_r).sum())
+        snapped = snap_l | snap_r
+        by_side = torch.argsort(snapped.to(torch.uint8), stable=True)
+        n_inner = len(seg) - int(snapped.sum())
         inner, outer = by_side[:n_inner], by_side[n_inner:]  # crossing indices, each in order
         tc = tl + off
         ji, ti, si = seg[inner], tc[inner], s[inner]
