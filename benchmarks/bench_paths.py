@@ -85,8 +85,6 @@ def main() -> None:
     ap.add_argument("--products", choices=["auto", "every-point", "bends"], default="auto",
                     help="affine route: unit inputs by products at every point, or closed-form bends at new points "
                          "(auto: products on a GPU, bends on the CPU; paths.exact.PRODUCTS_AT_EVERY_POINT)")
-    ap.add_argument("--pipeline", choices=["auto", "on", "off"], default="auto",
-                    help="two chunks at once on worker threads (auto: on a GPU; paths.PIPELINED)")
     ap.add_argument("--profile", action="store_true",
                     help="after the timing, profile one run of the first 2000 paths and print the top kernels")
     args = ap.parse_args()
@@ -94,9 +92,6 @@ def main() -> None:
         from polytope_lens.paths import exact
         # the --check-cpu counts of a GPU run keep the CPU's bends: an independent route
         exact.PRODUCTS_AT_EVERY_POINT = {torch.device(args.device).type} if args.products == "every-point" else set()
-    if args.pipeline != "auto":
-        import polytope_lens.paths as paths_mod
-        paths_mod.PIPELINED = {torch.device(args.device).type} if args.pipeline == "on" else set()
     rows = []
     for name in args.networks.split(","):
         din, widths = NETWORKS[name]
@@ -141,7 +136,7 @@ def main() -> None:
         rows.append((name, args.paths, float(res.counts.mean()), args.paths / ours_s, n_rc,
                      n_rc / rc_s if n_rc else float("nan"), agree, int(sum(p.ties for p in res.paths)), dmax))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ours on {args.device} (products: "
-          f"{args.products}, pipeline: {args.pipeline}); ours {args.dtype}"
+          f"{args.products}); ours {args.dtype}"
           f"{', with the trace' if args.trace else ''}, "
           f"Regioncam1D float32; best of {args.repeat} alternating runs\n")
     print("| network | paths | mean crossings | ours paths/s | Regioncam1D paths (sample) | Regioncam1D paths/s "

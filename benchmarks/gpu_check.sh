@@ -20,20 +20,21 @@ step() {  # step NAME SECONDS COMMAND... (runs when no step names were given, or
 }
 STEPS="$*"  # e.g. `bash benchmarks/gpu_check.sh agree paths`; none: every step (agree paths effnet_paths slices codes)
 step agree 60 python3 benchmarks/gpu_agreement.py  # GPU results equal the CPU's (codes, exact and sampled paths)
-# 784->4x512 (products at every point, the GPU default), two chunks at once (the GPU default) and one after another,
-# under a 16 GiB and a 64 GiB budget; then with the trace, and 784->3x2048
+# 784->4x512: products at every point (the GPU default) and closed-form bends, each under a 16 GiB and a 64 GiB budget
 step paths 60 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 20000 \
   --repeat 2 --check-cpu 500 --memory-budget 17179869184
 step paths 40 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 20000 \
-  --repeat 2 --memory-budget 17179869184 --pipeline off
+  --repeat 2 --memory-budget 17179869184 --products bends
 step paths 40 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 40000 \
   --repeat 2 --memory-budget 68719476736
 step paths 40 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 40000 \
-  --repeat 2 --memory-budget 68719476736 --pipeline off
+  --repeat 2 --memory-budget 68719476736 --products bends
 step paths 40 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 20000 \
   --repeat 2 --memory-budget 17179869184 --trace
 step paths 60 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-3x2048 --paths 5000 \
   --repeat 2 --check-cpu 100 --memory-budget 17179869184
+step paths 40 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-3x2048 --paths 5000 \
+  --repeat 2 --memory-budget 17179869184 --products bends
 step effnet_paths 150 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-seconds 60
 step slices 120 python3 benchmarks/bench_slices.py --device cuda --skip-effnet --large-only --large 680
 step codes 90 python3 benchmarks/bench_codes.py --gpu-only

@@ -22,13 +22,9 @@ def to_host(x: torch.Tensor) -> torch.Tensor:
     return host
 
 
-def wait_for_copies(hosts: Iterable[torch.Tensor], device: torch.device | None = None) -> None:
-    """Wait for the copies of ``to_host`` behind ``hosts`` (once per batch): those queued on ``device``'s current
-    stream when it is given (work on other streams goes on), else everything on every GPU (the data need not be on
+def wait_for_copies(hosts: Iterable[torch.Tensor]) -> None:
+    """Wait for the copies of ``to_host`` behind ``hosts`` (once per batch), on every GPU (the data need not be on
     the current one)."""
     if any(h.is_pinned() for h in hosts):
-        if device is not None:
-            torch.cuda.current_stream(device).synchronize()
-            return
         for d in range(torch.cuda.device_count()):
             torch.cuda.synchronize(d)

@@ -20,11 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from typing import Callable, Mapping
 
 import numpy as np
@@ -155,32 +151,6 @@ def _last_site_units(runner, units, method, owner) -> torch.Tensor | None:
 
 
 CPU_CHUNK_BYTES = 512 << 20
-# device types on which two chunks of paths are refined at once, each from its own host thread on its own CUDA stream:
-# a chunk waits for its device at every data-dependent size (a few dozen times), and while it waits the other chunk's
-# kernels run (the host's pace otherwise sets the GPU's; docs/benchmarks.md)
-PIPELINED = {"cuda"}
-
-
-class _Streams:
-    """Runs a job on its worker thread's own CUDA stream (none on the CPU) and waits for that stream only."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.local = threading.local()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # what the main thread queued (weights, Jacobian blocks, paths) is done
-
-    def run(self, fn, *args):
-        if self.device.type != "cuda":
-            return fn(*args)
-        stream = getattr(self.local, "stream", None)
-        if stream is None:
-            stream = self.local.stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(stream):
-            out = fn(*args)
-            stream.synchronize()
-        return out
-
 MIN_PIECE_POINTS = 4  # a piece of a path holds its two ends and some new breakpoints
 
 
@@ -259,76 +229,38 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
     # on the CPU a chunk beyond a few hundred MiB only adds cache misses and page faults (784->4x512: 122 paths/s at
     # 128-512 MiB chunks, 107 at 1 GiB, 76 at 2 GiB); on a GPU bigger chunks amortise the launches, so the budget rules
     chunk_bytes = min(memory_budget, CPU_CHUNK_BYTES) if prep.device.type == "cpu" else memory_budget
-    # two chunks at once (each with half the budget) where the refinement never runs the model itself
-    pipelined = (use_exact and affine is not None and prep.device.type in PIPELINED
-                 and not (trace and not refiner.output_at_points))
-    if pipelined:
-        chunk_bytes //= 2
-    model_lock = threading.Lock()  # the model (its hooks) serves one thread at a time: checks, class-change bisection
-    max_pts = memory_budget // per_point
     results = PathList()
-    est = {"pts": est_pts, "guessed": True}  # est_pts is a guess until a path has been refined
-
-    def chunk(start: int, c: int, in_pieces: bool):
-        """Refine paths start..start+c-1 (one path in pieces along t when ``in_pieces``), check and collect them."""
+    start = 0
+    guessed = True  # est_pts is a guess until a path has been refined
+    while start < n_paths:
+        c = int(max(1, min(n_paths - start, chunk_bytes // max(1, int(est_pts * per_point)))))
         gp = torch.arange(start, start + c, device=prep.device)
+        in_pieces = False
         if not use_exact:
             out = sampled_chunk(runner, gp, n_samples, tol, trace)
-        elif in_pieces:
-            out = refiner.run_path_in_pieces(gp, max_pts, est["pts"], progress)
+        elif guessed or est_pts * per_point > memory_budget:
+            # one path whose breakpoints may not fit the budget at once: refine it in pieces along t
+            c, gp, in_pieces = 1, gp[:1], True
+            max_pts = memory_budget // per_point
+            if max_pts < MIN_PIECE_POINTS:
+                raise InvalidInputError(
+                    f"The memory budget of {owner} ({memory_budget / 2**20:.0f} MiB) holds fewer than "
+                    f"{MIN_PIECE_POINTS} breakpoints of a path through this model (about {per_point / 2**20:.1f} MiB "
+                    f"each): raise it to at least {math.ceil(MIN_PIECE_POINTS * per_point / 2**20)} MiB (CLI "
+                    "--memory-mib), or follow fewer sites (layers=, CLI --layers; or a path at one --layer).")
+            out = refiner.run_path_in_pieces(gp, max_pts, est_pts, progress)
+            if guessed:
+                est_pts, guessed = 0.0, False  # measured from now on
         else:
             out = refiner.run_chunk(gp)
         if use_exact and verify:
-            with model_lock:
-                verify_chunk(runner, gp, out["pid"], out["t"], n_check=32, seed=start, units=unit_idx)
-        block = _collect(out, gp, start, spec, runner, reported, use_exact, trace, model_lock)
-        return block, out.get("n_evaluated", 0)
-
-    def finish(c: int, block: PathBlock, n_evaluated: int, in_pieces: bool) -> None:
+            verify_chunk(runner, gp, out["pid"], out["t"], n_check=32, seed=start, units=unit_idx)
         if use_exact:  # memory scales with the points evaluated at the last site (see Refiner.run_chunk)
-            est["pts"] = max(est["pts"], 1.25 * n_evaluated / c)
-        results.append(block)
+            est_pts = max(est_pts, 1.25 * out["n_evaluated"] / c)
+        _collect(results, out, gp, spec, runner, reported, use_exact, trace)
         if progress is not None and not in_pieces:  # a path refined in pieces has reported each piece
             progress(c)
-
-    inflight: deque = deque()  # (paths, future) of chunks refined on worker threads, oldest first
-
-    def drain(keep: int) -> None:
-        while len(inflight) > keep:
-            c, future = inflight.popleft()
-            finish(c, *future.result(), False)
-
-    streams = _Streams(prep.device) if pipelined else None
-    start = 0
-    with ThreadPoolExecutor(2, thread_name_prefix="polytope-lens-paths") if pipelined else nullcontext() as pool:
-        try:
-            while start < n_paths:
-                c = int(max(1, min(n_paths - start, chunk_bytes // max(1, int(est["pts"] * per_point)))))
-                in_pieces = use_exact and (est["guessed"] or est["pts"] * per_point > memory_budget)
-                if in_pieces:
-                    # one path whose breakpoints may not fit the budget at once: refine it in pieces along t
-                    c = 1
-                    if max_pts < MIN_PIECE_POINTS:
-                        raise InvalidInputError(
-                            f"The memory budget of {owner} ({memory_budget / 2**20:.0f} MiB) holds fewer than "
-                            f"{MIN_PIECE_POINTS} breakpoints of a path through this model (about "
-                            f"{per_point / 2**20:.1f} MiB each): raise it to at least "
-                            f"{math.ceil(MIN_PIECE_POINTS * per_point / 2**20)} MiB (CLI --memory-mib), or follow "
-                            "fewer sites (layers=, CLI --layers; or a path at one --layer).")
-                if pool is None or in_pieces:
-                    drain(0)
-                    block, n_evaluated = chunk(start, c, in_pieces)
-                    if in_pieces and est["guessed"]:
-                        est.update(pts=0.0, guessed=False)  # measured from now on
-                    finish(c, block, n_evaluated, in_pieces)
-                else:
-                    drain(1)  # at most two chunks at once: wait for the older one
-                    inflight.append((c, pool.submit(streams.run, chunk, start, c, False)))
-                start += c
-            drain(0)
-        finally:
-            for _, future in inflight:
-                future.cancel()
+        start += c
     tolerance = ({"tie_tol": float(tie_tol), "value_tol": float(runner.tol)} if use_exact
                  else {"tol": float(tol), "n_samples": int(n_samples)})
     return PathBatchResult(results, use_exact, "exact" if use_exact else "sampled",
@@ -336,11 +268,9 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
                            tuple(notes), time.perf_counter() - t0)
 
 
-def _collect(out, gp, start: int, spec: PathSpec, runner: Runner, reported, exact: bool, trace: bool,
-             model_lock=nullcontext()) -> PathBlock:
-    """A chunk's paths (``start, start + 1, ...``) as one ``PathBlock``: records sorted by path and t, per-site counts
-    and ties per path computed for the whole chunk on its device, then moved to the host together (one wait, for
-    this thread's stream only). ``model_lock`` guards the model's own use (bisection of class changes)."""
+def _collect(results: PathList, out, gp, spec: PathSpec, runner: Runner, reported, exact: bool, trace: bool) -> None:
+    """Append a chunk's paths to ``results`` as one ``PathBlock``: records sorted by path and t, per-site counts and
+    ties per path computed for the whole chunk on its device, then moved to the host together."""
     pid, t, tied = out["pid"], out["t"], out["tied"]
     dev, c, ns = t.device, len(gp), len(reported)
     keep_sites = [runner.names.index(n) for n in reported]
@@ -360,8 +290,9 @@ def _collect(out, gp, start: int, spec: PathSpec, runner: Runner, reported, exac
     tied_cum = torch.cat([zero, torch.cumsum(tied.long(), 0)])
     ties = tied_cum[pt_off[1:]] - tied_cum[pt_off[:-1]]
     host = [to_host(x) for x in (rt, rs, ru, rpc, per_site, rec_off, pt_off, ties, t)]
-    wait_for_copies(host, dev)
+    wait_for_copies(host)
     rt_np, rs_np, ru_np, rpc_np, per_np, roff_np, poff_np, ties_np, t_np = (x.numpy() for x in host)
+    start = int(gp[0])  # a chunk is a run of consecutive paths
     len_np = spec.length[start:start + c].double().cpu().numpy()
     output = out.get("output") if trace else None
     at_points = out.get("output_at_points") if trace else None
@@ -371,11 +302,10 @@ def _collect(out, gp, start: int, spec: PathSpec, runner: Runner, reported, exac
         traces = _chunk_traces(out["t"], output, at_points, pcount, exact, runner.tol)
         if at_points is None:
             bisect = traces
-        with model_lock:
-            traces.update(_refine_flips(bisect, gp, runner))
-    return PathBlock(start, roff_np, rt_np, rs_np, ru_np, rpc_np, per_np, len_np, tuple(reported), exact,
-                     poff_np if exact else None, t_np if exact else None, ties_np if exact else None, traces,
-                     spec.alphas)
+        traces.update(_refine_flips(bisect, gp, runner))
+    results.append(PathBlock(start, roff_np, rt_np, rs_np, ru_np, rpc_np, per_np, len_np, tuple(reported), exact,
+                             poff_np if exact else None, t_np if exact else None, ties_np if exact else None, traces,
+                             spec.alphas))
 
 
 def _chunk_traces(t: torch.Tensor, output: torch.Tensor, at_points, pcount: list[int], exact: bool,
