@@ -753,6 +753,7 @@ def test_path_list_of_many_chunks_reads_like_a_list(method):
     one = path_crossings(mlp, a, b, method=method)
     many = path_crossings(mlp, a, b, method=method, memory_budget=1 << 20, n_samples=256)
     assert isinstance(many.paths, PathList) and len(many.paths._blocks) > 1 and len(many) == 30
+    assert repr(many.paths) == f"PathList(30 paths, {int(many.counts.sum())} crossings)"
     objs = list(many.paths)
     assert [p.index for p in objs] == list(range(30))
     assert many.paths[-1] is objs[-1] and many.paths[3:7] == objs[3:7] and many[5] is objs[5]

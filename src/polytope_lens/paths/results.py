@@ -231,6 +231,9 @@ class PathList(Sequence):
     def __len__(self) -> int:
         return sum(len(b) for b in self._blocks)
 
+    def __repr__(self) -> str:
+        return f"PathList({len(self)} paths, {int(self.counts.sum())} crossings)"
+
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
