@@ -638,6 +638,57 @@ def test_sampled_positions_on_a_gelu_net_equal_brentq_roots(tol):
             assert piece == int(unit_input(i, site, unit, grid[k + 1]) > 0)
 
 
+@pytest.mark.parametrize("tol", [2e-2, 1e-6, 1e-12])
+def test_brackets_sharing_an_interval_are_narrowed_by_shared_sub_samples(monkeypatch, tol):
+    """Many units changing in one sample interval (64-wide GELU layers, 4 samples) are narrowed together by
+    sub-samples of the interval: every record still has its unit's input cross its threshold within ``tol``
+    (the float64 net evaluated directly on both sides), enters the piece found just past it, and the counts, sites,
+    units and pieces equal the one-bracket-at-a-time run's, which runs the net at more points (at a coarse ``tol``,
+    one shared round places every crossing: less than half the points)."""
+    import polytope_lens.paths.sampled as sampled_mod
+    from polytope_lens.paths.runner import Runner
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Linear(3, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 2)).double()
+    a, b = 3 * torch.randn(2, 3, dtype=torch.float64), 3 * torch.randn(2, 3, dtype=torch.float64)
+    rows = []  # points at which the net was run
+    real_batches, real_points = Runner.eval_point_batches, Runner.eval_points
+
+    def batches(self, pid, *args, **kw):
+        rows.append(len(pid))
+        yield from real_batches(self, pid, *args, **kw)
+
+    def points(self, pid, *args, **kw):
+        rows.append(len(pid))
+        return real_points(self, pid, *args, **kw)
+    monkeypatch.setattr(Runner, "eval_point_batches", batches)
+    monkeypatch.setattr(Runner, "eval_points", points)
+    shared = path_crossings(net, a, b, n_samples=4, tol=tol)
+    shared_rows, rows[:] = sum(rows), []
+
+    def unit_input(i, site, unit, t):
+        x = a[i] + t * (b[i] - a[i])
+        with torch.no_grad():
+            z = net[0](x)
+            if site == 1:
+                z = net[2](net[1](z))
+        return float(z[unit])
+    for i, p in enumerate(shared.paths):
+        assert p.crossings > 20
+        for t, site, unit, piece in zip(p.records["t"], p.records["site"], p.records["unit"], p.records["piece"]):
+            below, above = unit_input(i, site, unit, t - tol), unit_input(i, site, unit, t + tol)
+            assert (below > 0) != (above > 0) or 0.0 in (below, above)
+            assert piece == int(above > 0)
+    monkeypatch.setattr(sampled_mod, "_SHARED_MIN", 10**9)
+    alone = path_crossings(net, a, b, n_samples=4, tol=tol)
+    assert alone.counts.tolist() == shared.counts.tolist()
+    assert shared_rows < sum(rows) * (0.5 if tol > 1e-2 else 1.0)  # the point of sharing: fewer forward passes
+    for p, q in zip(shared.paths, alone.paths):
+        order_p = np.lexsort((p.records["unit"], p.records["site"]))
+        order_q = np.lexsort((q.records["unit"], q.records["site"]))
+        for key in ("site", "unit", "piece"):
+            np.testing.assert_array_equal(p.records[key][order_p], q.records[key][order_q])
+
+
 def test_sampled_mode_holds_one_batch_of_samples_at_a_time(monkeypatch):
     """Sampled mode evaluates the samples batch by batch under the budget and keeps only the sign changes (and the
     last sample of the batch before, for the pair across two batches): with two-row batches under a 1 MiB budget it

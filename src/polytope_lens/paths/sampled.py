@@ -11,6 +11,12 @@ kept twice in a row halved) where the unit has a scalar kink, and at the midpoin
 did not halve it: the piece at the new point still decides which end moves, so the bracket always holds the change,
 and a smooth unit input converges superlinearly. Each step is a forward pass per bracket: on MiniLM (8 tokens, 16
 samples, tol 1e-6) all but a few hundred of 6,278 brackets were placed in 6 steps, where bisection takes 16.
+
+Before those steps, brackets that share their sample interval with at least ``_SHARED_MIN - 1`` others (a
+transformer layer's units change by the hundred in one interval) are narrowed together: ``_SUB - 1`` sub-samples of
+the interval, one forward pass each for all of them, cut every bracket 16-fold, round after round while enough share
+one (``_narrow_shared``). A MiniLM ray (8 tokens, 16 samples, 7,304 crossings): 23.7 s instead of 33.0 s at tol
+1e-9, 4.4 s instead of 14.6 s at 1e-3.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from .runner import Runner
 
 
 _SLOW_STEPS = 4  # Illinois steps without halving the bracket before a bisection step
+_SHARED_MIN = 8  # brackets in one interval of a path that are narrowed together by sub-samples
+_SUB = 16  # sub-intervals per shared round
 
 
 def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: float, want_output: bool) -> dict:
@@ -64,6 +72,9 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
                   for i in (0, 1))  # unit input minus kink at the bracket's ends
     output = torch.cat(outputs) if want_output else None
     del pending, outputs
+    # many units change in the same sample interval (a transformer's layer: hundreds): sub-samples of the interval,
+    # each one forward pass shared by all of them, narrow their brackets 16-fold a round while enough share one
+    kink = _narrow_shared(runner, gpids, ppid, sidx, unit_all, plo, phi, lo_all, hi_all, f_lo, f_hi, kink, tol)
     moved = torch.zeros(len(lo_all), dtype=torch.int8, device=dev)  # end moved by the last step: -1 lo, +1 hi
     ref_width = hi_all - lo_all  # width when the bracket last halved
     slow = torch.zeros(len(lo_all), dtype=torch.int8, device=dev)  # steps since then
@@ -98,6 +109,65 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
     if want_output:
         out["output"] = output
     return out
+
+
+def _narrow_shared(runner: Runner, gpids, ppid, sidx, unit, plo, phi, lo, hi, f_lo, f_hi, kink, tol: float):
+    """Narrow the brackets that share their interval with at least ``_SHARED_MIN - 1`` others, in place, by
+    ``_SUB - 1`` evenly spaced sub-samples per shared interval (evaluated batch by batch under the budget): each
+    bracket moves to the first sub-interval whose right end is on another piece than ``plo`` (its left end is then
+    on ``plo``: the bracket still holds a change), with the unit inputs there. Returns the kinks of the new brackets
+    (the piece at the right end may change for units with several kinks)."""
+    while len(lo):
+        act = torch.nonzero((hi - lo) > tol).flatten()
+        if len(act) < _SHARED_MIN:
+            return kink
+        key = torch.stack([ppid[act].to(lo.dtype), lo[act], hi[act]], 1)
+        uniq, group, size = torch.unique(key, dim=0, return_inverse=True, return_counts=True)
+        shared = size[group] >= _SHARED_MIN
+        if not bool(shared.any()):
+            return kink
+        rows = act[shared]  # brackets narrowed this round
+        gsel = torch.unique(group[shared])  # their intervals
+        gpos = torch.full((len(uniq),), -1, dtype=torch.long, device=lo.device)
+        gpos[gsel] = torch.arange(len(gsel), device=lo.device)
+        frac = torch.arange(1, _SUB, dtype=lo.dtype, device=lo.device) / _SUB
+        g_lo, g_hi = uniq[gsel, 1], uniq[gsel, 2]
+        pts_t = (g_lo[:, None] + frac[None] * (g_hi - g_lo)[:, None]).reshape(-1)  # as t_all below
+        pts_pid = uniq[gsel, 0].long().repeat_interleave(_SUB - 1)
+        first_row = gpos[group[shared]] * (_SUB - 1)  # each bracket's first sub-sample among the points
+        n_b = len(rows)
+        sub_piece = torch.empty(n_b, _SUB - 1, dtype=torch.long, device=lo.device)
+        sub_z = torch.full((n_b, _SUB - 1), float("nan"), dtype=lo.dtype, device=lo.device)
+        point_row = first_row[:, None] + torch.arange(_SUB - 1, device=lo.device)[None]
+        need = sorted(set(sidx[rows].tolist()))
+        names = [runner.names[k] for k in need]
+        for span, o in runner.eval_point_batches(gpids[pts_pid], pts_t, names):
+            inside = (point_row >= span.start) & (point_row < span.stop)
+            for k in need:
+                site = runner.processed[k]
+                b, j = torch.nonzero(inside & (sidx[rows] == k)[:, None], as_tuple=True)
+                if not len(b):
+                    continue
+                z = o[site.name].reshape(span.stop - span.start, *runner.z_shape[site.name])
+                pieces = site.activation.pieces(z).reshape(len(z), -1)
+                r = point_row[b, j] - span.start
+                sub_piece[b, j] = pieces[r, unit[rows][b]]
+                if site.activation.elementwise:
+                    sub_z[b, j] = z.reshape(len(z), -1)[r, unit[rows][b]].to(lo.dtype)
+                del z, pieces
+        # pieces and inputs at the bracket's ends and sub-samples, left to right
+        p_all = torch.cat([plo[rows, None], sub_piece, phi[rows, None]], 1)
+        z_all = torch.cat([(f_lo[rows] + kink[rows])[:, None], sub_z, (f_hi[rows] + kink[rows])[:, None]], 1)
+        t_all = torch.cat([lo[rows, None], lo[rows, None] + frac[None] * (hi[rows] - lo[rows])[:, None],
+                           hi[rows, None]], 1)  # the sub-samples' positions exactly as evaluated
+        k_first = (p_all[:, 1:] != plo[rows, None]).to(torch.uint8).argmax(1)  # sub-interval [k, k + 1]
+        ar = torch.arange(n_b, device=lo.device)
+        phi[rows] = p_all[ar, k_first + 1]
+        kink = _kink_between(runner, sidx, plo, phi)
+        f_lo[rows] = z_all[ar, k_first] - kink[rows]
+        f_hi[rows] = z_all[ar, k_first + 1] - kink[rows]
+        lo[rows], hi[rows] = t_all[ar, k_first], t_all[ar, k_first + 1]
+    return kink
 
 
 def _kink_between(runner: Runner, sidx: torch.Tensor, plo: torch.Tensor, phi: torch.Tensor) -> torch.Tensor:
