@@ -136,25 +136,10 @@ def _narrow_shared(runner: Runner, gpids, ppid, sidx, unit, plo, phi, lo, hi, f_
         pts_pid = uniq[gsel, 0].long().repeat_interleave(_SUB - 1)
         first_row = gpos[group[shared]] * (_SUB - 1)  # each bracket's first sub-sample among the points
         n_b = len(rows)
-        sub_piece = torch.empty(n_b, _SUB - 1, dtype=torch.long, device=lo.device)
-        sub_z = torch.full((n_b, _SUB - 1), float("nan"), dtype=lo.dtype, device=lo.device)
-        point_row = first_row[:, None] + torch.arange(_SUB - 1, device=lo.device)[None]
-        need = sorted(set(sidx[rows].tolist()))
-        names = [runner.names[k] for k in need]
-        for span, o in runner.eval_point_batches(gpids[pts_pid], pts_t, names):
-            inside = (point_row >= span.start) & (point_row < span.stop)
-            for k in need:
-                site = runner.processed[k]
-                b, j = torch.nonzero(inside & (sidx[rows] == k)[:, None], as_tuple=True)
-                if not len(b):
-                    continue
-                z = o[site.name].reshape(span.stop - span.start, *runner.z_shape[site.name])
-                pieces = site.activation.pieces(z).reshape(len(z), -1)
-                r = point_row[b, j] - span.start
-                sub_piece[b, j] = pieces[r, unit[rows][b]]
-                if site.activation.elementwise:
-                    sub_z[b, j] = z.reshape(len(z), -1)[r, unit[rows][b]].to(lo.dtype)
-                del z, pieces
+        point_row = first_row[:, None] + torch.arange(_SUB - 1, device=lo.device)[None]  # (brackets, sub-samples)
+        sub_piece, sub_z = _pieces_at(runner, gpids[pts_pid], pts_t, sidx[rows].repeat_interleave(_SUB - 1),
+                                      unit[rows].repeat_interleave(_SUB - 1), point_row.reshape(-1))
+        sub_piece, sub_z = sub_piece.reshape(n_b, _SUB - 1), sub_z.reshape(n_b, _SUB - 1).to(lo.dtype)
         # pieces and inputs at the bracket's ends and sub-samples, left to right
         p_all = torch.cat([plo[rows, None], sub_piece, phi[rows, None]], 1)
         z_all = torch.cat([(f_lo[rows] + kink[rows])[:, None], sub_z, (f_hi[rows] + kink[rows])[:, None]], 1)
@@ -185,24 +170,29 @@ def _kink_between(runner: Runner, sidx: torch.Tensor, plo: torch.Tensor, phi: to
     return out
 
 
-def _pieces_at(runner: Runner, gp, t, sidx, unit) -> tuple[torch.Tensor, torch.Tensor]:
-    """Piece and input of unit ``unit[i]`` of site ``sidx[i]`` at point ``t[i]`` of path ``gp[i]``, in blocks of
-    points so that only one block's unit inputs are held at a time (the input is NaN at sites without scalar
+def _pieces_at(runner: Runner, gp, t, sidx, unit, point=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Piece and input of unit ``unit[i]`` of site ``sidx[i]`` at point ``point[i]`` (default: point i) of the
+    points ``(gp, t)`` (path, position). Each point is evaluated once however many units are read there, in blocks
+    of points so that only one block's unit inputs are held at a time (the input is NaN at sites without scalar
     units)."""
-    res = torch.empty(len(t), dtype=torch.long, device=t.device)
-    z_unit = torch.full((len(t),), float("nan"), dtype=runner.dtype, device=t.device)
+    point = torch.arange(len(sidx), device=t.device) if point is None else point
+    res = torch.empty(len(sidx), dtype=torch.long, device=t.device)
+    z_unit = torch.full((len(sidx),), float("nan"), dtype=runner.dtype, device=t.device)
     step = max(1, runner.rows_per_batch())
     for s0 in range(0, len(t), step):
-        blk = slice(s0, s0 + step)
-        need = sorted(set(sidx[blk].tolist()))
-        ev = runner.eval_points(gp[blk], t[blk], [runner.names[k] for k in need])
+        in_block = torch.nonzero((point >= s0) & (point < s0 + step)).flatten()
+        if not len(in_block):
+            continue
+        need = sorted(set(sidx[in_block].tolist()))
+        ev = runner.eval_points(gp[s0:s0 + step], t[s0:s0 + step], [runner.names[k] for k in need])
         for k in need:
-            rows = torch.nonzero(sidx[blk] == k).flatten()
+            q = in_block[sidx[in_block] == k]
             site = runner.processed[k]
+            rows, which = torch.unique(point[q] - s0, return_inverse=True)  # the block's points read at site k
             flat = ev[site.name][rows]
-            zz = flat.reshape(len(rows), *runner.z_shape[site.name])
-            u = unit[blk][rows][:, None]
-            res[s0 + rows] = site.activation.pieces(zz).reshape(len(rows), -1).gather(1, u).squeeze(1)
+            u = unit[q]
+            res[q] = site.activation.pieces(flat.reshape(len(rows), *runner.z_shape[site.name])).reshape(
+                len(rows), -1)[which, u]
             if site.activation.elementwise:
-                z_unit[s0 + rows] = flat.reshape(len(rows), -1).gather(1, u).squeeze(1).to(runner.dtype)
+                z_unit[q] = flat.reshape(len(rows), -1)[which, u].to(runner.dtype)
     return res, z_unit
