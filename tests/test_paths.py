@@ -603,6 +603,16 @@ def test_sampled_mode_matches_exact_on_a_relu_net():
     np.testing.assert_allclose(sm.paths[0].records["t"], ex.paths[0].records["t"], atol=1e-10)
 
 
+def _unit_input(net, a, b, i, site, unit, t):
+    """Input of ``unit`` at GELU site 0 or 1 of a Linear-GELU-Linear-GELU net, at t on the segment a[i] -> b[i]."""
+    x = a[i] + t * (b[i] - a[i])
+    with torch.no_grad():
+        z = net[0](x)
+        if site == 1:
+            z = net[2](net[1](z))
+    return float(z[unit])
+
+
 @pytest.mark.parametrize("tol", [1e-6, 1e-12])
 def test_sampled_positions_on_a_gelu_net_equal_brentq_roots(tol):
     """Sampled mode on a smooth net: every record lies within ``tol`` of the root of its unit's input minus the
@@ -616,26 +626,19 @@ def test_sampled_positions_on_a_gelu_net_equal_brentq_roots(tol):
     res = path_crossings(net, a, b, n_samples=64, tol=tol)
     assert res.method == "sampled" and not res.exact
 
-    def unit_input(i, site, unit, t):
-        x = a[i] + t * (b[i] - a[i])
-        with torch.no_grad():
-            z = net[0](x)
-            if site == 1:
-                z = net[2](net[1](z))
-        return float(z[unit])
-
     grid = np.linspace(0.0, 1.0, 65)
     for i, p in enumerate(res.paths):
         want = 0
         for site in (0, 1):
-            zs = np.array([[unit_input(i, site, u, t) for u in range(12)] for t in grid])
+            zs = np.array([[_unit_input(net, a, b, i, site, u, t) for u in range(12)] for t in grid])
             want += int(((zs[:-1] > 0) != (zs[1:] > 0)).sum())
         assert p.crossings == want
         for t, site, unit, piece in zip(p.records["t"], p.records["site"], p.records["unit"], p.records["piece"]):
             k = int(np.searchsorted(grid, t)) - 1
-            root = brentq(lambda s: unit_input(i, site, unit, s), grid[k], grid[k + 1], xtol=1e-15, rtol=1e-15)
+            root = brentq(lambda s: _unit_input(net, a, b, i, site, unit, s), grid[k], grid[k + 1], xtol=1e-15,
+                          rtol=1e-15)
             assert abs(t - root) <= tol
-            assert piece == int(unit_input(i, site, unit, grid[k + 1]) > 0)
+            assert piece == int(_unit_input(net, a, b, i, site, unit, grid[k + 1]) > 0)
 
 
 @pytest.mark.parametrize("tol", [2e-2, 1e-6, 1e-12])
@@ -665,17 +668,10 @@ def test_brackets_sharing_an_interval_are_narrowed_by_shared_sub_samples(monkeyp
     shared = path_crossings(net, a, b, n_samples=4, tol=tol)
     shared_rows, rows[:] = sum(rows), []
 
-    def unit_input(i, site, unit, t):
-        x = a[i] + t * (b[i] - a[i])
-        with torch.no_grad():
-            z = net[0](x)
-            if site == 1:
-                z = net[2](net[1](z))
-        return float(z[unit])
     for i, p in enumerate(shared.paths):
         assert p.crossings > 20
         for t, site, unit, piece in zip(p.records["t"], p.records["site"], p.records["unit"], p.records["piece"]):
-            below, above = unit_input(i, site, unit, t - tol), unit_input(i, site, unit, t + tol)
+            below, above = (_unit_input(net, a, b, i, site, unit, t + d) for d in (-tol, tol))
             assert (below > 0) != (above > 0) or 0.0 in (below, above)
             assert piece == int(above > 0)
     monkeypatch.setattr(sampled_mod, "_SHARED_MIN", 10**9)
