@@ -217,19 +217,21 @@ class PathList(Sequence):
 
     def __init__(self, blocks: list[PathBlock] | None = None):
         self._blocks: list[PathBlock] = []
-        self._starts: list[int] = []
+        self._starts: list[int] = []  # each block's first path, for the binary search of __getitem__
+        self._n = 0
         self._made: dict[int, PathResult] = {}
         for b in blocks or []:
             self.append(b)
 
     def append(self, block: PathBlock) -> None:
-        if block.start != len(self):
-            raise ValueError(f"PathList: a block starting at path {block.start} follows {len(self)} paths.")
+        if block.start != self._n:
+            raise ValueError(f"PathList: a block starting at path {block.start} follows {self._n} paths.")
         self._blocks.append(block)
         self._starts.append(block.start)
+        self._n += len(block)
 
-    def __len__(self) -> int:
-        return sum(len(b) for b in self._blocks)
+    def __len__(self) -> int:  # kept, not summed over the blocks: every read of a path asks for it
+        return self._n
 
     def __repr__(self) -> str:
         return f"PathList({len(self)} paths, {int(self.counts.sum())} crossings)"
