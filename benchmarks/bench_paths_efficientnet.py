@@ -8,7 +8,9 @@ one layer's codes: the crossings of the first ReLU6 site (32 x 112 x 112 units, 
 path chelsea -> coffee in input space; later sites are not needed for them and are skipped. Also timed: the exact
 scaling ray alpha * a, alpha in [0, 3], of the last block's ReLU6 site for chelsea (every later site processed).
 With --full (a GPU): the full-network path over the first 1/2000 and 1/100 of the segment, then all of it, each run
-only if its time extrapolated from the previous fraction fits --full-seconds.
+only if its time extrapolated from the previous fraction fits --full-seconds (other fractions: --fractions).
+--aten-depthwise runs float64 depthwise convolutions through ATen's loop over channels instead of
+``polytope_lens._depthwise`` (the before/after of stop 17).
 """
 
 from __future__ import annotations
@@ -50,7 +52,15 @@ def main():
                     help="time for the full-network fractions: a longer fraction runs only if its extrapolation fits")
     ap.add_argument("--profile", action="store_true",
                     help="only profile the full-network path over the first 1/2000 of the segment (top operators)")
+    ap.add_argument("--fractions", default="5e-4,1e-2,1",
+                    help="with --full: comma-separated fractions of the segment, in increasing order")
+    ap.add_argument("--aten-depthwise", action="store_true",
+                    help="ATen's float64 depthwise convolutions (one call per channel) instead of ours")
     args = ap.parse_args()
+    if args.aten_depthwise:
+        import polytope_lens._depthwise as depthwise
+
+        depthwise.MAX_IMAGE = 0
     dev = args.device
     bundle = load_model("efficientnet-lite0")
     photos = load_data("skimage")
@@ -59,7 +69,7 @@ def main():
     if args.profile:
         profile_full(bundle, x, dev)
         return
-    print(f"device: {dev}")
+    print(f"device: {dev}; float64 depthwise convolutions: {'ATen' if args.aten_depthwise else 'polytope_lens'}")
     print("| case | seconds | crossings | exact | evaluator |")
     print("|---|---:|---:|---|---|", flush=True)
 
@@ -83,7 +93,7 @@ def main():
         "with the trace", t0, r)
     if args.full:  # the first 1/2000, 1/100 of the path (CPU, stop 11: 1/2000 crosses 1,087 in 131 s), then all
         start, spent, last = time.perf_counter(), 0.0, None
-        for frac in (1 / 2000, 1 / 100, 1.0):
+        for frac in (float(f) for f in args.fractions.split(",")):
             if last is not None:
                 guess = last[1] * frac / last[0]  # time grows about linearly with the breakpoints, so the length
                 if spent + guess > args.full_seconds:

@@ -17,7 +17,8 @@ Two extensions cover activations that are not a single torch call:
 Modules that are TransformerLens hook points give aliases: a call whose input is exactly a hook point's output is
 also known by that hook name (``blocks.3.mlp.hook_pre``).
 
-Everything is scoped: hooks and the mode are removed in ``finally`` even when the forward pass fails.
+Everything is scoped: hooks and the mode are removed in ``finally`` even when the forward pass fails. Inside, float64
+depthwise convolutions on the CPU run without ATen's loop over channels (``_depthwise``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
+from ._depthwise import FastDepthwise
 from .errors import InvalidInputError, UnsupportedActivationError
 from .kinks import Activation, get_activation, resolve_call
 
@@ -391,7 +393,8 @@ def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str,
     pre = nn.modules.module.register_module_forward_pre_hook(tracker.pre_hook)
     post = nn.modules.module.register_module_forward_hook(tracker.post_hook, always_call=True)
     try:
-        with _SiteMode(tracker):
+        # FastDepthwise is the outer mode: the site mode sees the conv2d call, its replacement's ops are not sites
+        with FastDepthwise(), _SiteMode(tracker):
             yield tracker.reset
     finally:
         pre.remove()

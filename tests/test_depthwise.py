@@ -1,0 +1,124 @@
+"""Float64 depthwise convolutions on the CPU (``_depthwise``): ATen's values, ATen's own path for every call it does
+not take, and exact paths through a MobileNet-style block against dense sampling with ATen's convolutions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import polytope_lens._depthwise as dw
+from polytope_lens.capture import run
+from polytope_lens.paths import path_crossings
+
+from test_paths import dense_count
+
+
+@pytest.fixture
+def taken(monkeypatch) -> list:
+    """One entry per call that ``FastDepthwise`` sends to ``depthwise_conv2d``."""
+    calls = []
+    real = dw.depthwise_conv2d
+    monkeypatch.setattr(dw, "depthwise_conv2d", lambda *args: calls.append(1) or real(*args))
+    return calls
+
+
+@pytest.mark.parametrize("n,c,side,k,stride,pad,dil", [
+    (3, 5, 9, 3, 1, 1, 1), (2, 7, 10, 5, 2, 2, 1), (4, 6, 11, 3, 2, 0, 2), (1, 40, 4, 3, 1, 1, 1),  # channels last
+    (70, 8, 20, 3, 1, 1, 1),  # several batch chunks
+    (2, 3, 8, (3, 1), (1, 2), (1, 0), 1)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_values_equal_atens(n, c, side, k, stride, pad, dil, bias):
+    g = torch.Generator().manual_seed(0)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x = torch.randn(n, c, side, side, generator=g, dtype=torch.float64)
+    w = torch.randn(c, 1, kh, kw, generator=g, dtype=torch.float64)
+    b = torch.randn(c, generator=g, dtype=torch.float64) if bias else None
+    want = F.conv2d(x, w, b, stride, pad, dil, c)
+    got = dw.depthwise_conv2d(x, w, b, stride, pad, dil)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-13 * want.abs().max()
+    with dw.FastDepthwise():
+        assert torch.equal(F.conv2d(x, w, b, stride, pad, dil, c), got)
+        assert torch.equal(torch.conv2d(x, w, b, stride, pad, dil, c), got)
+
+
+def test_other_convolutions_are_left_to_aten(monkeypatch, taken):
+    """Only float64 CPU depthwise calls (groups = channels in = channels out) up to MAX_IMAGE per image are taken."""
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    w = torch.randn(4, 1, 3, 3, dtype=torch.float64)
+    cases = [(x.float(), w.float(), {"groups": 4}),  # float32: oneDNN's kernel is fast
+             (x, torch.randn(4, 2, 3, 3, dtype=torch.float64), {"groups": 2}),  # grouped, not depthwise
+             (x, torch.randn(8, 1, 3, 3, dtype=torch.float64), {"groups": 4}),  # channel multiplier 2
+             (x, w, {"groups": 4, "padding": "same"}),
+             (x, torch.randn(4, 4, 3, 3, dtype=torch.float64), {})]
+    want = [F.conv2d(xi, wi, **kw) for xi, wi, kw in cases]
+    with dw.FastDepthwise():
+        for (xi, wi, kw), v in zip(cases, want):
+            assert torch.equal(F.conv2d(xi, wi, **kw), v)
+        assert not taken
+        monkeypatch.setattr(dw, "MAX_IMAGE", 4 * 6 * 6 - 1)
+        F.conv2d(x, w, groups=4)
+        assert not taken
+        monkeypatch.setattr(dw, "MAX_IMAGE", 4 * 6 * 6)
+        F.conv2d(x, w, None, 1, "valid", 1, 4)
+        assert len(taken) == 1
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2-style: stem conv-BN-ReLU6, then 1x1 expand-BN-ReLU6, 3x3 depthwise-BN-ReLU6, 1x1 project-BN plus
+    the skip, then a 5x5 stride-2 depthwise conv, ReLU and a linear head."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.stem, self.expand = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 8, 1)
+        self.dw, self.project = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 4, 1)
+        self.down, self.head = nn.Conv2d(4, 4, 5, stride=2, padding=2, groups=4), nn.Linear(4 * 4 * 4, 3)
+        self.bns = nn.ModuleList([nn.BatchNorm2d(c) for c in (4, 8, 8, 4)])
+        with torch.no_grad():
+            for m in (self.stem, self.expand, self.dw, self.project, self.down, self.head):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2.0 / m.weight[0].numel()) ** 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.3)
+            for bn in self.bns:
+                c = bn.num_features
+                bn.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                bn.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                bn.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                bn.bias.copy_(torch.randn(c, generator=g) * 0.2)
+        self.eval()
+
+    def forward(self, x):
+        h = F.relu6(3.0 * self.bns[0](self.stem(x)))
+        e = F.relu6(3.0 * self.bns[1](self.expand(h)))
+        e = F.relu6(3.0 * self.bns[2](self.dw(e)))
+        h = h + self.bns[3](self.project(e))
+        return self.head(F.relu(self.down(h)).flatten(1))
+
+
+@pytest.mark.parametrize("evaluator", ["affine", "graph"])
+def test_paths_through_depthwise_blocks_equal_dense_sampling_with_atens_convolutions(monkeypatch, taken, evaluator):
+    """The engine's forward passes take ``depthwise_conv2d``; the oracle samples the model with ATen's convolutions."""
+    m = InvertedResidual()
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(3, 1, 7, 7, generator=g), torch.randn(3, 1, 7, 7, generator=g)
+    res = path_crossings(m, a, b, evaluator=evaluator, trace=False)
+    assert res.exact and taken
+    monkeypatch.setattr(dw, "MAX_IMAGE", 0)
+    for i, p in enumerate(res.paths):
+        want = dense_count(m, lambda t, i=i: a[i:i + 1].double() + t.reshape(-1, 1, 1, 1) * (b[i] - a[i]).double(),
+                           n0=4096, n_max=2 ** 18)
+        assert p.per_layer == want and p.crossings > 0
+
+
+def test_capture_runs_depthwise_convolutions_through_it(taken):
+    """Every capture (codes, paths, slices) runs float64 depthwise calls through ``depthwise_conv2d``, and its
+    replacement's own operations are not sites."""
+    m = InvertedResidual().double()
+    x = torch.randn(2, 1, 7, 7, dtype=torch.float64)
+    sites = []
+    out = run(m, lambda: m(x), lambda s, z: sites.append(s.name))
+    assert len(taken) == 2 and len(sites) == 4
+    with torch.no_grad():
+        assert torch.allclose(out, m(x), rtol=1e-12, atol=1e-12)
