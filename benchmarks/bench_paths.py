@@ -4,6 +4,12 @@ Segments between N(0,1) points through ReLU MLPs with weights N(0, 2/fan_in) and
 Regioncam1D covers exactly a -> b with ``through_points([a, b], size=2.0)``; its crossings are ``num_vertices - 2``.
 When Regioncam would take too long it runs on a sample of the paths (``--rc-paths``), and the table says so.
 
+The column "products bound" is the most paths/s any exact method of this kind could reach here: every unit input at
+every breakpoint is needed, and a breakpoint made at site j reaches the inputs of sites j + 2, j + 3, ... only
+through a dense product per site (site j + 1 gets a rank-one update, what our closed-form bends do). From this
+run's mean crossings per site it counts those products' float64 FLOPs per path, and divides the FLOP/s of one large
+product of the same shape, timed here, by them (docs/benchmarks.md).
+
     python benchmarks/bench_paths.py                  # 1000 paths per network
     python benchmarks/bench_paths.py --paths 200 --rc-paths 50
 """
@@ -50,6 +56,23 @@ def regioncam_counts(mlp: nn.Sequential, a: torch.Tensor, b: torch.Tensor) -> tu
             rc.relu()
         counts.append(rc.num_vertices - 2)
     return counts, time.perf_counter() - t0
+
+
+def products_bound(widths: list[int], din: int, per_site_mean: np.ndarray, dtype: torch.dtype) -> float:
+    """Paths/s if an exact run did nothing but the matrix products it cannot avoid (see the module docstring):
+    site k's inputs by a product at the path's two ends and at the breakpoints of sites 0 .. k - 2."""
+    fan_in = [din] + widths[:-1]
+    flops = sum(2.0 * d * w * (2.0 + per_site_mean[:max(0, k - 1)].sum())
+                for k, (d, w) in enumerate(zip(fan_in, widths)))
+    x = torch.randn(4096, widths[1], dtype=dtype)
+    m = torch.randn(widths[1], widths[1], dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x @ m
+        best = min(best, time.perf_counter() - t0)
+    rate = 2.0 * x.shape[0] * m.shape[0] * m.shape[1] / best
+    return rate / flops
 
 
 def profile_run(mlp: nn.Sequential, a: torch.Tensor, b: torch.Tensor, args) -> None:
@@ -133,18 +156,20 @@ def main() -> None:
             dmax = int(np.abs(ours - np.asarray(rc)).max())
         else:
             agree, dmax = float("nan"), -1
+        bound = products_bound(widths, din, res.paths.per_site.mean(0), getattr(torch, args.dtype)) \
+            if args.device == "cpu" else float("nan")
         rows.append((name, args.paths, float(res.counts.mean()), args.paths / ours_s, n_rc,
-                     n_rc / rc_s if n_rc else float("nan"), agree, int(sum(p.ties for p in res.paths)), dmax))
+                     n_rc / rc_s if n_rc else float("nan"), agree, int(sum(p.ties for p in res.paths)), dmax, bound))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ours on {args.device} (products: "
           f"{args.products}); ours {args.dtype}"
           f"{', with the trace' if args.trace else ''}, "
           f"Regioncam1D float32; best of {args.repeat} alternating runs\n")
     print("| network | paths | mean crossings | ours paths/s | Regioncam1D paths (sample) | Regioncam1D paths/s "
-          "| speed-up | agreement | ties | max count diff |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, n, mean, ours_ps, n_rc, rc_ps, agree, ties, dmax in rows:
+          "| speed-up | agreement | ties | max count diff | products bound paths/s (x Regioncam1D) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, n, mean, ours_ps, n_rc, rc_ps, agree, ties, dmax, bound in rows:
         print(f"| {name} | {n} | {mean:.1f} | {ours_ps:.1f} | {n_rc} | {rc_ps:.2f} | {ours_ps / rc_ps:.1f}x "
-              f"| {agree:.1f} % | {ties} | {dmax} |")
+              f"| {agree:.1f} % | {ties} | {dmax} | {bound:.0f} ({bound / rc_ps:.1f}x) |")
 
 
 if __name__ == "__main__":
