@@ -55,15 +55,19 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         else:
             xp = F.pad(xa, (pw, pw, ph, ph)) if ph or pw else xa
             acc = out[a:a + m]
-        acc.copy_(bias.view(-1, 1, 1) if not channels_last else bias) if bias is not None else acc.zero_()
+        b = None if bias is None else (bias if channels_last else bias.view(-1, 1, 1))
         for i in range(kh):
             for j in range(kw):
                 rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
                 cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
-                if channels_last:
-                    acc.addcmul_(xp[:, rows, cols], k[i * kw + j])
+                xs = xp[:, rows, cols] if channels_last else xp[:, :, rows, cols]
+                kij = k[i * kw + j] if channels_last else k[:, i * kw + j].view(c, 1, 1)
+                if i or j:
+                    acc.addcmul_(xs, kij)
+                elif b is None:  # the first kernel entry writes the sum's first term: no pass to zero it first
+                    torch.mul(xs, kij, out=acc)
                 else:
-                    acc.addcmul_(xp[:, :, rows, cols], k[:, i * kw + j].view(c, 1, 1))
+                    torch.addcmul(b, xs, kij, out=acc)
         if channels_last:
             out[a:a + m].copy_(acc.permute(0, 3, 1, 2))
     return out
