@@ -27,6 +27,7 @@ def taken(monkeypatch) -> list:
 @pytest.mark.parametrize("n,c,side,k,stride,pad,dil", [
     (3, 5, 9, 3, 1, 1, 1), (2, 7, 10, 5, 2, 2, 1), (4, 6, 11, 3, 2, 0, 2), (1, 40, 4, 3, 1, 1, 1),  # channels last
     (70, 8, 20, 3, 1, 1, 1),  # several batch chunks
+    (2, 50, 9, 3, 2, 1, 2), (2, 50, 9, 3, (2,), [1], (2,)),  # channels last, strided and dilated
     (2, 3, 8, (3, 1), (1, 2), (1, 0), 1)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_values_equal_atens(n, c, side, k, stride, pad, dil, bias):
@@ -64,6 +65,12 @@ def test_other_convolutions_are_left_to_aten(monkeypatch, taken):
         monkeypatch.setattr(dw, "MAX_IMAGE", 4 * 6 * 6)
         F.conv2d(x, w, None, 1, "valid", 1, 4)
         assert len(taken) == 1
+        wg = w.clone().requires_grad_()  # autograd must follow the call: ATen's
+        F.conv2d(x, wg, groups=4).sum().backward()
+        assert len(taken) == 1 and wg.grad is not None
+        with torch.no_grad():
+            F.conv2d(x, wg, groups=4)
+        assert len(taken) == 2
 
 
 class InvertedResidual(nn.Module):

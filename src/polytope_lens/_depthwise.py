@@ -11,8 +11,9 @@ time so that the passes stay in cache.
 ``FastDepthwise`` (a ``TorchFunctionMode``, entered by ``capture.capture``) sends ``F.conv2d`` calls that are
 depthwise (groups = input channels = output channels), float64, on the CPU and at most ``MAX_IMAGE`` elements per
 image there; everything else runs unchanged. Which way a call goes depends only on its layer, never on the batch
-size, so a point gets the same values whichever batch evaluates it. The values equal ATen's up to the rounding of
-the sums' order (tested to 1e-13 relative).
+size, so a point gets the same values whichever batch evaluates it; calls that autograd must follow (grad enabled,
+an input that requires it) are left to ATen too. The values equal ATen's up to the rounding of the sums' order
+(tested to 1e-13 relative).
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ _CONV2D = (F.conv2d, torch.conv2d)
 
 
 def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+    if isinstance(v, int):
+        return v, v
+    v = tuple(int(e) for e in v)
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=0,
@@ -90,6 +94,9 @@ def _depthwise_args(args: tuple, kwargs: dict):
         return None
     if x.shape[1] * x.shape[2] * x.shape[3] > MAX_IMAGE:
         return None
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                       for t in (x, w, call.get("bias"))):
+        return None  # the first kernel entry is written with out=, which autograd does not follow
     return x, w, call.get("bias"), call.get("stride", 1), padding, call.get("dilation", 1)
 
 
