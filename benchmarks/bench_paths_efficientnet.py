@@ -9,8 +9,9 @@ path chelsea -> coffee in input space; later sites are not needed for them and a
 scaling ray alpha * a, alpha in [0, 3], of the last block's ReLU6 site for chelsea (every later site processed).
 With --full (a GPU): the full-network path over the first 1/2000 and 1/100 of the segment, then all of it, each run
 only if its time extrapolated from the previous fraction fits --full-seconds (other fractions: --fractions).
---aten-depthwise runs float64 depthwise convolutions through ATen's loop over channels instead of
-``polytope_lens._depthwise`` (the before/after of stop 17).
+--aten-convolutions runs float64 convolutions through ATen's fallback as it comes (one call per channel of a
+depthwise layer, a whole batch unfolded at once) instead of the ways of ``polytope_lens._conv64`` (the before/after
+of stop 17).
 """
 
 from __future__ import annotations
@@ -54,13 +55,13 @@ def main():
                     help="only profile the full-network path over the first 1/2000 of the segment (top operators)")
     ap.add_argument("--fractions", default="5e-4,1e-2,1",
                     help="with --full: comma-separated fractions of the segment, in increasing order")
-    ap.add_argument("--aten-depthwise", action="store_true",
-                    help="ATen's float64 depthwise convolutions (one call per channel) instead of ours")
+    ap.add_argument("--aten-convolutions", action="store_true",
+                    help="ATen's float64 convolutions as they come instead of polytope_lens._conv64's ways")
     args = ap.parse_args()
-    if args.aten_depthwise:
-        import polytope_lens._depthwise as depthwise
+    if args.aten_convolutions:
+        import polytope_lens._conv64 as conv64
 
-        depthwise.MAX_IMAGE = 0
+        conv64.MAX_IMAGE, conv64.COLUMN_BYTES = 0, 1 << 62
     dev = args.device
     bundle = load_model("efficientnet-lite0")
     photos = load_data("skimage")
@@ -69,7 +70,7 @@ def main():
     if args.profile:
         profile_full(bundle, x, dev)
         return
-    print(f"device: {dev}; float64 depthwise convolutions: {'ATen' if args.aten_depthwise else 'polytope_lens'}")
+    print(f"device: {dev}; float64 convolutions: {'ATen' if args.aten_convolutions else 'polytope_lens._conv64'}")
     print("| case | seconds | crossings | exact | evaluator |")
     print("|---|---:|---:|---|---|", flush=True)
 

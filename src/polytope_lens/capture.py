@@ -18,7 +18,7 @@ Modules that are TransformerLens hook points give aliases: a call whose input is
 also known by that hook name (``blocks.3.mlp.hook_pre``).
 
 Everything is scoped: hooks and the mode are removed in ``finally`` even when the forward pass fails. Inside, float64
-depthwise convolutions on the CPU run without ATen's loop over channels (``_depthwise``).
+convolutions on the CPU take faster ways than ATen's fallback (``_conv64``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from ._depthwise import FastDepthwise
+from ._conv64 import FastConv64
 from .errors import InvalidInputError, UnsupportedActivationError
 from .kinks import Activation, get_activation, resolve_call
 
@@ -393,8 +393,8 @@ def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str,
     pre = nn.modules.module.register_module_forward_pre_hook(tracker.pre_hook)
     post = nn.modules.module.register_module_forward_hook(tracker.post_hook, always_call=True)
     try:
-        # FastDepthwise is the outer mode: the site mode sees the conv2d call, its replacement's ops are not sites
-        with FastDepthwise(), _SiteMode(tracker):
+        # FastConv64 is the outer mode: the site mode sees the conv2d call, its replacement's ops are not sites
+        with FastConv64(), _SiteMode(tracker):
             yield tracker.reset
     finally:
         pre.remove()

@@ -1,5 +1,6 @@
-"""Float64 depthwise convolutions on the CPU (``_depthwise``): ATen's values, ATen's own path for every call it does
-not take, and exact paths through a MobileNet-style block against dense sampling with ATen's convolutions."""
+"""Float64 convolutions on the CPU (``_conv64``): depthwise convolutions with ATen's values and ATen's own path for
+every call they do not take, ungrouped convolutions in slices of the batch with ATen's values to the bit, and exact
+paths through a MobileNet-style block against dense sampling with ATen's convolutions."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-import polytope_lens._depthwise as dw
+import polytope_lens._conv64 as dw
 from polytope_lens.capture import run
 from polytope_lens.paths import path_crossings
 
@@ -17,7 +19,7 @@ from test_paths import dense_count
 
 @pytest.fixture
 def taken(monkeypatch) -> list:
-    """One entry per call that ``FastDepthwise`` sends to ``depthwise_conv2d``."""
+    """One entry per call that ``FastConv64`` sends to ``depthwise_conv2d``."""
     calls = []
     real = dw.depthwise_conv2d
     monkeypatch.setattr(dw, "depthwise_conv2d", lambda *args: calls.append(1) or real(*args))
@@ -40,7 +42,7 @@ def test_values_equal_atens(n, c, side, k, stride, pad, dil, bias):
     got = dw.depthwise_conv2d(x, w, b, stride, pad, dil)
     assert got.shape == want.shape
     assert (got - want).abs().max() <= 1e-13 * want.abs().max()
-    with dw.FastDepthwise():
+    with dw.FastConv64():
         assert torch.equal(F.conv2d(x, w, b, stride, pad, dil, c), got)
         assert torch.equal(torch.conv2d(x, w, b, stride, pad, dil, c), got)
 
@@ -55,7 +57,7 @@ def test_other_convolutions_are_left_to_aten(monkeypatch, taken):
              (x, w, {"groups": 4, "padding": "same"}),
              (x, torch.randn(4, 4, 3, 3, dtype=torch.float64), {})]
     want = [F.conv2d(xi, wi, **kw) for xi, wi, kw in cases]
-    with dw.FastDepthwise():
+    with dw.FastConv64():
         for (xi, wi, kw), v in zip(cases, want):
             assert torch.equal(F.conv2d(xi, wi, **kw), v)
         assert not taken
@@ -71,6 +73,38 @@ def test_other_convolutions_are_left_to_aten(monkeypatch, taken):
         with torch.no_grad():
             F.conv2d(x, wg, groups=4)
         assert len(taken) == 2
+
+
+class _CountConvolutions(TorchFunctionMode):
+    """Counts the conv2d calls that reach it (from a mode entered after it: those that mode passes on)."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (F.conv2d, torch.conv2d):
+            self.batches.append(len(args[0] if args else kwargs["input"]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("c_in,c_out,side,k,stride,pad,groups", [
+    (16, 16, 28, 3, 1, 1, 1), (3, 8, 40, 5, 2, 2, 1), (16, 32, 40, 1, 1, 0, 1), (16, 6, 24, 3, 1, "same", 1),
+    (8, 8, 10, 3, 1, 1, 2)])  # grouped: one call (slices would repeat ATen's loop over groups)
+def test_ungrouped_convolutions_run_in_slices_of_the_batch_with_atens_values_to_the_bit(c_in, c_out, side, k, stride,
+                                                                                      pad, groups):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(37, c_in, side, side, generator=g, dtype=torch.float64)
+    w = torch.randn(c_out, c_in // groups, k, k, generator=g, dtype=torch.float64)
+    b = torch.randn(c_out, generator=g, dtype=torch.float64)
+    want = F.conv2d(x, w, b, stride, pad, 1, groups)
+    counter = _CountConvolutions()
+    with counter, dw.FastConv64():
+        got = F.conv2d(x, w, bias=b, stride=stride, padding=pad, groups=groups)
+    assert torch.equal(got, want)
+    step = max(1, dw.COLUMN_BYTES // (8 * c_in * k * k * side * side))
+    assert counter.batches == ([37] if groups > 1 else [min(step, 37 - a) for a in range(0, 37, step)])
+    assert groups > 1 or len(counter.batches) > 1
 
 
 class InvertedResidual(nn.Module):
@@ -113,6 +147,7 @@ def test_paths_through_depthwise_blocks_equal_dense_sampling_with_atens_convolut
     res = path_crossings(m, a, b, evaluator=evaluator, trace=False)
     assert res.exact and taken
     monkeypatch.setattr(dw, "MAX_IMAGE", 0)
+    monkeypatch.setattr(dw, "COLUMN_BYTES", 1 << 62)
     for i, p in enumerate(res.paths):
         want = dense_count(m, lambda t, i=i: a[i:i + 1].double() + t.reshape(-1, 1, 1, 1) * (b[i] - a[i]).double(),
                            n0=4096, n_max=2 ** 18)
