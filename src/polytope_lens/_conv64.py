@@ -13,12 +13,12 @@ ATen has no oneDNN kernel for float64, and its fallback is slow in two ways that
   Ungrouped calls are run by ATen on slices of the batch whose unfolded images take at most ``COLUMN_BYTES``;
   ATen computes each image on its own, so the values are the same to the bit (tested).
 
-``FastConv64`` (a ``TorchFunctionMode``, entered by ``capture.capture``) sends ``F.conv2d`` calls on float64 CPU
-tensors the right way; everything else runs unchanged. A depthwise call (groups = input channels = output channels)
-takes ``depthwise_conv2d`` when an image has at most ``MAX_IMAGE`` elements; which way it goes depends only on its
-layer, never on the batch size, so a point gets the same values whichever batch evaluates it; calls that autograd
-must follow (grad enabled, an input that requires it) are left to ATen. Its values equal ATen's up to the rounding
-of the sums' order (tested to 1e-13 relative).
+``conv_call`` (what ``capture``'s mode ends every intercepted call with; ``FastConv64`` is the same as a mode of its
+own) sends ``F.conv2d`` calls on float64 CPU tensors the right way; everything else runs unchanged. A depthwise call
+(groups = input channels = output channels) takes ``depthwise_conv2d`` when an image has at most ``MAX_IMAGE``
+elements; which way it goes depends only on its layer, never on the batch size, so a point gets the same values
+whichever batch evaluates it; calls that autograd must follow (grad enabled, an input that requires it) are left to
+ATen. Its values equal ATen's up to the rounding of the sums' order (tested to 1e-13 relative).
 """
 
 from __future__ import annotations
@@ -120,19 +120,25 @@ def _images_per_call(call: dict) -> int:
     return max(1, COLUMN_BYTES // column_bytes)
 
 
+def conv_call(func, args: tuple, kwargs: dict):
+    """``func(*args, **kwargs)``, with float64 CPU ``conv2d`` calls run the faster way (the module docstring).
+    ``capture``'s mode ends every call it intercepts here (one mode, not a second one that every operation of a
+    forward pass would go through)."""
+    if func in _CONV2D:
+        call = _conv_call(args, kwargs)
+        if call is not None:
+            dw_args = _depthwise(call)
+            if dw_args is not None:
+                return depthwise_conv2d(*dw_args)
+            step = _images_per_call(call)
+            x = call.pop("input")
+            if len(x) > step:
+                return torch.cat([func(x[a:a + step], **call) for a in range(0, len(x), step)])
+    return func(*args, **kwargs)
+
+
 class FastConv64(TorchFunctionMode):
-    """Run float64 ``conv2d`` calls on the CPU the faster way (see the module docstring)."""
+    """``conv_call`` for every call in a ``with`` block, for use without ``capture``."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _CONV2D:
-            call = _conv_call(args, kwargs)
-            if call is not None:
-                dw_args = _depthwise(call)
-                if dw_args is not None:
-                    return depthwise_conv2d(*dw_args)
-                step = _images_per_call(call)
-                x = call.pop("input")
-                if len(x) > step:
-                    return torch.cat([func(x[a:a + step], **call) for a in range(0, len(x), step)])
-        return func(*args, **kwargs)
+        return conv_call(func, args, kwargs or {})
