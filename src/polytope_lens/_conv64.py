@@ -83,7 +83,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out
 
 
-def _conv_call(args: tuple, kwargs: dict) -> dict | None:
+def _float64_cpu_conv(args: tuple, kwargs: dict) -> dict | None:
     """The arguments of a ``conv2d`` call by name, when its input is a float64 CPU batch of images, else None."""
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     call = dict(zip(names, args), **kwargs)
@@ -125,7 +125,7 @@ def conv_call(func, args: tuple, kwargs: dict):
     ``capture``'s mode ends every call it intercepts here (one mode, not a second one that every operation of a
     forward pass would go through)."""
     if func in _CONV2D:
-        call = _conv_call(args, kwargs)
+        call = _float64_cpu_conv(args, kwargs)
         if call is not None:
             dw_args = _depthwise(call)
             if dw_args is not None:
