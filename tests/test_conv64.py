@@ -89,10 +89,12 @@ class _CountConvolutions(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("c_in,c_out,side,k,stride,pad,groups", [
-    (16, 16, 28, 3, 1, 1, 1), (3, 8, 40, 5, 2, 2, 1), (16, 32, 40, 1, 1, 0, 1), (16, 6, 24, 3, 1, "same", 1),
+    (16, 16, 28, 3, 1, 1, 1), (3, 8, 80, 5, 2, 2, 1), (16, 6, 24, 3, 1, "same", 1),
+    (16, 32, 40, 1, 1, 0, 1),  # 1 x 1: not unfolded, one call
     (8, 8, 10, 3, 1, 1, 2)])  # grouped: one call (slices would repeat ATen's loop over groups)
 def test_ungrouped_convolutions_run_in_slices_of_the_batch_with_atens_values_to_the_bit(c_in, c_out, side, k, stride,
                                                                                       pad, groups):
+    """Batches that unfold to more than 4 x COLUMN_BYTES (all the sliced cases here) run in slices."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(37, c_in, side, side, generator=g, dtype=torch.float64)
     w = torch.randn(c_out, c_in // groups, k, k, generator=g, dtype=torch.float64)
@@ -102,9 +104,12 @@ def test_ungrouped_convolutions_run_in_slices_of_the_batch_with_atens_values_to_
     with counter, dw.FastConv64():
         got = F.conv2d(x, w, bias=b, stride=stride, padding=pad, groups=groups)
     assert torch.equal(got, want)
-    step = max(1, dw.COLUMN_BYTES // (8 * c_in * k * k * side * side))
-    assert counter.batches == ([37] if groups > 1 else [min(step, 37 - a) for a in range(0, 37, step)])
-    assert groups > 1 or len(counter.batches) > 1
+    out_side = -(-side // stride)
+    step = max(1, dw.COLUMN_BYTES // (8 * c_in * k * k * out_side * out_side))
+    sliced = groups == 1 and k > 1
+    assert not sliced or 37 * 8 * c_in * k * k * out_side ** 2 > 4 * dw.COLUMN_BYTES
+    assert counter.batches == ([min(step, 37 - a) for a in range(0, 37, step)] if sliced else [37])
+    assert len(counter.batches) > 1 or not sliced
 
 
 class InvertedResidual(nn.Module):

@@ -10,8 +10,9 @@ ATen has no oneDNN kernel for float64, and its fallback is slow in two ways that
   positions than channels, channels last otherwise; the batch is taken a few images at a time;
 * a batch is unfolded (im2col) for all of its images before one product: at 90 images of 16 x 28 x 28 through a
   3 x 3 convolution that buffer is 81 MB and the call takes 38 ms, against 8 ms for the same images two at a time.
-  Ungrouped calls are run by ATen on slices of the batch whose unfolded images take at most ``COLUMN_BYTES``;
-  ATen computes each image on its own, so the values are the same to the bit (tested).
+  Ungrouped calls whose batch unfolds to more than 4 x ``COLUMN_BYTES`` are run by ATen on slices of the batch
+  whose unfolded images take at most ``COLUMN_BYTES`` (1 x 1 kernels are not unfolded, and are left alone); ATen
+  computes each image on its own, so the values are the same to the bit (tested).
 
 ``conv_call`` (what ``capture``'s mode ends every intercepted call with; ``FastConv64`` is the same as a mode of its
 own) sends ``F.conv2d`` calls on float64 CPU tensors the right way; everything else runs unchanged. A depthwise call
@@ -111,12 +112,17 @@ def _depthwise(call: dict) -> tuple | None:
 
 
 def _images_per_call(call: dict) -> int:
-    """Images per ATen call for an ungrouped convolution: its unfolded images within ``COLUMN_BYTES``."""
+    """Images per ATen call for an ungrouped convolution: as many as unfold within ``COLUMN_BYTES``, or the whole
+    batch when it unfolds within 4 x ``COLUMN_BYTES`` or is not unfolded at all (a 1 x 1 kernel) or is grouped
+    (slices would repeat ATen's loop over groups once per slice)."""
     x, w = call["input"], call["weight"]
-    if call.get("groups", 1) != 1:
-        return len(x)  # slicing the batch would repeat ATen's loop over groups once per slice
     c_in, kh, kw = w.shape[1:]
-    column_bytes = 8 * c_in * kh * kw * x.shape[2] * x.shape[3]  # per image, output positions ~ input positions
+    if call.get("groups", 1) != 1 or kh * kw == 1:
+        return len(x)
+    sh, sw = _pair(call.get("stride", 1))
+    column_bytes = 8 * c_in * kh * kw * -(-x.shape[2] // sh) * -(-x.shape[3] // sw)  # per image, about
+    if len(x) * column_bytes <= 4 * COLUMN_BYTES:
+        return len(x)
     return max(1, COLUMN_BYTES // column_bytes)
 
 
