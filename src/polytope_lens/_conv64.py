@@ -28,24 +28,19 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .kinks import as_pair
+
 MAX_IMAGE = 1 << 21  # elements of one input image (C x H x W): above it ATen's loop over channels is as fast
 _CHUNK = 1 << 20  # elements of the input taken at once by depthwise_conv2d (8 MiB of float64)
 COLUMN_BYTES = 2 << 20  # unfolded images per ATen call on an ungrouped convolution (at least one image)
 _CONV2D = (F.conv2d, torch.conv2d)
 
 
-def _pair(v) -> tuple[int, int]:
-    if isinstance(v, int):
-        return v, v
-    v = tuple(int(e) for e in v)
-    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
-
-
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=0,
                      dilation=1) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`` for ``x`` of shape (N, C, H, W) and
     ``weight`` of shape (C, 1, kh, kw), as kh x kw scaled, shifted adds (zero padding)."""
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    (sh, sw), (ph, pw), (dh, dw) = as_pair(stride), as_pair(padding), as_pair(dilation)
     n, c, h, w = x.shape
     kh, kw = weight.shape[2:]
     hp, wp = h + 2 * ph, w + 2 * pw
@@ -60,7 +55,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         xa = x[a:a + step]
         m = len(xa)
         if channels_last:
-            xp = x.new_zeros(m, hp, wp, c)
+            xp = x.new_zeros(m, hp, wp, c) if ph or pw else x.new_empty(m, hp, wp, c)  # zeros: only the padding
             xp[:, ph:ph + h, pw:pw + w].copy_(xa.permute(0, 2, 3, 1))
             acc = x.new_empty(m, ho, wo, c)
         else:
@@ -119,7 +114,7 @@ def _images_per_call(call: dict) -> int:
     c_in, kh, kw = w.shape[1:]
     if call.get("groups", 1) != 1 or kh * kw == 1:
         return len(x)
-    sh, sw = _pair(call.get("stride", 1))
+    sh, sw = as_pair(call.get("stride", 1))
     column_bytes = 8 * c_in * kh * kw * -(-x.shape[2] // sh) * -(-x.shape[3] // sw)  # per image, about
     if len(x) * column_bytes <= 4 * COLUMN_BYTES:
         return len(x)

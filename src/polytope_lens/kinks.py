@@ -473,7 +473,8 @@ def _arg(args, kwargs, i, name, default):
     return kwargs.get(name, default)
 
 
-def _pair(v) -> tuple[int, int]:
+def as_pair(v) -> tuple[int, int]:
+    """A torch size argument (``k``, ``(k,)`` or ``(kh, kw)``) as ``(kh, kw)``."""
     if isinstance(v, (tuple, list)):
         return (int(v[0]), int(v[-1])) if len(v) else (1, 1)
     return (int(v), int(v))
@@ -514,8 +515,8 @@ def _max_pool(dims: int):
         ceil = bool(_arg(args, kwargs, 5, "ceil_mode", False))
         if _arg(args, kwargs, 6, "return_indices", False):
             raise UnsupportedActivationError(f"max_pool{dims}d with return_indices=True is not supported")
-        lift = (lambda v: (1, _pair(v)[0])) if dims == 1 else _pair
-        pad = (0, _pair(p)[0]) if dims == 1 else _pair(p)
+        lift = (lambda v: (1, as_pair(v)[0])) if dims == 1 else as_pair
+        pad = (0, as_pair(p)[0]) if dims == 1 else as_pair(p)
         return WindowMax(f"max_pool{dims}d", kernel=lift(k), stride=lift(s), padding=pad, dilation=lift(d),
                          ceil_mode=ceil)
     return resolve
