@@ -108,6 +108,12 @@ def main() -> None:
     ap.add_argument("--products", choices=["auto", "every-point", "bends"], default="auto",
                     help="affine route: unit inputs by products at every point, or closed-form bends at new points "
                          "(auto: products on a GPU, bends on the CPU; paths.exact.PRODUCTS_AT_EVERY_POINT)")
+    ap.add_argument("--layout", choices=["appended", "path-order"], default="appended",
+                    help="with products at every point: per-point matrices in the order points were made, or merged "
+                         "into path order every stage (paths.exact.APPENDED_LAYOUT)")
+    ap.add_argument("--scan", choices=["triton", "torch"], default="triton",
+                    help="appended layout: the fused Triton scan where it can run, or torch operations "
+                         "(_kink_scan.USE_TRITON)")
     ap.add_argument("--profile", action="store_true",
                     help="after the timing, profile one run of the first 2000 paths and print the top kernels")
     args = ap.parse_args()
@@ -115,6 +121,10 @@ def main() -> None:
         from polytope_lens.paths import exact
         # the --check-cpu counts of a GPU run keep the CPU's bends: an independent route
         exact.PRODUCTS_AT_EVERY_POINT = {torch.device(args.device).type} if args.products == "every-point" else set()
+    from polytope_lens import _kink_scan
+    from polytope_lens.paths import exact as exact_mod
+    exact_mod.APPENDED_LAYOUT = args.layout == "appended"
+    _kink_scan.USE_TRITON = args.scan == "triton"
     rows = []
     for name in args.networks.split(","):
         din, widths = NETWORKS[name]
@@ -161,7 +171,7 @@ def main() -> None:
         rows.append((name, args.paths, float(res.counts.mean()), args.paths / ours_s, n_rc,
                      n_rc / rc_s if n_rc else float("nan"), agree, int(sum(p.ties for p in res.paths)), dmax, bound))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ours on {args.device} (products: "
-          f"{args.products}); ours {args.dtype}"
+          f"{args.products}, layout: {args.layout}, scan: {args.scan}); ours {args.dtype}"
           f"{', with the trace' if args.trace else ''}, "
           f"Regioncam1D float32; best of {args.repeat} alternating runs\n")
     print("| network | paths | mean crossings | ours paths/s | Regioncam1D paths (sample) | Regioncam1D paths/s "

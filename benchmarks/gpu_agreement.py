@@ -61,6 +61,32 @@ def main() -> int:
            f"40 paths, {int(rc.counts.sum())} crossings; counts {same_counts}, top class {top}, class changes "
            f"{changes}, JS {js}")
 
+    class Residual(nn.Module):  # h + W2 leaky(W1 h): a leaf read two sites later (appended rows joined)
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(2)
+            self.inp, self.w1, self.w2 = nn.Linear(6, 32), nn.Linear(32, 32), nn.Linear(32, 32)
+            self.out = nn.Linear(32, 5)
+
+        def forward(self, x):
+            h = nn.functional.leaky_relu(self.inp(x), 0.1)
+            h = h + self.w2(nn.functional.leaky_relu(self.w1(h), 0.1))
+            return self.out(nn.functional.leaky_relu(h, 0.1))
+
+    from polytope_lens import _kink_scan
+    for label, model, kw in [("residual LeakyReLU net", Residual().double().eval(), {}),
+                             ("ReLU6 net (two kinks: path order)", mlp(nn.ReLU6, 3), {}),
+                             ("units subset", net, {"layers": "5.relu", "units": list(range(0, 48, 3))})]:
+        c = path_crossings(model, a, b, **kw)
+        gs = path_crossings(model, a, b, device=dev, **kw)
+        _kink_scan.USE_TRITON = False
+        gt = path_crossings(model, a, b, device=dev, **kw)
+        _kink_scan.USE_TRITON = True
+        same = c.counts.tolist() == gs.counts.tolist() == gt.counts.tolist()
+        top = all(np.array_equal(p.trace.top_class, q.trace.top_class) for p, q in zip(c.paths, gs.paths))
+        report(f"exact paths, {label}", same and top,
+               f"40 paths, {int(c.counts.sum())} crossings; counts (CPU, GPU, GPU torch scan) {same}, top class {top}")
+
     smooth = mlp(nn.GELU, 1)
     sc = path_crossings(smooth, a[:8], b[:8], n_samples=128, tol=1e-10)
     sg = path_crossings(smooth, a[:8], b[:8], n_samples=128, tol=1e-10, device=dev)

@@ -18,7 +18,8 @@ step() {  # step NAME SECONDS COMMAND... (runs when no step names were given, or
   want "$name" || return 0
   echo "## $name" ; timeout "$secs" "$@" >> "$OUT/$name.md" 2>&1; echo "exit $?" >> "$OUT/$name.md"
 }
-STEPS="$*"  # e.g. `bash benchmarks/gpu_check.sh agree paths`; none: every step (agree paths effnet_paths slices codes)
+STEPS="$*"  # e.g. `bash benchmarks/gpu_check.sh agree paths`; none: every step (agree paths layouts effnet_paths
+#             slices codes)
 step agree 60 python3 benchmarks/gpu_agreement.py  # GPU results equal the CPU's (codes, exact and sampled paths)
 # 784->4x512: products at every point (the GPU default) and closed-form bends, each under a 16 GiB and a 64 GiB budget
 step paths 60 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 20000 \
@@ -35,6 +36,17 @@ step paths 60 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --n
   --repeat 2 --check-cpu 100 --memory-budget 17179869184
 step paths 40 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-3x2048 --paths 5000 \
   --repeat 2 --memory-budget 17179869184 --products bends
+# the appended layout with the Triton scan (default) against torch operations and against path order, one machine
+B="python3 benchmarks/bench_paths.py --device cuda --no-regioncam --repeat 2"
+step layouts 90 $B --networks 784-4x512 --paths 20000 --memory-budget 17179869184 --check-cpu 500
+step layouts 60 $B --networks 784-4x512 --paths 20000 --memory-budget 17179869184 --layout path-order
+step layouts 60 $B --networks 784-4x512 --paths 20000 --memory-budget 17179869184 --scan torch
+step layouts 60 $B --networks 784-4x512 --paths 20000 --memory-budget 17179869184
+step layouts 60 $B --networks 784-4x512 --paths 40000 --memory-budget 68719476736
+step layouts 60 $B --networks 784-4x512 --paths 40000 --memory-budget 68719476736 --layout path-order
+step layouts 60 $B --networks 784-4x512 --paths 40000 --memory-budget 68719476736
+step layouts 60 $B --networks 784-3x2048 --paths 5000 --memory-budget 17179869184 --check-cpu 100
+step layouts 60 $B --networks 784-3x2048 --paths 5000 --memory-budget 17179869184 --layout path-order
 step effnet_paths 150 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-seconds 60
 step slices 120 python3 benchmarks/bench_slices.py --device cuda --skip-effnet --large-only --large 680
 step codes 90 python3 benchmarks/bench_codes.py --gpu-only

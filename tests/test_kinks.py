@@ -149,15 +149,15 @@ def test_bits_per_unit():
 
 
 def test_crossings_are_sorted_by_segment_then_t():
-    """``_sorted`` (only the segments with several crossings are sorted when rows come in segment order) against
+    """``sort_crossings`` (only the segments with several crossings are sorted when rows come in segment order) against
     Python's sort of (segment, t), for rows in segment order and in any order."""
-    from polytope_lens.kinks import Crossings, _sorted
+    from polytope_lens.kinks import Crossings, sort_crossings
     g = torch.Generator().manual_seed(0)
     seg = torch.sort(torch.randint(0, 40, (200,), generator=g)).values
     t = torch.rand(200, generator=g, dtype=torch.float64)
     t[5] = t[6] if seg[5] == seg[6] else t[5]  # a tie in t keeps its order (stable)
     for perm in (torch.arange(200), torch.randperm(200, generator=g)):
-        c = _sorted(Crossings(seg[perm], torch.arange(200)[perm], t[perm], torch.zeros(200, dtype=torch.long)))
+        c = sort_crossings(Crossings(seg[perm], torch.arange(200)[perm], t[perm], torch.zeros(200, dtype=torch.long)))
         want = sorted(range(200), key=lambda i: (int(seg[perm][i]), float(t[perm][i]), i))
         assert c.unit.tolist() == torch.arange(200)[perm][want].tolist()
 

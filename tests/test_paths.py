@@ -175,12 +175,13 @@ def test_affine_and_graph_evaluators_agree():
         assert (p.records["unit"] == q.records["unit"]).all() and (p.records["piece"] == q.records["piece"]).all()
 
 
-@pytest.mark.parametrize("residual", [False, True])
-def test_products_at_every_point_equal_the_closed_form_bends(monkeypatch, residual):
-    """The GPU's affine route (every site's unit inputs by products at every point, ``PRODUCTS_AT_EVERY_POINT``)
-    gives the CPU's records (closed-form bends at new points), on the CPU, and both equal Regioncam1D's counts."""
+@pytest.mark.parametrize("residual,slope", [(False, None), (True, None), (True, 0.05)])
+def test_products_at_every_point_equal_the_closed_form_bends(monkeypatch, residual, slope):
+    """The GPU's affine route (every site's unit inputs by products at every point, ``PRODUCTS_AT_EVERY_POINT``,
+    here in its appended layout with torch operations) gives the CPU's records (closed-form bends at new points), on
+    the CPU, and both equal Regioncam1D's counts."""
     import polytope_lens.paths.exact as exact
-    mlp = MLP(12, 24, 3, residual=residual, seed=3)
+    mlp = MLP(12, 24, 3, slope=slope, residual=residual, seed=3)
     g = torch.Generator().manual_seed(5)
     a, b = torch.randn(16, 12, generator=g), torch.randn(16, 12, generator=g)
     bends = path_crossings(mlp, a, b, evaluator="affine", trace=True)
@@ -196,6 +197,34 @@ def test_products_at_every_point_equal_the_closed_form_bends(monkeypatch, residu
     clear = [i for i, p in enumerate(products.paths) if p.ties == 0 and np.diff(p.t).min() > 1e-6]
     assert len(clear) >= 12
     assert products.counts[clear].tolist() == [mlp.regioncam_count(a[i], b[i]) for i in clear]
+
+
+@pytest.mark.parametrize("case", ["relu6", "units"])
+def test_products_at_every_point_in_path_order_and_unit_subsets(monkeypatch, case):
+    """Products at every point with two-kink units (ReLU6: merged into path order, not appended) and with the last
+    site's crossings restricted to some units (appended: the output still needs them all) give the bends' records."""
+    import polytope_lens.paths.exact as exact
+    g = torch.Generator().manual_seed(11)
+    if case == "relu6":
+        torch.manual_seed(4)
+        model, kw = nn.Sequential(nn.Linear(5, 20), nn.ReLU6(), nn.Linear(20, 20), nn.ReLU6(), nn.Linear(20, 3)), {}
+        a, b = 3 * torch.randn(12, 5, generator=g), 3 * torch.randn(12, 5, generator=g)
+    else:
+        model, kw = MLP(12, 24, 3, seed=5), {"layers": "relu#3", "units": list(range(0, 24, 2))}
+        a, b = torch.randn(12, 12, generator=g), torch.randn(12, 12, generator=g)
+    bends = path_crossings(model, a, b, evaluator="affine", **kw)
+    monkeypatch.setattr(exact, "PRODUCTS_AT_EVERY_POINT", {"cpu"})
+    made = []
+    monkeypatch.setattr(exact.Refiner, "_run_chunk_appended",
+                        lambda self, *x, f=exact.Refiner._run_chunk_appended: made.append(1) or f(self, *x))
+    products = path_crossings(model, a, b, evaluator="affine", **kw)
+    assert bool(made) == (case == "units")
+    assert products.counts.sum() > 20 and products.counts.tolist() == bends.counts.tolist()
+    for p, q in zip(products.paths, bends.paths):
+        assert p.per_layer == q.per_layer and p.ties == q.ties
+        np.testing.assert_allclose(p.records["t"], q.records["t"], atol=1e-12)
+        assert (p.records["unit"] == q.records["unit"]).all() and (p.records["piece"] == q.records["piece"]).all()
+        assert (p.trace.top_class == q.trace.top_class).all()
 
 
 # -------------------------------------------------------------------------------------------- vs sampling

@@ -175,15 +175,20 @@ class ScalarKinks(Activation):
 
     def _crossings(self, a: torch.Tensor, b: torch.Tensor, sides: list) -> Crossings:
         parts = []
-        for j, (k, (up0, up1)) in enumerate(zip(self.kinks, sides)):
+        for j, (up0, up1) in enumerate(sides):
             seg, unit = torch.nonzero(up0 != up1, as_tuple=True)
-            za, zb = a[seg, unit], b[seg, unit]
-            t = ((k - za) / (zb - za)).clamp_(0.0, 1.0)
-            # moving up across kink j enters piece j + 1; moving down enters piece j
-            piece = torch.where(up1[seg, unit], j + 1, j)
-            parts.append(Crossings(seg, unit, t, piece))
+            parts.append(self.crossings_of(j, seg, unit, a[seg, unit], b[seg, unit]))
         # one kink: nonzero lists (segment, unit) pairs row by row, already in segment order
-        return _sorted(Crossings.cat(parts), in_segment_order=len(parts) == 1)
+        return sort_crossings(Crossings.cat(parts), in_segment_order=len(parts) == 1)
+
+    def crossings_of(self, j: int, seg: torch.Tensor, unit: torch.Tensor, za: torch.Tensor,
+                     zb: torch.Tensor) -> Crossings:
+        """The crossings of kink ``j`` by units whose inputs ``za`` (t = 0) and ``zb`` (t = 1) lie on different sides
+        of it (not sorted): where the line between them meets the kink, and the piece entered there."""
+        k = self.kinks[j]
+        t = ((k - za) / (zb - za)).clamp_(0.0, 1.0)
+        # moving up across kink j enters piece j + 1; moving down enters piece j
+        return Crossings(seg, unit, t, torch.where(zb > k, j + 1, j))
 
     def soft(self, z: torch.Tensor) -> torch.Tensor | None:
         return None if self.soft_fn is None else self.soft_fn(z)
@@ -323,7 +328,7 @@ class WindowMax(Activation):
         if not parts:
             empty = torch.zeros(0, dtype=torch.int64, device=w0.device)
             return Crossings(empty, empty, torch.zeros(0, dtype=w0.dtype, device=w0.device), empty)
-        return _sorted(Crossings.cat(parts))
+        return sort_crossings(Crossings.cat(parts))
 
     def describe(self) -> dict:
         return {**super().describe(), "kernel": list(self.kernel), "stride": list(self.stride),
@@ -387,7 +392,7 @@ def counts_below(index: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
 
 
-def _sorted(c: Crossings, in_segment_order: bool = False) -> Crossings:
+def sort_crossings(c: Crossings, in_segment_order: bool = False) -> Crossings:
     """``c`` in lexicographic (segment, t) order. Crossings that already come in segment order (one kink; checked
     unless the caller says so) need only the segments with several crossings sorted, which along a refined path are
     few."""

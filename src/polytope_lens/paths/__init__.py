@@ -220,7 +220,10 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
     width = max(zdims)
     trace_w = 3 * runner.n_outputs if trace else 0  # outputs at points and midpoints, softmax temporaries
     if use_exact:
-        per_point = 8 * (6 * width + (sum(zdims) if affine is None else 2 * width) + trace_w + 64)
+        # the appended layout holds fewer arrays (no merges, no bends: ``Refiner.point_widths``)
+        held = refiner.point_widths * width if refiner.append else (
+            6 * width + (sum(zdims) if affine is None else 2 * width))
+        per_point = 8 * (held + trace_w + 64)
         # points held at the last site, if half the units of the others cross (its own breakpoints cost nothing)
         est_pts = spec.knots_t.shape[1] + 0.5 * sum(zdims[:-1])
     else:

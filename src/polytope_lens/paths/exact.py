@@ -21,6 +21,12 @@ Each breakpoint is evaluated once per later site, never by re-running the prefix
   units are not affine, so z_k there is the interpolation of the ends plus, per crossing, one Jacobian column times
   the crossed unit's slope jump times a hat function of the position (``_bend``, O(units) per point). Earlier sites'
   outputs at new points are interpolated; an output that only the next site reads is not merged at all.
+* *appended layout* (the affine route on a GPU, where every site's unit inputs come from products at every point,
+  when every site has one kink: ReLU, LeakyReLU, PReLU): per-point matrices stay in the order the points were made
+  and a stage's new points are appended, never merged into path order; one pass per site (``_kink_scan``: a Triton
+  kernel where Triton runs, torch operations elsewhere) adds the bias, flags the units that change side between
+  consecutive points of a path and writes the activation's output, and a second one writes the output at the new
+  points (``Refiner._run_chunk_appended``).
 * *graph route* (any graph, any size): each new breakpoint runs one forward pass through ``capture`` that records the
   unit inputs of every later site. The site that made it is not re-evaluated there: its unit inputs are the
   interpolation of the interval's ends (crossed units exactly on their kinks) and replace its output, so the pass
@@ -51,7 +57,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InvalidInputError, NotPiecewiseLinearError
-from ..kinks import ScalarKinks, WindowMax, counts_below, lexsort
+from .._kink_scan import interpolated_outputs, scan, triton_ready
+from ..kinks import ScalarKinks, WindowMax, counts_below, lexsort, sort_crossings
 from .runner import SRC, Affine, Runner, same_values
 
 
@@ -62,6 +69,9 @@ _MIN_PIECE = 1e-10  # shortest piece of a path, in t (tie_tol is 1e-12 by defaul
 # matrix units outrun the half-dozen memory-bound passes of a bend (784->4x512 on an H100: see docs/benchmarks.md),
 # while on a CPU the products are already half the run time
 PRODUCTS_AT_EVERY_POINT = {"cuda"}
+# with products at every point and one-kink sites only, keep per-point matrices in the order the points were made
+# (``Refiner._run_chunk_appended``); False keeps them in path order (comparisons: bench_paths.py --layout)
+APPENDED_LAYOUT = True
 
 
 @dataclass
@@ -87,9 +97,39 @@ def _merge(old: torch.Tensor, new: torch.Tensor, old_pos: torch.Tensor, new_pos:
     return out
 
 
-def _lerp_rows(x: torch.Tensor, left: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Rows ``left + u`` of ``x``, interpolated between rows ``left`` and ``left + 1``."""
-    return x.index_select(0, left).lerp_(x.index_select(0, left + 1), u.reshape(-1, *([1] * (x.dim() - 1))))
+def _lerp_rows(x: torch.Tensor, left: torch.Tensor, u: torch.Tensor, order: torch.Tensor | None = None,
+               offset: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``left + u`` of ``x``, interpolated between rows ``left`` and ``left + 1``; with ``order``, between rows
+    ``order[left]`` and ``order[left + 1]``, and ``offset`` added to both first (``Refiner._run_chunk_appended``)."""
+    lo, hi = (left, left + 1) if order is None else (order[left], order[left + 1])
+    xl, xr = x.index_select(0, lo), x.index_select(0, hi)
+    if offset is not None:
+        xl, xr = xl.add_(offset), xr.add_(offset)
+    return xl.lerp_(xr, u.reshape(-1, *([1] * (x.dim() - 1))))
+
+
+class _Rows:
+    """Values at every point of a chunk in the order the points were made, as row blocks: a stage's new points
+    are appended, nothing is merged (``Refiner._run_chunk_appended``)."""
+
+    def __init__(self, *blocks: torch.Tensor):
+        self.blocks = list(blocks)
+
+    def append(self, block: torch.Tensor) -> None:
+        self.blocks.append(block)
+
+    def spans(self):
+        """``(first row, block)`` of every block."""
+        r0 = 0
+        for b in self.blocks:
+            yield r0, b
+            r0 += len(b)
+
+    def joined(self) -> torch.Tensor:
+        """All rows as one tensor (the blocks are joined once, and kept joined)."""
+        if len(self.blocks) > 1:
+            self.blocks = [torch.cat(self.blocks)]
+        return self.blocks[0]
 
 
 def _cumsum_rows(x: torch.Tensor, block: int = 32) -> torch.Tensor:
@@ -160,6 +200,48 @@ def _bend(line: torch.Tensor, u: torch.Tensor, grp: torch.Tensor, n_grp: int, v:
     return out
 
 
+@dataclass
+class _Points:
+    """The current points of a chunk's paths, in path order: path, position t, tie flag, and id (ids count the
+    points in the order they were made)."""
+
+    pid: torch.Tensor
+    t: torch.Tensor
+    tied: torch.Tensor
+    ids: torch.Tensor
+    n_ids: int
+
+    @staticmethod
+    def start(spec, gpids: torch.Tensor, t_range: tuple[float, float] | None) -> "_Points":
+        """The knots of paths ``gpids``, or those of ``[t_range[0], t_range[1]]`` of a single path and its ends."""
+        kt = spec.knots_t[gpids]
+        if t_range is not None:
+            a, b = t_range
+            inside = kt[0][(kt[0] > a) & (kt[0] < b)]
+            kt = torch.cat([kt.new_tensor([a]), inside, kt.new_tensor([b])])[None]
+        c_paths, k0 = kt.shape
+        t = kt.reshape(-1).clone()
+        dev = t.device
+        return _Points(torch.arange(c_paths, device=dev).repeat_interleave(k0), t,
+                       torch.zeros(len(t), dtype=torch.bool, device=dev), torch.arange(len(t), device=dev), len(t))
+
+    def insert(self, cr: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Insert a site's new breakpoints (``Refiner._crossings``); returns the old and new points' positions."""
+        n, pj = len(self.t), cr["pj"]
+        dev = pj.device
+        self.tied.index_fill_(0, cr["snapped_to"], True)
+        cnt = counts_below(pj, n)
+        before = torch.cumsum(cnt, 0) - cnt
+        old_pos = torch.arange(n, device=dev) + before
+        new_pos = pj + 1 + torch.arange(len(pj), device=dev)
+        self.tied = _merge(self.tied, cr["sizes"] >= 2, old_pos, new_pos)
+        self.t = _merge(self.t, cr["pt"], old_pos, new_pos)
+        self.pid = _merge(self.pid, self.pid[pj], old_pos, new_pos)
+        self.ids = _merge(self.ids, torch.arange(self.n_ids, self.n_ids + len(pj), device=dev), old_pos, new_pos)
+        self.n_ids += len(pj)
+        return old_pos, new_pos
+
+
 class _PointCache:
     """Graph route: values evaluated at points, kept in the batches they were evaluated in, by point id. A site's
     unit inputs are assembled at every current point once, when the site is processed (no merge per stage)."""
@@ -183,10 +265,12 @@ class _PointCache:
         return out
 
 
-def _inputs_at_new(act, zf: torch.Tensor, cr: dict, rows: slice = slice(None)) -> torch.Tensor:
+def _inputs_at_new(act, zf: torch.Tensor, cr: dict, rows: slice = slice(None), order: torch.Tensor | None = None,
+                   offset: torch.Tensor | None = None) -> torch.Tensor:
     """A site's unit inputs (points x units) at the breakpoints it just made (``rows`` of them): interpolated on
-    their interval of the previous stage (every unit is affine there), and a crossed unit exactly on its kink."""
-    znew = _lerp_rows(zf, cr["pj"][rows], cr["pu"][rows])
+    their interval of the previous stage (every unit is affine there), and a crossed unit exactly on its kink.
+    ``order``, ``offset``: the points' rows of ``zf`` and a term added to them (as ``_lerp_rows``)."""
+    znew = _lerp_rows(zf, cr["pj"][rows], cr["pu"][rows], order, offset)
     if isinstance(act, ScalarKinks) and len(cr["gid"]):
         c_point = cr["gid"]  # non-decreasing: the crossings of a slice of new points are contiguous
         first, stop, _ = rows.indices(len(cr["pj"]))
@@ -201,14 +285,16 @@ def _inputs_at_new(act, zf: torch.Tensor, cr: dict, rows: slice = slice(None)) -
             znew.view(-1).index_fill_(0, (c_point[lo:hi] - first) * znew.shape[1] + c_unit, act.kinks[0])
         else:
             seg_i, piece = cr["seg"][idx], cr["piece"][idx]
-            up = zf[seg_i + 1, c_unit] > zf[seg_i, c_unit]
+            at0, at1 = (seg_i, seg_i + 1) if order is None else (order[seg_i], order[seg_i + 1])
+            up = zf[at1, c_unit] > zf[at0, c_unit]  # the same with or without the offset
             kinks = torch.tensor(act.kinks, dtype=zf.dtype, device=zf.device)
             znew[c_point[lo:hi] - first, c_unit] = kinks[torch.where(up, piece - 1, piece)]
     return znew
 
 
-def piece_slopes(site, act: ScalarKinks, zshape: tuple, dtype, device) -> torch.Tensor:
-    """Slope of the site's output on each piece, per unit: (n_pieces, units), probed through ``site.apply``."""
+def piece_lines(site, act: ScalarKinks, zshape: tuple, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slope and intercept of the site's output on each piece, per unit: two (n_pieces, units) tensors, probed
+    through ``site.apply`` (two points inside each piece)."""
     k = list(act.kinks)
     pts = []
     for p in range(act.n_pieces):
@@ -223,8 +309,25 @@ def piece_slopes(site, act: ScalarKinks, zshape: tuple, dtype, device) -> torch.
     z = vals.reshape(-1, *([1] * len(zshape))).expand(len(vals), *zshape).contiguous()
     out = site.apply(z).reshape(len(vals), -1)
     lo, hi = out[0::2], out[1::2]
-    dz = (vals[1::2] - vals[0::2])[:, None]
-    return (hi - lo) / dz
+    zlo, zhi = vals[0::2, None], vals[1::2, None]
+    slope = (hi - lo) / (zhi - zlo)
+    return slope, hi - slope * zhi
+
+
+def _kernel_lines(site, act: ScalarKinks, zshape: tuple, dtype, device) -> torch.Tensor | None:
+    """``(g0, g1, h0, h1)`` of a one-kink site (``_kink_scan.scan``'s ``lines``), when they reproduce
+    ``site.apply`` on random inputs and on the kink to rounding (1e-13 relative); else None (the kernel then leaves
+    the output to ``site.apply``)."""
+    slope, icept = piece_lines(site, act, zshape, dtype, device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    z = (4.0 * torch.randn(4, *zshape, generator=g, dtype=dtype)).to(device)
+    z[0] = act.kinks[0]
+    zf = z.reshape(4, -1)
+    want = site.apply(z).reshape(4, -1)
+    got = torch.where(zf > act.kinks[0], zf * slope[1] + icept[1], zf * slope[0] + icept[0])
+    if not bool(((got - want).abs() <= 1e-13 * want.abs().clamp_min(1.0)).all()):
+        return None
+    return torch.cat([slope, icept]).contiguous()
 
 
 class Refiner:
@@ -248,8 +351,8 @@ class Refiner:
         if affine is not None:
             for s in runner.processed:
                 if isinstance(s.activation, ScalarKinks):
-                    self.slopes[s.name] = piece_slopes(s, s.activation, runner.z_shape[s.name], runner.dtype,
-                                                       runner.device)
+                    self.slopes[s.name] = piece_lines(s, s.activation, runner.z_shape[s.name], runner.dtype,
+                                                      runner.device)[0]
             # last target index using each leaf's stored values
             targets = names + (["output"] if "output" in affine.deps else [])
             self.last_use = {}
@@ -261,6 +364,20 @@ class Refiner:
         # are (PRODUCTS_AT_EVERY_POINT)
         every = runner.device.type in PRODUCTS_AT_EVERY_POINT
         self.dense = [every or isinstance(s.activation, WindowMax) for s in runner.processed]
+        # products at every point and one-kink sites only: unit inputs are kept in the order their points were made
+        # (``_run_chunk_appended``), scanned in one pass per site (``_kink_scan``) and never merged into path order
+        self.append = APPENDED_LAYOUT and affine is not None and every and all(
+            isinstance(s.activation, ScalarKinks) and len(s.activation.kinks) == 1 for s in runner.processed)
+        # (points x width) arrays the appended layout holds at once per point: a site's unit inputs and output, the
+        # previous site's output, the new points' outputs (a byte per unit for the side changes), and two for each
+        # site output read beyond the next site (its rows and their joined copy)
+        self.point_widths = 4 + 2 * sum(1 for leaf, last in getattr(self, "last_use", {}).items()
+                                        if leaf in names and last > names.index(leaf) + 1)
+        self.lines = {}  # site -> the kernel's form of its activation (``_kernel_lines``), when the kernel runs
+        if self.append and triton_ready(torch.empty(0, device=runner.device)):
+            for s in runner.processed:
+                self.lines[s.name] = _kernel_lines(s, s.activation, runner.z_shape[s.name], runner.dtype,
+                                                   runner.device)
         # what each site's output is kept for: "all" points (merged stage by stage) when a site after the next one, a
         # dense next site, or the output reads it; "next" (only the next site reads it, at the points it was made
         # at: no merge); None when nothing later reads it
@@ -276,9 +393,11 @@ class Refiner:
                     self.keep.append("next" if nxt else None)
 
     # ------------------------------------------------------------------------------------------------ stage
-    def _crossings(self, act, z, pid, t):
+    def _crossings(self, cr, pid, t):
+        """Crossings ``cr`` of a site along the current points (segment i from point i to i + 1) as breakpoints:
+        those across paths dropped, those within ``tie_tol`` of an end snapped to it, the others grouped into new
+        points (``pj``: interval, ``pt``: t, ``pu``: position in the interval)."""
         # masks are turned into index lists once each: on a GPU every boolean-mask read is a wait for the device
-        cr = act.crossings_along(z, self.r.tol)
         same = pid[:-1] == pid[1:]
         kept = torch.nonzero(same[cr.segment]).flatten()
         seg, unit, s, piece = (x[kept] for x in (cr.segment, cr.unit, cr.t, cr.piece))
@@ -381,22 +500,15 @@ class Refiner:
     # ---------------------------------------------------------------------------------------------- chunk
     def run_chunk(self, gpids: torch.Tensor, t_range: tuple[float, float] | None = None) -> dict:
         """Refine paths ``gpids`` (all of each), or only ``[t_range[0], t_range[1]]`` of a single path."""
+        if self.append:
+            return self._run_chunk_appended(gpids, t_range)
         r = self.r
-        spec = r.spec
         dev = r.device
-        kt = spec.knots_t[gpids]
-        if t_range is not None:
-            a, b = t_range
-            inside = kt[0][(kt[0] > a) & (kt[0] < b)]
-            kt = torch.cat([kt.new_tensor([a]), inside, kt.new_tensor([b])])[None]
-        c_paths, k0 = kt.shape
-        pid = torch.arange(c_paths, device=dev).repeat_interleave(k0)
-        t = kt.reshape(-1).clone()
-        tied = torch.zeros(len(t), dtype=torch.bool, device=dev)
+        pts = _Points.start(r.spec, gpids, t_range)
+        pid, t, tied, ids, n_ids = pts.pid, pts.t, pts.tied, pts.ids, pts.n_ids
         store: dict = {}  # leaf -> its values at every current point
         prev: dict = {}  # leaf -> its values at the previous stage's points (used by the next site only)
         cache = _PointCache()  # graph route: evaluated values by point id
-        ids, n_ids = torch.arange(len(t), device=dev), len(t)  # point ids, in path order
         pend: _Pending | None = None
         z_new = None  # graph route: what gives the last site's unit inputs at the breakpoints it made
         recs = []
@@ -416,18 +528,14 @@ class Refiner:
             z = zf.reshape(len(t), *zshape)
             last = k == len(r.processed) - 1
             if last and self.units is not None:
-                cr = self._crossings(act, zf[:, self.units], pid, t)
+                cr = self._crossings(act.crossings_along(zf[:, self.units], self.r.tol), pid, t)
                 cr["unit"] = self.units[cr["unit"]]
             else:
-                cr = self._crossings(act, z, pid, t)
+                cr = self._crossings(act.crossings_along(z, self.r.tol), pid, t)
             recs.append((pid[cr["seg"]], cr["rec_t"], k, cr["unit"], cr["piece"]))
             n = len(t)
-            pj, pt, pu = cr["pj"], cr["pt"], cr["pu"]
-            tied.index_fill_(0, cr["snapped_to"], True)
-            cnt = counts_below(pj, n)
-            before = torch.cumsum(cnt, 0) - cnt
-            old_pos = torch.arange(n, device=dev) + before
-            new_pos = pj + 1 + torch.arange(len(pj), device=dev)
+            pj, pu = cr["pj"], cr["pu"]
+            old_pos, new_pos = pts.insert(cr)
             c_unit, jump = cr["unit"][cr["inner"]], None
             if self.aff is not None:
                 if not last and not self.dense[k + 1]:  # only a bend of the next site's inputs needs them
@@ -451,11 +559,7 @@ class Refiner:
                 grp_change[1:] = pj[1:] != pj[:-1]
             grp = torch.cumsum(grp_change.long(), 0) - 1
             pend = _Pending(name, new_pos, old_pos, pj, pu, grp, len(pj), cr["gid"], c_unit, jump)
-            tied = _merge(tied, cr["sizes"] >= 2, old_pos, new_pos)
-            t = _merge(t, pt, old_pos, new_pos)
-            pid = _merge(pid, pid[pj], old_pos, new_pos)
-            ids = _merge(ids, torch.arange(n_ids, n_ids + len(pj), device=dev), old_pos, new_pos)
-            n_ids += len(pj)
+            pid, t, tied, ids, n_ids = pts.pid, pts.t, pts.tied, pts.ids, pts.n_ids
             if last:
                 break
         # points whose unit inputs were held at the last site: what the chunk's memory scales with (the last
@@ -469,6 +573,100 @@ class Refiner:
                 at_points = cache.take("output", ids, n_ids)
             out["output"], out["output_at_points"] = self._outputs(pid, t, gpids, store, at_points)
         return out
+
+    def _run_chunk_appended(self, gpids: torch.Tensor, t_range: tuple[float, float] | None = None) -> dict:
+        """``run_chunk`` with products at every point and one-kink sites (``self.append``), holding every
+        per-point matrix in the order the points were made (``_Rows``): a site's unit inputs are one product per
+        block of rows into one buffer, its bias is added in the scan, its output is written by the scan in that same
+        order, and a stage's new points are appended, so no (points x units) array is ever merged into path order
+        (against about 60 bytes per unit and point of comparisons, merges and activation in path order).
+        ``_kink_scan.scan`` (one Triton kernel on a GPU) finds the pairs of consecutive points between which a unit
+        changes side; ``ScalarKinks.crossings_of`` places them, and the rest is ``run_chunk``'s."""
+        r, aff = self.r, self.aff
+        pts = _Points.start(r.spec, gpids, t_range)
+        store: dict[str, _Rows] = {}  # leaf -> its values at every point, in the order the points were made
+        recs = []
+        n = len(pts.t)
+        for k, site in enumerate(r.processed):
+            name, kink = site.name, site.activation.kinks[0]
+            last = k == len(r.processed) - 1
+            n = len(pts.t)
+            z, offset = self._appended_z(name, pts, gpids, store)
+            keep = self.keep[k] is not None
+
+            def apply(x, site=site):
+                return site.apply(x.reshape(len(x), *r.z_shape[site.name])).reshape(len(x), -1)
+
+            if last and self.units is not None:  # only these units are followed (the output still needs all)
+                zs, offs = z[:, self.units].contiguous(), None if offset is None else offset[:, self.units]
+                changes, _ = scan(zs, pts.ids, pts.pid, kink, offs)
+                out = apply(z if offset is None else z + offset) if keep else None
+            else:
+                zs, offs = z, offset
+                changes, out = scan(z, pts.ids, pts.pid, kink, offset, apply if keep else None, self.lines.get(name))
+            seg, unit = torch.nonzero(changes, as_tuple=True)  # in segment order, as the one-kink crossings_along
+            za, zb = zs[pts.ids[seg], unit], zs[pts.ids[seg + 1], unit]
+            if offs is not None:
+                za, zb = za + offs[0, unit], zb + offs[0, unit]
+            raw = sort_crossings(site.activation.crossings_of(0, seg, unit, za, zb), in_segment_order=True)
+            cr = self._crossings(raw, pts.pid, pts.t)
+            if last and self.units is not None:
+                cr["unit"] = self.units[cr["unit"]]
+            recs.append((pts.pid[cr["seg"]], cr["rec_t"], k, cr["unit"], cr["piece"]))
+            order = pts.ids  # path order -> row, before the new points
+            pj, pu = cr["pj"], cr["pu"]
+            pts.insert(cr)
+            for leaf in list(store):
+                if self.last_use.get(leaf, -1) <= k and not (self.want_output and leaf in aff.deps.get("output", [])):
+                    del store[leaf]
+                else:
+                    store[leaf].append(_lerp_rows(store[leaf].joined(), pj, pu, order))
+            if keep:
+                store[name] = _Rows(out, self._outputs_at_new(site, z, offset, cr, order, apply))
+        out = {"pid": pts.pid, "t": pts.t, "tied": pts.tied, "records": recs, "n_evaluated": n}
+        if self.want_output:
+            path_order = {leaf: rows.joined()[pts.ids] for leaf, rows in store.items()}
+            out["output"], out["output_at_points"] = self._outputs(pts.pid, pts.t, gpids, path_order)
+        return out
+
+    def _outputs_at_new(self, site, z, offset, cr: dict, order: torch.Tensor, apply) -> torch.Tensor:
+        """A one-kink site's output at the breakpoints it just made (``_inputs_at_new`` through the activation),
+        in one Triton pass where it can run (the crossed units, exactly on their kink there, set after)."""
+        lines = self.lines.get(site.name)
+        if lines is None or not triton_ready(z):
+            return apply(_inputs_at_new(site.activation, z, cr, order=order, offset=offset))
+        kink = site.activation.kinks[0]
+        out = interpolated_outputs(z, order[cr["pj"]], order[cr["pj"] + 1], cr["pu"], kink, lines, offset)
+        if out is None:  # the kernel failed here (warned once): torch operations from now on
+            return apply(_inputs_at_new(site.activation, z, cr, order=order, offset=offset))
+        c_unit = cr["unit"][cr["inner"]]
+        out[cr["gid"], c_unit] = lines[0, c_unit] * kink + lines[2, c_unit]  # the output at the kink
+        return out
+
+    def _appended_z(self, m: str, pts: _Points, gpids: torch.Tensor, store: dict) -> tuple:
+        """Unit inputs of site ``m`` at every point, rows in the order the points were made, less the bias when it
+        is one row (returned apart as the offset, which the scan adds)."""
+        aff = self.aff
+        c = aff.c[m]
+        n = pts.n_ids
+        pid_rows = pts.pid.new_empty(n).index_copy_(0, pts.ids, pts.pid)
+        z = c.new_zeros(n, c.shape[1]) if not aff.deps[m] else c.new_empty(n, c.shape[1])
+        for i, leaf in enumerate(aff.deps[m]):
+            jt = aff.jt[m, leaf]
+            if leaf == SRC:
+                t_rows = pts.t.new_empty(n).index_copy_(0, pts.ids, pts.t)
+                spans = [(0, self._src(gpids[pid_rows], t_rows))]
+            else:
+                spans = store[leaf].spans()
+            for r0, a in spans:
+                part = z[r0:r0 + len(a)]
+                if i == 0:
+                    torch.mm(a, jt, out=part)
+                else:
+                    part.addmm_(a, jt)
+        if c.shape[0] == 1:
+            return z, c
+        return z.add_(c[gpids[pid_rows]]), None
 
     def run_path_in_pieces(self, gpid: torch.Tensor, max_points: int, est_points: float,
                            on_piece: Callable[[float], None] | None = None) -> dict:

@@ -1,0 +1,132 @@
+"""The one-pass kink scan of exact paths on a GPU (``polytope_lens._kink_scan``): torch operations against a
+brute-force loop, and the Triton kernels against the torch operations in Triton's interpreter (a subprocess: the
+interpreter is chosen when the kernels are defined), down to whole exact paths against the CPU's closed-form bends."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import torch
+
+from polytope_lens import _kink_scan
+
+
+def _case(rows, units, n_paths, seed):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, units, generator=g, dtype=torch.float64)
+    z[0, :2] = 0.0  # units exactly on the kink
+    order = torch.randperm(rows, generator=g)
+    pid = torch.sort(torch.randint(0, n_paths, (rows,), generator=g)).values
+    offset = 0.3 * torch.randn(1, units, generator=g, dtype=torch.float64)
+    return z, order, pid, offset
+
+
+def test_torch_scan_equals_a_loop():
+    z, order, pid, offset = _case(23, 9, 3, 0)
+    for off in (None, offset):
+        changes, out = _kink_scan.torch_scan(z, order, pid, 0.0, off, torch.relu)
+        zb = z if off is None else z + off
+        assert changes.shape == (22, 9) and changes.dtype == torch.int8
+        for i in range(22):
+            for u in range(9):
+                a, b = float(zb[order[i], u]), float(zb[order[i + 1], u])
+                want = pid[i] == pid[i + 1] and ((a > 0.0) != (b > 0.0))
+                assert bool(changes[i, u]) == bool(want)
+        assert torch.equal(out, torch.relu(zb))
+
+
+def test_a_failing_kernel_warns_once_and_falls_back(monkeypatch):
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("no float64 here")
+            return launch
+    monkeypatch.setattr(_kink_scan, "_failed", [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _kink_scan._launch(Broken(), (1,)) is False
+    assert len(caught) == 1 and "no float64 here" in str(caught[0].message)
+    assert not _kink_scan.triton_ready(torch.zeros(1))  # the torch operations from now on
+
+
+_INTERPRETED = textwrap.dedent('''
+    import torch, numpy as np
+    import triton  # the tests' install has Triton (pyproject: dev)
+    from torch import nn
+    import torch.nn.functional as F
+    from polytope_lens import _kink_scan as ks
+    from polytope_lens.paths import path_crossings
+    import polytope_lens.paths.exact as exact
+    assert ks.triton_ready(torch.zeros(1))
+    g = torch.Generator().manual_seed(0)
+    leaky = torch.tensor([[0.1], [1.0], [0.0], [0.0]], dtype=torch.float64)
+    for rows, units, paths in [(37, 300, 4), (5, 7, 1), (1, 3, 1), (130, 129, 9), (2, 16, 2)]:
+        z = torch.randn(rows, units, generator=g, dtype=torch.float64)
+        z[0, :3] = 0.0
+        order = torch.randperm(rows, generator=g)
+        pid = torch.sort(torch.randint(0, paths, (rows,), generator=g)).values
+        for off in (None, 0.5 * torch.randn(1, units, generator=g, dtype=torch.float64)):
+            for slope in (0.0, 0.1):
+                lines = leaky.expand(4, units).clone()
+                lines[0] = slope
+                act = (lambda x, s=slope: F.leaky_relu(x, s))
+                c1, o1 = ks.triton_scan(z, order, pid, 0.0, off, lines)
+                c2, o2 = ks.torch_scan(z, order, pid, 0.0, off, act)
+                assert torch.equal(c1, c2) and torch.equal(o1, o2), (rows, units, off is None, slope)
+                if rows > 1:
+                    n = 2 * rows
+                    left = torch.randint(0, rows, (n,), generator=g)
+                    right = torch.randint(0, rows, (n,), generator=g)
+                    u = torch.rand(n, generator=g, dtype=torch.float64)
+                    got = ks.interpolated_outputs(z, left, right, u, 0.0, lines, off)
+                    zb = z if off is None else z + off
+                    want = act(zb[left].lerp(zb[right], u[:, None]))
+                    assert torch.allclose(got, want, rtol=1e-15, atol=1e-15), float((got - want).abs().max())
+    assert ks.triton_scan(torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.long),
+                          torch.zeros(0, dtype=torch.long), 0.0)[0].shape == (0, 4)
+
+    class Net(nn.Module):  # LeakyReLU, a residual branch read two sites later, an output layer
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(2)
+            self.inp, self.w1, self.w2, self.out = (nn.Linear(6, 24), nn.Linear(24, 24), nn.Linear(24, 24),
+                                                    nn.Linear(24, 5))
+        def forward(self, x):
+            h = F.leaky_relu(self.inp(x), 0.1)
+            h = h + self.w2(F.leaky_relu(self.w1(h), 0.1))
+            return self.out(F.relu(h))
+
+    net = Net().double().eval()
+    a, b = (3 * torch.randn(10, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    calls = {"scan": 0, "lerp": 0}
+    scan, lerp = ks.triton_scan, exact.interpolated_outputs
+    ks.triton_scan = lambda *x, **k: (calls.__setitem__("scan", calls["scan"] + 1), scan(*x, **k))[1]
+    exact.interpolated_outputs = lambda *x, **k: (calls.__setitem__("lerp", calls["lerp"] + 1), lerp(*x, **k))[1]
+    for kw in ({}, {"layers": "relu", "units": [0, 3, 5, 17]}):
+        bends = path_crossings(net, a, b, **kw)
+        exact.PRODUCTS_AT_EVERY_POINT = {"cpu"}
+        appended = path_crossings(net, a, b, **kw)
+        exact.PRODUCTS_AT_EVERY_POINT = {"cuda"}
+        assert appended.counts.tolist() == bends.counts.tolist()
+        for p, q in zip(appended.paths, bends.paths):
+            assert p.per_layer == q.per_layer and p.ties == q.ties
+            np.testing.assert_allclose(p.records["t"], q.records["t"], atol=1e-12)
+            assert (p.records["unit"] == q.records["unit"]).all() and (p.records["piece"] == q.records["piece"]).all()
+            assert (p.trace.top_class == q.trace.top_class).all()
+            np.testing.assert_allclose(p.trace.js, q.trace.js, rtol=1e-9, atol=1e-14)
+    assert calls["scan"] >= 6 and calls["lerp"] >= 4, calls
+    print("ok", int(bends.counts.sum()), calls)
+''')
+
+
+def test_triton_kernels_equal_torch_operations_in_the_interpreter(tmp_path):
+    script = tmp_path / "interpreted.py"
+    script.write_text(_INTERPRETED)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith("ok"), res.stdout
