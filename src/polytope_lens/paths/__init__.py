@@ -471,7 +471,7 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
                    progress: Callable[[float], None] | None = None, **capture_kwargs) -> PathBatchResult:
     owner = "path_crossings"
     _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress)
-    start, end = geometry.segments(start, end, owner=owner)
+    start, end, length = geometry.segments(start, end, owner=owner)
     spec = getattr(model, "spec", None) if not isinstance(model, nn.Module) else None
     if ray_address is not None:
         from ..distributed import check_workers, ray_path_crossings
@@ -500,8 +500,7 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
         if tuple(start.shape[1:]) != shape:
             raise InvalidInputError(f"The 'start' and 'end' of {owner} at layer {site.name!r} must have that site's "
                                     f"output shape (P, {', '.join(map(str, shape))}). Got {tuple(start.shape)}.")
-    x = torch.stack([start, end], dim=1)
-    length = (end - start).reshape(len(start), -1).to(torch.float64).norm(dim=1)
+    x = geometry.stacked([start, end], prep.dtype, prep.device)
     kt = torch.tensor([0.0, 1.0], dtype=torch.float64).expand(len(start), 2)
     spec = PathSpec(kt, x, length, "segment", site_name, base)
     return _analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol, n_samples=n_samples,

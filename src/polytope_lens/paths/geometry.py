@@ -77,13 +77,15 @@ class PathSpec:
             base = _cast(base, dtype, device)
         elif isinstance(base, Mapping):
             base = {k: _cast(v, dtype, device) for k, v in base.items()}
-        return PathSpec(self.knots_t.to(device, dtype), self.knots_x.to(device, dtype), self.length.to(dtype),
+        return PathSpec(self.knots_t.to(device, dtype), _cast(self.knots_x, dtype, device), self.length.to(dtype),
                         self.kind, self.site, base, self.alphas)
 
 
 def _cast(v, dtype, device):
+    """``v`` on ``device`` in ``dtype`` (floating point), moved before it is converted: on a GPU the conversion then
+    runs there, and a float32 copy is half a float64 one (``Tensor.to`` converts on the host first)."""
     if isinstance(v, torch.Tensor):
-        return v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+        return v.to(device).to(dtype) if v.is_floating_point() else v.to(device)
     return v
 
 
@@ -100,25 +102,36 @@ def _tensor(name: str, owner: str, v, min_dim: int) -> torch.Tensor:
     if v.dim() < min_dim or v.shape[0] == 0:
         raise InvalidInputError(f"The {name!r} parameter of {owner} must have a batch dimension of paths first "
                                 f"(shape (P, ...), P >= 1). Got shape {tuple(v.shape)}.")
-    bad = int((~torch.isfinite(v)).sum())
-    if bad:
+    lo, hi = torch.aminmax(v)  # one pass; NaN and infinities propagate to the extremes
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        bad = int((~torch.isfinite(v)).sum())
         raise InvalidInputError(f"The {name!r} parameter of {owner} contains {bad} NaN or infinite values; "
                                 "paths need finite points.")
     return v.detach()
 
 
-def segments(start, end, *, owner: str = "path_crossings") -> tuple[torch.Tensor, torch.Tensor]:
-    """Validated straight segments: start, end of shape (P, *shape)."""
+def segments(start, end, *, owner: str = "path_crossings") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validated straight segments: start, end of shape (P, *shape), and their lengths (float64)."""
     start, end = _tensor("start", owner, start, 1), _tensor("end", owner, end, 1)
     if start.shape != end.shape:
         raise InvalidInputError(f"The 'start' and 'end' parameters of {owner} must have the same shape. Got "
                                 f"{tuple(start.shape)} and {tuple(end.shape)}.")
-    d = (end - start).reshape(len(start), -1).norm(dim=1)
-    same = torch.nonzero(d == 0).flatten().tolist()
+    length = (end - start).reshape(len(start), -1).to(torch.float64).norm(dim=1)
+    same = torch.nonzero(length == 0).flatten().tolist()
     if same:
         raise InvalidInputError(f"Paths {same[:5]} of {owner} have equal start and end points; a path needs two "
                                 "distinct endpoints.")
-    return start, end
+    return start, end, length
+
+
+def stacked(points: list[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.stack(points, 1)`` made in ``dtype`` on ``device``: each tensor is moved first (on a GPU, a
+    float32 copy is half a float64 one) and converted where it lands, in one pass."""
+    first = points[0]
+    x = torch.empty((len(first), len(points), *first.shape[1:]), dtype=dtype, device=device)
+    for i, v in enumerate(points):
+        x[:, i].copy_(v.to(device))
+    return x
 
 
 def polyline(points, *, owner: str = "polyline_crossings") -> tuple[torch.Tensor, torch.Tensor]:
