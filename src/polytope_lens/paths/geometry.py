@@ -102,7 +102,7 @@ def _tensor(name: str, owner: str, v, min_dim: int) -> torch.Tensor:
     if v.dim() < min_dim or v.shape[0] == 0:
         raise InvalidInputError(f"The {name!r} parameter of {owner} must have a batch dimension of paths first "
                                 f"(shape (P, ...), P >= 1). Got shape {tuple(v.shape)}.")
-    lo, hi = torch.aminmax(v)  # one pass; NaN and infinities propagate to the extremes
+    lo, hi = torch.aminmax(v) if v.numel() else (v.new_zeros(()), v.new_zeros(()))  # one pass; NaN, inf reach them
     if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         bad = int((~torch.isfinite(v)).sum())
         raise InvalidInputError(f"The {name!r} parameter of {owner} contains {bad} NaN or infinite values; "
