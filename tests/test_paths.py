@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from helpers import assert_same_records
 from polytope_lens.capture import run
 from polytope_lens.errors import InvalidInputError, NotPiecewiseLinearError
 from polytope_lens.paths import path_crossings, polyline_crossings, ray_crossings, site_activations
@@ -187,13 +188,7 @@ def test_products_at_every_point_equal_the_closed_form_bends(monkeypatch, residu
     bends = path_crossings(mlp, a, b, evaluator="affine", trace=True)
     monkeypatch.setattr(exact, "PRODUCTS_AT_EVERY_POINT", {"cpu"})
     products = path_crossings(mlp, a, b, evaluator="affine", trace=True)
-    assert products.counts.tolist() == bends.counts.tolist()
-    for p, q in zip(products.paths, bends.paths):
-        assert p.per_layer == q.per_layer and p.ties == q.ties
-        np.testing.assert_allclose(p.records["t"], q.records["t"], atol=1e-12)
-        assert (p.records["unit"] == q.records["unit"]).all() and (p.records["piece"] == q.records["piece"]).all()
-        assert (p.trace.top_class == q.trace.top_class).all()
-        np.testing.assert_allclose(p.trace.js, q.trace.js, rtol=1e-9, atol=1e-14)
+    assert_same_records(products, bends)
     clear = [i for i, p in enumerate(products.paths) if p.ties == 0 and np.diff(p.t).min() > 1e-6]
     assert len(clear) >= 12
     assert products.counts[clear].tolist() == [mlp.regioncam_count(a[i], b[i]) for i in clear]
@@ -219,12 +214,8 @@ def test_products_at_every_point_in_path_order_and_unit_subsets(monkeypatch, cas
                         lambda self, *x, f=exact.Refiner._run_chunk_appended: made.append(1) or f(self, *x))
     products = path_crossings(model, a, b, evaluator="affine", **kw)
     assert bool(made) == (case == "units")
-    assert products.counts.sum() > 20 and products.counts.tolist() == bends.counts.tolist()
-    for p, q in zip(products.paths, bends.paths):
-        assert p.per_layer == q.per_layer and p.ties == q.ties
-        np.testing.assert_allclose(p.records["t"], q.records["t"], atol=1e-12)
-        assert (p.records["unit"] == q.records["unit"]).all() and (p.records["piece"] == q.records["piece"]).all()
-        assert (p.trace.top_class == q.trace.top_class).all()
+    assert products.counts.sum() > 20
+    assert_same_records(products, bends)
 
 
 # -------------------------------------------------------------------------------------------- vs sampling
