@@ -234,10 +234,18 @@ def test_cnn_counts_equal_dense_sampling(evaluator):
         assert p.per_layer == want
 
 
-@pytest.mark.parametrize("evaluator", ["affine", "graph"])
-def test_paths_at_a_layer_and_rays_equal_sampling(evaluator):
+@pytest.mark.parametrize("evaluator", ["affine", "graph", "products"])
+def test_paths_at_a_layer_and_rays_equal_sampling(evaluator, monkeypatch):
     """Segments between activations at a named site, and scaling rays there, match dense sampling (the graph
-    evaluator runs the network before the site once per path: ``SharedPrefix``, residual branches included)."""
+    evaluator runs the network before the site once per path: ``SharedPrefix``, residual branches included;
+    "products": the affine route with products at every point, appended, each path with its own constant term)."""
+    if evaluator == "products":
+        import polytope_lens.paths.exact as exact
+        monkeypatch.setattr(exact, "PRODUCTS_AT_EVERY_POINT", {"cpu"})
+        made = []
+        monkeypatch.setattr(exact.Refiner, "_run_chunk_appended",
+                            lambda self, *x, f=exact.Refiner._run_chunk_appended: made.append(1) or f(self, *x))
+        evaluator = "affine"
     mlp = MLP(5, 12, 3, residual=True, seed=4)
     x = torch.randn(3, 5)
     names = [s.name for s in __import__("polytope_lens").list_sites(mlp, lambda: mlp(x[:1]))]
@@ -260,6 +268,8 @@ def test_paths_at_a_layer_and_rays_equal_sampling(evaluator):
         assert p.per_layer == {k: v for k, v in want.items() if k in rays.sites}
         assert p.alphas == (0.0, 3.0) and p.alpha(0.5) == 1.5
         assert p.density == pytest.approx(p.crossings / (3.0 * float(ai.norm())))
+    if "made" in locals():
+        assert made  # the appended route ran
 
 
 
