@@ -1,6 +1,7 @@
 """The one-pass kink scan of exact paths on a GPU (``polytope_lens._kink_scan``): torch operations against a
 brute-force loop, and the Triton kernels against the torch operations in Triton's interpreter (a subprocess: the
-interpreter is chosen when the kernels are defined), down to whole exact paths against the CPU's closed-form bends."""
+interpreter is chosen when the kernels are defined), down to whole exact paths (MLPs, a CNN) against the CPU's
+closed-form bends."""
 
 from __future__ import annotations
 
@@ -103,19 +104,35 @@ _INTERPRETED = textwrap.dedent('''
             h = h + self.w2(F.leaky_relu(self.w1(h), 0.1))
             return self.out(F.relu(h))
 
+    class CNN(nn.Module):  # BatchNorm, per-channel PReLU (per-unit lines), a residual add, average pooling
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(3)
+            self.c1, self.bn, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)
+            self.slopes, self.fc = nn.Parameter(torch.tensor([0.2, 0.1, 0.3, 0.05])), nn.Linear(36, 5)
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+        def forward(self, x):
+            h = F.relu(self.bn(self.c1(x)))
+            h = F.avg_pool2d(h + F.prelu(self.c2(h), self.slopes), 2)
+            return self.fc(F.leaky_relu(h, 0.05).flatten(1))
+
     net = Net().double().eval()
     a, b = (3 * torch.randn(10, 6, generator=g, dtype=torch.float64) for _ in range(2))
+    ca, cb = (torch.randn(6, 1, 6, 6, generator=g, dtype=torch.float64) for _ in range(2))
     calls = {"scan": 0, "lerp": 0}
     scan, lerp = ks.triton_scan, exact.interpolated_outputs
     ks.triton_scan = lambda *x, **k: (calls.__setitem__("scan", calls["scan"] + 1), scan(*x, **k))[1]
     exact.interpolated_outputs = lambda *x, **k: (calls.__setitem__("lerp", calls["lerp"] + 1), lerp(*x, **k))[1]
     runs = []
-    for kw in ({}, {"layers": "relu", "units": [0, 3, 5, 17]}):
-        bends = path_crossings(net, a, b, **kw)
+    for model, x0, x1, kw in [(net, a, b, {}), (net, a, b, {"layers": "relu", "units": [0, 3, 5, 17]}),
+                              (CNN().double().eval(), ca, cb, {})]:
+        bends = path_crossings(model, x0, x1, evaluator="affine", **kw)
         exact.PRODUCTS_AT_EVERY_POINT = {"cpu"}
-        runs.append((path_crossings(net, a, b, **kw), bends))
+        runs.append((path_crossings(model, x0, x1, evaluator="affine", **kw), bends))
         exact.PRODUCTS_AT_EVERY_POINT = {"cuda"}
-    assert calls["scan"] >= 6 and calls["lerp"] >= 4, calls
+    assert calls["scan"] >= 9 and calls["lerp"] >= 6, calls
     with open(sys.argv[1], "wb") as f:
         pickle.dump(runs, f)
     print("ok", calls)
