@@ -581,7 +581,16 @@ def test_polyline_is_the_sum_of_its_segments():
 
 
 # ------------------------------------------------------------------------------------------------- ties
-def test_hand_computed_tie():
+@pytest.fixture(params=["bends", "appended"])
+def route(request, monkeypatch):
+    """The CPU's affine route (closed-form bends) and the GPU's (products at every point, appended layout)."""
+    if request.param == "appended":
+        import polytope_lens.paths.exact as exact
+        monkeypatch.setattr(exact, "PRODUCTS_AT_EVERY_POINT", {"cpu"})
+    return request.param
+
+
+def test_hand_computed_tie(route):
     """Two units with the same kink position on the path make one tied breakpoint and two crossings."""
     lin = nn.Linear(1, 3)
     with torch.no_grad():
@@ -596,7 +605,7 @@ def test_hand_computed_tie():
     assert p.records["piece"].tolist() == [0, 1, 1]  # unit 2 turns off at 0.25; units 0, 1 turn on at 0.5
 
 
-def test_unit_on_its_kink_at_an_endpoint_is_a_tie():
+def test_unit_on_its_kink_at_an_endpoint_is_a_tie(route):
     """A unit exactly at its kink at t=0 that then rises is one crossing at t=0, reported as a tie."""
     model = nn.Sequential(nn.Linear(1, 1), nn.ReLU())
     with torch.no_grad():
@@ -605,6 +614,27 @@ def test_unit_on_its_kink_at_an_endpoint_is_a_tie():
     p = path_crossings(model, torch.zeros(1, 1), torch.ones(1, 1)).paths[0]
     assert p.crossings == 1 and p.ties == 1 and p.records["t"].tolist() == [0.0]
     np.testing.assert_allclose(p.t, [0.0, 1.0])
+
+
+def test_a_snapped_crossing_and_a_tie_at_one_site(route):
+    """A unit on its kink at t=0 (snapped to the end) and two units crossing together at t=0.5 (one new point), on
+    one site, then a second site: 4 crossings at the first, ties at t=0 and t=0.5, one new point."""
+    lin, out = nn.Linear(1, 4), nn.Linear(4, 1)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0], [2.0], [1.0], [-1.0]]))
+        lin.bias.copy_(torch.tensor([-0.5, -1.0, 0.0, 0.25]))
+        out.weight.copy_(torch.tensor([[1.0, 1.0, -1.0, 1.0]]))
+        out.bias.fill_(-0.1)
+    model = nn.Sequential(lin, nn.ReLU(), out, nn.ReLU())
+    p = path_crossings(model, torch.zeros(1, 1), torch.ones(1, 1)).paths[0]
+    first = p.records["site"] == p.records["site"][0]
+    assert first.sum() == 4 and p.ties == 2
+    assert sorted(p.records["t"][first].tolist()) == [0.0, 0.25, 0.5, 0.5]
+    # second site: 2.5 t - 1.5 + ... on each region, checked against dense sampling
+    t = torch.linspace(0, 1, 200001, dtype=torch.float64)[:, None]
+    z = model.double()[:3](t).squeeze(1)
+    want = int(((z[1:] > 0) != (z[:-1] > 0)).sum())
+    assert int((~first).sum()) == want
 
 
 # ------------------------------------------------------------------------------------- methods and trace

@@ -393,35 +393,55 @@ class Refiner:
                     self.keep.append("next" if nxt else None)
 
     # ------------------------------------------------------------------------------------------------ stage
-    def _crossings(self, cr, pid, t):
+    def _crossings(self, cr, pid, t, within_paths: bool = False):
         """Crossings ``cr`` of a site along the current points (segment i from point i to i + 1) as breakpoints:
-        those across paths dropped, those within ``tie_tol`` of an end snapped to it, the others grouped into new
-        points (``pj``: interval, ``pt``: t, ``pu``: position in the interval)."""
+        those across paths dropped (none when ``within_paths``), those within ``tie_tol`` of an end snapped to it,
+        the others grouped into new points (``pj``: interval, ``pt``: t, ``pu``: position in the interval). The
+        common case, no snapped crossing and no two within ``tie_tol`` on one interval, skips the operations that
+        only ties need (on a GPU each operation is host time while the device waits)."""
         # masks are turned into index lists once each: on a GPU every boolean-mask read is a wait for the device
-        same = pid[:-1] == pid[1:]
-        kept = torch.nonzero(same[cr.segment]).flatten()
-        seg, unit, s, piece = (x[kept] for x in (cr.segment, cr.unit, cr.t, cr.piece))
+        if within_paths:
+            seg, unit, s, piece = cr.segment, cr.unit, cr.t, cr.piece
+        else:
+            same = pid[:-1] == pid[1:]
+            kept = torch.nonzero(same[cr.segment]).flatten()
+            seg, unit, s, piece = (x[kept] for x in (cr.segment, cr.unit, cr.t, cr.piece))
         tl, tr = t[seg], t[seg + 1]
         dt = tr - tl
         off = s * dt
         snap_l = off <= self.tie_tol
         snap_r = (~snap_l) & ((dt - off) <= self.tie_tol)
         snapped = snap_l | snap_r
-        by_side = torch.argsort(snapped.to(torch.uint8), stable=True)
         n_inner = len(seg) - int(snapped.sum())
-        inner, outer = by_side[:n_inner], by_side[n_inner:]  # crossing indices, each in order
         tc = tl + off
-        ji, ti, si = seg[inner], tc[inner], s[inner]
+        if n_inner < len(seg):
+            by_side = torch.argsort(snapped.to(torch.uint8), stable=True)
+            inner, outer = by_side[:n_inner], by_side[n_inner:]  # crossing indices, each in order
+            ji, ti, si = seg[inner], tc[inner], s[inner]
+        else:
+            inner, outer = torch.arange(len(seg), device=t.device), None
+            ji, ti, si = seg, tc, s
         newg = torch.ones(len(ji), dtype=torch.bool, device=t.device)
         if len(ji) > 1:
             newg[1:] = (ji[1:] != ji[:-1]) | ((ti[1:] - ti[:-1]) > self.tie_tol)
-        gid = torch.cumsum(newg.long(), 0) - 1
         first = torch.nonzero(newg).flatten()
-        pj, pt, pu = ji[first], ti[first], si[first]
-        sizes = counts_below(gid, len(pj))
-        rec_t = torch.where(snap_l, tl, torch.where(snap_r, tr, tc))
-        rec_t[inner] = pt[gid]
-        snapped_to = torch.where(snap_l, seg, seg + 1)[outer]
+        grouped = len(first) < len(ji)  # some crossings share a new point
+        if grouped:
+            gid = torch.cumsum(newg.long(), 0) - 1
+            pj, pt, pu = ji[first], ti[first], si[first]
+            sizes = counts_below(gid, len(pj))
+        else:
+            gid = inner if outer is None else torch.arange(len(ji), device=t.device)
+            pj, pt, pu = ji, ti, si
+            sizes = torch.ones(len(pj), dtype=torch.long, device=t.device)
+        if outer is None:
+            rec_t = pt[gid] if grouped else tc
+            snapped_to = seg.new_zeros(0)
+        else:
+            rec_t = torch.where(snap_l, tl, torch.where(snap_r, tr, tc))
+            if grouped:
+                rec_t[inner] = pt[gid]
+            snapped_to = torch.where(snap_l, seg, seg + 1)[outer]
         return dict(seg=seg, unit=unit, piece=piece, inner=inner, rec_t=rec_t, gid=gid, pj=pj, pt=pt, pu=pu,
                     sizes=sizes, snapped_to=snapped_to)
 
@@ -594,8 +614,8 @@ class Refiner:
             z, offset = self._appended_z(name, pts, gpids, store)
             keep = self.keep[k] is not None
 
-            def apply(x, site=site):
-                return site.apply(x.reshape(len(x), *r.z_shape[site.name])).reshape(len(x), -1)
+            def apply(x, site=site):  # one-kink activations are elementwise: the output has the input's shape
+                return site.apply(x.reshape(len(x), *r.z_shape[site.name])).reshape(x.shape)
 
             if last and self.units is not None:  # only these units are followed (the output still needs all)
                 zs, offs = z[:, self.units].contiguous(), None if offset is None else offset[:, self.units]
@@ -609,7 +629,7 @@ class Refiner:
             if offs is not None:
                 za, zb = za + offs[0, unit], zb + offs[0, unit]
             raw = sort_crossings(site.activation.crossings_of(0, seg, unit, za, zb), in_segment_order=True)
-            cr = self._crossings(raw, pts.pid, pts.t)
+            cr = self._crossings(raw, pts.pid, pts.t, within_paths=True)  # the scan flags no segment across paths
             if last and self.units is not None:
                 cr["unit"] = self.units[cr["unit"]]
             recs.append((pts.pid[cr["seg"]], cr["rec_t"], k, cr["unit"], cr["piece"]))
