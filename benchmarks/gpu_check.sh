@@ -18,8 +18,8 @@ step() {  # step NAME SECONDS COMMAND... (runs when no step names were given, or
   want "$name" || return 0
   echo "## $name" ; timeout "$secs" "$@" >> "$OUT/$name.md" 2>&1; echo "exit $?" >> "$OUT/$name.md"
 }
-STEPS="$*"  # e.g. `bash benchmarks/gpu_check.sh agree paths`; none: every step (agree paths layouts effnet_paths
-#             slices codes)
+STEPS="$*"  # e.g. `bash benchmarks/gpu_check.sh agree paths`; none: every step (agree paths layouts trace
+#             effnet_paths slices codes)
 step agree 60 python3 benchmarks/gpu_agreement.py  # GPU results equal the CPU's (codes, exact and sampled paths)
 # 784->4x512: products at every point (the GPU default) and closed-form bends, each under a 16 GiB and a 64 GiB budget
 step paths 60 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 20000 \
@@ -47,6 +47,9 @@ step layouts 60 $B --networks 784-4x512 --paths 40000 --memory-budget 6871947673
 step layouts 60 $B --networks 784-4x512 --paths 40000 --memory-budget 68719476736
 step layouts 60 $B --networks 784-3x2048 --paths 5000 --memory-budget 17179869184 --check-cpu 100
 step layouts 60 $B --networks 784-3x2048 --paths 5000 --memory-budget 17179869184 --layout path-order
+# where the time goes: kernel time per path, GPU idle time, both attributed to the engine's functions
+step trace 40 python3 benchmarks/trace_paths_gpu.py --paths 2400 --budget-gib 64
+step trace 40 python3 benchmarks/trace_paths_gpu.py --paths 2400 --budget-gib 64 --layout path-order
 step effnet_paths 150 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-seconds 60
 step slices 120 python3 benchmarks/bench_slices.py --device cuda --skip-effnet --large-only --large 680
 step codes 90 python3 benchmarks/bench_codes.py --gpu-only
