@@ -108,9 +108,8 @@ class PreparedModel:
         self.dtype, self.device = dtype, torch.device(device)
 
     def cast(self, v):
-        if isinstance(v, torch.Tensor):
-            return v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
-        return {k: self.cast(x) for k, x in v.items()}
+        """``v`` (a tensor or a mapping of them) in this model's dtype on its device (``geometry.cast``)."""
+        return geometry.cast(v, self.dtype, self.device)
 
     def resolve_site(self, base, layer: str, owner: str, capture_kwargs):
         first = index_inputs(base, torch.zeros(1, dtype=torch.long, device=self.device))

@@ -652,12 +652,11 @@ class Refiner:
     def _outputs_at_new(self, site, z, offset, cr: dict, order: torch.Tensor, apply) -> torch.Tensor:
         """A one-kink site's output at the breakpoints it just made (``_inputs_at_new`` through the activation),
         in one Triton pass where it can run (the crossed units, exactly on their kink there, set after)."""
-        lines = self.lines.get(site.name)
-        if lines is None or not triton_ready(z):
-            return apply(_inputs_at_new(site.activation, z, cr, order=order, offset=offset))
-        kink = site.activation.kinks[0]
-        out = interpolated_outputs(z, order[cr["pj"]], order[cr["pj"] + 1], cr["pu"], kink, lines, offset)
-        if out is None:  # the kernel failed here (warned once): torch operations from now on
+        lines, kink = self.lines.get(site.name), site.activation.kinks[0]
+        out = None
+        if lines is not None and triton_ready(z):  # None also when the kernel failed (warned once)
+            out = interpolated_outputs(z, order[cr["pj"]], order[cr["pj"] + 1], cr["pu"], kink, lines, offset)
+        if out is None:
             return apply(_inputs_at_new(site.activation, z, cr, order=order, offset=offset))
         c_unit = cr["unit"][cr["inner"]]
         out[cr["gid"], c_unit] = lines[0, c_unit] * kink + lines[2, c_unit]  # the output at the kink
@@ -669,13 +668,15 @@ class Refiner:
         aff = self.aff
         c = aff.c[m]
         n = pts.n_ids
-        pid_rows = pts.pid.new_empty(n).index_copy_(0, pts.ids, pts.pid)
+
+        def by_row(x):  # a path-order array in the order the points were made: only the input and a per-path bias
+            return x.new_empty(n).index_copy_(0, pts.ids, x)  # need it, so not made at every site
+
         z = c.new_zeros(n, c.shape[1]) if not aff.deps[m] else c.new_empty(n, c.shape[1])
         for i, leaf in enumerate(aff.deps[m]):
             jt = aff.jt[m, leaf]
             if leaf == SRC:
-                t_rows = pts.t.new_empty(n).index_copy_(0, pts.ids, pts.t)
-                spans = [(0, self._src(gpids[pid_rows], t_rows))]
+                spans = [(0, self._src(gpids[by_row(pts.pid)], by_row(pts.t)))]
             else:
                 spans = store[leaf].spans()
             for r0, a in spans:
@@ -686,7 +687,7 @@ class Refiner:
                     part.addmm_(a, jt)
         if c.shape[0] == 1:
             return z, c
-        return z.add_(c[gpids[pid_rows]]), None
+        return z.add_(c[gpids[by_row(pts.pid)]]), None
 
     def run_path_in_pieces(self, gpid: torch.Tensor, max_points: int, est_points: float,
                            on_piece: Callable[[float], None] | None = None) -> dict:

@@ -72,20 +72,18 @@ class PathSpec:
         return x0 + s * (x1 - x0)
 
     def to(self, dtype: torch.dtype, device) -> "PathSpec":
-        base = self.base
-        if isinstance(base, torch.Tensor):
-            base = _cast(base, dtype, device)
-        elif isinstance(base, Mapping):
-            base = {k: _cast(v, dtype, device) for k, v in base.items()}
-        return PathSpec(self.knots_t.to(device, dtype), _cast(self.knots_x, dtype, device), self.length.to(dtype),
-                        self.kind, self.site, base, self.alphas)
+        return PathSpec(self.knots_t.to(device, dtype), cast(self.knots_x, dtype, device), self.length.to(dtype),
+                        self.kind, self.site, cast(self.base, dtype, device), self.alphas)
 
 
-def _cast(v, dtype, device):
-    """``v`` on ``device`` in ``dtype`` (floating point), moved before it is converted: on a GPU the conversion then
-    runs there, and a float32 copy is half a float64 one (``Tensor.to`` converts on the host first)."""
+def cast(v, dtype, device):
+    """``v`` (a tensor, or a mapping of them) on ``device``, floating-point tensors in ``dtype``, each moved before
+    it is converted: on a GPU the conversion then runs there, and a float32 copy is half a float64 one
+    (``Tensor.to(device, dtype)`` converts on the host first). Anything else is returned as it is."""
     if isinstance(v, torch.Tensor):
         return v.to(device).to(dtype) if v.is_floating_point() else v.to(device)
+    if isinstance(v, Mapping):
+        return {k: cast(x, dtype, device) for k, x in v.items()}
     return v
 
 
