@@ -114,6 +114,9 @@ def main() -> None:
     ap.add_argument("--scan", choices=["triton", "torch"], default="triton",
                     help="appended layout: the fused Triton scan where it can run, or torch operations "
                          "(_kink_scan.USE_TRITON)")
+    ap.add_argument("--transfer", choices=["background", "wait"], default="background",
+                    help="GPU: results copied out of their page-locked buffer on a background thread while the next "
+                         "chunk runs, or before it starts (_transfer.BACKGROUND)")
     ap.add_argument("--profile", action="store_true",
                     help="after the timing, profile one run of the first 2000 paths and print the top kernels")
     args = ap.parse_args()
@@ -125,6 +128,8 @@ def main() -> None:
     from polytope_lens.paths import exact as exact_mod
     exact_mod.APPENDED_LAYOUT = args.layout == "appended"
     _kink_scan.USE_TRITON = args.scan == "triton"
+    from polytope_lens import _transfer
+    _transfer.BACKGROUND = args.transfer == "background"
     rows = []
     for name in args.networks.split(","):
         din, widths = NETWORKS[name]
@@ -171,7 +176,7 @@ def main() -> None:
         rows.append((name, args.paths, float(res.counts.mean()), args.paths / ours_s, n_rc,
                      n_rc / rc_s if n_rc else float("nan"), agree, int(sum(p.ties for p in res.paths)), dmax, bound))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ours on {args.device} (products: "
-          f"{args.products}, layout: {args.layout}, scan: {args.scan}); ours {args.dtype}"
+          f"{args.products}, layout: {args.layout}, scan: {args.scan}, transfer: {args.transfer}); ours {args.dtype}"
           f"{', with the trace' if args.trace else ''}, "
           f"Regioncam1D float32; best of {args.repeat} alternating runs\n")
     print("| network | paths | mean crossings | ours paths/s | Regioncam1D paths (sample) | Regioncam1D paths/s "

@@ -87,6 +87,28 @@ def main() -> int:
         report(f"exact paths, {label}", same and top,
                f"40 paths, {int(c.counts.sum())} crossings; counts (CPU, GPU, GPU torch scan) {same}, top class {top}")
 
+    from polytope_lens import _transfer
+    xs = [torch.randn(1001, dtype=torch.float64, device=dev), torch.arange(7, dtype=torch.int16, device=dev),
+          torch.arange(-3, 10, dtype=torch.int8, device=dev).reshape(13, 1),
+          torch.ones(5, 3, dtype=torch.bool, device=dev), torch.arange(9, dtype=torch.int32, device=dev),
+          torch.zeros(0, dtype=torch.int64, device=dev)]
+    want = [x.cpu().numpy() for x in xs]
+    runs = []
+    for background in (True, False):
+        _transfer.BACKGROUND = background
+        got = _transfer.arrays_to_host(xs) + _transfer.arrays_to_host(xs[:2])  # the second reuses the buffer
+        same = all(np.array_equal(w, h) and w.dtype == h.dtype and w.shape == h.shape
+                   for w, h in zip(want + want[:2], got))
+        runs.append(path_crossings(net, a, b, device=dev))
+        report(f"results to the host (background {background})", same, f"arrays of 6 dtypes as .cpu(): {same}")
+    _transfer.BACKGROUND = True
+    keys = ("t", "site", "unit", "piece")
+    recs = all(all(np.array_equal(p.records[k], q.records[k]) for k in keys) and np.array_equal(p.t, q.t)
+               for p, q in zip(*runs))
+    dtypes = all(p.records[k].dtype == q.records[k].dtype for p, q in zip(rc.paths, runs[0].paths) for k in keys)
+    report("records with and without the background copy", recs and dtypes,
+           f"40 paths' records and breakpoints equal: {recs}; dtypes as on the CPU: {dtypes}")
+
     smooth = mlp(nn.GELU, 1)
     sc = path_crossings(smooth, a[:8], b[:8], n_samples=128, tol=1e-10)
     sg = path_crossings(smooth, a[:8], b[:8], n_samples=128, tol=1e-10, device=dev)

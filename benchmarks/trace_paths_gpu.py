@@ -38,8 +38,8 @@ capture = importlib.import_module("polytope_lens.capture")
 WRAPPED = [(exact.Refiner, "_affine_z"), (exact.Refiner, "_crossings"), (exact, "_inputs_at_new"), (exact, "_merge"),
            (exact, "_lerp_rows"), (kinks.ScalarKinks, "crossings_along"), (exact, "sort_crossings"),
            (paths, "_collect"), (exact.Refiner, "run_chunk"), (exact.Refiner, "run_path_in_pieces"),
-           (exact.Refiner, "_outputs"), (exact, "counts_below"), (paths, "lexsort"), (paths, "to_host"),
-           (paths, "wait_for_copies"), (paths, "PathBlock"), (exact.Refiner, "_appended_z"), (exact, "scan"),
+           (exact.Refiner, "_outputs"), (exact, "counts_below"), (paths, "lexsort"), (paths, "arrays_to_host_async"),
+           (paths, "PathBlock"), (exact.Refiner, "_appended_z"), (exact, "scan"),
            (exact.Refiner, "_outputs_at_new"), (exact._Points, "insert"), (paths, "path_crossings"),
            (paths, "_analyse"), (paths.Runner, "__init__"), (paths.Runner, "extract_affine"),
            (paths.geometry, "segments"), (paths.geometry, "stacked"), (capture._CallApply, "__call__")]

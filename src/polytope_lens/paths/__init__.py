@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .._heap import keep_freed_memory
-from .._transfer import to_host, wait_for_copies
+from .._transfer import arrays_to_host_async
 from ..capture import StopForward, list_sites, run, select_sites
 from ..codes import site_unit_indices
 from ..errors import InvalidInputError, NotPiecewiseLinearError
@@ -37,7 +37,7 @@ from . import geometry
 from .exact import Refiner, verify_chunk
 from .geometry import PathSpec
 from .results import PathBatchResult, PathBlock, PathList, PathResult, Trace, traces_from_outputs
-from .runner import Runner, default_forward, index_inputs, prepare_model
+from .runner import Runner, check_device, default_forward, index_inputs, prepare_model
 from .sampled import sampled_chunk
 
 __all__ = ["path_crossings", "polyline_crossings", "ray_crossings", "site_activations", "PathResult", "PathList",
@@ -232,6 +232,7 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
     # 128-512 MiB chunks, 107 at 1 GiB, 76 at 2 GiB); on a GPU bigger chunks amortise the launches, so the budget rules
     chunk_bytes = min(memory_budget, CPU_CHUNK_BYTES) if prep.device.type == "cpu" else memory_budget
     results = PathList()
+    arriving = []  # what waits for each chunk's results to reach the host
     start = 0
     guessed = True  # est_pts is a guess until a path has been refined
     while start < n_paths:
@@ -259,10 +260,12 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
             verify_chunk(runner, gp, out["pid"], out["t"], n_check=32, seed=start, units=unit_idx)
         if use_exact:  # memory scales with the points evaluated at the last site (see Refiner.run_chunk)
             est_pts = max(est_pts, 1.25 * out["n_evaluated"] / c)
-        _collect(results, out, gp, spec, runner, reported, use_exact, trace)
+        arriving.append(_collect(results, out, gp, spec, runner, reported, use_exact, trace))
         if progress is not None and not in_pieces:  # a path refined in pieces has reported each piece
             progress(c)
         start += c
+    for wait in arriving:
+        wait()
     tolerance = ({"tie_tol": float(tie_tol), "value_tol": float(runner.tol)} if use_exact
                  else {"tol": float(tol), "n_samples": int(n_samples)})
     return PathBatchResult(results, use_exact, "exact" if use_exact else "sampled",
@@ -270,9 +273,11 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
                            tuple(notes), time.perf_counter() - t0)
 
 
-def _collect(results: PathList, out, gp, spec: PathSpec, runner: Runner, reported, exact: bool, trace: bool) -> None:
+def _collect(results: PathList, out, gp, spec: PathSpec, runner: Runner, reported, exact: bool, trace: bool):
     """Append a chunk's paths to ``results`` as one ``PathBlock``: records sorted by path and t, per-site counts and
-    ties per path computed for the whole chunk on its device, then moved to the host together."""
+    ties per path computed for the whole chunk on its device, then moved to the host together. Returns the function
+    to call before the block's arrays are read (from a GPU they are filled in the background while the next chunk
+    runs: ``_transfer.arrays_to_host_async``)."""
     pid, t, tied = out["pid"], out["t"], out["tied"]
     dev, c, ns = t.device, len(gp), len(reported)
     keep_sites = [runner.names.index(n) for n in reported]
@@ -291,15 +296,23 @@ def _collect(results: PathList, out, gp, spec: PathSpec, runner: Runner, reporte
     pt_off = torch.cat([zero, torch.cumsum(counts_below(pid, c), 0)])
     tied_cum = torch.cat([zero, torch.cumsum(tied.long(), 0)])
     ties = tied_cum[pt_off[1:]] - tied_cum[pt_off[:-1]]
-    host = [to_host(x) for x in (rt, rs, ru, rpc, per_site, rec_off, pt_off, ties, t)]
-    wait_for_copies(host)
-    rt_np, rs_np, ru_np, rpc_np, per_np, roff_np, poff_np, ties_np, t_np = (x.numpy() for x in host)
+    # site, unit and piece indices travel and are kept in the narrowest type that holds them (a GPU finds tens of
+    # millions of crossings per minute; ``PathBlock.path`` widens a path's own records to int64)
+    sites = [runner.processed[k] for k in keep_sites]
+    n_units = max((math.prod(runner.z_shape[s.name]) for s in sites), default=1)
+    n_pieces = max((getattr(s.activation, "n_pieces", 2**31) for s in sites), default=1)
+    rs = rs.to(torch.int16 if ns < 2**15 else torch.int32)
+    rpc = rpc.to(torch.int8 if n_pieces < 2**7 else torch.int16 if n_pieces < 2**15 else torch.int64)
+    ru = ru.to(torch.int32 if n_units < 2**31 else torch.int64)
+    host, wait = arrays_to_host_async([rt, rs, ru, rpc, per_site, rec_off, pt_off, ties, t])
+    rt_np, rs_np, ru_np, rpc_np, per_np, roff_np, poff_np, ties_np, t_np = host
     start = int(gp[0])  # a chunk is a run of consecutive paths
     len_np = spec.length[start:start + c].double().cpu().numpy()
     output = out.get("output") if trace else None
     at_points = out.get("output_at_points") if trace else None
     traces, bisect = {}, {}
     if output is not None:
+        wait()
         pcount = (poff_np[1:] - poff_np[:-1]).tolist()
         traces = _chunk_traces(out["t"], output, at_points, pcount, exact, runner.tol)
         if at_points is None:
@@ -308,6 +321,7 @@ def _collect(results: PathList, out, gp, spec: PathSpec, runner: Runner, reporte
     results.append(PathBlock(start, roff_np, rt_np, rs_np, ru_np, rpc_np, per_np, len_np, tuple(reported), exact,
                              poff_np if exact else None, t_np if exact else None, ties_np if exact else None, traces,
                              spec.alphas))
+    return wait
 
 
 def _chunk_traces(t: torch.Tensor, output: torch.Tensor, at_points, pcount: list[int], exact: bool,
@@ -470,7 +484,9 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
                    progress: Callable[[float], None] | None = None, **capture_kwargs) -> PathBatchResult:
     owner = "path_crossings"
     _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress)
-    start, end, length = geometry.segments(start, end, owner=owner)
+    # checked where the paths will run (a Ray run ships them to its workers from here)
+    start, end, length = geometry.segments(start, end, owner=owner,
+                                           device=None if ray_address is not None else check_device(device))
     spec = getattr(model, "spec", None) if not isinstance(model, nn.Module) else None
     if ray_address is not None:
         from ..distributed import check_workers, ray_path_crossings

@@ -87,7 +87,10 @@ def cast(v, dtype, device):
     return v
 
 
-def _tensor(name: str, owner: str, v, min_dim: int) -> torch.Tensor:
+def _tensor(name: str, owner: str, v, min_dim: int, device=None) -> torch.Tensor:
+    """``v`` as a floating-point tensor of finite values with a batch dimension, on ``device`` when given (it is
+    moved before it is checked: on a GPU the checks are a few microseconds, on the host tens of milliseconds for tens
+    of thousands of 784-dim points, while the GPU waits)."""
     if not isinstance(v, torch.Tensor):
         try:
             v = torch.as_tensor(v)
@@ -100,6 +103,8 @@ def _tensor(name: str, owner: str, v, min_dim: int) -> torch.Tensor:
     if v.dim() < min_dim or v.shape[0] == 0:
         raise InvalidInputError(f"The {name!r} parameter of {owner} must have a batch dimension of paths first "
                                 f"(shape (P, ...), P >= 1). Got shape {tuple(v.shape)}.")
+    if device is not None:
+        v = v.to(device)
     lo, hi = torch.aminmax(v) if v.numel() else (v.new_zeros(()), v.new_zeros(()))  # one pass; NaN, inf reach them
     if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         bad = int((~torch.isfinite(v)).sum())
@@ -108,9 +113,11 @@ def _tensor(name: str, owner: str, v, min_dim: int) -> torch.Tensor:
     return v.detach()
 
 
-def segments(start, end, *, owner: str = "path_crossings") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validated straight segments: start, end of shape (P, *shape), and their lengths (float64)."""
-    start, end = _tensor("start", owner, start, 1), _tensor("end", owner, end, 1)
+def segments(start, end, *, owner: str = "path_crossings",
+             device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validated straight segments: start, end of shape (P, *shape), and their lengths (float64); on ``device``
+    (in their own dtype) when given."""
+    start, end = _tensor("start", owner, start, 1, device), _tensor("end", owner, end, 1, device)
     if start.shape != end.shape:
         raise InvalidInputError(f"The 'start' and 'end' parameters of {owner} must have the same shape. Got "
                                 f"{tuple(start.shape)} and {tuple(end.shape)}.")

@@ -179,7 +179,7 @@ class PathBlock:
     start: int
     rec_off: np.ndarray  # (c + 1,) path i's records are rec_*[rec_off[i]:rec_off[i + 1]]
     rec_t: np.ndarray
-    rec_site: np.ndarray
+    rec_site: np.ndarray  # site, unit and piece in the narrowest integer type that holds them (``path`` widens)
     rec_unit: np.ndarray
     rec_piece: np.ndarray
     per_site: np.ndarray  # (c, n_sites) crossings per path and site
@@ -205,8 +205,9 @@ class PathBlock:
         n, length = r1 - r0, float(self.lengths[i])
         return PathResult(index=self.start + i, crossings=n, density=n / length, length=length, t=bps,
                           per_layer={s: int(c) for s, c in zip(self.sites, self.per_site[i].tolist())},
-                          records={"t": rt, "site": self.rec_site[r0:r1], "unit": self.rec_unit[r0:r1],
-                                   "piece": self.rec_piece[r0:r1]},
+                          records={"t": rt, "site": self.rec_site[r0:r1].astype(np.int64),
+                                   "unit": self.rec_unit[r0:r1].astype(np.int64),
+                                   "piece": self.rec_piece[r0:r1].astype(np.int64)},
                           sites=self.sites, ties=ties, trace=self.traces.get(i), alphas=self.alphas)
 
 
