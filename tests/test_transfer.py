@@ -72,3 +72,4 @@ def test_exact_paths_through_the_staged_copy_equal_the_direct_ones(monkeypatch):
             assert all(p.records[k].dtype == np.int64 for k in ("site", "unit", "piece"))
     block = got.paths._blocks[-1]
     assert (block.rec_site.dtype, block.rec_unit.dtype, block.rec_piece.dtype) == (np.int16, np.int32, np.int8)
+

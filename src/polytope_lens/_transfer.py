@@ -4,7 +4,9 @@ A plain ``.cpu()`` waits for the GPU to finish everything queued before it and c
 of results taken that way costs one wait per array. Two ways round it:
 
 * ``to_host`` + ``wait_for_copies``: asynchronous copies into page-locked memory, one wait per batch (code
-  extraction, ``codes.py``: a third of a GPT-2-small run in bfloat16 was such waits).
+  extraction, ``codes.py``: a third of a GPT-2-small run in bfloat16 was such waits). Code extraction through
+  ``arrays_to_host_async`` instead was slower on an H100 (stop 19: 0.93 vs 0.97 of the plain forward's speed in
+  float32, 0.68 vs 0.81 in bfloat16; docs/benchmarks.md), so it keeps these.
 * ``arrays_to_host_async``: a batch packed into one copy, into a page-locked buffer that is kept and reused, and
   copied out on a background thread while the GPU gets on with the next chunk (exact paths, ``paths._collect``:
   tens of millions of crossing records per minute, whose page-locked allocations alone cost a fifth of the run).
