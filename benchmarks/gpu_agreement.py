@@ -96,7 +96,7 @@ def main() -> int:
     runs = []
     for background in (True, False):
         _transfer.BACKGROUND = background
-        got = _transfer.arrays_to_host(xs) + _transfer.arrays_to_host(xs[:2])  # the second reuses the buffer
+        got = _transfer.arrays_to_host(xs) + _transfer.arrays_to_host(xs[:2])  # the slots reused
         same = all(np.array_equal(w, h) and w.dtype == h.dtype and w.shape == h.shape
                    for w, h in zip(want + want[:2], got))
         runs.append(path_crossings(net, a, b, device=dev))
