@@ -9,7 +9,9 @@ path chelsea -> coffee in input space; later sites are not needed for them and a
 scaling ray alpha * a, alpha in [0, 3], of the last block's ReLU6 site for chelsea (every later site processed).
 With --full (a GPU): the full-network path over the first 1/2000 and 1/100 of the segment, then all of it, each run
 only if its time extrapolated from the previous fraction fits --full-seconds (other fractions: --fractions).
---aten-convolutions runs float64 convolutions through ATen's fallback as it comes (one call per channel of a
+--flops FRACTION prints a compute floor for the
+full-network path instead (graph route: a forward pass after a crossing's site per crossing), from its first
+FRACTION. --aten-convolutions runs float64 convolutions through ATen's fallback as it comes (one call per channel of a
 depthwise layer, a whole batch unfolded at once) instead of the ways of ``polytope_lens._conv64`` (the before/after
 of stop 17).
 """
@@ -45,6 +47,48 @@ def profile_full(bundle, x, dev, frac=1 / 2000):
         print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
 
 
+def flops_floor(bundle, x, dev, frac: float, peak_tflops: float) -> None:
+    """A floor for the full-network path on the graph route: each breakpoint costs about one forward pass of the
+    network after the site that made it. Counts the crossings per site over the first ``frac`` of the segment,
+    the multiply-adds of one pass after each site (Conv2d and Linear layers, in call order, one image), their sum,
+    extrapolated to the whole segment, and the time that takes at ``peak_tflops`` (float64)."""
+    import torch
+
+    calls = []  # ("site", 0) per activation call, ("macs", n) per layer, in call order
+
+    def hook(mod, inp, out):
+        if isinstance(mod, torch.nn.Conv2d):
+            calls.append(("macs", out.numel() * mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels
+                          // mod.groups))
+        elif isinstance(mod, torch.nn.Linear):
+            calls.append(("macs", out.numel() * mod.in_features))
+        elif isinstance(mod, (torch.nn.ReLU6, torch.nn.Hardtanh)):
+            calls.append(("site", 0))
+
+    model = bundle.module.double().eval()
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    with torch.no_grad():
+        model(x[:1])
+    for h in handles:
+        h.remove()
+    after = [sum(n for kind, n in calls[i + 1:] if kind == "macs") for i, (kind, _) in enumerate(calls)
+             if kind == "site"]
+    t0 = time.perf_counter()
+    r = path_crossings(model, x[:1], x[:1] + frac * (x[1:] - x[:1]), trace=False, verify=False, device=dev)
+    seconds = time.perf_counter() - t0
+    per = list(r.paths[0].per_layer.values())
+    if len(per) != len(after):
+        print(f"{len(per)} sites in the result, {len(after)} activation calls seen: no floor")
+        return
+    macs = sum(c * a for c, a in zip(per, after))
+    total_flops = 2 * macs / frac
+    print(f"one forward pass: {sum(n for k, n in calls if k == 'macs') / 1e6:.0f} M multiply-adds; first {frac:g} of "
+          f"chelsea -> coffee: {sum(per)} crossings in {seconds:.1f} s on {dev}; passes after each crossing's site: "
+          f"{macs / 1e9:.1f} G multiply-adds, so about {sum(per) / frac / 1e6:.2f} M crossings and "
+          f"{total_flops / 1e15:.2f} PFLOP for the whole segment: {total_flops / (peak_tflops * 1e12):.0f} s at "
+          f"{peak_tflops:g} TFLOP/s")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -55,6 +99,10 @@ def main():
                     help="only profile the full-network path over the first 1/2000 of the segment (top operators)")
     ap.add_argument("--fractions", default="5e-4,1e-2,1",
                     help="with --full: comma-separated fractions of the segment, in increasing order")
+    ap.add_argument("--flops", type=float, default=None, metavar="FRACTION",
+                    help="only the compute floor of the full-network path (graph route), from its first FRACTION")
+    ap.add_argument("--peak-tflops", type=float, default=66.9,
+                    help="float64 peak for --flops (66.9: an H100 SXM's matrix units; 33.5 its vector units)")
     ap.add_argument("--aten-convolutions", action="store_true",
                     help="ATen's float64 convolutions as they come instead of polytope_lens._conv64's ways")
     args = ap.parse_args()
@@ -69,6 +117,9 @@ def main():
     x = next(iter(bundle.encode(photos, [names.index("chelsea"), names.index("coffee")]).tensors.values())).double()
     if args.profile:
         profile_full(bundle, x, dev)
+        return
+    if args.flops is not None:
+        flops_floor(bundle, x, dev, args.flops, args.peak_tflops)
         return
     print(f"device: {dev}; float64 convolutions: {'ATen' if args.aten_convolutions else 'polytope_lens._conv64'}")
     print("| case | seconds | crossings | exact | evaluator |")
