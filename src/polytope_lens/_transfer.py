@@ -5,8 +5,9 @@ of results taken that way costs one wait per array. Two ways round it:
 
 * ``to_host`` + ``wait_for_copies``: asynchronous copies into page-locked memory, one wait per batch (code
   extraction, ``codes.py``: a third of a GPT-2-small run in bfloat16 was such waits). Code extraction through
-  ``arrays_to_host_async`` instead was slower on an H100 (stop 19: 0.93 vs 0.97 of the plain forward's speed in
-  float32, 0.68 vs 0.81 in bfloat16; docs/benchmarks.md), so it keeps these.
+  ``arrays_to_host_async``'s first version (whole batches through a pool of page-locked buffers, then copied out
+  as now) was slower on an H100 (stop 19: 0.93 vs 0.97 of the plain forward's speed in float32, 0.68 vs 0.81 in
+  bfloat16; docs/benchmarks.md), so it keeps these.
 * ``arrays_to_host_async``: a batch packed into one buffer on the GPU and brought over by a background thread
   through two small page-locked slots that are made once, while the GPU gets on with the next chunk (exact paths,
   ``paths._collect``: tens of millions of crossing records per minute, whose page-locked allocations alone cost a
@@ -22,7 +23,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-
 
 
 def to_host(x: torch.Tensor) -> torch.Tensor:
