@@ -139,8 +139,9 @@ def main():
     print("| case | device | plain fwd ex/s | codes ex/s | ratio | first extraction's ratio |")
     print("|---|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['case']} | {r['device']} | {r['plain_per_s']:.1f} | {r['codes_per_s']:.1f} | {r['ratio']:.2f} | "
-              f"{r['first_ratio']:.2f} |")
+        cells = [r["case"], r["device"], f"{r['plain_per_s']:.1f}", f"{r['codes_per_s']:.1f}", f"{r['ratio']:.2f}",
+                 f"{r['first_ratio']:.2f}"]
+        print("| " + " | ".join(cells) + " |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
