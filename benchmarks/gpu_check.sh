@@ -43,6 +43,8 @@ step layouts 60 $B --networks 784-4x512 --paths 20000 --memory-budget 1717986918
 step layouts 60 $B --networks 784-4x512 --paths 20000 --memory-budget 17179869184 --scan torch
 step layouts 60 $B --networks 784-4x512 --paths 20000 --memory-budget 17179869184
 step layouts 60 $B --networks 784-4x512 --paths 40000 --memory-budget 68719476736
+step layouts 60 $B --networks 784-4x512 --paths 40000 --memory-budget 68719476736 --repeat 1  # a first call
+step layouts 60 $B --networks 784-4x512 --paths 40000 --memory-budget 68719476736 --transfer wait
 step layouts 60 $B --networks 784-4x512 --paths 40000 --memory-budget 68719476736 --layout path-order
 step layouts 60 $B --networks 784-4x512 --paths 40000 --memory-budget 68719476736
 step layouts 60 $B --networks 784-3x2048 --paths 5000 --memory-budget 17179869184 --check-cpu 100
