@@ -233,6 +233,7 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
     chunk_bytes = min(memory_budget, CPU_CHUNK_BYTES) if prep.device.type == "cpu" else memory_budget
     results = PathList()
     arriving = []  # what waits for each chunk's results to reach the host
+    lengths = spec.length.double().cpu().numpy()  # once: a copy per chunk would wait for the device each time
     start = 0
     guessed = True  # est_pts is a guess until a path has been refined
     while start < n_paths:
@@ -260,7 +261,7 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
             verify_chunk(runner, gp, out["pid"], out["t"], n_check=32, seed=start, units=unit_idx)
         if use_exact:  # memory scales with the points evaluated at the last site (see Refiner.run_chunk)
             est_pts = max(est_pts, 1.25 * out["n_evaluated"] / c)
-        arriving.append(_collect(results, out, gp, spec, runner, reported, use_exact, trace))
+        arriving.append(_collect(results, out, gp, spec, lengths, runner, reported, use_exact, trace))
         if progress is not None and not in_pieces:  # a path refined in pieces has reported each piece
             progress(c)
         start += c
@@ -273,7 +274,8 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
                            tuple(notes), time.perf_counter() - t0)
 
 
-def _collect(results: PathList, out, gp, spec: PathSpec, runner: Runner, reported, exact: bool, trace: bool):
+def _collect(results: PathList, out, gp, spec: PathSpec, lengths: np.ndarray, runner: Runner, reported, exact: bool,
+             trace: bool):
     """Append a chunk's paths to ``results`` as one ``PathBlock``: records sorted by path and t, per-site counts and
     ties per path computed for the whole chunk on its device, then moved to the host together. Returns the function
     to call before the block's arrays are read (from a GPU they are filled in the background while the next chunk
@@ -307,7 +309,7 @@ def _collect(results: PathList, out, gp, spec: PathSpec, runner: Runner, reporte
     host, wait = arrays_to_host_async([rt, rs, ru, rpc, per_site, rec_off, pt_off, ties, t])
     rt_np, rs_np, ru_np, rpc_np, per_np, roff_np, poff_np, ties_np, t_np = host
     start = int(gp[0])  # a chunk is a run of consecutive paths
-    len_np = spec.length[start:start + c].double().cpu().numpy()
+    len_np = lengths[start:start + c]
     output = out.get("output") if trace else None
     at_points = out.get("output_at_points") if trace else None
     traces, bisect = {}, {}
