@@ -302,7 +302,7 @@ def _collect(results: PathList, out, gp, spec: PathSpec, lengths: np.ndarray, ru
     # millions of crossings per minute; ``PathBlock.path`` widens a path's own records to int64)
     sites = [runner.processed[k] for k in keep_sites]
     n_units = max((math.prod(runner.z_shape[s.name]) for s in sites), default=1)
-    n_pieces = max((getattr(s.activation, "n_pieces", 2**31) for s in sites), default=1)
+    n_pieces = max((s.activation.n_pieces for s in sites), default=1)
     rs = rs.to(torch.int16 if ns < 2**15 else torch.int32)
     rpc = rpc.to(torch.int8 if n_pieces < 2**7 else torch.int16 if n_pieces < 2**15 else torch.int64)
     ru = ru.to(torch.int32 if n_units < 2**31 else torch.int64)

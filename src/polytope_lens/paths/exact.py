@@ -392,6 +392,10 @@ class Refiner:
                 else:
                     self.keep.append("next" if nxt else None)
 
+    def _read_after(self, leaf: str, k: int) -> bool:
+        """Whether a stored value (affine route) is read after site ``k``: by a later site, or by the output."""
+        return self.last_use.get(leaf, -1) > k or (self.want_output and leaf in self.aff.deps.get("output", []))
+
     # ------------------------------------------------------------------------------------------------ stage
     def _crossings(self, cr, pid, t, within_paths: bool = False):
         """Crossings ``cr`` of a site along the current points (segment i from point i to i + 1) as breakpoints:
@@ -561,8 +565,7 @@ class Refiner:
                 if not last and not self.dense[k + 1]:  # only a bend of the next site's inputs needs them
                     jump = self._jumps(site, z, cr)[cr["inner"]] if len(cr["seg"]) else zf.new_zeros(0)
                 for leaf in list(store):
-                    if self.last_use.get(leaf, -1) <= k and not (self.want_output and leaf in self.aff.deps.get(
-                            "output", [])):
+                    if not self._read_after(leaf, k):
                         del store[leaf]
                         continue
                     store[leaf] = _merge(store[leaf], _lerp_rows(store[leaf], pj, pu), old_pos, new_pos)
@@ -602,7 +605,7 @@ class Refiner:
         (against about 60 bytes per unit and point of comparisons, merges and activation in path order).
         ``_kink_scan.scan`` (one Triton kernel on a GPU) finds the pairs of consecutive points between which a unit
         changes side; ``ScalarKinks.crossings_of`` places them, and the rest is ``run_chunk``'s."""
-        r, aff = self.r, self.aff
+        r = self.r
         pts = _Points.start(r.spec, gpids, t_range)
         store: dict[str, _Rows] = {}  # leaf -> its values at every point, in the order the points were made
         recs = []
@@ -637,7 +640,7 @@ class Refiner:
             pj, pu = cr["pj"], cr["pu"]
             pts.insert(cr)
             for leaf in list(store):
-                if self.last_use.get(leaf, -1) <= k and not (self.want_output and leaf in aff.deps.get("output", [])):
+                if not self._read_after(leaf, k):
                     del store[leaf]
                 else:
                     store[leaf].append(_lerp_rows(store[leaf].joined(), pj, pu, order))
