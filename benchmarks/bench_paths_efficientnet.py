@@ -9,7 +9,7 @@ path chelsea -> coffee in input space; later sites are not needed for them and a
 scaling ray alpha * a, alpha in [0, 3], of the last block's ReLU6 site for chelsea (every later site processed).
 With --full (a GPU): the full-network path over the first 1/2000 and 1/100 of the segment, then all of it, each run
 only if its time extrapolated from the previous fraction fits --full-seconds (other fractions: --fractions).
---flops FRACTION prints a compute floor for the
+--flops FRACTION prints a compute floor and a memory floor for the
 full-network path instead (graph route: a forward pass after a crossing's site per crossing), from its first
 FRACTION. --aten-convolutions runs float64 convolutions through ATen's fallback as it comes (one call per channel of a
 depthwise layer, a whole batch unfolded at once) instead of the ways of ``polytope_lens._conv64`` (the before/after
@@ -47,11 +47,13 @@ def profile_full(bundle, x, dev, frac=1 / 2000):
         print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
 
 
-def flops_floor(bundle, x, dev, frac: float, peak_tflops: float) -> None:
-    """A floor for the full-network path on the graph route: each breakpoint costs about one forward pass of the
+def flops_floor(bundle, x, dev, frac: float, peak_tflops: float, bandwidth_tbs: float) -> None:
+    """Floors for the full-network path on the graph route: each breakpoint costs about one forward pass of the
     network after the site that made it. Counts the crossings per site over the first ``frac`` of the segment,
     the multiply-adds of one pass after each site (Conv2d and Linear layers, in call order, one image), their sum,
-    extrapolated to the whole segment, and the time that takes at ``peak_tflops`` (float64)."""
+    extrapolated to the whole segment, and the time that takes at ``peak_tflops`` (float64). A second floor, for
+    memory: every later site's unit inputs at the new point are written once (8 bytes each) and read once by that
+    site's scan, at ``bandwidth_tbs`` (TB/s) and nothing else moved."""
     import torch
 
     calls = []  # ("site", 0) per activation call, ("macs", n) per layer, in call order
@@ -63,7 +65,7 @@ def flops_floor(bundle, x, dev, frac: float, peak_tflops: float) -> None:
         elif isinstance(mod, torch.nn.Linear):
             calls.append(("macs", out.numel() * mod.in_features))
         elif isinstance(mod, (torch.nn.ReLU6, torch.nn.Hardtanh)):
-            calls.append(("site", 0))
+            calls.append(("site", out.numel()))
 
     model = bundle.module.double().eval()
     handles = [m.register_forward_hook(hook) for m in model.modules()]
@@ -73,6 +75,8 @@ def flops_floor(bundle, x, dev, frac: float, peak_tflops: float) -> None:
         h.remove()
     after = [sum(n for kind, n in calls[i + 1:] if kind == "macs") for i, (kind, _) in enumerate(calls)
              if kind == "site"]
+    units_after = [sum(n for kind, n in calls[i + 1:] if kind == "site") for i, (kind, _) in enumerate(calls)
+                   if kind == "site"]
     t0 = time.perf_counter()
     r = path_crossings(model, x[:1], x[:1] + frac * (x[1:] - x[:1]), trace=False, verify=False, device=dev)
     seconds = time.perf_counter() - t0
@@ -87,6 +91,10 @@ def flops_floor(bundle, x, dev, frac: float, peak_tflops: float) -> None:
           f"{macs / 1e9:.1f} G multiply-adds, so about {sum(per) / frac / 1e6:.2f} M crossings and "
           f"{total_flops / 1e15:.2f} PFLOP for the whole segment: {total_flops / (peak_tflops * 1e12):.0f} s at "
           f"{peak_tflops:g} TFLOP/s")
+    moved = 16 * sum(c * u for c, u in zip(per, units_after)) / frac
+    print(f"{len(per)} sites, {sum(n for k, n in calls if k == 'site') / 1e6:.2f} M units; later sites' unit inputs "
+          f"written and read once per crossing (16 bytes per unit): {moved / 1e15:.2f} PB for the whole segment, "
+          f"{moved / (bandwidth_tbs * 1e12):.0f} s at {bandwidth_tbs:g} TB/s")
 
 
 def main():
@@ -103,6 +111,8 @@ def main():
                     help="only the compute floor of the full-network path (graph route), from its first FRACTION")
     ap.add_argument("--peak-tflops", type=float, default=66.9,
                     help="float64 peak for --flops (66.9: an H100 SXM's matrix units; 33.5 its vector units)")
+    ap.add_argument("--bandwidth-tbs", type=float, default=3.35,
+                    help="memory bandwidth for --flops, TB/s (3.35: an H100 SXM's HBM3)")
     ap.add_argument("--aten-convolutions", action="store_true",
                     help="ATen's float64 convolutions as they come instead of polytope_lens._conv64's ways")
     args = ap.parse_args()
@@ -119,7 +129,7 @@ def main():
         profile_full(bundle, x, dev)
         return
     if args.flops is not None:
-        flops_floor(bundle, x, dev, args.flops, args.peak_tflops)
+        flops_floor(bundle, x, dev, args.flops, args.peak_tflops, args.bandwidth_tbs)
         return
     print(f"device: {dev}; float64 convolutions: {'ATen' if args.aten_convolutions else 'polytope_lens._conv64'}")
     print("| case | seconds | crossings | exact | evaluator |")

@@ -90,6 +90,35 @@ def test_maxpool_pieces_match_torch_indices():
     assert torch.equal(r * 5 + c, idx)
 
 
+@pytest.mark.parametrize("kernel,stride,padding,dilation,ceil", [
+    ((2, 2), (2, 2), (0, 0), (1, 1), False), ((3, 3), (1, 1), (1, 1), (1, 1), False),
+    ((3, 2), (2, 3), (1, 0), (2, 1), True), ((1, 3), (1, 2), (0, 1), (1, 1), True)])
+@pytest.mark.parametrize("tol", [0.0, 1e-9])
+def test_first_maxima_on_strided_views_equal_the_first_maximum_of_gathered_windows(monkeypatch, kernel, stride, padding,
+                                                                                   dilation, ceil, tol):
+    """``WindowMax.first_maxima`` (strided views, a few rows at a time) picks the same entry as ``first_max`` over
+    the gathered windows, with exact ties (a flat region), ties within the tolerance and padding, in 2-D and 1-D."""
+    import polytope_lens.kinks as kinks
+
+    from polytope_lens.kinks import first_max
+
+    monkeypatch.setattr(kinks, "_FIRST_MAX_BYTES", 3 * 8 * 8 * 8)  # three rows per block: blocks end mid-batch
+    pool = WindowMax("max_pool2d", kernel=kernel, stride=stride, padding=padding, dilation=dilation, ceil_mode=ceil)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(10, 8, 8, 8, generator=g, dtype=torch.float64)
+    x[:, :, 2:6, 2:6] = 0.5  # exact ties
+    x[:, :3, 0, :] = 0.25
+    x[:, :3, 0, ::2] += 1e-12  # within the tolerance of each other
+    x[4] = -x[4]  # negative maxima (the tolerance is relative to max(1, |max|))
+    for xx in (x, x[:, :, 0, :], x[:0]):
+        p = pool if xx.dim() == 4 else WindowMax("max_pool1d", kernel=(1, kernel[1]), stride=(1, stride[1]),
+                                                 padding=(0, padding[1]), dilation=(1, dilation[1]), ceil_mode=ceil)
+        want = first_max(p.windows(xx), tol)
+        assert torch.equal(p.first_maxima(xx, tol), want)
+        if tol == 0:
+            assert torch.equal(p.pieces(xx), want)
+
+
 def test_maxpool_ceil_mode_shape():
     """ceil_mode windows give the same output size as torch."""
     x = torch.randn(1, 1, 7, 7)

@@ -215,12 +215,12 @@ class WindowMax(Activation):
     def n_pieces(self) -> int:
         return self.kernel[0] * self.kernel[1]
 
-    def windows(self, x: torch.Tensor) -> torch.Tensor:
-        """Window entries, (batch, channels, out_h, out_w, window) with -inf where the window hangs over padding."""
-        squeeze = x.dim() == 3  # (N, C, L) for max_pool1d
-        if squeeze:
+    def _window_view(self, x: torch.Tensor) -> torch.Tensor:
+        """Every window as a strided view, (batch, channels, out_h, out_w, kernel_h, kernel_w), -inf where a window
+        hangs over padding (the padded input is the only copy)."""
+        if x.dim() == 3:  # (N, C, L) for max_pool1d
             x = x.unsqueeze(2)
-        n, c, h, w = x.shape
+        h, w = x.shape[2:]
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.padding, self.dilation
         out_h, out_w = _pool_out(h, kh, sh, ph, dh, self.ceil_mode), _pool_out(w, kw, sw, pw, dw, self.ceil_mode)
         extra_h = max(0, (out_h - 1) * sh + dh * (kh - 1) + 1 - h - 2 * ph)
@@ -229,11 +229,42 @@ class WindowMax(Activation):
         xp = F.pad(x, pads, value=-math.inf) if any(pads) else x
         # strided views (no im2col): (n, c, rows, cols, span_h, span_w), then every dilation-th entry
         win = xp.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]
-        win = win[:, :, :out_h, :out_w].reshape(n, c, out_h, out_w, kh * kw)
-        return win.squeeze(2) if squeeze else win
+        return win[:, :, :out_h, :out_w]
+
+    def windows(self, x: torch.Tensor) -> torch.Tensor:
+        """Window entries, (batch, channels, out_h, out_w, window) with -inf where the window hangs over padding."""
+        win = self._window_view(x)
+        win = win.reshape(*win.shape[:4], self.n_pieces)
+        return win.squeeze(2) if x.dim() == 3 else win
+
+    def first_maxima(self, x: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
+        """``first_max(self.windows(x), tol)`` (the piece of every output unit; ``pieces`` when ``tol`` is 0),
+        computed on the windows' strided views, one pass over the output per window entry (on a CPU a few MiB of
+        ``x`` at a time, in cache), instead of gathering every window entry into one array first (a slow, strided
+        copy of kernel-size times the output)."""
+        step = len(x)
+        if x.device.type == "cpu":
+            step = _FIRST_MAX_BYTES // max(1, x[:1].numel() * x.element_size())
+        step = max(step, 1)
+        out = None
+        for a in range(0, len(x), step):
+            win = self._window_view(x[a:a + step])
+            entries = [win[..., i, j] for i in range(self.kernel[0]) for j in range(self.kernel[1])]  # window order
+            top = entries[0].clone()
+            for e in entries[1:]:
+                torch.maximum(top, e, out=top)
+            low = _max_threshold(top, tol) if tol > 0 else top
+            if out is None:
+                out = torch.empty((len(x), *top.shape[1:]), dtype=torch.int64, device=x.device)
+            first = out[a:a + step].fill_(len(entries) - 1)
+            for k in range(len(entries) - 2, -1, -1):  # the lowest entry at or above the threshold is written last
+                first.masked_fill_(entries[k] >= low, k)
+        if out is None:  # no rows
+            out = torch.empty((0, *self._window_view(x).shape[1:4]), dtype=torch.int64, device=x.device)
+        return out.squeeze(2) if x.dim() == 3 else out
 
     def pieces(self, z: torch.Tensor) -> torch.Tensor:
-        return self.windows(z).argmax(dim=-1)
+        return self.first_maxima(z)
 
     def window_index(self, shape: tuple[int, ...], device=None) -> torch.Tensor:
         """Flat input index of every window entry, (units, n_pieces); -1 where the window hangs over padding."""
@@ -241,44 +272,42 @@ class WindowMax(Activation):
         w = self.windows(idx)
         return torch.where(torch.isfinite(w), w, -1.0).long().reshape(-1, self.n_pieces)
 
-    def unit_windows(self, z: torch.Tensor, rows: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    def unit_windows(self, z: torch.Tensor, rows: torch.Tensor, unit: torch.Tensor,
+                     index: torch.Tensor | None = None) -> torch.Tensor:
         """Window entries ``(n, n_pieces)`` of output unit ``unit[i]`` in example ``rows[i]`` of ``z`` (-inf on
-        padding), without unfolding every window of every example."""
-        idx = self.window_index(tuple(z.shape[1:]), z.device)[unit]
+        padding), without unfolding every window of every example (``index``: ``window_index`` of ``z``'s units)."""
+        idx = (self.window_index(tuple(z.shape[1:]), z.device) if index is None else index)[unit]
         vals = z.reshape(len(z), -1)[rows[:, None], idx.clamp(min=0)]
         return torch.where(idx >= 0, vals, torch.full_like(vals, -math.inf))
 
     def crossings(self, z0: torch.Tensor, z1: torch.Tensor, tol: float = 0.0) -> Crossings:
-        # a few (segment, unit, window entry) temporaries are alive at once: work in blocks of segments
-        n_seg = z0.shape[0]
-        block = max(1, _BLOCK_BYTES // (4 * 8 * max(1, z0[:1].numel()) * self.n_pieces))
-        parts = []
-        for i in range(0, max(n_seg, 1), block):
-            w0 = self.windows(z0[i:i + block]).flatten(1, -2)
-            w1 = self.windows(z1[i:i + block]).flatten(1, -2)
-            parts.append(self._changes(w0, w1, first_max(w0, tol), first_max(w1, tol), tol, offset=i))
-        return Crossings.cat(parts)  # blocks are in segment order, each sorted by (segment, t)
+        n = len(z0)
+        first, last = self.first_maxima(z0, tol).reshape(n, -1), self.first_maxima(z1, tol).reshape(n, -1)
+        seg, unit = torch.nonzero(first != last, as_tuple=True)
+        index = self.window_index(tuple(z0.shape[1:]), z0.device)
+        a, b = self.unit_windows(z0, seg, unit, index), self.unit_windows(z1, seg, unit, index)
+        return self._changes(seg, unit, a, b, first[seg, unit], last[seg, unit], tol)
 
     def crossings_along(self, z: torch.Tensor, tol: float = 0.0) -> Crossings:
-        # each point's windows are gathered once, not once per segment end
-        w = self.windows(z).flatten(1, -2)
-        top = first_max(w, tol)
-        return self._changes(w[:-1], w[1:], top[:-1], top[1:], tol)
+        # each point's first maximum is found once, and window entries are gathered only for the windows that change
+        top = self.first_maxima(z, tol).reshape(len(z), -1)
+        seg, unit = torch.nonzero(top[:-1] != top[1:], as_tuple=True)
+        index = self.window_index(tuple(z.shape[1:]), z.device)
+        a, b = self.unit_windows(z, seg, unit, index), self.unit_windows(z, seg + 1, unit, index)
+        return self._changes(seg, unit, a, b, top[seg, unit], top[seg + 1, unit], tol)
 
-    def _changes(self, w0: torch.Tensor, w1: torch.Tensor, first: torch.Tensor, last: torch.Tensor, tol: float,
-                 offset: int = 0) -> Crossings:
-        """Changes of the maximal entry of every window between the segments' ends ``w0`` and ``w1`` ((segment,
-        unit, entry); entries are affine in t along a segment, -inf on padding), whose first maxima are ``first``
-        and ``last`` (``first_max``); segments are numbered from ``offset``.
+    def _changes(self, seg: torch.Tensor, unit: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cur: torch.Tensor,
+                 end_piece: torch.Tensor, tol: float) -> Crossings:
+        """Changes of the maximal entry of the windows ``(seg, unit)`` whose entries move affinely from ``a`` to ``b``
+        (both (n, K), -inf on padding) along their segment, and whose first maxima (``first_max``) at its ends
+        differ: ``cur`` at t = 0, ``end_piece`` at t = 1.
 
         The upper envelope of K lines is convex: each change enters a strictly steeper line, so a window whose
         maximum is the same entry at both ends (the first maximum, as ``pieces`` gives) changes nowhere in between;
         only the others are followed, through at most K - 1 changes. Entries within the tolerance of the maximum at
         an end are set to it there, so rounding between entries that are equal in exact arithmetic (a uniform
         image region) is not read as a change."""
-        seg, unit = torch.nonzero(first != last, as_tuple=True)
-        a, b = _snap_to_max(w0[seg, unit], tol), _snap_to_max(w1[seg, unit], tol)  # (changing windows, K)
-        cur, end_piece = first[seg, unit], last[seg, unit]
+        a, b = _snap_to_max(a, tol), _snap_to_max(b, tol)
         if tol > 0 and len(seg):
             # entries within the tolerance of each other at both ends are one line over the segment (the lowest
             # index): rounding between them must not make the envelope switch back and forth in the middle
@@ -322,12 +351,12 @@ class WindowMax(Activation):
             if not bool(moving.any()):
                 break
             r = torch.nonzero(moving).flatten()
-            parts.append(Crossings(seg[r] + offset, unit[r], t_next[r], nxt[r]))
+            parts.append(Crossings(seg[r], unit[r], t_next[r], nxt[r]))
             cur = torch.where(moving, nxt, cur)
             t_now = torch.where(moving, t_next, t_now)
         if not parts:
-            empty = torch.zeros(0, dtype=torch.int64, device=w0.device)
-            return Crossings(empty, empty, torch.zeros(0, dtype=w0.dtype, device=w0.device), empty)
+            empty = torch.zeros(0, dtype=torch.int64, device=a.device)
+            return Crossings(empty, empty, torch.zeros(0, dtype=a.dtype, device=a.device), empty)
         return sort_crossings(Crossings.cat(parts))
 
     def describe(self) -> dict:
@@ -341,14 +370,21 @@ def argmax_changes(w0: torch.Tensor, w1: torch.Tensor, tol: float = 0.0) -> Cros
     top class along a path region where its logits are affine. Crossings' ``segment`` is the row, ``unit`` 0,
     ``piece`` the entered index."""
     k = w0.shape[-1]
-    a, b = w0[:, None, :], w1[:, None, :]
-    return WindowMax("argmax", kernel=(1, k), stride=(1, k))._changes(a, b, first_max(a, tol), first_max(b, tol), tol)
+    first, last = first_max(w0, tol), first_max(w1, tol)
+    seg = torch.nonzero(first != last).flatten()
+    return WindowMax("argmax", kernel=(1, k), stride=(1, k))._changes(seg, torch.zeros_like(seg), w0[seg], w1[seg],
+                                                                       first[seg], last[seg], tol)
+
+
+def _max_threshold(top: torch.Tensor, tol: float) -> torch.Tensor:
+    """``top - tol * max(1, |top|)``: entries at or above it count as a window's (or row's) maximum. In place on a
+    new array: one temporary instead of four (each a fresh, page-faulted array when big)."""
+    return top.abs().clamp_min_(1.0).mul_(-tol).add_(top)
 
 
 def _near_max(w: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
     top = w.amax(dim=-1, keepdim=True)
-    # top - tol * max(1, |top|), in place: one temporary instead of four (each a fresh, page-faulted array when big)
-    return top, w >= top.abs().clamp_min_(1.0).mul_(-tol).add_(top)
+    return top, w >= _max_threshold(top, tol)
 
 
 def first_max(w: torch.Tensor, tol: float) -> torch.Tensor:
@@ -367,7 +403,7 @@ def _snap_to_max(w: torch.Tensor, tol: float) -> torch.Tensor:
     return torch.where(near, top, w)
 
 
-_BLOCK_BYTES = 256 << 20  # working memory of one block of max-pool crossings
+_FIRST_MAX_BYTES = 8 << 20  # input rows per block of ``WindowMax.first_maxima`` (2 cores: 2.5x faster than all rows)
 
 
 def _pool_out(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
