@@ -170,3 +170,60 @@ def test_capture_runs_depthwise_convolutions_through_it(taken):
     assert len(taken) == 2 and len(sites) == 4
     with torch.no_grad():
         assert torch.allclose(out, m(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture
+def pooled(monkeypatch) -> list:
+    """One entry per max-pool call that ``conv_call`` computes as ``WindowMax.maxima``."""
+    from polytope_lens.kinks import WindowMax
+
+    calls = []
+    real = WindowMax.maxima
+    monkeypatch.setattr(WindowMax, "maxima", lambda self, x: calls.append(self.name) or real(self, x))
+    return calls
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: F.max_pool2d(x, 2), lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True),
+    lambda x: F.max_pool2d(x, kernel_size=(3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1)),
+    lambda x: F.max_pool1d(x.flatten(2), 3, 2, 1), lambda x: nn.MaxPool2d(2, 1, 1, ceil_mode=True)(x)])
+def test_float64_max_pooling_equals_atens_to_the_bit(pooled, call):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 3, 9, 9, generator=g, dtype=torch.float64)
+    x[:, :, 2:5, 2:5] = 0.0  # ties
+    want = call(x)
+    with dw.FastConv64():
+        got = call(x)
+    assert torch.equal(got, want) and len(pooled) == 1
+
+
+def test_other_max_pooling_is_left_to_aten(pooled):
+    """float32, unbatched images, indices asked for, autograd: ATen's."""
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    xg = x.clone().requires_grad_()
+    want = F.max_pool2d(x.float(), 2), F.max_pool2d(x[0], 2), F.max_pool2d(x, 2, return_indices=True)
+    with dw.FastConv64():
+        assert torch.equal(F.max_pool2d(x.float(), 2), want[0])
+        assert torch.equal(F.max_pool2d(x[0], 2), want[1])
+        assert all(torch.equal(a, b) for a, b in zip(F.max_pool2d(x, 2, return_indices=True), want[2]))
+        F.max_pool2d(xg, 2).sum().backward()
+    assert not pooled and xg.grad is not None
+
+
+def test_max_pool_sites_are_computed_by_it_inside_and_outside_the_forward(pooled):
+    """A max-pool site's output in a captured forward pass and at new unit inputs (``CallSite.apply``, what the exact
+    engines call) comes from ``WindowMax.maxima``, equal to ATen's pooling."""
+
+    class Pool(nn.Module):
+        def forward(self, x):
+            return F.max_pool2d(F.relu(x), 2, 2).sum((2, 3))
+
+    m = Pool()
+    x = torch.randn(3, 2, 6, 6, dtype=torch.float64)
+    sites = {}
+    out = run(m, lambda: m(x), lambda s, z: sites.setdefault(s.name, (s, z)) and None)
+    assert torch.equal(out, m(x)) and pooled == ["max_pool2d"]
+    site, z = sites["max_pool2d"]
+    z2 = z + 0.5
+    assert torch.equal(site.apply(z2), F.max_pool2d(z2, 2, 2)) and len(pooled) == 2
+    assert torch.equal(z2, z + 0.5)  # not overwritten (the call is not in place, so no copy is made)

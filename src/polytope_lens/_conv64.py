@@ -1,7 +1,7 @@
-"""Float64 convolutions on the CPU, faster than ATen's fallback for them.
+"""Float64 convolutions and max pooling on the CPU, faster than ATen's fallbacks for them.
 
-ATen has no oneDNN kernel for float64, and its fallback is slow in two ways that the exact engines' forward passes
-(one to a hundred images at a time) meet all the time:
+ATen has no oneDNN kernel for float64, and its convolution fallback is slow in two ways that the exact engines'
+forward passes (one to a hundred images at a time) meet all the time:
 
 * a grouped convolution runs as one convolution per group: EfficientNet-Lite0's depthwise layers are about 9,000
   calls of a few microseconds of work each per forward pass, half of a one-image float64 pass. ``depthwise_conv2d``
@@ -20,6 +20,10 @@ own) sends ``F.conv2d`` calls on float64 CPU tensors the right way; everything e
 elements; which way it goes depends only on its layer, never on the batch size, so a point gets the same values
 whichever batch evaluates it; calls that autograd must follow (grad enabled, an input that requires it) are left to
 ATen. Its values equal ATen's up to the rounding of the sums' order (tested to 1e-13 relative).
+
+Max pooling without indices (``F.max_pool2d`` on batched images, ``F.max_pool1d`` on batched sequences) is the
+maximum over the windows' strided views (``WindowMax.maxima``), equal to ATen's to the bit (a maximum does not round)
+and about 4x faster on a 90-image batch of 16 x 28 x 28, since ATen's CPU pooling also finds every window's argmax.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .kinks import as_pair
+from .errors import UnsupportedActivationError
+from .kinks import as_pair, resolve_call
 
 MAX_IMAGE = 1 << 21  # elements of one input image (C x H x W): above it ATen's loop over channels is as fast
 _CHUNK = 1 << 20  # elements of the input taken at once by depthwise_conv2d (8 MiB of float64)
 COLUMN_BYTES = 2 << 20  # unfolded images per ATen call on an ungrouped convolution (at least one image)
 _CONV2D = (F.conv2d, torch.conv2d)
+_POOLS = (F.max_pool2d, F.max_pool1d)
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride=1, padding=0,
@@ -121,10 +127,28 @@ def _images_per_call(call: dict) -> int:
     return max(1, COLUMN_BYTES // column_bytes)
 
 
+def _pooled(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A float64 CPU ``max_pool2d`` (batched images) or ``max_pool1d`` (batched sequences) call without indices, as
+    ``WindowMax.maxima``; None for any other call."""
+    x = args[0] if args else kwargs.get("input")
+    if not (isinstance(x, torch.Tensor) and x.dtype == torch.float64 and x.device.type == "cpu"):
+        return None
+    if x.dim() != (4 if func is F.max_pool2d else 3) or x.requires_grad and torch.is_grad_enabled():
+        return None
+    try:  # the registry parses the call's arguments
+        return resolve_call(func, args, kwargs).maxima(x)
+    except UnsupportedActivationError:  # return_indices=True: ATen's
+        return None
+
+
 def conv_call(func, args: tuple, kwargs: dict):
-    """``func(*args, **kwargs)``, with float64 CPU ``conv2d`` calls run the faster way (the module docstring).
-    ``capture``'s mode ends every call it intercepts here (one mode, not a second one that every operation of a
-    forward pass would go through)."""
+    """``func(*args, **kwargs)``, with float64 CPU ``conv2d`` and max pooling calls run the faster way (the module
+    docstring). ``capture``'s mode ends every call it intercepts here (one mode, not a second one that every operation
+    of a forward pass would go through), and a max-pool site's output at new unit inputs is computed here too."""
+    if func in _POOLS:
+        out = _pooled(func, args, kwargs)
+        if out is not None:
+            return out
     if func in _CONV2D:
         call = _float64_cpu_conv(args, kwargs)
         if call is not None:

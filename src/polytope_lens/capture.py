@@ -182,14 +182,14 @@ class _SiteMode(TorchFunctionMode):
                 raise UnsupportedActivationError(f"{e} (called in module {where!r})") from None
             if act is not None:
                 inplace = _is_inplace(func, args, kwargs)
-                out = tr.fire(act, args[0], tr.current_path(), apply=_CallApply(func, args[1:], kwargs),
+                out = tr.fire(act, args[0], tr.current_path(), apply=_CallApply(func, args[1:], kwargs, inplace),
                               inplace=inplace)
                 if out is not None:
                     if inplace and out.shape == args[0].shape:  # the caller may read the mutated input, not the
                         args[0].copy_(out)                      # return value (F.relu(x, inplace=True); use x)
                         return args[0]
                     return out
-        return conv_call(func, args, kwargs)  # float64 CPU convolutions the faster way (``_conv64``)
+        return conv_call(func, args, kwargs)  # float64 CPU convolutions and max pooling the faster way (``_conv64``)
 
 
 @functools.lru_cache(maxsize=None)
@@ -294,15 +294,16 @@ class _Tracker:
 
 
 class _CallApply:
-    """The intercepted call with a new unit input: ``func(z.clone(), *rest, **kwargs)`` (clone: in-place variants)."""
+    """The intercepted call with a new unit input: ``func(z, *rest, **kwargs)``, on a copy of ``z`` when the call is
+    in place, through ``conv_call`` (its float64 CPU fast paths)."""
 
-    __slots__ = ("func", "rest", "kwargs")
+    __slots__ = ("func", "rest", "kwargs", "inplace")
 
-    def __init__(self, func, rest: tuple, kwargs: dict):
-        self.func, self.rest, self.kwargs = func, tuple(rest), dict(kwargs)
+    def __init__(self, func, rest: tuple, kwargs: dict, inplace: bool):
+        self.func, self.rest, self.kwargs, self.inplace = func, tuple(rest), dict(kwargs), inplace
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        return self.func(z.clone(), *self.rest, **self.kwargs)
+        return conv_call(self.func, (z.clone() if self.inplace else z, *self.rest), self.kwargs)
 
 
 def _key(t: torch.Tensor) -> tuple:

