@@ -133,7 +133,7 @@ def _pooled(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
     x = args[0] if args else kwargs.get("input")
     if not (isinstance(x, torch.Tensor) and x.dtype == torch.float64 and x.device.type == "cpu"):
         return None
-    if x.dim() != (4 if func is F.max_pool2d else 3) or x.requires_grad and torch.is_grad_enabled():
+    if x.dim() != (4 if func is F.max_pool2d else 3) or (x.requires_grad and torch.is_grad_enabled()):
         return None
     try:  # the registry parses the call's arguments
         return resolve_call(func, args, kwargs).maxima(x)

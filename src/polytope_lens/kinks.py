@@ -237,6 +237,18 @@ class WindowMax(Activation):
         win = win.reshape(*win.shape[:4], self.n_pieces)
         return win.squeeze(2) if x.dim() == 3 else win
 
+    def _entries(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The windows' entries in window order, each a strided view (batch, channels, out_h, out_w)."""
+        win = self._window_view(x)
+        return [win[..., i, j] for i in range(self.kernel[0]) for j in range(self.kernel[1])]
+
+    def maxima(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled output, ``F.max_pool2d``'s values (``F.max_pool1d``'s for (N, C, L) inputs), to the bit: the
+        maximum over the windows' strided views (on a CPU in float64 about 4x faster than ATen's pooling, which
+        also finds the indices)."""
+        out = _max_of(self._entries(x))
+        return out.squeeze(2) if x.dim() == 3 else out
+
     def first_maxima(self, x: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
         """``first_max(self.windows(x), tol)`` (the piece of every output unit; ``pieces`` when ``tol`` is 0),
         computed on the windows' strided views, one pass over the output per window entry (on a CPU a few MiB of
@@ -260,18 +272,6 @@ class WindowMax(Activation):
             out = torch.empty((0, *self._window_view(x).shape[1:4]), dtype=torch.int64, device=x.device)
         return out.squeeze(2) if x.dim() == 3 else out
 
-    def _entries(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The windows' entries in window order, each a strided view (batch, channels, out_h, out_w)."""
-        win = self._window_view(x)
-        return [win[..., i, j] for i in range(self.kernel[0]) for j in range(self.kernel[1])]
-
-    def maxima(self, x: torch.Tensor) -> torch.Tensor:
-        """The pooled output, ``F.max_pool2d``'s values (``F.max_pool1d``'s for (N, C, L) inputs), to the bit: the
-        maximum over the windows' strided views (on a CPU in float64 about 4x faster than ATen's pooling, which
-        also finds the indices)."""
-        out = _max_of(self._entries(x))
-        return out.squeeze(2) if x.dim() == 3 else out
-
     def pieces(self, z: torch.Tensor) -> torch.Tensor:
         return self.first_maxima(z)
 
@@ -292,18 +292,20 @@ class WindowMax(Activation):
     def crossings(self, z0: torch.Tensor, z1: torch.Tensor, tol: float = 0.0) -> Crossings:
         n = len(z0)
         first, last = self.first_maxima(z0, tol).reshape(n, -1), self.first_maxima(z1, tol).reshape(n, -1)
+        return self._changes_between(z0, z1, first, last, tol)
+
+    def crossings_along(self, z: torch.Tensor, tol: float = 0.0) -> Crossings:
+        top = self.first_maxima(z, tol).reshape(len(z), -1)  # once per point, not once per segment end
+        return self._changes_between(z[:-1], z[1:], top[:-1], top[1:], tol)
+
+    def _changes_between(self, z0: torch.Tensor, z1: torch.Tensor, first: torch.Tensor, last: torch.Tensor,
+                         tol: float) -> Crossings:
+        """``_changes`` of the windows whose first maxima differ between the segments' ends ``z0`` and ``z1``
+        (``first``, ``last``: (segments, units)), their entries gathered for those windows only."""
         seg, unit = torch.nonzero(first != last, as_tuple=True)
         index = self.window_index(tuple(z0.shape[1:]), z0.device)
         a, b = self.unit_windows(z0, seg, unit, index), self.unit_windows(z1, seg, unit, index)
         return self._changes(seg, unit, a, b, first[seg, unit], last[seg, unit], tol)
-
-    def crossings_along(self, z: torch.Tensor, tol: float = 0.0) -> Crossings:
-        # each point's first maximum is found once, and window entries are gathered only for the windows that change
-        top = self.first_maxima(z, tol).reshape(len(z), -1)
-        seg, unit = torch.nonzero(top[:-1] != top[1:], as_tuple=True)
-        index = self.window_index(tuple(z.shape[1:]), z.device)
-        a, b = self.unit_windows(z, seg, unit, index), self.unit_windows(z, seg + 1, unit, index)
-        return self._changes(seg, unit, a, b, top[seg, unit], top[seg + 1, unit], tol)
 
     def _changes(self, seg: torch.Tensor, unit: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cur: torch.Tensor,
                  end_piece: torch.Tensor, tol: float) -> Crossings:
