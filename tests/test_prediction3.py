@@ -64,3 +64,47 @@ def test_kinks_away_from_ends_do_not_hold():
     kinks = np.concatenate([0.6 + np.linspace(-0.02, 0.02, 10), 2.5 + np.linspace(-0.02, 0.02, 10)])
     e = ray_statistics(_rays(kinks, kink_shift=0.15), n_boot=200, half_width=0.05)["entries"][0]
     assert e["value"] < e["baseline"] and e["verdict"] == "does not hold"
+
+
+class _Residual(nn.Module):
+    """conv -> ReLU (the site) -> conv, plus a branch that reads the tensor before the site after it."""
+
+    def __init__(self, read_batch_size: bool = False):
+        super().__init__()
+        g = torch.Generator().manual_seed(5)
+        self.c1, self.c2 = nn.Conv2d(1, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+        with torch.no_grad():
+            for c in (self.c1, self.c2):
+                c.weight.copy_(torch.randn(c.weight.shape, generator=g))
+        self.site = nn.ReLU()
+        self.read_batch_size = read_batch_size
+        self.rows_before = []  # rows of every pass through the part before the site
+
+    def forward(self, x):
+        self.rows_before.append(len(x))
+        h = self.c1(x)
+        bs = x.size(0)
+        out = self.c2(self.site(h)) + h
+        return out.reshape(bs, -1)[:, :4] if self.read_batch_size else out.flatten(1)[:, :4]
+
+
+def test_outputs_along_run_the_prefix_once_per_path_and_equal_one_forward_per_point():
+    """``outputs_along`` equals a forward pass per point with the site replaced (the oracle, one point at a time); the
+    part before the site runs on one row per path and batch where that reproduces the plain pass, and on every point
+    for a model that reads its batch size before the site (as EfficientNet's head does)."""
+    from polytope_lens.capture import run
+    from polytope_lens.experiments._along import outputs_along
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 1, 5, 5, generator=g)
+    pts = torch.relu(torch.randn(3, 7, 3, 5, 5, generator=g))  # 3 paths x 7 points of the site's output
+    for read_batch_size in (False, True):
+        m = _Residual(read_batch_size).eval()
+
+        def one_point(p, j):
+            return run(m, lambda: m(x[p:p + 1]), lambda s, z: pts[p, j][None] if s.name == "site.relu" else None)[0]
+        want = torch.stack([torch.stack([one_point(p, j) for j in range(7)]) for p in range(3)]).double()
+        got = outputs_along(m, lambda d: m(d["x"]), {"x": x}, "site.relu", pts, batch=8)
+        assert got.shape == (3, 7, 4) and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+        # the last three passes: points 0-7, 8-15 and 16-20 (batches of 8), which span 2, 2 and 1 paths
+        assert m.rows_before[-3:] == ([8, 8, 5] if read_batch_size else [2, 2, 1])

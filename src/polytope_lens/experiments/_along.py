@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..capture import list_sites, run, select_sites
+from ..capture import SharedPrefix, list_sites, run, select_sites
 from ..errors import InvalidInputError
+from ..paths.runner import affine_tol, same_values
 
 
 def resolve_site(module, forward, inputs, layer: str):
@@ -22,25 +23,44 @@ def resolve_site(module, forward, inputs, layer: str):
 
 
 def outputs_along(module, forward, inputs: dict, layer: str, points: torch.Tensor, *, batch: int = 256):
-    """Output (P, G, ...) of ``forward`` with site ``layer``'s output replaced by ``points`` (P, G, *site_shape)."""
+    """Output (P, G, ...) of ``forward`` with site ``layer``'s output replaced by ``points`` (P, G, *site_shape).
+
+    The network before the site runs once per path and batch, not once per point (``SharedPrefix``), when that gives
+    the plain pass's outputs at a few points to float32 rounding (a model whose later code reuses early tensors in
+    ways the expansion does not see runs every point the plain way)."""
     site = resolve_site(module, forward, inputs, layer)
     P, G = points.shape[:2]
     flat = points.reshape(P * G, *points.shape[2:]).to(torch.float32)
     rows = torch.arange(P).repeat_interleave(G)
-    outs = []
-    for s in range(0, P * G, batch):
-        idx = rows[s:s + batch]
-        sub = {k: v[idx] for k, v in inputs.items()}
-        rep = flat[s:s + batch]
 
-        def handler(st, z, rep=rep):
-            if st.name == site.name:
-                return rep.to(z.dtype)
-            return None
-        o = run(module, lambda: forward(sub), handler)
-        o = getattr(o, "last_hidden_state", o)
-        if isinstance(o, (tuple, list)):
-            o = o[0]
-        outs.append(o.detach().to(torch.float64))
-    out = torch.cat(outs)
+    def evaluate(pick: torch.Tensor, shared_prefix: bool) -> torch.Tensor:
+        outs = []
+        for s in range(0, len(pick), batch):
+            sel = pick[s:s + batch]
+            idx, rep = rows[sel], flat[sel]
+            shared = None
+            if shared_prefix:
+                idx, inv = torch.unique(idx, return_inverse=True)
+            sub = {k: v[idx] for k, v in inputs.items()}
+            if shared_prefix:
+                shared = SharedPrefix(inv, sub)
+
+            def handler(st, z, rep=rep):
+                if st.name == site.name:
+                    return rep.to(z.dtype)
+                return None
+            o = run(module, lambda: forward(sub), handler, shared=shared)
+            o = getattr(o, "last_hidden_state", o)
+            if isinstance(o, (tuple, list)):
+                o = o[0]
+            outs.append(o.detach().to(torch.float64))
+        return torch.cat(outs)
+
+    everything = torch.arange(P * G)
+    probe = torch.cat([torch.tensor([0, G // 2, G - 1]) + p * G for p in range(min(P, 2))])
+    try:
+        shared_prefix = same_values(evaluate(probe, True), evaluate(probe, False), affine_tol(torch.float32))
+    except Exception:  # noqa: BLE001 - any failure of the shortcut means: do not use it
+        shared_prefix = False
+    out = evaluate(everything, shared_prefix)
     return out.reshape(P, G, *out.shape[1:])
