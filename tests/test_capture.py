@@ -138,3 +138,77 @@ def test_select_sites_globs_and_errors():
     assert [s.name for s in select_sites(sites, "leaky*,relu#1")] == ["relu#1", "leaky_relu"]
     with pytest.raises(InvalidInputError, match="matches none of the model's 4 activation sites"):
         select_sites(sites, "blocks.*")
+
+
+class _Prefixed(nn.Module):
+    """conv -> ReLU6 (called twice through one module, EfficientNet's _swish) -> conv -> the same ReLU6 again (the
+    replayed site, ``act.relu6#1``) -> a residual add that reads a tensor made before it -> linear. ``flip`` changes
+    the calls made before the site."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.c1, self.c2 = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+        self.act, self.head = nn.ReLU6(), nn.Linear(2 * 5 * 5, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        self.flip = False
+
+    def forward(self, x):
+        h = self.act(self.c1(x))
+        if self.flip:
+            h = h * 1.0
+        u = self.c2(h)
+        return self.head((self.act(u) + h).flatten(1))
+
+
+def test_a_replayed_prefix_gives_the_plain_passs_values_without_computing_it(monkeypatch):
+    """``PrefixReplay``: the pass that records computes as usual; later passes return the recorded outputs of every
+    call before the site (no convolution is computed there), the site keeps its name (``act.relu6#1``, the second
+    call of one module: the counters are restored; the first call is replayed, so the handler sees only the site),
+    its replacement and everything after it run as usual, and the
+    result equals the plain pass's to the bit. Outputs nothing reads from the site on become stride-0 placeholders,
+    those read after it (the residual) are kept. A pass that makes other calls raises ``ReplayMismatch`` and leaves
+    grad mode as it was."""
+    import sys
+
+    from polytope_lens.capture import PrefixReplay, ReplayMismatch
+
+    capture = sys.modules["polytope_lens.capture"]  # the package's ``capture`` is the function
+    m = _Prefixed().double().eval()
+    x = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    computed = []
+    real = capture.conv_call
+    monkeypatch.setattr(capture, "conv_call", lambda f, a, k: computed.append(f) or real(f, a, k))
+
+    def passes(rep, replay=None):
+        seen = []
+
+        def handler(site, z):
+            seen.append(site.name)
+            return rep if site.name == "act.relu6#1" else None
+        return run(m, lambda: m(x), handler, replay=replay), seen
+
+    rp = PrefixReplay("act.relu6#1")
+    rep1, rep2 = torch.rand(2, 2, 5, 5, dtype=torch.float64), torch.rand(2, 2, 5, 5, dtype=torch.float64)
+    plain1, names = passes(rep1)
+    plain2, _ = passes(rep2)
+    computed.clear()
+    recorded, _ = passes(rep1, rp)
+    n_recording = len(computed)
+    assert F.conv2d in computed
+    before = rp.nbytes()
+    rp.compact()
+    assert rp.recorded and torch.equal(recorded, plain1) and 0 < rp.nbytes() < before
+    kept = [out for _, out, _ in rp.calls if isinstance(out, torch.Tensor) and out.stride() != (0,) * out.dim()]
+    assert kept and all(out.numel() == 2 * 2 * 5 * 5 for out in kept)  # the residual's h (and the site's input)
+    for rep, plain in ((rep2, plain2), (rep1, plain1)):
+        computed.clear()
+        out, seen = passes(rep, rp)
+        assert torch.equal(out, plain) and names == ["act.relu6", "act.relu6#1"] and seen == ["act.relu6#1"]
+        assert F.conv2d not in computed and len(computed) < n_recording
+    m.flip = True
+    with pytest.raises(ReplayMismatch):
+        passes(rep1, rp)
+    assert torch.is_grad_enabled()

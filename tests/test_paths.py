@@ -473,6 +473,55 @@ def test_shared_prefix_is_used_only_where_it_reproduces_the_model():
         assert p.per_layer == {k: v for k, v in want.items() if k in rays.sites}
 
 
+def test_the_network_before_a_paths_site_is_replayed_with_the_same_results(monkeypatch):
+    """Paths and rays at a site of a residual CNN on the graph route: the network before the site is recorded once per
+    set of paths and replayed (``PrefixReplay``), checked on each model; records, breakpoints and traces equal those
+    of runs that compute it every time, to the bit. A model that reads its batch size early keeps neither shortcut,
+    and a recording evicted for the budget is made again."""
+    from polytope_lens.paths import runner as runner_mod
+
+    made = []
+    real_for = runner_mod.Runner._replay_for
+
+    def replay_for(self, paths):
+        rp = real_for(self, paths)
+        if rp is not None:
+            made.append(not rp.recorded)  # a recording is made
+        return rp
+    m = TorchvisionStyleResNet()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    site = "layer1.relu.relu"  # in place, in a block whose residual add reads a tensor made before it
+
+    def analyses():
+        rays = ray_crossings(m, x, layer=site, alphas=(0.5, 2.0), evaluator="graph")
+        a = site_activations(m, x, layer=site)
+        return rays, path_crossings(m, a, a.roll(1, 0), layer=site, inputs=x, evaluator="graph")
+
+    def same(r1, r2):
+        for p, q in zip(r1.paths, r2.paths):
+            assert p.per_layer == q.per_layer and np.array_equal(p.t, q.t)
+            assert all(np.array_equal(p.records[k], q.records[k]) for k in p.records)
+            assert np.array_equal(p.trace.top_prob, q.trace.top_prob) and np.array_equal(p.trace.js, q.trace.js)
+
+    monkeypatch.setattr(runner_mod.Runner, "_replay_for", replay_for)
+    with_replay = analyses()
+    assert True in made and made.count(False) > made.count(True)  # recorded a few times, replayed more often
+    monkeypatch.setattr(runner_mod.Runner, "_replay_for", lambda self, paths: None)
+    without = analyses()
+    for r1, r2 in zip(with_replay, without):
+        same(r1, r2)
+    # no room for any recording: each pass records (and computes) again, same results
+    made.clear()
+    monkeypatch.setattr(runner_mod.Runner, "_replay_for", replay_for)
+    monkeypatch.setattr(runner_mod, "REPLAY_SHARE", 1 << 40)
+    same(ray_crossings(m, x, layer=site, alphas=(0.5, 2.0), evaluator="graph"), without[0])
+    assert made and all(made)
+    net = BatchSizeNet()
+    rays = ray_crossings(net, torch.randn(2, 4), layer="relu", alphas=(0.0, 3.0), evaluator="graph")
+    assert rays.exact
+
+
 class PoolNet(nn.Module):
     """ReLU then max pooling: windows of clamped zeros that a crossing unit leaves exactly at its kink."""
 

@@ -41,7 +41,7 @@ from .errors import InvalidInputError, UnsupportedActivationError
 from .kinks import Activation, get_activation, resolve_call
 
 __all__ = ["CallSite", "capture", "list_sites", "select_sites", "StopForward", "SharedPrefix", "PrefixRead",
-           "ACTIVATION_MODULE_CLASSES"]
+           "PrefixReplay", "ReplayMismatch", "ACTIVATION_MODULE_CLASSES"]
 
 # composite activation modules, by class name: their input is the unit input, their inner calls are not sites
 ACTIVATION_MODULE_CLASSES: dict[str, str] = {
@@ -155,6 +155,54 @@ class SharedPrefix:
             self.active = True
 
 
+class ReplayMismatch(Exception):
+    """A replayed forward pass made a call other than the one recorded at that position."""
+
+
+class PrefixReplay:
+    """The torch calls a forward pass makes before site ``site``, recorded in one pass and replayed in later passes
+    on the same inputs: each replayed call returns its recorded output instead of computing it, so the network before
+    a path's site runs once per set of paths, not once per batch of points. Module hooks run as usual, the tracker's
+    site counters are restored after each replayed call that fired a site, and everything from ``site`` on runs as
+    usual. A replayed pass must make the recorded calls in the recorded order (``ReplayMismatch`` otherwise); callers
+    check once that a replayed pass reproduces a plain one on their model before relying on it."""
+
+    def __init__(self, site: str):
+        self.site = site
+        self.calls: list[tuple] = []  # (func, output, tracker counters after the call or None)
+        self.recorded = False  # the site fired in the recording pass
+        self.position = 0  # next call to replay in the current pass
+        self.made: dict[int, int] = {}  # id of a recorded output tensor -> its call (recording pass only)
+        self.read: set[int] = set()  # calls whose outputs the site or a call after it read (recording pass only)
+
+    def note_read(self, obj) -> None:
+        """Mark the recorded outputs among the tensors in ``obj`` as read from the site on (recording pass)."""
+        for t in tree_leaves(obj):
+            if isinstance(t, torch.Tensor) and id(t) in self.made:
+                self.read.add(self.made[id(t)])
+
+    def compact(self) -> None:
+        """After the recording pass: outputs that neither the site nor anything after it read are only passed from
+        one replayed call to the next (which ignores its inputs) or looked at for their shape, so each becomes a
+        stride-0 expansion of one zero (the shape, dtype and device, none of the memory)."""
+        def placeholder(t):
+            if isinstance(t, torch.Tensor) and t.numel() > 1:
+                return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+            return t
+        self.calls = [(f, out if i in self.read else tree_map(placeholder, out), c)
+                      for i, (f, out, c) in enumerate(self.calls)]
+        self.made.clear()
+
+    def nbytes(self) -> int:
+        """Bytes of the recorded outputs (each storage once)."""
+        seen = {}
+        for _, out, _ in self.calls:
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(seen.values())
+
+
 class _SiteMode(TorchFunctionMode):
     def __init__(self, tracker: "_Tracker"):
         super().__init__()
@@ -164,11 +212,37 @@ class _SiteMode(TorchFunctionMode):
         kwargs = kwargs or {}
         tr = self.tracker
         sp = tr.shared
+        rp = tr.replay if tr.replaying else None
+        if rp is not None and rp.recorded:
+            if rp.position < len(rp.calls):
+                out = self._replayed(rp, func)
+                if sp is not None and not sp.active:
+                    sp.register(out)
+                return out
+            tr.replaying = False  # the site's call, or one after it: run as usual from here
+        if tr.replay is not None and tr.replay.recorded and tr.replay.made:  # recording, after the site fired
+            tr.replay.note_read((args, kwargs))
         if sp is not None and sp.active:
             args, kwargs = sp.expand((args, kwargs))
+        order = tr.order
         out = self._call(func, args, kwargs)
         if sp is not None and not sp.active:
             sp.register(out)
+        if rp is not None and tr.replaying:  # recording, and the site has not fired yet
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    rp.made[id(t)] = len(rp.calls)
+            rp.calls.append((func, out, (dict(tr.counts), tr.order) if tr.order != order else None))
+        return out
+
+    def _replayed(self, rp: PrefixReplay, func):
+        recorded, out, counters = rp.calls[rp.position]
+        if recorded is not func and recorded != func:  # property getters come as fresh, equal method-wrappers
+            raise ReplayMismatch(f"call {rp.position} before {rp.site!r}: recorded {recorded}, replayed {func}")
+        rp.position += 1
+        if counters is not None:
+            counts, order = counters
+            self.tracker.counts, self.tracker.order = dict(counts), order
         return out
 
     def _call(self, func, args, kwargs):
@@ -228,12 +302,20 @@ class _Tracker:
         self.stack: list[str] = []
         self.suppressed = 0
         self.shared: SharedPrefix | None = None
+        self.replay: PrefixReplay | None = None
         self.reset()
 
     def reset(self) -> None:
         self.counts: dict[tuple[str, str], int] = {}
         self.order = 0
         self.hook_outputs: dict[tuple, str] = {}
+        self.replaying = self.replay is not None  # recording or replaying the calls before the replay's site
+        if self.replay is not None:
+            if not self.replay.recorded:
+                self.replay.calls.clear()
+                self.replay.made.clear()
+                self.replay.read.clear()
+            self.replay.position = 0
 
     def current_path(self) -> str:
         return self.stack[-1] if self.stack else ""
@@ -250,6 +332,9 @@ class _Tracker:
         alias = self.hook_outputs.get(_key(z))
         site = CallSite(name or self.site_name(path, act.name), path, act, alias, self.order, tuple(z.shape), apply)
         self.order += 1
+        if self.replaying and site.name == self.replay.site:
+            self.replay.recorded, self.replaying = True, False
+            self.replay.note_read(z)
         # an in-place call overwrites z after the handler returns: a handler that keeps z gets a copy
         out = self.handler(site, z.clone() if inplace else z)
         if self.shared is not None and out is not None:
@@ -352,7 +437,8 @@ def _tl_declared(model: nn.Module, aliases: dict[str, str]) -> tuple[dict[str, s
 @contextmanager
 def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str, str] | None = None,
             declared_sites: dict[str, str | Activation] | None = None,
-            suppress: tuple[str, ...] = (), shared: SharedPrefix | None = None) -> Iterator[Callable[[], None]]:
+            suppress: tuple[str, ...] = (), shared: SharedPrefix | None = None,
+            replay: PrefixReplay | None = None) -> Iterator[Callable[[], None]]:
     """Call ``handler(site, unit_input)`` for every nonlinearity ``model`` applies inside the ``with`` block.
 
     The handler runs *before* the nonlinearity; returning a tensor replaces the nonlinearity's output (used by
@@ -374,6 +460,8 @@ def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str,
         Module path globs inside which intercepted calls are not sites (used with ``declared_sites``).
     shared : SharedPrefix, optional
         Run the part before a replaced site on fewer rows (once per distinct example, or at a few points).
+    replay : PrefixReplay, optional
+        Record the calls before its site in the first pass, return the recorded outputs in later passes.
 
     Yields
     ------
@@ -390,7 +478,7 @@ def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str,
         declared[path] = act if isinstance(act, Activation) else get_activation(act)
     tracker = _Tracker(model, handler, {**ACTIVATION_MODULE_CLASSES, **(activation_modules or {})}, declared,
                        tuple(suppress), aliases)
-    tracker.shared = shared
+    tracker.shared, tracker.replay = shared, replay
     pre = nn.modules.module.register_module_forward_pre_hook(tracker.pre_hook)
     post = nn.modules.module.register_module_forward_hook(tracker.post_hook, always_call=True)
     try:
@@ -402,16 +490,20 @@ def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str,
 
 
 def run(model: nn.Module, forward: Callable[[], object], handler: Handler, *, shared: SharedPrefix | None = None,
-        **capture_kwargs) -> object | None:
+        replay: PrefixReplay | None = None, **capture_kwargs) -> object | None:
     """Run ``forward()`` under ``capture``; returns its result, or None when a handler stopped it early.
 
-    ``shared``: run the part before a replaced site on fewer rows (see ``SharedPrefix``)."""
-    with capture(model, handler, shared=shared, **capture_kwargs) as reset, torch.no_grad():
+    ``shared``: run the part before a replaced site on fewer rows (see ``SharedPrefix``); ``replay``: record or
+    replay the calls before a site (see ``PrefixReplay``)."""
+    with capture(model, handler, shared=shared, replay=replay, **capture_kwargs) as reset, torch.no_grad():
         reset()
         try:
             return forward()
         except StopForward:
             return None
+        finally:
+            if replay is not None and replay.recorded:  # calls after the pass (``no_grad``'s own exit) run as usual
+                replay.position = len(replay.calls)
 
 
 def list_sites(model: nn.Module, forward: Callable[[], object], **capture_kwargs) -> list[CallSite]:

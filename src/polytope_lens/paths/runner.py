@@ -24,11 +24,12 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from ..capture import CallSite, PrefixRead, SharedPrefix, StopForward, run
+from ..capture import CallSite, PrefixRead, PrefixReplay, ReplayMismatch, SharedPrefix, StopForward, run
 from ..errors import InvalidInputError
 from .geometry import PathSpec
 
 SRC = "<source>"
+REPLAY_SHARE = 8  # recordings of the network before a path's site (``PrefixReplay``) take at most budget / this
 
 
 def affine_tol(dtype: torch.dtype) -> float:
@@ -145,6 +146,10 @@ class Runner:
         self.row_bytes = 8 * (4 * n_units + 4 * sum(math.prod(self.out_shape[n]) for n in self.names)
                               + 4 * math.prod(spec.shape) + 64)
         self._share_prefix: bool | None = None if spec.site is not None and self.names else False
+        # the network before the path's site, recorded once per set of paths and replayed (``PrefixReplay``) while
+        # the recordings fit 1 / REPLAY_SHARE of the budget; None until checked on this model (with ``share_prefix``)
+        self._replay: bool | None = None
+        self._replays: dict[tuple, PrefixReplay] = {}  # path ids fed to the model -> recording, oldest first
 
     @property
     def share_prefix(self) -> bool:
@@ -154,6 +159,24 @@ class Runner:
             self._share_prefix = False  # the check itself evaluates points the plain way first
             self._share_prefix = self._shared_prefix_agrees()
         return self._share_prefix
+
+    def _replay_for(self, paths: torch.Tensor) -> PrefixReplay | None:
+        """The recording of the network before the path's site for the inputs of paths ``paths`` (made on first use;
+        the oldest dropped while the recordings take more than 1 / ``REPLAY_SHARE`` of the budget), or None when
+        replays are off for this model."""
+        if not self._replay:
+            return None
+        key = tuple(paths.tolist())
+        rp = self._replays.pop(key, None) or PrefixReplay(self.spec.site)
+        self._replays[key] = rp  # most recently used last
+        return rp
+
+    def _keep_replays(self) -> None:
+        total = 0
+        for key in reversed(list(self._replays)):
+            total += self._replays[key].nbytes() if self._replays[key].recorded else 0
+            if total > self.budget // REPLAY_SHARE:
+                del self._replays[key]
 
     def _shared_prefix_agrees(self) -> bool:
         """Whether running the network before the path's site once per path (``SharedPrefix``) gives this model's
@@ -171,11 +194,24 @@ class Runner:
             return False
         finally:
             self._share_prefix = False
-        return all(key in shared and same_values(shared[key], v, self.tol) for key, v in full.items())
+        agrees = all(key in shared and same_values(shared[key], v, self.tol) for key, v in full.items())
+        if agrees:  # the recorded prefix, replayed (the first evaluation records it): to the bit, or not used
+            try:
+                self._share_prefix, self._replay = True, True
+                first, again = (self.eval_points(pid, t, self.names, want_output=self.has_output) for _ in range(2))
+                self._replay = all(torch.equal(first[k], v) and torch.equal(again[k], v) for k, v in shared.items())
+            except Exception:  # noqa: BLE001
+                self._replay = False
+            finally:
+                self._share_prefix = False
+                if not self._replay:
+                    self._replays.clear()
+        return agrees
 
     # --------------------------------------------------------------------------------------- raw forward
     def _run(self, inp, n: int, replace: Callable[[CallSite, int], torch.Tensor | None], record: set,
-             stop_after: str | None, want_output: bool = False, shared: SharedPrefix | None = None):
+             stop_after: str | None, want_output: bool = False, shared: SharedPrefix | None = None,
+             replay: PrefixReplay | None = None):
         out: dict = {}
 
         def handler(site, z):
@@ -185,7 +221,18 @@ class Runner:
             if site.name == stop_after and not want_output:
                 raise StopForward
             return rep
-        res = run(self.model, lambda: self.fwd(inp), handler, shared=shared, **self.ckw)
+        recording = replay is not None and not replay.recorded
+        try:
+            res = run(self.model, lambda: self.fwd(inp), handler, shared=shared, replay=replay, **self.ckw)
+        except ReplayMismatch:  # the model made other calls than when recorded: no more replays, this pass in full
+            self._replay = False
+            self._replays.clear()
+            out.clear()
+            shared = None if shared is None else SharedPrefix(shared.index, inp)
+            res = run(self.model, lambda: self.fwd(inp), handler, shared=shared, **self.ckw)
+        if recording:
+            replay.compact()
+            self._keep_replays()
         if want_output:
             out["output"] = logits_of(res)
         return out
@@ -254,13 +301,14 @@ class Runner:
                             return a
                         return torch.lerp(a, b, ub.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1))))
             x = self.spec.points(rp, rt) if points is None else points(slice(s, s + n))
-            shared = None
+            shared = replay = None
             if self.spec.site is None:
                 inp = x
             elif not reduced and self.share_prefix:  # the network up to the path's site runs once per path
                 uniq, inv = torch.unique(p, return_inverse=True)
                 inp = index_inputs(self.spec.base, uniq)
                 shared = SharedPrefix(inv, inp)
+                replay = self._replay_for(uniq)
             else:
                 inp = index_inputs(self.spec.base, rp)
             if reduced:
@@ -272,7 +320,7 @@ class Runner:
                 if site.name == at:
                     return site.apply(zb.reshape(len(zb), *self.z_shape[at]))
                 return None
-            o = self._run(inp, n, rep, set(names), stop, want_output, shared)
+            o = self._run(inp, n, rep, set(names), stop, want_output, shared, replay)
             for k in names + (["output"] if want_output else []):
                 if o.get(k) is None:
                     raise InvalidInputError(f"Site {k!r} did not run at some points of {self.owner}; the model's call "
