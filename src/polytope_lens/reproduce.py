@@ -46,7 +46,7 @@ JOBS = {
                            # crossings of the head's centre channel vector (the paper's CNN protocol): following all
                            # 62,720 head units needs ~30,000 forward passes (of the network after the site) per path
                            "units": "position",
-                           "cost": {"load": 5, "p1": 0.0, "p2": 5.5, "p3": 4.8}},
+                           "cost": {"load": 5, "p1": 0.0, "p2": 2.6, "p3": 2.9}},
     "minilm": {"data": "pydoc", "p1_layers": "encoder.layer.3.intermediate.intermediate_act_fn.gelu",
                "p1_units": "tokens", "layer": "encoder.layer.4.intermediate.intermediate_act_fn.gelu",
                "p3_layer": None, "cost": {"load": 5, "p1": 0.14, "p2": 0.8, "p3": 0.0}},
