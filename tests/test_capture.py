@@ -212,3 +212,34 @@ def test_a_replayed_prefix_gives_the_plain_passs_values_without_computing_it(mon
     with pytest.raises(ReplayMismatch):
         passes(rep1, rp)
     assert torch.is_grad_enabled()
+
+
+def test_a_recording_changed_in_place_after_its_site_is_spoiled():
+    """``h += relu(...)`` on a tensor made before the site (the site at that ReLU) changes a recorded output after the
+    site: the next replayed pass would start from this pass's sum, so the recording is marked spoiled (and the paths
+    engine stops replaying); an in-place site writing its output into its recorded input is not such a change."""
+    from polytope_lens.capture import PrefixReplay
+
+    class Accumulates(nn.Module):
+        def __init__(self, in_place_site):
+            super().__init__()
+            self.lin, self.in_place_site = nn.Linear(3, 3), in_place_site
+
+        def forward(self, x):
+            h = self.lin(x)
+            if self.in_place_site:
+                return F.relu(h, inplace=True) * 2.0
+            u = F.relu(h * 2.0)
+            h += u
+            return h
+
+    x = torch.randn(4, 3)
+    for in_place_site in (False, True):
+        m = Accumulates(in_place_site)
+        rp = PrefixReplay("relu")
+        for rep in (torch.rand(4, 3), torch.rand(4, 3)):
+            out = run(m, lambda: m(x), lambda s, z, rep=rep: rep, replay=rp)
+            assert rp.recorded and rp.spoiled != in_place_site
+            if in_place_site:
+                rp.compact()
+                assert torch.equal(out, 2.0 * rep)

@@ -172,14 +172,33 @@ class PrefixReplay:
         self.calls: list[tuple] = []  # (func, output, tracker counters after the call or None)
         self.recorded = False  # the site fired in the recording pass
         self.position = 0  # next call to replay in the current pass
-        self.made: dict[int, int] = {}  # id of a recorded output tensor -> its call (recording pass only)
+        self.made: dict[int, list] = {}  # id of a recorded output tensor -> the calls that returned it (recording)
         self.read: set[int] = set()  # calls whose outputs the site or a call after it read (recording pass only)
+        self.versions: dict[int, tuple] | None = None  # id -> (tensor, version) of the outputs kept, once the site ran
+        self.pending = False  # the site fired: the versions are taken before the next call
+        self.spoiled = False  # a kept output was changed in place after the site: the recording must not be used
 
     def note_read(self, obj) -> None:
         """Mark the recorded outputs among the tensors in ``obj`` as read from the site on (recording pass)."""
         for t in tree_leaves(obj):
             if isinstance(t, torch.Tensor) and id(t) in self.made:
-                self.read.add(self.made[id(t)])
+                self.read.update(self.made[id(t)])
+
+    def take_versions(self) -> None:
+        """The in-place version of every recorded output, once the site's own call is over (in every pass: an in-place
+        site writes its output into its input, which is recorded)."""
+        self.pending = False
+        self.versions = {id(t): (t, t._version) for _, out, _ in self.calls for t in tree_leaves(out)
+                         if isinstance(t, torch.Tensor)}
+
+    def check_versions(self) -> None:
+        """At the end of a pass: a recorded output changed in place after the site (a later ``x += ...`` on a tensor
+        made before it) would hand the next replayed pass this pass's values, so the recording is spoiled."""
+        with torch._C.DisableTorchFunction():  # ``_version`` is a property the capture mode would see as a call
+            if self.pending:
+                self.take_versions()
+            if self.versions is not None and any(t._version != v for t, v in self.versions.values()):
+                self.spoiled = True
 
     def compact(self) -> None:
         """After the recording pass: outputs that neither the site nor anything after it read are only passed from
@@ -192,6 +211,8 @@ class PrefixReplay:
         self.calls = [(f, out if i in self.read else tree_map(placeholder, out), c)
                       for i, (f, out, c) in enumerate(self.calls)]
         self.made.clear()
+        kept = {id(t) for i in self.read for t in tree_leaves(self.calls[i][1]) if isinstance(t, torch.Tensor)}
+        self.versions = {k: v for k, v in (self.versions or {}).items() if k in kept}
 
     def nbytes(self) -> int:
         """Bytes of the recorded outputs (each storage once)."""
@@ -212,6 +233,8 @@ class _SiteMode(TorchFunctionMode):
         kwargs = kwargs or {}
         tr = self.tracker
         sp = tr.shared
+        if tr.replay is not None and tr.replay.pending:  # the first call after a site fired by a module's hook
+            tr.replay.take_versions()
         rp = tr.replay if tr.replaying else None
         if rp is not None and rp.recorded:
             if rp.position < len(rp.calls):
@@ -231,8 +254,10 @@ class _SiteMode(TorchFunctionMode):
         if rp is not None and tr.replaying:  # recording, and the site has not fired yet
             for t in tree_leaves(out):
                 if isinstance(t, torch.Tensor):
-                    rp.made[id(t)] = len(rp.calls)
+                    rp.made.setdefault(id(t), []).append(len(rp.calls))
             rp.calls.append((func, out, (dict(tr.counts), tr.order) if tr.order != order else None))
+        elif rp is not None and rp.pending:  # the site's own call is over (an in-place one has written its output)
+            rp.take_versions()
         return out
 
     def _replayed(self, rp: PrefixReplay, func):
@@ -315,6 +340,7 @@ class _Tracker:
                 self.replay.calls.clear()
                 self.replay.made.clear()
                 self.replay.read.clear()
+                self.replay.versions, self.replay.pending = None, False
             self.replay.position = 0
 
     def current_path(self) -> str:
@@ -332,9 +358,11 @@ class _Tracker:
         alias = self.hook_outputs.get(_key(z))
         site = CallSite(name or self.site_name(path, act.name), path, act, alias, self.order, tuple(z.shape), apply)
         self.order += 1
-        if self.replaying and site.name == self.replay.site:
-            self.replay.recorded, self.replaying = True, False
-            self.replay.note_read(z)
+        if self.replay is not None and site.name == self.replay.site:
+            if self.replaying:  # the recording pass reached the site
+                self.replay.recorded, self.replaying = True, False
+                self.replay.note_read(z)
+            self.replay.pending = True  # versions of the recorded outputs once this call is over
         # an in-place call overwrites z after the handler returns: a handler that keeps z gets a copy
         out = self.handler(site, z.clone() if inplace else z)
         if self.shared is not None and out is not None:
@@ -504,6 +532,7 @@ def run(model: nn.Module, forward: Callable[[], object], handler: Handler, *, sh
         finally:
             if replay is not None and replay.recorded:  # calls after the pass (``no_grad``'s own exit) run as usual
                 replay.position = len(replay.calls)
+                replay.check_versions()
 
 
 def list_sites(model: nn.Module, forward: Callable[[], object], **capture_kwargs) -> list[CallSite]:

@@ -232,6 +232,10 @@ class Runner:
             res = run(self.model, lambda: self.fwd(inp), handler, shared=shared, **self.ckw)
         if recording:
             replay.compact()
+        if replay is not None and replay.spoiled:  # changed in place after the site: no more replays
+            self._replay = False
+            self._replays.clear()
+        elif recording:
             self._keep_replays()
         if want_output:
             out["output"] = logits_of(res)
