@@ -5,6 +5,29 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def _rows(z_ptr, row_a, row_b, mask_a, mask_b, u, in_u, units, offset_ptr, HAS_OFFSET: tl.constexpr):
+    """Rows ``row_a`` and ``row_b`` of ``z`` at units ``u``, plus the per-unit offset when there is one."""
+    za = tl.load(z_ptr + row_a[:, None] * units + u[None, :], mask=mask_a, other=0.0)
+    zb = tl.load(z_ptr + row_b[:, None] * units + u[None, :], mask=mask_b, other=0.0)
+    if HAS_OFFSET:
+        c = tl.load(offset_ptr + u, mask=in_u, other=0.0)[None, :]
+        za = za + c
+        zb = zb + c
+    return za, zb
+
+
+@triton.jit
+def _through_lines(v, up, lines_ptr, u, in_u, units):
+    """The activation's output at unit inputs ``v``: the line above the kink where ``up``, the one below elsewhere
+    (``lines``: slopes below and above, then intercepts below and above, one row of units each)."""
+    g0 = tl.load(lines_ptr + u, mask=in_u, other=0.0)[None, :]
+    g1 = tl.load(lines_ptr + units + u, mask=in_u, other=0.0)[None, :]
+    h0 = tl.load(lines_ptr + 2 * units + u, mask=in_u, other=0.0)[None, :]
+    h1 = tl.load(lines_ptr + 3 * units + u, mask=in_u, other=0.0)[None, :]
+    return tl.where(up, v * g1 + h1, v * g0 + h0)
+
+
 @triton.jit(do_not_specialize=["n"])
 def lerp_kernel(z_ptr, left_ptr, right_ptr, u_ptr, offset_ptr, lines_ptr, out_ptr, n, units, kink_ptr,
                 HAS_OFFSET: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_UNITS: tl.constexpr):
@@ -16,21 +39,13 @@ def lerp_kernel(z_ptr, left_ptr, right_ptr, u_ptr, offset_ptr, lines_ptr, out_pt
     lo = tl.load(left_ptr + i, mask=here, other=0)
     hi = tl.load(right_ptr + i, mask=here, other=0)
     w = tl.load(u_ptr + i, mask=here, other=0.0)[:, None]
-    za = tl.load(z_ptr + lo[:, None] * units + u[None, :], mask=m, other=0.0)
-    zb = tl.load(z_ptr + hi[:, None] * units + u[None, :], mask=m, other=0.0)
-    if HAS_OFFSET:
-        c = tl.load(offset_ptr + u, mask=in_u, other=0.0)[None, :]
-        za = za + c
-        zb = zb + c
+    za, zb = _rows(z_ptr, lo, hi, m, m, u, in_u, units, offset_ptr, HAS_OFFSET)
     d = zb - za
     v = tl.where(w < 0.5, za + w * d, zb - d * (1.0 - w))  # torch.lerp's two forms
     kink = tl.load(kink_ptr)
-    g0 = tl.load(lines_ptr + u, mask=in_u, other=0.0)[None, :]
-    g1 = tl.load(lines_ptr + units + u, mask=in_u, other=0.0)[None, :]
-    h0 = tl.load(lines_ptr + 2 * units + u, mask=in_u, other=0.0)[None, :]
-    h1 = tl.load(lines_ptr + 3 * units + u, mask=in_u, other=0.0)[None, :]
-    y = tl.where(v > kink, v * g1 + h1, v * g0 + h0)
+    y = _through_lines(v, v > kink, lines_ptr, u, in_u, units)
     tl.store(out_ptr + i[:, None].to(tl.int64) * units + u[None, :], y, mask=m)
+
 
 @triton.jit(do_not_specialize=["n"])
 def scan_kernel(z_ptr, order_ptr, pid_ptr, offset_ptr, lines_ptr, changes_ptr, out_ptr, n, units, kink_ptr,
@@ -47,20 +62,11 @@ def scan_kernel(z_ptr, order_ptr, pid_ptr, offset_ptr, lines_ptr, changes_ptr, o
     p1 = tl.load(pid_ptr + i + 1, mask=nxt, other=-2)
     m0 = here[:, None] & in_u[None, :]
     m1 = nxt[:, None] & in_u[None, :]
-    z0 = tl.load(z_ptr + row[:, None] * units + u[None, :], mask=m0, other=0.0)
-    z1 = tl.load(z_ptr + row1[:, None] * units + u[None, :], mask=m1, other=0.0)
-    if HAS_OFFSET:
-        c = tl.load(offset_ptr + u, mask=in_u, other=0.0)[None, :]
-        z0 = z0 + c
-        z1 = z1 + c
+    z0, z1 = _rows(z_ptr, row, row1, m0, m1, u, in_u, units, offset_ptr, HAS_OFFSET)
     kink = tl.load(kink_ptr)
     up0 = z0 > kink
     change = (up0 != (z1 > kink)) & (p0 == p1)[:, None]
     tl.store(changes_ptr + i[:, None].to(tl.int64) * units + u[None, :], change.to(tl.int8), mask=m1)
     if WRITE_OUT:
-        g0 = tl.load(lines_ptr + u, mask=in_u, other=0.0)[None, :]
-        g1 = tl.load(lines_ptr + units + u, mask=in_u, other=0.0)[None, :]
-        h0 = tl.load(lines_ptr + 2 * units + u, mask=in_u, other=0.0)[None, :]
-        h1 = tl.load(lines_ptr + 3 * units + u, mask=in_u, other=0.0)[None, :]
-        y = tl.where(up0, z0 * g1 + h1, z0 * g0 + h0)
+        y = _through_lines(z0, up0, lines_ptr, u, in_u, units)
         tl.store(out_ptr + row[:, None] * units + u[None, :], y, mask=m0)
