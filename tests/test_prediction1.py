@@ -5,12 +5,14 @@ import json
 import numpy as np
 import pytest
 
+from polytope_lens.cluster import clustering_scores
 from polytope_lens.codes import UnitSelection
 from polytope_lens.data import DataSource
 from polytope_lens.errors import InvalidInputError
 from polytope_lens.experiments.prediction1 import (lexical_category, row_activations, run_prediction1,
                                                    token_context)
-from polytope_lens.experiments.stats import VERDICTS, paired_bootstrap, percentile_ci, verdict
+from polytope_lens.experiments.stats import (VERDICTS, paired_bootstrap, percentile_ci, resampled_clustering_scores,
+                                             verdict)
 from polytope_lens.extract import extract_codes
 from polytope_lens.models import load_model
 
@@ -48,6 +50,53 @@ def test_percentile_ci_and_paired_bootstrap():
     with pytest.raises(InvalidInputError, match="'n_boot' parameter"):
         paired_bootstrap(lambda idx: {}, 5, n_boot=0)
 
+
+
+def test_paired_bootstrap_blocks_draw_the_same_resamples():
+    """A block statistic sees the same resamples, in the same order, as one call per resample."""
+    one, blocks = [], []
+    paired_bootstrap(lambda idx: one.append(idx.copy()) or {"s": 0.0}, 7, n_boot=10, random_state=3)
+    reps = paired_bootstrap(lambda idx: blocks.append(idx.copy()) or {"s": idx[:, 0] * 1.0}, 7, n_boot=10,
+                            random_state=3, block=4)
+    assert [len(b) for b in blocks] == [4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate(blocks), np.stack(one))
+    np.testing.assert_array_equal(reps["s"], np.stack(one)[:, 0])
+
+
+@pytest.mark.parametrize("noise", ["cluster", "exclude", "singleton"])
+def test_resampled_clustering_scores_equal_sklearn_per_resample(noise):
+    """Oracle: ``clustering_scores`` (scikit-learn's NMI and ARI) on each resample's rows, including resamples with
+    one class, one cluster, only noise, and labels absent from a resample."""
+    rng = np.random.default_rng(0)
+    checked = 0
+    for trial in range(60):
+        n = int(rng.integers(1, 30))
+        t = rng.integers(0, int(rng.integers(1, 5)), n) * 7 - 3  # labels need not be 0..k-1
+        p = rng.integers(-1, int(rng.integers(1, 6)), n)
+        if trial % 6 == 0:
+            p[:] = -1
+        if trial % 7 == 0:
+            t[:] = 5
+        idx = rng.integers(0, n, (6, int(rng.integers(1, 25))))
+        got = resampled_clustering_scores(t, p, idx, noise=noise)
+        for b, rows in enumerate(idx):
+            want = clustering_scores(t[rows], p[rows], noise=noise)
+            for key in ("purity", "nmi", "ari"):
+                if np.isnan(want[key]):
+                    assert np.isnan(got[key][b])
+                else:
+                    assert got[key][b] == pytest.approx(want[key], abs=1e-12), (trial, b, key)
+                    checked += 1
+    assert checked > 500
+
+
+def test_resampled_clustering_scores_bad_input():
+    with pytest.raises(InvalidInputError, match="'noise' parameter of resampled_clustering_scores"):
+        resampled_clustering_scores([0, 1], [0, 1], [[0, 1]], noise="drop")
+    with pytest.raises(InvalidInputError, match="row indices"):
+        resampled_clustering_scores([0, 1], [0, 1], [[0, 2]])
+    with pytest.raises(InvalidInputError, match="equal length"):
+        resampled_clustering_scores([0, 1], [0], [[0]])
 
 # ------------------------------------------------------------------------------------------------ text labels
 def test_lexical_category_and_context():

@@ -36,12 +36,13 @@ from ..cluster import (ACTIVATION_METRICS, CODE_METRICS, METHODS, NOISE, NOISE_P
 from ..errors import InvalidInputError
 from ..codes import UnitSelection
 from ..extract import default_units, extract_codes
-from .stats import find_entry, paired_bootstrap, percentile_ci, verdict
+from .stats import find_entry, paired_bootstrap, percentile_ci, resampled_clustering_scores, verdict
 
 __all__ = ["Prediction1Result", "run_prediction1", "row_activations", "lexical_category", "LEXICAL_CATEGORIES",
            "token_context"]
 
 LABEL_STATISTICS = ("purity", "nmi", "ari")
+_BOOTSTRAP_CELLS = 1 << 22  # resampled rows scored at once (a block of resamples: tens of MB of counts)
 LEXICAL_CATEGORIES = ("special", "subword", "punctuation", "digit", "stopword", "capitalised", "word")
 
 
@@ -240,7 +241,8 @@ class Prediction1Result:
 # ------------------------------------------------------------------------------------------------------ run
 def run_prediction1(model, data, *, layers=None, units: str = "auto", n_items: int = 1000, seed: int = 0,
                     metric: str = "hamming", method: str = "hdbscan", min_cluster_size: int = 10,
-                    min_samples: int | None = None, n_clusters: int | None = None, baseline_metric: str = "euclidean", baseline_method: str = "kmeans",
+                    min_samples: int | None = None, n_clusters: int | None = None, baseline_metric: str = "euclidean",
+                    baseline_method: str = "kmeans",
                     noise: str = "cluster", n_boot: int = 1000, level: float = 0.95, n_stability: int = 20,
                     fraction: float = 0.8, primary: str | None = None, k: int = 6, skip: int = 100,
                     position=(0.5, 0.5), batch_size: int = 32, max_length: int = 256, top_k: int = 10,
@@ -341,15 +343,16 @@ def run_prediction1(model, data, *, layers=None, units: str = "auto", n_items: i
     if labels and keep.any():
         y_int = {key: np.unique(y, return_inverse=True)[1][keep] for key, y in labels.items()}
 
-        def stat(idx):
+        def stat(idx):  # a block of resamples (resamples x rows) at once
             out = {}
             for key, y in y_int.items():
-                sa = clustering_scores(y[idx], ea[idx], noise=policy)
-                sb = clustering_scores(y[idx], eb[idx], noise=policy)
+                sa = resampled_clustering_scores(y, ea, idx, noise=policy)
+                sb = resampled_clustering_scores(y, eb, idx, noise=policy)
                 out.update({f"{s}[{key}]": sa[s] - sb[s] for s in LABEL_STATISTICS})
             return out
 
-        diffs = paired_bootstrap(stat, int(keep.sum()), n_boot=n_boot, random_state=seed)
+        diffs = paired_bootstrap(stat, int(keep.sum()), n_boot=n_boot, random_state=seed,
+                                 block=max(1, _BOOTSTRAP_CELLS // max(1, int(keep.sum()))))
         for key, y in y_int.items():
             sa, sb = clustering_scores(y, ea, noise=policy), clustering_scores(y, eb, noise=policy)
             for s in LABEL_STATISTICS:
@@ -374,7 +377,8 @@ def run_prediction1(model, data, *, layers=None, units: str = "auto", n_items: i
     dash = dict(rows=rows, tokens=tokens, codes=codes, y=first, probabilities=None, top_k=top_k,
                 n_examples=n_examples)
     settings = {"layers": sites, "selection": codes.selection, "n_items": len(source), "seed": seed, "noise": noise,
-                "coverage": float(keep.mean()), "n_boot": n_boot, "level": level, "n_stability": n_stability, "fraction": fraction,
+                "coverage": float(keep.mean()), "n_boot": n_boot, "level": level, "n_stability": n_stability,
+                "fraction": fraction,
                 "batch_size": batch_size, "max_length": max_length, "activations": "unit inputs (pre-activation)",
                 "n_units": int(acts.shape[1]), "n_code_bits": int(sum(lc.n_units * lc.bits_per_unit
                                                                       for lc in codes.layers.values())),

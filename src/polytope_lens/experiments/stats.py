@@ -5,6 +5,11 @@ Verdict rule (``verdict``), on a score where larger is better and a CI of the di
 * ``"holds"``: the method's score is higher and the whole CI is above 0;
 * ``"does not hold"``: the baseline's score is higher and the whole CI is below 0;
 * ``"inconclusive"``: anything else, including a CI that touches 0 or any NaN.
+
+``resampled_clustering_scores`` is ``cluster.clustering_scores``' purity, NMI and ARI for a whole block of bootstrap
+resamples at once: each resample's contingency table is a weighted count of the distinct (label, cluster) pairs, so
+the scores of a thousand resamples take a few array operations instead of a thousand validated scikit-learn calls
+each (the same formulas as scikit-learn's, tested against it resample by resample).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import numpy as np
 
 from ..errors import InvalidInputError
 
-__all__ = ["VERDICTS", "verdict", "percentile_ci", "paired_bootstrap"]
+__all__ = ["VERDICTS", "verdict", "percentile_ci", "paired_bootstrap", "resampled_clustering_scores"]
 
 VERDICTS = ("holds", "does not hold", "inconclusive")
 
@@ -64,22 +69,135 @@ def percentile_ci(samples, level: float = 0.95) -> tuple[float, float]:
 
 
 def paired_bootstrap(statistic: Callable[[np.ndarray], dict], n: int, *, n_boot: int = 1000,
-                     random_state: int = 0) -> dict[str, np.ndarray]:
+                     random_state: int = 0, block: int | None = None) -> dict[str, np.ndarray]:
     """Replicates of ``statistic(idx)`` over ``n_boot`` row resamples with replacement (one resample per replicate).
 
     ``statistic`` gets the resampled row indices and returns ``{name: float}``; computing both the method's and the
-    baseline's score on the same ``idx`` pairs them. Returns ``{name: array (n_boot,)}``.
+    baseline's score on the same ``idx`` pairs them. Returns ``{name: array (n_boot,)}``. With ``block``, it gets
+    up to ``block`` resamples at once, an int array (resamples, n), and returns ``{name: array (resamples,)}``; the
+    resamples are the same either way.
     """
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
         raise InvalidInputError(f"The 'n_boot' parameter must be an int >= 1. Got {n_boot!r} instead.")
     if n < 1:
         raise InvalidInputError(f"The bootstrap needs at least 1 row; got {n}.")
     rng = np.random.default_rng(random_state)
-    out: dict[str, list[float]] = {}
-    for _ in range(n_boot):
-        for name, v in statistic(rng.integers(0, n, n)).items():
-            out.setdefault(name, []).append(float(v))
-    return {k: np.asarray(v) for k, v in out.items()}
+    out: dict[str, list] = {}
+    if block is None:
+        for _ in range(n_boot):
+            for name, v in statistic(rng.integers(0, n, n)).items():
+                out.setdefault(name, []).append(float(v))
+        return {k: np.asarray(v) for k, v in out.items()}
+    for start in range(0, n_boot, block):
+        idx = np.stack([rng.integers(0, n, n) for _ in range(min(block, n_boot - start))])
+        for name, v in statistic(idx).items():
+            out.setdefault(name, []).append(np.asarray(v, dtype=np.float64))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _codes(x: np.ndarray) -> tuple[np.ndarray, int]:
+    uniq, inv = np.unique(x, return_inverse=True)
+    return inv.ravel(), len(uniq)
+
+
+def _weighted_counts(idx: np.ndarray, code_of_row: np.ndarray, n_codes: int) -> np.ndarray:
+    """(resamples, n_codes) counts of each code over each resample's rows; rows whose code is ``n_codes`` (or more)
+    are not counted."""
+    b = len(idx)
+    flat = (np.arange(b)[:, None] * (n_codes + 1) + np.minimum(code_of_row[idx], n_codes)).ravel()
+    return np.bincount(flat, minlength=b * (n_codes + 1)).reshape(b, n_codes + 1)[:, :n_codes]
+
+
+def _entropies(sizes: np.ndarray, n_singletons: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """scikit-learn's labelling entropy per row of cluster ``sizes`` (zeros: absent), with ``n_singletons`` more
+    clusters of one row each; 0 for a single cluster."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_total = np.log(total)[:, None]
+        terms = np.where(sizes > 0, (sizes / total[:, None]) * (np.log(np.maximum(sizes, 1)) - log_total), 0.0)
+        h = -(terms.sum(axis=1) + n_singletons * ((1.0 / total) * (0.0 - np.log(total))))
+    single = ((sizes > 0).sum(axis=1) + n_singletons) == 1
+    return np.where(single, 0.0, h)
+
+
+def resampled_clustering_scores(labels_true, labels_pred, indices, *, noise: str = "cluster") -> dict:
+    """Purity, NMI (arithmetic) and ARI of ``labels_pred`` against ``labels_true`` on each resample of rows.
+
+    ``indices`` (resamples, m) holds each resample's row indices (repeats allowed). Row ``b`` of each returned array
+    equals ``clustering_scores(labels_true[indices[b]], labels_pred[indices[b]], noise=noise)`` (NaN where
+    ``"exclude"`` leaves no rows), computed from the resample's contingency table: a weighted count of the distinct
+    (label, cluster) pairs. Under ``"singleton"`` every occurrence of a noise row is a cluster of its own.
+    """
+    from ..cluster import NOISE, NOISE_POLICIES
+
+    if noise not in NOISE_POLICIES:
+        raise InvalidInputError(f"The 'noise' parameter of resampled_clustering_scores must be one of "
+                                f"{', '.join(map(repr, NOISE_POLICIES))}. Got {noise!r} instead.")
+    t, p = np.asarray(labels_true).ravel(), np.asarray(labels_pred).ravel()
+    idx = np.asarray(indices)
+    if len(t) != len(p) or idx.ndim != 2 or (idx.size and (idx.min() < 0 or idx.max() >= len(t))):
+        raise InvalidInputError("resampled_clustering_scores needs labels of equal length and a (resamples, rows) "
+                                "array of row indices into them.")
+    is_noise = p == NOISE if noise != "cluster" else np.zeros(len(p), dtype=bool)
+    t_code, n_cls = _codes(t)
+    regular = ~is_noise
+    p_code, n_clu = _codes(p)
+    pair_code, n_pairs = _codes(t_code.astype(np.int64) * n_clu + p_code)
+    cls_of_pair, clu_of_pair = np.zeros(n_pairs, np.int64), np.zeros(n_pairs, np.int64)
+    cls_of_pair[pair_code], clu_of_pair[pair_code] = t_code, p_code
+    # rows that are not counted in a table get the code past its end
+    cells = _weighted_counts(idx, np.where(regular, pair_code, n_pairs), n_pairs)          # (b, pairs)
+    clusters = _weighted_counts(idx, np.where(regular, p_code, n_clu), n_clu)             # (b, clusters)
+    counted = regular | (noise == "singleton")
+    classes = _weighted_counts(idx, np.where(counted, t_code, n_cls), n_cls)              # (b, classes)
+    if noise == "singleton":  # noise occurrences per class: each a cell and a cluster of one row
+        single_cls = _weighted_counts(idx, np.where(is_noise, t_code, n_cls), n_cls)
+    else:
+        single_cls = np.zeros_like(classes)
+    singles = single_cls.sum(axis=1)
+    total = classes.sum(axis=1)
+    present_cls, present_clu = (classes > 0).sum(axis=1), (clusters > 0).sum(axis=1) + singles
+    ftotal = total.astype(np.float64)
+
+    # purity: the largest cell of each cluster, plus one per singleton
+    by_clu = np.argsort(clu_of_pair, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(clu_of_pair[by_clu]) != 0])
+    largest = np.maximum.reduceat(cells[:, by_clu], starts, axis=1).sum(axis=1) if n_pairs else 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        purity = (largest + singles) / ftotal
+
+        # mutual information as scikit-learn's mutual_info_score sums it, cell by cell
+        log_n = np.log(ftotal)[:, None]
+        eps = np.finfo(np.float64).eps
+        outer = classes[:, cls_of_pair] * clusters[:, clu_of_pair]
+        nm = cells / ftotal[:, None]
+        term = nm * (np.log(np.maximum(cells, 1)) - log_n) + nm * ((-np.log(np.maximum(outer, 1)) + log_n) + log_n)
+        term = np.where((cells > 0) & (np.abs(term) >= eps), term, 0.0)
+        one = 1.0 / ftotal[:, None]  # a one-row cell: its class's size times a cluster of one
+        s_term = one * (0.0 - log_n) + one * ((-np.log(np.maximum(classes, 1)) + log_n) + log_n)
+        s_term = np.where((single_cls > 0) & (np.abs(s_term) >= eps), s_term, 0.0)
+        mi = np.clip(term.sum(axis=1) + (single_cls * s_term).sum(axis=1), 0.0, None)
+        mi = np.where((present_cls == 1) | (present_clu == 1), 0.0, mi)
+        h_true = _entropies(classes, np.zeros_like(singles), ftotal)
+        h_pred = _entropies(clusters, singles, ftotal)
+        nmi = np.where(mi == 0, 0.0, mi / ((h_true + h_pred) / 2))
+    nmi = np.where((present_cls == present_clu) & (present_cls <= 1), 1.0, nmi)
+
+    # adjusted Rand index from the pair confusion matrix, in integers as scikit-learn (Python integers where int64
+    # could overflow)
+    ints = (lambda a: a.astype(object)) if int(total.max(initial=0)) > 40_000 else (lambda a: a.astype(np.int64))
+    sum_sq = ints((cells.astype(np.int64) ** 2).sum(axis=1) + singles)
+    n = ints(total)
+    tp = sum_sq - n
+    fp = ints((clusters.astype(np.int64) ** 2).sum(axis=1) + singles) - sum_sq
+    fn = ints((classes.astype(np.int64) ** 2).sum(axis=1)) - sum_sq
+    tn = n * n - fp - fn - sum_sq
+    perfect = (fn == 0) & (fp == 0)
+    den = np.where(perfect, 1, (tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
+    ari = np.where(perfect, 1.0, 2.0 * (tp * tn - fn * fp).astype(np.float64) / den.astype(np.float64))
+    empty = total == 0
+    nan = np.float64("nan")
+    return {"purity": np.where(empty, nan, purity), "nmi": np.where(empty, nan, nmi),
+            "ari": np.where(empty, nan, ari)}
 
 
 def find_entry(entries: list[dict], statistic: str) -> dict:
