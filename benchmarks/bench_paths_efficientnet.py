@@ -11,7 +11,9 @@ With --full (a GPU): the full-network path over the first 1/2000 and 1/100 of th
 only if its time extrapolated from the previous fraction fits --full-seconds (other fractions: --fractions).
 --flops FRACTION prints a compute floor and a memory floor for the
 full-network path instead (graph route: a forward pass after a crossing's site per crossing), from its first
-FRACTION. --aten-convolutions runs float64 convolutions through ATen's fallback as it comes (one call per channel of a
+FRACTION. --executed FRACTION counts the multiply-adds the graph route actually runs for that first FRACTION (default
+1 GiB budget), by cause: passes at new breakpoints, the pieces' ends, the final check, the reductions' checks.
+--aten-convolutions runs float64 convolutions through ATen's fallback as it comes (one call per channel of a
 depthwise layer, a whole batch unfolded at once) instead of the ways of ``polytope_lens._conv64`` (the before/after
 of stop 17).
 """
@@ -97,6 +99,61 @@ def flops_floor(bundle, x, dev, frac: float, peak_tflops: float, bandwidth_tbs: 
           f"{moved / (bandwidth_tbs * 1e12):.0f} s at {bandwidth_tbs:g} TB/s")
 
 
+def executed(bundle, x, dev, frac: float, budget_mib: int) -> None:
+    """Multiply-adds of every Conv2d and Linear call the full-network path runs over its first ``frac``, by cause
+    (the engine method that asked for the forward pass), next to the floor's count for the same crossings."""
+    import torch
+
+    import polytope_lens.paths as paths_mod
+    from polytope_lens.paths.exact import Refiner
+
+    count = {"macs": 0}
+    by_cause: dict[str, list] = {}
+    cause = ["pieces' ends (and a chunk's first points)"]
+    labels: set[str] = set()
+
+    def hook(mod, inp, out):
+        if isinstance(mod, torch.nn.Conv2d):
+            count["macs"] += out.numel() * mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
+        elif isinstance(mod, torch.nn.Linear):
+            count["macs"] += out.numel() * mod.in_features
+
+    def tagged(owner, name, label):
+        orig = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            outer, cause[0] = cause[0], label
+            before = count["macs"]
+            try:
+                return orig(*a, **k)
+            finally:
+                cause[0] = outer
+                by_cause.setdefault(label, [0])[0] += count["macs"] - before
+                if outer in labels:  # what ran inside is not counted again for the caller
+                    by_cause.setdefault(outer, [0])[0] -= count["macs"] - before
+        labels.add(label)
+        setattr(owner, name, wrapper)
+
+    model = bundle.module.double().eval()
+    tagged(Refiner, "_eval_new", "passes at new breakpoints")
+    tagged(Refiner, "_check_reduction", "the reductions' checks")
+    tagged(paths_mod, "verify_chunk", "final check of 32 intervals")
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    t0 = time.perf_counter()
+    r = path_crossings(model, x[:1], x[:1] + frac * (x[1:] - x[:1]), trace=False, device=dev,
+                       memory_budget=budget_mib << 20)
+    seconds = time.perf_counter() - t0
+    for h in handles:
+        h.remove()
+    total = count["macs"]
+    named = sum(v[0] for v in by_cause.values())
+    print(f"first {frac:g} of chelsea -> coffee, every site, {budget_mib} MiB: {r.paths[0].crossings} crossings in "
+          f"{seconds:.1f} s on {dev}; executed {total / 1e9:.1f} G multiply-adds")
+    for label, (v,) in sorted(by_cause.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {label}: {v / 1e9:.1f} G")
+    print(f"  {cause[0]}: {(total - named) / 1e9:.1f} G")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -109,6 +166,9 @@ def main():
                     help="with --full: comma-separated fractions of the segment, in increasing order")
     ap.add_argument("--flops", type=float, default=None, metavar="FRACTION",
                     help="only the compute floor of the full-network path (graph route), from its first FRACTION")
+    ap.add_argument("--executed", type=float, default=None, metavar="FRACTION",
+                    help="only count the multiply-adds the full-network path runs over its first FRACTION, by cause")
+    ap.add_argument("--memory-mib", type=int, default=1024, help="budget for --executed (MiB)")
     ap.add_argument("--peak-tflops", type=float, default=66.9,
                     help="float64 peak for --flops (66.9: an H100 SXM's matrix units; 33.5 its vector units)")
     ap.add_argument("--bandwidth-tbs", type=float, default=3.35,
@@ -127,6 +187,9 @@ def main():
     x = next(iter(bundle.encode(photos, [names.index("chelsea"), names.index("coffee")]).tensors.values())).double()
     if args.profile:
         profile_full(bundle, x, dev)
+        return
+    if args.executed is not None:
+        executed(bundle, x, dev, args.executed, args.memory_mib)
         return
     if args.flops is not None:
         flops_floor(bundle, x, dev, args.flops, args.peak_tflops, args.bandwidth_tbs)
