@@ -522,8 +522,13 @@ class Refiner:
         return z
 
     # ---------------------------------------------------------------------------------------------- chunk
-    def run_chunk(self, gpids: torch.Tensor, t_range: tuple[float, float] | None = None) -> dict:
-        """Refine paths ``gpids`` (all of each), or only ``[t_range[0], t_range[1]]`` of a single path."""
+    def run_chunk(self, gpids: torch.Tensor, t_range: tuple[float, float] | None = None,
+                  first: dict | None = None) -> dict:
+        """Refine paths ``gpids`` (all of each), or only ``[t_range[0], t_range[1]]`` of a single path.
+
+        Graph route, one piece of a path: ``first`` holds the values evaluated at ``t_range[0]`` by the piece before
+        (its ``"last"``), so the point two pieces share is evaluated once and both see the same values; the piece's
+        own values at ``t_range[1]`` come back as ``"last"``."""
         if self.append:
             return self._run_chunk_appended(gpids, t_range)
         r = self.r
@@ -538,8 +543,16 @@ class Refiner:
         recs = []
         names = r.names
         with_output = self.output_at_points and self.aff is None
+        last_values = None
         if self.aff is None:
-            cache.add(ids, r.eval_point_batches(gpids[pid], t, names, with_output))
+            skip = 0 if first is None else 1
+            if skip:
+                cache.add(ids[:1], [(slice(0, 1), first)])
+            batches = [(slice(rows.start + skip, rows.stop + skip), o) for rows, o in
+                       r.eval_point_batches(gpids[pid[skip:]], t[skip:], names, with_output)]
+            cache.add(ids, batches)
+            if t_range is not None:  # the next piece starts here
+                last_values = {key: v[-1:].clone() for key, v in batches[-1][1].items()} if batches else first
         for k, site in enumerate(r.processed):
             name, act = site.name, site.activation
             zshape = r.z_shape[name]
@@ -588,6 +601,8 @@ class Refiner:
         # points whose unit inputs were held at the last site: what the chunk's memory scales with (the last
         # site's own breakpoints are never evaluated again, they cost a few numbers each)
         out = {"pid": pid, "t": t, "tied": tied, "records": recs, "n_evaluated": n}
+        if last_values is not None:
+            out["last"] = last_values
         if self.want_output:
             at_points = None
             if with_output:
@@ -703,9 +718,11 @@ class Refiner:
         joined runs again ``_JOIN_EVERY`` at a time (``_push_run``), so a path of many thousands of pieces holds a
         few arrays, and each breakpoint is copied once per level, not once per join.
 
-        Pieces share their end points, whose unit inputs are evaluated the same way in both, so a unit sitting on a
-        kink there is counted once (``pieces`` decides on which side, as within one piece)."""
+        Pieces share their end points, whose unit inputs are evaluated the same way in both (on the graph route
+        once, by the earlier piece), so a unit sitting on a kink there is counted once (``pieces`` decides on which
+        side, as within one piece)."""
         runs, a, made, done = [], 0.0, 0, 0.0  # (level, joined pieces); new breakpoints made, length of t done
+        shared = None  # graph route: the values at the point the last piece and the next share
         room = max(1.0, 0.8 * max_points - 2)  # new breakpoints a piece may hold beside its two ends
         step = room / (4.0 * max(float(est_points), 1.0))  # a quarter: deep sites' units may cross several times
         while a < 1.0:
@@ -714,7 +731,8 @@ class Refiner:
                     f"A path has more than {room / _MIN_PIECE:.0e} breakpoints per unit of t here, more than pieces "
                     f"of {max_points} points can follow in float64; raise the memory budget.")
             b = 1.0 if a + step >= 1.0 else a + step
-            out = self.run_chunk(gpid, (a, b))
+            out = self.run_chunk(gpid, (a, b), shared)
+            shared = out.pop("last", None)
             # the next piece: what the denser of this piece and the path so far allows, at most twice this one
             k = max(out["n_evaluated"] - 2, 0)
             made, done = made + k, done + (b - a)
