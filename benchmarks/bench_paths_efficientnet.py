@@ -99,24 +99,37 @@ def flops_floor(bundle, x, dev, frac: float, peak_tflops: float, bandwidth_tbs: 
           f"{moved / (bandwidth_tbs * 1e12):.0f} s at {bandwidth_tbs:g} TB/s")
 
 
-def executed(bundle, x, dev, frac: float, budget_mib: int) -> None:
-    """Multiply-adds of every Conv2d and Linear call the full-network path runs over its first ``frac``, by cause
-    (the engine method that asked for the forward pass), next to the floor's count for the same crossings."""
+def executed(bundle, x, dev, frac: float, budget_mib: int, evaluator: str = "auto") -> None:
+    """Multiply-adds of every convolution and linear call the full-network path runs over its first ``frac``, by
+    cause (the engine method that asked for the forward pass), counted where every call of the capture and of the
+    frontier evaluator goes through (``_conv64.conv_call``)."""
     import torch
+    import torch.nn.functional as F
 
+    import sys
+
+    import polytope_lens._conv64 as conv64
     import polytope_lens.paths as paths_mod
     from polytope_lens.paths.exact import Refiner
+    from polytope_lens.paths.frontier import FrontierProgram
 
     count = {"macs": 0}
     by_cause: dict[str, list] = {}
     cause = ["pieces' ends (and a chunk's first points)"]
     labels: set[str] = set()
+    real_call = conv64.conv_call
 
-    def hook(mod, inp, out):
-        if isinstance(mod, torch.nn.Conv2d):
-            count["macs"] += out.numel() * mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
-        elif isinstance(mod, torch.nn.Linear):
-            count["macs"] += out.numel() * mod.in_features
+    def counting_call(func, args, kwargs):
+        out = real_call(func, args, kwargs)
+        if func in (F.conv2d, torch.conv2d):
+            w = args[1] if len(args) > 1 else kwargs["weight"]
+            count["macs"] += out.numel() * w[0].numel()
+        elif func is F.linear:
+            w = args[1] if len(args) > 1 else kwargs["weight"]
+            count["macs"] += out.numel() * w.shape[1]
+        return out
+    # the package's ``capture`` attribute is the function of that name: the module is taken from sys.modules
+    conv64.conv_call = sys.modules["polytope_lens.capture"].conv_call = counting_call
 
     def tagged(owner, name, label):
         orig = getattr(owner, name)
@@ -138,17 +151,16 @@ def executed(bundle, x, dev, frac: float, budget_mib: int) -> None:
     tagged(Refiner, "_eval_new", "passes at new breakpoints")
     tagged(Refiner, "_check_reduction", "the reductions' checks")
     tagged(paths_mod, "verify_chunk", "final check of 32 intervals")
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    tagged(Refiner, "_run_chunk_frontier", "frontier passes (every point, site to site)")
+    tagged(FrontierProgram, "build", "the frontier evaluator's checks")
     t0 = time.perf_counter()
     r = path_crossings(model, x[:1], x[:1] + frac * (x[1:] - x[:1]), trace=False, device=dev,
-                       memory_budget=budget_mib << 20)
+                       memory_budget=budget_mib << 20, evaluator=evaluator)
     seconds = time.perf_counter() - t0
-    for h in handles:
-        h.remove()
     total = count["macs"]
     named = sum(v[0] for v in by_cause.values())
-    print(f"first {frac:g} of chelsea -> coffee, every site, {budget_mib} MiB: {r.paths[0].crossings} crossings in "
-          f"{seconds:.1f} s on {dev}; executed {total / 1e9:.1f} G multiply-adds")
+    print(f"first {frac:g} of chelsea -> coffee, every site, {budget_mib} MiB, {r.notes[-1].split(' (')[0]}: "
+          f"{r.paths[0].crossings} crossings in {seconds:.1f} s on {dev}; executed {total / 1e9:.1f} G multiply-adds")
     for label, (v,) in sorted(by_cause.items(), key=lambda kv: -kv[1][0]):
         print(f"  {label}: {v / 1e9:.1f} G")
     print(f"  {cause[0]}: {(total - named) / 1e9:.1f} G")
@@ -169,6 +181,8 @@ def main():
     ap.add_argument("--executed", type=float, default=None, metavar="FRACTION",
                     help="only count the multiply-adds the full-network path runs over its first FRACTION, by cause")
     ap.add_argument("--memory-mib", type=int, default=1024, help="budget for --executed (MiB)")
+    ap.add_argument("--evaluator", default="auto",
+                    help="evaluator for --executed and the --full fractions (auto, graph, frontier)")
     ap.add_argument("--peak-tflops", type=float, default=66.9,
                     help="float64 peak for --flops (66.9: an H100 SXM's matrix units; 33.5 its vector units)")
     ap.add_argument("--bandwidth-tbs", type=float, default=3.35,
@@ -189,7 +203,7 @@ def main():
         profile_full(bundle, x, dev)
         return
     if args.executed is not None:
-        executed(bundle, x, dev, args.executed, args.memory_mib)
+        executed(bundle, x, dev, args.executed, args.memory_mib, args.evaluator)
         return
     if args.flops is not None:
         flops_floor(bundle, x, dev, args.flops, args.peak_tflops, args.bandwidth_tbs)
@@ -228,7 +242,7 @@ def main():
                     break
             t0 = time.perf_counter()
             r = path_crossings(bundle.module, x[:1], x[:1] + frac * (x[1:] - x[:1]), trace=False, device=dev,
-                               memory_budget=32 << 30)
+                               memory_budget=32 << 30, evaluator=args.evaluator)
             row(f"path chelsea -> coffee, every site (full network), first {frac:g} of the segment", t0, r)
             last, spent = (frac, time.perf_counter() - t0), time.perf_counter() - start
 

@@ -19,7 +19,7 @@ step() {  # step NAME SECONDS COMMAND... (runs when no step names were given, or
   echo "## $name" ; timeout "$secs" "$@" >> "$OUT/$name.md" 2>&1; echo "exit $?" >> "$OUT/$name.md"
 }
 STEPS="$*"  # e.g. `bash benchmarks/gpu_check.sh agree paths`; none: every step (agree paths layouts trace
-#             effnet_paths slices codes)
+#             effnet_paths effnet_frontier slices codes)
 step agree 60 python3 benchmarks/gpu_agreement.py  # GPU results equal the CPU's (codes, exact and sampled paths)
 # 784->4x512: products at every point (the GPU default) and closed-form bends, each under a 16 GiB and a 64 GiB budget
 step paths 60 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 20000 \
@@ -53,5 +53,10 @@ step layouts 60 $B --networks 784-3x2048 --paths 5000 --memory-budget 1717986918
 step trace 40 python3 benchmarks/trace_paths_gpu.py --paths 2400 --budget-gib 64
 step trace 40 python3 benchmarks/trace_paths_gpu.py --paths 2400 --budget-gib 64 --layout path-order
 step effnet_paths 150 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-seconds 60
+# the full-network path with the frontier evaluator (stop 21, measured on the CPU only so far) against the graph route
+step effnet_frontier 120 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-seconds 40 \
+  --fractions 5e-4,1e-2 --evaluator frontier
+step effnet_frontier 120 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-seconds 40 \
+  --fractions 5e-4,1e-2 --evaluator graph
 step slices 120 python3 benchmarks/bench_slices.py --device cuda --skip-effnet --large-only --large 680
 step codes 90 python3 benchmarks/bench_codes.py --gpu-only

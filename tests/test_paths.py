@@ -219,7 +219,7 @@ def test_products_at_every_point_in_path_order_and_unit_subsets(monkeypatch, cas
 
 
 # -------------------------------------------------------------------------------------------- vs sampling
-@pytest.mark.parametrize("evaluator", ["affine", "graph"])
+@pytest.mark.parametrize("evaluator", ["affine", "graph", "frontier"])
 def test_cnn_counts_equal_dense_sampling(evaluator):
     """BatchNorm (eval), ReLU6, MaxPool, residual add, Hardtanh, abs, concat, avg pool: exact = dense sampling."""
     cnn = SmallCNN(seed=2)
@@ -315,7 +315,7 @@ class ClampNet(nn.Module):
         return torch.clip(self.l3(h), max=0.3)
 
 
-@pytest.mark.parametrize("evaluator", ["affine", "graph"])
+@pytest.mark.parametrize("evaluator", ["affine", "graph", "frontier"])
 def test_clamp_sites_equal_sampling(evaluator):
     m = ClampNet()
     g = torch.Generator().manual_seed(1)
@@ -413,13 +413,94 @@ class TorchvisionStyleResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-@pytest.mark.parametrize("evaluator", ["affine", "graph"])
+@pytest.mark.parametrize("evaluator", ["affine", "graph", "frontier"])
 def test_torchvision_style_resnet_equals_sampling(evaluator):
     m = TorchvisionStyleResNet()
     x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     res = path_crossings(m, x[:1], x[1:], evaluator=evaluator)
     want = dense_count(m, lambda t: x[:1].double() + t.reshape(-1, 1, 1, 1) * (x[1] - x[0]).double())
     assert res.paths[0].per_layer == want and res.paths[0].crossings > 100
+
+
+def test_frontier_evaluator_equals_the_graph_route_and_sampling(monkeypatch):
+    """The frontier evaluator (every point advances site by site through the model's FX graph, new breakpoints'
+    values interpolated): records equal the graph route's and dense sampling's where a crossing unit's output ties
+    with max-pool entries (PoolNet), with in-place sites whose results are ignored (InPlaceNet: the later nodes read
+    what they wrote), with the batch size read before the sites (BatchSizeNet), with units= of the last site, and
+    refined in pieces under a small budget; each refinement pass runs only the nodes between two sites."""
+    import polytope_lens.paths.frontier as frontier
+    g = torch.Generator().manual_seed(5)
+    net = PoolNet()
+    a, b = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    graph, front = path_crossings(net, a, b, evaluator="graph"), path_crossings(net, a, b, evaluator="frontier")
+    assert "frontier" in front.notes[-1]
+    for i, (p, q) in enumerate(zip(graph.paths, front.paths)):
+        _same_records(p, q)
+        assert q.per_layer == dense_count(net, lambda t, i=i: a[i:i + 1].double() + t.reshape(-1, 1, 1, 1)
+                                          * (b[i] - a[i]).double())
+        assert (p.trace.top_class == q.trace.top_class).all()
+    m = InPlaceNet().eval()
+    a2, b2 = 2 * torch.randn(4, 3, generator=g), 2 * torch.randn(4, 3, generator=g)
+    for p, q in zip(path_crossings(m, a2, b2, evaluator="graph").paths,
+                    path_crossings(m, a2, b2, evaluator="frontier").paths):
+        _same_records(p, q)
+    bs = BatchSizeNet()
+    a3, b3 = 3 * torch.randn(3, 4, generator=g), 3 * torch.randn(3, 4, generator=g)
+    for p, q in zip(path_crossings(bs, a3, b3, evaluator="graph").paths,
+                    path_crossings(bs, a3, b3, evaluator="frontier").paths):
+        _same_records(p, q)
+    cnn = SmallCNN(seed=2)
+    x0, x1 = 4 * torch.randn(1, 1, 6, 6, generator=g), 4 * torch.randn(1, 1, 6, 6, generator=g)
+    whole = path_crossings(cnn, x0, x1, evaluator="graph", units=[0, 3, 4])
+    segments = []
+    real_advance = frontier.FrontierState._advance
+
+    def advance(self, stop):
+        segments.append((self.next, stop))
+        return real_advance(self, stop)
+    monkeypatch.setattr(frontier.FrontierState, "_advance", advance)
+    pieces = path_crossings(cnn, x0, x1, evaluator="frontier", units=[0, 3, 4], memory_budget=1 << 20)
+    _same_records(whole.paths[0], pieces.paths[0])
+    # every node runs once per chunk or piece: passes pick up where the last one stopped
+    assert segments and all(s == 0 or s == prev_stop for (s, _), (_, prev_stop) in zip(segments[1:], segments))
+
+
+class _ResidualInPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = torch.relu(self.l1(x))
+        y = self.l2(h)
+        y += h  # an in-place add on a tensor nothing else reads: allowed
+        h.mul_(2.0)  # h is read again below: not allowed
+        return torch.relu(y) + h
+
+
+def test_frontier_evaluator_refuses_what_it_cannot_follow():
+    """A one-line error naming the reason: a path at a named layer, a custom forward, an in-place change of a
+    tensor another node reads, and a model FX cannot trace (its control flow reads values)."""
+    mlp = MLP(4, 8, 2, seed=1)
+    a, b = torch.randn(2, 4), torch.randn(2, 4)
+    with pytest.raises(InvalidInputError, match="evaluator='frontier'.*a path at a named layer"):
+        acts = site_activations(mlp, a, layer="relu")
+        path_crossings(mlp, acts, acts + 1.0, layer="relu", inputs=a, evaluator="frontier")
+    with pytest.raises(InvalidInputError, match="a custom forward function"):
+        path_crossings(mlp, a, b, evaluator="frontier", forward=lambda m: (lambda x: m(x)))
+    with pytest.raises(InvalidInputError, match="in-place operation on a tensor read elsewhere"):
+        path_crossings(_ResidualInPlace(), torch.randn(2, 3), torch.randn(2, 3), evaluator="frontier")
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.l1(x))
+            return h if h.sum() > 0 else -h
+    with pytest.raises(InvalidInputError, match="torch.fx cannot trace"):
+        path_crossings(Branchy(), a, b, evaluator="frontier")
 
 
 class BatchSizeNet(nn.Module):
@@ -576,7 +657,7 @@ class TwinPool(nn.Module):
         return F.max_pool2d(pair, (1, 2)).flatten(1)
 
 
-@pytest.mark.parametrize("evaluator", ["affine", "graph"])
+@pytest.mark.parametrize("evaluator", ["affine", "graph", "frontier"])
 def test_rounding_between_equal_pool_entries_is_not_a_crossing(evaluator):
     """A pool over two entries that are equal in exact arithmetic never changes its maximum (the first entry); the
     ReLU crossings are the hand count (units whose input changes sign between the ends). Before the pool's tie
@@ -837,7 +918,7 @@ def test_trace_and_json():
     json.dumps(res.to_dict(records=True))
 
 
-@pytest.mark.parametrize("evaluator", ["affine", "graph"])
+@pytest.mark.parametrize("evaluator", ["affine", "graph", "frontier"])
 @pytest.mark.parametrize("units", [None, [1, 4, 9]])
 def test_trace_is_the_model_at_region_midpoints(evaluator, units):
     """Each region's output is the float64 model's at the region's midpoint: taken from the regions' ends when the

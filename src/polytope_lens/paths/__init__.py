@@ -35,6 +35,7 @@ from ..errors import InvalidInputError, NotPiecewiseLinearError
 from ..kinks import argmax_changes, counts_below, first_max, lexsort
 from . import geometry
 from .exact import Refiner, verify_chunk
+from .frontier import FrontierProgram
 from .geometry import PathSpec
 from .results import PathBatchResult, PathBlock, PathList, PathResult, Trace, traces_from_outputs
 from .runner import Runner, check_device, default_forward, index_inputs, prepare_model
@@ -44,7 +45,7 @@ __all__ = ["path_crossings", "polyline_crossings", "ray_crossings", "site_activa
            "PathBatchResult", "Trace", "PathSpec", "default_memory_budget"]
 
 METHODS = ("auto", "exact", "sampled")
-EVALUATORS = ("auto", "affine", "graph")
+EVALUATORS = ("auto", "affine", "graph", "frontier")
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -202,17 +203,29 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
     if method == "auto" and not use_exact:
         notes.append("auto chose sampled: " + (f"smooth activation at {smooth[0]}" if smooth else
                                                 f"not affine between sites before {bad[0]}"))
-    affine = None
-    if use_exact and evaluator != "graph":
+    affine = frontier = None
+    why_not = ""
+    if use_exact and evaluator in ("auto", "affine"):
         affine = runner.extract_affine(want_output=trace and out_affine and unit_idx is None)
         if affine is None and evaluator == "affine":
             raise InvalidInputError(f"evaluator='affine' in {owner}: the Jacobian blocks between sites do not fit in "
                                     f"half the memory budget ({memory_budget} bytes); raise it or use 'graph'.")
+    # auto takes the frontier evaluator on the CPU, where it was measured faster than the graph route when sites
+    # follow sites (a path through one site makes no new points to evaluate: the checks would only add time)
+    if use_exact and (evaluator == "frontier" or (evaluator == "auto" and affine is None and spec.site is None
+                                                  and prep.device.type == "cpu" and len(runner.processed) > 1)):
+        frontier, why_not = FrontierProgram.build(runner)
+        if frontier is None and evaluator == "frontier":
+            raise InvalidInputError(f"evaluator='frontier' in {owner} cannot follow this model: {why_not}; use "
+                                    "'graph' or 'auto'.")
     if use_exact:
         notes.append("evaluator: affine (Jacobian blocks between sites)" if affine is not None
+                     else "evaluator: frontier (every point advances site by site through the model's FX graph)"
+                     if frontier is not None
                      else "evaluator: graph (forward passes at new breakpoints, from the site that made them where "
-                     "the model allows)")
-    refiner = Refiner(runner, affine, tie_tol, trace, unit_idx, output_affine=out_affine) if use_exact else None
+                     "the model allows" + (f"; not the frontier evaluator: {why_not}" if why_not else "") + ")")
+    refiner = Refiner(runner, affine, tie_tol, trace, unit_idx, output_affine=out_affine,
+                      frontier=frontier) if use_exact else None
 
     n_paths = spec.n_paths
     zdims = [math.prod(runner.z_shape[n]) for n in runner.names]
@@ -220,8 +233,11 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
     trace_w = 3 * runner.n_outputs if trace else 0  # outputs at points and midpoints, softmax temporaries
     if use_exact:
         # the appended layout holds fewer arrays (no merges, no bends: ``Refiner.point_widths``)
+        # the frontier evaluator holds what is live across one cut (twice while new points are added), not every
+        # later site's unit inputs
         held = refiner.point_widths * width if refiner.append else (
-            6 * width + (sum(zdims) if affine is None else 2 * width))
+            6 * width + (2 * frontier.live_values if frontier is not None else
+                         sum(zdims) if affine is None else 2 * width))
         per_point = 8 * (held + trace_w + 64)
         # points held at the last site, if half the units of the others cross (its own breakpoints cost nothing)
         est_pts = spec.knots_t.shape[1] + 0.5 * sum(zdims[:-1])
@@ -459,9 +475,13 @@ _COMMON_DOC = """
     memory_budget : int or None
         Bytes; paths are processed in chunks that fit it (large batches are chunked, never refused). None: 1 GiB on
         the CPU, half the free memory of a GPU.
-    evaluator : {"auto", "affine", "graph"}
+    evaluator : {"auto", "affine", "graph", "frontier"}
         Exact mode: evaluate breakpoints through Jacobian blocks between sites (when they fit in half the budget)
-        or by forward passes; ``auto`` prefers ``affine``.
+        or by forward passes; ``auto`` prefers ``affine``. ``frontier`` (input-space paths through models
+        ``torch.fx`` can trace): all points advance together from site to site, a new breakpoint's values are
+        interpolated instead of recomputed before its site (see ``paths.frontier``); an error names what stops it.
+        On the CPU ``auto`` takes it for input-space paths through two or more sites where Jacobian blocks do not
+        apply and the model allows, else the graph route (the result's notes say which, and why not the frontier).
     forward : callable, optional
         ``forward(batch)`` to run instead of ``model(x)`` / ``model(**x)`` (e.g. ``lambda x: m(inputs_embeds=x)``).
     progress : callable, optional

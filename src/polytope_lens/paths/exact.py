@@ -59,7 +59,7 @@ import torch
 from ..errors import InvalidInputError, NotPiecewiseLinearError
 from .._kink_scan import interpolated_outputs, scan, triton_ready
 from ..kinks import ScalarKinks, WindowMax, counts_below, lexsort, sort_crossings
-from .runner import SRC, Affine, Runner, same_values
+from .runner import SRC, Affine, Runner, logits_of, same_values
 
 
 _JOIN_EVERY = 64  # pieces (or runs of joined pieces) of one path joined at a time
@@ -334,8 +334,9 @@ class Refiner:
     """Layered breakpoint refinement over one chunk of paths at a time."""
 
     def __init__(self, runner: Runner, affine: Affine | None, tie_tol: float, want_output: bool,
-                 units: torch.Tensor | None = None, output_affine: bool = False):
+                 units: torch.Tensor | None = None, output_affine: bool = False, frontier=None):
         self.r = runner
+        self.frontier = frontier  # a ``frontier.FrontierProgram``: all points advance site by site (graph models)
         self.units = units  # flat unit indices of the last site whose crossings are wanted (None = all)
         self.aff = affine
         self.tie_tol = float(tie_tol)
@@ -529,6 +530,8 @@ class Refiner:
         Graph route, one piece of a path: ``first`` holds the values evaluated at ``t_range[0]`` by the piece before
         (its ``"last"``), so the point two pieces share is evaluated once and both see the same values; the piece's
         own values at ``t_range[1]`` come back as ``"last"``."""
+        if self.frontier is not None:
+            return self._run_chunk_frontier(gpids, t_range)
         if self.append:
             return self._run_chunk_appended(gpids, t_range)
         r = self.r
@@ -610,6 +613,36 @@ class Refiner:
                     cache.add(ids[pend.new_idx], self._eval_new(len(names) - 1, pend, z_new, gpids, pid, t, True))
                 at_points = cache.take("output", ids, n_ids)
             out["output"], out["output_at_points"] = self._outputs(pid, t, gpids, store, at_points)
+        return out
+
+    def _run_chunk_frontier(self, gpids: torch.Tensor, t_range: tuple[float, float] | None = None) -> dict:
+        """``run_chunk`` with every point advancing together from site to site (``frontier.FrontierState``): one
+        pass per site over all current points, through the network between the two sites only."""
+        r = self.r
+        pts = _Points.start(r.spec, gpids, t_range)
+        state = self.frontier.start(r.spec.points(gpids[pts.pid], pts.t))
+        recs = []
+        n = len(pts.t)
+        for k, site in enumerate(r.processed):
+            act = site.activation
+            zf = state.run_to(k).reshape(len(pts.t), -1)
+            last = k == len(r.processed) - 1
+            if last and self.units is not None:
+                cr = self._crossings(act.crossings_along(zf[:, self.units], r.tol), pts.pid, pts.t)
+                cr["unit"] = self.units[cr["unit"]]
+            else:
+                cr = self._crossings(act.crossings_along(zf.reshape(len(zf), *r.z_shape[site.name]), r.tol),
+                                     pts.pid, pts.t)
+            recs.append((pts.pid[cr["seg"]], cr["rec_t"], k, cr["unit"], cr["piece"]))
+            n = len(pts.t)
+            old_pos, new_pos = pts.insert(cr)
+            if last and not self.output_at_points:
+                break
+            state.insert(k, old_pos, new_pos, cr["pj"], cr["pu"], _inputs_at_new(act, zf, cr))
+        out = {"pid": pts.pid, "t": pts.t, "tied": pts.tied, "records": recs, "n_evaluated": n}
+        if self.want_output:
+            at_points = logits_of(state.output()) if self.output_at_points else None
+            out["output"], out["output_at_points"] = self._outputs(pts.pid, pts.t, gpids, {}, at_points)
         return out
 
     def _run_chunk_appended(self, gpids: torch.Tensor, t_range: tuple[float, float] | None = None) -> dict:

@@ -1,0 +1,334 @@
+"""Frontier evaluation of exact paths: every point of a chunk advances together from one site to the next.
+
+The graph route (``exact.Refiner.run_chunk``) runs each new breakpoint from the site that made it to the end of the
+network in one pass, and keeps its unit inputs at every later site until that site is scanned: per point the unit
+inputs of all later sites (6.16 M values for EfficientNet-Lite0), and one pass per site over only that site's new
+points. Here the model's forward pass is an FX graph cut at its sites, and all points advance together: the scan of
+site k needs the unit inputs of site k at every point, so the graph runs from site k - 1 to site k once over all of
+them. A point holds only the values live across the cut (a site's input, a residual branch's input: the tensors made
+before the site and read after it), and a breakpoint that site k makes gets them by interpolation between the ends
+of its interval, on which everything before site k is affine in t; its unit inputs at site k are exact, with the
+crossed unit on its kink (``exact._inputs_at_new``). Every breakpoint runs each later segment of the network once,
+and nothing before its site runs again.
+
+``FrontierProgram.build`` traces the model with ``torch.fx`` (activation modules are leaves) and refuses, with the
+reason, models it cannot follow this way: not traceable, an in-place operation (other than a site's) on a tensor
+that another node reads, a value carried across a cut that is neither one row per point, the number of points, nor
+the same for every batch, sites other than the capture's, or unit inputs that differ from a plain forward pass at
+three points of the first path. Input-space paths only (a path at a named layer keeps the graph route).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.overrides import TorchFunctionMode
+
+from .._conv64 import FastConv64
+from ..capture import ACTIVATION_MODULE_CLASSES, _is_inplace
+from ..kinks import get_activation, resolve_call
+from .runner import Runner, same_values
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                      operator.irshift, operator.imatmul, operator.setitem}
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, activation_classes: dict[str, str]):
+        super().__init__()
+        self.activation_classes = activation_classes
+
+    def is_leaf_module(self, m, qualname) -> bool:
+        return type(m).__name__ in self.activation_classes or super().is_leaf_module(m, qualname)
+
+
+class FrontierProgram:
+    """A model's FX graph with its sites, the values carried across each cut, and how to advance points."""
+
+    def __init__(self, gm: fx.GraphModule, sites: list[int], per_point: set[str], free_after: list[list[str]]):
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.modules = dict(gm.named_modules())
+        self.sites = sites  # node index of each site, in order
+        self.per_point = per_point  # names of values with one row per point (the others are the same for any batch)
+        self.batch_sizes: set[str] = set()  # names of ints that are the number of points
+        self.live_values = 0  # values per point carried across the busiest cut
+        self.free_after = free_after  # per node index: values last read by it
+
+    # ------------------------------------------------------------------------------------------------ build
+    @classmethod
+    def build(cls, runner: Runner) -> tuple["FrontierProgram | None", str]:
+        """The program for ``runner``'s model, or None and the reason it cannot run this way."""
+        if runner.spec.site is not None:
+            return None, "a path at a named layer"
+        if not getattr(runner.fwd, "plain_call", False):
+            return None, "a custom forward function"
+        classes = {**ACTIVATION_MODULE_CLASSES, **(runner.ckw.get("activation_modules") or {})}
+        if runner.ckw.get("declared_sites") or runner.ckw.get("suppress"):
+            return None, "declared or suppressed sites"
+        try:
+            graph = _Tracer(classes).trace(runner.model)
+        except Exception as e:  # noqa: BLE001 - any tracing failure means: not this way
+            return None, f"torch.fx cannot trace the model ({type(e).__name__}: {str(e)[:80]})"
+        gm = fx.GraphModule(runner.model, graph)
+        nodes = list(gm.graph.nodes)
+        index = {node.name: i for i, node in enumerate(nodes)}
+        last = {node.name: max([index[u.name] for u in node.users], default=i) for i, node in enumerate(nodes)}
+        free_after: list[list[str]] = [[] for _ in nodes]
+        for name, i in last.items():
+            free_after[i].append(name)
+        prog = cls(gm, [], set(), free_after)
+        # two probe batches of different sizes: which values scale with the batch, which nodes are sites
+        t = torch.linspace(0.2, 0.8, 3, dtype=runner.dtype, device=runner.device)
+        pid = torch.zeros(3, dtype=torch.long, device=runner.device)
+        x = runner.spec.points(pid, t)
+        seen = []
+        try:
+            for n in (2, 3):
+                values, sites = prog._probe(x[:n], classes)
+                seen.append((values, sites))
+        except Exception as e:  # noqa: BLE001
+            return None, f"the FX graph does not run on the path's points ({type(e).__name__}: {str(e)[:80]})"
+        (v2, s2), (v3, s3) = seen
+        if s2 != s3 or len(s2) != len(runner.all_sites) or any(
+                act.name != site.activation.name for (_, act), site in zip(s2, runner.all_sites)):
+            return None, "its activation calls differ from the capture's sites"
+        prog.sites = [i for i, _ in s2][:len(runner.processed)]
+        for cut in prog.sites:  # values made before a cut and read at or after it
+            live = 0
+            for name, i in index.items():
+                if i >= cut or last[name] < cut or nodes[i].op == "get_attr":
+                    continue
+                a, b = v2[name], v3[name]
+                if isinstance(a, _Made) and isinstance(b, _Made):
+                    if a.values is None and b.values is None and a.shape[1:] == b.shape[1:] and \
+                            a.dtype.is_floating_point:
+                        prog.per_point.add(name)
+                        live += math.prod(a.shape[1:])
+                        continue
+                    if a.values is not None and b.values is not None and a.shape == b.shape and \
+                            torch.equal(a.values, b.values):
+                        continue
+                elif not isinstance(a, _Made) and not isinstance(b, _Made) and type(a) is type(b):
+                    if _same_constant(a, b):
+                        continue
+                    if type(a) is int and (a, b) == (2, 3):  # the batch size (``x.size(0)`` read at the end)
+                        prog.batch_sizes.add(name)
+                        continue
+                return None, f"{nodes[i].format_node()[:60]} is carried across a site and is not one row per point"
+            prog.live_values = max(prog.live_values, live)
+        # the unit inputs at every processed site equal a plain forward pass's
+        want = runner.eval_points(pid, t, runner.names)
+        state = prog.start(x)
+        for k, name in enumerate(runner.names):
+            z = state.run_to(k).reshape(len(x), -1)
+            if not same_values(z, want[name], runner.tol):
+                return None, f"its unit inputs at {name} differ from a plain forward pass"
+        return prog, ""
+
+    def _probe(self, x: torch.Tensor, classes: dict[str, str]) -> tuple[dict, list]:
+        """What each node makes on batch ``x`` (a tensor's shape, with its values where its first dimension is not
+        the batch's; other values as they are), and the sites: (node index, activation) in order. Values are freed
+        once read for the last time, as in a frontier pass."""
+        env: dict = {}
+        made: dict = {}
+        sites = []
+        with FastConv64(), torch.no_grad():
+            for i, node in enumerate(self.nodes):
+                if node.op == "output":
+                    break
+                act = self._activation(node, env, classes)
+                if act is not None:
+                    sites.append((i, act))
+                elif self._inplace(node, env) and not self._private_target(node, env):
+                    raise ValueError(f"an in-place operation on a tensor read elsewhere ({node.format_node()[:60]})")
+                v = env[node.name] = self._exec(node, env, x, site=act is not None)
+                if isinstance(v, torch.Tensor):
+                    per_row = v.dim() > 0 and v.shape[0] == len(x)
+                    made[node.name] = _Made(tuple(v.shape), v.dtype, None if per_row else v.clone())
+                else:
+                    made[node.name] = v
+                for name in self.free_after[i]:
+                    env.pop(name, None)
+        return made, sites
+
+    def _activation(self, node: fx.Node, env: dict, classes: dict[str, str]):
+        """The registry entry of a site node (the capture's rules), else None."""
+        if node.op == "call_module":
+            mod = self.modules[node.target]
+            name = type(mod).__name__
+            if name in classes:
+                return get_activation(classes[name])
+            args, kwargs = self._args(node, env)
+            if args and isinstance(args[0], torch.Tensor):  # a copy: an in-place module would change its input
+                args = (args[0].clone(), *args[1:])
+            with _Spy() as spy:  # a leaf module (torch.nn's): the capture sees the activation call inside it
+                mod(*args, **kwargs)
+            if len(spy.found) > 1:
+                raise ValueError(f"module {node.target!r} applies {len(spy.found)} activations")
+            return spy.found[0] if spy.found else None
+        if node.op not in ("call_function", "call_method"):
+            return None
+        args, kwargs = self._args(node, env)
+        func = node.target if node.op == "call_function" else getattr(torch.Tensor, node.target, None)
+        if func is None or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+            return None
+        return resolve_call(func, args, kwargs)
+
+    def _private_target(self, node: fx.Node, env: dict) -> bool:
+        """Whether an in-place call's target is read by nothing else: this node is its only user and its storage is
+        no other value's (not a view), so running the call as it comes changes nothing another node sees."""
+        target = node.args[0] if node.args else None
+        if not isinstance(target, fx.Node) or len(target.users) != 1 or not isinstance(env.get(target.name),
+                                                                                        torch.Tensor):
+            return False
+        ptr = env[target.name].untyped_storage().data_ptr()
+        return not any(isinstance(v, torch.Tensor) and k != target.name and v.untyped_storage().data_ptr() == ptr
+                       for k, v in env.items())
+
+    def _inplace(self, node: fx.Node, env: dict) -> bool:
+        if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
+            return True
+        if node.op == "call_module":
+            return bool(getattr(self.modules[node.target], "inplace", False))
+        if node.op not in ("call_function", "call_method"):
+            return False
+        args, kwargs = self._args(node, env)
+        func = node.target if node.op == "call_function" else getattr(torch.Tensor, node.target, None)
+        return func is not None and bool(args) and _is_inplace(func, args, kwargs)
+
+    # -------------------------------------------------------------------------------------------- running
+    def _args(self, node: fx.Node, env: dict):
+        def get(n):
+            return env[n.name]
+        return fx.node.map_arg(node.args, get), fx.node.map_arg(node.kwargs, get)
+
+    def _exec(self, node: fx.Node, env: dict, x: torch.Tensor | None, site: bool = False):
+        """Run one node on the values in ``env`` (``x``: the model's input); a site's in-place call runs on a copy
+        of its input, and the nodes after it read what it wrote."""
+        if node.op == "placeholder":
+            if not env:
+                return x
+            if node.args:
+                return node.args[0]  # a default argument
+            raise TypeError(f"the forward pass needs argument {node.target!r}")
+        if node.op == "get_attr":
+            obj = self.gm
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            return obj
+        args, kwargs = self._args(node, env)
+        if node.op == "call_module":
+            mod = self.modules[node.target]
+            inplace = site and bool(args) and getattr(mod, "inplace", False)
+            if inplace:
+                args = (args[0].clone(), *args[1:])
+            out = mod(*args, **kwargs)
+        else:
+            func = node.target if node.op == "call_function" else getattr(torch.Tensor, node.target)
+            inplace = site and _is_inplace(func, args, kwargs)
+            if inplace:
+                args = (args[0].clone(), *args[1:])
+            out = getattr(args[0], node.target)(*args[1:], **kwargs) if node.op == "call_method" else \
+                func(*args, **kwargs)
+        if inplace and isinstance(node.args[0], fx.Node):
+            # a site's unit inputs are kept (the scan reads them); the nodes after it read what the call wrote
+            env[node.args[0].name] = out
+        return out
+
+    def start(self, x: torch.Tensor) -> "FrontierState":
+        return FrontierState(self, x)
+
+
+@dataclass
+class _Made:
+    """A tensor a probe node made: its shape and dtype, and its values unless its first dimension is the batch's."""
+
+    shape: tuple
+    dtype: torch.dtype
+    values: torch.Tensor | None
+
+
+class _Spy(TorchFunctionMode):
+    """The registry entries of the activation calls made inside a ``with`` block (the capture's rule: a call on a
+    floating-point tensor that ``resolve_call`` knows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            act = resolve_call(func, args, kwargs)
+            if act is not None:
+                self.found.append(act)
+        return func(*args, **kwargs)
+
+
+def _same_constant(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+class FrontierState:
+    """The values live at the current cut, one row per point for those in ``per_point``."""
+
+    def __init__(self, prog: FrontierProgram, x: torch.Tensor):
+        self.prog, self.x, self.env, self.next = prog, x, {}, 0
+        self.site_set = set(prog.sites)
+
+    def _advance(self, stop: int) -> None:
+        p = self.prog
+        with FastConv64(), torch.no_grad():
+            for i in range(self.next, stop):
+                node = p.nodes[i]
+                if node.op == "output":
+                    self.env["__output__"] = fx.node.map_arg(node.args, lambda n: self.env[n.name])[0]
+                    break
+                self.env[node.name] = p._exec(node, self.env, self.x, site=i in self.site_set)
+                for name in p.free_after[i]:
+                    self.env.pop(name, None)
+        self.next = stop
+        self.x = None  # the input is read once, by the first node
+
+    def run_to(self, k: int) -> torch.Tensor:
+        """Run up to site ``k`` (not into it); its unit inputs at every point."""
+        cut = self.prog.sites[k]
+        self._advance(cut)
+        return self.prog._args(self.prog.nodes[cut], self.env)[0][0]
+
+    def output(self):
+        """Run to the end of the graph; the model's output at every point."""
+        self._advance(len(self.prog.nodes))
+        return self.env.pop("__output__")
+
+    def insert(self, k: int, old_pos: torch.Tensor, new_pos: torch.Tensor, left: torch.Tensor, u: torch.Tensor,
+               z_new: torch.Tensor) -> None:
+        """Add the breakpoints site ``k`` made: interval ``left[i]`` (between points ``left[i]`` and ``left[i] + 1``)
+        at relative position ``u[i]``; their unit inputs at site ``k`` are ``z_new`` (exact), every other value
+        carried across the cut is interpolated between the interval's ends."""
+        n_new = len(old_pos) + len(new_pos)
+        site_input = self.prog.nodes[self.prog.sites[k]].args[0]
+        site_input = site_input.name if isinstance(site_input, fx.Node) else None
+        for name in list(self.env):
+            if name in self.prog.batch_sizes:
+                self.env[name] = n_new
+            if name not in self.prog.per_point:
+                continue
+            v = self.env[name]
+            out = v.new_empty((n_new, *v.shape[1:]))
+            out[old_pos] = v
+            if name == site_input:
+                out[new_pos] = z_new.reshape(len(new_pos), *v.shape[1:]).to(v.dtype)
+            else:
+                w = u.to(v.dtype).reshape(-1, *([1] * (v.dim() - 1)))
+                out[new_pos] = torch.lerp(v[left], v[left + 1], w)
+            self.env[name] = out
