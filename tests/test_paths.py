@@ -234,7 +234,7 @@ def test_cnn_counts_equal_dense_sampling(evaluator):
         assert p.per_layer == want
 
 
-@pytest.mark.parametrize("evaluator", ["affine", "graph", "products"])
+@pytest.mark.parametrize("evaluator", ["affine", "graph", "products", "frontier"])
 def test_paths_at_a_layer_and_rays_equal_sampling(evaluator, monkeypatch):
     """Segments between activations at a named site, and scaling rays there, match dense sampling (the graph
     evaluator runs the network before the site once per path: ``SharedPrefix``, residual branches included;
@@ -273,7 +273,7 @@ def test_paths_at_a_layer_and_rays_equal_sampling(evaluator, monkeypatch):
 
 
 
-@pytest.mark.parametrize("evaluator", ["affine", "graph"])
+@pytest.mark.parametrize("evaluator", ["affine", "graph", "frontier"])
 def test_rays_along_a_direction_equal_sampling_and_the_segment(evaluator):
     """Rays a + alpha * d (one d for all paths, and one per path) match dense sampling of that line, equal the
     segment between its two ends at the site record for record, and measure density along |d|."""
@@ -426,8 +426,9 @@ def test_frontier_evaluator_equals_the_graph_route_and_sampling(monkeypatch):
     """The frontier evaluator (every point advances site by site through the model's FX graph, new breakpoints'
     values interpolated): records equal the graph route's and dense sampling's where a crossing unit's output ties
     with max-pool entries (PoolNet), with in-place sites whose results are ignored (InPlaceNet: the later nodes read
-    what they wrote), with the batch size read before the sites (BatchSizeNet), with units= of the last site, and
-    refined in pieces under a small budget; each refinement pass runs only the nodes between two sites."""
+    what they wrote), with the batch size read before the sites (BatchSizeNet), with units= of the last site,
+    refined in pieces under a small budget (each pass runs only the nodes between two sites), and for paths and rays
+    at a site (in place, in a residual block)."""
     import polytope_lens.paths.frontier as frontier
     g = torch.Generator().manual_seed(5)
     net = PoolNet()
@@ -463,6 +464,33 @@ def test_frontier_evaluator_equals_the_graph_route_and_sampling(monkeypatch):
     _same_records(whole.paths[0], pieces.paths[0])
     # every node runs once per chunk or piece: passes pick up where the last one stopped
     assert segments and all(s == 0 or s == prev_stop for (s, _), (_, prev_stop) in zip(segments[1:], segments))
+    # paths and rays at a site: an in-place ReLU in a residual block (the network before it runs once per path), and
+    # an in-place site whose result is ignored (what it wrote is read after it)
+    res = TorchvisionStyleResNet()
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    site = "layer1.relu.relu"
+    acts = site_activations(res, x, layer=site)
+    crossed = 0
+    for r1, r2 in [(ray_crossings(res, x, layer=site, alphas=(0.5, 4.0), evaluator="graph"),
+                    ray_crossings(res, x, layer=site, alphas=(0.5, 4.0), evaluator="frontier")),
+                   (path_crossings(res, acts, acts.roll(1, 0), layer=site, inputs=x, evaluator="graph"),
+                    path_crossings(res, acts, acts.roll(1, 0), layer=site, inputs=x, evaluator="frontier"))]:
+        assert "frontier" in r2.notes[-1]
+        crossed += sum(p.crossings for p in r2.paths)
+        for p, q in zip(r1.paths, r2.paths):
+            _same_records(p, q)
+            assert (p.trace.top_class == q.trace.top_class).all()
+    assert crossed > 10
+    # real inputs given as keyword tensors ({"x": ...}, as data bundles encode them)
+    for p, q in zip(ray_crossings(res, {"x": x}, layer=site, alphas=(0.5, 4.0), evaluator="graph").paths,
+                    ray_crossings(res, {"x": x}, layer=site, alphas=(0.5, 4.0), evaluator="frontier").paths):
+        _same_records(p, q)
+    xi = torch.randn(2, 3, generator=g)
+    at = site_activations(m, xi, layer="act.relu")
+    for p, q in zip(path_crossings(m, at, at.flip(0) + 0.1, layer="act.relu", inputs=xi, evaluator="graph").paths,
+                    path_crossings(m, at, at.flip(0) + 0.1, layer="act.relu", inputs=xi,
+                                   evaluator="frontier").paths):
+        _same_records(p, q)
 
 
 class _ResidualInPlace(nn.Module):
@@ -479,13 +507,10 @@ class _ResidualInPlace(nn.Module):
 
 
 def test_frontier_evaluator_refuses_what_it_cannot_follow():
-    """A one-line error naming the reason: a path at a named layer, a custom forward, an in-place change of a
-    tensor another node reads, and a model FX cannot trace (its control flow reads values)."""
+    """A one-line error naming the reason: a custom forward, an in-place change of a tensor another node reads, and
+    a model FX cannot trace (its control flow reads values)."""
     mlp = MLP(4, 8, 2, seed=1)
     a, b = torch.randn(2, 4), torch.randn(2, 4)
-    with pytest.raises(InvalidInputError, match="evaluator='frontier'.*a path at a named layer"):
-        acts = site_activations(mlp, a, layer="relu")
-        path_crossings(mlp, acts, acts + 1.0, layer="relu", inputs=a, evaluator="frontier")
     with pytest.raises(InvalidInputError, match="a custom forward function"):
         path_crossings(mlp, a, b, evaluator="frontier", forward=lambda m: (lambda x: m(x)))
     with pytest.raises(InvalidInputError, match="in-place operation on a tensor read elsewhere"):

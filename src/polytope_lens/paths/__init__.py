@@ -212,7 +212,7 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
                                     f"half the memory budget ({memory_budget} bytes); raise it or use 'graph'.")
     # auto takes the frontier evaluator on the CPU, where it was measured faster than the graph route when sites
     # follow sites (a path through one site makes no new points to evaluate: the checks would only add time)
-    if use_exact and (evaluator == "frontier" or (evaluator == "auto" and affine is None and spec.site is None
+    if use_exact and (evaluator == "frontier" or (evaluator == "auto" and affine is None
                                                   and prep.device.type == "cpu" and len(runner.processed) > 1)):
         frontier, why_not = FrontierProgram.build(runner)
         if frontier is None and evaluator == "frontier":

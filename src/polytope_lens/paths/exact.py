@@ -59,7 +59,7 @@ import torch
 from ..errors import InvalidInputError, NotPiecewiseLinearError
 from .._kink_scan import interpolated_outputs, scan, triton_ready
 from ..kinks import ScalarKinks, WindowMax, counts_below, lexsort, sort_crossings
-from .runner import SRC, Affine, Runner, logits_of, same_values
+from .runner import SRC, Affine, Runner, index_inputs, logits_of, same_values
 
 
 _JOIN_EVERY = 64  # pieces (or runs of joined pieces) of one path joined at a time
@@ -620,7 +620,12 @@ class Refiner:
         pass per site over all current points, through the network between the two sites only."""
         r = self.r
         pts = _Points.start(r.spec, gpids, t_range)
-        state = self.frontier.start(r.spec.points(gpids[pts.pid], pts.t))
+        x = r.spec.points(gpids[pts.pid], pts.t)
+        if r.spec.site is None:
+            state = self.frontier.start(x)
+        else:  # the network before the paths' site runs once per path
+            uniq, inv = torch.unique(gpids[pts.pid], return_inverse=True)
+            state = self.frontier.start(x, index_inputs(r.spec.base, uniq), inv)
         recs = []
         n = len(pts.t)
         for k, site in enumerate(r.processed):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.fx as fx
@@ -31,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from .._conv64 import FastConv64
 from ..capture import ACTIVATION_MODULE_CLASSES, _is_inplace
 from ..kinks import get_activation, resolve_call
-from .runner import Runner, same_values
+from .runner import Runner, index_inputs, same_values
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
@@ -58,14 +59,17 @@ class FrontierProgram:
         self.per_point = per_point  # names of values with one row per point (the others are the same for any batch)
         self.batch_sizes: set[str] = set()  # names of ints that are the number of points
         self.live_values = 0  # values per point carried across the busiest cut
+        self.path_site: int | None = None  # node index of the site whose output the paths replace (site paths)
         self.free_after = free_after  # per node index: values last read by it
 
     # ------------------------------------------------------------------------------------------------ build
     @classmethod
     def build(cls, runner: Runner) -> tuple["FrontierProgram | None", str]:
         """The program for ``runner``'s model, or None and the reason it cannot run this way."""
-        if runner.spec.site is not None:
-            return None, "a path at a named layer"
+        spec = runner.spec
+        if spec.site is not None and not (isinstance(spec.base, torch.Tensor) or isinstance(spec.base, Mapping) and all(
+                isinstance(v, torch.Tensor) for v in spec.base.values())):
+            return None, "the model's inputs are neither a tensor nor a mapping of tensors"
         if not getattr(runner.fwd, "plain_call", False):
             return None, "a custom forward function"
         classes = {**ACTIVATION_MODULE_CLASSES, **(runner.ckw.get("activation_modules") or {})}
@@ -86,11 +90,16 @@ class FrontierProgram:
         # two probe batches of different sizes: which values scale with the batch, which nodes are sites
         t = torch.linspace(0.2, 0.8, 3, dtype=runner.dtype, device=runner.device)
         pid = torch.zeros(3, dtype=torch.long, device=runner.device)
-        x = runner.spec.points(pid, t)
+        x = spec.points(pid, t)
+        names = [site.name for site in runner.all_sites]
         seen = []
         try:
             for n in (2, 3):
-                values, sites = prog._probe(x[:n], classes)
+                if spec.site is None:
+                    values, sites = prog._probe(x[:n], classes)
+                else:  # the first path's real input n times; the path's site gives the path points
+                    base = index_inputs(spec.base, torch.zeros(n, dtype=torch.long, device=runner.device))
+                    values, sites = prog._probe(base, classes, (names.index(spec.site), x[:n]))
                 seen.append((values, sites))
         except Exception as e:  # noqa: BLE001
             return None, f"the FX graph does not run on the path's points ({type(e).__name__}: {str(e)[:80]})"
@@ -98,8 +107,12 @@ class FrontierProgram:
         if s2 != s3 or len(s2) != len(runner.all_sites) or any(
                 act.name != site.activation.name for (_, act), site in zip(s2, runner.all_sites)):
             return None, "its activation calls differ from the capture's sites"
-        prog.sites = [i for i, _ in s2][:len(runner.processed)]
-        for cut in prog.sites:  # values made before a cut and read at or after it
+        first = 0 if spec.site is None else names.index(spec.site) + 1  # the first processed site
+        if spec.site is not None:
+            prog.path_site = s2[first - 1][0]
+        prog.sites = [i for i, _ in s2][first:first + len(runner.processed)]
+        cuts = ([] if prog.path_site is None else [prog.path_site + 1]) + prog.sites
+        for cut in cuts:  # values made before a cut and read at or after it
             live = 0
             for name, i in index.items():
                 if i >= cut or last[name] < cut or nodes[i].op == "get_attr":
@@ -124,20 +137,22 @@ class FrontierProgram:
             prog.live_values = max(prog.live_values, live)
         # the unit inputs at every processed site equal a plain forward pass's
         want = runner.eval_points(pid, t, runner.names)
-        state = prog.start(x)
+        state = prog.start(x, None if spec.site is None else index_inputs(spec.base, pid[:1]), pid)
         for k, name in enumerate(runner.names):
             z = state.run_to(k).reshape(len(x), -1)
             if not same_values(z, want[name], runner.tol):
                 return None, f"its unit inputs at {name} differ from a plain forward pass"
         return prog, ""
 
-    def _probe(self, x: torch.Tensor, classes: dict[str, str]) -> tuple[dict, list]:
+    def _probe(self, x, classes: dict[str, str], replace: tuple | None = None) -> tuple[dict, list]:
         """What each node makes on batch ``x`` (a tensor's shape, with its values where its first dimension is not
         the batch's; other values as they are), and the sites: (node index, activation) in order. Values are freed
-        once read for the last time, as in a frontier pass."""
+        once read for the last time, as in a frontier pass. ``replace``: (k, points), site k's output is the
+        points (site paths)."""
         env: dict = {}
         made: dict = {}
         sites = []
+        batch = len(next(iter(x.values())) if isinstance(x, Mapping) else x)
         with FastConv64(), torch.no_grad():
             for i, node in enumerate(self.nodes):
                 if node.op == "output":
@@ -147,9 +162,12 @@ class FrontierProgram:
                     sites.append((i, act))
                 elif self._inplace(node, env) and not self._private_target(node, env):
                     raise ValueError(f"an in-place operation on a tensor read elsewhere ({node.format_node()[:60]})")
-                v = env[node.name] = self._exec(node, env, x, site=act is not None)
+                if act is not None and replace is not None and len(sites) - 1 == replace[0]:
+                    v = self._replace_site(node, env, replace[1])
+                else:
+                    v = env[node.name] = self._exec(node, env, x, site=act is not None)
                 if isinstance(v, torch.Tensor):
-                    per_row = v.dim() > 0 and v.shape[0] == len(x)
+                    per_row = v.dim() > 0 and v.shape[0] == batch
                     made[node.name] = _Made(tuple(v.shape), v.dtype, None if per_row else v.clone())
                 else:
                     made[node.name] = v
@@ -208,11 +226,13 @@ class FrontierProgram:
             return env[n.name]
         return fx.node.map_arg(node.args, get), fx.node.map_arg(node.kwargs, get)
 
-    def _exec(self, node: fx.Node, env: dict, x: torch.Tensor | None, site: bool = False):
+    def _exec(self, node: fx.Node, env: dict, x, site: bool = False):
         """Run one node on the values in ``env`` (``x``: the model's input); a site's in-place call runs on a copy
         of its input, and the nodes after it read what it wrote."""
-        if node.op == "placeholder":
-            if not env:
+        if node.op == "placeholder":  # the input: one tensor (the first argument) or keyword arguments
+            if isinstance(x, Mapping) and node.target in x:
+                return x[node.target]
+            if not isinstance(x, Mapping) and not env:
                 return x
             if node.args:
                 return node.args[0]  # a default argument
@@ -241,8 +261,23 @@ class FrontierProgram:
             env[node.args[0].name] = out
         return out
 
-    def start(self, x: torch.Tensor) -> "FrontierState":
-        return FrontierState(self, x)
+    def _replace_site(self, node: fx.Node, env: dict, points: torch.Tensor) -> torch.Tensor:
+        """Site paths: the path's site outputs the path points (an in-place site also writes them into its
+        input, as the call would have)."""
+        env[node.name] = points
+        if self._inplace(node, env) and isinstance(node.args[0], fx.Node):
+            env[node.args[0].name] = points
+        return points
+
+    def start(self, x: torch.Tensor, base=None, path_of_point: torch.Tensor | None = None) -> "FrontierState":
+        """The state at the start of a chunk: the points ``x`` (input space), or for site paths the real inputs
+        ``base`` of the chunk's paths (one row each: a tensor or keyword tensors) run to the path's site, whose
+        output is then ``x``; what is carried across that cut is taken per point from its path's row
+        (``path_of_point``)."""
+        state = FrontierState(self, x if base is None else base)
+        if base is not None:
+            state.enter_paths(x, path_of_point)
+        return state
 
 
 @dataclass
@@ -298,6 +333,22 @@ class FrontierState:
                     self.env.pop(name, None)
         self.next = stop
         self.x = None  # the input is read once, by the first node
+
+    def enter_paths(self, points: torch.Tensor, path_of_point: torch.Tensor) -> None:
+        """Site paths: run the paths' real inputs to the path's site, take each carried value per point from its
+        path's row, and make the path points the site's output."""
+        p = self.prog
+        self._advance(p.path_site)
+        node = p.nodes[p.path_site]
+        for name in list(self.env):
+            if name in p.batch_sizes:
+                self.env[name] = len(points)
+            elif name in p.per_point:
+                self.env[name] = self.env[name][path_of_point]
+        p._replace_site(node, self.env, points)
+        for name in p.free_after[p.path_site]:
+            self.env.pop(name, None)
+        self.next = p.path_site + 1
 
     def run_to(self, k: int) -> torch.Tensor:
         """Run up to site ``k`` (not into it); its unit inputs at every point."""
