@@ -37,6 +37,23 @@ def test_pairs_json_matches_api(tmp_path, pairs):
     assert all(set(p) >= {"crossings", "per_layer", "density", "trace"} for p in d["paths"])
 
 
+def test_evaluator_option_reaches_the_api(tmp_path, pairs):
+    """--evaluator frontier runs that evaluator (its note in the JSON) with the default's counts; a bad name is a
+    one-line error."""
+    out = tmp_path / "f.json"
+    r = runner.invoke(app, ["path", "--model", MODEL, "--pairs", str(pairs), "--evaluator", "frontier", "--json",
+                            str(out)])
+    assert r.exit_code == 0, r.output
+    d = json.loads(out.read_text())
+    assert any("frontier" in n for n in d["notes"])
+    z = np.load(pairs)
+    ref = path_crossings(load_model(MODEL).module, torch.from_numpy(z["start"]), torch.from_numpy(z["end"]))
+    assert [p["crossings"] for p in d["paths"]] == [p.crossings for p in ref.paths]
+    r = runner.invoke(app, ["path", "--model", MODEL, "--pairs", str(pairs), "--evaluator", "fast", "--json",
+                            str(out)])
+    assert r.exit_code == 1 and "'evaluator' parameter" in r.stderr
+
+
 def test_from_to_and_scale(tmp_path):
     x = np.random.default_rng(1).normal(size=(2, 6)).astype(np.float32)
     np.save(tmp_path / "a.npy", x[0])

@@ -481,6 +481,11 @@ def test_frontier_evaluator_equals_the_graph_route_and_sampling(monkeypatch):
             _same_records(p, q)
             assert (p.trace.top_class == q.trace.top_class).all()
     assert crossed > 10
+    # polylines: the knots are points from the start
+    corners = torch.randn(2, 4, 1, 8, 8, generator=g)
+    for p, q in zip(polyline_crossings(net, corners, evaluator="graph").paths,
+                    polyline_crossings(net, corners, evaluator="frontier").paths):
+        _same_records(p, q)
     # real inputs given as keyword tensors ({"x": ...}, as data bundles encode them)
     for p, q in zip(ray_crossings(res, {"x": x}, layer=site, alphas=(0.5, 4.0), evaluator="graph").paths,
                     ray_crossings(res, {"x": x}, layer=site, alphas=(0.5, 4.0), evaluator="frontier").paths):

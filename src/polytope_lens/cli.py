@@ -327,6 +327,9 @@ Device = Annotated[str, typer.Option(help="cpu or cuda.")]
 Budget = Annotated[Optional[int], typer.Option(help="Memory budget in MiB; larger batches are chunked to fit. "
                                                     "Default: 1024 on the CPU, half the free GPU memory with "
                                                     "--device cuda.", show_default=False)]
+Evaluator = Annotated[str, typer.Option(help="Exact mode: auto | affine | graph | frontier (see docs/paths.md). "
+                                              "auto: Jacobian blocks where they fit, else on the CPU the frontier "
+                                              "evaluator where the model allows, else forward passes (graph).")]
 Samples = Annotated[int, typer.Option(help="Sampled mode: samples per path (a unit that changes piece and back "
                                            "between two samples is missed, so counts are lower bounds).")]
 Tol = Annotated[float, typer.Option(help="Sampled mode: each crossing is located to this tolerance in t (one "
@@ -348,7 +351,7 @@ def path_cmd(
                                                       "other branches).")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Globs of the sites whose crossings are reported.")] = None,
     method: Method = "auto", dtype: Dtype = "float64", device: Device = "cpu", memory_mib: Budget = None,
-    n_samples: Samples = 1024, tol: Tol = 1e-9,
+    n_samples: Samples = 1024, tol: Tol = 1e-9, evaluator: Evaluator = "auto",
     records: Annotated[bool, typer.Option(help="Include every crossing (t, site, unit, piece) in the JSON.")] = False,
     trace: Annotated[bool, typer.Option(help="Semantic trace: the output in every region (one model evaluation "
                                              "per region; turn off for paths with very many regions).")] = True,
@@ -367,7 +370,7 @@ def path_cmd(
     _check_ray(ray, ray_workers)
     if (pairs is None) == (from_ref is None or to_ref is None):
         raise InvalidInputError("Give either --from and --to, or --pairs FILE.npz.")
-    kw = dict(method=method, dtype=_dtype(dtype), device=device, layers=layers,
+    kw = dict(method=method, dtype=_dtype(dtype), device=device, layers=layers, evaluator=evaluator,
               memory_budget=_budget_bytes(memory_mib), trace=trace, ray_address=ray, ray_workers=ray_workers,
               **_sampling(n_samples, tol))  # the options' one-line errors come before the model is loaded
     bundle = load_model(model)
@@ -427,7 +430,7 @@ def scale_cmd(
         help="A .npy of the site's activation shape: the ray is a + alpha * d instead of alpha * a.")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Globs of the sites whose crossings are reported.")] = None,
     method: Method = "auto", dtype: Dtype = "float64", device: Device = "cpu", memory_mib: Budget = None,
-    n_samples: Samples = 1024, tol: Tol = 1e-9,
+    n_samples: Samples = 1024, tol: Tol = 1e-9, evaluator: Evaluator = "auto",
     max_tokens: Annotated[int, typer.Option(help="Text inputs: tokens kept (the ray scales every token's "
                                                  "activation at --layer).")] = 128,
     records: Annotated[bool, typer.Option(help="Include every crossing in the JSON.")] = False,
@@ -442,7 +445,7 @@ def scale_cmd(
     if max_tokens < 1:
         raise InvalidInputError(f"--max-tokens must be at least 1. Got {max_tokens}.")
     kw = dict(alphas=_alphas(alphas), method=method, dtype=_dtype(dtype), device=device, layers=layers,
-              memory_budget=_budget_bytes(memory_mib), trace=trace, **_sampling(n_samples, tol))
+              evaluator=evaluator, memory_budget=_budget_bytes(memory_mib), trace=trace, **_sampling(n_samples, tol))
     bundle = load_model(model)
     x = _item(bundle, input_ref, "--input", max_tokens=max_tokens)
     d = None if direction is None else _load_npy(direction, "--direction")
