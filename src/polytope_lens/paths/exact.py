@@ -543,6 +543,7 @@ class Refiner:
         cache = _PointCache()  # graph route: evaluated values by point id
         pend: _Pending | None = None
         z_new = None  # graph route: what gives the last site's unit inputs at the breakpoints it made
+        z_last = None  # the last site's unit inputs before its breakpoints, when the trace evaluates midpoints
         recs = []
         names = r.names
         with_output = self.output_at_points and self.aff is None
@@ -573,7 +574,7 @@ class Refiner:
             else:
                 cr = self._crossings(act.crossings_along(z, self.r.tol), pid, t)
             recs.append((pid[cr["seg"]], cr["rec_t"], k, cr["unit"], cr["piece"]))
-            n = len(t)
+            n, t_old = len(t), t
             pj, pu = cr["pj"], cr["pu"]
             old_pos, new_pos = pts.insert(cr)
             c_unit, jump = cr["unit"][cr["inner"]], None
@@ -600,6 +601,8 @@ class Refiner:
             pend = _Pending(name, new_pos, old_pos, pj, pu, grp, len(pj), cr["gid"], c_unit, jump)
             pid, t, tied, ids, n_ids = pts.pid, pts.t, pts.tied, pts.ids, pts.n_ids
             if last:
+                if self.want_output and not self.output_at_points:
+                    z_last = (zf, t_old, old_pos)
                 break
         # points whose unit inputs were held at the last site: what the chunk's memory scales with (the last
         # site's own breakpoints are never evaluated again, they cost a few numbers each)
@@ -612,7 +615,7 @@ class Refiner:
                 if len(pend.new_idx):  # the last site's breakpoints were not evaluated yet
                     cache.add(ids[pend.new_idx], self._eval_new(len(names) - 1, pend, z_new, gpids, pid, t, True))
                 at_points = cache.take("output", ids, n_ids)
-            out["output"], out["output_at_points"] = self._outputs(pid, t, gpids, store, at_points)
+            out["output"], out["output_at_points"] = self._outputs(pid, t, gpids, store, at_points, z_last)
         return out
 
     def _run_chunk_frontier(self, gpids: torch.Tensor, t_range: tuple[float, float] | None = None) -> dict:
@@ -628,6 +631,7 @@ class Refiner:
             state = self.frontier.start(x, index_inputs(r.spec.base, uniq), inv)
         recs = []
         n = len(pts.t)
+        z_last = None
         for k, site in enumerate(r.processed):
             act = site.activation
             zf = state.run_to(k).reshape(len(pts.t), -1)
@@ -639,15 +643,17 @@ class Refiner:
                 cr = self._crossings(act.crossings_along(zf.reshape(len(zf), *r.z_shape[site.name]), r.tol),
                                      pts.pid, pts.t)
             recs.append((pts.pid[cr["seg"]], cr["rec_t"], k, cr["unit"], cr["piece"]))
-            n = len(pts.t)
+            n, t_old = len(pts.t), pts.t
             old_pos, new_pos = pts.insert(cr)
             if last and not self.output_at_points:
+                if self.want_output:
+                    z_last = (zf, t_old, old_pos)
                 break
             state.insert(k, old_pos, new_pos, cr["pj"], cr["pu"], _inputs_at_new(act, zf, cr))
         out = {"pid": pts.pid, "t": pts.t, "tied": pts.tied, "records": recs, "n_evaluated": n}
         if self.want_output:
             at_points = logits_of(state.output()) if self.output_at_points else None
-            out["output"], out["output_at_points"] = self._outputs(pts.pid, pts.t, gpids, {}, at_points)
+            out["output"], out["output_at_points"] = self._outputs(pts.pid, pts.t, gpids, {}, at_points, z_last)
         return out
 
     def _run_chunk_appended(self, gpids: torch.Tensor, t_range: tuple[float, float] | None = None) -> dict:
@@ -783,28 +789,33 @@ class Refiner:
 
     def _eval_new(self, k: int, pend: _Pending, z_new: tuple, gpids, pid, t, with_output: bool) -> list:
         """Graph route: the later sites' unit inputs (and the output when asked) at the breakpoints site ``k`` just
-        made, as ``(rows, values)`` batches. Their unit inputs at site k are known (``_inputs_at_new(*z_new)``, taken
-        batch by batch, crossed units exactly on their kinks), so the forward pass before site k need not run once
-        per point (``Runner.eval_point_batches``): on one row when nothing after site k reads what was computed
-        before it, else at the ends of the points' intervals when they are fewer than half the points. Each
-        reduction is checked once per site against the unreduced pass at a few points; models whose code it does
-        not reproduce get that pass."""
-        r = self.r
-        at, names = r.names[k], r.names[k + 1:]
+        made, as ``(rows, values)`` batches; their unit inputs at site k are ``_inputs_at_new(*z_new)`` (taken batch
+        by batch, crossed units exactly on their kinks), see ``_eval_at``."""
         new = pend.new_idx
-        p, tn = gpids[pid[new]], t[new]
         left, right = pend.old_idx[pend.left], pend.old_idx[pend.left + 1]
+        return self._eval_at(k, gpids[pid[new]], t[new], lambda b: _inputs_at_new(*z_new, b), left, right, pend.u,
+                             gpids[pid], t, self.r.names[k + 1:], with_output)
+
+    def _eval_at(self, k: int, p, tn, z_at, left, right, u, end_pid, end_t, names: list, with_output: bool) -> list:
+        """Values of sites ``names`` (and the output when asked) at points (path ``p``, position ``tn``) inside
+        intervals (points ``left``, ``right`` of ``end_pid``, ``end_t``; relative position ``u``) on which every
+        tensor before site ``k`` is affine, whose unit inputs at site ``k`` are ``z_at(rows)``: as ``(rows, values)``
+        batches. The forward pass before site k need not run once per point (``Runner.eval_point_batches``): on one
+        row when nothing after site k reads what was computed before it, else at the ends of the points' intervals
+        when they are fewer than half the points. Each reduction is checked once per site against the unreduced pass
+        at a few points; models whose code it does not reproduce get that pass."""
+        r = self.r
+        at = r.names[k]
 
         def evaluate(way, rows=slice(None)):  # rows: the first points or all
-            ends = (left[rows], right[rows], pend.u[rows], gpids[pid], t) if way == "ends" else way
-            return list(r.eval_point_batches(p[rows], tn[rows], names, with_output, at,
-                                             lambda b: _inputs_at_new(*z_new, b), ends))
+            ends = (left[rows], right[rows], u[rows], end_pid, end_t) if way == "ends" else way
+            return list(r.eval_point_batches(p[rows], tn[rows], names, with_output, at, z_at, ends))
         way = self.reduction.get(at)
         if way is None:
-            if len(new) < 2:  # a reduction is checked on at least two points (one row must differ from them)
+            if len(p) < 2:  # a reduction is checked on at least two points (one row must differ from them)
                 return evaluate("every point")
             way = self.reduction[at] = self._check_reduction(evaluate)
-        if way == "ends" and 2 * len(torch.unique(torch.cat([left, right]))) > len(new):
+        if way == "ends" and 2 * len(torch.unique(torch.cat([left, right]))) > len(p):
             way = "every point"
         if way != "every point":
             try:
@@ -833,11 +844,14 @@ class Refiner:
                 return way
         return "every point"
 
-    def _outputs(self, pid, t, gpids, store, at_points: torch.Tensor | None = None):
+    def _outputs(self, pid, t, gpids, store, at_points: torch.Tensor | None = None, z_last: tuple | None = None):
         """Model scores at region midpoints (n_points - 1 rows; rows across paths are junk and dropped later), and
         at the points themselves when the output is affine on every region (``output_at_points``: given as
         ``at_points`` on the graph route, from the stored site outputs on the affine route; the midpoints' are then
-        the mean of their ends), else None and one evaluation per midpoint."""
+        the mean of their ends), else None and one evaluation per midpoint: of the network from the last site on
+        when ``z_last`` = (that site's unit inputs at the points before it made its breakpoints, their t, their
+        positions now) is given (units= leaves kinks of that site inside regions, but its inputs are affine between
+        those points, so a midpoint's are interpolated there), else of the whole network."""
         mids_t = 0.5 * (t[:-1] + t[1:])
         if self.output_at_points:
             o = at_points
@@ -849,7 +863,16 @@ class Refiner:
                     o.addmm_(a, self.aff.jt["output", leaf])
             return 0.5 * (o[:-1] + o[1:]), o
         same = torch.nonzero(pid[:-1] == pid[1:]).flatten()
-        res = self.r.eval_points(gpids[pid[same]], mids_t[same], [], want_output=True)["output"]
+        if z_last is None:
+            res = self.r.eval_points(gpids[pid[same]], mids_t[same], [], want_output=True)["output"]
+        else:
+            zf, t_old, old_pos = z_last
+            j = torch.searchsorted(old_pos, same, right=True) - 1  # the interval of the old points holding each one
+            u_old = (mids_t[same] - t_old[j]) / (t_old[j + 1] - t_old[j])
+            half = torch.full((len(same),), 0.5, dtype=t.dtype, device=t.device)
+            res = torch.cat([o["output"] for _, o in self._eval_at(
+                len(self.r.names) - 1, gpids[pid[same]], mids_t[same], lambda b: _lerp_rows(zf, j[b], u_old[b]),
+                same, same + 1, half, gpids[pid], t, [], True)])
         full = res.new_zeros(len(t) - 1, res.shape[1])
         full[same] = res
         return full, None

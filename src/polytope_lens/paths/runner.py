@@ -229,7 +229,8 @@ class Runner:
             self._replay = False
             self._replays.clear()
             out.clear()
-            shared = None if shared is None else SharedPrefix(shared.index, inp)
+            shared = None if shared is None else SharedPrefix(
+                shared.index, inp, rows=None if shared.index is not None else shared.rows, at=shared.at)
             res = run(self.model, lambda: self.fwd(inp), handler, shared=shared, **self.ckw)
         if recording:
             replay.compact()
@@ -316,6 +317,8 @@ class Runner:
                 replay = self._replay_for(uniq)
             else:
                 inp = index_inputs(self.spec.base, rp)
+                if ends == "one row" and self.share_prefix:  # that row's network before the path's site: replayed
+                    replay = self._replay_for(rp)
             if reduced:
                 shared = SharedPrefix(inputs=inp, rows=rows, at=at)
 
