@@ -38,15 +38,15 @@ JOBS = {
                    "cost": {"load": 2, "p1": 0.002, "p2": 0.02, "p3": 0.09}},
     "fashion-cnn": {"data": "fashion-mnist", "p1_layers": "head.2.relu", "p1_units": "all",
                     "layer": "pool2.max_pool2d", "p3_layer": "stem.2.relu", "p3_alphas": (0.25, 16.0),
-                    "p3_in_quick": False, "p3_max_items": 10,  # ~4.5 s per ray (22,000-27,000 crossings): full run only
-                    "cost": {"load": 2, "p1": 0.002, "p2": 0.15, "p3": 4.5}},
+                    "p3_in_quick": False, "p3_max_items": 10,  # ~4 s per ray (22,000-27,000 crossings): full run only
+                    "cost": {"load": 2, "p1": 0.002, "p2": 0.15, "p3": 4.2}},
     "efficientnet-lite0": {"data": "skimage-augmented", "p1_layers": "_blocks.15._swish.relu6#1",
                            "p1_units": "position", "layer": "_blocks.15._swish.relu6#1",
                            "p3_layer": "_blocks.15._swish.relu6#1",
                            # crossings of the head's centre channel vector (the paper's CNN protocol): following all
                            # 62,720 head units needs ~30,000 forward passes (of the network after the site) per path
                            "units": "position",
-                           "cost": {"load": 5, "p1": 0.1, "p2": 2.6, "p3": 2.9}},
+                           "cost": {"load": 5, "p1": 0.1, "p2": 1.6, "p3": 1.3}},
     "minilm": {"data": "pydoc", "p1_layers": "encoder.layer.3.intermediate.intermediate_act_fn.gelu",
                "p1_units": "tokens", "layer": "encoder.layer.4.intermediate.intermediate_act_fn.gelu",
                "p3_layer": None, "cost": {"load": 5, "p1": 0.12, "p2": 0.8, "p3": 0.0}},
