@@ -91,9 +91,10 @@ class _Pending:
 
 
 def _merge(old: torch.Tensor, new: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Tensor) -> torch.Tensor:
+    """Rows ``old`` and ``new`` at positions ``old_pos`` and ``new_pos`` of one array."""
     out = old.new_empty((len(old) + len(new), *old.shape[1:]))
-    out[old_pos] = old
-    out[new_pos] = new
+    out.index_copy_(0, old_pos, old)  # a row copy: faster than an indexed assignment on the CPU
+    out.index_copy_(0, new_pos, new.to(old.dtype))
     return out
 
 

@@ -32,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from .._conv64 import FastConv64
 from ..capture import ACTIVATION_MODULE_CLASSES, _is_inplace
 from ..kinks import get_activation, resolve_call
+from .exact import _lerp_rows, _merge
 from .runner import Runner, index_inputs, same_values
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
@@ -375,11 +376,6 @@ class FrontierState:
             if name not in self.prog.per_point:
                 continue
             v = self.env[name]
-            out = v.new_empty((n_new, *v.shape[1:]))
-            out[old_pos] = v
-            if name == site_input:
-                out[new_pos] = z_new.reshape(len(new_pos), *v.shape[1:]).to(v.dtype)
-            else:
-                w = u.to(v.dtype).reshape(-1, *([1] * (v.dim() - 1)))
-                out[new_pos] = torch.lerp(v[left], v[left + 1], w)
-            self.env[name] = out
+            new = (z_new.reshape(len(new_pos), *v.shape[1:]) if name == site_input
+                   else _lerp_rows(v, left, u.to(v.dtype)))
+            self.env[name] = _merge(v, new, old_pos, new_pos)
