@@ -477,11 +477,11 @@ _COMMON_DOC = """
         the CPU, half the free memory of a GPU.
     evaluator : {"auto", "affine", "graph", "frontier"}
         Exact mode: evaluate breakpoints through Jacobian blocks between sites (when they fit in half the budget)
-        or by forward passes; ``auto`` prefers ``affine``. ``frontier`` (input-space paths through models
-        ``torch.fx`` can trace): all points advance together from site to site, a new breakpoint's values are
-        interpolated instead of recomputed before its site (see ``paths.frontier``); an error names what stops it.
-        On the CPU ``auto`` takes it for input-space paths through two or more sites where Jacobian blocks do not
-        apply and the model allows, else the graph route (the result's notes say which, and why not the frontier).
+        or by forward passes; ``auto`` prefers ``affine``. ``frontier`` (models ``torch.fx`` can trace): all points
+        advance together from site to site, a new breakpoint's values are interpolated instead of recomputed before
+        its site (see ``paths.frontier``); an error names what stops it. On the CPU ``auto`` takes it for paths
+        through two or more sites where Jacobian blocks do not apply and the model allows, else the graph route (the
+        result's notes say which, and why not the frontier).
     forward : callable, optional
         ``forward(batch)`` to run instead of ``model(x)`` / ``model(**x)`` (e.g. ``lambda x: m(inputs_embeds=x)``).
     progress : callable, optional
