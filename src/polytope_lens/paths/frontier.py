@@ -20,6 +20,7 @@ three points of the first path. Input-space paths only (a path at a named layer 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class FrontierProgram:
         self.live_values = 0  # values per point carried across the busiest cut
         self.path_site: int | None = None  # node index of the site whose output the paths replace (site paths)
         self.free_after = free_after  # per node index: values last read by it
+        self.device = torch.device("cpu")  # where the points are
 
     # ------------------------------------------------------------------------------------------------ build
     @classmethod
@@ -88,6 +90,7 @@ class FrontierProgram:
         for name, i in last.items():
             free_after[i].append(name)
         prog = cls(gm, [], set(), free_after)
+        prog.device = runner.device
         # two probe batches of different sizes: which values scale with the batch, which nodes are sites
         t = torch.linspace(0.2, 0.8, 3, dtype=runner.dtype, device=runner.device)
         pid = torch.zeros(3, dtype=torch.long, device=runner.device)
@@ -154,7 +157,7 @@ class FrontierProgram:
         made: dict = {}
         sites = []
         batch = len(next(iter(x.values())) if isinstance(x, Mapping) else x)
-        with FastConv64(), torch.no_grad():
+        with self._modes():
             for i, node in enumerate(self.nodes):
                 if node.op == "output":
                     break
@@ -209,6 +212,13 @@ class FrontierProgram:
         ptr = env[target.name].untyped_storage().data_ptr()
         return not any(isinstance(v, torch.Tensor) and k != target.name and v.untyped_storage().data_ptr() == ptr
                        for k, v in env.items())
+
+    @contextlib.contextmanager
+    def _modes(self):
+        """No autograd; on the CPU, float64 convolutions and max pooling the capture's faster ways (``_conv64``:
+        a mode sees every call, which on a GPU would only add host time)."""
+        with torch.no_grad(), (FastConv64() if self.device.type == "cpu" else contextlib.nullcontext()):
+            yield
 
     def _inplace(self, node: fx.Node, env: dict) -> bool:
         if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
@@ -323,7 +333,7 @@ class FrontierState:
 
     def _advance(self, stop: int) -> None:
         p = self.prog
-        with FastConv64(), torch.no_grad():
+        with p._modes():
             for i in range(self.next, stop):
                 node = p.nodes[i]
                 if node.op == "output":
