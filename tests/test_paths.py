@@ -1063,25 +1063,34 @@ def test_a_long_path_is_refined_in_pieces_within_the_budget(monkeypatch):
     assert r1.paths[0].per_layer == r2.paths[0].per_layer and r1.paths[0].ties == r2.paths[0].ties
 
 
-def test_pieces_on_the_graph_route_evaluate_their_shared_ends_once(monkeypatch):
+@pytest.mark.parametrize("evaluator", ["graph", "frontier"])
+def test_pieces_evaluate_their_shared_ends_once(monkeypatch, evaluator):
     """Consecutive pieces of a path share a point: the later piece takes the earlier one's values there instead of
-    evaluating it again (one point per piece, not two, evaluated before the sites' passes), and the crossings equal
-    the one-piece run's (the oracle) and a run that evaluates both ends of every piece."""
+    evaluating it again (one point per piece, not two, evaluated before the sites' passes; on the frontier route its
+    values at every cut and its output), and the crossings and the trace equal the one-piece run's (the oracle) and a
+    run that evaluates both ends of every piece."""
     import polytope_lens.paths.exact as exact
+    import polytope_lens.paths.frontier as frontier
     import polytope_lens.paths.runner as runner_mod
     g = torch.Generator().manual_seed(3)
     torch.manual_seed(4)
     cnn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
     x0, x1 = 3 * torch.randn(1, 1, 12, 12, generator=g), 3 * torch.randn(1, 1, 12, 12, generator=g)
-    whole = path_crossings(cnn, x0, x1, evaluator="graph", verify=False)
+    whole = path_crossings(cnn, x0, x1, evaluator=evaluator, verify=False)
     starts, pieces = [], []
     real_eval, real_chunk = runner_mod.Runner.eval_point_batches, exact.Refiner.run_chunk
+    real_start = frontier.FrontierProgram.start
 
     def eval_point_batches(self, pid, t, names, want_output=False, at=None, *args):
-        if at is None:  # not a site's pass at its new points: a chunk's first points (no check, no trace)
+        if at is None and evaluator == "graph":  # not a site's pass at its new points: a chunk's first points
             starts.append(len(pid))
         return real_eval(self, pid, t, names, want_output, at, *args)
+
+    def start(self, x, *args, **kwargs):
+        if kwargs.get("keep_last"):  # a piece of a path (not the evaluator's own check): the points it starts from
+            starts.append(len(x))
+        return real_start(self, x, *args, **kwargs)
 
     def run_chunk(self, gp, t_range=None, first=None):
         pieces.append(first is not None)
@@ -1090,10 +1099,13 @@ def test_pieces_on_the_graph_route_evaluate_their_shared_ends_once(monkeypatch):
     monkeypatch.setattr(exact.Refiner, "run_chunk", run_chunk)
     runs = {}
     for reuse in (True, False):
+        path_crossings(cnn, x0, x1, evaluator=evaluator, memory_budget=1 << 20)  # the frontier's own checks
+        if evaluator == "frontier":
+            monkeypatch.setattr(frontier.FrontierProgram, "start", start)
         starts.clear()
         pieces.clear()
-        runs[reuse] = path_crossings(cnn, x0, x1, evaluator="graph", verify=False, trace=False,
-                                     memory_budget=1 << 20)
+        runs[reuse] = path_crossings(cnn, x0, x1, evaluator=evaluator, verify=False, memory_budget=1 << 20)
+        monkeypatch.setattr(frontier.FrontierProgram, "start", real_start)
         assert len(pieces) > 10 and pieces[1:] == [True] * (len(pieces) - 1)
         assert sum(starts) == (len(pieces) + 1 if reuse else 2 * len(pieces))
     for r in runs.values():
@@ -1101,6 +1113,8 @@ def test_pieces_on_the_graph_route_evaluate_their_shared_ends_once(monkeypatch):
         assert p.per_layer == q.per_layer and p.ties == q.ties
         np.testing.assert_allclose(p.records["t"], q.records["t"], rtol=0, atol=1e-12)
         assert (p.records["unit"] == q.records["unit"]).all() and (p.records["piece"] == q.records["piece"]).all()
+        assert (p.trace.top_class == q.trace.top_class).all()
+        np.testing.assert_allclose(p.trace.js, q.trace.js, rtol=1e-9, atol=1e-14)
 
 
 def _assert_same_paths(whole, pieces):

@@ -59,7 +59,7 @@ import torch
 from ..errors import InvalidInputError, NotPiecewiseLinearError
 from .._kink_scan import interpolated_outputs, scan, triton_ready
 from ..kinks import ScalarKinks, WindowMax, counts_below, lexsort, sort_crossings
-from .runner import SRC, Affine, Runner, index_inputs, logits_of, same_values
+from .runner import SRC, Affine, Runner, index_inputs, same_values
 
 
 _JOIN_EVERY = 64  # pieces (or runs of joined pieces) of one path joined at a time
@@ -532,7 +532,7 @@ class Refiner:
         (its ``"last"``), so the point two pieces share is evaluated once and both see the same values; the piece's
         own values at ``t_range[1]`` come back as ``"last"``."""
         if self.frontier is not None:
-            return self._run_chunk_frontier(gpids, t_range)
+            return self._run_chunk_frontier(gpids, t_range, first)
         if self.append:
             return self._run_chunk_appended(gpids, t_range)
         r = self.r
@@ -619,17 +619,21 @@ class Refiner:
             out["output"], out["output_at_points"] = self._outputs(pid, t, gpids, store, at_points, z_last)
         return out
 
-    def _run_chunk_frontier(self, gpids: torch.Tensor, t_range: tuple[float, float] | None = None) -> dict:
+    def _run_chunk_frontier(self, gpids: torch.Tensor, t_range: tuple[float, float] | None = None,
+                            first: dict | None = None) -> dict:
         """``run_chunk`` with every point advancing together from site to site (``frontier.FrontierState``): one
-        pass per site over all current points, through the network between the two sites only."""
+        pass per site over all current points, through the network between the two sites only. A piece of a path
+        takes its first point's values from the piece before (``first``) and returns its last point's (``"last"``)."""
         r = self.r
         pts = _Points.start(r.spec, gpids, t_range)
-        x = r.spec.points(gpids[pts.pid], pts.t)
+        skip = 0 if first is None else 1
+        x = r.spec.points(gpids[pts.pid[skip:]], pts.t[skip:])
+        keep = t_range is not None
         if r.spec.site is None:
-            state = self.frontier.start(x)
+            state = self.frontier.start(x, first=first, keep_last=keep)
         else:  # the network before the paths' site runs once per path
-            uniq, inv = torch.unique(gpids[pts.pid], return_inverse=True)
-            state = self.frontier.start(x, index_inputs(r.spec.base, uniq), inv)
+            uniq, inv = torch.unique(gpids[pts.pid[skip:]], return_inverse=True)
+            state = self.frontier.start(x, index_inputs(r.spec.base, uniq), inv, first, keep)
         recs = []
         n = len(pts.t)
         z_last = None
@@ -653,8 +657,10 @@ class Refiner:
             state.insert(k, old_pos, new_pos, cr["pj"], cr["pu"], _inputs_at_new(act, zf, cr))
         out = {"pid": pts.pid, "t": pts.t, "tied": pts.tied, "records": recs, "n_evaluated": n}
         if self.want_output:
-            at_points = logits_of(state.output()) if self.output_at_points else None
+            at_points = state.output() if self.output_at_points else None
             out["output"], out["output_at_points"] = self._outputs(pts.pid, pts.t, gpids, {}, at_points, z_last)
+        if keep:
+            out["last"] = state.last
         return out
 
     def _run_chunk_appended(self, gpids: torch.Tensor, t_range: tuple[float, float] | None = None) -> dict:

@@ -34,7 +34,7 @@ from .._conv64 import FastConv64
 from ..capture import ACTIVATION_MODULE_CLASSES, _is_inplace
 from ..kinks import get_activation, resolve_call
 from .exact import _lerp_rows, _merge
-from .runner import Runner, index_inputs, same_values
+from .runner import Runner, index_inputs, logits_of, same_values
 
 _INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
@@ -280,12 +280,14 @@ class FrontierProgram:
             env[node.args[0].name] = points
         return points
 
-    def start(self, x: torch.Tensor, base=None, path_of_point: torch.Tensor | None = None) -> "FrontierState":
+    def start(self, x: torch.Tensor, base=None, path_of_point: torch.Tensor | None = None, first: dict | None = None,
+              keep_last: bool = False) -> "FrontierState":
         """The state at the start of a chunk: the points ``x`` (input space), or for site paths the real inputs
         ``base`` of the chunk's paths (one row each: a tensor or keyword tensors) run to the path's site, whose
         output is then ``x``; what is carried across that cut is taken per point from its path's row
-        (``path_of_point``)."""
-        state = FrontierState(self, x if base is None else base)
+        (``path_of_point``). ``first``: the values of a first point that ``x`` leaves out, kept by the piece before
+        (``FrontierState``)."""
+        state = FrontierState(self, x if base is None else base, first, keep_last)
         if base is not None:
             state.enter_paths(x, path_of_point)
         return state
@@ -325,11 +327,38 @@ def _same_constant(a, b) -> bool:
 
 
 class FrontierState:
-    """The values live at the current cut, one row per point for those in ``per_point``."""
+    """The values live at the current cut, one row per point for those in ``per_point``.
 
-    def __init__(self, prog: FrontierProgram, x: torch.Tensor):
+    Consecutive pieces of a path share a point: a piece's values there at every cut (and its output) are kept
+    (``keep_last``: ``last``), and the next piece takes them (``first``) instead of running that point again; its
+    passes then run on the other points and the shared point's row is put back in front after each."""
+
+    def __init__(self, prog: FrontierProgram, x, first: dict | None = None, keep_last: bool = False):
         self.prog, self.x, self.env, self.next = prog, x, {}, 0
         self.site_set = set(prog.sites)
+        self.first, self.keep_last, self.last = first, keep_last, {}
+        self.holds_first = False  # the shared point's row is in front of every per-point value
+
+    def _without_first(self) -> None:
+        if self.holds_first:
+            self._each_row(lambda v: v[1:], -1)
+            self.holds_first = False
+
+    def _with_first(self, key) -> None:
+        """After a pass: the shared point's values at this cut in front; this piece's last point's noted."""
+        if self.first is not None:
+            rows = self.first[key]
+            self._each_row(lambda v, name: torch.cat([rows[name], v]), 1, named=True)
+            self.holds_first = True
+        if self.keep_last:
+            self.last[key] = {name: v[-1:].clone() for name, v in self.env.items() if name in self.prog.per_point}
+
+    def _each_row(self, fn, change: int, named: bool = False) -> None:
+        for name in list(self.env):
+            if name in self.prog.batch_sizes:
+                self.env[name] += change
+            elif name in self.prog.per_point:
+                self.env[name] = fn(self.env[name], name) if named else fn(self.env[name])
 
     def _advance(self, stop: int) -> None:
         p = self.prog
@@ -364,13 +393,21 @@ class FrontierState:
     def run_to(self, k: int) -> torch.Tensor:
         """Run up to site ``k`` (not into it); its unit inputs at every point."""
         cut = self.prog.sites[k]
+        self._without_first()
         self._advance(cut)
+        self._with_first(k)
         return self.prog._args(self.prog.nodes[cut], self.env)[0][0]
 
-    def output(self):
-        """Run to the end of the graph; the model's output at every point."""
+    def output(self) -> torch.Tensor:
+        """Run to the end of the graph; the model's class scores (``logits_of``) at every point."""
+        self._without_first()
         self._advance(len(self.prog.nodes))
-        return self.env.pop("__output__")
+        out = logits_of(self.env.pop("__output__"))
+        if self.first is not None:
+            out = torch.cat([self.first["output"], out])
+        if self.keep_last:
+            self.last["output"] = out[-1:].clone()
+        return out
 
     def insert(self, k: int, old_pos: torch.Tensor, new_pos: torch.Tensor, left: torch.Tensor, u: torch.Tensor,
                z_new: torch.Tensor) -> None:
