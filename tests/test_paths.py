@@ -1108,6 +1108,11 @@ def test_pieces_evaluate_their_shared_ends_once(monkeypatch, evaluator):
         monkeypatch.setattr(frontier.FrontierProgram, "start", real_start)
         assert len(pieces) > 10 and pieces[1:] == [True] * (len(pieces) - 1)
         assert sum(starts) == (len(pieces) + 1 if reuse else 2 * len(pieces))
+    if evaluator == "frontier":  # pieces larger than FRONTIER_SHARE_MAX_POINTS evaluate both ends (the copies
+        monkeypatch.setattr(exact, "FRONTIER_SHARE_MAX_POINTS", 0)  # sharing costs outweigh one point there)
+        reuse, pieces[:] = True, []
+        runs["large"] = path_crossings(cnn, x0, x1, evaluator=evaluator, verify=False, memory_budget=1 << 20)
+        assert len(pieces) > 10 and not any(pieces)
     for r in runs.values():
         p, q = whole.paths[0], r.paths[0]
         assert p.per_layer == q.per_layer and p.ties == q.ties

@@ -72,6 +72,7 @@ PRODUCTS_AT_EVERY_POINT = {"cuda"}
 # with products at every point and one-kink sites only, keep per-point matrices in the order the points were made
 # (``Refiner._run_chunk_appended``); False keeps them in path order (comparisons: bench_paths.py --layout)
 APPENDED_LAYOUT = True
+FRONTIER_SHARE_MAX_POINTS = 64  # pieces of at most this many points share their ends on the frontier route
 
 
 @dataclass
@@ -338,6 +339,7 @@ class Refiner:
                  units: torch.Tensor | None = None, output_affine: bool = False, frontier=None):
         self.r = runner
         self.frontier = frontier  # a ``frontier.FrontierProgram``: all points advance site by site (graph models)
+        self._share_ends = False  # frontier route: pieces keep their last point's values for the next one
         self.units = units  # flat unit indices of the last site whose crossings are wanted (None = all)
         self.aff = affine
         self.tie_tol = float(tie_tol)
@@ -628,7 +630,7 @@ class Refiner:
         pts = _Points.start(r.spec, gpids, t_range)
         skip = 0 if first is None else 1
         x = r.spec.points(gpids[pts.pid[skip:]], pts.t[skip:])
-        keep = t_range is not None
+        keep = t_range is not None and self._share_ends
         if r.spec.site is None:
             state = self.frontier.start(x, first=first, keep_last=keep)
         else:  # the network before the paths' site runs once per path
@@ -773,7 +775,10 @@ class Refiner:
         once, by the earlier piece), so a unit sitting on a kink there is counted once (``pieces`` decides on which
         side, as within one piece)."""
         runs, a, made, done = [], 0.0, 0, 0.0  # (level, joined pieces); new breakpoints made, length of t done
-        shared = None  # graph route: the values at the point the last piece and the next share
+        shared = None  # the values at the point the last piece and the next share
+        # the frontier route pays for sharing a point with one copy of every carried value per site, which only
+        # pieces of a few points (a large network under a small budget) earn back
+        share = self._share_ends = self.frontier is None or max_points <= FRONTIER_SHARE_MAX_POINTS
         room = max(1.0, 0.8 * max_points - 2)  # new breakpoints a piece may hold beside its two ends
         step = room / (4.0 * max(float(est_points), 1.0))  # a quarter: deep sites' units may cross several times
         while a < 1.0:
@@ -783,7 +788,7 @@ class Refiner:
                     f"of {max_points} points can follow in float64; raise the memory budget.")
             b = 1.0 if a + step >= 1.0 else a + step
             out = self.run_chunk(gpid, (a, b), shared)
-            shared = out.pop("last", None)
+            shared = out.pop("last", None) if share else None
             # the next piece: what the denser of this piece and the path so far allows, at most twice this one
             k = max(out["n_evaluated"] - 2, 0)
             made, done = made + k, done + (b - a)
