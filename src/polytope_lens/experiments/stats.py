@@ -127,11 +127,9 @@ def resampled_clustering_scores(labels_true, labels_pred, indices, *, noise: str
     ``"exclude"`` leaves no rows), computed from the resample's contingency table: a weighted count of the distinct
     (label, cluster) pairs. Under ``"singleton"`` every occurrence of a noise row is a cluster of its own.
     """
-    from ..cluster import NOISE, NOISE_POLICIES
+    from ..cluster import NOISE, NOISE_POLICIES, _one_of
 
-    if noise not in NOISE_POLICIES:
-        raise InvalidInputError(f"The 'noise' parameter of resampled_clustering_scores must be one of "
-                                f"{', '.join(map(repr, NOISE_POLICIES))}. Got {noise!r} instead.")
+    _one_of("resampled_clustering_scores", "noise", noise, NOISE_POLICIES)
     t, p = np.asarray(labels_true).ravel(), np.asarray(labels_pred).ravel()
     idx = np.asarray(indices)
     if len(t) != len(p) or idx.ndim != 2 or (idx.size and (idx.min() < 0 or idx.max() >= len(t))):

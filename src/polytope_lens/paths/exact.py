@@ -339,7 +339,6 @@ class Refiner:
                  units: torch.Tensor | None = None, output_affine: bool = False, frontier=None):
         self.r = runner
         self.frontier = frontier  # a ``frontier.FrontierProgram``: all points advance site by site (graph models)
-        self._share_ends = False  # frontier route: pieces keep their last point's values for the next one
         self.units = units  # flat unit indices of the last site whose crossings are wanted (None = all)
         self.aff = affine
         self.tie_tol = float(tie_tol)
@@ -530,9 +529,9 @@ class Refiner:
                   first: dict | None = None) -> dict:
         """Refine paths ``gpids`` (all of each), or only ``[t_range[0], t_range[1]]`` of a single path.
 
-        Graph route, one piece of a path: ``first`` holds the values evaluated at ``t_range[0]`` by the piece before
-        (its ``"last"``), so the point two pieces share is evaluated once and both see the same values; the piece's
-        own values at ``t_range[1]`` come back as ``"last"``."""
+        Graph and frontier routes, one piece of a path: ``first`` holds the values evaluated at ``t_range[0]`` by the
+        piece before (its ``"last"``), so the point two pieces share is evaluated once and both see the same values;
+        the piece's own values at ``t_range[1]`` come back as ``"last"``."""
         if self.frontier is not None:
             return self._run_chunk_frontier(gpids, t_range, first)
         if self.append:
@@ -559,7 +558,7 @@ class Refiner:
                        r.eval_point_batches(gpids[pid[skip:]], t[skip:], names, with_output)]
             cache.add(ids, batches)
             if t_range is not None:  # the next piece starts here
-                last_values = {key: v[-1:].clone() for key, v in batches[-1][1].items()} if batches else first
+                last_values = {key: v[-1:].clone() for key, v in batches[-1][1].items()}
         for k, site in enumerate(r.processed):
             name, act = site.name, site.activation
             zshape = r.z_shape[name]
@@ -630,7 +629,7 @@ class Refiner:
         pts = _Points.start(r.spec, gpids, t_range)
         skip = 0 if first is None else 1
         x = r.spec.points(gpids[pts.pid[skip:]], pts.t[skip:])
-        keep = t_range is not None and self._share_ends
+        keep = t_range is not None  # one row per carried value and cut (run_path_in_pieces decides if it is used)
         if r.spec.site is None:
             state = self.frontier.start(x, first=first, keep_last=keep)
         else:  # the network before the paths' site runs once per path
@@ -778,7 +777,7 @@ class Refiner:
         shared = None  # the values at the point the last piece and the next share
         # the frontier route pays for sharing a point with one copy of every carried value per site, which only
         # pieces of a few points (a large network under a small budget) earn back
-        share = self._share_ends = self.frontier is None or max_points <= FRONTIER_SHARE_MAX_POINTS
+        share = self.frontier is None or max_points <= FRONTIER_SHARE_MAX_POINTS
         room = max(1.0, 0.8 * max_points - 2)  # new breakpoints a piece may hold beside its two ends
         step = room / (4.0 * max(float(est_points), 1.0))  # a quarter: deep sites' units may cross several times
         while a < 1.0:

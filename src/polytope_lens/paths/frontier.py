@@ -164,7 +164,7 @@ class FrontierProgram:
                 act = self._activation(node, env, classes)
                 if act is not None:
                     sites.append((i, act))
-                elif self._inplace(node, env) and not self._private_target(node, env):
+                elif self._inplace(node, *self._args(node, env)) and not self._private_target(node, env):
                     raise ValueError(f"an in-place operation on a tensor read elsewhere ({node.format_node()[:60]})")
                 if act is not None and replace is not None and len(sites) - 1 == replace[0]:
                     v = self._replace_site(node, env, replace[1])
@@ -194,11 +194,11 @@ class FrontierProgram:
             if len(spy.found) > 1:
                 raise ValueError(f"module {node.target!r} applies {len(spy.found)} activations")
             return spy.found[0] if spy.found else None
-        if node.op not in ("call_function", "call_method"):
+        func = self._func(node)
+        if func is None:
             return None
         args, kwargs = self._args(node, env)
-        func = node.target if node.op == "call_function" else getattr(torch.Tensor, node.target, None)
-        if func is None or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
+        if not args or not isinstance(args[0], torch.Tensor) or not args[0].is_floating_point():
             return None
         return resolve_call(func, args, kwargs)
 
@@ -220,18 +220,23 @@ class FrontierProgram:
         with torch.no_grad(), (FastConv64() if self.device.type == "cpu" else contextlib.nullcontext()):
             yield
 
-    def _inplace(self, node: fx.Node, env: dict) -> bool:
+    def _inplace(self, node: fx.Node, args: tuple, kwargs: dict) -> bool:
+        """Whether a node's call writes into its first argument (``args``, ``kwargs``: the call's values)."""
         if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
             return True
         if node.op == "call_module":
-            return bool(getattr(self.modules[node.target], "inplace", False))
-        if node.op not in ("call_function", "call_method"):
-            return False
-        args, kwargs = self._args(node, env)
-        func = node.target if node.op == "call_function" else getattr(torch.Tensor, node.target, None)
+            return bool(args) and bool(getattr(self.modules[node.target], "inplace", False))
+        func = self._func(node)
         return func is not None and bool(args) and _is_inplace(func, args, kwargs)
 
     # -------------------------------------------------------------------------------------------- running
+    @staticmethod
+    def _func(node: fx.Node):
+        """The function a call_function or call_method node calls (a Tensor method for the latter), else None."""
+        if node.op == "call_function":
+            return node.target
+        return getattr(torch.Tensor, node.target, None) if node.op == "call_method" else None
+
     def _args(self, node: fx.Node, env: dict):
         def get(n):
             return env[n.name]
@@ -254,19 +259,15 @@ class FrontierProgram:
                 obj = getattr(obj, part)
             return obj
         args, kwargs = self._args(node, env)
+        inplace = site and self._inplace(node, args, kwargs)
+        if inplace:
+            args = (args[0].clone(), *args[1:])
         if node.op == "call_module":
-            mod = self.modules[node.target]
-            inplace = site and bool(args) and getattr(mod, "inplace", False)
-            if inplace:
-                args = (args[0].clone(), *args[1:])
-            out = mod(*args, **kwargs)
+            out = self.modules[node.target](*args, **kwargs)
+        elif node.op == "call_method":
+            out = getattr(args[0], node.target)(*args[1:], **kwargs)
         else:
-            func = node.target if node.op == "call_function" else getattr(torch.Tensor, node.target)
-            inplace = site and _is_inplace(func, args, kwargs)
-            if inplace:
-                args = (args[0].clone(), *args[1:])
-            out = getattr(args[0], node.target)(*args[1:], **kwargs) if node.op == "call_method" else \
-                func(*args, **kwargs)
+            out = node.target(*args, **kwargs)
         if inplace and isinstance(node.args[0], fx.Node):
             # a site's unit inputs are kept (the scan reads them); the nodes after it read what the call wrote
             env[node.args[0].name] = out
@@ -276,7 +277,7 @@ class FrontierProgram:
         """Site paths: the path's site outputs the path points (an in-place site also writes them into its
         input, as the call would have)."""
         env[node.name] = points
-        if self._inplace(node, env) and isinstance(node.args[0], fx.Node):
+        if self._inplace(node, *self._args(node, env)) and isinstance(node.args[0], fx.Node):
             env[node.args[0].name] = points
         return points
 
