@@ -13,6 +13,8 @@ only if its time extrapolated from the previous fraction fits --full-seconds (ot
 full-network path instead (graph route: a forward pass after a crossing's site per crossing), from its first
 FRACTION. --executed FRACTION counts the multiply-adds the graph route actually runs for that first FRACTION (default
 1 GiB budget), by cause: passes at new breakpoints, the pieces' ends, the final check, the reductions' checks.
+--delta-support FRACTION measures how far each breakpoint's slope change
+reaches into the later sites (the most an evaluator that propagated only those changes could save).
 --aten-convolutions runs float64 convolutions through ATen's fallback as it comes (one call per channel of a
 depthwise layer, a whole batch unfolded at once) instead of the ways of ``polytope_lens._conv64`` (the before/after
 of stop 17).
@@ -166,6 +168,71 @@ def executed(bundle, x, dev, frac: float, budget_mib: int, evaluator: str = "aut
     print(f"  {cause[0]}: {(total - named) / 1e9:.1f} G")
 
 
+def delta_support(bundle, x, frac: float, thresholds=(1e-13, 1e-12, 1e-11)) -> None:
+    """How much of the network a breakpoint's slope change reaches: the ceiling of an incremental evaluator.
+
+    A breakpoint p that site s makes changes, at every later site k, the unit inputs only where the kink's effect
+    reaches: z_k(p) minus the interpolation of z_k between p's neighbours (the breakpoints on either side) is
+    nonzero only there. An evaluator that ran the network after site s on that difference alone (sparse in its
+    spatial positions) would need, per segment after site k, the segment's multiply-adds times the fraction of
+    site k's positions it reaches (after site s itself: the kinked unit's one position). Counted here for every
+    breakpoint of the first ``frac`` of chelsea -> coffee (exact, float64), against the passes the frontier runs
+    (each later segment in full); "reached" is a difference above ``threshold`` times the site's largest unit input,
+    for a few thresholds, since rounding makes every difference nonzero (the smallest is the least optimistic)."""
+    import numpy as np
+    import torch
+
+    model = bundle.module.double().eval()
+    end = x[:1] + frac * (x[1:] - x[:1])
+    r = path_crossings(model, x[:1], end, trace=False)
+    t = torch.tensor(np.unique(r.paths[0].t))
+    calls, inputs = [], []
+
+    def hook(mod, inp, out):
+        if isinstance(mod, torch.nn.Conv2d):
+            calls.append(out[0].numel() * mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups)
+        elif isinstance(mod, torch.nn.Linear):
+            calls.append(out[0].numel() * mod.in_features)
+        elif isinstance(mod, (torch.nn.ReLU6, torch.nn.Hardtanh)):
+            calls.append(None)
+            inputs.append(inp[0])
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    z = None
+    with torch.no_grad():
+        for i in range(0, len(t), 16):
+            calls.clear()
+            inputs.clear()
+            model(x[:1] + t[i:i + 16].view(-1, 1, 1, 1) * (end - x[:1]))
+            z = [[v] for v in inputs] if z is None else [a + [v] for a, v in zip(z, inputs)]
+    for h in handles:
+        h.remove()
+    z = [torch.cat(v) for v in z]  # per site: (points, C, H, W)
+    seg, cur = [], None  # multiply-adds after each site up to the next (the last: to the output)
+    for c in calls:
+        if c is None:
+            if cur is not None:
+                seg.append(cur)
+            cur = 0
+        elif cur is not None:
+            cur += c
+    seg = torch.tensor(seg + [cur], dtype=torch.float64)
+    lam = ((t[1:-1] - t[:-2]) / (t[2:] - t[:-2])).view(-1, 1, 1, 1).double()
+    print(f"first {frac:g} of chelsea -> coffee: {r.paths[0].crossings} crossings, {len(t) - 2} inner breakpoints, "
+          f"{len(z)} sites")
+    for thr in thresholds:
+        reach = torch.stack([((v[1:-1] - ((1 - lam) * v[:-2] + lam * v[2:])).abs() > thr * v.abs().amax()).any(1)
+                             .flatten(1).double().mean(1) for v in z], 1)  # (breakpoints, sites): positions reached
+        dense = sparse = 0.0
+        for row in reach:
+            hit = torch.nonzero(row > 0).flatten()
+            s = int(hit[0]) - 1 if len(hit) else len(z) - 1  # the site that made it: the first change is after it
+            s = max(s, 0)
+            dense += float(seg[s:].sum())
+            sparse += float(seg[s]) / (z[s].shape[2] * z[s].shape[3]) + float((seg[s + 1:] * row[s + 1:]).sum())
+        print(f"threshold {thr:g}: the frontier's passes {dense / 1e9:.2f} G multiply-adds, an exact incremental "
+              f"evaluator at least {sparse / 1e9:.2f} G ({sparse / dense:.2f} of them)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -181,6 +248,9 @@ def main():
     ap.add_argument("--executed", type=float, default=None, metavar="FRACTION",
                     help="only count the multiply-adds the full-network path runs over its first FRACTION, by cause")
     ap.add_argument("--memory-mib", type=int, default=1024, help="budget for --executed (MiB)")
+    ap.add_argument("--delta-support", type=float, default=None, metavar="FRACTION",
+                    help="only measure how far each breakpoint's slope change reaches into the later sites over the "
+                         "first FRACTION (the most an incremental evaluator could save)")
     ap.add_argument("--evaluator", default="auto",
                     help="evaluator for --executed and the --full fractions (auto, graph, frontier)")
     ap.add_argument("--peak-tflops", type=float, default=66.9,
@@ -201,6 +271,9 @@ def main():
     x = next(iter(bundle.encode(photos, [names.index("chelsea"), names.index("coffee")]).tensors.values())).double()
     if args.profile:
         profile_full(bundle, x, dev)
+        return
+    if args.delta_support is not None:
+        delta_support(bundle, x, args.delta_support)
         return
     if args.executed is not None:
         executed(bundle, x, dev, args.executed, args.memory_mib, args.evaluator)

@@ -97,7 +97,8 @@ def test_maxpool_pieces_match_torch_indices():
 def test_first_maxima_on_strided_views_equal_the_first_maximum_of_gathered_windows(monkeypatch, kernel, stride, padding,
                                                                                    dilation, ceil, tol):
     """``WindowMax.first_maxima`` (strided views, a few rows at a time) picks the same entry as ``first_max`` over
-    the gathered windows, with exact ties (a flat region), ties within the tolerance and padding, in 2-D and 1-D."""
+    the gathered windows, with exact ties (a flat region), ties within the tolerance and padding, in 2-D and 1-D, as
+    int64 indices and as the bytes that crossing detection compares."""
     import polytope_lens.kinks as kinks
 
     from polytope_lens.kinks import first_max
@@ -115,6 +116,8 @@ def test_first_maxima_on_strided_views_equal_the_first_maximum_of_gathered_windo
                                                  padding=(0, padding[1]), dilation=(1, dilation[1]), ceil_mode=ceil)
         want = first_max(p.windows(xx), tol)
         assert torch.equal(p.first_maxima(xx, tol), want)
+        small = p.first_maxima(xx, tol, torch.uint8)
+        assert small.dtype == torch.uint8 and torch.equal(small.long(), want)
         if tol == 0:
             assert torch.equal(p.pieces(xx), want)
 

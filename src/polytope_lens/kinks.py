@@ -215,6 +215,11 @@ class WindowMax(Activation):
     def n_pieces(self) -> int:
         return self.kernel[0] * self.kernel[1]
 
+    @property
+    def _index_dtype(self) -> torch.dtype:
+        """The narrowest type that holds a window index, for pieces that are only compared."""
+        return torch.uint8 if self.n_pieces <= 256 else torch.int64
+
     def _window_view(self, x: torch.Tensor) -> torch.Tensor:
         """Every window as a strided view, (batch, channels, out_h, out_w, kernel_h, kernel_w), -inf where a window
         hangs over padding (the padded input is the only copy)."""
@@ -249,11 +254,12 @@ class WindowMax(Activation):
         out = _max_of(self._entries(x))
         return out.squeeze(2) if x.dim() == 3 else out
 
-    def first_maxima(self, x: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
+    def first_maxima(self, x: torch.Tensor, tol: float = 0.0, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         """``first_max(self.windows(x), tol)`` (the piece of every output unit; ``pieces`` when ``tol`` is 0),
-        computed on the windows' strided views, one pass over the output per window entry (on a CPU a few MiB of
-        ``x`` at a time, in cache), instead of gathering every window entry into one array first (a slow, strided
-        copy of kernel-size times the output)."""
+        computed on the windows' strided views, a few MiB of ``x`` at a time on a CPU (in cache), instead of gathering
+        every window entry into one array first (a slow, strided copy of kernel-size times the output). The first
+        maximum is the number of leading entries below the threshold, summed as bytes (``dtype=torch.uint8`` keeps
+        it so: half the time of int64 indices, for callers that only compare pieces)."""
         step = len(x)
         if x.device.type == "cpu":
             step = _FIRST_MAX_BYTES // max(1, x[:1].numel() * x.element_size())
@@ -264,12 +270,16 @@ class WindowMax(Activation):
             top = _max_of(entries)
             low = _max_threshold(top, tol) if tol > 0 else top
             if out is None:
-                out = torch.empty((len(x), *top.shape[1:]), dtype=torch.int64, device=x.device)
-            first = out[a:a + step].fill_(len(entries) - 1)
-            for k in range(len(entries) - 2, -1, -1):  # the lowest entry at or above the threshold is written last
-                first.masked_fill_(entries[k] >= low, k)
+                out = torch.empty((len(x), *top.shape[1:]), dtype=dtype, device=x.device)
+            first = out[a:a + step]
+            below = torch.zeros(top.shape, dtype=torch.bool, device=x.device) if len(entries) == 1 else (
+                torch.lt(entries[0], low))
+            first.copy_(below)  # the last entry is never tested: a window whose others are all below has it at most
+            for e in entries[1:-1]:
+                below.logical_and_(torch.lt(e, low))
+                first.add_(below)
         if out is None:  # no rows
-            out = torch.empty((0, *self._window_view(x).shape[1:4]), dtype=torch.int64, device=x.device)
+            out = torch.empty((0, *self._window_view(x).shape[1:4]), dtype=dtype, device=x.device)
         return out.squeeze(2) if x.dim() == 3 else out
 
     def pieces(self, z: torch.Tensor) -> torch.Tensor:
@@ -291,11 +301,11 @@ class WindowMax(Activation):
 
     def crossings(self, z0: torch.Tensor, z1: torch.Tensor, tol: float = 0.0) -> Crossings:
         n = len(z0)
-        first, last = self.first_maxima(z0, tol).reshape(n, -1), self.first_maxima(z1, tol).reshape(n, -1)
+        first, last = (self.first_maxima(z, tol, self._index_dtype).reshape(n, -1) for z in (z0, z1))
         return self._changes_between(z0, z1, first, last, tol)
 
     def crossings_along(self, z: torch.Tensor, tol: float = 0.0) -> Crossings:
-        top = self.first_maxima(z, tol).reshape(len(z), -1)  # once per point, not once per segment end
+        top = self.first_maxima(z, tol, self._index_dtype).reshape(len(z), -1)  # once per point, not per segment end
         return self._changes_between(z[:-1], z[1:], top[:-1], top[1:], tol)
 
     def _changes_between(self, z0: torch.Tensor, z1: torch.Tensor, first: torch.Tensor, last: torch.Tensor,
@@ -305,7 +315,7 @@ class WindowMax(Activation):
         seg, unit = torch.nonzero(first != last, as_tuple=True)
         index = self.window_index(tuple(z0.shape[1:]), z0.device)
         a, b = self.unit_windows(z0, seg, unit, index), self.unit_windows(z1, seg, unit, index)
-        return self._changes(seg, unit, a, b, first[seg, unit], last[seg, unit], tol)
+        return self._changes(seg, unit, a, b, first[seg, unit].long(), last[seg, unit].long(), tol)
 
     def _changes(self, seg: torch.Tensor, unit: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cur: torch.Tensor,
                  end_piece: torch.Tensor, tol: float) -> Crossings:
