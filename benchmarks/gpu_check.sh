@@ -19,7 +19,7 @@ step() {  # step NAME SECONDS COMMAND... (runs when no step names were given, or
   echo "## $name" ; timeout "$secs" "$@" >> "$OUT/$name.md" 2>&1; echo "exit $?" >> "$OUT/$name.md"
 }
 STEPS="$*"  # e.g. `bash benchmarks/gpu_check.sh agree paths`; none: every step (agree paths layouts trace
-#             effnet_paths effnet_frontier slices codes)
+#             effnet_paths effnet_frontier forward64 slices codes)
 step agree 60 python3 benchmarks/gpu_agreement.py  # GPU results equal the CPU's (codes, exact and sampled paths)
 # 784->4x512: products at every point (the GPU default) and closed-form bends, each under a 16 GiB and a 64 GiB budget
 step paths 60 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 20000 \
@@ -58,5 +58,9 @@ step effnet_frontier 120 python3 benchmarks/bench_paths_efficientnet.py --device
   --fractions 5e-4,1e-2 --evaluator frontier
 step effnet_frontier 120 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-seconds 40 \
   --fractions 5e-4,1e-2 --evaluator graph
+# the float64 rate of plain EfficientNet-Lite0 passes (what the frontier's passes are made of), 1 x 1 convolutions
+# also as matrix products: the floor under the full-network goal (stop 22, not yet run on a GPU)
+step forward64 60 python3 benchmarks/bench_forward64_device.py --device cuda --batch 256
+step forward64 90 python3 benchmarks/bench_forward64_device.py --device cuda --batch 1024
 step slices 120 python3 benchmarks/bench_slices.py --device cuda --skip-effnet --large-only --large 680
 step codes 90 python3 benchmarks/bench_codes.py --gpu-only

@@ -1,0 +1,124 @@
+"""Float64 forward passes of EfficientNet-Lite0 on a device: the rate the exact full-network path's passes can reach.
+
+    python benchmarks/bench_forward64_device.py [--device cuda] [--batch 256]
+
+The frontier evaluator (docs/paths.md) runs each breakpoint through the network after the site that made it, in
+passes over many points at once; over the first 1/20,000 of chelsea -> coffee those passes are 28.2 G multiply-adds
+for 104 crossings, 0.70 of a whole forward pass (385 M) per crossing, and the whole path has about 2.08 M crossings
+(docs/benchmarks.md): about 1.46 M whole-pass equivalents. This script times plain float64 forward passes of the
+model on batches of ``--batch`` images (best of ``--repeat``), the convolutions alone, and the same with the 1 x 1
+convolutions run as matrix products in channels-last layout (``--matmul-1x1`` tried beside the default; GPUs run
+float64 matrix products on their matrix units, convolution libraries may not). It prints the time per image, the
+float64 rate of the convolutions, and the time 1.46 M images take at that rate: the floor the GPU goal (<= 60 s)
+has to clear, before any of the engine's own work. On a CPU it times ATen's float64 convolutions as they come (the
+engine takes ``polytope_lens._conv64``'s faster ways there: ``bench_conv64.py``), so it is meant for a GPU
+(``gpu_check.sh forward64``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from polytope_lens.models import load_model
+
+PASSES_FOR_THE_PATH = 2.08e6 * 28.2 / 104 / 0.385  # crossings x the passes' share of a whole pass (stop 21, CPU)
+
+
+class MatmulPointwise(TorchFunctionMode):
+    """``F.conv2d`` with a 1 x 1 kernel, stride 1, no padding and one group as a matrix product over channels."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (F.conv2d, torch.conv2d) and len(args) >= 2:
+            x, w = args[0], args[1]
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            rest = dict(zip(("stride", "padding", "dilation", "groups"), args[3:])) | {
+                k: v for k, v in kwargs.items() if k != "bias"}
+            if w.shape[2:] == (1, 1) and all(_one(rest.get(k, d)) for k, d in (("stride", 1), ("dilation", 1))) and \
+                    _zero(rest.get("padding", 0)) and rest.get("groups", 1) == 1 and x.dim() == 4:
+                n, c, h, wd = x.shape
+                y = x.permute(0, 2, 3, 1).reshape(-1, c) @ w.reshape(w.shape[0], c).t()
+                if b is not None:
+                    y += b
+                return y.reshape(n, h, wd, -1).permute(0, 3, 1, 2)
+        return func(*args, **kwargs)
+
+
+def _one(v) -> bool:
+    return all(e == 1 for e in (v if isinstance(v, (tuple, list)) else (v,)))
+
+
+def _zero(v) -> bool:
+    return not isinstance(v, str) and all(e == 0 for e in (v if isinstance(v, (tuple, list)) else (v,)))
+
+
+def conv_macs(model, x) -> int:
+    macs = [0]
+
+    def hook(mod, inp, out):
+        macs[0] += out.numel() * mod.weight[0].numel()
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(x)
+    for h in hs:
+        h.remove()
+    return macs[0]
+
+
+def timed(fn, dev, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat + 1):  # the first is a warm-up
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    model = load_model("efficientnet-lite0").module.double().eval().to(dev)
+    x = torch.randn(args.batch, 3, 224, 224, dtype=torch.float64, device=dev, generator=None)
+    macs = conv_macs(model, x[:1])
+    if dev.type == "cuda":
+        print(f"device: {torch.cuda.get_device_name(dev)}; torch {torch.__version__}; cuDNN "
+              f"{torch.backends.cudnn.version()}")
+    print(f"EfficientNet-Lite0, float64, batches of {args.batch} images; convolutions {macs / 1e6:.0f} M "
+          f"multiply-adds per image; the full path's passes: about {PASSES_FOR_THE_PATH / 1e6:.2f} M images")
+    print("| way | seconds per batch | µs per image | convolutions' float64 TFLOP/s | the path's passes at this "
+          "rate (s) |")
+    print("|---|---:|---:|---:|---:|", flush=True)
+    want = None
+    for name, mode in [("forward, convolutions as they come", None), ("forward, 1 x 1 as matrix products",
+                                                                       MatmulPointwise)]:
+        def run(mode=mode):
+            with torch.no_grad(), (mode() if mode else contextlib.nullcontext()):
+                return model(x)
+        out = run()
+        if want is None:
+            want = out
+        else:
+            err = float(((out - want).abs() / want.abs().clamp_min(1.0)).max())
+            name += f" (outputs within {err:.0e} of the first way's)"
+        s = timed(run, dev, args.repeat)
+        per = s / args.batch
+        print(f"| {name} | {s:.3f} | {per * 1e6:.0f} | {2 * macs / per / 1e12:.2f} | {PASSES_FOR_THE_PATH * per:.0f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
