@@ -15,7 +15,8 @@ and nothing before its site runs again.
 reason, models it cannot follow this way: not traceable, an in-place operation (other than a site's) on a tensor
 that another node reads, a value carried across a cut that is neither one row per point, the number of points, nor
 the same for every batch, sites other than the capture's, or unit inputs that differ from a plain forward pass at
-three points of the first path. Input-space paths only (a path at a named layer keeps the graph route).
+three points of the first path. For paths and rays at a named site, the network before that site runs once per
+path on the paths' real inputs, and what it carries past the site is taken per point from its path's row.
 """
 
 from __future__ import annotations
