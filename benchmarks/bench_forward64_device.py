@@ -9,7 +9,7 @@ for 104 crossings, 0.70 of a whole forward pass (385 M) per crossing, and the wh
 model on batches of ``--batch`` images (best of ``--repeat``), the convolutions alone, and the same with the 1 x 1
 convolutions run as matrix products in channels-last layout (``--matmul-1x1`` tried beside the default; GPUs run
 float64 matrix products on their matrix units, convolution libraries may not). It prints the time per image, the
-float64 rate of the convolutions, and the time 1.46 M images take at that rate: the floor the GPU goal (<= 60 s)
+float64 rate of its multiply-adds, and the time 1.46 M images take at that rate: the floor the GPU goal (<= 60 s)
 has to clear, before any of the engine's own work. On a CPU it times ATen's float64 convolutions as they come (the
 engine takes ``polytope_lens._conv64``'s faster ways there: ``bench_conv64.py``), so it is meant for a GPU
 (``gpu_check.sh forward64``).
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from bench_paths_efficientnet import layer_calls  # this folder (run as a script)
 from polytope_lens.models import load_model
 
 PASSES_FOR_THE_PATH = 2.08e6 * 28.2 / 104 / 0.385  # crossings x the passes' share of a whole pass (stop 21, CPU)
@@ -58,22 +59,10 @@ def _zero(v) -> bool:
     return not isinstance(v, str) and all(e == 0 for e in (v if isinstance(v, (tuple, list)) else (v,)))
 
 
-def conv_macs(model, x) -> int:
-    macs = [0]
-
-    def hook(mod, inp, out):
-        macs[0] += out.numel() * mod.weight[0].numel()
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    with torch.no_grad():
-        model(x)
-    for h in hs:
-        h.remove()
-    return macs[0]
-
-
 def timed(fn, dev, repeat: int) -> float:
+    """Best of ``repeat`` calls (the caller has run ``fn`` once: its warm-up)."""
     best = float("inf")
-    for _ in range(repeat + 1):  # the first is a warm-up
+    for _ in range(repeat):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -92,14 +81,15 @@ def main():
     args = ap.parse_args()
     dev = torch.device(args.device)
     model = load_model("efficientnet-lite0").module.double().eval().to(dev)
-    x = torch.randn(args.batch, 3, 224, 224, dtype=torch.float64, device=dev, generator=None)
-    macs = conv_macs(model, x[:1])
+    x = torch.randn(args.batch, 3, 224, 224, dtype=torch.float64, device=dev)
+    macs = sum(n for kind, n in layer_calls(model, x[:1]) if kind == "macs")
     if dev.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(dev)}; torch {torch.__version__}; cuDNN "
               f"{torch.backends.cudnn.version()}")
-    print(f"EfficientNet-Lite0, float64, batches of {args.batch} images; convolutions {macs / 1e6:.0f} M "
-          f"multiply-adds per image; the full path's passes: about {PASSES_FOR_THE_PATH / 1e6:.2f} M images")
-    print("| way | seconds per batch | µs per image | convolutions' float64 TFLOP/s | the path's passes at this "
+    print(f"EfficientNet-Lite0, float64, batches of {args.batch} images; convolutions and classifier "
+          f"{macs / 1e6:.0f} M multiply-adds per image; the full path's passes: about "
+          f"{PASSES_FOR_THE_PATH / 1e6:.2f} M images")
+    print("| way | seconds per batch | µs per image | float64 TFLOP/s | the path's passes at this "
           "rate (s) |")
     print("|---|---:|---:|---:|---:|", flush=True)
     want = None
@@ -108,7 +98,7 @@ def main():
         def run(mode=mode):
             with torch.no_grad(), (mode() if mode else contextlib.nullcontext()):
                 return model(x)
-        out = run()
+        out = run()  # also the warm-up (CUDA context, cuDNN's choice of kernels)
         if want is None:
             want = out
         else:

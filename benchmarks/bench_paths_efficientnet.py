@@ -51,6 +51,33 @@ def profile_full(bundle, x, dev, frac=1 / 2000):
         print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
 
 
+def layer_calls(model, x, site_inputs: list | None = None) -> list:
+    """One forward pass of ``x``, in call order: ("macs", n) per Conv2d and Linear call (multiply-adds per image),
+    ("site", units) per ReLU6 / Hardtanh call (units per image); with ``site_inputs``, each site's input is appended
+    to that list."""
+    import torch
+
+    calls = []
+
+    def hook(mod, inp, out):
+        if isinstance(mod, torch.nn.Conv2d):
+            calls.append(("macs", out[0].numel() * mod.weight[0].numel()))
+        elif isinstance(mod, torch.nn.Linear):
+            calls.append(("macs", out[0].numel() * mod.in_features))
+        elif isinstance(mod, (torch.nn.ReLU6, torch.nn.Hardtanh)):
+            calls.append(("site", out[0].numel()))
+            if site_inputs is not None:
+                site_inputs.append(inp[0])
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
 def flops_floor(bundle, x, dev, frac: float, peak_tflops: float, bandwidth_tbs: float) -> None:
     """Floors for the full-network path on the graph route: each breakpoint costs about one forward pass of the
     network after the site that made it. Counts the crossings per site over the first ``frac`` of the segment,
@@ -58,25 +85,8 @@ def flops_floor(bundle, x, dev, frac: float, peak_tflops: float, bandwidth_tbs: 
     extrapolated to the whole segment, and the time that takes at ``peak_tflops`` (float64). A second floor, for
     memory: every later site's unit inputs at the new point are written once (8 bytes each) and read once by that
     site's scan, at ``bandwidth_tbs`` (TB/s) and nothing else moved."""
-    import torch
-
-    calls = []  # ("site", 0) per activation call, ("macs", n) per layer, in call order
-
-    def hook(mod, inp, out):
-        if isinstance(mod, torch.nn.Conv2d):
-            calls.append(("macs", out.numel() * mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels
-                          // mod.groups))
-        elif isinstance(mod, torch.nn.Linear):
-            calls.append(("macs", out.numel() * mod.in_features))
-        elif isinstance(mod, (torch.nn.ReLU6, torch.nn.Hardtanh)):
-            calls.append(("site", out.numel()))
-
     model = bundle.module.double().eval()
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    with torch.no_grad():
-        model(x[:1])
-    for h in handles:
-        h.remove()
+    calls = layer_calls(model, x[:1])
     after = [sum(n for kind, n in calls[i + 1:] if kind == "macs") for i, (kind, _) in enumerate(calls)
              if kind == "site"]
     units_after = [sum(n for kind, n in calls[i + 1:] if kind == "site") for i, (kind, _) in enumerate(calls)
@@ -186,35 +196,20 @@ def delta_support(bundle, x, frac: float, thresholds=(1e-13, 1e-12, 1e-11)) -> N
     end = x[:1] + frac * (x[1:] - x[:1])
     r = path_crossings(model, x[:1], end, trace=False)
     t = torch.tensor(np.unique(r.paths[0].t))
-    calls, inputs = [], []
-
-    def hook(mod, inp, out):
-        if isinstance(mod, torch.nn.Conv2d):
-            calls.append(out[0].numel() * mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups)
-        elif isinstance(mod, torch.nn.Linear):
-            calls.append(out[0].numel() * mod.in_features)
-        elif isinstance(mod, (torch.nn.ReLU6, torch.nn.Hardtanh)):
-            calls.append(None)
-            inputs.append(inp[0])
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
     z = None
-    with torch.no_grad():
-        for i in range(0, len(t), 16):
-            calls.clear()
-            inputs.clear()
-            model(x[:1] + t[i:i + 16].view(-1, 1, 1, 1) * (end - x[:1]))
-            z = [[v] for v in inputs] if z is None else [a + [v] for a, v in zip(z, inputs)]
-    for h in handles:
-        h.remove()
+    for i in range(0, len(t), 16):
+        inputs = []
+        calls = layer_calls(model, x[:1] + t[i:i + 16].view(-1, 1, 1, 1) * (end - x[:1]), inputs)
+        z = [[v] for v in inputs] if z is None else [a + [v] for a, v in zip(z, inputs)]
     z = [torch.cat(v) for v in z]  # per site: (points, C, H, W)
     seg, cur = [], None  # multiply-adds after each site up to the next (the last: to the output)
-    for c in calls:
-        if c is None:
+    for kind, n in calls:
+        if kind == "site":
             if cur is not None:
                 seg.append(cur)
             cur = 0
         elif cur is not None:
-            cur += c
+            cur += n
     seg = torch.tensor(seg + [cur], dtype=torch.float64)
     lam = ((t[1:-1] - t[:-2]) / (t[2:] - t[:-2])).view(-1, 1, 1, 1).double()
     print(f"first {frac:g} of chelsea -> coffee: {r.paths[0].crossings} crossings, {len(t) - 2} inner breakpoints, "
