@@ -6,9 +6,10 @@ The frontier evaluator (docs/paths.md) runs each breakpoint through the network 
 passes over many points at once; over the first 1/20,000 of chelsea -> coffee those passes are 28.2 G multiply-adds
 for 104 crossings, 0.70 of a whole forward pass (385 M) per crossing, and the whole path has about 2.08 M crossings
 (docs/benchmarks.md): about 1.46 M whole-pass equivalents. This script times plain float64 forward passes of the
-model on batches of ``--batch`` images (best of ``--repeat``), the convolutions alone, and the same with the 1 x 1
-convolutions run as matrix products in channels-last layout (``--matmul-1x1`` tried beside the default; GPUs run
-float64 matrix products on their matrix units, convolution libraries may not). It prints the time per image, the
+model on batches of ``--batch`` images (best of ``--repeat``) with the convolutions as they come, and the same with
+the 1 x 1 convolutions run as matrix products in channels-last layout (the library's ``_conv64.pointwise_conv2d``,
+what ``POINTWISE_AS_MATMUL`` turns on; GPUs run float64 matrix products on their matrix units, convolution libraries
+may not). It prints the time per image, the
 float64 rate of its multiply-adds, and the time 1.46 M images take at that rate: the floor the GPU goal (<= 60 s)
 has to clear, before any of the engine's own work. On a CPU it times ATen's float64 convolutions as they come (the
 engine takes ``polytope_lens._conv64``'s faster ways there: ``bench_conv64.py``), so it is meant for a GPU
@@ -22,41 +23,12 @@ import contextlib
 import time
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from bench_paths_efficientnet import layer_calls  # this folder (run as a script)
+import polytope_lens._conv64 as conv64
 from polytope_lens.models import load_model
 
 PASSES_FOR_THE_PATH = 2.08e6 * 28.2 / 104 / 0.385  # crossings x the passes' share of a whole pass (stop 21, CPU)
-
-
-class MatmulPointwise(TorchFunctionMode):
-    """``F.conv2d`` with a 1 x 1 kernel, stride 1, no padding and one group as a matrix product over channels."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in (F.conv2d, torch.conv2d) and len(args) >= 2:
-            x, w = args[0], args[1]
-            b = args[2] if len(args) > 2 else kwargs.get("bias")
-            rest = dict(zip(("stride", "padding", "dilation", "groups"), args[3:])) | {
-                k: v for k, v in kwargs.items() if k != "bias"}
-            if w.shape[2:] == (1, 1) and all(_one(rest.get(k, d)) for k, d in (("stride", 1), ("dilation", 1))) and \
-                    _zero(rest.get("padding", 0)) and rest.get("groups", 1) == 1 and x.dim() == 4:
-                n, c, h, wd = x.shape
-                y = x.permute(0, 2, 3, 1).reshape(-1, c) @ w.reshape(w.shape[0], c).t()
-                if b is not None:
-                    y += b
-                return y.reshape(n, h, wd, -1).permute(0, 3, 1, 2)
-        return func(*args, **kwargs)
-
-
-def _one(v) -> bool:
-    return all(e == 1 for e in (v if isinstance(v, (tuple, list)) else (v,)))
-
-
-def _zero(v) -> bool:
-    return not isinstance(v, str) and all(e == 0 for e in (v if isinstance(v, (tuple, list)) else (v,)))
 
 
 def timed(fn, dev, repeat: int) -> float:
@@ -93,9 +65,19 @@ def main():
           "rate (s) |")
     print("|---|---:|---:|---:|---:|", flush=True)
     want = None
-    for name, mode in [("forward, convolutions as they come", None), ("forward, 1 x 1 as matrix products",
-                                                                       MatmulPointwise)]:
-        def run(mode=mode):
+    conv64.POINTWISE_AS_MATMUL = {dev.type}  # the library's rule (taken only inside FastConv64 here) ...
+    conv64.MAX_IMAGE, conv64.COLUMN_BYTES = 0, 1 << 62  # ... and on a CPU nothing else of _conv64's
+    channels_last = conv64.pointwise_conv2d
+
+    def contiguous(*args):  # the same product, its output copied back to the layout the other layers expect
+        return channels_last(*args).contiguous()
+
+    ways = [("forward, convolutions as they come", None, None),
+            ("forward, 1 x 1 as matrix products (_conv64.pointwise_conv2d)", conv64.FastConv64, channels_last),
+            ("forward, 1 x 1 as matrix products, output copied back to NCHW", conv64.FastConv64, contiguous)]
+    for name, mode, pointwise in ways:
+        def run(mode=mode, pointwise=pointwise):
+            conv64.pointwise_conv2d = pointwise or channels_last
             with torch.no_grad(), (mode() if mode else contextlib.nullcontext()):
                 return model(x)
         out = run()  # also the warm-up (CUDA context, cuDNN's choice of kernels)

@@ -17,7 +17,8 @@ FRACTION. --executed FRACTION counts the multiply-adds the graph route actually 
 reaches into the later sites (the most an evaluator that propagated only those changes could save).
 --aten-convolutions runs float64 convolutions through ATen's fallback as it comes (one call per channel of a
 depthwise layer, a whole batch unfolded at once) instead of the ways of ``polytope_lens._conv64`` (the before/after
-of stop 17).
+of stop 17). --pointwise-matmul runs the 1 x 1 convolutions as matrix products on the device
+(``_conv64.POINTWISE_AS_MATMUL``), and --full-only skips the one-site cases before the full-network fractions.
 """
 
 from __future__ import annotations
@@ -228,6 +229,22 @@ def delta_support(bundle, x, frac: float, thresholds=(1e-13, 1e-12, 1e-11)) -> N
               f"evaluator at least {sparse / 1e9:.2f} G ({sparse / dense:.2f} of them)")
 
 
+def one_site_cases(bundle, x, dev, row) -> None:
+    """The CPU goal's one-site path and two rays of one later site, each timed (``row`` prints it)."""
+    t0 = time.perf_counter()
+    r = path_crossings(bundle.module, x[:1], x[1:], layers="_swish.relu6", trace=False, device=dev)
+    row("path chelsea -> coffee, crossings of the first ReLU6 site (401,408 units)", t0, r)
+    t0 = time.perf_counter()
+    r = ray_crossings(bundle.module, x[:1], layer="_blocks.15._swish.relu6#1", alphas=(0.0, 3.0), trace=False,
+                      device=dev)
+    row("scaling ray of _blocks.15._swish.relu6#1 (chelsea), alpha 0..3, all later sites", t0, r)
+    t0 = time.perf_counter()
+    r = ray_crossings(bundle.module, x[:1], layer="_blocks.15._swish.relu6#1", alphas=(0.25, 4.0), units="position",
+                      device=dev)
+    row("prediction-3 ray of _blocks.15._swish.relu6#1 (chelsea), alpha 0.25..4, head centre channel vector, "
+        "with the trace", t0, r)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
@@ -254,7 +271,15 @@ def main():
                     help="memory bandwidth for --flops, TB/s (3.35: an H100 SXM's HBM3)")
     ap.add_argument("--aten-convolutions", action="store_true",
                     help="ATen's float64 convolutions as they come instead of polytope_lens._conv64's ways")
+    ap.add_argument("--pointwise-matmul", action="store_true",
+                    help="1 x 1 convolutions as matrix products on --device (_conv64.POINTWISE_AS_MATMUL)")
+    ap.add_argument("--full-only", action="store_true",
+                    help="with --full: only the full-network fractions (not the one-site path and the two rays)")
     args = ap.parse_args()
+    if args.pointwise_matmul:
+        import polytope_lens._conv64 as conv64
+
+        conv64.POINTWISE_AS_MATMUL = {args.device.split(":")[0]}
     if args.aten_convolutions:
         import polytope_lens._conv64 as conv64
 
@@ -276,7 +301,8 @@ def main():
     if args.flops is not None:
         flops_floor(bundle, x, dev, args.flops, args.peak_tflops, args.bandwidth_tbs)
         return
-    print(f"device: {dev}; float64 convolutions: {'ATen' if args.aten_convolutions else 'polytope_lens._conv64'}")
+    print(f"device: {dev}; float64 convolutions: {'ATen' if args.aten_convolutions else 'polytope_lens._conv64'}"
+          f"{'; 1 x 1 ones as matrix products' if args.pointwise_matmul else ''}")
     print("| case | seconds | crossings | exact | evaluator |")
     print("|---|---:|---:|---|---|", flush=True)
 
@@ -286,18 +312,8 @@ def main():
 
     if dev != "cpu":  # warm-up: CUDA context, kernels
         path_crossings(bundle.module, x[:1], x[1:], layers="_swish.relu6", trace=False, device=dev)
-    t0 = time.perf_counter()
-    r = path_crossings(bundle.module, x[:1], x[1:], layers="_swish.relu6", trace=False, device=dev)
-    row("path chelsea -> coffee, crossings of the first ReLU6 site (401,408 units)", t0, r)
-    t0 = time.perf_counter()
-    r = ray_crossings(bundle.module, x[:1], layer="_blocks.15._swish.relu6#1", alphas=(0.0, 3.0), trace=False,
-                      device=dev)
-    row("scaling ray of _blocks.15._swish.relu6#1 (chelsea), alpha 0..3, all later sites", t0, r)
-    t0 = time.perf_counter()
-    r = ray_crossings(bundle.module, x[:1], layer="_blocks.15._swish.relu6#1", alphas=(0.25, 4.0), units="position",
-                      device=dev)
-    row("prediction-3 ray of _blocks.15._swish.relu6#1 (chelsea), alpha 0.25..4, head centre channel vector, "
-        "with the trace", t0, r)
+    if not args.full_only:
+        one_site_cases(bundle, x, dev, row)
     if args.full:  # the first 1/2000, 1/100 of the path (CPU, stop 11: 1/2000 crosses 1,087 in 131 s), then all
         start, spent, last = time.perf_counter(), 0.0, None
         for frac in (float(f) for f in args.fractions.split(",")):

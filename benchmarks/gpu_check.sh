@@ -53,13 +53,15 @@ step layouts 60 $B --networks 784-3x2048 --paths 5000 --memory-budget 1717986918
 step trace 40 python3 benchmarks/trace_paths_gpu.py --paths 2400 --budget-gib 64
 step trace 40 python3 benchmarks/trace_paths_gpu.py --paths 2400 --budget-gib 64 --layout path-order
 step effnet_paths 150 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-seconds 60
-# the full-network path with the frontier evaluator (stop 21, measured on the CPU only so far) against the graph route
-step effnet_frontier 120 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-seconds 40 \
-  --fractions 5e-4,1e-2 --evaluator frontier
-step effnet_frontier 120 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-seconds 40 \
-  --fractions 5e-4,1e-2 --evaluator graph
+# the full-network path with the frontier evaluator (stop 21, measured on the CPU only so far), with its 1 x 1
+# convolutions as matrix products (stop 23) and as they come, against the graph route
+E="python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-only --full-seconds 40 --fractions 5e-4,1e-2"
+step effnet_frontier 100 $E --evaluator frontier --pointwise-matmul
+step effnet_frontier 100 $E --evaluator frontier
+step effnet_frontier 100 $E --evaluator graph
 # the float64 rate of plain EfficientNet-Lite0 passes (what the frontier's passes are made of), 1 x 1 convolutions
-# also as matrix products: the floor under the full-network goal (stop 22, not yet run on a GPU)
+# also as matrix products (channels-last output, and copied back): the floor under the full-network goal (stop 22, not
+# yet run on a GPU)
 step forward64 60 python3 benchmarks/bench_forward64_device.py --device cuda --batch 256
 step forward64 90 python3 benchmarks/bench_forward64_device.py --device cuda --batch 1024
 step slices 120 python3 benchmarks/bench_slices.py --device cuda --skip-effnet --large-only --large 680

@@ -1,6 +1,7 @@
-"""Float64 convolutions on the CPU (``_conv64``): depthwise convolutions with ATen's values and ATen's own path for
-every call they do not take, ungrouped convolutions in slices of the batch with ATen's values to the bit, and exact
-paths through a MobileNet-style block against dense sampling with ATen's convolutions."""
+"""Float64 convolutions (``_conv64``): depthwise convolutions with ATen's values and ATen's own path for every call
+they do not take, ungrouped convolutions in slices of the batch with ATen's values to the bit, 1 x 1 convolutions as
+matrix products (``POINTWISE_AS_MATMUL``, tried here on the CPU) with ATen's values to rounding, and exact paths
+through a MobileNet-style block against dense sampling with ATen's convolutions."""
 
 from __future__ import annotations
 
@@ -154,6 +155,78 @@ def test_paths_through_depthwise_blocks_equal_dense_sampling_with_atens_convolut
     assert res.exact and taken
     monkeypatch.setattr(dw, "MAX_IMAGE", 0)
     monkeypatch.setattr(dw, "COLUMN_BYTES", 1 << 62)
+    for i, p in enumerate(res.paths):
+        want = dense_count(m, lambda t, i=i: a[i:i + 1].double() + t.reshape(-1, 1, 1, 1) * (b[i] - a[i]).double(),
+                           n0=4096, n_max=2 ** 18)
+        assert p.per_layer == want and p.crossings > 0
+
+
+@pytest.fixture
+def pointwise(monkeypatch) -> list:
+    """``POINTWISE_AS_MATMUL`` holding the CPU; one entry per call sent to ``pointwise_conv2d``."""
+    calls = []
+    real = dw.pointwise_conv2d
+    monkeypatch.setattr(dw, "POINTWISE_AS_MATMUL", {"cpu"})
+    monkeypatch.setattr(dw, "pointwise_conv2d", lambda *args: calls.append(1) or real(*args))
+    return calls
+
+
+@pytest.mark.parametrize("n,c_in,c_out,h,w", [(3, 16, 24, 7, 9), (1, 5, 3, 1, 1), (40, 32, 8, 6, 6)])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pointwise_values_equal_atens(pointwise, n, c_in, c_out, h, w, bias, channels_last):
+    """1 x 1 convolutions as matrix products equal ATen's to rounding, from either memory layout, and leave their
+    output channels-last, so that a second 1 x 1 convolution reads it without a copy."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, c_in, h, w, generator=g, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w1 = torch.randn(c_out, c_in, 1, 1, generator=g, dtype=torch.float64)
+    w2 = torch.randn(c_in, c_out, 1, 1, generator=g, dtype=torch.float64)
+    b1 = torch.randn(c_out, generator=g, dtype=torch.float64) if bias else None
+    want = F.conv2d(F.conv2d(x, w1, b1), w2)
+    with dw.FastConv64():
+        mid = F.conv2d(x, w1, b1)
+        got = torch.conv2d(mid, w2, None, 1, 0)
+    assert len(pointwise) == 2 and got.shape == want.shape
+    assert mid.is_contiguous(memory_format=torch.channels_last)
+    assert (got - want).abs().max() <= 1e-13 * want.abs().max()
+
+
+def test_other_convolutions_are_not_taken_as_pointwise(pointwise, monkeypatch):
+    """Strided, padded, dilated, grouped, larger or float32 kernels, a device type not in the set and calls autograd
+    must follow are ATen's (or the CPU's depthwise way), with ATen's values to the bit."""
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    w = torch.randn(6, 4, 1, 1, dtype=torch.float64)
+    cases = [(x, w, {"stride": 2}), (x, w, {"padding": 1}), (x, w, {"dilation": (1, 2)}),
+             (x, torch.randn(6, 2, 1, 1, dtype=torch.float64), {"groups": 2}),
+             (x, torch.randn(6, 4, 3, 3, dtype=torch.float64), {}), (x.float(), w.float(), {})]
+    want = [F.conv2d(xi, wi, **kw) for xi, wi, kw in cases]
+    with dw.FastConv64():
+        for (xi, wi, kw), v in zip(cases, want):
+            assert torch.equal(F.conv2d(xi, wi, **kw), v)
+        assert not pointwise
+        F.conv2d(x, w, padding="same")
+        F.conv2d(x, w, None, (1,), "valid")
+        assert len(pointwise) == 2
+        wg = w.clone().requires_grad_()
+        F.conv2d(x, wg).sum().backward()
+        assert len(pointwise) == 2 and wg.grad is not None
+        monkeypatch.setattr(dw, "POINTWISE_AS_MATMUL", set())
+        assert torch.equal(F.conv2d(x, w), F.conv2d(x.clone(), w.clone()))
+        assert len(pointwise) == 2
+
+
+@pytest.mark.parametrize("evaluator", ["frontier", "graph"])
+def test_paths_with_pointwise_matmuls_equal_dense_sampling_with_atens_convolutions(monkeypatch, pointwise, evaluator):
+    """With 1 x 1 convolutions as matrix products (what a GPU in ``POINTWISE_AS_MATMUL`` runs), the exact counts
+    through MobileNet-style blocks still equal dense sampling with ATen's convolutions."""
+    m = InvertedResidual(seed=3)
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(2, 1, 7, 7, generator=g), torch.randn(2, 1, 7, 7, generator=g)
+    res = path_crossings(m, a, b, evaluator=evaluator, trace=False)
+    assert res.exact and pointwise
+    monkeypatch.setattr(dw, "POINTWISE_AS_MATMUL", set())
     for i, p in enumerate(res.paths):
         want = dense_count(m, lambda t, i=i: a[i:i + 1].double() + t.reshape(-1, 1, 1, 1) * (b[i] - a[i]).double(),
                            n0=4096, n_max=2 ** 18)

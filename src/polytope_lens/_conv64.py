@@ -24,6 +24,13 @@ ATen. Its values equal ATen's up to the rounding of the sums' order (tested to 1
 Max pooling without indices (``F.max_pool2d`` on batched images, ``F.max_pool1d`` on batched sequences) is the
 maximum over the windows' strided views (``WindowMax.maxima``), equal to ATen's to the bit (a maximum does not round)
 and about 4x faster on a 90-image batch of 16 x 28 x 28, since ATen's CPU pooling also finds every window's argmax.
+
+On the device types in ``POINTWISE_AS_MATMUL`` (none by default), a float64 1 x 1 convolution (stride 1, no padding,
+one group: most of a MobileNet-style network's multiply-adds) runs as one matrix product over channels in
+channels-last layout (``pointwise_conv2d``): a GPU runs float64 matrix products on its matrix units, a convolution
+library may not. Its output keeps the channels-last strides, so the next 1 x 1 convolution reads it without a copy.
+On the CPU ATen's 1 x 1 convolutions are matrix products already (no gain measured, stop 22); whether a GPU gains is
+what ``benchmarks/gpu_check.sh effnet_frontier forward64`` measures, before it is made a default there.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from .kinks import as_pair, resolve_call
 MAX_IMAGE = 1 << 21  # elements of one input image (C x H x W): above it ATen's loop over channels is as fast
 _CHUNK = 1 << 20  # elements of the input taken at once by depthwise_conv2d (8 MiB of float64)
 COLUMN_BYTES = 2 << 20  # unfolded images per ATen call on an ungrouped convolution (at least one image)
+POINTWISE_AS_MATMUL: set[str] = set()  # device types whose float64 1 x 1 convolutions are matrix products
 _CONV2D = (F.conv2d, torch.conv2d)
 _POOLS = (F.max_pool2d, F.max_pool1d)
 
@@ -85,16 +93,41 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out
 
 
-def _float64_cpu_conv(args: tuple, kwargs: dict) -> dict | None:
-    """The arguments of a ``conv2d`` call by name, when its input is a float64 CPU batch of images, else None."""
+def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias)`` for a 1 x 1 ``weight`` (C_out, C_in, 1, 1) as one matrix product over channels:
+    (N H W, C_in) @ (C_in, C_out). The result has channels-last strides (a view of the product)."""
+    n, c, h, w = x.shape
+    rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when ``x`` is channels-last already
+    wt = weight.reshape(weight.shape[0], c).t()
+    y = torch.mm(rows, wt) if bias is None else torch.addmm(bias, rows, wt)
+    return y.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _float64_conv(args: tuple, kwargs: dict) -> dict | None:
+    """The arguments of a ``conv2d`` call by name, when its input is a float64 batch of images, else None."""
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     call = dict(zip(names, args), **kwargs)
     x, w = call.get("input"), call.get("weight")
     if not (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor)):
         return None
-    if x.dtype != torch.float64 or x.device.type != "cpu" or x.dim() != 4 or w.dim() != 4 or w.dtype != x.dtype:
+    if x.dtype != torch.float64 or x.dim() != 4 or w.dim() != 4 or w.dtype != x.dtype:
         return None
     return call
+
+
+def _pointwise(call: dict) -> bool:
+    """Whether a float64 ``conv2d`` call should run as ``pointwise_conv2d``: its device type is in
+    ``POINTWISE_AS_MATMUL``, its kernel 1 x 1 with stride 1, no padding, one group, and autograd does not follow it."""
+    x, w = call["input"], call["weight"]
+    if x.device.type not in POINTWISE_AS_MATMUL or w.shape[2:] != (1, 1) or call.get("groups", 1) != 1:
+        return False
+    if any(e != 1 for e in as_pair(call.get("stride", 1)) + as_pair(call.get("dilation", 1))):
+        return False
+    padding = call.get("padding", 0)
+    if padding not in ("valid", "same") and any(e != 0 for e in as_pair(padding)):
+        return False  # a 1 x 1 kernel with "same" pads nothing
+    return not (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                                 for t in (x, w, call.get("bias"))))
 
 
 def _depthwise(call: dict) -> tuple | None:
@@ -142,16 +175,19 @@ def _pooled(func, args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 def conv_call(func, args: tuple, kwargs: dict):
-    """``func(*args, **kwargs)``, with float64 CPU ``conv2d`` and max pooling calls run the faster way (the module
-    docstring). ``capture``'s mode ends every call it intercepts here (one mode, not a second one that every operation
-    of a forward pass would go through), and a max-pool site's output at new unit inputs is computed here too."""
+    """``func(*args, **kwargs)``, with float64 CPU ``conv2d`` and max pooling calls (and 1 x 1 convolutions on the
+    devices in ``POINTWISE_AS_MATMUL``) run the faster way (the module docstring). ``capture``'s mode ends every call
+    it intercepts here (one mode, not a second one that every operation of a forward pass would go through), and a
+    max-pool site's output at new unit inputs is computed here too."""
     if func in _POOLS:
         out = _pooled(func, args, kwargs)
         if out is not None:
             return out
     if func in _CONV2D:
-        call = _float64_cpu_conv(args, kwargs)
-        if call is not None:
+        call = _float64_conv(args, kwargs)
+        if call is not None and _pointwise(call):
+            return pointwise_conv2d(call["input"], call["weight"], call.get("bias"))
+        if call is not None and call["input"].device.type == "cpu":
             dw_args = _depthwise(call)
             if dw_args is not None:
                 return depthwise_conv2d(*dw_args)

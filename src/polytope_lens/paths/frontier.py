@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch.overrides import TorchFunctionMode
 
-from .._conv64 import FastConv64
+from .. import _conv64
 from ..capture import ACTIVATION_MODULE_CLASSES, _is_inplace
 from ..kinks import get_activation, resolve_call
 from .exact import _lerp_rows, _merge
@@ -216,9 +216,10 @@ class FrontierProgram:
 
     @contextlib.contextmanager
     def _modes(self):
-        """No autograd; on the CPU, float64 convolutions and max pooling the capture's faster ways (``_conv64``:
-        a mode sees every call, which on a GPU would only add host time)."""
-        with torch.no_grad(), (FastConv64() if self.device.type == "cpu" else contextlib.nullcontext()):
+        """No autograd; float64 convolutions and max pooling the capture's faster ways (``_conv64``) on the CPU and
+        on the devices in ``POINTWISE_AS_MATMUL`` (elsewhere a mode that sees every call would only add host time)."""
+        fast = self.device.type == "cpu" or self.device.type in _conv64.POINTWISE_AS_MATMUL
+        with torch.no_grad(), (_conv64.FastConv64() if fast else contextlib.nullcontext()):
             yield
 
     def _inplace(self, node: fx.Node, args: tuple, kwargs: dict) -> bool:
