@@ -34,22 +34,33 @@ from polytope_lens.models import load_model
 from polytope_lens.paths import path_crossings, ray_crossings
 
 
-def profile_full(bundle, x, dev, frac=1 / 2000):
-    """Where the full-network path's time goes: the top operators by CPU and by device time."""
+def profile_full(bundle, x, dev, frac=5e-4, evaluator="auto", memory_gib=32):
+    """Where the full-network path's time goes: the top operators by CPU and by device time, and on a device how
+    much of the wall time its kernels kept it busy (the rest is host time: launches, Python, waits)."""
     from torch.profiler import ProfilerActivity, profile
 
     end = x[:1] + frac * (x[1:] - x[:1])
     path_crossings(bundle.module, x[:1], end, trace=False, device=dev, layers="_swish.relu6")  # warm-up
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.startswith("cuda") else [])
+    on_device = not dev.startswith("cpu")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
-        r = path_crossings(bundle.module, x[:1], end, trace=False, device=dev, memory_budget=32 << 30)
+        r = path_crossings(bundle.module, x[:1], end, trace=False, device=dev, memory_budget=memory_gib << 30,
+                           evaluator=evaluator)
         wall = time.perf_counter() - t0
-    print(f"full-network path, first {frac:g} of chelsea -> coffee on {dev}: {r.paths[0].crossings} crossings, "
-          f"{wall:.1f} s under the profiler", flush=True)
-    keys = ["self_cpu_time_total"] + (["self_cuda_time_total"] if dev.startswith("cuda") else [])
+    print(f"full-network path, first {frac:g} of chelsea -> coffee on {dev} ({r.notes[-1]}; {memory_gib} GiB): "
+          f"{r.paths[0].crossings} crossings, {wall:.1f} s under the profiler", flush=True)
+    events = prof.key_averages()
+    if on_device:
+        from torch.autograd import DeviceType
+
+        busy = sum(e.self_device_time_total for e in events  # kernels, as the table's own total counts them
+                   if e.device_type != DeviceType.CPU and not e.is_user_annotation) / 1e6
+        print(f"device kernels: {busy:.2f} s ({busy / wall:.0%} of the wall time); aten operators called: "
+              f"{sum(e.count for e in events if e.key.startswith('aten::'))}", flush=True)
+    keys = ["self_cpu_time_total"] + (["self_device_time_total"] if on_device else [])
     for key in keys:
-        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
+        print(events.table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
 
 
 def layer_calls(model, x, site_inputs: list | None = None) -> list:
@@ -252,7 +263,9 @@ def main():
     ap.add_argument("--full-seconds", type=float, default=240.0,
                     help="time for the full-network fractions: a longer fraction runs only if its extrapolation fits")
     ap.add_argument("--profile", action="store_true",
-                    help="only profile the full-network path over the first 1/2000 of the segment (top operators)")
+                    help="only profile the full-network path over the first --profile-fraction of the segment (top "
+                         "operators; --evaluator, --full-memory-gib apply)")
+    ap.add_argument("--profile-fraction", type=float, default=5e-4)
     ap.add_argument("--fractions", default="5e-4,1e-2,1",
                     help="with --full: comma-separated fractions of the segment, in increasing order")
     ap.add_argument("--flops", type=float, default=None, metavar="FRACTION",
@@ -273,6 +286,7 @@ def main():
                     help="ATen's float64 convolutions as they come instead of polytope_lens._conv64's ways")
     ap.add_argument("--pointwise-matmul", action="store_true",
                     help="1 x 1 convolutions as matrix products on --device (_conv64.POINTWISE_AS_MATMUL)")
+    ap.add_argument("--full-memory-gib", type=int, default=32, help="memory budget of --full and --profile (GiB)")
     ap.add_argument("--full-only", action="store_true",
                     help="with --full: only the full-network fractions (not the one-site path and the two rays)")
     args = ap.parse_args()
@@ -290,7 +304,7 @@ def main():
     names = list(photos.label_names)
     x = next(iter(bundle.encode(photos, [names.index("chelsea"), names.index("coffee")]).tensors.values())).double()
     if args.profile:
-        profile_full(bundle, x, dev)
+        profile_full(bundle, x, dev, args.profile_fraction, args.evaluator, args.full_memory_gib)
         return
     if args.delta_support is not None:
         delta_support(bundle, x, args.delta_support)
@@ -326,8 +340,9 @@ def main():
                     break
             t0 = time.perf_counter()
             r = path_crossings(bundle.module, x[:1], x[:1] + frac * (x[1:] - x[:1]), trace=False, device=dev,
-                               memory_budget=32 << 30, evaluator=args.evaluator)
-            row(f"path chelsea -> coffee, every site (full network), first {frac:g} of the segment", t0, r)
+                               memory_budget=args.full_memory_gib << 30, evaluator=args.evaluator)
+            row(f"path chelsea -> coffee, every site (full network), first {frac:g} of the segment, "
+                f"{args.full_memory_gib} GiB budget", t0, r)
             last, spent = (frac, time.perf_counter() - t0), time.perf_counter() - start
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ step() {  # step NAME SECONDS COMMAND... (runs when no step names were given, or
   echo "## $name" ; timeout "$secs" "$@" >> "$OUT/$name.md" 2>&1; echo "exit $?" >> "$OUT/$name.md"
 }
 STEPS="$*"  # e.g. `bash benchmarks/gpu_check.sh agree paths`; none: every step (agree paths layouts trace
-#             effnet_paths effnet_frontier forward64 slices codes)
+#             effnet_paths effnet_frontier effnet_profile forward64 slices codes)
 step agree 60 python3 benchmarks/gpu_agreement.py  # GPU results equal the CPU's (codes, exact and sampled paths)
 # 784->4x512: products at every point (the GPU default) and closed-form bends, each under a 16 GiB and a 64 GiB budget
 step paths 60 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 20000 \
@@ -54,15 +54,19 @@ step trace 40 python3 benchmarks/trace_paths_gpu.py --paths 2400 --budget-gib 64
 step trace 40 python3 benchmarks/trace_paths_gpu.py --paths 2400 --budget-gib 64 --layout path-order
 step effnet_paths 150 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-seconds 60
 # the full-network path with the frontier evaluator (stop 21, measured on the CPU only so far), with its 1 x 1
-# convolutions as matrix products (stop 23) and as they come, against the graph route
-E="python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-only --full-seconds 40 --fractions 5e-4,1e-2"
-step effnet_frontier 100 $E --evaluator frontier --pointwise-matmul
-step effnet_frontier 100 $E --evaluator frontier
-step effnet_frontier 100 $E --evaluator graph
+# convolutions as matrix products (stop 23) and as they come, under 32 and 64 GiB, against the graph route; then where
+# its time goes (device busy time against the wall time: how much is host time)
+E="python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-only --full-seconds 40"
+E="$E --fractions 5e-4,1e-2,5e-2"
+step effnet_frontier 90 $E --evaluator frontier --pointwise-matmul
+step effnet_frontier 90 $E --evaluator frontier
+step effnet_frontier 90 $E --evaluator frontier --pointwise-matmul --full-memory-gib 64
+step effnet_frontier 90 $E --evaluator graph
+step effnet_profile 60 python3 benchmarks/bench_paths_efficientnet.py --device cuda --profile --evaluator frontier \
+  --pointwise-matmul
 # the float64 rate of plain EfficientNet-Lite0 passes (what the frontier's passes are made of), 1 x 1 convolutions
 # also as matrix products (channels-last output, and copied back): the floor under the full-network goal (stop 22, not
 # yet run on a GPU)
 step forward64 60 python3 benchmarks/bench_forward64_device.py --device cuda --batch 256
-step forward64 90 python3 benchmarks/bench_forward64_device.py --device cuda --batch 1024
 step slices 120 python3 benchmarks/bench_slices.py --device cuda --skip-effnet --large-only --large 680
 step codes 90 python3 benchmarks/bench_codes.py --gpu-only

@@ -1133,6 +1133,78 @@ def _assert_same_paths(whole, pieces):
         np.testing.assert_allclose(p.trace.class_changes, q.trace.class_changes, rtol=0, atol=1e-12)
 
 
+class _FakePeak:
+    """A device's peak-memory meter (``exact.DevicePeak``) on the CPU: each piece reports ``per_point`` bytes per
+    point it holds, read from the piece the engine just ran."""
+
+    def __init__(self, per_point: int, held: list):
+        self.per_point, self.held = per_point, held
+
+    def start(self) -> None:
+        pass
+
+    def peak(self) -> int:
+        return self.per_point * self.held[-1]
+
+
+@pytest.mark.parametrize("evaluator", ["graph", "frontier"])
+def test_pieces_grow_to_the_measured_peak_and_shrink_back_after_running_out_of_memory(monkeypatch, evaluator):
+    """Where the device measures each piece's peak memory, the next pieces are sized from it (to half the budget,
+    never below the estimate's size); a piece that runs out of device memory is run again, smaller, with the
+    estimate's sizes from then on; one that runs out before any measurement raises. The crossings, ties and trace
+    equal the one-piece run's (the oracle) in every case."""
+    import polytope_lens.paths.exact as exact
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(4)
+    cnn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+    x0, x1 = 3 * torch.randn(1, 1, 12, 12, generator=g), 3 * torch.randn(1, 1, 12, 12, generator=g)
+    whole = path_crossings(cnn, x0, x1, evaluator=evaluator)
+    held, room, fail_above = [], [], [None]
+    real_chunk, real_pieces = exact.Refiner.run_chunk, exact.Refiner.run_path_in_pieces
+
+    def run_chunk(self, *args):
+        out = real_chunk(self, *args)
+        if fail_above[0] is not None and out["n_evaluated"] > fail_above[0]:
+            held.append(-out["n_evaluated"])  # what ran out of memory
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        held.append(out["n_evaluated"])
+        return out
+
+    def run_path_in_pieces(self, gp, max_points, *args):
+        room.append(max_points)
+        return real_pieces(self, gp, max_points, *args)
+    monkeypatch.setattr(exact.Refiner, "run_chunk", run_chunk)
+    monkeypatch.setattr(exact.Refiner, "run_path_in_pieces", run_path_in_pieces)
+    budget = 1 << 20
+    runs = {"estimate": path_crossings(cnn, x0, x1, evaluator=evaluator, memory_budget=budget)}
+    by_estimate = list(held)
+    assert len(by_estimate) > 10 and max(by_estimate) <= 2 * room[-1]
+    # measured: 1 KiB per point, so half the budget holds 512 points: a few pieces, far above the estimate's size
+    monkeypatch.setattr(exact.DevicePeak, "of", staticmethod(lambda device: _FakePeak(1024, held)))
+    held.clear()
+    runs["measured"] = path_crossings(cnn, x0, x1, evaluator=evaluator, memory_budget=budget)
+    assert len(held) < len(by_estimate) / 2 and max(held) > 4 * room[-1]
+    # measured above the estimate (a whole budget per point): never smaller than the estimate's pieces
+    monkeypatch.setattr(exact.DevicePeak, "of", staticmethod(lambda device: _FakePeak(budget, held)))
+    held.clear()
+    runs["measured, large"] = path_crossings(cnn, x0, x1, evaluator=evaluator, memory_budget=budget)
+    assert held == by_estimate
+    monkeypatch.setattr(exact.DevicePeak, "of", staticmethod(lambda device: _FakePeak(1024, held)))
+    # the device runs out above twice the estimate's size: that piece again, smaller, then the estimate's sizes
+    fail_above[0] = 2 * room[-1]
+    held.clear()
+    runs["out of memory"] = path_crossings(cnn, x0, x1, evaluator=evaluator, memory_budget=budget)
+    failed = [i for i, n in enumerate(held) if n < 0]
+    assert len(failed) == 1 and max(held[failed[0] + 1:]) <= 2 * room[-1]
+    for r in runs.values():
+        _same_records(whole.paths[0], r.paths[0])
+        assert (whole.paths[0].trace.top_class == r.paths[0].trace.top_class).all()
+    fail_above[0] = 0  # the first piece, before any measurement: the error is the device's
+    with pytest.raises(torch.OutOfMemoryError):
+        path_crossings(cnn, x0, x1, evaluator=evaluator, memory_budget=budget)
+
+
 def test_pieces_hold_about_what_the_budget_allows(monkeypatch):
     """Each piece of a path holds about the points the budget allows (the first piece sized from the expected
     breakpoints, the next ones from the density of the one before), also on the graph route; the check of final

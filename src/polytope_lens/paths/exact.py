@@ -73,6 +73,29 @@ PRODUCTS_AT_EVERY_POINT = {"cuda"}
 # (``Refiner._run_chunk_appended``); False keeps them in path order (comparisons: bench_paths.py --layout)
 APPENDED_LAYOUT = True
 FRONTIER_SHARE_MAX_POINTS = 64  # pieces of at most this many points share their ends on the frontier route
+# where a device measures its peak memory, a path's pieces are sized so that their measured peak takes at most this
+# share of the budget (the rest: room for a piece whose breakpoints are made at wider sites than its predecessors')
+MEASURED_PIECE_SHARE = 0.5
+
+
+class DevicePeak:
+    """The peak memory a piece allocates on a CUDA device beyond what was allocated when it started."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base = 0
+
+    @staticmethod
+    def of(device: torch.device) -> "DevicePeak | None":
+        """A meter for ``device``, or None where torch keeps no allocation statistics (the CPU)."""
+        return DevicePeak(device) if device.type == "cuda" else None
+
+    def start(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.base = torch.cuda.memory_allocated(self.device)
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device) - self.base
 
 
 @dataclass
@@ -772,12 +795,20 @@ class Refiner:
 
         Pieces share their end points, whose unit inputs are evaluated the same way in both (on the graph route
         once, by the earlier piece), so a unit sitting on a kink there is counted once (``pieces`` decides on which
-        side, as within one piece)."""
+        side, as within one piece).
+
+        ``max_points`` comes from an estimate of a point's memory that holds wherever its breakpoints were made (for
+        EfficientNet-Lite0 several times what a point takes, since most breakpoints are made at narrow late sites).
+        Where the device measures its peak memory (``DevicePeak``: CUDA), each piece's peak per point sizes the
+        next ones, to ``MEASURED_PIECE_SHARE`` of the budget and never below the estimate's size: fewer, larger
+        pieces, each costing the same host time per site whatever its size. A piece that runs out of device memory
+        is run again, smaller, with the estimate's size from then on."""
         runs, a, made, done = [], 0.0, 0, 0.0  # (level, joined pieces); new breakpoints made, length of t done
         shared = None  # the values at the point the last piece and the next share
         # the frontier route pays for sharing a point with one copy of every carried value per site, which only
         # pieces of a few points (a large network under a small budget) earn back
         share = self.frontier is None or max_points <= FRONTIER_SHARE_MAX_POINTS
+        meter, estimated = DevicePeak.of(self.r.device), max_points
         room = max(1.0, 0.8 * max_points - 2)  # new breakpoints a piece may hold beside its two ends
         step = room / (4.0 * max(float(est_points), 1.0))  # a quarter: deep sites' units may cross several times
         while a < 1.0:
@@ -786,7 +817,21 @@ class Refiner:
                     f"A path has more than {room / _MIN_PIECE:.0e} breakpoints per unit of t here, more than pieces "
                     f"of {max_points} points can follow in float64; raise the memory budget.")
             b = 1.0 if a + step >= 1.0 else a + step
-            out = self.run_chunk(gpid, (a, b), shared)
+            try:
+                if meter is not None:
+                    meter.start()
+                out = self.run_chunk(gpid, (a, b), shared)
+            except torch.OutOfMemoryError:
+                if meter is None or max_points == estimated:
+                    raise
+                meter, max_points = None, estimated  # the measured sizes overreached: the estimate's from now on
+                room = max(1.0, 0.8 * max_points - 2)
+                step = min(0.5 * (b - a), room * done / max(made, 1))
+                continue
+            if meter is not None:  # the next pieces: as many points as the measured peak per point allows
+                per_point = max(meter.peak(), 1) / max(out["n_evaluated"], 1)
+                max_points = max(estimated, int(MEASURED_PIECE_SHARE * self.r.budget / per_point))
+                room = max(1.0, 0.8 * max_points - 2)
             shared = out.pop("last", None) if share else None
             # the next piece: what the denser of this piece and the path so far allows, at most twice this one
             k = max(out["n_evaluated"] - 2, 0)
