@@ -29,8 +29,9 @@ On the device types in ``POINTWISE_AS_MATMUL`` (none by default), a float64 1 x 
 one group: most of a MobileNet-style network's multiply-adds) runs as one matrix product over channels in
 channels-last layout (``pointwise_conv2d``): a GPU runs float64 matrix products on its matrix units, a convolution
 library may not. Its output keeps the channels-last strides, so the next 1 x 1 convolution reads it without a copy.
-On the CPU ATen's 1 x 1 convolutions are matrix products already (no gain measured, stop 22); whether a GPU gains is
-what ``benchmarks/gpu_check.sh effnet_frontier forward64`` measures, before it is made a default there.
+On the CPU ATen's 1 x 1 convolutions are matrix products already, and the channels-last outputs slow the layers
+after them (measured at stops 22 and 23); whether a GPU gains is what ``benchmarks/gpu_check.sh effnet_frontier
+forward64`` measures, before it is made a default there.
 """
 
 from __future__ import annotations
