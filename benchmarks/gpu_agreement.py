@@ -3,7 +3,9 @@
     python benchmarks/gpu_agreement.py [--device cuda]
 
 Spline codes (pinned asynchronous copies on a GPU), exact paths with the semantic trace (batched trace and class
-changes), sampled paths on a GELU net (Illinois steps). Prints one line per check; exits 1 if one disagrees.
+changes), exact paths through a MobileNet-style CNN on the frontier and graph routes in pieces (with and without
+``_conv64.POINTWISE_AS_MATMUL``), sampled paths on a GELU net (Illinois steps). Prints one line per check; exits 1
+if one disagrees.
 """
 
 from __future__ import annotations
@@ -26,6 +28,31 @@ def mlp(act: type[nn.Module], seed: int, din=6, width=48, depth=3, classes=5) ->
         layers += [nn.Linear(d, width), act()]
         d = width
     return nn.Sequential(*layers, nn.Linear(d, classes)).double().eval()
+
+
+def mobile_block(seed: int) -> nn.Module:
+    """Stem conv-BN-ReLU6, then an inverted residual block: 1 x 1 expand-BN-ReLU6, 3 x 3 depthwise-BN-ReLU6,
+    1 x 1 project-BN plus the skip, and a linear head (the layer kinds of EfficientNet-Lite0)."""
+    torch.manual_seed(seed)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6())
+            self.expand = nn.Sequential(nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16), nn.ReLU6())
+            self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU6())
+            self.project = nn.Sequential(nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8))
+            self.head = nn.Linear(8 * 10 * 10, 5)
+            for bn in self.modules():
+                if isinstance(bn, nn.BatchNorm2d):
+                    bn.running_mean.uniform_(-0.2, 0.2)
+                    bn.running_var.uniform_(0.5, 1.5)
+
+        def forward(self, x):
+            h = self.stem(x)
+            return self.head((h + self.project(self.dw(self.expand(h)))).flatten(1))
+
+    return Block()
 
 
 def main() -> int:
@@ -108,6 +135,22 @@ def main() -> int:
     dtypes = all(p.records[k].dtype == q.records[k].dtype for p, q in zip(rc.paths, runs[0].paths) for k in keys)
     report("records with and without the background copy", recs and dtypes,
            f"40 paths' records and breakpoints equal: {recs}; dtypes as on the CPU: {dtypes}")
+
+    from polytope_lens import _conv64
+    cnn = mobile_block(4).double().eval()
+    xa, xb = (3 * torch.randn(4, 1, 10, 10, generator=g, dtype=torch.float64) for _ in range(2))
+    want = path_crossings(cnn, xa, xb, evaluator="frontier")
+    for label, pointwise in [("as they come", set()), ("1 x 1 as matrix products", {"cuda"})]:
+        _conv64.POINTWISE_AS_MATMUL = pointwise
+        for evaluator in ("frontier", "graph"):  # pieces of a few points each, sized from measured memory on a GPU
+            got = path_crossings(cnn, xa, xb, evaluator=evaluator, device=dev, memory_budget=4 << 20)
+            same = want.counts.tolist() == got.counts.tolist()
+            pos = all(np.allclose(p.records["t"], q.records["t"], rtol=0, atol=1e-9)
+                      for p, q in zip(want.paths, got.paths))
+            report(f"exact paths, MobileNet-style CNN, {evaluator} route, convolutions {label}", same and pos,
+                   f"4 paths, {int(want.counts.sum())} crossings, 4 MiB budget; counts {same}, positions within "
+                   f"1e-9 {pos}")
+    _conv64.POINTWISE_AS_MATMUL = set()
 
     smooth = mlp(nn.GELU, 1)
     sc = path_crossings(smooth, a[:8], b[:8], n_samples=128, tol=1e-10)
