@@ -13,7 +13,8 @@ only if its time extrapolated from the previous fraction fits --full-seconds (ot
 full-network path instead (graph route: a forward pass after a crossing's site per crossing), from its first
 FRACTION. --executed FRACTION counts the multiply-adds the graph route actually runs for that first FRACTION (default
 1 GiB budget), by cause: passes at new breakpoints, the pieces' ends, the final check, the reductions' checks.
---delta-support FRACTION measures how far each breakpoint's slope change
+--pieces FRACTION counts each piece's operator calls and peak of live tensors (host time and memory on a GPU) and
+projects the whole path's calls. --delta-support FRACTION measures how far each breakpoint's slope change
 reaches into the later sites (the most an evaluator that propagated only those changes could save).
 --aten-convolutions runs float64 convolutions through ATen's fallback as it comes (one call per channel of a
 depthwise layer, a whole batch unfolded at once) instead of the ways of ``polytope_lens._conv64`` (the before/after
@@ -190,6 +191,81 @@ def executed(bundle, x, dev, frac: float, budget_mib: int, evaluator: str = "aut
     print(f"  {cause[0]}: {(total - named) / 1e9:.1f} G")
 
 
+def piece_costs(bundle, x, frac: float, budget_gib: int, evaluator: str = "frontier",
+                crossings_total: float = 2.08e6) -> None:
+    """What each piece of the full-network path costs in operator calls (host time on a GPU: each call is a launch)
+    and in memory (the peak of live tensors, against the budget's estimate per point), over its first ``frac``, with
+    ATen's convolutions so that a convolution is one call as on a GPU; and the whole path's calls projected from
+    them, with pieces of the estimate's size and of the measured size (``exact.DevicePeak`` on a GPU)."""
+    import weakref
+    from collections import defaultdict
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    import polytope_lens._conv64 as conv64
+    import polytope_lens.paths.exact as exact
+
+    class Costs(TorchDispatchMode):
+        """Operator calls, and live tensor storages (counted once per storage, freed with their last tensor)."""
+
+        def __init__(self):
+            super().__init__()
+            self.calls, self.live, self.refs, self.now, self.peak = 0, {}, defaultdict(int), 0, 0
+
+        def _drop(self, key):
+            self.refs[key] -= 1
+            if not self.refs[key]:
+                del self.refs[key]
+                self.now -= self.live.pop(key)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.calls += 1
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr():
+                    key = t.untyped_storage().data_ptr()
+                    if key not in self.live:
+                        self.live[key] = t.untyped_storage().nbytes()
+                        self.now += self.live[key]
+                        self.peak = max(self.peak, self.now)
+                    self.refs[key] += 1
+                    weakref.finalize(t, self._drop, key)
+            return out
+
+    conv64.MAX_IMAGE, conv64.COLUMN_BYTES = 0, 1 << 62  # ATen's convolutions: one call each, as on a GPU
+    rows, sized = [], []
+    real_chunk, real_pieces = exact.Refiner.run_chunk, exact.Refiner.run_path_in_pieces
+
+    def run_chunk(self, *args):
+        with Costs() as c:
+            out = real_chunk(self, *args)
+        rows.append((out["n_evaluated"], c.calls, c.peak))
+        return out
+
+    def run_path_in_pieces(self, gp, max_points, *args):
+        sized.append(max_points)
+        return real_pieces(self, gp, max_points, *args)
+    exact.Refiner.run_chunk, exact.Refiner.run_path_in_pieces = run_chunk, run_path_in_pieces
+    r = path_crossings(bundle.module, x[:1], x[:1] + frac * (x[1:] - x[:1]), trace=False, evaluator=evaluator,
+                       memory_budget=budget_gib << 30)
+    budget = budget_gib << 30
+    print(f"full-network path, first {frac:g} of chelsea -> coffee, {r.paths[0].crossings} crossings, "
+          f"{budget_gib} GiB ({r.notes[-1]}; ATen's convolutions): the estimate allows {sized[0]} points per piece "
+          f"({budget / sized[0] / 2**20:.1f} MiB each)")
+    print("| piece | points | operator calls | peak of live tensors (MiB) | MiB per point |")
+    print("|---:|---:|---:|---:|---:|")
+    for i, (n, calls, peak) in enumerate(rows):
+        print(f"| {i} | {n} | {calls:,} | {peak / 2**20:,.0f} | {peak / max(n, 1) / 2**20:.1f} |")
+    n, calls, peak = max(rows)
+    measured = max(sized[0], int(exact.MEASURED_PIECE_SHARE * budget / (peak / n)))
+    for label, pts in (("the estimate's", sized[0]), ("measured", measured)):
+        pieces = crossings_total / max(0.8 * pts - 2, 1)
+        print(f"whole path ({crossings_total:.3g} crossings), pieces of {label} size ({pts} points): about "
+              f"{pieces:,.0f} pieces, {pieces * calls / 1e6:.1f} M operator calls")
+
+
 def delta_support(bundle, x, frac: float, thresholds=(1e-13, 1e-12, 1e-11)) -> None:
     """How much of the network a breakpoint's slope change reaches: the ceiling of an incremental evaluator.
 
@@ -273,6 +349,9 @@ def main():
     ap.add_argument("--executed", type=float, default=None, metavar="FRACTION",
                     help="only count the multiply-adds the full-network path runs over its first FRACTION, by cause")
     ap.add_argument("--memory-mib", type=int, default=1024, help="budget for --executed (MiB)")
+    ap.add_argument("--pieces", type=float, default=None, metavar="FRACTION",
+                    help="only count each piece's operator calls and peak memory over the first FRACTION, and project "
+                         "the whole path's calls (--evaluator, default frontier here; --full-memory-gib)")
     ap.add_argument("--delta-support", type=float, default=None, metavar="FRACTION",
                     help="only measure how far each breakpoint's slope change reaches into the later sites over the "
                          "first FRACTION (the most an incremental evaluator could save)")
@@ -305,6 +384,10 @@ def main():
     x = next(iter(bundle.encode(photos, [names.index("chelsea"), names.index("coffee")]).tensors.values())).double()
     if args.profile:
         profile_full(bundle, x, dev, args.profile_fraction, args.evaluator, args.full_memory_gib)
+        return
+    if args.pieces is not None:
+        piece_costs(bundle, x, args.pieces, args.full_memory_gib,
+                    "frontier" if args.evaluator == "auto" else args.evaluator)
         return
     if args.delta_support is not None:
         delta_support(bundle, x, args.delta_support)
