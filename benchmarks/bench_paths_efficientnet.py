@@ -9,8 +9,9 @@ path chelsea -> coffee in input space; later sites are not needed for them and a
 scaling ray alpha * a, alpha in [0, 3], of the last block's ReLU6 site for chelsea (every later site processed).
 With --full (a GPU): the full-network path over the first 1/2000 and 1/100 of the segment, then all of it, each run
 only if its time extrapolated from the previous fraction fits --full-seconds (other fractions: --fractions).
---flops FRACTION prints a compute floor and a memory floor for the
-full-network path instead (graph route: a forward pass after a crossing's site per crossing), from its first
+--flops FRACTION prints a compute floor and two memory floors for the
+full-network path instead (a forward pass after a crossing's site per crossing; memory: the later unit inputs alone,
+and every operator's reads and writes run one by one, with what folding or fusing some away leaves), from its first
 FRACTION. --executed FRACTION counts the multiply-adds the graph route actually runs for that first FRACTION (default
 1 GiB budget), by cause: passes at new breakpoints, the pieces' ends, the final check, the reductions' checks.
 --pieces FRACTION counts each piece's operator calls and peak of live tensors (host time and memory on a GPU) and
@@ -97,7 +98,9 @@ def flops_floor(bundle, x, dev, frac: float, peak_tflops: float, bandwidth_tbs: 
     the multiply-adds of one pass after each site (Conv2d and Linear layers, in call order, one image), their sum,
     extrapolated to the whole segment, and the time that takes at ``peak_tflops`` (float64). A second floor, for
     memory: every later site's unit inputs at the new point are written once (8 bytes each) and read once by that
-    site's scan, at ``bandwidth_tbs`` (TB/s) and nothing else moved."""
+    site's scan, at ``bandwidth_tbs`` (TB/s) and nothing else moved. A third: the bytes the passes' operators read
+    and write, run one by one as the evaluators run them (``op_traffic``), and what folding or fusing some of them
+    away would leave."""
     model = bundle.module.double().eval()
     calls = layer_calls(model, x[:1])
     after = [sum(n for kind, n in calls[i + 1:] if kind == "macs") for i, (kind, _) in enumerate(calls)
@@ -122,6 +125,58 @@ def flops_floor(bundle, x, dev, frac: float, peak_tflops: float, bandwidth_tbs: 
     print(f"{len(per)} sites, {sum(n for k, n in calls if k == 'site') / 1e6:.2f} M units; later sites' unit inputs "
           f"written and read once per crossing (16 bytes per unit): {moved / 1e15:.2f} PB for the whole segment, "
           f"{moved / (bandwidth_tbs * 1e12):.0f} s at {bandwidth_tbs:g} TB/s")
+    ops = op_traffic(model, x[:1])
+    site_at = [i for i, (name, _) in enumerate(ops) if name.startswith("hardtanh")]
+    if len(site_at) != len(per):
+        print(f"{len(site_at)} activation operators seen, {len(per)} sites: no traffic floor")
+        return
+    kinds = sorted({name for name, _ in ops})
+    after = {k: [sum(b for name, b in ops[i + 1:] if name == k) for i in site_at] for k in kinds}
+    by_kind = {k: sum(c * a for c, a in zip(per, after[k])) / frac for k in kinds}
+    print(f"one forward pass op by op moves {sum(b for _, b in ops) / 1e6:.0f} MB per image (each operator reading its "
+          f"inputs and writing its outputs once, weights left out); the passes after each crossing's site move, for "
+          f"the whole segment:")
+    print("| operators left out (fused or folded away) | PB moved | seconds at "
+          f"{bandwidth_tbs:g} TB/s |")
+    print("|---|---:|---:|")
+    pointwise = [k for k in kinds if not k.startswith(("convolution", "addmm", "mm", "mean"))]
+    for label, drop in [("none (op by op, as the evaluators run it)", []),
+                        ("batch norm (folded into the convolutions)", ["native_batch_norm"]),
+                        ("batch norm and padding (folded into the convolutions)", ["native_batch_norm",
+                                                                                   "constant_pad_nd"]),
+                        ("every pointwise operator (fused into the convolutions)", pointwise)]:
+        total = sum(v for k, v in by_kind.items() if k not in drop)
+        print(f"| {label} | {total / 1e15:.2f} | {total / (bandwidth_tbs * 1e12):.0f} |")
+
+
+def op_traffic(model, x) -> list:
+    """One forward pass of ``x``, in call order: (aten operator, bytes it reads and writes) for every operator that
+    moves data (views left out), the model's parameters and buffers not counted (a batch reads them once)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    params = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    views = {"view", "_unsafe_view", "t", "permute", "reshape", "expand", "slice", "select", "unsqueeze", "squeeze",
+             "detach", "alias", "as_strided", "empty", "empty_like", "lift_fresh"}
+
+    class Traffic(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name not in views:
+                tensors = [t for t in tree_flatten((args, kwargs))[0] + tree_flatten(out)[0]
+                           if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params]
+                self.ops.append((name, sum(t.numel() * t.element_size() for t in tensors)))
+            return out
+
+    with torch.no_grad(), Traffic() as t:
+        model(x)
+    return t.ops
 
 
 def executed(bundle, x, dev, frac: float, budget_mib: int, evaluator: str = "auto") -> None:
