@@ -7,9 +7,10 @@ passes over many points at once; over the first 1/20,000 of chelsea -> coffee th
 for 104 crossings, 0.70 of a whole forward pass (385 M) per crossing, and the whole path has about 2.08 M crossings
 (docs/benchmarks.md): about 1.46 M whole-pass equivalents. This script times plain float64 forward passes of the
 model on batches of ``--batch`` images (best of ``--repeat``) with the convolutions as they come, and the same with
-the 1 x 1 convolutions run as matrix products in channels-last layout (the library's ``_conv64.pointwise_conv2d``,
-what ``POINTWISE_AS_MATMUL`` turns on; GPUs run float64 matrix products on their matrix units, convolution libraries
-may not). It prints the time per image, the
+the 1 x 1 convolutions run as matrix products over channels (the library's ``_conv64.pointwise_conv2d``, what
+``POINTWISE_AS_MATMUL`` turns on; GPUs run float64 matrix products on their matrix units, convolution libraries may
+not), each from contiguous images and from channels-last ones (then every layer keeps that layout and the products
+need no copies). It prints the time per image, the
 float64 rate of its multiply-adds, and the time 1.46 M images take at that rate: the floor the GPU goal (<= 60 s)
 has to clear, before any of the engine's own work. On a CPU it times ATen's float64 convolutions as they come (the
 engine takes ``polytope_lens._conv64``'s faster ways there: ``bench_conv64.py``), so it is meant for a GPU
@@ -67,19 +68,16 @@ def main():
     want = None
     conv64.POINTWISE_AS_MATMUL = {dev.type}  # the library's rule (taken only inside FastConv64 here) ...
     conv64.MAX_IMAGE, conv64.COLUMN_BYTES = 0, 1 << 62  # ... and on a CPU nothing else of _conv64's
-    channels_last = conv64.pointwise_conv2d
-
-    def contiguous(*args):  # the same product, its output copied back to the layout the other layers expect
-        return channels_last(*args).contiguous()
-
-    ways = [("forward, convolutions as they come", None, None),
-            ("forward, 1 x 1 as matrix products (_conv64.pointwise_conv2d)", conv64.FastConv64, channels_last),
-            ("forward, 1 x 1 as matrix products, output copied back to NCHW", conv64.FastConv64, contiguous)]
-    for name, mode, pointwise in ways:
-        def run(mode=mode, pointwise=pointwise):
-            conv64.pointwise_conv2d = pointwise or channels_last
+    nhwc = x.contiguous(memory_format=torch.channels_last)  # every layer after it keeps that layout
+    ways = [("forward, convolutions as they come", None, x),
+            ("forward, 1 x 1 as matrix products (_conv64.pointwise_conv2d; output copied back to NCHW)",
+             conv64.FastConv64, x),
+            ("forward, channels-last input, convolutions as they come", None, nhwc),
+            ("forward, channels-last input, 1 x 1 as matrix products (no copies)", conv64.FastConv64, nhwc)]
+    for name, mode, images in ways:
+        def run(mode=mode, images=images):
             with torch.no_grad(), (mode() if mode else contextlib.nullcontext()):
-                return model(x)
+                return model(images)
         out = run()  # also the warm-up (CUDA context, cuDNN's choice of kernels)
         if want is None:
             want = out

@@ -140,17 +140,21 @@ def main() -> int:
     cnn = mobile_block(4).double().eval()
     xa, xb = (3 * torch.randn(4, 1, 10, 10, generator=g, dtype=torch.float64) for _ in range(2))
     want = path_crossings(cnn, xa, xb, evaluator="frontier")
+    real_pointwise, taken = _conv64.pointwise_conv2d, []
+    _conv64.pointwise_conv2d = lambda *args: taken.append(1) or real_pointwise(*args)
     for label, pointwise in [("as they come", set()), ("1 x 1 as matrix products", {"cuda"})]:
         _conv64.POINTWISE_AS_MATMUL = pointwise
         for evaluator in ("frontier", "graph"):  # pieces of a few points each, sized from measured memory on a GPU
+            taken.clear()
             got = path_crossings(cnn, xa, xb, evaluator=evaluator, device=dev, memory_budget=4 << 20)
             same = want.counts.tolist() == got.counts.tolist()
             pos = all(np.allclose(p.records["t"], q.records["t"], rtol=0, atol=1e-9)
                       for p, q in zip(want.paths, got.paths))
-            report(f"exact paths, MobileNet-style CNN, {evaluator} route, convolutions {label}", same and pos,
+            rule = bool(taken) == (torch.device(dev).type in pointwise)  # the rule ran exactly where it should
+            report(f"exact paths, MobileNet-style CNN, {evaluator} route, convolutions {label}", same and pos and rule,
                    f"4 paths, {int(want.counts.sum())} crossings, 4 MiB budget; counts {same}, positions within "
-                   f"1e-9 {pos}")
-    _conv64.POINTWISE_AS_MATMUL = set()
+                   f"1e-9 {pos}; 1 x 1 products taken {len(taken)} times ({'as' if rule else 'NOT as'} expected)")
+    _conv64.POINTWISE_AS_MATMUL, _conv64.pointwise_conv2d = set(), real_pointwise
 
     smooth = mlp(nn.GELU, 1)
     sc = path_crossings(smooth, a[:8], b[:8], n_samples=128, tol=1e-10)

@@ -175,8 +175,9 @@ def pointwise(monkeypatch) -> list:
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_pointwise_values_equal_atens(pointwise, n, c_in, c_out, h, w, bias, channels_last):
-    """1 x 1 convolutions as matrix products equal ATen's to rounding, from either memory layout, and leave their
-    output channels-last, so that a second 1 x 1 convolution reads it without a copy."""
+    """1 x 1 convolutions as matrix products equal ATen's to rounding, from either memory layout, in ATen's memory
+    format: channels-last in, channels-last out (a second 1 x 1 convolution reads it without a copy), contiguous in,
+    contiguous out (code after the call may ``view`` it)."""
     g = torch.Generator().manual_seed(5)
     x = torch.randn(n, c_in, h, w, generator=g, dtype=torch.float64)
     if channels_last:
@@ -189,8 +190,12 @@ def test_pointwise_values_equal_atens(pointwise, n, c_in, c_out, h, w, bias, cha
         mid = F.conv2d(x, w1, b1)
         got = torch.conv2d(mid, w2, None, 1, 0)
     assert len(pointwise) == 2 and got.shape == want.shape
-    assert mid.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    assert mid.is_contiguous(memory_format=layout) and got.is_contiguous(memory_format=layout)
     assert (got - want).abs().max() <= 1e-13 * want.abs().max()
+    with dw.FastConv64():  # an empty batch, as ATen gives it
+        empty = F.conv2d(x[:0], w1, b1)
+    assert empty.shape == (0, c_out, h, w) and len(pointwise) == 3
 
 
 def test_other_convolutions_are_not_taken_as_pointwise(pointwise, monkeypatch):
@@ -206,6 +211,12 @@ def test_other_convolutions_are_not_taken_as_pointwise(pointwise, monkeypatch):
         for (xi, wi, kw), v in zip(cases, want):
             assert torch.equal(F.conv2d(xi, wi, **kw), v)
         assert not pointwise
+        # calls ATen refuses get ATen's own errors: a wrong padding string, bias or channel count
+        for kw, match in [({"padding": "SAME"}, "padding"), ({"bias": torch.zeros(1, dtype=torch.float64)}, "bias"),
+                          ({"input": x[:, :3]}, "channels")]:
+            with pytest.raises(RuntimeError, match=match):
+                F.conv2d(**{"input": x, "weight": w, **kw})
+        assert not pointwise
         F.conv2d(x, w, padding="same")
         F.conv2d(x, w, None, (1,), "valid")
         assert len(pointwise) == 2
@@ -217,15 +228,33 @@ def test_other_convolutions_are_not_taken_as_pointwise(pointwise, monkeypatch):
         assert len(pointwise) == 2
 
 
+class PointwiseThenView(nn.Module):
+    """A 1 x 1 convolution whose output (through a ReLU) is flattened with ``view``, which needs ATen's layout."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(6)
+        self.c1, self.c2, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 6, 1), nn.Linear(6 * 5 * 5, 3)
+        self.eval()
+
+    def forward(self, x):
+        h = F.relu(self.c2(F.relu(self.c1(x))))
+        return self.head(h.view(h.shape[0], -1))
+
+
+@pytest.mark.parametrize("model", ["inverted residual", "view after 1 x 1"])
 @pytest.mark.parametrize("evaluator", ["frontier", "graph"])
-def test_paths_with_pointwise_matmuls_equal_dense_sampling_with_atens_convolutions(monkeypatch, pointwise, evaluator):
+def test_paths_with_pointwise_matmuls_equal_dense_sampling_with_atens_convolutions(monkeypatch, pointwise, evaluator,
+                                                                                   model):
     """With 1 x 1 convolutions as matrix products (what a GPU in ``POINTWISE_AS_MATMUL`` runs), the exact counts
-    through MobileNet-style blocks still equal dense sampling with ATen's convolutions."""
-    m = InvertedResidual(seed=3)
+    through MobileNet-style blocks, and through a model that views a 1 x 1 convolution's output, still equal dense
+    sampling with ATen's convolutions."""
+    m = InvertedResidual(seed=3) if model == "inverted residual" else PointwiseThenView()
     g = torch.Generator().manual_seed(2)
-    a, b = torch.randn(2, 1, 7, 7, generator=g), torch.randn(2, 1, 7, 7, generator=g)
+    side = 7 if model == "inverted residual" else 5
+    a, b = torch.randn(2, 1, side, side, generator=g), torch.randn(2, 1, side, side, generator=g)
     res = path_crossings(m, a, b, evaluator=evaluator, trace=False)
-    assert res.exact and pointwise
+    assert res.exact and pointwise and res.notes[-1].startswith(f"evaluator: {evaluator}")
     monkeypatch.setattr(dw, "POINTWISE_AS_MATMUL", set())
     for i, p in enumerate(res.paths):
         want = dense_count(m, lambda t, i=i: a[i:i + 1].double() + t.reshape(-1, 1, 1, 1) * (b[i] - a[i]).double(),

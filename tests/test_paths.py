@@ -1150,7 +1150,7 @@ class _FakePeak:
 @pytest.mark.parametrize("evaluator", ["graph", "frontier"])
 def test_pieces_grow_to_the_measured_peak_and_shrink_back_after_running_out_of_memory(monkeypatch, evaluator):
     """Where the device measures each piece's peak memory, the next pieces are sized from it (to half the budget,
-    never below the estimate's size); a piece that runs out of device memory is run again, smaller, with the
+    never below the estimate's size); a piece that runs out of device memory midway is run again, smaller, with the
     estimate's sizes from then on; one that runs out before any measurement raises. The crossings, ties and trace
     equal the one-piece run's (the oracle) in every case."""
     import polytope_lens.paths.exact as exact
@@ -1160,22 +1160,27 @@ def test_pieces_grow_to_the_measured_peak_and_shrink_back_after_running_out_of_m
                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
     x0, x1 = 3 * torch.randn(1, 1, 12, 12, generator=g), 3 * torch.randn(1, 1, 12, 12, generator=g)
     whole = path_crossings(cnn, x0, x1, evaluator=evaluator)
-    held, room, fail_above = [], [], [None]
-    real_chunk, real_pieces = exact.Refiner.run_chunk, exact.Refiner.run_path_in_pieces
+    held, room, fail_above, failed = [], [], [None], []
+    real_chunk, real_pieces, real_crossings = (exact.Refiner.run_chunk, exact.Refiner.run_path_in_pieces,
+                                               exact.Refiner._crossings)
 
     def run_chunk(self, *args):
         out = real_chunk(self, *args)
-        if fail_above[0] is not None and out["n_evaluated"] > fail_above[0]:
-            held.append(-out["n_evaluated"])  # what ran out of memory
-            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         held.append(out["n_evaluated"])
         return out
 
     def run_path_in_pieces(self, gp, max_points, *args):
         room.append(max_points)
         return real_pieces(self, gp, max_points, *args)
+
+    def crossings(self, cr, pid, t, *args):  # inside a piece, at a site: the device runs out above a size
+        if fail_above[0] is not None and len(t) > fail_above[0]:
+            failed.append(len(held))
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_crossings(self, cr, pid, t, *args)
     monkeypatch.setattr(exact.Refiner, "run_chunk", run_chunk)
     monkeypatch.setattr(exact.Refiner, "run_path_in_pieces", run_path_in_pieces)
+    monkeypatch.setattr(exact.Refiner, "_crossings", crossings)
     budget = 1 << 20
     runs = {"estimate": path_crossings(cnn, x0, x1, evaluator=evaluator, memory_budget=budget)}
     by_estimate = list(held)
@@ -1190,19 +1195,58 @@ def test_pieces_grow_to_the_measured_peak_and_shrink_back_after_running_out_of_m
     held.clear()
     runs["measured, large"] = path_crossings(cnn, x0, x1, evaluator=evaluator, memory_budget=budget)
     assert held == by_estimate
-    monkeypatch.setattr(exact.DevicePeak, "of", staticmethod(lambda device: _FakePeak(1024, held)))
     # the device runs out above twice the estimate's size: that piece again, smaller, then the estimate's sizes
+    monkeypatch.setattr(exact.DevicePeak, "of", staticmethod(lambda device: _FakePeak(1024, held)))
     fail_above[0] = 2 * room[-1]
     held.clear()
     runs["out of memory"] = path_crossings(cnn, x0, x1, evaluator=evaluator, memory_budget=budget)
-    failed = [i for i, n in enumerate(held) if n < 0]
-    assert len(failed) == 1 and max(held[failed[0] + 1:]) <= 2 * room[-1]
+    assert len(failed) == 1 and max(held[:failed[0]]) > room[-1] and max(held[failed[0]:]) <= 2 * room[-1]
     for r in runs.values():
         _same_records(whole.paths[0], r.paths[0])
         assert (whole.paths[0].trace.top_class == r.paths[0].trace.top_class).all()
     fail_above[0] = 0  # the first piece, before any measurement: the error is the device's
     with pytest.raises(torch.OutOfMemoryError):
         path_crossings(cnn, x0, x1, evaluator=evaluator, memory_budget=budget)
+
+
+def test_running_out_of_device_memory_is_not_taken_for_a_model_the_shortcuts_cannot_follow(monkeypatch):
+    """The evaluation shortcuts fall back to slower ways when a model's code does not allow them (any exception);
+    running out of device memory is not such a failure, and reaches ``run_path_in_pieces`` (which retries a piece
+    smaller) or the caller: in a reduced forward pass at new breakpoints, in the check of the shared network before
+    a path's site, and in the frontier evaluator's probe of the model."""
+    import polytope_lens.paths.frontier as frontier
+    import polytope_lens.paths.runner as runner_mod
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(4)
+    cnn = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    x0, x1 = torch.randn(1, 1, 6, 6, generator=g), torch.randn(1, 1, 6, 6, generator=g)
+    oom = torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    real_batches, real_points = runner_mod.Runner.eval_point_batches, runner_mod.Runner.eval_points
+
+    def batches(self, pid, t, names, want_output=False, at=None, z_at=None, ends="every point", *args):
+        if at is not None and not isinstance(ends, str) or ends == "one row":  # a reduced pass
+            raise oom
+        return real_batches(self, pid, t, names, want_output, at, z_at, ends, *args)
+    monkeypatch.setattr(runner_mod.Runner, "eval_point_batches", batches)
+    with pytest.raises(torch.OutOfMemoryError):
+        path_crossings(cnn, x0, x1, evaluator="graph")
+    monkeypatch.setattr(runner_mod.Runner, "eval_point_batches", real_batches)
+
+    def points(self, *args, **kwargs):
+        if self._share_prefix:  # the shared network before the site, under its check
+            raise oom
+        return real_points(self, *args, **kwargs)
+    monkeypatch.setattr(runner_mod.Runner, "eval_points", points)
+    with pytest.raises(torch.OutOfMemoryError):
+        ray_crossings(cnn, x0, layer="1.relu", alphas=(0.5, 2.0), evaluator="graph")
+    monkeypatch.setattr(runner_mod.Runner, "eval_points", real_points)
+
+    def probe(self, *args, **kwargs):
+        raise oom
+    monkeypatch.setattr(frontier.FrontierProgram, "_probe", probe)
+    with pytest.raises(torch.OutOfMemoryError):
+        path_crossings(cnn, x0, x1, evaluator="frontier")
 
 
 def test_pieces_hold_about_what_the_budget_allows(monkeypatch):

@@ -28,7 +28,8 @@ and about 4x faster on a 90-image batch of 16 x 28 x 28, since ATen's CPU poolin
 On the device types in ``POINTWISE_AS_MATMUL`` (none by default), a float64 1 x 1 convolution (stride 1, no padding,
 one group: most of a MobileNet-style network's multiply-adds) runs as one matrix product over channels in
 channels-last layout (``pointwise_conv2d``): a GPU runs float64 matrix products on its matrix units, a convolution
-library may not. Its output keeps the channels-last strides, so the next 1 x 1 convolution reads it without a copy.
+library may not. Its output has ATen's memory format: for a channels-last input it is a view of the product, and the
+next 1 x 1 convolution reads it without a copy; for a contiguous input it is copied back to contiguous.
 On the CPU ATen's 1 x 1 convolutions are matrix products already, and the channels-last outputs slow the layers
 after them (measured at stops 22 and 23); whether a GPU gains is what ``benchmarks/gpu_check.sh effnet_frontier
 forward64`` measures, before it is made a default there.
@@ -96,12 +97,14 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias)`` for a 1 x 1 ``weight`` (C_out, C_in, 1, 1) as one matrix product over channels:
-    (N H W, C_in) @ (C_in, C_out). The result has channels-last strides (a view of the product)."""
+    (N H W, C_in) @ (C_in, C_out), in ATen's memory format: channels-last (a view of the product, no copy) for a
+    channels-last input, contiguous otherwise (code after the call may ``view`` it)."""
     n, c, h, w = x.shape
     rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when ``x`` is channels-last already
     wt = weight.reshape(weight.shape[0], c).t()
     y = torch.mm(rows, wt) if bias is None else torch.addmm(bias, rows, wt)
-    return y.view(n, h, w, -1).permute(0, 3, 1, 2)
+    y = y.view(n, h, w, weight.shape[0]).permute(0, 3, 1, 2)
+    return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
 
 
 def _float64_conv(args: tuple, kwargs: dict) -> dict | None:
@@ -119,16 +122,20 @@ def _float64_conv(args: tuple, kwargs: dict) -> dict | None:
 def _pointwise(call: dict) -> bool:
     """Whether a float64 ``conv2d`` call should run as ``pointwise_conv2d``: its device type is in
     ``POINTWISE_AS_MATMUL``, its kernel 1 x 1 with stride 1, no padding, one group, and autograd does not follow it."""
-    x, w = call["input"], call["weight"]
+    x, w, b = call["input"], call["weight"], call.get("bias")
     if x.device.type not in POINTWISE_AS_MATMUL or w.shape[2:] != (1, 1) or call.get("groups", 1) != 1:
         return False
+    if w.shape[1] != x.shape[1] or not (b is None or (b.dim() == 1 and len(b) == len(w))):
+        return False  # ATen's own error message
     if any(e != 1 for e in as_pair(call.get("stride", 1)) + as_pair(call.get("dilation", 1))):
         return False
     padding = call.get("padding", 0)
-    if padding not in ("valid", "same") and any(e != 0 for e in as_pair(padding)):
-        return False  # a 1 x 1 kernel with "same" pads nothing
-    return not (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                                 for t in (x, w, call.get("bias"))))
+    if isinstance(padding, str):
+        if padding not in ("valid", "same"):  # a 1 x 1 kernel with "same" pads nothing
+            return False
+    elif any(e != 0 for e in as_pair(padding)):
+        return False
+    return not (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (x, w, b)))
 
 
 def _depthwise(call: dict) -> tuple | None:

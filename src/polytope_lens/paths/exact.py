@@ -79,7 +79,9 @@ MEASURED_PIECE_SHARE = 0.5
 
 
 class DevicePeak:
-    """The peak memory a piece allocates on a CUDA device beyond what was allocated when it started."""
+    """The peak memory a piece allocates on a CUDA device beyond what was allocated when it started (``start``
+    resets the device's peak statistics: a caller that wants a whole run's peak reads it before each piece, as
+    ``benchmarks/bench_paths.py`` does)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -826,12 +828,14 @@ class Refiner:
                     raise
                 meter, max_points = None, estimated  # the measured sizes overreached: the estimate's from now on
                 room = max(1.0, 0.8 * max_points - 2)
+                share = self.frontier is None or max_points <= FRONTIER_SHARE_MAX_POINTS
                 step = min(0.5 * (b - a), room * done / max(made, 1))
                 continue
             if meter is not None:  # the next pieces: as many points as the measured peak per point allows
                 per_point = max(meter.peak(), 1) / max(out["n_evaluated"], 1)
                 max_points = max(estimated, int(MEASURED_PIECE_SHARE * self.r.budget / per_point))
                 room = max(1.0, 0.8 * max_points - 2)
+                share = self.frontier is None or max_points <= FRONTIER_SHARE_MAX_POINTS  # every piece keeps "last"
             shared = out.pop("last", None) if share else None
             # the next piece: what the denser of this piece and the path so far allows, at most twice this one
             k = max(out["n_evaluated"] - 2, 0)
@@ -876,6 +880,8 @@ class Refiner:
         if way != "every point":
             try:
                 return evaluate(way)
+            except torch.OutOfMemoryError:  # the device's limit, not the model's: the piece is retried smaller
+                raise
             except Exception:  # noqa: BLE001 - the model's code does not allow it after all (batch sizes read early)
                 self.reduction[at] = "every point"
         return evaluate("every point")
@@ -894,6 +900,8 @@ class Refiner:
         for way in ("one row", "ends"):
             try:
                 got = joined(evaluate(way, rows))
+            except torch.OutOfMemoryError:
+                raise
             except Exception:  # noqa: BLE001 - any failure of the reduction means: do not use it
                 continue
             if all(key in got and same_values(got[key], v, self.r.tol) for key, v in want.items()):

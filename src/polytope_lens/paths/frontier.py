@@ -106,6 +106,8 @@ class FrontierProgram:
                     base = index_inputs(spec.base, torch.zeros(n, dtype=torch.long, device=runner.device))
                     values, sites = prog._probe(base, classes, (names.index(spec.site), x[:n]))
                 seen.append((values, sites))
+        except torch.OutOfMemoryError:  # the device's limit, not a reason to refuse the model
+            raise
         except Exception as e:  # noqa: BLE001
             return None, f"the FX graph does not run on the path's points ({type(e).__name__}: {str(e)[:80]})"
         (v2, s2), (v3, s3) = seen

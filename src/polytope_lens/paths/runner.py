@@ -191,6 +191,8 @@ class Runner:
             full = self.eval_points(pid, t, self.names, want_output=self.has_output)
             self._share_prefix = True
             shared = self.eval_points(pid, t, self.names, want_output=self.has_output)
+        except torch.OutOfMemoryError:  # the device's limit, not a failure of the shortcut
+            raise
         except Exception:  # noqa: BLE001 - any failure of the shortcut means: do not use it
             return False
         finally:
@@ -201,6 +203,8 @@ class Runner:
                 self._share_prefix, self._replay = True, True
                 first, again = (self.eval_points(pid, t, self.names, want_output=self.has_output) for _ in range(2))
                 self._replay = all(torch.equal(first[k], v) and torch.equal(again[k], v) for k, v in shared.items())
+            except torch.OutOfMemoryError:
+                raise
             except Exception:  # noqa: BLE001
                 self._replay = False
             finally:
