@@ -15,7 +15,8 @@ runner = CliRunner()
 
 def test_box_slice_json_and_pictures(tmp_path):
     r = runner.invoke(app, ["slice", "--model", "toy:2-16-16-3:seed=1", "--box", "-1,1,-1,1", "--json",
-                            str(tmp_path / "s.json"), "--png", str(tmp_path / "s.png"), "--svg", str(tmp_path / "s.svg")])
+                            str(tmp_path / "s.json"), "--png", str(tmp_path / "s.png"),
+                            "--svg", str(tmp_path / "s.svg")])
     assert r.exit_code == 0, r.output
     d = json.loads((tmp_path / "s.json").read_text())
     assert d["num_regions"] == slice_box(load_model("toy:2-16-16-3:seed=1").module).num_regions

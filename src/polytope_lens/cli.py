@@ -115,7 +115,8 @@ def models_cmd():
 @_user_errors
 def sites_cmd(
     model: Annotated[str, typer.Option(help="Model spec, e.g. efficientnet-lite0, minilm, toy:2-64-64-2.")],
-    data: Annotated[Optional[str], typer.Option(help="Data spec for the example run (default: the model's own).")] = None,
+    data: Annotated[Optional[str], typer.Option(
+        help="Data spec for the example run (default: the model's own).")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Comma-separated globs over site names or aliases.")] = None,
 ):
     """List the activation sites a model applies (one forward pass on one example), in execution order."""
@@ -189,9 +190,10 @@ def codes_cmd(
     source = load_data(data, limit=limit)
     with _progress(len(source), f"codes {bundle.spec} on {source.spec}") as bar:
         task = bar.add_task("codes", total=len(source))
-        summary = extract_to_store(bundle, source, out_path, overwrite=overwrite, resume=resume, layers=layers, units=units, k=k,
-                                   skip=skip, position=_position(position), soft=soft, batch_size=batch_size,
-                                   max_length=max_length, progress=lambda n: bar.advance(task, n),
+        summary = extract_to_store(bundle, source, out_path, overwrite=overwrite, resume=resume, layers=layers,
+                                   units=units, k=k, skip=skip, position=_position(position), soft=soft,
+                                   batch_size=batch_size, max_length=max_length,
+                                   progress=lambda n: bar.advance(task, n),
                                    **({"ray_address": ray, "ray_workers": ray_workers} if ray is not None else {}))
     _print_summary(summary)
     if json_out is not None:
@@ -341,8 +343,8 @@ Tol = Annotated[float, typer.Option(help="Sampled mode: each crossing is located
 def path_cmd(
     model: Annotated[str, typer.Option(help="Model spec (see 'polytope-lens models').")],
     json_out: Annotated[Path, typer.Option("--json", help="Write the result (one entry per path) here.")],
-    from_ref: Annotated[Optional[str], typer.Option("--from", help="Start: DATA_SPEC@INDEX or @LABEL "
-                                                                   "(skimage@chelsea, digits@0) or an .npy file.")] = None,
+    from_ref: Annotated[Optional[str], typer.Option(
+        "--from", help="Start: DATA_SPEC@INDEX or @LABEL (skimage@chelsea, digits@0) or an .npy file.")] = None,
     to_ref: Annotated[Optional[str], typer.Option("--to", help="End, same forms as --from.")] = None,
     pairs: Annotated[Optional[Path], typer.Option(help=".npz with arrays 'start' and 'end' (P, *input_shape): "
                                                        "one path per pair.")] = None,

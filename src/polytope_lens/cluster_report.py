@@ -237,7 +237,8 @@ def _dashboard(result: dict, summary, codes: SplineCodes, max_shown: int) -> str
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>polytope-lens clusters</title><style>"
         "body{font-family:sans-serif;margin:2em;max-width:70em} table{border-collapse:collapse;font-size:90%}"
-        "td,th{border:1px solid #ccc;padding:2px 6px} section{margin-top:1.5em} .muted{color:#777}</style></head><body>",
+        "td,th{border:1px solid #ccc;padding:2px 6px} section{margin-top:1.5em} .muted{color:#777}"
+        "</style></head><body>",
         f"<h1>{result['n_clusters']} clusters of {result['n_rows']:,} code rows</h1>",
         f"<p>store <code>{e(str(result['store']))}</code> &middot; model <code>{e(str(result['model']))}</code> "
         f"&middot; data <code>{e(str(result['data']))}</code> &middot; metric {e(result['metric'])} &middot; "

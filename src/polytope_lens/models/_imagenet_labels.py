@@ -328,7 +328,8 @@ IMAGENET_CLASSES: tuple[str, ...] = (
     "cicada, cicala",
     "leafhopper",
     "lacewing, lacewing fly",
-    "dragonfly, darning needle, devil's darning needle, sewing needle, snake feeder, snake doctor, mosquito hawk, skeeter hawk",
+    "dragonfly, darning needle, devil's darning needle, sewing needle, snake feeder, snake doctor, mosquito hawk, "
+    "skeeter hawk",
     "damselfly",
     "admiral",
     "ringlet, ringlet butterfly",
@@ -489,7 +490,8 @@ IMAGENET_CLASSES: tuple[str, ...] = (
     "carpenter's kit, tool kit",
     "carton",
     "car wheel",
-    "cash machine, cash dispenser, automated teller machine, automatic teller machine, automated teller, automatic teller, ATM",
+    "cash machine, cash dispenser, automated teller machine, automatic teller machine, automated teller, "
+    "automatic teller, ATM",
     "cassette",
     "cassette player",
     "castle",

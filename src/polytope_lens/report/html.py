@@ -10,7 +10,8 @@ from . import figures
 _CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.86em}td,th{border:1px solid #ddd;padding:3px 7px;text-align:left}
+table{border-collapse:collapse;margin:.6em 0;font-size:.86em}
+td,th{border:1px solid #ddd;padding:3px 7px;text-align:left}
 th{background:#f4f4f4}.holds{color:#17751d;font-weight:600}.does-not-hold{color:#b3261e;font-weight:600}
 .inconclusive{color:#8a6d00;font-weight:600}img.fig{max-width:100%;border:1px solid #eee;margin:.4em 0;display:block}
 code,pre{background:#f6f6f6}pre{padding:.5em;overflow-x:auto;font-size:.8em}.note{color:#555;font-size:.9em}
@@ -32,10 +33,10 @@ def _verdict(v: str) -> str:
 
 
 def _table(entries: list) -> str:
-    head = "<tr><th>model</th><th>data</th><th>statistic</th><th>value</th><th>baseline</th><th>95% CI of difference</th>" \
-           "<th>verdict</th></tr>"
-    rows = "".join(f"<tr><td>{_f(e['model'])}</td><td>{_f(e.get('data'))}</td><td>{_f(e['statistic'])}</td><td>{_f(e['value'])}</td>"
-                   f"<td>{_f(e['baseline'])}</td><td>[{_f(e['ci'][0])}, {_f(e['ci'][1])}]</td>"
+    head = ("<tr><th>model</th><th>data</th><th>statistic</th><th>value</th><th>baseline</th>"
+            "<th>95% CI of difference</th><th>verdict</th></tr>")
+    rows = "".join(f"<tr><td>{_f(e['model'])}</td><td>{_f(e.get('data'))}</td><td>{_f(e['statistic'])}</td>"
+                   f"<td>{_f(e['value'])}</td><td>{_f(e['baseline'])}</td><td>[{_f(e['ci'][0])}, {_f(e['ci'][1])}]</td>"
                    f"<td>{_verdict(e['verdict'])}</td></tr>" for e in entries)
     return f"<table>{head}{rows}</table>"
 
@@ -107,7 +108,8 @@ def render_report(state: dict) -> str:
     if all_e:
         sec.append(_table(all_e))
     for r in p2:
-        sec.append(f"<h3>{_f(r['model'])} on {_f(r['data'])} (paths at {_f(r['layer'] or 'input')}, {r['method']})</h3>")
+        sec.append(f"<h3>{_f(r['model'])} on {_f(r['data'])} (paths at {_f(r['layer'] or 'input')}, "
+                   f"{r['method']})</h3>")
         sec.append(_img(figures.crossings_histogram(r), "crossings histogram"))
         sec.append(_img(figures.density_vs_t(r), "density vs t"))
     if state.get("slice"):
@@ -124,7 +126,8 @@ def render_report(state: dict) -> str:
     if all_e:
         sec.append(_table(all_e))
     for r in p3:
-        sec.append(f"<h3>{_f(r['model'])} on {_f(r['data'])} (scaling {_f(r['layer'])}, alpha in {r['settings']['alphas']})</h3>")
+        sec.append(f"<h3>{_f(r['model'])} on {_f(r['data'])} (scaling {_f(r['layer'])}, "
+                   f"alpha in {r['settings']['alphas']})</h3>")
         sec.append(_img(figures.scaling_figure(r), "scaling"))
         iv = "".join(f"<tr><td>{i}</td><td>{_f(v['class_name'])}</td><td>{_f(v['lo'])}</td><td>{_f(v['hi'])}</td></tr>"
                      for i, v in enumerate(r["intervals"][:12]))
