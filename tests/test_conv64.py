@@ -171,7 +171,8 @@ def pointwise(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("n,c_in,c_out,h,w", [(3, 16, 24, 7, 9), (1, 5, 3, 1, 1), (40, 32, 8, 6, 6)])
+@pytest.mark.parametrize("n,c_in,c_out,h,w", [(3, 16, 24, 7, 9), (1, 5, 3, 1, 1), (40, 32, 8, 6, 6),
+                                               (2, 1, 6, 5, 4)])  # one channel: both layouts at once
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_pointwise_values_equal_atens(pointwise, n, c_in, c_out, h, w, bias, channels_last):
@@ -190,12 +191,17 @@ def test_pointwise_values_equal_atens(pointwise, n, c_in, c_out, h, w, bias, cha
         mid = F.conv2d(x, w1, b1)
         got = torch.conv2d(mid, w2, None, 1, 0)
     assert len(pointwise) == 2 and got.shape == want.shape
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    assert mid.is_contiguous(memory_format=layout) and got.is_contiguous(memory_format=layout)
+    with torch.no_grad():  # the memory formats ATen's outputs are in (one channel or 1 x 1 images: both)
+        aten_mid = F.conv2d(x, w1, b1)
+        aten = F.conv2d(aten_mid, w2)
+
+    def formats(t):
+        return t.is_contiguous(), t.is_contiguous(memory_format=torch.channels_last)
+    assert formats(mid) == formats(aten_mid) and formats(got) == formats(aten)
     assert (got - want).abs().max() <= 1e-13 * want.abs().max()
-    with dw.FastConv64():  # an empty batch, as ATen gives it
+    with dw.FastConv64():  # an empty batch is ATen's
         empty = F.conv2d(x[:0], w1, b1)
-    assert empty.shape == (0, c_out, h, w) and len(pointwise) == 3
+    assert empty.shape == (0, c_out, h, w) and len(pointwise) == 2
 
 
 def test_other_convolutions_are_not_taken_as_pointwise(pointwise, monkeypatch):
@@ -213,7 +219,7 @@ def test_other_convolutions_are_not_taken_as_pointwise(pointwise, monkeypatch):
         assert not pointwise
         # calls ATen refuses get ATen's own errors: a wrong padding string, bias or channel count
         for kw, match in [({"padding": "SAME"}, "padding"), ({"bias": torch.zeros(1, dtype=torch.float64)}, "bias"),
-                          ({"input": x[:, :3]}, "channels")]:
+                          ({"bias": torch.zeros(6)}, "bias type"), ({"input": x[:, :3]}, "channels")]:
             with pytest.raises(RuntimeError, match=match):
                 F.conv2d(**{"input": x, "weight": w, **kw})
         assert not pointwise

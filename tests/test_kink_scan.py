@@ -12,6 +12,7 @@ import sys
 import textwrap
 import warnings
 
+import pytest
 import torch
 
 from helpers import assert_same_records
@@ -54,6 +55,19 @@ def test_a_failing_kernel_warns_once_and_falls_back(monkeypatch):
         assert _kink_scan._launch(Broken(), (1,)) is False
     assert len(caught) == 1 and "no float64 here" in str(caught[0].message)
     assert not _kink_scan.triton_ready(torch.zeros(1))  # the torch operations from now on
+
+
+def test_running_out_of_device_memory_in_a_launch_is_not_a_kernel_failure(monkeypatch):
+    """The device's limit reaches the caller (a piece of a path is retried smaller); the kernels stay in use."""
+    class Full:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return launch
+    monkeypatch.setattr(_kink_scan, "_failed", [])
+    with pytest.raises(torch.OutOfMemoryError):
+        _kink_scan._launch(Full(), (1,))
+    assert _kink_scan._failed == []
 
 
 _INTERPRETED = textwrap.dedent('''

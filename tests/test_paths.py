@@ -1160,13 +1160,14 @@ def test_pieces_grow_to_the_measured_peak_and_shrink_back_after_running_out_of_m
                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
     x0, x1 = 3 * torch.randn(1, 1, 12, 12, generator=g), 3 * torch.randn(1, 1, 12, 12, generator=g)
     whole = path_crossings(cnn, x0, x1, evaluator=evaluator)
-    held, room, fail_above, failed = [], [], [None], []
+    held, shared, room, fail_above, failed = [], [], [], [None], []
     real_chunk, real_pieces, real_crossings = (exact.Refiner.run_chunk, exact.Refiner.run_path_in_pieces,
                                                exact.Refiner._crossings)
 
     def run_chunk(self, *args):
         out = real_chunk(self, *args)
         held.append(out["n_evaluated"])
+        shared.append(len(args) > 2 and args[2] is not None)  # the piece took its first point from the one before
         return out
 
     def run_path_in_pieces(self, gp, max_points, *args):
@@ -1185,22 +1186,30 @@ def test_pieces_grow_to_the_measured_peak_and_shrink_back_after_running_out_of_m
     runs = {"estimate": path_crossings(cnn, x0, x1, evaluator=evaluator, memory_budget=budget)}
     by_estimate = list(held)
     assert len(by_estimate) > 10 and max(by_estimate) <= 2 * room[-1]
+    # pieces share their ends on the graph route always, on the frontier's only while they are small
+    assert room[-1] <= exact.FRONTIER_SHARE_MAX_POINTS and shared == [False] + [True] * (len(held) - 1)
+    shared.clear()
     # measured: 1 KiB per point, so half the budget holds 512 points: a few pieces, far above the estimate's size
     monkeypatch.setattr(exact.DevicePeak, "of", staticmethod(lambda device: _FakePeak(1024, held)))
     held.clear()
     runs["measured"] = path_crossings(cnn, x0, x1, evaluator=evaluator, memory_budget=budget)
     assert len(held) < len(by_estimate) / 2 and max(held) > 4 * room[-1]
+    assert shared == [False] + [evaluator == "graph"] * (len(held) - 1)  # measured: 512 points, too many to share
+    shared.clear()
     # measured above the estimate (a whole budget per point): never smaller than the estimate's pieces
     monkeypatch.setattr(exact.DevicePeak, "of", staticmethod(lambda device: _FakePeak(budget, held)))
     held.clear()
     runs["measured, large"] = path_crossings(cnn, x0, x1, evaluator=evaluator, memory_budget=budget)
     assert held == by_estimate
+    shared.clear()
     # the device runs out above twice the estimate's size: that piece again, smaller, then the estimate's sizes
     monkeypatch.setattr(exact.DevicePeak, "of", staticmethod(lambda device: _FakePeak(1024, held)))
     fail_above[0] = 2 * room[-1]
     held.clear()
     runs["out of memory"] = path_crossings(cnn, x0, x1, evaluator=evaluator, memory_budget=budget)
     assert len(failed) == 1 and max(held[:failed[0]]) > room[-1] and max(held[failed[0]:]) <= 2 * room[-1]
+    f = failed[0]  # the retried piece takes what the one before kept; those after it share again on both routes
+    assert shared[1:f + 1] == [evaluator == "graph"] * f and shared[f + 1:] == [True] * (len(held) - f - 1)
     for r in runs.values():
         _same_records(whole.paths[0], r.paths[0])
         assert (whole.paths[0].trace.top_class == r.paths[0].trace.top_class).all()
@@ -1213,7 +1222,7 @@ def test_running_out_of_device_memory_is_not_taken_for_a_model_the_shortcuts_can
     """The evaluation shortcuts fall back to slower ways when a model's code does not allow them (any exception);
     running out of device memory is not such a failure, and reaches ``run_path_in_pieces`` (which retries a piece
     smaller) or the caller: in a reduced forward pass at new breakpoints, in the check of the shared network before
-    a path's site, and in the frontier evaluator's probe of the model."""
+    a path's site (and of its recording), and in the frontier evaluator's probe of the model."""
     import polytope_lens.paths.frontier as frontier
     import polytope_lens.paths.runner as runner_mod
     g = torch.Generator().manual_seed(3)
@@ -1223,23 +1232,30 @@ def test_running_out_of_device_memory_is_not_taken_for_a_model_the_shortcuts_can
     x0, x1 = torch.randn(1, 1, 6, 6, generator=g), torch.randn(1, 1, 6, 6, generator=g)
     oom = torch.OutOfMemoryError("CUDA out of memory (simulated)")
     real_batches, real_points = runner_mod.Runner.eval_point_batches, runner_mod.Runner.eval_points
+    seen = []
 
     def batches(self, pid, t, names, want_output=False, at=None, z_at=None, ends="every point", *args):
-        if at is not None and not isinstance(ends, str) or ends == "one row":  # a reduced pass
+        reduced = at is not None and (not isinstance(ends, str) or ends == "one row")
+        if reduced and len(pid) > min_points:  # the check of a reduction runs it on at most 4 points
+            seen.append(len(pid))
             raise oom
         return real_batches(self, pid, t, names, want_output, at, z_at, ends, *args)
     monkeypatch.setattr(runner_mod.Runner, "eval_point_batches", batches)
-    with pytest.raises(torch.OutOfMemoryError):
-        path_crossings(cnn, x0, x1, evaluator="graph")
+    for min_points in (0, 4):  # in the check of a reduced pass, then in a reduced pass the check let through
+        seen.clear()
+        with pytest.raises(torch.OutOfMemoryError):
+            path_crossings(cnn, x0, x1, evaluator="graph")
+        assert seen and seen[0] > min_points
     monkeypatch.setattr(runner_mod.Runner, "eval_point_batches", real_batches)
 
     def points(self, *args, **kwargs):
-        if self._share_prefix:  # the shared network before the site, under its check
+        if self._share_prefix and (self._replay or not replay):  # the shared network before the site, checked
             raise oom
         return real_points(self, *args, **kwargs)
     monkeypatch.setattr(runner_mod.Runner, "eval_points", points)
-    with pytest.raises(torch.OutOfMemoryError):
-        ray_crossings(cnn, x0, layer="1.relu", alphas=(0.5, 2.0), evaluator="graph")
+    for replay in (False, True):  # its first check, then the check that its recording replays to the bit
+        with pytest.raises(torch.OutOfMemoryError):
+            ray_crossings(cnn, x0, layer="1.relu", alphas=(0.5, 2.0), evaluator="graph")
     monkeypatch.setattr(runner_mod.Runner, "eval_points", real_points)
 
     def probe(self, *args, **kwargs):

@@ -28,8 +28,9 @@ and about 4x faster on a 90-image batch of 16 x 28 x 28, since ATen's CPU poolin
 On the device types in ``POINTWISE_AS_MATMUL`` (none by default), a float64 1 x 1 convolution (stride 1, no padding,
 one group: most of a MobileNet-style network's multiply-adds) runs as one matrix product over channels in
 channels-last layout (``pointwise_conv2d``): a GPU runs float64 matrix products on its matrix units, a convolution
-library may not. Its output has ATen's memory format: for a channels-last input it is a view of the product, and the
-next 1 x 1 convolution reads it without a copy; for a contiguous input it is copied back to contiguous.
+library may not. Its output has the memory format ATen would give (channels-last when the input or the weight
+suggests it): for a channels-last input a view of the product, which the next 1 x 1 convolution reads without a
+copy; otherwise copied back to contiguous (code after a convolution may ``view`` its output).
 On the CPU ATen's 1 x 1 convolutions are matrix products already, and the channels-last outputs slow the layers
 after them (measured at stops 22 and 23); whether a GPU gains is what ``benchmarks/gpu_check.sh effnet_frontier
 forward64`` measures, before it is made a default there.
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format  # ATen's choice of memory format, as torch's own decompositions
 from torch.overrides import TorchFunctionMode
 
 from .errors import UnsupportedActivationError
@@ -104,7 +106,10 @@ def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     wt = weight.reshape(weight.shape[0], c).t()
     y = torch.mm(rows, wt) if bias is None else torch.addmm(bias, rows, wt)
     y = y.view(n, h, w, weight.shape[0]).permute(0, 3, 1, 2)
-    return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
+    # ATen's rule for a convolution's output: channels-last when the input or the weight suggests it (a tensor of
+    # one channel or 1 x 1 images is both, and suggests contiguous)
+    channels_last = torch.channels_last in (suggest_memory_format(x), suggest_memory_format(weight))
+    return y if channels_last else y.contiguous()
 
 
 def _float64_conv(args: tuple, kwargs: dict) -> dict | None:
@@ -125,8 +130,11 @@ def _pointwise(call: dict) -> bool:
     x, w, b = call["input"], call["weight"], call.get("bias")
     if x.device.type not in POINTWISE_AS_MATMUL or w.shape[2:] != (1, 1) or call.get("groups", 1) != 1:
         return False
-    if w.shape[1] != x.shape[1] or not (b is None or (b.dim() == 1 and len(b) == len(w))):
+    if w.shape[1] != x.shape[1] or not (b is None or (b.dim() == 1 and len(b) == len(w) and b.dtype == x.dtype
+                                                      and b.device == x.device)):
         return False  # ATen's own error message
+    if x.numel() == 0:
+        return False  # an empty batch: nothing to gain
     if any(e != 1 for e in as_pair(call.get("stride", 1)) + as_pair(call.get("dilation", 1))):
         return False
     padding = call.get("padding", 0)

@@ -64,6 +64,8 @@ def _launch(kernel, grid, *args, **meta) -> bool:
     try:
         kernel[grid](*args, **meta)
         return True
+    except torch.OutOfMemoryError:  # the device's limit, not the kernel's: a piece of a path is retried smaller
+        raise
     except Exception as e:  # noqa: BLE001 - any build or launch error means: use torch operations instead
         _failed.append(f"{type(e).__name__}: {e}")
         warnings.warn(f"polytope-lens: a Triton kernel failed ({_failed[-1].splitlines()[0][:200]}); exact paths "
