@@ -314,9 +314,9 @@ def piece_costs(bundle, x, frac: float, budget_gib: int, evaluator: str = "front
     for i, (n, calls, peak) in enumerate(rows):
         print(f"| {i} | {n} | {calls:,} | {peak / 2**20:,.0f} | {peak / max(n, 1) / 2**20:.1f} |")
     n, calls, peak = max(rows)
-    measured = max(sized[0], int(exact.MEASURED_PIECE_SHARE * budget / (peak / n)))
+    measured = exact.measured_piece_points(sized[0], budget, peak, n)  # as run_path_in_pieces sizes them on CUDA
     for label, pts in (("the estimate's", sized[0]), ("measured", measured)):
-        pieces = crossings_total / max(0.8 * pts - 2, 1)
+        pieces = crossings_total / exact.piece_room(pts)
         print(f"whole path ({crossings_total:.3g} crossings), pieces of {label} size ({pts} points): about "
               f"{pieces:,.0f} pieces, {pieces * calls / 1e6:.1f} M operator calls")
 

@@ -1063,6 +1063,14 @@ def test_a_long_path_is_refined_in_pieces_within_the_budget(monkeypatch):
     assert r1.paths[0].per_layer == r2.paths[0].per_layer and r1.paths[0].ties == r2.paths[0].ties
 
 
+def _pool_cnn() -> nn.Module:
+    """conv-ReLU-max pool-conv-ReLU-linear on 12 x 12 images (weights from torch's seed 4): a small CNN whose paths
+    run in many pieces under a 1 MiB budget."""
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+
+
 @pytest.mark.parametrize("evaluator", ["graph", "frontier"])
 def test_pieces_evaluate_their_shared_ends_once(monkeypatch, evaluator):
     """Consecutive pieces of a path share a point: the later piece takes the earlier one's values there instead of
@@ -1073,9 +1081,7 @@ def test_pieces_evaluate_their_shared_ends_once(monkeypatch, evaluator):
     import polytope_lens.paths.frontier as frontier
     import polytope_lens.paths.runner as runner_mod
     g = torch.Generator().manual_seed(3)
-    torch.manual_seed(4)
-    cnn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
-                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+    cnn = _pool_cnn()
     x0, x1 = 3 * torch.randn(1, 1, 12, 12, generator=g), 3 * torch.randn(1, 1, 12, 12, generator=g)
     whole = path_crossings(cnn, x0, x1, evaluator=evaluator, verify=False)
     starts, pieces = [], []
@@ -1155,9 +1161,7 @@ def test_pieces_grow_to_the_measured_peak_and_shrink_back_after_running_out_of_m
     equal the one-piece run's (the oracle) in every case."""
     import polytope_lens.paths.exact as exact
     g = torch.Generator().manual_seed(3)
-    torch.manual_seed(4)
-    cnn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
-                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+    cnn = _pool_cnn()
     x0, x1 = 3 * torch.randn(1, 1, 12, 12, generator=g), 3 * torch.randn(1, 1, 12, 12, generator=g)
     whole = path_crossings(cnn, x0, x1, evaluator=evaluator)
     held, shared, room, fail_above, failed = [], [], [], [None], []
@@ -1300,9 +1304,7 @@ def test_pieces_hold_about_what_the_budget_allows(monkeypatch):
     # about: within 2x (a piece is sized from the density of the one before)
     assert room == [(1 << 20) // per_point] and len(held) > 30 and max(held) <= 2 * room[0]
     assert res.paths[0].crossings > 800
-    torch.manual_seed(4)
-    cnn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
-                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+    cnn = _pool_cnn()
     x0, x1 = 3 * torch.randn(1, 1, 12, 12, generator=g), 3 * torch.randn(1, 1, 12, 12, generator=g)
     held.clear()
     room.clear()

@@ -78,6 +78,17 @@ FRONTIER_SHARE_MAX_POINTS = 64  # pieces of at most this many points share their
 MEASURED_PIECE_SHARE = 0.5
 
 
+def piece_room(max_points: int) -> float:
+    """New breakpoints a piece of a path may hold beside its two ends, when it may hold ``max_points`` points."""
+    return max(1.0, 0.8 * max_points - 2)
+
+
+def measured_piece_points(estimated: int, budget: int, peak: int, points: int) -> int:
+    """Points the next pieces may hold after one of ``points`` points peaked at ``peak`` bytes: as many as take
+    ``MEASURED_PIECE_SHARE`` of ``budget`` at that rate, never fewer than the estimate's ``estimated``."""
+    return max(estimated, int(MEASURED_PIECE_SHARE * budget / (max(peak, 1) / max(points, 1))))
+
+
 class DevicePeak:
     """The peak memory a piece allocates on a CUDA device beyond what was allocated when it started (``start``
     resets the device's peak statistics: a caller that wants a whole run's peak reads it before each piece, as
@@ -807,17 +818,14 @@ class Refiner:
         is run again, smaller, with the estimate's size from then on."""
         runs, a, made, done = [], 0.0, 0, 0.0  # (level, joined pieces); new breakpoints made, length of t done
         shared = None  # the values at the point the last piece and the next share
-        # the frontier route pays for sharing a point with one copy of every carried value per site, which only
-        # pieces of a few points (a large network under a small budget) earn back
-        share = self.frontier is None or max_points <= FRONTIER_SHARE_MAX_POINTS
         meter, estimated = DevicePeak.of(self.r.device), max_points
-        room = max(1.0, 0.8 * max_points - 2)  # new breakpoints a piece may hold beside its two ends
-        step = room / (4.0 * max(float(est_points), 1.0))  # a quarter: deep sites' units may cross several times
+        # a quarter: deep sites' units may cross several times
+        step = piece_room(max_points) / (4.0 * max(float(est_points), 1.0))
         while a < 1.0:
             if step < _MIN_PIECE:
                 raise InvalidInputError(
-                    f"A path has more than {room / _MIN_PIECE:.0e} breakpoints per unit of t here, more than pieces "
-                    f"of {max_points} points can follow in float64; raise the memory budget.")
+                    f"A path has more than {piece_room(max_points) / _MIN_PIECE:.0e} breakpoints per unit of t here, "
+                    f"more than pieces of {max_points} points can follow in float64; raise the memory budget.")
             b = 1.0 if a + step >= 1.0 else a + step
             try:
                 if meter is not None:
@@ -827,20 +835,19 @@ class Refiner:
                 if meter is None or max_points == estimated:
                     raise
                 meter, max_points = None, estimated  # the measured sizes overreached: the estimate's from now on
-                room = max(1.0, 0.8 * max_points - 2)
-                share = self.frontier is None or max_points <= FRONTIER_SHARE_MAX_POINTS
-                step = min(0.5 * (b - a), room * done / max(made, 1))
+                step = min(0.5 * (b - a), piece_room(max_points) * done / max(made, 1))
                 continue
             if meter is not None:  # the next pieces: as many points as the measured peak per point allows
-                per_point = max(meter.peak(), 1) / max(out["n_evaluated"], 1)
-                max_points = max(estimated, int(MEASURED_PIECE_SHARE * self.r.budget / per_point))
-                room = max(1.0, 0.8 * max_points - 2)
-                share = self.frontier is None or max_points <= FRONTIER_SHARE_MAX_POINTS  # every piece keeps "last"
+                max_points = measured_piece_points(estimated, self.r.budget, meter.peak(), out["n_evaluated"])
+            # every piece keeps its last point's values; the frontier route pays for sharing them with one copy of
+            # every carried value per site, which only pieces of a few points (a large network under a small budget)
+            # earn back
+            share = self.frontier is None or max_points <= FRONTIER_SHARE_MAX_POINTS
             shared = out.pop("last", None) if share else None
             # the next piece: what the denser of this piece and the path so far allows, at most twice this one
             k = max(out["n_evaluated"] - 2, 0)
             made, done = made + k, done + (b - a)
-            step = min(room / max(k / (b - a), max(made, 1) / done), 2.0 * (b - a))
+            step = min(piece_room(max_points) / max(k / (b - a), max(made, 1) / done), 2.0 * (b - a))
             _push_run(runs, 0, out)
             if on_piece is not None:
                 on_piece(b - a)
