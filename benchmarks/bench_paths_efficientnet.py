@@ -21,6 +21,8 @@ reaches into the later sites (the most an evaluator that propagated only those c
 depthwise layer, a whole batch unfolded at once) instead of the ways of ``polytope_lens._conv64`` (the before/after
 of stop 17). --pointwise-matmul runs the 1 x 1 convolutions as matrix products on the device
 (``_conv64.POINTWISE_AS_MATMUL``), and --full-only skips the one-site cases before the full-network fractions.
+--no-fold keeps batch norm and padding in the frontier evaluator's graph (``frontier.FOLD_INTO_CONVOLUTIONS``;
+they are folded into the convolutions by default since stop 24).
 """
 
 from __future__ import annotations
@@ -420,6 +422,8 @@ def main():
                     help="ATen's float64 convolutions as they come instead of polytope_lens._conv64's ways")
     ap.add_argument("--pointwise-matmul", action="store_true",
                     help="1 x 1 convolutions as matrix products on --device (_conv64.POINTWISE_AS_MATMUL)")
+    ap.add_argument("--no-fold", action="store_true",
+                    help="keep batch norm and zero padding in the frontier's graph (frontier.FOLD_INTO_CONVOLUTIONS)")
     ap.add_argument("--full-memory-gib", type=int, default=32, help="memory budget of --full and --profile (GiB)")
     ap.add_argument("--full-only", action="store_true",
                     help="with --full: only the full-network fractions (not the one-site path and the two rays)")
@@ -428,6 +432,10 @@ def main():
         import polytope_lens._conv64 as conv64
 
         conv64.POINTWISE_AS_MATMUL = {args.device.split(":")[0]}
+    if args.no_fold:
+        import polytope_lens.paths.frontier as frontier
+
+        frontier.FOLD_INTO_CONVOLUTIONS = False
     if args.aten_convolutions:
         import polytope_lens._conv64 as conv64
 
@@ -454,7 +462,8 @@ def main():
         flops_floor(bundle, x, dev, args.flops, args.peak_tflops, args.bandwidth_tbs)
         return
     print(f"device: {dev}; float64 convolutions: {'ATen' if args.aten_convolutions else 'polytope_lens._conv64'}"
-          f"{'; 1 x 1 ones as matrix products' if args.pointwise_matmul else ''}")
+          f"{'; 1 x 1 ones as matrix products' if args.pointwise_matmul else ''}"
+          f"{'; batch norm and padding not folded' if args.no_fold else ''}")
     print("| case | seconds | crossings | exact | evaluator |")
     print("|---|---:|---:|---|---|", flush=True)
 

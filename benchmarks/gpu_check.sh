@@ -19,7 +19,7 @@ step() {  # step NAME SECONDS COMMAND... (runs when no step names were given, or
   echo "## $name" ; timeout "$secs" "$@" >> "$OUT/$name.md" 2>&1; echo "exit $?" >> "$OUT/$name.md"
 }
 STEPS="$*"  # e.g. `bash benchmarks/gpu_check.sh agree paths`; none: every step (agree paths layouts trace
-#             effnet_paths effnet_frontier effnet_profile forward64 slices codes)
+#             effnet_paths effnet_frontier effnet_profile effnet_whole forward64 slices codes)
 step agree 60 python3 benchmarks/gpu_agreement.py  # GPU results equal the CPU's (codes, exact and sampled paths)
 # 784->4x512: products at every point (the GPU default) and closed-form bends, each under a 16 GiB and a 64 GiB budget
 step paths 60 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 20000 \
@@ -53,20 +53,22 @@ step layouts 60 $B --networks 784-3x2048 --paths 5000 --memory-budget 1717986918
 step trace 40 python3 benchmarks/trace_paths_gpu.py --paths 2400 --budget-gib 64
 step trace 40 python3 benchmarks/trace_paths_gpu.py --paths 2400 --budget-gib 64 --layout path-order
 step effnet_paths 150 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-seconds 60
-# the full-network path with the frontier evaluator (stop 21, measured on the CPU only so far), with its 1 x 1
-# convolutions as matrix products (stop 23) and as they come, under 32 and 64 GiB, against the graph route; then where
-# its time goes (device busy time against the wall time: how much is host time)
+# the full-network path with the frontier evaluator under 64 GiB (stop 24: the whole path took 385.8 s on an H100 with
+# the 1 x 1 rule, before the fold): the defaults (batch norm and padding folded into the convolutions, 1 x 1
+# convolutions as cuDNN gives them), without the fold, and with the 1 x 1 rule; then where the defaults' time goes
+# (device busy time against the wall time: how much is host time); effnet_whole: the whole path with the defaults
 E="python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-only --full-seconds 40"
-E="$E --fractions 5e-4,1e-2,5e-2"
-step effnet_frontier 90 $E --evaluator frontier --pointwise-matmul
-step effnet_frontier 90 $E --evaluator frontier
-step effnet_frontier 90 $E --evaluator frontier --pointwise-matmul --full-memory-gib 64
-step effnet_frontier 90 $E --evaluator graph
-step effnet_profile 60 python3 benchmarks/bench_paths_efficientnet.py --device cuda --profile --evaluator frontier \
-  --pointwise-matmul
+E="$E --fractions 5e-4,1e-2,5e-2 --full-memory-gib 64 --evaluator frontier"
+step effnet_frontier 90 $E
+step effnet_frontier 90 $E --no-fold
+step effnet_frontier 90 $E --pointwise-matmul
+step effnet_profile 90 python3 benchmarks/bench_paths_efficientnet.py --device cuda --profile --profile-fraction 1e-2 \
+  --evaluator frontier --full-memory-gib 64
+step effnet_whole 480 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-only --fractions 1 \
+  --full-seconds 600 --evaluator frontier --full-memory-gib 64
 # the float64 rate of plain EfficientNet-Lite0 passes (what the frontier's passes are made of), 1 x 1 convolutions
-# also as matrix products (channels-last output, and copied back): the floor under the full-network goal (stop 22, not
-# yet run on a GPU)
+# also as matrix products (channels-last output, and copied back): a floor under the full-network goal (stop 22; at
+# stop 24 an H100 ran cuDNN's at 3.8 TFLOP/s and the products 27 % slower)
 step forward64 60 python3 benchmarks/bench_forward64_device.py --device cuda --batch 256
 step slices 120 python3 benchmarks/bench_slices.py --device cuda --skip-effnet --large-only --large 680
 step codes 90 python3 benchmarks/bench_codes.py --gpu-only

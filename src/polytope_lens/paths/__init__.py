@@ -58,6 +58,13 @@ def default_memory_budget(device: torch.device) -> int:
     return 1 << 30
 
 
+def _folded_note(frontier) -> str:
+    norms, pads = frontier.folded
+    parts = [f"{norms} batch norm{'s' * (norms > 1)}" if norms else "",
+             f"{pads} zero padding{'s' * (pads > 1)}" if pads else ""]
+    return "; " + " and ".join(p for p in parts if p) + " folded into convolutions" if norms or pads else ""
+
+
 def _check_options(owner: str, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress) -> None:
     if progress is not None and not callable(progress):
         raise InvalidInputError(f"The 'progress' parameter of {owner} must be None or a callable taking the number "
@@ -210,18 +217,19 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
         if affine is None and evaluator == "affine":
             raise InvalidInputError(f"evaluator='affine' in {owner}: the Jacobian blocks between sites do not fit in "
                                     f"half the memory budget ({memory_budget} bytes); raise it or use 'graph'.")
-    # auto takes the frontier evaluator on the CPU, where it was measured faster than the graph route when sites
-    # follow sites (a path through one site makes no new points to evaluate: the checks would only add time)
+    # auto takes the frontier evaluator, measured faster than the graph route when sites follow sites (on the CPU,
+    # and on an H100 through EfficientNet-Lite0: docs/benchmarks.md); a path through one site makes no new points to
+    # evaluate, so there the frontier's checks would only add time
     if use_exact and (evaluator == "frontier" or (evaluator == "auto" and affine is None
-                                                  and prep.device.type == "cpu" and len(runner.processed) > 1)):
+                                                  and len(runner.processed) > 1)):
         frontier, why_not = FrontierProgram.build(runner)
         if frontier is None and evaluator == "frontier":
             raise InvalidInputError(f"evaluator='frontier' in {owner} cannot follow this model: {why_not}; use "
                                     "'graph' or 'auto'.")
     if use_exact:
         notes.append("evaluator: affine (Jacobian blocks between sites)" if affine is not None
-                     else "evaluator: frontier (every point advances site by site through the model's FX graph)"
-                     if frontier is not None
+                     else "evaluator: frontier (every point advances site by site through the model's FX graph"
+                     + _folded_note(frontier) + ")" if frontier is not None
                      else "evaluator: graph (forward passes at new breakpoints, from the site that made them where "
                      "the model allows" + (f"; not the frontier evaluator: {why_not}" if why_not else "") + ")")
     refiner = Refiner(runner, affine, tie_tol, trace, unit_idx, output_affine=out_affine,
@@ -479,7 +487,7 @@ _COMMON_DOC = """
         Exact mode: evaluate breakpoints through Jacobian blocks between sites (when they fit in half the budget)
         or by forward passes; ``auto`` prefers ``affine``. ``frontier`` (models ``torch.fx`` can trace): all points
         advance together from site to site, a new breakpoint's values are interpolated instead of recomputed before
-        its site (see ``paths.frontier``); an error names what stops it. On the CPU ``auto`` takes it for paths
+        its site (see ``paths.frontier``); an error names what stops it. ``auto`` takes it (on any device) for paths
         through two or more sites where Jacobian blocks do not apply and the model allows, else the graph route (the
         result's notes say which, and why not the frontier).
     forward : callable, optional

@@ -29,6 +29,9 @@ from typing import Mapping
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from torch.overrides import TorchFunctionMode
 
 from .. import _conv64
@@ -51,6 +54,183 @@ class _Tracer(fx.Tracer):
         return type(m).__name__ in self.activation_classes or super().is_leaf_module(m, qualname)
 
 
+# ------------------------------------------------------------------------------ folding into convolutions
+FOLD_INTO_CONVOLUTIONS = True  # False: the frontier's graph keeps batch norm and padding as the model has them
+_CONVOLUTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}  # ``F.conv2d`` is ``torch.conv2d``
+_CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_CONV_PARAMETERS = {"input": None, "weight": None, "bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def fold_into_convolutions(gm: fx.GraphModule) -> tuple[int, int]:
+    """Fold eval-mode batch norm into the convolution before it and symmetric zero padding into the convolution
+    after it, in ``gm``'s graph; returns how many of each were folded.
+
+    Both are exact in real arithmetic (the same affine map; batch norm's weights are combined in float64 by
+    ``torch.nn.utils.fusion``, then rounded to the model's dtype), and they spare the frontier's passes two of the
+    operators that move the most memory per multiply-add (docs/benchmarks.md). Only a convolution whose output
+    nothing else reads takes a batch norm, only a padding nothing else reads is folded, modules with hooks are left
+    alone, and so are the model's own modules and tensors: the convolutions read buffers of ``gm`` (the folded
+    weights, or the model's tensors themselves where only padding is folded). A folded convolution runs where its
+    padding ran, so an in-place change of the padding's input between the two cannot reach it."""
+    if _global_hooks():
+        return 0, 0
+    graph, n_norms, n_pads = gm.graph, 0, 0
+    for node in list(graph.nodes):
+        conv = _convolution(gm, node)
+        if conv is None:
+            continue
+        dims, call = conv
+        pad_node, padded = call["input"], None
+        if isinstance(pad_node, fx.Node) and len(pad_node.users) == 1 and not isinstance(call["padding"], str):
+            padded = _symmetric_zero_padding(gm, pad_node, dims)
+        norm_node = next(iter(node.users)) if len(node.users) == 1 else None
+        norm = _eval_batch_norm(gm, norm_node, node, call["weight"]) if norm_node is not None else None
+        if padded is None and norm is None:
+            continue
+        if padded is not None:
+            call["input"] = padded[0]
+            call["padding"] = tuple(a + b for a, b in zip(call["padding"], padded[1]))
+            n_pads += 1
+        weight, bias = call["weight"], call["bias"]
+        if norm is not None:
+            f64 = [None if v is None else v.detach().double() for v in (weight, bias, norm.running_mean,
+                                                                        norm.running_var, norm.weight, norm.bias)]
+            w, b = fuse_conv_bn_weights(*f64[:4], norm.eps, *f64[4:])
+            weight, bias = w.detach().to(weight.dtype), b.detach().to(weight.dtype)
+            n_norms += 1
+        names = []
+        for role, value in (("weight", weight), ("bias", bias)):
+            if value is None:
+                names.append(None)
+                continue
+            k = 0
+            while hasattr(gm, f"_folded_{k}_{role}"):
+                k += 1
+            gm.register_buffer(f"_folded_{k}_{role}", value.detach())
+            names.append(f"_folded_{k}_{role}")
+        padding = call["padding"] if isinstance(call["padding"], str) else list(call["padding"])
+        with graph.inserting_before(pad_node if padded is not None else node):
+            w_node, b_node = (None if n is None else graph.get_attr(n) for n in names)
+            new = graph.call_function({1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}[dims], (
+                call["input"], w_node, b_node, call["stride"], padding, call["dilation"], call["groups"]))
+        old_args = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+        (norm_node if norm is not None else node).replace_all_uses_with(new)
+        for dead in ([norm_node] if norm is not None else []) + [node] + ([pad_node] if padded is not None else []):
+            graph.erase_node(dead)
+        for a in old_args:
+            if a.op == "get_attr" and not a.users:
+                graph.erase_node(a)
+    if n_norms or n_pads:
+        graph.lint()
+        gm.recompile()
+    return n_norms, n_pads
+
+
+def _global_hooks() -> bool:
+    """Whether forward hooks registered for every module are in place (a folded module's would no longer run)."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _nodes_in(value) -> bool:
+    found = []
+    fx.node.map_arg(value, found.append)
+    return bool(found)
+
+
+def _convolution(gm: fx.GraphModule, node: fx.Node) -> tuple[int, dict] | None:
+    """(spatial dimensions, the call's arguments with the weight and bias as tensors) of a zero-padded convolution
+    whose weight and bias are the model's own tensors and whose other arguments are constants, else None. Its
+    ``padding`` is one int per spatial dimension, or a string ("same", "valid")."""
+    if node.op == "call_function" and node.target in _CONVOLUTIONS:
+        names = list(_CONV_PARAMETERS)
+        if len(node.args) > len(names) or set(node.kwargs) - set(names):
+            return None
+        call = {**_CONV_PARAMETERS, **dict(zip(names, node.args)), **node.kwargs}
+        if any(_nodes_in(v) for k, v in call.items() if k not in ("input", "weight", "bias")):
+            return None
+        for role in ("weight", "bias"):
+            v = call[role]
+            if v is None and role == "bias":
+                continue
+            if not (isinstance(v, fx.Node) and v.op == "get_attr"):
+                return None
+            call[role] = _attribute(gm, v.target)
+            if not isinstance(call[role], torch.Tensor):
+                return None
+        dims = _CONVOLUTIONS[node.target]
+    elif node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+        m = gm.get_submodule(node.target)
+        if type(m) not in _CONV_MODULES or m.padding_mode != "zeros" or _hooked(m):
+            return None
+        dims = _CONV_MODULES[type(m)]
+        call = dict(input=node.args[0], weight=m.weight, bias=m.bias, stride=m.stride, padding=m.padding,
+                    dilation=m.dilation, groups=m.groups)
+    else:
+        return None
+    padding = call["padding"]
+    if isinstance(padding, (tuple, list)) and len(padding) == 1:
+        padding = padding[0]  # torch repeats a single value over the dimensions
+    if type(padding) is int:
+        padding = (padding,) * dims
+    if not isinstance(padding, str) and not (isinstance(padding, (tuple, list)) and len(padding) == dims
+                                             and all(type(p) is int for p in padding)):
+        return None
+    call["padding"] = padding if isinstance(padding, str) else tuple(padding)
+    return dims, call
+
+
+def _symmetric_zero_padding(gm: fx.GraphModule, node: fx.Node, dims: int) -> tuple[fx.Node, tuple[int, ...]] | None:
+    """The input of a zero-padding node and, per spatial dimension (first to last), what it adds on each side of
+    the last ``dims`` dimensions, if it adds as much on both sides of each; else None."""
+    if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+        m = gm.get_submodule(node.target)
+        if not isinstance(m, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d, nn.ZeroPad2d,
+                              nn.ZeroPad3d)) or getattr(m, "value", 0) != 0 or _hooked(m):
+            return None
+        source, pad = node.args[0], m.padding
+    elif node.op == "call_function" and node.target is F.pad:
+        names = ["input", "pad", "mode", "value"]
+        call = {"mode": "constant", "value": None, **dict(zip(names, node.args)), **node.kwargs}
+        if len(node.args) > 4 or set(call) - set(names) or call["mode"] != "constant" or call["value"] not in (None, 0):
+            return None
+        source, pad = call["input"], call["pad"]
+    else:
+        return None
+    if not isinstance(source, fx.Node) or not isinstance(pad, (tuple, list)) or not all(
+            type(p) is int and p >= 0 for p in pad) or len(pad) % 2 or len(pad) > 2 * dims or any(
+            pad[i] != pad[i + 1] for i in range(0, len(pad), 2)):
+        return None
+    last_first = list(pad[::2]) + [0] * (dims - len(pad) // 2)
+    return source, tuple(last_first[::-1])
+
+
+def _attribute(gm: fx.GraphModule, target: str):
+    """What a get_attr node reads."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _eval_batch_norm(gm: fx.GraphModule, node: fx.Node, conv: fx.Node, weight: torch.Tensor) -> nn.Module | None:
+    """The batch norm module ``node`` calls on ``conv``'s output alone, if it normalises that convolution's channels
+    (``weight``'s outputs) with running statistics."""
+    if node.op != "call_module" or node.args != (conv,) or node.kwargs:
+        return None
+    m = gm.get_submodule(node.target)
+    if type(m) not in _BATCH_NORMS or m.training or m.running_mean is None or m.running_var is None or _hooked(m) \
+            or m.num_features != weight.shape[0]:
+        return None
+    return m
+
+
 class FrontierProgram:
     """A model's FX graph with its sites, the values carried across each cut, and how to advance points."""
 
@@ -65,25 +245,41 @@ class FrontierProgram:
         self.path_site: int | None = None  # node index of the site whose output the paths replace (site paths)
         self.free_after = free_after  # per node index: values last read by it
         self.device = torch.device("cpu")  # where the points are
+        self.folded = (0, 0)  # batch norms and zero paddings folded into convolutions (``fold_into_convolutions``)
 
     # ------------------------------------------------------------------------------------------------ build
     @classmethod
     def build(cls, runner: Runner) -> tuple["FrontierProgram | None", str]:
-        """The program for ``runner``'s model, or None and the reason it cannot run this way."""
+        """The program for ``runner``'s model, or None and the reason it cannot run this way. With batch norm and
+        padding folded into the convolutions where it can (``FOLD_INTO_CONVOLUTIONS``); a folded graph that fails
+        any check is dropped for the model's own."""
+        prog, why, folded = cls._build(runner, FOLD_INTO_CONVOLUTIONS)
+        if prog is None and folded != (0, 0):
+            prog, why, _ = cls._build(runner, False)
+        return prog, why
+
+    @classmethod
+    def _build(cls, runner: Runner, fold: bool) -> tuple["FrontierProgram | None", str, tuple[int, int]]:
         spec = runner.spec
         if spec.site is not None and not (isinstance(spec.base, torch.Tensor) or isinstance(spec.base, Mapping) and all(
                 isinstance(v, torch.Tensor) for v in spec.base.values())):
-            return None, "the model's inputs are neither a tensor nor a mapping of tensors"
+            return None, "the model's inputs are neither a tensor nor a mapping of tensors", (0, 0)
         if not getattr(runner.fwd, "plain_call", False):
-            return None, "a custom forward function"
+            return None, "a custom forward function", (0, 0)
         classes = {**ACTIVATION_MODULE_CLASSES, **(runner.ckw.get("activation_modules") or {})}
         if runner.ckw.get("declared_sites") or runner.ckw.get("suppress"):
-            return None, "declared or suppressed sites"
+            return None, "declared or suppressed sites", (0, 0)
         try:
             graph = _Tracer(classes).trace(runner.model)
         except Exception as e:  # noqa: BLE001 - any tracing failure means: not this way
-            return None, f"torch.fx cannot trace the model ({type(e).__name__}: {str(e)[:80]})"
+            return None, f"torch.fx cannot trace the model ({type(e).__name__}: {str(e)[:80]})", (0, 0)
         gm = fx.GraphModule(runner.model, graph)
+        folded = (0, 0)
+        if fold:
+            try:
+                folded = fold_into_convolutions(gm)
+            except Exception as e:  # noqa: BLE001 - a pattern the fold misjudged: the model's own graph instead
+                return None, f"folding into convolutions failed ({type(e).__name__}: {str(e)[:80]})", (1, 1)
         nodes = list(gm.graph.nodes)
         index = {node.name: i for i, node in enumerate(nodes)}
         last = {node.name: max([index[u.name] for u in node.users], default=i) for i, node in enumerate(nodes)}
@@ -92,6 +288,7 @@ class FrontierProgram:
             free_after[i].append(name)
         prog = cls(gm, [], set(), free_after)
         prog.device = runner.device
+        prog.folded = folded
         # two probe batches of different sizes: which values scale with the batch, which nodes are sites
         t = torch.linspace(0.2, 0.8, 3, dtype=runner.dtype, device=runner.device)
         pid = torch.zeros(3, dtype=torch.long, device=runner.device)
@@ -109,11 +306,11 @@ class FrontierProgram:
         except torch.OutOfMemoryError:  # the device's limit, not a reason to refuse the model
             raise
         except Exception as e:  # noqa: BLE001
-            return None, f"the FX graph does not run on the path's points ({type(e).__name__}: {str(e)[:80]})"
+            return None, f"the FX graph does not run on the path's points ({type(e).__name__}: {str(e)[:80]})", folded
         (v2, s2), (v3, s3) = seen
         if s2 != s3 or len(s2) != len(runner.all_sites) or any(
                 act.name != site.activation.name for (_, act), site in zip(s2, runner.all_sites)):
-            return None, "its activation calls differ from the capture's sites"
+            return None, "its activation calls differ from the capture's sites", folded
         first = 0 if spec.site is None else names.index(spec.site) + 1  # the first processed site
         if spec.site is not None:
             prog.path_site = s2[first - 1][0]
@@ -140,7 +337,8 @@ class FrontierProgram:
                     if type(a) is int and (a, b) == (2, 3):  # the batch size (``x.size(0)`` read at the end)
                         prog.batch_sizes.add(name)
                         continue
-                return None, f"{nodes[i].format_node()[:60]} is carried across a site and is not one row per point"
+                why = f"{nodes[i].format_node()[:60]} is carried across a site and is not one row per point"
+                return None, why, folded
             prog.live_values = max(prog.live_values, live)
         # the unit inputs at every processed site equal a plain forward pass's
         want = runner.eval_points(pid, t, runner.names)
@@ -148,8 +346,8 @@ class FrontierProgram:
         for k, name in enumerate(runner.names):
             z = state.run_to(k).reshape(len(x), -1)
             if not same_values(z, want[name], runner.tol):
-                return None, f"its unit inputs at {name} differ from a plain forward pass"
-        return prog, ""
+                return None, f"its unit inputs at {name} differ from a plain forward pass", folded
+        return prog, "", folded
 
     def _probe(self, x, classes: dict[str, str], replace: tuple | None = None) -> tuple[dict, list]:
         """What each node makes on batch ``x`` (a tensor's shape, with its values where its first dimension is not
@@ -258,10 +456,7 @@ class FrontierProgram:
                 return node.args[0]  # a default argument
             raise TypeError(f"the forward pass needs argument {node.target!r}")
         if node.op == "get_attr":
-            obj = self.gm
-            for part in node.target.split("."):
-                obj = getattr(obj, part)
-            return obj
+            return _attribute(self.gm, node.target)
         args, kwargs = self._args(node, env)
         inplace = site and self._inplace(node, args, kwargs)
         if inplace:

@@ -1,0 +1,204 @@
+"""Batch norm and zero padding folded into convolutions in the frontier evaluator's graph (``fold_into_convolutions``):
+the folded graph computes the model's function, only the foldable patterns are folded, the model itself is left as
+it was, and exact paths through the folded graph equal dense sampling of the model and the unfolded frontier."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn import functional as F
+
+from polytope_lens.capture import ACTIVATION_MODULE_CLASSES
+from polytope_lens.paths import path_crossings
+import polytope_lens.paths.frontier as frontier
+from test_paths import dense_count
+
+
+def _randomise_norms(model: nn.Module, g: torch.Generator) -> nn.Module:
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None:
+                n = bn.num_features
+                bn.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+                bn.running_var.copy_(torch.rand(n, generator=g) + 0.4)
+                if bn.affine:
+                    bn.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    bn.bias.copy_(torch.randn(n, generator=g) * 0.3)
+    return model
+
+
+class FoldNet(nn.Module):
+    """Every pattern the fold takes, beside ones it must leave: a module convolution after symmetric zero padding and
+    before batch norm; a functional one after ``F.pad`` (other amounts per dimension, added to its own padding), with
+    no bias before a batch norm without weights; asymmetric padding before a strided convolution; a convolution whose
+    output is read twice; reflection padding; zero padding read twice; a convolution in padding="same" form; a
+    bias-free module before a batch norm, in a residual block."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.pad1, self.c1, self.bn1 = nn.ZeroPad2d(1), nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4)
+        self.w2 = nn.Parameter(torch.randn(4, 4, 3, 3, generator=g) * 0.3)
+        self.bn2 = nn.BatchNorm2d(4, affine=False)
+        self.pad3, self.c3, self.bn3 = nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(4, 4, 3, stride=2), nn.BatchNorm2d(4)
+        self.c4, self.bn4 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.c5, self.c7 = nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)
+        self.c6, self.bn6 = nn.Conv2d(4, 4, 3, padding="same", bias=False), nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 3 * 3, 3)
+        _randomise_norms(self, g)
+        self.eval()
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.c1(self.pad1(x))))  # 8 x 8: pad and norm folded
+        h = F.relu6(2.0 * self.bn2(F.conv2d(F.pad(h, (1, 1, 2, 2)), self.w2, None, 1, (0, 1))))  # both folded
+        h = F.relu(self.bn3(self.c3(self.pad3(h))))  # 4 x 4: the norm is folded, the asymmetric pad is not
+        y = self.c4(h)
+        h = F.hardtanh(self.bn4(y) + 0.5 * y)  # read twice: not folded
+        h = F.relu(self.c5(F.pad(h, (1, 1, 1, 1), mode="reflect")))  # not folded (not zeros)
+        q = F.pad(h, (1, 1, 1, 1))
+        h = F.relu(self.c7(q) + q[:, :, 1:-1, 1:-1])  # the padded tensor is read twice: not folded
+        h = F.relu(h + self.bn6(self.c6(h)))  # folded, the fused bias is new
+        return self.head(F.max_pool2d(h, 2, ceil_mode=True).flatten(1))
+
+
+class Fold1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn, self.c2 = nn.Conv1d(2, 3, 3, padding=1), nn.BatchNorm1d(3), nn.Conv1d(3, 3, 1)
+        self.kept = nn.BatchNorm1d(3, track_running_stats=False)  # normalises with each batch's statistics
+
+    def forward(self, x):
+        return torch.relu(self.kept(self.c2(torch.relu(self.bn(self.c(F.pad(x, (2, 2))))))))
+
+
+class EdgeNet(nn.Module):
+    """Patterns found in review: padding computed from the input's size (graph nodes), a one-value padding sequence
+    (torch repeats it over the dimensions), and an in-place site between a padding and its convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3)
+        self.w2 = nn.Parameter(torch.randn(3, 3, 3, 3, generator=torch.Generator().manual_seed(0)) * 0.3)
+        self.pad3, self.c3, self.bn3 = nn.ZeroPad2d(1), nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        p = x.size(-1) // 8
+        h = torch.relu(self.bn1(F.conv2d(F.pad(x, (1, 1, 1, 1)), self.c1.weight, self.c1.bias, 1, (p, p))))
+        h = F.conv2d(F.pad(h, (1, 1, 2, 2)), self.w2, None, 1, (1,))  # padding (3, 2) in all
+        q = self.pad3(h)  # read only by c3, but h changes in place before c3 runs
+        r = F.relu(h, inplace=True)
+        return (F.relu(self.bn3(self.c3(q))) + r).flatten(1)
+
+
+def _traced(model):
+    return fx.GraphModule(model, frontier._Tracer(ACTIVATION_MODULE_CLASSES).trace(model))
+
+
+def _batch_norm_calls(gm):
+    return sum(n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm)
+               for n in gm.graph.nodes)
+
+
+def test_fold_computes_the_model_and_leaves_it_as_it_was():
+    """Counts by hand (FoldNet: norms 1, 2, 3, 6 and pads 1, 2; Fold1d: one of each), outputs equal the model's to
+    1e-13 in float64, the model's modules and tensors unchanged, a second fold finds nothing, and a model in training
+    mode keeps its norms (they would normalise with each batch's statistics)."""
+    g = torch.Generator().manual_seed(1)
+    for model, x, want in [(FoldNet().double(), torch.randn(5, 2, 8, 8, generator=g, dtype=torch.float64), (4, 2)),
+                           (_randomise_norms(Fold1d().double().eval(), g),
+                            torch.randn(5, 2, 9, generator=g, dtype=torch.float64), (1, 1))]:
+        before = copy.deepcopy(model.state_dict())
+        gm = _traced(model)
+        norms = _batch_norm_calls(gm)
+        assert frontier.fold_into_convolutions(gm) == want
+        assert _batch_norm_calls(gm) == norms - want[0]
+        with torch.no_grad():
+            np.testing.assert_allclose(gm(x).numpy(), model(x).numpy(), rtol=0, atol=1e-13)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert _batch_norm_calls(_traced(model)) == norms  # the model still calls its own norms
+        assert frontier.fold_into_convolutions(gm) == (0, 0)
+    training = _traced(FoldNet().double().train())
+    assert frontier.fold_into_convolutions(training) == (0, 2)
+    # review's cases: the padding with graph nodes is left (norm 1 too: its convolution's arguments are not
+    # constants), the one-value padding and the padding before the in-place site are folded, and the result holds
+    edge, x = _randomise_norms(EdgeNet().double().eval(), g), torch.randn(3, 2, 9, 9, generator=g, dtype=torch.float64)
+    gm = _traced(edge)
+    assert frontier.fold_into_convolutions(gm) == (1, 2)
+    with torch.no_grad():
+        np.testing.assert_allclose(gm(x).numpy(), edge(x).numpy(), rtol=0, atol=1e-13)
+
+
+def test_fold_leaves_hooked_modules():
+    """A module's forward hooks would not run once it is folded away: a hooked batch norm, convolution or padding
+    stays, as does everything while a global forward hook is registered."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 2, 8, 8, generator=g, dtype=torch.float64)
+    for owner, kind, want in [("bn1", "forward", (3, 2)), ("c1", "pre", (3, 1)), ("pad1", "forward", (4, 1))]:
+        net = FoldNet().double()
+        module = getattr(net, owner)
+        if kind == "forward":
+            module.register_forward_hook(lambda m, i, o: o + 0.5)
+        else:
+            module.register_forward_pre_hook(lambda m, i: (i[0] * 1.5,))
+        gm = _traced(net)
+        assert frontier.fold_into_convolutions(gm) == want
+        with torch.no_grad():
+            np.testing.assert_allclose(gm(x).numpy(), net(x).numpy(), rtol=0, atol=1e-13)
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        assert frontier.fold_into_convolutions(_traced(FoldNet().double())) == (0, 0)
+    finally:
+        handle.remove()
+
+
+def test_a_folded_graph_that_fails_its_checks_gives_way_to_the_models_own(monkeypatch):
+    """A fold that raises or computes something else (simulated) is dropped: the frontier runs the model's own
+    graph, says nothing was folded, and its records equal the graph route's."""
+    net = FoldNet(seed=5)
+    g = torch.Generator().manual_seed(6)
+    a, b = 3 * torch.randn(1, 2, 8, 8, generator=g), 3 * torch.randn(1, 2, 8, 8, generator=g)
+    graph = path_crossings(net, a, b, evaluator="graph")
+    real = frontier.fold_into_convolutions
+
+    def raises(gm):
+        raise RuntimeError("a misjudged pattern")
+
+    def wrong(gm):
+        counts = real(gm)
+        for name, value in list(gm.named_buffers()):
+            if name.endswith("bias"):
+                gm.register_buffer(name, value + 0.1)
+        return counts
+    for fake in (raises, wrong):
+        monkeypatch.setattr(frontier, "fold_into_convolutions", fake)
+        front = path_crossings(net, a, b, evaluator="frontier")
+        assert "frontier" in front.notes[-1] and "folded" not in front.notes[-1]
+        p, q = graph.paths[0], front.paths[0]
+        assert p.per_layer == q.per_layer and p.crossings > 50
+        np.testing.assert_allclose(np.sort(p.records["t"]), np.sort(q.records["t"]), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_exact_paths_through_the_folded_graph(monkeypatch, fold):
+    """Frontier paths through FoldNet equal dense float64 sampling of the model (an independent count) and the
+    graph route's records; the result's note says what was folded."""
+    monkeypatch.setattr(frontier, "FOLD_INTO_CONVOLUTIONS", fold)
+    net = FoldNet(seed=3)
+    g = torch.Generator().manual_seed(4)
+    a, b = 3 * torch.randn(3, 2, 8, 8, generator=g), 3 * torch.randn(3, 2, 8, 8, generator=g)
+    front = path_crossings(net, a, b, evaluator="frontier")
+    graph = path_crossings(net, a, b, evaluator="graph")
+    assert "frontier" in front.notes[-1]
+    assert ("4 batch norms and 2 zero paddings folded into convolutions" in front.notes[-1]) == fold
+    assert sum(p.crossings for p in front.paths) > 100
+    for i, (p, q) in enumerate(zip(graph.paths, front.paths)):
+        assert q.per_layer == dense_count(net, lambda t, i=i: a[i:i + 1].double() + t.reshape(-1, 1, 1, 1)
+                                          * (b[i] - a[i]).double())
+        assert p.per_layer == q.per_layer and p.ties == q.ties
+        np.testing.assert_allclose(np.sort(p.records["t"]), np.sort(q.records["t"]), rtol=0, atol=1e-12)
+        assert (p.trace.top_class == q.trace.top_class).all()
