@@ -28,6 +28,7 @@ they are folded into the convolutions by default since stop 24).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -36,6 +37,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from polytope_lens.data import load_data
 from polytope_lens.models import load_model
 from polytope_lens.paths import path_crossings, ray_crossings
+from polytope_lens.paths.exact import Refiner
 
 
 def profile_full(bundle, x, dev, frac=5e-4, evaluator="auto", memory_gib=32):
@@ -486,11 +488,30 @@ def main():
                           flush=True)
                     break
             t0 = time.perf_counter()
-            r = path_crossings(bundle.module, x[:1], x[:1] + frac * (x[1:] - x[:1]), trace=False, device=dev,
-                               memory_budget=args.full_memory_gib << 30, evaluator=args.evaluator)
+            with counted_pieces() as pieces:
+                r = path_crossings(bundle.module, x[:1], x[:1] + frac * (x[1:] - x[:1]), trace=False, device=dev,
+                                   memory_budget=args.full_memory_gib << 30, evaluator=args.evaluator)
             row(f"path chelsea -> coffee, every site (full network), first {frac:g} of the segment, "
-                f"{args.full_memory_gib} GiB budget", t0, r)
+                f"{args.full_memory_gib} GiB budget; {len(pieces)} pieces of {min(pieces, default=0)} to "
+                f"{max(pieces, default=0)} points (mean {sum(pieces) / max(len(pieces), 1):.0f})", t0, r)
             last, spent = (frac, time.perf_counter() - t0), time.perf_counter() - start
+
+@contextlib.contextmanager
+def counted_pieces():
+    """The evaluated points of every piece (``Refiner.run_chunk`` call) made inside the block: how the pieces were
+    sized (on a CUDA device from their measured peak memory, docs/paths.md)."""
+    real, points = Refiner.run_chunk, []
+
+    def run_chunk(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        points.append(int(out["n_evaluated"]))
+        return out
+    Refiner.run_chunk = run_chunk
+    try:
+        yield points
+    finally:
+        Refiner.run_chunk = real
+
 
 if __name__ == "__main__":
     main()

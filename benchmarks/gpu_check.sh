@@ -68,7 +68,7 @@ step effnet_whole 480 python3 benchmarks/bench_paths_efficientnet.py --device cu
   --full-seconds 600 --evaluator frontier --full-memory-gib 64
 # the float64 rate of plain EfficientNet-Lite0 passes (what the frontier's passes are made of), 1 x 1 convolutions
 # also as matrix products (channels-last output, and copied back): a floor under the full-network goal (stop 22; at
-# stop 24 an H100 ran cuDNN's at 3.8 TFLOP/s and the products 27 % slower)
+# stop 24 an H100 ran cuDNN's at 3.8 TFLOP/s and the products 28 % slower)
 step forward64 60 python3 benchmarks/bench_forward64_device.py --device cuda --batch 256
 step slices 120 python3 benchmarks/bench_slices.py --device cuda --skip-effnet --large-only --large 680
 step codes 90 python3 benchmarks/bench_codes.py --gpu-only

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from polytope_lens.capture import ACTIVATION_MODULE_CLASSES
+from polytope_lens.errors import InvalidInputError
 from polytope_lens.paths import path_crossings
 import polytope_lens.paths.frontier as frontier
 from test_paths import dense_count
@@ -124,6 +125,8 @@ def test_fold_computes_the_model_and_leaves_it_as_it_was():
         assert frontier.fold_into_convolutions(gm) == (0, 0)
     training = _traced(FoldNet().double().train())
     assert frontier.fold_into_convolutions(training) == (0, 2)
+    shared = _traced(SharedWeight().double().eval())
+    assert frontier.fold_into_convolutions(shared) == (0, 0)
     # review's cases: the padding with graph nodes is left (norm 1 too: its convolution's arguments are not
     # constants), the one-value padding and the padding before the in-place site are folded, and the result holds
     edge, x = _randomise_norms(EdgeNet().double().eval(), g), torch.randn(3, 2, 9, 9, generator=g, dtype=torch.float64)
@@ -156,31 +159,97 @@ def test_fold_leaves_hooked_modules():
         handle.remove()
 
 
+class HeadNet(nn.Module):
+    """A convolution and batch norm after the last site: only the class scores show what happens there."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.bn2 = nn.Conv2d(4, 3, 3), nn.BatchNorm2d(3)
+        _randomise_norms(self, torch.Generator().manual_seed(7))
+        self.eval()
+
+    def forward(self, x):
+        return self.bn2(self.c2(F.relu(self.bn1(self.c1(x))))).mean((2, 3))
+
+
 def test_a_folded_graph_that_fails_its_checks_gives_way_to_the_models_own(monkeypatch):
-    """A fold that raises or computes something else (simulated) is dropped: the frontier runs the model's own
-    graph, says nothing was folded, and its records equal the graph route's."""
-    net = FoldNet(seed=5)
+    """A fold that raises or computes something else (simulated: every folded bias off, or only the one after the
+    last site, which only the class scores show) is dropped: the frontier runs the model's own graph, says nothing
+    was folded, and its records and trace equal the graph route's."""
     g = torch.Generator().manual_seed(6)
-    a, b = 3 * torch.randn(1, 2, 8, 8, generator=g), 3 * torch.randn(1, 2, 8, 8, generator=g)
-    graph = path_crossings(net, a, b, evaluator="graph")
     real = frontier.fold_into_convolutions
 
     def raises(gm):
         raise RuntimeError("a misjudged pattern")
 
-    def wrong(gm):
+    def wrong(gm, last_only=False):
         counts = real(gm)
-        for name, value in list(gm.named_buffers()):
-            if name.endswith("bias"):
-                gm.register_buffer(name, value + 0.1)
+        names = sorted(name for name, _ in gm.named_buffers() if name.endswith("bias"))
+        for name in names[-1:] if last_only else names:
+            gm.register_buffer(name, getattr(gm, name) + 0.5)
         return counts
-    for fake in (raises, wrong):
-        monkeypatch.setattr(frontier, "fold_into_convolutions", fake)
-        front = path_crossings(net, a, b, evaluator="frontier")
-        assert "frontier" in front.notes[-1] and "folded" not in front.notes[-1]
-        p, q = graph.paths[0], front.paths[0]
-        assert p.per_layer == q.per_layer and p.crossings > 50
-        np.testing.assert_allclose(np.sort(p.records["t"]), np.sort(q.records["t"]), rtol=0, atol=1e-12)
+    for net, fakes in [(FoldNet(seed=5), (raises, wrong)), (HeadNet(), (lambda gm: wrong(gm, last_only=True),))]:
+        a = 3 * torch.randn(1, 2, 8, 8, generator=g)
+        b = 3 * torch.randn(1, 2, 8, 8, generator=g)
+        graph = path_crossings(net, a, b, evaluator="graph")
+        for fake in fakes:
+            monkeypatch.setattr(frontier, "fold_into_convolutions", fake)
+            front = path_crossings(net, a, b, evaluator="frontier")
+            assert "frontier" in front.notes[-1] and "folded" not in front.notes[-1]
+            p, q = graph.paths[0], front.paths[0]
+            assert p.per_layer == q.per_layer and p.crossings > 20
+            np.testing.assert_allclose(np.sort(p.records["t"]), np.sort(q.records["t"]), rtol=0, atol=1e-12)
+            np.testing.assert_allclose(p.trace.top_prob, q.trace.top_prob, rtol=0, atol=1e-12)
+
+
+class ViewAfterInPlaceSite(nn.Module):
+    """The last site changes its input in place, and a view of that input taken before it is read after it."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.l0, self.l1, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(4, 3)
+        with torch.no_grad():
+            for layer in (self.l0, self.l1, self.head):
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
+
+    def forward(self, x):
+        h = self.l1(torch.relu(self.l0(x)))
+        v = h[:, :4]
+        F.relu(h, inplace=True)
+        return self.head(v)
+
+
+def test_frontier_refuses_a_graph_whose_class_scores_differ():
+    """Found in review, older than the fold: on this model the frontier's site copy left the view unchanged, so its
+    class scores differed from the model's while every site's unit inputs agreed. The build now also compares the
+    class scores: ``frontier`` is a one-line error (``auto`` would take the graph route), whose scores are the
+    model's."""
+    net = ViewAfterInPlaceSite().eval()
+    g = torch.Generator().manual_seed(1)
+    a, b = 3 * torch.randn(1, 6, generator=g), 3 * torch.randn(1, 6, generator=g)
+    with pytest.raises(InvalidInputError, match="its class scores differ from a plain forward pass"):
+        path_crossings(net, a, b, evaluator="frontier")
+    trace = path_crossings(net, a, b, evaluator="graph").paths[0].trace
+    t = torch.as_tensor(trace.t, dtype=torch.float64).reshape(-1, 1)
+    with torch.no_grad():
+        want = torch.softmax(net.double()(a.double() + t * (b - a).double()), -1).amax(-1).numpy()
+    np.testing.assert_allclose(trace.top_prob, want, rtol=0, atol=1e-6)  # the frontier was off by 0.012
+
+
+class SharedWeight(nn.Module):
+    """A convolution's weight read by another node (here scaled in place between the padding and the convolution):
+    the fold must not move the convolution before that write."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn = nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        q = F.pad(x, (1, 1, 1, 1))
+        self.c.weight.data.mul_(1.0)  # another reader of the weight
+        return torch.relu(self.bn(self.c(q))).flatten(1)
 
 
 @pytest.mark.parametrize("fold", [True, False])

@@ -11,12 +11,14 @@ of its interval, on which everything before site k is affine in t; its unit inpu
 crossed unit on its kink (``exact._inputs_at_new``). Every breakpoint runs each later segment of the network once,
 and nothing before its site runs again.
 
-``FrontierProgram.build`` traces the model with ``torch.fx`` (activation modules are leaves) and refuses, with the
-reason, models it cannot follow this way: not traceable, an in-place operation (other than a site's) on a tensor
-that another node reads, a value carried across a cut that is neither one row per point, the number of points, nor
-the same for every batch, sites other than the capture's, or unit inputs that differ from a plain forward pass at
-three points of the first path. For paths and rays at a named site, the network before that site runs once per
-path on the paths' real inputs, and what it carries past the site is taken per point from its path's row.
+``FrontierProgram.build`` traces the model with ``torch.fx`` (activation modules are leaves), folds batch norm and
+zero padding into the convolutions where it can (``fold_into_convolutions``), and refuses, with the reason, models
+it cannot follow this way: not traceable, an in-place operation (other than a site's) on a tensor that another node
+reads, a value carried across a cut that is neither one row per point, the number of points, nor the same for every
+batch, sites other than the capture's, or unit inputs or class scores that differ from a plain forward pass at three
+points of the first path (a folded graph that fails a check gives way to the model's own). For paths and rays at a
+named site, the network before that site runs once per path on the paths' real inputs, and what it carries past the
+site is taken per point from its path's row.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def fold_into_convolutions(gm: fx.GraphModule) -> tuple[int, int]:
     graph, n_norms, n_pads = gm.graph, 0, 0
     for node in list(graph.nodes):
         conv = _convolution(gm, node)
-        if conv is None:
+        if conv is None or _weights_read_elsewhere(gm, node):
             continue
         dims, call = conv
         pad_node, padded = call["input"], None
@@ -125,6 +127,16 @@ def fold_into_convolutions(gm: fx.GraphModule) -> tuple[int, int]:
         graph.lint()
         gm.recompile()
     return n_norms, n_pads
+
+
+def _weights_read_elsewhere(gm: fx.GraphModule, conv: fx.Node) -> bool:
+    """Whether a node other than ``conv`` reads its weight or bias (which might change them in place before the
+    convolution runs; shared weights are left unfolded too)."""
+    if conv.op == "call_module":
+        targets = {f"{conv.target}.weight", f"{conv.target}.bias"}
+        return any(n.op == "get_attr" and n.target in targets for n in gm.graph.nodes)
+    return any(isinstance(a, fx.Node) and a.op == "get_attr" and set(a.users) != {conv}
+               for a in (*conv.args[1:3], conv.kwargs.get("weight"), conv.kwargs.get("bias")))
 
 
 def _global_hooks() -> bool:
@@ -278,6 +290,8 @@ class FrontierProgram:
         if fold:
             try:
                 folded = fold_into_convolutions(gm)
+            except torch.OutOfMemoryError:
+                raise
             except Exception as e:  # noqa: BLE001 - a pattern the fold misjudged: the model's own graph instead
                 return None, f"folding into convolutions failed ({type(e).__name__}: {str(e)[:80]})", (1, 1)
         nodes = list(gm.graph.nodes)
@@ -340,13 +354,17 @@ class FrontierProgram:
                 why = f"{nodes[i].format_node()[:60]} is carried across a site and is not one row per point"
                 return None, why, folded
             prog.live_values = max(prog.live_values, live)
-        # the unit inputs at every processed site equal a plain forward pass's
-        want = runner.eval_points(pid, t, runner.names)
+        # the unit inputs at every processed site, and the class scores after the last, equal a plain forward pass's
+        want = runner.eval_points(pid, t, runner.names, want_output=True)
         state = prog.start(x, None if spec.site is None else index_inputs(spec.base, pid[:1]), pid)
         for k, name in enumerate(runner.names):
             z = state.run_to(k).reshape(len(x), -1)
             if not same_values(z, want[name], runner.tol):
                 return None, f"its unit inputs at {name} differ from a plain forward pass", folded
+        scores = state.output()
+        if (scores is None) != (want["output"] is None) or scores is not None and not same_values(
+                scores, want["output"], runner.tol):
+            return None, "its class scores differ from a plain forward pass", folded
         return prog, "", folded
 
     def _probe(self, x, classes: dict[str, str], replace: tuple | None = None) -> tuple[dict, list]:
