@@ -32,6 +32,8 @@ import contextlib
 import os
 import time
 
+import torch
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from polytope_lens.data import load_data
@@ -424,6 +426,10 @@ def main():
                     help="ATen's float64 convolutions as they come instead of polytope_lens._conv64's ways")
     ap.add_argument("--pointwise-matmul", action="store_true",
                     help="1 x 1 convolutions as matrix products on --device (_conv64.POINTWISE_AS_MATMUL)")
+    ap.add_argument("--dtype", default="float64", choices=["float64", "float32"],
+                    help="dtype of the --full fractions (float32: a data point only; the goal is float64)")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="cuDNN's benchmark mode (every algorithm timed once per shape) for the --full fractions")
     ap.add_argument("--no-fold", action="store_true",
                     help="keep batch norm and zero padding in the frontier's graph (frontier.FOLD_INTO_CONVOLUTIONS)")
     ap.add_argument("--full-memory-gib", type=int, default=32, help="memory budget of --full and --profile (GiB)")
@@ -434,6 +440,8 @@ def main():
         import polytope_lens._conv64 as conv64
 
         conv64.POINTWISE_AS_MATMUL = {args.device.split(":")[0]}
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     if args.no_fold:
         import polytope_lens.paths.frontier as frontier
 
@@ -465,7 +473,8 @@ def main():
         return
     print(f"device: {dev}; float64 convolutions: {'ATen' if args.aten_convolutions else 'polytope_lens._conv64'}"
           f"{'; 1 x 1 ones as matrix products' if args.pointwise_matmul else ''}"
-          f"{'; batch norm and padding not folded' if args.no_fold else ''}")
+          f"{'; batch norm and padding not folded' if args.no_fold else ''}"
+          f"{'; cuDNN benchmark mode' if args.cudnn_benchmark else ''}")
     print("| case | seconds | crossings | exact | evaluator |")
     print("|---|---:|---:|---|---|", flush=True)
 
@@ -490,9 +499,10 @@ def main():
             t0 = time.perf_counter()
             with counted_pieces() as pieces:
                 r = path_crossings(bundle.module, x[:1], x[:1] + frac * (x[1:] - x[:1]), trace=False, device=dev,
-                                   memory_budget=args.full_memory_gib << 30, evaluator=args.evaluator)
+                                   memory_budget=args.full_memory_gib << 30, evaluator=args.evaluator,
+                                   dtype=getattr(torch, args.dtype))
             row(f"path chelsea -> coffee, every site (full network), first {frac:g} of the segment, "
-                f"{args.full_memory_gib} GiB budget; {len(pieces)} pieces of {min(pieces, default=0)} to "
+                f"{args.full_memory_gib} GiB budget, {args.dtype}; {len(pieces)} pieces of {min(pieces, default=0)} to "
                 f"{max(pieces, default=0)} points (mean {sum(pieces) / max(len(pieces), 1):.0f})", t0, r)
             last, spent = (frac, time.perf_counter() - t0), time.perf_counter() - start
 

@@ -55,13 +55,15 @@ step trace 40 python3 benchmarks/trace_paths_gpu.py --paths 2400 --budget-gib 64
 step effnet_paths 150 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-seconds 60
 # the full-network path with the frontier evaluator under 64 GiB (stop 24: the whole path took 385.8 s on an H100 with
 # the 1 x 1 rule, before the fold): the defaults (batch norm and padding folded into the convolutions, 1 x 1
-# convolutions as cuDNN gives them), without the fold, and with the 1 x 1 rule; then where the defaults' time goes
+# convolutions as cuDNN gives them), without the fold, with the 1 x 1 rule, and in cuDNN's benchmark mode (every
+# algorithm timed per shape: float64 defaults may not be the fastest); then where the defaults' time goes
 # (device busy time against the wall time: how much is host time); effnet_whole: the whole path with the defaults
 E="python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-only --full-seconds 40"
 E="$E --fractions 5e-4,1e-2,5e-2 --full-memory-gib 64 --evaluator frontier"
 step effnet_frontier 90 $E
 step effnet_frontier 90 $E --no-fold
 step effnet_frontier 90 $E --pointwise-matmul
+step effnet_frontier 90 $E --cudnn-benchmark
 step effnet_profile 90 python3 benchmarks/bench_paths_efficientnet.py --device cuda --profile --profile-fraction 1e-2 \
   --evaluator frontier --full-memory-gib 64
 step effnet_whole 480 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-only --fractions 1 \
@@ -69,6 +71,6 @@ step effnet_whole 480 python3 benchmarks/bench_paths_efficientnet.py --device cu
 # the float64 rate of plain EfficientNet-Lite0 passes (what the frontier's passes are made of), 1 x 1 convolutions
 # also as matrix products (channels-last output, and copied back): a floor under the full-network goal (stop 22; at
 # stop 24 an H100 ran cuDNN's at 3.8 TFLOP/s and the products 28 % slower)
-step forward64 60 python3 benchmarks/bench_forward64_device.py --device cuda --batch 256
+step forward64 90 python3 benchmarks/bench_forward64_device.py --device cuda --batch 256
 step slices 120 python3 benchmarks/bench_slices.py --device cuda --skip-effnet --large-only --large 680
 step codes 90 python3 benchmarks/bench_codes.py --gpu-only
