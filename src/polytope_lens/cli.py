@@ -330,8 +330,9 @@ Budget = Annotated[Optional[int], typer.Option(help="Memory budget in MiB; large
                                                     "Default: 1024 on the CPU, half the free GPU memory with "
                                                     "--device cuda.", show_default=False)]
 Evaluator = Annotated[str, typer.Option(help="Exact mode: auto | affine | graph | frontier (see docs/paths.md). "
-                                              "auto: Jacobian blocks where they fit, else on the CPU the frontier "
-                                              "evaluator where the model allows, else forward passes (graph).")]
+                                              "auto: Jacobian blocks where they fit, else the frontier evaluator "
+                                              "where the model allows (paths through two or more sites), else "
+                                              "forward passes (graph).")]
 Samples = Annotated[int, typer.Option(help="Sampled mode: samples per path (a unit that changes piece and back "
                                            "between two samples is missed, so counts are lower bounds).")]
 Tol = Annotated[float, typer.Option(help="Sampled mode: each crossing is located to this tolerance in t (one "
