@@ -19,7 +19,7 @@ step() {  # step NAME SECONDS COMMAND... (runs when no step names were given, or
   echo "## $name" ; timeout "$secs" "$@" >> "$OUT/$name.md" 2>&1; echo "exit $?" >> "$OUT/$name.md"
 }
 STEPS="$*"  # e.g. `bash benchmarks/gpu_check.sh agree paths`; none: every step (agree paths layouts trace
-#             effnet_paths effnet_frontier effnet_profile effnet_whole forward64 slices codes)
+#             effnet_paths effnet_frontier effnet_profile effnet_whole forward64 fused_dw slices codes)
 step agree 60 python3 benchmarks/gpu_agreement.py  # GPU results equal the CPU's (codes, exact and sampled paths)
 # 784->4x512: products at every point (the GPU default) and closed-form bends, each under a 16 GiB and a 64 GiB budget
 step paths 60 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 20000 \
@@ -72,5 +72,8 @@ step effnet_whole 480 python3 benchmarks/bench_paths_efficientnet.py --device cu
 # also as matrix products (channels-last output, and copied back): a floor under the full-network goal (stop 22; at
 # stop 24 an H100 ran cuDNN's at 3.8 TFLOP/s and the products 28 % slower)
 step forward64 90 python3 benchmarks/bench_forward64_device.py --device cuda --batch 256
+# a fused float64 ReLU6 + padding + depthwise kernel (Triton) against torch's three steps, every depthwise layer of
+# EfficientNet-Lite0 at its shape (stop 24: an experiment; values checked in Triton's interpreter on the CPU)
+step fused_dw 60 python3 benchmarks/bench_fused_depthwise.py --device cuda --batch 256
 step slices 120 python3 benchmarks/bench_slices.py --device cuda --skip-effnet --large-only --large 680
 step codes 90 python3 benchmarks/bench_codes.py --gpu-only
