@@ -1,4 +1,4 @@
-"""A fused float64 depthwise step for the frontier's passes on a GPU: an experiment, not used by the library yet.
+"""Fused float64 steps for the frontier's passes on a GPU: an experiment, not used by the library yet.
 
     python benchmarks/bench_fused_depthwise.py --device cuda [--batch 256]
     TRITON_INTERPRET=1 python benchmarks/bench_fused_depthwise.py --device cpu --batch 1 --layers 2   (values only)
@@ -9,7 +9,9 @@ depthwise convolution such a pass applies the site's ReLU6 to the unit inputs, p
 (asymmetrically before the strided layers, which the frontier's fold leaves), and then convolves, with batch norm
 folded into the weight and bias. One Triton kernel here does all three: it clamps each input as it is loaded, reads
 the padding as masked loads, and adds the bias as it stores. It reads the unit inputs once and writes the next
-ones once; the torch way writes and reads the activation and the padded copy in between. For every depthwise layer
+ones once; the torch way writes and reads the activation and the padded copy in between. A second kernel does a
+1 x 1 convolution the same way (the ReLU6 before a projection as it loads, the bias and a block's residual as it
+stores). For every depthwise and 1 x 1 layer
 of EfficientNet-Lite0 at its shape, the script checks that the two agree (1e-12 relative), then times both (best of
 --repeat, after a warm-up) and prints the sum. A win here would be worth moving into the frontier's graph (a fused
 node for site, padding and depthwise convolution); Triton's interpreter checks the values on a CPU, not the speed.
@@ -54,6 +56,50 @@ def relu6_pad_depthwise(z_ptr, w_ptr, b_ptr, out_ptr, C, H, W, OH, OW, K: tl.con
     tl.store(out_ptr + plane.to(tl.int64) * OH * OW + offs, acc, mask=inside)
 
 
+@triton.jit
+def pointwise(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, CI: tl.constexpr, CO, P, CLAMP: tl.constexpr, RESIDUAL: tl.constexpr,
+              DOT: tl.constexpr, BCO: tl.constexpr, BCI: tl.constexpr, BP: tl.constexpr):
+    """A 1 x 1 convolution of one image's block of output channels and positions: the weight (CO x CI) times the
+    image's (CI x P) inputs, clamped to [0, 6] as they are loaded when CLAMP (the site's ReLU6 before a projection),
+    plus the bias and, when RESIDUAL, the block's input. DOT: ``tl.dot``, else broadcast products summed."""
+    img = tl.program_id(0).to(tl.int64)
+    co = tl.program_id(1) * BCO + tl.arange(0, BCO)
+    p = tl.program_id(2) * BP + tl.arange(0, BP)
+    acc = tl.zeros([BCO, BP], dtype=tl.float64)
+    for c0 in range(0, CI, BCI):
+        ci = c0 + tl.arange(0, BCI)
+        w = tl.load(w_ptr + co[:, None] * CI + ci[None, :], mask=(co[:, None] < CO) & (ci[None, :] < CI), other=0.0)
+        x = tl.load(x_ptr + img * CI * P + ci[:, None] * P + p[None, :], mask=(ci[:, None] < CI) & (p[None, :] < P),
+                    other=0.0)
+        if CLAMP:
+            x = tl.minimum(tl.maximum(x, 0.0), 6.0)
+        if DOT:
+            acc += tl.dot(w, x)
+        else:
+            acc += tl.sum(w[:, :, None] * x[None, :, :], axis=1)
+    acc += tl.load(b_ptr + co, mask=co < CO, other=0.0)[:, None]
+    where = img * CO * P + co[:, None] * P + p[None, :]
+    inside = (co[:, None] < CO) & (p[None, :] < P)
+    if RESIDUAL:
+        acc += tl.load(r_ptr + where, mask=inside, other=0.0)
+    tl.store(out_ptr + where, acc, mask=inside)
+
+
+def fused_pointwise(x, weight, bias, clamp, residual=None, dot=True, bco=32, bci=16, bp=64):
+    n, ci, h, w = x.shape
+    co = weight.shape[0]
+    out = torch.empty(n, co, h, w, dtype=x.dtype, device=x.device)
+    grid = (n, triton.cdiv(co, bco), triton.cdiv(h * w, bp))
+    pointwise[grid](x, weight.reshape(co, ci), bias, out if residual is None else residual, out, ci, co, h * w,
+                    CLAMP=clamp, RESIDUAL=residual is not None, DOT=dot, BCO=bco, BCI=bci, BP=bp)
+    return out
+
+
+def unfused_pointwise(x, weight, bias, clamp, residual=None):
+    y = F.conv2d(F.hardtanh(x, 0.0, 6.0) if clamp else x, weight, bias)
+    return y if residual is None else y + residual
+
+
 def fused(z, weight, bias, stride, pads, block=256):
     n, c, h, w = z.shape
     k = weight.shape[-1]
@@ -95,6 +141,38 @@ def depthwise_layers(model):
         pad = getattr(conv, "static_padding", None)
         pads = tuple(pad.padding) if isinstance(pad, torch.nn.ZeroPad2d) else (0, 0, 0, 0)
         layers.append((shape[1], shape[2], shape[3], w.detach(), b.detach(), conv.stride[0], pads))
+    return layers
+
+
+def pointwise_layers(model):
+    """(in channels, height, width, weight, bias, clamp, residual) of every 1 x 1 convolution in the blocks, with its
+    batch norm folded in: expansions (their input is a block's input, no activation) and projections (after the
+    depthwise layer's ReLU6; a residual where the block keeps its input)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    shapes = {}
+
+    def keep(name):
+        def hook(module, args):
+            shapes[name] = args[0].shape
+        return hook
+    hooks = [m.register_forward_pre_hook(keep(name)) for name, m in model.named_modules()
+             if name.endswith(("_expand_conv", "_project_conv"))]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 224, 224, dtype=torch.float64))
+    for h in hooks:
+        h.remove()
+    layers = []
+    for name, shape in shapes.items():
+        conv = model.get_submodule(name)
+        block = model.get_submodule(name.rsplit(".", 1)[0])
+        bn = model.get_submodule(name.replace("_expand_conv", "_bn0").replace("_project_conv", "_bn2"))
+        w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
+                                    bn.bias)
+        project = name.endswith("_project_conv")
+        args = block._block_args
+        skip = project and block.id_skip and args.stride == 1 and args.input_filters == args.output_filters
+        layers.append((shape[1], shape[2], shape[3], w.detach(), b.detach(), project, skip))
     return layers
 
 
@@ -142,6 +220,37 @@ def main():
         print(f"| {c} x {h} x {w} | {weight.shape[-1]}, {stride}, {pads} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} "
               f"| {err:.0e} |", flush=True)
     print(f"| all {len(layers)} layers | | {total[0] * 1e3:.2f} | {total[1] * 1e3:.2f} | |")
+    ones = pointwise_layers(model)
+    ones = ones[:args.layers] if args.layers else ones
+    print(f"\nfloat64 1 x 1 steps (ReLU6 before projections, the convolution with batch norm folded, the residual "
+          f"where the block keeps its input), batches of {args.batch} images; fused with tl.dot and, where that "
+          "fails to build, with broadcast products")
+    print("| in x height x width -> out | ReLU6, residual | torch (ms) | fused (ms) | max relative difference |")
+    print("|---|---|---:|---:|---:|", flush=True)
+    total, dot = [0.0, 0.0], True
+    for c, h, w, weight, bias, clamp, skip in ones:
+        x = (3 * torch.randn(args.batch, c, h, w, generator=g, dtype=torch.float64)).to(dev)
+        weight, bias = weight.to(dev), bias.to(dev)
+        res = (3 * torch.randn(args.batch, weight.shape[0], h, w, generator=g, dtype=torch.float64)).to(dev) \
+            if skip else None
+        want = unfused_pointwise(x, weight, bias, clamp, res)
+        try:
+            got = fused_pointwise(x, weight, bias, clamp, res, dot=dot)
+        except Exception as e:  # noqa: BLE001 - a Triton build without float64 tl.dot: the other way
+            if not dot:
+                raise
+            print(f"(tl.dot in float64 failed here: {type(e).__name__}: {str(e).splitlines()[0][:120]})")
+            dot = False
+            got = fused_pointwise(x, weight, bias, clamp, res, dot=dot)
+        err = float(((got - want).abs() / want.abs().clamp_min(1.0)).max())
+        if not err <= 1e-12:
+            raise SystemExit(f"the fused 1 x 1 kernel differs from torch by {err:.1e} at {c} x {h} x {w}")
+        times = [timed(lambda: unfused_pointwise(x, weight, bias, clamp, res), dev, args.repeat),
+                 timed(lambda: fused_pointwise(x, weight, bias, clamp, res, dot=dot), dev, args.repeat)]
+        total = [a + b for a, b in zip(total, times)]
+        print(f"| {c} x {h} x {w} -> {weight.shape[0]} | {clamp}, {skip} | {times[0] * 1e3:.2f} | "
+              f"{times[1] * 1e3:.2f} | {err:.0e} |", flush=True)
+    print(f"| all {len(ones)} layers | | {total[0] * 1e3:.2f} | {total[1] * 1e3:.2f} | |")
 
 
 if __name__ == "__main__":

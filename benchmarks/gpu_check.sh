@@ -66,14 +66,15 @@ step effnet_frontier 90 $E --pointwise-matmul
 step effnet_frontier 90 $E --cudnn-benchmark
 step effnet_profile 90 python3 benchmarks/bench_paths_efficientnet.py --device cuda --profile --profile-fraction 1e-2 \
   --evaluator frontier --full-memory-gib 64
-step effnet_whole 480 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-only --fractions 1 \
+step effnet_whole 470 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-only --fractions 1 \
   --full-seconds 600 --evaluator frontier --full-memory-gib 64
 # the float64 rate of plain EfficientNet-Lite0 passes (what the frontier's passes are made of), 1 x 1 convolutions
 # also as matrix products (channels-last output, and copied back): a floor under the full-network goal (stop 22; at
 # stop 24 an H100 ran cuDNN's at 3.8 TFLOP/s and the products 28 % slower)
 step forward64 90 python3 benchmarks/bench_forward64_device.py --device cuda --batch 256
-# a fused float64 ReLU6 + padding + depthwise kernel (Triton) against torch's three steps, every depthwise layer of
-# EfficientNet-Lite0 at its shape (stop 24: an experiment; values checked in Triton's interpreter on the CPU)
-step fused_dw 60 python3 benchmarks/bench_fused_depthwise.py --device cuda --batch 256
+# fused float64 kernels (Triton) against torch's separate steps at every depthwise and 1 x 1 layer of
+# EfficientNet-Lite0 (ReLU6 + padding + depthwise; ReLU6 + 1 x 1 + residual; batch norm folded): stop 24, an
+# experiment whose values were checked in Triton's interpreter on the CPU; one compilation per layer shape
+step fused_dw 110 python3 benchmarks/bench_fused_depthwise.py --device cuda --batch 256
 step slices 120 python3 benchmarks/bench_slices.py --device cuda --skip-effnet --large-only --large 680
 step codes 90 python3 benchmarks/bench_codes.py --gpu-only
