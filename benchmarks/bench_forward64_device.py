@@ -12,7 +12,7 @@ they come, and the same with the 1 x 1 convolutions run as matrix products over 
 matrix units, convolution libraries may not), each from contiguous images and from channels-last ones (then every
 layer keeps that layout and the products need no copies), and on a GPU also with cuDNN's benchmark mode (every
 algorithm timed per shape) and where one pass's kernel time goes. It prints the time per image, the float64 rate of
-its multiply-adds, and the time 1.46 M images take at that rate: the floor the GPU goal (<= 60 s) has to clear,
+its multiply-adds, and the time 1.62 M images take at that rate: the floor the GPU goal (<= 60 s) has to clear,
 before any of the engine's own work. On a CPU it times ATen's float64 convolutions as they come (the engine takes
 ``polytope_lens._conv64``'s faster ways there: ``bench_conv64.py``), so it is meant for a GPU (``gpu_check.sh
 forward64``).
@@ -118,7 +118,7 @@ def kernel_times(model, images, dev) -> None:
     print("| kernel | ms | share | calls |")
     print("|---|---:|---:|---:|")
     for us, n, key in rows[:15]:
-        print(f"| {key[:90]} | {us / 1e3:.2f} | {us / total:.1%} | {n} |")
+        print(f"| {key[:160]} | {us / 1e3:.2f} | {us / total:.1%} | {n} |")
 
 
 if __name__ == "__main__":

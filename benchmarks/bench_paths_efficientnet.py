@@ -429,7 +429,9 @@ def main():
     ap.add_argument("--dtype", default="float64", choices=["float64", "float32"],
                     help="dtype of the --full fractions (float32: a data point only; the goal is float64)")
     ap.add_argument("--cudnn-benchmark", action="store_true",
-                    help="cuDNN's benchmark mode (every algorithm timed once per shape) for the --full fractions")
+                    help="cuDNN's benchmark mode for the --full fractions (every algorithm timed once per new shape: "
+                         "the frontier's passes change shape with every piece and site, so this mostly times the "
+                         "search)")
     ap.add_argument("--no-fold", action="store_true",
                     help="keep batch norm and zero padding in the frontier's graph (frontier.FOLD_INTO_CONVOLUTIONS)")
     ap.add_argument("--full-memory-gib", type=int, default=32, help="memory budget of --full and --profile (GiB)")
