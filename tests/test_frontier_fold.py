@@ -271,3 +271,93 @@ def test_exact_paths_through_the_folded_graph(monkeypatch, fold):
         assert p.per_layer == q.per_layer and p.ties == q.ties
         np.testing.assert_allclose(np.sort(p.records["t"]), np.sort(q.records["t"]), rtol=0, atol=1e-12)
         assert (p.trace.top_class == q.trace.top_class).all()
+
+
+class _RandomConvNet(nn.Module):
+    """A random stack of convolutions (module or functional, strided, grouped, with or without bias), each after
+    some padding (none, symmetric or asymmetric modules, ``F.pad``, its own, "same") and before an optional batch
+    norm (affine or not) and activation, with residual adds where shapes allow."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        pick = lambda n: int(torch.randint(n, (1,), generator=g))  # noqa: E731
+        self.plan, c = [], 3
+        for i in range(4):
+            out = c if pick(2) else 2 * c
+            groups = c if out == c and pick(3) == 0 else 1
+            stride = 1 + pick(2) if i < 2 else 1
+            pad = ["none", "zero_sym", "zero_asym", "fpad_sym", "own", "same"][pick(6)]
+            if pad == "same":
+                stride = 1
+            k = 3 if pad != "none" else 1 + 2 * pick(2)
+            functional = bool(pick(2))
+            conv = nn.Conv2d(c, out, k, stride=stride, groups=groups, bias=bool(pick(2)),
+                             padding="same" if pad == "same" else 1 if pad == "own" else 0)
+            if functional:
+                setattr(self, f"w{i}", nn.Parameter(conv.weight.detach().clone()))
+                setattr(self, f"b{i}", None if conv.bias is None else nn.Parameter(conv.bias.detach().clone()))
+            else:
+                setattr(self, f"c{i}", conv)
+            norm = [None, nn.BatchNorm2d(out), nn.BatchNorm2d(out, affine=False)][pick(3)]
+            if norm is not None:
+                setattr(self, f"n{i}", norm)
+            self.plan.append([i, pad, stride, groups, functional, conv.padding, norm is not None, pick(3), False])
+            c = out
+        _randomise_norms(self, g)
+        self.eval()
+        self.shapes = []  # residual adds where a step keeps its input's shape (at the test's 24 x 23 images)
+        with torch.no_grad():
+            self(torch.zeros(1, 3, 24, 23))
+        shapes, self.shapes = self.shapes, None
+        for step, (before, after) in zip(self.plan, shapes):
+            step[-1] = before == after and bool(pick(2))
+
+    def forward(self, x):
+        for i, pad, stride, groups, functional, own, norm, act, residual in self.plan:
+            h = x
+            if pad == "zero_sym":
+                h = nn.functional.pad(h, (1, 1, 1, 1))
+            elif pad == "zero_asym":
+                h = F.pad(h, (0, 1, 0, 1))
+            elif pad == "fpad_sym":
+                h = F.pad(h, (1, 1, 1, 1), value=0.0)
+            if functional:
+                h = F.conv2d(h, getattr(self, f"w{i}"), getattr(self, f"b{i}"), stride, own, 1, groups)
+            else:
+                h = getattr(self, f"c{i}")(h)
+            if norm:
+                h = getattr(self, f"n{i}")(h)
+            h = [torch.relu, F.relu6, lambda v: v][act](h)
+            if self.shapes is not None:
+                self.shapes.append((x.shape, h.shape))
+            x = x + h if residual else h
+        return x.flatten(1)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fold_keeps_random_conv_nets(seed):
+    """On random convolution stacks the fold never raises, folds what it should (counted from the plan), and the
+    folded graph computes the model (1e-12)."""
+    net = _RandomConvNet(seed).double()
+    x = torch.randn(2, 3, 24, 23, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    gm = _traced(net)
+    norms, pads = frontier.fold_into_convolutions(gm)
+    # every batch norm here follows a convolution nothing else reads; every symmetric padding, and only those, folds
+    assert norms == sum(p[6] for p in net.plan) and pads == sum(p[1] in ("zero_sym", "fpad_sym") for p in net.plan)
+    with torch.no_grad():
+        np.testing.assert_allclose(gm(x).numpy(), net(x).numpy(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(0, 40, 5))
+def test_exact_paths_through_random_folded_nets(seed):
+    """Frontier paths through random folded convolution stacks equal the graph route's (which runs the model)."""
+    net = _RandomConvNet(seed)
+    g = torch.Generator().manual_seed(seed)
+    a, b = 2 * torch.randn(1, 3, 24, 23, generator=g), 2 * torch.randn(1, 3, 24, 23, generator=g)
+    front, graph = path_crossings(net, a, b, evaluator="frontier"), path_crossings(net, a, b, evaluator="graph")
+    folds = any(step[6] or step[1] in ("zero_sym", "fpad_sym") for step in net.plan)
+    assert ("folded into convolutions" in front.notes[-1]) == folds  # the folded graph passed its checks
+    p, q = graph.paths[0], front.paths[0]
+    assert p.per_layer == q.per_layer and p.ties == q.ties and p.crossings > 20
+    np.testing.assert_allclose(np.sort(p.records["t"]), np.sort(q.records["t"]), rtol=0, atol=1e-12)
