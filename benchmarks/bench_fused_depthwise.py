@@ -20,13 +20,14 @@ node for site, padding and depthwise convolution); Triton's interpreter checks t
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from bench_forward64_device import timed  # this folder (run as a script)
 from polytope_lens.models import load_model
 
 
@@ -122,31 +123,39 @@ def unfused(z, weight, bias, stride, pads):
     return F.conv2d(F.pad(a, pads), weight, bias, stride, 0, 1, z.shape[1])
 
 
-def depthwise_layers(model):
-    """(channels, height, width, weight, bias, stride, padding (left, right, top, bottom)) of every depthwise
-    convolution, at a 224 x 224 image, with its batch norm folded in (as the frontier's graph has it)."""
-    from torch.nn.utils.fusion import fuse_conv_bn_weights
-
+def input_shapes(model, suffixes: tuple[str, ...]) -> dict:
+    """The input shape of every module whose name ends with one of ``suffixes``, for one 224 x 224 image (before
+    a layer's own padding)."""
     shapes = {}
+
     def keep(name):
         def hook(module, args):
-            shapes[name] = args[0].shape  # the input before the layer's own padding
+            shapes[name] = args[0].shape
         return hook
-    hooks = [m.register_forward_pre_hook(keep(name)) for name, m in model.named_modules()
-             if name.endswith("_depthwise_conv")]
+    hooks = [m.register_forward_pre_hook(keep(name)) for name, m in model.named_modules() if name.endswith(suffixes)]
     with torch.no_grad():
         model(torch.zeros(1, 3, 224, 224, dtype=torch.float64))
     for h in hooks:
         h.remove()
+    return shapes
+
+
+def folded(conv, bn):
+    """The weight and bias of ``conv`` with batch norm ``bn`` folded in (as the frontier's graph has them)."""
+    w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    return w.detach(), b.detach()
+
+
+def depthwise_layers(model):
+    """(channels, height, width, weight, bias, stride, padding (left, right, top, bottom)) of every depthwise
+    convolution, with its batch norm folded in."""
     layers = []
-    for name, shape in shapes.items():
+    for name, shape in input_shapes(model, ("_depthwise_conv",)).items():
         conv = model.get_submodule(name)
-        bn = model.get_submodule(name.replace("_depthwise_conv", "_bn1"))
-        w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
-                                    bn.bias)
         pad = getattr(conv, "static_padding", None)
         pads = tuple(pad.padding) if isinstance(pad, torch.nn.ZeroPad2d) else (0, 0, 0, 0)
-        layers.append((shape[1], shape[2], shape[3], w.detach(), b.detach(), conv.stride[0], pads))
+        layers.append((shape[1], shape[2], shape[3], *folded(conv, model.get_submodule(name.replace(
+            "_depthwise_conv", "_bn1"))), conv.stride[0], pads))
     return layers
 
 
@@ -154,45 +163,26 @@ def pointwise_layers(model):
     """(in channels, height, width, weight, bias, clamp, residual) of every 1 x 1 convolution in the blocks, with its
     batch norm folded in: expansions (their input is a block's input, no activation) and projections (after the
     depthwise layer's ReLU6; a residual where the block keeps its input)."""
-    from torch.nn.utils.fusion import fuse_conv_bn_weights
-
-    shapes = {}
-
-    def keep(name):
-        def hook(module, args):
-            shapes[name] = args[0].shape
-        return hook
-    hooks = [m.register_forward_pre_hook(keep(name)) for name, m in model.named_modules()
-             if name.endswith(("_expand_conv", "_project_conv"))]
-    with torch.no_grad():
-        model(torch.zeros(1, 3, 224, 224, dtype=torch.float64))
-    for h in hooks:
-        h.remove()
     layers = []
-    for name, shape in shapes.items():
+    for name, shape in input_shapes(model, ("_expand_conv", "_project_conv")).items():
         conv = model.get_submodule(name)
         block = model.get_submodule(name.rsplit(".", 1)[0])
         bn = model.get_submodule(name.replace("_expand_conv", "_bn0").replace("_project_conv", "_bn2"))
-        w, b = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
-                                    bn.bias)
         project = name.endswith("_project_conv")
         args = block._block_args
         skip = project and block.id_skip and args.stride == 1 and args.input_filters == args.output_filters
-        layers.append((shape[1], shape[2], shape[3], w.detach(), b.detach(), project, skip))
+        layers.append((shape[1], shape[2], shape[3], *folded(conv, bn), project, skip))
     return layers
 
 
-def timed(fn, dev, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def compared(torch_fn, fused_fn, dev, repeat: int, where: str) -> tuple[float, list[float]]:
+    """The largest difference of the fused output from torch's (relative, above 1; more than 1e-12 stops the run),
+    and the best times of torch's way and the fused one."""
+    want, got = torch_fn(), fused_fn()  # also the warm-up (and the kernel's compilation)
+    err = float(((got - want).abs() / want.abs().clamp_min(1.0)).max())
+    if not err <= 1e-12:
+        raise SystemExit(f"the fused kernel differs from torch by {err:.1e} at {where}")
+    return err, [timed(torch_fn, dev, repeat), timed(fused_fn, dev, repeat)]
 
 
 def main():
@@ -216,13 +206,8 @@ def main():
     for c, h, w, weight, bias, stride, pads in layers:
         z = 3 * torch.randn(args.batch, c, h, w, dtype=torch.float64, device=dev)
         weight, bias = weight.to(dev), bias.to(dev)
-        want = unfused(z, weight, bias, stride, pads)
-        got = fused(z, weight, bias, stride, pads)
-        err = float(((got - want).abs() / want.abs().clamp_min(1.0)).max())
-        if not err <= 1e-12:
-            raise SystemExit(f"the fused kernel differs from torch by {err:.1e} at {c} x {h} x {w}")
-        times = [timed(lambda: unfused(z, weight, bias, stride, pads), dev, args.repeat),
-                 timed(lambda: fused(z, weight, bias, stride, pads), dev, args.repeat)]
+        err, times = compared(lambda: unfused(z, weight, bias, stride, pads),
+                              lambda: fused(z, weight, bias, stride, pads), dev, args.repeat, f"{c} x {h} x {w}")
         total = [a + b for a, b in zip(total, times)]
         print(f"| {c} x {h} x {w} | {weight.shape[-1]}, {stride}, {pads} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} "
               f"| {err:.0e} |", flush=True)
@@ -234,25 +219,21 @@ def main():
           "fails to build, with broadcast products (these spill registers: their time says little)")
     print("| in x height x width -> out | ReLU6, residual | torch (ms) | fused (ms) | max relative difference |")
     print("|---|---|---:|---:|---:|", flush=True)
-    total, dot = [0.0, 0.0], True
+    total, dot = [0.0, 0.0], None
     for c, h, w, weight, bias, clamp, skip in ones:
         x = 3 * torch.randn(args.batch, c, h, w, dtype=torch.float64, device=dev)
         weight, bias = weight.to(dev), bias.to(dev)
         res = 3 * torch.randn(args.batch, weight.shape[0], h, w, dtype=torch.float64, device=dev) if skip else None
-        want = unfused_pointwise(x, weight, bias, clamp, res)
-        try:
-            got = fused_pointwise(x, weight, bias, clamp, res, dot=dot)
-        except Exception as e:  # noqa: BLE001 - a Triton build without float64 tl.dot: the other way
-            if not dot:
-                raise
-            print(f"(tl.dot in float64 failed here: {type(e).__name__}: {str(e).splitlines()[0][:120]})")
-            dot = False
-            got = fused_pointwise(x, weight, bias, clamp, res, dot=dot)
-        err = float(((got - want).abs() / want.abs().clamp_min(1.0)).max())
-        if not err <= 1e-12:
-            raise SystemExit(f"the fused 1 x 1 kernel differs from torch by {err:.1e} at {c} x {h} x {w}")
-        times = [timed(lambda: unfused_pointwise(x, weight, bias, clamp, res), dev, args.repeat),
-                 timed(lambda: fused_pointwise(x, weight, bias, clamp, res, dot=dot), dev, args.repeat)]
+        if dot is None:  # the first layer tells whether float64 tl.dot builds here
+            try:
+                fused_pointwise(x, weight, bias, clamp, res, dot=True)
+                dot = True
+            except Exception as e:  # noqa: BLE001 - a Triton build without float64 tl.dot: the other way
+                print(f"(tl.dot in float64 failed here: {type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                dot = False
+        err, times = compared(lambda: unfused_pointwise(x, weight, bias, clamp, res),
+                              lambda: fused_pointwise(x, weight, bias, clamp, res, dot=dot), dev, args.repeat,
+                              f"1 x 1, {c} x {h} x {w}")
         total = [a + b for a, b in zip(total, times)]
         print(f"| {c} x {h} x {w} -> {weight.shape[0]} | {clamp}, {skip} | {times[0] * 1e3:.2f} | "
               f"{times[1] * 1e3:.2f} | {err:.0e} |", flush=True)
