@@ -266,12 +266,13 @@ class FrontierProgram:
         padding folded into the convolutions where it can (``FOLD_INTO_CONVOLUTIONS``); a folded graph that fails
         any check is dropped for the model's own."""
         prog, why, folded = cls._build(runner, FOLD_INTO_CONVOLUTIONS)
-        if prog is None and folded != (0, 0):
+        if prog is None and folded != (0, 0):  # the graph was changed (or the fold raised): the model's own graph
             prog, why, _ = cls._build(runner, False)
         return prog, why
 
     @classmethod
-    def _build(cls, runner: Runner, fold: bool) -> tuple["FrontierProgram | None", str, tuple[int, int]]:
+    def _build(cls, runner: Runner, fold: bool) -> tuple["FrontierProgram | None", str, tuple[int, int] | None]:
+        """``build``'s work with or without the fold; also what was folded (None: the fold raised)."""
         spec = runner.spec
         if spec.site is not None and not (isinstance(spec.base, torch.Tensor) or isinstance(spec.base, Mapping) and all(
                 isinstance(v, torch.Tensor) for v in spec.base.values())):
@@ -293,7 +294,7 @@ class FrontierProgram:
             except torch.OutOfMemoryError:
                 raise
             except Exception as e:  # noqa: BLE001 - a pattern the fold misjudged: the model's own graph instead
-                return None, f"folding into convolutions failed ({type(e).__name__}: {str(e)[:80]})", (1, 1)
+                return None, f"folding into convolutions failed ({type(e).__name__}: {str(e)[:80]})", None
         nodes = list(gm.graph.nodes)
         index = {node.name: i for i, node in enumerate(nodes)}
         last = {node.name: max([index[u.name] for u in node.users], default=i) for i, node in enumerate(nodes)}
