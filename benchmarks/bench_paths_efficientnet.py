@@ -22,7 +22,8 @@ depthwise layer, a whole batch unfolded at once) instead of the ways of ``polyto
 of stop 17). --pointwise-matmul runs the 1 x 1 convolutions as matrix products on the device
 (``_conv64.POINTWISE_AS_MATMUL``), and --full-only skips the one-site cases before the full-network fractions.
 --no-fold keeps batch norm and padding in the frontier evaluator's graph (``frontier.FOLD_INTO_CONVOLUTIONS``;
-they are folded into the convolutions by default since stop 24).
+they are folded into the convolutions by default since stop 24). --scan torch finds the units that change piece
+with torch operations instead of one Triton kernel per site on a GPU (stop 25).
 """
 
 from __future__ import annotations
@@ -153,6 +154,42 @@ def flops_floor(bundle, x, dev, frac: float, peak_tflops: float, bandwidth_tbs: 
                         ("every pointwise operator (fused into the convolutions)", pointwise)]:
         total = sum(v for k, v in by_kind.items() if k not in drop)
         print(f"| {label} | {total / 1e15:.2f} | {total / (bandwidth_tbs * 1e12):.0f} |")
+    fused = sum(v for k, v in by_kind.items() if k not in pointwise)
+    frontier_bookkeeping(model, x, frac, per, units_after, fused, bandwidth_tbs)
+
+
+def frontier_bookkeeping(model, x, frac, per, units_after, fused, bandwidth_tbs) -> None:
+    """The frontier evaluator's own traffic beside its passes, whole segment: each site's scan reads every point's
+    unit inputs there once (8 bytes each, what one kernel per site reads), and each site's insert copies every value
+    carried across its cut at every point (read and written: 16 bytes; a new point's are interpolated from two rows,
+    24 bytes). A breakpoint made at site j is scanned at the sites after j and copied at the cuts j, j + 1, ... up to
+    the last site's (which inserts nothing). ``fused``: the passes' bytes with every pointwise operator fused away."""
+    from polytope_lens.paths import frontier as fr
+
+    progs = []
+    build = fr.FrontierProgram.build
+
+    def keep(runner):
+        prog, why = build(runner)
+        progs.append(prog)
+        return prog, why
+    fr.FrontierProgram.build = keep
+    try:
+        path_crossings(model, x[:1], x[:1] + 1e-7 * (x[1:] - x[:1]), trace=False, verify=False, evaluator="frontier")
+    finally:
+        fr.FrontierProgram.build = build
+    live = progs[-1].live_per_site if progs and progs[-1] is not None else []
+    if len(live) != len(per):
+        print(f"the frontier's program has {len(live)} cuts, the result {len(per)} sites: no bookkeeping floor")
+        return
+    scans = 8 * sum(c * u for c, u in zip(per, units_after)) / frac
+    inserts = sum(c * (24 * live[j] + 16 * sum(live[j:-1])) for j, c in enumerate(per[:-1])) / frac
+    bw = bandwidth_tbs * 1e12
+    print(f"the frontier's bookkeeping beside its passes, whole segment: scans reading each later unit input once "
+          f"{scans / 1e15:.2f} PB ({scans / bw:.0f} s), inserts copying each carried value once per later cut "
+          f"{inserts / 1e15:.2f} PB ({inserts / bw:.0f} s; at most {max(live) / 1e6:.2f} M values per point across a "
+          f"cut); with the passes fused as in the last row: {(fused + scans + inserts) / bw:.0f} s at "
+          f"{bandwidth_tbs:g} TB/s, {(fused + scans) / bw:.0f} s without the inserts' copies")
 
 
 def op_traffic(model, x) -> list:
@@ -434,6 +471,9 @@ def main():
                          "search)")
     ap.add_argument("--no-fold", action="store_true",
                     help="keep batch norm and zero padding in the frontier's graph (frontier.FOLD_INTO_CONVOLUTIONS)")
+    ap.add_argument("--scan", choices=["triton", "torch"], default="triton",
+                    help="on a GPU, find where units change piece with one Triton kernel per site (default) or with "
+                         "torch operations (polytope_lens._kink_scan.USE_TRITON)")
     ap.add_argument("--full-memory-gib", type=int, default=32, help="memory budget of --full and --profile (GiB)")
     ap.add_argument("--full-only", action="store_true",
                     help="with --full: only the full-network fractions (not the one-site path and the two rays)")
@@ -448,6 +488,10 @@ def main():
         import polytope_lens.paths.frontier as frontier
 
         frontier.FOLD_INTO_CONVOLUTIONS = False
+    if args.scan == "torch":
+        import polytope_lens._kink_scan as kink_scan
+
+        kink_scan.USE_TRITON = False
     if args.aten_convolutions:
         import polytope_lens._conv64 as conv64
 
@@ -476,7 +520,8 @@ def main():
     print(f"device: {dev}; float64 convolutions: {'ATen' if args.aten_convolutions else 'polytope_lens._conv64'}"
           f"{'; 1 x 1 ones as matrix products' if args.pointwise_matmul else ''}"
           f"{'; batch norm and padding not folded' if args.no_fold else ''}"
-          f"{'; cuDNN benchmark mode' if args.cudnn_benchmark else ''}")
+          f"{'; cuDNN benchmark mode' if args.cudnn_benchmark else ''}"
+          f"{'; piece changes found with torch operations' if args.scan == 'torch' else ''}")
     print("| case | seconds | crossings | exact | evaluator |")
     print("|---|---:|---:|---|---|", flush=True)
 

@@ -1,7 +1,7 @@
 """The one-pass kink scan of exact paths on a GPU (``polytope_lens._kink_scan``): torch operations against a
 brute-force loop, and the Triton kernels against the torch operations in Triton's interpreter (a subprocess: the
-interpreter is chosen when the kernels are defined), down to whole exact paths (MLPs, a CNN) against the CPU's
-closed-form bends."""
+interpreter is chosen when the kernels are defined), one and several kinks, down to whole exact paths (MLPs, a CNN
+against the CPU's closed-form bends; a ReLU6 CNN on the frontier route against its torch-operation scans)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,27 @@ def test_torch_scan_equals_a_loop():
                 want = pid[i] == pid[i + 1] and ((a > 0.0) != (b > 0.0))
                 assert bool(changes[i, u]) == bool(want)
         assert torch.equal(out, torch.relu(zb))
+
+
+def test_torch_scan_of_two_kinks_equals_a_loop():
+    """ReLU6's two kinks: a change wherever the pieces (kinks below the input) differ, a jump over both included."""
+    z, order, pid, offset = _case(31, 8, 2, 1)
+    z = 5 * z
+    z[3, :2], z[4, 2] = 6.0, 0.0  # units exactly on a kink
+    changes, _ = _kink_scan.torch_scan(z, order, pid, (0.0, 6.0), offset)
+    zb = z + offset
+
+    def piece(v):
+        return int(v > 0.0) + int(v > 6.0)
+    jumps = 0
+    for i in range(30):
+        for u in range(8):
+            a, b = piece(float(zb[order[i], u])), piece(float(zb[order[i + 1], u]))
+            assert bool(changes[i, u]) == bool(pid[i] == pid[i + 1] and a != b)
+            jumps += pid[i] == pid[i + 1] and abs(a - b) == 2
+    assert jumps > 0
+    with pytest.raises(ValueError, match="one-kink"):
+        _kink_scan.scan(z, order, pid, (0.0, 6.0), lines=torch.zeros(4, 8, dtype=torch.float64), apply=torch.relu)
 
 
 def test_a_failing_kernel_warns_once_and_falls_back(monkeypatch):
@@ -106,6 +127,28 @@ _INTERPRETED = textwrap.dedent('''
                     assert torch.allclose(got, want, rtol=1e-15, atol=1e-15), float((got - want).abs().max())
     assert ks.triton_scan(torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.long),
                           torch.zeros(0, dtype=torch.long), 0.0)[0].shape == (0, 4)
+    # several kinks (ReLU6, Hardtanh, a three-kink case): pieces compared, jumps over two kinks and ties included
+    from polytope_lens.kinks import REGISTRY, ScalarKinks
+    for kinks in [(0.0, 6.0), (-1.0, 1.0), (-2.0, 0.0, 3.0)]:
+        for rows, units, paths in [(41, 133, 3), (2, 5, 1), (17, 1, 2)]:
+            z = 4 * torch.randn(rows, units, generator=g, dtype=torch.float64)
+            z[0, :1] = kinks[-1]
+            z[-1, -1:] = kinks[0]
+            order = torch.randperm(rows, generator=g)
+            pid = torch.sort(torch.randint(0, paths, (rows,), generator=g)).values
+            for off in (None, torch.randn(1, units, generator=g, dtype=torch.float64)):
+                c1, _ = ks.triton_scan(z, order, pid, kinks, off)
+                c2, _ = ks.torch_scan(z, order, pid, kinks, off)
+                assert torch.equal(c1, c2), (kinks, rows, units)
+    for act in (REGISTRY["relu6"], REGISTRY["hardtanh"], REGISTRY["relu"], ScalarKinks("three", (-2.0, 0.0, 3.0))):
+        for z in (4 * torch.randn(29, 3, 11, generator=g, dtype=torch.float64),
+                  torch.randint(-3, 9, (15, 20), generator=g).double()):  # many exact ties
+            kernel = act.crossings_along(z)
+            ks.USE_TRITON = False
+            plain = act.crossings_along(z)
+            ks.USE_TRITON = True
+            for field in ("segment", "unit", "t", "piece"):
+                assert torch.equal(getattr(kernel, field), getattr(plain, field)), (act.name, field)
 
     class Net(nn.Module):  # LeakyReLU, a residual branch read two sites later, an output layer
         def __init__(self):
@@ -132,6 +175,28 @@ _INTERPRETED = textwrap.dedent('''
             h = F.avg_pool2d(h + F.prelu(self.c2(h), self.slopes), 2)
             return self.fc(F.leaky_relu(h, 0.05).flatten(1))
 
+    class Mobile(nn.Module):  # ReLU6 sites (two kinks), batch norm, depthwise, a residual add: the frontier route
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(4)
+            self.stem, self.bn = nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6)
+            self.dw, self.pw, self.fc = nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.Conv2d(6, 6, 1), nn.Linear(6, 4)
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+        def forward(self, x):
+            h = F.relu6(3 * self.bn(self.stem(x)))
+            h = h + self.pw(F.relu6(3 * self.dw(h)))
+            return self.fc(F.relu6(h).mean((2, 3)))
+
+    mob = Mobile().double().eval()
+    ma, mb = (torch.randn(3, 2, 5, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    with_kernels = path_crossings(mob, ma, mb, evaluator="frontier")
+    ks.USE_TRITON = False
+    without = path_crossings(mob, ma, mb, evaluator="frontier")
+    ks.USE_TRITON = True
+    mobile = (with_kernels, without)
+
     net = Net().double().eval()
     a, b = (3 * torch.randn(10, 6, generator=g, dtype=torch.float64) for _ in range(2))
     ca, cb = (torch.randn(6, 1, 6, 6, generator=g, dtype=torch.float64) for _ in range(2))
@@ -148,7 +213,7 @@ _INTERPRETED = textwrap.dedent('''
         exact.PRODUCTS_AT_EVERY_POINT = {"cuda"}
     assert calls["scan"] >= 9 and calls["lerp"] >= 6, calls
     with open(sys.argv[1], "wb") as f:
-        pickle.dump(runs, f)
+        pickle.dump((runs, mobile), f)
     print("ok", calls)
 ''')
 
@@ -163,6 +228,10 @@ def test_triton_kernels_equal_torch_operations_in_the_interpreter(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("ok"), res.stdout
     # whole exact paths, appended with the kernels in the interpreter, against the CPU's closed-form bends
-    for appended, bends in pickle.loads(runs.read_bytes()):
+    appended_runs, (with_kernels, without) = pickle.loads(runs.read_bytes())
+    for appended, bends in appended_runs:
         assert bends.counts.sum() > 10
         assert_same_records(appended, bends)
+    # the frontier route through ReLU6 sites, its scans in the kernel and in torch operations
+    assert without.counts.sum() > 50
+    assert_same_records(with_kernels, without)

@@ -246,3 +246,28 @@ def test_max_pool_change_onto_a_tie_at_the_segment_end_is_kept():
         cr = pool.crossings(z0, z1, tol)
         assert cr.segment.tolist() == list(range(200))
         assert bool((cr.t == 1.0).all()) and bool((cr.piece == 0).all())
+
+
+def test_crossings_along_orders_ties_and_double_jumps_as_crossings():
+    """Units that jump over both kinks of ReLU6 in one segment (up and down), and crossings of different kinks at
+    exactly the same t, come in the same order from the polyline form (one piece comparison per point) as from the
+    kink-by-kink form: (segment, t), then kink, then unit."""
+    act = REGISTRY["relu6"]
+    # segment 0: unit 0 rises -1 -> 7 (both kinks), unit 1 falls 7 -> -1 (both kinks), unit 2 crosses 6 at t = 0.5
+    # (5 -> 7) and unit 3 crosses 0 at t = 0.5 (-1 -> 1): ties across kinks; segment 1: unit 3 back down over 0
+    z = torch.tensor([[-1.0, 7.0, 5.0, -1.0, 3.0], [7.0, -1.0, 7.0, 1.0, 3.0], [7.0, -1.0, 7.0, -1.0, 3.0]],
+                     dtype=torch.float64)
+    a, b = act.crossings_along(z), act.crossings(z[:-1], z[1:])
+    for field in ("segment", "unit", "t", "piece"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert a.segment.tolist() == [0, 0, 0, 0, 0, 0, 1]
+    assert a.t.tolist() == [0.125, 0.125, 0.5, 0.5, 0.875, 0.875, 0.5]
+    assert a.unit.tolist() == [0, 1, 3, 2, 1, 0, 3]  # at t = 0.125 kink 0 then kink 1; at 0.5 kink 0 (unit 3) first
+    assert a.piece.tolist() == [1, 1, 1, 2, 0, 2, 0]
+    g = torch.Generator().manual_seed(5)
+    for trial in range(20):  # many ties: inputs on a coarse grid
+        z = torch.randint(-3, 10, (12, 7), generator=g).double() * 1.0
+        for name in ("relu6", "hardtanh"):
+            a, b = REGISTRY[name].crossings_along(z), REGISTRY[name].crossings(z[:-1], z[1:])
+            for field in ("segment", "unit", "t", "piece"):
+                assert torch.equal(getattr(a, field), getattr(b, field)), (trial, name, field)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import json
 import math
@@ -795,6 +796,68 @@ def test_a_snapped_crossing_and_a_tie_at_one_site(route):
     z = model.double()[:3](t).squeeze(1)
     want = int(((z[1:] > 0) != (z[:-1] > 0)).sum())
     assert int((~first).sum()) == want
+
+
+class _Touch(nn.Module):
+    """A 1-D path through |x|: the abs site crosses its kink at x = 0 (t = 0.5), where the ReLU units' inputs |x|
+    and -|x| touch their kink and turn back (no crossing), and |x| - 0.5 crosses at x = -0.5 and 0.5."""
+
+    def forward(self, x):
+        h = torch.abs(x)
+        return F.relu(torch.cat([h, h - 0.5, -h], dim=1))
+
+
+@pytest.mark.parametrize("evaluator", ["auto", "graph", "frontier"])
+def test_a_unit_that_touches_its_kink_at_a_breakpoint_does_not_cross(route, evaluator):
+    """Hand-computed: a unit that reaches its kink exactly at a breakpoint another site made and turns back changes
+    no piece (before stop 25 the lower piece it is given on the kink counted as a detour there, twice)."""
+    p = path_crossings(_Touch(), -torch.ones(1, 1), torch.ones(1, 1), evaluator=evaluator).paths[0]
+    relu = p.records["site"] == 1
+    assert p.per_layer == {"abs": 1, "relu": 2}
+    assert p.records["unit"][relu].tolist() == [1, 1] and p.records["t"][relu].tolist() == [0.25, 0.75]
+    assert p.records["t"][~relu].tolist() == [0.5] and p.ties == 1  # |x| and -|x| sit on their kink at t = 0.5
+
+
+class _PoolTouch(nn.Module):
+    """A ray alpha * a at a ReLU output through alpha = 0: |alpha a| (or LeakyReLU), a convolution and 2 x 2 max
+    pooling, whose window entries are c + |alpha| g_i: all equal at alpha = 0, the same line on both sides of it (a
+    V; with LeakyReLU c + 0.1 alpha g_i before and c + alpha g_i after, whose maxima differ)."""
+
+    def __init__(self, bend):
+        super().__init__()
+        self.bend = bend
+        torch.manual_seed(0)
+        self.c0, self.c1 = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+        self.fc = nn.Linear(18, 3)
+
+    def forward(self, x):
+        h = self.bend(F.relu(self.c0(x)))
+        return self.fc(F.max_pool2d(self.c1(h), 2).flatten(1))
+
+
+@pytest.mark.parametrize("evaluator", ["auto", "graph", "frontier"])
+@pytest.mark.parametrize("bend", ["abs", "leaky_relu"])
+def test_a_pool_window_through_a_tie_of_all_its_entries_changes_once_at_most(evaluator, bend):
+    """Brute force: where all of a window's entries meet at a breakpoint, the window changes piece there iff its first
+    maximum just before differs from the one just after (found by forward passes at alpha = +-1e-6); before stop 25
+    every such window counted a detour through its first entry (2 crossings where there are 0 or 1)."""
+    bend = torch.abs if bend == "abs" else functools.partial(F.leaky_relu, negative_slope=0.1)
+    m = _PoolTouch(bend).double().eval()
+    x = torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for alphas in [(-1.0, 1.0), (-0.7, 1.3)]:
+        p = ray_crossings(m, x, layer="relu", alphas=alphas, trace=False, evaluator=evaluator).paths[0]
+        with torch.no_grad():
+            a = F.relu(m.c0(x))
+
+            def first_max(alpha):
+                w = F.unfold(m.c1(bend(alpha * a)), 2, stride=2).view(2, 4, -1)
+                return w.argmax(1).flatten()
+        changed = (first_max(-1e-6) != first_max(1e-6)).nonzero().flatten().tolist()
+        pool = p.records["site"] == 1
+        at_zero = pool & (np.abs(p.records["t"] - p.records["t"][~pool][0]) < 1e-12)
+        assert sorted(p.records["unit"][at_zero].tolist()) == changed
+        assert len(changed) > 3 if bend is not torch.abs else not changed
+        assert p.records["site"].tolist().count(0) == int((a > 0).sum())
 
 
 # ------------------------------------------------------------------------------------- methods and trace

@@ -49,7 +49,7 @@ def lerp_kernel(z_ptr, left_ptr, right_ptr, u_ptr, offset_ptr, lines_ptr, out_pt
 
 @triton.jit(do_not_specialize=["n"])
 def scan_kernel(z_ptr, order_ptr, pid_ptr, offset_ptr, lines_ptr, changes_ptr, out_ptr, n, units, kink_ptr,
-                HAS_OFFSET: tl.constexpr, WRITE_OUT: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                HAS_OFFSET: tl.constexpr, WRITE_OUT: tl.constexpr, N_KINKS: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                 BLOCK_UNITS: tl.constexpr):
     # a block of consecutive points (and the point after it) times a block of units
     i = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -65,8 +65,18 @@ def scan_kernel(z_ptr, order_ptr, pid_ptr, offset_ptr, lines_ptr, changes_ptr, o
     z0, z1 = _rows(z_ptr, row, row1, m0, m1, u, in_u, units, offset_ptr, HAS_OFFSET)
     kink = tl.load(kink_ptr)
     up0 = z0 > kink
-    change = (up0 != (z1 > kink)) & (p0 == p1)[:, None]
+    if N_KINKS == 1:
+        change = up0 != (z1 > kink)
+    else:  # the pieces: how many kinks lie below each input
+        piece0 = up0.to(tl.int32)
+        piece1 = (z1 > kink).to(tl.int32)
+        for j in tl.static_range(1, N_KINKS):
+            kj = tl.load(kink_ptr + j)
+            piece0 += (z0 > kj).to(tl.int32)
+            piece1 += (z1 > kj).to(tl.int32)
+        change = piece0 != piece1
+    change = change & (p0 == p1)[:, None]
     tl.store(changes_ptr + i[:, None].to(tl.int64) * units + u[None, :], change.to(tl.int8), mask=m1)
-    if WRITE_OUT:
+    if WRITE_OUT:  # one kink (``scan`` checks)
         y = _through_lines(z0, up0, lines_ptr, u, in_u, units)
         tl.store(out_ptr + row[:, None] * units + u[None, :], y, mask=m0)

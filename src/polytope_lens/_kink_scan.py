@@ -53,10 +53,10 @@ def triton_ready(z: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _on_device(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A kink as a one-element tensor, made once per device: a float argument would reach a kernel as float32, and
-    a copy from the host per call would wait for the device."""
-    return torch.tensor([value], dtype=dtype, device=device)
+def _on_device(value: float | tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A kink (or the kinks) as a tensor, made once per device: a float argument would reach a kernel as float32,
+    and a copy from the host per call would wait for the device."""
+    return torch.tensor(value if isinstance(value, tuple) else [value], dtype=dtype, device=device)
 
 
 def _launch(kernel, grid, *args, **meta) -> bool:
@@ -73,9 +73,10 @@ def _launch(kernel, grid, *args, **meta) -> bool:
         return False
 
 
-def scan(z: torch.Tensor, order: torch.Tensor, pid: torch.Tensor, kink: float, offset: torch.Tensor | None = None,
-         apply: Callable[[torch.Tensor], torch.Tensor] | None = None, lines: torch.Tensor | None = None):
-    """Side changes along polylines and (optionally) the activation's output, in one pass where Triton can.
+def scan(z: torch.Tensor, order: torch.Tensor, pid: torch.Tensor, kink: float | tuple[float, ...],
+         offset: torch.Tensor | None = None, apply: Callable[[torch.Tensor], torch.Tensor] | None = None,
+         lines: torch.Tensor | None = None):
+    """Piece changes along polylines and (optionally) the activation's output, in one pass where Triton can.
 
     Parameters
     ----------
@@ -85,8 +86,8 @@ def scan(z: torch.Tensor, order: torch.Tensor, pid: torch.Tensor, kink: float, o
         The polylines' points, in order, as rows of ``z``.
     pid : (n,) int64
         The polyline each point of ``order`` is on; consecutive points of different polylines are no segment.
-    kink : float
-        The kink (one-kink activations).
+    kink : float or tuple of floats
+        The kink, or the kinks in ascending order (the piece is the number of kinks below the unit input).
     offset : (1, units) or None
         Added to every row of ``z`` before anything else (a bias kept out of the matrix product).
     apply : callable or None
@@ -94,29 +95,36 @@ def scan(z: torch.Tensor, order: torch.Tensor, pid: torch.Tensor, kink: float, o
     lines : (4, units) or None
         The same activation as the slopes and intercepts of its two pieces, ``(g0, g1, h0, h1)``: ``g1 z + h1``
         above the kink, ``g0 z + h0`` at or below it (``paths.exact.piece_lines``, checked against ``apply``
-        there), which the kernel evaluates in its pass instead of ``apply``.
+        there), which the kernel evaluates in its pass instead of ``apply`` (one kink only).
 
     Returns
     -------
     changes : (n - 1, units) int8
-        1 where the unit is on different sides of the kink at points i and i + 1 of one polyline.
+        1 where the unit is on different pieces at points i and i + 1 of one polyline.
     out : (rows, units) or None
         The activation's output at every row of ``z`` (None without ``apply``).
     """
+    kinks = (kink,) if isinstance(kink, (int, float)) else tuple(kink)
+    if lines is not None and len(kinks) != 1:
+        raise ValueError("scan: lines describe a one-kink activation")
     if triton_ready(z):
-        done = triton_scan(z, order, pid, kink, offset, lines if apply is not None else None)
+        done = triton_scan(z, order, pid, kinks, offset, lines if apply is not None else None)
         if done is not None:
             changes, out = done
             if out is None and apply is not None:
                 out = apply(z if offset is None else z + offset)
             return changes, out
-    return torch_scan(z, order, pid, kink, offset, apply)
+    return torch_scan(z, order, pid, kinks, offset, apply)
 
 
 def torch_scan(z, order, pid, kink, offset=None, apply=None):
     """``scan`` with torch operations (the activation's output through ``apply``)."""
+    kinks = (kink,) if isinstance(kink, (int, float)) else tuple(kink)
     zb = z if offset is None else z + offset
-    up = (zb > kink).index_select(0, order)
+    up = zb > kinks[0]
+    for k in kinks[1:]:  # several kinks: the pieces (how many kinks lie below each input), as bytes
+        up = up.view(torch.uint8) + (zb > k).view(torch.uint8)
+    up = up.index_select(0, order)
     changes = (up[:-1] != up[1:]) & (pid[:-1] == pid[1:])[:, None]
     return changes.view(torch.int8), (None if apply is None else apply(zb))
 
@@ -131,12 +139,13 @@ def triton_scan(z, order, pid, kink, offset=None, lines=None):
     if n == 0 or units == 0:
         return changes, out
     dummy = z[:1, :1]
-    kink_t = _on_device(kink, z.dtype, z.device)
+    kinks = (kink,) if isinstance(kink, (int, float)) else tuple(kink)
+    kink_t = _on_device(kinks, z.dtype, z.device)
     grid = (-(-n // _BLOCK_ROWS), -(-units // _BLOCK_UNITS))
     ok = _launch(_kernels().scan_kernel, grid, z, order.contiguous(), pid.contiguous(),
                  dummy if offset is None else offset.contiguous(), dummy if lines is None else lines.contiguous(),
                  changes, dummy if out is None else out, n, units, kink_t, HAS_OFFSET=offset is not None,
-                 WRITE_OUT=lines is not None, BLOCK_ROWS=_BLOCK_ROWS, BLOCK_UNITS=_BLOCK_UNITS)
+                 WRITE_OUT=lines is not None, N_KINKS=len(kinks), BLOCK_ROWS=_BLOCK_ROWS, BLOCK_UNITS=_BLOCK_UNITS)
     return (changes, out) if ok else None
 
 

@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ._kink_scan import scan, triton_ready
 from .errors import UnsupportedActivationError
 
 __all__ = [
@@ -59,19 +60,24 @@ class Crossings:
         Position in [0, 1] along the segment (same dtype as the inputs).
     piece : LongTensor (n,)
         Piece the unit enters at ``t`` (moving from t=0 towards t=1).
+    before : LongTensor (n,) or None
+        Piece the unit leaves there (the piece it was on just before ``t``), where the caller keeps it.
     """
 
     segment: torch.Tensor
     unit: torch.Tensor
     t: torch.Tensor
     piece: torch.Tensor
+    before: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.t.numel())
 
     @staticmethod
     def cat(parts: list["Crossings"]) -> "Crossings":
-        return Crossings(*(torch.cat([getattr(p, f) for p in parts]) for f in ("segment", "unit", "t", "piece")))
+        before = torch.cat([p.before for p in parts]) if parts and all(p.before is not None for p in parts) else None
+        return Crossings(*(torch.cat([getattr(p, f) for p in parts]) for f in ("segment", "unit", "t", "piece")),
+                         before)
 
 
 class Activation:
@@ -168,10 +174,38 @@ class ScalarKinks(Activation):
         return self._crossings(a, b, [(a > k, b > k) for k in self.kinks])
 
     def crossings_along(self, z: torch.Tensor, tol: float = 0.0) -> Crossings:
-        # each point's side of a kink is compared once, not once per segment end
         zf = z.reshape(len(z), -1)
-        ups = [zf > k for k in self.kinks]
-        return self._crossings(zf[:-1], zf[1:], [(up[:-1], up[1:]) for up in ups])
+        if triton_ready(zf) and zf.is_floating_point():  # one kernel: each unit input read once
+            order = torch.arange(len(zf), device=zf.device)
+            changes, _ = scan(zf, order, torch.zeros_like(order), self.kinks)
+            return self._changed_pieces(zf, *torch.nonzero(changes, as_tuple=True))
+        if len(self.kinks) == 1:  # each point's side of the kink is compared once, not once per segment end
+            up = zf > self.kinks[0]
+            return self._crossings(zf[:-1], zf[1:], [(up[:-1], up[1:])])
+        piece = (zf > self.kinks[0]).view(torch.uint8)  # the kinks below each input: bytes, one comparison
+        for k in self.kinks[1:]:
+            piece = piece + (zf > k).view(torch.uint8)
+        return self._changed_pieces(zf, *torch.nonzero(piece[:-1] != piece[1:], as_tuple=True))
+
+    def _changed_pieces(self, zf: torch.Tensor, seg: torch.Tensor, unit: torch.Tensor) -> Crossings:
+        """The crossings along the rows of ``zf`` of the units ``unit`` whose piece differs between rows ``seg`` and
+        ``seg + 1`` (pairs in row-major order): one per kink between the two pieces, in segment order and, within
+        a segment, in (t, kink, unit) order, as ``crossings`` orders its kink-by-kink lists."""
+        za, zb = zf[seg, unit], zf[seg + 1, unit]
+        pa, pb = self.pieces(za), self.pieces(zb)
+        low, n_kinks = torch.minimum(pa, pb), (pa - pb).abs()
+        if len(self.kinks) > 1 and len(seg):  # a pair two or more pieces apart crosses each kink between them
+            pair = torch.repeat_interleave(torch.arange(len(seg), device=zf.device), n_kinks)
+            first = torch.cumsum(n_kinks, 0) - n_kinks
+            j = low[pair] + torch.arange(len(pair), device=zf.device) - first[pair]
+            seg, unit, za, zb = seg[pair], unit[pair], za[pair], zb[pair]
+        else:
+            j = low
+        k = torch.tensor(self.kinks, dtype=zf.dtype, device=zf.device)[j]
+        t = ((k - za) / (zb - za)).clamp_(0.0, 1.0)
+        up = zb > k
+        c = Crossings(seg, unit, t, torch.where(up, j + 1, j), torch.where(up, j, j + 1))  # as ``crossings_of``
+        return sort_crossings(c, in_segment_order=True, tie_key=j if len(self.kinks) > 1 else None)
 
     def _crossings(self, a: torch.Tensor, b: torch.Tensor, sides: list) -> Crossings:
         parts = []
@@ -187,8 +221,9 @@ class ScalarKinks(Activation):
         of it (not sorted): where the line between them meets the kink, and the piece entered there."""
         k = self.kinks[j]
         t = ((k - za) / (zb - za)).clamp_(0.0, 1.0)
-        # moving up across kink j enters piece j + 1; moving down enters piece j
-        return Crossings(seg, unit, t, torch.where(zb > k, j + 1, j))
+        # moving up across kink j enters piece j + 1 from piece j; moving down enters piece j from piece j + 1
+        up = zb > k
+        return Crossings(seg, unit, t, torch.where(up, j + 1, j), torch.where(up, j, j + 1))
 
     def soft(self, z: torch.Tensor) -> torch.Tensor | None:
         return None if self.soft_fn is None else self.soft_fn(z)
@@ -372,12 +407,12 @@ class WindowMax(Activation):
             if not bool(moving.any()):
                 break
             r = torch.nonzero(moving).flatten()
-            parts.append(Crossings(seg[r], unit[r], t_next[r], nxt[r]))
+            parts.append(Crossings(seg[r], unit[r], t_next[r], nxt[r], cur[r]))
             cur = torch.where(moving, nxt, cur)
             t_now = torch.where(moving, t_next, t_now)
         if not parts:
             empty = torch.zeros(0, dtype=torch.int64, device=a.device)
-            return Crossings(empty, empty, torch.zeros(0, dtype=a.dtype, device=a.device), empty)
+            return Crossings(empty, empty, torch.zeros(0, dtype=a.dtype, device=a.device), empty, empty)
         return sort_crossings(Crossings.cat(parts))
 
     def describe(self) -> dict:
@@ -457,10 +492,11 @@ def counts_below(index: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
 
 
-def sort_crossings(c: Crossings, in_segment_order: bool = False) -> Crossings:
-    """``c`` in lexicographic (segment, t) order. Crossings that already come in segment order (one kink; checked
-    unless the caller says so) need only the segments with several crossings sorted, which along a refined path are
-    few."""
+def sort_crossings(c: Crossings, in_segment_order: bool = False, tie_key: torch.Tensor | None = None) -> Crossings:
+    """``c`` in lexicographic (segment, t) order, a stable sort. Crossings that already come in segment order (one
+    kink; checked unless the caller says so) need only the segments with several crossings sorted, which along a
+    refined path are few; ``tie_key`` (with ``in_segment_order``) orders crossings there at equal (segment, t)
+    before their order in ``c`` does."""
     if len(c) < 2:
         return c
     seg = c.segment
@@ -473,10 +509,12 @@ def sort_crossings(c: Crossings, in_segment_order: bool = False) -> Crossings:
         if not len(rows):
             return c
         order = torch.arange(len(seg), device=seg.device)
-        order[rows] = rows[lexsort(seg[rows], c.t[rows])]
+        keyed = rows if tie_key is None or not in_segment_order else rows[torch.argsort(tie_key[rows], stable=True)]
+        order[rows] = keyed[lexsort(seg[keyed], c.t[keyed])]
     else:
         order = lexsort(seg, c.t)
-    return Crossings(seg[order], c.unit[order], c.t[order], c.piece[order])
+    return Crossings(seg[order], c.unit[order], c.t[order], c.piece[order],
+                     None if c.before is None else c.before[order])
 
 
 # --------------------------------------------------------------------------------------------- soft codes

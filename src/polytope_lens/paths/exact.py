@@ -127,6 +127,44 @@ class _Pending:
     c_jump: torch.Tensor | None  # slope jump of the crossed unit's output, per unit of u (affine route)
 
 
+def _net_changes(seg: torch.Tensor, unit: torch.Tensor, piece: torch.Tensor, before: torch.Tensor,
+                 snap_l: torch.Tensor, snap_r: torch.Tensor) -> torch.Tensor | None:
+    """Which of a site's crossings count (a mask), where a unit's crossings land on one breakpoint from both sides:
+    at the end of the segment before it (``snap_r``) and at the start of the one after (``snap_l``). The unit then
+    changes piece there once, from the piece it left first to the one it entered last, or not at all where the two
+    are equal (it touched a kink, or a max-pool window met a tie there, and turned back): only its last crossing
+    there counts, or none. Without this the piece a breakpoint itself is given (the lower piece on a kink, the
+    first maximum of a tied window) would count as a detour through that piece, twice. None: every crossing counts.
+    Crossings are in (segment, t) order, so a unit's first crossing there is its first on the earlier segment and
+    its last is its last on the later one; the engine's own bookkeeping (slope jumps, new points) keeps them all."""
+    r, l_ = torch.nonzero(snap_r).flatten(), torch.nonzero(snap_l).flatten()
+    if not len(r) or not len(l_):
+        return None
+    n_units = int(unit.max()) + 1
+    key_r, key_l = (seg[r] + 1) * n_units + unit[r], seg[l_] * n_units + unit[l_]  # (breakpoint, unit)
+    r, l_ = r[torch.isin(key_r, key_l)], l_[torch.isin(key_l, key_r)]
+    if not len(r):
+        return None
+    keys, at = torch.unique((seg[r] + 1) * n_units + unit[r], return_inverse=True)
+    first = torch.full((len(keys),), len(seg), dtype=torch.long, device=seg.device).scatter_reduce_(
+        0, at, r, "amin")
+    last = torch.full((len(keys),), -1, dtype=torch.long, device=seg.device).scatter_reduce_(
+        0, torch.searchsorted(keys, seg[l_] * n_units + unit[l_]), l_, "amax")
+    counted = torch.ones(len(seg), dtype=torch.bool, device=seg.device)
+    counted[r] = False
+    counted[l_] = False
+    counted[last[before[first] != piece[last]]] = True
+    return counted
+
+
+def _records(pid: torch.Tensor, cr: dict, k: int) -> tuple:
+    """A site's crossings as records (path, t, site, unit, piece entered): those that count (``_net_changes``)."""
+    m = cr["counted"]
+    if m is None:
+        return pid[cr["seg"]], cr["rec_t"], k, cr["unit"], cr["piece"]
+    return pid[cr["seg"][m]], cr["rec_t"][m], k, cr["unit"][m], cr["piece"][m]
+
+
 def _merge(old: torch.Tensor, new: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Tensor) -> torch.Tensor:
     """Rows ``old`` and ``new`` at positions ``old_pos`` and ``new_pos`` of one array."""
     out = old.new_empty((len(old) + len(new), *old.shape[1:]))
@@ -443,12 +481,14 @@ class Refiner:
         common case, no snapped crossing and no two within ``tie_tol`` on one interval, skips the operations that
         only ties need (on a GPU each operation is host time while the device waits)."""
         # masks are turned into index lists once each: on a GPU every boolean-mask read is a wait for the device
+        before = cr.before
         if within_paths:
             seg, unit, s, piece = cr.segment, cr.unit, cr.t, cr.piece
         else:
             same = pid[:-1] == pid[1:]
             kept = torch.nonzero(same[cr.segment]).flatten()
             seg, unit, s, piece = (x[kept] for x in (cr.segment, cr.unit, cr.t, cr.piece))
+            before = None if before is None else before[kept]
         tl, tr = t[seg], t[seg + 1]
         dt = tr - tl
         off = s * dt
@@ -456,6 +496,8 @@ class Refiner:
         snap_r = (~snap_l) & ((dt - off) <= self.tie_tol)
         snapped = snap_l | snap_r
         n_inner = len(seg) - int(snapped.sum())
+        counted = None if n_inner == len(seg) or before is None else _net_changes(seg, unit, piece, before, snap_l,
+                                                                                  snap_r)
         tc = tl + off
         if n_inner < len(seg):
             by_side = torch.argsort(snapped.to(torch.uint8), stable=True)
@@ -486,7 +528,7 @@ class Refiner:
                 rec_t[inner] = pt[gid]
             snapped_to = torch.where(snap_l, seg, seg + 1)[outer]
         return dict(seg=seg, unit=unit, piece=piece, inner=inner, rec_t=rec_t, gid=gid, pj=pj, pt=pt, pu=pu,
-                    sizes=sizes, snapped_to=snapped_to)
+                    sizes=sizes, snapped_to=snapped_to, counted=counted)
 
     def _jumps(self, site, z, cr) -> torch.Tensor:
         """Slope jump (per unit of relative position u) of each crossed unit's output at its crossing."""
@@ -611,7 +653,7 @@ class Refiner:
                 cr["unit"] = self.units[cr["unit"]]
             else:
                 cr = self._crossings(act.crossings_along(z, self.r.tol), pid, t)
-            recs.append((pid[cr["seg"]], cr["rec_t"], k, cr["unit"], cr["piece"]))
+            recs.append(_records(pid, cr, k))
             n, t_old = len(t), t
             pj, pu = cr["pj"], cr["pu"]
             old_pos, new_pos = pts.insert(cr)
@@ -684,7 +726,7 @@ class Refiner:
             else:
                 cr = self._crossings(act.crossings_along(zf.reshape(len(zf), *r.z_shape[site.name]), r.tol),
                                      pts.pid, pts.t)
-            recs.append((pts.pid[cr["seg"]], cr["rec_t"], k, cr["unit"], cr["piece"]))
+            recs.append(_records(pts.pid, cr, k))
             n, t_old = len(pts.t), pts.t
             old_pos, new_pos = pts.insert(cr)
             if last and not self.output_at_points:
@@ -738,7 +780,7 @@ class Refiner:
             cr = self._crossings(raw, pts.pid, pts.t, within_paths=True)  # the scan flags no segment across paths
             if last and self.units is not None:
                 cr["unit"] = self.units[cr["unit"]]
-            recs.append((pts.pid[cr["seg"]], cr["rec_t"], k, cr["unit"], cr["piece"]))
+            recs.append(_records(pts.pid, cr, k))
             order = pts.ids  # path order -> row, before the new points
             pj, pu = cr["pj"], cr["pu"]
             pts.insert(cr)

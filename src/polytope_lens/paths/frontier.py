@@ -254,6 +254,7 @@ class FrontierProgram:
         self.per_point = per_point  # names of values with one row per point (the others are the same for any batch)
         self.batch_sizes: set[str] = set()  # names of ints that are the number of points
         self.live_values = 0  # values per point carried across the busiest cut
+        self.live_per_site: list[int] = []  # values per point carried across each processed site's cut
         self.path_site: int | None = None  # node index of the site whose output the paths replace (site paths)
         self.free_after = free_after  # per node index: values last read by it
         self.device = torch.device("cpu")  # where the points are
@@ -331,7 +332,7 @@ class FrontierProgram:
             prog.path_site = s2[first - 1][0]
         prog.sites = [i for i, _ in s2][first:first + len(runner.processed)]
         cuts = ([] if prog.path_site is None else [prog.path_site + 1]) + prog.sites
-        for cut in cuts:  # values made before a cut and read at or after it
+        for c, cut in enumerate(cuts):  # values made before a cut and read at or after it
             live = 0
             for name, i in index.items():
                 if i >= cut or last[name] < cut or nodes[i].op == "get_attr":
@@ -355,6 +356,8 @@ class FrontierProgram:
                 why = f"{nodes[i].format_node()[:60]} is carried across a site and is not one row per point"
                 return None, why, folded
             prog.live_values = max(prog.live_values, live)
+            if c >= len(cuts) - len(prog.sites):
+                prog.live_per_site.append(live)
         # the unit inputs at every processed site, and the class scores after the last, equal a plain forward pass's
         want = runner.eval_points(pid, t, runner.names, want_output=True)
         state = prog.start(x, None if spec.site is None else index_inputs(spec.base, pid[:1]), pid)
