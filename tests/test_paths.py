@@ -818,6 +818,34 @@ def test_a_unit_that_touches_its_kink_at_a_breakpoint_does_not_cross(route, eval
     assert p.records["t"][~relu].tolist() == [0.5] and p.ties == 1  # |x| and -|x| sit on their kink at t = 0.5
 
 
+@pytest.mark.parametrize("evaluator", ["auto", "graph", "frontier"])
+def test_a_touch_on_the_point_two_pieces_of_a_path_share_is_merged_as_within_a_piece(monkeypatch, route, evaluator):
+    """The same hand-computed touches with the path split into pieces that meet exactly there (t = 0.5): the
+    crossings on the shared point from both pieces are merged as within one piece (a max-pool window through a tie
+    too); the oracle is the one-piece run and the hand count."""
+    import polytope_lens.paths.exact as exact
+
+    def in_two(self, gpid, max_points, est_points, on_piece=None):
+        outs, shared = [], None
+        for a, b in [(0.0, 0.5), (0.5, 1.0)]:
+            out = self.run_chunk(gpid, (a, b), shared)
+            shared = out.pop("last", None)
+            outs.append(out)
+        return exact._join_pieces(outs)
+    whole = path_crossings(_Touch(), -torch.ones(1, 1), torch.ones(1, 1), evaluator=evaluator).paths[0]
+    m = _PoolTouch(functools.partial(F.leaky_relu, negative_slope=0.1)).double().eval()
+    x = torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ray = ray_crossings(m, x, layer="relu", alphas=(-1.0, 1.0), trace=False, evaluator=evaluator).paths[0]
+    monkeypatch.setattr(exact.Refiner, "run_path_in_pieces", in_two)
+    monkeypatch.setattr(exact, "FRONTIER_SHARE_MAX_POINTS", 1 << 30)
+    halves = path_crossings(_Touch(), -torch.ones(1, 1), torch.ones(1, 1), evaluator=evaluator).paths[0]
+    assert halves.per_layer == whole.per_layer == {"abs": 1, "relu": 2}
+    _same_records(whole, halves)
+    ray_halves = ray_crossings(m, x, layer="relu", alphas=(-1.0, 1.0), trace=False, evaluator=evaluator).paths[0]
+    assert ray_halves.per_layer == ray.per_layer
+    _same_records(ray, ray_halves)
+
+
 class _PoolTouch(nn.Module):
     """A ray alpha * a at a ReLU output through alpha = 0: |alpha a| (or LeakyReLU), a convolution and 2 x 2 max
     pooling, whose window entries are c + |alpha| g_i: all equal at alpha = 0, the same line on both sides of it (a
@@ -1447,6 +1475,15 @@ def test_bad_inputs_raise_clear_errors():
         path_crossings(mlp, torch.randn(2, 5), torch.randn(2, 5), layer="relu", inputs=a)
     with pytest.raises(InvalidInputError, match="repeats point"):
         polyline_crossings(mlp, torch.stack([a, a, -a], dim=1))
+    # points, or a site path's real inputs, of a shape the model cannot take: one line naming the shape and the
+    # model's own error (before: torch's traceback from inside the model)
+    with pytest.raises(InvalidInputError, match=r"RuntimeError on the points of path_crossings \(one row of shape "
+                                                r"\(5,\)\): mat1 and mat2"):
+        path_crossings(mlp, torch.randn(2, 5), torch.randn(2, 5))
+    with pytest.raises(InvalidInputError, match=r"on the 'inputs' of ray_crossings \(one row of shape \(4,\)\)"):
+        ray_crossings(mlp, torch.randn(2, 4), layer="relu")
+    with pytest.raises(InvalidInputError, match="on the points of polyline_crossings"):
+        polyline_crossings(mlp, torch.randn(2, 3, 4))
 
 
 @pytest.mark.parametrize("option, value, msg", [

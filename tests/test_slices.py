@@ -249,6 +249,12 @@ def test_bad_inputs():
         slice_box(nn.Sequential(nn.Linear(2, 4), nn.LayerNorm(4), nn.ReLU()))
     with pytest.raises(InvalidInputError, match="memory budget"):
         slice_box(_mlp(64, 3, 0), memory_budget=1 << 17)
+    # points the model cannot take: one line with the shape and the model's own error
+    wide = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(InvalidInputError, match=r"on the slice points of slice_plane \(one row of shape \(2,\)\)"):
+        slice_box(wide)
+    with pytest.raises(InvalidInputError, match=r"RuntimeError on the points of local_complexity .* mat1 and mat2"):
+        local_complexity(wide, torch.zeros(3, 5), radius=0.1, n_dirs=2)
 
 
 def test_relu6_middle_band_regression():

@@ -165,6 +165,49 @@ def _records(pid: torch.Tensor, cr: dict, k: int) -> tuple:
     return pid[cr["seg"][m]], cr["rec_t"][m], k, cr["unit"][m], cr["piece"][m]
 
 
+def _end_crossings(cr: dict) -> tuple | None:
+    """A piece of a path: the units of a site's crossings on its first point and the pieces they enter, and the
+    units of those on its last point and the pieces they leave (``_join_pieces`` merges them as ``_net_changes``
+    does within a piece); None where the crossings do not say which piece they leave."""
+    if cr["before"] is None:
+        return None
+    first, last = cr["ends"]
+    return cr["unit"][first], cr["piece"][first], cr["unit"][last], cr["before"][last]
+
+
+def _net_changes_at_joint(a: tuple, b: tuple, ends_a: tuple | None, ends_b: tuple | None, t_joint) -> tuple:
+    """One site's records of two consecutive pieces of a path, ``a`` then ``b``, with the crossings of a unit that
+    land on their shared point from both sides merged as ``_net_changes`` merges them within a piece: only the last
+    counts, where the unit leaves the point on another piece than the one it reached it from; else none."""
+    if ends_a is None or ends_b is None:
+        return a, b
+    units_a, before, units_b, entered = ends_a[2], ends_a[3], ends_b[0], ends_b[1]
+    both = units_a[torch.isin(units_a, units_b)]
+    if not len(both):
+        return a, b
+    keys = torch.unique(both)
+    pos_a, pos_b = torch.arange(len(units_a), device=keys.device), torch.arange(len(units_b), device=keys.device)
+    in_a, in_b = torch.isin(units_a, keys), torch.isin(units_b, keys)
+    first = torch.full((len(keys),), len(units_a), dtype=torch.long, device=keys.device).scatter_reduce_(
+        0, torch.searchsorted(keys, units_a[in_a]), pos_a[in_a], "amin")
+    last = torch.full((len(keys),), -1, dtype=torch.long, device=keys.device).scatter_reduce_(
+        0, torch.searchsorted(keys, units_b[in_b]), pos_b[in_b], "amax")
+    turns = keys[before[first] == entered[last]]  # back on the piece it came from: no change there at all
+
+    def kept(rec, drop_all):
+        at = (rec[1] == t_joint) & torch.isin(rec[3], keys)
+        if not drop_all:  # each unit's last record there stays, unless it turned back
+            rows = torch.nonzero(at).flatten()
+            k_rows = torch.searchsorted(keys, rec[3][rows])
+            last_row = torch.full((len(keys),), -1, dtype=torch.long, device=keys.device).scatter_reduce_(
+                0, k_rows, rows, "amax")
+            stay = last_row[(last_row >= 0) & ~torch.isin(keys, turns)]
+            at[stay] = False
+        m = ~at
+        return tuple(x[m] if j != 2 else x for j, x in enumerate(rec))
+    return kept(a, True), kept(b, False)
+
+
 def _merge(old: torch.Tensor, new: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Tensor) -> torch.Tensor:
     """Rows ``old`` and ``new`` at positions ``old_pos`` and ``new_pos`` of one array."""
     out = old.new_empty((len(old) + len(new), *old.shape[1:]))
@@ -522,13 +565,15 @@ class Refiner:
         if outer is None:
             rec_t = pt[gid] if grouped else tc
             snapped_to = seg.new_zeros(0)
+            ends = (seg.new_zeros(0), seg.new_zeros(0))
         else:
             rec_t = torch.where(snap_l, tl, torch.where(snap_r, tr, tc))
             if grouped:
                 rec_t[inner] = pt[gid]
             snapped_to = torch.where(snap_l, seg, seg + 1)[outer]
+            ends = (outer[snapped_to == 0], outer[snapped_to == len(t) - 1])
         return dict(seg=seg, unit=unit, piece=piece, inner=inner, rec_t=rec_t, gid=gid, pj=pj, pt=pt, pu=pu,
-                    sizes=sizes, snapped_to=snapped_to, counted=counted)
+                    sizes=sizes, snapped_to=snapped_to, counted=counted, before=before, ends=ends)
 
     def _jumps(self, site, z, cr) -> torch.Tensor:
         """Slope jump (per unit of relative position u) of each crossed unit's output at its crossing."""
@@ -624,7 +669,7 @@ class Refiner:
         pend: _Pending | None = None
         z_new = None  # graph route: what gives the last site's unit inputs at the breakpoints it made
         z_last = None  # the last site's unit inputs before its breakpoints, when the trace evaluates midpoints
-        recs = []
+        recs, ends = [], []  # ends: the crossings on the first and last point of each site (a piece of a path)
         names = r.names
         with_output = self.output_at_points and self.aff is None
         last_values = None
@@ -654,6 +699,7 @@ class Refiner:
             else:
                 cr = self._crossings(act.crossings_along(z, self.r.tol), pid, t)
             recs.append(_records(pid, cr, k))
+            ends.append(_end_crossings(cr))
             n, t_old = len(t), t
             pj, pu = cr["pj"], cr["pu"]
             old_pos, new_pos = pts.insert(cr)
@@ -686,7 +732,7 @@ class Refiner:
                 break
         # points whose unit inputs were held at the last site: what the chunk's memory scales with (the last
         # site's own breakpoints are never evaluated again, they cost a few numbers each)
-        out = {"pid": pid, "t": t, "tied": tied, "records": recs, "n_evaluated": n}
+        out = {"pid": pid, "t": t, "tied": tied, "records": recs, "n_evaluated": n, "ends": ends}
         if last_values is not None:
             out["last"] = last_values
         if self.want_output:
@@ -713,7 +759,7 @@ class Refiner:
         else:  # the network before the paths' site runs once per path
             uniq, inv = torch.unique(gpids[pts.pid[skip:]], return_inverse=True)
             state = self.frontier.start(x, index_inputs(r.spec.base, uniq), inv, first, keep)
-        recs = []
+        recs, ends = [], []  # ends: the crossings on the first and last point of each site (a piece of a path)
         n = len(pts.t)
         z_last = None
         for k, site in enumerate(r.processed):
@@ -727,6 +773,7 @@ class Refiner:
                 cr = self._crossings(act.crossings_along(zf.reshape(len(zf), *r.z_shape[site.name]), r.tol),
                                      pts.pid, pts.t)
             recs.append(_records(pts.pid, cr, k))
+            ends.append(_end_crossings(cr))
             n, t_old = len(pts.t), pts.t
             old_pos, new_pos = pts.insert(cr)
             if last and not self.output_at_points:
@@ -734,7 +781,7 @@ class Refiner:
                     z_last = (zf, t_old, old_pos)
                 break
             state.insert(k, old_pos, new_pos, cr["pj"], cr["pu"], _inputs_at_new(act, zf, cr))
-        out = {"pid": pts.pid, "t": pts.t, "tied": pts.tied, "records": recs, "n_evaluated": n}
+        out = {"pid": pts.pid, "t": pts.t, "tied": pts.tied, "records": recs, "n_evaluated": n, "ends": ends}
         if self.want_output:
             at_points = state.output() if self.output_at_points else None
             out["output"], out["output_at_points"] = self._outputs(pts.pid, pts.t, gpids, {}, at_points, z_last)
@@ -753,7 +800,7 @@ class Refiner:
         r = self.r
         pts = _Points.start(r.spec, gpids, t_range)
         store: dict[str, _Rows] = {}  # leaf -> its values at every point, in the order the points were made
-        recs = []
+        recs, ends = [], []  # ends: the crossings on the first and last point of each site (a piece of a path)
         n = len(pts.t)
         for k, site in enumerate(r.processed):
             name, kink = site.name, site.activation.kinks[0]
@@ -781,6 +828,7 @@ class Refiner:
             if last and self.units is not None:
                 cr["unit"] = self.units[cr["unit"]]
             recs.append(_records(pts.pid, cr, k))
+            ends.append(_end_crossings(cr))
             order = pts.ids  # path order -> row, before the new points
             pj, pu = cr["pj"], cr["pu"]
             pts.insert(cr)
@@ -791,7 +839,7 @@ class Refiner:
                     store[leaf].append(_lerp_rows(store[leaf].joined(), pj, pu, order))
             if keep:
                 store[name] = _Rows(out, self._outputs_at_new(site, z, offset, cr, order, apply))
-        out = {"pid": pts.pid, "t": pts.t, "tied": pts.tied, "records": recs, "n_evaluated": n}
+        out = {"pid": pts.pid, "t": pts.t, "tied": pts.tied, "records": recs, "n_evaluated": n, "ends": ends}
         if self.want_output:
             path_order = {leaf: rows.joined()[pts.ids] for leaf, rows in store.items()}
             out["output"], out["output_at_points"] = self._outputs(pts.pid, pts.t, gpids, path_order)
@@ -1006,8 +1054,16 @@ def _join_pieces(pieces: list[dict]) -> dict:
     once, joints where no unit changes piece dropped (with their regions' outputs merged)."""
     if len(pieces) == 1:
         return pieces[0]
+    per_piece = [list(p["records"]) for p in pieces]
+    for i in range(len(pieces) - 1):  # a unit's crossings landing on a shared point from both sides
+        if "ends" not in pieces[i] or "ends" not in pieces[i + 1]:
+            continue
+        for k in range(len(per_piece[i])):
+            per_piece[i][k], per_piece[i + 1][k] = _net_changes_at_joint(
+                per_piece[i][k], per_piece[i + 1][k], pieces[i]["ends"][k], pieces[i + 1]["ends"][k],
+                pieces[i]["t"][-1])
     records = [tuple(torch.cat(parts) if j != 2 else parts[0] for j, parts in enumerate(zip(*recs)))
-               for recs in zip(*(p["records"] for p in pieces))]
+               for recs in zip(*per_piece)]
     t = torch.cat([p["t"][1 if i else 0:] for i, p in enumerate(pieces)])
     tied = [p["tied"].clone() for p in pieces]
     for i in range(1, len(tied)):
@@ -1021,8 +1077,10 @@ def _join_pieces(pieces: list[dict]) -> dict:
     drop = joints[~torch.isin(t[joints], crossed)]
     keep = torch.ones(len(t), dtype=torch.bool, device=t.device)
     keep[drop] = False
+    ends = [None if a is None or b is None else (*a[:2], *b[2:])
+            for a, b in zip(pieces[0].get("ends", []), pieces[-1].get("ends", []))]
     out = {"pid": pieces[0]["pid"].new_zeros(int(keep.sum())), "t": t[keep], "tied": tied[keep],
-           "records": records, "n_evaluated": sum(p["n_evaluated"] for p in pieces)}
+           "records": records, "n_evaluated": sum(p["n_evaluated"] for p in pieces), "ends": ends}
     if pieces[0].get("output_at_points") is not None:
         at = torch.cat([p["output_at_points"][1 if i else 0:] for i, p in enumerate(pieces)])
         out["output_at_points"] = at[keep]  # a dropped joint's output is on the line through its neighbours'

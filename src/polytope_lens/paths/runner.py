@@ -32,6 +32,25 @@ SRC = "<source>"
 REPLAY_SHARE = 8  # recordings of the network before a path's site (``PrefixReplay``) take at most budget / this
 
 
+def check_model_runs(fwd: Callable, x, owner: str, what: str) -> None:
+    """Run the model (``fwd``) on ``x``, one row of ``what``; a model that raises on it gives a one-line
+    ``InvalidInputError`` naming the row's shape and the model's error (inputs of a shape the model does not take,
+    most often) instead of a traceback from inside the model. Errors of the library and running out of memory pass
+    through as they are."""
+    from ..errors import PolytopeLensError
+
+    try:
+        with torch.no_grad():
+            fwd(x)
+    except (torch.OutOfMemoryError, PolytopeLensError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the user's model on these inputs
+        shape = {k: tuple(v.shape[1:]) for k, v in x.items()} if isinstance(x, Mapping) else tuple(x.shape[1:])
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise InvalidInputError(f"The model raised {type(e).__name__} on the {what} of {owner} (one row of shape "
+                                f"{shape}): {first}. Are they of the shape the model takes?") from e
+
+
 def affine_tol(dtype: torch.dtype) -> float:
     """Relative tolerance of the checks that a map is affine: 1e-9 in float64, 1000 ulps in wider-rounding dtypes
     (1.2e-4 in float32), so rounding is never mistaken for a nonlinearity (LayerNorm or softmax deviate by O(1))."""
