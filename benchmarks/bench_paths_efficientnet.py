@@ -23,7 +23,8 @@ of stop 17). --pointwise-matmul runs the 1 x 1 convolutions as matrix products o
 (``_conv64.POINTWISE_AS_MATMUL``), and --full-only skips the one-site cases before the full-network fractions.
 --no-fold keeps batch norm and padding in the frontier evaluator's graph (``frontier.FOLD_INTO_CONVOLUTIONS``;
 they are folded into the convolutions by default since stop 24). --scan torch finds the units that change piece
-with torch operations instead of one Triton kernel per site on a GPU (stop 25).
+with torch operations instead of one Triton kernel per site on a GPU (stop 25). --no-append merges the frontier's new
+points into path order at every site instead of appending them (stop 25).
 """
 
 from __future__ import annotations
@@ -471,6 +472,9 @@ def main():
                          "search)")
     ap.add_argument("--no-fold", action="store_true",
                     help="keep batch norm and zero padding in the frontier's graph (frontier.FOLD_INTO_CONVOLUTIONS)")
+    ap.add_argument("--no-append", action="store_true",
+                    help="merge the frontier's new points into path order at every site, as before stop 25 "
+                         "(frontier.APPEND_NEW_POINTS)")
     ap.add_argument("--scan", choices=["triton", "torch"], default="triton",
                     help="on a GPU, find where units change piece with one Triton kernel per site (default) or with "
                          "torch operations (polytope_lens._kink_scan.USE_TRITON)")
@@ -488,6 +492,10 @@ def main():
         import polytope_lens.paths.frontier as frontier
 
         frontier.FOLD_INTO_CONVOLUTIONS = False
+    if args.no_append:
+        import polytope_lens.paths.frontier as frontier
+
+        frontier.APPEND_NEW_POINTS = False
     if args.scan == "torch":
         import polytope_lens._kink_scan as kink_scan
 
@@ -521,7 +529,8 @@ def main():
           f"{'; 1 x 1 ones as matrix products' if args.pointwise_matmul else ''}"
           f"{'; batch norm and padding not folded' if args.no_fold else ''}"
           f"{'; cuDNN benchmark mode' if args.cudnn_benchmark else ''}"
-          f"{'; piece changes found with torch operations' if args.scan == 'torch' else ''}")
+          f"{'; piece changes found with torch operations' if args.scan == 'torch' else ''}"
+          f"{'; new points merged into path order' if args.no_append else ''}")
     print("| case | seconds | crossings | exact | evaluator |")
     print("|---|---:|---:|---|---|", flush=True)
 

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ._kink_scan import scan, triton_ready
+from ._kink_scan import _on_device, scan, triton_ready
 from .errors import UnsupportedActivationError
 
 __all__ = [
@@ -135,8 +135,11 @@ class Activation:
         """
         raise NotImplementedError
 
-    def crossings_along(self, z: torch.Tensor, tol: float = 0.0) -> Crossings:
-        """``crossings(z[:-1], z[1:], tol)``: segment i runs from row i to row i + 1 (a polyline of points)."""
+    def crossings_along(self, z: torch.Tensor, tol: float = 0.0, order: torch.Tensor | None = None) -> Crossings:
+        """``crossings(z[:-1], z[1:], tol)``: segment i runs from row i to row i + 1 (a polyline of points); with
+        ``order``, from row ``order[i]`` to row ``order[i + 1]`` (rows kept in the order the points were made)."""
+        if order is not None:
+            z = z.index_select(0, order)
         return self.crossings(z[:-1], z[1:], tol)
 
     def soft(self, z: torch.Tensor) -> torch.Tensor | None:
@@ -173,25 +176,30 @@ class ScalarKinks(Activation):
         a, b = z0.reshape(n_seg, math.prod(z0.shape[1:])), z1.reshape(n_seg, math.prod(z1.shape[1:]))
         return self._crossings(a, b, [(a > k, b > k) for k in self.kinks])
 
-    def crossings_along(self, z: torch.Tensor, tol: float = 0.0) -> Crossings:
+    def crossings_along(self, z: torch.Tensor, tol: float = 0.0, order: torch.Tensor | None = None) -> Crossings:
         zf = z.reshape(len(z), -1)
-        if triton_ready(zf) and zf.is_floating_point():  # one kernel: each unit input read once
-            order = torch.arange(len(zf), device=zf.device)
-            changes, _ = scan(zf, order, torch.zeros_like(order), self.kinks)
-            return self._changed_pieces(zf, *torch.nonzero(changes, as_tuple=True))
-        if len(self.kinks) == 1:  # each point's side of the kink is compared once, not once per segment end
+        if len(self.kinks) > 1 and triton_ready(zf) and zf.is_floating_point():  # one kernel, one read of each input
+            rows = torch.arange(len(zf), device=zf.device) if order is None else order
+            changes, _ = scan(zf, rows, torch.zeros_like(rows), self.kinks)
+            return self._changed_pieces(zf, *torch.nonzero(changes, as_tuple=True), order)
+        if len(self.kinks) == 1 and order is None:  # each point's side of the kink compared once, not per segment end
             up = zf > self.kinks[0]
             return self._crossings(zf[:-1], zf[1:], [(up[:-1], up[1:])])
         piece = (zf > self.kinks[0]).view(torch.uint8)  # the kinks below each input: bytes, one comparison
         for k in self.kinks[1:]:
             piece = piece + (zf > k).view(torch.uint8)
-        return self._changed_pieces(zf, *torch.nonzero(piece[:-1] != piece[1:], as_tuple=True))
+        if order is not None:  # the points' pieces in path order: bytes moved, not the inputs
+            piece = piece.index_select(0, order)
+        return self._changed_pieces(zf, *torch.nonzero(piece[:-1] != piece[1:], as_tuple=True), order)
 
-    def _changed_pieces(self, zf: torch.Tensor, seg: torch.Tensor, unit: torch.Tensor) -> Crossings:
-        """The crossings along the rows of ``zf`` of the units ``unit`` whose piece differs between rows ``seg`` and
-        ``seg + 1`` (pairs in row-major order): one per kink between the two pieces, in segment order and, within
-        a segment, in (t, kink, unit) order, as ``crossings`` orders its kink-by-kink lists."""
-        za, zb = zf[seg, unit], zf[seg + 1, unit]
+    def _changed_pieces(self, zf: torch.Tensor, seg: torch.Tensor, unit: torch.Tensor,
+                        order: torch.Tensor | None = None) -> Crossings:
+        """The crossings along the rows of ``zf`` (rows ``order`` in that order) of the units ``unit`` whose piece
+        differs between points ``seg`` and ``seg + 1`` (pairs in row-major order): one per kink between the two
+        pieces, in segment order and, within a segment, in (t, kink, unit) order, as ``crossings`` orders its
+        kink-by-kink lists."""
+        ra, rb = (seg, seg + 1) if order is None else (order[seg], order[seg + 1])
+        za, zb = zf[ra, unit], zf[rb, unit]
         pa, pb = self.pieces(za), self.pieces(zb)
         low, n_kinks = torch.minimum(pa, pb), (pa - pb).abs()
         if len(self.kinks) > 1 and len(seg):  # a pair two or more pieces apart crosses each kink between them
@@ -201,7 +209,8 @@ class ScalarKinks(Activation):
             seg, unit, za, zb = seg[pair], unit[pair], za[pair], zb[pair]
         else:
             j = low
-        k = torch.tensor(self.kinks, dtype=zf.dtype, device=zf.device)[j]
+        kinks = _on_device(self.kinks, zf.dtype if zf.is_floating_point() else torch.float64, zf.device)
+        k = kinks[j]
         t = ((k - za) / (zb - za)).clamp_(0.0, 1.0)
         up = zb > k
         c = Crossings(seg, unit, t, torch.where(up, j + 1, j), torch.where(up, j, j + 1))  # as ``crossings_of``
@@ -339,17 +348,22 @@ class WindowMax(Activation):
         first, last = (self.first_maxima(z, tol, self._index_dtype).reshape(n, -1) for z in (z0, z1))
         return self._changes_between(z0, z1, first, last, tol)
 
-    def crossings_along(self, z: torch.Tensor, tol: float = 0.0) -> Crossings:
+    def crossings_along(self, z: torch.Tensor, tol: float = 0.0, order: torch.Tensor | None = None) -> Crossings:
         top = self.first_maxima(z, tol, self._index_dtype).reshape(len(z), -1)  # once per point, not per segment end
-        return self._changes_between(z[:-1], z[1:], top[:-1], top[1:], tol)
+        if order is None:
+            return self._changes_between(z[:-1], z[1:], top[:-1], top[1:], tol)
+        top = top.index_select(0, order)  # path order: the window indices moved, not the entries
+        return self._changes_between(z, z, top[:-1], top[1:], tol, (order[:-1], order[1:]))
 
     def _changes_between(self, z0: torch.Tensor, z1: torch.Tensor, first: torch.Tensor, last: torch.Tensor,
-                         tol: float) -> Crossings:
+                         tol: float, rows: tuple | None = None) -> Crossings:
         """``_changes`` of the windows whose first maxima differ between the segments' ends ``z0`` and ``z1``
-        (``first``, ``last``: (segments, units)), their entries gathered for those windows only."""
+        (``first``, ``last``: (segments, units)), their entries gathered for those windows only; with ``rows``,
+        segment i's ends are rows ``rows[0][i]`` of ``z0`` and ``rows[1][i]`` of ``z1``."""
         seg, unit = torch.nonzero(first != last, as_tuple=True)
         index = self.window_index(tuple(z0.shape[1:]), z0.device)
-        a, b = self.unit_windows(z0, seg, unit, index), self.unit_windows(z1, seg, unit, index)
+        r0, r1 = (seg, seg) if rows is None else (rows[0][seg], rows[1][seg])
+        a, b = self.unit_windows(z0, r0, unit, index), self.unit_windows(z1, r1, unit, index)
         return self._changes(seg, unit, a, b, first[seg, unit].long(), last[seg, unit].long(), tol)
 
     def _changes(self, seg: torch.Tensor, unit: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cur: torch.Tensor,

@@ -37,9 +37,10 @@ Ties
 ----
 ``tie_tol`` (in t, default 1e-12): crossings on one interval closer than ``tie_tol`` become one breakpoint (at the
 first crossing's t); a crossing within ``tie_tol`` of an existing breakpoint (including a unit exactly on its kink
-there) is placed at that breakpoint. Every crossing is still one record and counts once; ``ties`` counts the
-breakpoints that carry such coincidences. z == kink belongs to the lower piece (the registry's convention), so a unit
-that touches its kink at a breakpoint is counted on the interval where its piece changes, never twice.
+there) is placed at that breakpoint. Each such crossing is still one record; ``ties`` counts the breakpoints that
+carry such coincidences. z == kink belongs to the lower piece (the registry's convention); a unit whose crossings
+land on one breakpoint from both sides (it touches its kink there, or a max-pool window ties there) changes piece
+there once, from the piece before to the piece after, or not at all (``_net_changes``): one record or none.
 
 Cost
 ----
@@ -182,6 +183,8 @@ def _net_changes_at_joint(a: tuple, b: tuple, ends_a: tuple | None, ends_b: tupl
     if ends_a is None or ends_b is None:
         return a, b
     units_a, before, units_b, entered = ends_a[2], ends_a[3], ends_b[0], ends_b[1]
+    if not len(units_a) or not len(units_b):  # (lengths known on the host: no wait for a device)
+        return a, b
     both = units_a[torch.isin(units_a, units_b)]
     if not len(both):
         return a, b
@@ -762,15 +765,20 @@ class Refiner:
         recs, ends = [], []  # ends: the crossings on the first and last point of each site (a piece of a path)
         n = len(pts.t)
         z_last = None
+        from . import frontier as frontier_module  # (it imports this module)
+
+        append = frontier_module.APPEND_NEW_POINTS  # rows in the order points were made, visited in path order
+        state.last_row = len(pts.t) - 1 if append else -1  # the piece's last point is one of the first made
         for k, site in enumerate(r.processed):
             act = site.activation
+            order = pts.ids if append else None
             zf = state.run_to(k).reshape(len(pts.t), -1)
             last = k == len(r.processed) - 1
             if last and self.units is not None:
-                cr = self._crossings(act.crossings_along(zf[:, self.units], r.tol), pts.pid, pts.t)
+                cr = self._crossings(act.crossings_along(zf[:, self.units], r.tol, order), pts.pid, pts.t)
                 cr["unit"] = self.units[cr["unit"]]
             else:
-                cr = self._crossings(act.crossings_along(zf.reshape(len(zf), *r.z_shape[site.name]), r.tol),
+                cr = self._crossings(act.crossings_along(zf.reshape(len(zf), *r.z_shape[site.name]), r.tol, order),
                                      pts.pid, pts.t)
             recs.append(_records(pts.pid, cr, k))
             ends.append(_end_crossings(cr))
@@ -778,12 +786,18 @@ class Refiner:
             old_pos, new_pos = pts.insert(cr)
             if last and not self.output_at_points:
                 if self.want_output:
-                    z_last = (zf, t_old, old_pos)
+                    z_last = (zf if order is None else zf.index_select(0, order), t_old, old_pos)
                 break
-            state.insert(k, old_pos, new_pos, cr["pj"], cr["pu"], _inputs_at_new(act, zf, cr))
+            z_new = _inputs_at_new(act, zf, cr, order=order)
+            if append:
+                state.append(k, cr["pj"], cr["pu"], order, z_new)
+            else:
+                state.insert(k, old_pos, new_pos, cr["pj"], cr["pu"], z_new)
         out = {"pid": pts.pid, "t": pts.t, "tied": pts.tied, "records": recs, "n_evaluated": n, "ends": ends}
         if self.want_output:
             at_points = state.output() if self.output_at_points else None
+            if at_points is not None and append:
+                at_points = at_points.index_select(0, pts.ids)
             out["output"], out["output_at_points"] = self._outputs(pts.pid, pts.t, gpids, {}, at_points, z_last)
         if keep:
             out["last"] = state.last

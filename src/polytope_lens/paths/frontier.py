@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import _conv64
 from ..capture import ACTIVATION_MODULE_CLASSES, _is_inplace
-from ..kinks import get_activation, resolve_call
+from ..kinks import ScalarKinks, get_activation, resolve_call
 from .exact import _lerp_rows, _merge
 from .runner import Runner, index_inputs, logits_of, same_values
 
@@ -58,6 +58,9 @@ class _Tracer(fx.Tracer):
 
 # ------------------------------------------------------------------------------ folding into convolutions
 FOLD_INTO_CONVOLUTIONS = True  # False: the frontier's graph keeps batch norm and padding as the model has them
+# True: a chunk's values keep their rows in the order the points were made, new points after the others (no merge into
+# path order; a clamp site writes old and new rows into one array); False: merged into path order at every site
+APPEND_NEW_POINTS = True
 _CONVOLUTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}  # ``F.conv2d`` is ``torch.conv2d``
 _CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _CONV_PARAMETERS = {"input": None, "weight": None, "bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -259,6 +262,7 @@ class FrontierProgram:
         self.free_after = free_after  # per node index: values last read by it
         self.device = torch.device("cpu")  # where the points are
         self.folded = (0, 0)  # batch norms and zero paddings folded into convolutions (``fold_into_convolutions``)
+        self.clamps: dict[int, tuple] = {}  # site node index -> (min, max) of a site that is a clamp (``_clamp_form``)
 
     # ------------------------------------------------------------------------------------------------ build
     @classmethod
@@ -331,6 +335,7 @@ class FrontierProgram:
         if spec.site is not None:
             prog.path_site = s2[first - 1][0]
         prog.sites = [i for i, _ in s2][first:first + len(runner.processed)]
+        prog.clamps = {i: form for i, act in s2 if (form := _clamp_form(prog, nodes[i], act)) is not None}
         cuts = ([] if prog.path_site is None else [prog.path_site + 1]) + prog.sites
         for c, cut in enumerate(cuts):  # values made before a cut and read at or after it
             live = 0
@@ -548,6 +553,32 @@ def _same_constant(a, b) -> bool:
         return False
 
 
+def _clamp_form(prog: FrontierProgram, node: fx.Node, act) -> tuple | None:
+    """(min, max) (max None: no upper bound) where a site node is torch's own ReLU, ReLU6, Hardtanh or two-bound
+    clamp, whose output ``torch.clamp`` writes exactly, also into part of a larger array (``FrontierState``); else
+    None. Custom activation modules, one-bound clamps and other activations are left to their own call."""
+    if not isinstance(act, ScalarKinks) or node.kwargs.get("out") is not None:
+        return None
+    if node.op == "call_module":
+        kind = type(prog.modules[node.target])
+        known = kind in (nn.ReLU, nn.ReLU6, nn.Hardtanh)
+    else:
+        known = prog._func(node) in _CLAMP_CALLS
+    if not known or not node.args or not isinstance(node.args[0], fx.Node) or any(
+            isinstance(a, fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
+        return None
+    if act.name == "relu" and act.kinks == (0.0,):
+        return 0.0, None
+    if act.name in ("relu6", "hardtanh", "clamp") and len(act.kinks) == 2:
+        return act.kinks
+    return None
+
+
+_CLAMP_CALLS = {torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.hardtanh, F.hardtanh_, torch.clamp, torch.clip,
+                torch.Tensor.relu, torch.Tensor.relu_, torch.Tensor.clamp, torch.Tensor.clip, torch.Tensor.clamp_,
+                torch.Tensor.clip_}
+
+
 class FrontierState:
     """The values live at the current cut, one row per point for those in ``per_point``.
 
@@ -560,6 +591,8 @@ class FrontierState:
         self.site_set = set(prog.sites)
         self.first, self.keep_last, self.last = first, keep_last, {}
         self.holds_first = False  # the shared point's row is in front of every per-point value
+        self.pending: dict[str, torch.Tensor] = {}  # new points' rows of a value, not yet put after its rows (append)
+        self.last_row = -1  # the row of the piece's last point (``keep_last``): -1 in path order
 
     def _without_first(self) -> None:
         if self.holds_first:
@@ -573,7 +606,8 @@ class FrontierState:
             self._each_row(lambda v, name: torch.cat([rows[name], v]), 1, named=True)
             self.holds_first = True
         if self.keep_last:
-            self.last[key] = {name: v[-1:].clone() for name, v in self.env.items() if name in self.prog.per_point}
+            self.last[key] = {name: v[self.last_row:][:1].clone() for name, v in self.env.items()
+                              if name in self.prog.per_point}
 
     def _each_row(self, fn, change: int, named: bool = False) -> None:
         for name in list(self.env):
@@ -587,14 +621,49 @@ class FrontierState:
         with p._modes():
             for i in range(self.next, stop):
                 node = p.nodes[i]
-                if node.op == "output":
-                    self.env["__output__"] = fx.node.map_arg(node.args, lambda n: self.env[n.name])[0]
-                    break
-                self.env[node.name] = p._exec(node, self.env, self.x, site=i in self.site_set)
+                if not (self.pending and self._clamp_rows(i, node)):
+                    self._join(n.name for n in node.all_input_nodes)
+                    if node.op == "output":
+                        self.env["__output__"] = fx.node.map_arg(node.args, lambda n: self.env[n.name])[0]
+                        break
+                    self.env[node.name] = p._exec(node, self.env, self.x, site=i in self.site_set)
                 for name in p.free_after[i]:
                     self.env.pop(name, None)
+                    self.pending.pop(name, None)
         self.next = stop
         self.x = None  # the input is read once, by the first node
+
+    def _join(self, names) -> None:
+        """Values ``names`` with their new points' rows put after the others (``append``)."""
+        for name in names:
+            new = self.pending.pop(name, None)
+            if new is not None:
+                self.env[name] = torch.cat([self.env[name], new])
+
+    def _clamp_rows(self, i: int, node: fx.Node) -> bool:
+        """A clamp site (``FrontierProgram.clamps``) whose input waits for its new points' rows and is read by
+        nothing after it: its output written for the old rows and then the new ones into one array, so that the
+        site's unit inputs are never copied (the copy the path-order insert makes of them is most of what the
+        frontier moves besides its passes, docs/benchmarks.md). False: not such a site (nothing done)."""
+        form = self.prog.clamps.get(i)
+        src = node.args[0] if node.args else None
+        if form is None or not isinstance(src, fx.Node) or src.name not in self.pending:
+            return False
+        inplace = self.prog._inplace(node, *self.prog._args(node, self.env))
+        if not inplace and src.name not in self.prog.free_after[i]:
+            return False  # the input itself is read again later: it must hold every row
+        old, new = self.env[src.name], self.pending.pop(src.name)
+        out = old.new_empty((len(old) + len(new), *old.shape[1:]))
+        lo, hi = form
+        for part, rows in ((old, out[:len(old)]), (new, out[len(old):])):
+            if hi is None:
+                torch.clamp_min(part, lo, out=rows)
+            else:
+                torch.clamp(part, lo, hi, out=rows)
+        self.env[node.name] = out
+        if inplace:  # the nodes after it read what the call wrote
+            self.env[src.name] = out
+        return True
 
     def enter_paths(self, points: torch.Tensor, path_of_point: torch.Tensor) -> None:
         """Site paths: run the paths' real inputs to the path's site, take each carried value per point from its
@@ -617,6 +686,7 @@ class FrontierState:
         cut = self.prog.sites[k]
         self._without_first()
         self._advance(cut)
+        self._join(n.name for n in self.prog.nodes[cut].all_input_nodes)
         self._with_first(k)
         return self.prog._args(self.prog.nodes[cut], self.env)[0][0]
 
@@ -628,7 +698,7 @@ class FrontierState:
         if self.first is not None:
             out = torch.cat([self.first["output"], out])
         if self.keep_last:
-            self.last["output"] = out[-1:].clone()
+            self.last["output"] = out[self.last_row:][:1].clone()
         return out
 
     def insert(self, k: int, old_pos: torch.Tensor, new_pos: torch.Tensor, left: torch.Tensor, u: torch.Tensor,
@@ -648,3 +718,22 @@ class FrontierState:
             new = (z_new.reshape(len(new_pos), *v.shape[1:]) if name == site_input
                    else _lerp_rows(v, left, u.to(v.dtype)))
             self.env[name] = _merge(v, new, old_pos, new_pos)
+
+    def append(self, k: int, left: torch.Tensor, u: torch.Tensor, order: torch.Tensor, z_new: torch.Tensor) -> None:
+        """``insert`` with the values' rows in the order the points were made (``APPEND_NEW_POINTS``): path order
+        visits rows ``order``, and the new points, in interval ``left[i]`` (between path points ``left[i]`` and
+        ``left[i] + 1``) at ``u[i]``, become the last rows. They wait in ``pending`` until a node reads the value,
+        which a clamp site does without copying the old rows (``_clamp_rows``); every other reader gets them put
+        after the old rows first (one copy, as a merge into path order would make)."""
+        n_new = len(u)
+        site_input = self.prog.nodes[self.prog.sites[k]].args[0]
+        site_input = site_input.name if isinstance(site_input, fx.Node) else None
+        for name in list(self.env):
+            if name in self.prog.batch_sizes:
+                self.env[name] += n_new
+            if name not in self.prog.per_point:
+                continue
+            self._join([name])  # interpolation reads the rows of every point made so far
+            v = self.env[name]
+            self.pending[name] = (z_new.reshape(n_new, *v.shape[1:]) if name == site_input
+                                  else _lerp_rows(v, left, u.to(v.dtype), order))
