@@ -423,14 +423,25 @@ def test_torchvision_style_resnet_equals_sampling(evaluator):
     assert res.paths[0].per_layer == want and res.paths[0].crossings > 100
 
 
-def test_frontier_evaluator_equals_the_graph_route_and_sampling(monkeypatch):
+@pytest.mark.parametrize("append", [True, False])
+def test_frontier_evaluator_equals_the_graph_route_and_sampling(monkeypatch, append):
     """The frontier evaluator (every point advances site by site through the model's FX graph, new breakpoints'
     values interpolated): records equal the graph route's and dense sampling's where a crossing unit's output ties
     with max-pool entries (PoolNet), with in-place sites whose results are ignored (InPlaceNet: the later nodes read
     what they wrote), with the batch size read before the sites (BatchSizeNet), with units= of the last site,
     refined in pieces under a small budget (each pass runs only the nodes between two sites), and for paths and rays
-    at a site (in place, in a residual block)."""
+    at a site (in place, in a residual block). Both with new points appended (clamp sites writing old and new rows
+    into one array, taken here) and merged into path order."""
     import polytope_lens.paths.frontier as frontier
+    monkeypatch.setattr(frontier, "APPEND_NEW_POINTS", append)
+    clamped = []
+    real_clamp_rows = frontier.FrontierState._clamp_rows
+
+    def clamp_rows(self, i, node):
+        done = real_clamp_rows(self, i, node)
+        clamped.append(done)
+        return done
+    monkeypatch.setattr(frontier.FrontierState, "_clamp_rows", clamp_rows)
     g = torch.Generator().manual_seed(5)
     net = PoolNet()
     a, b = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
@@ -497,6 +508,7 @@ def test_frontier_evaluator_equals_the_graph_route_and_sampling(monkeypatch):
                     path_crossings(m, at, at.flip(0) + 0.1, layer="act.relu", inputs=xi,
                                    evaluator="frontier").paths):
         _same_records(p, q)
+    assert (sum(clamped) > 10) == append  # merged into path order, nothing waits: never asked
 
 
 class _ResidualInPlace(nn.Module):

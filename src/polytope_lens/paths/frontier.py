@@ -9,7 +9,10 @@ them. A point holds only the values live across the cut (a site's input, a resid
 before the site and read after it), and a breakpoint that site k makes gets them by interpolation between the ends
 of its interval, on which everything before site k is affine in t; its unit inputs at site k are exact, with the
 crossed unit on its kink (``exact._inputs_at_new``). Every breakpoint runs each later segment of the network once,
-and nothing before its site runs again.
+and nothing before its site runs again. A point's values keep their row in the order the points were made (new
+points after the others; the scans visit rows in path order), and a clamp site writes its output for the old and
+the new rows into one array, so a site's unit inputs are never copied to make room for new points
+(``APPEND_NEW_POINTS``; the copies were more traffic than the passes, docs/benchmarks.md, stop 25).
 
 ``FrontierProgram.build`` traces the model with ``torch.fx`` (activation modules are leaves), folds batch norm and
 zero padding into the convolutions where it can (``fold_into_convolutions``), and refuses, with the reason, models
