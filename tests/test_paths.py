@@ -423,6 +423,21 @@ def test_torchvision_style_resnet_equals_sampling(evaluator):
     assert res.paths[0].per_layer == want and res.paths[0].crossings > 100
 
 
+def test_frontier_keeps_a_hooked_activation_modules_own_call():
+    """A forward hook that changes an activation module's output (found by a reviewer at stop 25): the appended
+    frontier's clamp sites write ``torch.clamp`` themselves, which would skip the hook; a hooked module (or a global
+    hook) keeps its own call. Oracle: the graph route, whose forward passes run the hooks."""
+    torch.manual_seed(4)
+    m = nn.Sequential(nn.Linear(3, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 2)).double()
+    m[1].register_forward_hook(lambda mod, args, out: out * 3 - 0.2)
+    g = torch.Generator().manual_seed(1)
+    a, b = 3 * torch.randn(4, 3, generator=g), 3 * torch.randn(4, 3, generator=g)
+    graph, front = path_crossings(m, a, b, evaluator="graph"), path_crossings(m, a, b, evaluator="frontier")
+    assert sum(p.crossings for p in front.paths) > 20
+    for p, q in zip(graph.paths, front.paths):
+        _same_records(p, q)
+
+
 @pytest.mark.parametrize("append", [True, False])
 def test_frontier_evaluator_equals_the_graph_route_and_sampling(monkeypatch, append):
     """The frontier evaluator (every point advances site by site through the model's FX graph, new breakpoints'
@@ -856,6 +871,45 @@ def test_a_touch_on_the_point_two_pieces_of_a_path_share_is_merged_as_within_a_p
     ray_halves = ray_crossings(m, x, layer="relu", alphas=(-1.0, 1.0), trace=False, evaluator=evaluator).paths[0]
     assert ray_halves.per_layer == ray.per_layer
     _same_records(ray, ray_halves)
+
+
+class _Stacked(nn.Module):
+    """An activation applied straight to a ReLU's output (its inputs exactly 0 wherever the ReLU is off, on its own
+    kink), in a CNN and an MLP."""
+
+    def __init__(self, second, conv=True):
+        super().__init__()
+        torch.manual_seed(2)
+        self.second, self.conv = second, conv
+        self.c0 = nn.Conv2d(1, 2, 3, padding=1) if conv else nn.Linear(6, 16)
+        self.c1 = nn.Conv2d(2, 2, 3, padding=1) if conv else nn.Linear(16, 8)
+        self.fc = nn.Linear(18 if conv else 8, 3)
+
+    def forward(self, x):
+        h = self.second(F.relu(self.c0(x)))
+        h = self.c1(h)
+        return self.fc((F.max_pool2d(h, 2) if self.conv else F.relu(h)).flatten(1))
+
+
+@pytest.mark.parametrize("second", ["leaky_relu", "abs", "clamp", "scaled relu"])
+@pytest.mark.parametrize("conv", [True, False])
+def test_an_activation_on_a_relus_output_counts_as_sampling_does(second, conv):
+    """Found by a reviewer at stop 25: the affine route's closed-form bends left such inputs at +-1e-17 at the ReLU's
+    breakpoints and counted crossings of the second activation that are not there (51 against 37 on the CNN with
+    LeakyReLU); its inputs now come from products at every point. Oracle: dense sampling, and the graph route."""
+    fn = {"leaky_relu": functools.partial(F.leaky_relu, negative_slope=0.1), "abs": torch.abs,
+          "clamp": lambda h: torch.clamp(h, 0.0, 6.0), "scaled relu": lambda h: F.relu(2.0 * h)}[second]
+    m = _Stacked(fn, conv).double().eval()
+    shape = (1, 1, 6, 6) if conv else (1, 6)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    auto = path_crossings(m, -x, x, trace=False)
+    assert "affine" in auto.notes[-1]
+    p = auto.paths[0]
+    sampled = dense_count(m, lambda t: -x + 2 * t.reshape(-1, *[1] * (x.dim() - 1)) * x)
+    two = list(p.per_layer)[:2]  # (sampling's forward passes break the max pool's exact ties by rounding)
+    assert {k: p.per_layer[k] for k in two} == {k: sampled[k] for k in two}
+    _same_records(p, path_crossings(m, -x, x, trace=False, evaluator="graph").paths[0])
+    assert list(p.per_layer.values())[0] == list(p.per_layer.values())[1]  # the second changes with the ReLU
 
 
 class _PoolTouch(nn.Module):

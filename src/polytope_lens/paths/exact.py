@@ -158,6 +158,20 @@ def _net_changes(seg: torch.Tensor, unit: torch.Tensor, piece: torch.Tensor, bef
     return counted
 
 
+def _copies_a_site(affine: Affine | None, name: str) -> bool:
+    """Whether site ``name``'s unit inputs are one earlier site's outputs, each unit scaled and nothing added (an
+    activation applied straight to another's output, ``F.leaky_relu(F.relu(x))``). Such a unit's input is exactly 0
+    wherever the earlier unit is off, on a kink at 0: a closed-form bend's rounding would leave it at +-1e-17 at the
+    earlier site's breakpoints, on either side of that kink (crossings counted that are not there), where a product at
+    every point (a diagonal product, exact) keeps it 0."""
+    deps = [] if affine is None else affine.deps.get(name, [])
+    if len(deps) != 1 or deps[0] == SRC:
+        return False
+    jt, c = affine.jt[name, deps[0]], affine.c[name]
+    return (jt.dim() == 2 and jt.shape[0] == jt.shape[1] and not bool(c.any())
+            and int(torch.count_nonzero(jt)) == int(torch.count_nonzero(torch.diagonal(jt))))
+
+
 def _records(pid: torch.Tensor, cr: dict, k: int) -> tuple:
     """A site's crossings as records (path, t, site, unit, piece entered): those that count (``_net_changes``)."""
     m = cr["counted"]
@@ -486,7 +500,8 @@ class Refiner:
         # are evaluated by products at every point, so exact ties are not broken by rounding; on a GPU every site's
         # are (PRODUCTS_AT_EVERY_POINT)
         every = runner.device.type in PRODUCTS_AT_EVERY_POINT
-        self.dense = [every or isinstance(s.activation, WindowMax) for s in runner.processed]
+        self.dense = [every or isinstance(s.activation, WindowMax) or _copies_a_site(affine, s.name)
+                      for s in runner.processed]
         # products at every point and one-kink sites only: unit inputs are kept in the order their points were made
         # (``_run_chunk_appended``), scanned in one pass per site (``_kink_scan``) and never merged into path order
         self.append = APPENDED_LAYOUT and affine is not None and every and all(

@@ -652,6 +652,8 @@ class FrontierState:
         src = node.args[0] if node.args else None
         if form is None or not isinstance(src, fx.Node) or src.name not in self.pending:
             return False
+        if _global_hooks() or node.op == "call_module" and _hooked(self.prog.modules[node.target]):
+            return False  # hooks may change what the module gives: the module's own call
         inplace = self.prog._inplace(node, *self.prog._args(node, self.env))
         if not inplace and src.name not in self.prog.free_after[i]:
             return False  # the input itself is read again later: it must hold every row
@@ -729,6 +731,8 @@ class FrontierState:
         which a clamp site does without copying the old rows (``_clamp_rows``); every other reader gets them put
         after the old rows first (one copy, as a merge into path order would make)."""
         n_new = len(u)
+        if not n_new:  # nothing to add: no value waits
+            return
         site_input = self.prog.nodes[self.prog.sites[k]].args[0]
         site_input = site_input.name if isinstance(site_input, fx.Node) else None
         for name in list(self.env):
