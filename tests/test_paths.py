@@ -423,6 +423,47 @@ def test_torchvision_style_resnet_equals_sampling(evaluator):
     assert res.paths[0].per_layer == want and res.paths[0].crossings > 100
 
 
+class _InPlaceTwice(nn.Module):
+    """One in-place ReLU module run twice (a residual add in place between), max pooling, two sites reading one
+    tensor, the batch size read at the end (a reviewer's model, stop 25)."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.bn1 = nn.Conv2d(1, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.c2, self.c3 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(2 * c, c, 3, padding=1)
+        self.pool, self.r6, self.ht = nn.MaxPool2d(2), nn.ReLU6(), nn.Hardtanh(-0.3, 0.4)
+        self.fc = nn.Linear(c * 4 * 4, 5)
+        with torch.no_grad():
+            self.bn1.running_mean.normal_(0, 0.2)
+            self.bn1.running_var.uniform_(0.5, 1.5)
+        self.eval()
+
+    def forward(self, x):
+        h = self.relu(self.bn1(self.c1(x)))
+        r = self.c2(h)
+        r += h
+        a = self.relu(r)
+        z = self.c3(torch.cat([self.pool(a), self.pool(h)], 1))
+        z = self.r6(z) + self.ht(z)
+        return self.fc(z.view(x.size(0), -1))
+
+
+def test_graph_route_in_pieces_places_crossings_after_an_in_place_site():
+    """Found by a reviewer at stop 25 (older than it): on the graph route, a pass that runs the network before an
+    in-place site on the interval ends only (``SharedPrefix(at=...)``) copied the points' replacement into the
+    ends' input tensor when the two happened to have as many rows, so later reads of it were wrong; the path in 16
+    pieces placed crossings up to 0.0075 away in t. Oracle: the frontier route on the whole path (and counts)."""
+    g = torch.Generator().manual_seed(3)
+    m = _InPlaceTwice()
+    a, b = 2 * torch.randn(1, 1, 8, 8, generator=g), 2 * torch.randn(1, 1, 8, 8, generator=g)
+    whole = path_crossings(m, a, b, evaluator="frontier").paths[0]
+    pieces = path_crossings(m, a, b, evaluator="graph", memory_budget=1 << 20).paths[0]
+    assert whole.crossings > 300
+    _same_records(whole, pieces, atol=1e-10)
+
+
 def test_frontier_keeps_a_hooked_activation_modules_own_call():
     """A forward hook that changes an activation module's output (found by a reviewer at stop 25): the appended
     frontier's clamp sites write ``torch.clamp`` themselves, which would skip the hook; a hooked module (or a global

@@ -284,8 +284,11 @@ class _SiteMode(TorchFunctionMode):
                 out = tr.fire(act, args[0], tr.current_path(), apply=_CallApply(func, args[1:], kwargs, inplace),
                               inplace=inplace)
                 if out is not None:
-                    if inplace and out.shape == args[0].shape:  # the caller may read the mutated input, not the
-                        args[0].copy_(out)                      # return value (F.relu(x, inplace=True); use x)
+                    # the caller may read the mutated input, not the return value (F.relu(x, inplace=True); use x);
+                    # not where the input holds a reduced pass's prefix rows (``SharedPrefix(at=...)``), as many as
+                    # the points only by chance: later reads of it are the prefix's, and would get the points' values
+                    if inplace and out.shape == args[0].shape and not tr.fewer_rows:
+                        args[0].copy_(out)
                         return args[0]
                     return out
         return conv_call(func, args, kwargs)  # float64 CPU convolutions and max pooling the faster way (``_conv64``)
@@ -327,6 +330,7 @@ class _Tracker:
         self.stack: list[str] = []
         self.suppressed = 0
         self.shared: SharedPrefix | None = None
+        self.fewer_rows = False  # the last site fired was replaced with rows for the points of a reduced pass
         self.replay: PrefixReplay | None = None
         self.reset()
 
@@ -365,6 +369,7 @@ class _Tracker:
             self.replay.pending = True  # versions of the recorded outputs once this call is over
         # an in-place call overwrites z after the handler returns: a handler that keeps z gets a copy
         out = self.handler(site, z.clone() if inplace else z)
+        self.fewer_rows = out is not None and self.shared is not None and self.shared.at == site.name
         if self.shared is not None and out is not None:
             self.shared.fired(site.name, z, out)
         return out
