@@ -953,6 +953,57 @@ def test_an_activation_on_a_relus_output_counts_as_sampling_does(second, conv):
     assert list(p.per_layer.values())[0] == list(p.per_layer.values())[1]  # the second changes with the ReLU
 
 
+class _Between(nn.Module):
+    """A ReLU's output reaching a LeakyReLU through a linear map with nothing added (reviewer, stop 25)."""
+
+    def __init__(self, between):
+        super().__init__()
+        torch.manual_seed(2)
+        self.between = between
+        self.c0, self.mix, self.side = nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 1, bias=False), nn.Conv2d(1, 2, 3)
+        self.fc = nn.LazyLinear(3)
+
+    def forward(self, x):
+        h = F.relu(self.c0(x))
+        h = {"transpose": lambda: h.transpose(2, 3), "bias-free 1 x 1": lambda: self.mix(h),
+             "average pool": lambda: F.avg_pool2d(h, 2, stride=1),
+             "upsample": lambda: F.interpolate(h, scale_factor=2, mode="nearest"),
+             "concatenation": lambda: torch.cat([h[:, :, 1:-1, 1:-1], self.side(x)], 1)}[self.between]()
+        return self.fc(F.leaky_relu(h, 0.1).flatten(1))
+
+
+@pytest.mark.parametrize("between", ["transpose", "bias-free 1 x 1", "average pool", "upsample", "concatenation"])
+def test_an_activation_on_a_linear_image_of_a_relus_output_counts_as_sampling_does(between):
+    """The same fault as above through any linear map with nothing added, or for the units of a concatenation
+    that come from the ReLU alone: those inputs sit on the LeakyReLU's kink wherever the units they read are off.
+    Oracle: dense sampling and the graph route."""
+    m = _Between(between).double()
+    x = torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    m(x)  # the lazy layer's shape
+    m.eval()
+    p = path_crossings(m, -x, x, trace=False).paths[0]
+    assert p.per_layer == dense_count(m, lambda t: -x + 2 * t.reshape(-1, 1, 1, 1) * x)
+    _same_records(p, path_crossings(m, -x, x, trace=False, evaluator="graph").paths[0])
+
+
+def test_site_path_at_an_in_place_site_in_pieces_on_the_graph_route():
+    """Reviewer, stop 25: paths at an in-place site, graph route in pieces: a replayed pass returns the recording's
+    tensors, and the path's points copied into the in-place site's input overwrote unit inputs an earlier pass had
+    returned (views of them). Oracle: the frontier route and dense sampling."""
+    m = _InPlaceTwice().double()
+    g = torch.Generator().manual_seed(3)
+    base = 2 * torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        hs = torch.relu(m.bn1(m.c1(base)))
+    a, b = hs, hs.roll(1, 0) * 1.5
+    front = path_crossings(m, a, b, layer="relu.relu", inputs=base, evaluator="frontier")
+    pieces = path_crossings(m, a, b, layer="relu.relu", inputs=base, evaluator="graph", memory_budget=1 << 20)
+    for i, (p, q) in enumerate(zip(front.paths, pieces.paths)):
+        _same_records(p, q, atol=1e-10)
+    assert front.paths[0].per_layer == dense_count(m, lambda t: a[:1] + t.reshape(-1, 1, 1, 1) * (b[:1] - a[:1]),
+                                                   site="relu.relu", base=base[:1], n_max=2 ** 14)
+
+
 class _PoolTouch(nn.Module):
     """A ray alpha * a at a ReLU output through alpha = 0: |alpha a| (or LeakyReLU), a convolution and 2 x 2 max
     pooling, whose window entries are c + |alpha| g_i: all equal at alpha = 0, the same line on both sides of it (a

@@ -158,18 +158,22 @@ def _net_changes(seg: torch.Tensor, unit: torch.Tensor, piece: torch.Tensor, bef
     return counted
 
 
-def _copies_a_site(affine: Affine | None, name: str) -> bool:
-    """Whether site ``name``'s unit inputs are one earlier site's outputs, each unit scaled and nothing added (an
-    activation applied straight to another's output, ``F.leaky_relu(F.relu(x))``). Such a unit's input is exactly 0
-    wherever the earlier unit is off, on a kink at 0: a closed-form bend's rounding would leave it at +-1e-17 at the
-    earlier site's breakpoints, on either side of that kink (crossings counted that are not there), where a product at
-    every point (a diagonal product, exact) keeps it 0."""
-    deps = [] if affine is None else affine.deps.get(name, [])
-    if len(deps) != 1 or deps[0] == SRC:
+def _copies_a_site(affine: Affine | None, site) -> bool:
+    """Whether some unit input of ``site`` is a linear image of earlier sites' outputs alone that sits on one of its
+    kinks when they are 0 (nothing from the path's own input, a constant equal to a kink): an activation applied to
+    another's output, directly or through a transpose, pooling, upsampling, a bias-free convolution or a
+    concatenation (``F.leaky_relu(F.relu(x))``). Such an input is exactly on its kink wherever the units it reads are
+    off; a closed-form bend's rounding would leave it at +-1e-17 at the earlier sites' breakpoints, on either side of
+    the kink (crossings counted that are not there), where a product at every point keeps it exact."""
+    if affine is None or not isinstance(site.activation, ScalarKinks) or site.name not in affine.deps:
         return False
-    jt, c = affine.jt[name, deps[0]], affine.c[name]
-    return (jt.dim() == 2 and jt.shape[0] == jt.shape[1] and not bool(c.any())
-            and int(torch.count_nonzero(jt)) == int(torch.count_nonzero(torch.diagonal(jt))))
+    c = affine.c[site.name]
+    kinks = torch.tensor(site.activation.kinks, dtype=c.dtype, device=c.device)
+    on_kink = torch.isin(c, kinks).all(0)  # (units,): the constant is a kink, for every path
+    for leaf in affine.deps[site.name]:
+        if leaf == SRC:
+            on_kink &= ~affine.jt[site.name, leaf].ne(0).any(0)  # units that read the path's input move with t
+    return bool(on_kink.any())
 
 
 def _records(pid: torch.Tensor, cr: dict, k: int) -> tuple:
@@ -500,7 +504,7 @@ class Refiner:
         # are evaluated by products at every point, so exact ties are not broken by rounding; on a GPU every site's
         # are (PRODUCTS_AT_EVERY_POINT)
         every = runner.device.type in PRODUCTS_AT_EVERY_POINT
-        self.dense = [every or isinstance(s.activation, WindowMax) or _copies_a_site(affine, s.name)
+        self.dense = [every or isinstance(s.activation, WindowMax) or _copies_a_site(affine, s)
                       for s in runner.processed]
         # products at every point and one-kink sites only: unit inputs are kept in the order their points were made
         # (``_run_chunk_appended``), scanned in one pass per site (``_kink_scan``) and never merged into path order

@@ -240,7 +240,10 @@ class Runner:
 
         def handler(site, z):
             if site.name in record:
-                out[site.name] = z.detach().reshape(n, -1)
+                v = z.detach().reshape(n, -1)
+                # a replayed pass returns the recording's tensors, which an in-place site of a later pass may write
+                # into (the path's points copied into its input): keep a copy, not a view of them
+                out[site.name] = v.clone() if replay is not None else v
             rep = replace(site, n)
             if site.name == stop_after and not want_output:
                 raise StopForward
