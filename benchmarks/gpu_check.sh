@@ -53,17 +53,20 @@ step layouts 60 $B --networks 784-3x2048 --paths 5000 --memory-budget 1717986918
 step trace 40 python3 benchmarks/trace_paths_gpu.py --paths 2400 --budget-gib 64
 step trace 40 python3 benchmarks/trace_paths_gpu.py --paths 2400 --budget-gib 64 --layout path-order
 step effnet_paths 150 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-seconds 60
-# the full-network path with the frontier evaluator under 64 GiB (stop 24: the whole path took 385.8 s on an H100 with
-# the 1 x 1 rule, before the fold): the defaults (batch norm and padding folded into the convolutions, 1 x 1
-# convolutions as cuDNN gives them, piece changes found by one Triton kernel per site), without the fold, and with
-# the piece changes found by torch operations as before stop 25 (a 1/2,000 run has ~1.7 s of fixed cost, which the
-# extrapolation to the next fraction counts: hence 60 s); then where the defaults' time goes
+# the full-network path with the frontier evaluator under 64 GiB (the whole path took 385.8 s on an H100 at stop 24
+# with the 1 x 1 rule, before the fold; 223.2 s at stop 25 with the defaults): the defaults (batch norm and padding
+# folded into the convolutions, 1 x 1 convolutions as cuDNN gives them, piece changes found by one Triton kernel per
+# site, new points appended), without
+# the fold, with the piece changes found by torch operations and with new points merged into path order, as before
+# stop 25 (a 1/2,000 run has ~1.7 s of fixed cost, which the extrapolation to the next fraction counts: hence 60 s;
+# stop 25 on an H100: 13.1, 16.0, 14.0 and 14.8 s at 1/20); then where the defaults' time goes
 # (device busy time against the wall time: how much is host time); effnet_whole: the whole path with the defaults
 E="python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-only --full-seconds 60"
 E="$E --fractions 5e-4,1e-2,5e-2 --full-memory-gib 64 --evaluator frontier"
 step effnet_frontier 90 $E
 step effnet_frontier 90 $E --no-fold
 step effnet_frontier 90 $E --scan torch
+step effnet_frontier 90 $E --no-append
 step effnet_profile 90 python3 benchmarks/bench_paths_efficientnet.py --device cuda --profile --profile-fraction 1e-2 \
   --evaluator frontier --full-memory-gib 64
 step effnet_whole 470 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-only --fractions 1 \
