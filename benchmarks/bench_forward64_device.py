@@ -78,7 +78,9 @@ def main():
             ("forward, channels-last input, 1 x 1 as matrix products (no copies)", conv64.FastConv64, nhwc, False)]
     if dev.type == "cuda":  # cuDNN's benchmark mode times every algorithm once per shape and keeps the fastest
         ways += [("forward, convolutions as they come, cuDNN benchmark mode", None, x, True),
-                 ("forward, channels-last input, cuDNN benchmark mode", None, nhwc, True)]
+                 ("forward, channels-last input, cuDNN benchmark mode", None, nhwc, True),
+                 ("forward, 1 x 1 in one Triton kernel (_conv64.POINTWISE_WAY = 'triton', stop 25)", triton_pointwise,
+                  x, False)]
     for name, mode, images, benchmark in ways:
         def run(mode=mode, images=images, benchmark=benchmark):
             torch.backends.cudnn.benchmark = benchmark
@@ -97,6 +99,19 @@ def main():
     torch.backends.cudnn.benchmark = False
     if dev.type == "cuda":
         kernel_times(model, x, dev)
+
+
+@contextlib.contextmanager
+def triton_pointwise():
+    """The 1 x 1 convolutions of a forward pass in ``_conv64``'s Triton kernel (where Triton runs)."""
+    import polytope_lens._conv64 as conv64
+
+    conv64.POINTWISE_WAY = "triton"
+    try:
+        with conv64.FastConv64():
+            yield
+    finally:
+        conv64.POINTWISE_WAY = "matmul"
 
 
 def kernel_times(model, images, dev) -> None:

@@ -24,7 +24,8 @@ of stop 17). --pointwise-matmul runs the 1 x 1 convolutions as matrix products o
 --no-fold keeps batch norm and padding in the frontier evaluator's graph (``frontier.FOLD_INTO_CONVOLUTIONS``;
 they are folded into the convolutions by default since stop 24). --scan torch finds the units that change piece
 with torch operations instead of one Triton kernel per site on a GPU (stop 25). --no-append merges the frontier's new
-points into path order at every site instead of appending them (stop 25).
+points into path order at every site instead of appending them (stop 25). --pointwise-triton runs the 1 x 1
+convolutions in one Triton kernel (``_conv64.POINTWISE_WAY``, an opt-in until measured here on a GPU).
 """
 
 from __future__ import annotations
@@ -472,6 +473,9 @@ def main():
                          "search)")
     ap.add_argument("--no-fold", action="store_true",
                     help="keep batch norm and zero padding in the frontier's graph (frontier.FOLD_INTO_CONVOLUTIONS)")
+    ap.add_argument("--pointwise-triton", action="store_true",
+                    help="1 x 1 convolutions in one Triton kernel on --device (_conv64.POINTWISE_AS_MATMUL and "
+                         "POINTWISE_WAY = 'triton'; an opt-in, stop 25)")
     ap.add_argument("--no-append", action="store_true",
                     help="merge the frontier's new points into path order at every site, as before stop 25 "
                          "(frontier.APPEND_NEW_POINTS)")
@@ -482,10 +486,11 @@ def main():
     ap.add_argument("--full-only", action="store_true",
                     help="with --full: only the full-network fractions (not the one-site path and the two rays)")
     args = ap.parse_args()
-    if args.pointwise_matmul:
+    if args.pointwise_matmul or args.pointwise_triton:
         import polytope_lens._conv64 as conv64
 
         conv64.POINTWISE_AS_MATMUL = {args.device.split(":")[0]}
+        conv64.POINTWISE_WAY = "triton" if args.pointwise_triton else "matmul"
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     if args.no_fold:
@@ -527,6 +532,7 @@ def main():
         return
     print(f"device: {dev}; float64 convolutions: {'ATen' if args.aten_convolutions else 'polytope_lens._conv64'}"
           f"{'; 1 x 1 ones as matrix products' if args.pointwise_matmul else ''}"
+          f"{'; 1 x 1 ones in one Triton kernel' if args.pointwise_triton else ''}"
           f"{'; batch norm and padding not folded' if args.no_fold else ''}"
           f"{'; cuDNN benchmark mode' if args.cudnn_benchmark else ''}"
           f"{'; piece changes found with torch operations' if args.scan == 'torch' else ''}"

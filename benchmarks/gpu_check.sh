@@ -67,6 +67,7 @@ step effnet_frontier 90 $E
 step effnet_frontier 90 $E --no-fold
 step effnet_frontier 90 $E --scan torch
 step effnet_frontier 90 $E --no-append
+step effnet_frontier 90 $E --pointwise-triton  # stop 25's opt-in: the 1 x 1 convolutions in one Triton kernel
 step effnet_profile 90 python3 benchmarks/bench_paths_efficientnet.py --device cuda --profile --profile-fraction 1e-2 \
   --evaluator frontier --full-memory-gib 64
 step effnet_whole 470 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-only --fractions 1 \

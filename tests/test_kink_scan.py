@@ -1,7 +1,8 @@
 """The one-pass kink scan of exact paths on a GPU (``polytope_lens._kink_scan``): torch operations against a
 brute-force loop, and the Triton kernels against the torch operations in Triton's interpreter (a subprocess: the
 interpreter is chosen when the kernels are defined), one and several kinks, down to whole exact paths (MLPs, a CNN
-against the CPU's closed-form bends; a ReLU6 CNN on the frontier route against its torch-operation scans)."""
+against the CPU's closed-form bends; a ReLU6 CNN on the frontier route against its torch-operation scans, and with
+its 1 x 1 convolutions in ``_conv64``'s Triton kernel)."""
 
 from __future__ import annotations
 
@@ -195,7 +196,23 @@ _INTERPRETED = textwrap.dedent('''
     ks.USE_TRITON = False
     without = path_crossings(mob, ma, mb, evaluator="frontier")
     ks.USE_TRITON = True
-    mobile = (with_kernels, without)
+    # 1 x 1 convolutions as one Triton kernel (``_conv64.POINTWISE_WAY``): values, then the same frontier path
+    from polytope_lens import _conv64
+    for n, ci, co, h, w, bias in [(2, 16, 24, 5, 7, True), (1, 3, 40, 9, 9, False), (3, 33, 17, 4, 4, True)]:
+        x = torch.randn(n, ci, h, w, generator=g, dtype=torch.float64)
+        wt = torch.randn(co, ci, 1, 1, generator=g, dtype=torch.float64)
+        b = torch.randn(co, generator=g, dtype=torch.float64) if bias else None
+        got = _conv64._triton_pointwise(x, wt, b)
+        want = F.conv2d(x, wt, b)
+        assert got is not None and got.is_contiguous() and torch.allclose(got, want, rtol=1e-13, atol=1e-13)
+    launches = []
+    real_pointwise = _conv64._triton_pointwise
+    _conv64._triton_pointwise = lambda *a: (launches.append(1), real_pointwise(*a))[1]
+    _conv64.POINTWISE_AS_MATMUL, _conv64.POINTWISE_WAY = {"cpu"}, "triton"
+    pointwise = path_crossings(mob, ma, mb, evaluator="frontier")
+    _conv64.POINTWISE_AS_MATMUL, _conv64.POINTWISE_WAY = set(), "matmul"
+    assert len(launches) > 10, len(launches)
+    mobile = (with_kernels, without, pointwise)
 
     net = Net().double().eval()
     a, b = (3 * torch.randn(10, 6, generator=g, dtype=torch.float64) for _ in range(2))
@@ -228,10 +245,11 @@ def test_triton_kernels_equal_torch_operations_in_the_interpreter(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("ok"), res.stdout
     # whole exact paths, appended with the kernels in the interpreter, against the CPU's closed-form bends
-    appended_runs, (with_kernels, without) = pickle.loads(runs.read_bytes())
+    appended_runs, (with_kernels, without, pointwise) = pickle.loads(runs.read_bytes())
     for appended, bends in appended_runs:
         assert bends.counts.sum() > 10
         assert_same_records(appended, bends)
     # the frontier route through ReLU6 sites, its scans in the kernel and in torch operations
     assert without.counts.sum() > 50
     assert_same_records(with_kernels, without)
+    assert_same_records(pointwise, without)  # its 1 x 1 convolutions in the Triton kernel

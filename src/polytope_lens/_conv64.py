@@ -33,7 +33,10 @@ suggests it): for a channels-last input a view of the product, which the next 1 
 copy; otherwise copied back to contiguous (code after a convolution may ``view`` its output).
 On the CPU ATen's 1 x 1 convolutions are matrix products already, and the channels-last outputs slow the layers
 after them (measured at stops 22 and 23); on an H100 (stop 24) plain float64 passes were 28 % slower with it than
-with cuDNN's convolutions, so no device takes it by default (``benchmarks/gpu_check.sh forward64``).
+with cuDNN's convolutions, so no device takes it by default (``benchmarks/gpu_check.sh forward64``). With
+``POINTWISE_WAY = "triton"`` such a convolution of contiguous images is one Triton kernel instead (``tl.dot`` in
+float64): on an H100 (stop 25, ``benchmarks/bench_fused_depthwise.py``) a kernel of this kind ran EfficientNet-Lite0's
+1 x 1 layers 1.1-2.9x faster than cuDNN's at batch 256; an opt-in until the engine measures it on a GPU.
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ MAX_IMAGE = 1 << 21  # elements of one input image (C x H x W): above it ATen's 
 _CHUNK = 1 << 20  # elements of the input taken at once by depthwise_conv2d (8 MiB of float64)
 COLUMN_BYTES = 2 << 20  # unfolded images per ATen call on an ungrouped convolution (at least one image)
 POINTWISE_AS_MATMUL: set[str] = set()  # device types whose float64 1 x 1 convolutions are matrix products
+# how they run there: "matmul" (torch's matrix product) or "triton" (one Triton kernel over contiguous images, where
+# Triton runs; torch's product elsewhere or if the kernel fails): an opt-in until measured in the engine on a GPU
+POINTWISE_WAY = "matmul"
 _CONV2D = (F.conv2d, torch.conv2d)
 _POOLS = (F.max_pool2d, F.max_pool1d)
 
@@ -102,6 +108,10 @@ def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     (N H W, C_in) @ (C_in, C_out), in ATen's memory format: channels-last (a view of the product, no copy) for a
     channels-last input, contiguous otherwise (code after the call may ``view`` it)."""
     n, c, h, w = x.shape
+    if POINTWISE_WAY == "triton" and x.is_contiguous():
+        y = _triton_pointwise(x, weight, bias)
+        if y is not None:
+            return y
     rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when ``x`` is channels-last already
     wt = weight.reshape(weight.shape[0], c).t()
     y = torch.mm(rows, wt) if bias is None else torch.addmm(bias, rows, wt)
@@ -110,6 +120,26 @@ def pointwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     # one channel or 1 x 1 images is both, and suggests contiguous)
     channels_last = torch.channels_last in (suggest_memory_format(x), suggest_memory_format(weight))
     return y if channels_last else y.contiguous()
+
+
+def _triton_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """``pointwise_conv2d`` of contiguous images as one Triton kernel (contiguous output, as ATen gives for them);
+    None where Triton cannot run it here (``_kink_scan.triton_ready``) or the kernel failed (warned once)."""
+    from . import _kink_scan
+
+    if not _kink_scan.triton_ready(x):
+        return None
+    from . import _conv_kernels
+
+    n, c, h, w = x.shape
+    co, p = weight.shape[0], h * w
+    out = torch.empty((n, co, h, w), dtype=x.dtype, device=x.device)
+    bco, bci, bp = 32, 16, 64
+    grid = (n, -(-co // bco), -(-p // bp))
+    ok = _kink_scan._launch(_conv_kernels.pointwise_kernel, grid, x, weight.reshape(co, c).contiguous(),
+                            x if bias is None else bias.contiguous(), out, c, co, p, HAS_BIAS=bias is not None,
+                            BCO=bco, BCI=bci, BP=bp)
+    return out if ok else None
 
 
 def _float64_conv(args: tuple, kwargs: dict) -> dict | None:
