@@ -1,4 +1,4 @@
-"""Fused float64 steps for the frontier's passes on a GPU: an experiment, not used by the library yet.
+"""Fused float64 steps for the frontier's passes on a GPU: an experiment (the library has the plain 1 x 1 kernel).
 
     python benchmarks/bench_fused_depthwise.py --device cuda [--batch 256]
     TRITON_INTERPRET=1 python benchmarks/bench_fused_depthwise.py --device cpu --batch 1 --layers 2   (values only)
@@ -9,7 +9,8 @@ depthwise convolution such a pass applies the site's ReLU6 to the unit inputs, p
 (asymmetrically before the strided layers, which the frontier's fold leaves), and then convolves, with batch norm
 folded into the weight and bias. One Triton kernel here does all three: it clamps each input as it is loaded, reads
 the padding as masked loads, and adds the bias as it stores. It reads the unit inputs once and writes the next
-ones once; the torch way writes and reads the activation and the padded copy in between. A second kernel does a
+ones once; the torch way writes and reads the activation and the padded copy in between. A second kernel, the
+library's (``polytope_lens._conv_kernels``, whose plain form is ``_conv64``'s opt-in Triton way), does a
 1 x 1 convolution the same way (the ReLU6 before a projection as it loads, the bias and a block's residual as it
 stores). For every depthwise and 1 x 1 layer of the blocks (not the head's 1 x 1 convolution)
 of EfficientNet-Lite0 at its shape, the script checks that the two agree (1e-12 relative), then times both (best of
@@ -28,6 +29,7 @@ import triton.language as tl
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from bench_forward64_device import timed  # this folder (run as a script)
+from polytope_lens._conv_kernels import pointwise_kernel  # the library's 1 x 1 kernel (``_conv64.POINTWISE_WAY``)
 from polytope_lens.models import load_model
 
 
@@ -57,42 +59,14 @@ def relu6_pad_depthwise(z_ptr, w_ptr, b_ptr, out_ptr, C, H, W, OH, OW, K: tl.con
     tl.store(out_ptr + plane.to(tl.int64) * OH * OW + offs, acc, mask=inside)
 
 
-@triton.jit
-def pointwise(x_ptr, w_ptr, b_ptr, r_ptr, out_ptr, CI: tl.constexpr, CO, P, CLAMP: tl.constexpr, RESIDUAL: tl.constexpr,
-              DOT: tl.constexpr, BCO: tl.constexpr, BCI: tl.constexpr, BP: tl.constexpr):
-    """A 1 x 1 convolution of one image's block of output channels and positions: the weight (CO x CI) times the
-    image's (CI x P) inputs, clamped to [0, 6] as they are loaded when CLAMP (the site's ReLU6 before a projection),
-    plus the bias and, when RESIDUAL, the block's input. DOT: ``tl.dot``, else broadcast products summed."""
-    img = tl.program_id(0).to(tl.int64)
-    co = tl.program_id(1) * BCO + tl.arange(0, BCO)
-    p = tl.program_id(2) * BP + tl.arange(0, BP)
-    acc = tl.zeros([BCO, BP], dtype=tl.float64)
-    for c0 in range(0, CI, BCI):
-        ci = c0 + tl.arange(0, BCI)
-        w = tl.load(w_ptr + co[:, None] * CI + ci[None, :], mask=(co[:, None] < CO) & (ci[None, :] < CI), other=0.0)
-        x = tl.load(x_ptr + img * CI * P + ci[:, None] * P + p[None, :], mask=(ci[:, None] < CI) & (p[None, :] < P),
-                    other=0.0)
-        if CLAMP:
-            x = tl.minimum(tl.maximum(x, 0.0), 6.0)
-        if DOT:
-            acc += tl.dot(w, x)
-        else:
-            acc += tl.sum(w[:, :, None] * x[None, :, :], axis=1)
-    acc += tl.load(b_ptr + co, mask=co < CO, other=0.0)[:, None]
-    where = img * CO * P + co[:, None] * P + p[None, :]
-    inside = (co[:, None] < CO) & (p[None, :] < P)
-    if RESIDUAL:
-        acc += tl.load(r_ptr + where, mask=inside, other=0.0)
-    tl.store(out_ptr + where, acc, mask=inside)
-
-
 def fused_pointwise(x, weight, bias, clamp, residual=None, dot=True, bco=32, bci=16, bp=64):
     n, ci, h, w = x.shape
     co = weight.shape[0]
     out = torch.empty(n, co, h, w, dtype=x.dtype, device=x.device)
     grid = (n, triton.cdiv(co, bco), triton.cdiv(h * w, bp))
-    pointwise[grid](x, weight.reshape(co, ci), bias, out if residual is None else residual, out, ci, co, h * w,
-                    CLAMP=clamp, RESIDUAL=residual is not None, DOT=dot, BCO=bco, BCI=bci, BP=bp)
+    pointwise_kernel[grid](x, weight.reshape(co, ci), bias, out if residual is None else residual, out, ci, co,
+                           h * w, HAS_BIAS=True, CLAMP=clamp, RESIDUAL=residual is not None, DOT=dot, BCO=bco,
+                           BCI=bci, BP=bp)
     return out
 
 

@@ -137,8 +137,8 @@ def _triton_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     bco, bci, bp = 32, 16, 64
     grid = (n, -(-co // bco), -(-p // bp))
     ok = _kink_scan._launch(_conv_kernels.pointwise_kernel, grid, x, weight.reshape(co, c).contiguous(),
-                            x if bias is None else bias.contiguous(), out, c, co, p, HAS_BIAS=bias is not None,
-                            BCO=bco, BCI=bci, BP=bp)
+                            x if bias is None else bias.contiguous(), out, out, c, co, p, HAS_BIAS=bias is not None,
+                            CLAMP=False, RESIDUAL=False, DOT=True, BCO=bco, BCI=bci, BP=bp)
     return out if ok else None
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["scan", "torch_scan", "triton_scan", "triton_ready", "interpolated_outputs"]
+__all__ = ["scan", "torch_scan", "triton_scan", "triton_ready", "interpolated_outputs", "piece_bytes"]
 
 _BLOCK_ROWS = 16
 _BLOCK_UNITS = 128
@@ -57,6 +57,20 @@ def _on_device(value: float | tuple[float, ...], dtype: torch.dtype, device: tor
     """A kink (or the kinks) as a tensor, made once per device: a float argument would reach a kernel as float32,
     and a copy from the host per call would wait for the device."""
     return torch.tensor(value if isinstance(value, tuple) else [value], dtype=dtype, device=device)
+
+
+def _as_kinks(kink: float | tuple[float, ...]) -> tuple[float, ...]:
+    """One kink or several, as a tuple."""
+    return (kink,) if isinstance(kink, (int, float)) else tuple(kink)
+
+
+def piece_bytes(z: torch.Tensor, kinks: tuple[float, ...]) -> torch.Tensor:
+    """Each unit input's piece, the number of ``kinks`` below it, as bytes (one comparison per kink, no wider
+    integers: what the scans compare between points)."""
+    piece = (z > kinks[0]).view(torch.uint8)
+    for k in kinks[1:]:
+        piece = piece + (z > k).view(torch.uint8)
+    return piece
 
 
 def _launch(kernel, grid, *args, **meta) -> bool:
@@ -104,7 +118,7 @@ def scan(z: torch.Tensor, order: torch.Tensor, pid: torch.Tensor, kink: float | 
     out : (rows, units) or None
         The activation's output at every row of ``z`` (None without ``apply``).
     """
-    kinks = (kink,) if isinstance(kink, (int, float)) else tuple(kink)
+    kinks = _as_kinks(kink)
     if lines is not None and len(kinks) != 1:
         raise ValueError("scan: lines describe a one-kink activation")
     if triton_ready(z):
@@ -119,12 +133,8 @@ def scan(z: torch.Tensor, order: torch.Tensor, pid: torch.Tensor, kink: float | 
 
 def torch_scan(z, order, pid, kink, offset=None, apply=None):
     """``scan`` with torch operations (the activation's output through ``apply``)."""
-    kinks = (kink,) if isinstance(kink, (int, float)) else tuple(kink)
     zb = z if offset is None else z + offset
-    up = zb > kinks[0]
-    for k in kinks[1:]:  # several kinks: the pieces (how many kinks lie below each input), as bytes
-        up = up.view(torch.uint8) + (zb > k).view(torch.uint8)
-    up = up.index_select(0, order)
+    up = piece_bytes(zb, _as_kinks(kink)).index_select(0, order)
     changes = (up[:-1] != up[1:]) & (pid[:-1] == pid[1:])[:, None]
     return changes.view(torch.int8), (None if apply is None else apply(zb))
 
@@ -139,7 +149,7 @@ def triton_scan(z, order, pid, kink, offset=None, lines=None):
     if n == 0 or units == 0:
         return changes, out
     dummy = z[:1, :1]
-    kinks = (kink,) if isinstance(kink, (int, float)) else tuple(kink)
+    kinks = _as_kinks(kink)
     kink_t = _on_device(kinks, z.dtype, z.device)
     grid = (-(-n // _BLOCK_ROWS), -(-units // _BLOCK_UNITS))
     ok = _launch(_kernels().scan_kernel, grid, z, order.contiguous(), pid.contiguous(),

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ._kink_scan import _on_device, scan, triton_ready
+from ._kink_scan import _on_device, piece_bytes, scan, triton_ready
 from .errors import UnsupportedActivationError
 
 __all__ = [
@@ -185,9 +185,7 @@ class ScalarKinks(Activation):
         if len(self.kinks) == 1 and order is None:  # each point's side of the kink compared once, not per segment end
             up = zf > self.kinks[0]
             return self._crossings(zf[:-1], zf[1:], [(up[:-1], up[1:])])
-        piece = (zf > self.kinks[0]).view(torch.uint8)  # the kinks below each input: bytes, one comparison
-        for k in self.kinks[1:]:
-            piece = piece + (zf > k).view(torch.uint8)
+        piece = piece_bytes(zf, self.kinks)
         if order is not None:  # the points' pieces in path order: bytes moved, not the inputs
             piece = piece.index_select(0, order)
         return self._changed_pieces(zf, *torch.nonzero(piece[:-1] != piece[1:], as_tuple=True), order)
@@ -209,12 +207,8 @@ class ScalarKinks(Activation):
             seg, unit, za, zb = seg[pair], unit[pair], za[pair], zb[pair]
         else:
             j = low
-        kinks = _on_device(self.kinks, zf.dtype if zf.is_floating_point() else torch.float64, zf.device)
-        k = kinks[j]
-        t = ((k - za) / (zb - za)).clamp_(0.0, 1.0)
-        up = zb > k
-        c = Crossings(seg, unit, t, torch.where(up, j + 1, j), torch.where(up, j, j + 1))  # as ``crossings_of``
-        return sort_crossings(c, in_segment_order=True, tie_key=j if len(self.kinks) > 1 else None)
+        return sort_crossings(self.crossings_of(j, seg, unit, za, zb), in_segment_order=True,
+                              tie_key=j if len(self.kinks) > 1 else None)
 
     def _crossings(self, a: torch.Tensor, b: torch.Tensor, sides: list) -> Crossings:
         parts = []
@@ -224,11 +218,13 @@ class ScalarKinks(Activation):
         # one kink: nonzero lists (segment, unit) pairs row by row, already in segment order
         return sort_crossings(Crossings.cat(parts), in_segment_order=len(parts) == 1)
 
-    def crossings_of(self, j: int, seg: torch.Tensor, unit: torch.Tensor, za: torch.Tensor,
+    def crossings_of(self, j: int | torch.Tensor, seg: torch.Tensor, unit: torch.Tensor, za: torch.Tensor,
                      zb: torch.Tensor) -> Crossings:
-        """The crossings of kink ``j`` by units whose inputs ``za`` (t = 0) and ``zb`` (t = 1) lie on different sides
-        of it (not sorted): where the line between them meets the kink, and the piece entered there."""
-        k = self.kinks[j]
+        """The crossings of kink ``j`` (one for all, or one per crossing) by units whose inputs ``za`` (t = 0) and
+        ``zb`` (t = 1) lie on different sides of it (not sorted): where the line between them meets the kink, and
+        the pieces left and entered there."""
+        k = self.kinks[j] if isinstance(j, int) else _on_device(
+            self.kinks, za.dtype if za.is_floating_point() else torch.float64, za.device)[j]
         t = ((k - za) / (zb - za)).clamp_(0.0, 1.0)
         # moving up across kink j enters piece j + 1 from piece j; moving down enters piece j from piece j + 1
         up = zb > k

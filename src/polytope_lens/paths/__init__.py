@@ -38,7 +38,7 @@ from .exact import Refiner, verify_chunk
 from .frontier import FrontierProgram
 from .geometry import PathSpec
 from .results import PathBatchResult, PathBlock, PathList, PathResult, Trace, traces_from_outputs
-from .runner import Runner, check_device, check_model_runs, default_forward, index_inputs, prepare_model
+from .runner import Runner, check_device, default_forward, index_inputs, model_errors, prepare_model
 from .sampled import sampled_chunk
 
 __all__ = ["path_crossings", "polyline_crossings", "ray_crossings", "site_activations", "PathResult", "PathList",
@@ -121,8 +121,8 @@ class PreparedModel:
 
     def resolve_site(self, base, layer: str, owner: str, capture_kwargs):
         first = index_inputs(base, torch.zeros(1, dtype=torch.long, device=self.device))
-        check_model_runs(self.fwd, first, owner, "'inputs'")
-        sites = list_sites(self.model, lambda: self.fwd(first), **capture_kwargs)
+        with model_errors(self.fwd, first, owner, "'inputs'"):
+            sites = list_sites(self.model, lambda: self.fwd(first), **capture_kwargs)
         chosen = select_sites(sites, layer)
         if len(chosen) != 1:
             raise InvalidInputError(f"The 'layer' parameter of {owner} must name one site; {layer!r} matches "
@@ -170,7 +170,6 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
     spec = spec.to(prep.dtype, prep.device)
     if spec.site is None:
         probe = spec.knots_x[0:1, 0]
-        check_model_runs(prep.fwd, probe, owner, "points")
     else:
         probe = index_inputs(spec.base, torch.zeros(1, dtype=torch.long, device=prep.device))
     runner = Runner(prep.model, prep.fwd, spec, dtype=prep.dtype, device=prep.device, memory_budget=memory_budget,

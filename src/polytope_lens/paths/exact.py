@@ -196,37 +196,26 @@ def _end_crossings(cr: dict) -> tuple | None:
 
 def _net_changes_at_joint(a: tuple, b: tuple, ends_a: tuple | None, ends_b: tuple | None, t_joint) -> tuple:
     """One site's records of two consecutive pieces of a path, ``a`` then ``b``, with the crossings of a unit that
-    land on their shared point from both sides merged as ``_net_changes`` merges them within a piece: only the last
-    counts, where the unit leaves the point on another piece than the one it reached it from; else none."""
+    land on their shared point from both sides merged by ``_net_changes``, as within a piece: ``a``'s crossings on
+    its last point and ``b``'s on its first are one site's crossings along two segments that meet there. Their
+    records are those at ``t_joint``, in the same order (each piece's records follow its crossings)."""
     if ends_a is None or ends_b is None:
         return a, b
-    units_a, before, units_b, entered = ends_a[2], ends_a[3], ends_b[0], ends_b[1]
-    if not len(units_a) or not len(units_b):  # (lengths known on the host: no wait for a device)
+    units_a, before_a, units_b, entered_b = ends_a[2], ends_a[3], ends_b[0], ends_b[1]
+    n_a, n_b = len(units_a), len(units_b)
+    if not n_a or not n_b:  # (lengths known on the host: no wait for a device)
         return a, b
-    both = units_a[torch.isin(units_a, units_b)]
-    if not len(both):
+    on_a = torch.arange(n_a + n_b, device=units_a.device) < n_a  # segment 0 ends there, segment 1 starts there
+    pieces = torch.cat([before_a, entered_b])  # what ``_net_changes`` reads: before a's first, after b's last
+    counted = _net_changes(on_a.logical_not().long(), torch.cat([units_a, units_b]), pieces, pieces, ~on_a, on_a)
+    if counted is None:
         return a, b
-    keys = torch.unique(both)
-    pos_a, pos_b = torch.arange(len(units_a), device=keys.device), torch.arange(len(units_b), device=keys.device)
-    in_a, in_b = torch.isin(units_a, keys), torch.isin(units_b, keys)
-    first = torch.full((len(keys),), len(units_a), dtype=torch.long, device=keys.device).scatter_reduce_(
-        0, torch.searchsorted(keys, units_a[in_a]), pos_a[in_a], "amin")
-    last = torch.full((len(keys),), -1, dtype=torch.long, device=keys.device).scatter_reduce_(
-        0, torch.searchsorted(keys, units_b[in_b]), pos_b[in_b], "amax")
-    turns = keys[before[first] == entered[last]]  # back on the piece it came from: no change there at all
 
-    def kept(rec, drop_all):
-        at = (rec[1] == t_joint) & torch.isin(rec[3], keys)
-        if not drop_all:  # each unit's last record there stays, unless it turned back
-            rows = torch.nonzero(at).flatten()
-            k_rows = torch.searchsorted(keys, rec[3][rows])
-            last_row = torch.full((len(keys),), -1, dtype=torch.long, device=keys.device).scatter_reduce_(
-                0, k_rows, rows, "amax")
-            stay = last_row[(last_row >= 0) & ~torch.isin(keys, turns)]
-            at[stay] = False
-        m = ~at
-        return tuple(x[m] if j != 2 else x for j, x in enumerate(rec))
-    return kept(a, True), kept(b, False)
+    def kept(rec, counts):
+        keep = torch.ones(len(rec[1]), dtype=torch.bool, device=rec[1].device)
+        keep[torch.nonzero(rec[1] == t_joint).flatten()] = counts
+        return tuple(x[keep] if j != 2 else x for j, x in enumerate(rec))
+    return kept(a, counted[:n_a]), kept(b, counted[n_a:])
 
 
 def _merge(old: torch.Tensor, new: torch.Tensor, old_pos: torch.Tensor, new_pos: torch.Tensor) -> torch.Tensor:
@@ -784,9 +773,7 @@ class Refiner:
         recs, ends = [], []  # ends: the crossings on the first and last point of each site (a piece of a path)
         n = len(pts.t)
         z_last = None
-        from . import frontier as frontier_module  # (it imports this module)
-
-        append = frontier_module.APPEND_NEW_POINTS  # rows in the order points were made, visited in path order
+        append = state.appends  # rows in the order points were made, visited in path order
         state.last_row = len(pts.t) - 1 if append else -1  # the piece's last point is one of the first made
         for k, site in enumerate(r.processed):
             act = site.activation

@@ -379,6 +379,11 @@ class FrontierProgram:
             return None, "its class scores differ from a plain forward pass", folded
         return prog, "", folded
 
+    def site_input(self, k: int) -> str | None:
+        """The name of the value site ``k`` reads (its unit inputs), if a node makes it."""
+        src = self.nodes[self.sites[k]].args[0]
+        return src.name if isinstance(src, fx.Node) else None
+
     def _probe(self, x, classes: dict[str, str], replace: tuple | None = None) -> tuple[dict, list]:
         """What each node makes on batch ``x`` (a tensor's shape, with its values where its first dimension is not
         the batch's; other values as they are), and the sites: (node index, activation) in order. Values are freed
@@ -594,6 +599,7 @@ class FrontierState:
         self.site_set = set(prog.sites)
         self.first, self.keep_last, self.last = first, keep_last, {}
         self.holds_first = False  # the shared point's row is in front of every per-point value
+        self.appends = APPEND_NEW_POINTS  # new points' rows go after the others (``append``), else ``insert``
         self.pending: dict[str, torch.Tensor] = {}  # new points' rows of a value, not yet put after its rows (append)
         self.last_row = -1  # the row of the piece's last point (``keep_last``): -1 in path order
 
@@ -712,8 +718,7 @@ class FrontierState:
         at relative position ``u[i]``; their unit inputs at site ``k`` are ``z_new`` (exact), every other value
         carried across the cut is interpolated between the interval's ends."""
         n_new = len(old_pos) + len(new_pos)
-        site_input = self.prog.nodes[self.prog.sites[k]].args[0]
-        site_input = site_input.name if isinstance(site_input, fx.Node) else None
+        site_input = self.prog.site_input(k)
         for name in list(self.env):
             if name in self.prog.batch_sizes:
                 self.env[name] = n_new
@@ -733,8 +738,7 @@ class FrontierState:
         n_new = len(u)
         if not n_new:  # nothing to add: no value waits
             return
-        site_input = self.prog.nodes[self.prog.sites[k]].args[0]
-        site_input = site_input.name if isinstance(site_input, fx.Node) else None
+        site_input = self.prog.site_input(k)
         for name in list(self.env):
             if name in self.prog.batch_sizes:
                 self.env[name] += n_new

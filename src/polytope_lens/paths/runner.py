@@ -16,6 +16,7 @@ Two facts about the model are established here, both from forward passes only:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -49,6 +50,23 @@ def check_model_runs(fwd: Callable, x, owner: str, what: str) -> None:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise InvalidInputError(f"The model raised {type(e).__name__} on the {what} of {owner} (one row of shape "
                                 f"{shape}): {first}. Are they of the shape the model takes?") from e
+
+
+@contextlib.contextmanager
+def model_errors(fwd: Callable, x, owner: str, what: str):
+    """Inside it, an error from a run of the model on a batch like ``x`` becomes ``check_model_runs``'s one line
+    where a plain pass of the model on ``x`` (one row of ``what``) fails too; errors of the library, and ones the
+    model alone does not make, pass through as they are. The plain pass runs only after a failure: nothing is added
+    to a run that works."""
+    from ..errors import PolytopeLensError
+
+    try:
+        yield
+    except (torch.OutOfMemoryError, PolytopeLensError):
+        raise
+    except Exception:  # noqa: BLE001 - whose error it is, the plain pass decides
+        check_model_runs(fwd, x, owner, what)
+        raise
 
 
 def affine_tol(dtype: torch.dtype) -> float:
@@ -131,7 +149,7 @@ class Runner:
     """A prepared model: dtype/device copy in eval mode, its sites, and the paths."""
 
     def __init__(self, model: nn.Module, fwd: Callable, spec: PathSpec, *, dtype, device, memory_budget: int,
-                 capture_kwargs: dict, owner: str, probe_input):
+                 capture_kwargs: dict, owner: str, probe_input, probe_name: str | None = None):
         self.model = model  # already a prepared copy (see ``prepare_model``)
         self.fwd = fwd
         self.spec = spec
@@ -144,7 +162,10 @@ class Runner:
 
         def record(site, z):
             seen[site.name] = (site, z.detach())
-        out = run(self.model, lambda: self.fwd(probe_input), record, **capture_kwargs)
+        # ``probe_name``: what the probe is one row of, for the error a model that cannot take it gives
+        what = probe_name or ("points" if spec.site is None else "'inputs'")
+        with model_errors(fwd, probe_input, owner, what):
+            out = run(self.model, lambda: self.fwd(probe_input), record, **capture_kwargs)
         scores = logits_of(out)
         self.has_output = scores is not None  # class scores (text encoders have none)
         self.n_outputs = 0 if scores is None else int(scores.shape[1])

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..capture import run, select_sites
 from ..errors import InvalidInputError
-from ..paths.runner import check_model_runs, default_forward, prepare_model
+from ..paths.runner import default_forward, model_errors, prepare_model
 
 __all__ = ["LocalComplexity", "local_complexity", "exact_local_complexity"]
 
@@ -97,7 +97,6 @@ def local_complexity(model: nn.Module, points: torch.Tensor, *, radius: float = 
         raise InvalidInputError(f"The 'radius' parameter of {owner} must be a number > 0. Got {radius!r}.")
     m = prepare_model(model, dtype, device)
     fwd = forward(m) if forward is not None else default_forward(m)
-    check_model_runs(fwd, pts[:1].to(device, dtype), owner, "points")
     g = torch.Generator().manual_seed(seed)
     v, _ = torch.linalg.qr(torch.randn(d, n_dirs, generator=g, dtype=torch.float64))
     frame = torch.cat([v.T, -v.T]).to(device, dtype) * radius  # (2P, d)
@@ -112,7 +111,8 @@ def local_complexity(model: nn.Module, points: torch.Tensor, *, radius: float = 
 
         def handler(site, z, n=n):
             got[site.name] = (site, site.activation.pieces(z.detach()).reshape(n, 2 * n_dirs, -1))
-        run(m, lambda: fwd(verts), handler, **capture_kwargs)
+        with model_errors(fwd, verts[:1], owner, "points"):
+            run(m, lambda: fwd(verts), handler, **capture_kwargs)
         if chosen is None:
             chosen = [st.name for st in select_sites([v_[0] for v_ in got.values()], layers)]
         for name in chosen:

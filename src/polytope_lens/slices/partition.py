@@ -52,7 +52,7 @@ from ..codes import pack_bits, pack_pieces, site_unit_indices
 from ..errors import InvalidInputError, NotPiecewiseLinearError
 from ..kinks import REGISTRY, ScalarKinks, WindowMax
 from ..paths.geometry import PathSpec
-from ..paths.runner import SRC, Affine, Runner, check_model_runs, default_forward, index_inputs, prepare_model
+from ..paths.runner import SRC, Affine, Runner, default_forward, index_inputs, prepare_model
 from . import _mesh
 from ._arrangement import Degenerate, arrange
 from .neighbours import same_points
@@ -538,9 +538,9 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
     kx = torch.stack([plane.origin, plane.origin + plane.basis[0]])[None]
     spec = PathSpec(torch.tensor([[0.0, 1.0]], dtype=torch.float64), kx, torch.ones(1, dtype=torch.float64),
                     "segment", plane.site, plane.inputs if plane.site is not None else None)
-    check_model_runs(fwd, probe, owner, "slice points" if plane.site is None else "'inputs'")
     runner = Runner(m, fwd, spec, dtype=dtype, device=device, memory_budget=memory_budget,
-                    capture_kwargs=capture_kwargs, owner=owner, probe_input=probe)
+                    capture_kwargs=capture_kwargs, owner=owner, probe_input=probe,
+                    probe_name="slice points" if plane.site is None else None)
     sites = list(runner.processed)
     if not sites:
         raise InvalidInputError(f"No activation site runs after {plane.site or 'the input'} in this model, so {owner} "
