@@ -1,21 +1,22 @@
-"""Fused float64 steps for the frontier's passes on a GPU: an experiment (the library has the plain 1 x 1 kernel).
+"""Fused float64 steps for the frontier's passes on a GPU: the library's kernels against torch's separate steps.
 
     python benchmarks/bench_fused_depthwise.py --device cuda [--batch 256]
     TRITON_INTERPRET=1 python benchmarks/bench_fused_depthwise.py --device cpu --batch 1 --layers 2   (values only)
 
 On an H100 (stop 24, docs/benchmarks.md) the whole full-network EfficientNet-Lite0 path is device time, most of it
-the float64 passes after each crossing's site, which run their operators one by one at 3.8 TFLOP/s. Before each
-depthwise convolution such a pass applies the site's ReLU6 to the unit inputs, pads the result with zeros
-(asymmetrically before the strided layers, which the frontier's fold leaves), and then convolves, with batch norm
-folded into the weight and bias. One Triton kernel here does all three: it clamps each input as it is loaded, reads
-the padding as masked loads, and adds the bias as it stores. It reads the unit inputs once and writes the next
-ones once; the torch way writes and reads the activation and the padded copy in between. A second kernel, the
-library's (``polytope_lens._conv_kernels``, whose plain form is ``_conv64``'s opt-in Triton way), does a
-1 x 1 convolution the same way (the ReLU6 before a projection as it loads, the bias and a block's residual as it
-stores). For every depthwise and 1 x 1 layer of the blocks (not the head's 1 x 1 convolution)
-of EfficientNet-Lite0 at its shape, the script checks that the two agree (1e-12 relative), then times both (best of
---repeat, after a warm-up) and prints the sum. A win here would be worth moving into the frontier's graph (a fused
-node for site, padding and depthwise convolution); Triton's interpreter checks the values on a CPU, not the speed.
+the float64 passes after each crossing's site, which run their operators one by one. Before each depthwise
+convolution such a pass applies the site's ReLU6 to the unit inputs, pads the result with zeros (asymmetrically
+before the strided layers, which the frontier's fold leaves), and then convolves, with batch norm folded into the
+weight and bias; before each 1 x 1 projection it applies the ReLU6, convolves and adds the block's input. The
+library's ``_conv64.clamp_conv2d`` (the kernels of ``polytope_lens._conv_kernels``; the frontier runs them with
+``frontier.FUSE_SITE_CONVOLUTIONS``) does each in one kernel: it clamps each input as it is loaded, reads the
+padding as masked loads, and adds the bias and the residual as it stores, so it reads the unit inputs once and writes
+the next values once; the torch way writes and reads the activation and the padded copy in between. For every
+depthwise and 1 x 1 layer of the blocks (not the head's 1 x 1 convolution) of EfficientNet-Lite0 at its shape, the
+script checks that the two agree (1e-12 relative), then times both (best of --repeat, after a warm-up) and prints
+the sums. Stop 25 measured an earlier form of the depthwise kernel here (one program per image plane: 4x faster
+than torch at 112 x 112, 4.5x slower at 7 x 7 x 1,152); stop 26's takes all images, channels and positions as one
+index. Triton's interpreter checks the values on a CPU, not the speed.
 """
 
 from __future__ import annotations
@@ -24,49 +25,17 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from bench_forward64_device import timed  # this folder (run as a script)
-from polytope_lens._conv_kernels import pointwise_kernel  # the library's 1 x 1 kernel (``_conv64.POINTWISE_WAY``)
+from polytope_lens._conv64 import clamp_conv2d  # the library's fused kernels (``frontier.FUSE_SITE_CONVOLUTIONS``)
 from polytope_lens.models import load_model
 
 
-@triton.jit
-def relu6_pad_depthwise(z_ptr, w_ptr, b_ptr, out_ptr, C, H, W, OH, OW, K: tl.constexpr, S: tl.constexpr,
-                        PT: tl.constexpr, PL: tl.constexpr, BLOCK: tl.constexpr):
-    """One image plane's block of outputs: sum over the kernel of clamp(z, 0, 6) (0 outside the image) times the
-    weight, plus the bias."""
-    plane = tl.program_id(0)  # image * C + channel
-    c = plane % C
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < OH * OW
-    oh = offs // OW
-    ow = offs % OW
-    acc = tl.zeros([BLOCK], dtype=tl.float64)
-    base = z_ptr + plane.to(tl.int64) * H * W
-    for kh in tl.static_range(K):
-        ih = oh * S - PT + kh
-        row_ok = inside & (ih >= 0) & (ih < H)
-        for kw in tl.static_range(K):
-            iw = ow * S - PL + kw
-            ok = row_ok & (iw >= 0) & (iw < W)
-            v = tl.load(base + ih * W + iw, mask=ok, other=0.0)
-            v = tl.minimum(tl.maximum(v, 0.0), 6.0)
-            acc += v * tl.load(w_ptr + c * K * K + kh * K + kw)
-    acc += tl.load(b_ptr + c)
-    tl.store(out_ptr + plane.to(tl.int64) * OH * OW + offs, acc, mask=inside)
-
-
-def fused_pointwise(x, weight, bias, clamp, residual=None, dot=True, bco=32, bci=16, bp=64):
-    n, ci, h, w = x.shape
-    co = weight.shape[0]
-    out = torch.empty(n, co, h, w, dtype=x.dtype, device=x.device)
-    grid = (n, triton.cdiv(co, bco), triton.cdiv(h * w, bp))
-    pointwise_kernel[grid](x, weight.reshape(co, ci), bias, out if residual is None else residual, out, ci, co,
-                           h * w, HAS_BIAS=True, CLAMP=clamp, RESIDUAL=residual is not None, DOT=dot, BCO=bco,
-                           BCI=bci, BP=bp)
+def fused_pointwise(x, weight, bias, clamp, residual=None):
+    out = torch.empty(len(x), weight.shape[0], *x.shape[2:], dtype=x.dtype, device=x.device)
+    if not clamp_conv2d(x, (0.0, 6.0) if clamp else None, weight, bias, 1, (0, 0, 0, 0), residual, out):
+        raise SystemExit("the 1 x 1 kernel failed here (see the warning)")
     return out
 
 
@@ -75,15 +44,15 @@ def unfused_pointwise(x, weight, bias, clamp, residual=None):
     return y if residual is None else y + residual
 
 
-def fused(z, weight, bias, stride, pads, block=256):
+def fused(z, weight, bias, stride, pads):
     n, c, h, w = z.shape
     k = weight.shape[-1]
     left, right, top, bottom = pads
     oh = (h + top + bottom - k) // stride + 1
     ow = (w + left + right - k) // stride + 1
     out = torch.empty(n, c, oh, ow, dtype=z.dtype, device=z.device)
-    grid = (n * c, triton.cdiv(oh * ow, block))
-    relu6_pad_depthwise[grid](z, weight, bias, out, c, h, w, oh, ow, K=k, S=stride, PT=top, PL=left, BLOCK=block)
+    if not clamp_conv2d(z, (0.0, 6.0), weight, bias, stride, pads, None, out):
+        raise SystemExit("the depthwise kernel failed here (see the warning)")
     return out
 
 
@@ -189,24 +158,16 @@ def main():
     ones = pointwise_layers(model)
     ones = ones[:args.layers] if args.layers else ones
     print(f"\nfloat64 1 x 1 steps (ReLU6 before projections, the convolution with batch norm folded, the residual "
-          f"where the block keeps its input), batches of {args.batch} images; fused with tl.dot and, where that "
-          "fails to build, with broadcast products (these spill registers: their time says little)")
+          f"where the block keeps its input), batches of {args.batch} images; fused: one kernel with tl.dot")
     print("| in x height x width -> out | ReLU6, residual | torch (ms) | fused (ms) | max relative difference |")
     print("|---|---|---:|---:|---:|", flush=True)
-    total, dot = [0.0, 0.0], None
+    total = [0.0, 0.0]
     for c, h, w, weight, bias, clamp, skip in ones:
         x = 3 * torch.randn(args.batch, c, h, w, dtype=torch.float64, device=dev)
         weight, bias = weight.to(dev), bias.to(dev)
         res = 3 * torch.randn(args.batch, weight.shape[0], h, w, dtype=torch.float64, device=dev) if skip else None
-        if dot is None:  # the first layer tells whether float64 tl.dot builds here
-            try:
-                fused_pointwise(x, weight, bias, clamp, res, dot=True)
-                dot = True
-            except Exception as e:  # noqa: BLE001 - a Triton build without float64 tl.dot: the other way
-                print(f"(tl.dot in float64 failed here: {type(e).__name__}: {str(e).splitlines()[0][:120]})")
-                dot = False
         err, times = compared(lambda: unfused_pointwise(x, weight, bias, clamp, res),
-                              lambda: fused_pointwise(x, weight, bias, clamp, res, dot=dot), dev, args.repeat,
+                              lambda: fused_pointwise(x, weight, bias, clamp, res), dev, args.repeat,
                               f"1 x 1, {c} x {h} x {w}")
         total = [a + b for a, b in zip(total, times)]
         print(f"| {c} x {h} x {w} -> {weight.shape[0]} | {clamp}, {skip} | {times[0] * 1e3:.2f} | "

@@ -25,7 +25,9 @@ of stop 17). --pointwise-matmul runs the 1 x 1 convolutions as matrix products o
 they are folded into the convolutions by default since stop 24). --scan torch finds the units that change piece
 with torch operations instead of one Triton kernel per site on a GPU (stop 25). --no-append merges the frontier's new
 points into path order at every site instead of appending them (stop 25). --pointwise-triton runs the 1 x 1
-convolutions in one Triton kernel (``_conv64.POINTWISE_WAY``, an opt-in until measured here on a GPU).
+convolutions in one Triton kernel (``_conv64.POINTWISE_WAY``, an opt-in until measured here on a GPU). --fuse runs
+each clamp site with the depthwise or 1 x 1 convolution that reads it (and a residual add) as one Triton kernel
+(``frontier.FUSE_SITE_CONVOLUTIONS``, stop 26; an opt-in until measured here on a GPU).
 """
 
 from __future__ import annotations
@@ -476,6 +478,9 @@ def main():
     ap.add_argument("--pointwise-triton", action="store_true",
                     help="1 x 1 convolutions in one Triton kernel on --device (_conv64.POINTWISE_AS_MATMUL and "
                          "POINTWISE_WAY = 'triton'; an opt-in, stop 25)")
+    ap.add_argument("--fuse", action="store_true",
+                    help="each clamp site and the depthwise or 1 x 1 convolution after it in one Triton kernel on "
+                         "--device (frontier.FUSE_SITE_CONVOLUTIONS; an opt-in, stop 26)")
     ap.add_argument("--no-append", action="store_true",
                     help="merge the frontier's new points into path order at every site, as before stop 25 "
                          "(frontier.APPEND_NEW_POINTS)")
@@ -497,6 +502,10 @@ def main():
         import polytope_lens.paths.frontier as frontier
 
         frontier.FOLD_INTO_CONVOLUTIONS = False
+    if args.fuse:
+        import polytope_lens.paths.frontier as frontier
+
+        frontier.FUSE_SITE_CONVOLUTIONS = {args.device.split(":")[0]}
     if args.no_append:
         import polytope_lens.paths.frontier as frontier
 
@@ -536,7 +545,8 @@ def main():
           f"{'; batch norm and padding not folded' if args.no_fold else ''}"
           f"{'; cuDNN benchmark mode' if args.cudnn_benchmark else ''}"
           f"{'; piece changes found with torch operations' if args.scan == 'torch' else ''}"
-          f"{'; new points merged into path order' if args.no_append else ''}")
+          f"{'; new points merged into path order' if args.no_append else ''}"
+          f"{'; clamp sites and the convolutions after them in one Triton kernel' if args.fuse else ''}")
     print("| case | seconds | crossings | exact | evaluator |")
     print("|---|---:|---:|---|---|", flush=True)
 

@@ -54,31 +54,32 @@ step trace 40 python3 benchmarks/trace_paths_gpu.py --paths 2400 --budget-gib 64
 step trace 40 python3 benchmarks/trace_paths_gpu.py --paths 2400 --budget-gib 64 --layout path-order
 step effnet_paths 150 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-seconds 60
 # the full-network path with the frontier evaluator under 64 GiB (the whole path took 385.8 s on an H100 at stop 24
-# with the 1 x 1 rule, before the fold; 223.2 s at stop 25 with the defaults): the defaults (batch norm and padding
-# folded into the convolutions, 1 x 1 convolutions as cuDNN gives them, piece changes found by one Triton kernel per
-# site, new points appended), without
-# the fold, with the piece changes found by torch operations and with new points merged into path order, as before
-# stop 25 (a 1/2,000 run has ~1.7 s of fixed cost, which the extrapolation to the next fraction counts: hence 60 s;
-# stop 25 on an H100: 13.1, 16.0, 14.0 and 14.8 s at 1/20); then where the defaults' time goes
-# (device busy time against the wall time: how much is host time); effnet_whole: the whole path with the defaults
+# with the 1 x 1 rule, before the fold; 223.2 s at stop 25 with the defaults). Stop 25 measured, at 1/20 on an H100:
+# defaults 13.1 s, --no-fold 16.0, --scan torch 14.0, --no-append 14.8. Now: the defaults against the opt-ins that
+# want a GPU's measurement before they become its defaults: each clamp site with the convolution after it in one
+# Triton kernel (--fuse, stop 26), the 1 x 1 convolutions in one Triton kernel (--pointwise-triton, stop 25; with
+# --fuse it serves only the 1 x 1 convolutions that no site precedes), and both (a 1/2,000 run has ~1.7 s of fixed
+# cost, which the extrapolation to the next fraction counts: hence 60 s); then where the time goes with the
+# defaults and with --fuse (device busy time against the wall time: how much is host time); effnet_whole: the whole
+# path with the defaults
 E="python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-only --full-seconds 60"
 E="$E --fractions 5e-4,1e-2,5e-2 --full-memory-gib 64 --evaluator frontier"
 step effnet_frontier 90 $E
-step effnet_frontier 90 $E --no-fold
-step effnet_frontier 90 $E --scan torch
-step effnet_frontier 90 $E --no-append
-step effnet_frontier 90 $E --pointwise-triton  # stop 25's opt-in: the 1 x 1 convolutions in one Triton kernel
-step effnet_profile 90 python3 benchmarks/bench_paths_efficientnet.py --device cuda --profile --profile-fraction 1e-2 \
-  --evaluator frontier --full-memory-gib 64
+step effnet_frontier 90 $E --fuse
+step effnet_frontier 90 $E --pointwise-triton
+step effnet_frontier 90 $E --fuse --pointwise-triton
+P="python3 benchmarks/bench_paths_efficientnet.py --device cuda --profile --profile-fraction 1e-2 --evaluator frontier"
+step effnet_profile 90 $P --full-memory-gib 64
+step effnet_profile 90 $P --full-memory-gib 64 --fuse
 step effnet_whole 470 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-only --fractions 1 \
   --full-seconds 600 --evaluator frontier --full-memory-gib 64
 # the float64 rate of plain EfficientNet-Lite0 passes (what the frontier's passes are made of), 1 x 1 convolutions
 # also as matrix products (channels-last output, and copied back): a floor under the full-network goal (stop 22; at
 # stop 24 an H100 ran cuDNN's at 3.8 TFLOP/s and the products 28 % slower)
 step forward64 90 python3 benchmarks/bench_forward64_device.py --device cuda --batch 256
-# fused float64 kernels (Triton) against torch's separate steps at every depthwise and 1 x 1 layer of
-# EfficientNet-Lite0 (ReLU6 + padding + depthwise; ReLU6 + 1 x 1 + residual; batch norm folded): stop 24, an
-# experiment whose values were checked in Triton's interpreter on the CPU; one compilation per layer shape
+# the library's fused float64 kernels (_conv64.clamp_conv2d, what --fuse runs) against torch's separate steps at
+# every depthwise and 1 x 1 layer of EfficientNet-Lite0 (ReLU6 + padding + depthwise; ReLU6 + 1 x 1 + residual;
+# batch norm folded); one compilation per layer shape
 step fused_dw 110 python3 benchmarks/bench_fused_depthwise.py --device cuda --batch 256
 step slices 120 python3 benchmarks/bench_slices.py --device cuda --skip-effnet --large-only --large 680
 step codes 90 python3 benchmarks/bench_codes.py --gpu-only

@@ -129,17 +129,63 @@ def _triton_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
     if not _kink_scan.triton_ready(x):
         return None
-    from . import _conv_kernels
+    out = torch.empty((len(x), weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device)
+    return out if _launch_site_conv(x, None, weight, bias, 1, (0, 0, 0, 0), None, out) else None
 
-    n, c, h, w = x.shape
+
+def site_conv_ready(z: torch.Tensor, limits: tuple, weight: torch.Tensor, bias: torch.Tensor | None, stride,
+                    pads: tuple[int, int, int, int]) -> bool:
+    """Whether ``clamp_conv2d`` can run this call here: float64 contiguous images on a device where Triton runs
+    (``_kink_scan.triton_ready``), and either a depthwise weight (C, 1, kh, kw) or a 1 x 1 weight with stride 1 and
+    no padding, float64 and on ``z``'s device like the bias."""
+    from . import _kink_scan
+
+    if z.dtype != torch.float64 or z.dim() != 4 or not z.is_contiguous() or not _kink_scan.triton_ready(z):
+        return False
+    if any(t is not None and (t.dtype != z.dtype or t.device != z.device) for t in (weight, bias)):
+        return False
+    c = z.shape[1]
+    if bias is not None and bias.shape != (weight.shape[0],):
+        return False
+    if weight.shape[0] == c and weight.shape[1] == 1 and c > 1:  # depthwise
+        return True
+    return weight.shape[1:] == (c, 1, 1) and as_pair(stride) == (1, 1) and not any(pads)
+
+
+def clamp_conv2d(z: torch.Tensor, limits: tuple, weight: torch.Tensor, bias: torch.Tensor | None, stride,
+                 pads: tuple[int, int, int, int], residual: torch.Tensor | None, out: torch.Tensor) -> bool:
+    """``out = conv2d(F.pad(clamp(z, *limits), pads), weight, bias, stride) (+ residual)`` in one Triton kernel
+    (``_conv_kernels``): a clamp site (``limits``: min, max or None) with the zero padding (``F.pad``'s order: left,
+    right, top, bottom) and the depthwise or 1 x 1 convolution (``site_conv_ready``) that read its output, and for a
+    1 x 1 one a residual added. The site's output is never written. False: the kernel failed (warned once, and
+    Triton is not used again in this process; ``out`` holds nothing then)."""
+    return _launch_site_conv(z, limits, weight, bias, stride, pads, residual, out)
+
+
+def _launch_site_conv(z, limits, weight, bias, stride, pads, residual, out) -> bool:
+    from . import _conv_kernels, _kink_scan
+
+    n, c, h, w = z.shape
+    clamp = limits is not None
+    lim = _kink_scan._on_device(tuple(float(v) for v in limits if v is not None) if clamp else (0.0,), z.dtype,
+                                z.device)
+    has_hi = clamp and limits[1] is not None
+    b = z if bias is None else bias.contiguous()
+    if weight.shape[1] == 1 and weight.shape[0] == c and c > 1:  # depthwise
+        (sh, sw), (kh, kw) = as_pair(stride), weight.shape[2:]
+        left, _, top, _ = pads
+        total = out.numel()
+        block = 256
+        return _kink_scan._launch(_conv_kernels.clamp_depthwise_kernel, (-(-total // block),), z,
+                                  weight.contiguous(), b, lim, out, total, c, h, w, out.shape[2], out.shape[3], KH=kh,
+                                  KW=kw, SH=sh, SW=sw, PT=top, PL=left, HAS_BIAS=bias is not None, HAS_HI=has_hi,
+                                  BLOCK=block)
     co, p = weight.shape[0], h * w
-    out = torch.empty((n, co, h, w), dtype=x.dtype, device=x.device)
     bco, bci, bp = 32, 16, 64
-    grid = (n, -(-co // bco), -(-p // bp))
-    ok = _kink_scan._launch(_conv_kernels.pointwise_kernel, grid, x, weight.reshape(co, c).contiguous(),
-                            x if bias is None else bias.contiguous(), out, out, c, co, p, HAS_BIAS=bias is not None,
-                            CLAMP=False, RESIDUAL=False, DOT=True, BCO=bco, BCI=bci, BP=bp)
-    return out if ok else None
+    return _kink_scan._launch(_conv_kernels.pointwise_kernel, (n, -(-co // bco), -(-p // bp)), z,
+                              weight.reshape(co, c).contiguous(), b, lim, out if residual is None else residual, out,
+                              c, co, p, HAS_BIAS=bias is not None, CLAMP=clamp, HAS_HI=has_hi,
+                              RESIDUAL=residual is not None, DOT=True, BCO=bco, BCI=bci, BP=bp)
 
 
 def _float64_conv(args: tuple, kwargs: dict) -> dict | None:

@@ -41,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import _conv64
 from ..capture import ACTIVATION_MODULE_CLASSES, _is_inplace
-from ..kinks import ScalarKinks, get_activation, resolve_call
+from ..kinks import ScalarKinks, as_pair, get_activation, resolve_call
 from .exact import _lerp_rows, _merge
 from .runner import Runner, index_inputs, logits_of, same_values
 
@@ -64,6 +64,9 @@ FOLD_INTO_CONVOLUTIONS = True  # False: the frontier's graph keeps batch norm an
 # True: a chunk's values keep their rows in the order the points were made, new points after the others (no merge into
 # path order; a clamp site writes old and new rows into one array); False: merged into path order at every site
 APPEND_NEW_POINTS = True
+# device types where a clamp site and the depthwise or 1 x 1 convolution after it run as one Triton kernel
+# (``_conv64.clamp_conv2d``; float64): an opt-in until the engine measures it on a GPU
+FUSE_SITE_CONVOLUTIONS: set[str] = set()
 _CONVOLUTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}  # ``F.conv2d`` is ``torch.conv2d``
 _CONV_MODULES = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _CONV_PARAMETERS = {"input": None, "weight": None, "bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
@@ -207,6 +210,16 @@ def _convolution(gm: fx.GraphModule, node: fx.Node) -> tuple[int, dict] | None:
 def _symmetric_zero_padding(gm: fx.GraphModule, node: fx.Node, dims: int) -> tuple[fx.Node, tuple[int, ...]] | None:
     """The input of a zero-padding node and, per spatial dimension (first to last), what it adds on each side of
     the last ``dims`` dimensions, if it adds as much on both sides of each; else None."""
+    padded = _zero_padding(gm, node, dims)
+    if padded is None or any(padded[1][i] != padded[1][i + 1] for i in range(0, 2 * dims, 2)):
+        return None
+    return padded[0], tuple(padded[1][::2][::-1])
+
+
+def _zero_padding(gm: fx.GraphModule, node: fx.Node, dims: int) -> tuple[fx.Node, tuple[int, ...]] | None:
+    """The input of a node that pads the last ``dims`` dimensions with zeros (a padding module without hooks, or
+    ``F.pad``), and what it adds in ``F.pad``'s order (last dimension first, before and after: 2 x ``dims``
+    numbers); else None."""
     if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
         m = gm.get_submodule(node.target)
         if not isinstance(m, (nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.ZeroPad1d, nn.ZeroPad2d,
@@ -222,11 +235,9 @@ def _symmetric_zero_padding(gm: fx.GraphModule, node: fx.Node, dims: int) -> tup
     else:
         return None
     if not isinstance(source, fx.Node) or not isinstance(pad, (tuple, list)) or not all(
-            type(p) is int and p >= 0 for p in pad) or len(pad) % 2 or len(pad) > 2 * dims or any(
-            pad[i] != pad[i + 1] for i in range(0, len(pad), 2)):
+            type(p) is int and p >= 0 for p in pad) or len(pad) % 2 or len(pad) > 2 * dims:
         return None
-    last_first = list(pad[::2]) + [0] * (dims - len(pad) // 2)
-    return source, tuple(last_first[::-1])
+    return source, tuple(pad) + (0,) * (2 * dims - len(pad))
 
 
 def _attribute(gm: fx.GraphModule, target: str):
@@ -266,6 +277,8 @@ class FrontierProgram:
         self.device = torch.device("cpu")  # where the points are
         self.folded = (0, 0)  # batch norms and zero paddings folded into convolutions (``fold_into_convolutions``)
         self.clamps: dict[int, tuple] = {}  # site node index -> (min, max) of a site that is a clamp (``_clamp_form``)
+        # site node index -> the convolution that alone reads a clamp site's output (``_site_convolution``)
+        self.site_convolutions: dict[int, _SiteConv] = {}
 
     # ------------------------------------------------------------------------------------------------ build
     @classmethod
@@ -339,6 +352,9 @@ class FrontierProgram:
             prog.path_site = s2[first - 1][0]
         prog.sites = [i for i, _ in s2][first:first + len(runner.processed)]
         prog.clamps = {i: form for i, act in s2 if (form := _clamp_form(prog, nodes[i], act)) is not None}
+        bounds = sorted({i for i, _ in s2} | ({prog.path_site} if prog.path_site is not None else set()))
+        prog.site_convolutions = {i: plan for i in prog.clamps if (plan := _site_convolution(prog, i, v2, index,
+                                                                                              bounds)) is not None}
         cuts = ([] if prog.path_site is None else [prog.path_site + 1]) + prog.sites
         for c, cut in enumerate(cuts):  # values made before a cut and read at or after it
             live = 0
@@ -582,6 +598,79 @@ def _clamp_form(prog: FrontierProgram, node: fx.Node, act) -> tuple | None:
     return None
 
 
+@dataclass
+class _SiteConv:
+    """A clamp site whose output only a 2-D convolution reads (after zero padding, maybe), with a residual added to
+    a 1 x 1 convolution's output, maybe: run as one kernel (``_conv64.clamp_conv2d``) on the devices in
+    ``FUSE_SITE_CONVOLUTIONS``."""
+
+    limits: tuple  # the clamp's (min, max or None)
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    stride: tuple[int, int]
+    pads: tuple[int, int, int, int]  # zero padding of the site's output: left, right, top, bottom
+    out_shape: tuple[int, ...]  # one point's output
+    residual: str | None  # the value added to the convolution's output
+    output: str  # the node that gives the result (the convolution or the addition)
+    covered: tuple[int, ...]  # node indices the kernel runs besides the site's (padding, convolution, addition)
+
+
+def _site_convolution(prog: FrontierProgram, i: int, made: dict, index: dict[str, int],
+                      bounds: list[int]) -> _SiteConv | None:
+    """The convolution after clamp site ``i`` that one kernel can run with it (``_SiteConv``), else None: the site's
+    input and output have no other reader, the convolution is depthwise (any stride and zero padding) or 1 x 1
+    (stride 1, no padding) without dilation, and a residual, added to a 1 x 1 convolution's output alone, is made
+    before the site and has its shape. Every node the kernel runs comes before the next site (``bounds``: the sites
+    and the path's site), so no value the kernel skips is ever carried across a cut. ``made``: a probe's values."""
+    node = prog.nodes[i]
+    src = node.args[0]
+    if len(node.users) != 1 or len(src.users) != 1 or not isinstance(made.get(src.name), _Made) or \
+            made[src.name].values is not None:
+        return None
+    shape = made[src.name].shape
+    if len(shape) != 4:
+        return None
+    nxt, covered, pads = next(iter(node.users)), [], (0, 0, 0, 0)
+    padded = _zero_padding(prog.gm, nxt, 2)
+    if padded is not None and padded[0] is node and len(nxt.users) == 1:
+        covered.append(nxt)
+        pads, nxt = padded[1], next(iter(nxt.users))
+    conv = _convolution(prog.gm, nxt)
+    if conv is None or conv[0] != 2 or conv[1]["input"] is not (covered[-1] if covered else node):
+        return None
+    call = conv[1]
+    covered.append(nxt)
+    weight, bias, groups, padding = call["weight"], call["bias"], call["groups"], call["padding"]
+    if padding == "valid":
+        padding = (0, 0)
+    if isinstance(padding, str) or as_pair(call["dilation"]) != (1, 1) or not isinstance(made.get(nxt.name), _Made):
+        return None
+    pads = (pads[0] + padding[1], pads[1] + padding[1], pads[2] + padding[0], pads[3] + padding[0])
+    c = shape[1]
+    depthwise = groups == c > 1 and tuple(weight.shape[:2]) == (c, 1)
+    pointwise = groups == 1 and tuple(weight.shape[1:]) == (c, 1, 1) and as_pair(call["stride"]) == (1, 1) and \
+        not any(pads)
+    if not (depthwise or pointwise):
+        return None
+    residual = None
+    add = next(iter(nxt.users)) if len(nxt.users) == 1 else None
+    if pointwise and add is not None and add.op == "call_function" and add.target in (operator.add, torch.add) \
+            and not add.kwargs and len(add.args) == 2 and nxt in add.args:
+        other = add.args[1] if add.args[0] is nxt else add.args[0]
+        if isinstance(other, fx.Node) and other is not nxt and index[other.name] < i and isinstance(
+                made.get(other.name), _Made) and made[other.name].shape == made[nxt.name].shape and \
+                made[other.name].dtype == made[nxt.name].dtype and made[other.name].values is None and \
+                isinstance(made.get(add.name), _Made):
+            residual = other.name
+            covered.append(add)
+    nxt_bound = min([b for b in bounds if b > i], default=len(prog.nodes))
+    covered_at = tuple(index[n.name] for n in covered)
+    if max(covered_at) >= nxt_bound:
+        return None
+    return _SiteConv(prog.clamps[i], weight, bias, as_pair(call["stride"]), pads,
+                     made[covered[-1].name].shape[1:], residual, covered[-1].name, covered_at)
+
+
 _CLAMP_CALLS = {torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.hardtanh, F.hardtanh_, torch.clamp, torch.clip,
                 torch.Tensor.relu, torch.Tensor.relu_, torch.Tensor.clamp, torch.Tensor.clip, torch.Tensor.clamp_,
                 torch.Tensor.clip_}
@@ -602,6 +691,7 @@ class FrontierState:
         self.appends = APPEND_NEW_POINTS  # new points' rows go after the others (``append``), else ``insert``
         self.pending: dict[str, torch.Tensor] = {}  # new points' rows of a value, not yet put after its rows (append)
         self.last_row = -1  # the row of the piece's last point (``keep_last``): -1 in path order
+        self.ran: set[int] = set()  # node indices after the current one that a site's kernel has run
 
     def _without_first(self) -> None:
         if self.holds_first:
@@ -630,7 +720,10 @@ class FrontierState:
         with p._modes():
             for i in range(self.next, stop):
                 node = p.nodes[i]
-                if not (self.pending and self._clamp_rows(i, node)):
+                if i in self.ran:  # run by a site's kernel (``_site_conv``)
+                    self.ran.discard(i)
+                elif not (i in p.site_convolutions and self._site_conv(i, node)) and not (
+                        self.pending and self._clamp_rows(i, node)):
                     self._join(n.name for n in node.all_input_nodes)
                     if node.op == "output":
                         self.env["__output__"] = fx.node.map_arg(node.args, lambda n: self.env[n.name])[0]
@@ -648,6 +741,44 @@ class FrontierState:
             new = self.pending.pop(name, None)
             if new is not None:
                 self.env[name] = torch.cat([self.env[name], new])
+
+    def _site_conv(self, i: int, node: fx.Node) -> bool:
+        """A clamp site and the convolution that reads its output (``FrontierProgram.site_convolutions``), run as
+        one kernel on each of the old and the new rows into one array, where the device is in
+        ``FUSE_SITE_CONVOLUTIONS`` and the kernel can take the values (``_conv64.site_conv_ready``); the site's
+        output is never written, its unit inputs never copied. False: not run (nothing done)."""
+        plan = self.prog.site_convolutions[i]
+        src = node.args[0].name
+        z = self.env[src]
+        if z.device.type not in FUSE_SITE_CONVOLUTIONS or not _conv64.site_conv_ready(
+                z, plan.limits, plan.weight, plan.bias, plan.stride, plan.pads):
+            return False
+        if _global_hooks() or node.op == "call_module" and _hooked(self.prog.modules[node.target]):
+            return False  # hooks may change what the module gives: the module's own call
+        parts = [z] + ([self.pending[src]] if src in self.pending else [])
+        if any(tuple(v.shape[1:]) != tuple(z.shape[1:]) or not v.is_contiguous() for v in parts):
+            return False
+        rows = sum(len(v) for v in parts)
+        residuals = [None] * len(parts)
+        if plan.residual is not None:
+            r = self.env[plan.residual]
+            residuals = [r, self.pending[plan.residual]] if plan.residual in self.pending else \
+                [r[:len(z)], r[len(z):]][:len(parts)]
+            if sum(len(v) for v in residuals) != rows or any(
+                    tuple(v.shape[1:]) != plan.out_shape or not v.is_contiguous() or v.dtype != z.dtype
+                    for v in residuals):
+                return False
+        out = z.new_empty((rows, *plan.out_shape))
+        start = 0
+        for part, residual in zip(parts, residuals):
+            if len(part) and not _conv64.clamp_conv2d(part, plan.limits, plan.weight, plan.bias, plan.stride,
+                                                      plan.pads, residual, out[start:start + len(part)]):
+                return False  # the kernel failed (warned): torch's steps from here on
+            start += len(part)
+        self.pending.pop(src, None)
+        self.env[plan.output] = out
+        self.ran.update(plan.covered)
+        return True
 
     def _clamp_rows(self, i: int, node: fx.Node) -> bool:
         """A clamp site (``FrontierProgram.clamps``) whose input waits for its new points' rows and is read by
