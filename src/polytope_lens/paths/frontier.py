@@ -760,13 +760,17 @@ class FrontierState:
             return False
         rows = sum(len(v) for v in parts)
         residuals = [None] * len(parts)
-        if plan.residual is not None:
-            r = self.env[plan.residual]
-            residuals = [r, self.pending[plan.residual]] if plan.residual in self.pending else \
-                [r[:len(z)], r[len(z):]][:len(parts)]
-            if sum(len(v) for v in residuals) != rows or any(
-                    tuple(v.shape[1:]) != plan.out_shape or not v.is_contiguous() or v.dtype != z.dtype
-                    for v in residuals):
+        if plan.residual is not None:  # its rows as the site's: its new rows may wait while the site's do not
+            residuals = [self.env[plan.residual]] + ([self.pending[plan.residual]] if plan.residual in self.pending
+                                                     else [])
+            sizes = [len(v) for v in parts]
+            if [len(v) for v in residuals] != sizes:
+                whole = torch.cat(residuals) if len(residuals) > 1 else residuals[0]
+                if len(whole) != rows:
+                    return False
+                residuals = list(whole.split(sizes))
+            if any(tuple(v.shape[1:]) != plan.out_shape or not v.is_contiguous() or v.dtype != z.dtype
+                   for v in residuals):
                 return False
         out = z.new_empty((rows, *plan.out_shape))
         start = 0
