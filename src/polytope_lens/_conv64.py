@@ -127,10 +127,13 @@ def _triton_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     None where Triton cannot run it here (``_kink_scan.triton_ready``) or the kernel failed (warned once)."""
     from . import _kink_scan
 
-    if not _kink_scan.triton_ready(x):
+    if not _kink_scan.triton_ready(x) or not _pointwise_fits(x.shape[1], weight.shape[0], x.shape[2] * x.shape[3]):
         return None
     out = torch.empty((len(x), weight.shape[0], *x.shape[2:]), dtype=x.dtype, device=x.device)
     return out if _launch_site_conv(x, None, weight, bias, 1, (0, 0, 0, 0), None, out) else None
+
+
+_DW_BLOCK = 256  # outputs per program of the depthwise kernel
 
 
 def site_conv_ready(z: torch.Tensor, limits: tuple, weight: torch.Tensor, bias: torch.Tensor | None, stride,
@@ -147,9 +150,18 @@ def site_conv_ready(z: torch.Tensor, limits: tuple, weight: torch.Tensor, bias: 
     c = z.shape[1]
     if bias is not None and bias.shape != (weight.shape[0],):
         return False
-    if weight.shape[0] == c and weight.shape[1] == 1 and c > 1:  # depthwise
-        return True
-    return weight.shape[1:] == (c, 1, 1) and as_pair(stride) == (1, 1) and not any(pads)
+    if weight.shape[0] == c and weight.shape[1] == 1 and c > 1:  # depthwise: one image's outputs within a grid axis
+        (sh, sw), (kh, kw) = as_pair(stride), weight.shape[2:]
+        oh, ow = (z.shape[2] + pads[2] + pads[3] - kh) // sh + 1, (z.shape[3] + pads[0] + pads[1] - kw) // sw + 1
+        return oh > 0 and ow > 0 and c * oh * ow < 65535 * _DW_BLOCK and z[0].numel() < 1 << 30
+    return weight.shape[1:] == (c, 1, 1) and as_pair(stride) == (1, 1) and not any(pads) and _pointwise_fits(
+        c, weight.shape[0], z.shape[2] * z.shape[3])
+
+
+def _pointwise_fits(c: int, co: int, p: int) -> bool:
+    """Whether the 1 x 1 kernel's grid and 32-bit offsets within an image hold ``c`` input and ``co`` output
+    channels of ``p`` positions."""
+    return -(-co // 32) < 65535 and -(-p // 64) < 65535 and max(c, co) * p < 1 << 31
 
 
 def clamp_conv2d(z: torch.Tensor, limits: tuple, weight: torch.Tensor, bias: torch.Tensor | None, stride,
@@ -174,12 +186,11 @@ def _launch_site_conv(z, limits, weight, bias, stride, pads, residual, out) -> b
     if weight.shape[1] == 1 and weight.shape[0] == c and c > 1:  # depthwise
         (sh, sw), (kh, kw) = as_pair(stride), weight.shape[2:]
         left, _, top, _ = pads
-        total = out.numel()
-        block = 256
-        return _kink_scan._launch(_conv_kernels.clamp_depthwise_kernel, (-(-total // block),), z,
-                                  weight.contiguous(), b, lim, out, total, c, h, w, out.shape[2], out.shape[3], KH=kh,
-                                  KW=kw, SH=sh, SW=sw, PT=top, PL=left, HAS_BIAS=bias is not None, HAS_HI=has_hi,
-                                  BLOCK=block)
+        per_image = out[0].numel()
+        return _kink_scan._launch(_conv_kernels.clamp_depthwise_kernel, (n, -(-per_image // _DW_BLOCK)), z,
+                                  weight.contiguous(), b, lim, out, per_image, c, h, w, out.shape[2], out.shape[3],
+                                  KH=kh, KW=kw, SH=sh, SW=sw, PT=top, PL=left, HAS_BIAS=bias is not None, HAS_HI=has_hi,
+                                  BLOCK=_DW_BLOCK)
     co, p = weight.shape[0], h * w
     bco, bci, bp = 32, 16, 64
     return _kink_scan._launch(_conv_kernels.pointwise_kernel, (n, -(-co // bco), -(-p // bp)), z,

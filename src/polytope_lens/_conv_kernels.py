@@ -53,25 +53,25 @@ def pointwise_kernel(x_ptr, w_ptr, b_ptr, lim_ptr, r_ptr, out_ptr, CI: tl.conste
 
 
 @triton.jit
-def clamp_depthwise_kernel(z_ptr, w_ptr, b_ptr, lim_ptr, out_ptr, TOTAL, C, H, W, OH, OW, KH: tl.constexpr,
+def clamp_depthwise_kernel(z_ptr, w_ptr, b_ptr, lim_ptr, out_ptr, PER_IMAGE, C, H, W, OH, OW, KH: tl.constexpr,
                            KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, PT: tl.constexpr, PL: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_HI: tl.constexpr, BLOCK: tl.constexpr):
-    """A block of the outputs (contiguous, all images, channels and positions as one index, so small images fill
-    the block as well as large ones) of a depthwise convolution of the zero-padded clamp of ``z``: each output is
-    the bias plus the sum over the kernel of clamp(z, lim[0], lim[1]) times the channel's weight, 0 in place of
-    the clamp outside the image (the padding is of the site's output)."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < TOTAL
+    """A block of one image's outputs (contiguous; channels and positions as one index, so small images fill the
+    block as well as large ones; 32-bit index arithmetic within the image) of a depthwise convolution of the
+    zero-padded clamp of ``z``: each output is the bias plus the sum over the kernel of clamp(z, lim[0], lim[1])
+    times the channel's weight, 0 in place of the clamp outside the image (the padding is of the site's output)."""
+    img = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < PER_IMAGE
     ow = offs % OW
     rest = offs // OW
     oh = rest % OH
-    plane = rest // OH  # image * C + channel
-    c = plane % C
+    c = rest // OH
     lo = tl.load(lim_ptr)
     if HAS_HI:
         hi = tl.load(lim_ptr + 1)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
-    base = z_ptr + plane * H * W
+    base = z_ptr + img * C * H * W + c * (H * W)
     for kh in tl.static_range(KH):
         ih = oh * SH - PT + kh
         row_ok = inside & (ih >= 0) & (ih < H)
@@ -85,4 +85,4 @@ def clamp_depthwise_kernel(z_ptr, w_ptr, b_ptr, lim_ptr, out_ptr, TOTAL, C, H, W
             acc += v * tl.load(w_ptr + c * (KH * KW) + (kh * KW + kw), mask=inside, other=0.0)
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=inside, other=0.0)
-    tl.store(out_ptr + offs, acc, mask=inside)
+    tl.store(out_ptr + img * PER_IMAGE + offs, acc, mask=inside)
