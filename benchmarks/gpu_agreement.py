@@ -4,7 +4,8 @@
 
 Spline codes (pinned asynchronous copies on a GPU), exact paths with the semantic trace (batched trace and class
 changes), exact paths through a MobileNet-style CNN on the frontier and graph routes in pieces (with and without
-``_conv64.POINTWISE_AS_MATMUL``), sampled paths on a GELU net (Illinois steps). Prints one line per check; exits 1
+``_conv64.POINTWISE_AS_MATMUL``, and with each clamp site fused with its convolution,
+``frontier.FUSE_SITE_CONVOLUTIONS``), sampled paths on a GELU net (Illinois steps). Prints one line per check; exits 1
 if one disagrees.
 """
 
@@ -155,6 +156,26 @@ def main() -> int:
                    f"4 paths, {int(want.counts.sum())} crossings, 4 MiB budget; counts {same}, positions within "
                    f"1e-9 {pos}; 1 x 1 products taken {len(taken)} times ({'as' if rule else 'NOT as'} expected)")
     _conv64.POINTWISE_AS_MATMUL, _conv64.pointwise_conv2d = set(), real_pointwise
+    # each clamp site with the convolution after it in one Triton kernel (stop 26's opt-in), and with the other 1 x 1
+    # convolutions in the Triton way too: the same records as the CPU's
+    from polytope_lens.paths import frontier
+    real_fused, fused = _conv64.clamp_conv2d, []
+    _conv64.clamp_conv2d = lambda *args: fused.append(1) or real_fused(*args)
+    frontier.FUSE_SITE_CONVOLUTIONS = {torch.device(dev).type}
+    for label, way in [("site and convolution fused", "matmul"), ("fused, other 1 x 1 in Triton", "triton")]:
+        _conv64.POINTWISE_AS_MATMUL, _conv64.POINTWISE_WAY = ({torch.device(dev).type}, way) if way == "triton" \
+            else (set(), "matmul")
+        for budget in (4 << 20, 1 << 30):
+            fused.clear()
+            got = path_crossings(cnn, xa, xb, evaluator="frontier", device=dev, memory_budget=budget)
+            same = want.counts.tolist() == got.counts.tolist()
+            pos = all(np.allclose(p.records["t"], q.records["t"], rtol=0, atol=1e-9)
+                      for p, q in zip(want.paths, got.paths))
+            report(f"exact paths, MobileNet-style CNN, frontier, {label}, {budget >> 20} MiB", same and pos and
+                   bool(fused), f"4 paths, {int(want.counts.sum())} crossings; counts {same}, positions within 1e-9 "
+                   f"{pos}; fused kernels launched {len(fused)} times")
+    frontier.FUSE_SITE_CONVOLUTIONS, _conv64.clamp_conv2d = set(), real_fused
+    _conv64.POINTWISE_AS_MATMUL, _conv64.POINTWISE_WAY = set(), "matmul"
 
     smooth = mlp(nn.GELU, 1)
     sc = path_crossings(smooth, a[:8], b[:8], n_samples=128, tol=1e-10)
