@@ -551,8 +551,11 @@ def main():
     print("|---|---:|---:|---|---|", flush=True)
 
     def row(case, t0, r):  # one row as soon as it is known: a step killed at its time limit keeps the rows before
-        print(f"| {case} | {time.perf_counter() - t0:.1f} | {r.paths[0].crossings} | {r.exact} | {r.notes[-1]} |",
-              flush=True)
+        from polytope_lens import _kink_scan
+        failed = f"; a Triton kernel FAILED, torch's steps ran instead: {_kink_scan._failed[0][:150]}" \
+            if _kink_scan._failed else ""  # a fallback would time torch's steps under the kernels' name
+        print(f"| {case} | {time.perf_counter() - t0:.1f} | {r.paths[0].crossings} | {r.exact} | "
+              f"{r.notes[-1]}{failed} |", flush=True)
 
     if dev != "cpu":  # warm-up: CUDA context, kernels
         path_crossings(bundle.module, x[:1], x[1:], layers="_swish.relu6", trace=False, device=dev)

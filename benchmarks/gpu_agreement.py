@@ -160,7 +160,8 @@ def main() -> int:
     # convolutions in the Triton way too: the same records as the CPU's
     from polytope_lens.paths import frontier
     real_fused, fused = _conv64.clamp_conv2d, []
-    _conv64.clamp_conv2d = lambda *args: fused.append(1) or real_fused(*args)
+    _conv64.clamp_conv2d = lambda *args: fused.append(real_fused(*args)) or fused[-1]  # whether each launch ran
+    from polytope_lens import _kink_scan
     frontier.FUSE_SITE_CONVOLUTIONS = {torch.device(dev).type}
     for label, way in [("site and convolution fused", "matmul"), ("fused, other 1 x 1 in Triton", "triton")]:
         _conv64.POINTWISE_AS_MATMUL, _conv64.POINTWISE_WAY = ({torch.device(dev).type}, way) if way == "triton" \
@@ -171,9 +172,10 @@ def main() -> int:
             same = want.counts.tolist() == got.counts.tolist()
             pos = all(np.allclose(p.records["t"], q.records["t"], rtol=0, atol=1e-9)
                       for p, q in zip(want.paths, got.paths))
-            report(f"exact paths, MobileNet-style CNN, frontier, {label}, {budget >> 20} MiB", same and pos and
-                   bool(fused), f"4 paths, {int(want.counts.sum())} crossings; counts {same}, positions within 1e-9 "
-                   f"{pos}; fused kernels launched {len(fused)} times")
+            ran = bool(fused) and all(fused) and not _kink_scan._failed  # no kernel fell back to torch's steps
+            report(f"exact paths, MobileNet-style CNN, frontier, {label}, {budget >> 20} MiB", same and pos and ran,
+                   f"4 paths, {int(want.counts.sum())} crossings; counts {same}, positions within 1e-9 {pos}; fused "
+                   f"kernels ran {sum(fused)} of {len(fused)} times; Triton failures: {_kink_scan._failed or 'none'}")
     frontier.FUSE_SITE_CONVOLUTIONS, _conv64.clamp_conv2d = set(), real_fused
     _conv64.POINTWISE_AS_MATMUL, _conv64.POINTWISE_WAY = set(), "matmul"
 

@@ -107,8 +107,12 @@ _INTERPRETED = textwrap.dedent('''
         assert _conv64.clamp_conv2d(z, lim, wt, b, 1, (0, 0, 0, 0), r, out)
         worst = max(worst, float(((out - want).abs() / want.abs().clamp_min(1)).max()))
     assert not _conv64.site_conv_ready(rand(1, 4, 5, 5), (0.0, 6.0), rand(5, 4, 3, 3), None, 1, (0, 0, 0, 0))
+    assert not _conv64.site_conv_ready(rand(1, 4, 5, 5).float(), (0.0, 6.0), rand(4, 1, 3, 3).float(), None, 1,
+                                       (1, 1, 1, 1))  # float64 only
+    assert _conv64.site_conv_ready(rand(0, 4, 5, 5), (0.0, 6.0), rand(4, 1, 3, 3), None, 1, (1, 1, 1, 1))
 
-    # whole paths through the frontier with the kernel: new points appended, one piece; merged, in pieces
+    # whole paths through the frontier with the kernel: new points appended, one piece; merged, in pieces;
+    # appended, in pieces
     ran = []
     real = _conv64.clamp_conv2d
     _conv64.clamp_conv2d = lambda *a: (ran.append((tuple(a[2].shape), a[5], a[6] is not None)), real(*a))[1]
@@ -117,12 +121,13 @@ _INTERPRETED = textwrap.dedent('''
     frontier.FUSE_SITE_CONVOLUTIONS = {"cpu"}
     runs = [path_crossings(model, a, b, evaluator="frontier")]
     kinds = sorted(set(ran))
-    frontier.APPEND_NEW_POINTS = False
-    runs.append(path_crossings(model, a, b, evaluator="frontier", memory_budget=1 << 20))
+    frontier.APPEND_NEW_POINTS = False  # the first path only, in pieces
+    runs.append(path_crossings(model, a[:1], b[:1], evaluator="frontier", memory_budget=1 << 20))
+    frontier.APPEND_NEW_POINTS = True  # appended, in pieces that share their end points' values
+    runs.append(path_crossings(model, a[:1], b[:1], evaluator="frontier", memory_budget=1 << 20))
     # the block's input waits for new rows while the site before the projection has none: rows paired as they are
     n_mobile = len(ran)
     ran.clear()
-    frontier.APPEND_NEW_POINTS = True
     runs.append(path_crossings(InvertedResidual().double().eval(), *short_path(), evaluator="frontier"))
     assert any(residual for _, _, residual in ran)
     with open(sys.argv[1], "wb") as f:
@@ -149,8 +154,11 @@ def test_site_convolutions_equal_torch_steps_in_the_interpreter(tmp_path):
     model = Mobile().double().eval()
     want = path_crossings(model, a, b, evaluator="graph")
     assert want.counts.sum() > 100
-    for got in runs[:-1]:
-        assert_same_records(got, want, t_atol=1e-10)
+    assert_same_records(runs[0], want, t_atol=1e-10)
+    first = path_crossings(model, a[:1], b[:1], evaluator="graph")
+    for got in runs[1:-1]:
+        assert len(got.paths[0].records["t"]) > 50
+        assert_same_records(got, first, t_atol=1e-10)
     block = path_crossings(InvertedResidual().double().eval(), *short_path(), evaluator="graph")
     assert block.paths[0].per_layer["relu6#1"] > 0 and block.paths[0].per_layer["relu6#2"] == 0
     assert_same_records(runs[-1], block, t_atol=1e-10)

@@ -41,6 +41,8 @@ float64): on an H100 (stop 25, ``benchmarks/bench_fused_depthwise.py``) a kernel
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch._prims_common import suggest_memory_format  # ATen's choice of memory format, as torch's own decompositions
@@ -134,6 +136,8 @@ def _triton_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 _DW_BLOCK = 256  # outputs per program of the depthwise kernel
+_PW_BLOCKS = (32, 16, 64)  # output channels, input channels (tl.dot's inner size, at least 16) and positions per
+#                            program of the 1 x 1 kernel
 
 
 def site_conv_ready(z: torch.Tensor, limits: tuple, weight: torch.Tensor, bias: torch.Tensor | None, stride,
@@ -153,7 +157,7 @@ def site_conv_ready(z: torch.Tensor, limits: tuple, weight: torch.Tensor, bias: 
     if weight.shape[0] == c and weight.shape[1] == 1 and c > 1:  # depthwise: one image's outputs within a grid axis
         (sh, sw), (kh, kw) = as_pair(stride), weight.shape[2:]
         oh, ow = (z.shape[2] + pads[2] + pads[3] - kh) // sh + 1, (z.shape[3] + pads[0] + pads[1] - kw) // sw + 1
-        return oh > 0 and ow > 0 and c * oh * ow < 65535 * _DW_BLOCK and z[0].numel() < 1 << 30
+        return oh > 0 and ow > 0 and c * oh * ow < 65535 * _DW_BLOCK and math.prod(z.shape[1:]) < 1 << 30
     return weight.shape[1:] == (c, 1, 1) and as_pair(stride) == (1, 1) and not any(pads) and _pointwise_fits(
         c, weight.shape[0], z.shape[2] * z.shape[3])
 
@@ -161,7 +165,7 @@ def site_conv_ready(z: torch.Tensor, limits: tuple, weight: torch.Tensor, bias: 
 def _pointwise_fits(c: int, co: int, p: int) -> bool:
     """Whether the 1 x 1 kernel's grid and 32-bit offsets within an image hold ``c`` input and ``co`` output
     channels of ``p`` positions."""
-    return -(-co // 32) < 65535 and -(-p // 64) < 65535 and max(c, co) * p < 1 << 31
+    return -(-co // _PW_BLOCKS[0]) < 65535 and -(-p // _PW_BLOCKS[2]) < 65535 and max(c, co) * p < 1 << 31
 
 
 def clamp_conv2d(z: torch.Tensor, limits: tuple, weight: torch.Tensor, bias: torch.Tensor | None, stride,
@@ -192,11 +196,11 @@ def _launch_site_conv(z, limits, weight, bias, stride, pads, residual, out) -> b
                                   KH=kh, KW=kw, SH=sh, SW=sw, PT=top, PL=left, HAS_BIAS=bias is not None, HAS_HI=has_hi,
                                   BLOCK=_DW_BLOCK)
     co, p = weight.shape[0], h * w
-    bco, bci, bp = 32, 16, 64
+    bco, bci, bp = _PW_BLOCKS
     return _kink_scan._launch(_conv_kernels.pointwise_kernel, (n, -(-co // bco), -(-p // bp)), z,
                               weight.reshape(co, c).contiguous(), b, lim, out if residual is None else residual, out,
                               c, co, p, HAS_BIAS=bias is not None, CLAMP=clamp, HAS_HI=has_hi,
-                              RESIDUAL=residual is not None, DOT=True, BCO=bco, BCI=bci, BP=bp)
+                              RESIDUAL=residual is not None, BCO=bco, BCI=bci, BP=bp)
 
 
 def _float64_conv(args: tuple, kwargs: dict) -> dict | None:

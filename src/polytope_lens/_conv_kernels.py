@@ -16,12 +16,12 @@ import triton.language as tl
 
 @triton.jit
 def pointwise_kernel(x_ptr, w_ptr, b_ptr, lim_ptr, r_ptr, out_ptr, CI: tl.constexpr, CO, P, HAS_BIAS: tl.constexpr,
-                     CLAMP: tl.constexpr, HAS_HI: tl.constexpr, RESIDUAL: tl.constexpr, DOT: tl.constexpr,
-                     BCO: tl.constexpr, BCI: tl.constexpr, BP: tl.constexpr):
+                     CLAMP: tl.constexpr, HAS_HI: tl.constexpr, RESIDUAL: tl.constexpr, BCO: tl.constexpr,
+                     BCI: tl.constexpr, BP: tl.constexpr):
     """One image's block of output channels and positions of a 1 x 1 convolution: the weight (CO x CI) times the
     image's (CI x P) inputs (contiguous images), each input clamped to [lim[0], lim[1]] as it is loaded when CLAMP
-    (no upper bound unless HAS_HI), plus the bias and, when RESIDUAL, the same block of ``r``. DOT: ``tl.dot``
-    (float64 products and sums), else broadcast products summed (where float64 ``tl.dot`` does not build)."""
+    (no upper bound unless HAS_HI), plus the bias and, when RESIDUAL, the same block of ``r``; the products and
+    sums by ``tl.dot`` in float64 (which needs BCI >= 16)."""
     img = tl.program_id(0).to(tl.int64)
     co = tl.program_id(1) * BCO + tl.arange(0, BCO)
     p = tl.program_id(2) * BP + tl.arange(0, BP)
@@ -36,13 +36,10 @@ def pointwise_kernel(x_ptr, w_ptr, b_ptr, lim_ptr, r_ptr, out_ptr, CI: tl.conste
         x = tl.load(x_ptr + img * CI * P + ci[:, None] * P + p[None, :], mask=(ci[:, None] < CI) & (p[None, :] < P),
                     other=0.0)
         if CLAMP:  # masked entries meet a zero weight or are not stored
-            x = tl.maximum(x, lo)
+            x = tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.clamp keeps it
             if HAS_HI:
-                x = tl.minimum(x, hi)
-        if DOT:
-            acc += tl.dot(w, x)
-        else:
-            acc += tl.sum(w[:, :, None] * x[None, :, :], axis=1)
+                x = tl.minimum(x, hi, propagate_nan=tl.PropagateNan.ALL)
+        acc += tl.dot(w, x)
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=co < CO, other=0.0)[:, None]
     where = img * CO * P + co[:, None] * P + p[None, :]
@@ -78,9 +75,9 @@ def clamp_depthwise_kernel(z_ptr, w_ptr, b_ptr, lim_ptr, out_ptr, PER_IMAGE, C, 
         for kw in tl.static_range(KW):
             iw = ow * SW - PL + kw
             ok = row_ok & (iw >= 0) & (iw < W)
-            v = tl.maximum(tl.load(base + ih * W + iw, mask=ok, other=0.0), lo)
+            v = tl.maximum(tl.load(base + ih * W + iw, mask=ok, other=0.0), lo, propagate_nan=tl.PropagateNan.ALL)
             if HAS_HI:
-                v = tl.minimum(v, hi)
+                v = tl.minimum(v, hi, propagate_nan=tl.PropagateNan.ALL)
             v = tl.where(ok, v, 0.0)
             acc += v * tl.load(w_ptr + c * (KH * KW) + (kh * KW + kw), mask=inside, other=0.0)
     if HAS_BIAS:

@@ -13,6 +13,7 @@ the two are tested against each other in Triton's interpreter).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -75,8 +76,11 @@ def piece_bytes(z: torch.Tensor, kinks: tuple[float, ...]) -> torch.Tensor:
 
 def _launch(kernel, grid, *args, **meta) -> bool:
     """Run a kernel; on failure (a GPU or Triton build that cannot compile it) warn once, remember, return False."""
+    on = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
     try:
-        kernel[grid](*args, **meta)
+        # Triton launches on the current CUDA device: the tensors' own (a path on cuda:1)
+        with torch.cuda.device(on) if on is not None and on.type == "cuda" else contextlib.nullcontext():
+            kernel[grid](*args, **meta)
         return True
     except torch.OutOfMemoryError:  # the device's limit, not the kernel's: a piece of a path is retried smaller
         raise
