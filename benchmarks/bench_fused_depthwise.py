@@ -140,39 +140,47 @@ def main():
     layers = depthwise_layers(model)
     layers = layers[:args.layers] if args.layers else layers
     torch.manual_seed(0)  # inputs made on the device: a host would take minutes for 14 GB of them
-    print(f"float64 depthwise steps of EfficientNet-Lite0 (ReLU6, zero padding, depthwise convolution with batch "
-          f"norm folded; torch pads symmetric layers inside the convolution, as the frontier's fold does), batches of "
-          f"{args.batch} images on {args.device}")
-    print("| channels x height x width | kernel, stride, padding | torch (ms) | fused (ms) | max relative difference |")
-    print("|---|---|---:|---:|---:|", flush=True)
-    total = [0.0, 0.0]
-    for c, h, w, weight, bias, stride, pads in layers:
-        z = 3 * torch.randn(args.batch, c, h, w, dtype=torch.float64, device=dev)
-        weight, bias = weight.to(dev), bias.to(dev)
-        err, times = compared(lambda: unfused(z, weight, bias, stride, pads),
-                              lambda: fused(z, weight, bias, stride, pads), dev, args.repeat, f"{c} x {h} x {w}")
-        total = [a + b for a, b in zip(total, times)]
-        print(f"| {c} x {h} x {w} | {weight.shape[-1]}, {stride}, {pads} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} "
-              f"| {err:.0e} |", flush=True)
-    print(f"| all {len(layers)} layers | | {total[0] * 1e3:.2f} | {total[1] * 1e3:.2f} | |")
+
+    def depthwise_cases():
+        for c, h, w, weight, bias, stride, pads in layers:
+            z = 3 * torch.randn(args.batch, c, h, w, dtype=torch.float64, device=dev)
+            weight, bias = weight.to(dev), bias.to(dev)
+            yield (f"{c} x {h} x {w} | {weight.shape[-1]}, {stride}, {pads}",
+                   lambda: unfused(z, weight, bias, stride, pads), lambda: fused(z, weight, bias, stride, pads))
+
+    table(f"float64 depthwise steps of EfficientNet-Lite0 (ReLU6, zero padding, depthwise convolution with batch norm "
+          f"folded; torch pads symmetric layers inside the convolution, as the frontier's fold does), batches of "
+          f"{args.batch} images on {args.device}", "channels x height x width | kernel, stride, padding",
+          depthwise_cases(), len(layers), dev, args.repeat)
     ones = pointwise_layers(model)
     ones = ones[:args.layers] if args.layers else ones
-    print(f"\nfloat64 1 x 1 steps (ReLU6 before projections, the convolution with batch norm folded, the residual "
-          f"where the block keeps its input), batches of {args.batch} images; fused: one kernel with tl.dot")
-    print("| in x height x width -> out | ReLU6, residual | torch (ms) | fused (ms) | max relative difference |")
+
+    def pointwise_cases():
+        for c, h, w, weight, bias, clamp, skip in ones:
+            x = 3 * torch.randn(args.batch, c, h, w, dtype=torch.float64, device=dev)
+            weight, bias = weight.to(dev), bias.to(dev)
+            res = 3 * torch.randn(args.batch, weight.shape[0], h, w, dtype=torch.float64, device=dev) if skip else None
+            yield (f"{c} x {h} x {w} -> {weight.shape[0]} | {clamp}, {skip}",
+                   lambda: unfused_pointwise(x, weight, bias, clamp, res),
+                   lambda: fused_pointwise(x, weight, bias, clamp, res))
+
+    table(f"\nfloat64 1 x 1 steps (ReLU6 before projections, the convolution with batch norm folded, the residual "
+          f"where the block keeps its input), batches of {args.batch} images; fused: one kernel with tl.dot",
+          "in x height x width -> out | ReLU6, residual", pointwise_cases(), len(ones), dev, args.repeat)
+
+
+def table(title: str, columns: str, cases, n: int, dev, repeat: int) -> None:
+    """One markdown table: per case (its first columns, torch's way, the fused way) both times and their largest
+    difference, then the sums over the ``n`` cases."""
+    print(title)
+    print(f"| {columns} | torch (ms) | fused (ms) | max relative difference |")
     print("|---|---|---:|---:|---:|", flush=True)
     total = [0.0, 0.0]
-    for c, h, w, weight, bias, clamp, skip in ones:
-        x = 3 * torch.randn(args.batch, c, h, w, dtype=torch.float64, device=dev)
-        weight, bias = weight.to(dev), bias.to(dev)
-        res = 3 * torch.randn(args.batch, weight.shape[0], h, w, dtype=torch.float64, device=dev) if skip else None
-        err, times = compared(lambda: unfused_pointwise(x, weight, bias, clamp, res),
-                              lambda: fused_pointwise(x, weight, bias, clamp, res), dev, args.repeat,
-                              f"1 x 1, {c} x {h} x {w}")
+    for cells, torch_fn, fused_fn in cases:
+        err, times = compared(torch_fn, fused_fn, dev, repeat, cells)
         total = [a + b for a, b in zip(total, times)]
-        print(f"| {c} x {h} x {w} -> {weight.shape[0]} | {clamp}, {skip} | {times[0] * 1e3:.2f} | "
-              f"{times[1] * 1e3:.2f} | {err:.0e} |", flush=True)
-    print(f"| all {len(ones)} layers | | {total[0] * 1e3:.2f} | {total[1] * 1e3:.2f} | |")
+        print(f"| {cells} | {times[0] * 1e3:.2f} | {times[1] * 1e3:.2f} | {err:.0e} |", flush=True)
+    print(f"| all {n} layers | | {total[0] * 1e3:.2f} | {total[1] * 1e3:.2f} | |")
 
 
 if __name__ == "__main__":
