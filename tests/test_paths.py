@@ -1857,3 +1857,24 @@ def test_progress_is_called_once_per_chunk_with_the_paths_finished():
     assert sum(rays) == 3
     with pytest.raises(InvalidInputError, match="'progress' parameter of path_crossings must be None or a callable"):
         path_crossings(mlp, a, b, progress=3)
+
+
+def test_sampled_rays_through_zero_count_ties_as_exact_paths_do():
+    """A ray through alpha = 0 at a ReLU site puts every max-pool window on a tie (all entries the channel's bias)
+    and every bias-free later unit on its kink at one sample: the sampled mode counts a touch there as no change and
+    a pass through it as one, as the exact engine does (found by a tester: 52 window changes where there are 36),
+    wherever the batches of samples split (a 1 MiB budget); a range that ends at alpha = 0 keeps its end's crossings."""
+    torch.manual_seed(0)
+    pool = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(36, 5)).double()
+    bias_free = nn.Sequential(nn.Linear(6, 12, bias=False), nn.ReLU(), nn.Linear(12, 12, bias=False), nn.ReLU(),
+                              nn.Linear(12, 3, bias=False)).double()
+    x, v = torch.randn(1, 1, 8, 8, dtype=torch.float64), torch.randn(1, 6, dtype=torch.float64)
+    for model, inp, layer in ((pool, x, "1.relu"), (bias_free, v, "1.relu")):
+        for alphas in ((-1.0, 1.0), (-1.0, 0.0)):
+            exact = ray_crossings(model, inp, layer=layer, alphas=alphas, method="exact")
+            assert exact.counts.sum() > 5
+            for budget in (None, 1 << 20):
+                kw = {} if budget is None else {"memory_budget": budget}
+                sampled = ray_crossings(model, inp, layer=layer, alphas=alphas, method="sampled", n_samples=1024, **kw)
+                assert sampled.paths[0].per_layer == exact.paths[0].per_layer, (layer, alphas, budget)

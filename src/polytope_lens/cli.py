@@ -307,6 +307,8 @@ def _check_json_target(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise InvalidInputError(f"The JSON output folder {str(parent)!r} does not exist or is not writable.")
+    if path.is_dir():
+        raise InvalidInputError(f"The JSON output {str(path)!r} is a folder; give a file name.")
 
 
 def _print_paths(result, what: str) -> None:

@@ -146,6 +146,11 @@ class Activation:
         """Soft code in (0, 1) per unit for smooth activations; None for piecewise-linear ones."""
         return None
 
+    def on_kink(self, z: torch.Tensor) -> torch.Tensor | None:
+        """Per unit, whether ``z`` lies exactly on a kink (its piece there is a tie-break, not a side); None where
+        the activation does not say."""
+        return None
+
     def describe(self) -> dict:
         """JSON-safe description, stored beside codes."""
         return {"name": self.name, "n_pieces": self.n_pieces, "exact": self.exact, "ordered": self.ordered}
@@ -232,6 +237,12 @@ class ScalarKinks(Activation):
 
     def soft(self, z: torch.Tensor) -> torch.Tensor | None:
         return None if self.soft_fn is None else self.soft_fn(z)
+
+    def on_kink(self, z: torch.Tensor) -> torch.Tensor | None:
+        on = z == self.kinks[0]
+        for k in self.kinks[1:]:
+            on |= z == k
+        return on
 
     def describe(self) -> dict:
         return {**super().describe(), "kinks": list(self.kinks)}
@@ -324,6 +335,14 @@ class WindowMax(Activation):
 
     def pieces(self, z: torch.Tensor) -> torch.Tensor:
         return self.first_maxima(z)
+
+    def on_kink(self, z: torch.Tensor) -> torch.Tensor | None:
+        """Windows whose maximum is attained by two entries or more (padding never ties: it is -inf)."""
+        entries = self._entries(z)
+        top = _max_of(entries)
+        count = sum((e == top).to(torch.uint8) for e in entries)
+        tied = count > 1
+        return tied.squeeze(2) if z.dim() == 3 else tied
 
     def window_index(self, shape: tuple[int, ...], device=None) -> torch.Tensor:
         """Flat input index of every window entry, (units, n_pieces); -1 where the window hangs over padding."""

@@ -201,7 +201,8 @@ class ModelBundle:
         if self.input_shape is not None and tuple(items.shape[1:]) != tuple(self.input_shape):
             raise InvalidInputError(
                 f"Model {self.spec!r} expects inputs of shape {tuple(self.input_shape)} per example; data "
-                f"{data.spec!r} has {tuple(items.shape[1:])}."
+                f"{data.spec!r} has {len(items)} items of shape {tuple(items.shape[1:])} (its first axis counts the "
+                "examples)."
             )
         return torch.as_tensor(np.ascontiguousarray(items), dtype=torch.float32)
 

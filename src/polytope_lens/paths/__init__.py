@@ -189,8 +189,8 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
         if last + 1 < len(runner.names):
             runner.processed, runner.names = runner.processed[:last + 1], runner.names[:last + 1]
             notes.append(f"sites after {runner.names[-1]} were not processed (not needed for the reported ones)"
-                         + ("; the trace's regions are those of the processed sites, so class changes are placed "
-                            "at their breakpoints" if trace else ""))
+                         + ("; the trace's regions are those of the processed sites, and class changes are placed "
+                            "by bisection on the model (to 1e-10 in t)" if trace else ""))
     unit_idx = _last_site_units(runner, units, method, owner)
     if unit_idx is not None:
         notes.append(f"crossings of {runner.names[-1]} counted for {len(unit_idx)} selected units"
@@ -211,6 +211,11 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
     if method == "auto" and not use_exact:
         notes.append("auto chose sampled: " + (f"smooth activation at {smooth[0]}" if smooth else
                                                 f"not affine between sites before {bad[0]}"))
+    floor = 4 * torch.finfo(prep.dtype).eps  # the narrowest bracket the dtype resolves in t (spacing near 1: eps)
+    if not use_exact and tol < floor:
+        notes.append(f"tol raised from {tol:g} to {floor:g}: {str(prep.dtype).replace('torch.', '')} cannot place a "
+                     "crossing more finely in t")
+        tol = floor
     affine = frontier = None
     why_not = ""
     if use_exact and evaluator in ("auto", "affine"):

@@ -41,23 +41,33 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
     recs = []
     # (site k, sample interval j, unit, piece at its left end, piece at its right end, unit input at both ends),
     # found batch by batch: the samples' unit inputs are never all held at once (the memory budget), only the last
-    # sample of the batch before, for the pair that straddles two batches
-    pending, outputs, last = [], [], None
+    # two samples of the batch before, for the pair whose right end needs the sample after it (``_past_ties``)
+    pending, outputs, last, last_piece = [], [], None, {}
+
     for rows, o in runner.eval_point_batches(gpids[pid], t, runner.names, want_output):
-        first = rows.start if last is None else rows.start - 1  # global index of the first row of z below
-        ends = {}
+        first = rows.start - (0 if last is None else len(last[0]))  # global index of the first row of z below
+        ends, ends_piece = {}, {}
         for k, site in enumerate(runner.processed):
             z = o[site.name].reshape(rows.stop - rows.start, -1)
             if last is not None:
                 z = torch.cat([last[k], z])
-            p = site.activation.pieces(z.reshape(len(z), *runner.z_shape[site.name])).reshape(len(z), -1)
-            j, unit = torch.nonzero((p[:-1] != p[1:]) & same[first:first + len(z) - 1, None], as_tuple=True)
-            pending.append((k, j + first, unit, p[j, unit], p[j + 1, unit], z[j, unit], z[j + 1, unit]))
-            ends[k] = z[-1:]
+            zs = z.reshape(len(z), *runner.z_shape[site.name])
+            p = site.activation.pieces(zs).reshape(len(z), -1)
+            if last_piece.get(k) is not None:
+                p[0] = last_piece[k]  # a sample of the batch before, its tie resolved there
+            p = _past_ties(p, site.activation.on_kink(zs), same[first:first + len(z) - 1])
+            pending.append(_changes(k, z, p, same, first, len(z) - 2))  # the last sample waits for the next one
+            ends[k], ends_piece[k] = z[-2:], (p[-2].clone() if len(z) > 1 else None)
             del z, p
-        last = ends
+        last, last_piece = ends, ends_piece
         if want_output:
             outputs.append(o["output"])
+    for k, site in enumerate(runner.processed):  # the last pair: its right end is the last path's end
+        z = last[k]
+        p = site.activation.pieces(z.reshape(len(z), *runner.z_shape[site.name])).reshape(len(z), -1)
+        if last_piece.get(k) is not None:
+            p[0] = last_piece[k]
+        pending.append(_changes(k, z, p, same, len(t) - len(z), len(z) - 1))
     pending.sort(key=lambda e: e[0])  # site by site (stable: sample order within a site)
     lo_all = torch.cat([t[j] for _, j, *_ in pending]) if pending else t.new_zeros(0)
     hi_all = torch.cat([t[j + 1] for _, j, *_ in pending]) if pending else t.new_zeros(0)
@@ -109,6 +119,32 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
     if want_output:
         out["output"] = output
     return out
+
+
+def _changes(k: int, z: torch.Tensor, p: torch.Tensor, same: torch.Tensor, first: int, n_pairs: int) -> tuple:
+    """(site k, sample interval, unit, pieces and unit inputs at both ends) of every unit whose piece differs between
+    rows i and i + 1 of ``z`` (pieces ``p``; global rows ``first + i``, on one path) for the first ``n_pairs`` i."""
+    n_pairs = max(n_pairs, 0)
+    j, unit = torch.nonzero((p[:n_pairs] != p[1:n_pairs + 1]) & same[first:first + n_pairs, None], as_tuple=True)
+    return k, j + first, unit, p[j, unit], p[j + 1, unit], z[j, unit], z[j + 1, unit]
+
+
+def _past_ties(p: torch.Tensor, on: torch.Tensor | None, same: torch.Tensor) -> torch.Tensor:
+    """Pieces ``p`` (samples x units) with a sample exactly on a kink between two samples of its path that are not
+    given the piece of the sample before it (``same[i]``: samples i and i + 1 are on one path; the first and last
+    rows are left as they are): a unit that touches a kink at one sample and turns back changes piece there not at
+    all, and one that passes through it changes once, as the exact engine counts (a ray through alpha = 0 puts
+    every bias-free unit, and every max-pool window, on a tie at one sample). A unit that stays on a kink over
+    several samples (a window of a ReLU's zeros) keeps its tie-break piece there, as exact paths give it."""
+    if on is None or len(p) < 3:
+        return p
+    on = on.reshape(p.shape)
+    alone = on[1:-1] & ~on[:-2] & ~on[2:] & same[:-1, None] & same[1:, None]
+    if not bool(alone.any()):
+        return p
+    p = p.clone()
+    p[1:-1] = torch.where(alone, p[:-2], p[1:-1])
+    return p
 
 
 def _narrow_shared(runner: Runner, gpids, ppid, sidx, unit, plo, phi, lo, hi, f_lo, f_hi, kink, tol: float):
