@@ -191,3 +191,22 @@ def test_scale_of_a_text_activation_counts_the_sign_changes_of_hand_hooks(tmp_pa
             h.remove()
     signs = torch.stack(signs)
     assert p["crossings"] == int((signs[1:] != signs[:-1]).sum()) > 0
+
+
+def test_json_target_that_is_a_folder_is_refused_before_the_run(tmp_path, pairs):
+    """A tester's case: the run finished, then writing failed with a traceback and left a temporary file."""
+    folder = tmp_path / "out.json"
+    folder.mkdir()
+    r = runner.invoke(app, ["path", "--model", MODEL, "--pairs", str(pairs), "--json", str(folder)])
+    assert r.exit_code != 0 and "is a folder" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert list(folder.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["out.json", "pairs.npz"]
+
+
+def test_sampled_float32_paths_finish_with_the_tolerance_the_dtype_resolves(tmp_path, pairs):
+    """float32 cannot place a crossing to the default 1e-9 in t: the bisection used to run forever."""
+    r = runner.invoke(app, ["path", "--model", MODEL, "--pairs", str(pairs), "--method", "sampled", "--dtype",
+                            "float32", "--json", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "s.json").read_text())
+    assert d["exact"] is False and d["tolerance"]["tol"] == pytest.approx(4 * np.finfo(np.float32).eps)
+    assert any("tol raised" in n for n in d["notes"]) and sum(p["crossings"] for p in d["paths"]) > 0
