@@ -93,7 +93,7 @@ _INTERPRETED = textwrap.dedent('''
         z, wt, b = 3 * rand(n, c, h, w), rand(c, 1, k, k), rand(c) if bias else None
         want = F.conv2d(F.pad(torch.clamp(z, *lim), pads), wt, b, s, 0, 1, c)
         out = torch.full_like(want, float("nan"))
-        assert _conv64.site_conv_ready(z, lim, wt, b, s, pads)
+        assert _conv64.site_conv_ready(z, wt, b, s, pads)
         assert _conv64.clamp_conv2d(z, lim, wt, b, s, pads, None, out)
         worst = max(worst, float(((out - want).abs() / want.abs().clamp_min(1)).max()))
     # 1 x 1 (with and without bias, residual, upper bound)
@@ -106,10 +106,10 @@ _INTERPRETED = textwrap.dedent('''
         out = torch.full_like(want, float("nan"))
         assert _conv64.clamp_conv2d(z, lim, wt, b, 1, (0, 0, 0, 0), r, out)
         worst = max(worst, float(((out - want).abs() / want.abs().clamp_min(1)).max()))
-    assert not _conv64.site_conv_ready(rand(1, 4, 5, 5), (0.0, 6.0), rand(5, 4, 3, 3), None, 1, (0, 0, 0, 0))
-    assert not _conv64.site_conv_ready(rand(1, 4, 5, 5).float(), (0.0, 6.0), rand(4, 1, 3, 3).float(), None, 1,
+    assert not _conv64.site_conv_ready(rand(1, 4, 5, 5), rand(5, 4, 3, 3), None, 1, (0, 0, 0, 0))
+    assert not _conv64.site_conv_ready(rand(1, 4, 5, 5).float(), rand(4, 1, 3, 3).float(), None, 1,
                                        (1, 1, 1, 1))  # float64 only
-    assert _conv64.site_conv_ready(rand(0, 4, 5, 5), (0.0, 6.0), rand(4, 1, 3, 3), None, 1, (1, 1, 1, 1))
+    assert _conv64.site_conv_ready(rand(0, 4, 5, 5), rand(4, 1, 3, 3), None, 1, (1, 1, 1, 1))
 
     # whole paths through the frontier with the kernel: new points appended, one piece; merged, in pieces;
     # appended, in pieces

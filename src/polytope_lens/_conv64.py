@@ -140,7 +140,7 @@ _PW_BLOCKS = (32, 16, 64)  # output channels, input channels (tl.dot's inner siz
 #                            program of the 1 x 1 kernel
 
 
-def site_conv_ready(z: torch.Tensor, limits: tuple, weight: torch.Tensor, bias: torch.Tensor | None, stride,
+def site_conv_ready(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride,
                     pads: tuple[int, int, int, int]) -> bool:
     """Whether ``clamp_conv2d`` can run this call here: float64 contiguous images on a device where Triton runs
     (``_kink_scan.triton_ready``), and either a depthwise weight (C, 1, kh, kw) or a 1 x 1 weight with stride 1 and
@@ -154,12 +154,17 @@ def site_conv_ready(z: torch.Tensor, limits: tuple, weight: torch.Tensor, bias: 
     c = z.shape[1]
     if bias is not None and bias.shape != (weight.shape[0],):
         return False
-    if weight.shape[0] == c and weight.shape[1] == 1 and c > 1:  # depthwise: one image's outputs within a grid axis
+    if _is_depthwise(weight, c):  # one image's outputs within a grid axis
         (sh, sw), (kh, kw) = as_pair(stride), weight.shape[2:]
         oh, ow = (z.shape[2] + pads[2] + pads[3] - kh) // sh + 1, (z.shape[3] + pads[0] + pads[1] - kw) // sw + 1
         return oh > 0 and ow > 0 and c * oh * ow < 65535 * _DW_BLOCK and math.prod(z.shape[1:]) < 1 << 30
     return weight.shape[1:] == (c, 1, 1) and as_pair(stride) == (1, 1) and not any(pads) and _pointwise_fits(
         c, weight.shape[0], z.shape[2] * z.shape[3])
+
+
+def _is_depthwise(weight: torch.Tensor, c: int) -> bool:
+    """Whether ``weight`` is a depthwise convolution's over ``c`` channels: (c, 1, kh, kw), c > 1."""
+    return weight.shape[0] == c and weight.shape[1] == 1 and c > 1
 
 
 def _pointwise_fits(c: int, co: int, p: int) -> bool:
@@ -187,7 +192,7 @@ def _launch_site_conv(z, limits, weight, bias, stride, pads, residual, out) -> b
                                 z.device)
     has_hi = clamp and limits[1] is not None
     b = z if bias is None else bias.contiguous()
-    if weight.shape[1] == 1 and weight.shape[0] == c and c > 1:  # depthwise
+    if _is_depthwise(weight, c):
         (sh, sw), (kh, kw) = as_pair(stride), weight.shape[2:]
         left, _, top, _ = pads
         per_image = out[0].numel()

@@ -751,7 +751,7 @@ class FrontierState:
         src = node.args[0].name
         z = self.env[src]
         if z.device.type not in FUSE_SITE_CONVOLUTIONS or not _conv64.site_conv_ready(
-                z, plan.limits, plan.weight, plan.bias, plan.stride, plan.pads):
+                z, plan.weight, plan.bias, plan.stride, plan.pads):
             return False
         if _global_hooks() or node.op == "call_module" and _hooked(self.prog.modules[node.target]):
             return False  # hooks may change what the module gives: the module's own call

@@ -41,9 +41,9 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
     recs = []
     # (site k, sample interval j, unit, piece at its left end, piece at its right end, unit input at both ends),
     # found batch by batch: the samples' unit inputs are never all held at once (the memory budget), only the last
-    # two samples of the batch before, for the pair whose right end needs the sample after it (``_past_ties``)
+    # two samples of the batch before and their pieces, for the pair whose right end needs the sample after it
+    # (``_past_ties``)
     pending, outputs, last, last_piece = [], [], None, {}
-
     for rows, o in runner.eval_point_batches(gpids[pid], t, runner.names, want_output):
         first = rows.start - (0 if last is None else len(last[0]))  # global index of the first row of z below
         ends, ends_piece = {}, {}
@@ -53,21 +53,17 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
                 z = torch.cat([last[k], z])
             zs = z.reshape(len(z), *runner.z_shape[site.name])
             p = site.activation.pieces(zs).reshape(len(z), -1)
-            if last_piece.get(k) is not None:
-                p[0] = last_piece[k]  # a sample of the batch before, its tie resolved there
+            if last is not None:
+                p[:len(last_piece[k])] = last_piece[k]  # the first of them with its tie resolved in the batch before
             p = _past_ties(p, site.activation.on_kink(zs), same[first:first + len(z) - 1])
             pending.append(_changes(k, z, p, same, first, len(z) - 2))  # the last sample waits for the next one
-            ends[k], ends_piece[k] = z[-2:], (p[-2].clone() if len(z) > 1 else None)
+            ends[k], ends_piece[k] = z[-2:], p[-2:].clone()
             del z, p
         last, last_piece = ends, ends_piece
         if want_output:
             outputs.append(o["output"])
-    for k, site in enumerate(runner.processed):  # the last pair: its right end is the last path's end
-        z = last[k]
-        p = site.activation.pieces(z.reshape(len(z), *runner.z_shape[site.name])).reshape(len(z), -1)
-        if last_piece.get(k) is not None:
-            p[0] = last_piece[k]
-        pending.append(_changes(k, z, p, same, len(t) - len(z), len(z) - 1))
+    for k in range(len(runner.processed)):  # the last pair: its right end is the last path's end
+        pending.append(_changes(k, last[k], last_piece[k], same, len(t) - len(last[k]), len(last[k]) - 1))
     pending.sort(key=lambda e: e[0])  # site by site (stable: sample order within a site)
     lo_all = torch.cat([t[j] for _, j, *_ in pending]) if pending else t.new_zeros(0)
     hi_all = torch.cat([t[j + 1] for _, j, *_ in pending]) if pending else t.new_zeros(0)
@@ -130,11 +126,12 @@ def _changes(k: int, z: torch.Tensor, p: torch.Tensor, same: torch.Tensor, first
 
 
 def _past_ties(p: torch.Tensor, on: torch.Tensor | None, same: torch.Tensor) -> torch.Tensor:
-    """Pieces ``p`` (samples x units) with a sample exactly on a kink between two samples of its path that are not
-    given the piece of the sample before it (``same[i]``: samples i and i + 1 are on one path; the first and last
-    rows are left as they are): a unit that touches a kink at one sample and turns back changes piece there not at
-    all, and one that passes through it changes once, as the exact engine counts (a ray through alpha = 0 puts
-    every bias-free unit, and every max-pool window, on a tie at one sample). A unit that stays on a kink over
+    """Pieces ``p`` (samples x units) where a unit is exactly on a kink (``on``) at a sample but not at the samples
+    on either side of it on its path: there it takes the piece of the sample before (``same[i]``: samples i and
+    i + 1 are on one path; the first and last rows are left as they are). So a unit that touches a kink at one
+    sample and turns back changes piece there not at all, and one that passes through it changes once, as the exact
+    engine counts (a ray through alpha = 0 puts every bias-free unit, and every max-pool window, on a tie at one
+    sample). A unit that stays on a kink over
     several samples (a window of a ReLU's zeros) keeps its tie-break piece there, as exact paths give it."""
     if on is None or len(p) < 3:
         return p
