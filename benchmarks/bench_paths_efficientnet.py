@@ -16,7 +16,8 @@ FRACTION. --executed FRACTION counts the multiply-adds the graph route actually 
 1 GiB budget), by cause: passes at new breakpoints, the pieces' ends, the final check, the reductions' checks.
 --pieces FRACTION counts each piece's operator calls and peak of live tensors (host time and memory on a GPU) and
 projects the whole path's calls. --delta-support FRACTION measures how far each breakpoint's slope change
-reaches into the later sites (the most an evaluator that propagated only those changes could save).
+reaches into the later sites (the most an evaluator that propagated only those changes could save, in multiply-adds
+and in the later sites' unit inputs it would write).
 --aten-convolutions runs float64 convolutions through ATen's fallback as it comes (one call per channel of a
 depthwise layer, a whole batch unfolded at once) instead of the ways of ``polytope_lens._conv64`` (the before/after
 of stop 17). --pointwise-matmul runs the 1 x 1 convolutions as matrix products on the device
@@ -378,7 +379,9 @@ def delta_support(bundle, x, frac: float, thresholds=(1e-13, 1e-12, 1e-11)) -> N
     site k's positions it reaches (after site s itself: the kinked unit's one position). Counted here for every
     breakpoint of the first ``frac`` of chelsea -> coffee (exact, float64), against the passes the frontier runs
     (each later segment in full); "reached" is a difference above ``threshold`` times the site's largest unit input,
-    for a few thresholds, since rounding makes every difference nonzero (the smallest is the least optimistic)."""
+    for a few thresholds, since rounding makes every difference nonzero (the smallest is the least optimistic).
+    Also counted: the later sites' unit inputs such an evaluator would hold per breakpoint (every channel at the
+    positions reached) against the frontier's (every unit), the bytes its passes and scans would at least move."""
     import numpy as np
     import torch
 
@@ -401,21 +404,26 @@ def delta_support(bundle, x, frac: float, thresholds=(1e-13, 1e-12, 1e-11)) -> N
         elif cur is not None:
             cur += n
     seg = torch.tensor(seg + [cur], dtype=torch.float64)
+    units = torch.tensor([v[0].numel() for v in z], dtype=torch.float64)  # unit inputs per point at each site
     lam = ((t[1:-1] - t[:-2]) / (t[2:] - t[:-2])).view(-1, 1, 1, 1).double()
     print(f"first {frac:g} of chelsea -> coffee: {r.paths[0].crossings} crossings, {len(t) - 2} inner breakpoints, "
           f"{len(z)} sites")
     for thr in thresholds:
         reach = torch.stack([((v[1:-1] - ((1 - lam) * v[:-2] + lam * v[2:])).abs() > thr * v.abs().amax()).any(1)
                              .flatten(1).double().mean(1) for v in z], 1)  # (breakpoints, sites): positions reached
-        dense = sparse = 0.0
+        dense = sparse = dense_units = sparse_units = 0.0
         for row in reach:
             hit = torch.nonzero(row > 0).flatten()
             s = int(hit[0]) - 1 if len(hit) else len(z) - 1  # the site that made it: the first change is after it
             s = max(s, 0)
             dense += float(seg[s:].sum())
             sparse += float(seg[s]) / (z[s].shape[2] * z[s].shape[3]) + float((seg[s + 1:] * row[s + 1:]).sum())
+            dense_units += float(units[s + 1:].sum())
+            sparse_units += float((units[s + 1:] * row[s + 1:]).sum())
         print(f"threshold {thr:g}: the frontier's passes {dense / 1e9:.2f} G multiply-adds, an exact incremental "
-              f"evaluator at least {sparse / 1e9:.2f} G ({sparse / dense:.2f} of them)")
+              f"evaluator at least {sparse / 1e9:.2f} G ({sparse / dense:.2f} of them); later sites' unit inputs "
+              f"{dense_units * 8 / 2**30:.2f} GiB in float64, reached {sparse_units * 8 / 2**30:.3f} GiB "
+              f"({sparse_units / dense_units:.3f} of them)")
 
 
 def one_site_cases(bundle, x, dev, row) -> None:
