@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ._conv64 import conv_call
 from .errors import InvalidInputError, UnsupportedActivationError
-from .kinks import Activation, get_activation, resolve_call
+from .kinks import HIDDEN_KINK_CALLS, Activation, get_activation, resolve_call
 
 __all__ = ["CallSite", "capture", "list_sites", "select_sites", "StopForward", "SharedPrefix", "PrefixRead",
            "PrefixReplay", "ReplayMismatch", "ACTIVATION_MODULE_CLASSES"]
@@ -279,6 +279,8 @@ class _SiteMode(TorchFunctionMode):
             except UnsupportedActivationError as e:
                 where = tr.stack[-1] if tr.stack else "<root>"
                 raise UnsupportedActivationError(f"{e} (called in module {where!r})") from None
+            if act is None and tr.hidden is not None and func in HIDDEN_KINK_CALLS:
+                tr.hidden.append((HIDDEN_KINK_CALLS[func], tr.stack[-1] if tr.stack else "<root>", tr.order))
             if act is not None:
                 inplace = _is_inplace(func, args, kwargs)
                 out = tr.fire(act, args[0], tr.current_path(), apply=_CallApply(func, args[1:], kwargs, inplace),
@@ -332,6 +334,7 @@ class _Tracker:
         self.shared: SharedPrefix | None = None
         self.fewer_rows = False  # the last site fired was replaced with rows for the points of a reduced pass
         self.replay: PrefixReplay | None = None
+        self.hidden: list | None = None  # where non-site kinks are recorded (``capture``'s ``hidden_kinks``)
         self.reset()
 
     def reset(self) -> None:
@@ -471,7 +474,7 @@ def _tl_declared(model: nn.Module, aliases: dict[str, str]) -> tuple[dict[str, s
 def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str, str] | None = None,
             declared_sites: dict[str, str | Activation] | None = None,
             suppress: tuple[str, ...] = (), shared: SharedPrefix | None = None,
-            replay: PrefixReplay | None = None) -> Iterator[Callable[[], None]]:
+            replay: PrefixReplay | None = None, hidden_kinks: list | None = None) -> Iterator[Callable[[], None]]:
     """Call ``handler(site, unit_input)`` for every nonlinearity ``model`` applies inside the ``with`` block.
 
     The handler runs *before* the nonlinearity; returning a tensor replaces the nonlinearity's output (used by
@@ -495,6 +498,9 @@ def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str,
         Run the part before a replaced site on fewer rows (once per distinct example, or at a few points).
     replay : PrefixReplay, optional
         Record the calls before its site in the first pass, return the recorded outputs in later passes.
+    hidden_kinks : list, optional
+        Gets ``(op, module path, sites fired before it)`` for each call on unit values that bends the network without
+        being a site (``kinks.HIDDEN_KINK_CALLS``: a comparison, a maximum of two tensors, rounding...).
 
     Yields
     ------
@@ -511,7 +517,7 @@ def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str,
         declared[path] = act if isinstance(act, Activation) else get_activation(act)
     tracker = _Tracker(model, handler, {**ACTIVATION_MODULE_CLASSES, **(activation_modules or {})}, declared,
                        tuple(suppress), aliases)
-    tracker.shared, tracker.replay = shared, replay
+    tracker.shared, tracker.replay, tracker.hidden = shared, replay, hidden_kinks
     pre = nn.modules.module.register_module_forward_pre_hook(tracker.pre_hook)
     post = nn.modules.module.register_module_forward_hook(tracker.post_hook, always_call=True)
     try:

@@ -619,6 +619,9 @@ def as_pair(v) -> tuple[int, int]:
 
 def _hardtanh(args, kwargs):
     lo, hi = float(_arg(args, kwargs, 1, "min_val", -1.0)), float(_arg(args, kwargs, 2, "max_val", 1.0))
+    if not lo < hi:
+        raise UnsupportedActivationError(f"hardtanh with min_val >= max_val ({lo}, {hi}) is constant, not an "
+                                         "activation with kinks")
     if (lo, hi) == (0.0, 6.0):
         return REGISTRY["relu6"]
     return get_activation("hardtanh", kinks=(lo, hi))
@@ -637,6 +640,14 @@ def _clamp(args, kwargs):
     if kinks == (0.0, 6.0):
         return REGISTRY["relu6"]
     return get_activation("hardtanh", kinks=kinks, name="clamp")
+
+
+def _clamp_bound(which: str):
+    """``clamp_min(z, m)`` / ``clamp_max(z, m)``: ``torch.clamp`` with that one bound."""
+    def resolve(args, kwargs):
+        bound = _arg(args, kwargs, 1, which, None)
+        return _clamp((args[0],), {which: bound})
+    return resolve
 
 
 def _gelu(args, kwargs):
@@ -673,13 +684,15 @@ CALL_TABLE: dict[Callable, Callable] = {
     F.relu6: _fixed("relu6"),
     **{f: _hardtanh for f in (F.hardtanh, F.hardtanh_)},
     **{f: _clamp for f in (torch.clamp, torch.clip, T.clamp, T.clip, T.clamp_, T.clip_)},
+    **{f: _clamp_bound("min") for f in (torch.clamp_min, torch.clamp_min_, T.clamp_min, T.clamp_min_)},
+    **{f: _clamp_bound("max") for f in (torch.clamp_max, torch.clamp_max_, T.clamp_max, T.clamp_max_)},
     F.gelu: _gelu,
     **{f: _fixed("silu") for f in (F.silu,)},
     F.softplus: _fixed("softplus"),
     **{f: _fixed("sigmoid") for f in (torch.sigmoid, F.sigmoid, T.sigmoid, T.sigmoid_)},
     **{f: _fixed("tanh") for f in (torch.tanh, F.tanh, T.tanh, T.tanh_)},
-    F.max_pool1d: _max_pool(1),
-    F.max_pool2d: _max_pool(2),
+    **{f: _max_pool(1) for f in (F.max_pool1d, torch.max_pool1d)},
+    **{f: _max_pool(2) for f in (F.max_pool2d, torch.max_pool2d)},
 }
 
 # nonlinearities we know exist but do not describe: a model that calls one is an error, never silently skipped
@@ -689,7 +702,26 @@ UNSUPPORTED_CALLS: dict[Callable, str] = {
         F.elu, F.elu_, F.selu, F.celu, F.mish, F.hardswish, F.hardsigmoid, F.rrelu, F.glu, F.logsigmoid,
         F.softsign, F.tanhshrink, F.softshrink, F.hardshrink, F.threshold, F.max_pool3d, F.adaptive_max_pool1d,
         F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.fractional_max_pool2d, F.lp_pool1d, F.lp_pool2d,
-        F.max_pool1d_with_indices, F.max_pool2d_with_indices,
+        F.max_pool1d_with_indices, F.max_pool2d_with_indices, torch.max_pool3d,
+    )
+}
+
+# operations on unit values that bend or break the network without being activations (a comparison, a maximum of
+# two tensors, a reduction to the largest entry, rounding): not sites, so codes do not see them, and exact paths and
+# slices, which assume the network is affine between sites, refuse a model that applies one there (``capture``
+# records them; ``paths.runner.Runner.hidden_kink``)
+HIDDEN_KINK_CALLS: dict[Callable, str] = {
+    f: f.__name__
+    for f in (
+        torch.gt, torch.ge, torch.lt, torch.le, torch.greater, torch.greater_equal, torch.less, torch.less_equal,
+        T.gt, T.ge, T.lt, T.le, T.greater, T.greater_equal, T.less, T.less_equal,
+        torch.maximum, torch.minimum, torch.fmax, torch.fmin, torch.max, torch.min, torch.amax, torch.amin,
+        torch.aminmax, T.maximum, T.minimum, T.fmax, T.fmin, T.max, T.min, T.amax, T.amin, T.aminmax,
+        torch.sort, torch.argsort, torch.topk, torch.kthvalue, torch.median, torch.nanmedian, torch.cummax,
+        torch.cummin, torch.argmax, torch.argmin, T.sort, T.argsort, T.topk, T.kthvalue, T.median, T.nanmedian,
+        T.cummax, T.cummin, T.argmax, T.argmin,
+        torch.sign, torch.sgn, torch.heaviside, torch.floor, torch.ceil, torch.round, torch.trunc, torch.frac,
+        T.sign, T.sgn, T.heaviside, T.floor, T.ceil, T.round, T.trunc, T.frac,
     )
 }
 

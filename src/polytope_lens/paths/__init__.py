@@ -75,8 +75,9 @@ def _check_options(owner: str, method, dtype, memory_budget, tie_tol, n_samples,
     if evaluator not in EVALUATORS:
         raise InvalidInputError(f"The 'evaluator' parameter of {owner} must be one of {', '.join(EVALUATORS)}. "
                                 f"Got {evaluator!r}.")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise InvalidInputError(f"The 'dtype' parameter of {owner} must be a floating torch dtype. Got {dtype!r}.")
+    if dtype not in (torch.float64, torch.float32):
+        raise InvalidInputError(f"The 'dtype' parameter of {owner} must be torch.float64 or torch.float32. "
+                                f"Got {dtype!r}.")
     if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < (1 << 20)):
         raise InvalidInputError(f"The 'memory_budget' parameter of {owner} must be None or an int >= 1 MiB (bytes). "
                                 f"Got {memory_budget!r}.")
@@ -88,11 +89,32 @@ def _check_options(owner: str, method, dtype, memory_budget, tie_tol, n_samples,
         raise InvalidInputError(f"The 'tol' parameter of {owner} must be a number in (0, 1). Got {tol!r}.")
 
 
+def _input_tensors(inputs):
+    """``inputs`` (a tensor, an array, a mapping of them, or a bundle's ``Inputs``) with arrays as tensors."""
+    tensors = getattr(inputs, "tensors", inputs)
+    if isinstance(tensors, np.ndarray):
+        return torch.from_numpy(tensors)
+    if isinstance(tensors, Mapping):
+        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in tensors.items()}
+    return tensors
+
+
+def _n_examples(inputs, owner: str) -> int:
+    """The batch size of model inputs (a tensor or a mapping of them), which must hold at least one example."""
+    n = inputs.shape[0] if isinstance(inputs, torch.Tensor) and inputs.dim() else (
+        next(iter(inputs.values())).shape[0] if isinstance(inputs, Mapping) and inputs and all(
+            isinstance(v, torch.Tensor) and v.dim() for v in inputs.values()) else 0)
+    if n == 0:
+        raise InvalidInputError(f"The 'inputs' parameter of {owner} must be a tensor (or a mapping of tensors) holding "
+                                "at least one example, batch first.")
+    return n
+
+
 def _check_base(inputs, n_paths: int, owner: str):
     if inputs is None:
         raise InvalidInputError(f"{owner} with layer= needs 'inputs': the real model inputs (one per path) that feed "
                                 "every branch other than the path site.")
-    tensors = getattr(inputs, "tensors", inputs)
+    tensors = _input_tensors(inputs)
     vals = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors.values()) if isinstance(
         tensors, Mapping) else []
     if not vals:
@@ -146,6 +168,15 @@ class PreparedModel:
         return site.apply(z)
 
 
+def _check_site_shape(prep, base, site, shape, lead: int, what: str, owner: str, capture_kwargs) -> None:
+    """Points of a path at ``site`` must have its output's shape after their ``lead`` batch dimensions."""
+    want = tuple(prep.site_output(base, site, 1, capture_kwargs).shape[1:])
+    if tuple(shape[lead:]) != want:
+        lead_dims = "P, " if lead == 1 else "P, K, "
+        raise InvalidInputError(f"The {what} of {owner} at layer {site.name!r} must have that site's output shape "
+                                f"({lead_dims}{', '.join(map(str, want))}). Got {tuple(shape)}.")
+
+
 def _last_site_units(runner, units, method, owner) -> torch.Tensor | None:
     """Flat unit indices of the last processed site to count crossings of (``units``: indices, or ``"position"``
     for the channel vector at the centre position of a (C, H, W) site, the paper's CNN protocol); None = all."""
@@ -197,7 +228,13 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
                      + ("; the trace's regions are bounded by those and earlier sites' crossings" if trace else ""))
     smooth = [s.name for s in runner.processed if not s.activation.exact]
     bad, out_affine = runner.affinity_probe(want_output=trace)
+    hidden = runner.hidden_kink(runner.processed)
     if method == "exact":
+        if hidden:
+            raise NotPiecewiseLinearError(
+                f"not piecewise-linear as capture sees it: {hidden} bends the network without being an activation "
+                "the kink registry follows; write it as one (F.relu, F.leaky_relu, torch.clamp, "
+                "F.max_pool2d...) or use method='sampled' (or 'auto').")
         if smooth:
             raise NotPiecewiseLinearError(
                 f"not piecewise-linear: site {smooth[0]!r} applies a smooth activation "
@@ -207,9 +244,10 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
                 f"not piecewise-linear: the unit input of site {bad[0]!r} is not an affine function of the earlier "
                 "sites' outputs (an operation capture does not see, e.g. LayerNorm or softmax, sits before it); use "
                 "method='sampled' (or 'auto').")
-    use_exact = method == "exact" or (method == "auto" and not smooth and not bad)
+    use_exact = method == "exact" or (method == "auto" and not smooth and not bad and not hidden)
     if method == "auto" and not use_exact:
         notes.append("auto chose sampled: " + (f"smooth activation at {smooth[0]}" if smooth else
+                                                f"{hidden} bends the network outside the sites" if hidden else
                                                 f"not affine between sites before {bad[0]}"))
     floor = 4 * torch.finfo(prep.dtype).eps  # the narrowest bracket the dtype resolves in t (spacing near 1: eps)
     if not use_exact and tol < floor:
@@ -547,10 +585,7 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
         base = prep.cast(_check_base(inputs, len(start), owner))
         site = prep.resolve_site(base, layer, owner, capture_kwargs)
         site_name = site.name
-        shape = tuple(prep.site_output(base, site, 1, capture_kwargs).shape[1:])
-        if tuple(start.shape[1:]) != shape:
-            raise InvalidInputError(f"The 'start' and 'end' of {owner} at layer {site.name!r} must have that site's "
-                                    f"output shape (P, {', '.join(map(str, shape))}). Got {tuple(start.shape)}.")
+        _check_site_shape(prep, base, site, start.shape, 1, "'start' and 'end'", owner, capture_kwargs)
     x = geometry.stacked([start, end], prep.dtype, prep.device)
     kt = torch.tensor([0.0, 1.0], dtype=torch.float64).expand(len(start), 2)
     spec = PathSpec(kt, x, length, "segment", site_name, base)
@@ -601,7 +636,9 @@ def polyline_crossings(model: nn.Module, points, *, layer: str | None = None, in
     base, site_name = None, None
     if layer is not None:
         base = prep.cast(_check_base(inputs, len(pts), owner))
-        site_name = prep.resolve_site(base, layer, owner, capture_kwargs).name
+        site = prep.resolve_site(base, layer, owner, capture_kwargs)
+        site_name = site.name
+        _check_site_shape(prep, base, site, pts.shape, 2, "'points'", owner, capture_kwargs)
     spec = PathSpec(knots.to(torch.float64), pts, length.to(torch.float64), "polyline", site_name, base)
     return _analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol, n_samples=n_samples,
                     tol=tol, trace=trace, verify=verify, memory_budget=memory_budget, evaluator=evaluator,
@@ -628,11 +665,8 @@ def ray_crossings(model: nn.Module, inputs, *, layer: str, alphas=(0.0, 2.0), di
     _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress)
     if layer is None:
         raise InvalidInputError(f"The 'layer' parameter of {owner} is required: the site whose activation is scaled.")
-    tensors = getattr(inputs, "tensors", inputs)
-    n = tensors.shape[0] if isinstance(tensors, torch.Tensor) else (
-        next(iter(tensors.values())).shape[0] if isinstance(tensors, Mapping) and tensors else 0)
-    if n == 0:
-        raise InvalidInputError(f"The 'inputs' parameter of {owner} must hold at least one example (batch first).")
+    tensors = _input_tensors(inputs)
+    n = _n_examples(tensors, owner)
     prep = PreparedModel(model, forward, dtype, device)
     base = prep.cast(_check_base(tensors, n, owner))
     site = prep.resolve_site(base, layer, owner, capture_kwargs)
@@ -671,9 +705,10 @@ def site_activations(model: nn.Module, inputs, *, layer: str, dtype: torch.dtype
     These are the points a path at ``layer`` runs between (``path_crossings(..., layer=layer, inputs=...)``).
     """
     owner = "site_activations"
-    tensors = getattr(inputs, "tensors", inputs)
+    _check_options(owner, "auto", dtype, None, 0.0, 2, 0.5, "auto", None)
+    tensors = _input_tensors(inputs)
+    n = _n_examples(tensors, owner)
     prep = PreparedModel(model, forward, dtype, device)
-    n = tensors.shape[0] if isinstance(tensors, torch.Tensor) else next(iter(tensors.values())).shape[0]
     base = prep.cast(_check_base(tensors, n, owner))
     site = prep.resolve_site(base, layer, owner, capture_kwargs)
     return prep.site_output(base, site, n, capture_kwargs)

@@ -164,8 +164,10 @@ class Runner:
             seen[site.name] = (site, z.detach())
         # ``probe_name``: what the probe is one row of, for the error a model that cannot take it gives
         what = probe_name or ("points" if spec.site is None else "'inputs'")
+        self.hidden: list[tuple[str, str, int]] = []  # non-site kinks of the probe pass (``hidden_kink``)
         with model_errors(fwd, probe_input, owner, what):
-            out = run(self.model, lambda: self.fwd(probe_input), record, **capture_kwargs)
+            out = run(self.model, lambda: self.fwd(probe_input), record, hidden_kinks=self.hidden,
+                      **capture_kwargs)
         scores = logits_of(out)
         self.has_output = scores is not None  # class scores (text encoders have none)
         self.n_outputs = 0 if scores is None else int(scores.shape[1])
@@ -413,6 +415,22 @@ class Runner:
         d = {SRC: math.prod(self.spec.shape)}
         d.update({n: math.prod(self.out_shape[n]) for n in self.names})
         return d
+
+    def hidden_kink(self, sites: list[CallSite]) -> str | None:
+        """A description of the first operation that bends the network after the path's source without being a site
+        (a comparison of unit values, a maximum of two tensors, rounding: the probe pass records them), or None.
+        Up to the last of ``sites`` when they stop before the model's last site, else up to the output. The affinity
+        probe can miss such a bend (its random values may never reach it), so exact methods refuse it by name."""
+        src = -1 if self.spec.site is None else next(s.order for s in self.all_sites if s.name == self.spec.site)
+        last = max((s.order for s in sites), default=src)
+        if last == max(s.order for s in self.all_sites):
+            last = math.inf  # every site: the bends between the last one and the output are the network's too
+        for op, where, fired in self.hidden:
+            if src < fired <= last:
+                before = next((f"before site {s.name!r}" for s in self.all_sites if s.order == fired),
+                              "after the last site")
+                return f"{op} (called in {f'module {where!r}' if where else 'the model itself'}, {before})"
+        return None
 
     def affinity_probe(self, want_output: bool, seed: int = 0) -> tuple[list[str], bool]:
         """Sites whose unit input is not affine in (source, earlier site outputs); and whether the output is."""

@@ -31,8 +31,9 @@ __all__ = ["Plane", "SliceResult", "slice_plane", "slice_box", "slice_through", 
 
 
 def _check(owner, dtype, tol, memory_budget):
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise InvalidInputError(f"The 'dtype' parameter of {owner} must be a floating torch dtype. Got {dtype!r}.")
+    if dtype not in (torch.float64, torch.float32):
+        raise InvalidInputError(f"The 'dtype' parameter of {owner} must be torch.float64 or torch.float32. "
+                                f"Got {dtype!r}.")
     if not (isinstance(tol, (int, float)) and 0 <= tol < 1e-3):
         raise InvalidInputError(f"The 'tol' parameter of {owner} must be a number in [0, 1e-3). Got {tol!r}.")
     if not isinstance(memory_budget, int) or memory_budget < (1 << 16):

@@ -102,11 +102,19 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n < 10 << 30 else f"{n / 2**30:,.0f} GiB"
 
 
-def _budget_error(owner: str, what: str, est: int, budget: int) -> InvalidInputError:
-    return InvalidInputError(
-        f"{owner}: {what} needs about {_mib(est)}, over the memory budget of {_mib(budget)}. "
-        "Raise the budget (memory_budget=, CLI --memory-mib), shrink the domain, or restrict the partition "
-        "(until=/units=, CLI --until).")
+def _budget_error(owner: str, what: str, est: int, budget: int, earlier: str | None = None,
+                  last: bool = True) -> InvalidInputError:
+    """The over-budget error; its advice names ``until=`` only when an ``earlier`` site could end the partition, and
+    ``units=`` only for the ``last`` cutting site (the one it restricts)."""
+    fixes = ["raise the budget (memory_budget=, CLI --memory-mib)", "shrink the domain"]
+    if earlier is not None:
+        fixes.append(f"stop at an earlier site (until={earlier!r}, CLI --until {earlier})")
+    if last:
+        fixes.append("cut only some of this site's units (units=)")
+    advice = ", ".join(fixes[:-1]) + " or " + fixes[-1]
+    first = "" if earlier is not None else "; it is the first site that cuts, so until= (CLI --until) cannot help"
+    return InvalidInputError(f"{owner}: {what} needs about {_mib(est)}, over the memory budget of {_mib(budget)}. "
+                             f"{advice[0].upper()}{advice[1:]}{first}.")
 
 
 class _Partitioner:
@@ -186,12 +194,18 @@ class _Partitioner:
         over the budget."""
         est = self.mesh_bytes(mesh, **growth) + extra
         if est > self.budget:
-            raise _budget_error(self.owner, what, est, self.budget)
+            raise _budget_error(self.owner, what, est, self.budget, *self._where())
+
+    def _where(self) -> tuple[str | None, bool]:
+        """(the site before the one being cut, or None for the first; whether it is the last cutting site)."""
+        i = getattr(self, "cur_index", 0)
+        return (self.sites[i - 1].name if i else None), i == len(self.sites) - 1
 
     def run(self, mesh: _mesh.Mesh) -> None:
         codes = torch.zeros((mesh.nc, 0), dtype=torch.uint8, device=mesh.coords.device)
         mesh.rows = [codes]
         for i, site in enumerate(self.sites):
+            self.cur_index = i
             last = i == len(self.sites) - 1
             cols = self.units if (last and self.units is not None) else None
             d = len(cols) if cols is not None else math.prod(self.z_shape[site.name])
@@ -200,7 +214,7 @@ class _Partitioner:
             est = mesh.nv * (8 * d) * 3 + mesh.nc * n_lines + self.mesh_bytes(mesh)
             if est > self.budget:
                 raise _budget_error(self.owner, f"site {site.name!r} ({d} units, {mesh.nc} cells, {mesh.nv} "
-                                    "vertices so far)", est, self.budget)
+                                    "vertices so far)", est, self.budget, *self._where())
             mesh.vals = mesh.vals[:0]  # the previous site's inputs are no longer needed
             mesh.set_vals(self._site_z(mesh, site, cols))
             for leaf in [k for k in mesh.leaves if self.last_use[k] <= i]:  # read for the last time just now
@@ -554,6 +568,11 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
         raise NotPiecewiseLinearError(f"not piecewise-linear: site {smooth[0].name!r} applies a smooth activation "
                                       f"({smooth[0].op}); exact slices need piecewise-linear models (use "
                                       "local_complexity for an approximate measure).")
+    hidden = runner.hidden_kink(sites)
+    if hidden:
+        raise NotPiecewiseLinearError(f"not piecewise-linear as capture sees it: {hidden} bends the network without "
+                                      "being an activation the kink registry follows; write it as one "
+                                      "(F.relu, F.leaky_relu, torch.clamp, F.max_pool2d...).")
     bad, out_affine = runner.affinity_probe(want_output=want_output)
     bad = [b for b in bad if b in {s.name for s in sites}]
     if bad:
