@@ -191,3 +191,69 @@ def test_out_of_memory_is_one_line(monkeypatch):
     monkeypatch.setattr(models, "load_model", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         invoke("sites", "--model", "toy:2-5-2")
+
+
+def _one_error_line(r) -> str:
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:"), r.output
+    return lines[0]
+
+
+def test_overwrite_replaces_only_a_code_store(tmp_path, toy_data, monkeypatch):
+    """--overwrite never deletes the current folder, a parent of it, a plain file or a foreign folder: one line,
+    before the model loads, nothing deleted (it used to rmtree whatever --out named); a code store is replaced."""
+    import polytope_lens.models as models
+
+    work = tmp_path / "work"
+    (work / "precious").mkdir(parents=True)
+    (work / "precious" / "x.txt").write_text("x")
+    (work / "afile.txt").write_text("a")
+    (work / "keep.txt").write_text("k")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    monkeypatch.chdir(work / "precious")
+    load = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda spec: pytest.fail("the model loaded before the check"))
+    for out, why in ((".", "current folder or one of its parents"), ("..", "current folder or one of its parents"),
+                     (work / "precious", "current folder"), (work / "afile.txt", "is a file"),
+                     (tmp_path, "one of its parents")):
+        r = runner.invoke(app, ["codes", "--model", "toy:4-5-3", "--data", f"npy:{toy_data[0]}", "--out", str(out),
+                                "--overwrite"])
+        line = _one_error_line(r)
+        assert "--overwrite replaces only a polytope-lens code store" in line and why in line, line
+    monkeypatch.chdir(work)
+    r = runner.invoke(app, ["codes", "--model", "toy:4-5-3", "--data", f"npy:{toy_data[0]}", "--out", "precious",
+                            "--overwrite"])
+    assert "without that kind's polytope-lens metadata" in _one_error_line(r)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    monkeypatch.setattr(models, "load_model", load)
+    assert invoke("codes", "--model", "toy:4-5-3", "--data", f"npy:{toy_data[0]}", "--out", "st").exit_code == 0
+    r = invoke("codes", "--model", "toy:4-5-3", "--data", f"npy:{toy_data[0]}", "--out", "st", "--overwrite",
+               "--limit", 7)
+    assert r.exit_code == 0 and len(read_codes(work / "st")) == 7
+
+
+def test_codes_json_target_checked_before_the_run(tmp_path, toy_data):
+    """--json naming a folder: one line before anything is coded (it used to publish the store, then fail with an
+    IsADirectoryError traceback); the JSON is written atomically otherwise."""
+    (tmp_path / "d").mkdir()
+    r = runner.invoke(app, ["codes", "--model", "toy:4-5-3", "--data", f"npy:{toy_data[0]}", "--out",
+                            str(tmp_path / "st"), "--json", str(tmp_path / "d")])
+    assert "The JSON output" in _one_error_line(r) and "is a folder" in r.stderr
+    assert not (tmp_path / "st").exists() and not list(tmp_path.glob(".st*"))
+
+
+def test_shape_mismatch_counts_the_data_items(tmp_path):
+    """50 rows of 3 features on a 2-input model: the error counts 50 items, not the batch's 32."""
+    np.save(tmp_path / "v3.npy", np.zeros((50, 3), np.float32))
+    r = runner.invoke(app, ["codes", "--model", "toy:2-4-2", "--data", f"npy:{tmp_path / 'v3.npy'}", "--out",
+                            str(tmp_path / "st")])
+    assert "has 50 items of shape (3,)" in _one_error_line(r)
+
+
+def test_bad_data_key_lists_only_choosable_labels(tmp_path):
+    """digits' labels are the digits 0-9, which always read as row numbers: the error does not offer them."""
+    r = runner.invoke(app, ["path", "--model", "toy:64-4-2", "--from", "digits@abc", "--to", "digits@1", "--json",
+                            str(tmp_path / "p.json")])
+    line = _one_error_line(r)
+    assert "'abc' is not a row index (0 to 1796)" in line and "always read as row indices" in line
+    assert "labels (0, 1" not in line

@@ -56,6 +56,28 @@ def test_complexity_json(tmp_path):
     d = json.loads((tmp_path / "c.json").read_text())
     assert len(d["approximate"]["total"]) == 5 and d["approximate"]["exact"] is False
     assert d["exact"]["exact"] is True and all(v >= 1 for v in d["exact"]["total"])
+    assert d["approximate"]["n_dirs"] == 2 and "n_dirs" not in d["exact"]  # the exact count has no directions
+
+
+def test_complexity_n_dirs_and_exact_layers(tmp_path):
+    """The default --n-dirs (20) is capped at a smaller input dimension, with a note; a larger explicit --n-dirs and
+    --exact with --layers are one line naming the options (they used to fail naming the API's 'n_dirs', and --exact
+    ignored --layers)."""
+    np.save(tmp_path / "v2.npy", np.random.default_rng(0).normal(size=(6, 2)).astype(np.float32))
+    base = ["complexity", "--model", "toy:2-16-16-3", "--data", f"npy:{tmp_path / 'v2.npy'}", "--json",
+            str(tmp_path / "lc.json")]
+    r = runner.invoke(app, base)
+    assert r.exit_code == 0, r.output
+    assert "note: --n-dirs is 2, the input dimension" in " ".join(r.stdout.split())
+    assert json.loads((tmp_path / "lc.json").read_text())["approximate"]["n_dirs"] == 2
+    for extra, match in ((["--n-dirs", "3"], "--n-dirs must be at most the input dimension of"),
+                         (["--n-dirs", "0"], "--n-dirs must be at least 1"),
+                         (["--exact", "--layers", "1.*"], "--exact counts the regions of the whole network")):
+        (tmp_path / "lc.json").unlink(missing_ok=True)
+        r = runner.invoke(app, base + extra)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.exit_code == 1 and len(lines) == 1 and match in lines[0], r.output
+        assert not (tmp_path / "lc.json").exists()
 
 
 @pytest.mark.parametrize("args,match", [
@@ -75,6 +97,31 @@ def test_bad_slices(args, match, tmp_path):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and match.lower() in lines[0].lower(), r.stderr
     assert not (tmp_path / "s.json").exists()
+
+
+def test_picture_targets_are_named(tmp_path):
+    """A bad --png / --svg target: the one line names that option (it said "The JSON output")."""
+    (tmp_path / "d").mkdir()
+    for opt, target, match in (("--png", tmp_path / "d", "The --png output"),
+                               ("--png", tmp_path / "nodir" / "x.png", "The --png output folder"),
+                               ("--svg", tmp_path / "d", "The --svg output")):
+        r = runner.invoke(app, ["slice", "--model", "toy:2-8-2", "--box", "-1,1,-1,1", "--json",
+                                str(tmp_path / "s.json"), opt, str(target)])
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith(f"error: {match}"), r.stderr
+
+
+def test_budget_advice_names_until_only_where_it_helps(tmp_path):
+    """Over the memory budget at the first cutting site the advice says --until cannot help; at a later site it
+    names the site before."""
+    args = ["slice", "--box", "-1,1,-1,1", "--json", str(tmp_path / "s.json"), "--memory-mib", "1"]
+    r = runner.invoke(app, args + ["--model", "toy:2-3000-3", "--until", "1.relu"])
+    line = " ".join(r.stderr.split())
+    assert r.exit_code == 1 and "first site that cuts, so until= (CLI --until) cannot help" in line, r.stderr
+    assert "earlier site" not in line
+    r = runner.invoke(app, args + ["--model", "toy:2-16-2000-3"])
+    line = " ".join(r.stderr.split())
+    assert r.exit_code == 1 and "site '3.relu'" in line and "(until='1.relu', CLI --until 1.relu)" in line, line
 
 
 def test_colour_by_slope_needs_the_whole_model(tmp_path):

@@ -175,3 +175,28 @@ def test_cluster_cli_fails_cleanly(digits_store, tmp_path, args, match):
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 1 and match in r.output.replace("\n", " ")
     assert "Traceback" not in r.output and not out.exists()
+
+
+def test_cluster_overwrite_replaces_only_results(digits_store, tmp_path, monkeypatch):
+    """cluster --overwrite refuses the current folder, its own input store, a file and a foreign folder (one line,
+    nothing deleted; it used to empty the cwd or replace its input) and replaces an earlier results folder."""
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "a.txt").write_text("a")
+    (tmp_path / "f.txt").write_text("f")
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    store_files = sorted(digits_store.rglob("*"))
+    for out, why in ((".", "current folder"), (str(digits_store), "this command's input"),
+                     (str(digits_store.parent), "this command's input"), ("f.txt", "is a file"),
+                     ("foreign", "without that kind's polytope-lens metadata")):
+        r = CliRunner().invoke(app, ["cluster", str(digits_store), "--out", out, "--overwrite",
+                                     "--min-cluster-size", "8", "--limit", "100"])
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.exit_code == 1 and len(lines) == 1, r.output
+        assert "--overwrite replaces only a polytope-lens cluster results folder" in lines[0] and why in lines[0]
+    assert sorted(tmp_path.rglob("*")) == before and sorted(digits_store.rglob("*")) == store_files
+    for limit in ("100", "60"):
+        r = CliRunner().invoke(app, ["cluster", str(digits_store), "--out", "res", "--overwrite",
+                                     "--min-cluster-size", "8", "--limit", limit])
+        assert r.exit_code == 0, r.output
+    assert np.load(tmp_path / "res" / "assignments.npy").shape == (60,)

@@ -37,6 +37,34 @@ def test_refuses_existing(tiny_report):
         reproduce(tiny_report[0], quick=True, models=["digits-cnn"], config=TINY)
 
 
+def test_overwrite_replaces_only_reports(tiny_report, tmp_path, monkeypatch):
+    """--overwrite (CLI and API) refuses a file, a foreign folder and the current folder with one line before any
+    work (a file used to fail with a traceback after the whole run); an earlier report is recognised by its
+    results.json; unknown --models are one line before the estimate (it was a KeyError)."""
+    from typer.testing import CliRunner
+
+    import polytope_lens.reproduce as rep
+    from polytope_lens.cli import app
+    from polytope_lens.errors import InvalidInputError
+
+    (tmp_path / "afile.txt").write_text("a")
+    (tmp_path / "foreign").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(rep, "_available", lambda m: pytest.fail("the run started before the check"))
+    for out, why in (("afile.txt", "is a file"), ("foreign", "without that kind's"), (".", "current folder")):
+        r = CliRunner().invoke(app, ["reproduce", "--quick", "--models", "digits-cnn", "--out", out, "--overwrite"])
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.exit_code == 1 and len(lines) == 1 and why in lines[0], r.output
+        with pytest.raises(InvalidInputError, match=why):
+            reproduce(out, quick=True, overwrite=True)
+    r = CliRunner().invoke(app, ["reproduce", "--quick", "--models", "bogus", "--out", "r1"])
+    assert r.exit_code == 1 and r.stderr.strip() == ("error: Unknown model job 'bogus'; known: digits-cnn, "
+                                                     "fashion-cnn, efficientnet-lite0, minilm, minilm-austen.")
+    assert (tmp_path / "afile.txt").read_text() == "a" and not (tmp_path / "r1").exists()
+    assert json.loads((tiny_report[0] / "results.json").read_text())["format"] == "polytope-lens/report/1"
+    rep.check_out_dir(tiny_report[0], overwrite=True)  # an earlier report may be replaced
+
+
 def test_report_renders_in_chromium(tiny_report):
     """Every section visible, every figure decoded and not blank, no console errors."""
     pw = pytest.importorskip("playwright.sync_api")

@@ -39,6 +39,32 @@ def test_read_rejects_other_folders(tmp_path):
         read_codes(tmp_path)
 
 
+def test_overwrite_replaces_only_code_stores(tmp_path, monkeypatch):
+    """The API's overwrite=True refuses a foreign folder, a file, a symbolic link and the current folder, deleting
+    nothing, and replaces a code store; a destination that stops being a store during the run is not deleted."""
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    (tmp_path / "file.zarr").write_text("mine")
+    (tmp_path / "link.zarr").symlink_to(tmp_path / "foreign")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    for out, why in (("foreign", "without that kind's polytope-lens metadata"), ("file.zarr", "is a file"),
+                     ("link.zarr", "symbolic link"), (".", "current folder")):
+        with pytest.raises(InvalidInputError, match=why):
+            write_codes(_codes(), tmp_path / out if out != "." else out, overwrite=True)
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine" and (tmp_path / "file.zarr").is_file()
+    write_codes(_codes(4), tmp_path / "c.zarr")
+    write_codes(_codes(6), tmp_path / "c.zarr", overwrite=True)
+    assert len(read_codes(tmp_path / "c.zarr")) == 6
+    w = CodeStoreWriter(tmp_path / "c.zarr", overwrite=True)
+    w.append(_codes())
+    (tmp_path / "c.zarr" / "zarr.json").write_text("{}")  # replaced by something else meanwhile
+    with pytest.raises(InvalidInputError, match="without that kind's"):
+        w.close()
+    assert (tmp_path / "c.zarr" / "zarr.json").read_text() == "{}"
+    w.abort()
+
+
 def test_refuses_other_sites(tmp_path):
     w = CodeStoreWriter(tmp_path / "c.zarr")
     w.append(_codes())

@@ -165,10 +165,13 @@ def codes_cmd(
     skip: Annotated[int, typer.Option(help="Token protocol: leading tokens skipped.")] = 100,
     position: Annotated[str, typer.Option(help="CNN protocol: spatial position as fractions ROW,COL.")] = "0.5,0.5",
     limit: Annotated[Optional[int], typer.Option(help="Use only the first N items of the data.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass and per resumable chunk (as "
+                                                 "extract_to_store; the in-memory API spline_codes defaults to 64).")
+                          ] = 32,
     max_length: Annotated[int, typer.Option(help="Longest token sequence (text models).")] = 256,
     soft: Annotated[bool, typer.Option(help="Also store soft codes in (0,1) for smooth activations.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing code store (never a file, a folder that is "
+                                                 "not a code store, or the current folder).")] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run (same model, data, layers and "
                                               "batching) from its partial store.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the summary as JSON here.")] = None,
@@ -183,9 +186,12 @@ def codes_cmd(
     from .extract import extract_to_store
     from .models import load_model
 
-    if json_out is not None and not os.access(json_out.parent if str(json_out.parent) else Path("."), os.W_OK):
-        raise InvalidInputError(f"The JSON output folder {str(json_out.parent)!r} does not exist or is not writable.")
+    from .store import check_destination
+
+    if json_out is not None:
+        _check_json_target(json_out)
     _check_ray(ray, ray_workers)
+    check_destination(out_path, overwrite=overwrite)  # before the model loads; the writer checks again
     bundle = load_model(model)
     source = load_data(data, limit=limit)
     with _progress(len(source), f"codes {bundle.spec} on {source.spec}") as bar:
@@ -197,7 +203,7 @@ def codes_cmd(
                                    **({"ray_address": ray, "ray_workers": ray_workers} if ray is not None else {}))
     _print_summary(summary)
     if json_out is not None:
-        json_out.write_text(json.dumps(summary, indent=2, default=str))
+        _write_json(json_out, summary)
 
 
 def _np_load(path: Path, what: str):
@@ -242,8 +248,14 @@ def _item(bundle, ref: str, what: str, max_tokens: int | None = None):
         elif source.labels is not None and key in names:
             row = int(np.flatnonzero(np.asarray(source.labels) == names.index(key))[0])
         else:
-            raise InvalidInputError(f"{what} {ref!r}: {key!r} is neither a row index nor one of the labels "
-                                    f"({', '.join(names[:12]) or 'none'}).")
+            named = [str(n) for n in names if not str(n).isdigit()]  # digit strings always read as row indices
+            if named:
+                raise InvalidInputError(f"{what} {ref!r}: {key!r} is neither a row index (0 to {len(source) - 1}) "
+                                        f"nor one of the labels ({', '.join(named[:12])}"
+                                        f"{', ...' if len(named) > 12 else ''}).")
+            raise InvalidInputError(f"{what} {ref!r}: {key!r} is not a row index (0 to {len(source) - 1})"
+                                    + ("; this data's labels are numbers, which always read as row indices, so "
+                                       "pick a row." if names else "; this data has no label names."))
         if not 0 <= row < len(source):
             raise InvalidInputError(f"{what} {ref!r}: row {row} is out of range (the data has {len(source)} items).")
         inputs = (bundle.encode(source, [row], max_length=max_tokens)
@@ -303,12 +315,13 @@ def _write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def _check_json_target(path: Path) -> None:
+def _check_json_target(path: Path, what: str = "The JSON output") -> None:
+    """One-line error unless ``path`` can be written as a file (``what`` names the option in the message)."""
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise InvalidInputError(f"The JSON output folder {str(parent)!r} does not exist or is not writable.")
+        raise InvalidInputError(f"{what} folder {str(parent)!r} does not exist or is not writable.")
     if path.is_dir():
-        raise InvalidInputError(f"The JSON output {str(path)!r} is a folder; give a file name.")
+        raise InvalidInputError(f"{what} {str(path)!r} is a folder; give a file name.")
 
 
 def _print_paths(result, what: str) -> None:
@@ -430,7 +443,8 @@ def scale_cmd(
     layer: Annotated[str, typer.Option(help="Site whose activation a is scaled: the ray is alpha * a (a + alpha * d "
                                             "with --direction).")],
     json_out: Annotated[Path, typer.Option("--json", help="Write the result here.")],
-    alphas: Annotated[str, typer.Option(help="Scaling range A0:A1.")] = "0:4",
+    alphas: Annotated[str, typer.Option(help="Scaling range A0:A1 (the API's ray_crossings defaults to 0:2).")
+                      ] = "0:4",
     direction: Annotated[Optional[Path], typer.Option(
         help="A .npy of the site's activation shape: the ray is a + alpha * d instead of alpha * a.")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Globs of the sites whose crossings are reported.")] = None,
@@ -519,9 +533,9 @@ def slice_cmd(
     from .paths import site_activations
     from .slices import Plane, slice_plane
 
-    for target in (json_out, png, svg):
+    for target, what in ((json_out, "The JSON output"), (png, "The --png output"), (svg, "The --svg output")):
         if target is not None:
-            _check_json_target(target)
+            _check_json_target(target, what)
     if color_by not in ("code", "slope", "class"):
         raise InvalidInputError(f"--color-by must be code, slope or class. Got {color_by!r}.")
     if sum(v is not None for v in (box, points, through)) != 1:
@@ -564,22 +578,40 @@ def complexity_cmd(
     json_out: Annotated[Path, typer.Option("--json", help="Write per-point and per-site counts here.")],
     limit: Annotated[int, typer.Option(help="Number of points (first N items of the data).")] = 64,
     radius: Annotated[float, typer.Option(help="Radius r of the cross-polytope (input units).")] = 0.005,
-    n_dirs: Annotated[int, typer.Option(help="P: 2P vertices per point, in a random P-dim subspace.")] = 20,
-    layers: Annotated[Optional[str], typer.Option(help="Globs of the sites counted (default: all).")] = None,
-    exact: Annotated[bool, typer.Option(help="Also count the exact regions in a square of side r in a random plane "
-                                             "through each point.")] = False,
+    n_dirs: Annotated[Optional[int], typer.Option(
+        help="P: 2P vertices per point, in a random P-dim subspace; at most the input dimension (default: 20, or "
+             "the input dimension when it is smaller, with a note).", show_default=False)] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Globs of the sites counted (default: all; not with "
+                                                       "--exact).")] = None,
+    exact: Annotated[bool, typer.Option(help="Also count the exact regions of the whole network in a square of side "
+                                             "r in a random plane through each point.")] = False,
 ):
     """Local complexity (Humayun et al.): units whose piece changes near each point, per site."""
+    import math
+
     from .data import load_data
     from .models import load_model
     from .slices import exact_local_complexity, local_complexity
 
     _check_json_target(json_out)
+    if exact and layers is not None:
+        raise InvalidInputError("--exact counts the regions of the whole network, so it does not take --layers; "
+                                "drop one of them.")
+    if n_dirs is not None and n_dirs < 1:
+        raise InvalidInputError(f"--n-dirs must be at least 1. Got {n_dirs}.")
     bundle = load_model(model)
     source = load_data(data, limit=limit)
     if bundle.modality == "text":
         raise InvalidInputError("Local complexity needs image or vector inputs; text models are not supported.")
     x = next(iter(bundle.encode(source).tensors.values())).double()
+    dim = math.prod(x.shape[1:])
+    if n_dirs is None:
+        n_dirs = min(20, dim)
+        if n_dirs < 20:
+            out.print(f"note: --n-dirs is {n_dirs}, the input dimension of {bundle.spec} (the default 20 is more "
+                      "than it has).")
+    elif n_dirs > dim:
+        raise InvalidInputError(f"--n-dirs must be at most the input dimension of {bundle.spec}, {dim}. Got {n_dirs}.")
     with err.status(f"local complexity of {bundle.spec} at {len(x)} points"):
         lc = local_complexity(bundle.module, x, radius=radius, n_dirs=n_dirs, layers=layers)
         payload = {"model": bundle.spec, "data": source.spec, "approximate": lc.to_dict()}
@@ -657,15 +689,19 @@ def cluster_cmd(
 def reproduce_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for index.html and results.json.")],
     quick: Annotated[bool, typer.Option(help="Small sizes (under 5 minutes on 2 CPU cores).")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
-    models: Annotated[Optional[str], typer.Option(help="Comma-separated model jobs (default: all available).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier report at --out (never a file, a folder this "
+                                                 "tool did not write, or the current folder).")] = False,
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated model jobs: digits-cnn, fashion-cnn, "
+                                                       "efficientnet-lite0, minilm, minilm-austen (default: all; "
+                                                       "digits-cnn,fashion-cnn with --quick). A job whose model or "
+                                                       "data is not installed is skipped.")] = None,
 ):
     """Run predictions 1-3 and the representational flow on the embedded models; write the HTML report."""
-    from .reproduce import FULL, JOBS, QUICK, QUICK_MODELS, estimate_seconds, reproduce
+    from .reproduce import FULL, QUICK, check_models, check_out_dir, default_models, estimate_seconds, reproduce
 
-    chosen = [m.strip() for m in models.split(",")] if models else (QUICK_MODELS if quick else list(JOBS))
-    if out_dir.exists() and not overwrite:
-        raise InvalidInputError(f"{out_dir} exists; pass --overwrite to replace it.")
+    chosen = default_models(quick) if models is None else check_models([m.strip() for m in models.split(",")
+                                                                         if m.strip()])
+    check_out_dir(out_dir, overwrite=overwrite)
     est = estimate_seconds(QUICK if quick else FULL, chosen, quick=quick)
     err.print(f"{'quick' if quick else 'full'} run of {', '.join(chosen)}: estimated {est / 60:.1f} min")
     with Progress(TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True,

@@ -31,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 
+from ._outputs import check_replaceable
 from .codes import SplineCodes
 from .errors import InvalidInputError, PolytopeLensError
 from .store import read_codes
@@ -71,7 +72,8 @@ def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_clust
     store : str or Path
         A store written by ``polytope-lens codes`` / ``extract_to_store``.
     out : str or Path
-        Results folder (published only when complete).
+        Results folder (published only when complete). ``overwrite`` replaces only an earlier results folder (its
+        ``clusters.json`` format), never ``store``, a file, another folder or the current folder.
     metric, min_cluster_size, min_samples, n_neighbors, index
         As in ``ScalableCodeClusterer``.
     layers : str, optional
@@ -96,9 +98,11 @@ def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_clust
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 2):
         raise InvalidInputError(f"The 'limit' parameter of cluster_store must be an int >= 2. Got {limit!r} instead.")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise InvalidInputError(f"The output {str(out)!r} already exists; pass overwrite (--overwrite) to replace it "
-                                "or choose another path.")
+    if os.path.lexists(out):
+        if not overwrite:
+            raise InvalidInputError(f"The output {str(out)!r} already exists; pass overwrite (--overwrite) to replace "
+                                    "it or choose another path.")
+        check_replaceable(out, "clusters", inputs=[store])
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise InvalidInputError(f"The output folder {str(parent)!r} does not exist or is not writable.")
@@ -129,7 +133,8 @@ def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_clust
         np.save(tmp / "rows.npy", codes.rows)
         (tmp / "clusters.json").write_text(json.dumps({**result, **summary.to_dict()}, indent=1, default=str))
         (tmp / "index.html").write_text(_dashboard(result, summary, codes, max_shown), encoding="utf-8")
-        if out.exists():
+        if os.path.lexists(out):
+            check_replaceable(out, "clusters", inputs=[store])  # again: it may have changed during the run
             shutil.rmtree(out)
         os.replace(tmp, out)
     except OSError as e:

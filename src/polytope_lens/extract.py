@@ -116,7 +116,7 @@ def extract_to_store(model, data, out, *, overwrite: bool = False, resume: bool 
     out : str or Path
         Destination folder; published only when complete (nothing appears there if the run fails).
     overwrite : bool
-        Replace an existing store.
+        Replace an existing code store (only a code store: anything else at ``out`` is an error).
     resume : bool
         Continue the partial store of an interrupted run with the same model, data, sites and batching (the result
         is identical to an uninterrupted run); without it a stale partial store is discarded.

@@ -24,9 +24,10 @@ from typing import Callable
 
 import numpy as np
 
+from ._outputs import REPORT_FORMAT, check_replaceable
 from .errors import InvalidInputError, PolytopeLensError
 
-__all__ = ["reproduce", "JOBS", "QUICK", "FULL", "estimate_seconds"]
+__all__ = ["reproduce", "JOBS", "QUICK", "FULL", "QUICK_MODELS", "estimate_seconds"]
 
 JOBS = {
     # prediction 3 scales the first site's activation up to 16x: scaling a late site of these small ReLU CNNs
@@ -110,6 +111,31 @@ def _augmented_photos():
                        "n_items": len(items)})
 
 
+def default_models(quick: bool) -> list[str]:
+    """The jobs run when none are named: all of them, or ``QUICK_MODELS`` for a quick run."""
+    # quick runs default to the two small CNNs: EfficientNet-Lite0's exact head paths take minutes each (measured)
+    return list(QUICK_MODELS if quick else JOBS)
+
+
+def check_models(models) -> list[str]:
+    """``models`` as a list of known job names, or a one-line error naming the first unknown one."""
+    models = [models] if isinstance(models, str) else list(models)
+    if not models:
+        raise InvalidInputError(f"No model job named; known: {', '.join(JOBS)}.")
+    for m in models:
+        if m not in JOBS:
+            raise InvalidInputError(f"Unknown model job {m!r}; known: {', '.join(JOBS)}.")
+    return models
+
+
+def check_out_dir(out, *, overwrite: bool = False) -> None:
+    """Raise unless ``out`` is free, or is a report that ``overwrite`` may replace (``_outputs``)."""
+    if os.path.lexists(out):
+        if not overwrite:
+            raise InvalidInputError(f"{out} exists; pass overwrite=True (--overwrite) to replace it.")
+        check_replaceable(out, "report")
+
+
 def _available(models: list[str]) -> tuple[list[str], dict]:
     from .data import list_data
     from .models import list_models
@@ -141,7 +167,8 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
     quick : bool
         Small sizes and fewer bootstrap resamples (``QUICK``), under 5 minutes on 2 CPU cores.
     models : list of str, optional
-        Jobs to run (keys of ``JOBS``); default all that load here (digits-cnn always).
+        Jobs to run (keys of ``JOBS``); default all of them, or ``QUICK_MODELS`` with ``quick`` (a job whose
+        model or data is not installed is skipped).
     config : dict, optional
         Overrides of ``QUICK``/``FULL`` sizes.
     overwrite : bool
@@ -163,12 +190,10 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
     from .report.html import render_report
 
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise InvalidInputError(f"{out} exists; pass overwrite=True (--overwrite) to replace it.")
+    check_out_dir(out, overwrite=overwrite)
     say = progress or (lambda msg: None)
     cfg = {**(QUICK if quick else FULL), **(config or {})}
-    # quick runs default to the two small CNNs: EfficientNet-Lite0's exact head paths take minutes each (measured)
-    wanted = list(models) if models else (QUICK_MODELS if quick else list(JOBS))
+    wanted = default_models(quick) if models is None else check_models(models)
     run_models, skipped = _available(wanted)
     t_start = time.perf_counter()
     timings: dict = {}
@@ -267,10 +292,12 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / "index.html").write_text(page, encoding="utf-8")
-        payload = {**results, "details": {"prediction_2": state["p2"], "prediction_3": state["p3"],
-                                          "flow": state["flow"], "methods": state["methods"]}}
+        payload = {"format": REPORT_FORMAT, **results,
+                   "details": {"prediction_2": state["p2"], "prediction_3": state["p3"], "flow": state["flow"],
+                               "methods": state["methods"]}}
         (tmp / "results.json").write_text(json.dumps(payload, indent=1, default=_json_default), encoding="utf-8")
-        if out.exists():
+        if os.path.lexists(out):
+            check_replaceable(out, "report")  # again: it may have changed during the run
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._outputs import check_replaceable
 from .codes import LayerCodes, SplineCodes
 from .errors import InvalidInputError, PolytopeLensError
 
@@ -56,7 +57,8 @@ class CodeStoreWriter:
         What the store is made of (model, data, sites, selection, batching); a partial store made with another
         fingerprint is never continued.
     overwrite : bool
-        Replace an existing store at ``path``; otherwise an existing path is an error.
+        Replace an existing code store at ``path`` (never a file, another folder, the current folder or a parent
+        of it: those are errors, see ``_outputs.check_replaceable``); otherwise an existing path is an error.
     resume : bool
         Continue a partial store left by an interrupted run with the same fingerprint.
     chunk_rows : int
@@ -68,15 +70,8 @@ class CodeStoreWriter:
     def __init__(self, path, *, meta: dict | None = None, fingerprint: dict | None = None, overwrite: bool = False,
                  resume: bool = False, chunk_rows: int = 4096):
         self.path = Path(path)
-        if self.path.exists() and not overwrite:
-            raise InvalidInputError(f"The output {str(self.path)!r} already exists; pass overwrite (--overwrite) "
-                                    "to replace it or choose another path.")
-        parent = self.path.parent if str(self.path.parent) else Path(".")
-        if not parent.is_dir():
-            raise InvalidInputError(f"The output folder {str(parent)!r} does not exist.")
-        if not os.access(parent, os.W_OK):
-            raise InvalidInputError(f"The output folder {str(parent)!r} is not writable.")
-        self.tmp = parent / f".{self.path.name}.partial"
+        check_destination(self.path, overwrite=overwrite)
+        self.tmp = self.path.parent / f".{self.path.name}.partial"
         self.meta = dict(meta or {})
         self.fingerprint = json.loads(json.dumps(fingerprint or {}, default=str))
         self.overwrite, self.resume, self.chunk_rows = overwrite, resume, chunk_rows
@@ -229,11 +224,29 @@ class CodeStoreWriter:
             "chunks": self.chunks, **self.meta,
         })
         (self.tmp / self.MANIFEST).unlink(missing_ok=True)
-        if self.path.exists() and self.overwrite:
+        if os.path.lexists(self.path) and self.overwrite:
+            check_replaceable(self.path, "codes")  # again: the destination may have changed during the run
             shutil.rmtree(self.path)
         os.replace(self.tmp, self.path)
         self._closed = True
         return self.path
+
+
+def check_destination(path, *, overwrite: bool = False, inputs=()) -> None:
+    """Raise the one-line error a new store at ``path`` would meet: it exists (without ``overwrite``), it is not
+    a code store that ``overwrite`` may replace (see ``_outputs.check_replaceable``), or its folder is missing or
+    not writable."""
+    path = Path(path)
+    if os.path.lexists(path):
+        if not overwrite:
+            raise InvalidInputError(f"The output {str(path)!r} already exists; pass overwrite (--overwrite) "
+                                    "to replace it or choose another path.")
+        check_replaceable(path, "codes", inputs)
+    parent = path.parent
+    if not parent.is_dir():
+        raise InvalidInputError(f"The output folder {str(parent)!r} does not exist.")
+    if not os.access(parent, os.W_OK):
+        raise InvalidInputError(f"The output folder {str(parent)!r} is not writable.")
 
 
 def _version() -> str:

@@ -154,6 +154,7 @@ class ModelBundle:
         ModelInputs
             Tensors of batch size ``len(rows)``.
         """
+        n_items = len(data)  # the error for a wrong item shape counts the data's items, not the batch's
         if index is not None:
             data = data.subset(index)
         if len(data) == 0:
@@ -170,7 +171,7 @@ class ModelBundle:
             if self.normalize is not None:
                 batch = self.normalize(batch)
             return ModelInputs({self.input_name: batch.contiguous()})
-        return ModelInputs({self.input_name: self._as_array_batch(data)})
+        return ModelInputs({self.input_name: self._as_array_batch(data, n_items)})
 
     def _prepare_image(self, item: Any) -> torch.Tensor:
         image = torch.as_tensor(np.asarray(item), dtype=torch.float32)
@@ -188,7 +189,7 @@ class ModelBundle:
             )
         return resize_crop(image, tuple(self.input_shape[1:]))
 
-    def _as_array_batch(self, data: Any) -> torch.Tensor:
+    def _as_array_batch(self, data: Any, n_items: int | None = None) -> torch.Tensor:
         items = data.items
         if not isinstance(items, np.ndarray):
             shapes = {np.shape(item) for item in items}
@@ -201,8 +202,8 @@ class ModelBundle:
         if self.input_shape is not None and tuple(items.shape[1:]) != tuple(self.input_shape):
             raise InvalidInputError(
                 f"Model {self.spec!r} expects inputs of shape {tuple(self.input_shape)} per example; data "
-                f"{data.spec!r} has {len(items)} items of shape {tuple(items.shape[1:])} (its first axis counts the "
-                "examples)."
+                f"{data.spec!r} has {len(items) if n_items is None else n_items} items of shape "
+                f"{tuple(items.shape[1:])} (its first axis counts the examples)."
             )
         return torch.as_tensor(np.ascontiguousarray(items), dtype=torch.float32)
 

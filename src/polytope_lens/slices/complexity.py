@@ -40,6 +40,7 @@ class LocalComplexity:
     method : str
     radius : float
     n_dirs : int
+        P of the sampled measure; 2 (the plane) for the exact count, whose ``to_dict`` leaves it out.
     dtype : str
     """
 
@@ -52,8 +53,9 @@ class LocalComplexity:
     dtype: str
 
     def to_dict(self) -> dict:
-        return {"exact": self.exact, "method": self.method, "radius": self.radius, "n_dirs": self.n_dirs,
-                "dtype": self.dtype, "mean_total": float(self.total.mean()) if len(self.total) else None,
+        return {"exact": self.exact, "method": self.method, "radius": self.radius,
+                **({} if self.exact else {"n_dirs": self.n_dirs}), "dtype": self.dtype,
+                "mean_total": float(self.total.mean()) if len(self.total) else None,
                 "per_site_mean": {k: float(v.mean()) for k, v in self.per_site.items()},
                 "total": self.total.tolist()}
 
