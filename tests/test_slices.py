@@ -251,7 +251,8 @@ def test_bad_inputs():
     class MaxOfTwo(nn.Module):  # a ReLU written as a maximum of two tensors: a bend that is no site
         def forward(self, z):
             return torch.maximum(z, torch.zeros_like(z))
-    with pytest.raises(NotPiecewiseLinearError, match=r"maximum \(called in module '2', before site '4.relu'"):
+    with pytest.raises(NotPiecewiseLinearError,
+                       match=r"maximum \(called in module '2'\) reaches the unit input of site '4.relu'"):
         slice_box(nn.Sequential(nn.Linear(2, 4), nn.ReLU(), MaxOfTwo(), nn.Linear(4, 4), nn.ReLU()))
     with pytest.raises(InvalidInputError, match="memory budget"):
         slice_box(_mlp(64, 3, 0), memory_budget=1 << 17)

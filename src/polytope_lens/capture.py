@@ -38,10 +38,10 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from ._conv64 import conv_call
 from .errors import InvalidInputError, UnsupportedActivationError
-from .kinks import HIDDEN_KINK_CALLS, Activation, get_activation, resolve_call
+from .kinks import BENDING_OPS, VALUE_READS, Activation, get_activation, resolve_call
 
-__all__ = ["CallSite", "capture", "list_sites", "select_sites", "StopForward", "SharedPrefix", "PrefixRead",
-           "PrefixReplay", "ReplayMismatch", "ACTIVATION_MODULE_CLASSES"]
+__all__ = ["CallSite", "BendTracker", "capture", "list_sites", "select_sites", "StopForward", "SharedPrefix",
+           "PrefixRead", "PrefixReplay", "ReplayMismatch", "ACTIVATION_MODULE_CLASSES"]
 
 # composite activation modules, by class name: their input is the unit input, their inner calls are not sites
 ACTIVATION_MODULE_CLASSES: dict[str, str] = {
@@ -224,6 +224,97 @@ class PrefixReplay:
         return sum(seen.values())
 
 
+def _tensors(obj) -> list[torch.Tensor]:
+    """The tensors in ``obj`` (nested tuples, lists, dicts, torch's named tuples of results)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tensors(v)]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    return []
+
+
+class BendTracker:
+    """Which values of one pass depend on the path, and the operations that bend them without being sites.
+
+    A value depends on the path when it is computed from the seeded inputs (``seed``: the model's input for paths
+    in input space) or from the output of site ``source`` (paths at a site). An operation bends such a value when
+    its name is in ``kinks.BENDING_OPS``, when it turns floating unit values into integers or booleans (a
+    comparison, a cast, argmax), or when it divides with rounding; everything computed from a bent value is bent.
+    Reading a path-dependent value into Python (``kinks.VALUE_READS``: ``bool()``, ``item``) may steer the pass, and
+    counts as a bend of the next site. ``found`` gets ``(description, site order)`` for each bent unit input of a site
+    and, from ``reaches(output, math.inf)``, for a bent output. Values that depend on parameters or buffers alone
+    (a pruning mask, quantised weights) are not followed, so their comparisons are not bends."""
+
+    def __init__(self, source: str | None = None):
+        self.source = source
+        self.found: list[tuple[str, float]] = []
+        self._path: dict[int, torch.Tensor] = {}  # id -> tensor (kept alive, so ids are not reused in the pass)
+        self._bent: dict[int, str] = {}
+        self._seed_next = False  # the source site fired: its output is the path's
+        self.in_hook = 0  # inside a module hook that may fire sites (calls there are the handler's, not the site's)
+        self._site_call = False  # a site fired inside the call now ending: the call is the site, no bend
+        self.constant: set[str] = set()  # sites whose unit input does not depend on the path (a clamp of parameters)
+
+    def seed(self, obj) -> None:
+        for t in _tensors(obj):
+            self._path[id(t)] = t
+
+    def _mark(self, obj, bend: str | None) -> None:
+        for t in _tensors(obj):
+            self._path[id(t)] = t
+            if bend is not None:
+                self._bent.setdefault(id(t), bend)
+
+    def after_call(self, func, args, kwargs, out, where: str, order: int) -> None:
+        site_call = self._site_call and not self.in_hook
+        if site_call:
+            self._site_call = False
+            if self._seed_next:  # the source site's own call
+                self._seed_next = False
+                self.seed(out)
+                return
+        ins = [t for t in _tensors((args, kwargs)) if id(t) in self._path]
+        if not ins:
+            return
+        name = getattr(func, "__name__", "")
+        at = f"called in {f'module {where!r}' if where else 'the model itself'}"
+        if name in VALUE_READS:  # whatever the dtype: a branch on a comparison's result is control flow too
+            self.found.append((f"{name} on a value that depends on the path ({at}: control flow on it)", order))
+            return
+        bend = next((self._bent[id(t)] for t in ins if id(t) in self._bent), None)
+        if bend is None and not site_call and any(t.is_floating_point() for t in ins):
+            if (name.strip("_") in BENDING_OPS or kwargs.get("rounding_mode") is not None
+                  or any(not t.is_floating_point() for t in _tensors(out))):
+                bend = f"{name.strip('_') or name} ({at})"
+        self._mark(out, bend)
+
+    def fired(self, site, z: torch.Tensor) -> None:
+        self.reaches(z, site.order)
+        if id(z) not in self._path:
+            self.constant.add(site.name)
+        self._site_call, self._seed_next = True, site.name == self.source
+
+    def after_module(self, output) -> None:
+        """A module's output: the source site's when that module was the site (module and declared sites)."""
+        if self._site_call and not self.in_hook:
+            self._site_call = False
+            if self._seed_next:
+                self._seed_next = False
+                self.seed(output)
+
+    def reaches(self, obj, order: float) -> None:
+        bend = next((self._bent[id(t)] for t in _tensors(obj) if id(t) in self._bent), None)
+        if bend is not None:
+            self.found.append((bend, order))
+
+    def release(self) -> None:
+        """Forget the pass's tensors (``found`` stays)."""
+        self._path.clear()
+        self._bent.clear()
+
+
 class _SiteMode(TorchFunctionMode):
     def __init__(self, tracker: "_Tracker"):
         super().__init__()
@@ -249,6 +340,8 @@ class _SiteMode(TorchFunctionMode):
             args, kwargs = sp.expand((args, kwargs))
         order = tr.order
         out = self._call(func, args, kwargs)
+        if tr.bends is not None:
+            tr.bends.after_call(func, args, kwargs, out, tr.current_path(), tr.order)
         if sp is not None and not sp.active:
             sp.register(out)
         if rp is not None and tr.replaying:  # recording, and the site has not fired yet
@@ -279,8 +372,6 @@ class _SiteMode(TorchFunctionMode):
             except UnsupportedActivationError as e:
                 where = tr.stack[-1] if tr.stack else "<root>"
                 raise UnsupportedActivationError(f"{e} (called in module {where!r})") from None
-            if act is None and tr.hidden is not None and func in HIDDEN_KINK_CALLS:
-                tr.hidden.append((HIDDEN_KINK_CALLS[func], tr.stack[-1] if tr.stack else "<root>", tr.order))
             if act is not None:
                 inplace = _is_inplace(func, args, kwargs)
                 out = tr.fire(act, args[0], tr.current_path(), apply=_CallApply(func, args[1:], kwargs, inplace),
@@ -334,7 +425,7 @@ class _Tracker:
         self.shared: SharedPrefix | None = None
         self.fewer_rows = False  # the last site fired was replaced with rows for the points of a reduced pass
         self.replay: PrefixReplay | None = None
-        self.hidden: list | None = None  # where non-site kinks are recorded (``capture``'s ``hidden_kinks``)
+        self.bends: BendTracker | None = None  # a probe pass's path-dependent values and their bends
         self.reset()
 
     def reset(self) -> None:
@@ -370,6 +461,8 @@ class _Tracker:
                 self.replay.recorded, self.replaying = True, False
                 self.replay.note_read(z)
             self.replay.pending = True  # versions of the recorded outputs once this call is over
+        if self.bends is not None:
+            self.bends.fired(site, z)
         # an in-place call overwrites z after the handler returns: a handler that keeps z gets a copy
         out = self.handler(site, z.clone() if inplace else z)
         self.fewer_rows = out is not None and self.shared is not None and self.shared.at == site.name
@@ -397,6 +490,8 @@ class _Tracker:
         if path is None:
             return None
         replaced = None
+        if self.bends is not None:
+            self.bends.in_hook += 1
         if getattr(module, "_pl_activation_site", False):
             del module._pl_activation_site
             self.suppressed -= 1
@@ -409,6 +504,9 @@ class _Tracker:
             self.hook_outputs[_key(output)] = self.aliases[path]
         if path in self.declared and isinstance(output, torch.Tensor):
             replaced = self.fire(self.declared[path], output, path, name=self.aliases.get(path, path))
+        if self.bends is not None:
+            self.bends.in_hook -= 1
+            self.bends.after_module(output if replaced is None else replaced)
         if self.stack and self.stack[-1] == path:
             self.stack.pop()
         return replaced
@@ -474,7 +572,7 @@ def _tl_declared(model: nn.Module, aliases: dict[str, str]) -> tuple[dict[str, s
 def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str, str] | None = None,
             declared_sites: dict[str, str | Activation] | None = None,
             suppress: tuple[str, ...] = (), shared: SharedPrefix | None = None,
-            replay: PrefixReplay | None = None, hidden_kinks: list | None = None) -> Iterator[Callable[[], None]]:
+            replay: PrefixReplay | None = None, bends: "BendTracker | None" = None) -> Iterator[Callable[[], None]]:
     """Call ``handler(site, unit_input)`` for every nonlinearity ``model`` applies inside the ``with`` block.
 
     The handler runs *before* the nonlinearity; returning a tensor replaces the nonlinearity's output (used by
@@ -498,9 +596,8 @@ def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str,
         Run the part before a replaced site on fewer rows (once per distinct example, or at a few points).
     replay : PrefixReplay, optional
         Record the calls before its site in the first pass, return the recorded outputs in later passes.
-    hidden_kinks : list, optional
-        Gets ``(op, module path, sites fired before it)`` for each call on unit values that bends the network without
-        being a site (``kinks.HIDDEN_KINK_CALLS``: a comparison, a maximum of two tensors, rounding...).
+    bends : BendTracker, optional
+        Follows which values depend on the path and records the operations that bend them without being sites.
 
     Yields
     ------
@@ -517,7 +614,7 @@ def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str,
         declared[path] = act if isinstance(act, Activation) else get_activation(act)
     tracker = _Tracker(model, handler, {**ACTIVATION_MODULE_CLASSES, **(activation_modules or {})}, declared,
                        tuple(suppress), aliases)
-    tracker.shared, tracker.replay, tracker.hidden = shared, replay, hidden_kinks
+    tracker.shared, tracker.replay, tracker.bends = shared, replay, bends
     pre = nn.modules.module.register_module_forward_pre_hook(tracker.pre_hook)
     post = nn.modules.module.register_module_forward_hook(tracker.post_hook, always_call=True)
     try:

@@ -706,24 +706,24 @@ UNSUPPORTED_CALLS: dict[Callable, str] = {
     )
 }
 
-# operations on unit values that bend or break the network without being activations (a comparison, a maximum of
-# two tensors, a reduction to the largest entry, rounding): not sites, so codes do not see them, and exact paths and
-# slices, which assume the network is affine between sites, refuse a model that applies one there (``capture``
-# records them; ``paths.runner.Runner.hidden_kink``)
-HIDDEN_KINK_CALLS: dict[Callable, str] = {
-    f: f.__name__
-    for f in (
-        torch.gt, torch.ge, torch.lt, torch.le, torch.greater, torch.greater_equal, torch.less, torch.less_equal,
-        T.gt, T.ge, T.lt, T.le, T.greater, T.greater_equal, T.less, T.less_equal,
-        torch.maximum, torch.minimum, torch.fmax, torch.fmin, torch.max, torch.min, torch.amax, torch.amin,
-        torch.aminmax, T.maximum, T.minimum, T.fmax, T.fmin, T.max, T.min, T.amax, T.amin, T.aminmax,
-        torch.sort, torch.argsort, torch.topk, torch.kthvalue, torch.median, torch.nanmedian, torch.cummax,
-        torch.cummin, torch.argmax, torch.argmin, T.sort, T.argsort, T.topk, T.kthvalue, T.median, T.nanmedian,
-        T.cummax, T.cummin, T.argmax, T.argmin,
-        torch.sign, torch.sgn, torch.heaviside, torch.floor, torch.ceil, torch.round, torch.trunc, torch.frac,
-        T.sign, T.sgn, T.heaviside, T.floor, T.ceil, T.round, T.trunc, T.frac,
-    )
-}
+# operations that bend the network without being sites, by name (in-place and dunder forms too): a maximum or
+# minimum of two tensors, a reduction to the largest entry, sorting, rounding, shrinking, and activations called in a
+# form the call table does not know. Any operation that turns unit values into integers or booleans (a comparison, a
+# cast, argmax) bends it as well, and reading a unit value into Python (``VALUE_READS``) may steer it. ``capture``'s
+# ``BendTracker`` follows which values depend on the path and records the bends that reach a site or the output;
+# exact paths and slices refuse them (``paths.runner.Runner.hidden_kink``)
+BENDING_OPS = frozenset({
+    "maximum", "minimum", "fmax", "fmin", "max", "min", "amax", "amin", "aminmax", "sort", "msort", "topk",
+    "kthvalue", "median", "nanmedian", "mode", "cummax", "cummin", "logcumsumexp", "sign", "sgn", "heaviside",
+    "floor", "ceil", "round", "trunc", "fix", "frac", "copysign", "floor_divide", "floordiv", "rfloordiv",
+    "remainder", "fmod", "mod", "rmod", "relu", "relu6", "hardtanh", "leaky_relu", "prelu", "rrelu", "elu", "selu",
+    "celu", "threshold", "hardshrink", "softshrink", "abs", "absolute", "clamp", "clip", "clamp_min", "clamp_max",
+    "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
+    "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices", "fractional_max_pool2d",
+    # comparisons in place (``gt_``) keep floats; the others give booleans, which bend anyway
+    "gt", "ge", "lt", "le", "eq", "ne", "greater", "greater_equal", "less", "less_equal", "not_equal",
+})
+VALUE_READS = frozenset({"__bool__", "item", "tolist", "__int__", "__float__", "__index__"})  # exact names
 
 
 def resolve_call(func: Callable, args: tuple, kwargs: dict) -> Activation | None:

@@ -232,9 +232,9 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
     if method == "exact":
         if hidden:
             raise NotPiecewiseLinearError(
-                f"not piecewise-linear as capture sees it: {hidden} bends the network without being an activation "
-                "the kink registry follows; write it as one (F.relu, F.leaky_relu, torch.clamp, "
-                "F.max_pool2d...) or use method='sampled' (or 'auto').")
+                f"not piecewise-linear as capture sees it: {hidden}, a bend that is no activation the kink registry "
+                "follows; write it as one (F.relu, F.leaky_relu, torch.clamp, F.max_pool2d...) or use "
+                "method='sampled' (or 'auto').")
         if smooth:
             raise NotPiecewiseLinearError(
                 f"not piecewise-linear: site {smooth[0]!r} applies a smooth activation "
@@ -247,7 +247,7 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
     use_exact = method == "exact" or (method == "auto" and not smooth and not bad and not hidden)
     if method == "auto" and not use_exact:
         notes.append("auto chose sampled: " + (f"smooth activation at {smooth[0]}" if smooth else
-                                                f"{hidden} bends the network outside the sites" if hidden else
+                                                f"{hidden}, a bend outside the sites" if hidden else
                                                 f"not affine between sites before {bad[0]}"))
     floor = 4 * torch.finfo(prep.dtype).eps  # the narrowest bracket the dtype resolves in t (spacing near 1: eps)
     if not use_exact and tol < floor:

@@ -348,6 +348,9 @@ class FrontierProgram:
                 act.name != site.activation.name for (_, act), site in zip(s2, runner.all_sites)):
             return None, "its activation calls differ from the capture's sites", folded
         first = 0 if spec.site is None else names.index(spec.site) + 1  # the first processed site
+        if runner.names != names[first:first + len(runner.processed)]:
+            return None, "a site between the processed ones does not depend on the path (a clamp of parameters)", \
+                folded
         if spec.site is not None:
             prog.path_site = s2[first - 1][0]
         prog.sites = [i for i, _ in s2][first:first + len(runner.processed)]

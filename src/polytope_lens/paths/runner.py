@@ -25,7 +25,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from ..capture import CallSite, PrefixRead, PrefixReplay, ReplayMismatch, SharedPrefix, StopForward, run
+from ..capture import BendTracker, CallSite, PrefixRead, PrefixReplay, ReplayMismatch, SharedPrefix, StopForward, run
 from ..errors import InvalidInputError
 from .geometry import PathSpec
 
@@ -164,10 +164,14 @@ class Runner:
             seen[site.name] = (site, z.detach())
         # ``probe_name``: what the probe is one row of, for the error a model that cannot take it gives
         what = probe_name or ("points" if spec.site is None else "'inputs'")
-        self.hidden: list[tuple[str, str, int]] = []  # non-site kinks of the probe pass (``hidden_kink``)
+        bends = BendTracker(source=spec.site)  # bends outside the sites, on the probe pass (``hidden_kink``)
+        if spec.site is None:
+            bends.seed(probe_input)
         with model_errors(fwd, probe_input, owner, what):
-            out = run(self.model, lambda: self.fwd(probe_input), record, hidden_kinks=self.hidden,
-                      **capture_kwargs)
+            out = run(self.model, lambda: self.fwd(probe_input), record, bends=bends, **capture_kwargs)
+        bends.reaches(out, math.inf)
+        bends.release()
+        self.hidden = bends.found
         scores = logits_of(out)
         self.has_output = scores is not None  # class scores (text encoders have none)
         self.n_outputs = 0 if scores is None else int(scores.shape[1])
@@ -184,6 +188,9 @@ class Runner:
         else:
             order = next(s.order for s in self.all_sites if s.name == spec.site)
             self.processed = [s for s in self.all_sites if s.order > order]
+        # a site whose unit input does not depend on the path (a clamp of parameters) has no crossings on it
+        self.constant_sites = bends.constant
+        self.processed = [s for s in self.processed if s.name not in self.constant_sites]
         self.names = [s.name for s in self.processed]
         n_units = sum(math.prod(self.z_shape[n]) for n in self.names)
         self.row_bytes = 8 * (4 * n_units + 4 * sum(math.prod(self.out_shape[n]) for n in self.names)
@@ -417,19 +424,18 @@ class Runner:
         return d
 
     def hidden_kink(self, sites: list[CallSite]) -> str | None:
-        """A description of the first operation that bends the network after the path's source without being a site
-        (a comparison of unit values, a maximum of two tensors, rounding: the probe pass records them), or None.
-        Up to the last of ``sites`` when they stop before the model's last site, else up to the output. The affinity
+        """The first operation that bends the network outside its sites (``capture.BendTracker``: a comparison of
+        values that depend on the path, a maximum of two tensors, rounding...) and reaches the unit input of one of
+        ``sites`` or, when they run to the model's last site, its output; None if there is none. The affinity
         probe can miss such a bend (its random values may never reach it), so exact methods refuse it by name."""
-        src = -1 if self.spec.site is None else next(s.order for s in self.all_sites if s.name == self.spec.site)
-        last = max((s.order for s in sites), default=src)
-        if last == max(s.order for s in self.all_sites):
-            last = math.inf  # every site: the bends between the last one and the output are the network's too
-        for op, where, fired in self.hidden:
-            if src < fired <= last:
-                before = next((f"before site {s.name!r}" for s in self.all_sites if s.order == fired),
-                              "after the last site")
-                return f"{op} (called in {f'module {where!r}' if where else 'the model itself'}, {before})"
+        last = max((s.order for s in sites), default=-1)
+        if last == max((s.order for s in self.all_sites if s.name not in self.constant_sites), default=-1):
+            last = math.inf
+        for bend, order in self.hidden:
+            if order <= last:
+                target = next((f"the unit input of site {s.name!r}" for s in self.all_sites if s.order == order),
+                              "the model's output")
+                return f"{bend} reaches {target}"
         return None
 
     def affinity_probe(self, want_output: bool, seed: int = 0) -> tuple[list[str], bool]:

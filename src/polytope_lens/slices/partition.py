@@ -570,9 +570,9 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
                                       "local_complexity for an approximate measure).")
     hidden = runner.hidden_kink(sites)
     if hidden:
-        raise NotPiecewiseLinearError(f"not piecewise-linear as capture sees it: {hidden} bends the network without "
-                                      "being an activation the kink registry follows; write it as one "
-                                      "(F.relu, F.leaky_relu, torch.clamp, F.max_pool2d...).")
+        raise NotPiecewiseLinearError(f"not piecewise-linear as capture sees it: {hidden}, a bend that is no "
+                                      "activation the kink registry follows; write it as one (F.relu, F.leaky_relu, "
+                                      "torch.clamp, F.max_pool2d...).")
     bad, out_affine = runner.affinity_probe(want_output=want_output)
     bad = [b for b in bad if b in {s.name for s in sites}]
     if bad:
