@@ -168,13 +168,19 @@ class PreparedModel:
         return site.apply(z)
 
 
-def _check_site_shape(prep, base, site, shape, lead: int, what: str, owner: str, capture_kwargs) -> None:
-    """Points of a path at ``site`` must have its output's shape after their ``lead`` batch dimensions."""
+def _path_site(prep, layer: str | None, inputs, shape, lead: int, what: str, owner: str, capture_kwargs) -> tuple:
+    """``(inputs as the model's, site name)`` of paths at site ``layer``, or ``(None, None)`` for paths in input
+    space. Their points must have the site output's shape after ``lead`` batch dimensions (P, or P and K)."""
+    if layer is None:
+        return None, None
+    base = prep.cast(_check_base(inputs, shape[0], owner))
+    site = prep.resolve_site(base, layer, owner, capture_kwargs)
     want = tuple(prep.site_output(base, site, 1, capture_kwargs).shape[1:])
     if tuple(shape[lead:]) != want:
         lead_dims = "P, " if lead == 1 else "P, K, "
         raise InvalidInputError(f"The {what} of {owner} at layer {site.name!r} must have that site's output shape "
                                 f"({lead_dims}{', '.join(map(str, want))}). Got {tuple(shape)}.")
+    return base, site.name
 
 
 def _last_site_units(runner, units, method, owner) -> torch.Tensor | None:
@@ -580,12 +586,7 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
     if spec is not None:
         model = model.module
     prep = PreparedModel(model, forward, dtype, device)
-    base, site_name = None, None
-    if layer is not None:
-        base = prep.cast(_check_base(inputs, len(start), owner))
-        site = prep.resolve_site(base, layer, owner, capture_kwargs)
-        site_name = site.name
-        _check_site_shape(prep, base, site, start.shape, 1, "'start' and 'end'", owner, capture_kwargs)
+    base, site_name = _path_site(prep, layer, inputs, start.shape, 1, "'start' and 'end'", owner, capture_kwargs)
     x = geometry.stacked([start, end], prep.dtype, prep.device)
     kt = torch.tensor([0.0, 1.0], dtype=torch.float64).expand(len(start), 2)
     spec = PathSpec(kt, x, length, "segment", site_name, base)
@@ -633,12 +634,7 @@ def polyline_crossings(model: nn.Module, points, *, layer: str | None = None, in
     _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress)
     knots, pts, length = geometry.polyline(points, owner=owner)
     prep = PreparedModel(model, forward, dtype, device)
-    base, site_name = None, None
-    if layer is not None:
-        base = prep.cast(_check_base(inputs, len(pts), owner))
-        site = prep.resolve_site(base, layer, owner, capture_kwargs)
-        site_name = site.name
-        _check_site_shape(prep, base, site, pts.shape, 2, "'points'", owner, capture_kwargs)
+    base, site_name = _path_site(prep, layer, inputs, pts.shape, 2, "'points'", owner, capture_kwargs)
     spec = PathSpec(knots.to(torch.float64), pts, length.to(torch.float64), "polyline", site_name, base)
     return _analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol, n_samples=n_samples,
                     tol=tol, trace=trace, verify=verify, memory_budget=memory_budget, evaluator=evaluator,
