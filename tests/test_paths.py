@@ -1937,6 +1937,9 @@ def test_other_spellings_of_clamps_and_max_pooling_are_the_same_sites():
     (lambda z: z + torch.round(z), "round"),
     (lambda z: z + (z * 3).long(), "long"),  # any cast of unit values to integers
     (lambda z: z if z.sum().item() > 0 else -z, "item"),  # control flow on a unit value
+    (lambda z: z.clone().masked_fill_(z > 0.5, 0.5), "gt"),  # a bend written in place
+    (lambda z: _set_where_above(z.clone(), 0.5), "gt"),  # ... through __setitem__ and a view
+    (lambda z: torch.from_numpy(z.numpy().clip(0, 1)), "numpy"),  # values that leave torch
 ])
 def test_bends_that_are_no_site_are_refused_by_exact_methods(op, name):
     """An operation that bends the network without being an activation (a comparison of unit values, a maximum of
@@ -1959,6 +1962,50 @@ def test_bends_that_are_no_site_are_refused_by_exact_methods(op, name):
         # a path at a site after the bend: the network before it is the same for every point
         r = path_crossings(hidden_first, torch.rand(1, 4, 4, 4), torch.rand(1, 4, 4, 4), layer="relu", inputs=a[:1])
         assert r.exact
+
+
+def _set_where_above(z, k):
+    view = z[:, :2]
+    view[view > k] = k
+    return z
+
+
+class _Bookkeeping(nn.Module):
+    """An MLP whose forward copies its hidden layer into a buffer of its own, checks that it is finite, and makes a
+    boolean mask of ones: nothing here bends it, and its second site still follows the path."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.l1, self.l2, self.l3 = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.l1(x))
+        assert torch.isfinite(h).all()
+        buf = torch.empty(h.shape, dtype=h.dtype)
+        buf[:] = h
+        keep = torch.ones_like(buf, dtype=torch.bool)
+        return self.l3(torch.relu(self.l2(buf * keep)))
+
+
+class _GatedReLU(nn.Module):  # an activation module the user registers: its comparison is the site's own
+    def forward(self, z):
+        return z * (z > 0)
+
+
+def test_bookkeeping_and_registered_activation_modules_are_no_bends():
+    """Copies into buffers, finiteness checks, mask factories and a registered activation module's inner comparison
+    leave the model exact, with the plain network's records (before the dependency tracking followed writes, such a
+    copy hid the second site from the path)."""
+    m = _Bookkeeping().double()
+    plain = nn.Sequential(m.l1, nn.ReLU(), m.l2, nn.ReLU(), m.l3)
+    a, b = torch.randn(3, 3, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    got, want = path_crossings(m, a, b), path_crossings(plain, a, b)
+    assert got.exact and got.counts.tolist() == want.counts.tolist() and len(got.sites) == 2
+    gated = nn.Sequential(m.l1, _GatedReLU(), m.l3)
+    got = path_crossings(gated, a, b, method="exact", activation_modules={"_GatedReLU": "relu"})
+    want = path_crossings(nn.Sequential(m.l1, nn.ReLU(), m.l3), a, b)
+    assert got.exact and got.counts.tolist() == want.counts.tolist()
 
 
 class _ParameterWork(nn.Module):

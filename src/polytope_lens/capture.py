@@ -239,35 +239,51 @@ class BendTracker:
     """Which values of one pass depend on the path, and the operations that bend them without being sites.
 
     A value depends on the path when it is computed from the seeded inputs (``seed``: the model's input for paths
-    in input space) or from the output of site ``source`` (paths at a site). An operation bends such a value when
-    its name is in ``kinks.BENDING_OPS``, when it turns floating unit values into integers or booleans (a
-    comparison, a cast, argmax), or when it divides with rounding; everything computed from a bent value is bent.
-    Reading a path-dependent value into Python (``kinks.VALUE_READS``: ``bool()``, ``item``) may steer the pass, and
-    counts as a bend of the next site. ``found`` gets ``(description, site order)`` for each bent unit input of a site
-    and, from ``reaches(output, math.inf)``, for a bent output. Values that depend on parameters or buffers alone
-    (a pruning mask, quantised weights) are not followed, so their comparisons are not bends."""
+    in input space) or from the output of site ``source`` (paths at a site), or is written with such values (in
+    place, through a view, ``out=``, ``__setitem__``). An operation bends such a value when its name is in
+    ``kinks.BENDING_OPS``, when it turns floating unit values into integers or booleans (a comparison, a cast,
+    argmax; not the ``*_like`` factories or the finiteness checks, whose results do not depend on finite values), or
+    when it divides with rounding; everything computed from a bent value is bent. Calls inside an activation module
+    (or a declared site's suppressed formula) are the site's, no bend. Reading a path-dependent value into Python or
+    numpy (``kinks.VALUE_READS``: ``bool()``, ``item``, ``numpy``, ``equal``) may steer the pass or hide its values,
+    and counts as a bend of the next site. ``found`` gets ``(description, site order)`` for each bent unit input of a
+    site and, from ``reaches(output, math.inf)``, for a bent output. Values computed from parameters and buffers
+    alone (``seed_static``: a pruning mask, quantised weights, a clamped scale) are static: a site whose unit input
+    is static is in ``constant`` (it has no crossings on any path)."""
 
     def __init__(self, source: str | None = None):
         self.source = source
         self.found: list[tuple[str, float]] = []
+        self.constant: set[str] = set()  # sites whose unit input is static (computed from parameters alone)
+        self.in_hook = 0  # inside a module hook that may fire sites (calls there are the handler's, not the site's)
         self._path: dict[int, torch.Tensor] = {}  # id -> tensor (kept alive, so ids are not reused in the pass)
         self._bent: dict[int, str] = {}
-        self._seed_next = False  # the source site fired: its output is the path's
-        self.in_hook = 0  # inside a module hook that may fire sites (calls there are the handler's, not the site's)
+        self._static: dict[int, torch.Tensor] = {}
         self._site_call = False  # a site fired inside the call now ending: the call is the site, no bend
-        self.constant: set[str] = set()  # sites whose unit input does not depend on the path (a clamp of parameters)
+        self._seed_next = False  # the source site fired: its output is the path's
 
     def seed(self, obj) -> None:
         for t in _tensors(obj):
             self._path[id(t)] = t
 
-    def _mark(self, obj, bend: str | None) -> None:
-        for t in _tensors(obj):
-            self._path[id(t)] = t
-            if bend is not None:
-                self._bent.setdefault(id(t), bend)
+    def seed_static(self, tensors) -> None:
+        for t in tensors:
+            self._static[id(t)] = t
 
-    def after_call(self, func, args, kwargs, out, where: str, order: int) -> None:
+    def _targets(self, func, args, kwargs, out) -> list[torch.Tensor]:
+        """The tensors a call writes: its outputs, and what it changes in place (with the tensors they view)."""
+        name = getattr(func, "__name__", "")
+        written = _tensors(out) + _tensors(kwargs.get("out"))
+        if (name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))) and args \
+                and isinstance(args[0], torch.Tensor):
+            written.append(args[0])
+        for t in list(written):
+            while t._base is not None:
+                t = t._base
+                written.append(t)
+        return written
+
+    def after_call(self, func, args, kwargs, out, where: str, order: int, inside_site: bool = False) -> None:
         site_call = self._site_call and not self.in_hook
         if site_call:
             self._site_call = False
@@ -275,24 +291,39 @@ class BendTracker:
                 self._seed_next = False
                 self.seed(out)
                 return
-        ins = [t for t in _tensors((args, kwargs)) if id(t) in self._path]
-        if not ins:
-            return
         name = getattr(func, "__name__", "")
+        tensors = _tensors((args, kwargs))
+        ins = [t for t in tensors if id(t) in self._path]
+        written = self._targets(func, args, kwargs, out)
+        if not ins:
+            if tensors and all(id(t) in self._static for t in tensors) and not name.endswith("_like"):
+                for t in _tensors(out):
+                    self._static[id(t)] = t
+            else:  # a static tensor written with something else is not static any more
+                for t in written:
+                    self._static.pop(id(t), None)
+            return
+        if name in _VALUE_INDEPENDENT:  # factories and finiteness checks: their results do not follow the path
+            return
         at = f"called in {f'module {where!r}' if where else 'the model itself'}"
         if name in VALUE_READS:  # whatever the dtype: a branch on a comparison's result is control flow too
-            self.found.append((f"{name} on a value that depends on the path ({at}: control flow on it)", order))
+            self.found.append((f"{name} on a value that depends on the path ({at}: control flow on it, or its "
+                               "values leave torch)", order))
             return
         bend = next((self._bent[id(t)] for t in ins if id(t) in self._bent), None)
-        if bend is None and not site_call and any(t.is_floating_point() for t in ins):
+        if bend is None and not site_call and not inside_site and any(t.is_floating_point() for t in ins):
             if (name.strip("_") in BENDING_OPS or kwargs.get("rounding_mode") is not None
-                  or any(not t.is_floating_point() for t in _tensors(out))):
+                    or any(not t.is_floating_point() for t in _tensors(out))):
                 bend = f"{name.strip('_') or name} ({at})"
-        self._mark(out, bend)
+        for t in written:
+            self._path[id(t)] = t
+            self._static.pop(id(t), None)
+            if bend is not None:
+                self._bent.setdefault(id(t), bend)
 
     def fired(self, site, z: torch.Tensor) -> None:
         self.reaches(z, site.order)
-        if id(z) not in self._path:
+        if id(z) in self._static:
             self.constant.add(site.name)
         self._site_call, self._seed_next = True, site.name == self.source
 
@@ -310,9 +341,17 @@ class BendTracker:
             self.found.append((bend, order))
 
     def release(self) -> None:
-        """Forget the pass's tensors (``found`` stays)."""
+        """Forget the pass's tensors (``found`` and ``constant`` stay)."""
         self._path.clear()
         self._bent.clear()
+        self._static.clear()
+
+
+_VALUE_INDEPENDENT = frozenset({
+    "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "randint_like", "new_zeros",
+    "new_ones", "new_empty", "new_full", "new_tensor", "isfinite", "isnan", "isinf", "isposinf", "isneginf",
+    "isreal", "is_floating_point", "is_complex", "size", "dim", "numel", "stride", "is_contiguous",
+})
 
 
 class _SiteMode(TorchFunctionMode):
@@ -341,7 +380,7 @@ class _SiteMode(TorchFunctionMode):
         order = tr.order
         out = self._call(func, args, kwargs)
         if tr.bends is not None:
-            tr.bends.after_call(func, args, kwargs, out, tr.current_path(), tr.order)
+            tr.bends.after_call(func, args, kwargs, out, tr.current_path(), tr.order, inside_site=tr.suppressed > 0)
         if sp is not None and not sp.active:
             sp.register(out)
         if rp is not None and tr.replaying:  # recording, and the site has not fired yet

@@ -722,8 +722,12 @@ BENDING_OPS = frozenset({
     "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices", "fractional_max_pool2d",
     # comparisons in place (``gt_``) keep floats; the others give booleans, which bend anyway
     "gt", "ge", "lt", "le", "eq", "ne", "greater", "greater_equal", "less", "less_equal", "not_equal",
+    # norms and distances: kinked (1, inf) or not affine; either way not a site
+    "norm", "vector_norm", "matrix_norm", "linalg_norm", "linalg_vector_norm", "linalg_matrix_norm", "dist",
+    "cdist", "l1_loss", "smooth_l1_loss", "huber_loss",
 })
-VALUE_READS = frozenset({"__bool__", "item", "tolist", "__int__", "__float__", "__index__"})  # exact names
+VALUE_READS = frozenset({"__bool__", "item", "tolist", "__int__", "__float__", "__index__", "__contains__",
+                         "numpy", "__array__", "equal", "allclose", "is_nonzero"})  # exact names
 
 
 def resolve_call(func: Callable, args: tuple, kwargs: dict) -> Activation | None:

@@ -167,6 +167,7 @@ class Runner:
         bends = BendTracker(source=spec.site)  # bends outside the sites, on the probe pass (``hidden_kink``)
         if spec.site is None:
             bends.seed(probe_input)
+        bends.seed_static([*self.model.parameters(), *self.model.buffers()])
         with model_errors(fwd, probe_input, owner, what):
             out = run(self.model, lambda: self.fwd(probe_input), record, bends=bends, **capture_kwargs)
         bends.reaches(out, math.inf)
