@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import InvalidInputError
 
-__all__ = ["check_replaceable", "REPORT_FORMAT"]
+__all__ = ["check_destination", "check_replaceable", "REPORT_FORMAT"]
 
 REPORT_FORMAT = "polytope-lens/report/1"
 _REPORT_KEYS = {"prediction_1", "prediction_2", "prediction_3", "details"}
@@ -72,3 +72,18 @@ def check_replaceable(out, kind: str, inputs=()) -> None:
         raise InvalidInputError(f"{head}: it is a file, not a folder.")
     if not recognise(out):
         raise InvalidInputError(f"{head}: it is a folder without that kind's polytope-lens metadata.")
+
+
+def check_destination(out, kind: str, *, overwrite: bool = False, inputs=()) -> None:
+    """Raise the one-line error a new output of ``kind`` at ``out`` would meet: it exists (without ``overwrite``),
+    it is not an output ``overwrite`` may replace (``check_replaceable``), or its folder is missing or not
+    writable."""
+    out = Path(out)
+    if os.path.lexists(out):
+        if not overwrite:
+            raise InvalidInputError(f"The output {str(out)!r} already exists; pass overwrite (--overwrite) to replace "
+                                    "it or choose another path.")
+        check_replaceable(out, kind, inputs)
+    parent = out.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InvalidInputError(f"The output folder {str(parent)!r} does not exist or is not writable.")

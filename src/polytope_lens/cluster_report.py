@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from ._outputs import check_replaceable
+from ._outputs import check_destination, check_replaceable
 from .codes import SplineCodes
 from .errors import InvalidInputError, PolytopeLensError
 from .store import read_codes
@@ -98,14 +98,7 @@ def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_clust
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 2):
         raise InvalidInputError(f"The 'limit' parameter of cluster_store must be an int >= 2. Got {limit!r} instead.")
     out = Path(out)
-    if os.path.lexists(out):
-        if not overwrite:
-            raise InvalidInputError(f"The output {str(out)!r} already exists; pass overwrite (--overwrite) to replace "
-                                    "it or choose another path.")
-        check_replaceable(out, "clusters", inputs=[store])
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise InvalidInputError(f"The output folder {str(parent)!r} does not exist or is not writable.")
+    check_destination(out, "clusters", overwrite=overwrite, inputs=[store])
     if not Path(store).is_dir():
         raise InvalidInputError(f"{str(store)!r} is not a polytope-lens code store (no such folder).")
     codes = _head(select_store_sites(read_codes(store), layers), limit)
@@ -125,7 +118,7 @@ def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_clust
         "knn_components": est.n_components_, "seconds": round(seconds, 3),
         "files": {"assignments": "assignments.npy", "rows": "rows.npy", "dashboard": "index.html"},
     }
-    tmp = parent / f".{out.name}.partial"
+    tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()

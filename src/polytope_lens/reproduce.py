@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from ._outputs import REPORT_FORMAT, check_replaceable
+from ._outputs import REPORT_FORMAT, check_destination, check_replaceable
 from .errors import InvalidInputError, PolytopeLensError
 
 __all__ = ["reproduce", "JOBS", "QUICK", "FULL", "QUICK_MODELS", "estimate_seconds"]
@@ -130,10 +130,7 @@ def check_models(models) -> list[str]:
 
 def check_out_dir(out, *, overwrite: bool = False) -> None:
     """Raise unless ``out`` is free, or is a report that ``overwrite`` may replace (``_outputs``)."""
-    if os.path.lexists(out):
-        if not overwrite:
-            raise InvalidInputError(f"{out} exists; pass overwrite=True (--overwrite) to replace it.")
-        check_replaceable(out, "report")
+    check_destination(out, "report", overwrite=overwrite)
 
 
 def _available(models: list[str]) -> tuple[list[str], dict]:

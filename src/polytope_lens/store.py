@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._outputs import check_destination as _check_output
 from ._outputs import check_replaceable
 from .codes import LayerCodes, SplineCodes
 from .errors import InvalidInputError, PolytopeLensError
@@ -233,20 +234,8 @@ class CodeStoreWriter:
 
 
 def check_destination(path, *, overwrite: bool = False, inputs=()) -> None:
-    """Raise the one-line error a new store at ``path`` would meet: it exists (without ``overwrite``), it is not
-    a code store that ``overwrite`` may replace (see ``_outputs.check_replaceable``), or its folder is missing or
-    not writable."""
-    path = Path(path)
-    if os.path.lexists(path):
-        if not overwrite:
-            raise InvalidInputError(f"The output {str(path)!r} already exists; pass overwrite (--overwrite) "
-                                    "to replace it or choose another path.")
-        check_replaceable(path, "codes", inputs)
-    parent = path.parent
-    if not parent.is_dir():
-        raise InvalidInputError(f"The output folder {str(parent)!r} does not exist.")
-    if not os.access(parent, os.W_OK):
-        raise InvalidInputError(f"The output folder {str(parent)!r} is not writable.")
+    """Raise the one-line error a new code store at ``path`` would meet (``_outputs.check_destination``)."""
+    _check_output(path, "codes", overwrite=overwrite, inputs=inputs)
 
 
 def _version() -> str:

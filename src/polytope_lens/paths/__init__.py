@@ -38,7 +38,8 @@ from .exact import Refiner, verify_chunk
 from .frontier import FrontierProgram
 from .geometry import PathSpec
 from .results import PathBatchResult, PathBlock, PathList, PathResult, Trace, traces_from_outputs
-from .runner import Runner, check_device, default_forward, index_inputs, model_errors, prepare_model
+from .runner import (Runner, check_device, check_dtype, default_forward, index_inputs, model_errors,
+                     prepare_model)
 from .sampled import sampled_chunk
 
 __all__ = ["path_crossings", "polyline_crossings", "ray_crossings", "site_activations", "PathResult", "PathList",
@@ -75,9 +76,7 @@ def _check_options(owner: str, method, dtype, memory_budget, tie_tol, n_samples,
     if evaluator not in EVALUATORS:
         raise InvalidInputError(f"The 'evaluator' parameter of {owner} must be one of {', '.join(EVALUATORS)}. "
                                 f"Got {evaluator!r}.")
-    if dtype not in (torch.float64, torch.float32):
-        raise InvalidInputError(f"The 'dtype' parameter of {owner} must be torch.float64 or torch.float32. "
-                                f"Got {dtype!r}.")
+    check_dtype(owner, dtype)
     if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < (1 << 20)):
         raise InvalidInputError(f"The 'memory_budget' parameter of {owner} must be None or an int >= 1 MiB (bytes). "
                                 f"Got {memory_budget!r}.")
@@ -237,10 +236,7 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
     hidden = runner.hidden_kink(runner.processed)
     if method == "exact":
         if hidden:
-            raise NotPiecewiseLinearError(
-                f"not piecewise-linear as capture sees it: {hidden}, a bend that is no activation the kink registry "
-                "follows; write it as one (F.relu, F.leaky_relu, torch.clamp, F.max_pool2d...) or use "
-                "method='sampled' (or 'auto').")
+            raise runner.bend_error(hidden, " or use method='sampled' (or 'auto')")
         if smooth:
             raise NotPiecewiseLinearError(
                 f"not piecewise-linear: site {smooth[0]!r} applies a smooth activation "
@@ -701,7 +697,7 @@ def site_activations(model: nn.Module, inputs, *, layer: str, dtype: torch.dtype
     These are the points a path at ``layer`` runs between (``path_crossings(..., layer=layer, inputs=...)``).
     """
     owner = "site_activations"
-    _check_options(owner, "auto", dtype, None, 0.0, 2, 0.5, "auto", None)
+    check_dtype(owner, dtype)
     tensors = _input_tensors(inputs)
     n = _n_examples(tensors, owner)
     prep = PreparedModel(model, forward, dtype, device)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..capture import BendTracker, CallSite, PrefixRead, PrefixReplay, ReplayMismatch, SharedPrefix, StopForward, run
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, NotPiecewiseLinearError
 from .geometry import PathSpec
 
 SRC = "<source>"
@@ -67,6 +67,13 @@ def model_errors(fwd: Callable, x, owner: str, what: str):
     except Exception:  # noqa: BLE001 - whose error it is, the plain pass decides
         check_model_runs(fwd, x, owner, what)
         raise
+
+
+def check_dtype(owner: str, dtype) -> None:
+    """Exact and sampled runs compute in float64 or float32 (the kernels' and the tolerances' dtypes)."""
+    if dtype not in (torch.float64, torch.float32):
+        raise InvalidInputError(f"The 'dtype' parameter of {owner} must be torch.float64 or torch.float32. "
+                                f"Got {dtype!r}.")
 
 
 def affine_tol(dtype: torch.dtype) -> float:
@@ -438,6 +445,14 @@ class Runner:
                               "the model's output")
                 return f"{bend} reaches {target}"
         return None
+
+    @staticmethod
+    def bend_error(hidden: str, advice: str = "") -> NotPiecewiseLinearError:
+        """The error exact methods raise for ``hidden_kink``'s description (``advice``: what else the caller can
+        offer, e.g. the sampled mode)."""
+        return NotPiecewiseLinearError(f"not piecewise-linear as capture sees it: {hidden}, a bend that is no "
+                                       "activation the kink registry follows; write it as one (F.relu, F.leaky_relu, "
+                                       f"torch.clamp, F.max_pool2d...){advice}.")
 
     def affinity_probe(self, want_output: bool, seed: int = 0) -> tuple[list[str], bool]:
         """Sites whose unit input is not affine in (source, earlier site outputs); and whether the output is."""

@@ -21,6 +21,7 @@ from torch import nn
 
 from .._heap import keep_freed_memory
 from ..errors import InvalidInputError
+from ..paths.runner import check_dtype
 from .complexity import LocalComplexity, exact_local_complexity, local_complexity
 from .geometry import Plane
 from .neighbours import Neighbours, neighbours
@@ -31,9 +32,7 @@ __all__ = ["Plane", "SliceResult", "slice_plane", "slice_box", "slice_through", 
 
 
 def _check(owner, dtype, tol, memory_budget):
-    if dtype not in (torch.float64, torch.float32):
-        raise InvalidInputError(f"The 'dtype' parameter of {owner} must be torch.float64 or torch.float32. "
-                                f"Got {dtype!r}.")
+    check_dtype(owner, dtype)
     if not (isinstance(tol, (int, float)) and 0 <= tol < 1e-3):
         raise InvalidInputError(f"The 'tol' parameter of {owner} must be a number in [0, 1e-3). Got {tol!r}.")
     if not isinstance(memory_budget, int) or memory_budget < (1 << 16):

@@ -122,6 +122,7 @@ class _Partitioner:
                  owner: str, round_threads: int | None = None, affine: Affine | None = None):
         self.m, self.sites, self.z_shape = m, sites, z_shape
         self.units, self.tol, self.budget, self.owner = units, tol, budget, owner
+        self.cur_index = 0  # the site being cut (``run``), for the budget error's advice
         self.round_threads = round_threads  # torch threads for unit-by-unit / window-by-window cutting
         self.rounds = 0
         self.fallbacks = 0  # scalar sites cut unit by unit because the all-lines arrangement found them degenerate
@@ -198,7 +199,7 @@ class _Partitioner:
 
     def _where(self) -> tuple[str | None, bool]:
         """(the site before the one being cut, or None for the first; whether it is the last cutting site)."""
-        i = getattr(self, "cur_index", 0)
+        i = self.cur_index
         return (self.sites[i - 1].name if i else None), i == len(self.sites) - 1
 
     def run(self, mesh: _mesh.Mesh) -> None:
@@ -570,9 +571,7 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
                                       "local_complexity for an approximate measure).")
     hidden = runner.hidden_kink(sites)
     if hidden:
-        raise NotPiecewiseLinearError(f"not piecewise-linear as capture sees it: {hidden}, a bend that is no "
-                                      "activation the kink registry follows; write it as one (F.relu, F.leaky_relu, "
-                                      "torch.clamp, F.max_pool2d...).")
+        raise runner.bend_error(hidden)
     bad, out_affine = runner.affinity_probe(want_output=want_output)
     bad = [b for b in bad if b in {s.name for s in sites}]
     if bad:
