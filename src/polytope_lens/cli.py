@@ -344,10 +344,12 @@ Device = Annotated[str, typer.Option(help="cpu or cuda.")]
 Budget = Annotated[Optional[int], typer.Option(help="Memory budget in MiB; larger batches are chunked to fit. "
                                                     "Default: 1024 on the CPU, half the free GPU memory with "
                                                     "--device cuda.", show_default=False)]
-Evaluator = Annotated[str, typer.Option(help="Exact mode: auto | affine | graph | frontier (see docs/paths.md). "
-                                              "auto: Jacobian blocks where they fit, else the frontier evaluator "
-                                              "where the model allows (paths through two or more sites), else "
-                                              "forward passes (graph).")]
+Evaluator = Annotated[str, typer.Option(help="Exact mode: auto | affine | graph | frontier | local (see "
+                                              "docs/paths.md). auto: Jacobian blocks where they fit, else the "
+                                              "frontier evaluator where the model allows (paths through two or more "
+                                              "sites), else forward passes (graph). local (an opt-in): convolutional "
+                                              "networks, input-space paths; each position holds only the breakpoints "
+                                              "of its own receptive field.")]
 Samples = Annotated[int, typer.Option(help="Sampled mode: samples per path (a unit that changes piece and back "
                                            "between two samples is missed, so counts are lower bounds).")]
 Tol = Annotated[float, typer.Option(help="Sampled mode: each crossing is located to this tolerance in t (one "

@@ -35,6 +35,7 @@ from ..errors import InvalidInputError, NotPiecewiseLinearError
 from ..kinks import argmax_changes, counts_below, first_max, lexsort
 from . import geometry
 from .exact import Refiner, verify_chunk
+from . import local
 from .frontier import FrontierProgram
 from .geometry import PathSpec
 from .results import PathBatchResult, PathBlock, PathList, PathResult, Trace, traces_from_outputs
@@ -46,7 +47,7 @@ __all__ = ["path_crossings", "polyline_crossings", "ray_crossings", "site_activa
            "PathBatchResult", "Trace", "PathSpec", "default_memory_budget"]
 
 METHODS = ("auto", "exact", "sampled")
-EVALUATORS = ("auto", "affine", "graph", "frontier")
+EVALUATORS = ("auto", "affine", "graph", "frontier", "local")
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -266,20 +267,26 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
     # auto takes the frontier evaluator, measured faster than the graph route when sites follow sites (on the CPU,
     # and on an H100 through EfficientNet-Lite0: docs/benchmarks.md); a path through one site makes no new points to
     # evaluate, so there the frontier's checks would only add time
-    if use_exact and (evaluator == "frontier" or (evaluator == "auto" and affine is None
-                                                  and len(runner.processed) > 1)):
+    if use_exact and (evaluator in ("frontier", "local") or (evaluator == "auto" and affine is None
+                                                             and len(runner.processed) > 1)):
         frontier, why_not = FrontierProgram.build(runner)
-        if frontier is None and evaluator == "frontier":
-            raise InvalidInputError(f"evaluator='frontier' in {owner} cannot follow this model: {why_not}; use "
+        if frontier is None and evaluator in ("frontier", "local"):
+            raise InvalidInputError(f"evaluator={evaluator!r} in {owner} cannot follow this model: {why_not}; use "
                                     "'graph' or 'auto'.")
+        why_not_local = local.unsupported(frontier, runner) if evaluator == "local" else ""
+        if why_not_local:
+            raise InvalidInputError(f"evaluator='local' in {owner} cannot follow this model: {why_not_local}; use "
+                                    "'frontier' or 'auto'.")
     if use_exact:
         notes.append("evaluator: affine (Jacobian blocks between sites)" if affine is not None
+                     else "evaluator: local (each spatial position holds the breakpoints of its own backward cone, "
+                     "through the frontier's FX graph" + _folded_note(frontier) + ")" if evaluator == "local"
                      else "evaluator: frontier (every point advances site by site through the model's FX graph"
                      + _folded_note(frontier) + ")" if frontier is not None
                      else "evaluator: graph (forward passes at new breakpoints, from the site that made them where "
                      "the model allows" + (f"; not the frontier evaluator: {why_not}" if why_not else "") + ")")
     refiner = Refiner(runner, affine, tie_tol, trace, unit_idx, output_affine=out_affine,
-                      frontier=frontier) if use_exact else None
+                      frontier=frontier, local=evaluator == "local") if use_exact else None
 
     n_paths = spec.n_paths
     zdims = [math.prod(runner.z_shape[n]) for n in runner.names]
@@ -529,13 +536,16 @@ _COMMON_DOC = """
     memory_budget : int or None
         Bytes; paths are processed in chunks that fit it (large batches are chunked, never refused). None: 1 GiB on
         the CPU, half the free memory of a GPU.
-    evaluator : {"auto", "affine", "graph", "frontier"}
+    evaluator : {"auto", "affine", "graph", "frontier", "local"}
         Exact mode: evaluate breakpoints through Jacobian blocks between sites (when they fit in half the budget)
         or by forward passes; ``auto`` prefers ``affine``. ``frontier`` (models ``torch.fx`` can trace): all points
         advance together from site to site, a new breakpoint's values are interpolated instead of recomputed before
         its site (see ``paths.frontier``); an error names what stops it. ``auto`` takes it (on any device) for paths
         through two or more sites where Jacobian blocks do not apply and the model allows, else the graph route (the
-        result's notes say which, and why not the frontier).
+        result's notes say which, and why not the frontier). ``local`` (convolutional networks on image inputs, paths
+        in the input space; an opt-in): the frontier's graph, with each spatial position holding only the
+        breakpoints of its own backward cone (see ``paths.local``); the same crossings, less work where a
+        crossing's effect stays local; an error names what stops it.
     forward : callable, optional
         ``forward(batch)`` to run instead of ``model(x)`` / ``model(**x)`` (e.g. ``lambda x: m(inputs_embeds=x)``).
     progress : callable, optional

@@ -59,7 +59,7 @@ import torch
 
 from ..errors import InvalidInputError, NotPiecewiseLinearError
 from .._kink_scan import interpolated_outputs, scan, triton_ready
-from ..kinks import ScalarKinks, WindowMax, counts_below, lexsort, sort_crossings
+from ..kinks import Crossings, ScalarKinks, WindowMax, counts_below, lexsort, sort_crossings
 from .runner import SRC, Affine, Runner, index_inputs, same_values
 
 
@@ -463,9 +463,10 @@ class Refiner:
     """Layered breakpoint refinement over one chunk of paths at a time."""
 
     def __init__(self, runner: Runner, affine: Affine | None, tie_tol: float, want_output: bool,
-                 units: torch.Tensor | None = None, output_affine: bool = False, frontier=None):
+                 units: torch.Tensor | None = None, output_affine: bool = False, frontier=None, local: bool = False):
         self.r = runner
         self.frontier = frontier  # a ``frontier.FrontierProgram``: all points advance site by site (graph models)
+        self.local = local  # with ``frontier``'s graph: values held per spatial position (``paths.local``)
         self.units = units  # flat unit indices of the last site whose crossings are wanted (None = all)
         self.aff = affine
         self.tie_tol = float(tie_tol)
@@ -474,7 +475,7 @@ class Refiner:
         # when the model output is affine on every region the processed sites bound (``output_affine``: no
         # nonlinearity after them, every unit followed), its value at a region's midpoint is the mean of its values
         # at the region's ends, which come with the points; otherwise the midpoints are evaluated
-        self.output_at_points = want_output and output_affine and units is None and (
+        self.output_at_points = want_output and output_affine and units is None and not local and (
             affine is None or "output" in affine.deps)
         names = runner.names
         self.slopes = {}
@@ -666,6 +667,8 @@ class Refiner:
         Graph and frontier routes, one piece of a path: ``first`` holds the values evaluated at ``t_range[0]`` by the
         piece before (its ``"last"``), so the point two pieces share is evaluated once and both see the same values;
         the piece's own values at ``t_range[1]`` come back as ``"last"``."""
+        if self.local:
+            return self._run_chunk_local(gpids, t_range)
         if self.frontier is not None:
             return self._run_chunk_frontier(gpids, t_range, first)
         if self.append:
@@ -807,6 +810,54 @@ class Refiner:
             out["output"], out["output_at_points"] = self._outputs(pts.pid, pts.t, gpids, {}, at_points, z_last)
         if keep:
             out["last"] = state.last
+        return out
+
+    def _run_chunk_local(self, gpids: torch.Tensor, t_range: tuple[float, float] | None = None) -> dict:
+        """``run_chunk`` with every value held per spatial position at the breakpoints of that position's own
+        backward cone (``paths.local``): a site's crossings, found along each position's list, are placed on the
+        path's points and go through the same bookkeeping as the other routes' (``_crossings``); each then joins
+        the list of its own position only, its unit exactly on the kink."""
+        from . import local  # it builds on the frontier's graph, which imports this module
+
+        r = self.r
+        pts = _Points.start(r.spec, gpids, t_range)
+        state = local.LocalState(self.frontier, r.spec.points(gpids[pts.pid], pts.t), pts.pid, pts.ids, len(gpids))
+        recs, ends = [], []  # ends: the crossings on the first and last point of each site (a piece of a path)
+        n, z_last = len(pts.t), None
+        dense_values = []  # unit inputs a dense evaluator would hold at each site (``local_entries``: those held)
+        for k, site in enumerate(r.processed):
+            act = site.activation
+            order = local.PointOrder(pts.ids, pts.t, pts.n_ids)
+            z = state.run_to(k, order)
+            dense_values.append(len(pts.t) * z.val.shape[1] * z.area)
+            rows = torch.searchsorted(pts.pid, torch.arange(len(gpids) + 1, device=pts.pid.device)).tolist()
+            c, entry, channel, kink = local.crossings(act, z, order, pts.t, list(zip(rows[:-1], rows[1:])))
+            last = k == len(r.processed) - 1
+            if last and self.units is not None:
+                keep = torch.nonzero(torch.isin(c.unit, self.units)).flatten()
+                c = Crossings(c.segment[keep], c.unit[keep], c.t[keep], c.piece[keep], c.before[keep])
+            cr = self._crossings(c, pts.pid, pts.t)
+            recs.append(_records(pts.pid, cr, k))
+            ends.append(_end_crossings(cr))
+            n, t_old, pid_old, ids_old, n_ids = len(pts.t), pts.t, pts.pid, pts.ids, pts.n_ids
+            old_pos, new_pos = pts.insert(cr)
+            if last:
+                if self.want_output:
+                    z_last = (local.dense(z, order, pid_old, ids_old), t_old, old_pos)
+                break
+            # each crossing's point: the new one it made, or the point it was snapped to (its unit near the kink there)
+            point = torch.empty(len(c), dtype=torch.long, device=c.unit.device)
+            made = torch.zeros(len(c), dtype=torch.bool, device=c.unit.device)
+            made[cr["inner"]] = True
+            point[cr["inner"]] = n_ids + cr["gid"]
+            point[~made] = ids_old[cr["snapped_to"]]
+            z = local.add_breakpoints(act, z, local.PointOrder(pts.ids, pts.t, pts.n_ids), entry, channel, kink,
+                                      point, made)
+            state.set_site_output(k, z)
+        out = {"pid": pts.pid, "t": pts.t, "tied": pts.tied, "records": recs, "n_evaluated": n, "ends": ends,
+               "local_entries": state.entries, "dense_values": dense_values}
+        if self.want_output:
+            out["output"], out["output_at_points"] = self._outputs(pts.pid, pts.t, gpids, {}, None, z_last)
         return out
 
     def _run_chunk_appended(self, gpids: torch.Tensor, t_range: tuple[float, float] | None = None) -> dict:
