@@ -19,7 +19,7 @@ step() {  # step NAME SECONDS COMMAND... (runs when no step names were given, or
   echo "## $name" ; timeout "$secs" "$@" >> "$OUT/$name.md" 2>&1; echo "exit $?" >> "$OUT/$name.md"
 }
 STEPS="$*"  # e.g. `bash benchmarks/gpu_check.sh agree paths`; none: every step (agree paths layouts trace
-#             effnet_paths effnet_frontier effnet_profile effnet_whole forward64 fused_dw slices codes)
+#             effnet_paths effnet_frontier effnet_profile effnet_whole local forward64 fused_dw slices codes)
 step agree 60 python3 benchmarks/gpu_agreement.py  # GPU results equal the CPU's (codes, exact and sampled paths)
 # 784->4x512: products at every point (the GPU default) and closed-form bends, each under a 16 GiB and a 64 GiB budget
 step paths 60 python3 benchmarks/bench_paths.py --device cuda --no-regioncam --networks 784-4x512 --paths 20000 \
@@ -73,6 +73,10 @@ step effnet_profile 90 $P --full-memory-gib 64
 step effnet_profile 90 $P --full-memory-gib 64 --fuse
 step effnet_whole 470 python3 benchmarks/bench_paths_efficientnet.py --device cuda --full --full-only --fractions 1 \
   --full-seconds 600 --evaluator frontier --full-memory-gib 64
+# the local evaluator (stop 28: each position holds the breakpoints of its own backward cone; torch operations over
+# ragged lists, no kernels of its own yet) against the frontier, alternately, same records checked: its GPU time and
+# the share of unit inputs it holds, at the fractions where the frontier's time is known
+step local 150 python3 benchmarks/bench_paths_local.py --device cuda --fractions 5e-4,1e-2 --repeat 1 --memory-gib 64
 # the float64 rate of plain EfficientNet-Lite0 passes (what the frontier's passes are made of), 1 x 1 convolutions
 # also as matrix products (channels-last output, and copied back): a floor under the full-network goal (stop 22; at
 # stop 24 an H100 ran cuDNN's at 3.8 TFLOP/s and the products 28 % slower)

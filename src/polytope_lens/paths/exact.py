@@ -830,8 +830,7 @@ class Refiner:
             order = local.PointOrder(pts.ids, pts.t, pts.n_ids)
             z = state.run_to(k, order)
             dense_values.append(len(pts.t) * z.val.shape[1] * z.area)
-            rows = torch.searchsorted(pts.pid, torch.arange(len(gpids) + 1, device=pts.pid.device)).tolist()
-            c, entry, channel, kink = local.crossings(act, z, order, pts.t, list(zip(rows[:-1], rows[1:])))
+            c, entry, channel, kink = local.crossings(act, z, order, pts.t)
             last = k == len(r.processed) - 1
             if last and self.units is not None:
                 keep = torch.nonzero(torch.isin(c.unit, self.units)).flatten()

@@ -302,25 +302,25 @@ def _conv(f: Field, pts: PointOrder, weight: torch.Tensor, bias, call: dict) -> 
     return Field((co, ho, wo), pos, pid, val, f.n_paths)
 
 
-def crossings(act, z: Field, pts: PointOrder, t_path: torch.Tensor, path_rows: list[tuple[int, int]]):
-    """Site crossings along every position's list, placed on the path's global segments: (``Crossings`` whose
-    segment is the index of the global point before it, in path order, as ``crossings_along`` gives them over the
-    dense values; the entry each lies after, per crossing). ``t_path``: the points' t in path order; ``path_rows``:
-    each path's [first, stop) rows there."""
+def crossings(act, z: Field, pts: PointOrder, t_path: torch.Tensor):
+    """A site's crossings along every position's list, placed on the path's points: ``Crossings`` whose segment is
+    the index (in path order) of the point before it, ordered as ``crossings_along`` orders them over dense values
+    (segment, t, kink, unit); and per crossing the entry it lies after, its channel and its kink. ``t_path``: the
+    points' t in path order."""
     same = torch.nonzero(z.pos[:-1] == z.pos[1:]).flatten()
     cr = act.crossings(z.val[same], z.val[same + 1])
     e = same[cr.segment]
     id_l, id_r = z.pid[e], z.pid[e + 1]
     t_l, t_r = pts.t[id_l], pts.t[id_r]
     t_star = t_l + cr.t * (t_r - t_l)
-    r_l, r_r = pts.rank[id_l], pts.rank[id_r]
-    seg = torch.empty_like(r_l)
-    path = z.pos[e] // z.area
-    for p, (a, b) in enumerate(path_rows):
-        rows = torch.nonzero(path == p).flatten()
-        if len(rows):
-            seg[rows] = a + torch.searchsorted(t_path[a:b], t_star[rows], right=True) - 1
-    seg = torch.maximum(torch.minimum(seg, r_r - 1), r_l)
+    # the global segment holding each crossing: the last point at or before it between its entries' points, by a
+    # bisection of all crossings at once (the two entries bracket it; points of other paths never lie between them)
+    seg, hi = pts.rank[id_l], pts.rank[id_r]
+    steps = int(hi.sub(seg).max()).bit_length() if len(seg) else 0
+    for _ in range(steps):
+        mid = (seg + hi) // 2
+        right = (t_path[mid] <= t_star) & (mid > seg)
+        seg, hi = torch.where(right, mid, seg), torch.where(right | (mid == seg), hi, mid)
     t0, t1 = t_path[seg], t_path[seg + 1]
     s = ((t_star - t0) / (t1 - t0)).clamp_(0.0, 1.0)
     unit = cr.unit * z.area + z.pos[e] % z.area
