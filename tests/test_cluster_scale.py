@@ -47,7 +47,8 @@ def test_agrees_with_exact_hdbscan_on_planted_codes(codes3000, metric):
     D = (hamming if metric == "hamming" else jaccard)(X)
     ref = exact_labels(D, 20)
     est = ScalableCodeClusterer(metric=metric, min_cluster_size=20).fit(X)
-    assert est.knn_exact_ and est.n_clusters_ == len(set(ref) - {NOISE})
+    # flat search: exact for Hamming; Jaccard re-ranks Hamming candidates, an approximate graph
+    assert est.knn_exact_ == (metric == "hamming") and est.n_clusters_ == len(set(ref) - {NOISE})
     assert adjusted_rand_score(ref, est.labels_) >= 0.98
     assert adjusted_rand_score(y, est.labels_) >= 0.98
 
@@ -200,3 +201,18 @@ def test_cluster_overwrite_replaces_only_results(digits_store, tmp_path, monkeyp
                                      "--min-cluster-size", "8", "--limit", limit])
         assert r.exit_code == 0, r.output
     assert np.load(tmp_path / "res" / "assignments.npy").shape == (60,)
+
+
+def test_jaccard_graph_is_labelled_exact_only_when_every_row_is_a_candidate():
+    """Jaccard re-ranks Hamming candidates: a neighbour outside them can be missed, so the graph is approximate
+    (it was labelled exact before) unless every row is a candidate, where it equals brute force."""
+    rng = np.random.default_rng(3)
+    X = np.packbits(rng.random((102, 40)) < rng.random((102, 1)), axis=1, bitorder="little")
+    few = ScalableCodeClusterer(metric="jaccard", min_cluster_size=5, n_neighbors=16, jaccard_candidates=2).fit(X)
+    assert not few.knn_exact_
+    every = ScalableCodeClusterer(metric="jaccard", min_cluster_size=5, n_neighbors=16, jaccard_candidates=7).fit(X)
+    assert every.knn_exact_  # 16 * 7 >= 102 rows
+    D, _ = knn_graph(X, 16, metric="jaccard", index="flat", jaccard_candidates=7)
+    brute = np.sort(jaccard(X, X), axis=1)[:, :16]
+    np.testing.assert_allclose(np.sort(D, axis=1), brute, atol=1e-12)
+    assert ScalableCodeClusterer(metric="hamming", min_cluster_size=5).fit(X).knn_exact_

@@ -282,3 +282,56 @@ def test_word_packing_equals_numpy_packbits(n_bits):
     for view in (bits[:, :n_bits], bits[:, 3:]):
         np.testing.assert_array_equal(_pack_bits_words(view).numpy(),
                                       np.packbits(view.numpy(), axis=1, bitorder="little"))
+
+
+def test_a_batch_without_token_rows_adds_no_rows():
+    """Tokens protocol: a batch whose sequences are all shorter than ``skip`` gives no rows; the batch size does not
+    decide whether extraction succeeds or what it returns (it crashed in a reshape before)."""
+    torch.manual_seed(0)
+    core = nn.Sequential(nn.Embedding(20, 8), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.core = core
+
+        def forward(self, input_ids, attention_mask=None):
+            return self.core(input_ids)
+
+    ids = torch.randint(0, 20, (4, 10))
+    mask = torch.ones(4, 10, dtype=torch.long)
+    mask[2:, 3:] = 0  # examples 2 and 3 have 3 content tokens, fewer than skip
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    sel = UnitSelection("tokens", k=2, skip=5)
+    whole = spline_codes(Wrap(), inputs, units=sel, batch_size=4)
+    halves = spline_codes(Wrap(), inputs, units=sel, batch_size=2)
+    assert whole.rows.tolist() == halves.rows.tolist() == [[0, 5], [0, 9], [1, 5], [1, 9]]
+    for name in whole.layers:
+        assert np.array_equal(whole[name].packed, halves[name].packed)
+    # the oracle: the ReLU's inputs at those rows, by hand
+    z = core[1](core[0](ids))
+    want = (z[[0, 0, 1, 1], [5, 9, 5, 9]] > 0).numpy()
+    relu = whole[next(iter(whole.layers))]
+    assert np.array_equal(np.unpackbits(relu.packed, axis=1, bitorder="little")[:, :6].astype(bool), want)
+    with pytest.raises(InvalidInputError, match="No rows were selected"):
+        spline_codes(Wrap(), {k: v[2:] for k, v in inputs.items()}, units=sel, batch_size=1)
+
+
+def test_a_nonlinearity_of_parameters_has_no_codes():
+    """``softplus(raw_scale)`` is a site whose unit input has no row per example: left out of all sites (it gave a
+    layer of 21 rows beside 10 before), and an error when named."""
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.raw = nn.Linear(3, 7), nn.Parameter(torch.randn(7))
+
+        def forward(self, x):
+            return torch.relu(self.lin(x)) * F.softplus(self.raw)
+
+    m, x = Scaled(), torch.randn(10, 3)
+    codes = spline_codes(m, x, batch_size=4)
+    assert list(codes.layers) == ["relu"] and codes.exact and codes.concat().shape[0] == 10
+    assert np.array_equal(np.unpackbits(codes["relu"].packed, axis=1, bitorder="little")[:, :7].astype(bool),
+                          (m.lin(x) > 0).numpy())
+    with pytest.raises(InvalidInputError, match="'softplus' has no row per example"):
+        spline_codes(m, x, layers="softplus")

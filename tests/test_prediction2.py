@@ -87,3 +87,29 @@ def test_run_prediction2_digits_small():
     assert {"crossings[different vs same]", "crossings[different vs random]", "alignment[peak vs flip]"} <= names
     for e in d["entries"]:
         assert set(e) >= {"model", "statistic", "value", "baseline", "ci", "verdict"}
+
+
+def test_pairs_are_distinct_unordered_pairs():
+    """A segment and its reverse are one path: drawn pairs are distinct as unordered pairs (the quick digits run drew
+    (80, 0) and (0, 80) before), with the right class relation."""
+    from polytope_lens.experiments.prediction2 import _draw_pairs
+
+    labels = np.repeat(np.arange(3), 4)  # 12 items: few pairs, so repeats are likely
+    for seed in range(20):
+        diff, same = _draw_pairs(labels, 12, np.random.default_rng(seed))
+        for pairs, equal in ((diff, False), (same, True)):
+            keys = {(min(i, j), max(i, j)) for i, j in pairs.tolist()}
+            assert len(keys) == len(pairs)
+            assert all((labels[i] == labels[j]) == equal and i != j for i, j in pairs.tolist())
+
+
+def test_unknown_primary_statistic_is_refused_before_any_path():
+    import pytest
+
+    from polytope_lens.errors import InvalidInputError
+    from polytope_lens.experiments.prediction2 import STATISTICS, run_prediction2
+
+    with pytest.raises(InvalidInputError, match="'primary' parameter of run_prediction2 must be one of .*Got "
+                                                "'crossings'"):
+        run_prediction2("toy:64-8-10", "digits", primary="crossings", n_items=20)
+    assert "crossings[different vs same]" in STATISTICS

@@ -108,3 +108,15 @@ def test_outputs_along_run_the_prefix_once_per_path_and_equal_one_forward_per_po
         assert got.shape == (3, 7, 4) and torch.allclose(got, want, rtol=1e-5, atol=1e-6)
         # the last three passes: points 0-7, 8-15 and 16-20 (batches of 8), which span 2, 2 and 1 paths
         assert m.rows_before[-3:] == ([8, 8, 5] if read_batch_size else [2, 2, 1])
+
+
+def test_density_near_ends_uses_the_windows_exact_length():
+    """Crossings near validity ends per unit alpha: over the exact length of the union of the windows, clipped to
+    the ray (a 2001-point grid overestimated it by up to a step before)."""
+    from polytope_lens.experiments.prediction3 import _density_near
+
+    xa = np.array([0.3, 0.35, 0.5, 1.0, 1.05, 15.99])
+    assert np.isclose(_density_near(xa, [0.3, 0.4], 0.25, 16.0, 0.1), 3 / (0.5 - 0.25))  # overlapping, clipped
+    assert np.isclose(_density_near(xa, [1.0, 3.0], 0.25, 16.0, 0.1), 2 / 0.4)  # two disjoint windows
+    assert np.isclose(_density_near(xa, [15.95], 0.25, 16.0, 0.1), 1 / 0.15)  # clipped at the end
+    assert _density_near(xa, [], 0.25, 16.0, 0.1) is None

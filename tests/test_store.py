@@ -160,6 +160,30 @@ def test_corrupt_chunk_is_detected_and_redone(tmp_path, toy_npy):
         assert np.array_equal(back[name].packed, full[name].packed)
 
 
+def test_chunk_file_that_no_longer_decodes_is_redone(tmp_path, toy_npy):
+    """A chunk file of a partial store cut short on disk (its bytes no longer decompress): resume redoes it, and the
+    store equals an uninterrupted run's (it raised zstd's error before)."""
+    reference = tmp_path / "ref.zarr"
+    extract_to_store(MODEL, f"npy:{toy_npy}", reference, batch_size=500)
+
+    class Stop(Exception):
+        pass
+
+    def stop_late(n, seen=[0]):
+        seen[0] += n
+        if seen[0] >= 2000:
+            raise Stop
+
+    out = tmp_path / "b.zarr"
+    with pytest.raises(Stop):
+        extract_to_store(MODEL, f"npy:{toy_npy}", out, batch_size=500, resume=True, progress=stop_late)
+    files = sorted((tmp_path / ".b.zarr.partial" / "codes" / "site_000" / "c").rglob("*"))
+    first = next(f for f in files if f.is_file())
+    first.write_bytes(first.read_bytes()[: len(first.read_bytes()) // 2])
+    extract_to_store(MODEL, f"npy:{toy_npy}", out, batch_size=500, resume=True)
+    assert _same_store(out, reference) == 3000
+
+
 def test_resume_refuses_other_model(tmp_path, toy_npy):
     out = tmp_path / "c.zarr"
     p = _run_cli(out, toy_npy, "--resume")

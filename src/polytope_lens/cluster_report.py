@@ -241,7 +241,7 @@ def _dashboard(result: dict, summary, codes: SplineCodes, max_shown: int) -> str
         f"<p>store <code>{e(str(result['store']))}</code> &middot; model <code>{e(str(result['model']))}</code> "
         f"&middot; data <code>{e(str(result['data']))}</code> &middot; metric {e(result['metric'])} &middot; "
         f"noise {100 * result['noise_fraction']:.1f}% &middot; kNN search "
-        f"{'exact' if result['knn_exact'] else 'approximate (HNSW)'} &middot; {result['seconds']:.1f} s</p>",
+        f"{'exact' if result['knn_exact'] else 'approximate'} &middot; {result['seconds']:.1f} s</p>",
         f"<p class='muted'>sites: {e(', '.join(result['sites']))}</p>",
     ]
     if sizes:

@@ -276,7 +276,8 @@ class ScalableCodeClusterer(ClusterMixin, BaseEstimator):
     n_components_ : int
         Connected components of the kNN graph before bridging.
     knn_exact_ : bool
-        Whether the kNN search was exact (flat index; for Jaccard, exact up to the Hamming candidate step).
+        Whether the kNN graph is exact: a flat index, and for Jaccard every row among the Hamming candidates
+        (otherwise a Jaccard neighbour outside them can be missed: approximate).
     single_linkage_tree_ : ndarray
         sklearn's single-linkage hierarchy (``HIERARCHY_dtype``).
 
@@ -393,7 +394,8 @@ class ScalableCodeClusterer(ClusterMixin, BaseEstimator):
         self.labels_ = np.asarray(labels, dtype=np.int64)
         self.probabilities_ = np.asarray(probabilities, dtype=np.float64)
         self.core_distances_ = core
-        self.knn_exact_ = index == "flat"
+        # Jaccard re-ranks Hamming candidates: exact only when every row is a candidate (``knn_graph``'s kc = n)
+        self.knn_exact_ = index == "flat" and (self.metric == "hamming" or k * max(1, self.jaccard_candidates) >= n)
         self.n_clusters_ = int(len(np.setdiff1d(np.unique(self.labels_), [NOISE])))
         self.noise_fraction_ = float(np.mean(self.labels_ == NOISE))
         return self

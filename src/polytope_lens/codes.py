@@ -77,8 +77,8 @@ def _pack_bits_words(bits: torch.Tensor) -> torch.Tensor:
 def pack_pieces(pieces: torch.Tensor, activation: Activation) -> torch.Tensor:
     """Pack integer pieces (rows, units) into uint8 bytes (rows, ceil(units * bits / 8)), planar, on the pieces'
     device."""
-    bits = activation.bits_from_pieces(pieces.reshape(pieces.shape[0], -1))  # (rows, units, bits)
-    return pack_bits(bits.transpose(1, 2).reshape(pieces.shape[0], -1))
+    bits = activation.bits_from_pieces(pieces.reshape(len(pieces), math.prod(pieces.shape[1:])))  # rows, units, bits
+    return pack_bits(bits.transpose(1, 2).reshape(pieces.shape[0], bits.shape[1] * bits.shape[2]))
 
 
 def pack_unit_inputs(activation: Activation, z: torch.Tensor, buffer: torch.Tensor | None = None):
@@ -86,7 +86,7 @@ def pack_unit_inputs(activation: Activation, z: torch.Tensor, buffer: torch.Tens
     them, without forming pieces: one contiguous comparison per kink into a bit plane of ``buffer`` (rows, kinks,
     units; reused when its shape fits, so no fresh pages are faulted in). Returns ``(packed, buffer)``."""
     kinks = getattr(activation, "kinks", None)
-    z2 = z.reshape(len(z), -1)
+    z2 = z.reshape(len(z), math.prod(z.shape[1:]))  # also a batch without rows
     if kinks is None or not activation.ordered:
         return pack_pieces(activation.pieces(z2), activation), buffer
     if buffer is None or buffer.shape != (len(z2), len(kinks), z2.shape[1]) or buffer.device != z.device:
@@ -98,7 +98,7 @@ def pack_unit_inputs(activation: Activation, z: torch.Tensor, buffer: torch.Tens
     else:
         for j, k in enumerate(kinks):
             torch.gt(z2, k, out=buffer[:, j])
-    return pack_bits(buffer.reshape(len(z2), -1)), buffer
+    return pack_bits(buffer.reshape(len(z2), buffer.shape[1] * buffer.shape[2])), buffer
 
 
 def unpack_pieces(packed: np.ndarray, n_units: int, activation: Activation | Mapping) -> np.ndarray:
@@ -411,19 +411,37 @@ class CodeExtractor:
         self._bit_buffers: dict[str, torch.Tensor] = {}
 
     def resolve_sites(self, inputs) -> list[CallSite]:
-        """The selected sites, found with one forward pass of the first example of ``inputs``."""
+        """The selected sites, found with one forward pass of the first example of ``inputs`` twice over: a site
+        whose unit input has no row per example (a nonlinearity of parameters alone, ``softplus(raw_scale)``, or
+        of rows regrouped across examples) has no codes to give; it is left out of all sites, and an error when
+        ``layers`` names it."""
         if self.sites is None:
             first, _, _ = next(_batches(inputs, 1))
-            found = list_sites(self.model, lambda: self.forward(first), **self.capture_kwargs)
+            twice = {k: torch.cat([v, v]) for k, v in first.items()} if isinstance(first, Mapping) else \
+                torch.cat([first, first])
+            found = list_sites(self.model, lambda: self.forward(twice), **self.capture_kwargs)
+            per_example = [s for s in found if len(s.shape) and s.shape[0] == 2]
             if not found:
                 raise InvalidInputError(
                     "The model applies no nonlinearity the kink registry knows; there is nothing to code.")
             if self.layers is None:  # all sites that fit the selection (a BERT pooler has no token axis)
-                found = [s for s in found if self.selection.fits(s)] or found
+                found = [s for s in per_example if self.selection.fits(s)] or per_example
+                if not found:
+                    raise InvalidInputError("No nonlinearity of the model has one row per example (they apply to "
+                                            "parameters alone); there is nothing to code.")
             self.sites = select_sites(found, self.layers)
+            stray = [s for s in self.sites if s not in per_example]
+            if stray:
+                raise InvalidInputError(
+                    f"Site {stray[0].name!r} has no row per example (its unit input of shape {tuple(stray[0].shape)} "
+                    "is computed from parameters alone, or regroups rows across examples): it has no spline codes; "
+                    "leave it out of 'layers'.")
         return self.sites
 
-    def __call__(self, inputs, progress: Callable[[int], None] | None = None) -> SplineCodes:
+    def __call__(self, inputs, progress: Callable[[int], None] | None = None, allow_empty: bool = False
+                 ) -> SplineCodes:
+        """The codes of ``inputs``; ``allow_empty``: a chunk of a larger data set may select no rows (its short
+        sequences), which is then the caller's to check over the whole set (``no_rows_error``)."""
         n_total = _check_inputs(inputs)
         wanted = {s.name: s for s in self.resolve_sites(inputs)}
         selection, soft = self.selection, self.soft
@@ -456,7 +474,7 @@ class CodeExtractor:
                 if soft:
                     s = act.soft(z)
                     if s is not None:
-                        softs[site.name].append(selection.apply(site, s, rows).reshape(len(units), -1).float().cpu())
+                        softs[site.name].append(selection.apply(site, s, rows).flatten(1).float().cpu())
                 done.add(site.name)
                 if len(done) == len(wanted):
                     raise StopForward  # every wanted site has been coded: skip the rest of the network
@@ -474,15 +492,20 @@ class CodeExtractor:
                 progress(blen)
 
         rows = np.concatenate(all_rows)
-        if len(rows) == 0:
-            raise InvalidInputError(f"No rows were selected: the {selection.kind!r} selection found no positions "
-                                    f"(are all sequences shorter than skip={selection.skip} tokens?).")
+        if len(rows) == 0 and not allow_empty:
+            raise no_rows_error(selection.to_dict())
         layers_out = {}
         for name, site in wanted.items():
             layers_out[name] = LayerCodes(
                 name, site.alias, site.activation.describe(), int(np.prod(shapes[name])), shapes[name],
                 _joined(chunks[name]), _joined(softs[name]) if softs[name] else None)
         return SplineCodes(layers_out, rows, selection.to_dict(), dtype or "unknown", {"n_examples": n_total})
+
+
+def no_rows_error(selection: dict) -> InvalidInputError:
+    """The error for a unit selection (``UnitSelection.to_dict``) that found no rows in the whole data."""
+    return InvalidInputError(f"No rows were selected: the {selection.get('kind')!r} selection found no positions (are "
+                             f"all sequences shorter than skip={selection.get('skip')} tokens?).")
 
 
 def spline_codes(model: nn.Module, inputs, *, layers: str | list[str] | None = None,

@@ -11,7 +11,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .codes import CodeExtractor, SplineCodes, UnitSelection
+from .codes import CodeExtractor, SplineCodes, UnitSelection, no_rows_error
 from .errors import InvalidInputError
 from .store import CodeStoreWriter
 
@@ -82,7 +82,7 @@ def chunk_coder(bundle, source, *, layers, selection: UnitSelection, soft: bool,
 
     def code(first: int, progress: Callable[[int], None] | None = None) -> SplineCodes:
         idx = np.arange(first, min(first + batch_size, len(source)))
-        return extractor(bundle.encode(source, idx, max_length=max_length), progress=progress)
+        return extractor(bundle.encode(source, idx, max_length=max_length), progress=progress, allow_empty=True)
 
     return code
 
@@ -97,7 +97,10 @@ def extract_codes(model, data, **kwargs) -> SplineCodes:
     for first, codes, bundle, source in iter_code_chunks(model, data, **kwargs):
         parts.append(codes)
         offsets.append(first)
-    return _concat(parts, offsets, _meta(bundle, source))
+    codes = _concat(parts, offsets, _meta(bundle, source))
+    if not len(codes):  # a chunk may select no rows (short sequences); the whole data must select some
+        raise no_rows_error(codes.selection)
+    return codes
 
 
 def extract_to_store(model, data, out, *, overwrite: bool = False, resume: bool = False, layers=None,
@@ -154,6 +157,8 @@ def extract_to_store(model, data, out, *, overwrite: bool = False, resume: bool 
                 max_length=max_length, start=writer.next_example, progress=progress))
         for first, codes in chunks:
             writer.append(codes, row_offset=first)
+        if not writer.n_rows:  # a chunk may select no rows (short sequences); the whole data must select some
+            raise no_rows_error(selection.to_dict())
         path = writer.close()
     active = {m["site"]: [0, 0] for m in writer.layer_meta}
     for chunk in writer.chunks:

@@ -129,7 +129,11 @@ class CodeStoreWriter:
         self.chunks = manifest["chunks"]
         self._truncate(self.n_rows)  # rows written after the last completed chunk are dropped
         for i, chunk in enumerate(self.chunks):
-            if self._checksum(chunk["row_start"], chunk["n_rows"]) != chunk["sha256"]:
+            try:
+                intact = self._checksum(chunk["row_start"], chunk["n_rows"]) == chunk["sha256"]
+            except Exception:  # noqa: BLE001 - bytes that no longer decode (a truncated file) are corrupt too
+                intact = False
+            if not intact:
                 self.chunks = self.chunks[:i]  # corrupt: redo this chunk and everything after it
                 self._truncate(self.n_rows)
                 self._write_manifest()

@@ -36,6 +36,11 @@ from .stats import find_entry, paired_bootstrap, percentile_ci, verdict
 
 __all__ = ["Prediction2Result", "run_prediction2", "path_statistics", "window_counts"]
 
+# what ``path_statistics`` can report (text encoders: the trace's JS is the change of the sentence embedding)
+STATISTICS = ("density[different vs same]", "crossings[different vs same]", "crossings[different vs random]",
+              "alignment[peak vs flip]", "spearman[density vs JS]")
+TEXT_STATISTICS = STATISTICS[:-1] + ("spearman[density vs embedding change]",)
+
 
 def _entry(model, statistic, value, baseline, ci, **extra) -> dict:
     return {"model": model, "statistic": statistic, "value": float(value), "baseline": float(baseline),
@@ -177,12 +182,14 @@ class Prediction2Result:
 def _draw_pairs(labels: np.ndarray, n_pairs: int, rng) -> tuple[np.ndarray, np.ndarray]:
     n = len(labels)
     diff, same = [], []
+    seen = set()  # unordered pairs drawn: a segment and its reverse are one path, counted once
     tries = 0
     while (len(diff) < n_pairs or len(same) < n_pairs) and tries < 100 * n_pairs:
         tries += 1
         i, j = rng.integers(0, n, 2)
-        if i == j:
+        if i == j or (min(i, j), max(i, j)) in seen:
             continue
+        seen.add((min(i, j), max(i, j)))
         if labels[i] != labels[j] and len(diff) < n_pairs:
             diff.append((i, j))
         elif labels[i] == labels[j] and len(same) < n_pairs:
@@ -211,7 +218,11 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
         Passed to ``path_crossings`` (``auto``: exact where the model is piecewise linear after ``layer``;
         ``units="position"``: count the last site's crossings for its centre channel vector only).
     n_windows, n_boot, level, seed
-        Windows for the density profile; bootstrap resamples and level; seed of pairs, directions, resampling.
+        Windows for the density profile; bootstrap resamples and level; seed of pairs, directions, resampling
+        (pairs are distinct: a segment and its reverse count once).
+    primary : str
+        The statistic whose verdict is the overall one: one of ``STATISTICS`` (``TEXT_STATISTICS`` for text
+        encoders); anything else is an error before any path is run.
 
     Returns
     -------
@@ -229,6 +240,10 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
     say = progress or (lambda msg: None)
     rng = np.random.default_rng(seed)
     text = bundle.modality == "text"
+    known = TEXT_STATISTICS if text else STATISTICS
+    if primary not in known:
+        raise InvalidInputError(f"The 'primary' parameter of run_prediction2 must be one of {', '.join(known)} "
+                                f"(for {'a text' if text else 'this'} model). Got {primary!r} instead.")
     y = np.asarray(labels) if labels is not None else (None if source.labels is None else np.asarray(source.labels))
     if y is None and not text:
         raise InvalidInputError(f"Data {source.spec!r} has no labels; prediction 2 needs classes (or pass labels=).")
@@ -302,7 +317,6 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
             e["approximate"] = True
             if e["statistic"] == "spearman[density vs JS]":
                 e["statistic"] = "spearman[density vs embedding change]"
-        primary = "alignment[peak vs flip]"
     overall = next((e["verdict"] for e in entries if e["statistic"] == primary), "inconclusive")
     settings = {"n_pairs": int(len(diff)), "n_same": int(len(same)), "n_items": len(source), "seed": seed,
                 "layer": layer, "method": res_d.method, "n_samples": n_samples, "n_windows": n_windows,

@@ -54,14 +54,16 @@ def _ends(path) -> tuple[float | None, float | None, int]:
 
 
 def _density_near(xa: np.ndarray, ends: list[float], a0: float, a1: float, half_width: float):
-    """Crossings per unit alpha within ``half_width`` of any of ``ends`` (None when that window is empty)."""
-    grid = np.linspace(a0, a1, 2001)
-    covered = np.zeros(len(grid), dtype=bool)
+    """Crossings per unit alpha within ``half_width`` of any of ``ends`` (None when that window is empty): the
+    crossings in the union of the windows, over its exact length within [a0, a1]."""
     mask = np.zeros(len(xa), dtype=bool)
     for e in ends:
-        covered |= np.abs(grid - e) <= half_width
         mask |= np.abs(xa - e) <= half_width
-    length = covered.mean() * (a1 - a0)
+    length, reach = 0.0, a0  # the windows' union, swept left to right
+    for lo, hi in sorted((max(a0, e - half_width), min(a1, e + half_width)) for e in ends):
+        if hi > reach:
+            length += hi - max(lo, reach)
+            reach = hi
     return None if length <= 0 else mask.sum() / length
 
 
