@@ -558,8 +558,8 @@ def slice_cmd(
     with err.status(f"slicing {bundle.spec}"):
         result = slice_plane(bundle.module, plane, **kw)
     if color_by != "code" and result.slope is None and (png is not None or svg is not None):
-        raise InvalidInputError(f"--color-by {color_by} needs the output maps of the whole model, which a slice cut "
-                                "only up to --until does not have; use --color-by code.")
+        raise InvalidInputError(f"--color-by {color_by} needs the output maps, which this slice does not have: "
+                                f"{result.why_no_maps()}; use --color-by code.")
     kind = "exact" if result.exact else "approximate"
     where = {"box": "a box", "through": "a plane through three points"}.get(result.plane.kind, "a plane")
     out.print(f"[bold]{result.num_regions}[/bold] regions ({kind}, {result.dtype}) on {where} of "
@@ -601,6 +601,8 @@ def complexity_cmd(
                                 "drop one of them.")
     if n_dirs is not None and n_dirs < 1:
         raise InvalidInputError(f"--n-dirs must be at least 1. Got {n_dirs}.")
+    if not (0 < radius < math.inf):
+        raise InvalidInputError(f"--radius must be a finite number > 0. Got {radius}.")
     bundle = load_model(model)
     source = load_data(data, limit=limit)
     if bundle.modality == "text":

@@ -13,7 +13,7 @@ Layout: ``geometry`` (planes, validation), ``_mesh`` (cells and the cutting prim
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -53,9 +53,11 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
         LeakyReLU, ReLU6/Hardtanh, abs, MaxPool).
     plane : Plane
     layer : str, optional
-        Site whose output the plane replaces (then ``inputs``: one real example feeding every other branch).
+        Site whose output the plane replaces (then ``inputs``: one real example, a batch of 1, feeding every other
+        branch; the plane's points must have the site's output shape).
     until : str, optional
-        Glob naming the last site that cuts (the regions of the network truncated there; no output maps then).
+        Glob naming the last site that cuts, after the plane's site (the regions of the network truncated there; no
+        output maps then, and a bend that capture does not follow after that site is not refused).
     units : sequence of int or "position", optional
         Distinct flat unit indices of the last site that cut, or ``"position"``: the channel vector at the centre
         position of a (C, H, W) site (the paper's CNN protocol, the same units as paths' ``units="position"``).
@@ -64,7 +66,8 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
     memory_budget : int
         Bytes; estimated before each site and checked as cells grow; over it raises ``InvalidInputError``.
     outputs : bool
-        Fit the output's affine map per region and find the decision boundary.
+        Fit the output's affine map per region and find the decision boundary (see ``SliceResult.slope`` for which
+        part of the output they describe; ``notes`` say when it is part of it, or why there are none).
     single_thread : bool or None
         On CPU, True runs everything on one torch thread and False on all; None (default) uses one thread only for
         the cuts made one unit or window at a time (max pooling, the decision boundary, degenerate sites: many
@@ -94,7 +97,10 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
         if inputs is None:
             raise InvalidInputError(f"{owner} with layer= needs 'inputs': one real model input (batch of 1) that "
                                     "feeds every other branch.")
+        _check_one_example(inputs, owner)
         plane = plane.at(_resolve_site(model, inputs, layer, forward, capture_kwargs, dtype, device), inputs)
+    elif plane.site is not None:
+        _check_one_example(plane.inputs, owner)
     threads = torch.get_num_threads()
     cpu = torch.device(device).type == "cpu"
     if single_thread and cpu:
@@ -116,7 +122,8 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
     notes = []
     if not out["full"]:
         notes.append("partial: only sites up to " + out["sites"][-1].name + (" (selected units)" if
-                     out["units"] is not None else ""))
+                     out["units"] is not None else "") + "; no output maps or decision boundary")
+    notes.extend(out["notes"])
     if out["fallbacks"]:
         notes.append(f"{out['fallbacks']} site(s) cut unit by unit: kink lines met within tol (ties), or the all-lines "
                      "arrangement would not fit the memory budget")
@@ -129,6 +136,17 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
         offset=None if out["offset"] is None else out["offset"].cpu(),
         boundary=None if out["boundary"] is None else out["boundary"].cpu(), seconds=out["seconds"],
         rounds=out["rounds"], notes=tuple(notes))
+
+
+def _check_one_example(inputs, owner: str) -> None:
+    """The real input that feeds a site plane's other branches: one example (a batch of 1), finite."""
+    tensors = list(inputs.values()) if isinstance(inputs, Mapping) else [inputs]
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and (t.dim() == 0 or len(t) != 1):
+            raise InvalidInputError(f"The 'inputs' parameter of {owner} must be one real model input, a batch of 1 "
+                                    f"(e.g. x[:1]). Got a tensor of shape {tuple(t.shape)}.")
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InvalidInputError(f"The 'inputs' parameter of {owner} contains NaN or infinite values.")
 
 
 def _resolve_site(model, inputs, layer, forward, capture_kwargs, dtype, device) -> str:

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..capture import run, select_sites
 from ..errors import InvalidInputError
-from ..paths.runner import default_forward, model_errors, prepare_model
+from ..paths.runner import check_dtype, default_forward, model_errors, prepare_model
 
 __all__ = ["LocalComplexity", "local_complexity", "exact_local_complexity"]
 
@@ -60,6 +60,11 @@ class LocalComplexity:
                 "total": self.total.tolist()}
 
 
+def _check_radius(radius, owner) -> None:
+    if isinstance(radius, bool) or not (isinstance(radius, (int, float)) and 0 < radius < math.inf):
+        raise InvalidInputError(f"The 'radius' parameter of {owner} must be a finite number > 0. Got {radius!r}.")
+
+
 def _points(points, owner):
     if not isinstance(points, torch.Tensor) or not points.is_floating_point() or points.dim() < 2 or not len(points):
         raise InvalidInputError(f"The 'points' parameter of {owner} must be a floating tensor (n, ...) with n >= 1. "
@@ -78,10 +83,13 @@ def local_complexity(model: nn.Module, points: torch.Tensor, *, radius: float = 
     Parameters
     ----------
     radius : float
-        r, the cross-polytope's radius (their default 0.005).
+        r, the cross-polytope's radius (their default 0.005); finite and > 0.
     n_dirs : int
         P, the subspace dimension: 2P vertices per point (their default 20, i.e. 40 vertices).
     layers : globs selecting the sites counted (None = all).
+    dtype : torch.float64 (default) or torch.float32, as for exact slices.
+    batch_size : int >= 1
+        Points per forward pass (each runs 2P vertices).
 
     Examples
     --------
@@ -95,8 +103,10 @@ def local_complexity(model: nn.Module, points: torch.Tensor, *, radius: float = 
     d = math.prod(pts.shape[1:])
     if not (isinstance(n_dirs, int) and 1 <= n_dirs <= d):
         raise InvalidInputError(f"The 'n_dirs' parameter of {owner} must be an int in [1, {d}]. Got {n_dirs!r}.")
-    if not (isinstance(radius, (int, float)) and radius > 0):
-        raise InvalidInputError(f"The 'radius' parameter of {owner} must be a number > 0. Got {radius!r}.")
+    _check_radius(radius, owner)
+    check_dtype(owner, dtype)
+    if isinstance(batch_size, bool) or not (isinstance(batch_size, int) and batch_size >= 1):
+        raise InvalidInputError(f"The 'batch_size' parameter of {owner} must be an int >= 1. Got {batch_size!r}.")
     m = prepare_model(model, dtype, device)
     fwd = forward(m) if forward is not None else default_forward(m)
     g = torch.Generator().manual_seed(seed)
@@ -138,8 +148,8 @@ def exact_local_complexity(model: nn.Module, points: torch.Tensor, *, radius: fl
     from .geometry import Plane
     owner = "exact_local_complexity"
     pts = _points(points, owner)
-    if not (isinstance(radius, (int, float)) and radius > 0):
-        raise InvalidInputError(f"The 'radius' parameter of {owner} must be a number > 0. Got {radius!r}.")
+    _check_radius(radius, owner)
+    check_dtype(owner, dtype)
     d = math.prod(pts.shape[1:])
     if d < 2:
         raise InvalidInputError(f"{owner} needs an input space of dimension >= 2. Got {d}.")

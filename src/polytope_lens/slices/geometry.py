@@ -29,8 +29,10 @@ __all__ = ["Plane"]
 
 
 def _tensor(name: str, owner: str, v) -> torch.Tensor:
+    """``v`` as a float64 tensor; lists and arrays go straight to float64 (``torch.as_tensor`` of a Python list
+    would round it to float32 first)."""
     try:
-        t = torch.as_tensor(v)
+        t = v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=torch.float64)
     except Exception:
         raise InvalidInputError(f"The {name!r} parameter of {owner} must be a tensor. Got {type(v).__name__}.") \
             from None
@@ -130,11 +132,11 @@ class Plane:
         side = float((hi - lo).max())
         mid = 0.5 * (lo + hi)
         h = 0.5 * side * (1 + 2 * margin)
-        dom = torch.stack([mid + torch.tensor([-h, -h], dtype=torch.float64), mid + torch.tensor([h, -h]),
-                           mid + torch.tensor([h, h]), mid + torch.tensor([-h, h])])
+        h += 4 * torch.finfo(torch.float64).eps * (float(mid.abs().max()) + h)  # rounding never leaves an anchor out
+        # float64 corners (a square: one x per vertical edge, one y per horizontal edge)
+        dom = mid + h * torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=torch.float64)
         shape = pts[0].shape
-        return Plane(origin.reshape(shape), basis.reshape(2, *shape), dom.to(torch.float64), "through",
-                     anchors=anchors)
+        return Plane(origin.reshape(shape), basis.reshape(2, *shape), dom, "through", anchors=anchors)
 
     @staticmethod
     def from_directions(point, d1, d2, *, extent: float = 1.0) -> "Plane":

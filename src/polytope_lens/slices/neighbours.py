@@ -50,26 +50,31 @@ def same_points(xy: torch.Tensor, tol: float | None = None) -> torch.Tensor:
             return labels
 
 
-def shared_edges(res) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def shared_edges(res, *, coords: torch.Tensor | None = None, ring: torch.Tensor | None = None,
+                 deg: torch.Tensor | None = None, tol: float | None = None):
     """(region_a, region_b, vertex_p, vertex_q) for every edge shared by two regions (a border made of several ring
-    edges gives several rows for one pair).
+    edges gives several rows for one pair); of a ``SliceResult`` ``res``, or of the cells ``coords``/``ring``/``deg``
+    (``res=None``: the decision boundary's argmax pieces).
 
-    Vertices at the same point are one (``same_points``, within 1e-9 of the slice's coordinate scale): cells cut in
-    one round share their vertices, but the argmax regions of a max-pooling window are clipped as separate copies
-    of a cell, each with its own vertices along the borders they share."""
-    R, dg = res.ring, res.deg
+    Vertices at the same point are one (``same_points``, within ``tol``, default 1e-9 of the slice's coordinate
+    scale): cells cut in one round share their vertices, but the argmax regions of a max-pooling window are clipped
+    as separate copies of a cell, each with its own vertices along the borders they share."""
+    if res is not None:
+        coords, ring, deg = res.coords, res.ring, res.deg
+    R, dg = ring, deg
     W = R.shape[1]
-    ar = torch.arange(W)
+    dev = R.device
+    ar = torch.arange(W, device=dev)
     valid = ar[None] < dg[:, None]
     nxt = torch.where(ar[None] + 1 < dg[:, None], ar[None] + 1, torch.zeros_like(ar[None]))
-    lab = same_points(res.coords)
+    lab = same_points(coords, tol)
     p, q = R, R.gather(1, nxt)
     lp, lq = lab[p], lab[q]
     keep = valid & (lp != lq)
-    cell = torch.arange(len(R))[:, None].expand_as(R)
+    cell = torch.arange(len(R), device=dev)[:, None].expand_as(R)
     a, b = torch.minimum(lp, lq)[keep], torch.maximum(lp, lq)[keep]
     c, pv, qv = cell[keep], p[keep], q[keep]
-    nv = len(res.coords)
+    nv = len(coords)
     key = a * nv + b
     order = torch.argsort(key, stable=True)
     key, c, pv, qv = key[order], c[order], pv[order], qv[order]

@@ -41,6 +41,7 @@ each site and checked as cells grow; over ``memory_budget`` raises with the esti
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from typing import Callable
@@ -55,7 +56,7 @@ from ..paths.geometry import PathSpec
 from ..paths.runner import SRC, Affine, Runner, default_forward, index_inputs, prepare_model
 from . import _mesh
 from ._arrangement import Degenerate, arrange
-from .neighbours import same_points
+from .neighbours import shared_edges
 from ._mesh import take
 from .geometry import Plane, cast_inputs, polygon_area
 
@@ -220,7 +221,10 @@ class _Partitioner:
             mesh.set_vals(self._site_z(mesh, site, cols))
             for leaf in [k for k in mesh.leaves if self.last_use[k] <= i]:  # read for the last time just now
                 del mesh.leaves[leaf]
-            scale = max(1.0, float(mesh.vals.abs().max())) if mesh.nv else 1.0
+            top = float(mesh.vals.abs().max()) if mesh.nv else 0.0
+            if not math.isfinite(top):  # NaN propagates through max
+                raise _not_finite(f"the unit inputs of site {site.name!r}", self.owner, mesh.vals.dtype)
+            scale = max(1.0, top)
             tol = self.tol * scale
             self.cur_tol = tol
             if isinstance(act, ScalarKinks):
@@ -439,9 +443,7 @@ class _Partitioner:
             if isinstance(act, WindowMax):
                 # tie policy of the cuts: entries within tol of the window's max tie, and the first of them wins
                 w = act.windows(zc.reshape(len(zc), *self.z_shape[name]))
-                top = w.amax(-1, keepdim=True)
-                w = torch.where(w >= top - self.cur_tol, top.expand_as(w), w)
-                pieces = w.argmax(-1).reshape(len(zc), -1)
+                pieces = first_max(w, self.cur_tol).reshape(len(zc), -1)
             else:  # a unit within tol of a kink over a whole cell is on it: the registry's lower piece
                 pieces = act.pieces(_mesh.snap(zc, kinks, self.cur_tol))
             packed.append(pack_pieces(pieces.cpu(), act).to(R.device))
@@ -457,48 +459,55 @@ class _Partitioner:
         mesh.rows[0] = new
 
 
+def first_max(v: torch.Tensor, tol: float) -> torch.Tensor:
+    """Index of the first entry within ``tol`` of the maximum along the last axis: ``torch.argmax``'s first-maximum
+    ties, with values within ``tol`` tied (the tie policy of the argmax clipping, ``clip_windows``)."""
+    top = v.amax(-1, keepdim=True)
+    return torch.where(v >= top - tol, top.expand_as(v), v).argmax(-1)
+
+
 def decision_boundary(part: "_Partitioner", coords, outs, R, dg, tol: float) -> torch.Tensor:
-    """Segments (S, 2, 2) where the top class changes: each region is clipped into the argmax regions of the
-    output (the same clipping as max pooling), and the clipped edges along which the top two classes tie are kept."""
+    """Segments (S, 2, 2) where the top class (``first_max``: the first of tied maxima) changes.
+
+    Every region is clipped into the argmax regions of the output (the same clipping as max pooling; only regions
+    where some class overtakes another are cut), each piece's class is read at an interior point, and the boundary
+    is every edge shared by two pieces of different classes: inside a region, and along a region edge where the top
+    class changes exactly on the edge (e.g. a final ReLU clamps two classes to a tie at 0 on one side). Edges with the
+    same top class on both sides are never boundary, however close the scores."""
     n_cls = outs.shape[1]
     if n_cls < 2 or not len(R):
         return coords.new_zeros((0, 2, 2))
     scale = max(1.0, float(outs.abs().max()))
-    t = tol * scale
+    # scores within t tie; never below rounding (float32 vertices on a kink carry ~1e-7 of noise, so a final ReLU's
+    # zeros would otherwise break ties at random)
+    t = max(tol, 100 * torch.finfo(outs.dtype).eps) * scale
+    # only regions that can hold a boundary edge: some class overtakes another inside (to be cut), or a vertex is a
+    # tie of the top two scores (an edge where the top class changes has tied ends; ``near_tie`` is far above the
+    # rounding of interpolated values, and above the few ``t`` by which a tie decided by ``t`` can miss it)
     Rf = torch.where(torch.arange(R.shape[1], device=R.device)[None] < dg[:, None], R, R[:, :1])
-    o = take(outs, Rf)  # (n, W, cls)
+    o = take(outs, Rf)  # (n, W, classes)
     top = o.mean(1).argmax(1)
-    gap = (o - o.gather(2, top[:, None, None].expand(-1, o.shape[1], 1))).amax(2).amax(1)
-    mixed = torch.nonzero(gap > t).flatten()
-    if not len(mixed):
+    mixed = (o.amax(2) - o.gather(2, top[:, None, None].expand(-1, o.shape[1], 1))[..., 0]).amax(1) > t
+    near_tie = max(1e-6 * scale, 1e3 * t)
+    top2 = outs.topk(2, dim=1).values
+    tied = (top2[:, 0] - top2[:, 1]) <= near_tie
+    pick = torch.nonzero(mixed | tied[Rf].any(1)).flatten()
+    if not len(pick):
         return coords.new_zeros((0, 2, 2))
-    sub = take(R, mixed)
-    used, inv = torch.unique(sub, return_inverse=True)
-    mesh = _mesh.Mesh(take(coords, used), inv, dg[mixed])
+    used, inv = torch.unique(take(R, pick), return_inverse=True)
+    mesh = _mesh.Mesh(take(coords, used), inv, dg[pick])
     mesh.set_vals(take(outs, used))
     mesh.rows = []
     part.clip_windows(mesh, torch.arange(n_cls, device=R.device)[None], t, "output")
-    Rc, dc = mesh.cells()
-    W = Rc.shape[1]
-    ar = torch.arange(W, device=R.device)
-    valid = ar[None] < dc[:, None]
-    nxt = torch.where(ar[None] + 1 < dc[:, None], ar[None] + 1, torch.zeros_like(ar[None]))
-    p, q = Rc, Rc.gather(1, nxt)
-    v = mesh.vals[: mesh.nv]
-    top2 = v.topk(2, dim=1).values
-    tied = (top2[:, 0] - top2[:, 1]) <= t
-    mid = 0.5 * (take(v, p) + take(v, q))
-    m2 = mid.topk(2, dim=-1).values
+    cls = first_max(take(mesh.vals, _filled_rings(mesh)).mean(1), t)
     xy = mesh.coords[: mesh.nv]
-    # the argmax regions are clipped as separate copies, so both sides of a border hold its edge with their own
-    # vertices: vertices at one point are one (``same_points``), and each segment is kept once
-    lab = same_points(xy)
-    lp, lq = lab[p], lab[q]
-    on = valid & tied[p] & tied[q] & ((m2[..., 0] - m2[..., 1]) <= t) & (lp != lq)
-    a, b = torch.minimum(lp[on], lq[on]), torch.maximum(lp[on], lq[on])
-    key = torch.unique(a * mesh.nv + b)
-    a, b = key // mesh.nv, key % mesh.nv
-    return torch.stack([take(xy, a), take(xy, b)], 1)
+    # the argmax pieces are clipped as separate copies, so both sides of a border hold its edge with their own
+    # vertices (``same_points``: within rounding of the dtype)
+    near = max(1e-9, 64 * torch.finfo(xy.dtype).eps) * max(1.0, float(xy.abs().max()))
+    ring, deg = mesh.cells()
+    ra, rb, p, q = shared_edges(None, coords=xy, ring=ring, deg=deg, tol=near)
+    on = cls[ra] != cls[rb]
+    return torch.stack([take(xy, p[on]), take(xy, q[on])], 1)
 
 
 def _filled_rings(mesh) -> torch.Tensor:
@@ -538,11 +547,83 @@ def fit_affine(coords: torch.Tensor, outs: torch.Tensor, R: torch.Tensor, dg: to
     return slope, offset
 
 
+def _check_finite_model(m, owner: str, dtype) -> None:
+    """A NaN or infinite parameter or buffer makes every later check fail in its own misleading way (a NaN map is
+    not affine): name it instead."""
+    for kind, items in (("parameter", m.named_parameters()), ("buffer", m.named_buffers())):
+        for name, t in items:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise InvalidInputError(f"{owner}: the model's {kind} {name!r} holds NaN or infinite values (in "
+                                        f"{str(dtype).replace('torch.', '')}), so it has no linear regions.")
+
+
+def _not_finite(what: str, owner: str, dtype) -> InvalidInputError:
+    return InvalidInputError(f"{owner}: {what} are NaN or infinite at some points of the slice (the model computes "
+                             f"NaN, or overflows {str(dtype).replace('torch.', '')} there).")
+
+
+def _until(runner: Runner, sites: list, until: str, at: str | None, owner: str) -> list:
+    """The cutting sites up to the last one ``until`` names; for a plane at a site, a clear error when it names only
+    sites that run at or before the plane's (those are not partitioned)."""
+    try:
+        hit = select_sites(sites, until)
+    except InvalidInputError:
+        if at is None:
+            raise
+        try:
+            early = [s.name for s in select_sites(runner.all_sites, until) if s.name not in runner.names]
+        except InvalidInputError:
+            early = []
+        after = ", ".join(s.name for s in sites[:8]) + (" ..." if len(sites) > 8 else "")
+        what = (f"names only sites at or before the plane's site {at!r} ({', '.join(early[:5])})" if early else
+                f"matches none of the sites after the plane's site {at!r}")
+        raise InvalidInputError(f"The 'until' parameter of {owner} {what}; it must name one of the {len(sites)} "
+                                f"sites after it ({after}).") from None
+    last = max(s.order for s in hit)
+    return [s for s in sites if s.order <= last]
+
+
+def _hidden_before_output(runner: Runner, sites: list) -> str | None:
+    """``Runner.hidden_kink`` for the unit inputs of ``sites`` only, leaving out bends that reach just later sites or
+    the model's output (``hidden_kink`` counts the output once ``sites`` run to the model's last site)."""
+    last = max(s.order for s in sites)
+    view = copy.copy(runner)
+    view.hidden = [(b, o) for b, o in runner.hidden if o <= last]
+    return view.hidden_kink(sites)
+
+
+def _output_form(raw) -> tuple[str | None, bool]:
+    """(a note when the output maps describe only part of the model's output ``raw``, or none of it; whether the
+    scores are one column). The maps are fitted to what ``paths.runner.logits_of`` reads: a tensor (n, classes),
+    the ``.logits`` of an output object or the first element of a tuple or list, and of an output with more than two
+    axes ``out.reshape(n, -1, classes)[:, -1]`` (a sequence model's last position)."""
+    t, part = raw, []
+    if hasattr(raw, "logits"):
+        t = raw.logits
+        part.append("its .logits")
+    elif isinstance(raw, (tuple, list)) and raw:
+        t = raw[0]
+        if len(raw) > 1:
+            part.append(f"the first of its {len(raw)} elements")
+    if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+        return (f"no output maps: the model's output ({type(raw).__name__}) holds no floating tensor of scores (maps "
+                "are fitted to a tensor, the .logits of an output object, or the first element of a tuple or list)",
+                False)
+    if t.dim() > 2:
+        c = t.shape[-1]
+        part.append(f"the last row of {c} scores (out.reshape(n, -1, {c})[:, -1]) of an output of shape "
+                    f"{tuple(t.shape[1:])}")
+    note = ("output maps and decision boundary are of part of the model's output: " + ", then ".join(part)) \
+        if part else None
+    return note, t.dim() == 1 or t.shape[-1] == 1
+
+
 def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budget, forward: Callable | None,
           capture_kwargs: dict, owner: str, want_output: bool, round_threads: int | None = None):
     """Run the exact partition; returns a dict of tensors for ``SliceResult``."""
     t0 = time.perf_counter()
     m = prepare_model(model, dtype, device)
+    _check_finite_model(m, owner, dtype)
     fwd = forward(m) if forward is not None else default_forward(m)
     plane = Plane(plane.origin.to(device, dtype), plane.basis.to(device, dtype), plane.domain.to(device, dtype),
                   plane.kind, plane.site, cast_inputs(plane.inputs, dtype, device), plane.anchors)
@@ -556,20 +637,25 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
     runner = Runner(m, fwd, spec, dtype=dtype, device=device, memory_budget=memory_budget,
                     capture_kwargs=capture_kwargs, owner=owner, probe_input=probe,
                     probe_name="slice points" if plane.site is None else None)
+    want = runner.out_shape.get(plane.site)
+    if want is not None and tuple(plane.shape) != tuple(want):
+        raise InvalidInputError(f"The points of the plane of {owner} at layer {plane.site!r} must have that site's "
+                                f"output shape {tuple(want)} (one example, no batch axis). Got {tuple(plane.shape)}.")
     sites = list(runner.processed)
     if not sites:
         raise InvalidInputError(f"No activation site runs after {plane.site or 'the input'} in this model, so {owner} "
                                 "has no regions to find.")
     if until is not None:
-        hit = select_sites(sites, until)
-        last = max(s.order for s in hit)
-        sites = [s for s in sites if s.order <= last]
+        sites = _until(runner, sites, until, plane.site, owner)
     smooth = [s for s in sites if not s.activation.exact]
     if smooth:
         raise NotPiecewiseLinearError(f"not piecewise-linear: site {smooth[0].name!r} applies a smooth activation "
                                       f"({smooth[0].op}); exact slices need piecewise-linear models (use "
                                       "local_complexity for an approximate measure).")
-    hidden = runner.hidden_kink(sites)
+    # the model's output matters only for output maps of the whole model: a partition cut at until= (or at some
+    # units=), or made without outputs, is not refused for a bend that reaches only later sites or the output
+    whole = until is None and units is None and want_output
+    hidden = runner.hidden_kink(sites) if whole else _hidden_before_output(runner, sites)
     if hidden:
         raise runner.bend_error(hidden)
     bad, out_affine = runner.affinity_probe(want_output=want_output)
@@ -601,12 +687,29 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
     out = {"plane": plane, "sites": sites, "z_shape": z_shape, "site_bytes": part.site_bytes, "ring": R, "deg": dg,
            "coords": coords, "area": area, "codes": mesh.rows[0][: mesh.nc], "rounds": part.rounds,
            "fallbacks": part.fallbacks, "full": full, "slope": None, "offset": None, "outputs": None, "units": sel,
-           "boundary": None}
-    if full and out_affine and want_output:
-        outs = mdl.outputs(coords)
-        out["slope"], out["offset"] = fit_affine(coords, outs, R, dg)
-        out["outputs"] = outs
-        out["boundary"] = decision_boundary(part, coords, outs, R, dg, tol)
+           "boundary": None, "notes": []}
+    if full and want_output:
+        with torch.no_grad():
+            form, single = _output_form(fwd(probe))
+        bend = None if whole else runner.hidden_kink(sites)  # until= named the last site: the output still counts
+        if form is not None:
+            out["notes"].append(form)
+        if bend is not None:
+            out["notes"].append(f"no output maps: {bend}, a bend after the last site that the kink registry does not "
+                                "follow, so the output is not affine over the regions")
+        elif not out_affine and (form is None or not form.startswith("no output maps")):
+            out["notes"].append("no output maps: the model's output is not an affine function over the regions (an "
+                                "operation after the last site that capture does not follow, e.g. softmax or sigmoid)")
+        elif out_affine:
+            outs = mdl.outputs(coords)
+            if not bool(torch.isfinite(outs).all()):
+                raise _not_finite("the model's scores", owner, dtype)
+            slope, offset = fit_affine(coords, outs, R, dg)
+            # one score: logits_of made it [0, s] (the binary-logit convention: class 1 where s > 0), which the
+            # decision boundary keeps, but the maps are of the model's one output, as predict() should return
+            out["slope"], out["offset"] = (slope[..., 1:], offset[:, 1:]) if single else (slope, offset)
+            out["outputs"] = outs[:, 1:] if single else outs
+            out["boundary"] = decision_boundary(part, coords, outs, R, dg, tol)
     out["seconds"] = time.perf_counter() - t0
     out["tol"] = tol
     return out

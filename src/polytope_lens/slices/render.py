@@ -23,13 +23,13 @@ def colors_for(res, by: str = "code") -> np.ndarray:
     if by == "slope":
         v = res.slope_norm()
         if v is None:
-            raise ValueError("color_by='slope' needs output maps (partition the whole model).")
+            raise ValueError(f"color_by='slope' needs output maps, which this slice lacks: {res.why_no_maps()}.")
         v = (v - v.min()) / max(1e-300, float(np.ptp(v)))
         return matplotlib.colormaps["viridis"](v)
     if by == "class":
         c = res.top_class()
         if c is None:
-            raise ValueError("color_by='class' needs output maps (partition the whole model).")
+            raise ValueError(f"color_by='class' needs output maps, which this slice lacks: {res.why_no_maps()}.")
         base = matplotlib.colormaps["tab10"](c % 10)
         shade = np.array([code_color(bytes(r))[0] for r in res.codes])[:, None]
         return np.concatenate([base[:, :3] * (0.75 + 0.25 * shade), np.ones((len(c), 1))], 1)

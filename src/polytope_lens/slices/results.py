@@ -41,10 +41,18 @@ class SliceResult:
     codes : ndarray uint8 (R, bytes)
         Packed pieces of every site (per site: ``site_bytes[name] = (offset, n_bytes)``).
     slope, offset : Tensor (R, 2, out), (R, out) or None
-        Output affine map per region in slice coordinates (None when only part of the model was partitioned).
+        Output affine map per region in slice coordinates, ``y = u @ slope + offset``, of the model's scores: a
+        tensor (n, out) as it is; one score ((n,) or (n, 1)) as one column; ``.logits`` of an output object, the
+        first element of a tuple or list, and ``out.reshape(n, -1, out)[:, -1]`` of more than two axes (a note says
+        so). None when only part of the model was partitioned, the output is not affine over the regions, or holds
+        no score tensor (a dict): ``why_no_maps()``.
     boundary : Tensor (S, 2, 2) or None
-        Decision-boundary segments (where the top class changes).
+        Decision-boundary segments: where the top class (``torch.argmax``'s, the first of tied maxima) changes; for
+        one score, where it changes sign (class 1 where it is > 0, the binary-logit convention).
     seconds : float
+    notes : tuple of str
+        What the numbers depend on: cuts made unit by unit, a partial partition, which part of the output the maps
+        describe or why there are none.
     """
 
     num_regions: int
@@ -91,16 +99,29 @@ class SliceResult:
     def predict(self, u: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
         """Output at slice points ``u`` (n, 2) from the affine maps of ``region`` (n,)."""
         if self.slope is None:
-            raise ValueError("This slice has no output maps (only part of the model was partitioned).")
+            raise ValueError(f"This slice has no output maps: {self.why_no_maps()}.")
         return (u[:, :, None] * self.slope[region]).sum(1) + self.offset[region]
+
+    def why_no_maps(self) -> str | None:
+        """Why ``slope``, ``offset`` and ``boundary`` are None (from the note that says so), or None when they are
+        set."""
+        if self.slope is not None:
+            return None
+        if any(n.startswith("partial") for n in self.notes):
+            return "only part of the model was partitioned (until= or units=)"
+        head = "no output maps: "
+        return next((n[len(head):] for n in self.notes if n.startswith(head)), "the slice was made with outputs=False")
 
     def slope_norm(self) -> np.ndarray | None:
         return None if self.slope is None else self.slope.flatten(1).norm(dim=1).cpu().numpy()
 
     def top_class(self) -> np.ndarray | None:
+        """Top class at each region's centroid (the decision boundary's convention: first of tied maxima; for one
+        score, 1 where it is > 0)."""
         if self.slope is None:
             return None
-        return self.predict(self.centroids().to(self.slope), torch.arange(self.num_regions)).argmax(1).cpu().numpy()
+        y = self.predict(self.centroids().to(self.slope), torch.arange(self.num_regions))
+        return ((y[:, 0] > 0).long() if y.shape[1] == 1 else y.argmax(1)).cpu().numpy()
 
     def colors(self, by: str = "code") -> np.ndarray:
         """RGBA per region: ``code`` (stable hash of the code: same code, same colour, every run), ``slope``

@@ -1,0 +1,269 @@
+"""Slices: decision boundary on region edges and ties, float64 planes, output forms, until= past a bend, and the
+one-line errors of bad inputs. Each test checks the library against the model itself (a grid, probes just off each
+segment) or a hand-computed value."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from typer.testing import CliRunner
+
+from polytope_lens.cli import app
+from polytope_lens.errors import InvalidInputError, NotPiecewiseLinearError
+from polytope_lens.paths import site_activations
+from polytope_lens.slices import Plane, exact_local_complexity, local_complexity, slice_box, slice_through
+
+
+def _grid_l1(model, lo, hi, n=400):
+    """L1 length of the decision boundary in [lo, hi]^2 from a grid: class changes between neighbours x spacing."""
+    xs = torch.linspace(lo, hi, n, dtype=torch.float64)
+    u = torch.stack(torch.meshgrid(xs, xs, indexing="ij"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        c = model(u).argmax(1).reshape(n, n)
+    return float((c[1:] != c[:-1]).sum() + (c[:, 1:] != c[:, :-1]).sum()) * float(xs[1] - xs[0])
+
+
+def _sides(model, seg, eps=1e-6):
+    """torch.argmax of the model just either side of each segment's midpoint."""
+    mid, d = seg.mean(1), seg[:, 1] - seg[:, 0]
+    nrm = torch.stack([-d[:, 1], d[:, 0]], 1)
+    nrm = nrm / nrm.norm(dim=1, keepdim=True)
+    with torch.no_grad():
+        return model(mid + eps * nrm).argmax(1), model(mid - eps * nrm).argmax(1)
+
+
+def _final_relu_net():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3), nn.ReLU()).double().eval()
+    m[2].bias.data -= 0.2  # classes clamped to a tie at 0 over much of the box: changes lie on region edges
+    return m
+
+
+def _tied_columns_net():
+    torch.manual_seed(0)
+    nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))  # the tester's draw
+    m = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 3)).double().eval()
+    m[2].weight.data[1] = m[2].weight.data[0]
+    m[2].bias.data[1] = m[2].bias.data[0]  # class 1 ties class 0 everywhere: torch.argmax never picks it
+    return m
+
+
+@pytest.mark.parametrize("make", [_final_relu_net, _tied_columns_net])
+def test_decision_boundary_is_exactly_where_argmax_changes(make):
+    """Every segment separates two different torch.argmax classes, and the segments' L1 length is the grid's to 5 %.
+    Before: the final-ReLU net's changes lie on region edges and none was found (0 segments, the grid says 4.7 long);
+    with two identical columns 12 of 18 segments had the same class on both sides."""
+    m = make()
+    res = slice_box(m, -2, 2)
+    seg = res.boundary
+    assert len(seg) > 0
+    a, b = _sides(m, seg)
+    assert bool((a != b).all())
+    l1 = float((seg[:, 1] - seg[:, 0]).abs().sum())
+    assert abs(l1 - _grid_l1(m, -2, 2)) <= 0.05 * l1
+
+
+@pytest.mark.parametrize("make", [_final_relu_net, _tied_columns_net])
+def test_decision_boundary_in_float32_matches_float64(make):
+    """Ties are decided above float32 rounding: before that, the noise of a final ReLU's zeros at vertices on its kink
+    made 12 segments inside regions where every class is 0."""
+    m = make()
+    seg = slice_box(m, -2, 2, dtype=torch.float32).boundary.double()
+    a, b = _sides(m, seg)
+    assert bool((a != b).all())
+    l64 = float((slice_box(m, -2, 2).boundary.diff(dim=1)).norm(dim=-1).sum())
+    assert abs(float(seg.diff(dim=1).norm(dim=-1).sum()) - l64) <= 1e-4 * l64
+
+
+def test_plane_through_is_a_float64_square_holding_its_points():
+    """margin=0: the bounding square of the three points (one x per vertical edge, one y per horizontal edge, every
+    anchor inside). Before: corners 2-4 had float32 offsets, so edges were 3e-8 apart and anchors fell outside."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        p = torch.randn(3, 5, generator=g, dtype=torch.float64)
+        pl = Plane.through(p[0], p[1], p[2], margin=0)
+        d, a = pl.domain, pl.anchors
+        assert d.dtype == torch.float64
+        assert d[0, 0] == d[3, 0] and d[1, 0] == d[2, 0] and d[0, 1] == d[1, 1] and d[2, 1] == d[3, 1]
+        assert torch.isclose(d[1, 0] - d[0, 0], d[2, 1] - d[1, 1], rtol=1e-14)
+        lo, hi = d.min(0).values, d.max(0).values
+        assert bool(((a >= lo) & (a <= hi)).all())
+        side = float((a.max(0).values - a.min(0).values).max())
+        assert abs(float(hi[0] - lo[0]) - side) <= 1e-12 * side  # margin 0: the square is the anchors' extent
+
+
+def test_points_given_as_lists_are_not_rounded_to_float32():
+    p0, p1, p2 = [0.1, 0.2], [1.3, -0.7], [0.4, 1.1]
+    pl = Plane.through(p0, p1, p2)
+    want = (np.array(p0) + np.array(p1) + np.array(p2)) / 3
+    assert np.abs(pl.origin.numpy() - want).max() <= 1e-15
+    assert np.abs(pl.points(pl.anchors[:1])[0].numpy() - np.array(p0)).max() <= 1e-15
+    assert Plane.from_directions([0.1, 0.2], [1.0, 0.0], [0.0, 1.0]).origin.tolist() == [0.1, 0.2]
+
+
+class _Heads(nn.Module):  # output (n, 3, 2): three 2-way heads
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(2, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.o(F.relu(self.a(x))).reshape(-1, 3, 2)
+
+
+class _One(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(2, 6), nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.o(F.relu(self.a(x)))
+
+
+class _Dict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.o = nn.Linear(2, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return {"y": self.o(F.relu(self.a(x)))}
+
+
+def _model_at_centroids(res, m):
+    u = res.centroids()
+    with torch.no_grad():
+        return u, m(res.plane.points(u))
+
+
+def test_output_maps_of_each_output_form():
+    """(n, 3, 2): the maps are of out[:, -1], and a note says so; one score: one column that reproduces the model
+    (before: a prepended zero column, slope (R, 2, 2)) and a boundary where it changes sign; a dict: no maps, with
+    the reason in the notes (before: silently none)."""
+    torch.manual_seed(0)
+    heads = _Heads().double().eval()
+    res = slice_box(heads, -2, 2)
+    u, y = _model_at_centroids(res, heads)
+    assert (res.predict(u, torch.arange(res.num_regions)) - y[:, -1]).abs().max() <= 1e-12
+    assert any("out.reshape(n, -1, 2)[:, -1]" in n and "(3, 2)" in n for n in res.notes)
+
+    one = _One().double().eval()
+    res = slice_box(one, -2, 2)
+    u, y = _model_at_centroids(res, one)
+    assert res.slope.shape == (res.num_regions, 2, 1) and res.offset.shape == (res.num_regions, 1)
+    assert (res.predict(u, torch.arange(res.num_regions)) - y).abs().max() <= 1e-12
+    assert np.array_equal(res.top_class(), (y[:, 0] > 0).long().numpy())
+    assert len(res.boundary) > 0 and not any("output maps" in n for n in res.notes)
+    mid = res.boundary.mean(1)
+    d = res.boundary[:, 1] - res.boundary[:, 0]
+    nrm = torch.stack([-d[:, 1], d[:, 0]], 1) / d.norm(dim=1, keepdim=True)
+    with torch.no_grad():
+        assert bool(((one(mid + 1e-6 * nrm) > 0) != (one(mid - 1e-6 * nrm) > 0)).all())
+
+    res = slice_box(_Dict().double().eval())
+    assert res.slope is None and res.boundary is None
+    assert "dict" in res.why_no_maps() and "no floating tensor" in res.why_no_maps()
+    with pytest.raises(ValueError, match="dict"):
+        res.colors("class")
+
+
+class _BendAfter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.o = nn.Linear(2, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = F.relu(self.a(x))  # site 'relu', the only one
+        z = self.b(h)
+        return self.o(torch.maximum(z, torch.zeros_like(z)))  # a bend capture does not follow, after it
+
+
+def test_until_is_not_refused_for_a_bend_after_it():
+    """The regions of the model truncated at 'relu' are those of Linear -> ReLU alone (same count, same areas); the
+    full slice with output maps is still refused by name, and until='relu' keeps no maps, saying why. Before: every
+    call raised NotPiecewiseLinearError ('maximum ... reaches the model's output'), outputs=False too."""
+    torch.manual_seed(0)
+    m = _BendAfter().double().eval()
+    alone = slice_box(nn.Sequential(m.a, nn.ReLU()))
+    for kw in ({"until": "relu"}, {"until": "relu", "outputs": False}, {"outputs": False}):
+        res = slice_box(m, **kw)
+        assert res.num_regions == alone.num_regions
+        assert torch.allclose(res.area.sort().values, alone.area.sort().values, atol=1e-12)
+        assert res.slope is None
+    assert "maximum" in slice_box(m, until="relu").why_no_maps()
+    with pytest.raises(NotPiecewiseLinearError, match="maximum"):
+        slice_box(m)
+
+
+_MLP = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda p: local_complexity(_MLP, p, n_dirs=2, batch_size=0), "'batch_size'"),
+    (lambda p: local_complexity(_MLP, p, n_dirs=2, batch_size=-1), "'batch_size'"),
+    (lambda p: local_complexity(_MLP, p, n_dirs=2, radius=float("inf")), "'radius'"),
+    (lambda p: local_complexity(_MLP, p, n_dirs=2, dtype=torch.float16), "'dtype'"),
+    (lambda p: local_complexity(_MLP, p, n_dirs=2, dtype=torch.int64), "'dtype'"),
+    (lambda p: exact_local_complexity(_MLP, p, radius=float("inf")), "'radius' parameter of exact_local"),
+    (lambda p: exact_local_complexity(_MLP, p, dtype=torch.float16), "'dtype' parameter of exact_local"),
+])
+def test_local_complexity_refuses_bad_parameters_in_one_line(call, name):
+    with pytest.raises(InvalidInputError, match=name) as e:
+        call(torch.randn(4, 2))
+    assert "\n" not in str(e.value)
+
+
+def test_cli_complexity_refuses_an_infinite_radius(tmp_path):
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(4, 2)).astype(np.float32))
+    r = CliRunner().invoke(app, ["complexity", "--model", "toy:2-8-8-2", "--data", f"npy:{tmp_path / 'x.npy'}",
+                                 "--json", str(tmp_path / "lc.json"), "--radius", "inf"])
+    assert r.exit_code == 1 and "--radius must be a finite number > 0" in r.stderr, r.output
+
+
+def _site_case():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    x = torch.randn(3, 4)
+    return m, x, site_activations(m, x, layer="1.relu")
+
+
+def test_site_plane_errors_are_one_line():
+    """Points of the wrong shape for the site (before: a raw RuntimeError from a reshape), a batch of several inputs
+    (before: silently its first row), and until= naming the plane's own site (before: 'the model's 1 activation
+    sites (3.relu)' of a model with 2)."""
+    m, x, a = _site_case()
+    with pytest.raises(InvalidInputError, match=r"output shape \(6,\).*Got \(4,\)"):
+        slice_through(m, x[0], x[1], x[2], layer="1.relu", inputs=x[:1])
+    with pytest.raises(InvalidInputError, match=r"batch of 1.*\(2, 4\)"):
+        slice_through(m, a[0], a[1], a[2], layer="1.relu", inputs=x[:2])
+    with pytest.raises(InvalidInputError, match=r"at or before the plane's site '1.relu'.*\(3.relu\)"):
+        slice_through(m, a[0], a[1], a[2], layer="1.relu", inputs=x[:1], until="1.relu")
+    assert slice_through(m, a[0], a[1], a[2], layer="1.relu", inputs=x[:1], until="3.relu").num_regions >= 1
+
+
+def test_nan_weights_and_overflow_are_named():
+    """Before: 'not an affine function ... LayerNorm or softmax' (NaN in the first layer), or no maps and no word
+    (NaN in the last)."""
+    m = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1))
+    m[2].weight.data[0, 1] = float("nan")
+    with pytest.raises(InvalidInputError, match=r"parameter '2.weight' holds NaN or infinite"):
+        slice_box(m)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    m[2].weight.data *= 1e30
+    with torch.no_grad():  # the model itself overflows float32 at the box's corners
+        assert not bool(torch.isfinite(m[:3](torch.tensor([[1e10, 1e10], [-1e10, 1e10]]))).all())
+    with pytest.raises(InvalidInputError, match=r"site '3.relu' are NaN or infinite.*overflows float32"):
+        slice_box(m, -1e10, 1e10, dtype=torch.float32)
+
+
+def test_color_by_class_of_a_softmax_model_gives_the_real_reason(tmp_path):
+    """No --until was given: the message says the output is not affine (softmax), not that --until cut it."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 3), nn.Softmax(-1))
+    res = slice_box(m.double())
+    assert res.slope is None and "softmax" in res.why_no_maps()
+    torch.save(m.float(), tmp_path / "softmax.pt")
+    r = CliRunner().invoke(app, ["slice", "--model", f"file:{tmp_path / 'softmax.pt'}", "--box", "-1,1,-1,1",
+                                 "--json", str(tmp_path / "s.json"), "--png", str(tmp_path / "s.png"),
+                                 "--color-by", "class"])
+    assert r.exit_code == 1 and "softmax" in r.stderr and "until" not in r.stderr, r.output
