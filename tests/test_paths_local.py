@@ -129,3 +129,68 @@ def test_local_refuses_what_it_cannot_follow(model, x, kw, why):
     with pytest.raises(InvalidInputError, match=f"evaluator='local'.*{why}") as e:
         path_crossings(model, a, b, evaluator="local", **kw)
     assert "\n" not in str(e.value)
+
+
+def test_local_padding_only_windows_and_constants():
+    """A 1 x 1 convolution with padding makes border positions whose window is all padding (the bias alone there),
+    and a zero pad then a constant added moves those positions off zero: every position is read, not only those
+    a crossing touched."""
+
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(2, 3, 3, padding=1)
+            self.b = nn.Conv2d(3, 3, 1, padding=1)
+            self.c = nn.Conv2d(3, 2, 3, stride=2)
+
+        def forward(self, x):
+            h = F.relu(self.a(x))
+            h = F.relu(self.b(h))
+            h = F.relu(F.pad(h, (1, 0, 0, 1)) + 0.25)
+            return self.c(h).mean((2, 3))
+
+    torch.manual_seed(4)
+    model = Padded().double().eval()
+    g = torch.Generator().manual_seed(5)
+    a, b = (torch.randn(2, 2, 6, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    local = path_crossings(model, a, b, evaluator="local")
+    _same(local, path_crossings(model, a, b, evaluator="graph"))
+    _same(local, path_crossings(model, a, b, evaluator="frontier"))
+
+
+class _Broadcast(nn.Module):
+    """A conv net whose middle step (``how``) is one the local evaluator must refuse."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.a = nn.Conv2d(1, 2, 3, padding=1)
+        self.b = nn.Conv2d(2, 2, 1)
+        self.offset = nn.Parameter(torch.randn(2, 1, 1))
+        self.mid = nn.Identity()
+
+    def forward(self, x):
+        h = F.relu(self.a(x))
+        if self.how == "parameter":
+            h = h + self.offset  # a tensor of the model's, broadcast over positions
+        elif self.how == "broadcast":
+            h = h + h.mean(3, keepdim=True)  # two images of different shapes
+        elif self.how == "size":
+            h = h + h.size(1)  # a size in arithmetic
+        else:
+            h = self.mid(h)
+        return F.relu(self.b(h))
+
+
+@pytest.mark.parametrize("how, why", [("parameter", "does not follow"), ("broadcast", "does not follow"),
+                                      ("size", "does not follow"), ("hook", "forward hooks")])
+def test_local_refuses_broadcasts_sizes_and_hooks(how, why):
+    model = _Broadcast(how).double().eval()
+    if how == "hook":
+        model.mid.register_forward_hook(lambda m, i, o: o * 2.0)
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(1, 1, 5, 5, generator=g, dtype=torch.float64) for _ in range(2))
+    with pytest.raises(InvalidInputError, match=f"evaluator='local'.*{why}"):
+        path_crossings(model, a, b, evaluator="local")
+    frontier = path_crossings(model, a, b, evaluator="frontier")  # what it refused, the frontier follows
+    assert frontier.exact and sum(p.crossings for p in frontier.paths) > 0

@@ -821,16 +821,16 @@ class Refiner:
 
         r = self.r
         pts = _Points.start(r.spec, gpids, t_range)
-        state = local.LocalState(self.frontier, r.spec.points(gpids[pts.pid], pts.t), pts.pid, pts.ids, len(gpids))
+        state = local.LocalState(self.frontier, r.spec.points(gpids[pts.pid], pts.t), pts.ids, len(gpids))
         recs, ends = [], []  # ends: the crossings on the first and last point of each site (a piece of a path)
         n, z_last = len(pts.t), None
         dense_values = []  # unit inputs a dense evaluator would hold at each site (``local_entries``: those held)
         for k, site in enumerate(r.processed):
             act = site.activation
-            order = local.PointOrder(pts.ids, pts.t, pts.n_ids)
+            order = local.PointOrder(pts.ids, pts.t, pts.pid, pts.n_ids, state.base_ids)
             z = state.run_to(k, order)
             dense_values.append(len(pts.t) * z.val.shape[1] * z.area)
-            c, entry, channel, kink = local.crossings(act, z, order, pts.t)
+            c, where, channel, kink = local.crossings(act, z, order, pts.t)
             last = k == len(r.processed) - 1
             if last and self.units is not None:
                 keep = torch.nonzero(torch.isin(c.unit, self.units)).flatten()
@@ -838,11 +838,11 @@ class Refiner:
             cr = self._crossings(c, pts.pid, pts.t)
             recs.append(_records(pts.pid, cr, k))
             ends.append(_end_crossings(cr))
-            n, t_old, pid_old, ids_old, n_ids = len(pts.t), pts.t, pts.pid, pts.ids, pts.n_ids
+            n, t_old, ids_old, n_ids = len(pts.t), pts.t, pts.ids, pts.n_ids
             old_pos, new_pos = pts.insert(cr)
             if last:
                 if self.want_output:
-                    z_last = (local.dense(z, order, pid_old, ids_old), t_old, old_pos)
+                    z_last = (local.dense(z, order, ids_old), t_old, old_pos)
                 break
             # each crossing's point: the new one it made, or the point it was snapped to (its unit near the kink there)
             point = torch.empty(len(c), dtype=torch.long, device=c.unit.device)
@@ -850,9 +850,8 @@ class Refiner:
             made[cr["inner"]] = True
             point[cr["inner"]] = n_ids + cr["gid"]
             point[~made] = ids_old[cr["snapped_to"]]
-            z = local.add_breakpoints(act, z, local.PointOrder(pts.ids, pts.t, pts.n_ids), entry, channel, kink,
-                                      point, made)
-            state.set_site_output(k, z)
+            order = local.PointOrder(pts.ids, pts.t, pts.pid, pts.n_ids, state.base_ids)
+            state.set_site_output(k, local.add_breakpoints(act, z, order, where, channel, kink, point, made), order)
         out = {"pid": pts.pid, "t": pts.t, "tied": pts.tied, "records": recs, "n_evaluated": n, "ends": ends,
                "local_entries": state.entries, "dense_values": dense_values}
         if self.want_output:

@@ -279,6 +279,7 @@ class FrontierProgram:
         self.clamps: dict[int, tuple] = {}  # site node index -> (min, max) of a site that is a clamp (``_clamp_form``)
         # site node index -> the convolution that alone reads a clamp site's output (``_site_convolution``)
         self.site_convolutions: dict[int, _SiteConv] = {}
+        self.point_shapes: dict[str, tuple] = {}  # one point's shape of each value with one row per point
 
     # ------------------------------------------------------------------------------------------------ build
     @classmethod
@@ -344,6 +345,9 @@ class FrontierProgram:
         except Exception as e:  # noqa: BLE001
             return None, f"the FX graph does not run on the path's points ({type(e).__name__}: {str(e)[:80]})", folded
         (v2, s2), (v3, s3) = seen
+        prog.point_shapes = {name: v.shape[1:] for name, v in v2.items()
+                             if isinstance(v, _Made) and v.values is None and isinstance(v3[name], _Made)
+                             and v3[name].values is None}
         if s2 != s3 or len(s2) != len(runner.all_sites) or any(
                 act.name != site.activation.name for (_, act), site in zip(s2, runner.all_sites)):
             return None, "its activation calls differ from the capture's sites", folded
