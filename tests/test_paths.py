@@ -1541,9 +1541,9 @@ def test_pieces_hold_about_what_the_budget_allows(monkeypatch):
 
     real_verify = exact._verify_intervals
 
-    def verify(runner, gpids, pid, t, pick, units):
+    def verify(runner, gpids, pid, t, pick, units, tie_tol):
         checked.append((3 * len(pick), runner.rows_per_batch()))  # points evaluated at once, at every site
-        return real_verify(runner, gpids, pid, t, pick, units)
+        return real_verify(runner, gpids, pid, t, pick, units, tie_tol)
     monkeypatch.setattr(exact, "_verify_intervals", verify)
     mlp = MLP(8, 1024, 1, seed=12)
     g = torch.Generator().manual_seed(3)
@@ -1648,7 +1648,8 @@ def test_bad_inputs_raise_clear_errors():
     ("evaluator", "fastest", "'evaluator'"), ("dtype", torch.int32, "'dtype'"), ("dtype", "float64", "'dtype'"),
     ("dtype", torch.bfloat16, "'dtype'"), ("dtype", torch.float16, "'dtype'"),
     ("memory_budget", 1000, "'memory_budget'"), ("memory_budget", 2.0 ** 30, "'memory_budget'"),
-    ("tie_tol", -1.0, "'tie_tol'"), ("tie_tol", 0.1, "'tie_tol'"), ("n_samples", 1, "'n_samples'"),
+    ("tie_tol", -1.0, "'tie_tol'"), ("tie_tol", 0.1, "'tie_tol'"), ("tie_tol", 1e-6, r"\[0, 1e-09\] \(for float64\)"),
+    ("n_samples", 1, "'n_samples'"),
     ("tol", 0.0, "'tol'"), ("tol", "small", "'tol'")])
 def test_bad_options_raise_clear_errors(option, value, msg):
     """Every option is validated before any work, by all three entry points, with a message naming it."""
@@ -1659,6 +1660,22 @@ def test_bad_options_raise_clear_errors(option, value, msg):
                  lambda **kw: ray_crossings(mlp, a, layer="*relu", **kw)):
         with pytest.raises(InvalidInputError, match=msg):
             call(**{option: value})
+
+
+def test_tie_tol_up_to_the_affine_tolerance():
+    """tie_tol moves a crossing onto a breakpoint up to that far in t, leaving its kink inside an interval: allowed up
+    to the rounding the affine checks accept (1e-9 in float64, 1.2e-4 in float32), where the final-interval check
+    accepts a unit that far from its kink at an end; the same crossings as the default there."""
+    torch.manual_seed(0)
+    mlp = MLP(3, 16, 3)
+    a, b = torch.randn(4, 3), torch.randn(4, 3)
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
+        loose = path_crossings(mlp, a, b, dtype=dtype, tie_tol=tol)
+        strict = path_crossings(mlp, a, b, dtype=dtype)
+        assert [p.crossings for p in loose.paths] == [p.crossings for p in strict.paths]
+        assert loose.tolerance["tie_tol"] == tol
+    with pytest.raises(InvalidInputError, match=r"'tie_tol'.*\[0, 0.00012\] \(for float32\)"):
+        path_crossings(mlp, a, b, dtype=torch.float32, tie_tol=1e-3)
 
 
 def test_bad_site_inputs_raise_clear_errors():

@@ -39,7 +39,7 @@ from . import local
 from .frontier import FrontierProgram
 from .geometry import PathSpec
 from .results import PathBatchResult, PathBlock, PathList, PathResult, Trace, traces_from_outputs
-from .runner import (Runner, check_device, check_dtype, default_forward, index_inputs, model_errors,
+from .runner import (Runner, affine_tol, check_device, check_dtype, default_forward, index_inputs, model_errors,
                      prepare_model)
 from .sampled import sampled_chunk
 
@@ -81,8 +81,12 @@ def _check_options(owner: str, method, dtype, memory_budget, tie_tol, n_samples,
     if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < (1 << 20)):
         raise InvalidInputError(f"The 'memory_budget' parameter of {owner} must be None or an int >= 1 MiB (bytes). "
                                 f"Got {memory_budget!r}.")
-    if not (isinstance(tie_tol, (int, float)) and 0 <= tie_tol < 1e-3):
-        raise InvalidInputError(f"The 'tie_tol' parameter of {owner} must be a number in [0, 1e-3). Got {tie_tol!r}.")
+    # a crossing moved onto a breakpoint leaves its kink up to tie_tol inside an interval: no further than the
+    # rounding the affine checks allow (1e-9 in float64), or later sites' inputs are no longer affine between points
+    top = affine_tol(dtype)
+    if isinstance(tie_tol, bool) or not (isinstance(tie_tol, (int, float)) and 0 <= tie_tol <= top):
+        raise InvalidInputError(f"The 'tie_tol' parameter of {owner} must be a number in [0, {top:.2g}] (for "
+                                f"{str(dtype).replace('torch.', '')}). Got {tie_tol!r}.")
     if not isinstance(n_samples, int) or n_samples < 2:
         raise InvalidInputError(f"The 'n_samples' parameter of {owner} must be an int >= 2. Got {n_samples!r}.")
     if not (isinstance(tol, (int, float)) and 0 < tol < 1):
@@ -335,7 +339,8 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
         else:
             out = refiner.run_chunk(gp)
         if use_exact and verify:
-            verify_chunk(runner, gp, out["pid"], out["t"], n_check=32, seed=start, units=unit_idx)
+            verify_chunk(runner, gp, out["pid"], out["t"], n_check=32, seed=start, units=unit_idx,
+                         tie_tol=tie_tol)
         if use_exact:  # memory scales with the points evaluated at the last site (see Refiner.run_chunk)
             est_pts = max(est_pts, 1.25 * out["n_evaluated"] / c)
         arriving.append(_collect(results, out, gp, spec, lengths, runner, reported, use_exact, trace))
@@ -524,7 +529,9 @@ _COMMON_DOC = """
         The model is copied and cast to it (float64 by default), in eval mode.
     device : str or torch.device
     tie_tol : float
-        Exact mode: crossings closer than this in t make one breakpoint (counted in ``ties``); see ``exact``.
+        Exact mode: crossings closer than this in t make one breakpoint (counted in ``ties``); see ``exact``. At most
+        the affine checks' rounding tolerance (1e-9 in float64, 1.2e-4 in float32): a crossing moved further would
+        leave its kink inside an interval where later sites' inputs must be affine.
         Max-pool entries within the dtype's affine tolerance of a window's maximum count as tied at it (rounding of
         entries equal in exact arithmetic); the result states both as ``tolerance["tie_tol"]``, ``["value_tol"]``.
     n_samples, tol : int, float

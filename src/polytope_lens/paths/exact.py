@@ -1167,9 +1167,10 @@ def _join_pieces(pieces: list[dict]) -> dict:
 
 
 def verify_chunk(runner: Runner, gpids: torch.Tensor, pid: torch.Tensor, t: torch.Tensor, n_check: int,
-                 seed: int = 0, units: torch.Tensor | None = None) -> None:
+                 seed: int = 0, units: torch.Tensor | None = None, tie_tol: float = 0.0) -> None:
     """Check the invariant on a sample of final intervals: every site's unit input is affine there, and no unit
-    changes piece strictly inside (a piece change between the ends needs an end on the kink).
+    changes piece strictly inside (a piece change between the ends needs an end on the kink, or within ``tie_tol``
+    in t of it: a crossing that close to a breakpoint was placed there).
 
     Raises
     ------
@@ -1182,10 +1183,10 @@ def verify_chunk(runner: Runner, gpids: torch.Tensor, pid: torch.Tensor, t: torc
     pick = same[torch.randperm(len(same), generator=g)[:n_check].to(same.device)]
     group = max(1, runner.rows_per_batch() // 3)  # intervals checked at once: a batch's rows (3 points each)
     for s in range(0, len(pick), group):
-        _verify_intervals(runner, gpids, pid, t, pick[s:s + group], units)
+        _verify_intervals(runner, gpids, pid, t, pick[s:s + group], units, tie_tol)
 
 
-def _verify_intervals(runner: Runner, gpids, pid, t, pick, units) -> None:
+def _verify_intervals(runner: Runner, gpids, pid, t, pick, units, tie_tol: float) -> None:
     tl, tr = t[pick], t[pick + 1]
     gp = gpids[pid[pick]]
     pts_t = torch.cat([tl, tr, 0.5 * (tl + tr)])
@@ -1208,9 +1209,11 @@ def _verify_intervals(runner: Runner, gpids, pid, t, pick, units) -> None:
             pl, pr = act.pieces(zl), act.pieces(zr)
             diff = pl != pr
             if bool(diff.any()):
+                # on the kink to rounding, or as far from it as the unit moves in tie_tol
+                reach = runner.tol * scale + tie_tol * (zr - zl).abs() / (tr - tl).unsqueeze(1).to(z.dtype)
                 near = torch.zeros_like(diff)
                 for kink in act.kinks:
-                    near |= ((zl - kink).abs() <= runner.tol * scale) | ((zr - kink).abs() <= runner.tol * scale)
+                    near |= ((zl - kink).abs() <= reach) | ((zr - kink).abs() <= reach)
                 if bool((diff & ~near).any()):
                     raise NotPiecewiseLinearError(
                         f"internal check failed: a unit of site {site.name!r} changes piece strictly between two "
