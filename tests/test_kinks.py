@@ -293,3 +293,14 @@ def test_crossings_along_rows_in_another_order_equal_the_reordered_rows():
         assert len(b) > 5
         for field in ("segment", "unit", "t", "piece", "before"):
             assert torch.equal(getattr(a, field), getattr(b, field)), (tol, field)
+
+
+def test_snapped_puts_rounding_neighbours_of_a_kink_on_it():
+    """ReLU6: entries within 1000 ulps of the row's scale of 0 or 6 land exactly there; farther ones, exact ones and
+    rows with nothing to move are left alone (None)."""
+    act = get_activation("relu6")
+    eps = torch.finfo(torch.float64).eps
+    z = torch.tensor([[5e-17, -3e-16, 6 + 8 * eps, 1e-9, 0.0, 2.0]], dtype=torch.float64)
+    got = act.snapped(z)
+    assert got.tolist() == [[0.0, 0.0, 6.0, 1e-9, 0.0, 2.0]]
+    assert act.snapped(torch.tensor([[0.0, 1e-9, 6.0]], dtype=torch.float64)) is None

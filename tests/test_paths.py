@@ -797,6 +797,53 @@ def test_graph_route_runs_the_pass_before_a_site_on_fewer_rows(monkeypatch):
         assert p.per_layer == dense_count(net, lambda t, i=i: x0[i].double() + t[:, None] * (x1[i] - x0[i]).double())
 
 
+class _ZeroOnAKinkNet(nn.Module):
+    """Input unit 0 is ReLU'd and read again by a residual into a ReLU6 whose other term is exactly 0, so once it
+    crosses (at t1) the ReLU6's unit 0 sits exactly on its kink; a second layer's units 2..7 cross at t = 0.3 ... 0.8,
+    several inside one interval of the first site's breakpoints, so the graph route evaluates them from that
+    interval's ends."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.in_place = in_place
+        self.l1 = nn.Linear(2, 8)
+        self.out = nn.Linear(2, 3)
+        with torch.no_grad():
+            self.l1.weight.zero_()
+            self.l1.bias.zero_()
+            self.l1.weight[0, 1] = -1.0  # input 1 stays positive: unit 0 of l1 stays off, its ReLU at exactly 0
+            self.l1.weight[1, 0] = 1.0
+            for i in range(2, 8):
+                self.l1.weight[i, 1] = 1.0
+                self.l1.bias[i] = -(0.3 + 0.1 * i)
+
+    def forward(self, x):
+        h = x.relu_() if self.in_place else x.relu()
+        s = F.relu(self.l1(h))
+        return self.out(F.relu6(s[:, :2] + h))
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_interval_ends_hold_an_earlier_sites_crossed_units_on_their_kinks(in_place):
+    """Hand-computed: the ReLU6's unit 0 reaches its kink where input unit 0 crosses zero (t1 = a0 / (a0 - b0)) and
+    stays there, so it enters piece 0 at t1. The input is chosen so that a forward pass at t1 leaves a positive
+    rounding residue in that unit; the graph route interpolated it from the interval's ends into the second site's
+    new points and put the crossing at t = 1. Every evaluator must say t1."""
+    a0, b0 = 0.4552667583393064, -0.7219052486795277
+    za, zb = torch.tensor(a0, dtype=torch.float64), torch.tensor(b0, dtype=torch.float64)
+    t1 = (0 - za) / (zb - za)
+    assert float(za + t1 * (zb - za)) > 0  # the residue the case is about
+    net = _ZeroOnAKinkNet(in_place)
+    a, b = torch.tensor([[a0, 0.2]], dtype=torch.float64), torch.tensor([[b0, 1.2]], dtype=torch.float64)
+    for kw in ({"evaluator": "graph"}, {"evaluator": "frontier"}, {"evaluator": "affine"}):
+        p = path_crossings(net, a, b, **kw).paths[0]
+        rec = p.records
+        assert p.per_layer == {"relu": 1, "relu#1": 7, "relu6": 1}, kw
+        at6 = rec["site"] == 2
+        assert rec["t"][at6].tolist() == pytest.approx([float(t1)], abs=1e-15), kw
+        assert rec["piece"][at6].tolist() == [0], kw
+
+
 def test_polyline_is_the_sum_of_its_segments():
     """A polyline's crossings are those of its pieces, and density uses its total length."""
     mlp = MLP(4, 16, 2, seed=6)

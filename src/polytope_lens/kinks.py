@@ -235,6 +235,21 @@ class ScalarKinks(Activation):
         up = zb > k
         return Crossings(seg, unit, t, torch.where(up, j + 1, j), torch.where(up, j, j + 1))
 
+    def snapped(self, z: torch.Tensor, ulps: float = 1e3) -> torch.Tensor | None:
+        """``z`` with every input within ``ulps`` units of rounding of a kink (relative to the largest input of its
+        row, at least 1) put exactly on it, or None when none is off a kink by rounding alone. A point at which a
+        unit crosses a kink holds it exactly there in exact arithmetic; a forward pass computes it to rounding."""
+        zf = z.reshape(len(z), -1)
+        atol = ulps * torch.finfo(z.dtype).eps * zf.abs().amax(1, keepdim=True).clamp_min(1.0)
+        near = None
+        for k in self.kinks:
+            off = (zf - k).abs()
+            hit = (off <= atol) & (off > 0)
+            if bool(hit.any()):
+                near = zf.clone() if near is None else near
+                near[hit] = k
+        return None if near is None else near.reshape(z.shape)
+
     def soft(self, z: torch.Tensor) -> torch.Tensor | None:
         return None if self.soft_fn is None else self.soft_fn(z)
 

@@ -31,7 +31,9 @@ Each breakpoint is evaluated once per later site, never by re-running the prefix
   unit inputs of every later site. The site that made it is not re-evaluated there: its unit inputs are the
   interpolation of the interval's ends (crossed units exactly on their kinks) and replace its output, so the pass
   before that site runs on one row, or at the interval ends when a later part of the model reads it (a residual
-  branch), whichever reproduces the unreduced pass on the model (``Refiner._eval_new``).
+  branch), whichever reproduces the unreduced pass on the model (``Refiner._eval_new``). At the ends, earlier sites'
+  units within rounding of a kink (1000 ulps of their row's scale) are put on it, as the pass that made the end held
+  its crossed units (``ScalarKinks.snapped``): a unit that stays on its kink over the interval stays on it.
 
 Ties
 ----

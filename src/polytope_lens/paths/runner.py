@@ -27,6 +27,7 @@ from torch import nn
 
 from ..capture import BendTracker, CallSite, PrefixRead, PrefixReplay, ReplayMismatch, SharedPrefix, StopForward, run
 from ..errors import InvalidInputError, NotPiecewiseLinearError
+from ..kinks import ScalarKinks
 from .geometry import PathSpec
 
 SRC = "<source>"
@@ -282,7 +283,7 @@ class Runner:
                 # a replayed pass returns the recording's tensors, which an in-place site of a later pass may write
                 # into (the path's points copied into its input): keep a copy, not a view of them
                 out[site.name] = v.clone() if replay is not None else v
-            rep = replace(site, n)
+            rep = replace(site, n, z)
             if site.name == stop_after and not want_output:
                 raise StopForward
             return rep
@@ -343,6 +344,9 @@ class Runner:
         """
         stop = max(names, key=self.names.index) if names else None
         step = self.rows_per_batch()
+        snap = None  # the sites whose outputs at interval ends are interpolated, when they are
+        if at is not None and isinstance(ends, tuple):
+            snap = {e.name for e in self.processed[:self.names.index(at)] if isinstance(e.activation, ScalarKinks)}
         for s in range(0, len(pid), step):
             p, tt = pid[s:s + step], None if t is None else t[s:s + step]
             n = len(p)
@@ -386,11 +390,17 @@ class Runner:
             if reduced:
                 shared = SharedPrefix(inputs=inp, rows=rows, at=at)
 
-            def rep(site, n_, x=x, zb=zb):
+            def rep(site, n_, z, x=x, zb=zb):
                 if site.name == self.spec.site:
                     return x.reshape(len(x), *self.out_shape[site.name])
                 if site.name == at:
                     return site.apply(zb.reshape(len(zb), *self.z_shape[at]))
+                if snap is not None and site.name in snap:
+                    # an interval's end that an earlier site made holds its crossed units exactly on their kinks
+                    # (as the pass that made it did); interpolating rounding's neighbour instead would carry it into
+                    # every point between the ends, a unit on its kink over the interval then on its wrong side
+                    near = site.activation.snapped(z)
+                    return None if near is None else site.apply(near)
                 return None
             o = self._run(inp, n, rep, set(names), stop, want_output, shared, replay)
             for k in names + (["output"] if want_output else []):
@@ -412,7 +422,7 @@ class Runner:
             inp = index_inputs(self.spec.base, torch.zeros(n, dtype=torch.long, device=self.device))
         names = set(self.names)
 
-        def replace(site, n_):
+        def replace(site, n_, z):
             if site.name == self.spec.site:
                 v = values.get(SRC)
             elif site.name in names:
@@ -530,7 +540,7 @@ class Runner:
                 inp = index_inputs(self.spec.base, p)
                 names = set(self.names)
 
-                def replace(site, n_):
+                def replace(site, n_, z):
                     if site.name == self.spec.site or site.name in names:
                         return torch.zeros(n_, *self.out_shape[site.name], dtype=self.dtype, device=self.device)
                     return None
