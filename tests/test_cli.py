@@ -96,7 +96,18 @@ BAD = {
                         "batch_size"),
     "text data for a vector model": (lambda t, d: ["--model", "toy:4-5-3", "--data", "pydoc", "--limit", "2"],
                                      "text"),
+    "a model that cannot take the data": (lambda t, d: ["--model", f"file:{_cnn_model(t)}", "--data", f"npy:{d}"],
+                                          "the model raised runtimeerror on the items of the data"),
+    "brackets in a message kept": (lambda t, d: ["--model", "toy:4-5-3", "--data", f"npy:{d}", "--layers",
+                                                 "[ab]*"], "'[ab]*' matches none"),
 }
+
+
+def _cnn_model(tmp_path):
+    """A saved CNN without an input shape: vectors from an .npy reach its convolution and fail inside it."""
+    p = tmp_path / "cnn.pt"
+    torch.save(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), p)
+    return p
 
 
 def _nan(t):
@@ -257,3 +268,18 @@ def test_bad_data_key_lists_only_choosable_labels(tmp_path):
     line = _one_error_line(r)
     assert "'abc' is not a row index (0 to 1796)" in line and "always read as row indices" in line
     assert "labels (0, 1" not in line
+
+
+def test_sites_of_a_model_that_cannot_take_the_data_is_one_line(tmp_path, toy_data):
+    r = runner.invoke(app, ["sites", "--model", f"file:{_cnn_model(tmp_path)}", "--data", f"npy:{toy_data[0]}"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and "The model raised RuntimeError" in lines[0], r.stderr
+
+
+def test_cluster_error_names_the_option_the_user_set(tmp_path, toy_data):
+    """min_samples defaults to min_cluster_size: too large a --min-cluster-size is named as such."""
+    out = tmp_path / "c.zarr"
+    assert invoke("codes", "--model", "toy:4-8-3", "--data", f"npy:{toy_data[0]}", "--out", out).exit_code == 0
+    r = runner.invoke(app, ["cluster", str(out), "--out", str(tmp_path / "cl"), "--min-cluster-size", "1000"])
+    line = " ".join(r.stderr.split())
+    assert r.exit_code == 1 and "'min_cluster_size' parameter" in line and "(1000)" in line, r.stderr

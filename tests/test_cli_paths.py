@@ -94,7 +94,8 @@ def _npy(tmp_path, name, arr):
 @pytest.mark.parametrize("case", ["equal endpoints", "NaN", "mismatched shapes", "unknown layer", "unsupported op",
                                   "bad alphas", "neither endpoints nor pairs", "pairs without arrays",
                                   "direction of the wrong shape", "unreadable direction", "pairs of the wrong shape",
-                                  "pairs file not an npz", "zero budget", "one sample", "zero tolerance"])
+                                  "pairs file not an npz", "zero budget", "one sample", "zero tolerance",
+                                  "pairs of strings"])
 def test_bad_inputs(case, tmp_path):
     a = _npy(tmp_path, "a.npy", np.ones(6, np.float32))
     out = str(tmp_path / "o.json")
@@ -115,6 +116,8 @@ def test_bad_inputs(case, tmp_path):
         "pairs of the wrong shape": ["path", "--model", MODEL, "--pairs", _npz(tmp_path, start=np.zeros((2, 5)),
                                                                              end=np.ones((2, 5))), "--json", out],
         "pairs file not an npz": ["path", "--model", MODEL, "--pairs", _text(tmp_path / "y.npz"), "--json", out],
+        "pairs of strings": ["path", "--model", MODEL, "--pairs", _npz(tmp_path, start=np.full((2, 6), "a"),
+                                                                     end=np.full((2, 6), "b")), "--json", out],
         "unreadable direction": ["scale", "--model", MODEL, "--input", a, "--layer", "1.relu", "--direction",
                                  _text(tmp_path / "x.npy"), "--json", out],
         "zero budget": ["path", "--model", MODEL, "--from", a, "--to", _npy(tmp_path, "e.npy", np.zeros(6)),

@@ -86,6 +86,7 @@ def test_complexity_n_dirs_and_exact_layers(tmp_path):
     ([], "exactly one of --box"),
     (["--points", "COLLINEAR"], "collinear"),
     (["--box", "-1,1,-1,1", "--memory-mib", "0"], "--memory-mib must be at least 1"),
+    (["--box", "-1,1,-1,1", "--units", "1,x"], "--units must be 'position' or comma-separated"),
 ])
 def test_bad_slices(args, match, tmp_path):
     if "COLLINEAR" in args:
@@ -136,3 +137,18 @@ def test_colour_by_slope_needs_the_whole_model(tmp_path):
     r = runner.invoke(app, args + ["--until", "3.relu"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_units_option_reaches_the_api(tmp_path):
+    """--units cuts with only those units of the last site: the regions equal slice_plane's with units=."""
+    from polytope_lens.models import load_model
+    from polytope_lens.slices import Plane, slice_plane
+
+    r = runner.invoke(app, ["slice", "--model", "toy:2-8-6-2", "--box", "-1,1,-1,1", "--until", "3.relu",
+                            "--units", "0,2,5", "--json", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    got = json.loads((tmp_path / "s.json").read_text())
+    want = slice_plane(load_model("toy:2-8-6-2").module, Plane.box(-1, 1), until="3.relu", units=[0, 2, 5])
+    assert got["num_regions"] == want.num_regions
+    full = slice_plane(load_model("toy:2-8-6-2").module, Plane.box(-1, 1), until="3.relu")
+    assert want.num_regions < full.num_regions

@@ -1711,7 +1711,7 @@ def test_bad_options_raise_clear_errors(option, value, msg):
 
 def test_tie_tol_up_to_the_affine_tolerance():
     """tie_tol moves a crossing onto a breakpoint up to that far in t, leaving its kink inside an interval: allowed up
-    to the rounding the affine checks accept (1e-9 in float64, 1.2e-4 in float32), where the final-interval check
+    to the rounding the affine checks accept (1e-9 in float64, 1000 ulps in float32), where the final-interval check
     accepts a unit that far from its kink at an end; the same crossings as the default there."""
     torch.manual_seed(0)
     mlp = MLP(3, 16, 3)
@@ -1721,8 +1721,10 @@ def test_tie_tol_up_to_the_affine_tolerance():
         strict = path_crossings(mlp, a, b, dtype=dtype)
         assert [p.crossings for p in loose.paths] == [p.crossings for p in strict.paths]
         assert loose.tolerance["tie_tol"] == tol
-    with pytest.raises(InvalidInputError, match=r"'tie_tol'.*\[0, 0.00012\] \(for float32\)"):
-        path_crossings(mlp, a, b, dtype=torch.float32, tie_tol=1e-3)
+    top = 1e3 * torch.finfo(torch.float32).eps  # the limit printed exactly: 1.2e-4 is just over it
+    for bad in (1e-3, 1.2e-4):
+        with pytest.raises(InvalidInputError, match=rf"'tie_tol'.*\[0, {top!r}\] \(for float32\)\. Got {bad!r}"):
+            path_crossings(mlp, a, b, dtype=torch.float32, tie_tol=bad)
 
 
 def test_bad_site_inputs_raise_clear_errors():

@@ -103,3 +103,12 @@ def test_full_quick_run(tmp_path):
     """The whole --quick reproduction (all available models) finishes and writes both files."""
     r = reproduce(tmp_path / "q", quick=True)
     assert (tmp_path / "q" / "index.html").exists() and r["seconds"] < 300
+
+
+def test_photo_count_is_the_augmented_sets():
+    """The estimate's EfficientNet-Lite0 prediction-1 items are the augmented photo set's length (it said 25 while
+    the set holds every bundled photo in five forms)."""
+    from polytope_lens.reproduce import _augmented_photos, _n_photos
+
+    photos = _augmented_photos()
+    assert _n_photos() == len(photos) == 5 * len(set(photos.labels.tolist()))

@@ -29,7 +29,7 @@ import inspect
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ._conv64 import conv_call
-from .errors import InvalidInputError, UnsupportedActivationError
+from .errors import InvalidInputError, PolytopeLensError, UnsupportedActivationError
 from .kinks import BENDING_OPS, VALUE_READS, Activation, get_activation, resolve_call
 
 __all__ = ["CallSite", "BendTracker", "capture", "list_sites", "select_sites", "StopForward", "SharedPrefix",
@@ -680,6 +680,38 @@ def run(model: nn.Module, forward: Callable[[], object], handler: Handler, *, sh
             if replay is not None and replay.recorded:  # calls after the pass (``no_grad``'s own exit) run as usual
                 replay.position = len(replay.calls)
                 replay.check_versions()
+
+
+def check_model_runs(fwd: Callable, x, owner: str, what: str) -> None:
+    """Run the model (``fwd``) on ``x``, one row of ``what``; a model that raises on it gives a one-line
+    ``InvalidInputError`` naming the row's shape and the model's error (inputs of a shape the model does not take,
+    most often) instead of a traceback from inside the model. Errors of the library and running out of memory pass
+    through as they are."""
+    try:
+        with torch.no_grad():
+            fwd(x)
+    except (torch.OutOfMemoryError, PolytopeLensError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure of the user's model on these inputs
+        shape = {k: tuple(v.shape[1:]) for k, v in x.items()} if isinstance(x, Mapping) else tuple(x.shape[1:])
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise InvalidInputError(f"The model raised {type(e).__name__} on the {what} of {owner} (one row of shape "
+                                f"{shape}): {first}. Are they of the shape the model takes?") from e
+
+
+@contextmanager
+def model_errors(fwd: Callable, x, owner: str, what: str):
+    """Inside it, an error from a run of the model on a batch like ``x`` becomes ``check_model_runs``'s one line
+    where a plain pass of the model on ``x`` (one row of ``what``) fails too; errors of the library, and ones the
+    model alone does not make, pass through as they are. The plain pass runs only after a failure: nothing is added
+    to a run that works."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, PolytopeLensError):
+        raise
+    except Exception:  # noqa: BLE001 - whose error it is, the plain pass decides
+        check_model_runs(fwd, x, owner, what)
+        raise
 
 
 def list_sites(model: nn.Module, forward: Callable[[], object], **capture_kwargs) -> list[CallSite]:

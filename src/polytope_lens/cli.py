@@ -57,10 +57,13 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except PolytopeLensError as e:
-            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err.print("[red]interrupted[/red]: nothing was written.")
+            if kwargs.get("resume"):  # a code store's partial folder is kept for --resume
+                err.print("[red]interrupted[/red]: the partial store is kept; run the same command again to continue.")
+            else:
+                err.print("[red]interrupted[/red]: nothing was written.")
             raise typer.Exit(130) from None
         except (MemoryError, RuntimeError) as e:  # torch's CPU and CUDA allocation failures are RuntimeErrors
             text = str(e)
@@ -120,12 +123,16 @@ def sites_cmd(
     layers: Annotated[Optional[str], typer.Option(help="Comma-separated globs over site names or aliases.")] = None,
 ):
     """List the activation sites a model applies (one forward pass on one example), in execution order."""
-    from .capture import list_sites, select_sites
-    from .models import load_model
+    from .capture import list_sites, model_errors, select_sites
+    from .models import ModelInputs, load_model
 
     bundle = load_model(model)
-    inputs = bundle.encode(_example_data(bundle, data), [0])
-    sites = select_sites(list_sites(bundle.module, lambda: bundle.forward(inputs)), layers)
+    source = _example_data(bundle, data)
+    inputs = bundle.encode(source, [0])
+    with model_errors(lambda t: bundle.forward(ModelInputs(t)), inputs.tensors,
+                      f"the data {getattr(source, 'spec', '?')!r}", "items"):
+        found = list_sites(bundle.module, lambda: bundle.forward(inputs))
+    sites = select_sites(found, layers)
     table = Table(title=f"{len(sites)} activation sites of {bundle.spec}", title_justify="left")
     for col in ("#", "site", "alias", "activation", "exact"):
         table.add_column(col, overflow="fold")
@@ -292,6 +299,8 @@ def _pairs(bundle, path: Path):
         start, end = z["start"], z["end"]
     want = None if bundle.input_shape is None else tuple(bundle.input_shape)
     for name, arr in (("start", start), ("end", end)):
+        if arr.dtype.kind not in "biuf":
+            raise InvalidInputError(f"The pairs file's {name!r} array must hold numbers; it holds {arr.dtype}.")
         if want is not None and tuple(arr.shape[1:]) != want:
             raise InvalidInputError(f"The pairs file's {name!r} array has shape {arr.shape}; model {bundle.spec!r} "
                                     f"needs (P, {', '.join(map(str, want))}).")
@@ -507,6 +516,15 @@ def _three_points(bundle, points: Path | None, through: str | None):
     return torch.cat([_item(bundle, r, "--through") for r in refs])
 
 
+def _slice_units(text: str | None):
+    if text is None or text == "position":
+        return text
+    try:
+        return [int(u) for u in text.split(",")]
+    except ValueError:
+        raise InvalidInputError(f"--units must be 'position' or comma-separated unit indices. Got {text!r}.") from None
+
+
 @app.command("slice")
 @_user_errors
 def slice_cmd(
@@ -522,6 +540,9 @@ def slice_cmd(
                                                       "are then the inputs' activations there).")] = None,
     until: Annotated[Optional[str], typer.Option(help="Last site that cuts (regions of the network truncated "
                                                       "there).")] = None,
+    units: Annotated[Optional[str], typer.Option(
+        help="Cut with only these units of the last site: comma-separated flat indices, or 'position' (the channel "
+             "vector at the centre of a (C, H, W) site).")] = None,
     png: Annotated[Optional[Path], typer.Option(help="Write a picture (PNG).")] = None,
     svg: Annotated[Optional[Path], typer.Option(help="Write a picture (SVG).")] = None,
     color_by: Annotated[str, typer.Option(help="code | slope | class.")] = "code",
@@ -542,7 +563,7 @@ def slice_cmd(
         raise InvalidInputError(f"--color-by must be code, slope or class. Got {color_by!r}.")
     if sum(v is not None for v in (box, points, through)) != 1:
         raise InvalidInputError("Give exactly one of --box, --points or --through.")
-    kw = dict(until=until, memory_budget=_budget_bytes(memory_mib))
+    kw = dict(until=until, units=_slice_units(units), memory_budget=_budget_bytes(memory_mib))
     bundle = load_model(model)
     if box is not None:
         x0, x1, y0, y1 = _box(box)

@@ -336,7 +336,8 @@ class ScalableCodeClusterer(ClusterMixin, BaseEstimator):
             raise InvalidInputError(f"{owner} needs at least 2 rows to cluster; got {n}.")
         min_samples = self.min_cluster_size if self.min_samples is None else self.min_samples
         if min_samples > n:
-            raise InvalidInputError(f"The 'min_samples' parameter of {owner} ({min_samples}) must be at most the "
+            which = "min_cluster_size" if self.min_samples is None else "min_samples"  # min_samples defaults to it
+            raise InvalidInputError(f"The {which!r} parameter of {owner} ({min_samples}) must be at most the "
                                     f"number of rows ({n}).")
         k = max(2 * min_samples, 16) if self.n_neighbors is None else self.n_neighbors
         if k < min_samples:

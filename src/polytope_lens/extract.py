@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .capture import model_errors
 from .codes import CodeExtractor, SplineCodes, UnitSelection, no_rows_error
 from .errors import InvalidInputError
 from .store import CodeStoreWriter
@@ -82,7 +83,11 @@ def chunk_coder(bundle, source, *, layers, selection: UnitSelection, soft: bool,
 
     def code(first: int, progress: Callable[[int], None] | None = None) -> SplineCodes:
         idx = np.arange(first, min(first + batch_size, len(source)))
-        return extractor(bundle.encode(source, idx, max_length=max_length), progress=progress, allow_empty=True)
+        inputs = bundle.encode(source, idx, max_length=max_length)
+        # a model that cannot take the data fails in one line naming the inputs' shape, not a traceback from inside it
+        with model_errors(lambda t: bundle.forward(ModelInputs(t)), inputs.tensors,
+                          f"the data {getattr(source, 'spec', '?')!r}", "items"):
+            return extractor(inputs, progress=progress, allow_empty=True)
 
     return code
 

@@ -61,7 +61,18 @@ QUICK = {"p1_items": 200, "p2_pairs": 6, "p2_items": 120, "p3_items": 6, "n_boot
 FULL = {"p1_items": 1000, "p2_pairs": 40, "p2_items": 400, "p3_items": 30, "n_boot": 1000, "n_stability": 10,
         "text_items": 60, "text_pairs": 12, "n_samples": 128, "photo_pairs": 6, "photo_rays": 4}
 QUICK_MODELS = ["digits-cnn", "fashion-cnn"]
-_N_PHOTOS = 25  # scikit-image photos x 5 augmentations
+_AUGMENTATIONS = ("identity", "hflip", "crop80 top-left", "crop80 bottom-right", "crop80 centre")
+
+
+def _n_photos() -> int:
+    """Items of the augmented photo set: every bundled photo in every augmentation (35 with matplotlib's photo)."""
+    from .data.images import skimage_photo_paths
+    from .errors import MissingDependencyError
+
+    try:
+        return len(skimage_photo_paths()) * len(_AUGMENTATIONS)
+    except MissingDependencyError:  # the run itself will say what is missing
+        return 0
 
 
 def _sizes(job: dict, config: dict, quick: bool) -> tuple[int, int, int]:
@@ -70,7 +81,7 @@ def _sizes(job: dict, config: dict, quick: bool) -> tuple[int, int, int]:
     if text:
         return config["text_items"], config["text_pairs"], 0
     if job["data"] == "skimage-augmented":
-        n1, n2, n3 = _N_PHOTOS, config["photo_pairs"], config["photo_rays"]
+        n1, n2, n3 = _n_photos(), config["photo_pairs"], config["photo_rays"]
     else:
         n1, n2, n3 = config["p1_items"], config["p2_pairs"], min(config["p3_items"], job.get("p3_max_items", 1 << 30))
     if not job["p3_layer"] or (quick and not job.get("p3_in_quick", True)):
@@ -106,9 +117,7 @@ def _augmented_photos():
             items.append(np.ascontiguousarray(v))
             labels.append(int(src.labels[i]) if src.labels is not None else i)
     return DataSource("skimage-augmented", "image", items, np.asarray(labels, dtype=np.int64), names,
-                      {"source": "skimage photos", "augmentations": ["identity", "hflip", "crop80 top-left",
-                                                                     "crop80 bottom-right", "crop80 centre"],
-                       "n_items": len(items)})
+                      {"source": "skimage photos", "augmentations": list(_AUGMENTATIONS), "n_items": len(items)})
 
 
 def default_models(quick: bool) -> list[str]:

@@ -14,10 +14,12 @@ a half-written store at the destination, and ``resume=True`` continues an interr
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,38 @@ def _zarr():
     import zarr
 
     return zarr
+
+
+def _settle_zarr_writes(timeout: float = 10.0) -> None:
+    """Wait until zarr's I/O thread has finished the writes in flight. An interrupt (Ctrl-C) stops the call that
+    waits for a write, not the write: its chunk files can appear after a removal of the store has begun."""
+    try:
+        from zarr.core.sync import loop as zarr_loop  # zarr 3's I/O event loop, a list of one (not public API)
+
+        io_loop = zarr_loop[0]
+    except (ImportError, AttributeError, IndexError, TypeError):
+        return
+    if io_loop is None or not io_loop.is_running():
+        return
+
+    async def idle():
+        others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=timeout)
+    try:
+        asyncio.run_coroutine_threadsafe(idle(), io_loop).result(timeout + 1.0)
+    except Exception:  # noqa: BLE001 - a loop that closed meanwhile has nothing left to write
+        pass
+
+
+def _remove_partial(folder: Path, quiet_s: float = 0.05, tries: int = 40) -> None:
+    """Remove a partial store, again if a write still in flight recreated a file of it."""
+    _settle_zarr_writes()
+    for _ in range(tries):
+        shutil.rmtree(folder, ignore_errors=True)
+        time.sleep(quiet_s)
+        if not folder.exists():
+            return
 
 
 class CodeStoreWriter:
@@ -213,7 +247,7 @@ class CodeStoreWriter:
                                        else "; nothing was written.")) from None
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        _remove_partial(self.tmp)
 
     def close(self) -> Path:
         """Write the metadata and move the store into place; returns its path. Closing twice is harmless."""

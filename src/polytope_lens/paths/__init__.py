@@ -29,7 +29,7 @@ from torch import nn
 
 from .._heap import keep_freed_memory
 from .._transfer import arrays_to_host_async
-from ..capture import StopForward, list_sites, run, select_sites
+from ..capture import StopForward, list_sites, model_errors, run, select_sites
 from ..codes import site_unit_indices
 from ..errors import InvalidInputError, NotPiecewiseLinearError
 from ..kinks import argmax_changes, counts_below, first_max, lexsort
@@ -39,8 +39,7 @@ from . import local
 from .frontier import FrontierProgram
 from .geometry import PathSpec
 from .results import PathBatchResult, PathBlock, PathList, PathResult, Trace, traces_from_outputs
-from .runner import (Runner, affine_tol, check_device, check_dtype, default_forward, index_inputs, model_errors,
-                     prepare_model)
+from .runner import Runner, affine_tol, check_device, check_dtype, default_forward, index_inputs, prepare_model
 from .sampled import sampled_chunk
 
 __all__ = ["path_crossings", "polyline_crossings", "ray_crossings", "site_activations", "PathResult", "PathList",
@@ -85,7 +84,7 @@ def _check_options(owner: str, method, dtype, memory_budget, tie_tol, n_samples,
     # rounding the affine checks allow (1e-9 in float64), or later sites' inputs are no longer affine between points
     top = affine_tol(dtype)
     if isinstance(tie_tol, bool) or not (isinstance(tie_tol, (int, float)) and 0 <= tie_tol <= top):
-        raise InvalidInputError(f"The 'tie_tol' parameter of {owner} must be a number in [0, {top:.2g}] (for "
+        raise InvalidInputError(f"The 'tie_tol' parameter of {owner} must be a number in [0, {top!r}] (for "
                                 f"{str(dtype).replace('torch.', '')}). Got {tie_tol!r}.")
     if not isinstance(n_samples, int) or n_samples < 2:
         raise InvalidInputError(f"The 'n_samples' parameter of {owner} must be an int >= 2. Got {n_samples!r}.")
@@ -530,8 +529,8 @@ _COMMON_DOC = """
     device : str or torch.device
     tie_tol : float
         Exact mode: crossings closer than this in t make one breakpoint (counted in ``ties``); see ``exact``. At most
-        the affine checks' rounding tolerance (1e-9 in float64, 1.2e-4 in float32): a crossing moved further would
-        leave its kink inside an interval where later sites' inputs must be affine.
+        the affine checks' rounding tolerance (1e-9 in float64, 1000 ulps = 1.19e-4 in float32): a crossing moved
+        further would leave its kink inside an interval where later sites' inputs must be affine.
         Max-pool entries within the dtype's affine tolerance of a window's maximum count as tied at it (rounding of
         entries equal in exact arithmetic); the result states both as ``tolerance["tie_tol"]``, ``["value_tol"]``.
     n_samples, tol : int, float

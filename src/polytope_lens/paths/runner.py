@@ -16,7 +16,6 @@ Two facts about the model are established here, both from forward passes only:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -25,49 +24,14 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from ..capture import BendTracker, CallSite, PrefixRead, PrefixReplay, ReplayMismatch, SharedPrefix, StopForward, run
+from ..capture import (BendTracker, CallSite, PrefixRead, PrefixReplay, ReplayMismatch, SharedPrefix, StopForward,
+                       model_errors, run)
 from ..errors import InvalidInputError, NotPiecewiseLinearError
 from ..kinks import ScalarKinks
 from .geometry import PathSpec
 
 SRC = "<source>"
 REPLAY_SHARE = 8  # recordings of the network before a path's site (``PrefixReplay``) take at most budget / this
-
-
-def check_model_runs(fwd: Callable, x, owner: str, what: str) -> None:
-    """Run the model (``fwd``) on ``x``, one row of ``what``; a model that raises on it gives a one-line
-    ``InvalidInputError`` naming the row's shape and the model's error (inputs of a shape the model does not take,
-    most often) instead of a traceback from inside the model. Errors of the library and running out of memory pass
-    through as they are."""
-    from ..errors import PolytopeLensError
-
-    try:
-        with torch.no_grad():
-            fwd(x)
-    except (torch.OutOfMemoryError, PolytopeLensError):
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure of the user's model on these inputs
-        shape = {k: tuple(v.shape[1:]) for k, v in x.items()} if isinstance(x, Mapping) else tuple(x.shape[1:])
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise InvalidInputError(f"The model raised {type(e).__name__} on the {what} of {owner} (one row of shape "
-                                f"{shape}): {first}. Are they of the shape the model takes?") from e
-
-
-@contextlib.contextmanager
-def model_errors(fwd: Callable, x, owner: str, what: str):
-    """Inside it, an error from a run of the model on a batch like ``x`` becomes ``check_model_runs``'s one line
-    where a plain pass of the model on ``x`` (one row of ``what``) fails too; errors of the library, and ones the
-    model alone does not make, pass through as they are. The plain pass runs only after a failure: nothing is added
-    to a run that works."""
-    from ..errors import PolytopeLensError
-
-    try:
-        yield
-    except (torch.OutOfMemoryError, PolytopeLensError):
-        raise
-    except Exception:  # noqa: BLE001 - whose error it is, the plain pass decides
-        check_model_runs(fwd, x, owner, what)
-        raise
 
 
 def check_dtype(owner: str, dtype) -> None:
@@ -79,7 +43,7 @@ def check_dtype(owner: str, dtype) -> None:
 
 def affine_tol(dtype: torch.dtype) -> float:
     """Relative tolerance of the checks that a map is affine: 1e-9 in float64, 1000 ulps in wider-rounding dtypes
-    (1.2e-4 in float32), so rounding is never mistaken for a nonlinearity (LayerNorm or softmax deviate by O(1))."""
+    (1.19e-4 in float32), so rounding is never mistaken for a nonlinearity (LayerNorm or softmax deviate by O(1))."""
     return max(1e-9, 1e3 * torch.finfo(dtype).eps)
 
 

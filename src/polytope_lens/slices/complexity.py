@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture import run, select_sites
+from ..capture import model_errors, run, select_sites
 from ..errors import InvalidInputError
-from ..paths.runner import check_dtype, default_forward, model_errors, prepare_model
+from ..paths.runner import check_dtype, default_forward, prepare_model
 
 __all__ = ["LocalComplexity", "local_complexity", "exact_local_complexity"]
 

@@ -111,7 +111,7 @@ def _budget_error(owner: str, what: str, est: int, budget: int, earlier: str | N
     if earlier is not None:
         fixes.append(f"stop at an earlier site (until={earlier!r}, CLI --until {earlier})")
     if last:
-        fixes.append("cut only some of this site's units (units=)")
+        fixes.append("cut only some of this site's units (units=, CLI --units)")
     advice = ", ".join(fixes[:-1]) + " or " + fixes[-1]
     first = "" if earlier is not None else "; it is the first site that cuts, so until= (CLI --until) cannot help"
     return InvalidInputError(f"{owner}: {what} needs about {_mib(est)}, over the memory budget of {_mib(budget)}. "
