@@ -377,6 +377,39 @@ def test_in_place_activations_are_seen_before_they_overwrite_their_input(evaluat
     assert [list(p.per_layer.values()) for p in at_site.paths] == [list(p.per_layer.values()) for p in ref.paths]
 
 
+class _InPlaceInputNet(nn.Module):
+    """``x.relu_()`` on the model's own input, then Linear, LeakyReLU, Linear, ReLU; ``in_place=False``: the same
+    network with ``torch.relu(x)``."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        self.l0, self.l1, self.in_place = _init(nn.Linear(6, 10), g), _init(nn.Linear(10, 6), g), in_place
+
+    def forward(self, x):
+        h = x.relu_() if self.in_place else torch.relu(x)
+        return F.relu(self.l1(F.leaky_relu(self.l0(h), 0.1)))
+
+
+@pytest.mark.parametrize("evaluator", ["affine", "graph", "frontier"])
+def test_a_model_that_writes_into_its_input_does_not_move_the_path(evaluator):
+    """Found by a tester at stop 30: the engine's first pass fed the model a view of the first path's start, and
+    ``x.relu_()`` there turned the path into relu(a) -> b. Every evaluator must count what the out-of-place network
+    counts (dense sampling as the oracle), and the caller's tensors stay as they were."""
+    g = torch.Generator().manual_seed(4)
+    a, b = 2 * torch.randn(3, 6, generator=g, dtype=torch.float64), 2 * torch.randn(3, 6, generator=g,
+                                                                                  dtype=torch.float64)
+    a0, b0 = a.clone(), b.clone()
+    res = path_crossings(_InPlaceInputNet(True), a, b, evaluator=evaluator)
+    plain = _InPlaceInputNet(False)
+    ref = path_crossings(plain, a, b, evaluator="graph")
+    for i, (p, q) in enumerate(zip(res.paths, ref.paths)):
+        want = dense_count(plain, lambda t, i=i: a0[i] + t[:, None] * (b0[i] - a0[i]))
+        assert list(p.per_layer.values()) == list(want.values()), i
+        np.testing.assert_allclose(p.records["t"], q.records["t"], rtol=0, atol=1e-12)  # the same path
+    assert torch.equal(a, a0) and torch.equal(b, b0)
+
+
 class TorchvisionStyleResNet(nn.Module):
     """torchvision's ResNet idioms at toy size: ``nn.ReLU(inplace=True)`` modules called twice per block, ``out +=
     identity``, a strided 1x1 downsample, MaxPool2d(3, 2, 1), adaptive average pooling, BatchNorm in eval."""

@@ -15,7 +15,7 @@ from ..paths.runner import affine_tol, same_values
 
 
 def resolve_site(module, forward, inputs, layer: str):
-    first = {k: v[:1] for k, v in inputs.items()}
+    first = {k: v[:1].clone() for k, v in inputs.items()}  # a model may write into its input
     chosen = select_sites(list_sites(module, lambda: forward(first)), layer)
     if len(chosen) != 1:
         raise InvalidInputError(f"The 'layer' parameter must name one site; {layer!r} matches {len(chosen)}.")
