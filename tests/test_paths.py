@@ -410,6 +410,44 @@ def test_a_model_that_writes_into_its_input_does_not_move_the_path(evaluator):
     assert torch.equal(a, a0) and torch.equal(b, b0)
 
 
+class _ZeroThroughAClamp(nn.Module):
+    """ReLU, a bias-free sparse Linear, a clamp whose 0 lies inside its middle piece, a bias-free sparse Linear,
+    LeakyReLU: where the ReLU units a clamp unit reads are off it is exactly 0, and so is a LeakyReLU unit reading
+    only such clamp units, on its kink over an interval."""
+
+    def __init__(self, mid: str):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.l0, self.l1, self.out = nn.Linear(4, 6, bias=False), nn.Linear(6, 6, bias=False), nn.Linear(6, 2)
+        self.mid = mid
+        with torch.no_grad():
+            for lin in (self.l0, self.l1):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g)
+                                 * (torch.rand(lin.weight.shape, generator=g) < 0.4))
+
+    def forward(self, x):
+        h = F.relu(x)
+        h = torch.clamp(self.l0(h), -0.3, 0.7) if self.mid == "clamp" else F.hardtanh(self.l0(h), -0.5, 1.0)
+        return self.out(F.leaky_relu(self.l1(h), 0.1))
+
+
+@pytest.mark.parametrize("mid", ["clamp", "hardtanh"])
+def test_exact_zeros_pass_through_a_clamp_on_the_affine_route(mid):
+    """Found by a tester at stop 30: the LeakyReLU reads the clamp's outputs alone with a zero constant, so its inputs
+    came from products at every point, but the clamp's own came from closed-form bends, which left +-1e-17 at the
+    ReLU's breakpoints where the exact value is 0: two crossings of a unit that sits on its kink were counted. Sites
+    such a product reads now get products too. Oracles: dense sampling and the graph route."""
+    net = _ZeroThroughAClamp(mid)
+    g = torch.Generator().manual_seed(1003)
+    a, b = torch.randn(1, 4, generator=g), torch.randn(1, 4, generator=g)
+    want = dense_count(net, lambda t: a[0].double() + t[:, None] * (b[0] - a[0]).double())
+    graph = path_crossings(net, a, b, evaluator="graph").paths[0]
+    for evaluator in ("affine", "auto"):
+        p = path_crossings(net, a, b, evaluator=evaluator).paths[0]
+        assert p.per_layer == want == graph.per_layer, evaluator
+        np.testing.assert_allclose(p.records["t"], graph.records["t"], rtol=0, atol=1e-12)
+
+
 class TorchvisionStyleResNet(nn.Module):
     """torchvision's ResNet idioms at toy size: ``nn.ReLU(inplace=True)`` modules called twice per block, ``out +=
     identity``, a strided 1x1 downsample, MaxPool2d(3, 2, 1), adaptive average pooling, BatchNorm in eval."""

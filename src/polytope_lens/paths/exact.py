@@ -172,10 +172,36 @@ def _copies_a_site(affine: Affine | None, site) -> bool:
     c = affine.c[site.name]
     kinks = torch.tensor(site.activation.kinks, dtype=c.dtype, device=c.device)
     on_kink = torch.isin(c, kinks).all(0)  # (units,): the constant is a kink, for every path
-    for leaf in affine.deps[site.name]:
-        if leaf == SRC:
-            on_kink &= ~affine.jt[site.name, leaf].ne(0).any(0)  # units that read the path's input move with t
-    return bool(on_kink.any())
+    return bool((on_kink & _off_the_input(affine, site.name)).any())
+
+
+def _off_the_input(affine: Affine, name: str) -> torch.Tensor:
+    """Per unit of site ``name``, whether its input reads earlier sites' outputs alone (not the path's input): only
+    such a unit can hold an exact constant over an interval (where the units it reads are off)."""
+    off = torch.ones(affine.c[name].shape[1], dtype=torch.bool, device=affine.c[name].device)
+    if SRC in affine.deps[name]:
+        off &= ~affine.jt[name, SRC].ne(0).any(0)  # units that read the path's input move with t
+    return off
+
+
+def _exact_inputs(affine: Affine | None, sites: list, copying: list[bool]) -> list[bool]:
+    """The sites whose unit inputs must come from products at every point: those that copy a site
+    (``_copies_a_site``), and backwards from them every site they read whose units can hold exact constants
+    (``_off_the_input``). A copying site's products are exact only where the outputs they read are: a clamp whose
+    0 lies inside a linear piece passes a ReLU's exact zeros on, but a closed-form bend would hand it +-1e-17 at the
+    ReLU's breakpoints, and the copying site after it would then sit off its kink."""
+    need = [k for k, c in enumerate(copying) if c]
+    exact = list(copying)
+    if affine is None:
+        return exact
+    at = {s.name: k for k, s in enumerate(sites)}
+    while need:
+        for leaf in affine.deps[sites[need.pop()].name]:
+            j = at.get(leaf)
+            if j is not None and not exact[j] and leaf in affine.deps and bool(_off_the_input(affine, leaf).any()):
+                exact[j] = True
+                need.append(j)
+    return exact
 
 
 def _records(pid: torch.Tensor, cr: dict, k: int) -> tuple:
@@ -496,8 +522,8 @@ class Refiner:
         # are evaluated by products at every point, so exact ties are not broken by rounding; on a GPU every site's
         # are (PRODUCTS_AT_EVERY_POINT)
         every = runner.device.type in PRODUCTS_AT_EVERY_POINT
-        self.dense = [every or isinstance(s.activation, WindowMax) or _copies_a_site(affine, s)
-                      for s in runner.processed]
+        exact = _exact_inputs(affine, runner.processed, [_copies_a_site(affine, s) for s in runner.processed])
+        self.dense = [every or isinstance(s.activation, WindowMax) or e for s, e in zip(runner.processed, exact)]
         # products at every point and one-kink sites only: unit inputs are kept in the order their points were made
         # (``_run_chunk_appended``), scanned in one pass per site (``_kink_scan``) and never merged into path order
         self.append = APPENDED_LAYOUT and affine is not None and every and all(
