@@ -95,7 +95,7 @@ def _npy(tmp_path, name, arr):
                                   "bad alphas", "neither endpoints nor pairs", "pairs without arrays",
                                   "direction of the wrong shape", "unreadable direction", "pairs of the wrong shape",
                                   "pairs file not an npz", "zero budget", "one sample", "zero tolerance",
-                                  "pairs of strings"])
+                                  "pairs of strings", "bad method", "bad evaluator", "bad device"])
 def test_bad_inputs(case, tmp_path):
     a = _npy(tmp_path, "a.npy", np.ones(6, np.float32))
     out = str(tmp_path / "o.json")
@@ -116,6 +116,10 @@ def test_bad_inputs(case, tmp_path):
         "pairs of the wrong shape": ["path", "--model", MODEL, "--pairs", _npz(tmp_path, start=np.zeros((2, 5)),
                                                                              end=np.ones((2, 5))), "--json", out],
         "pairs file not an npz": ["path", "--model", MODEL, "--pairs", _text(tmp_path / "y.npz"), "--json", out],
+        "bad method": ["path", "--model", "nosuchmodel", "--from", a, "--to", a, "--method", "guess", "--json", out],
+        "bad evaluator": ["scale", "--model", "nosuchmodel", "--input", a, "--layer", "x", "--evaluator", "fast",
+                          "--json", out],
+        "bad device": ["path", "--model", "nosuchmodel", "--from", a, "--to", a, "--device", "tpu", "--json", out],
         "pairs of strings": ["path", "--model", MODEL, "--pairs", _npz(tmp_path, start=np.full((2, 6), "a"),
                                                                      end=np.full((2, 6), "b")), "--json", out],
         "unreadable direction": ["scale", "--model", MODEL, "--input", a, "--layer", "1.relu", "--direction",
@@ -131,6 +135,8 @@ def test_bad_inputs(case, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
     if case in ("zero budget", "one sample", "zero tolerance"):  # the CLI's flags are named, not API parameters
         assert any(flag in lines[0] for flag in ("--memory-mib", "--n-samples", "--tol")), lines[0]
+    if case in ("bad method", "bad evaluator", "bad device"):  # checked before the (unknown) model is loaded
+        assert "nosuchmodel" not in lines[0] and any(w in lines[0] for w in ("--method", "--evaluator", "device"))
     assert not (tmp_path / "o.json").exists()
 
 

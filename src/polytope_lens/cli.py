@@ -399,6 +399,7 @@ def path_cmd(
     _check_ray(ray, ray_workers)
     if (pairs is None) == (from_ref is None or to_ref is None):
         raise InvalidInputError("Give either --from and --to, or --pairs FILE.npz.")
+    _path_options(method, evaluator, device)
     kw = dict(method=method, dtype=_dtype(dtype), device=device, layers=layers, evaluator=evaluator,
               memory_budget=_budget_bytes(memory_mib), trace=trace, ray_address=ray, ray_workers=ray_workers,
               **_sampling(n_samples, tol))  # the options' one-line errors come before the model is loaded
@@ -423,6 +424,18 @@ def path_cmd(
     _print_paths(result, f"{bundle.spec} path")
     _write_json(json_out, {"model": bundle.spec, "from": from_ref, "to": to_ref,
                            "pairs": None if pairs is None else str(pairs), **result.to_dict(records=records)})
+
+
+def _path_options(method: str, evaluator: str, device: str) -> None:
+    """The options' one-line errors before the model is loaded (a large model takes seconds to load)."""
+    from .paths import EVALUATORS, METHODS
+    from .paths.runner import check_device
+
+    if method not in METHODS:
+        raise InvalidInputError(f"--method must be one of {', '.join(METHODS)}. Got {method!r}.")
+    if evaluator not in EVALUATORS:
+        raise InvalidInputError(f"--evaluator must be one of {', '.join(EVALUATORS)}. Got {evaluator!r}.")
+    check_device(device)
 
 
 def _budget_bytes(memory_mib: int | None) -> int | None:
@@ -474,6 +487,7 @@ def scale_cmd(
     _check_json_target(json_out)
     if max_tokens < 1:
         raise InvalidInputError(f"--max-tokens must be at least 1. Got {max_tokens}.")
+    _path_options(method, evaluator, device)
     kw = dict(alphas=_alphas(alphas), method=method, dtype=_dtype(dtype), device=device, layers=layers,
               evaluator=evaluator, memory_budget=_budget_bytes(memory_mib), trace=trace, **_sampling(n_samples, tol))
     bundle = load_model(model)
