@@ -217,3 +217,24 @@ def test_failing_writer_keeps_a_valid_partial_store(tmp_path, toy_npy, monkeypat
     assert not out.exists()
     extract_to_store(MODEL, f"npy:{toy_npy}", out, batch_size=500, resume=True)
     assert _same_store(out, reference) == 3000
+
+
+def test_removing_a_partial_store_outlasts_a_write_in_flight(tmp_path):
+    """Ctrl-C stops the call waiting for a chunk write, not the write: a file that lands after the removal began (here
+    from a thread, 20 ms in) must not leave the partial folder behind."""
+    import threading
+
+    from polytope_lens.store import _remove_partial
+
+    folder = tmp_path / ".c.zarr.partial"
+    (folder / "codes").mkdir(parents=True)
+
+    def late_write():
+        time.sleep(0.02)
+        (folder / "codes" / "site_000").mkdir(parents=True, exist_ok=True)
+        (folder / "codes" / "site_000" / "zarr.json").write_text("{}")
+    writer = threading.Thread(target=late_write)
+    writer.start()
+    _remove_partial(folder)
+    writer.join()
+    assert not folder.exists()
