@@ -267,3 +267,31 @@ def test_color_by_class_of_a_softmax_model_gives_the_real_reason(tmp_path):
                                  "--json", str(tmp_path / "s.json"), "--png", str(tmp_path / "s.png"),
                                  "--color-by", "class"])
     assert r.exit_code == 1 and "softmax" in r.stderr and "until" not in r.stderr, r.output
+
+
+class _AddsIntoItsInput(nn.Module):
+    """``x.add_(0.5)`` on the model's own input, then Linear and ReLU; ``in_place=False``: ``x + 0.5``."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.in_place, self.lin = in_place, nn.Linear(2, 6)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x.add_(0.5) if self.in_place else x + 0.5))
+
+
+def test_a_model_that_writes_into_its_input_leaves_the_plane_alone():
+    """Found by a tester at stop 30: the first pass fed the model a view of the plane's origin, so ``x.add_()`` moved
+    the caller's plane (and exact_local_complexity's points) and the slice was of another square. Oracle: the
+    out-of-place network's slice."""
+    from polytope_lens.slices import slice_plane
+
+    plane = Plane.box(-1, 1)
+    got = slice_plane(_AddsIntoItsInput(True), plane, outputs=False)
+    want = slice_plane(_AddsIntoItsInput(False), Plane.box(-1, 1), outputs=False)
+    assert plane.origin.tolist() == [0.0, 0.0]
+    assert got.num_regions == want.num_regions and sorted(got.code_hex()) == sorted(want.code_hex())
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    exact_local_complexity(_AddsIntoItsInput(True), x, radius=0.5)
+    assert x.abs().max() == 0
