@@ -31,17 +31,25 @@ __all__ = ["Plane", "SliceResult", "slice_plane", "slice_box", "slice_through", 
            "local_complexity", "exact_local_complexity", "LocalComplexity"]
 
 
+def default_tol(dtype: torch.dtype) -> float:
+    """The snapping tolerance a slice uses unless told: 1e-10 in float64, 64 ulps (7.6e-6) in float32, whose
+    rounding (1.2e-7 per operation) a tolerance below it would not absorb (kink lines that meet in exact arithmetic
+    then miss each other by rounding, and a sliver of the plane can go uncovered)."""
+    return max(1e-10, 64 * torch.finfo(dtype).eps)
+
+
 def _check(owner, dtype, tol, memory_budget):
     check_dtype(owner, dtype)
-    if not (isinstance(tol, (int, float)) and 0 <= tol < 1e-3):
-        raise InvalidInputError(f"The 'tol' parameter of {owner} must be a number in [0, 1e-3). Got {tol!r}.")
+    if tol is not None and not (isinstance(tol, (int, float)) and 0 <= tol < 1e-3):
+        raise InvalidInputError(f"The 'tol' parameter of {owner} must be None or a number in [0, 1e-3). "
+                                f"Got {tol!r}.")
     if not isinstance(memory_budget, int) or memory_budget < (1 << 16):
         raise InvalidInputError(f"The 'memory_budget' parameter of {owner} must be an int >= 64 KiB (bytes). "
                                 f"Got {memory_budget!r}.")
 
 
 def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inputs=None, until: str | None = None,
-                units=None, dtype: torch.dtype = torch.float64, device="cpu", tol: float = 1e-10,
+                units=None, dtype: torch.dtype = torch.float64, device="cpu", tol: float | None = None,
                 memory_budget: int = 1 << 30, outputs: bool = True, single_thread: bool | None = None,
                 forward: Callable | None = None, **capture_kwargs) -> SliceResult:
     """Exact partition of ``plane`` into the linear regions of ``model``.
@@ -62,7 +70,8 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
         Distinct flat unit indices of the last site that cut, or ``"position"``: the channel vector at the centre
         position of a (C, H, W) site (the paper's CNN protocol, the same units as paths' ``units="position"``).
     dtype, device, tol
-        float64 by default; ``tol`` is the snapping tolerance relative to each site's scale (see ``partition``).
+        float64 by default; ``tol`` is the snapping tolerance relative to each site's scale (see ``partition``);
+        None: ``default_tol(dtype)``, 1e-10 in float64 and 64 ulps (7.6e-6) in float32.
     memory_budget : int
         Bytes; estimated before each site and checked as cells grow; over it raises ``InvalidInputError``.
     outputs : bool
@@ -91,6 +100,7 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
     from .partition import build
     owner = "slice_plane"
     _check(owner, dtype, tol, memory_budget)
+    tol = default_tol(dtype) if tol is None else tol
     if not isinstance(plane, Plane):
         raise InvalidInputError(f"The 'plane' parameter of {owner} must be a Plane. Got {type(plane).__name__}.")
     if layer is not None:
