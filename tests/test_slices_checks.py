@@ -333,3 +333,7 @@ def test_float32_slices_cover_the_plane_with_their_default_tolerance(seed):
     for site in r.sites:
         o, n = r.site_bytes[site]
         assert (codes[site].packed == r.codes[:, o:o + n]).all(), site
+    # a tolerance under the dtype's rounding is refused, not run into a partition that does not tile the plane
+    for dtype, bad in ((torch.float32, 1e-10), (torch.float64, 0.0), (torch.float64, True)):
+        with pytest.raises(InvalidInputError, match=r"'tol' parameter of slice_plane .*64 ulps at least"):
+            slice_plane(m, Plane.box(-2, 2), dtype=dtype, tol=bad, outputs=False)

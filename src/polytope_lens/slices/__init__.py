@@ -31,18 +31,26 @@ __all__ = ["Plane", "SliceResult", "slice_plane", "slice_box", "slice_through", 
            "local_complexity", "exact_local_complexity", "LocalComplexity"]
 
 
+def min_tol(dtype: torch.dtype) -> float:
+    """The smallest snapping tolerance a slice accepts: 64 ulps of the dtype (1.4e-14 in float64, 7.6e-6 in
+    float32). Below the dtype's rounding, values that are exact zeros (a unit on its kink over an area) come out
+    +-1e-8 in float32 and are not snapped: kink lines that meet in exact arithmetic miss each other, cells' rings
+    overlap or vanish, and the plane is no longer tiled."""
+    return 64 * torch.finfo(dtype).eps
+
+
 def default_tol(dtype: torch.dtype) -> float:
-    """The snapping tolerance a slice uses unless told: 1e-10 in float64, 64 ulps (7.6e-6) in float32, whose
-    rounding (1.2e-7 per operation) a tolerance below it would not absorb (kink lines that meet in exact arithmetic
-    then miss each other by rounding, and a sliver of the plane can go uncovered)."""
-    return max(1e-10, 64 * torch.finfo(dtype).eps)
+    """The snapping tolerance a slice uses unless told: 1e-10 in float64, ``min_tol`` (7.6e-6) in float32."""
+    return max(1e-10, min_tol(dtype))
 
 
 def _check(owner, dtype, tol, memory_budget):
     check_dtype(owner, dtype)
-    if tol is not None and not (isinstance(tol, (int, float)) and 0 <= tol < 1e-3):
-        raise InvalidInputError(f"The 'tol' parameter of {owner} must be None or a number in [0, 1e-3). "
-                                f"Got {tol!r}.")
+    low = min_tol(dtype)
+    if tol is not None and not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and low <= tol < 1e-3):
+        raise InvalidInputError(f"The 'tol' parameter of {owner} must be None or a number in [{low:.3g}, 1e-3) for "
+                                f"{str(dtype).replace('torch.', '')} (64 ulps at least: below the dtype's rounding "
+                                f"the plane is not tiled). Got {tol!r}.")
     if not isinstance(memory_budget, int) or memory_budget < (1 << 16):
         raise InvalidInputError(f"The 'memory_budget' parameter of {owner} must be an int >= 64 KiB (bytes). "
                                 f"Got {memory_budget!r}.")
@@ -71,7 +79,7 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
         position of a (C, H, W) site (the paper's CNN protocol, the same units as paths' ``units="position"``).
     dtype, device, tol
         float64 by default; ``tol`` is the snapping tolerance relative to each site's scale (see ``partition``);
-        None: ``default_tol(dtype)``, 1e-10 in float64 and 64 ulps (7.6e-6) in float32.
+        None: ``default_tol(dtype)``, 1e-10 in float64 and 64 ulps (7.6e-6) in float32; at least 64 ulps.
     memory_budget : int
         Bytes; estimated before each site and checked as cells grow; over it raises ``InvalidInputError``.
     outputs : bool
