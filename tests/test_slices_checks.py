@@ -337,3 +337,15 @@ def test_float32_slices_cover_the_plane_with_their_default_tolerance(seed):
     for dtype, bad in ((torch.float32, 1e-10), (torch.float64, 0.0), (torch.float64, True)):
         with pytest.raises(InvalidInputError, match=r"'tol' parameter of slice_plane .*64 ulps at least"):
             slice_plane(m, Plane.box(-2, 2), dtype=dtype, tol=bad, outputs=False)
+
+
+def test_a_partition_that_does_not_tile_the_plane_is_an_error():
+    """The last check of every slice (any cut: all lines, unit by unit, max pool): areas that do not sum to the
+    plane's, or a NaN area, raise instead of returning a result labelled exact."""
+    from polytope_lens.slices.partition import _check_tiling
+
+    plane = Plane.box(-1, 1)  # area 4
+    _check_tiling(torch.tensor([1.0, 3.0], dtype=torch.float64), plane, torch.float64, 1e-10)
+    for area in ([1.0, 2.9], [1.0, float("nan"), 3.0], [-1.0, 5.0]):
+        with pytest.raises(NotPiecewiseLinearError, match="do not tile the plane"):
+            _check_tiling(torch.tensor(area, dtype=torch.float64), plane, torch.float64, 1e-10)

@@ -53,7 +53,7 @@ from ..codes import pack_bits, pack_pieces, site_unit_indices
 from ..errors import InvalidInputError, NotPiecewiseLinearError
 from ..kinks import REGISTRY, ScalarKinks, WindowMax
 from ..paths.geometry import PathSpec
-from ..paths.runner import SRC, Affine, Runner, default_forward, index_inputs, prepare_model
+from ..paths.runner import SRC, Affine, Runner, affine_tol, default_forward, index_inputs, prepare_model
 from . import _mesh
 from ._arrangement import Degenerate, arrange
 from .neighbours import shared_edges
@@ -618,6 +618,19 @@ def _output_form(raw) -> tuple[str | None, bool]:
     return note, t.dim() == 1 or t.shape[-1] == 1
 
 
+def _check_tiling(area: torch.Tensor, plane: Plane, dtype, tol: float) -> None:
+    """The regions tile the plane: no area negative or undefined, and their sum the plane's (to the affine checks'
+    rounding). The all-lines cut checks each cell (``_arrangement``); this also covers the unit-by-unit and max-pool
+    cuts, so a partition that rounding broke is an error, not a result labelled exact."""
+    whole = plane.area
+    total = float(area.sum())
+    bad = int((~(area >= 0)).sum())  # negative or NaN
+    if bad or not math.isfinite(total) or abs(total - whole) > affine_tol(dtype) * whole:
+        raise NotPiecewiseLinearError(
+            f"The regions of this slice do not tile the plane (area {total:.10g} of {whole:.10g}, {bad} regions of "
+            f"negative or undefined area): rounding broke the partition at tol={tol:g}. Use float64, or a larger tol.")
+
+
 def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budget, forward: Callable | None,
           capture_kwargs: dict, owner: str, want_output: bool, round_threads: int | None = None):
     """Run the exact partition; returns a dict of tensors for ``SliceResult``."""
@@ -684,6 +697,7 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
     coords = mesh.coords[: mesh.nv]
     xy = take(coords, R)
     area = polygon_area(xy, dg)
+    _check_tiling(area, plane, dtype, tol)
     out = {"plane": plane, "sites": sites, "z_shape": z_shape, "site_bytes": part.site_bytes, "ring": R, "deg": dg,
            "coords": coords, "area": area, "codes": mesh.rows[0][: mesh.nc], "rounds": part.rounds,
            "fallbacks": part.fallbacks, "full": full, "slope": None, "offset": None, "outputs": None, "units": sel,
