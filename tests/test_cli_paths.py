@@ -51,7 +51,7 @@ def test_evaluator_option_reaches_the_api(tmp_path, pairs):
     assert [p["crossings"] for p in d["paths"]] == [p.crossings for p in ref.paths]
     r = runner.invoke(app, ["path", "--model", MODEL, "--pairs", str(pairs), "--evaluator", "fast", "--json",
                             str(out)])
-    assert r.exit_code == 1 and "'evaluator' parameter" in r.stderr
+    assert r.exit_code == 1 and "--evaluator must be one of" in r.stderr
 
 
 def test_from_to_and_scale(tmp_path):
