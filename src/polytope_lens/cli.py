@@ -123,14 +123,14 @@ def sites_cmd(
     layers: Annotated[Optional[str], typer.Option(help="Comma-separated globs over site names or aliases.")] = None,
 ):
     """List the activation sites a model applies (one forward pass on one example), in execution order."""
-    from .capture import list_sites, model_errors, select_sites
-    from .models import ModelInputs, load_model
+    from .capture import list_sites, select_sites
+    from .extract import data_errors
+    from .models import load_model
 
     bundle = load_model(model)
     source = _example_data(bundle, data)
     inputs = bundle.encode(source, [0])
-    with model_errors(lambda t: bundle.forward(ModelInputs(t)), inputs.tensors,
-                      f"the data {getattr(source, 'spec', '?')!r}", "items"):
+    with data_errors(bundle, source, inputs):
         found = list_sites(bundle.module, lambda: bundle.forward(inputs))
     sites = select_sites(found, layers)
     table = Table(title=f"{len(sites)} activation sites of {bundle.spec}", title_justify="left")

@@ -69,6 +69,15 @@ def iter_code_chunks(model, data, *, layers=None, units="auto", k: int = 6, skip
         yield first, code_chunk(first, progress), bundle, source
 
 
+def data_errors(bundle, source, inputs):
+    """``capture.model_errors`` for a bundle's encoded ``inputs`` of ``source``: a model that cannot take the data
+    fails in one line naming the items' shape, not a traceback from inside it."""
+    from .models import ModelInputs
+
+    return model_errors(lambda t: bundle.forward(ModelInputs(t)), inputs.tensors,
+                        f"the data {getattr(source, 'spec', '?')!r}", "items")
+
+
 def chunk_coder(bundle, source, *, layers, selection: UnitSelection, soft: bool, batch_size: int, max_length: int,
                 ) -> Callable[[int, Callable[[int], None] | None], SplineCodes]:
     """``code(first, progress)``: the codes of examples ``first .. first + batch_size - 1`` of ``source``.
@@ -84,9 +93,7 @@ def chunk_coder(bundle, source, *, layers, selection: UnitSelection, soft: bool,
     def code(first: int, progress: Callable[[int], None] | None = None) -> SplineCodes:
         idx = np.arange(first, min(first + batch_size, len(source)))
         inputs = bundle.encode(source, idx, max_length=max_length)
-        # a model that cannot take the data fails in one line naming the inputs' shape, not a traceback from inside it
-        with model_errors(lambda t: bundle.forward(ModelInputs(t)), inputs.tensors,
-                          f"the data {getattr(source, 'spec', '?')!r}", "items"):
+        with data_errors(bundle, source, inputs):
             return extractor(inputs, progress=progress, allow_empty=True)
 
     return code

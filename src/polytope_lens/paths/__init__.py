@@ -209,7 +209,7 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
     memory_budget = default_memory_budget(prep.device) if memory_budget is None else memory_budget
     spec = spec.to(prep.dtype, prep.device)
     if spec.site is None:
-        probe = spec.knots_x[0:1, 0].clone()  # a model may write into its input (x.relu_()): not the knots
+        probe = spec.knots_x[0:1, 0]
     else:
         probe = index_inputs(spec.base, torch.zeros(1, dtype=torch.long, device=prep.device))
     runner = Runner(prep.model, prep.fwd, spec, dtype=prep.dtype, device=prep.device, memory_budget=memory_budget,

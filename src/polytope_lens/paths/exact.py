@@ -184,16 +184,16 @@ def _off_the_input(affine: Affine, name: str) -> torch.Tensor:
     return off
 
 
-def _exact_inputs(affine: Affine | None, sites: list, copying: list[bool]) -> list[bool]:
+def _exact_inputs(affine: Affine | None, sites: list) -> list[bool]:
     """The sites whose unit inputs must come from products at every point: those that copy a site
     (``_copies_a_site``), and backwards from them every site they read whose units can hold exact constants
     (``_off_the_input``). A copying site's products are exact only where the outputs they read are: a clamp whose
     0 lies inside a linear piece passes a ReLU's exact zeros on, but a closed-form bend would hand it +-1e-17 at the
     ReLU's breakpoints, and the copying site after it would then sit off its kink."""
-    need = [k for k, c in enumerate(copying) if c]
-    exact = list(copying)
+    exact = [_copies_a_site(affine, s) for s in sites]
     if affine is None:
         return exact
+    need = [k for k, c in enumerate(exact) if c]
     at = {s.name: k for k, s in enumerate(sites)}
     while need:
         for leaf in affine.deps[sites[need.pop()].name]:
@@ -522,7 +522,7 @@ class Refiner:
         # are evaluated by products at every point, so exact ties are not broken by rounding; on a GPU every site's
         # are (PRODUCTS_AT_EVERY_POINT)
         every = runner.device.type in PRODUCTS_AT_EVERY_POINT
-        exact = _exact_inputs(affine, runner.processed, [_copies_a_site(affine, s) for s in runner.processed])
+        exact = _exact_inputs(affine, runner.processed)
         self.dense = [every or isinstance(s.activation, WindowMax) or e for s, e in zip(runner.processed, exact)]
         # products at every point and one-kink sites only: unit inputs are kept in the order their points were made
         # (``_run_chunk_appended``), scanned in one pass per site (``_kink_scan``) and never merged into path order

@@ -136,6 +136,9 @@ class Runner:
             seen[site.name] = (site, z.detach())
         # ``probe_name``: what the probe is one row of, for the error a model that cannot take it gives
         what = probe_name or ("points" if spec.site is None else "'inputs'")
+        # a model may write into its input (x.relu_()): the probe pass runs on a copy of the caller's row (a view of
+        # a path's start or a plane's origin would otherwise be moved by it)
+        probe_input = index_inputs(probe_input, torch.zeros(1, dtype=torch.long, device=self.device))
         bends = BendTracker(source=spec.site)  # bends outside the sites, on the probe pass (``hidden_kink``)
         if spec.site is None:
             bends.seed(probe_input)

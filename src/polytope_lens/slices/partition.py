@@ -641,7 +641,7 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
     plane = Plane(plane.origin.to(device, dtype), plane.basis.to(device, dtype), plane.domain.to(device, dtype),
                   plane.kind, plane.site, cast_inputs(plane.inputs, dtype, device), plane.anchors)
     if plane.site is None:
-        probe = plane.origin[None].clone()  # a model may write into its input (x.add_()): not the plane
+        probe = plane.origin[None]
     else:
         probe = index_inputs(plane.inputs, torch.zeros(1, dtype=torch.long, device=device))
     kx = torch.stack([plane.origin, plane.origin + plane.basis[0]])[None]
