@@ -95,7 +95,7 @@ def _npy(tmp_path, name, arr):
                                   "bad alphas", "neither endpoints nor pairs", "pairs without arrays",
                                   "direction of the wrong shape", "unreadable direction", "pairs of the wrong shape",
                                   "pairs file not an npz", "zero budget", "one sample", "zero tolerance",
-                                  "pairs of strings", "bad method", "bad evaluator", "bad device"])
+                                  "pairs of strings", "bad method", "bad evaluator", "bad device", "empty alphas"])
 def test_bad_inputs(case, tmp_path):
     a = _npy(tmp_path, "a.npy", np.ones(6, np.float32))
     out = str(tmp_path / "o.json")
@@ -128,13 +128,15 @@ def test_bad_inputs(case, tmp_path):
                         "--memory-mib", "0", "--json", out],
         "one sample": ["scale", "--model", MODEL, "--input", a, "--layer", "1.relu", "--n-samples", "1", "--json", out],
         "zero tolerance": ["scale", "--model", MODEL, "--input", a, "--layer", "1.relu", "--tol", "0", "--json", out],
+        "empty alphas": ["scale", "--model", MODEL, "--input", a, "--layer", "1.relu", "--alphas", "1:1",
+                         "--json", out],
     }[case]
     r = runner.invoke(app, args)
     assert r.exit_code == 1, r.output
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    if case in ("zero budget", "one sample", "zero tolerance"):  # the CLI's flags are named, not API parameters
-        assert any(flag in lines[0] for flag in ("--memory-mib", "--n-samples", "--tol")), lines[0]
+    if case in ("zero budget", "one sample", "zero tolerance", "empty alphas"):  # the flags, not API parameters
+        assert any(flag in lines[0] for flag in ("--memory-mib", "--n-samples", "--tol", "--alphas")), lines[0]
     if case in ("bad method", "bad evaluator", "bad device"):  # checked before the (unknown) model is loaded
         assert "nosuchmodel" not in lines[0] and any(w in lines[0] for w in ("--method", "--evaluator", "device"))
     assert not (tmp_path / "o.json").exists()
@@ -219,3 +221,20 @@ def test_sampled_float32_paths_finish_with_the_tolerance_the_dtype_resolves(tmp_
     d = json.loads((tmp_path / "s.json").read_text())
     assert d["exact"] is False and d["tolerance"]["tol"] == pytest.approx(4 * np.finfo(np.float32).eps)
     assert any("tol raised" in n for n in d["notes"]) and sum(p["crossings"] for p in d["paths"]) > 0
+
+
+def test_an_error_outside_a_terminal_is_one_line_and_nothing_else(tmp_path):
+    """Run as a program with stderr to a pipe (not a terminal, not under CliRunner): an error raised while the progress
+    display is up is exactly one line on stderr (a transient display used to leave a blank line before it)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}  # as a user runs it
+    a = _npy(tmp_path, "a.npy", np.ones(6))
+    b = _npy(tmp_path, "b.npy", np.zeros(6))
+    r = subprocess.run([sys.executable, "-m", "polytope_lens.cli", "path", "--model", MODEL, "--from", a, "--to", b,
+                        "--layer", "nosuch", "--json", str(tmp_path / "o.json")], capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith("error: The layer pattern 'nosuch'") and r.stderr.count("\n") == 1, repr(r.stderr)

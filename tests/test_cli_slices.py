@@ -72,6 +72,7 @@ def test_complexity_n_dirs_and_exact_layers(tmp_path):
     assert json.loads((tmp_path / "lc.json").read_text())["approximate"]["n_dirs"] == 2
     for extra, match in ((["--n-dirs", "3"], "--n-dirs must be at most the input dimension of"),
                          (["--n-dirs", "0"], "--n-dirs must be at least 1"),
+                         (["--limit", "0"], "--limit must be a positive int"),  # the API's message, in flags
                          (["--exact", "--layers", "1.*"], "--exact counts the regions of the whole network")):
         (tmp_path / "lc.json").unlink(missing_ok=True)
         r = runner.invoke(app, base + extra)
@@ -81,7 +82,11 @@ def test_complexity_n_dirs_and_exact_layers(tmp_path):
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--box", "1,1,-1,1"], "positive area"),
+    (["--box", "1,1,-1,1"], "--box must have XMIN < XMAX"),
+    (["--box", "-1,1,-1,1", "--units", "3,99"], "--units must hold distinct indices in [0, 8) of '1.relu''s units. "
+                                                "Got 2 indices: 99 (out of range)."),
+    (["--box", "-1,1,-1,1", "--units", "3,3"], "--units must hold distinct indices in [0, 8) of '1.relu''s units. "
+                                               "Got 2 indices: 1 repeated."),
     (["--box", "a,b"], "--box must be four numbers"),
     ([], "exactly one of --box"),
     (["--points", "COLLINEAR"], "collinear"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import platform
 import re
@@ -57,7 +58,7 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except PolytopeLensError as e:
-            err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {escape(_in_flags(str(e), kwargs))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             if kwargs.get("resume"):  # a code store's partial folder is kept for --resume
@@ -77,11 +78,24 @@ def _user_errors(fn):
     return wrapper
 
 
+def _in_flags(message: str, options: dict) -> str:
+    """An API error about a parameter the command takes as an option of the same name, said with the option's flag
+    ("The 'limit' parameter of load_data must ..." -> "--limit must ...")."""
+    def flag(m: re.Match) -> str:
+        return f"--{m.group(1).replace('_', '-')}" if m.group(1) in options else m.group(0)
+    return re.sub(r"The '(\w+)' parameter of [\w.]+", flag, message)
+
+
 def _progress(total: int, what: str) -> Progress:
     # the percentage moves while one long path is refined piece by piece (fractions of a path), M/N when items end
-    return Progress(TextColumn(what), BarColumn(), TaskProgressColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(),
-                    console=err, transient=True, disable=not err.is_terminal and "PYTEST_CURRENT_TEST" in os.environ)
+    return _bar(TextColumn(what), BarColumn(), TaskProgressColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TimeRemainingColumn())
+
+
+def _bar(*columns) -> Progress:
+    """A transient progress display on stderr, only where stderr is a terminal (elsewhere a transient display
+    would leave nothing but a blank line, before an error or the results)."""
+    return Progress(*columns, console=err, transient=True, disable=not err.is_terminal)
 
 
 def _two_floats(text: str, sep: str, option: str, form: str) -> tuple[float, float]:
@@ -455,7 +469,10 @@ def _sampling(n_samples: int, tol: float) -> dict:
 
 
 def _alphas(text: str) -> tuple[float, float]:
-    return _two_floats(text, ":", "--alphas", "A0:A1, e.g. 0:4")
+    a0, a1 = _two_floats(text, ":", "--alphas", "A0:A1, e.g. 0:4")
+    if not (math.isfinite(a0) and math.isfinite(a1) and a0 < a1):
+        raise InvalidInputError(f"--alphas must be A0:A1 with finite A0 < A1, e.g. 0:4. Got {text!r}.")
+    return a0, a1
 
 
 @app.command("scale")
@@ -512,6 +529,8 @@ def _box(text: str) -> tuple[float, float, float, float]:
     except ValueError:
         raise InvalidInputError(f"--box must be four numbers XMIN,XMAX,YMIN,YMAX such as -1,1,-1,1. Got {text!r}.") \
             from None
+    if not (x0 < x1 and y0 < y1):
+        raise InvalidInputError(f"--box must have XMIN < XMAX and YMIN < YMAX (a box of positive area). Got {text!r}.")
     return x0, x1, y0, y1
 
 
@@ -705,9 +724,7 @@ def cluster_cmd(
 
     _check_ray(ray, ray_workers)
     stages = {"knn": "kNN graph", "bridge": "bridging components", "tree": "HDBSCAN tree"}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True,
-                  disable=not err.is_terminal and "PYTEST_CURRENT_TEST" in os.environ) as bar:
+    with _bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         tasks: dict = {}
 
         def progress(stage: str, done: int, total: int):
@@ -743,8 +760,7 @@ def reproduce_cmd(
     check_out_dir(out_dir, overwrite=overwrite)
     est = estimate_seconds(QUICK if quick else FULL, chosen, quick=quick)
     err.print(f"{'quick' if quick else 'full'} run of {', '.join(chosen)}: estimated {est / 60:.1f} min")
-    with Progress(TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True,
-                  disable=not err.is_terminal and "PYTEST_CURRENT_TEST" in os.environ) as bar:
+    with _bar(TextColumn("{task.description}"), TimeElapsedColumn()) as bar:
         task = bar.add_task("starting", total=None)
         result = reproduce(out_dir, quick=quick, models=chosen, overwrite=overwrite,
                            progress=lambda msg: bar.update(task, description=msg))

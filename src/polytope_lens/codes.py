@@ -216,9 +216,12 @@ def site_unit_indices(site: CallSite, shape: tuple, units, owner: str) -> torch.
         flat = torch.arange(d).reshape(1, *shape)
         return UnitSelection("position").apply(site, flat, None)[0]
     idx = torch.as_tensor(np.asarray(units)).long().flatten()
-    if not len(idx) or bool((idx < 0).any()) or bool((idx >= d).any()) or len(torch.unique(idx)) != len(idx):
+    bad = idx[(idx < 0) | (idx >= d)]
+    if not len(idx) or len(bad) or len(torch.unique(idx)) != len(idx):
+        why = ("none" if not len(idx) else f"{bad[0].item()} (out of range)" if len(bad) else
+               f"{len(idx) - len(torch.unique(idx))} repeated")
         raise InvalidInputError(f"The 'units' parameter of {owner} must hold distinct indices in [0, {d}) of "
-                                f"{site.name!r}'s units. Got {len(idx)} indices.")
+                                f"{site.name!r}'s units. Got {len(idx)} indices: {why}.")
     return idx
 
 
