@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from polytope_lens.cli import app
 from polytope_lens.errors import InvalidInputError, NotPiecewiseLinearError
 from polytope_lens.paths import site_activations
-from polytope_lens.slices import Plane, exact_local_complexity, local_complexity, slice_box, slice_through
+from polytope_lens.slices import (Plane, exact_local_complexity, local_complexity, slice_box, slice_plane,
+                                  slice_through)
 
 
 def _grid_l1(model, lo, hi, n=400):
@@ -349,3 +350,29 @@ def test_a_partition_that_does_not_tile_the_plane_is_an_error():
     for area in ([1.0, 2.9], [1.0, float("nan"), 3.0], [-1.0, 5.0]):
         with pytest.raises(NotPiecewiseLinearError, match="do not tile the plane"):
             _check_tiling(torch.tensor(area, dtype=torch.float64), plane, torch.float64, 1e-10)
+
+
+@pytest.mark.parametrize("side", [1e-8, 1e-10, 1e-12])
+def test_a_tiny_box_keeps_its_regions(side):
+    """A tiny box around the crossing of two first-layer kink lines: at side <= 1e-10 a fixed tol of 1e-10 (of the
+    unit inputs' scale) snaps both lines away (1 region); the default tol is lowered to the plane's size (with a
+    note) and the count equals the distinct codes of a dense grid of forward passes."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    W, b = net[0].weight.detach(), net[0].bias.detach()
+    centre = torch.linalg.solve(W[:2], -b[:2])  # units 0 and 1 on their kinks
+    lo, hi = centre - side / 2, centre + side / 2
+    box = Plane.box(float(lo[0]), float(hi[0]), ylo=float(lo[1]), yhi=float(hi[1]))
+    res = slice_plane(net, box)
+    xs, ys = (torch.linspace(float(lo[i]), float(hi[i]), 301, dtype=torch.float64) for i in (0, 1))
+    u = torch.stack(torch.meshgrid(xs, ys, indexing="ij"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        h1 = net[0](u)
+        h2 = net[2](h1.relu())
+    grid = len(torch.unique(torch.cat([h1 > 0, h2 > 0], 1).to(torch.int8), dim=0))
+    assert grid == 4 and res.num_regions == grid
+    assert res.tol == 1e-10 and any(n.startswith("tol lowered from 1e-10") for n in res.notes)
+    assert abs(float(res.area.sum()) - float((hi - lo).prod())) <= 1e-9 * float((hi - lo).prod())
+    given = slice_plane(net, box, tol=1e-10)
+    assert not any("lowered" in n for n in given.notes)  # a tol given is kept
+    assert given.num_regions == (1 if side <= 1e-10 else 4)

@@ -79,7 +79,9 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
         position of a (C, H, W) site (the paper's CNN protocol, the same units as paths' ``units="position"``).
     dtype, device, tol
         float64 by default; ``tol`` is the snapping tolerance relative to each site's scale (see ``partition``);
-        None: ``default_tol(dtype)``, 1e-10 in float64 and 64 ulps (7.6e-6) in float32; at least 64 ulps.
+        None: ``default_tol(dtype)``, 1e-10 in float64 and 64 ulps (7.6e-6) in float32, lowered (down to 64 ulps,
+        with a note) at sites whose unit inputs move by little more than that across a small plane; at least 64
+        ulps.
     memory_budget : int
         Bytes; estimated before each site and checked as cells grow; over it raises ``InvalidInputError``.
     outputs : bool
@@ -108,6 +110,7 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
     from .partition import build
     owner = "slice_plane"
     _check(owner, dtype, tol, memory_budget)
+    floor = min_tol(dtype) if tol is None else None  # the default tol adapts to a small plane; a given one does not
     tol = default_tol(dtype) if tol is None else tol
     if not isinstance(plane, Plane):
         raise InvalidInputError(f"The 'plane' parameter of {owner} must be a Plane. Got {type(plane).__name__}.")
@@ -127,7 +130,8 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
     try:
         out = build(model, plane, until=until, units=units, dtype=dtype, device=device, tol=tol,
                     memory_budget=memory_budget, forward=forward, capture_kwargs=capture_kwargs, owner=owner,
-                    want_output=outputs, round_threads=1 if (single_thread is None and cpu) else None)
+                    want_output=outputs, round_threads=1 if (single_thread is None and cpu) else None,
+                    tol_floor=floor)
     finally:
         torch.set_num_threads(threads)
     info = {}
@@ -142,6 +146,10 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
         notes.append("partial: only sites up to " + out["sites"][-1].name + (" (selected units)" if
                      out["units"] is not None else "") + "; no output maps or decision boundary")
     notes.extend(out["notes"])
+    if out["lowered"]:
+        low = out["lowered"]
+        notes.append(f"tol lowered from {tol:g} to {min(low.values()):.3g} at {len(low)} site(s) "
+                     f"({', '.join(low)}): the plane is small, unit inputs move by little more than tol across it")
     if out["fallbacks"]:
         notes.append(f"{out['fallbacks']} site(s) cut unit by unit: kink lines met within tol (ties), or the all-lines "
                      "arrangement would not fit the memory budget")

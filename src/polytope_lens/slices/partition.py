@@ -27,7 +27,8 @@ Ties and tolerance
 ------------------
 Values within ``tol * max(1, max |z|)`` of a kink are snapped onto it (see ``_mesh``): a kink line through a vertex
 adds no vertex and a unit touching its kink on a cell does not cut it; cells thinner than that are not made. Counts
-are exact up to that tolerance (stated on the result).
+are exact up to that tolerance (stated on the result). The default tol is lowered at a site where the plane is small
+against it (``_Partitioner.site_tol``).
 
 Cost and memory
 ---------------
@@ -120,9 +121,12 @@ def _budget_error(owner: str, what: str, est: int, budget: int, earlier: str | N
 
 class _Partitioner:
     def __init__(self, m: _Model, sites, z_shape: dict, units: torch.Tensor | None, tol: float, budget: int,
-                 owner: str, round_threads: int | None = None, affine: Affine | None = None):
+                 owner: str, round_threads: int | None = None, affine: Affine | None = None,
+                 tol_floor: float | None = None):
         self.m, self.sites, self.z_shape = m, sites, z_shape
         self.units, self.tol, self.budget, self.owner = units, tol, budget, owner
+        self.tol_floor = tol_floor  # None: tol as given; else the lowest tol a small plane may lower it to
+        self.lowered: dict[str, float] = {}  # site -> the relative tol used there, where lowered (``site_tol``)
         self.cur_index = 0  # the site being cut (``run``), for the budget error's advice
         self.round_threads = round_threads  # torch threads for unit-by-unit / window-by-window cutting
         self.rounds = 0
@@ -225,8 +229,7 @@ class _Partitioner:
             if not math.isfinite(top):  # NaN propagates through max
                 raise _not_finite(f"the unit inputs of site {site.name!r}", self.owner, mesh.vals.dtype)
             scale = max(1.0, top)
-            tol = self.tol * scale
-            self.cur_tol = tol
+            tol = self.cur_tol = self.site_tol(mesh, scale, site.name)
             if isinstance(act, ScalarKinks):
                 self._scalar_site(mesh, act, tol, site.name, keep_vals=self.last_use.get(site.name, -1) > i
                                   if self.blocks is not None else False)
@@ -236,6 +239,21 @@ class _Partitioner:
             else:  # pragma: no cover - registry has only these two families
                 raise NotPiecewiseLinearError(f"site {site.name!r}: {act.name} has no exact 2-D cutting rule")
             self._keep_output(mesh, i, site)
+
+    def site_tol(self, mesh: _mesh.Mesh, scale: float, name: str) -> float:
+        """The absolute snapping tolerance at a site: ``tol * scale``, or, with a ``tol_floor``, at most a millionth
+        of how far the unit inputs move across the plane (the largest range of one unit over the vertices) and at
+        least ``tol_floor * scale``: on a plane so small that its inputs move by ~tol, a fixed tol would snap
+        genuine kink lines away and merge regions."""
+        tol = self.tol * scale
+        if self.tol_floor is None or not mesh.nv:
+            return tol
+        z = mesh.vals[: mesh.nv]
+        spread = float((z.amax(0) - z.amin(0)).max()) if z.numel() else 0.0
+        small = max(self.tol_floor * scale, min(tol, 1e-6 * spread))
+        if small < tol:
+            self.lowered[name] = small / scale
+        return small
 
     # ---------------------------------------------------------------------------------------- scalar sites
     def _scalar_site(self, mesh, act: ScalarKinks, tol: float, name: str, keep_vals: bool = False) -> None:
@@ -632,8 +650,10 @@ def _check_tiling(area: torch.Tensor, plane: Plane, dtype, tol: float) -> None:
 
 
 def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budget, forward: Callable | None,
-          capture_kwargs: dict, owner: str, want_output: bool, round_threads: int | None = None):
-    """Run the exact partition; returns a dict of tensors for ``SliceResult``."""
+          capture_kwargs: dict, owner: str, want_output: bool, round_threads: int | None = None,
+          tol_floor: float | None = None):
+    """Run the exact partition; returns a dict of tensors for ``SliceResult``. With ``tol_floor`` (the default
+    tol), a small plane lowers tol site by site down to it (``_Partitioner.site_tol``)."""
     t0 = time.perf_counter()
     m = prepare_model(model, dtype, device)
     _check_finite_model(m, owner, dtype)
@@ -689,7 +709,7 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
     affine = runner.extract_affine(want_output=False)
     if affine is not None and any(s.apply is None for s in sites):
         affine = None
-    part = _Partitioner(mdl, sites, z_shape, sel, tol, memory_budget, owner, round_threads, affine)
+    part = _Partitioner(mdl, sites, z_shape, sel, tol, memory_budget, owner, round_threads, affine, tol_floor)
     part.run(mesh)
     R, dg = mesh.cells()
     W = int(dg.max())
@@ -697,7 +717,8 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
     coords = mesh.coords[: mesh.nv]
     xy = take(coords, R)
     area = polygon_area(xy, dg)
-    _check_tiling(area, plane, dtype, tol)
+    used = min([tol, *part.lowered.values()])  # the smallest relative tol of any site: the output's too
+    _check_tiling(area, plane, dtype, used)
     out = {"plane": plane, "sites": sites, "z_shape": z_shape, "site_bytes": part.site_bytes, "ring": R, "deg": dg,
            "coords": coords, "area": area, "codes": mesh.rows[0][: mesh.nc], "rounds": part.rounds,
            "fallbacks": part.fallbacks, "full": full, "slope": None, "offset": None, "outputs": None, "units": sel,
@@ -723,7 +744,7 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
             # decision boundary keeps, but the maps are of the model's one output, as predict() should return
             out["slope"], out["offset"] = (slope[..., 1:], offset[:, 1:]) if single else (slope, offset)
             out["outputs"] = outs[:, 1:] if single else outs
-            out["boundary"] = decision_boundary(part, coords, outs, R, dg, tol)
+            out["boundary"] = decision_boundary(part, coords, outs, R, dg, used)
     out["seconds"] = time.perf_counter() - t0
-    out["tol"] = tol
+    out["tol"], out["lowered"] = tol, part.lowered
     return out
