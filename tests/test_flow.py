@@ -63,3 +63,49 @@ def test_region_flow_matches_a_brute_force_walk(with_start):
         # equal names exactly where the states are equal
         names, states = g["example"]["regions"], w["example"][:200]
         assert len({(n, s) for n, s in zip(names, states)}) == len(set(names)) == len(set(states))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_flow_from_start_codes_counts_the_regions_a_dense_walk_visits(kind):
+    """Exact paths through a ReLU MLP (some layer-2 units flip and flip back) and a CNN with max pooling: with the
+    start codes that prediction 2 keeps (``_start_codes``), regions per path, distinct regions over all paths and
+    revisited transitions equal those of a dense walk of spline codes along each path (the walk fine enough to see
+    every crossing). Without start codes a region re-entered counted again (12.15 regions per path against 11.8)."""
+    import torch
+    from torch import nn
+
+    from polytope_lens.codes import spline_codes
+    from polytope_lens.experiments.prediction2 import _start_codes
+    from polytope_lens.paths import path_crossings
+
+    torch.manual_seed(3)
+    if kind == "mlp":
+        net = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+        a, b = torch.randn(20, 2) * 3, torch.randn(20, 2) * 3
+    else:
+        net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 4), nn.ReLU())
+        a, b = torch.randn(6, 1, 6, 6), torch.randn(6, 1, 6, 6)
+    net = net.double()
+    a, b = a.double(), b.double()
+    res = path_crossings(net, a, b, trace=False)
+    flow = region_flow(res, start_codes=_start_codes(net, a, res.sites))
+    ts = torch.linspace(0, 1, 4001, dtype=torch.float64)
+    for site in res.sites:
+        per_path, distinct, trans = [], set(), Counter()
+        for p in range(len(a)):
+            pts = a[p][None] + ts.view(-1, *[1] * (a.dim() - 1)) * (b[p] - a[p])[None]
+            rows = [r.tobytes() for r in spline_codes(net, pts, layers=[site])[site].pieces()]
+            seq = [r for i, r in enumerate(rows) if i == 0 or r != rows[i - 1]]
+            s_i = res.sites.index(site)
+            assert len(seq) - 1 == int((res.paths[p].records["site"] == s_i).sum())  # every crossing seen (no ties)
+            per_path.append(len(set(seq)))
+            distinct.update(seq)
+            trans.update(zip(seq[:-1], seq[1:]))
+        got = flow[site]
+        assert got["region"] == "code"
+        assert got["regions_per_path_mean"] == pytest.approx(np.mean(per_path))
+        assert got["distinct_regions"] == len(distinct)
+        assert got["revisits"] == sum(c for c in trans.values() if c > 1)
+    if kind == "mlp":  # the case the start codes fix: a region left and re-entered
+        last = res.sites[-1]
+        assert region_flow(res)[last]["regions_per_path_mean"] > flow[last]["regions_per_path_mean"]

@@ -87,6 +87,13 @@ def test_run_prediction2_digits_small():
     assert {"crossings[different vs same]", "crossings[different vs random]", "alignment[peak vs flip]"} <= names
     for e in d["entries"]:
         assert set(e) >= {"model", "statistic", "value", "baseline", "ci", "verdict"}
+    # the start codes (region_flow's, for the report) are the pieces each path leaves at its first crossing of a unit
+    assert set(r.start_codes) == set(r.paths["different"].sites)
+    for s_i, site in enumerate(r.paths["different"].sites):
+        for p_i, p in enumerate(r.paths["different"].paths):
+            m = p.records["site"] == s_i
+            units, first = np.unique(p.records["unit"][m], return_index=True)
+            assert (r.start_codes[site][p_i, units] != p.records["piece"][m][first]).all()
 
 
 def test_pairs_are_distinct_unordered_pairs():

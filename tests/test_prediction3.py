@@ -1,6 +1,7 @@
 """Prediction 3: validity intervals and density near their ends."""
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -120,3 +121,45 @@ def test_density_near_ends_uses_the_windows_exact_length():
     assert np.isclose(_density_near(xa, [1.0, 3.0], 0.25, 16.0, 0.1), 2 / 0.4)  # two disjoint windows
     assert np.isclose(_density_near(xa, [15.95], 0.25, 16.0, 0.1), 1 / 0.15)  # clipped at the end
     assert _density_near(xa, [], 0.25, 16.0, 0.1) is None
+
+
+def _one_change_net():
+    """x -> relu(x) -> relu(x - 0.1), relu(x - 0.3) -> logits (0.8, relu(x - 0.1)): along alpha * relu(1), hand
+    computed, the hidden kinks are at alpha = 0.1 and 0.3 and the class changes from 0 to 1 at alpha = 0.9; at
+    alpha = 1 the logits are (0.8, 0.9): class 1. On [0.25, 16] the regions are [0.25, 0.3] and [0.3, 16], whose
+    midpoints (0.275, 8.15) are both far from 1, and the one nearer to 1 has class 0."""
+    m = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 2))
+    with torch.no_grad():
+        m[0].weight.fill_(1.0), m[0].bias.zero_()
+        m[2].weight.copy_(torch.tensor([[1.0], [1.0]])), m[2].bias.copy_(torch.tensor([-0.1, -0.3]))
+        m[4].weight.copy_(torch.tensor([[0.0, 0.0], [1.0, 0.0]])), m[4].bias.copy_(torch.tensor([0.8, 0.0]))
+    return m.eval()
+
+
+def test_the_class_at_alpha_one_is_the_models_not_the_nearest_midpoints():
+    """The validity interval's class is the class at alpha = 1 (hand-computed: 1), through run_prediction3 (the
+    model's prediction) and through ray_statistics alone (the trace between the class changes around 1); the
+    nearest region midpoint (0.275, class 0) gave class 0 before."""
+    from polytope_lens.data._source import DataSource
+    from polytope_lens.experiments.prediction3 import run_prediction3
+    from polytope_lens.models._bundle import ModelBundle
+
+    m = _one_change_net()
+    bundle = ModelBundle("handmade", m, "vector", (1,), ["c0", "c1"], None, {})
+    src = DataSource("one", "array", np.ones((2, 1), np.float32), None, None, {})
+    r = run_prediction3(bundle, src, layer="1.relu", n_items=2, alphas=(0.25, 16.0), n_boot=20)
+    assert [iv["class"] for iv in r.intervals] == [1, 1]
+    assert r.intervals[0]["lo"] == pytest.approx(0.9, abs=1e-7) and r.intervals[0]["hi"] is None
+    st = ray_statistics(r.rays, n_boot=20)
+    assert [iv["class"] for iv in st["intervals"]] == [1, 1]
+
+
+@pytest.mark.parametrize("alphas", [(0.05, 0.3), (1.0, 4.0), (2.0, 0.5), (0.0, float("inf"))])
+def test_alphas_must_hold_one(alphas):
+    """A range of alpha without 1 has no validity interval (it is the range around the input's own activation):
+    refused before anything runs, instead of a statistic about classes the model does not predict at alpha = 1."""
+    from polytope_lens.errors import InvalidInputError
+    from polytope_lens.experiments.prediction3 import run_prediction3
+
+    with pytest.raises(InvalidInputError, match="alpha0 < 1 < alpha1"):
+        run_prediction3("nosuchmodel", "digits", layer="x", alphas=alphas)

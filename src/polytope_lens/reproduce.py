@@ -252,7 +252,7 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
             state["p2"].append(d2)
             results["prediction_2"] += [dict(e, data=d2["data"], exact=r2.exact, method=r2.method)
                                         for e in d2["entries"]]
-            state["flow"][_label(d2)] = region_flow(r2.paths["different"])
+            state["flow"][_label(d2)] = region_flow(r2.paths["different"], start_codes=r2.start_codes)
             timings[f"{m}/prediction_2"] = round(time.perf_counter() - t1, 2)
             # ---- prediction 3
             d3 = None

@@ -3,8 +3,9 @@
 ``region_flow(batch)`` walks the crossing ``records`` of every path of a ``PathBatchResult``: per site, each crossing
 moves the path into a new region of that site (the unit's piece changes). A region is the state "unit -> piece for
 every unit that has changed since the path's start", combined with the path's start point, so regions are comparable
-within a path; ``start_codes`` (site -> (P, n_units) piece arrays at t = 0, e.g. from
-``codes.spline_codes(...).layers[site].pieces``) makes the state the whole code, comparable across paths.
+within a path only, and a unit back on its start piece still counts as changed (a region left and re-entered counts
+twice); ``start_codes`` (site -> (P, n_units) piece arrays at t = 0, e.g. ``spline_codes(...)[site].pieces()``)
+makes the state the whole code, comparable across paths. Each site's ``region`` says which it was.
 
 States are named by a 64-bit hash kept up to date in O(1) per crossing (the XOR of a mixed 64-bit key per (unit,
 piece) entry: a change of unit u from piece a to b XORs key(u, a) and key(u, b)), so a path with tens of thousands of
@@ -62,7 +63,7 @@ def region_flow(batch, *, start_codes: dict | None = None, top_k: int = 5) -> di
     out = {}
     with np.errstate(over="ignore"):
         for s_i, site in enumerate(batch.sites):
-            n_regions, distinct, trans, example = [], set(), Counter(), None
+            n_regions, distinct, trans, example, whole = [], set(), Counter(), None, 0
             for p_i, p in enumerate(batch.paths):
                 m = p.records["site"] == s_i
                 ts, units = p.records["t"][m], p.records["unit"][m].astype(np.int64)
@@ -72,6 +73,7 @@ def region_flow(batch, *, start_codes: dict | None = None, top_k: int = 5) -> di
                     start = np.asarray(start_codes[site][p_i], dtype=np.int64).ravel()
                     if len(units) and units.max() >= len(start):
                         start = None
+                whole += start is not None
                 base = int(_key(np.array([p_i + 1]), np.array([-2]))[0])  # the path's own start
                 seq = _state_hashes(units, pieces, start, base)
                 n_regions.append(len(np.unique(seq)))
@@ -80,7 +82,9 @@ def region_flow(batch, *, start_codes: dict | None = None, top_k: int = 5) -> di
                 if p_i == 0:
                     example = {"regions": [_name(h) for h in seq[:200]], "t": [0.0] + [float(t) for t in ts[:199]],
                                "truncated": len(seq) > 200}
-            out[site] = {"regions_per_path_mean": float(np.mean(n_regions)) if n_regions else 0.0,
+            out[site] = {"region": "code" if whole == len(batch.paths) else
+                         "changed units" if not whole else "mixed",  # what a region is here (see the module)
+                         "regions_per_path_mean": float(np.mean(n_regions)) if n_regions else 0.0,
                          "regions_per_path_max": int(max(n_regions)) if n_regions else 0,
                          "distinct_regions": len(distinct),
                          "top_transitions": [{"from": _name(a), "to": _name(b), "count": c}

@@ -24,6 +24,7 @@ between consecutive samples, and the flip is where that change is largest (appro
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -167,6 +168,8 @@ class Prediction2Result:
     paths: dict = field(repr=False)
     pairs: dict = field(repr=False)
     settings: dict = field(default_factory=dict)
+    start_codes: dict | None = field(default=None, repr=False)  # site -> (P, units) pieces where each different-
+    # class path starts (float64; ``region_flow``'s start_codes); None for text, whose paths are sampled
 
     def entry(self, statistic: str) -> dict:
         """The entry of one statistic (e.g. ``"nmi[class]"``)."""
@@ -289,6 +292,7 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
     d = (b - a)
     u = torch.randn(d.shape, generator=torch.Generator().manual_seed(seed), dtype=d.dtype)
     u = u * (d.flatten(1).norm(dim=1) / u.flatten(1).norm(dim=1).clamp_min(1e-30)).view(-1, *[1] * (d.dim() - 1))
+    starts = None if text else _start_codes(bundle.module, a if layer is None else base, res_d.sites)
     say(f"{name}: {len(diff)} random-direction paths")
     res_c = crossings(a, a + u, base)
     res_s = None
@@ -329,4 +333,16 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
                              primary=primary, verdict=overall, plot=stats_["plot"], exact=res_d.exact,
                              method=res_d.method, layer=layer,
                              paths={"different": res_d, "same": res_s, "random": res_c},
-                             pairs={"different": diff, "same": same}, settings=settings)
+                             pairs={"different": diff, "same": same}, settings=settings, start_codes=starts)
+
+
+def _start_codes(module, starts, sites) -> dict:
+    """Pieces of every unit of ``sites`` at the paths' starts (the inputs, or the inputs that feed ``layer`` and every
+    other branch), in float64 as the exact engine runs, so that a crossing's piece follows the start's."""
+    from ..codes import spline_codes
+
+    m64 = copy.deepcopy(module).to(torch.float64)
+    cast = lambda v: v.to(torch.float64) if torch.is_floating_point(v) else v  # noqa: E731
+    x = {k: cast(v) for k, v in starts.items()} if isinstance(starts, dict) else cast(starts)
+    codes = spline_codes(m64, x, layers=list(sites))
+    return {s: codes[s].pieces() for s in sites}

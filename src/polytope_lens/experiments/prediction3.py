@@ -26,9 +26,9 @@ __all__ = ["Prediction3Result", "run_prediction3", "validity_interval", "ray_sta
 
 
 def validity_interval(alpha: np.ndarray, top_class: np.ndarray, at: float = 1.0, bounds=(None, None)):
-    """(lo, hi, cls): the contiguous range of trace positions ``alpha`` (region midpoints, sorted) around ``at``
-    with the class of ``at``; the ends are the midpoints between the last same-class and the first other-class
-    position, or ``bounds`` (None = open) when the class never changes on that side."""
+    """(lo, hi, cls): the contiguous range of trace positions ``alpha`` (samples, sorted) around ``at`` with the
+    class of the position nearest ``at``; the ends are the midpoints between the last same-class and the first
+    other-class position, or ``bounds`` (None = open) when the class never changes on that side."""
     alpha, top = np.asarray(alpha, float), np.asarray(top_class)
     i = int(np.argmin(np.abs(alpha - at)))
     c = top[i]
@@ -43,14 +43,22 @@ def validity_interval(alpha: np.ndarray, top_class: np.ndarray, at: float = 1.0,
     return lo, hi, int(c)
 
 
-def _ends(path) -> tuple[float | None, float | None, int]:
+def _ends(path, at_one: int | None = None) -> tuple[float | None, float | None, int]:
     """The validity interval's ends in alpha: the class changes nearest to alpha = 1 on each side (exact positions,
-    bisected on the model by the trace), None where the class never changes on that side."""
+    bisected on the model by the trace), None where the class never changes on that side; and the class at alpha = 1:
+    ``at_one`` (the model's own prediction there) or, unless given, that of the trace position nearest 1 between
+    those ends (a region's midpoint can lie beyond a change inside the region, on the other class's side)."""
     tr = path.trace
     changes = np.asarray(path.alpha(tr.class_changes), float)
-    at_one = int(tr.top_class[int(np.argmin(np.abs(np.asarray(path.alpha(tr.t)) - 1.0)))])
     below, above = changes[changes < 1.0], changes[changes > 1.0]
-    return (float(below.max()) if len(below) else None, float(above.min()) if len(above) else None, at_one)
+    lo = float(below.max()) if len(below) else None
+    hi = float(above.min()) if len(above) else None
+    if at_one is None:
+        xa = np.asarray(path.alpha(tr.t), float)
+        inside = np.flatnonzero((xa > (-np.inf if lo is None else lo)) & (xa < (np.inf if hi is None else hi)))
+        pick = inside if len(inside) else np.arange(len(xa))
+        at_one = tr.top_class[pick[int(np.argmin(np.abs(xa[pick] - 1.0)))]]
+    return lo, hi, int(at_one)
 
 
 def _density_near(xa: np.ndarray, ends: list[float], a0: float, a1: float, half_width: float):
@@ -68,17 +76,18 @@ def _density_near(xa: np.ndarray, ends: list[float], a0: float, a1: float, half_
 
 
 def ray_statistics(batch, *, model: str = "model", half_width: float = 0.1, n_boot: int = 1000, level: float = 0.95,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, classes_at_one=None) -> dict:
     """Validity intervals and boundary density near their ends, for a batch of rays (``ray_crossings``).
 
     The statistic is the density of crossings (per unit alpha) within ``half_width`` of a ray's own interval ends;
     the baseline is the same ray's density near the *other* rays' ends. Density along a ray depends on alpha by
     itself (kinks crowd near small alpha), so comparing each ray with itself at the alphas where other rays change
-    class isolates what is specific to its own class changes (paired bootstrap over rays).
+    class isolates what is specific to its own class changes (paired bootstrap over rays). ``classes_at_one``: each
+    ray's class at alpha = 1 (the model's prediction there; default: read from the trace, ``_ends``).
     """
     intervals, own_ends, xas, spans = [], [], [], []
-    for p in batch.paths:
-        lo, hi, c = _ends(p)
+    for i, p in enumerate(batch.paths):
+        lo, hi, c = _ends(p, None if classes_at_one is None else int(classes_at_one[i]))
         intervals.append({"lo": lo, "hi": hi, "class": c})
         own_ends.append([e for e in (lo, hi) if e is not None])
         xas.append(np.asarray(p.alpha(p.records["t"]), float))
@@ -146,6 +155,11 @@ def run_prediction3(model, data, *, layer: str, n_items: int = 50, alphas=(0.25,
     from ..paths import ray_crossings, site_activations
     from ._along import outputs_along
 
+    a0, a1 = (float(v) for v in alphas) if np.size(alphas) == 2 else (np.nan, np.nan)
+    if not (np.isfinite(a0) and np.isfinite(a1) and a0 < 1.0 < a1):
+        raise InvalidInputError(f"The 'alphas' parameter of run_prediction3 must be (alpha0, alpha1) with alpha0 < 1 < "
+                                f"alpha1: the validity interval is the range of alpha around 1 (the input's own "
+                                f"activation) with its class. Got {alphas!r}.")
     bundle = load_model(model) if isinstance(model, str) else model
     if bundle.modality == "text":
         raise InvalidInputError("run_prediction3 needs a classifier (the validity interval is defined by the top "
@@ -157,8 +171,11 @@ def run_prediction3(model, data, *, layer: str, n_items: int = 50, alphas=(0.25,
     say(f"{bundle.spec}: {len(idx)} scaling rays at {layer}")
     rays = ray_crossings(bundle.module, x.tensors, layer=layer, alphas=tuple(alphas), method=method,
                          n_samples=n_samples, **({} if units is None else {"units": units}))
-    st = ray_statistics(rays, model=bundle.spec, half_width=half_width, n_boot=n_boot, level=level, seed=seed)
     a = site_activations(bundle.module, x.tensors, layer=layer).to(torch.float32)
+    with torch.no_grad():  # alpha = 1 is the input itself: its class is the model's prediction
+        at_one = outputs_along(bundle.module, lambda d: bundle.module(**d), x.tensors, layer, a[:, None])[:, 0]
+    st = ray_statistics(rays, model=bundle.spec, half_width=half_width, n_boot=n_boot, level=level, seed=seed,
+                        classes_at_one=at_one.argmax(-1).tolist())
     grid = np.linspace(alphas[0], alphas[1], n_grid)
     pts = a[:, None] * torch.tensor(grid, dtype=torch.float32).view(1, -1, *[1] * (a.dim() - 1))
     out = outputs_along(bundle.module, lambda d: bundle.module(**d), x.tensors, layer, pts)

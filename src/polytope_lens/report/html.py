@@ -137,14 +137,19 @@ def render_report(state: dict) -> str:
     parts.append("".join(sec))
     # flow
     sec = ["<section id='flow'><h2>Representational flow</h2><p>Regions visited per layer along the "
-           "different-class paths of prediction 2 (a region = the site's spline code; hashed).</p>"]
+           "different-class paths of prediction 2, named by a hash. A region is the site's spline code (from the "
+           "codes at each path's start); where a site's row says <i>changed units</i> (text models' sampled paths), "
+           "it is the pieces of the units changed since the path's start, so regions are not shared between paths "
+           "and a region re-entered counts again.</p>"]
     for model, fl in state.get("flow", {}).items():
         rows = "".join(
-            f"<tr><td>{_f(site)}</td><td>{_f(v['regions_per_path_mean'])}</td><td>{v['regions_per_path_max']}</td>"
+            f"<tr><td>{_f(site)}</td><td>{_f(v.get('region', ''))}</td><td>{_f(v['regions_per_path_mean'])}</td>"
+            f"<td>{v['regions_per_path_max']}</td>"
             f"<td>{v['distinct_regions']}</td><td>{v['revisits']}</td><td>"
             + ", ".join(f"{t['from']}→{t['to']} ×{t['count']}" for t in v["top_transitions"][:3]) + "</td></tr>"
             for site, v in fl.items())
-        sec.append(f"<h3>{_f(model)}</h3><table><tr><th>site</th><th>regions per path (mean)</th><th>max</th>"
+        sec.append(f"<h3>{_f(model)}</h3><table><tr><th>site</th><th>region</th><th>regions per path (mean)</th>"
+                   "<th>max</th>"
                    f"<th>distinct regions</th><th>repeated transitions</th><th>most frequent transitions</th></tr>"
                    f"{rows}</table>")
     sec.append("</section>")
