@@ -44,8 +44,8 @@ def test_alignment_separates_aligned_from_spread():
     rng = np.random.default_rng(0)
     aligned = _batch([0.5 + rng.uniform(-0.02, 0.02, 40) for _ in range(12)])
     spread = _batch([rng.uniform(0.01, 0.99, 40) for _ in range(60)])
-    a = {e["statistic"]: e for e in path_statistics(aligned, n_boot=300)["entries"]}
-    s = {e["statistic"]: e for e in path_statistics(spread, n_boot=300)["entries"]}
+    a = {e["statistic"]: e for e in path_statistics(aligned)["entries"]}
+    s = {e["statistic"]: e for e in path_statistics(spread)["entries"]}
     assert np.allclose(aligned.paths[0].trace.class_changes, [0.5], atol=1e-6)  # bisected on the model
     assert a["alignment[peak vs flip]"]["verdict"] == "holds"
     assert a["alignment[peak vs flip]"]["mean_distance"] < 0.03
@@ -56,7 +56,7 @@ def test_alignment_separates_aligned_from_spread():
 def test_kinks_far_from_flip_do_not_hold():
     """Kinks all at t = 0.95 (flip at 0.5): the peak is farther from the flip than a random flip would be."""
     far = _batch([0.95 + np.linspace(-0.01, 0.01, 30) for _ in range(10)])
-    e = {x["statistic"]: x for x in path_statistics(far, n_boot=300)["entries"]}["alignment[peak vs flip]"]
+    e = {x["statistic"]: x for x in path_statistics(far)["entries"]}["alignment[peak vs flip]"]
     assert e["value"] < e["baseline"]
     assert e["verdict"] == "does not hold"
 
@@ -65,9 +65,9 @@ def test_different_vs_same_counts_verdicts():
     """More crossings on different-class paths holds; the reverse does not hold."""
     many = _batch([np.linspace(0.1, 0.9, 40) for _ in range(8)])
     few = _batch([np.linspace(0.1, 0.9, 5) for _ in range(8)])
-    e = {x["statistic"]: x for x in path_statistics(many, few, n_boot=300)["entries"]}
+    e = {x["statistic"]: x for x in path_statistics(many, few)["entries"]}
     assert e["crossings[different vs same]"]["verdict"] == "holds"
-    e = {x["statistic"]: x for x in path_statistics(few, many, n_boot=300)["entries"]}
+    e = {x["statistic"]: x for x in path_statistics(few, many)["entries"]}
     assert e["crossings[different vs same]"]["verdict"] == "does not hold"
     assert e["crossings[different vs same]"]["value"] == 5
 
@@ -80,7 +80,7 @@ def test_run_prediction2_digits_small():
     """The real pipeline on digits-cnn: exact paths at a late site, all entries well formed."""
     from polytope_lens.experiments.prediction2 import run_prediction2
 
-    r = run_prediction2("digits-cnn", "digits", layer="pool2.max_pool2d", n_pairs=3, n_items=60, n_boot=50)
+    r = run_prediction2("digits-cnn", "digits", layer="pool2.max_pool2d", n_pairs=3, n_items=60)
     d = r.to_dict()
     assert r.exact and d["method"] == "exact"
     names = {e["statistic"] for e in d["entries"]}

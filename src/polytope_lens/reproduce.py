@@ -171,7 +171,7 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
     ----------
     out_dir : path
     quick : bool
-        Small sizes and fewer bootstrap resamples (``QUICK``), under 5 minutes on 2 CPU cores.
+        Small sizes and fewer bootstrap resamples for prediction 1 (``QUICK``), under 5 minutes on 2 CPU cores.
     models : list of str, optional
         Jobs to run (keys of ``JOBS``); default all of them, or ``QUICK_MODELS`` with ``quick`` (a job whose
         model or data is not installed is skipped).
@@ -241,13 +241,13 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
                 r2 = run_prediction2(bundle, data, layer=job["layer"], n_pairs=n2,
                                      n_items=2 * n2, method="sampled", n_samples=cfg["n_samples"],
                                      tol=1.0 / cfg["n_samples"],  # crossings located to the sample spacing
-                                     n_boot=nb, max_length=32, progress=say)
+                                     max_length=32, progress=say)
             elif photos:
-                r2 = run_prediction2(bundle, data, layer=job["layer"], n_pairs=n2, n_boot=nb,
+                r2 = run_prediction2(bundle, data, layer=job["layer"], n_pairs=n2,
                                      units=job.get("units"), progress=say)
             else:
                 r2 = run_prediction2(bundle, data, layer=job["layer"], n_pairs=n2,
-                                     n_items=cfg["p2_items"], n_boot=nb, progress=say)
+                                     n_items=cfg["p2_items"], progress=say)
             d2 = r2.to_dict()
             state["p2"].append(d2)
             results["prediction_2"] += [dict(e, data=d2["data"], exact=r2.exact, method=r2.method)
@@ -260,7 +260,7 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
                 t2 = time.perf_counter()
                 say(f"{m}: prediction 3")
                 index = np.arange(0, len(data), 5)[:n3] if photos else None
-                r3 = run_prediction3(bundle, data, layer=job["p3_layer"], n_items=n3, n_boot=nb, index=index,
+                r3 = run_prediction3(bundle, data, layer=job["p3_layer"], n_items=n3, index=index,
                                      alphas=job.get("p3_alphas", (0.25, 4.0)), units=job.get("units"),
                                      progress=say)
                 d3 = r3.to_dict()

@@ -9,8 +9,8 @@ trace (top class, Jensen-Shannon divergence between consecutive regions).
 ``path_statistics(different, same, control, ...)`` computes the statistics from ``PathBatchResult`` objects, so
 hand-made models can be tested directly. Statistics (larger is better for every one; CI of method - baseline):
 
-* ``density[different vs same]``: mean crossings per unit length, different-class vs same-class paths (unpaired
-  bootstrap: each group resampled on its own);
+* ``density[different vs same]``: mean crossings per unit length, different-class vs same-class paths (Welch's t
+  interval: two independent groups; the others are paired t intervals, ``stats.mean_difference_ci``);
 * ``crossings[different vs same]`` and ``crossings[different vs random]`` (the latter paired by start point);
 * ``alignment[peak vs flip]``: ``1 - |t_peak - t_flip|`` (t_peak = centre of the densest of ``n_windows`` windows,
   t_flip = the prediction flip nearest to it; flips are located on the model by the trace's bisection) vs the null
@@ -33,7 +33,7 @@ import torch
 _GRID = (np.arange(2000) + 0.5) / 2000  # U(0, 1) quadrature for the alignment null
 
 from ..errors import InvalidInputError
-from .stats import find_entry, paired_bootstrap, percentile_ci, verdict
+from .stats import find_entry, mean_difference_ci, verdict
 
 __all__ = ["Prediction2Result", "run_prediction2", "path_statistics", "window_counts"]
 
@@ -62,17 +62,13 @@ def _spearman(a, b) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def _unpaired(xa: np.ndarray, xb: np.ndarray, n_boot: int, seed: int):
-    ra = paired_bootstrap(lambda i: {"m": xa[i].mean()}, len(xa), n_boot=n_boot, random_state=seed)["m"]
-    rb = paired_bootstrap(lambda i: {"m": xb[i].mean()}, len(xb), n_boot=n_boot, random_state=seed + 1)["m"]
-    return ra - rb
-
-
 def path_statistics(different, same=None, control=None, *, model: str = "model", n_windows: int = 20,
-                    n_boot: int = 1000, level: float = 0.95, seed: int = 0, flips=None, js=None) -> dict:
+                    level: float = 0.95, seed: int = 0, flips=None, js=None) -> dict:
     """Entries and plot data from path batches (``PathBatchResult``) of different-class, same-class and control
     paths. ``flips``/``js`` (lists per different-class path) override the trace's class changes and JS (used for
-    text encoders). Returns ``{"entries": [...], "plot": {...}}``."""
+    text encoders); ``seed`` draws the shuffles of the correlation's null. Each CI is a t interval of the
+    difference of means (``stats.mean_difference_ci``: Welch's for different vs same-class paths, paired
+    otherwise). Returns ``{"entries": [...], "plot": {...}}``."""
     rng = np.random.default_rng(seed)
     entries = []
     d_counts = different.counts.astype(np.float64)
@@ -80,18 +76,17 @@ def path_statistics(different, same=None, control=None, *, model: str = "model",
     if same is not None and len(same):
         s_counts = same.counts.astype(np.float64)
         s_dens = np.array([p.density for p in same.paths])
-        diff = _unpaired(d_dens, s_dens, n_boot, seed)
         entries.append(_entry(model, "density[different vs same]", d_dens.mean(), s_dens.mean(),
-                              percentile_ci(diff, level), unit="crossings per unit length"))
-        diff = _unpaired(d_counts, s_counts, n_boot, seed)
+                              mean_difference_ci(d_dens, s_dens, paired=False, level=level),
+                              unit="crossings per unit length"))
         entries.append(_entry(model, "crossings[different vs same]", d_counts.mean(), s_counts.mean(),
-                              percentile_ci(diff, level), unit="crossings per path"))
+                              mean_difference_ci(d_counts, s_counts, paired=False, level=level),
+                              unit="crossings per path"))
     if control is not None and len(control) == len(different):
         c_counts = control.counts.astype(np.float64)
-        reps = paired_bootstrap(lambda i: {"d": d_counts[i].mean() - c_counts[i].mean()}, len(d_counts),
-                                n_boot=n_boot, random_state=seed)
         entries.append(_entry(model, "crossings[different vs random]", d_counts.mean(), c_counts.mean(),
-                              percentile_ci(reps["d"], level), unit="crossings per path (same start and length)"))
+                              mean_difference_ci(d_counts, c_counts, paired=True, level=level),
+                              unit="crossings per path (same start and length)"))
     # windows, alignment, correlation
     centres = (np.arange(n_windows) + 0.5) / n_windows
     dens_w, js_w, peaks, flips_used, align, align_base, rho, rho_sh = [], [], [], [], [], [], [], []
@@ -123,18 +118,16 @@ def path_statistics(different, same=None, control=None, *, model: str = "model",
             rho_sh.append(np.nanmean([_spearman(w, rng.permutation(jw)) for _ in range(20)]))
     if align:
         a, b = np.array(align), np.array(align_base)
-        reps = paired_bootstrap(lambda i: {"d": a[i].mean() - b[i].mean()}, len(a), n_boot=n_boot,
-                                random_state=seed)
-        entries.append(_entry(model, "alignment[peak vs flip]", a.mean(), b.mean(), percentile_ci(reps["d"], level),
+        entries.append(_entry(model, "alignment[peak vs flip]", a.mean(), b.mean(),
+                              mean_difference_ci(a, b, paired=True, level=level),
                               n_paths=len(a), mean_distance=float(1 - a.mean())))
     else:
         entries.append(_entry(model, "alignment[peak vs flip]", float("nan"), float("nan"),
                               (float("nan"), float("nan")), n_paths=0))
     if rho:
         a, b = np.array(rho), np.array(rho_sh)
-        reps = paired_bootstrap(lambda i: {"d": a[i].mean() - b[i].mean()}, len(a), n_boot=n_boot,
-                                random_state=seed)
-        entries.append(_entry(model, "spearman[density vs JS]", a.mean(), b.mean(), percentile_ci(reps["d"], level),
+        entries.append(_entry(model, "spearman[density vs JS]", a.mean(), b.mean(),
+                              mean_difference_ci(a, b, paired=True, level=level),
                               n_paths=len(a)))
     plot = {"counts": {"different": different.counts.tolist(),
                        "same": same.counts.tolist() if same is not None else [],
@@ -201,7 +194,7 @@ def _draw_pairs(labels: np.ndarray, n_pairs: int, rng) -> tuple[np.ndarray, np.n
 
 
 def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50, n_items: int = 200, seed: int = 0,
-                    method: str = "auto", n_samples: int = 256, n_windows: int = 20, n_boot: int = 1000,
+                    method: str = "auto", n_samples: int = 256, n_windows: int = 20,
                     level: float = 0.95, labels=None, max_length: int = 64, primary: str = "alignment[peak vs flip]",
                     units=None, tol: float = 1e-9, progress=None) -> Prediction2Result:
     """Crossings along different-class, same-class and random-direction paths, against the semantic trace.
@@ -220,9 +213,9 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
     method, n_samples, units, tol
         Passed to ``path_crossings`` (``auto``: exact where the model is piecewise linear after ``layer``;
         ``units="position"``: count the last site's crossings for its centre channel vector only).
-    n_windows, n_boot, level, seed
-        Windows for the density profile; bootstrap resamples and level; seed of pairs, directions, resampling
-        (pairs are distinct: a segment and its reverse count once).
+    n_windows, level, seed
+        Windows for the density profile; level of the t intervals (``path_statistics``); seed of pairs, directions
+        and the correlation's shuffles (pairs are distinct: a segment and its reverse count once).
     primary : str
         The statistic whose verdict is the overall one: one of ``STATISTICS`` (``TEXT_STATISTICS`` for text
         encoders); anything else is an error before any path is run.
@@ -313,7 +306,7 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
         mids = (0.5 * (ts[1:] + ts[:-1])).numpy()
         flips = [[float(mids[int(np.argmax(c))])] for c in change]
         js = [(mids, c) for c in change]
-    stats_ = path_statistics(res_d, res_s, res_c, model=name, n_windows=n_windows, n_boot=n_boot, level=level,
+    stats_ = path_statistics(res_d, res_s, res_c, model=name, n_windows=n_windows, level=level,
                              seed=seed, flips=flips, js=js)
     entries = stats_["entries"]
     if text:
@@ -324,7 +317,7 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
     overall = next((e["verdict"] for e in entries if e["statistic"] == primary), "inconclusive")
     settings = {"n_pairs": int(len(diff)), "n_same": int(len(same)), "n_items": len(source), "seed": seed,
                 "layer": layer, "method": res_d.method, "n_samples": n_samples, "n_windows": n_windows,
-                "n_boot": n_boot, "level": level, "dtype": res_d.dtype, "tolerance": res_d.tolerance,
+                "level": level, "dtype": res_d.dtype, "tolerance": res_d.tolerance,
                 "seconds": float(res_d.seconds + res_c.seconds + (res_s.seconds if res_s else 0.0)),
                 "semantic": "embedding change (1 - cosine of mean-pooled output)" if text else "top class / JS",
                 "sites": list(res_d.sites), "units": units if units is None or isinstance(units, str) else

@@ -6,7 +6,7 @@ the top-class probability on an alpha grid, and finds the **validity interval**:
 alpha = 1 over which the top class equals the class at alpha = 1. Its finite ends (class changes, located on the
 model) are compared with boundary density: ``density[near validity ends vs elsewhere]`` = crossings per unit alpha
 within ``half_width`` of the ray's own ends vs the same ray's density near the other rays' ends (a null that keeps
-the ray's own alpha-dependence of density; paired bootstrap over rays).
+the ray's own alpha-dependence of density; paired t interval over rays, ``stats.mean_difference_ci``).
 
 ``validity_interval(alpha, top_class)`` and ``ray_statistics(batch, ...)`` work on any trace, for tests.
 """
@@ -20,7 +20,7 @@ import torch
 
 from ..errors import InvalidInputError
 from .prediction2 import _entry
-from .stats import paired_bootstrap, percentile_ci
+from .stats import mean_difference_ci
 
 __all__ = ["Prediction3Result", "run_prediction3", "validity_interval", "ray_statistics"]
 
@@ -75,14 +75,14 @@ def _density_near(xa: np.ndarray, ends: list[float], a0: float, a1: float, half_
     return None if length <= 0 else mask.sum() / length
 
 
-def ray_statistics(batch, *, model: str = "model", half_width: float = 0.1, n_boot: int = 1000, level: float = 0.95,
-                   seed: int = 0, classes_at_one=None) -> dict:
+def ray_statistics(batch, *, model: str = "model", half_width: float = 0.1, level: float = 0.95,
+                   classes_at_one=None) -> dict:
     """Validity intervals and boundary density near their ends, for a batch of rays (``ray_crossings``).
 
     The statistic is the density of crossings (per unit alpha) within ``half_width`` of a ray's own interval ends;
     the baseline is the same ray's density near the *other* rays' ends. Density along a ray depends on alpha by
     itself (kinks crowd near small alpha), so comparing each ray with itself at the alphas where other rays change
-    class isolates what is specific to its own class changes (paired bootstrap over rays). ``classes_at_one``: each
+    class isolates what is specific to its own class changes (paired t interval over rays). ``classes_at_one``: each
     ray's class at alpha = 1 (the model's prediction there; default: read from the trace, ``_ends``).
     """
     intervals, own_ends, xas, spans = [], [], [], []
@@ -107,10 +107,9 @@ def ray_statistics(batch, *, model: str = "model", half_width: float = 0.1, n_bo
     entries = []
     if near:
         a, b = np.array(near), np.array(far)
-        reps = paired_bootstrap(lambda i: {"d": a[i].mean() - b[i].mean()}, len(a), n_boot=n_boot,
-                                random_state=seed)
         entries.append(_entry(model, "density[near validity ends vs elsewhere]", a.mean(), b.mean(),
-                              percentile_ci(reps["d"], level), unit="crossings per unit alpha", n_rays=len(a),
+                              mean_difference_ci(a, b, paired=True, level=level), unit="crossings per unit alpha",
+                              n_rays=len(a),
                               half_width=half_width))
     else:
         entries.append(_entry(model, "density[near validity ends vs elsewhere]", float("nan"), float("nan"),
@@ -146,7 +145,7 @@ class Prediction3Result:
 
 def run_prediction3(model, data, *, layer: str, n_items: int = 50, alphas=(0.25, 4.0), seed: int = 0,
                     method: str = "auto", n_samples: int = 512, half_width: float = 0.1, n_grid: int = 81,
-                    n_boot: int = 1000, level: float = 0.95, index=None, units=None,
+                    level: float = 0.95, index=None, units=None,
                     progress=None) -> Prediction3Result:
     """Scale site ``layer``'s activation of ``n_items`` inputs by alpha in ``alphas``; validity intervals and the
     density of boundaries near their ends. ``index``: rows of the data to use (default the first ``n_items``)."""
@@ -174,7 +173,7 @@ def run_prediction3(model, data, *, layer: str, n_items: int = 50, alphas=(0.25,
     a = site_activations(bundle.module, x.tensors, layer=layer).to(torch.float32)
     with torch.no_grad():  # alpha = 1 is the input itself: its class is the model's prediction
         at_one = outputs_along(bundle.module, lambda d: bundle.module(**d), x.tensors, layer, a[:, None])[:, 0]
-    st = ray_statistics(rays, model=bundle.spec, half_width=half_width, n_boot=n_boot, level=level, seed=seed,
+    st = ray_statistics(rays, model=bundle.spec, half_width=half_width, level=level,
                         classes_at_one=at_one.argmax(-1).tolist())
     grid = np.linspace(alphas[0], alphas[1], n_grid)
     pts = a[:, None] * torch.tensor(grid, dtype=torch.float32).view(1, -1, *[1] * (a.dim() - 1))
@@ -192,7 +191,7 @@ def run_prediction3(model, data, *, layer: str, n_items: int = 50, alphas=(0.25,
         iv["class_name"] = names[iv["class"]] if names else str(iv["class"])
     e = st["entries"]
     settings = {"layer": layer, "alphas": list(alphas), "n_items": int(len(idx)), "method": rays.method,
-                "dtype": rays.dtype, "tolerance": rays.tolerance, "half_width": half_width, "n_boot": n_boot,
+                "dtype": rays.dtype, "tolerance": rays.tolerance, "half_width": half_width,
                 "level": level, "seconds": rays.seconds, "sites": list(rays.sites), "notes": list(rays.notes),
                 "units": units if units is None or isinstance(units, str) else "selected",
                 "closed_intervals": int(np.isfinite(st["widths"]).sum())}

@@ -76,9 +76,11 @@ def render_report(state: dict) -> str:
                         f"<td>[{_f(e['ci'][0])}, {_f(e['ci'][1])}]</td><td>{_verdict(e['verdict'])}</td>"
                         f"<td>{'exact' if r.get('exact') else 'approximate'}</td></tr>")
     parts.append("<section id='summary'><h2>Summary</h2><p>One verdict per prediction per model, from its primary "
-                 "statistic: <b>holds</b> when the value beats the baseline and the whole bootstrap CI of the "
+                 "statistic: <b>holds</b> when the value beats the baseline and the whole 95% CI of the "
                  "difference is above 0, <b>does not hold</b> when the whole CI is below 0, else "
-                 "<b>inconclusive</b>.</p><table><tr><th>prediction</th><th>model</th><th>statistic</th>"
+                 "<b>inconclusive</b> (CIs: a paired percentile bootstrap over items for prediction 1, t intervals of "
+                 "the mean difference over paths or rays for predictions 2 and 3).</p>"
+                 "<table><tr><th>prediction</th><th>model</th><th>statistic</th>"
                  "<th>value</th><th>baseline</th><th>95% CI of difference</th><th>verdict</th><th>counts</th></tr>"
                  + "".join(rows) + "</table></section>")
     # prediction 1
