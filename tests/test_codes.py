@@ -275,11 +275,12 @@ def test_packed_bytes_are_planar_thermometer_bits():
 @pytest.mark.parametrize("n_bits", [1, 8, 63, 64, 1000])
 def test_word_packing_equals_numpy_packbits(n_bits):
     """The device packing (8 bools as one int64 word, gathered by a multiplication) gives numpy's little-endian
-    packbits bytes, also for a view that starts off an 8-byte boundary."""
+    packbits bytes, also for a view that starts off an 8-byte boundary and a one-row view whose row stride is not a
+    multiple of 8 (torch calls it contiguous: the word view failed)."""
     from polytope_lens.codes import _pack_bits_words
 
     bits = torch.rand(5, n_bits + 3, generator=torch.Generator().manual_seed(n_bits)) > 0.5
-    for view in (bits[:, :n_bits], bits[:, 3:]):
+    for view in (bits[:, :n_bits], bits[:, 3:], bits[1:2, 3:], bits[4:, :n_bits]):
         np.testing.assert_array_equal(_pack_bits_words(view).numpy(),
                                       np.packbits(view.numpy(), axis=1, bitorder="little"))
 
@@ -335,3 +336,26 @@ def test_a_nonlinearity_of_parameters_has_no_codes():
                           (m.lin(x) > 0).numpy())
     with pytest.raises(InvalidInputError, match="'softplus' has no row per example"):
         spline_codes(m, x, layers="softplus")
+
+
+def test_a_site_that_does_not_run_is_named_with_the_data_sets_example_indices():
+    """A model whose call graph changes only on example 30 (of 40, chunks of 10): the error names examples 30..39,
+    not the chunk's own 0..9."""
+    from polytope_lens.data._source import DataSource
+    from polytope_lens.extract import extract_codes
+    from polytope_lens.models._bundle import ModelBundle
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 5)
+
+        def forward(self, x):
+            z = self.lin(x)
+            return z if bool((x[:, 0] > 100).any()) else torch.relu(z)
+
+    x = np.random.default_rng(0).standard_normal((40, 3)).astype(np.float32)
+    x[30, 0] = 1000.0
+    bundle = ModelBundle("custom", Branchy().eval(), "vector", (3,))
+    with pytest.raises(InvalidInputError, match=r"did not run on examples 30\.\.39;"):
+        extract_codes(bundle, DataSource("arr", "array", x, provenance={}), batch_size=10)

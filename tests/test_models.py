@@ -403,3 +403,20 @@ def test_recipe_key_changes_with_recipe(monkeypatch):
     key = embedded.recipe_key("digits-cnn")
     monkeypatch.setitem(embedded.RECIPES, "digits-cnn", {**embedded.RECIPES["digits-cnn"], "epochs": 31})
     assert embedded.recipe_key("digits-cnn") != key
+
+
+def test_units_all_on_batches_of_different_lengths_is_one_clear_error(tiny_gpt2_dir, tmp_path):
+    """Text batches are padded to their own longest sequence: units='all' rows of a token-level site then change
+    width from chunk to chunk. In memory and into a store this is a one-line error naming units='tokens' (a raw
+    numpy or zarr broadcast error before), and no store is left."""
+    from polytope_lens.errors import PolytopeLensError
+    from polytope_lens.extract import extract_codes, extract_to_store
+
+    bundle = load_model(f"hf:{tiny_gpt2_dir}")
+    data = DataSource("t", "text", TEXTS)
+    for run in (lambda: extract_codes(bundle, data, units="all", batch_size=1),
+                lambda: extract_to_store(bundle, data, tmp_path / "s.zarr", units="all", batch_size=1)):
+        with pytest.raises(PolytopeLensError, match=r"gives units of shape \(3, .*\) in one batch and \(12, .*use "
+                                                    r"units='tokens'"):
+            run()
+    assert list(tmp_path.iterdir()) == []

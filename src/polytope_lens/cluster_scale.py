@@ -15,10 +15,11 @@ HDBSCAN over the dense distance matrix) without ever forming the ``rows x rows``
    Jaccard graph is approximate even with the flat index; the tests measure its agreement with exact HDBSCAN.
 2. **Core distances** are the distance to the ``min_samples``-th neighbour counting the row itself, as in sklearn.
 3. **Mutual reachability** ``max(core_i, core_j, d_ij)`` on the kNN edges, made symmetric. If the graph has several
-   connected components they are bridged exactly at the component level: up to ``bridge_samples`` members of each
+   connected components they are bridged at the component level: up to ``bridge_samples`` members of each
    component are searched against each other (a flat index, widening ``k`` until the component graph connects), and
-   every inter-component candidate edge is added with its mutual-reachability weight. With all members sampled, this
-   adds the true lightest edge between any two components.
+   every inter-component candidate edge is added with its exact mutual-reachability weight. The lightest edge between
+   two given components need not be among them (a tester found component pairs without any edge); in 200 random
+   trials of up to 15 components with all members sampled the spanning tree's weight still equalled the exact one.
 4. **Minimum spanning forest** with ``scipy.sparse.csgraph.minimum_spanning_tree`` (weights shifted by +1 so that
    zero-distance duplicates stay edges; the weights of the tree's edges are recomputed exactly afterwards).
 5. **Hierarchy and selection** by sklearn's own HDBSCAN kernels (``make_single_linkage`` then ``tree_to_labels``:

@@ -68,8 +68,9 @@ def _pack_bits_words(bits: torch.Tensor) -> torch.Tensor:
     if pad:
         bits = torch.nn.functional.pad(bits, (0, pad))
     bits = bits.contiguous()
-    if bits.storage_offset() % 8:
-        bits = bits.clone()  # int64 words must start on 8-byte boundaries
+    if bits.storage_offset() % 8 or (len(bits) and bits.stride(0) != bits.shape[1]):
+        # int64 words must start on 8-byte boundaries; a one-row view counts as contiguous whatever its row stride
+        bits = torch.empty(bits.shape, dtype=bits.dtype, device=bits.device).copy_(bits)
     words = bits.view(torch.uint8).view(torch.int64)
     return (words * _GATHER_BYTES).bitwise_right_shift_(56).to(torch.uint8)
 
@@ -441,10 +442,11 @@ class CodeExtractor:
                     "leave it out of 'layers'.")
         return self.sites
 
-    def __call__(self, inputs, progress: Callable[[int], None] | None = None, allow_empty: bool = False
-                 ) -> SplineCodes:
+    def __call__(self, inputs, progress: Callable[[int], None] | None = None, allow_empty: bool = False,
+                 first: int = 0) -> SplineCodes:
         """The codes of ``inputs``; ``allow_empty``: a chunk of a larger data set may select no rows (its short
-        sequences), which is then the caller's to check over the whole set (``no_rows_error``)."""
+        sequences), which is then the caller's to check over the whole set (``no_rows_error``); ``first``: the data
+        set's index of ``inputs``' first example (named in errors)."""
         n_total = _check_inputs(inputs)
         wanted = {s.name: s for s in self.resolve_sites(inputs)}
         selection, soft = self.selection, self.soft
@@ -472,7 +474,7 @@ class CodeExtractor:
                     units = selection.apply(site, full, rows)
                     shape = full.shape[1:] if selection.kind == "all" else units.shape[1:]
                     packed = pack_pieces(units, act)
-                shapes.setdefault(site.name, tuple(shape))
+                check_unit_shape(site.name, shape, shapes.setdefault(site.name, tuple(shape)), selection.kind)
                 chunks[site.name].append(to_host(packed))
                 if soft:
                     s = act.soft(z)
@@ -487,7 +489,8 @@ class CodeExtractor:
             wait_for_copies(parts[-1] for parts in chunks.values() if parts)
             if len(done) != len(wanted):
                 raise InvalidInputError(
-                    f"Sites {sorted(set(wanted) - done)} did not run on rows {offset}..{offset + blen - 1}; the "
+                    f"Sites {sorted(set(wanted) - done)} did not run on examples {first + offset}.."
+                    f"{first + offset + blen - 1}; the "
                     "model's call graph depends on its input, which spline codes do not support.")
             all_rows.append(rows + np.array([offset, 0]))
             offset += blen
@@ -503,6 +506,16 @@ class CodeExtractor:
                 name, site.alias, site.activation.describe(), int(np.prod(shapes[name])), shapes[name],
                 _joined(chunks[name]), _joined(softs[name]) if softs[name] else None)
         return SplineCodes(layers_out, rows, selection.to_dict(), dtype or "unknown", {"n_examples": n_total})
+
+
+def check_unit_shape(site: str, shape: tuple, before: tuple, selection: str) -> None:
+    """Rows of one site must have one unit shape across batches and chunks; with ``units="all"`` a text model's
+    token-level site is as long as each batch's longest sequence, so it does not."""
+    if tuple(shape) != tuple(before):
+        hint = (" With units='all' a token-level site is as long as each batch's longest sequence: use units='tokens' "
+                "or 'all-tokens' (one row per token)." if selection == "all" else "")
+        raise InvalidInputError(f"Site {site!r} gives units of shape {tuple(shape)} in one batch and {tuple(before)} "
+                                f"in an earlier one, so its codes cannot be rows of one width.{hint}")
 
 
 def no_rows_error(selection: dict) -> InvalidInputError:

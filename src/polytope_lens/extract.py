@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .capture import model_errors
-from .codes import CodeExtractor, SplineCodes, UnitSelection, no_rows_error
+from .codes import CodeExtractor, SplineCodes, UnitSelection, check_unit_shape, no_rows_error
 from .errors import InvalidInputError
 from .store import CodeStoreWriter
 
@@ -94,7 +94,7 @@ def chunk_coder(bundle, source, *, layers, selection: UnitSelection, soft: bool,
         idx = np.arange(first, min(first + batch_size, len(source)))
         inputs = bundle.encode(source, idx, max_length=max_length)
         with data_errors(bundle, source, inputs):
-            return extractor(inputs, progress=progress, allow_empty=True)
+            return extractor(inputs, progress=progress, allow_empty=True, first=first)
 
     return code
 
@@ -196,6 +196,8 @@ def _concat(parts: list[SplineCodes], offsets: list[int], meta: dict) -> SplineC
     first = parts[0]
     layers = {}
     for name, lc in first.layers.items():
+        for p in parts[1:]:
+            check_unit_shape(name, p.layers[name].unit_shape, lc.unit_shape, first.selection.get("kind", ""))
         packed = np.concatenate([p.layers[name].packed for p in parts])
         soft = None if lc.soft is None else np.concatenate([p.layers[name].soft for p in parts])
         layers[name] = type(lc)(lc.site, lc.alias, lc.activation, lc.n_units, lc.unit_shape, packed, soft)

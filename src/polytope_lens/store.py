@@ -26,7 +26,7 @@ import numpy as np
 
 from ._outputs import check_destination as _check_output
 from ._outputs import check_replaceable
-from .codes import LayerCodes, SplineCodes
+from .codes import LayerCodes, SplineCodes, check_unit_shape
 from .errors import InvalidInputError, PolytopeLensError
 
 __all__ = ["CodeStoreWriter", "read_codes", "write_codes", "FORMAT"]
@@ -222,6 +222,8 @@ class CodeStoreWriter:
             self._open(codes)
         if list(codes.layers) != self.names:
             raise InvalidInputError(f"Cannot append codes of sites {list(codes.layers)} to a store of {self.names}.")
+        for m, lc in zip(self.layer_meta, codes.layers.values()):
+            check_unit_shape(lc.site, lc.unit_shape, m["unit_shape"], (self.selection or {}).get("kind", ""))
         start = self.next_example if row_offset is None else row_offset
         n_ex = int(codes.meta.get("n_examples", len(codes)) if n_examples is None else n_examples)
         r0, n = self.n_rows, len(codes)
