@@ -292,8 +292,10 @@ def test_rays_along_a_direction_equal_sampling_and_the_segment(evaluator):
                                base=x[i:i + 1].double())
             assert p.per_layer == {k: v for k, v in want.items() if k in rays.sites}
             assert p.per_layer == q.per_layer and p.crossings > 0
-            for key in ("t", "site", "unit", "piece"):
+            for key in ("site", "unit", "piece"):
                 np.testing.assert_array_equal(p.records[key], q.records[key])
+            # the ray's points are a + alpha(t) d, the segment's interpolated between its ends: equal to rounding
+            np.testing.assert_allclose(p.records["t"], q.records["t"], rtol=0, atol=1e-14)
             assert p.alpha(0.0) == -1.0 and p.alpha(1.0) == 2.5
             assert p.density == pytest.approx(p.crossings / (3.5 * float(dd[i].norm())))
     for bad, msg in ((torch.randn(5), "activation shape"), (torch.full((12,), float("nan")), "NaN"),
@@ -2182,3 +2184,83 @@ def test_work_on_parameters_alone_is_no_bend_and_no_site_of_the_path():
                                                                for p, q in zip(got.paths, want.paths))
     for p, q in zip(got.paths, want.paths):
         np.testing.assert_allclose(p.records["t"], q.records["t"], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_ray_through_zero_of_a_bias_free_cnn_counts_what_the_closed_form_gives(seed):
+    """Along alpha * a at a ReLU, a bias-free conv -> max pool -> conv -> ReLU6 is positively homogeneous: a ReLU6
+    input is |alpha| z(-1) for alpha < 0 and alpha z(1) for alpha > 0, and a pool window's first maximum is the
+    first argmin of a for alpha < 0 and the first argmax for alpha > 0 (a tester's closed form). At alpha = 0 every
+    unit input is 0 and every window tied: a breakpoint interpolated there (t = 1/3 of [-1, 2]) held noise of 1e-16
+    that counted 122 crossings instead of 96 (exact) and more than the truth in sampled mode, documented as a lower
+    bound. The ray now has a knot at alpha = 0 whose point is exactly 0 (``geometry.ray``)."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),
+                      nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.ReLU6(), nn.Flatten(),
+                      nn.Linear(96, 5)).double().eval()
+    m.requires_grad_(False)
+    m[3].weight.mul_(4)
+    x = torch.randn(1, 1, 8, 8, dtype=torch.float64) * 3
+    a = site_activations(m, x, layer="1.relu")
+    w = a.unfold(2, 2, 2).unfold(3, 2, 2).reshape(1, 4, 4, 4, 4)
+    first = lambda v: (v == v.max(-1, keepdim=True).values).to(torch.uint8).argmax(-1)  # noqa: E731
+    pool = int((first(-w) != first(w)).sum())
+    zn, zp = m[3](m[2](-a)).flatten(), m[3](m[2](a)).flatten()
+    piece = lambda z: (z > 0).long() + (z > 6).long()  # noqa: E731
+    for a0, a1 in ((-1.0, 2.0), (-0.7, 1.3), (-1.0, 1.0)):
+        relu6 = int((piece(-a0 * zn) != piece(1e-300 * zn)).sum() + (piece(a1 * zp) != piece(1e-300 * zp)).sum()
+                    + (piece(1e-300 * zn) != piece(1e-300 * zp)).sum())
+        for method in ("exact", "sampled"):
+            r = ray_crossings(m, x, layer="1.relu", alphas=(a0, a1), method=method, n_samples=300, trace=False)
+            assert list(r.paths[0].per_layer.values()) == [pool, relu6], (a0, a1, method)
+            if method == "exact":  # the knot at alpha = 0 is a breakpoint
+                assert np.abs(r.paths[0].t - (-a0 / (a1 - a0))).min() < 1e-15
+
+
+def test_sampled_mode_places_a_kink_stretch_that_holds_one_sample_at_its_ends():
+    """Hand-computed cases from a tester where a unit (a max-pool window) is exactly on its kink (tied) over a
+    stretch shorter than the sample spacing with one sample on it. Sampled mode took that for a one-point touch: it
+    moved the change to the sample (t = 0.4375 instead of 0.43; 0.5 instead of 1 - 1/sqrt(2)) or dropped two changes
+    the samples themselves showed. Now sampled equals the exact engine and the closed form, to tol."""
+    # max pool over relu(t - 0.44), relu(-1), relu(0.43 - t), relu(-1): entry 2 is the maximum until t = 0.43, then
+    # all four are 0 (first maximum: entry 0) and entry 0 leads after 0.44: one change, 2 -> 0, at 0.43
+    pool = nn.Sequential(nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(1, 2)).double()
+    start = torch.tensor([[[[-0.44, -1.0], [0.43, -1.0]]]], dtype=torch.float64)
+    end = torch.tensor([[[[0.56, -1.0], [-0.57, -1.0]]]], dtype=torch.float64)
+    for method, n in (("exact", 2), ("sampled", 32), ("sampled", 1024)):
+        p = path_crossings(pool, start, end, method=method, n_samples=n, tol=1e-9, trace=False).paths[0]
+        m = p.records["site"] == 1
+        assert p.records["t"][m] == pytest.approx([0.43], abs=1e-9) and p.records["piece"][m].tolist() == [0]
+    # a polyline whose first coordinate (a ReLU unit's input) is 1, 0, 0, -1 or 1 at its knots: it reaches its kink
+    # at the first knot (t = 1 - 1/sqrt(2)) and stays on it until the second (t = 2 - sqrt(2))
+    net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 3)).double().requires_grad_(False)
+    with torch.no_grad():
+        net[0].weight.copy_(torch.eye(2))
+        net[0].bias.zero_()
+    k1, k2 = 1 - 2 ** -0.5, 2 - 2 ** 0.5
+    for last, want in ((-1.0, [(k1, 0)]), (1.0, [(k1, 0), (k2, 1)])):
+        pts = torch.tensor([[[1.0, -1.0], [0.0, -1.0], [0.0, -2.0], [last, -3.0]]], dtype=torch.float64)
+        for method, n in (("exact", 2), ("sampled", 4), ("sampled", 8)):
+            p = polyline_crossings(net, pts, method=method, n_samples=n, tol=1e-10, trace=False).paths[0]
+            m = p.records["unit"] == 0
+            assert p.records["t"][m] == pytest.approx([t for t, _ in want], abs=1e-9), (last, method, n)
+            assert p.records["piece"][m].tolist() == [pc for _, pc in want]
+
+
+def test_lengths_of_huge_paths_are_finite_and_overflowing_rays_refused():
+    """A segment between points of size 1e200 has a finite length (the sum of squares overflowed to inf, so density
+    read 0); rays whose ends overflow float64 are a one-line error naming alphas (a NotPiecewiseLinearError about
+    the model before)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    start, end = x[:1] * 1e200, x[1:] * -1e200
+    p = path_crossings(m, start, end, trace=False).paths[0]
+    want = float(np.linalg.norm(((end - start) / 1e200).numpy())) * 1e200
+    assert p.length == pytest.approx(want, rel=1e-15) and p.density == pytest.approx(p.crossings / want)
+    assert polyline_crossings(m, torch.stack([start, end], 1), trace=False).paths[0].length == pytest.approx(want)
+    with pytest.raises(InvalidInputError, match="overflow float64 .*use a smaller range of alpha"):
+        ray_crossings(m, x, layer="1.relu", alphas=(-1e308, 1e308))
+    with pytest.raises(InvalidInputError, match="span more than float64"):
+        path_crossings(m, torch.full((1, 4), 1e308, dtype=torch.float64), torch.full((1, 4), -1e308,
+                                                                                    dtype=torch.float64))

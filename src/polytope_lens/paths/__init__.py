@@ -679,9 +679,8 @@ def ray_crossings(model: nn.Module, inputs, *, layer: str, alphas=(0.0, 2.0), di
     base = prep.cast(_check_base(tensors, n, owner))
     site = prep.resolve_site(base, layer, owner, capture_kwargs)
     a = prep.site_output(base, site, n, capture_kwargs)
-    x, length, al = geometry.ray(a, direction, alphas, owner=owner)
-    kt = torch.tensor([0.0, 1.0], dtype=torch.float64).expand(n, 2)
-    spec = PathSpec(kt, x, length.to(torch.float64), "ray", site.name, base, al)
+    kt, x, length, al, d, offset = geometry.ray(a, direction, alphas, owner=owner)
+    spec = PathSpec(kt, x, length.to(torch.float64), "ray", site.name, base, al, d, offset)
     return _analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol, n_samples=n_samples,
                     tol=tol, trace=trace, verify=verify, memory_budget=memory_budget, evaluator=evaluator,
                     units=units, capture_kwargs=capture_kwargs, progress=progress)
@@ -691,7 +690,11 @@ ray_crossings.__doc__ = """Crossings along scaling rays at site ``layer``: ``alp
 
     ``a`` is the site's activation (output) for each of ``inputs``; the network runs from that site on with the real
     input feeding every other branch. t maps to ``alpha = alpha0 + t * (alpha1 - alpha0)`` (``PathResult.alpha``);
-    density is per unit of Euclidean length ``(alpha1 - alpha0) * |a|`` (or ``|d|``).
+    density is per unit of Euclidean length ``(alpha1 - alpha0) * |a|`` (or ``|d|``). The ray's points are
+    ``alpha * a`` (``a + alpha * d``) computed at each t, and a ray ``alpha * a`` through alpha = 0 has a knot there
+    (a breakpoint of ``PathResult.t``, like a polyline's), whose point is exactly 0: in a network without biases every
+    unit there is on its kink and every max-pool window tied, which a point interpolated between the ends missed by
+    rounding (spurious crossings).
 
     Parameters
     ----------

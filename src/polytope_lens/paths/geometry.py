@@ -39,6 +39,10 @@ class PathSpec:
         Real model inputs (P, ...) feeding the other branches of site paths.
     alphas : tuple or None
         (alpha0, alpha1) of a scaling ray: t maps to alpha0 + t * (alpha1 - alpha0).
+    direction, offset : Tensor (P, *shape) or None
+        A ray's points are ``offset + alpha * direction`` (``alpha * a``: no offset) with ``alpha = (t - t_0) *
+        (alpha1 - alpha0)``, ``t_0`` where alpha is 0, computed so rather than interpolated between its ends: at
+        alpha = 0 the point is exactly the offset (0 for ``alpha * a``; ``ray`` makes that t a knot, see there).
     """
 
     knots_t: torch.Tensor
@@ -48,6 +52,8 @@ class PathSpec:
     site: str | None = None
     base: object = None
     alphas: tuple[float, float] | None = None
+    direction: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
 
     @property
     def n_paths(self) -> int:
@@ -60,6 +66,11 @@ class PathSpec:
     def points(self, pid: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Path points (n, *shape) at positions ``t`` of paths ``pid``."""
         kt, kx = self.knots_t, self.knots_x
+        if self.direction is not None:
+            a0, a1 = self.alphas
+            alpha = ((t - (-a0 / (a1 - a0))) * (a1 - a0)).to(self.direction.dtype).reshape(-1, *([1] * len(self.shape)))
+            x = alpha * self.direction[pid]
+            return x if self.offset is None else x.add_(self.offset[pid])
         if kt.shape[1] == 2:
             x0, x1 = kx[pid, 0], kx[pid, 1]
             s = t.reshape(-1, *([1] * len(self.shape)))
@@ -73,7 +84,8 @@ class PathSpec:
 
     def to(self, dtype: torch.dtype, device) -> "PathSpec":
         return PathSpec(self.knots_t.to(device, dtype), cast(self.knots_x, dtype, device), self.length.to(dtype),
-                        self.kind, self.site, cast(self.base, dtype, device), self.alphas)
+                        self.kind, self.site, cast(self.base, dtype, device), self.alphas,
+                        cast(self.direction, dtype, device), cast(self.offset, dtype, device))
 
 
 def cast(v, dtype, device):
@@ -113,6 +125,18 @@ def _tensor(name: str, owner: str, v, min_dim: int, device=None) -> torch.Tensor
     return v.detach()
 
 
+def _lengths(diff: torch.Tensor, owner: str) -> torch.Tensor:
+    """Euclidean norms over the last axis of ``diff`` in float64, scaled by each row's largest entry so that a norm
+    above float64's range of squares (entries near 1e200) is not infinite; a difference that itself overflows (the
+    path's ends span more than float64 holds) is a one-line error."""
+    d = diff.to(torch.float64)
+    if not bool(torch.isfinite(d).all()):
+        raise InvalidInputError(f"The paths of {owner} span more than float64 can hold (a difference of two points "
+                                "overflows); scale the inputs (or alphas) down.")
+    top = d.abs().amax(-1, keepdim=True)
+    return (d / torch.where(top > 0, top, 1.0)).norm(dim=-1) * top.squeeze(-1)
+
+
 def segments(start, end, *, owner: str = "path_crossings",
              device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validated straight segments: start, end of shape (P, *shape), and their lengths (float64); on ``device``
@@ -121,7 +145,7 @@ def segments(start, end, *, owner: str = "path_crossings",
     if start.shape != end.shape:
         raise InvalidInputError(f"The 'start' and 'end' parameters of {owner} must have the same shape. Got "
                                 f"{tuple(start.shape)} and {tuple(end.shape)}.")
-    length = (end - start).reshape(len(start), -1).to(torch.float64).norm(dim=1)
+    length = _lengths((end - start).reshape(len(start), -1), owner)
     same = torch.nonzero(length == 0).flatten().tolist()
     if same:
         raise InvalidInputError(f"Paths {same[:5]} of {owner} have equal start and end points; a path needs two "
@@ -145,7 +169,7 @@ def polyline(points, *, owner: str = "polyline_crossings") -> tuple[torch.Tensor
     if pts.shape[1] < 2:
         raise InvalidInputError(f"The 'points' parameter of {owner} needs at least 2 points per path (shape "
                                 f"(P, K >= 2, ...)). Got shape {tuple(pts.shape)}.")
-    seg = (pts[:, 1:] - pts[:, :-1]).reshape(pts.shape[0], pts.shape[1] - 1, -1).norm(dim=2)
+    seg = _lengths((pts[:, 1:] - pts[:, :-1]).reshape(pts.shape[0], pts.shape[1] - 1, -1), owner)
     zero = torch.nonzero(seg == 0)
     if len(zero):
         p, k = zero[0].tolist()
@@ -158,7 +182,13 @@ def polyline(points, *, owner: str = "polyline_crossings") -> tuple[torch.Tensor
 
 
 def ray(a: torch.Tensor, direction, alphas, *, owner: str = "ray_crossings"):
-    """Knot points (P, 2, *shape) and lengths of rays alpha*a or a + alpha*d over [alpha0, alpha1]."""
+    """Knot positions (P, K), knot points (P, K, *shape), lengths, (alpha0, alpha1), direction and offset (None for
+    alpha * a) of rays alpha * a or a + alpha * d over [alpha0, alpha1].
+
+    A ray alpha * a through alpha = 0 gets a knot there, whose point is exactly 0: in a network without biases every
+    unit input is 0 there and every max-pool window tied, and a breakpoint interpolated between the ends instead
+    (-a + (1/3) * 3a) held rounding noise of 1e-16 in place of those zeros, whose signs made spurious crossings
+    (122 instead of 96 on a tester's CNN)."""
     try:
         a0, a1 = (float(v) for v in alphas)
     except Exception:
@@ -183,9 +213,18 @@ def ray(a: torch.Tensor, direction, alphas, *, owner: str = "ray_crossings"):
                                     f"{tuple(a.shape[1:])} or {tuple(a.shape)}. Got {tuple(d.shape)}.")
         d = _tensor("direction", owner, d, 1)  # NaN and infinities
         x0, x1 = a + a0 * d, a + a1 * d
-    length = (a1 - a0) * d.reshape(len(a), -1).norm(dim=1)
+    if not (math.isfinite(a1 - a0) and bool(torch.isfinite(x0).all()) and bool(torch.isfinite(x1).all())):
+        raise InvalidInputError(f"The ends of the rays of {owner} overflow {str(a.dtype).replace('torch.', '')} "
+                                f"(alphas {(a0, a1)}); use a smaller range of alpha.")
+    length = (a1 - a0) * _lengths(d.reshape(len(a), -1), owner)
     zero = torch.nonzero(length == 0).flatten().tolist()
     if zero:
         what = "activation" if direction is None else "direction"
         raise InvalidInputError(f"Rays {zero[:5]} of {owner} have a zero {what} vector, so the ray is a single point.")
-    return torch.stack([x0, x1], dim=1), length, (a0, a1)
+    t0 = -a0 / (a1 - a0)
+    if direction is None and 0.0 < t0 < 1.0:
+        knots_t = torch.tensor([0.0, t0, 1.0], dtype=torch.float64)
+        knots_x = torch.stack([x0, torch.zeros_like(a), x1], dim=1)
+    else:
+        knots_t, knots_x = torch.tensor([0.0, 1.0], dtype=torch.float64), torch.stack([x0, x1], dim=1)
+    return knots_t.expand(len(a), -1), knots_x, length, (a0, a1), d, (None if direction is None else a)

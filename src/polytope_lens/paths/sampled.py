@@ -42,7 +42,7 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
     # (site k, sample interval j, unit, piece at its left end, piece at its right end, unit input at both ends),
     # found batch by batch: the samples' unit inputs are never all held at once (the memory budget), only the last
     # two samples of the batch before and their pieces, for the pair whose right end needs the sample after it
-    # (``_past_ties``)
+    # (a change is listed once both ends of its sample interval are known)
     pending, outputs, last, last_piece = [], [], None, {}
     for rows, o in runner.eval_point_batches(gpids[pid], t, runner.names, want_output):
         first = rows.start - (0 if last is None else len(last[0]))  # global index of the first row of z below
@@ -55,7 +55,6 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
             p = site.activation.pieces(zs).reshape(len(z), -1)
             if last is not None:
                 p[:len(last_piece[k])] = last_piece[k]  # the first of them with its tie resolved in the batch before
-            p = _past_ties(p, site.activation.on_kink(zs), same[first:first + len(z) - 1])
             pending.append(_changes(k, z, p, same, first, len(z) - 2))  # the last sample waits for the next one
             ends[k], ends_piece[k] = z[-2:], p[-2:].clone()
             del z, p
@@ -70,6 +69,7 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
     sidx = (torch.cat([torch.full_like(j, k) for k, j, *_ in pending]) if pending
             else t.new_zeros(0, dtype=torch.long))
     unit_all = torch.cat([e[2] for e in pending]) if pending else sidx
+    j_all = torch.cat([e[1] for e in pending]) if pending else sidx  # left sample of each bracket
     plo = torch.cat([e[3] for e in pending]) if pending else sidx
     ppid = torch.cat([pid[e[1]] for e in pending]) if pending else sidx
     phi = torch.cat([e[4] for e in pending]) if pending else sidx  # piece at the bracket's right end
@@ -107,9 +107,10 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
         halved = (hi_all[act_rows] - lo_all[act_rows]) <= 0.5 * ref_width[act_rows]
         ref_width[act_rows] = torch.where(halved, hi_all[act_rows] - lo_all[act_rows], ref_width[act_rows])
         slow[act_rows] = torch.where(halved, 0, slow[act_rows] + 1).to(torch.int8)
+    keep = _touches(t, j_all, sidx, unit_all, plo, phi, lo_all, hi_all)
     right = phi  # the piece entered: the one at the right end of the final bracket
     for k in range(len(runner.processed)):
-        rows = torch.nonzero(sidx == k).flatten()
+        rows = torch.nonzero((sidx == k) & keep).flatten()
         recs.append((ppid[rows], 0.5 * (lo_all[rows] + hi_all[rows]), k, unit_all[rows], right[rows]))
     out = {"pid": pid, "t": t, "records": recs, "tied": torch.zeros(len(t), dtype=torch.bool, device=dev)}
     if want_output:
@@ -125,23 +126,33 @@ def _changes(k: int, z: torch.Tensor, p: torch.Tensor, same: torch.Tensor, first
     return k, j + first, unit, p[j, unit], p[j + 1, unit], z[j, unit], z[j + 1, unit]
 
 
-def _past_ties(p: torch.Tensor, on: torch.Tensor | None, same: torch.Tensor) -> torch.Tensor:
-    """Pieces ``p`` (samples x units) where a unit is exactly on a kink (``on``) at a sample but not at the samples
-    on either side of it on its path: there it takes the piece of the sample before (``same[i]``: samples i and
-    i + 1 are on one path; the first and last rows are left as they are). So a unit that touches a kink at one
-    sample and turns back changes piece there not at all, and one that passes through it changes once, as the exact
-    engine counts (a ray through alpha = 0 puts every bias-free unit, and every max-pool window, on a tie at one
-    sample). A unit that stays on a kink over
-    several samples (a window of a ReLU's zeros) keeps its tie-break piece there, as exact paths give it."""
-    if on is None or len(p) < 3:
-        return p
-    on = on.reshape(p.shape)
-    alone = on[1:-1] & ~on[:-2] & ~on[2:] & same[:-1, None] & same[1:, None]
-    if not bool(alone.any()):
-        return p
-    p = p.clone()
-    p[1:-1] = torch.where(alone, p[:-2], p[1:-1])
-    return p
+def _touches(t, j, sidx, unit, plo, phi, lo, hi) -> torch.Tensor:
+    """Which brackets become records (a mask; changes ``lo``/``hi`` in place). A unit on its kink at sample i (its
+    tie-break piece there) makes two brackets, into that piece on [t_{i-1}, t_i] and out of it on [t_i, t_{i+1}].
+    Where bisection moved neither off t_i (the unit is on the kink at t_i alone, or over less than ``tol``), it
+    touched the kink there: it changes piece once at t_i, from the piece before to the piece after, or not at all
+    where the two are equal (it turned back), as the exact engine counts. Where either bracket moved, the unit
+    stays on its kink over a stretch and both changes count, at the stretch's ends (a window of a ReLU's zeros
+    shorter than the sample spacing; before stop 31 such a stretch was taken for a touch and its change moved by up
+    to a sample interval, or dropped)."""
+    keep = torch.ones(len(j), dtype=torch.bool, device=j.device)
+    into = torch.nonzero(hi == t[j + 1]).flatten()  # brackets still ending at their right sample
+    out_of = torch.nonzero(lo == t[j]).flatten()  # brackets still starting at their left sample
+    if not len(into) or not len(out_of):
+        return keep
+    n_u, n_t = int(unit.max()) + 1, len(t)
+    key_in = (sidx[into] * n_u + unit[into]) * n_t + j[into] + 1  # (site, unit, sample i)
+    key_out = (sidx[out_of] * n_u + unit[out_of]) * n_t + j[out_of]
+    order = torch.argsort(key_out)
+    pos = torch.searchsorted(key_out[order], key_in).clamp_(max=len(order) - 1)
+    pair = key_out[order][pos] == key_in
+    a, b = into[pair], out_of[order][pos[pair]]  # a: into the tie-break piece at t_i, b: out of it
+    pair = phi[a] == plo[b]
+    a, b = a[pair], b[pair]
+    keep[a] = False
+    keep[b] = plo[a] != phi[b]  # a change from the piece before t_i to the one after, or none
+    lo[b] = hi[b] = t[j[b]]  # at t_i
+    return keep
 
 
 def _narrow_shared(runner: Runner, gpids, ppid, sidx, unit, plo, phi, lo, hi, f_lo, f_hi, kink, tol: float):
