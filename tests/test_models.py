@@ -420,3 +420,71 @@ def test_units_all_on_batches_of_different_lengths_is_one_clear_error(tiny_gpt2_
                                                     r"units='tokens'"):
             run()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hf_classifier_without_a_pad_token_id_runs_padded_batches(tmp_path, tiny_gpt2_dir):
+    """A GPT-2 classifier whose config has no pad_token_id (transformers refuses batches then) gets the tokenizer's:
+    the padded batch's logits equal each text's own logits from the model run alone, unpadded."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    config = GPT2Config.from_pretrained(tiny_gpt2_dir, num_labels=3)
+    config.pad_token_id = None
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    tok.save_pretrained(tmp_path)
+    bundle = load_model(f"hf:{tmp_path}")
+    with torch.no_grad():
+        batch = bundle.forward(bundle.encode(DataSource("t", "text", TEXTS)))
+        ref = GPT2ForSequenceClassification.from_pretrained(tmp_path).eval()
+        alone = torch.cat([ref(**tok([t], return_tensors="pt")).logits for t in TEXTS])
+    assert torch.allclose(batch, alone, atol=1e-5)
+
+
+def test_hf_folders_without_a_tokenizer_or_weights_say_so(tmp_path):
+    """A folder with a model but no tokenizer files encodes nothing (transformers 5 builds an empty tokenizer, which
+    crashed in a reshape); a folder with a config alone names the missing weights (it was called 'not a local
+    folder')."""
+    from transformers import GPT2Config, GPT2Model
+
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=100, n_positions=32)
+    GPT2Model(config).save_pretrained(tmp_path / "model")
+    bundle = load_model(f"hf:{tmp_path / 'model'}")
+    assert bundle.tokenizer is None
+    with pytest.raises(InvalidInputError, match="has no tokenizer, so it cannot encode text"):
+        bundle.encode(DataSource("t", "text", TEXTS))
+    config.save_pretrained(tmp_path / "config")
+    with pytest.raises(InvalidInputError, match="has a config but its weights could not be loaded"):
+        load_model(f"hf:{tmp_path / 'config'}")
+
+
+class HeadFirst(nn.Module):
+    """Registers its head (16 -> 4) before its body (3 -> 16): inputs are (3,)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(16, 4)
+        self.body = nn.Linear(3, 16)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(x) if x.sum() > 0 else -self.lin(x)
+
+
+def test_file_input_shape_is_the_first_layer_that_runs(tmp_path):
+    """``file:`` infers (in_features,) from the first Linear the forward pass calls (torch.fx), not the first one
+    registered (the head's 16 before); a module fx cannot trace gets no guess, not a wrong one."""
+    from polytope_lens.models.hub import infer_input_shape
+
+    torch.save(HeadFirst(), tmp_path / "m.pt")
+    assert load_model(f"file:{tmp_path / 'm.pt'}").input_shape == (3,)
+    assert infer_input_shape(Branchy()) is None
+    assert infer_input_shape(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2))) is None

@@ -51,12 +51,24 @@ def _parse_shape(text: str, spec: str) -> tuple[int, ...]:
 
 
 def infer_input_shape(module: nn.Module) -> tuple[int, ...] | None:
-    """(in_features,) when the first parametrised layer is an `nn.Linear`; None otherwise (convs lack H, W)."""
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            return (sub.in_features,)
-        if any(True for _ in sub.parameters(recurse=False)):
-            return None
+    """(in_features,) when the first parametrised layer the forward pass calls is an `nn.Linear`; None otherwise
+    (convs lack H, W) or when ``torch.fx`` cannot trace the module to tell which layer runs first (the order the
+    layers were registered in is not the order they run in: a head defined before the body gave the head's width)."""
+    import torch.fx
+
+    try:
+        graph = torch.fx.symbolic_trace(module).graph
+    except Exception:  # data-dependent control flow and the like: no guess rather than a wrong one
+        return None
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            return None  # a parameter used directly
+        if node.op == "call_module":
+            sub = module.get_submodule(node.target)
+            if isinstance(sub, nn.Linear):
+                return (sub.in_features,)
+            if any(True for _ in sub.parameters()):
+                return None
     return None
 
 
@@ -121,9 +133,13 @@ def _hf_config(name: str, spec: str):
 
 
 def _hf_tokenizer(name: str):
+    """The folder's tokenizer, or None when it has none: loading can also give an empty tokenizer (transformers 5
+    builds a GPT-2 tokenizer of one token from a folder without vocabulary files), which encodes text as nothing."""
     transformers = _transformers()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=True)
+        if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+            return None
     except (OSError, ValueError, TypeError):
         return None
     if tokenizer.pad_token is None:  # GPT-2 style tokenizers have none; padding is masked out anyway
@@ -147,12 +163,18 @@ def load_hf(name: str, spec: str, device: str) -> ModelBundle:
     try:
         module = auto.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as exc:
+        if Path(name).is_dir():
+            raise InvalidInputError(f"Model folder {name!r} (spec {spec!r}) has a config but its weights could not "
+                                    f"be loaded ({type(exc).__name__}): save the model into it with "
+                                    "save_pretrained.") from None
         raise _not_local(name, spec, exc) from None
     class_names = None
     if classifier:
         id2label = getattr(config, "id2label", {}) or {}
         class_names = [str(id2label.get(i, f"class_{i}")) for i in range(config.num_labels)]
     tokenizer = _hf_tokenizer(name)
+    if tokenizer is not None and getattr(module.config, "pad_token_id", 0) is None:
+        module.config.pad_token_id = tokenizer.pad_token_id  # batches are padded (a classifier needs to know)
     provenance = {"source": "Hugging Face transformers (local files only)", "name_or_dir": name,
                   "local_dir": str(Path(name).resolve()) if Path(name).is_dir() else None,
                   "class": type(module).__name__, "architectures": architectures,
