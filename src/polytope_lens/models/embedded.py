@@ -215,12 +215,17 @@ def train_cnn(name: str) -> tuple[dict, dict]:
     return model.state_dict(), record
 
 
+def cached_weights(name: str) -> Path:
+    """Where `digits-cnn` or `fashion-cnn`'s trained weights are cached (a file named by the recipe's hash)."""
+    return cache_dir() / f"{name}-{recipe_key(name)}.pt"
+
+
 def load_trained_cnn(name: str, device: str) -> ModelBundle:
     """`digits-cnn` or `fashion-cnn`: from the cache when its recipe hash matches, else trained now and cached."""
     from polytope_lens.data.images import FASHION_CLASSES
 
     recipe = RECIPES[name]
-    path = cache_dir() / f"{name}-{recipe_key(name)}.pt"
+    path = cached_weights(name)
     trained_now = False
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
