@@ -165,7 +165,7 @@ def test_cluster_cli_writes_outputs(digits_store, tmp_path):
 
 @pytest.mark.parametrize("args,match", [
     (["cluster", "NOSTORE", "--out", "OUT"], "is not a polytope-lens code store"),
-    (["cluster", "STORE", "--out", "OUT", "--metric", "cosine"], "'metric' parameter of ScalableCodeClusterer"),
+    (["cluster", "STORE", "--out", "OUT", "--metric", "cosine"], "--metric must be one of 'hamming', 'jaccard'"),
     (["cluster", "STORE", "--out", "OUT", "--layers", "nope*"], "No site of the store matches"),
 ])
 def test_cluster_cli_fails_cleanly(digits_store, tmp_path, args, match):

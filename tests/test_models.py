@@ -488,3 +488,23 @@ def test_file_input_shape_is_the_first_layer_that_runs(tmp_path):
     assert load_model(f"file:{tmp_path / 'm.pt'}").input_shape == (3,)
     assert infer_input_shape(Branchy()) is None
     assert infer_input_shape(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2))) is None
+
+
+class NormFirst(nn.Module):
+    """Normalises its input with buffers before its first layer (6 -> 4)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(6))
+        self.lin = nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.lin((x - self.mean) * torch.tensor(2.0))
+
+
+def test_input_shape_is_inferred_past_buffers_and_constants():
+    """A buffer or a constant read before the first layer is not a layer: (6,) is still inferred (a reviewer saw
+    None, and the CLI then mistook a (6,) point for six examples)."""
+    from polytope_lens.models.hub import infer_input_shape
+
+    assert infer_input_shape(NormFirst()) == (6,)

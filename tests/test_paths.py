@@ -2264,3 +2264,51 @@ def test_lengths_of_huge_paths_are_finite_and_overflowing_rays_refused():
     with pytest.raises(InvalidInputError, match="span more than float64"):
         path_crossings(m, torch.full((1, 4), 1e308, dtype=torch.float64), torch.full((1, 4), -1e308,
                                                                                     dtype=torch.float64))
+
+
+def test_sampled_mode_with_tol_above_the_sample_spacing_keeps_every_change_the_samples_show():
+    """A reviewer's cases: with tol at least the sample spacing brackets are never bisected, so their unmoved ends
+    are no sign of a touch. |x - 0.5| - 0.0007 along [0, 1] crosses its ReLU kink twice (hand-computed: t = 0.4993
+    and 0.5007); a ReLU6 unit along x = -1, 7, 3 enters pieces 1, 2, 1. Sampled mode dropped the first pair and
+    kept one record of piece 2 of the second (the samples show all three changes)."""
+    net = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1), nn.ReLU(), nn.Linear(1, 2)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0], [-1.0]]))
+        net[0].bias.copy_(torch.tensor([-0.5, 0.5]))
+        net[2].weight.copy_(torch.tensor([[1.0, 1.0]]))
+        net[2].bias.fill_(-0.0007)
+    s, e = torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64)
+    for n, tol in ((1024, 1e-9), (1024, 1e-3), (256, 5e-3)):
+        p = path_crossings(net, s, e, method="sampled", n_samples=n, tol=tol, trace=False).paths[0]
+        m = p.records["site"] == 1
+        assert p.records["piece"][m].tolist() == [0, 1] and p.records["t"][m] == pytest.approx([0.4993, 0.5007],
+                                                                                               abs=tol)
+    relu6 = nn.Sequential(nn.Linear(1, 1), nn.ReLU6(), nn.Linear(1, 2)).double()
+    with torch.no_grad():
+        relu6[0].weight.fill_(1.0)
+        relu6[0].bias.zero_()
+    pts = torch.tensor([[[-1.0], [7.0], [3.0]]], dtype=torch.float64)
+    for tol in (1e-9, 0.5):
+        p = polyline_crossings(relu6, pts, method="sampled", n_samples=3, tol=tol, trace=False).paths[0]
+        assert p.records["piece"].tolist() == [1, 2, 1]
+
+
+@pytest.mark.parametrize("evaluator", ["graph", "frontier", "auto"])
+def test_a_rays_knot_at_zero_is_no_region_boundary_where_nothing_crosses_there(evaluator):
+    """With biases nothing crosses at alpha = 0, so the ray's knot there is not a breakpoint of the result: regions
+    = crossings + 1 (no ties), and each trace row sits at the midpoint of its region with the model's own top class
+    there (a forward pass), with every site reported and with layers= stopping early (outputs evaluated, not
+    averaged). The knot counted one region too many (a reviewer: 17 for 15 crossings)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                      nn.Linear(16, 3)).double()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    a = site_activations(m, x, layer="1.relu")
+    for layers in (None, "3.relu"):
+        r = ray_crossings(m, x, layer="1.relu", alphas=(-1.0, 2.0), evaluator=evaluator, layers=layers)
+        for i, p in enumerate(r.paths):
+            assert p.ties == 0 and p.n_regions == len(p.t) - 1 == p.crossings + 1 and 1 / 3 not in p.t
+            assert p.trace.t == pytest.approx(0.5 * (p.t[:-1] + p.t[1:]), abs=1e-15)
+            with torch.no_grad():
+                top = m[2:](torch.as_tensor(p.alpha(p.trace.t))[:, None] * a[i]).argmax(1).numpy()
+            assert (p.trace.top_class == top).all()

@@ -376,3 +376,14 @@ def test_a_tiny_box_keeps_its_regions(side):
     given = slice_plane(net, box, tol=1e-10)
     assert not any("lowered" in n for n in given.notes)  # a tol given is kept
     assert given.num_regions == (1 if side <= 1e-10 else 4)
+
+
+def test_a_plane_where_every_unit_is_constant_keeps_its_tol():
+    """All first-layer units dead on a 20 x 20 box: the second site's inputs are constant over the plane, which says
+    nothing about the plane's size, so tol is not lowered there (a reviewer saw a note calling the plane small)."""
+    net = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -0.5]]))
+        net[0].bias.fill_(-100.0)
+    r = slice_plane(net, Plane.box(-10, 10, ylo=-10, yhi=10))
+    assert r.num_regions == 1 and r.tol == 1e-10 and not any("lowered" in n for n in r.notes)

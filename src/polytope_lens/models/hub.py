@@ -62,7 +62,9 @@ def infer_input_shape(module: nn.Module) -> tuple[int, ...] | None:
         return None
     for node in graph.nodes:
         if node.op == "get_attr":
-            return None  # a parameter used directly
+            owner, _, attr = node.target.rpartition(".")
+            if isinstance(getattr(module.get_submodule(owner) if owner else module, attr), nn.Parameter):
+                return None  # a parameter used directly (buffers and constants, e.g. a normalisation, are not layers)
         if node.op == "call_module":
             sub = module.get_submodule(node.target)
             if isinstance(sub, nn.Linear):

@@ -361,6 +361,8 @@ def _collect(results: PathList, out, gp, spec: PathSpec, lengths: np.ndarray, ru
     ties per path computed for the whole chunk on its device, then moved to the host together. Returns the function
     to call before the block's arrays are read (from a GPU they are filled in the background while the next chunk
     runs: ``_transfer.arrays_to_host_async``)."""
+    if exact:
+        _drop_ray_knots(out, spec, gp, runner)
     pid, t, tied = out["pid"], out["t"], out["tied"]
     dev, c, ns = t.device, len(gp), len(reported)
     keep_sites = [runner.names.index(n) for n in reported]
@@ -405,6 +407,40 @@ def _collect(results: PathList, out, gp, spec: PathSpec, lengths: np.ndarray, ru
                              poff_np if exact else None, t_np if exact else None, ties_np if exact else None, traces,
                              spec.alphas))
     return wait
+
+
+def _drop_ray_knots(out: dict, spec: PathSpec, gp: torch.Tensor, runner: Runner) -> None:
+    """Take a ray's knot at alpha = 0 (``geometry.ray``) out of a chunk's exact results where no crossing of any site
+    lands on it: it is a breakpoint of the engine, not of the network, and would count a region twice (and give it
+    two trace rows). The merged region's output row is the mean of the outputs at its ends where those are known
+    (affine on regions), else one more model pass at its midpoint."""
+    if spec.kind != "ray" or spec.knots_t.shape[1] != 3:
+        return
+    pid, t = out["pid"], out["t"]
+    t0 = spec.knots_t[gp, 1].to(device=t.device, dtype=t.dtype)
+    hit = torch.zeros(len(gp), dtype=torch.bool, device=t.device)
+    for p, tt, *_ in out["records"]:
+        hit[p[tt == t0[p]]] = True
+    idx = torch.nonzero((t == t0[pid]) & ~hit[pid]).flatten()  # never a path's first or last point (0 < t0 < 1)
+    if not len(idx):
+        return
+    keep = torch.ones(len(t), dtype=torch.bool, device=t.device)
+    keep[idx] = False
+    output, at = out.get("output"), out.get("output_at_points")
+    if output is not None:  # row i: the region between points i and i + 1
+        if at is not None:
+            merged = 0.5 * (at[idx - 1] + at[idx + 1])
+        else:
+            mid = 0.5 * (t[idx - 1] + t[idx + 1])
+            merged = runner.eval_points(gp[pid[idx]], mid.to(runner.dtype), [], want_output=True)["output"]
+        output = output.clone()
+        output[idx - 1] = merged.to(output.dtype)
+        rows = torch.ones(len(output), dtype=torch.bool, device=output.device)
+        rows[idx] = False
+        out["output"] = output[rows]
+        if at is not None:
+            out["output_at_points"] = at[keep]
+    out["pid"], out["t"], out["tied"] = pid[keep], t[keep], out["tied"][keep]
 
 
 def _chunk_traces(t: torch.Tensor, output: torch.Tensor, at_points, pcount: list[int], exact: bool,
@@ -692,9 +728,9 @@ ray_crossings.__doc__ = """Crossings along scaling rays at site ``layer``: ``alp
     input feeding every other branch. t maps to ``alpha = alpha0 + t * (alpha1 - alpha0)`` (``PathResult.alpha``);
     density is per unit of Euclidean length ``(alpha1 - alpha0) * |a|`` (or ``|d|``). The ray's points are
     ``alpha * a`` (``a + alpha * d``) computed at each t, and a ray ``alpha * a`` through alpha = 0 has a knot there
-    (a breakpoint of ``PathResult.t``, like a polyline's), whose point is exactly 0: in a network without biases every
-    unit there is on its kink and every max-pool window tied, which a point interpolated between the ends missed by
-    rounding (spurious crossings).
+    whose point is exactly 0: in a network without biases every unit there is on its kink and every max-pool window
+    tied, which a point interpolated between the ends missed by rounding (spurious crossings). The knot is a
+    breakpoint of the result (``PathResult.t``) only where a crossing lands on it.
 
     Parameters
     ----------

@@ -121,8 +121,8 @@ class PathResult:
     length : float
         Euclidean length of the path.
     t : ndarray (n_breakpoints,)
-        Sorted distinct breakpoints, including 0 and 1 (and polyline knots, and a ray's alpha = 0); the path's
-        pieces between them are len(t) - 1 (a knot no crossing lands on splits a region in two).
+        Sorted distinct breakpoints, including 0 and 1 (and polyline knots); regions = len(t) - 1 (a polyline
+        knot that no crossing lands on splits a region in two).
     records : dict of ndarrays
         One entry per crossing, sorted by t: ``t``, ``site`` (index into ``sites``), ``unit`` (flat unit index in
         the site's unit tensor; the output element for max pooling), ``piece`` (piece entered moving forward).

@@ -107,7 +107,7 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
         halved = (hi_all[act_rows] - lo_all[act_rows]) <= 0.5 * ref_width[act_rows]
         ref_width[act_rows] = torch.where(halved, hi_all[act_rows] - lo_all[act_rows], ref_width[act_rows])
         slow[act_rows] = torch.where(halved, 0, slow[act_rows] + 1).to(torch.int8)
-    keep = _touches(t, j_all, sidx, unit_all, plo, phi, lo_all, hi_all)
+    keep = _touches(t, j_all, sidx, unit_all, plo, phi, lo_all, hi_all, tol)
     right = phi  # the piece entered: the one at the right end of the final bracket
     for k in range(len(runner.processed)):
         rows = torch.nonzero((sidx == k) & keep).flatten()
@@ -126,7 +126,7 @@ def _changes(k: int, z: torch.Tensor, p: torch.Tensor, same: torch.Tensor, first
     return k, j + first, unit, p[j, unit], p[j + 1, unit], z[j, unit], z[j + 1, unit]
 
 
-def _touches(t, j, sidx, unit, plo, phi, lo, hi) -> torch.Tensor:
+def _touches(t, j, sidx, unit, plo, phi, lo, hi, tol: float) -> torch.Tensor:
     """Which brackets become records (a mask; changes ``lo``/``hi`` in place). A unit on its kink at sample i (its
     tie-break piece there) makes two brackets, into that piece on [t_{i-1}, t_i] and out of it on [t_i, t_{i+1}].
     Where bisection moved neither off t_i (the unit is on the kink at t_i alone, or over less than ``tol``), it
@@ -134,10 +134,13 @@ def _touches(t, j, sidx, unit, plo, phi, lo, hi) -> torch.Tensor:
     where the two are equal (it turned back), as the exact engine counts. Where either bracket moved, the unit
     stays on its kink over a stretch and both changes count, at the stretch's ends (a window of a ReLU's zeros
     shorter than the sample spacing; before stop 31 such a stretch was taken for a touch and its change moved by up
-    to a sample interval, or dropped)."""
+    to a sample interval, or dropped). Only bisected brackets, wider than ``tol`` to start with, are paired: one no
+    wider was never narrowed, so its unmoved ends say nothing (samples closer than ``tol`` are the resolution), and
+    a bisected bracket has moved one end, so no bracket is paired on both sides."""
     keep = torch.ones(len(j), dtype=torch.bool, device=j.device)
-    into = torch.nonzero(hi == t[j + 1]).flatten()  # brackets still ending at their right sample
-    out_of = torch.nonzero(lo == t[j]).flatten()  # brackets still starting at their left sample
+    wide = (t[j + 1] - t[j]) > tol
+    into = torch.nonzero(wide & (hi == t[j + 1])).flatten()  # brackets still ending at their right sample
+    out_of = torch.nonzero(wide & (lo == t[j])).flatten()  # brackets still starting at their left sample
     if not len(into) or not len(out_of):
         return keep
     n_u, n_t = int(unit.max()) + 1, len(t)

@@ -149,7 +149,8 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
     if out["lowered"]:
         low = out["lowered"]
         notes.append(f"tol lowered from {tol:g} to {min(low.values()):.3g} at {len(low)} site(s) "
-                     f"({', '.join(low)}): the plane is small, unit inputs move by little more than tol across it")
+                     f"({', '.join(low)}): across this plane their unit inputs move by less than 10^6 x tol (of "
+                     "their scale), so tol is kept to a millionth of that move (at least 64 ulps)")
     if out["fallbacks"]:
         notes.append(f"{out['fallbacks']} site(s) cut unit by unit: kink lines met within tol (ties), or the all-lines "
                      "arrangement would not fit the memory budget")

@@ -250,6 +250,8 @@ class _Partitioner:
             return tol
         z = mesh.vals[: mesh.nv]
         spread = float((z.amax(0) - z.amin(0)).max()) if z.numel() else 0.0
+        if spread == 0:  # every unit constant over the plane (dead units, say): nothing says the plane is small
+            return tol
         small = max(self.tol_floor * scale, min(tol, 1e-6 * spread))
         if small < tol:
             self.lowered[name] = small / scale
