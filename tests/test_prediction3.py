@@ -180,6 +180,11 @@ def test_mean_difference_ci_is_scipys_t_interval_and_calibrated_at_small_n():
     assert mean_difference_ci(a, c, paired=False, level=0.9) == pytest.approx(
         tuple(sps.ttest_ind(a, c, equal_var=False).confidence_interval(0.9)))
     assert all(np.isnan(mean_difference_ci([1.0], [0.0], paired=True)))
+    # no spread: a point only where the exact sign (permutation) test could reach 95 % at all (2 / 2^n, 2 / C(2n, n))
+    assert all(np.isnan(mean_difference_ci([5, 5, 5, 5, 5], [0] * 5, paired=True)))
+    assert mean_difference_ci([5] * 6, [0] * 6, paired=True) == (5.0, 5.0)
+    assert all(np.isnan(mean_difference_ci([3, 3, 3], [1, 1, 1], paired=False)))
+    assert mean_difference_ci([3] * 4, [1] * 4, paired=False) == (2.0, 2.0)
     for n in (2, 4, 6):
         verdicts = [verdict(x.mean(), y.mean(), mean_difference_ci(x, y, paired=True))
                     for x, y in (rng.normal(size=(2, n)) for _ in range(4000))]

@@ -79,7 +79,9 @@ def percentile_ci(samples, level: float = 0.95) -> tuple[float, float]:
 def mean_difference_ci(a, b, *, paired: bool, level: float = 0.95) -> tuple[float, float]:
     """Central ``level`` interval of ``mean(a) - mean(b)``: Student's t on the differences ``a - b`` (``paired``, equal
     lengths) or Welch's t for independent samples. (nan, nan) with fewer than two values (on either side, unpaired),
-    which ``verdict`` reads as inconclusive.
+    which ``verdict`` reads as inconclusive. Samples without any spread (integer counts can be) give a point
+    interval only where the exact sign test (permutation test, unpaired) could reach ``level`` at all: 6 pairs at
+    95 %, 4 + 4 values; fewer give (nan, nan): two paths both with 5 more crossings are no evidence at 95 %.
 
     Examples
     --------
@@ -97,14 +99,18 @@ def mean_difference_ci(a, b, *, paired: bool, level: float = 0.95) -> tuple[floa
         d = a - b
         if len(d) < 2:
             return (float("nan"), float("nan"))
-        half = float(student.ppf(q, len(d) - 1)) * float(d.std(ddof=1)) / math.sqrt(len(d))
+        sd = float(d.std(ddof=1))
+        if sd == 0:  # a point, where the exact sign test could reject at this level at all
+            mid = float(d.mean())
+            return (mid, mid) if 2 * 0.5 ** len(d) <= 1 - level else (float("nan"), float("nan"))
+        half = float(student.ppf(q, len(d) - 1)) * sd / math.sqrt(len(d))
         return (float(d.mean()) - half, float(d.mean()) + half)
     if len(a) < 2 or len(b) < 2:
         return (float("nan"), float("nan"))
     va, vb = float(a.var(ddof=1)) / len(a), float(b.var(ddof=1)) / len(b)
     mid = float(a.mean() - b.mean())
-    if va + vb == 0:
-        return (mid, mid)
+    if va + vb == 0:  # a point, where the exact permutation test could reject at this level at all
+        return (mid, mid) if 2 / math.comb(len(a) + len(b), len(a)) <= 1 - level else (float("nan"), float("nan"))
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))  # Welch-Satterthwaite
     half = float(student.ppf(q, df)) * math.sqrt(va + vb)
     return (mid - half, mid + half)
