@@ -2016,7 +2016,9 @@ def test_sampled_rays_through_zero_count_ties_as_exact_paths_do():
     """A ray through alpha = 0 at a ReLU site puts every max-pool window on a tie (all entries the channel's bias)
     and every bias-free later unit on its kink at one sample: the sampled mode counts a touch there as no change and
     a pass through it as one, as the exact engine does (found by a tester: 52 window changes where there are 36),
-    wherever the batches of samples split (a 1 MiB budget); a range that ends at alpha = 0 keeps its end's crossings."""
+    wherever the batches of samples split (a 1 MiB budget) and whatever tol (above the sample spacing too: 53 against
+    36 once, when touches were told from stretches after bisection); a range that ends at alpha = 0 keeps its end's
+    crossings."""
     torch.manual_seed(0)
     pool = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.MaxPool2d(2),
                          nn.Flatten(), nn.Linear(36, 5)).double()
@@ -2027,10 +2029,11 @@ def test_sampled_rays_through_zero_count_ties_as_exact_paths_do():
         for alphas in ((-1.0, 1.0), (-1.0, 0.0)):
             exact = ray_crossings(model, inp, layer=layer, alphas=alphas, method="exact")
             assert exact.counts.sum() > 5
-            for budget in (None, 1 << 20):
+            for budget, n, tol in ((None, 1024, 1e-9), (1 << 20, 1024, 1e-9), (None, 1024, 1e-3), (None, 64, 0.05)):
                 kw = {} if budget is None else {"memory_budget": budget}
-                sampled = ray_crossings(model, inp, layer=layer, alphas=alphas, method="sampled", n_samples=1024, **kw)
-                assert sampled.paths[0].per_layer == exact.paths[0].per_layer, (layer, alphas, budget)
+                sampled = ray_crossings(model, inp, layer=layer, alphas=alphas, method="sampled", n_samples=n,
+                                        tol=tol, **kw)
+                assert sampled.paths[0].per_layer == exact.paths[0].per_layer, (layer, alphas, budget, n, tol)
 
 
 class _Written(nn.Module):
@@ -2312,3 +2315,53 @@ def test_a_rays_knot_at_zero_is_no_region_boundary_where_nothing_crosses_there(e
             with torch.no_grad():
                 top = m[2:](torch.as_tensor(p.alpha(p.trace.t))[:, None] * a[i]).argmax(1).numpy()
             assert (p.trace.top_class == top).all()
+
+
+def test_sampled_mode_reads_a_unit_on_its_kink_at_a_sample_from_probes_either_side():
+    """Hand-computed cases of a tester's: a ReLU6 input 8 (gelu(x) + gelu(-x)) + 10 (x - tanh x) along x from -1 to 1
+    (and back) touches 0 exactly at the middle sample and crosses 6 once (x6 > 0, by bisection of the closed form);
+    a GELU-threshold unit gelu(x) + gelu(-x) touches 0 there and is positive elsewhere. Expected: the 6 crossing
+    alone, and no GELU change. Sampled mode gave a spurious second ReLU6 record or lost the crossing (n = 2), and
+    counted the GELU touch twice at tol >= the sample spacing. Now a unit on its kink at a sample is read at probes
+    just either side of it."""
+    def relu6_input(x):
+        return 8 * (F.gelu(x) + F.gelu(-x)) + 10 * (x - torch.tanh(x))
+
+    class Net(nn.Module):
+        def forward(self, x):
+            return F.relu6(relu6_input(x)) + F.gelu(F.gelu(x) + F.gelu(-x))
+
+    lo, hi = torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    for _ in range(200):  # relu6_input rises through 6 once on (0, 1)
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if relu6_input(mid) < 6 else (lo, mid)
+    x6 = float(lo)
+    a, b = torch.full((1, 1), -1.0, dtype=torch.float64), torch.full((1, 1), 1.0, dtype=torch.float64)
+    for n in (2, 4, 1024):
+        for tol in (1e-9, 1e-3):
+            for s, e, t6, piece in ((a, b, (x6 + 1) / 2, 2), (b, a, (1 - x6) / 2, 1)):
+                p = path_crossings(Net(), s, e, method="sampled", n_samples=n, tol=tol, trace=False).paths[0]
+                relu6 = [i for i, name in enumerate(p.sites) if "relu6" in name][0]
+                m = p.records["site"] == relu6
+                assert p.records["t"][m] == pytest.approx([t6], abs=tol), (n, tol)
+                assert p.records["piece"][m].tolist() == [piece], (n, tol)
+                # x itself passes through the thresholds of gelu(x), gelu(-x), tanh at the sample: one change each,
+                # at t = 1/2; the outer GELU of gelu(x) + gelu(-x) only touches its threshold there: none
+                assert p.per_layer == {"gelu": 1, "gelu#1": 1, "tanh": 1, "relu6": 1, "gelu#2": 1, "gelu#3": 1,
+                                       "gelu#4": 0}, (n, tol, p.per_layer)
+                assert (p.records["t"][~m] == 0.5).all()
+
+
+def test_sampled_mode_on_ties_at_consecutive_samples_that_differ():
+    """A 2 x 2 max-pool window along a polyline (a tester's, hand-computed): entries (0, -1, 4, -5) -> (1, 0, 1, -5)
+    -> (0, 3, 2, -5). Entry 0 ties entry 2 at the knot (t = 1/2) without overtaking it, and entry 1 overtakes entry 2
+    at t = 3/4: one change, 2 -> 1 at 3/4 (the exact engine's too). With 4 samples the windows are tied at t = 1/2
+    and 3/4 with different first maxima: two ties, not a stretch on one (that gave 2 -> 0 and 0 -> 2 at 1/2 and lost
+    the change at 3/4); the path the other way changes once, 1 -> 2 at 1/4."""
+    net = nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(1, 3), nn.GELU(), nn.Linear(3, 2)).double()
+    pts = torch.tensor([[0, -1, 4, -5], [1, 0, 1, -5], [0, 3, 2, -5]], dtype=torch.float64).reshape(1, 3, 1, 2, 2)
+    for path, t, piece in ((pts, 0.75, 1), (pts.flip(1), 0.25, 2)):
+        for n in (2, 4, 6, 64):
+            p = polyline_crossings(net, path, method="sampled", n_samples=n, tol=1e-9, trace=False).paths[0]
+            m = p.records["site"] == 0
+            assert p.records["t"][m] == pytest.approx([t], abs=1e-9) and p.records["piece"][m].tolist() == [piece]

@@ -4,7 +4,8 @@ Each path is sampled at ``n_samples + 1`` evenly spaced t; wherever a unit's pie
 activations) differs between two consecutive samples, the change is located by bracketing until the bracket is
 narrower than ``tol`` in t, and reported at the bracket's midpoint with the piece found at its right end. A unit that
 changes piece and changes back between two samples is missed, so counts are lower bounds (``exact=False``); one
-record is reported per unit and sample interval.
+record is reported per unit and sample interval. A unit exactly on its kink at a sample is read at probes either
+side of it instead (``_around_kinks``): a pass through the kink there is one record at the sample, a touch none.
 
 The bracket is narrowed at the Illinois point (regula falsi on the unit input minus its kink, the value at an end
 kept twice in a row halved) where the unit has a scalar kink, and at the midpoint otherwise or after four steps that
@@ -43,7 +44,7 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
     # found batch by batch: the samples' unit inputs are never all held at once (the memory budget), only the last
     # two samples of the batch before and their pieces, for the pair whose right end needs the sample after it
     # (a change is listed once both ends of its sample interval are known)
-    pending, outputs, last, last_piece = [], [], None, {}
+    pending, outputs, last, last_piece, on_kink = [], [], None, {}, []
     for rows, o in runner.eval_point_batches(gpids[pid], t, runner.names, want_output):
         first = rows.start - (0 if last is None else len(last[0]))  # global index of the first row of z below
         ends, ends_piece = {}, {}
@@ -54,7 +55,19 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
             zs = z.reshape(len(z), *runner.z_shape[site.name])
             p = site.activation.pieces(zs).reshape(len(z), -1)
             if last is not None:
-                p[:len(last_piece[k])] = last_piece[k]  # the first of them with its tie resolved in the batch before
+                p[:len(last_piece[k])] = last_piece[k]
+            on = site.activation.on_kink(zs)
+            if on is not None and len(z) >= 3:  # rows 1 .. len(z) - 2 are this batch's own inner samples
+                inner = on.reshape(len(z), -1)[1:-1] & same[first:first + len(z) - 2, None] & \
+                    same[first + 1:first + len(z) - 1, None]
+                r, u = torch.nonzero(inner, as_tuple=True)
+                if len(r):  # (window sites: the unit inputs are the windows' entries, bisected without them)
+                    ew = site.activation.elementwise
+                    z_prev = z[r, u] if ew else torch.zeros(len(u), dtype=z.dtype, device=z.device)
+                    z_here = z[r + 1, u] if ew else z_prev
+                    z_next = z[r + 2, u] if ew else z_prev
+                    on_kink.append((torch.full_like(r, k), first + r + 1, u, p[r, u], z_prev, p[r + 1, u], z_here,
+                                    p[r + 2, u], z_next))
             pending.append(_changes(k, z, p, same, first, len(z) - 2))  # the last sample waits for the next one
             ends[k], ends_piece[k] = z[-2:], p[-2:].clone()
             del z, p
@@ -64,18 +77,19 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
     for k in range(len(runner.processed)):  # the last pair: its right end is the last path's end
         pending.append(_changes(k, last[k], last_piece[k], same, len(t) - len(last[k]), len(last[k]) - 1))
     pending.sort(key=lambda e: e[0])  # site by site (stable: sample order within a site)
-    lo_all = torch.cat([t[j] for _, j, *_ in pending]) if pending else t.new_zeros(0)
-    hi_all = torch.cat([t[j + 1] for _, j, *_ in pending]) if pending else t.new_zeros(0)
-    sidx = (torch.cat([torch.full_like(j, k) for k, j, *_ in pending]) if pending
-            else t.new_zeros(0, dtype=torch.long))
-    unit_all = torch.cat([e[2] for e in pending]) if pending else sidx
-    j_all = torch.cat([e[1] for e in pending]) if pending else sidx  # left sample of each bracket
-    plo = torch.cat([e[3] for e in pending]) if pending else sidx
-    ppid = torch.cat([pid[e[1]] for e in pending]) if pending else sidx
-    phi = torch.cat([e[4] for e in pending]) if pending else sidx  # piece at the bracket's right end
+    empty = t.new_zeros(0, dtype=torch.long)
+    sidx = torch.cat([torch.full_like(j, k) for k, j, *_ in pending]) if pending else empty
+    j_all = torch.cat([e[1] for e in pending]) if pending else empty  # left sample of each bracket
+    cols = [torch.cat([e[i] for e in pending]) if pending else empty for i in (2, 3, 4, 5, 6)]
+    unit_all, plo, phi, z_lo, z_hi = cols  # pieces and unit inputs at the bracket's ends
+    lo_all, hi_all, ppid = t[j_all], t[j_all + 1], pid[j_all]
+    if on_kink:
+        sidx, unit_all, plo, phi, z_lo, z_hi, lo_all, hi_all, ppid = _around_kinks(
+            runner, gpids, pid, t, min(tol, 1.0 / n_samples) / 4, on_kink,
+            (sidx, j_all, unit_all, plo, phi, z_lo, z_hi))
+    z_lo, z_hi = z_lo.to(runner.dtype), z_hi.to(runner.dtype)
     kink = _kink_between(runner, sidx, plo, phi)
-    f_lo, f_hi = ((torch.cat([e[5 + i] for e in pending]) - kink) if pending else lo_all
-                  for i in (0, 1))  # unit input minus kink at the bracket's ends
+    f_lo, f_hi = z_lo - kink, z_hi - kink  # unit input minus kink at the bracket's ends
     output = torch.cat(outputs) if want_output else None
     del pending, outputs
     # many units change in the same sample interval (a transformer's layer: hundreds): sub-samples of the interval,
@@ -107,10 +121,9 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
         halved = (hi_all[act_rows] - lo_all[act_rows]) <= 0.5 * ref_width[act_rows]
         ref_width[act_rows] = torch.where(halved, hi_all[act_rows] - lo_all[act_rows], ref_width[act_rows])
         slow[act_rows] = torch.where(halved, 0, slow[act_rows] + 1).to(torch.int8)
-    keep = _touches(t, j_all, sidx, unit_all, plo, phi, lo_all, hi_all, tol)
     right = phi  # the piece entered: the one at the right end of the final bracket
     for k in range(len(runner.processed)):
-        rows = torch.nonzero((sidx == k) & keep).flatten()
+        rows = torch.nonzero(sidx == k).flatten()
         recs.append((ppid[rows], 0.5 * (lo_all[rows] + hi_all[rows]), k, unit_all[rows], right[rows]))
     out = {"pid": pid, "t": t, "records": recs, "tied": torch.zeros(len(t), dtype=torch.bool, device=dev)}
     if want_output:
@@ -126,36 +139,73 @@ def _changes(k: int, z: torch.Tensor, p: torch.Tensor, same: torch.Tensor, first
     return k, j + first, unit, p[j, unit], p[j + 1, unit], z[j, unit], z[j + 1, unit]
 
 
-def _touches(t, j, sidx, unit, plo, phi, lo, hi, tol: float) -> torch.Tensor:
-    """Which brackets become records (a mask; changes ``lo``/``hi`` in place). A unit on its kink at sample i (its
-    tie-break piece there) makes two brackets, into that piece on [t_{i-1}, t_i] and out of it on [t_i, t_{i+1}].
-    Where bisection moved neither off t_i (the unit is on the kink at t_i alone, or over less than ``tol``), it
-    touched the kink there: it changes piece once at t_i, from the piece before to the piece after, or not at all
-    where the two are equal (it turned back), as the exact engine counts. Where either bracket moved, the unit
-    stays on its kink over a stretch and both changes count, at the stretch's ends (a window of a ReLU's zeros
-    shorter than the sample spacing; before stop 31 such a stretch was taken for a touch and its change moved by up
-    to a sample interval, or dropped). Only bisected brackets, wider than ``tol`` to start with, are paired: one no
-    wider was never narrowed, so its unmoved ends say nothing (samples closer than ``tol`` are the resolution), and
-    a bisected bracket has moved one end, so no bracket is paired on both sides."""
-    keep = torch.ones(len(j), dtype=torch.bool, device=j.device)
-    wide = (t[j + 1] - t[j]) > tol
-    into = torch.nonzero(wide & (hi == t[j + 1])).flatten()  # brackets still ending at their right sample
-    out_of = torch.nonzero(wide & (lo == t[j])).flatten()  # brackets still starting at their left sample
-    if not len(into) or not len(out_of):
-        return keep
-    n_u, n_t = int(unit.max()) + 1, len(t)
-    key_in = (sidx[into] * n_u + unit[into]) * n_t + j[into] + 1  # (site, unit, sample i)
-    key_out = (sidx[out_of] * n_u + unit[out_of]) * n_t + j[out_of]
-    order = torch.argsort(key_out)
-    pos = torch.searchsorted(key_out[order], key_in).clamp_(max=len(order) - 1)
-    pair = key_out[order][pos] == key_in
-    a, b = into[pair], out_of[order][pos[pair]]  # a: into the tie-break piece at t_i, b: out of it
-    pair = phi[a] == plo[b]
-    a, b = a[pair], b[pair]
-    keep[a] = False
-    keep[b] = plo[a] != phi[b]  # a change from the piece before t_i to the one after, or none
-    lo[b] = hi[b] = t[j[b]]  # at t_i
-    return keep
+def _around_kinks(runner: Runner, gpids, pid, t, delta: float, on_kink: list, brackets: tuple) -> tuple:
+    """Brackets around samples where a unit is exactly on its kink (a smooth unit on its threshold, a max-pool window
+    tied): its piece there is a tie-break, not a side, so the changes into and out of it say nothing by themselves.
+    For each run of consecutive such samples of a unit (one sample, or a stretch of them), the unit is read at a
+    probe ``delta`` before the run's first sample and one ``delta`` after its last: brackets run from the sample
+    before the run to the first probe and from the second probe to the sample after, and the unit changes at the
+    run's first sample from the first probe's piece to its tie-break piece, and at the last from that piece to the
+    second probe's (at a lone sample: from the first probe's piece to the second's). So a unit that passes through its
+    kink at a sample changes once there, one that touches it not at all, and one that stays on it keeps its tie-break
+    piece with a change at each end, as the exact engine counts. Returns the new (site, unit, piece and input at both
+    ends, lo, hi, path) columns; the brackets between two samples of a run stay as they were (a unit with several
+    kinks can go from one to another).
+
+    Before stop 31 a unit on its kink at one sample but not at its neighbours was taken for a touch (its piece there
+    replaced by the one before), which moved the change of a stretch shorter than the sample spacing by up to a
+    sample interval or dropped two changes the samples showed; pairing the two brackets after bisection instead
+    counted touches twice where ``tol`` was above the sample spacing (53 crossings against the exact 36)."""
+    sidx, j, unit, plo, phi, z_lo, z_hi = brackets
+    k, g, u, p_prev, z_prev, p_here, z_here, p_next, z_next = (torch.cat(c) for c in zip(*on_kink))
+    n_u, n_t = int(torch.cat([unit, u]).max()) + 1, len(t)
+    key = (k * n_u + u) * n_t + g
+    order = torch.argsort(key)
+    key, k, g, u, p_prev, z_prev, p_here, z_here, p_next, z_next = (
+        x[order] for x in (key, k, g, u, p_prev, z_prev, p_here, z_here, p_next, z_next))
+    dt = runner.dtype
+    z_prev, z_here, z_next = z_prev.to(dt), z_here.to(dt), z_next.to(dt)
+    adjacent = key[1:] == key[:-1] + 1  # the next entry is the same unit at the next sample
+    # a run: consecutive samples on the same kink with the same tie-break piece (a stretch on it); two ties in a row
+    # that differ (a window tied between other entries) are two runs
+    same = adjacent & (p_here[1:] == p_here[:-1]) & ((z_here[1:] == z_here[:-1]) | torch.isnan(z_here[1:]))
+    no = torch.zeros(1, dtype=torch.bool, device=key.device)
+    first, last = ~torch.cat([no, same]), ~torch.cat([same, no])
+    prev_on = torch.cat([no, adjacent]) & first  # a run start right after another run's end
+    next_on = torch.cat([adjacent, no]) & last
+    # the probes: before each run's first sample and after its last
+    fi, li = torch.nonzero(first).flatten(), torch.nonzero(last).flatten()
+    probe_g = torch.cat([g[fi], g[li]])
+    probe_t = torch.cat([t[g[fi]] - delta, t[g[li]] + delta])
+    uniq, point = torch.unique(torch.stack([probe_g.double(), probe_t.double()]), dim=1, return_inverse=True)
+    pieces, z_pr = _pieces_at(runner, gpids[pid[uniq[0].long()]], uniq[1].to(t.dtype), torch.cat([k[fi], k[li]]),
+                              torch.cat([u[fi], u[li]]), point)
+    p_l, z_l = torch.zeros_like(p_here), torch.zeros_like(z_here)
+    p_r, z_r = torch.zeros_like(p_here), torch.zeros_like(z_here)
+    p_l[fi], z_l[fi] = pieces[:len(fi)], z_pr[:len(fi)].to(dt)
+    p_r[li], z_r[li] = pieces[len(fi):], z_pr[len(fi):].to(dt)
+    # the old brackets into a run and out of it go
+    old = (sidx * n_u + unit) * n_t + j
+    keep = ~(torch.isin(old, key[fi] - 1) | torch.isin(old, key[li]))
+    parts = [(sidx[keep], unit[keep], plo[keep], phi[keep], z_lo[keep].to(dt), z_hi[keep].to(dt), t[j[keep]],
+              t[j[keep] + 1], pid[j[keep]])]
+    # the brackets and changes that replace them, per run (lone: a run of one sample)
+    lone = first & last
+    nxt = torch.cat([torch.arange(1, len(key), device=key.device), torch.zeros(1, dtype=torch.long,
+                                                                                device=key.device)])
+    end_t = torch.where(next_on, t[(g + 1).clamp(max=n_t - 1)] - delta, t[(g + 1).clamp(max=n_t - 1)])
+    end_p = torch.where(next_on, p_l[nxt], p_next)  # the next run's first probe, or the sample after
+    end_z = torch.where(next_on, z_l[nxt], z_next)
+    for m, lo_t, hi_t, a, b, za, zb in (
+            (first & ~prev_on & (p_prev != p_l), t[g - 1], t[g] - delta, p_prev, p_l, z_prev, z_l),  # into the run
+            (lone & (p_l != p_r), t[g], t[g], p_l, p_r, z_l, z_r),  # through the kink at a lone sample: not bisected
+            (first & ~lone & (p_l != p_here), t[g], t[g], p_l, p_here, z_l, z_here),  # onto it at a run's start
+            (last & ~lone & (p_here != p_r), t[g], t[g], p_here, p_r, z_here, z_r),  # off it at a run's end
+            (last & (p_r != end_p), t[g] + delta, end_t, p_r, end_p, z_r, end_z)):  # on to what follows the run
+        parts.append((k[m], u[m], a[m], b[m], za[m], zb[m], lo_t[m], hi_t[m], pid[g[m]]))
+    out = [torch.cat(c) for c in zip(*parts)]
+    order = torch.argsort(out[0], stable=True)  # site by site, as the brackets were
+    return tuple(c[order] for c in out)
 
 
 def _narrow_shared(runner: Runner, gpids, ppid, sidx, unit, plo, phi, lo, hi, f_lo, f_hi, kink, tol: float):
