@@ -157,3 +157,20 @@ def test_units_option_reaches_the_api(tmp_path):
     assert got["num_regions"] == want.num_regions
     full = slice_plane(load_model("toy:2-8-6-2").module, Plane.box(-1, 1), until="3.relu")
     assert want.num_regions < full.num_regions
+
+
+def test_outputs_are_written_all_or_none_whatever_their_names(tmp_path, monkeypatch):
+    """A JSON name of 253 bytes (the file system takes 255; the temporary file's name was 5 bytes longer) is written
+    with its picture; a name of 305 bytes is one line naming the limit and leaves no picture (a traceback and a
+    written PNG before)."""
+    monkeypatch.chdir(tmp_path)
+    base = ["slice", "--model", "toy:2-8-8-3", "--box", "-1,1,-1,1", "--png", "d.png", "--json"]
+    r = runner.invoke(app, base + ["j" * 248 + ".json"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.png", "j" * 248 + ".json"]
+    for p in tmp_path.iterdir():
+        p.unlink()
+    r = runner.invoke(app, base + ["k" * 300 + ".json"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and "305 bytes long" in lines[0], r.output
+    assert list(tmp_path.iterdir()) == []

@@ -387,3 +387,29 @@ def test_a_plane_where_every_unit_is_constant_keeps_its_tol():
         net[0].bias.fill_(-100.0)
     r = slice_plane(net, Plane.box(-10, 10, ylo=-10, yhi=10))
     assert r.num_regions == 1 and r.tol == 1e-10 and not any("lowered" in n for n in r.notes)
+
+
+@pytest.mark.parametrize("big", [1.0, 1e3, 1e5])
+def test_a_large_constant_unit_does_not_coarsen_a_tiny_plane(big):
+    """Three ReLU kink lines through the centre of a box of side 2e-12 and a fourth unit with no weight and bias
+    ``big`` (a tester's): 6 regions, as a 401 x 401 grid of forward passes counts. The site's scale came from the
+    constant unit, which raised the tolerance of every unit (1 region at big = 1000); a unit that does not move over
+    the plane no longer sets it."""
+    m = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        m[0].weight.zero_()
+        m[0].weight[:3] = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+        m[0].bias.zero_()
+        m[0].bias[3] = big
+        m[2].weight.fill_(1.0)
+    e = 1e-12
+    a = torch.linspace(-e, e, 401, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(a, a, indexing="xy"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        want = len(torch.unique((m[0](grid) > 0).to(torch.int8), dim=0))
+    res = slice_box(m, -e, e)
+    assert want == 6 and res.num_regions == want
+    # tol's floor (64 ulps of scale 1) over the widest unit's move across the box (4e-12, unit x + y) is stated
+    share = 64 * torch.finfo(torch.float64).eps / 4e-12
+    assert any(n.startswith(f"near float resolution: at '1.relu' the snapping tolerance is {share:.2g} of how far")
+               for n in res.notes), res.notes

@@ -6,6 +6,7 @@ Each command parses its options, calls one library function and prints or writes
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -13,6 +14,7 @@ import os
 import platform
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -59,6 +61,10 @@ def _user_errors(fn):
             return fn(*args, **kwargs)
         except PolytopeLensError as e:
             err.print(f"[red]error:[/red] {escape(_in_flags(str(e), kwargs))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except OSError as e:  # a file that cannot be read or written: the system's reason, on one line
+            what = f"{e.strerror}: {e.filename!r}" if e.strerror and e.filename else str(e)
+            err.print(f"[red]error:[/red] {escape(what)}.", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             if kwargs.get("resume"):  # a code store's partial folder is kept for --resume
@@ -329,22 +335,44 @@ def _dtype(name: str):
     return getattr(torch, name)
 
 
-def _write_json(path: Path, payload: dict) -> None:
+def _write_json(path: Path, payload: dict, *pictures: tuple) -> None:
+    """Write the JSON (and ``pictures``: (path, write(tmp_path)) pairs) all or none: each to a temporary file beside
+    it, then every one renamed into place; a failure leaves none of them."""
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InvalidInputError(f"The JSON output folder {str(parent)!r} does not exist.")
-    tmp = parent / f".{path.name}.tmp"
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, path)
+    items = [*pictures, (path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1, default=str)))]
+    written = []
+    try:
+        for target, write in items:
+            fd, tmp = tempfile.mkstemp(prefix=".polytope-lens-", suffix=".tmp",
+                                       dir=target.parent if str(target.parent) else ".")
+            os.close(fd)
+            written.append((tmp, target))
+            write(tmp)
+        for tmp, target in written:
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp, _ in written:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
 
 
 def _check_json_target(path: Path, what: str = "The JSON output") -> None:
     """One-line error unless ``path`` can be written as a file (``what`` names the option in the message)."""
     parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise InvalidInputError(f"{what} folder {str(parent)!r} does not exist or is not writable.")
-    if path.is_dir():
-        raise InvalidInputError(f"{what} {str(path)!r} is a folder; give a file name.")
+    try:
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise InvalidInputError(f"{what} folder {str(parent)!r} does not exist or is not writable.")
+        longest = os.pathconf(parent, "PC_NAME_MAX")
+        if len(path.name.encode()) > longest:
+            raise InvalidInputError(f"{what} file name is {len(path.name.encode())} bytes long; this file system "
+                                    f"takes at most {longest}.")
+        if path.is_dir():
+            raise InvalidInputError(f"{what} {str(path)!r} is a folder; give a file name.")
+    except OSError as e:
+        raise InvalidInputError(f"{what} {str(path)!r} cannot be written: {e.strerror or e}.") from None
 
 
 def _print_paths(result, what: str) -> None:
@@ -620,10 +648,9 @@ def slice_cmd(
               f"area {result.plane.area:.4g}; {result.seconds:.2f} s")
     for note in result.notes:
         out.print(f"note: {note}")
-    for path, fmt in ((png, "png"), (svg, "svg")):
-        if path is not None:
-            result._save(path, fmt, color_by=color_by)
-    _write_json(json_out, {"model": bundle.spec, **result.to_dict()})
+    pictures = [(path, functools.partial(lambda tmp, fmt: result._save(tmp, fmt, color_by=color_by), fmt=fmt))
+                for path, fmt in ((png, "png"), (svg, "svg")) if path is not None]
+    _write_json(json_out, {"model": bundle.spec, **result.to_dict()}, *pictures)
 
 
 @app.command("complexity")

@@ -151,6 +151,11 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
         notes.append(f"tol lowered from {tol:g} to {min(low.values()):.3g} at {len(low)} site(s) "
                      f"({', '.join(low)}): across this plane their unit inputs move by less than 10^6 x tol (of "
                      "their scale), so tol is kept to a millionth of that move (at least 64 ulps)")
+    if out["coarse"]:
+        worst = max(out["coarse"], key=out["coarse"].get)
+        notes.append(f"near float resolution: at {worst!r} the snapping tolerance is {out['coarse'][worst]:.2g} of how "
+                     "far its unit inputs move across the plane, so regions thinner than about that share of the plane "
+                     "may be merged (use a larger plane)")
     if out["fallbacks"]:
         notes.append(f"{out['fallbacks']} site(s) cut unit by unit: kink lines met within tol (ties), or the all-lines "
                      "arrangement would not fit the memory budget")

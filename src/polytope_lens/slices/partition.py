@@ -127,6 +127,7 @@ class _Partitioner:
         self.units, self.tol, self.budget, self.owner = units, tol, budget, owner
         self.tol_floor = tol_floor  # None: tol as given; else the lowest tol a small plane may lower it to
         self.lowered: dict[str, float] = {}  # site -> the relative tol used there, where lowered (``site_tol``)
+        self.coarse: dict[str, float] = {}  # site -> tol over the inputs' move across the plane, where over 1e-3
         self.cur_index = 0  # the site being cut (``run``), for the budget error's advice
         self.round_threads = round_threads  # torch threads for unit-by-unit / window-by-window cutting
         self.rounds = 0
@@ -225,11 +226,18 @@ class _Partitioner:
             mesh.set_vals(self._site_z(mesh, site, cols))
             for leaf in [k for k in mesh.leaves if self.last_use[k] <= i]:  # read for the last time just now
                 del mesh.leaves[leaf]
-            top = float(mesh.vals.abs().max()) if mesh.nv else 0.0
-            if not math.isfinite(top):  # NaN propagates through max
-                raise _not_finite(f"the unit inputs of site {site.name!r}", self.owner, mesh.vals.dtype)
+            top, spread = 0.0, 0.0
+            if mesh.nv and mesh.vals.shape[1]:
+                z = mesh.vals[: mesh.nv]
+                big, moves = z.abs().amax(0), z.amax(0) - z.amin(0)
+                if not math.isfinite(float(big.max())):  # NaN propagates through max
+                    raise _not_finite(f"the unit inputs of site {site.name!r}", self.owner, mesh.vals.dtype)
+                # the site's scale: its largest unit input among those that move over the plane (one that does not,
+                # a unit with a large bias and no weight, says nothing about the others' rounding)
+                top, spread = float((big * (moves > 0)).max()), float(moves.max())
+                del z, big, moves
             scale = max(1.0, top)
-            tol = self.cur_tol = self.site_tol(mesh, scale, site.name)
+            tol = self.cur_tol = self.site_tol(scale, spread, site.name)
             if isinstance(act, ScalarKinks):
                 self._scalar_site(mesh, act, tol, site.name, keep_vals=self.last_use.get(site.name, -1) > i
                                   if self.blocks is not None else False)
@@ -240,21 +248,20 @@ class _Partitioner:
                 raise NotPiecewiseLinearError(f"site {site.name!r}: {act.name} has no exact 2-D cutting rule")
             self._keep_output(mesh, i, site)
 
-    def site_tol(self, mesh: _mesh.Mesh, scale: float, name: str) -> float:
+    def site_tol(self, scale: float, spread: float, name: str) -> float:
         """The absolute snapping tolerance at a site: ``tol * scale``, or, with a ``tol_floor``, at most a millionth
-        of how far the unit inputs move across the plane (the largest range of one unit over the vertices) and at
-        least ``tol_floor * scale``: on a plane so small that its inputs move by ~tol, a fixed tol would snap
-        genuine kink lines away and merge regions."""
+        of how far the unit inputs move across the plane (``spread``: the largest range of one unit over the
+        vertices) and at least ``tol_floor * scale``: on a plane so small that its inputs move by ~tol, a fixed tol
+        would snap genuine kink lines away and merge regions. Where even the floor is over a thousandth of that move,
+        the plane is near the dtype's resolution and ``coarse`` records by how much."""
         tol = self.tol * scale
-        if self.tol_floor is None or not mesh.nv:
-            return tol
-        z = mesh.vals[: mesh.nv]
-        spread = float((z.amax(0) - z.amin(0)).max()) if z.numel() else 0.0
-        if spread == 0:  # every unit constant over the plane (dead units, say): nothing says the plane is small
+        if self.tol_floor is None or spread == 0:  # every unit constant over the plane: nothing says it is small
             return tol
         small = max(self.tol_floor * scale, min(tol, 1e-6 * spread))
         if small < tol:
             self.lowered[name] = small / scale
+        if small > 1e-3 * spread:
+            self.coarse[name] = small / spread
         return small
 
     # ---------------------------------------------------------------------------------------- scalar sites
@@ -748,5 +755,5 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
             out["outputs"] = outs[:, 1:] if single else outs
             out["boundary"] = decision_boundary(part, coords, outs, R, dg, used)
     out["seconds"] = time.perf_counter() - t0
-    out["tol"], out["lowered"] = tol, part.lowered
+    out["tol"], out["lowered"], out["coarse"] = tol, part.lowered, part.coarse
     return out
