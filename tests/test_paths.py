@@ -2365,3 +2365,22 @@ def test_sampled_mode_on_ties_at_consecutive_samples_that_differ():
             p = polyline_crossings(net, path, method="sampled", n_samples=n, tol=1e-9, trace=False).paths[0]
             m = p.records["site"] == 0
             assert p.records["t"][m] == pytest.approx([t], abs=1e-9) and p.records["piece"][m].tolist() == [piece]
+
+
+def test_only_the_ends_of_a_run_on_a_kink_are_kept():
+    """Windows tied at every sample (zeros of a ReLU) keep two entries per run, not one per sample (a reviewer's CNN
+    ray held 11.6 million, 3.9 GB); a change of tie-break piece inside a run splits it."""
+    from polytope_lens.paths.sampled import _run_ends
+
+    n = 12
+    on = torch.ones(n, 3, dtype=torch.bool)
+    p = torch.zeros(n, 3, dtype=torch.long)
+    p[7:, 2] = 1  # unit 2: a different tie from sample 7 on
+    z = torch.zeros(n, 3, dtype=torch.float64)
+    inner = torch.ones(n, dtype=torch.bool)
+    inner[0] = inner[-1] = False  # a path's ends
+    (k, g, u, *_, starts, ends, prev_on, next_on), = _run_ends(0, on, z, p, inner, 0, False)
+    got = sorted(zip(u.tolist(), g.tolist(), starts.tolist(), ends.tolist()))
+    assert got == [(0, 1, True, False), (0, 10, False, True), (1, 1, True, False), (1, 10, False, True),
+                   (2, 1, True, False), (2, 6, False, True), (2, 7, True, False), (2, 10, False, True)]
+    assert prev_on.tolist() == [g_ == 7 for g_ in g.tolist()] and next_on.tolist() == [g_ == 6 for g_ in g.tolist()]

@@ -409,7 +409,19 @@ def test_a_large_constant_unit_does_not_coarsen_a_tiny_plane(big):
         want = len(torch.unique((m[0](grid) > 0).to(torch.int8), dim=0))
     res = slice_box(m, -e, e)
     assert want == 6 and res.num_regions == want
-    # tol's floor (64 ulps of scale 1) over the widest unit's move across the box (4e-12, unit x + y) is stated
-    share = 64 * torch.finfo(torch.float64).eps / 4e-12
+    # tol's floor (64 ulps of scale 1) over the least move of a unit whose kink crosses the box (2e-12: x, y) is stated
+    share = 64 * torch.finfo(torch.float64).eps / 2e-12
     assert any(n.startswith(f"near float resolution: at '1.relu' the snapping tolerance is {share:.2g} of how far")
                for n in res.notes), res.notes
+
+
+def test_the_float_resolution_note_reads_the_least_moving_crossing_unit():
+    """Units 1000 x and w y on a box of side 1e-12 (a reviewer's): the y line is lost once w y moves by less than
+    tol's floor (1.4e-14) across the box, and the note says so from that unit's move, not the site's largest."""
+    for w, regions in ((1.0, 4), (0.001, 2)):
+        m = nn.Sequential(nn.Linear(2, 2, bias=False), nn.ReLU(), nn.Linear(2, 2)).double()
+        with torch.no_grad():
+            m[0].weight.copy_(torch.tensor([[1e3, 0.0], [0.0, w]]))
+        r = slice_box(m, -5e-13, 5e-13)
+        share = 64 * torch.finfo(torch.float64).eps / (w * 1e-12)
+        assert r.num_regions == regions and any(f"snapping tolerance is {share:.2g} of how far" in n for n in r.notes)

@@ -39,6 +39,8 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
     pid = torch.arange(c_paths, device=dev).repeat_interleave(n_samples + 1)
     t = grid.repeat(c_paths)
     same = pid[:-1] == pid[1:]
+    inner_all = torch.zeros(len(t), dtype=torch.bool, device=dev)  # samples with a neighbour on each side
+    inner_all[1:-1] = same[:-1] & same[1:]
     recs = []
     # (site k, sample interval j, unit, piece at its left end, piece at its right end, unit input at both ends),
     # found batch by batch: the samples' unit inputs are never all held at once (the memory budget), only the last
@@ -57,17 +59,9 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
             if last is not None:
                 p[:len(last_piece[k])] = last_piece[k]
             on = site.activation.on_kink(zs)
-            if on is not None and len(z) >= 3:  # rows 1 .. len(z) - 2 are this batch's own inner samples
-                inner = on.reshape(len(z), -1)[1:-1] & same[first:first + len(z) - 2, None] & \
-                    same[first + 1:first + len(z) - 1, None]
-                r, u = torch.nonzero(inner, as_tuple=True)
-                if len(r):  # (window sites: the unit inputs are the windows' entries, bisected without them)
-                    ew = site.activation.elementwise
-                    z_prev = z[r, u] if ew else torch.zeros(len(u), dtype=z.dtype, device=z.device)
-                    z_here = z[r + 1, u] if ew else z_prev
-                    z_next = z[r + 2, u] if ew else z_prev
-                    on_kink.append((torch.full_like(r, k), first + r + 1, u, p[r, u], z_prev, p[r + 1, u], z_here,
-                                    p[r + 2, u], z_next))
+            if on is not None and len(z) >= 3:
+                on_kink.extend(_run_ends(k, on.reshape(len(z), -1), z, p, inner_all[first:first + len(z)], first,
+                                         site.activation.elementwise))
             pending.append(_changes(k, z, p, same, first, len(z) - 2))  # the last sample waits for the next one
             ends[k], ends_piece[k] = z[-2:], p[-2:].clone()
             del z, p
@@ -85,7 +79,7 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
     lo_all, hi_all, ppid = t[j_all], t[j_all + 1], pid[j_all]
     if on_kink:
         sidx, unit_all, plo, phi, z_lo, z_hi, lo_all, hi_all, ppid = _around_kinks(
-            runner, gpids, pid, t, min(tol, 1.0 / n_samples) / 4, on_kink,
+            runner, gpids, pid, t, min(0.25 / n_samples, max(tol / 4, 64 * torch.finfo(runner.dtype).eps)), on_kink,
             (sidx, j_all, unit_all, plo, phi, z_lo, z_hi))
     z_lo, z_hi = z_lo.to(runner.dtype), z_hi.to(runner.dtype)
     kink = _kink_between(runner, sidx, plo, phi)
@@ -139,6 +133,27 @@ def _changes(k: int, z: torch.Tensor, p: torch.Tensor, same: torch.Tensor, first
     return k, j + first, unit, p[j, unit], p[j + 1, unit], z[j, unit], z[j + 1, unit]
 
 
+def _run_ends(k: int, on: torch.Tensor, z: torch.Tensor, p: torch.Tensor, inner: torch.Tensor, first: int,
+              elementwise: bool) -> list:
+    """The entries ``_around_kinks`` needs from one batch: the samples of rows 1 .. len(z) - 2 (this batch's own;
+    rows 0 and len(z) - 1 are their neighbours) where a unit is exactly on a kink and that begin or end a run (the
+    neighbour on that side not on the same kink with the same tie-break piece, or not an inner sample), with their
+    neighbours' pieces and inputs. Only runs' ends are kept: a window of zeros tied at every sample would otherwise
+    keep an entry per sample (11.6 million on a tester's CNN ray, 3.9 GB)."""
+    r, u = torch.nonzero(on[1:-1] & inner[1:-1, None], as_tuple=True)
+    if not len(r):
+        return []
+    zero = torch.zeros(len(u), dtype=z.dtype, device=z.device)  # window sites: bisected without unit inputs
+    z_prev, z_here, z_next = (z[r, u], z[r + 1, u], z[r + 2, u]) if elementwise else (zero, zero, zero)
+    p_prev, p_here, p_next = p[r, u], p[r + 1, u], p[r + 2, u]
+    adj_prev, adj_next = on[r, u] & inner[r], on[r + 2, u] & inner[r + 2]
+    starts = ~(adj_prev & (p_prev == p_here) & (z_prev == z_here))
+    ends = ~(adj_next & (p_next == p_here) & (z_next == z_here))
+    m = starts | ends
+    return [tuple(x[m] for x in (torch.full_like(r, k), first + r + 1, u, p_prev, z_prev, p_here, z_here, p_next,
+                                 z_next, starts, ends, adj_prev & starts, adj_next & ends))]
+
+
 def _around_kinks(runner: Runner, gpids, pid, t, delta: float, on_kink: list, brackets: tuple) -> tuple:
     """Brackets around samples where a unit is exactly on its kink (a smooth unit on its threshold, a max-pool window
     tied): its piece there is a tie-break, not a side, so the changes into and out of it say nothing by themselves.
@@ -150,29 +165,26 @@ def _around_kinks(runner: Runner, gpids, pid, t, delta: float, on_kink: list, br
     kink at a sample changes once there, one that touches it not at all, and one that stays on it keeps its tie-break
     piece with a change at each end, as the exact engine counts. Returns the new (site, unit, piece and input at both
     ends, lo, hi, path) columns; the brackets between two samples of a run stay as they were (a unit with several
-    kinks can go from one to another).
+    kinks can go from one to another). Probes are a quarter of the smaller of ``tol`` and the sample spacing away,
+    but at least 64 ulps (float32's raised ``tol`` would put them inside its rounding). A unit that leaves its kink
+    and comes back exactly between two samples of a run is taken to stay on it (it needs exact arithmetic: integer
+    weights at dyadic t).
 
     Before stop 31 a unit on its kink at one sample but not at its neighbours was taken for a touch (its piece there
     replaced by the one before), which moved the change of a stretch shorter than the sample spacing by up to a
     sample interval or dropped two changes the samples showed; pairing the two brackets after bisection instead
     counted touches twice where ``tol`` was above the sample spacing (53 crossings against the exact 36)."""
     sidx, j, unit, plo, phi, z_lo, z_hi = brackets
-    k, g, u, p_prev, z_prev, p_here, z_here, p_next, z_next = (torch.cat(c) for c in zip(*on_kink))
+    k, g, u, p_prev, z_prev, p_here, z_here, p_next, z_next, first, last, prev_on, next_on = (
+        torch.cat(c) for c in zip(*on_kink))
     n_u, n_t = int(torch.cat([unit, u]).max()) + 1, len(t)
     key = (k * n_u + u) * n_t + g
-    order = torch.argsort(key)
-    key, k, g, u, p_prev, z_prev, p_here, z_here, p_next, z_next = (
-        x[order] for x in (key, k, g, u, p_prev, z_prev, p_here, z_here, p_next, z_next))
+    order = torch.argsort(key)  # a unit's runs in path order, each as its start and its end (one entry if lone)
+    key, k, g, u, p_prev, z_prev, p_here, z_here, p_next, z_next, first, last, prev_on, next_on = (
+        x[order] for x in (key, k, g, u, p_prev, z_prev, p_here, z_here, p_next, z_next, first, last, prev_on,
+                           next_on))
     dt = runner.dtype
     z_prev, z_here, z_next = z_prev.to(dt), z_here.to(dt), z_next.to(dt)
-    adjacent = key[1:] == key[:-1] + 1  # the next entry is the same unit at the next sample
-    # a run: consecutive samples on the same kink with the same tie-break piece (a stretch on it); two ties in a row
-    # that differ (a window tied between other entries) are two runs
-    same = adjacent & (p_here[1:] == p_here[:-1]) & ((z_here[1:] == z_here[:-1]) | torch.isnan(z_here[1:]))
-    no = torch.zeros(1, dtype=torch.bool, device=key.device)
-    first, last = ~torch.cat([no, same]), ~torch.cat([same, no])
-    prev_on = torch.cat([no, adjacent]) & first  # a run start right after another run's end
-    next_on = torch.cat([adjacent, no]) & last
     # the probes: before each run's first sample and after its last
     fi, li = torch.nonzero(first).flatten(), torch.nonzero(last).flatten()
     probe_g = torch.cat([g[fi], g[li]])

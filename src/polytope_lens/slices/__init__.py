@@ -154,8 +154,8 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
     if out["coarse"]:
         worst = max(out["coarse"], key=out["coarse"].get)
         notes.append(f"near float resolution: at {worst!r} the snapping tolerance is {out['coarse'][worst]:.2g} of how "
-                     "far its unit inputs move across the plane, so regions thinner than about that share of the plane "
-                     "may be merged (use a larger plane)")
+                     "far the least-moving unit whose kink the plane crosses moves across it, so regions thinner than "
+                     "about that share of the plane may be merged (use a larger plane)")
     if out["fallbacks"]:
         notes.append(f"{out['fallbacks']} site(s) cut unit by unit: kink lines met within tol (ties), or the all-lines "
                      "arrangement would not fit the memory budget")

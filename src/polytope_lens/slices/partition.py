@@ -226,18 +226,26 @@ class _Partitioner:
             mesh.set_vals(self._site_z(mesh, site, cols))
             for leaf in [k for k in mesh.leaves if self.last_use[k] <= i]:  # read for the last time just now
                 del mesh.leaves[leaf]
-            top, spread = 0.0, 0.0
+            top, spread, least = 0.0, 0.0, 0.0
             if mesh.nv and mesh.vals.shape[1]:
                 z = mesh.vals[: mesh.nv]
-                big, moves = z.abs().amax(0), z.amax(0) - z.amin(0)
+                lo_z, hi_z = z.amin(0), z.amax(0)
+                big, moves = torch.maximum(lo_z.abs(), hi_z.abs()), hi_z - lo_z
                 if not math.isfinite(float(big.max())):  # NaN propagates through max
                     raise _not_finite(f"the unit inputs of site {site.name!r}", self.owner, mesh.vals.dtype)
                 # the site's scale: its largest unit input among those that move over the plane (one that does not,
                 # a unit with a large bias and no weight, says nothing about the others' rounding)
                 top, spread = float((big * (moves > 0)).max()), float(moves.max())
-                del z, big, moves
+                least = spread  # the smallest move of a unit whose kink the plane crosses (scalar kinks)
+                if isinstance(act, ScalarKinks):
+                    crossing = torch.zeros_like(moves, dtype=torch.bool)
+                    for kink in act.kinks:
+                        crossing |= (lo_z <= kink) & (kink <= hi_z)
+                    crossing &= moves > 0
+                    least = float(moves[crossing].min()) if bool(crossing.any()) else spread
+                del z, lo_z, hi_z, big, moves
             scale = max(1.0, top)
-            tol = self.cur_tol = self.site_tol(scale, spread, site.name)
+            tol = self.cur_tol = self.site_tol(scale, spread, least, site.name)
             if isinstance(act, ScalarKinks):
                 self._scalar_site(mesh, act, tol, site.name, keep_vals=self.last_use.get(site.name, -1) > i
                                   if self.blocks is not None else False)
@@ -248,20 +256,21 @@ class _Partitioner:
                 raise NotPiecewiseLinearError(f"site {site.name!r}: {act.name} has no exact 2-D cutting rule")
             self._keep_output(mesh, i, site)
 
-    def site_tol(self, scale: float, spread: float, name: str) -> float:
+    def site_tol(self, scale: float, spread: float, least: float, name: str) -> float:
         """The absolute snapping tolerance at a site: ``tol * scale``, or, with a ``tol_floor``, at most a millionth
         of how far the unit inputs move across the plane (``spread``: the largest range of one unit over the
         vertices) and at least ``tol_floor * scale``: on a plane so small that its inputs move by ~tol, a fixed tol
-        would snap genuine kink lines away and merge regions. Where even the floor is over a thousandth of that move,
-        the plane is near the dtype's resolution and ``coarse`` records by how much."""
+        would snap genuine kink lines away and merge regions. Where even the floor is over a thousandth of the
+        smallest move of a unit whose kink the plane crosses (``least``), the plane is near the dtype's resolution
+        for that unit and ``coarse`` records by how much."""
         tol = self.tol * scale
         if self.tol_floor is None or spread == 0:  # every unit constant over the plane: nothing says it is small
             return tol
         small = max(self.tol_floor * scale, min(tol, 1e-6 * spread))
         if small < tol:
             self.lowered[name] = small / scale
-        if small > 1e-3 * spread:
-            self.coarse[name] = small / spread
+        if small > 1e-3 * least:
+            self.coarse[name] = small / least
         return small
 
     # ---------------------------------------------------------------------------------------- scalar sites
