@@ -2384,3 +2384,25 @@ def test_only_the_ends_of_a_run_on_a_kink_are_kept():
     assert got == [(0, 1, True, False), (0, 10, False, True), (1, 1, True, False), (1, 10, False, True),
                    (2, 1, True, False), (2, 6, False, True), (2, 7, True, False), (2, 10, False, True)]
     assert prev_on.tolist() == [g_ == 7 for g_ in g.tolist()] and next_on.tolist() == [g_ == 6 for g_ in g.tolist()]
+
+
+@pytest.mark.parametrize("n", [3, 5, 301])
+def test_sampled_records_at_a_rays_zero_enter_the_exact_engines_pieces(n):
+    """A ray's alpha = 0 is one of sampled mode's samples (a knot, like a polyline's corners): in a bias-free CNN
+    every window is tied there, and bisection converging onto it (odd n) recorded the tie-break piece instead of
+    the piece entered (a reviewer's sweep: 6 of 756 differences). Every sampled record is an exact one (site, unit,
+    piece entered, t within tol); none is extra."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.ReLU(), nn.MaxPool2d(2),
+                      nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.ReLU6(), nn.Flatten(),
+                      nn.Linear(96, 5)).double().eval()
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64) * 3
+    for alphas in ((-1.0, 1.0), (-1.0, 2.0)):
+        ex = ray_crossings(m, x, layer="1.relu", alphas=alphas, method="exact", trace=False)
+        sa = ray_crossings(m, x, layer="1.relu", alphas=alphas, method="sampled", n_samples=n, tol=1e-9, trace=False)
+        for p, q in zip(sa.paths, ex.paths):
+            want = {(int(s), int(u), int(pc)): float(t) for t, s, u, pc in
+                    zip(q.records["t"], q.records["site"], q.records["unit"], q.records["piece"])}
+            assert len(want) == q.crossings  # one record per (site, unit, piece) here
+            for t, s, u, pc in zip(p.records["t"], p.records["site"], p.records["unit"], p.records["piece"]):
+                assert abs(want[int(s), int(u), int(pc)] - t) <= 1e-9

@@ -1,6 +1,7 @@
 """Sampled crossings for models that are not piecewise linear (GELU, SiLU, LayerNorm, softmax attention...).
 
-Each path is sampled at ``n_samples + 1`` evenly spaced t; wherever a unit's piece (its threshold code for smooth
+Each path is sampled at ``n_samples + 1`` evenly spaced t (and at its knots: a polyline's corners, a ray's alpha
+= 0); wherever a unit's piece (its threshold code for smooth
 activations) differs between two consecutive samples, the change is located by bracketing until the bracket is
 narrower than ``tol`` in t, and reported at the bracket's midpoint with the piece found at its right end. A unit that
 changes piece and changes back between two samples is missed, so counts are lower bounds (``exact=False``); one
@@ -36,9 +37,24 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
     dev = runner.device
     c_paths = len(gpids)
     grid = torch.linspace(0.0, 1.0, n_samples + 1, dtype=runner.dtype, device=dev)
-    pid = torch.arange(c_paths, device=dev).repeat_interleave(n_samples + 1)
-    t = grid.repeat(c_paths)
+    inner_knots = runner.spec.knots_t[gpids.to(runner.spec.knots_t.device), 1:-1].to(dev, runner.dtype)
+    if inner_knots.shape[1]:  # a path's knots are samples too (a polyline's corners, a ray's alpha = 0), where
+        # units meet their kinks exactly more often than anywhere (the exact engine's breakpoints, too)
+        tt, order = torch.cat([grid.expand(c_paths, -1), inner_knots], 1).sort(1)
+        knot = order > n_samples  # which of the sorted samples are knots
+        near = (tt[:, 1:] - tt[:, :-1]) <= 64 * torch.finfo(runner.dtype).eps  # one sample, up to rounding
+        keep = torch.ones_like(tt, dtype=torch.bool)
+        keep[:, 1:] &= ~(near & (knot[:, :-1] | ~knot[:, 1:]))  # of two, the knot stays (its t is exact) ...
+        keep[:, :-1] &= ~(near & knot[:, 1:] & ~knot[:, :-1])
+        keep[:, 0] = keep[:, -1] = True  # ... but never a path's ends
+        keep[:, 1][knot[:, 1] & near[:, 0]] = False
+        keep[:, -2][knot[:, -2] & near[:, -1]] = False
+        t, pid = tt[keep], torch.arange(c_paths, device=dev).repeat_interleave(keep.sum(1))
+    else:
+        pid = torch.arange(c_paths, device=dev).repeat_interleave(n_samples + 1)
+        t = grid.repeat(c_paths)
     same = pid[:-1] == pid[1:]
+    spacing = float((t[1:] - t[:-1])[same].min())  # the closest two samples of a path
     inner_all = torch.zeros(len(t), dtype=torch.bool, device=dev)  # samples with a neighbour on each side
     inner_all[1:-1] = same[:-1] & same[1:]
     recs = []
@@ -79,7 +95,7 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
     lo_all, hi_all, ppid = t[j_all], t[j_all + 1], pid[j_all]
     if on_kink:
         sidx, unit_all, plo, phi, z_lo, z_hi, lo_all, hi_all, ppid = _around_kinks(
-            runner, gpids, pid, t, min(0.25 / n_samples, max(tol / 4, 64 * torch.finfo(runner.dtype).eps)), on_kink,
+            runner, gpids, pid, t, min(0.25 * spacing, max(tol / 4, 64 * torch.finfo(runner.dtype).eps)), on_kink,
             (sidx, j_all, unit_all, plo, phi, z_lo, z_hi))
     z_lo, z_hi = z_lo.to(runner.dtype), z_hi.to(runner.dtype)
     kink = _kink_between(runner, sidx, plo, phi)
