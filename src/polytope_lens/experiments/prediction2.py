@@ -24,7 +24,6 @@ between consecutive samples, and the flip is where that change is largest (appro
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -333,9 +332,10 @@ def _start_codes(module, starts, sites) -> dict:
     """Pieces of every unit of ``sites`` at the paths' starts (the inputs, or the inputs that feed ``layer`` and every
     other branch), in float64 as the exact engine runs, so that a crossing's piece follows the start's."""
     from ..codes import spline_codes
+    from ..paths.geometry import cast
+    from ..paths.runner import prepare_model
 
-    m64 = copy.deepcopy(module).to(torch.float64)
-    cast = lambda v: v.to(torch.float64) if torch.is_floating_point(v) else v  # noqa: E731
-    x = {k: cast(v) for k, v in starts.items()} if isinstance(starts, dict) else cast(starts)
-    codes = spline_codes(m64, x, layers=list(sites))
+    device = (starts if isinstance(starts, torch.Tensor) else next(iter(starts.values()))).device
+    codes = spline_codes(prepare_model(module, torch.float64, device), cast(starts, torch.float64, device),
+                         layers=list(sites))
     return {s: codes[s].pieces() for s in sites}

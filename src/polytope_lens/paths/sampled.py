@@ -72,8 +72,6 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
                 z = torch.cat([last[k], z])
             zs = z.reshape(len(z), *runner.z_shape[site.name])
             p = site.activation.pieces(zs).reshape(len(z), -1)
-            if last is not None:
-                p[:len(last_piece[k])] = last_piece[k]
             on = site.activation.on_kink(zs)
             if on is not None and len(z) >= 3:
                 on_kink.extend(_run_ends(k, on.reshape(len(z), -1), z, p, inner_all[first:first + len(z)], first,
@@ -219,8 +217,7 @@ def _around_kinks(runner: Runner, gpids, pid, t, delta: float, on_kink: list, br
               t[j[keep] + 1], pid[j[keep]])]
     # the brackets and changes that replace them, per run (lone: a run of one sample)
     lone = first & last
-    nxt = torch.cat([torch.arange(1, len(key), device=key.device), torch.zeros(1, dtype=torch.long,
-                                                                                device=key.device)])
+    nxt = torch.arange(1, len(key) + 1, device=key.device).clamp_(max=len(key) - 1)  # the entry after each
     end_t = torch.where(next_on, t[(g + 1).clamp(max=n_t - 1)] - delta, t[(g + 1).clamp(max=n_t - 1)])
     end_p = torch.where(next_on, p_l[nxt], p_next)  # the next run's first probe, or the sample after
     end_z = torch.where(next_on, z_l[nxt], z_next)

@@ -25,7 +25,8 @@ their parent's codes.
 
 Ties and tolerance
 ------------------
-Values within ``tol * max(1, max |z|)`` of a kink are snapped onto it (see ``_mesh``): a kink line through a vertex
+Values within ``tol * max(1, max |z|)`` of a kink are snapped onto it (``max |z|`` over the site's units that move
+over the plane; see ``_mesh``): a kink line through a vertex
 adds no vertex and a unit touching its kink on a cell does not cut it; cells thinner than that are not made. Counts
 are exact up to that tolerance (stated on the result). The default tol is lowered at a site where the plane is small
 against it (``_Partitioner.site_tol``).
