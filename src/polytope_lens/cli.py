@@ -86,10 +86,11 @@ def _user_errors(fn):
 
 def _in_flags(message: str, options: dict) -> str:
     """An API error about a parameter the command takes as an option of the same name, said with the option's flag
-    ("The 'limit' parameter of load_data must ..." -> "--limit must ...")."""
+    ("The 'limit' parameter of load_data must ..." -> "--limit must ...", "The 'device' parameter is ..." ->
+    "--device is ...")."""
     def flag(m: re.Match) -> str:
         return f"--{m.group(1).replace('_', '-')}" if m.group(1) in options else m.group(0)
-    return re.sub(r"The '(\w+)' parameter of [\w.]+", flag, message)
+    return re.sub(r"The '(\w+)' parameter(?: of [\w.]+)?", flag, message)
 
 
 def _progress(total: int, what: str) -> Progress:
@@ -441,7 +442,7 @@ def path_cmd(
     _check_ray(ray, ray_workers)
     if (pairs is None) == (from_ref is None or to_ref is None):
         raise InvalidInputError("Give either --from and --to, or --pairs FILE.npz.")
-    _path_options(method, evaluator, device)
+    _path_options("path_crossings", method, evaluator, device)
     kw = dict(method=method, dtype=_dtype(dtype), device=device, layers=layers, evaluator=evaluator,
               memory_budget=_budget_bytes(memory_mib), trace=trace, ray_address=ray, ray_workers=ray_workers,
               **_sampling(n_samples, tol))  # the options' one-line errors come before the model is loaded
@@ -468,15 +469,13 @@ def path_cmd(
                            "pairs": None if pairs is None else str(pairs), **result.to_dict(records=records)})
 
 
-def _path_options(method: str, evaluator: str, device: str) -> None:
-    """The options' one-line errors before the model is loaded (a large model takes seconds to load)."""
-    from .paths import EVALUATORS, METHODS
+def _path_options(owner: str, method: str, evaluator: str, device: str) -> None:
+    """The API's checks of these options, before the model is loaded (a large model takes seconds to load); their
+    errors name the flags (``_in_flags``)."""
+    from .paths import check_choices
     from .paths.runner import check_device
 
-    if method not in METHODS:
-        raise InvalidInputError(f"--method must be one of {', '.join(METHODS)}. Got {method!r}.")
-    if evaluator not in EVALUATORS:
-        raise InvalidInputError(f"--evaluator must be one of {', '.join(EVALUATORS)}. Got {evaluator!r}.")
+    check_choices(owner, method, evaluator)
     check_device(device)
 
 
@@ -532,7 +531,7 @@ def scale_cmd(
     _check_json_target(json_out)
     if max_tokens < 1:
         raise InvalidInputError(f"--max-tokens must be at least 1. Got {max_tokens}.")
-    _path_options(method, evaluator, device)
+    _path_options("ray_crossings", method, evaluator, device)
     kw = dict(alphas=_alphas(alphas), method=method, dtype=_dtype(dtype), device=device, layers=layers,
               evaluator=evaluator, memory_budget=_budget_bytes(memory_mib), trace=trace, **_sampling(n_samples, tol))
     bundle = load_model(model)

@@ -66,16 +66,21 @@ def _folded_note(frontier) -> str:
     return "; " + " and ".join(p for p in parts if p) + " folded into convolutions" if norms or pads else ""
 
 
-def _check_options(owner: str, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress) -> None:
-    if progress is not None and not callable(progress):
-        raise InvalidInputError(f"The 'progress' parameter of {owner} must be None or a callable taking the number "
-                                f"of paths (or fraction of a path) just finished. Got {progress!r}.")
+def check_choices(owner: str, method, evaluator) -> None:
+    """One-line errors for a ``method`` or ``evaluator`` that is not one of ``METHODS`` / ``EVALUATORS``."""
     if method not in METHODS:
         raise InvalidInputError(f"The 'method' parameter of {owner} must be one of {', '.join(METHODS)}. "
                                 f"Got {method!r}.")
     if evaluator not in EVALUATORS:
         raise InvalidInputError(f"The 'evaluator' parameter of {owner} must be one of {', '.join(EVALUATORS)}. "
                                 f"Got {evaluator!r}.")
+
+
+def _check_options(owner: str, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress) -> None:
+    if progress is not None and not callable(progress):
+        raise InvalidInputError(f"The 'progress' parameter of {owner} must be None or a callable taking the number "
+                                f"of paths (or fraction of a path) just finished. Got {progress!r}.")
+    check_choices(owner, method, evaluator)
     check_dtype(owner, dtype)
     if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < (1 << 20)):
         raise InvalidInputError(f"The 'memory_budget' parameter of {owner} must be None or an int >= 1 MiB (bytes). "
