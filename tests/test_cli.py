@@ -284,3 +284,39 @@ def test_cluster_error_names_the_option_the_user_set(tmp_path, toy_data):
     line = " ".join(r.stderr.split())
     assert r.exit_code == 1 and "error: --min-cluster-size (1000) must be at most the number of rows (20)." == line, \
         r.stderr
+
+
+def test_sites_of_a_file_model_without_an_input_shape_asks_for_data(tmp_path):
+    """A saved CNN's input shape cannot be read from its first layer: the error asks for --data (it used to run the
+    model on a data set 'zeros' of one number that the user never gave)."""
+    r = runner.invoke(app, ["sites", "--model", f"file:{_cnn_model(tmp_path)}"])
+    assert r.exit_code == 1 and "input shape is unknown" in r.stderr and "--data" in r.stderr
+    assert "zeros" not in r.stderr
+    np.save(tmp_path / "img.npy", np.zeros((2, 1, 5, 5), np.float32))
+    r = runner.invoke(app, ["sites", "--model", f"file:{_cnn_model(tmp_path)}", "--data",
+                            f"npy:{tmp_path / 'img.npy'}"])
+    assert r.exit_code == 0 and "1.relu" in r.stdout
+
+
+def test_file_model_whose_class_cannot_be_imported_says_how_to_fix_it(tmp_path):
+    """torch.load finds a pickled module's class by the module that defined it: say so (PYTHONPATH, __main__)."""
+    import subprocess
+    import sys
+
+    script = ("import torch\nfrom torch import nn\nclass Net(nn.Module):\n    def __init__(self):\n"
+              "        super().__init__(); self.l = nn.Linear(2, 2)\n    def forward(self, x):\n"
+              "        return torch.relu(self.l(x))\n"
+              f"torch.save(Net(), {str(tmp_path / 'net.pt')!r})\n")
+    subprocess.run([sys.executable, "-c", script], check=True)
+    r = runner.invoke(app, ["sites", "--model", f"file:{tmp_path / 'net.pt'}"])
+    assert r.exit_code == 1 and "AttributeError" in r.stderr and "__main__" in r.stderr and "PYTHONPATH" in r.stderr
+
+
+def test_extract_codes_names_what_it_takes():
+    from polytope_lens.errors import InvalidInputError
+    from polytope_lens.extract import extract_codes
+
+    with pytest.raises(InvalidInputError, match="'model' parameter takes a model spec.*got Sequential.*spline_codes"):
+        extract_codes(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), "digits")
+    with pytest.raises(InvalidInputError, match="'data' parameter takes a data spec.*got Tensor"):
+        extract_codes("toy:4-5-3", torch.zeros(3, 4))

@@ -238,3 +238,28 @@ def test_an_error_outside_a_terminal_is_one_line_and_nothing_else(tmp_path):
                        env=env)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.startswith("error: The layer pattern 'nosuch'") and r.stderr.count("\n") == 1, repr(r.stderr)
+
+
+def test_pairs_with_from_or_to_is_refused(tmp_path, pairs):
+    """--pairs with --from (or --to) used to ignore --from silently while the JSON recorded it."""
+    np.save(tmp_path / "a.npy", np.zeros(6))
+    for extra in (["--from", str(tmp_path / "a.npy")], ["--to", str(tmp_path / "a.npy")]):
+        r = runner.invoke(app, ["path", "--model", MODEL, "--pairs", str(pairs), *extra, "--json",
+                                str(tmp_path / "p.json")])
+        assert r.exit_code == 1 and "Give either --from and --to, or --pairs FILE.npz (not both)" in r.stderr
+        assert not (tmp_path / "p.json").exists()
+
+
+def test_scale_json_gives_positions_in_alpha(tmp_path):
+    """A ray's JSON says every position in alpha as well as in t: alpha = a0 + t (a1 - a0)."""
+    np.save(tmp_path / "a.npy", np.random.default_rng(1).normal(size=6))
+    r = runner.invoke(app, ["scale", "--model", MODEL, "--input", str(tmp_path / "a.npy"), "--layer", "1.relu",
+                            "--alphas", "-1:3", "--records", "--json", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    p = json.loads((tmp_path / "r.json").read_text())["paths"][0]
+    assert p["alphas"] == [-1.0, 3.0] and p["crossings"] > 0
+    np.testing.assert_allclose(p["alpha"], -1.0 + 4.0 * np.asarray(p["t"]), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(p["trace"]["alpha"], -1.0 + 4.0 * np.asarray(p["trace"]["t"]), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(p["trace"]["class_changes_alpha"], -1.0 + 4.0 * np.asarray(p["trace"]["class_changes"]),
+                               rtol=0, atol=1e-12)
+    assert p["records"] and all(abs(rec["alpha"] - (-1.0 + 4.0 * rec["t"])) < 1e-12 for rec in p["records"])

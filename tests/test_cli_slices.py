@@ -57,6 +57,9 @@ def test_complexity_json(tmp_path):
     assert len(d["approximate"]["total"]) == 5 and d["approximate"]["exact"] is False
     assert d["exact"]["exact"] is True and all(v >= 1 for v in d["exact"]["total"])
     assert d["approximate"]["n_dirs"] == 2 and "n_dirs" not in d["exact"]  # the exact count has no directions
+    regions = d["exact"]["total"]  # --exact prints the exact counts too, not only the approximate table
+    assert f"exact: {sum(regions) / len(regions):.2f} regions on average (min {min(regions)}" in " ".join(
+        r.stdout.split())
 
 
 def test_complexity_n_dirs_and_exact_layers(tmp_path):

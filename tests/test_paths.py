@@ -1805,7 +1805,7 @@ def test_bad_site_inputs_raise_clear_errors():
     mlp = MLP(3, 8, 1)
     a, b = torch.relu(torch.randn(2, 8)), torch.relu(torch.randn(2, 8))
     for inputs, msg in ((torch.randn(3, 3), "one row per path"), (torch.full((2, 3), float("nan")), "NaN"),
-                        ([1, 2], "tensor or a mapping")):
+                        ([1, 2], "a tensor, a NumPy array or a mapping")):
         with pytest.raises(InvalidInputError, match=msg):
             path_crossings(mlp, a, b, layer="*relu", inputs=inputs)
     with pytest.raises(InvalidInputError, match="'layer' parameter of ray_crossings is required"):
@@ -2406,3 +2406,109 @@ def test_sampled_records_at_a_rays_zero_enter_the_exact_engines_pieces(n):
             assert len(want) == q.crossings  # one record per (site, unit, piece) here
             for t, s, u, pc in zip(p.records["t"], p.records["site"], p.records["unit"], p.records["piece"]):
                 assert abs(want[int(s), int(u), int(pc)] - t) <= 1e-9
+
+
+def test_per_site_is_the_per_path_array_of_per_layer():
+    """``res.per_site`` (P, sites) holds each path's crossings per site in ``res.sites`` order: row sums are
+    ``counts``, column sums ``per_layer``, and each row equals a dense float64 sampling count (fine enough here)."""
+    torch.manual_seed(3)
+    m = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    a, b = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    res = path_crossings(m, a, b)
+    assert res.per_site.shape == (6, 2) and res.per_site.dtype == np.int64
+    assert (res.per_site.sum(1) == res.counts).all()
+    assert dict(zip(res.sites, res.per_site.sum(0).tolist())) == res.per_layer
+    t = torch.linspace(0, 1, 100_001, dtype=torch.float64)[:, None, None]
+    with torch.no_grad():
+        z1 = m[0](a + t * (b - a))
+        z2 = m[2](m[1](z1))
+    dense = [((z[1:] > 0) != (z[:-1] > 0)).sum((0, 2)) for z in (z1, z2)]
+    assert res.per_site.T.tolist() == [d.tolist() for d in dense]
+    sampled = path_crossings(m, a, b, method="sampled")
+    assert sampled.per_site.shape == (6, 2) and (sampled.per_site.sum(1) == sampled.counts).all()
+
+
+def test_one_dimensional_endpoints_get_a_batch_axis_hint():
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.tensor([0.5, 0.5, 1.0, 2.0])
+    with pytest.raises(InvalidInputError, match=r"equal start and end points.*one path between two vectors is "
+                                                r"x\[None\]"):
+        path_crossings(m, x, torch.tensor([0.5, 0.5, 3.0, 1.0]))
+    with pytest.raises(InvalidInputError, match=r"one row of shape \(\)\).*one example is x\[None\]"):
+        path_crossings(m, x, x + 1.0)
+
+
+class _StretchNet(nn.Module):
+    """A = relu6(L1 x) (the ray's site), B = relu6(L2 A), C = relu(A + B): along a ray alpha * a with a[2] = 0, C's
+    unit 2 reads B[2] alone and sits exactly on its kink once B[2] turns off (a tester's float64 net)."""
+
+    def __init__(self):
+        super().__init__()
+        r = np.random.default_rng(30)
+        self.l1, self.a = nn.Linear(3, 6, dtype=torch.float64), nn.ReLU6()
+        self.l2, self.b = nn.Linear(6, 6, dtype=torch.float64), nn.ReLU6()
+        self.c, self.l3 = nn.ReLU(), nn.Linear(6, 3, dtype=torch.float64)
+        with torch.no_grad():
+            for lin, shape in ((self.l1, (6, 3)), (self.l2, (6, 6)), (self.l3, (3, 6))):
+                lin.weight.copy_(torch.from_numpy(r.standard_normal(shape)))
+                lin.bias.copy_(torch.from_numpy(r.standard_normal(shape[0])))
+        self.x = torch.from_numpy(r.standard_normal((2, 3)) * 2)[:1]
+
+    def forward(self, x):
+        a = self.a(self.l1(x))
+        return self.l3(self.c(a + self.b(self.l2(a))))
+
+
+@pytest.mark.parametrize("evaluator", ["affine", "graph", "frontier"])
+def test_ray_keeps_units_on_a_kink_over_a_stretch_through_the_rays_zeros(evaluator):
+    """A unit that reads the ray's input only through coordinates that stay 0 (a's zeros) holds an exact constant
+    where the units it reads are off. The affine route bent it in closed form: the change of C[2] landed at t = 1
+    instead of where B[2] turns off (a tester's float CNN ray: 119 crossings against 75). Oracle: each site's pieces
+    from forward passes at 200,001 points along the ray."""
+    m = _StretchNet().eval()
+    res = ray_crossings(m, m.x, layer="a.relu6", alphas=(0.0, 2.0), method="exact", evaluator=evaluator, trace=False)
+    p = res.paths[0]
+    with torch.no_grad():
+        a = m.a(m.l1(m.x))
+        h = 2.0 * torch.linspace(0, 1, 200_001, dtype=torch.float64)[:, None] * a
+        b_in = m.l2(h)
+        c_in = h + m.b(b_in)
+    dense = {"b.relu6": ((b_in > 0).long() + (b_in > 6).long()), "c.relu": (c_in > 0).long()}
+    for site, pieces in dense.items():
+        assert p.per_layer[site] == int((pieces[1:] != pieces[:-1]).sum()), (site, p.per_layer)
+    sel = [(float(t), int(pc)) for t, s, u, pc in zip(p.records["t"], p.records["site"], p.records["unit"],
+                                                       p.records["piece"]) if p.sites[s] == "c.relu" and u == 2]
+    off = int(torch.nonzero(dense["c.relu"][:, 2] == 0)[0]) / 200_000  # the first sample where C[2] is off
+    assert len(sel) == 1 and sel[0][1] == 0 and off - 1e-5 <= sel[0][0] <= off
+
+
+@pytest.mark.parametrize("evaluator", ["affine", "graph", "frontier"])
+def test_ray_ends_are_exactly_alpha0_and_alpha1(evaluator):
+    """alphas (-2, -0.5): alpha(1) was (1 - 4/3) * 1.5 = -0.4999999999999999, so a unit whose input reaches its kink
+    exactly at alpha = -0.5 was counted crossing at t = 1 (hand-computed: z = 6 alpha + 3, on its kink at the end,
+    piece 0 throughout; the same segment given by its ends has no crossing)."""
+    m = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 1)).double()
+    with torch.no_grad():
+        for lin, w, b in ((m[0], 1.0, 0.0), (m[2], 2.0, 3.0), (m[4], 1.0, 0.0)):
+            lin.weight.fill_(w), lin.bias.fill_(b)
+    x = torch.tensor([[3.0]], dtype=torch.float64)
+    ray = ray_crossings(m, x, layer="1.relu", alphas=(-2.0, -0.5), evaluator=evaluator, trace=False)
+    seg = path_crossings(m, -2 * x, -0.5 * x, layer="1.relu", inputs=x, evaluator=evaluator, trace=False)
+    assert ray.counts.tolist() == seg.counts.tolist() == [0]
+    sampled = ray_crossings(m, x, layer="1.relu", alphas=(-2.0, -0.5), method="sampled", trace=False)
+    assert sampled.counts.tolist() == [0]
+
+
+def test_ray_notes_the_crossings_at_alpha_zero():
+    """Hand-computed: site h = x (one unit, a = 1 at the input 1), then relu([h, -h, h - 0.5]) along alpha in
+    (-1, 1): units 0 and 1 cross at alpha = 0 (t = 1/2), unit 2 at alpha = 0.5. The note counts 2 of 3."""
+    m = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    with torch.no_grad():
+        m[0].weight.fill_(1.0), m[0].bias.fill_(0.0)
+        m[2].weight.copy_(torch.tensor([[1.0], [-1.0], [1.0]])), m[2].bias.copy_(torch.tensor([0.0, 0.0, -0.5]))
+    x = torch.ones(1, 1, dtype=torch.float64)
+    res = ray_crossings(m, x, layer="1.relu", alphas=(-1.0, 1.0), trace=False)
+    p = res.paths[0]
+    assert p.per_layer["3.relu"] == 3 and sorted(p.alpha(p.records["t"]).tolist()) == [0.0, 0.0, 0.5]
+    assert p.crossings == 3 and any(n.startswith("2 of 3 crossings lie at alpha = 0") for n in res.notes), res.notes
+    assert not any("alpha = 0" in n for n in ray_crossings(m, x, layer="1.relu", alphas=(0.25, 1.0)).notes)

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import difflib
 import inspect
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -41,7 +43,9 @@ from .errors import InvalidInputError, PolytopeLensError, UnsupportedActivationE
 from .kinks import BENDING_OPS, VALUE_READS, Activation, get_activation, resolve_call
 
 __all__ = ["CallSite", "BendTracker", "capture", "list_sites", "select_sites", "StopForward", "SharedPrefix",
-           "PrefixRead", "PrefixReplay", "ReplayMismatch", "ACTIVATION_MODULE_CLASSES"]
+           "PrefixRead", "PrefixReplay", "ReplayMismatch", "ACTIVATION_MODULE_CLASSES", "eval_mode",
+           "check_eager", "is_batched", "input_tensors", "batched_values", "check_capture_kwargs",
+           "CAPTURE_OPTIONS"]
 
 # composite activation modules, by class name: their input is the unit input, their inner calls are not sites
 ACTIVATION_MODULE_CLASSES: dict[str, str] = {
@@ -607,6 +611,70 @@ def _tl_declared(model: nn.Module, aliases: dict[str, str]) -> tuple[dict[str, s
     return declared, tuple(suppress)
 
 
+CAPTURE_OPTIONS = ("activation_modules", "declared_sites", "suppress")
+
+
+def check_capture_kwargs(owner: Callable, kwargs: dict) -> None:
+    """A one-line error for a keyword that is neither a parameter of the public function ``owner`` nor one of
+    ``capture``'s options (which those functions pass on), with the closest name (``layer=`` for ``layers=``)."""
+    params = [p for p in inspect.signature(owner).parameters if p not in ("capture_kwargs", "slice_kwargs")]
+    for key in kwargs:
+        if key not in CAPTURE_OPTIONS:
+            close = difflib.get_close_matches(key, params + list(CAPTURE_OPTIONS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise InvalidInputError(f"{owner.__name__} got an unexpected keyword argument {key!r}{hint}. Its "
+                                    f"parameters: {', '.join(params + list(CAPTURE_OPTIONS))}.")
+
+
+def is_batched(v) -> bool:
+    """Whether a model input holds one row per example: a tensor with a first axis. A mapping's other values (a
+    flag, a 0-d temperature) go to every batch as they are."""
+    return isinstance(v, torch.Tensor) and v.dim() > 0
+
+
+def input_tensors(inputs, float_dtype: torch.dtype | None = None):
+    """``inputs`` (a tensor, a NumPy array, a mapping of them, or a bundle's ``Inputs``: its tensors) with arrays
+    as tensors; floating-point arrays in ``float_dtype`` when given (the model's: NumPy's default is float64)."""
+    def tensor(a):
+        t = torch.from_numpy(a)
+        return t.to(float_dtype) if float_dtype is not None and t.is_floating_point() else t
+
+    tensors = getattr(inputs, "tensors", inputs)
+    if isinstance(tensors, np.ndarray):
+        return tensor(tensors)
+    if isinstance(tensors, Mapping):
+        return {k: tensor(v) if isinstance(v, np.ndarray) else v for k, v in tensors.items()}
+    return tensors
+
+
+def batched_values(tensors, owner: str) -> list[torch.Tensor]:
+    """The tensors of model inputs (``input_tensors``) that hold one row per example, all with the same number of
+    rows; a one-line error when there are none or their numbers differ."""
+    if isinstance(tensors, torch.Tensor):
+        values = [tensors] if tensors.dim() else []
+    elif isinstance(tensors, Mapping):
+        values = [v for v in tensors.values() if is_batched(v)]
+    else:
+        raise InvalidInputError(f"The inputs of {owner} must be a tensor, a NumPy array or a mapping of them, batch "
+                                f"first. Got {type(tensors).__name__}.")
+    if not values:
+        raise InvalidInputError(f"The inputs of {owner} hold no tensor with a batch dimension (one row per example).")
+    if any(v.shape[0] != values[0].shape[0] for v in values):
+        raise InvalidInputError(f"The inputs of {owner} hold different numbers of examples: "
+                                f"{[tuple(v.shape) for v in values]}.")
+    return values
+
+
+def check_eager(model: nn.Module) -> None:
+    """A one-line error when ``model`` or one of its modules is TorchScript: its calls run inside TorchScript, where
+    no nonlinearity can be seen."""
+    scripted = next((n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:
+        raise InvalidInputError(f"{'Module ' + repr(scripted) if scripted else 'The model'} is TorchScript "
+                                "(torch.jit.script or trace): the nonlinearities it applies cannot be seen; give the "
+                                "eager module it was made from.")
+
+
 @contextmanager
 def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str, str] | None = None,
             declared_sites: dict[str, str | Activation] | None = None,
@@ -643,6 +711,7 @@ def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str,
     reset : callable
         Call between forward passes to restart the per-pass call counters (``run`` does it for you).
     """
+    check_eager(model)
     aliases = _tl_aliases(model)
     by_alias = {v: k for k, v in aliases.items()}
     tl_declared, tl_suppress = _tl_declared(model, aliases)
@@ -693,10 +762,25 @@ def check_model_runs(fwd: Callable, x, owner: str, what: str) -> None:
     except (torch.OutOfMemoryError, PolytopeLensError):
         raise
     except Exception as e:  # noqa: BLE001 - any failure of the user's model on these inputs
-        shape = {k: tuple(v.shape[1:]) for k, v in x.items()} if isinstance(x, Mapping) else tuple(x.shape[1:])
+        shape = {k: tuple(v.shape[1:]) for k, v in x.items() if is_batched(v)} if isinstance(x, Mapping) else \
+            tuple(x.shape[1:])
         first = (str(e).strip().splitlines() or [""])[0][:200]
+        hint = " Rows of shape () are entries of a 1-D tensor: one example is x[None]." if shape == () else ""
         raise InvalidInputError(f"The model raised {type(e).__name__} on the {what} of {owner} (one row of shape "
-                                f"{shape}): {first}. Are they of the shape the model takes?") from e
+                                f"{shape}): {first}. Are they of the shape the model takes?{hint}") from e
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """``model`` in eval mode inside (dropout off, BatchNorm on its running statistics, which are left as they are);
+    every module's own mode is restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 @contextmanager

@@ -173,8 +173,11 @@ def _example_data(bundle, data: str | None):
 
         from .data import DataSource
 
-        shape = bundle.input_shape or (1,)
-        return DataSource("zeros", "array", np.zeros((1, *shape), np.float32), None, None, {"source": "zeros"})
+        if bundle.input_shape is None:
+            raise InvalidInputError("The model's input shape is unknown here (no Linear layer reads its input first); "
+                                    "give --data with an example it takes, e.g. --data npy:x.npy.")
+        return DataSource("zeros", "array", np.zeros((1, *bundle.input_shape), np.float32), None, None,
+                          {"source": "zeros"})
     return load_data(default, limit=1)
 
 
@@ -192,7 +195,8 @@ def codes_cmd(
     k: Annotated[int, typer.Option(help="Token protocol: positions per sequence.")] = 6,
     skip: Annotated[int, typer.Option(help="Token protocol: leading tokens skipped.")] = 100,
     position: Annotated[str, typer.Option(help="CNN protocol: spatial position as fractions ROW,COL.")] = "0.5,0.5",
-    limit: Annotated[Optional[int], typer.Option(help="Use only the first N items of the data.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Use only N items of the data: the first N (for digits and "
+                                                      "fashion-mnist a class-balanced seeded sample).")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass and per resumable chunk (as "
                                                  "extract_to_store; the in-memory API spline_codes defaults to 64).")
                           ] = 32,
@@ -440,8 +444,8 @@ def path_cmd(
 
     _check_json_target(json_out)
     _check_ray(ray, ray_workers)
-    if (pairs is None) == (from_ref is None or to_ref is None):
-        raise InvalidInputError("Give either --from and --to, or --pairs FILE.npz.")
+    if (pairs is None) == (from_ref is None or to_ref is None) or (pairs is not None and (from_ref or to_ref)):
+        raise InvalidInputError("Give either --from and --to, or --pairs FILE.npz (not both).")
     _path_options("path_crossings", method, evaluator, device)
     kw = dict(method=method, dtype=_dtype(dtype), device=device, layers=layers, evaluator=evaluator,
               memory_budget=_budget_bytes(memory_mib), trace=trace, ray_address=ray, ray_workers=ray_workers,
@@ -658,7 +662,8 @@ def complexity_cmd(
     model: Annotated[str, typer.Option(help="Model spec.")],
     data: Annotated[str, typer.Option(help="Data spec: the points where local complexity is measured.")],
     json_out: Annotated[Path, typer.Option("--json", help="Write per-point and per-site counts here.")],
-    limit: Annotated[int, typer.Option(help="Number of points (first N items of the data).")] = 64,
+    limit: Annotated[int, typer.Option(help="Number of points: the data's first N items (for digits and "
+                                            "fashion-mnist a class-balanced seeded sample).")] = 64,
     radius: Annotated[float, typer.Option(help="Radius r of the cross-polytope (input units).")] = 0.005,
     n_dirs: Annotated[Optional[int], typer.Option(
         help="P: 2P vertices per point, in a random P-dim subspace; at most the input dimension (default: 20, or "
@@ -708,6 +713,10 @@ def complexity_cmd(
     for site, v in lc.per_site.items():
         table.add_row(site, f"{float(v.mean()):.2f}")
     out.print(table)
+    if exact:
+        regions = payload["exact"]["total"]
+        out.print(f"exact: {sum(regions) / len(regions):.2f} regions on average (min {min(regions)}, max "
+                  f"{max(regions)}) in a square of side {radius} in a random plane through each point")
     _write_json(json_out, payload)
 
 
@@ -719,8 +728,9 @@ def _print_summary(summary: dict) -> None:
     for col in ("site", "alias", "activation", "exact", "units", "bits/unit", "active"):
         table.add_column(col, overflow="fold")
     for lay in summary["layers"]:
+        active = "–" if lay["fraction_active"] is None else f"{100 * lay['fraction_active']:.1f}%"
         table.add_row(lay["site"], lay["alias"] or "", lay["activation"], "yes" if lay["exact"] else "no",
-                      str(lay["n_units"]), str(lay["bits_per_unit"]), f"{100 * lay['fraction_active']:.1f}%")
+                      str(lay["n_units"]), str(lay["bits_per_unit"]), active)
     out.print(table)
 
 

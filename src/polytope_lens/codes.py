@@ -21,6 +21,7 @@ sequence after the first m (``"tokens"``, the paper's token protocol), or every 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping
 
@@ -29,7 +30,8 @@ import torch
 from torch import nn
 
 from ._transfer import to_host, wait_for_copies
-from .capture import CallSite, StopForward, list_sites, run, select_sites
+from .capture import (CallSite, StopForward, batched_values, check_capture_kwargs, eval_mode, input_tensors, is_batched,
+                      list_sites, model_errors, run, select_sites)
 from .errors import InvalidInputError
 from .kinks import Activation, ScalarKinks
 
@@ -333,7 +335,9 @@ class SplineCodes:
                 {"site": lc.site, "alias": lc.alias, "activation": lc.activation["name"], "exact": lc.exact,
                  "n_units": lc.n_units, "unit_shape": list(lc.unit_shape), "bits_per_unit": lc.bits_per_unit,
                  "bytes_per_row": int(lc.packed.shape[1]),
-                 "fraction_active": float(np.mean(lc.pieces() > 0)) if len(self) else 0.0}
+                 # units off their first piece (ReLU: on); None for max pooling, whose pieces are window entries
+                 "fraction_active": None if lc.activation["name"].startswith("max_pool") else
+                 float(np.mean(lc.pieces() > 0)) if len(self) else 0.0}
                 for lc in self.layers.values()
             ],
             **self.meta,
@@ -345,24 +349,21 @@ Inputs = "torch.Tensor | Mapping[str, torch.Tensor]"
 
 
 def _batches(inputs, batch_size: int) -> Iterator[tuple[object, torch.Tensor | None, int]]:
-    """Yield (model inputs, attention mask or None, batch length) slices along dim 0."""
+    """Yield (model inputs, attention mask or None, batch length) slices along dim 0 (a mapping's values without a
+    batch axis go to every batch as they are)."""
     mask_all = getattr(inputs, "attention_mask", None)
     tensors = getattr(inputs, "tensors", inputs)
+    n = batched_values(tensors, "spline_codes")[0].shape[0]
     if isinstance(tensors, torch.Tensor):
-        n = tensors.shape[0]
         tokens = tensors.dim() == 2 and not tensors.is_floating_point()  # token ids: every position is real
         for s in range(0, n, batch_size):
             part = tensors[s:s + batch_size]
             yield part, (torch.ones(part.shape, dtype=torch.bool) if tokens else None), min(batch_size, n - s)
         return
-    if not isinstance(tensors, Mapping) or not tensors:
-        raise InvalidInputError("Inputs must be a tensor or a non-empty mapping of tensors. "
-                                f"Got {type(inputs).__name__}.")
-    n = next(iter(tensors.values())).shape[0]
     if mask_all is None and "attention_mask" in tensors:
         mask_all = tensors["attention_mask"]
     for s in range(0, n, batch_size):
-        part = {k: v[s:s + batch_size] for k, v in tensors.items()}
+        part = {k: v[s:s + batch_size] if is_batched(v) else v for k, v in tensors.items()}
         mask = None if mask_all is None else mask_all[s:s + batch_size].bool()
         yield part, mask, min(batch_size, n - s)
 
@@ -374,11 +375,8 @@ def _joined(parts: list[torch.Tensor]) -> np.ndarray:
 
 
 def _check_inputs(inputs) -> int:
-    tensors = getattr(inputs, "tensors", inputs)
-    values = [tensors] if isinstance(tensors, torch.Tensor) else list(getattr(tensors, "values", lambda: [])())
-    if not values:
-        raise InvalidInputError("No inputs given: expected a tensor or a mapping of tensors with a batch dimension.")
-    n = values[0].shape[0] if values[0].dim() else 0
+    values = batched_values(getattr(inputs, "tensors", inputs), "spline_codes")
+    n = values[0].shape[0]
     if n == 0:
         raise InvalidInputError("The inputs are empty (batch size 0); give at least one example.")
     for v in values:
@@ -404,6 +402,7 @@ class CodeExtractor:
     def __init__(self, model: nn.Module, *, layers: str | list[str] | None = None,
                  units: str | UnitSelection = "all", soft: bool = False, batch_size: int = 64,
                  forward: Callable[[object], object] | None = None, **capture_kwargs):
+        check_capture_kwargs(spline_codes, capture_kwargs)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidInputError(
                 f"The 'batch_size' parameter of spline_codes must be an int >= 1. Got {batch_size!r}.")
@@ -412,42 +411,58 @@ class CodeExtractor:
         self.forward = forward or _default_forward(model)
         self.capture_kwargs = capture_kwargs
         self.sites: list[CallSite] | None = None
+        self.model_errors = True  # the model's errors on the inputs as one line (off where a caller says it better)
         self._bit_buffers: dict[str, torch.Tensor] = {}
 
     def resolve_sites(self, inputs) -> list[CallSite]:
-        """The selected sites, found with one forward pass of the first example of ``inputs`` twice over: a site
-        whose unit input has no row per example (a nonlinearity of parameters alone, ``softplus(raw_scale)``, or
-        of rows regrouped across examples) has no codes to give; it is left out of all sites, and an error when
-        ``layers`` names it."""
+        """The selected sites, found with forward passes of the first example of ``inputs`` repeated twice and three
+        times: a site whose unit input has no row per example in both (a nonlinearity of parameters alone,
+        ``softplus(raw_scale)``, or of rows regrouped across examples, ``relu(stack([a, b]))``) has no codes to give;
+        it is left out of all sites, and an error when ``layers`` names it."""
         if self.sites is None:
             first, _, _ = next(_batches(inputs, 1))
-            twice = {k: torch.cat([v, v]) for k, v in first.items()} if isinstance(first, Mapping) else \
-                torch.cat([first, first])
-            found = list_sites(self.model, lambda: self.forward(twice), **self.capture_kwargs)
-            per_example = [s for s in found if len(s.shape) and s.shape[0] == 2]
+
+            def repeated(n):
+                batch = {k: torch.cat([v] * n) if is_batched(v) else v for k, v in first.items()} if isinstance(
+                    first, Mapping) else torch.cat([first] * n)
+                return list_sites(self.model, lambda: self.forward(batch), **self.capture_kwargs)
+
+            found = repeated(2)
+            rows_of_3 = {s.name for s in repeated(3) if len(s.shape) and s.shape[0] == 3} if found else set()
+            per_example = [s for s in found if len(s.shape) and s.shape[0] == 2 and s.name in rows_of_3]
             if not found:
                 raise InvalidInputError(
                     "The model applies no nonlinearity the kink registry knows; there is nothing to code.")
             if self.layers is None:  # all sites that fit the selection (a BERT pooler has no token axis)
                 found = [s for s in per_example if self.selection.fits(s)] or per_example
                 if not found:
-                    raise InvalidInputError("No nonlinearity of the model has one row per example (they apply to "
-                                            "parameters alone); there is nothing to code.")
+                    raise InvalidInputError("No nonlinearity of the model has one row per example along its first axis "
+                                            "(they apply to parameters alone, or to rows stacked or regrouped "
+                                            "across examples); there is nothing to code.")
             self.sites = select_sites(found, self.layers)
             stray = [s for s in self.sites if s not in per_example]
             if stray:
                 raise InvalidInputError(
                     f"Site {stray[0].name!r} has no row per example (its unit input of shape {tuple(stray[0].shape)} "
-                    "is computed from parameters alone, or regroups rows across examples): it has no spline codes; "
-                    "leave it out of 'layers'.")
+                    "is computed from parameters alone, or stacks or regroups rows across examples): it has no spline "
+                    "codes; leave it out of 'layers'.")
         return self.sites
 
     def __call__(self, inputs, progress: Callable[[int], None] | None = None, allow_empty: bool = False,
                  first: int = 0) -> SplineCodes:
         """The codes of ``inputs``; ``allow_empty``: a chunk of a larger data set may select no rows (its short
         sequences), which is then the caller's to check over the whole set (``no_rows_error``); ``first``: the data
-        set's index of ``inputs``' first example (named in errors)."""
+        set's index of ``inputs``' first example (named in errors). The model runs in eval mode (``eval_mode``)."""
+        if not hasattr(inputs, "tensors"):  # a bundle's Inputs keep their attention mask
+            inputs = input_tensors(inputs, next((p.dtype for p in self.model.parameters() if p.is_floating_point()),
+                                                None))
         n_total = _check_inputs(inputs)
+        one, _, _ = next(_batches(inputs, 1))
+        guard = model_errors(self.forward, one, "spline_codes", "inputs") if self.model_errors else nullcontext()
+        with eval_mode(self.model), guard:
+            return self._code(inputs, n_total, progress, allow_empty, first)
+
+    def _code(self, inputs, n_total: int, progress, allow_empty: bool, first: int) -> SplineCodes:
         wanted = {s.name: s for s in self.resolve_sites(inputs)}
         selection, soft = self.selection, self.soft
         chunks: dict[str, list] = {n: [] for n in wanted}

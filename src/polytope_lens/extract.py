@@ -20,18 +20,26 @@ __all__ = ["extract_codes", "extract_to_store", "default_units", "chunk_coder"]
 
 
 def _bundle(model):
-    if isinstance(model, str):
-        from .models import load_model
+    from .models import ModelBundle, load_model
 
+    if isinstance(model, str):
         return load_model(model)
+    if not isinstance(model, ModelBundle):
+        raise InvalidInputError(f"The 'model' parameter takes a model spec (e.g. 'toy:mlp', 'file:PATH') or a "
+                                f"ModelBundle from load_model; got {type(model).__name__}. For a module and tensors, "
+                                "use polytope_lens.spline_codes.")
     return model
 
 
 def _source(data, limit):
-    if isinstance(data, str):
-        from .data import load_data
+    from .data import DataSource, load_data
 
+    if isinstance(data, str):
         return load_data(data, limit=limit)
+    if not isinstance(data, DataSource):
+        raise InvalidInputError(f"The 'data' parameter takes a data spec (e.g. 'digits', 'npy:PATH') or a DataSource "
+                                f"from load_data; got {type(data).__name__}. For a module and tensors, use "
+                                "polytope_lens.spline_codes.")
     if limit is not None:
         return data.subset(slice(0, limit))
     return data
@@ -89,6 +97,7 @@ def chunk_coder(bundle, source, *, layers, selection: UnitSelection, soft: bool,
 
     extractor = CodeExtractor(bundle.module, layers=layers, units=selection, soft=soft, batch_size=batch_size,
                               forward=lambda t: bundle.forward(ModelInputs(t)))
+    extractor.model_errors = False  # data_errors names the data set
 
     def code(first: int, progress: Callable[[int], None] | None = None) -> SplineCodes:
         idx = np.arange(first, min(first + batch_size, len(source)))
@@ -102,7 +111,8 @@ def chunk_coder(bundle, source, *, layers, selection: UnitSelection, soft: bool,
 def extract_codes(model, data, **kwargs) -> SplineCodes:
     """Spline codes of ``model`` (spec or ``ModelBundle``) over ``data`` (spec or ``DataSource``), in memory.
 
-    Keyword arguments are those of ``extract_to_store`` except ``out``/``overwrite``/``resume``.
+    Keyword arguments are those of ``extract_to_store`` except ``out``, ``overwrite``, ``resume``, ``ray_address``
+    and ``ray_workers`` (in memory, in this process).
     """
     parts, offsets = [], []
     bundle = source = None
@@ -137,7 +147,8 @@ def extract_to_store(model, data, out, *, overwrite: bool = False, resume: bool 
         is identical to an uninterrupted run); without it a stale partial store is discarded.
     layers, units, k, skip, position, soft, batch_size, max_length, limit, progress
         As in ``spline_codes`` / ``UnitSelection``; ``units="auto"`` picks the token protocol for text models
-        and all units otherwise; ``limit`` keeps the first N items of the data.
+        and all units otherwise; ``limit`` keeps N items of the data (``load_data``'s: the first N, for digits and
+        fashion-mnist a class-balanced seeded sample).
     ray_address : str, optional
         Code the chunks on Ray workers (``pip install 'polytope-lens[scale]'``): ``"local"`` starts Ray on this
         machine, ``"auto"`` joins the running cluster, ``"HOST:PORT"`` / ``"ray://HOST:PORT"`` a given one (an
@@ -182,7 +193,8 @@ def extract_to_store(model, data, out, *, overwrite: bool = False, resume: bool 
         "dtype": writer.dtype, "selection": writer.selection, **writer.meta,
         "layers": [{**{key: m[key] for key in ("site", "alias", "n_units", "bits_per_unit", "exact")},
                     "activation": m["activation"]["name"],
-                    "fraction_active": active[m["site"]][0] / max(1, active[m["site"]][1])}
+                    "fraction_active": None if m["activation"]["name"].startswith("max_pool") else
+                    active[m["site"]][0] / max(1, active[m["site"]][1])}
                    for m in writer.layer_meta],
     }
 

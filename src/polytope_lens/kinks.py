@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ._kink_scan import _on_device, piece_bytes, scan, triton_ready
-from .errors import UnsupportedActivationError
+from .errors import InvalidInputError, UnsupportedActivationError
 
 __all__ = [
     "Activation",
@@ -286,11 +287,28 @@ class WindowMax(Activation):
         """The narrowest type that holds a window index, for pieces that are only compared."""
         return torch.uint8 if self.n_pieces <= 256 else torch.int64
 
+    def _as_images(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as (batch, channels, h, w): max_pool1d's (N, C, L) has height 1; a layout without channels
+        ((N, L) for max_pool1d, (N, H, W) for max_pool2d, which torch pools as one unbatched example) has one."""
+        dims = 1 if self.name == "max_pool1d" else 2
+        if x.dim() == dims + 1:
+            x = x.unsqueeze(1)
+        if x.dim() != 4 - (dims == 1):
+            raise InvalidInputError(f"{self.name} needs a (batch, channels, {'L' if dims == 1 else 'H, W'}) input; "
+                                    f"got shape {tuple(x.shape)}.")
+        return x.unsqueeze(2) if dims == 1 else x
+
+    def _as_given(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Undo ``_as_images`` on a result laid out (batch, channels, out_h, out_w, ...)."""
+        dims = 1 if self.name == "max_pool1d" else 2
+        if dims == 1:
+            out = out.squeeze(2)
+        return out.squeeze(1) if x.dim() == dims + 1 else out
+
     def _window_view(self, x: torch.Tensor) -> torch.Tensor:
         """Every window as a strided view, (batch, channels, out_h, out_w, kernel_h, kernel_w), -inf where a window
         hangs over padding (the padded input is the only copy)."""
-        if x.dim() == 3:  # (N, C, L) for max_pool1d
-            x = x.unsqueeze(2)
+        x = self._as_images(x)
         h, w = x.shape[2:]
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.stride, self.padding, self.dilation
         out_h, out_w = _pool_out(h, kh, sh, ph, dh, self.ceil_mode), _pool_out(w, kw, sw, pw, dw, self.ceil_mode)
@@ -306,7 +324,7 @@ class WindowMax(Activation):
         """Window entries, (batch, channels, out_h, out_w, window) with -inf where the window hangs over padding."""
         win = self._window_view(x)
         win = win.reshape(*win.shape[:4], self.n_pieces)
-        return win.squeeze(2) if x.dim() == 3 else win
+        return self._as_given(win, x)
 
     def _entries(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The windows' entries in window order, each a strided view (batch, channels, out_h, out_w)."""
@@ -318,7 +336,7 @@ class WindowMax(Activation):
         maximum over the windows' strided views (on a CPU in float64 about 4x faster than ATen's pooling, which
         also finds the indices)."""
         out = _max_of(self._entries(x))
-        return out.squeeze(2) if x.dim() == 3 else out
+        return self._as_given(out, x)
 
     def first_maxima(self, x: torch.Tensor, tol: float = 0.0, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         """``first_max(self.windows(x), tol)`` (the piece of every output unit; ``pieces`` when ``tol`` is 0),
@@ -346,7 +364,7 @@ class WindowMax(Activation):
                 first.add_(below)
         if out is None:  # no rows
             out = torch.empty((0, *self._window_view(x).shape[1:4]), dtype=dtype, device=x.device)
-        return out.squeeze(2) if x.dim() == 3 else out
+        return self._as_given(out, x)
 
     def pieces(self, z: torch.Tensor) -> torch.Tensor:
         return self.first_maxima(z)
@@ -357,7 +375,7 @@ class WindowMax(Activation):
         top = _max_of(entries)
         count = sum((e == top).to(torch.uint8) for e in entries)
         tied = count > 1
-        return tied.squeeze(2) if z.dim() == 3 else tied
+        return self._as_given(tied, z)
 
     def window_index(self, shape: tuple[int, ...], device=None) -> torch.Tensor:
         """Flat input index of every window entry, (units, n_pieces); -1 where the window hangs over padding."""
@@ -570,6 +588,14 @@ def _gelu_tanh_gate(z):
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
 
 
+def _erf_gate(z):
+    return 0.5 * (1.0 + torch.erf(z))
+
+
+def _softplus_gate(z, beta: float = 1.0):
+    return torch.sigmoid(beta * z)
+
+
 def _solu_gate(z):
     return torch.softmax(z, dim=-1)
 
@@ -589,6 +615,8 @@ REGISTRY: dict[str, Activation] = {
         ScalarKinks("softplus", exact=False, soft_fn=torch.sigmoid),
         ScalarKinks("sigmoid", exact=False, soft_fn=torch.sigmoid),
         ScalarKinks("tanh", exact=False, soft_fn=lambda z: 0.5 * (torch.tanh(z) + 1.0)),
+        ScalarKinks("erf", exact=False, soft_fn=_erf_gate),
+        ScalarKinks("ndtr", exact=False, soft_fn=torch.special.ndtr),
         ScalarKinks("solu", exact=False, soft_fn=_solu_gate),
         WindowMax("max_pool2d", kernel=(2, 2), stride=(2, 2)),
     )
@@ -645,7 +673,8 @@ def _hardtanh(args, kwargs):
 def _clamp(args, kwargs):
     lo, hi = _arg(args, kwargs, 1, "min", None), _arg(args, kwargs, 2, "max", None)
     if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):
-        raise UnsupportedActivationError("clamp with tensor bounds has per-unit kinks, which are not supported")
+        raise UnsupportedActivationError("clamp with tensor bounds (kinks per unit, or computed by the model) is not "
+                                         "supported; give the bounds as numbers")
     kinks = tuple(float(v) for v in (lo, hi) if v is not None)
     if len(kinks) == 2 and not kinks[0] < kinks[1]:
         raise UnsupportedActivationError(f"clamp with min >= max ({kinks[0]}, {kinks[1]}) is constant, not an "
@@ -685,6 +714,12 @@ def _max_pool(dims: int):
     return resolve
 
 
+def _softplus(args, kwargs):
+    beta = float(_arg(args, kwargs, 1, "beta", 1.0))
+    return REGISTRY["softplus"] if beta == 1.0 else get_activation("softplus", soft_fn=partial(_softplus_gate,
+                                                                                              beta=beta))
+
+
 def _fixed(name):
     return lambda args, kwargs: REGISTRY[name]
 
@@ -694,30 +729,39 @@ T = torch.Tensor
 CALL_TABLE: dict[Callable, Callable] = {
     **{f: _fixed("relu") for f in (torch.relu, torch.relu_, F.relu, F.relu_, T.relu, T.relu_)},
     **{f: _fixed("leaky_relu") for f in (F.leaky_relu, F.leaky_relu_)},
-    **{f: _fixed("prelu") for f in (F.prelu, torch.prelu)},
-    **{f: _fixed("abs") for f in (torch.abs, torch.absolute, T.abs, T.abs_, T.absolute)},
+    **{f: _fixed("prelu") for f in (F.prelu, torch.prelu, T.prelu)},
+    **{f: _fixed("abs") for f in (torch.abs, torch.abs_, torch.absolute, T.abs, T.abs_, T.absolute, T.absolute_)},
     F.relu6: _fixed("relu6"),
     **{f: _hardtanh for f in (F.hardtanh, F.hardtanh_)},
-    **{f: _clamp for f in (torch.clamp, torch.clip, T.clamp, T.clip, T.clamp_, T.clip_)},
+    **{f: _clamp for f in (torch.clamp, torch.clamp_, torch.clip, torch.clip_, T.clamp, T.clip, T.clamp_, T.clip_)},
     **{f: _clamp_bound("min") for f in (torch.clamp_min, torch.clamp_min_, T.clamp_min, T.clamp_min_)},
     **{f: _clamp_bound("max") for f in (torch.clamp_max, torch.clamp_max_, T.clamp_max, T.clamp_max_)},
     F.gelu: _gelu,
     **{f: _fixed("silu") for f in (F.silu,)},
-    F.softplus: _fixed("softplus"),
-    **{f: _fixed("sigmoid") for f in (torch.sigmoid, F.sigmoid, T.sigmoid, T.sigmoid_)},
-    **{f: _fixed("tanh") for f in (torch.tanh, F.tanh, T.tanh, T.tanh_)},
+    F.softplus: _softplus,
+    **{f: _fixed("sigmoid") for f in (torch.sigmoid, torch.sigmoid_, torch.special.expit, F.sigmoid, T.sigmoid,
+                                      T.sigmoid_)},
+    **{f: _fixed("tanh") for f in (torch.tanh, torch.tanh_, F.tanh, T.tanh, T.tanh_)},
+    # a gate written out by hand (Hugging Face's gelu_python and LaplaceActivation): erf(z), Phi(z) = ndtr(z)
+    **{f: _fixed("erf") for f in (torch.erf, torch.erf_, torch.special.erf, T.erf, T.erf_)},
+    torch.special.ndtr: _fixed("ndtr"),
     **{f: _max_pool(1) for f in (F.max_pool1d, torch.max_pool1d)},
     **{f: _max_pool(2) for f in (F.max_pool2d, torch.max_pool2d)},
 }
 
 # nonlinearities we know exist but do not describe: a model that calls one is an error, never silently skipped
 UNSUPPORTED_CALLS: dict[Callable, str] = {
-    f: f.__name__
+    f: f.__name__.lstrip("_")
     for f in (
         F.elu, F.elu_, F.selu, F.celu, F.mish, F.hardswish, F.hardsigmoid, F.rrelu, F.glu, F.logsigmoid,
         F.softsign, F.tanhshrink, F.softshrink, F.hardshrink, F.threshold, F.max_pool3d, F.adaptive_max_pool1d,
         F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.fractional_max_pool2d, F.lp_pool1d, F.lp_pool2d,
         F.max_pool1d_with_indices, F.max_pool2d_with_indices, torch.max_pool3d,
+        torch.selu, torch.selu_, torch.celu, torch.celu_, torch.rrelu, torch.rrelu_, torch.threshold,
+        torch.threshold_, torch.hardshrink, T.hardshrink, F.threshold_,
+        # recurrent layers apply their nonlinearity inside one call (nn.RNN, nn.LSTM, nn.GRU and their cells)
+        torch.rnn_relu, torch.rnn_relu_cell, torch.rnn_tanh, torch.rnn_tanh_cell, torch.lstm, torch.lstm_cell,
+        torch.gru, torch.gru_cell,
     )
 }
 
@@ -733,6 +777,7 @@ BENDING_OPS = frozenset({
     "floor", "ceil", "round", "trunc", "fix", "frac", "copysign", "floor_divide", "floordiv", "rfloordiv",
     "remainder", "fmod", "mod", "rmod", "relu", "relu6", "hardtanh", "leaky_relu", "prelu", "rrelu", "elu", "selu",
     "celu", "threshold", "hardshrink", "softshrink", "abs", "absolute", "clamp", "clip", "clamp_min", "clamp_max",
+    "rnn_relu", "rnn_relu_cell",
     "max_pool1d", "max_pool2d", "max_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
     "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices", "fractional_max_pool2d",
     # comparisons in place (``gt_``) keep floats; the others give booleans, which bend anyway

@@ -74,7 +74,7 @@ def load_data(spec: str, *, limit: int | None = None, seed: int = 0) -> DataSour
     --------
     >>> src = load_data("digits", limit=50)           # doctest: +SKIP
     >>> src.items.shape, src.modality, src.labels[:3]  # doctest: +SKIP
-    ((50, 1, 8, 8), 'image', array([0, 1, 2]))
+    ((50, 1, 8, 8), 'image', array([9, 7, 2]))
     """
     if not isinstance(spec, str) or not spec.strip():
         raise InvalidInputError(f"Data spec must be a non-empty string; got {spec!r}. Valid forms: "

@@ -86,7 +86,13 @@ def load_file(rest: str, spec: str, device: str) -> ModelBundle:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # unpickling can fail in many ways; all mean "not a loadable module file"
-        raise InvalidInputError(f"Cannot load {str(path)!r} with torch.load: {type(exc).__name__}: {exc}.") from None
+        hint = ""
+        if isinstance(exc, (ModuleNotFoundError, AttributeError)):  # the pickle names the model's class by module
+            hint = (" The file names its model class by the module that defined it: make that module importable here "
+                    "(e.g. PYTHONPATH=DIR); a class defined in a script's __main__ cannot be found, so define it in "
+                    "a module")
+        raise InvalidInputError(f"Cannot load {str(path)!r} with torch.load: {type(exc).__name__}: {exc}.{hint}") \
+            from None
     if not isinstance(obj, nn.Module):
         hint = " (a state_dict? save the module itself with torch.save(model, path))" if isinstance(obj, dict) else ""
         raise InvalidInputError(

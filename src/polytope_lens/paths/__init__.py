@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, Mapping
+from typing import Callable
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ from torch import nn
 
 from .._heap import keep_freed_memory
 from .._transfer import arrays_to_host_async
-from ..capture import StopForward, list_sites, model_errors, run, select_sites
+from ..capture import (StopForward, batched_values, check_capture_kwargs, input_tensors, list_sites, model_errors, run,
+                       select_sites)
 from ..codes import site_unit_indices
 from ..errors import InvalidInputError, NotPiecewiseLinearError
 from ..kinks import argmax_changes, counts_below, first_max, lexsort
@@ -97,21 +98,9 @@ def _check_options(owner: str, method, dtype, memory_budget, tie_tol, n_samples,
         raise InvalidInputError(f"The 'tol' parameter of {owner} must be a number in (0, 1). Got {tol!r}.")
 
 
-def _input_tensors(inputs):
-    """``inputs`` (a tensor, an array, a mapping of them, or a bundle's ``Inputs``) with arrays as tensors."""
-    tensors = getattr(inputs, "tensors", inputs)
-    if isinstance(tensors, np.ndarray):
-        return torch.from_numpy(tensors)
-    if isinstance(tensors, Mapping):
-        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in tensors.items()}
-    return tensors
-
-
 def _n_examples(inputs, owner: str) -> int:
     """The batch size of model inputs (a tensor or a mapping of them), which must hold at least one example."""
-    n = inputs.shape[0] if isinstance(inputs, torch.Tensor) and inputs.dim() else (
-        next(iter(inputs.values())).shape[0] if isinstance(inputs, Mapping) and inputs and all(
-            isinstance(v, torch.Tensor) and v.dim() for v in inputs.values()) else 0)
+    n = batched_values(inputs, owner)[0].shape[0]
     if n == 0:
         raise InvalidInputError(f"The 'inputs' parameter of {owner} must be a tensor (or a mapping of tensors) holding "
                                 "at least one example, batch first.")
@@ -122,14 +111,9 @@ def _check_base(inputs, n_paths: int, owner: str):
     if inputs is None:
         raise InvalidInputError(f"{owner} with layer= needs 'inputs': the real model inputs (one per path) that feed "
                                 "every branch other than the path site.")
-    tensors = _input_tensors(inputs)
-    vals = [tensors] if isinstance(tensors, torch.Tensor) else list(tensors.values()) if isinstance(
-        tensors, Mapping) else []
-    if not vals:
-        raise InvalidInputError(f"The 'inputs' parameter of {owner} must be a tensor or a mapping of tensors. "
-                                f"Got {type(inputs).__name__}.")
-    for v in vals:
-        if v.dim() == 0 or v.shape[0] != n_paths:
+    tensors = input_tensors(inputs)
+    for v in batched_values(tensors, owner):
+        if v.shape[0] != n_paths:
             raise InvalidInputError(f"The 'inputs' parameter of {owner} needs one row per path ({n_paths}). Got a "
                                     f"tensor of shape {tuple(v.shape)}.")
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
@@ -616,6 +600,7 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
                    forward: Callable | None = None, ray_address: str | None = None, ray_workers: int | None = None,
                    progress: Callable[[float], None] | None = None, **capture_kwargs) -> PathBatchResult:
     owner = "path_crossings"
+    check_capture_kwargs(path_crossings, capture_kwargs)
     _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress)
     # checked where the paths will run (a Ray run ships them to its workers from here)
     start, end, length = geometry.segments(start, end, owner=owner,
@@ -684,6 +669,7 @@ def polyline_crossings(model: nn.Module, points, *, layer: str | None = None, in
                        forward: Callable | None = None, progress: Callable[[float], None] | None = None,
                        **capture_kwargs) -> PathBatchResult:
     owner = "polyline_crossings"
+    check_capture_kwargs(polyline_crossings, capture_kwargs)
     _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress)
     knots, pts, length = geometry.polyline(points, owner=owner)
     prep = PreparedModel(model, forward, dtype, device)
@@ -711,10 +697,11 @@ def ray_crossings(model: nn.Module, inputs, *, layer: str, alphas=(0.0, 2.0), di
                   units=None, forward: Callable | None = None, progress: Callable[[float], None] | None = None,
                   **capture_kwargs) -> PathBatchResult:
     owner = "ray_crossings"
+    check_capture_kwargs(ray_crossings, capture_kwargs)
     _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress)
     if layer is None:
         raise InvalidInputError(f"The 'layer' parameter of {owner} is required: the site whose activation is scaled.")
-    tensors = _input_tensors(inputs)
+    tensors = input_tensors(inputs)
     n = _n_examples(tensors, owner)
     prep = PreparedModel(model, forward, dtype, device)
     base = prep.cast(_check_base(tensors, n, owner))
@@ -722,9 +709,30 @@ def ray_crossings(model: nn.Module, inputs, *, layer: str, alphas=(0.0, 2.0), di
     a = prep.site_output(base, site, n, capture_kwargs)
     kt, x, length, al, d, offset = geometry.ray(a, direction, alphas, owner=owner)
     spec = PathSpec(kt, x, length.to(torch.float64), "ray", site.name, base, al, d, offset)
-    return _analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol, n_samples=n_samples,
-                    tol=tol, trace=trace, verify=verify, memory_budget=memory_budget, evaluator=evaluator,
-                    units=units, capture_kwargs=capture_kwargs, progress=progress)
+    res = _analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol, n_samples=n_samples,
+                   tol=tol, trace=trace, verify=verify, memory_budget=memory_budget, evaluator=evaluator,
+                   units=units, capture_kwargs=capture_kwargs, progress=progress)
+    return res if direction is not None else _note_zero_alpha(res, al)
+
+
+def _note_zero_alpha(res: PathBatchResult, alphas: tuple) -> PathBatchResult:
+    """A note counting the crossings at alpha = 0 of rays ``alpha * a`` whose range holds it: the site's output is 0
+    there, so later units see their constants alone and many sit on a kink at once (a bias-free unit, a max-pool
+    window of equal entries); they can be most of a ray's crossings (a tester's CNN: 89 of 104)."""
+    a0, a1 = alphas
+    if not a0 <= 0.0 <= a1:
+        return res
+    t0 = -a0 / (a1 - a0)
+    blocks = res.paths._blocks if isinstance(res.paths, PathList) else None
+    t = np.concatenate([b.rec_t for b in blocks] or [np.zeros(0)]) if blocks is not None else np.concatenate(
+        [p.records["t"] for p in res.paths] or [np.zeros(0)])
+    at = int((t == t0).sum())
+    if not at:
+        return res
+    note = (f"{at:,} of {len(t):,} crossings lie at alpha = 0, where the site's output is 0: later units see their "
+            "constants alone, and those on a kink there (a max-pool window of equal entries) take the piece the tie "
+            "rules give; counts and densities include them")
+    return dataclasses.replace(res, notes=res.notes + (note,))
 
 
 ray_crossings.__doc__ = """Crossings along scaling rays at site ``layer``: ``alpha * a`` (or ``a + alpha * d``).
@@ -757,8 +765,9 @@ def site_activations(model: nn.Module, inputs, *, layer: str, dtype: torch.dtype
     These are the points a path at ``layer`` runs between (``path_crossings(..., layer=layer, inputs=...)``).
     """
     owner = "site_activations"
+    check_capture_kwargs(site_activations, capture_kwargs)
     check_dtype(owner, dtype)
-    tensors = _input_tensors(inputs)
+    tensors = input_tensors(inputs)
     n = _n_examples(tensors, owner)
     prep = PreparedModel(model, forward, dtype, device)
     base = prep.cast(_check_base(tensors, n, owner))

@@ -160,37 +160,53 @@ def _net_changes(seg: torch.Tensor, unit: torch.Tensor, piece: torch.Tensor, bef
     return counted
 
 
-def _copies_a_site(affine: Affine | None, site) -> bool:
+def _copies_a_site(affine: Affine | None, site, still: torch.Tensor | None = None) -> bool:
     """Whether some unit input of ``site`` is a linear image of earlier sites' outputs alone that sits on one of its
     kinks when they are 0 (nothing from the path's own input, a constant equal to a kink): an activation applied to
     another's output, directly or through a transpose, pooling, upsampling, a bias-free convolution or a
     concatenation (``F.leaky_relu(F.relu(x))``). Such an input is exactly on its kink wherever the units it reads are
     off; a closed-form bend's rounding would leave it at +-1e-17 at the earlier sites' breakpoints, on either side of
-    the kink (crossings counted that are not there), where a product at every point keeps it exact."""
+    the kink (crossings counted that are not there), where a product at every point keeps it exact. ``still``
+    (paths, input coordinates): the coordinates of a path's input that are 0 all along it (a ray ``alpha * a`` keeps
+    a's zeros), which such a unit may read too."""
     if affine is None or not isinstance(site.activation, ScalarKinks) or site.name not in affine.deps:
         return False
     c = affine.c[site.name]
     kinks = torch.tensor(site.activation.kinks, dtype=c.dtype, device=c.device)
-    on_kink = torch.isin(c, kinks).all(0)  # (units,): the constant is a kink, for every path
-    return bool((on_kink & _off_the_input(affine, site.name)).any())
+    on_kink = torch.isin(c, kinks)  # (1 or paths, units): the constant is a kink
+    cols = on_kink.any(0)
+    if not bool(cols.any()):
+        return False
+    return bool((on_kink[:, cols] & _off_the_input(affine, site.name, still, cols)).any())
 
 
-def _off_the_input(affine: Affine, name: str) -> torch.Tensor:
-    """Per unit of site ``name``, whether its input reads earlier sites' outputs alone (not the path's input): only
-    such a unit can hold an exact constant over an interval (where the units it reads are off)."""
-    off = torch.ones(affine.c[name].shape[1], dtype=torch.bool, device=affine.c[name].device)
+def _off_the_input(affine: Affine, name: str, still: torch.Tensor | None = None,
+                   cols: torch.Tensor | None = None) -> torch.Tensor:
+    """Per path (or one row for all) and unit of site ``name`` (those in ``cols``), whether its input reads earlier
+    sites' outputs alone, or also coordinates of the path's input that stay 0 along that path (``still``), but no
+    coordinate that moves: only such a unit can hold an exact constant over an interval (where the units it reads
+    are off)."""
+    width = affine.c[name].shape[1] if cols is None else int(cols.sum())
+    off = torch.ones((1, width), dtype=torch.bool, device=affine.c[name].device)
     if SRC in affine.deps[name]:
-        off &= ~affine.jt[name, SRC].ne(0).any(0)  # units that read the path's input move with t
+        reads = affine.jt[name, SRC] if cols is None else affine.jt[name, SRC][:, cols]
+        reads = reads.ne(0)  # (input coordinates, units)
+        if still is None:
+            off = off & ~reads.any(0)  # units that read the path's input move with t
+        else:  # units that read a coordinate moving along the path (0/1 counts, exact in float32 below 2^24)
+            moving = (~still.reshape(len(still), -1)).to(device=reads.device, dtype=torch.float32)
+            off = (moving @ reads.to(torch.float32)) == 0
     return off
 
 
-def _exact_inputs(affine: Affine | None, sites: list) -> list[bool]:
+def _exact_inputs(affine: Affine | None, sites: list, still: torch.Tensor | None = None) -> list[bool]:
     """The sites whose unit inputs must come from products at every point: those that copy a site
     (``_copies_a_site``), and backwards from them every site they read whose units can hold exact constants
     (``_off_the_input``). A copying site's products are exact only where the outputs they read are: a clamp whose
     0 lies inside a linear piece passes a ReLU's exact zeros on, but a closed-form bend would hand it +-1e-17 at the
-    ReLU's breakpoints, and the copying site after it would then sit off its kink."""
-    exact = [_copies_a_site(affine, s) for s in sites]
+    ReLU's breakpoints, and the copying site after it would then sit off its kink. ``still``: as in
+    ``_copies_a_site``."""
+    exact = [_copies_a_site(affine, s, still) for s in sites]
     if affine is None:
         return exact
     need = [k for k, c in enumerate(exact) if c]
@@ -198,7 +214,8 @@ def _exact_inputs(affine: Affine | None, sites: list) -> list[bool]:
     while need:
         for leaf in affine.deps[sites[need.pop()].name]:
             j = at.get(leaf)
-            if j is not None and not exact[j] and leaf in affine.deps and bool(_off_the_input(affine, leaf).any()):
+            if j is not None and not exact[j] and leaf in affine.deps and bool(_off_the_input(affine, leaf,
+                                                                                               still).any()):
                 exact[j] = True
                 need.append(j)
     return exact
@@ -522,7 +539,8 @@ class Refiner:
         # are evaluated by products at every point, so exact ties are not broken by rounding; on a GPU every site's
         # are (PRODUCTS_AT_EVERY_POINT)
         every = runner.device.type in PRODUCTS_AT_EVERY_POINT
-        exact = _exact_inputs(affine, runner.processed)
+        # coordinates of each path's input that are 0 at every knot, so all along it (a ray alpha * a keeps a's zeros)
+        exact = _exact_inputs(affine, runner.processed, (runner.spec.knots_x == 0).flatten(2).all(1))
         self.dense = [every or isinstance(s.activation, WindowMax) or e for s, e in zip(runner.processed, exact)]
         # products at every point and one-kink sites only: unit inputs are kept in the order their points were made
         # (``_run_chunk_appended``), scanned in one pass per site (``_kink_scan``) and never merged into path order

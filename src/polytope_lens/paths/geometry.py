@@ -42,7 +42,8 @@ class PathSpec:
     direction, offset : Tensor (P, *shape) or None
         A ray's points are ``offset + alpha * direction`` (``alpha * a``: no offset) with ``alpha = (t - t_0) *
         (alpha1 - alpha0)``, ``t_0`` where alpha is 0, computed so rather than interpolated between its ends: at
-        alpha = 0 the point is exactly the offset (0 for ``alpha * a``; ``ray`` makes that t a knot, see there).
+        alpha = 0 the point is exactly the offset (0 for ``alpha * a``; ``ray`` makes that t a knot, see there); at
+        t = 0 and 1 alpha is exactly alpha0 and alpha1.
     """
 
     knots_t: torch.Tensor
@@ -68,7 +69,10 @@ class PathSpec:
         kt, kx = self.knots_t, self.knots_x
         if self.direction is not None:
             a0, a1 = self.alphas
-            alpha = ((t - (-a0 / (a1 - a0))) * (a1 - a0)).to(self.direction.dtype).reshape(-1, *([1] * len(self.shape)))
+            alpha = (t - (-a0 / (a1 - a0))) * (a1 - a0)
+            # the ends exactly (t_0 = -a0 / (a1 - a0) rounds: alphas (-2, -0.5) gave alpha(1) = -0.4999999999999999)
+            alpha = torch.where(t == 0, a0, torch.where(t == 1, a1, alpha))
+            alpha = alpha.to(self.direction.dtype).reshape(-1, *([1] * len(self.shape)))
             x = alpha * self.direction[pid]
             return x if self.offset is None else x.add_(self.offset[pid])
         if kt.shape[1] == 2:
@@ -148,8 +152,10 @@ def segments(start, end, *, owner: str = "path_crossings",
     length = _lengths((end - start).reshape(len(start), -1), owner)
     same = torch.nonzero(length == 0).flatten().tolist()
     if same:
+        hint = (" (1-D start and end are read as one path per entry, of scalar inputs; one path between two vectors "
+                "is x[None])") if start.dim() == 1 else ""
         raise InvalidInputError(f"Paths {same[:5]} of {owner} have equal start and end points; a path needs two "
-                                "distinct endpoints.")
+                                f"distinct endpoints{hint}.")
     return start, end, length
 
 

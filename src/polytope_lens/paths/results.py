@@ -133,7 +133,9 @@ class PathResult:
         an existing breakpoint (exact mode only; 0 when sampled).
     trace : Trace or None
     alphas : tuple or None
-        (alpha0, alpha1) of a ray; ``alpha = alpha0 + t * (alpha1 - alpha0)``.
+        (alpha0, alpha1) of a ray; ``alpha = alpha0 + t * (alpha1 - alpha0)`` (``alpha(t)``). A ray's ``to_dict``
+        gives every position in alpha as well: ``alpha``, ``trace.alpha``, ``trace.class_changes_alpha`` and each
+        record's ``alpha``.
     """
 
     index: int
@@ -163,12 +165,18 @@ class PathResult:
         d = {"index": self.index, "crossings": self.crossings, "per_layer": dict(self.per_layer),
              "density": self.density, "length": self.length, "ties": self.ties, "n_regions": self.n_regions,
              "t": self.t.tolist(), "trace": None if self.trace is None else self.trace.to_dict()}
-        if self.alphas is not None:
-            d["alphas"] = list(self.alphas)
         if records:
             r = self.records
             d["records"] = [{"t": float(t), "site": self.sites[int(s)], "unit": int(u), "piece": int(p)}
                             for t, s, u, p in zip(r["t"], r["site"], r["unit"], r["piece"])]
+        if self.alphas is not None:  # a ray: every position in t also as alpha
+            d["alphas"] = list(self.alphas)
+            d["alpha"] = self.alpha(self.t).tolist()
+            if self.trace is not None:
+                d["trace"]["alpha"] = self.alpha(self.trace.t).tolist()
+                d["trace"]["class_changes_alpha"] = self.alpha(self.trace.class_changes).tolist()
+            for rec in d.get("records", ()):
+                rec["alpha"] = float(self.alpha(rec["t"]))
         return d
 
 
@@ -337,8 +345,16 @@ class PathBatchResult:
         return np.array([p.crossings for p in self.paths], dtype=np.int64)
 
     @property
+    def per_site(self) -> np.ndarray:
+        """Crossings per path and site, int64 (P, sites), columns in ``sites`` order."""
+        if isinstance(self.paths, PathList) and len(self.paths):
+            return self.paths.per_site
+        return np.array([[p.per_layer.get(s, 0) for s in self.sites] for p in self.paths],
+                        dtype=np.int64).reshape(len(self.paths), len(self.sites))
+
+    @property
     def per_layer(self) -> dict:
-        """Crossings per site summed over paths."""
+        """Crossings per site summed over paths ({site: count}; per path: ``per_site``)."""
         if isinstance(self.paths, PathList) and len(self.paths):
             return {s: int(c) for s, c in zip(self.sites, self.paths.per_site.sum(0).tolist())}
         return {s: int(sum(p.per_layer.get(s, 0) for p in self.paths)) for s in self.sites}

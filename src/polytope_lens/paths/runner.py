@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..capture import (BendTracker, CallSite, PrefixRead, PrefixReplay, ReplayMismatch, SharedPrefix, StopForward,
-                       model_errors, run)
+                       check_eager, is_batched, model_errors, run)
 from ..errors import InvalidInputError, NotPiecewiseLinearError
 from ..kinks import ScalarKinks
 from .geometry import PathSpec
@@ -92,6 +92,7 @@ def check_device(device) -> torch.device:
 
 def prepare_model(model: nn.Module, dtype, device) -> nn.Module:
     """A copy of ``model`` in ``dtype`` on ``device``, in eval mode (dropout off, BatchNorm on running statistics)."""
+    check_eager(model)
     m = copy.deepcopy(model).to(device=check_device(device), dtype=dtype).eval()
     for p in m.parameters():
         p.requires_grad_(False)
@@ -102,7 +103,7 @@ def index_inputs(base, idx: torch.Tensor):
     """Rows ``idx`` of a tensor or of every tensor in a mapping."""
     if isinstance(base, torch.Tensor):
         return base[idx]
-    return {k: (v[idx] if isinstance(v, torch.Tensor) else v) for k, v in base.items()}
+    return {k: (v[idx] if is_batched(v) else v) for k, v in base.items()}
 
 
 @dataclass

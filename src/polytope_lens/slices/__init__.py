@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .._heap import keep_freed_memory
+from ..capture import check_capture_kwargs
 from ..errors import InvalidInputError
 from ..paths.runner import check_dtype
 from .complexity import LocalComplexity, exact_local_complexity, local_complexity
@@ -109,6 +110,7 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
     """
     from .partition import build
     owner = "slice_plane"
+    check_capture_kwargs(slice_plane, capture_kwargs)
     _check(owner, dtype, tol, memory_budget)
     floor = min_tol(dtype) if tol is None else None  # the default tol adapts to a small plane; a given one does not
     tol = default_tol(dtype) if tol is None else tol
@@ -194,5 +196,9 @@ def slice_box(model: nn.Module, lo: float = -1.0, hi: float = 1.0, **kwargs) -> 
 
 
 def slice_through(model: nn.Module, p0, p1, p2, *, margin: float = 0.25, **kwargs) -> SliceResult:
-    """Exact partition of the plane through three points (inputs, or site outputs with ``layer=``/``inputs=``)."""
+    """Exact partition of the plane through three points ``p0, p1, p2`` (each one input without a batch axis, or a
+    site's output with ``layer=``/``inputs=``): orthonormal coordinates with the origin at their centroid, the domain
+    their bounding square widened by ``margin`` of its side (``Plane.through``). Every other option (``layer``,
+    ``inputs``, ``until``, ``units``, ``dtype``, ``device``, ``tol``, ``memory_budget``, ``outputs``, ...) is
+    ``slice_plane``'s."""
     return slice_plane(model, Plane.through(p0, p1, p2, margin=margin), **kwargs)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture import model_errors, run, select_sites
+from ..capture import check_capture_kwargs, model_errors, run, select_sites
 from ..errors import InvalidInputError
 from ..paths.runner import check_dtype, default_forward, prepare_model
 
@@ -36,6 +36,8 @@ class LocalComplexity:
         Units whose piece differs among the neighbourhood's vertices (sampled) / regions in the square (exact: one
         entry ``"regions"``).
     total : ndarray (n_points,)
+        Not the same measure in the two methods: sampled, the units changing piece summed over sites (0 where no
+        boundary is near); exact, the number of regions in the square (1 where none is).
     exact : bool
     method : str
     radius : float
@@ -99,6 +101,7 @@ def local_complexity(model: nn.Module, points: torch.Tensor, *, radius: float = 
     (8,)
     """
     owner = "local_complexity"
+    check_capture_kwargs(local_complexity, capture_kwargs)
     pts = _points(points, owner)
     d = math.prod(pts.shape[1:])
     if not (isinstance(n_dirs, int) and 1 <= n_dirs <= d):

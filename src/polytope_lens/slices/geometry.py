@@ -84,6 +84,11 @@ class Plane:
         return (self.origin.reshape(1, -1).to(u) + u @ b).reshape(len(u), *self.shape)
 
     def at(self, site: str | None, inputs=None) -> "Plane":
+        """This plane placed in the output space of call site ``site`` (a name; None: the model's input), with the
+        real ``inputs`` that feed the other branches. Points at slice coordinates are ``points(u)``."""
+        if site is not None and not isinstance(site, str):
+            raise InvalidInputError(f"Plane.at takes a site name (or None for the input space). Got "
+                                    f"{type(site).__name__}; for points at slice coordinates use Plane.points(u).")
         return replace(self, site=site, inputs=inputs)
 
     # ------------------------------------------------------------------------------------------ constructors

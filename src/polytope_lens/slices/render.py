@@ -12,7 +12,7 @@ import torch
 
 from .results import code_color
 
-__all__ = ["plot_slice", "colors_for", "opening_figure", "toy_classifier"]
+__all__ = ["plot_slice", "colors_for", "class_pieces", "opening_figure", "toy_classifier"]
 
 
 def colors_for(res, by: str = "code") -> np.ndarray:
@@ -36,15 +36,65 @@ def colors_for(res, by: str = "code") -> np.ndarray:
     raise ValueError(f"The 'color_by' parameter must be one of code, slope, class. Got {by!r}.")
 
 
+def _clip(poly: np.ndarray, w: np.ndarray, c: float) -> np.ndarray:
+    """The part of convex polygon ``poly`` (k, 2) where ``u @ w + c >= 0`` (one Sutherland-Hodgman pass)."""
+    f = poly @ w + c
+    out = []
+    for i in range(len(poly)):
+        j = (i + 1) % len(poly)
+        if f[i] >= 0:
+            out.append(poly[i])
+        if (f[i] >= 0) != (f[j] >= 0):
+            out.append(poly[i] + (f[i] / (f[i] - f[j])) * (poly[j] - poly[i]))
+    return np.array(out).reshape(-1, 2)
+
+
+def class_pieces(res) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """The slice cut along its decision boundary: (polygons, top class of each, region of each). A region where one
+    class can lead stays whole; in the others the output is affine, so the part where class k leads is
+    the region clipped by the half-planes where k's score is at least every other's (one score: > 0 is class 1).
+    Only a class that beats each other class at some vertex can lead anywhere (a difference of affine scores peaks at
+    a vertex)."""
+    if res.slope is None:
+        raise ValueError(f"color_by='class' needs output maps, which this slice lacks: {res.why_no_maps()}.")
+    slope, offset = res.slope.cpu().numpy(), res.offset.cpu().numpy()
+    if slope.shape[2] == 1:  # one score: class 1 where it is > 0, as scores (-s, s) of two classes
+        slope, offset = np.concatenate([-slope, slope], 2), np.concatenate([-offset, offset], 1)
+    polys, classes, regions = [], [], []
+    for r, poly in enumerate(res.polygons()):
+        scores = poly @ slope[r] + offset[r]
+        leaders = np.flatnonzero(((scores[:, :, None] - scores[:, None, :]).max(0) >= 0).all(1))
+        if len(leaders) == 1:
+            polys.append(poly), classes.append(int(leaders[0])), regions.append(r)
+            continue
+        for k in leaders:
+            piece = poly
+            for j in range(slope.shape[2]):
+                if j != k and len(piece) >= 3:
+                    piece = _clip(piece, slope[r][:, k] - slope[r][:, j], float(offset[r, k] - offset[r, j]))
+            if len(piece) >= 3:
+                polys.append(piece), classes.append(int(k)), regions.append(r)
+    return polys, np.array(classes, dtype=np.int64), np.array(regions, dtype=np.int64)
+
+
 def plot_slice(res, ax=None, *, color_by: str = "code", kinks_of: str | None = None, boundary: bool = True,
                edges: bool = True, title: str | None = None, linewidth: float = 0.3):
+    import matplotlib
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection, PolyCollection
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 6))
     polys = res.polygons()
-    pc = PolyCollection(polys, facecolors=colors_for(res, color_by), edgecolors="k" if edges else "none",
-                        linewidths=linewidth if edges else 0)
+    if color_by == "class":  # regions cut along the decision boundary: each side in its own class's colour
+        pieces, cls, region = class_pieces(res)
+        shade = np.array([code_color(bytes(r))[0] for r in res.codes])[region, None] if len(region) else 0.0
+        base = matplotlib.colormaps["tab10"](cls % 10)[:, :3] * (0.75 + 0.25 * shade)
+        ax.add_collection(PolyCollection(pieces, facecolors=base, edgecolors="none", linewidths=0))
+        pc = PolyCollection(polys, facecolors="none", edgecolors="k" if edges else "none",
+                            linewidths=linewidth if edges else 0)
+    else:
+        pc = PolyCollection(polys, facecolors=colors_for(res, color_by), edgecolors="k" if edges else "none",
+                            linewidths=linewidth if edges else 0)
     ax.add_collection(pc)
     if kinks_of is not None:
         from .neighbours import shared_edges

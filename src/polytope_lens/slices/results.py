@@ -97,9 +97,14 @@ class SliceResult:
         return [bytes(r).hex() for r in self.codes]
 
     def predict(self, u: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-        """Output at slice points ``u`` (n, 2) from the affine maps of ``region`` (n,)."""
+        """Output at slice points ``u`` (n, 2) from the affine maps of ``region`` (n,) (tensors or arrays)."""
         if self.slope is None:
             raise ValueError(f"This slice has no output maps: {self.why_no_maps()}.")
+        u = torch.as_tensor(u, dtype=self.slope.dtype, device=self.slope.device)
+        region = torch.as_tensor(region, dtype=torch.long, device=self.slope.device)
+        if u.dim() != 2 or u.shape[1] != 2 or region.shape != u.shape[:1]:
+            raise ValueError(f"predict needs points u (n, 2) and regions (n,). Got {tuple(u.shape)} and "
+                             f"{tuple(region.shape)}.")
         return (u[:, :, None] * self.slope[region]).sum(1) + self.offset[region]
 
     def why_no_maps(self) -> str | None:
