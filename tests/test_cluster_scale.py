@@ -163,6 +163,30 @@ def test_cluster_cli_writes_outputs(digits_store, tmp_path):
     assert not list(tmp_path.glob(".*partial"))
 
 
+def test_cluster_dashboard_shows_image_shaped_arrays(tmp_path):
+    """Images from an npy: data set (modality 'array', shape (N, 1, 8, 8)) are drawn like an image data set's (the
+    dashboard said "neither images nor text"); a flat array still gets no pictures, with the reason."""
+    from sklearn.datasets import load_digits
+
+    from polytope_lens.extract import extract_to_store
+
+    images = (load_digits().images[:200, None] * 5.0).astype(np.float32)  # any range: each image is stretched
+    for name, arr, grids in (("img", images, True), ("flat", images.reshape(200, -1), False)):
+        np.save(tmp_path / f"{name}.npy", arr)
+        model = "digits-cnn" if grids else "toy:64-16-16-3"
+        extract_to_store(model, f"npy:{tmp_path / name}.npy", tmp_path / f"{name}.zarr", batch_size=100)
+        r = CliRunner().invoke(app, ["cluster", str(tmp_path / f"{name}.zarr"), "--out", str(tmp_path / name),
+                                     "--min-cluster-size", "5"])
+        assert r.exit_code == 0, r.output
+        info = json.loads((tmp_path / name / "clusters.json").read_text())
+        page = (tmp_path / name / "index.html").read_text()
+        assert info["n_clusters"] >= 1
+        if grids:
+            assert page.count("data:image/png") == 1 + min(40, info["n_clusters"])
+        else:
+            assert page.count("data:image/png") == 1 and "neither images (or image-shaped arrays) nor text" in page
+
+
 @pytest.mark.parametrize("args,match", [
     (["cluster", "NOSTORE", "--out", "OUT"], "is not a polytope-lens code store"),
     (["cluster", "STORE", "--out", "OUT", "--metric", "cosine"], "--metric must be one of 'hamming', 'jaccard'"),

@@ -163,7 +163,14 @@ def _sizes_chart(sizes: list[int]) -> str:
     return _png(fig)
 
 
-def _image_grid(images: list[np.ndarray]) -> str:
+def _image_shaped(items) -> bool:
+    """Whether array items look like images: (N, 1 or 3, H, W) or (N, H, W), at least 4 pixels a side."""
+    shape = np.shape(items)
+    return (len(shape) == 4 and shape[1] in (1, 3) and min(shape[2:]) >= 4) or (len(shape) == 3 and min(shape[1:]) >= 4)
+
+
+def _image_grid(images: list[np.ndarray], stretch: bool = False) -> str:
+    """A PNG grid of images in [0, 1] (``stretch``: each scaled from its own min to max, for arrays of any range)."""
     import matplotlib.pyplot as plt
 
     cols = min(8, len(images))
@@ -175,6 +182,8 @@ def _image_grid(images: list[np.ndarray]) -> str:
         im = np.asarray(im, dtype=np.float32)
         if im.ndim == 3 and im.shape[0] in (1, 3):
             im = np.moveaxis(im, 0, -1)
+        if stretch:
+            im = (im - im.min()) / max(float(np.ptp(im)), 1e-30)
         ax.imshow(np.clip(im.squeeze(), 0, 1), cmap="gray" if im.squeeze().ndim == 2 else None)
     return _png(fig)
 
@@ -205,9 +214,10 @@ def _examples(codes: SplineCodes, summary, max_shown: int, per_cluster: int = 16
     shown = summary.clusters[:max_shown]
     out = {}
     try:
-        if source.modality == "image":
+        if source.modality == "image" or (source.modality == "array" and _image_shaped(source.items)):
             for c in shown:
-                out[c.cluster] = _image_grid([source.items[int(codes.rows[i, 0])] for i in c.members[:per_cluster]])
+                out[c.cluster] = _image_grid([source.items[int(codes.rows[i, 0])] for i in c.members[:per_cluster]],
+                                             stretch=source.modality == "array")
         elif source.modality == "text":
             from .experiments.prediction1 import token_context
             from .models import load_model
@@ -222,7 +232,7 @@ def _examples(codes: SplineCodes, summary, max_shown: int, per_cluster: int = 16
                     f"<li><code>{html.escape(token_context(tokens[int(r[0])], int(r[1])))}</code></li>"
                     for r in rows if r[1] >= 0) + "</ul>"
         else:
-            return {}, f"data {source.spec!r} is neither images nor text"
+            return {}, f"data {source.spec!r} is neither images (or image-shaped arrays) nor text"
     except PolytopeLensError as e:
         return {}, f"examples unavailable: {e}"
     return out, None
