@@ -161,6 +161,19 @@ def test_cluster_cli_writes_outputs(digits_store, tmp_path):
     page = (out / "index.html").read_text()
     assert page.count("data:image/png") == 1 + min(40, info["n_clusters"])  # sizes chart + one grid per cluster
     assert not list(tmp_path.glob(".*partial"))
+    # scored against the data set's labels (sklearn on the clustered rows), each cluster with its majority label
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from polytope_lens.data import load_data
+    y = np.asarray(load_data("digits", limit=400).labels)[np.load(out / "rows.npy")[:, 0]]
+    kept = labels >= 0
+    sc = info["label_scores"]
+    assert sc["coverage"] == kept.mean()
+    assert abs(sc["nmi"] - normalized_mutual_info_score(y[kept], labels[kept])) < 1e-12
+    assert abs(sc["ari"] - adjusted_rand_score(y[kept], labels[kept])) < 1e-12
+    for c in info["clusters"]:
+        vals, counts = np.unique(y[labels == c["cluster"]], return_counts=True)
+        assert str(c["majority"]) == str(vals[counts.argmax()]) and c["majority_share"] == counts.max() / c["size"]
 
 
 def test_cluster_dashboard_shows_image_shaped_arrays(tmp_path):

@@ -92,7 +92,7 @@ def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_clust
     dict
         What ``clusters.json`` holds, less the per-cluster entries, plus ``out``.
     """
-    from .cluster import cluster_summary
+    from .cluster import cluster_summary, clustering_scores
     from .cluster_scale import ScalableCodeClusterer
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 2):
@@ -108,7 +108,9 @@ def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_clust
     t0 = time.perf_counter()
     est.fit(codes, progress=progress)
     seconds = time.perf_counter() - t0
-    summary = cluster_summary(est.labels_, codes, top_k=top_k, max_members=max_members)
+    loaded = _load_source(codes.meta)  # the data set, when it reloads as recorded: labels, pictures
+    y = _row_labels(loaded[0], codes)
+    summary = cluster_summary(est.labels_, codes, y=y, top_k=top_k, max_members=max_members)
     result = {
         "format": "polytope-lens/clusters/1", "store": str(store), "model": codes.meta.get("model"),
         "data": codes.meta.get("data"), "sites": list(codes.layers), "n_rows": len(codes),
@@ -116,6 +118,9 @@ def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_clust
         "knn_exact": est.knn_exact_,
         "exact_codes": codes.exact, "n_clusters": est.n_clusters_, "noise_fraction": est.noise_fraction_,
         "knn_components": est.n_components_, "seconds": round(seconds, 3),
+        # purity, NMI and ARI against the data set's labels over the clustered rows (coverage: their share), when
+        # the data set has labels
+        "label_scores": None if y is None else clustering_scores(y, est.labels_, noise="exclude"),
         "files": {"assignments": "assignments.npy", "rows": "rows.npy", "dashboard": "index.html"},
     }
     tmp = out.parent / f".{out.name}.partial"
@@ -125,7 +130,7 @@ def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_clust
         np.save(tmp / "assignments.npy", est.labels_)
         np.save(tmp / "rows.npy", codes.rows)
         (tmp / "clusters.json").write_text(json.dumps({**result, **summary.to_dict()}, indent=1, default=str))
-        (tmp / "index.html").write_text(_dashboard(result, summary, codes, max_shown), encoding="utf-8")
+        (tmp / "index.html").write_text(_dashboard(result, summary, codes, max_shown, loaded), encoding="utf-8")
         if os.path.lexists(out):
             check_replaceable(out, "clusters", inputs=[store])  # again: it may have changed during the run
             shutil.rmtree(out)
@@ -206,9 +211,19 @@ def _load_source(meta: dict):
     return source, None
 
 
-def _examples(codes: SplineCodes, summary, max_shown: int, per_cluster: int = 16) -> tuple[dict, str | None]:
-    """Per shown cluster, HTML of its first members (images or token contexts), or a reason why there are none."""
-    source, why = _load_source(codes.meta)
+def _row_labels(source, codes: SplineCodes):
+    """Each code row's label (by name where the data set names them), or None without labels."""
+    if source is None or source.labels is None:
+        return None
+    labels = np.asarray(source.labels)[codes.rows[:, 0]]
+    names = list(source.label_names or [])
+    return np.array([str(names[i]) for i in labels]) if names and labels.dtype.kind in "iu" else labels
+
+
+def _examples(codes: SplineCodes, summary, max_shown: int, loaded, per_cluster: int = 16) -> tuple[dict, str | None]:
+    """Per shown cluster, HTML of its first members (images or token contexts), or a reason why there are none
+    (``loaded``: ``_load_source``'s answer)."""
+    source, why = loaded
     if source is None:
         return {}, why
     shown = summary.clusters[:max_shown]
@@ -238,10 +253,10 @@ def _examples(codes: SplineCodes, summary, max_shown: int, per_cluster: int = 16
     return out, None
 
 
-def _dashboard(result: dict, summary, codes: SplineCodes, max_shown: int) -> str:
+def _dashboard(result: dict, summary, codes: SplineCodes, max_shown: int, loaded) -> str:
     e = html.escape
     sizes = [c.size for c in summary.clusters]
-    examples, why = _examples(codes, summary, max_shown) if summary.clusters else ({}, None)
+    examples, why = _examples(codes, summary, max_shown, loaded) if summary.clusters else ({}, None)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>polytope-lens clusters</title><style>"
         "body{font-family:sans-serif;margin:2em;max-width:70em} table{border-collapse:collapse;font-size:90%}"
@@ -254,6 +269,10 @@ def _dashboard(result: dict, summary, codes: SplineCodes, max_shown: int) -> str
         f"{'exact' if result['knn_exact'] else 'approximate'} &middot; {result['seconds']:.1f} s</p>",
         f"<p class='muted'>sites: {e(', '.join(result['sites']))}</p>",
     ]
+    if result.get("label_scores"):
+        sc = result["label_scores"]
+        parts.append(f"<p>against the data's labels, over the {100 * sc['coverage']:.1f}% of rows in clusters: "
+                     f"purity {sc['purity']:.3f} &middot; NMI {sc['nmi']:.3f} &middot; ARI {sc['ari']:.3f}</p>")
     if sizes:
         parts.append(_sizes_chart(sizes))
     if why:
@@ -264,7 +283,9 @@ def _dashboard(result: dict, summary, codes: SplineCodes, max_shown: int) -> str
         members = ", ".join(f"{i} ({int(codes.rows[i, 0])}" + (f":{int(codes.rows[i, 1])}" if codes.rows[i, 1] >= 0
                                                                   else "") + ")" for i in c.members[:20])
         parts.append(
-            f"<section><h2>cluster {c.cluster} &middot; {c.size:,} rows</h2>"
+            f"<section><h2>cluster {c.cluster} &middot; {c.size:,} rows"
+            + ("" if c.majority is None else f" &middot; {100 * c.majority_share:.0f}% {e(str(c.majority))}")
+            + "</h2>"
             f"<p>members (row (example[:token])): {members}{' …' if c.size > 20 else ''}</p>"
             + examples.get(c.cluster, "")
             + "<details><summary>defining units</summary><table><tr><th>site</th><th>unit</th><th>bit</th>"
