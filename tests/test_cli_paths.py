@@ -263,3 +263,23 @@ def test_scale_json_gives_positions_in_alpha(tmp_path):
     np.testing.assert_allclose(p["trace"]["class_changes_alpha"], -1.0 + 4.0 * np.asarray(p["trace"]["class_changes"]),
                                rtol=0, atol=1e-12)
     assert p["records"] and all(abs(rec["alpha"] - (-1.0 + 4.0 * rec["t"])) < 1e-12 for rec in p["records"])
+
+
+def test_json_records_the_rows_and_labels_references_resolved_to(tmp_path):
+    """DATA_SPEC@KEY reads a number as a row index and a name as the first row with that label: the JSON says which
+    row and label each reference resolved to (oracle: load_data's own rows and label names)."""
+    from polytope_lens.data import load_data
+
+    r = runner.invoke(app, ["path", "--model", "digits-cnn", "--from", "digits@5", "--to", "digits@9", "--json",
+                            str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "p.json").read_text())
+    digits = load_data("digits")
+    for key, row in (("from_item", 5), ("to_item", 9)):
+        want = digits.label_names[digits.labels[row]] if digits.label_names else digits.labels[row].item()
+        assert d[key] == {"data": "digits", "row": row, "label": want}
+    np.save(tmp_path / "a.npy", np.zeros((1, 8, 8), np.float32))
+    r = runner.invoke(app, ["scale", "--model", "digits-cnn", "--input", str(tmp_path / "a.npy"), "--layer",
+                            "stem.2.relu", "--no-trace", "--json", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "s.json").read_text())["input_item"] == {"file": str(tmp_path / "a.npy")}

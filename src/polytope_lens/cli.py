@@ -263,9 +263,10 @@ def _load_npy(path: Path, what: str):
 
 
 def _item(bundle, ref: str, what: str, max_tokens: int | None = None):
-    """Model input(s) for ``DATA_SPEC@KEY`` (KEY: row index or label name, e.g. skimage@chelsea) or a .npy file.
-    Text is refused unless ``max_tokens`` is given: then the encoded mapping (token ids, attention mask) comes back,
-    for analyses of one text's activations (scaling rays); a path between two texts is not defined."""
+    """(model input(s), description) for ``DATA_SPEC@KEY`` (KEY: row index or label name, e.g. skimage@chelsea) or a
+    .npy file; the description says which row and label a reference resolved to (for the JSON). Text is refused
+    unless ``max_tokens`` is given: then the encoded mapping (token ids, attention mask) comes back, for analyses of
+    one text's activations (scaling rays); a path between two texts is not defined."""
     import numpy as np
     import torch
 
@@ -292,6 +293,10 @@ def _item(bundle, ref: str, what: str, max_tokens: int | None = None):
             raise InvalidInputError(f"{what} {ref!r}: row {row} is out of range (the data has {len(source)} items).")
         inputs = (bundle.encode(source, [row], max_length=max_tokens)
                   if bundle.modality == "text" and max_tokens is not None else bundle.encode(source, [row]))
+        label = None if source.labels is None else np.asarray(source.labels)[row].item()
+        if label is not None and names and isinstance(label, int) and 0 <= label < len(names):
+            label = str(names[label])
+        info = {"data": spec, "row": row, "label": label}
     else:
         path = Path(ref)
         if path.suffix != ".npy" or not path.is_file():
@@ -302,12 +307,13 @@ def _item(bundle, ref: str, what: str, max_tokens: int | None = None):
         arr = _load_npy(path, what)
         arr = arr if bundle.input_shape is None or arr.shape != tuple(bundle.input_shape) else arr[None]
         inputs = bundle.encode(DataSource(str(path), "array", arr.astype(np.float32), None, None, {}))
+        info = {"file": str(path)}
     if bundle.modality == "text":
         if max_tokens is None:
             raise InvalidInputError(f"Paths between text inputs are not defined (token sequences differ); use the "
                                     f"Python API with layer= on {bundle.spec!r}, or 'scale' for one text's rays.")
-        return dict(inputs.tensors)
-    return next(iter(inputs.tensors.values())).to(torch.float64)
+        return dict(inputs.tensors), info
+    return next(iter(inputs.tensors.values())).to(torch.float64), info
 
 
 def _pairs(bundle, path: Path):
@@ -454,7 +460,7 @@ def path_cmd(
     if pairs is not None:
         start, end = _pairs(bundle, pairs)
     else:
-        start, end = _item(bundle, from_ref, "--from"), _item(bundle, to_ref, "--to")
+        (start, from_item), (end, to_item) = _item(bundle, from_ref, "--from"), _item(bundle, to_ref, "--to")
     with _progress(len(start), f"crossings along {len(start)} path(s) of {bundle.spec}") as bar:
         task = bar.add_task("paths", total=len(start))
         kw["progress"] = lambda n: bar.advance(task, n)
@@ -469,7 +475,8 @@ def path_cmd(
             n = len(start)
             result = path_crossings(bundle, a[:n], a[n:], layer=layer, inputs=base, **kw)
     _print_paths(result, f"{bundle.spec} path")
-    _write_json(json_out, {"model": bundle.spec, "from": from_ref, "to": to_ref,
+    items = {} if pairs is not None else {"from_item": from_item, "to_item": to_item}  # the rows and labels resolved
+    _write_json(json_out, {"model": bundle.spec, "from": from_ref, "to": to_ref, **items,
                            "pairs": None if pairs is None else str(pairs), **result.to_dict(records=records)})
 
 
@@ -539,12 +546,12 @@ def scale_cmd(
     kw = dict(alphas=_alphas(alphas), method=method, dtype=_dtype(dtype), device=device, layers=layers,
               evaluator=evaluator, memory_budget=_budget_bytes(memory_mib), trace=trace, **_sampling(n_samples, tol))
     bundle = load_model(model)
-    x = _item(bundle, input_ref, "--input", max_tokens=max_tokens)
+    x, input_item = _item(bundle, input_ref, "--input", max_tokens=max_tokens)
     d = None if direction is None else _load_npy(direction, "--direction")
     with err.status(f"crossings along the scaling ray of {layer}"):
         result = ray_crossings(bundle.module, x, layer=layer, direction=d, **kw)
     _print_paths(result, f"{bundle.spec} scaling ray at {result.layer}")
-    _write_json(json_out, {"model": bundle.spec, "input": input_ref,
+    _write_json(json_out, {"model": bundle.spec, "input": input_ref, "input_item": input_item,
                            **({} if direction is None else {"direction": str(direction)}),
                            **result.to_dict(records=records)})
 
@@ -577,7 +584,7 @@ def _three_points(bundle, points: Path | None, through: str | None):
     refs = [r for r in through.split(",") if r]
     if len(refs) != 3:
         raise InvalidInputError(f"--through must name three inputs separated by commas. Got {through!r}.")
-    return torch.cat([_item(bundle, r, "--through") for r in refs])
+    return torch.cat([_item(bundle, r, "--through")[0] for r in refs])
 
 
 def _slice_units(text: str | None):
