@@ -222,6 +222,9 @@ def test_inputs_numpy_mappings_with_constants_and_bad_types():
     assert (flipped["relu"].pieces() == (~on & (m.lin(x) != 0).detach().numpy())).all()
     scaled = pl.spline_codes(m, {"x": x, "scale": torch.tensor(2.0)})
     assert (scaled["relu"].pieces() == on).all()
+    reversed_rows = np.ascontiguousarray(x.numpy()[::-1])  # torch.from_numpy refuses negative strides, byte swaps
+    for arr in (x.numpy()[::-1], reversed_rows.astype(">f4")):
+        assert (pl.spline_codes(m, arr)["relu"].pieces() == on[::-1]).all()
     with pytest.raises(InvalidInputError, match="must be a tensor, a NumPy array or a mapping of them.*Got tuple"):
         pl.spline_codes(m, (x,))
     with pytest.raises(InvalidInputError, match="different numbers of examples"):
@@ -236,6 +239,9 @@ def test_misspelt_keywords_name_the_closest_parameter():
     with pytest.raises(InvalidInputError, match="spline_codes got an unexpected keyword argument 'layer' "
                                                 r"\(did you mean 'layers'\?\)"):
         pl.spline_codes(m, torch.randn(3, 2), layer="1.relu")
+    from polytope_lens.codes import CodeExtractor
+    with pytest.raises(InvalidInputError, match=r"CodeExtractor got an unexpected keyword argument 'progress'\. Its"):
+        CodeExtractor(m, progress=print)  # progress goes to its __call__; not suggested as itself
     with pytest.raises(InvalidInputError, match=r"path_crossings .* 'mthod' \(did you mean 'method'\?\)"):
         path_crossings(m, torch.randn(1, 2), torch.randn(1, 2), mthod="exact")
     from polytope_lens.slices import slice_box

@@ -620,7 +620,8 @@ def check_capture_kwargs(owner: Callable, kwargs: dict) -> None:
     params = [p for p in inspect.signature(owner).parameters if p not in ("capture_kwargs", "slice_kwargs")]
     for key in kwargs:
         if key not in CAPTURE_OPTIONS:
-            close = difflib.get_close_matches(key, params + list(CAPTURE_OPTIONS), n=1)
+            close = difflib.get_close_matches(key, [p for p in params + list(CAPTURE_OPTIONS) if p != key], n=1,
+                                              cutoff=0.8)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise InvalidInputError(f"{owner.__name__} got an unexpected keyword argument {key!r}{hint}. Its "
                                     f"parameters: {', '.join(params + list(CAPTURE_OPTIONS))}.")
@@ -636,7 +637,10 @@ def input_tensors(inputs, float_dtype: torch.dtype | None = None):
     """``inputs`` (a tensor, a NumPy array, a mapping of them, or a bundle's ``Inputs``: its tensors) with arrays
     as tensors; floating-point arrays in ``float_dtype`` when given (the model's: NumPy's default is float64)."""
     def tensor(a):
-        t = torch.from_numpy(a)
+        try:  # torch takes native byte order and positive strides only
+            t = torch.from_numpy(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")))
+        except TypeError:
+            raise InvalidInputError(f"A NumPy input of dtype {a.dtype} is not numeric; give numbers.") from None
         return t.to(float_dtype) if float_dtype is not None and t.is_floating_point() else t
 
     tensors = getattr(inputs, "tensors", inputs)

@@ -175,7 +175,8 @@ def _example_data(bundle, data: str | None):
 
         if bundle.input_shape is None:
             raise InvalidInputError("The model's input shape is unknown here (no Linear layer reads its input first); "
-                                    "give --data with an example it takes, e.g. --data npy:x.npy.")
+                                    "give --data with an example it takes (e.g. --data npy:x.npy) or the shape in "
+                                    "the spec (file:PATH:input_shape=1x8x8).")
         return DataSource("zeros", "array", np.zeros((1, *bundle.input_shape), np.float32), None, None,
                           {"source": "zeros"})
     return load_data(default, limit=1)

@@ -402,7 +402,7 @@ class CodeExtractor:
     def __init__(self, model: nn.Module, *, layers: str | list[str] | None = None,
                  units: str | UnitSelection = "all", soft: bool = False, batch_size: int = 64,
                  forward: Callable[[object], object] | None = None, **capture_kwargs):
-        check_capture_kwargs(spline_codes, capture_kwargs)
+        check_capture_kwargs(CodeExtractor, capture_kwargs)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidInputError(
                 f"The 'batch_size' parameter of spline_codes must be an int >= 1. Got {batch_size!r}.")
@@ -586,6 +586,7 @@ def spline_codes(model: nn.Module, inputs, *, layers: str | list[str] | None = N
     >>> codes["1.relu"].packed.shape   # 5 rows, 8 units of 1 bit
     (5, 1)
     """
+    check_capture_kwargs(spline_codes, capture_kwargs)
     extractor = CodeExtractor(model, layers=layers, units=units, soft=soft, batch_size=batch_size, forward=forward,
                               **capture_kwargs)
     return extractor(inputs, progress=progress)

@@ -90,7 +90,7 @@ def load_file(rest: str, spec: str, device: str) -> ModelBundle:
         if isinstance(exc, (ModuleNotFoundError, AttributeError)):  # the pickle names the model's class by module
             hint = (" The file names its model class by the module that defined it: make that module importable here "
                     "(e.g. PYTHONPATH=DIR); a class defined in a script's __main__ cannot be found, so define it in "
-                    "a module")
+                    "a module.")
         raise InvalidInputError(f"Cannot load {str(path)!r} with torch.load: {type(exc).__name__}: {exc}.{hint}") \
             from None
     if not isinstance(obj, nn.Module):
