@@ -188,3 +188,14 @@ def test_bad_activations_and_labels():
         purity([0, 1], [0, 1], noise="drop")
     with pytest.raises(InvalidInputError, match="got 2 cluster labels for 3 code rows"):
         cluster_summary([0, 1], np.zeros((3, 1), np.uint8))
+
+
+def test_hdbscan_min_cluster_size_above_the_rows_is_one_line():
+    """sklearn's HDBSCAN raised "min_samples (30) must be at most the number of samples" (its min_samples defaults
+    to min_cluster_size); the scalable clusterer already said it in the toolkit's words."""
+    X = np.random.default_rng(0).integers(0, 256, (20, 4), dtype=np.uint8)
+    for est, data in ((CodeClusterer(min_cluster_size=30), X),
+                      (ActivationClusterer(method="hdbscan", min_cluster_size=30), X.astype(float))):
+        with pytest.raises(InvalidInputError, match=r"'min_cluster_size' parameter of \w+ \(30\) must be at most the "
+                                                    r"number of rows \(20"):
+            est.fit(data)

@@ -2442,9 +2442,9 @@ class _StretchNet(nn.Module):
     """A = relu6(L1 x) (the ray's site), B = relu6(L2 A), C = relu(A + B): along a ray alpha * a with a[2] = 0, C's
     unit 2 reads B[2] alone and sits exactly on its kink once B[2] turns off (a tester's float64 net)."""
 
-    def __init__(self):
+    def __init__(self, seed: int = 30):
         super().__init__()
-        r = np.random.default_rng(30)
+        r = np.random.default_rng(seed)
         self.l1, self.a = nn.Linear(3, 6, dtype=torch.float64), nn.ReLU6()
         self.l2, self.b = nn.Linear(6, 6, dtype=torch.float64), nn.ReLU6()
         self.c, self.l3 = nn.ReLU(), nn.Linear(6, 3, dtype=torch.float64)
@@ -2512,3 +2512,33 @@ def test_ray_notes_the_crossings_at_alpha_zero():
     assert p.per_layer["3.relu"] == 3 and sorted(p.alpha(p.records["t"]).tolist()) == [0.0, 0.0, 0.5]
     assert p.crossings == 3 and any(n.startswith("2 of 3 crossings lie at alpha = 0") for n in res.notes), res.notes
     assert not any("alpha = 0" in n for n in ray_crossings(m, x, layer="1.relu", alphas=(0.25, 1.0)).notes)
+    # sampled mode locates those changes next to the knot, within its tolerance: noted all the same
+    sampled = ray_crossings(m, x, layer="1.relu", alphas=(-1.0, 1.0), method="sampled", trace=False)
+    assert any(n.startswith("2 of 3 crossings lie at alpha = 0") for n in sampled.notes), sampled.notes
+    # alpha at the knot is exactly 0 in the JSON too (alphas whose t_0 = 0.1 / 0.8 is not exact)
+    odd = ray_crossings(m, x, layer="1.relu", alphas=(-0.1, 0.7), trace=False).paths[0].to_dict()
+    assert sorted(rec["alpha"] for rec in odd["records"])[:2] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("evaluator", ["affine", "graph", "frontier"])
+def test_polyline_resting_on_zero_for_one_leg(evaluator):
+    """A polyline at the ReLU6 site A whose coordinates 0-2 are 0 on its first leg only: C = relu(A + B) reads A
+    there through coordinates that stay 0, so C[k] sits exactly on its kink where B[k] is off. 'Zero at every knot'
+    missed it (the affine route moved or lost C's changes, a tester's 5 seeds of 25). Oracle: each site's pieces at
+    100,001 points per leg."""
+    m = _StretchNet(seed=3).eval()
+    rng = np.random.default_rng(3)
+    for _ in range(3):
+        k0, k1, k2 = (torch.from_numpy(rng.uniform(0, 6, 6)) for _ in range(3))
+        k0[:3] = 0
+        k1[:3] = 0
+        knots = torch.stack([k0, k1, k2])
+        res = polyline_crossings(m, knots[None], layer="a.relu6", inputs=m.x, evaluator=evaluator, trace=False)
+        s = torch.linspace(0, 1, 100_001, dtype=torch.float64)[:, None]
+        h = torch.cat([k0 + s * (k1 - k0), (k1 + s * (k2 - k1))[1:]])
+        with torch.no_grad():
+            b_in = m.l2(h)
+            c_in = h + m.b(b_in)
+        dense = {"b.relu6": (b_in > 0).long() + (b_in > 6).long(), "c.relu": (c_in > 0).long()}
+        got = res.paths[0].per_layer
+        assert got == {k: int((v[1:] != v[:-1]).sum()) for k, v in dense.items()}, got

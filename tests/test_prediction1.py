@@ -156,7 +156,8 @@ def test_run_prediction1_digits_is_well_formed(digits_result):
     stats = [e["statistic"] for e in d["entries"]]
     assert stats == ["purity[class]", "nmi[class]", "ari[class]", "stability"]
     for e in d["entries"]:
-        assert set(e) == {"model", "statistic", "value", "baseline", "ci", "verdict"}
+        assert set(e) == {"model", "statistic", "value", "baseline", "ci", "n", "ci_method", "verdict"}
+        assert e["n"] == (3 if e["statistic"] == "stability" else 300)
         assert np.isfinite([e["value"], e["baseline"], *e["ci"]]).all()
         assert e["ci"][0] <= e["ci"][1]
         assert e["verdict"] == verdict(e["value"], e["baseline"], e["ci"])
@@ -218,3 +219,15 @@ def test_run_prediction1_minilm_tokens():
     assert not d["exact"] and d["settings"]["selection"]["kind"] == "tokens"
     ctx = [c for c in d["code_clusters"] if not c.get("noise")][0]["contexts"]
     assert ctx and all("[[" in s and "]]" in s for s in ctx)
+
+
+def test_a_clustering_without_clusters_gives_no_verdict():
+    """HDBSCAN calling every row noise (min_cluster_size above what 60 digits hold) scores like a constant labelling:
+    NMI 0 and a subsample "stability" of 1. It used to read "does not hold" (labels) and "holds" (stability)."""
+    res = run_prediction1("digits-cnn", "digits", layers="head.2.relu", n_items=60, n_boot=50, n_stability=3,
+                          min_cluster_size=40)
+    assert res.code_clustering["n_clusters_found"] == 0
+    assert res.verdict == "inconclusive" and res.settings["degenerate"].startswith("the code clustering found 0")
+    for e in res.entries:
+        assert e["verdict"] == "inconclusive" and "fewer than 2" in e["degenerate"]
+    assert res.entry("stability")["value"] == 1.0  # what a verdict would have been drawn from

@@ -589,3 +589,14 @@ def test_predict_takes_arrays_and_plane_at_takes_a_site_name():
         res.predict(c.numpy(), np.arange(res.num_regions - 1))
     with pytest.raises(InvalidInputError, match="Plane.at takes a site name.*use Plane.points"):
         res.plane.at(torch.zeros(4, 2))
+
+
+def test_budget_advice_knows_when_units_already_restrict_the_site():
+    """Over the budget at the last site with units= given, the advice says how many units it keeps instead of
+    suggesting units= again."""
+    m = _mlp(300, 1, 0)
+    with pytest.raises(InvalidInputError, match="cut only some of this site's units"):
+        slice_box(m, memory_budget=1 << 20)
+    with pytest.raises(InvalidInputError, match=r"cut fewer of this site's units \(units= keeps 200 now\)") as e:
+        slice_box(m, memory_budget=1 << 20, units=list(range(200)))
+    assert "cut only some" not in str(e.value)

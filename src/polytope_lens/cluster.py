@@ -148,6 +148,9 @@ class _Clusterer(ClusterMixin, BaseEstimator):
         if self.min_samples is not None and self.min_samples > n:
             raise InvalidInputError(f"The 'min_samples' parameter of {owner} ({self.min_samples}) must be at most the "
                                     f"number of rows ({n}).")
+        if self.method in ("hdbscan", "scalable") and self.min_samples is None and self.min_cluster_size > n:
+            raise InvalidInputError(f"The 'min_cluster_size' parameter of {owner} ({self.min_cluster_size}) must be at "
+                                    f"most the number of rows ({n}; HDBSCAN's min_samples defaults to it).")
 
     def _check_dense(self, n: int, why: str) -> None:
         if n > self.max_rows:

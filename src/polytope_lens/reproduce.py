@@ -226,7 +226,7 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
             n1 = len(data) if photos else n1
             r1 = run_prediction1(bundle, data, layers=job["p1_layers"], units=job["p1_units"], n_items=n1,
                                  n_boot=nb, n_stability=cfg["n_stability"], min_cluster_size=3 if photos else 5,
-                                 k=6, skip=0 if text else 100)
+                                 k=6, skip=100)  # the paper's token protocol: 6 tokens from token 100 on
             d1 = r1.to_dict()
             state["p1"].append(d1)
             results["prediction_1"] += [dict(e, data=d1["data"]) for e in d1["entries"]]

@@ -293,8 +293,8 @@ def run_prediction1(model, data, *, layers=None, units: str = "auto", n_items: i
     Examples
     --------
     >>> res = run_prediction1("digits-cnn", "digits", layers="head.2.relu", n_items=300)   # doctest: +SKIP
-    >>> res.entry("nmi[class]")["verdict"]                                                 # doctest: +SKIP
-    'holds'
+    >>> res.entry("nmi[class]")["verdict"]              # codes 0.17 vs activations 0.83   # doctest: +SKIP
+    'does not hold'
     """
     from ..data import load_data
     from ..models import load_model
@@ -334,6 +334,12 @@ def run_prediction1(model, data, *, layers=None, units: str = "auto", n_items: i
                                random_state=seed)
     base.fit(acts)
     a, b = coder.labels_, base.labels_
+    # a clustering of fewer than 2 clusters (HDBSCAN calling every row noise) separates nothing: its scores are those
+    # of a constant labelling (a subsample "stability" of 1), so no verdict is drawn from them
+    degenerate = "; ".join(f"the {what} clustering found {est.n_clusters_} cluster{'s' * (est.n_clusters_ != 1)}"
+                           for what, est in (("code", coder), ("activation", base)) if est.n_clusters_ < 2) or None
+    if degenerate:
+        degenerate += " (fewer than 2: lower min_cluster_size or raise n_items); every verdict is inconclusive"
 
     entries = []
     name = getattr(bundle, "spec", str(model))
@@ -357,13 +363,15 @@ def run_prediction1(model, data, *, layers=None, units: str = "auto", n_items: i
             sa, sb = clustering_scores(y, ea, noise=policy), clustering_scores(y, eb, noise=policy)
             for s in LABEL_STATISTICS:
                 ci = percentile_ci(diffs[f"{s}[{key}]"], level)
-                entries.append(_entry(name, f"{s}[{key}]", sa[s], sb[s], ci))
+                entries.append(_entry(name, f"{s}[{key}]", sa[s], sb[s], ci, int(keep.sum()),
+                                      "paired percentile bootstrap over rows", degenerate))
     if n_stability:
         idx = subsample_indices(n, n_rounds=n_stability, fraction=fraction, random_state=seed)
         st_a = stability(coder, packed, indices=idx, noise=noise)
         st_b = stability(base, acts, indices=idx, noise=noise)
         entries.append(_entry(name, "stability", float(np.nanmean(st_a)), float(np.nanmean(st_b)),
-                              percentile_ci(st_a - st_b, level)))
+                              percentile_ci(st_a - st_b, level), n_stability,
+                              "spread of the paired per-round differences (not an interval of the mean)", degenerate))
     if not entries:
         raise InvalidInputError("The data have no labels and n_stability is 0, so there is nothing to compare.")
     known = [e["statistic"] for e in entries]
@@ -382,7 +390,7 @@ def run_prediction1(model, data, *, layers=None, units: str = "auto", n_items: i
                 "batch_size": batch_size, "max_length": max_length, "activations": "unit inputs (pre-activation)",
                 "n_units": int(acts.shape[1]), "n_code_bits": int(sum(lc.n_units * lc.bits_per_unit
                                                                       for lc in codes.layers.values())),
-                "label_sets": list(labels)}
+                "label_sets": list(labels), "degenerate": degenerate}
     return Prediction1Result(
         model=name, data=getattr(source, "spec", str(data)), entries=tuple(entries), primary=primary, verdict=overall,
         code_clustering={**_describe(coder), "scores": _scores(labels, a, noise)},
@@ -393,9 +401,14 @@ def run_prediction1(model, data, *, layers=None, units: str = "auto", n_items: i
 
 
 # ---------------------------------------------------------------------------------------------------- parts
-def _entry(model: str, statistic: str, value: float, baseline: float, ci: tuple) -> dict:
-    return {"model": model, "statistic": statistic, "value": float(value), "baseline": float(baseline),
-            "ci": [float(ci[0]), float(ci[1])], "verdict": verdict(value, baseline, ci)}
+def _entry(model: str, statistic: str, value: float, baseline: float, ci: tuple, n: int, ci_method: str,
+           degenerate: str | None) -> dict:
+    """One report row; ``n``: rows scored (label statistics) or rounds (stability); ``degenerate``: why no verdict
+    can be drawn (then "inconclusive")."""
+    entry = {"model": model, "statistic": statistic, "value": float(value), "baseline": float(baseline),
+             "ci": [float(ci[0]), float(ci[1])], "n": int(n), "ci_method": ci_method,
+             "verdict": "inconclusive" if degenerate else verdict(value, baseline, ci)}
+    return {**entry, "degenerate": degenerate} if degenerate else entry
 
 
 def _label_sets(source, rows: np.ndarray, tokens) -> dict[str, np.ndarray]:

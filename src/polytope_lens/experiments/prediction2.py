@@ -231,7 +231,8 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
     if isinstance(n_pairs, bool) or not isinstance(n_pairs, int) or n_pairs < 2:
         raise InvalidInputError(f"The 'n_pairs' parameter of run_prediction2 must be an int >= 2. Got {n_pairs!r}.")
     bundle = load_model(model) if isinstance(model, str) else model
-    source = load_data(data, limit=n_items, seed=seed) if isinstance(data, str) else data
+    source = load_data(data, limit=n_items, seed=seed) if isinstance(data, str) else (
+        data.subset(slice(0, n_items)) if len(data) > n_items else data)  # a DataSource: its first n_items
     say = progress or (lambda msg: None)
     rng = np.random.default_rng(seed)
     text = bundle.modality == "text"
@@ -239,7 +240,8 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
     if primary not in known:
         raise InvalidInputError(f"The 'primary' parameter of run_prediction2 must be one of {', '.join(known)} "
                                 f"(for {'a text' if text else 'this'} model). Got {primary!r} instead.")
-    y = np.asarray(labels) if labels is not None else (None if source.labels is None else np.asarray(source.labels))
+    y = np.asarray(labels)[:len(source)] if labels is not None else (
+        None if source.labels is None else np.asarray(source.labels))
     if y is None and not text:
         raise InvalidInputError(f"Data {source.spec!r} has no labels; prediction 2 needs classes (or pass labels=).")
     if text:

@@ -726,7 +726,8 @@ def _note_zero_alpha(res: PathBatchResult, alphas: tuple) -> PathBatchResult:
     blocks = res.paths._blocks if isinstance(res.paths, PathList) else None
     t = np.concatenate([b.rec_t for b in blocks] or [np.zeros(0)]) if blocks is not None else np.concatenate(
         [p.records["t"] for p in res.paths] or [np.zeros(0)])
-    at = int((t == t0).sum())
+    # sampled mode locates a change at the knot by bisection next to it, within its tolerance in t
+    at = int((t == t0).sum()) if res.exact else int((np.abs(t - t0) <= res.tolerance["tol"]).sum())
     if not at:
         return res
     note = (f"{at:,} of {len(t):,} crossings lie at alpha = 0, where the site's output is 0: later units see their "

@@ -160,6 +160,14 @@ def _net_changes(seg: torch.Tensor, unit: torch.Tensor, piece: torch.Tensor, bef
     return counted
 
 
+def _still_legs(spec) -> torch.Tensor | None:
+    """(paths, legs, input coordinates): whether a coordinate of a path's input is 0 at both knots of a leg, so all
+    along it (a ray ``alpha * a`` keeps a's zeros; a polyline may rest on 0 for one leg); None where none is."""
+    zero = spec.knots_x.flatten(2) == 0
+    legs = zero[:, :-1] & zero[:, 1:]
+    return legs if bool(legs.any()) else None
+
+
 def _copies_a_site(affine: Affine | None, site, still: torch.Tensor | None = None) -> bool:
     """Whether some unit input of ``site`` is a linear image of earlier sites' outputs alone that sits on one of its
     kinks when they are 0 (nothing from the path's own input, a constant equal to a kink): an activation applied to
@@ -167,8 +175,7 @@ def _copies_a_site(affine: Affine | None, site, still: torch.Tensor | None = Non
     concatenation (``F.leaky_relu(F.relu(x))``). Such an input is exactly on its kink wherever the units it reads are
     off; a closed-form bend's rounding would leave it at +-1e-17 at the earlier sites' breakpoints, on either side of
     the kink (crossings counted that are not there), where a product at every point keeps it exact. ``still``
-    (paths, input coordinates): the coordinates of a path's input that are 0 all along it (a ray ``alpha * a`` keeps
-    a's zeros), which such a unit may read too."""
+    (``_still_legs``): coordinates of the path's input that stay 0 along a leg, which such a unit may read too."""
     if affine is None or not isinstance(site.activation, ScalarKinks) or site.name not in affine.deps:
         return False
     c = affine.c[site.name]
@@ -177,32 +184,46 @@ def _copies_a_site(affine: Affine | None, site, still: torch.Tensor | None = Non
     cols = on_kink.any(0)
     if not bool(cols.any()):
         return False
-    return bool((on_kink[:, cols] & _off_the_input(affine, site.name, still, cols)).any())
+    on_kink = on_kink[:, cols]
+    if still is None:
+        return _any_off(affine, site.name, None, cols, on_kink)
+    n_paths, n_legs, width = still.shape
+    rows = still.reshape(n_paths * n_legs, width)
+    if len(on_kink) == 1:  # one constant for every path: the distinct legs decide
+        return _any_off(affine, site.name, torch.unique(rows, dim=0), cols, on_kink)
+    pairs = torch.unique(torch.cat([rows, on_kink.repeat_interleave(n_legs, 0)], 1), dim=0)  # each leg's own row
+    return _any_off(affine, site.name, pairs[:, :width], cols, pairs[:, width:])
 
 
-def _off_the_input(affine: Affine, name: str, still: torch.Tensor | None = None,
-                   cols: torch.Tensor | None = None) -> torch.Tensor:
-    """Per path (or one row for all) and unit of site ``name`` (those in ``cols``), whether its input reads earlier
-    sites' outputs alone, or also coordinates of the path's input that stay 0 along that path (``still``), but no
-    coordinate that moves: only such a unit can hold an exact constant over an interval (where the units it reads
-    are off)."""
-    width = affine.c[name].shape[1] if cols is None else int(cols.sum())
-    off = torch.ones((1, width), dtype=torch.bool, device=affine.c[name].device)
-    if SRC in affine.deps[name]:
-        reads = affine.jt[name, SRC] if cols is None else affine.jt[name, SRC][:, cols]
-        reads = reads.ne(0)  # (input coordinates, units)
-        if still is None:
-            off = off & ~reads.any(0)  # units that read the path's input move with t
-        else:  # units that read a coordinate moving along the path (0/1 counts, exact in float32 below 2^24)
-            moving = (~still.reshape(len(still), -1)).to(device=reads.device, dtype=torch.float32)
-            off = (moving @ reads.to(torch.float32)) == 0
-    return off
+def _any_off(affine: Affine, name: str, still: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+             where: torch.Tensor | None = None, cells: int = 1 << 24) -> bool:
+    """Whether some unit of site ``name`` (of those in ``cols``; where ``where``, one row or one per row of ``still``)
+    reads earlier sites' outputs alone, or also coordinates of the path's input that stay 0 along a leg (a row of
+    ``still``), but no coordinate that moves: only such a unit can hold an exact constant over an interval (where the
+    units it reads are off). Rows of ``still`` go a block of ``cells`` products at a time, stopping at the first."""
+    reads = affine.jt[name, SRC] if SRC in affine.deps[name] else None
+    if reads is None:  # nothing from the path's input
+        return bool(where.any()) if where is not None else True
+    reads = (reads if cols is None else reads[:, cols]).ne(0)  # (input coordinates, units)
+    if still is None:  # units that read the path's input move with t
+        off = ~reads.any(0, keepdim=True)
+        return bool((off & where).any()) if where is not None else bool(off.any())
+    reads = reads.to(torch.float32)
+    step = max(1, cells // sum(reads.shape))  # a block's moving coordinates and products
+    for a in range(0, len(still), step):
+        moving = (~still[a:a + step]).to(device=reads.device, dtype=torch.float32)
+        off = (moving @ reads) == 0  # no moving coordinate read (0/1 counts, exact in float32 below 2^24)
+        if where is not None:
+            off &= where if len(where) == 1 else where[a:a + step]
+        if bool(off.any()):
+            return True
+    return False
 
 
 def _exact_inputs(affine: Affine | None, sites: list, still: torch.Tensor | None = None) -> list[bool]:
     """The sites whose unit inputs must come from products at every point: those that copy a site
     (``_copies_a_site``), and backwards from them every site they read whose units can hold exact constants
-    (``_off_the_input``). A copying site's products are exact only where the outputs they read are: a clamp whose
+    (``_any_off``). A copying site's products are exact only where the outputs they read are: a clamp whose
     0 lies inside a linear piece passes a ReLU's exact zeros on, but a closed-form bend would hand it +-1e-17 at the
     ReLU's breakpoints, and the copying site after it would then sit off its kink. ``still``: as in
     ``_copies_a_site``."""
@@ -211,11 +232,11 @@ def _exact_inputs(affine: Affine | None, sites: list, still: torch.Tensor | None
         return exact
     need = [k for k, c in enumerate(exact) if c]
     at = {s.name: k for k, s in enumerate(sites)}
+    legs = None if still is None or not need else torch.unique(still.reshape(-1, still.shape[-1]), dim=0)
     while need:
         for leaf in affine.deps[sites[need.pop()].name]:
             j = at.get(leaf)
-            if j is not None and not exact[j] and leaf in affine.deps and bool(_off_the_input(affine, leaf,
-                                                                                               still).any()):
+            if j is not None and not exact[j] and leaf in affine.deps and _any_off(affine, leaf, legs):
                 exact[j] = True
                 need.append(j)
     return exact
@@ -539,8 +560,8 @@ class Refiner:
         # are evaluated by products at every point, so exact ties are not broken by rounding; on a GPU every site's
         # are (PRODUCTS_AT_EVERY_POINT)
         every = runner.device.type in PRODUCTS_AT_EVERY_POINT
-        # coordinates of each path's input that are 0 at every knot, so all along it (a ray alpha * a keeps a's zeros)
-        exact = _exact_inputs(affine, runner.processed, (runner.spec.knots_x == 0).flatten(2).all(1))
+        exact = [False] * len(runner.processed) if every or affine is None else _exact_inputs(
+            affine, runner.processed, _still_legs(runner.spec))
         self.dense = [every or isinstance(s.activation, WindowMax) or e for s, e in zip(runner.processed, exact)]
         # products at every point and one-kink sites only: unit inputs are kept in the order their points were made
         # (``_run_chunk_appended``), scanned in one pass per site (``_kink_scan``) and never merged into path order

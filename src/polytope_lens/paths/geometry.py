@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from ..errors import InvalidInputError
@@ -68,11 +69,7 @@ class PathSpec:
         """Path points (n, *shape) at positions ``t`` of paths ``pid``."""
         kt, kx = self.knots_t, self.knots_x
         if self.direction is not None:
-            a0, a1 = self.alphas
-            alpha = (t - (-a0 / (a1 - a0))) * (a1 - a0)
-            # the ends exactly (t_0 = -a0 / (a1 - a0) rounds: alphas (-2, -0.5) gave alpha(1) = -0.4999999999999999)
-            alpha = torch.where(t == 0, a0, torch.where(t == 1, a1, alpha))
-            alpha = alpha.to(self.direction.dtype).reshape(-1, *([1] * len(self.shape)))
+            alpha = ray_alpha(t, self.alphas).to(self.direction.dtype).reshape(-1, *([1] * len(self.shape)))
             x = alpha * self.direction[pid]
             return x if self.offset is None else x.add_(self.offset[pid])
         if kt.shape[1] == 2:
@@ -157,6 +154,17 @@ def segments(start, end, *, owner: str = "path_crossings",
         raise InvalidInputError(f"Paths {same[:5]} of {owner} have equal start and end points; a path needs two "
                                 f"distinct endpoints{hint}.")
     return start, end, length
+
+
+def ray_alpha(t, alphas: tuple[float, float]):
+    """A ray's alpha at positions ``t`` (a tensor or an array): ``(t - t_0) * (alpha1 - alpha0)`` with ``t_0`` where
+    alpha is 0, so that alpha is exactly 0 there and relative rounding stays small near it, and exactly alpha0 and
+    alpha1 at t = 0 and 1 (``t_0 = -alpha0 / (alpha1 - alpha0)`` rounds: alphas (-2, -0.5) gave alpha(1) =
+    -0.4999999999999999)."""
+    a0, a1 = alphas
+    where = torch.where if isinstance(t, torch.Tensor) else np.where
+    alpha = (t - (-a0 / (a1 - a0))) * (a1 - a0)
+    return where(t == 0, a0, where(t == 1, a1, alpha))
 
 
 def stacked(points: list[torch.Tensor], dtype: torch.dtype, device) -> torch.Tensor:

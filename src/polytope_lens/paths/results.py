@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
+from .geometry import ray_alpha
 
 __all__ = ["Trace", "PathResult", "PathList", "PathBatchResult", "trace_from_outputs", "traces_from_outputs"]
 
@@ -158,8 +159,7 @@ class PathResult:
         """Ray parameter alpha at positions t (rays only)."""
         if self.alphas is None:
             raise ValueError("alpha() is only defined for scaling rays.")
-        a0, a1 = self.alphas
-        return a0 + np.asarray(t) * (a1 - a0)
+        return ray_alpha(np.asarray(t, dtype=np.float64), self.alphas)
 
     def to_dict(self, records: bool = True) -> dict:
         d = {"index": self.index, "crossings": self.crossings, "per_layer": dict(self.per_layer),

@@ -37,7 +37,8 @@ def _table(entries: list) -> str:
             "<th>95% CI of difference</th><th>verdict</th></tr>")
     rows = "".join(f"<tr><td>{_f(e['model'])}</td><td>{_f(e.get('data'))}</td><td>{_f(e['statistic'])}</td>"
                    f"<td>{_f(e['value'])}</td><td>{_f(e['baseline'])}</td><td>[{_f(e['ci'][0])}, {_f(e['ci'][1])}]</td>"
-                   f"<td>{_verdict(e['verdict'])}</td></tr>" for e in entries)
+                   f"<td>{_verdict(e['verdict'])}" + (f" ({_f(e['degenerate'])})" if e.get("degenerate") else "")
+                   + "</td></tr>" for e in entries)
     return f"<table>{head}{rows}</table>"
 
 

@@ -106,14 +106,16 @@ def _mib(n: int) -> str:
 
 
 def _budget_error(owner: str, what: str, est: int, budget: int, earlier: str | None = None,
-                  last: bool = True) -> InvalidInputError:
+                  last: bool = True, restricted: int | None = None) -> InvalidInputError:
     """The over-budget error; its advice names ``until=`` only when an ``earlier`` site could end the partition, and
-    ``units=`` only for the ``last`` cutting site (the one it restricts)."""
+    ``units=`` only for the ``last`` cutting site (the one it restricts; ``restricted``: the units it already keeps)."""
     fixes = ["raise the budget (memory_budget=, CLI --memory-mib)", "shrink the domain"]
     if earlier is not None:
         fixes.append(f"stop at an earlier site (until={earlier!r}, CLI --until {earlier})")
-    if last:
+    if last and restricted is None:
         fixes.append("cut only some of this site's units (units=, CLI --units)")
+    elif last:
+        fixes.append(f"cut fewer of this site's units (units= keeps {restricted} now)")
     advice = ", ".join(fixes[:-1]) + " or " + fixes[-1]
     first = "" if earlier is not None else "; it is the first site that cuts, so until= (CLI --until) cannot help"
     return InvalidInputError(f"{owner}: {what} needs about {_mib(est)}, over the memory budget of {_mib(budget)}. "
@@ -204,10 +206,13 @@ class _Partitioner:
         if est > self.budget:
             raise _budget_error(self.owner, what, est, self.budget, *self._where())
 
-    def _where(self) -> tuple[str | None, bool]:
-        """(the site before the one being cut, or None for the first; whether it is the last cutting site)."""
+    def _where(self) -> tuple[str | None, bool, int | None]:
+        """(the site before the one being cut, or None for the first; whether it is the last cutting site; how many
+        units ``units=`` keeps of it, None when not restricted)."""
         i = self.cur_index
-        return (self.sites[i - 1].name if i else None), i == len(self.sites) - 1
+        last = i == len(self.sites) - 1
+        return (self.sites[i - 1].name if i else None), last, (len(self.units) if last and self.units is not None
+                                                                else None)
 
     def run(self, mesh: _mesh.Mesh) -> None:
         codes = torch.zeros((mesh.nc, 0), dtype=torch.uint8, device=mesh.coords.device)

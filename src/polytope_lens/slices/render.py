@@ -49,6 +49,11 @@ def _clip(poly: np.ndarray, w: np.ndarray, c: float) -> np.ndarray:
     return np.array(out).reshape(-1, 2)
 
 
+def _area(poly: np.ndarray) -> float:
+    x, y = poly[:, 0], poly[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+
+
 def class_pieces(res) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """The slice cut along its decision boundary: (polygons, top class of each, region of each). A region where one
     class can lead stays whole; in the others the output is affine, so the part where class k leads is
@@ -72,7 +77,7 @@ def class_pieces(res) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
             for j in range(slope.shape[2]):
                 if j != k and len(piece) >= 3:
                     piece = _clip(piece, slope[r][:, k] - slope[r][:, j], float(offset[r, k] - offset[r, j]))
-            if len(piece) >= 3:
+            if len(piece) >= 3 and _area(piece) > 1e-9 * _area(poly):  # not a sliver where k only ties
                 polys.append(piece), classes.append(int(k)), regions.append(r)
     return polys, np.array(classes, dtype=np.int64), np.array(regions, dtype=np.int64)
 
