@@ -2516,8 +2516,9 @@ def test_ray_notes_the_crossings_at_alpha_zero():
     sampled = ray_crossings(m, x, layer="1.relu", alphas=(-1.0, 1.0), method="sampled", trace=False)
     assert any(n.startswith("2 of 3 crossings lie at alpha = 0") for n in sampled.notes), sampled.notes
     # alpha at the knot is exactly 0 in the JSON too (alphas whose t_0 = 0.1 / 0.8 is not exact)
-    odd = ray_crossings(m, x, layer="1.relu", alphas=(-0.1, 0.7), trace=False).paths[0].to_dict()
-    assert sorted(rec["alpha"] for rec in odd["records"])[:2] == [0.0, 0.0]
+    odd = ray_crossings(m, x, layer="1.relu", alphas=(-0.1, 0.7), trace=False).paths[0]
+    assert sorted(rec["alpha"] for rec in odd.to_dict()["records"])[:2] == [0.0, 0.0]
+    assert isinstance(odd.alpha(0.5), float) and odd.alpha(1.0) == 0.7  # a number for a number, the ends exact
 
 
 @pytest.mark.parametrize("evaluator", ["affine", "graph", "frontier"])

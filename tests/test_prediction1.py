@@ -231,3 +231,10 @@ def test_a_clustering_without_clusters_gives_no_verdict():
     for e in res.entries:
         assert e["verdict"] == "inconclusive" and "fewer than 2" in e["degenerate"]
     assert res.entry("stability")["value"] == 1.0  # what a verdict would have been drawn from
+    # noise="exclude" leaves no row to score: the label entries are still there, inconclusive (it used to raise
+    # about the 'primary' statistic, or say the data have no labels)
+    for n_stability in (2, 0):
+        ex = run_prediction1("digits-cnn", "digits", layers="head.2.relu", n_items=60, n_boot=20,
+                             n_stability=n_stability, min_cluster_size=40, noise="exclude")
+        assert ex.verdict == "inconclusive" and ex.entry("nmi[class]")["n"] == 0
+        assert all(e["verdict"] == "inconclusive" for e in ex.entries)

@@ -120,3 +120,27 @@ def test_unknown_primary_statistic_is_refused_before_any_path():
                                                 "'crossings'"):
         run_prediction2("toy:64-8-10", "digits", primary="crossings", n_items=20)
     assert "crossings[different vs same]" in STATISTICS
+
+
+def test_data_source_is_cut_to_n_items_and_labels_must_match():
+    """A DataSource is cut to its first n_items (it was used whole); labels= must have one label per item, of the
+    cut or of the whole source (a too-long array for a sampled spec was cut silently, pairing labels with other
+    items)."""
+    import pytest
+
+    from polytope_lens.data import load_data
+    from polytope_lens.errors import InvalidInputError
+    from polytope_lens.experiments.prediction2 import run_prediction2
+
+    src = load_data("digits", limit=80)
+    r = run_prediction2("digits-cnn", src, layer="pool2.max_pool2d", n_pairs=2, n_items=30)
+    assert r.settings["n_items"] == 30
+    r2 = run_prediction2("digits-cnn", src, layer="pool2.max_pool2d", n_pairs=2, n_items=30,
+                         labels=np.asarray(src.labels))
+    assert r2.settings["n_items"] == 30
+    for bad in (np.zeros(40, dtype=int), np.zeros(29, dtype=int)):
+        with pytest.raises(InvalidInputError, match="'labels' parameter of run_prediction2 needs one label per item"):
+            run_prediction2("digits-cnn", src, layer="pool2.max_pool2d", n_pairs=2, n_items=30, labels=bad)
+    with pytest.raises(InvalidInputError, match=r"one label per item \(30\)\. Got 80"):
+        run_prediction2("digits-cnn", "digits", layer="pool2.max_pool2d", n_pairs=2, n_items=30,
+                        labels=np.asarray(src.labels))

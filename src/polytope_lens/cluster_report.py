@@ -120,7 +120,8 @@ def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_clust
         "knn_components": est.n_components_, "seconds": round(seconds, 3),
         # purity, NMI and ARI against the data set's labels over the clustered rows (coverage: their share), when
         # the data set has labels
-        "label_scores": None if y is None else clustering_scores(y, est.labels_, noise="exclude"),
+        "label_scores": None if y is None else {k: None if isinstance(v, float) and v != v else v  # NaN: no rows
+                                                for k, v in clustering_scores(y, est.labels_, noise="exclude").items()},
         "files": {"assignments": "assignments.npy", "rows": "rows.npy", "dashboard": "index.html"},
     }
     tmp = out.parent / f".{out.name}.partial"
@@ -269,8 +270,10 @@ def _dashboard(result: dict, summary, codes: SplineCodes, max_shown: int, loaded
         f"{'exact' if result['knn_exact'] else 'approximate'} &middot; {result['seconds']:.1f} s</p>",
         f"<p class='muted'>sites: {e(', '.join(result['sites']))}</p>",
     ]
-    if result.get("label_scores"):
-        sc = result["label_scores"]
+    sc = result.get("label_scores")
+    if sc and sc["purity"] is None:
+        parts.append("<p class='muted'>Every row is noise: nothing to score against the data's labels.</p>")
+    elif sc:
         parts.append(f"<p>against the data's labels, over the {100 * sc['coverage']:.1f}% of rows in clusters: "
                      f"purity {sc['purity']:.3f} &middot; NMI {sc['nmi']:.3f} &middot; ARI {sc['ari']:.3f}</p>")
     if sizes:

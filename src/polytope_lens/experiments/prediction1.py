@@ -346,6 +346,11 @@ def run_prediction1(model, data, *, layers=None, units: str = "auto", n_items: i
     # "exclude" is paired: both clusterings are scored on the rows that neither calls noise
     keep = (a != NOISE) & (b != NOISE) if noise == "exclude" else np.ones(n, dtype=bool)
     ea, eb, policy = a[keep], b[keep], ("cluster" if noise == "exclude" else noise)
+    if labels and not keep.any() and degenerate:  # "exclude" with no row outside noise: nothing to score
+        for key in labels:
+            for s in LABEL_STATISTICS:
+                entries.append(_entry(name, f"{s}[{key}]", float("nan"), float("nan"), (float("nan"), float("nan")),
+                                      0, "paired percentile bootstrap over rows", degenerate))
     if labels and keep.any():
         y_int = {key: np.unique(y, return_inverse=True)[1][keep] for key, y in labels.items()}
 
@@ -369,7 +374,11 @@ def run_prediction1(model, data, *, layers=None, units: str = "auto", n_items: i
         idx = subsample_indices(n, n_rounds=n_stability, fraction=fraction, random_state=seed)
         st_a = stability(coder, packed, indices=idx, noise=noise)
         st_b = stability(base, acts, indices=idx, noise=noise)
-        entries.append(_entry(name, "stability", float(np.nanmean(st_a)), float(np.nanmean(st_b)),
+        def mean(v):  # NaN where no round could be scored (every row noise under "exclude"), without a warning
+            v = np.asarray(v, dtype=float)
+            return float(np.mean(v[np.isfinite(v)])) if np.isfinite(v).any() else float("nan")
+
+        entries.append(_entry(name, "stability", mean(st_a), mean(st_b),
                               percentile_ci(st_a - st_b, level), n_stability,
                               "spread of the paired per-round differences (not an interval of the mean)", degenerate))
     if not entries:

@@ -240,6 +240,10 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
     if primary not in known:
         raise InvalidInputError(f"The 'primary' parameter of run_prediction2 must be one of {', '.join(known)} "
                                 f"(for {'a text' if text else 'this'} model). Got {primary!r} instead.")
+    if labels is not None and len(labels) not in {len(source), len(data) if not isinstance(data, str) else -1}:
+        raise InvalidInputError(f"The 'labels' parameter of run_prediction2 needs one label per item ({len(source)}"
+                                f"{'' if isinstance(data, str) else f' or {len(data)}, those of data'}). Got "
+                                f"{len(labels)}.")
     y = np.asarray(labels)[:len(source)] if labels is not None else (
         None if source.labels is None else np.asarray(source.labels))
     if y is None and not text:

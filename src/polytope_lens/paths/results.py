@@ -159,7 +159,8 @@ class PathResult:
         """Ray parameter alpha at positions t (rays only)."""
         if self.alphas is None:
             raise ValueError("alpha() is only defined for scaling rays.")
-        return ray_alpha(np.asarray(t, dtype=np.float64), self.alphas)
+        out = ray_alpha(np.asarray(t, dtype=np.float64), self.alphas)
+        return out[()] if out.ndim == 0 else out  # a number for a number
 
     def to_dict(self, records: bool = True) -> dict:
         d = {"index": self.index, "crossings": self.crossings, "per_layer": dict(self.per_layer),

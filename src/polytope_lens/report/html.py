@@ -34,7 +34,7 @@ def _verdict(v: str) -> str:
 
 def _table(entries: list) -> str:
     head = ("<tr><th>model</th><th>data</th><th>statistic</th><th>value</th><th>baseline</th>"
-            "<th>95% CI of difference</th><th>verdict</th></tr>")
+            "<th>95% interval of difference</th><th>verdict</th></tr>")
     rows = "".join(f"<tr><td>{_f(e['model'])}</td><td>{_f(e.get('data'))}</td><td>{_f(e['statistic'])}</td>"
                    f"<td>{_f(e['value'])}</td><td>{_f(e['baseline'])}</td><td>[{_f(e['ci'][0])}, {_f(e['ci'][1])}]</td>"
                    f"<td>{_verdict(e['verdict'])}" + (f" ({_f(e['degenerate'])})" if e.get("degenerate") else "")
@@ -82,7 +82,8 @@ def render_report(state: dict) -> str:
                  "<b>inconclusive</b> (CIs: a paired percentile bootstrap over items for prediction 1, t intervals of "
                  "the mean difference over paths or rays for predictions 2 and 3).</p>"
                  "<table><tr><th>prediction</th><th>model</th><th>statistic</th>"
-                 "<th>value</th><th>baseline</th><th>95% CI of difference</th><th>verdict</th><th>counts</th></tr>"
+                 "<th>value</th><th>baseline</th><th>95% interval of difference</th><th>verdict</th>"
+                 "<th>counts</th></tr>"
                  + "".join(rows) + "</table></section>")
     # prediction 1
     p1 = state.get("p1", [])
