@@ -219,6 +219,42 @@ def test_run_prediction1_minilm_tokens():
     assert not d["exact"] and d["settings"]["selection"]["kind"] == "tokens"
     ctx = [c for c in d["code_clusters"] if not c.get("noise")][0]["contexts"]
     assert ctx and all("[[" in s and "]]" in s for s in ctx)
+    # a passage gives up to 6 token rows: the bootstrap resamples passages, not rows
+    assert d["entries"][0]["ci_method"] == "paired percentile bootstrap over examples (all their rows)"
+
+
+def test_grouped_bootstrap_resamples_whole_groups_and_padding_is_not_a_row():
+    """With groups, each resample is as many whole groups (drawn with replacement) as there are groups; blocks pad
+    shorter resamples with -1, which resampled_clustering_scores does not count (oracle: clustering_scores on the
+    resample's rows, i.e. scikit-learn's formulas)."""
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(7), rng.integers(1, 6, 7))
+    y, pred = rng.integers(0, 3, len(groups)), rng.integers(-1, 3, len(groups))
+    seen = []
+
+    sizes = np.bincount(groups, minlength=7)
+
+    def stat(idx):
+        single = idx.ndim == 1
+        idx = np.atleast_2d(idx)
+        for row in idx:
+            rows = row[row >= 0]
+            seen.append(rows)
+            counts = np.bincount(groups[rows], minlength=7)
+            assert (counts % sizes == 0).all() and (counts // sizes).sum() == 7  # 7 whole groups
+        got = resampled_clustering_scores(y, pred, idx, noise="singleton")
+        for b, row in enumerate(idx):
+            want = clustering_scores(y[row[row >= 0]], pred[row[row >= 0]], noise="singleton")
+            for key in ("purity", "nmi", "ari"):
+                assert abs(got[key][b] - want[key]) < 1e-12
+        return {"nmi": got["nmi"][0] if single else got["nmi"]}
+
+    one = paired_bootstrap(stat, len(groups), n_boot=12, groups=groups)
+    first = list(seen)
+    seen.clear()
+    blocked = paired_bootstrap(stat, len(groups), n_boot=12, groups=groups, block=5)
+    assert np.array_equal(one["nmi"], blocked["nmi"]) and all(np.array_equal(a, b) for a, b in zip(first, seen))
+    assert len({len(r) for r in first}) > 1  # resamples of whole groups differ in length
 
 
 def test_a_clustering_without_clusters_gives_no_verdict():

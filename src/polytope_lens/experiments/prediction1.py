@@ -17,7 +17,9 @@
 5. gives each statistic a CI of the difference (codes - activations) and a verdict (``stats.verdict``).
 
 Intervals. Label scores: percentile bootstrap over rows (``n_boot`` resamples with replacement, both clusterings
-fixed, scores paired on the same resample); it measures which rows were evaluated, not clustering randomness.
+fixed, scores paired on the same resample); it measures which rows were evaluated, not clustering randomness. Where
+an example gives several rows (a passage's token rows, which are correlated), whole examples are resampled with
+all their rows (``stats.paired_bootstrap(groups=...)``), not rows one by one.
 Stability: the central ``level`` interval of the paired per-round differences over ``n_stability`` subsamples (a
 spread over refits, not an interval of the mean, so it does not shrink as rounds are added).
 """
@@ -362,14 +364,18 @@ def run_prediction1(model, data, *, layers=None, units: str = "auto", n_items: i
                 out.update({f"{s}[{key}]": sa[s] - sb[s] for s in LABEL_STATISTICS})
             return out
 
+        # several rows per example (a passage's token rows, which are correlated): whole examples are resampled
+        example = rows[keep, 0]
+        grouped = len(np.unique(example)) < len(example)
         diffs = paired_bootstrap(stat, int(keep.sum()), n_boot=n_boot, random_state=seed,
-                                 block=max(1, _BOOTSTRAP_CELLS // max(1, int(keep.sum()))))
+                                 block=max(1, _BOOTSTRAP_CELLS // max(1, int(keep.sum()))),
+                                 groups=example if grouped else None)
+        boot = "paired percentile bootstrap over " + ("examples (all their rows)" if grouped else "rows")
         for key, y in y_int.items():
             sa, sb = clustering_scores(y, ea, noise=policy), clustering_scores(y, eb, noise=policy)
             for s in LABEL_STATISTICS:
                 ci = percentile_ci(diffs[f"{s}[{key}]"], level)
-                entries.append(_entry(name, f"{s}[{key}]", sa[s], sb[s], ci, int(keep.sum()),
-                                      "paired percentile bootstrap over rows", degenerate))
+                entries.append(_entry(name, f"{s}[{key}]", sa[s], sb[s], ci, int(keep.sum()), boot, degenerate))
     if n_stability:
         idx = subsample_indices(n, n_rounds=n_stability, fraction=fraction, random_state=seed)
         st_a = stability(coder, packed, indices=idx, noise=noise)

@@ -117,27 +117,46 @@ def mean_difference_ci(a, b, *, paired: bool, level: float = 0.95) -> tuple[floa
 
 
 def paired_bootstrap(statistic: Callable[[np.ndarray], dict], n: int, *, n_boot: int = 1000,
-                     random_state: int = 0, block: int | None = None) -> dict[str, np.ndarray]:
+                     random_state: int = 0, block: int | None = None,
+                     groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Replicates of ``statistic(idx)`` over ``n_boot`` row resamples with replacement (one resample per replicate).
 
     ``statistic`` gets the resampled row indices and returns ``{name: float}``; computing both the method's and the
     baseline's score on the same ``idx`` pairs them. Returns ``{name: array (n_boot,)}``. With ``block``, it gets
     up to ``block`` resamples at once, an int array (resamples, n), and returns ``{name: array (resamples,)}``; the
-    resamples are the same either way.
+    resamples are the same either way. With ``groups`` (one id per row: the passage of a token row), whole groups
+    are resampled (as many draws as there are groups, each taking all its rows), so rows of one group, which are
+    correlated, move together; resamples then differ in length, and a block's are padded with -1 (not a row).
     """
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
         raise InvalidInputError(f"The 'n_boot' parameter must be an int >= 1. Got {n_boot!r} instead.")
     if n < 1:
         raise InvalidInputError(f"The bootstrap needs at least 1 row; got {n}.")
     rng = np.random.default_rng(random_state)
+    if groups is None:
+        def draw():
+            return rng.integers(0, n, n)
+    else:
+        ids, of_row = np.unique(np.asarray(groups).ravel(), return_inverse=True)
+        if len(of_row) != n:
+            raise InvalidInputError(f"The bootstrap's groups must give one id per row ({n}); got {len(of_row)}.")
+        order = np.argsort(of_row, kind="stable")
+        ends = np.cumsum(np.bincount(of_row, minlength=len(ids)))
+        members = np.split(order, ends[:-1])
+
+        def draw():
+            return np.concatenate([members[g] for g in rng.integers(0, len(ids), len(ids))])
     out: dict[str, list] = {}
     if block is None:
         for _ in range(n_boot):
-            for name, v in statistic(rng.integers(0, n, n)).items():
+            for name, v in statistic(draw()).items():
                 out.setdefault(name, []).append(float(v))
         return {k: np.asarray(v) for k, v in out.items()}
     for start in range(0, n_boot, block):
-        idx = np.stack([rng.integers(0, n, n) for _ in range(min(block, n_boot - start))])
+        drawn = [draw() for _ in range(min(block, n_boot - start))]
+        idx = np.full((len(drawn), max(len(d) for d in drawn)), -1, dtype=np.int64)
+        for i, d in enumerate(drawn):
+            idx[i, :len(d)] = d
         for name, v in statistic(idx).items():
             out.setdefault(name, []).append(np.asarray(v, dtype=np.float64))
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -170,7 +189,8 @@ def _entropies(sizes: np.ndarray, n_singletons: np.ndarray, total: np.ndarray) -
 def resampled_clustering_scores(labels_true, labels_pred, indices, *, noise: str = "cluster") -> dict:
     """Purity, NMI (arithmetic) and ARI of ``labels_pred`` against ``labels_true`` on each resample of rows.
 
-    ``indices`` (resamples, m) holds each resample's row indices (repeats allowed). Row ``b`` of each returned array
+    ``indices`` (resamples, m) holds each resample's row indices (repeats allowed; -1 pads a shorter resample and is
+    not a row). Row ``b`` of each returned array
     equals ``clustering_scores(labels_true[indices[b]], labels_pred[indices[b]], noise=noise)`` (NaN where
     ``"exclude"`` leaves no rows), computed from the resample's contingency table: a weighted count of the distinct
     (label, cluster) pairs. Under ``"singleton"`` every occurrence of a noise row is a cluster of its own.
@@ -180,7 +200,7 @@ def resampled_clustering_scores(labels_true, labels_pred, indices, *, noise: str
     _one_of("resampled_clustering_scores", "noise", noise, NOISE_POLICIES)
     t, p = np.asarray(labels_true).ravel(), np.asarray(labels_pred).ravel()
     idx = np.asarray(indices)
-    if len(t) != len(p) or idx.ndim != 2 or (idx.size and (idx.min() < 0 or idx.max() >= len(t))):
+    if len(t) != len(p) or idx.ndim != 2 or (idx.size and (idx.min() < -1 or idx.max() >= len(t))):
         raise InvalidInputError("resampled_clustering_scores needs labels of equal length and a (resamples, rows) "
                                 "array of row indices into them.")
     is_noise = p == NOISE if noise != "cluster" else np.zeros(len(p), dtype=bool)
@@ -190,13 +210,17 @@ def resampled_clustering_scores(labels_true, labels_pred, indices, *, noise: str
     pair_code, n_pairs = _codes(t_code.astype(np.int64) * n_clu + p_code)
     cls_of_pair, clu_of_pair = np.zeros(n_pairs, np.int64), np.zeros(n_pairs, np.int64)
     cls_of_pair[pair_code], clu_of_pair[pair_code] = t_code, p_code
-    # rows that are not counted in a table get the code past its end
-    cells = _weighted_counts(idx, np.where(regular, pair_code, n_pairs), n_pairs)          # (b, pairs)
-    clusters = _weighted_counts(idx, np.where(regular, p_code, n_clu), n_clu)             # (b, clusters)
+    # rows that are not counted in a table get the code past its end; so does padding (-1: the row past the end)
+    idx = np.where(idx < 0, len(t), idx)
+
+    def counts(counted_rows, codes, n_codes):
+        return _weighted_counts(idx, np.append(np.where(counted_rows, codes, n_codes), n_codes), n_codes)
+    cells = counts(regular, pair_code, n_pairs)          # (b, pairs)
+    clusters = counts(regular, p_code, n_clu)            # (b, clusters)
     counted = regular | (noise == "singleton")
-    classes = _weighted_counts(idx, np.where(counted, t_code, n_cls), n_cls)              # (b, classes)
+    classes = counts(counted, t_code, n_cls)             # (b, classes)
     if noise == "singleton":  # noise occurrences per class: each a cell and a cluster of one row
-        single_cls = _weighted_counts(idx, np.where(is_noise, t_code, n_cls), n_cls)
+        single_cls = counts(is_noise, t_code, n_cls)
     else:
         single_cls = np.zeros_like(classes)
     singles = single_cls.sum(axis=1)
