@@ -348,11 +348,15 @@ def run_prediction1(model, data, *, layers=None, units: str = "auto", n_items: i
     # "exclude" is paired: both clusterings are scored on the rows that neither calls noise
     keep = (a != NOISE) & (b != NOISE) if noise == "exclude" else np.ones(n, dtype=bool)
     ea, eb, policy = a[keep], b[keep], ("cluster" if noise == "exclude" else noise)
-    if labels and not keep.any() and degenerate:  # "exclude" with no row outside noise: nothing to score
+    # several rows per example (a passage's token rows, which are correlated): whole examples are resampled
+    example = rows[keep, 0]
+    grouped = len(np.unique(example)) < len(example)
+    boot = "paired percentile bootstrap over " + ("examples (all their rows)" if grouped else "rows")
+    if labels and not keep.any():  # "exclude" with every row noise in one clustering or the other: nothing to score
         for key in labels:
             for s in LABEL_STATISTICS:
                 entries.append(_entry(name, f"{s}[{key}]", float("nan"), float("nan"), (float("nan"), float("nan")),
-                                      0, "paired percentile bootstrap over rows", degenerate))
+                                      0, boot, degenerate))
     if labels and keep.any():
         y_int = {key: np.unique(y, return_inverse=True)[1][keep] for key, y in labels.items()}
 
@@ -364,13 +368,9 @@ def run_prediction1(model, data, *, layers=None, units: str = "auto", n_items: i
                 out.update({f"{s}[{key}]": sa[s] - sb[s] for s in LABEL_STATISTICS})
             return out
 
-        # several rows per example (a passage's token rows, which are correlated): whole examples are resampled
-        example = rows[keep, 0]
-        grouped = len(np.unique(example)) < len(example)
         diffs = paired_bootstrap(stat, int(keep.sum()), n_boot=n_boot, random_state=seed,
                                  block=max(1, _BOOTSTRAP_CELLS // max(1, int(keep.sum()))),
                                  groups=example if grouped else None)
-        boot = "paired percentile bootstrap over " + ("examples (all their rows)" if grouped else "rows")
         for key, y in y_int.items():
             sa, sb = clustering_scores(y, ea, noise=policy), clustering_scores(y, eb, noise=policy)
             for s in LABEL_STATISTICS:
