@@ -335,13 +335,23 @@ class SplineCodes:
                 {"site": lc.site, "alias": lc.alias, "activation": lc.activation["name"], "exact": lc.exact,
                  "n_units": lc.n_units, "unit_shape": list(lc.unit_shape), "bits_per_unit": lc.bits_per_unit,
                  "bytes_per_row": int(lc.packed.shape[1]),
-                 # units off their first piece (ReLU: on); None for max pooling, whose pieces are window entries
-                 "fraction_active": None if lc.activation["name"].startswith("max_pool") else
-                 float(np.mean(lc.pieces() > 0)) if len(self) else 0.0}
+                 "fraction_active": fraction_active(lc.activation["name"], *active_counts(lc))}
                 for lc in self.layers.values()
             ],
             **self.meta,
         }
+
+
+def active_counts(lc: LayerCodes) -> tuple[int, int]:
+    """(units off their first piece, units) over the rows of ``lc``."""
+    on = lc.pieces() > 0
+    return int(on.sum()), int(on.size)
+
+
+def fraction_active(activation: str, on: int, total: int) -> float | None:
+    """The share of units off their first piece (a ReLU's: on), or None for max pooling, whose pieces are window
+    entries (no piece is 'active')."""
+    return None if activation.startswith("max_pool") else on / max(1, total)
 
 
 # ------------------------------------------------------------------------------------------------ extraction

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .capture import model_errors
-from .codes import CodeExtractor, SplineCodes, UnitSelection, check_unit_shape, no_rows_error
+from .codes import CodeExtractor, SplineCodes, UnitSelection, check_unit_shape, fraction_active, no_rows_error
 from .errors import InvalidInputError
 from .store import CodeStoreWriter
 
@@ -193,8 +193,7 @@ def extract_to_store(model, data, out, *, overwrite: bool = False, resume: bool 
         "dtype": writer.dtype, "selection": writer.selection, **writer.meta,
         "layers": [{**{key: m[key] for key in ("site", "alias", "n_units", "bits_per_unit", "exact")},
                     "activation": m["activation"]["name"],
-                    "fraction_active": None if m["activation"]["name"].startswith("max_pool") else
-                    active[m["site"]][0] / max(1, active[m["site"]][1])}
+                    "fraction_active": fraction_active(m["activation"]["name"], *active[m["site"]])}
                    for m in writer.layer_meta],
     }
 

@@ -287,10 +287,15 @@ class WindowMax(Activation):
         """The narrowest type that holds a window index, for pieces that are only compared."""
         return torch.uint8 if self.n_pieces <= 256 else torch.int64
 
+    @property
+    def _dims(self) -> int:
+        """Spatial dimensions of the pooling: 1 for max_pool1d, else 2."""
+        return 1 if self.name == "max_pool1d" else 2
+
     def _as_images(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as (batch, channels, h, w): max_pool1d's (N, C, L) has height 1; a layout without channels
         ((N, L) for max_pool1d, (N, H, W) for max_pool2d, which torch pools as one unbatched example) has one."""
-        dims = 1 if self.name == "max_pool1d" else 2
+        dims = self._dims
         if x.dim() == dims + 1:
             x = x.unsqueeze(1)
         if x.dim() != 4 - (dims == 1):
@@ -300,7 +305,7 @@ class WindowMax(Activation):
 
     def _as_given(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Undo ``_as_images`` on a result laid out (batch, channels, out_h, out_w, ...)."""
-        dims = 1 if self.name == "max_pool1d" else 2
+        dims = self._dims
         if dims == 1:
             out = out.squeeze(2)
         return out.squeeze(1) if x.dim() == dims + 1 else out

@@ -26,7 +26,7 @@ import numpy as np
 
 from ._outputs import check_destination as _check_output
 from ._outputs import check_replaceable
-from .codes import LayerCodes, SplineCodes, check_unit_shape
+from .codes import LayerCodes, SplineCodes, active_counts, check_unit_shape
 from .errors import InvalidInputError, PolytopeLensError
 
 __all__ = ["CodeStoreWriter", "read_codes", "write_codes", "FORMAT"]
@@ -237,7 +237,7 @@ class CodeStoreWriter:
             for arr, data in zip(self._arrays(), parts):
                 arr.resize((r0 + n, *arr.shape[1:]))
                 arr[r0:r0 + n] = data
-            active = {lc.site: [int((p := lc.pieces() > 0).sum()), int(p.size)] for lc in codes.layers.values()}
+            active = {lc.site: list(active_counts(lc)) for lc in codes.layers.values()}
             self.chunks.append({"start_example": start, "n_examples": n_ex, "row_start": r0, "n_rows": n,
                                 "sha256": self._checksum(r0, n), "active": active})
             self._write_manifest()

@@ -357,7 +357,7 @@ def run_prediction1(model, data, *, layers=None, units: str = "auto", n_items: i
             for s in LABEL_STATISTICS:
                 entries.append(_entry(name, f"{s}[{key}]", float("nan"), float("nan"), (float("nan"), float("nan")),
                                       0, boot, degenerate))
-    if labels and keep.any():
+    elif labels:
         y_int = {key: np.unique(y, return_inverse=True)[1][keep] for key, y in labels.items()}
 
         def stat(idx):  # a block of resamples (resamples x rows) at once

@@ -80,8 +80,9 @@ def mean_difference_ci(a, b, *, paired: bool, level: float = 0.95) -> tuple[floa
     """Central ``level`` interval of ``mean(a) - mean(b)``: Student's t on the differences ``a - b`` (``paired``, equal
     lengths) or Welch's t for independent samples. (nan, nan) with fewer than two values (on either side, unpaired),
     which ``verdict`` reads as inconclusive. Samples without any spread (integer counts can be) give a point
-    interval only where the exact sign test (permutation test, unpaired) could reach ``level`` at all: 6 pairs at
-    95 %, 4 + 4 values; fewer give (nan, nan): two paths both with 5 more crossings are no evidence at 95 %.
+    interval only where the exact sign test (permutation test, unpaired) could reach ``level`` at all: at 95 %, 6
+    pairs, or a + b values with 2 / C(a + b, a) <= 5 % (4 + 4, 3 + 5, 2 + 8, ...); fewer give (nan, nan): two paths
+    both with 5 more crossings are no evidence at 95 %.
 
     Examples
     --------

@@ -719,10 +719,9 @@ def _note_zero_alpha(res: PathBatchResult, alphas: tuple) -> PathBatchResult:
     """A note counting the crossings at alpha = 0 of rays ``alpha * a`` whose range holds it: the site's output is 0
     there, so later units see their constants alone and many sit on a kink at once (a bias-free unit, a max-pool
     window of equal entries); they can be most of a ray's crossings (a tester's CNN: 89 of 104)."""
-    a0, a1 = alphas
-    if not a0 <= 0.0 <= a1:
+    t0 = geometry.zero_t(alphas)
+    if not 0.0 <= t0 <= 1.0:
         return res
-    t0 = -a0 / (a1 - a0)
     blocks = res.paths._blocks if isinstance(res.paths, PathList) else None
     t = np.concatenate([b.rec_t for b in blocks] or [np.zeros(0)]) if blocks is not None else np.concatenate(
         [p.records["t"] for p in res.paths] or [np.zeros(0)])

@@ -156,14 +156,19 @@ def segments(start, end, *, owner: str = "path_crossings",
     return start, end, length
 
 
+def zero_t(alphas: tuple[float, float]) -> float:
+    """The position t_0 where a ray's alpha is 0 (outside [0, 1] when its range does not hold 0)."""
+    a0, a1 = alphas
+    return -a0 / (a1 - a0)
+
+
 def ray_alpha(t, alphas: tuple[float, float]):
     """A ray's alpha at positions ``t`` (a tensor or an array): ``(t - t_0) * (alpha1 - alpha0)`` with ``t_0`` where
-    alpha is 0, so that alpha is exactly 0 there and relative rounding stays small near it, and exactly alpha0 and
-    alpha1 at t = 0 and 1 (``t_0 = -alpha0 / (alpha1 - alpha0)`` rounds: alphas (-2, -0.5) gave alpha(1) =
-    -0.4999999999999999)."""
+    alpha is 0 (``zero_t``), so that alpha is exactly 0 there and relative rounding stays small near it, and exactly
+    alpha0 and alpha1 at t = 0 and 1 (``t_0`` rounds: alphas (-2, -0.5) gave alpha(1) = -0.4999999999999999)."""
     a0, a1 = alphas
     where = torch.where if isinstance(t, torch.Tensor) else np.where
-    alpha = (t - (-a0 / (a1 - a0))) * (a1 - a0)
+    alpha = (t - zero_t(alphas)) * (a1 - a0)
     return where(t == 0, a0, where(t == 1, a1, alpha))
 
 
@@ -235,7 +240,7 @@ def ray(a: torch.Tensor, direction, alphas, *, owner: str = "ray_crossings"):
     if zero:
         what = "activation" if direction is None else "direction"
         raise InvalidInputError(f"Rays {zero[:5]} of {owner} have a zero {what} vector, so the ray is a single point.")
-    t0 = -a0 / (a1 - a0)
+    t0 = zero_t((a0, a1))
     if direction is None and 0.0 < t0 < 1.0:
         knots_t = torch.tensor([0.0, t0, 1.0], dtype=torch.float64)
         knots_x = torch.stack([x0, torch.zeros_like(a), x1], dim=1)

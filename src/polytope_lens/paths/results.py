@@ -176,8 +176,9 @@ class PathResult:
             if self.trace is not None:
                 d["trace"]["alpha"] = self.alpha(self.trace.t).tolist()
                 d["trace"]["class_changes_alpha"] = self.alpha(self.trace.class_changes).tolist()
-            for rec in d.get("records", ()):
-                rec["alpha"] = float(self.alpha(rec["t"]))
+            if records:
+                for rec, a in zip(d["records"], self.alpha(self.records["t"]).tolist()):
+                    rec["alpha"] = a
         return d
 
 
@@ -356,9 +357,7 @@ class PathBatchResult:
     @property
     def per_layer(self) -> dict:
         """Crossings per site summed over paths ({site: count}; per path: ``per_site``)."""
-        if isinstance(self.paths, PathList) and len(self.paths):
-            return {s: int(c) for s, c in zip(self.sites, self.paths.per_site.sum(0).tolist())}
-        return {s: int(sum(p.per_layer.get(s, 0) for p in self.paths)) for s in self.sites}
+        return {s: int(c) for s, c in zip(self.sites, self.per_site.sum(0).tolist())}
 
     def to_dict(self, records: bool = False) -> dict:
         return {"exact": self.exact, "method": self.method, "dtype": self.dtype, "tolerance": dict(self.tolerance),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .geometry import polygon_area
 from .results import code_color
 
 __all__ = ["plot_slice", "colors_for", "class_pieces", "opening_figure", "toy_classifier"]
@@ -30,10 +31,17 @@ def colors_for(res, by: str = "code") -> np.ndarray:
         c = res.top_class()
         if c is None:
             raise ValueError(f"color_by='class' needs output maps, which this slice lacks: {res.why_no_maps()}.")
-        base = matplotlib.colormaps["tab10"](c % 10)
-        shade = np.array([code_color(bytes(r))[0] for r in res.codes])[:, None]
-        return np.concatenate([base[:, :3] * (0.75 + 0.25 * shade), np.ones((len(c), 1))], 1)
+        return _class_colors(res, c, np.arange(len(c)))
     raise ValueError(f"The 'color_by' parameter must be one of code, slope, class. Got {by!r}.")
+
+
+def _class_colors(res, classes: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """RGBA of pieces of ``regions`` whose top class is ``classes``: the class's tab10 colour, shaded by the region's
+    code (so regions of one class stay apart)."""
+    import matplotlib
+    base = matplotlib.colormaps["tab10"](classes % 10)
+    shade = np.array([code_color(bytes(r))[0] for r in res.codes]).reshape(-1)[regions, None]
+    return np.concatenate([base[:, :3] * (0.75 + 0.25 * shade), np.ones((len(classes), 1))], 1)
 
 
 def _clip(poly: np.ndarray, w: np.ndarray, c: float) -> np.ndarray:
@@ -49,11 +57,6 @@ def _clip(poly: np.ndarray, w: np.ndarray, c: float) -> np.ndarray:
     return np.array(out).reshape(-1, 2)
 
 
-def _area(poly: np.ndarray) -> float:
-    x, y = poly[:, 0], poly[:, 1]
-    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
-
-
 def class_pieces(res) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """The slice cut along its decision boundary: (polygons, top class of each, region of each). A region where one
     class can lead stays whole; in the others the output is affine, so the part where class k leads is
@@ -65,6 +68,7 @@ def class_pieces(res) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     slope, offset = res.slope.cpu().numpy(), res.offset.cpu().numpy()
     if slope.shape[2] == 1:  # one score: class 1 where it is > 0, as scores (-s, s) of two classes
         slope, offset = np.concatenate([-slope, slope], 2), np.concatenate([-offset, offset], 1)
+    area = res.area.abs().tolist()
     polys, classes, regions = [], [], []
     for r, poly in enumerate(res.polygons()):
         scores = poly @ slope[r] + offset[r]
@@ -77,14 +81,16 @@ def class_pieces(res) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
             for j in range(slope.shape[2]):
                 if j != k and len(piece) >= 3:
                     piece = _clip(piece, slope[r][:, k] - slope[r][:, j], float(offset[r, k] - offset[r, j]))
-            if len(piece) >= 3 and _area(piece) > 1e-9 * _area(poly):  # not a sliver where k only ties
+            if len(piece) < 3:
+                continue
+            size = abs(float(polygon_area(torch.from_numpy(piece)[None], torch.tensor([len(piece)]))[0]))
+            if size > 1e-9 * area[r]:  # not a sliver where k only ties
                 polys.append(piece), classes.append(int(k)), regions.append(r)
     return polys, np.array(classes, dtype=np.int64), np.array(regions, dtype=np.int64)
 
 
 def plot_slice(res, ax=None, *, color_by: str = "code", kinks_of: str | None = None, boundary: bool = True,
                edges: bool = True, title: str | None = None, linewidth: float = 0.3):
-    import matplotlib
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection, PolyCollection
     if ax is None:
@@ -92,9 +98,8 @@ def plot_slice(res, ax=None, *, color_by: str = "code", kinks_of: str | None = N
     polys = res.polygons()
     if color_by == "class":  # regions cut along the decision boundary: each side in its own class's colour
         pieces, cls, region = class_pieces(res)
-        shade = np.array([code_color(bytes(r))[0] for r in res.codes])[region, None] if len(region) else 0.0
-        base = matplotlib.colormaps["tab10"](cls % 10)[:, :3] * (0.75 + 0.25 * shade)
-        ax.add_collection(PolyCollection(pieces, facecolors=base, edgecolors="none", linewidths=0))
+        ax.add_collection(PolyCollection(pieces, facecolors=_class_colors(res, cls, region), edgecolors="none",
+                                         linewidths=0))
         pc = PolyCollection(polys, facecolors="none", edgecolors="k" if edges else "none",
                             linewidths=linewidth if edges else 0)
     else:
