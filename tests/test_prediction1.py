@@ -79,8 +79,10 @@ def test_resampled_clustering_scores_equal_sklearn_per_resample(noise):
             t[:] = 5
         idx = rng.integers(0, n, (6, int(rng.integers(1, 25))))
         got = resampled_clustering_scores(t, p, idx, noise=noise)
+        # singleton: each noise row a cluster of its own, which a resample's copies of it share
+        q, policy = (np.where(p == -1, 10 + np.arange(n), p), "cluster") if noise == "singleton" else (p, noise)
         for b, rows in enumerate(idx):
-            want = clustering_scores(t[rows], p[rows], noise=noise)
+            want = clustering_scores(t[rows], q[rows], noise=policy)
             for key in ("purity", "nmi", "ari"):
                 if np.isnan(want[key]):
                     assert np.isnan(got[key][b])
@@ -233,6 +235,7 @@ def test_grouped_bootstrap_resamples_whole_groups_and_padding_is_not_a_row():
     seen = []
 
     sizes = np.bincount(groups, minlength=7)
+    one_each = np.where(pred == -1, 3 + np.arange(len(pred)), pred)  # each noise row a cluster, with all its copies
 
     def stat(idx):
         single = idx.ndim == 1
@@ -244,7 +247,7 @@ def test_grouped_bootstrap_resamples_whole_groups_and_padding_is_not_a_row():
             assert (counts % sizes == 0).all() and (counts // sizes).sum() == 7  # 7 whole groups
         got = resampled_clustering_scores(y, pred, idx, noise="singleton")
         for b, row in enumerate(idx):
-            want = clustering_scores(y[row[row >= 0]], pred[row[row >= 0]], noise="singleton")
+            want = clustering_scores(y[row[row >= 0]], one_each[row[row >= 0]])
             for key in ("purity", "nmi", "ari"):
                 assert abs(got[key][b] - want[key]) < 1e-12
         return {"nmi": got["nmi"][0] if single else got["nmi"]}
@@ -255,6 +258,31 @@ def test_grouped_bootstrap_resamples_whole_groups_and_padding_is_not_a_row():
     blocked = paired_bootstrap(stat, len(groups), n_boot=12, groups=groups, block=5)
     assert np.array_equal(one["nmi"], blocked["nmi"]) and all(np.array_equal(a, b) for a, b in zip(first, seen))
     assert len({len(r) for r in first}) > 1  # resamples of whole groups differ in length
+
+
+def test_singleton_noise_copies_are_one_cluster_in_resamples():
+    """Under noise='singleton' a resample's copies of one noise row are one cluster, not one cluster each (that
+    biased resampled NMI down). Oracle: scikit-learn on the resampled labels with noise relabelled as singletons
+    first; the unresampled rows give clustering_scores(noise='singleton') itself."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    rng = np.random.default_rng(3)
+    y, pred = rng.integers(0, 4, 60), rng.integers(-1, 3, 60)
+    pred[rng.random(60) < 0.4] = -1
+    single = np.where(pred == -1, 10 + np.arange(60), pred)
+    idx = rng.integers(0, 60, (40, 60))
+    idx[0] = np.arange(60)
+    got = resampled_clustering_scores(y, pred, idx, noise="singleton")
+    for b, row in enumerate(idx):
+        assert abs(got["nmi"][b] - normalized_mutual_info_score(y[row], single[row])) < 1e-12
+        assert abs(got["ari"][b] - adjusted_rand_score(y[row], single[row])) < 1e-12
+        cells = np.unique(np.c_[single[row], y[row]], axis=0, return_counts=True)
+        largest = {}
+        for (c, _), n in zip(*cells):
+            largest[c] = max(largest.get(c, 0), n)
+        assert abs(got["purity"][b] - sum(largest.values()) / len(row)) < 1e-12
+    point = clustering_scores(y, pred, noise="singleton")
+    assert all(abs(got[k][0] - point[k]) < 1e-12 for k in ("purity", "nmi", "ari"))
 
 
 def test_a_clustering_without_clusters_gives_no_verdict():

@@ -96,6 +96,25 @@ def test_erf_gate_written_by_hand_is_a_site_with_gelus_gate():
     np.testing.assert_allclose(codes["erf"].soft, phi.numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("gate, site", [
+    (lambda z: 0.5 * torch.erfc(-z / math.sqrt(2.0)), "erfc"),
+    (lambda z: torch.special.erfc(-z / math.sqrt(2.0)) / 2, "erfc"),
+    (lambda z: torch.special.log_ndtr(z).exp(), "log_ndtr"),
+])
+def test_mirrored_and_logged_gates_are_sites(gate, site):
+    """Phi written as erfc(-z / sqrt 2) / 2 or exp(log_ndtr(z)) is GELU's gate too: a site (it was skipped, so codes
+    beside a ReLU were incomplete), bits u > 0 of its own input u, soft code the gate rising with u."""
+    m = Around(lambda z: F.relu(z) + z * gate(z)).eval()
+    codes = pl.spline_codes(m, X, soft=True)
+    assert site in codes.layers and "relu" in codes.layers and not codes.exact
+    with torch.no_grad():
+        z = m.a(X)
+    u = -z / math.sqrt(2.0) if site == "erfc" else z
+    assert (codes[site].pieces() == (u > 0).long().numpy()).all()
+    rising = 0.5 * (1 + torch.erf(u)) if site == "erfc" else torch.special.ndtr(u)
+    np.testing.assert_allclose(codes[site].soft, rising.numpy(), atol=1e-6)
+
+
 def test_softplus_soft_code_is_its_gate_with_beta():
     m = Around(lambda z: F.softplus(z, beta=4.0)).eval()
     codes = pl.spline_codes(m, X, soft=True)

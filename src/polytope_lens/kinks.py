@@ -621,7 +621,9 @@ REGISTRY: dict[str, Activation] = {
         ScalarKinks("sigmoid", exact=False, soft_fn=torch.sigmoid),
         ScalarKinks("tanh", exact=False, soft_fn=lambda z: 0.5 * (torch.tanh(z) + 1.0)),
         ScalarKinks("erf", exact=False, soft_fn=_erf_gate),
+        ScalarKinks("erfc", exact=False, soft_fn=_erf_gate),
         ScalarKinks("ndtr", exact=False, soft_fn=torch.special.ndtr),
+        ScalarKinks("log_ndtr", exact=False, soft_fn=torch.special.ndtr),
         ScalarKinks("solu", exact=False, soft_fn=_solu_gate),
         WindowMax("max_pool2d", kernel=(2, 2), stride=(2, 2)),
     )
@@ -747,9 +749,12 @@ CALL_TABLE: dict[Callable, Callable] = {
     **{f: _fixed("sigmoid") for f in (torch.sigmoid, torch.sigmoid_, torch.special.expit, F.sigmoid, T.sigmoid,
                                       T.sigmoid_)},
     **{f: _fixed("tanh") for f in (torch.tanh, torch.tanh_, F.tanh, T.tanh, T.tanh_)},
-    # a gate written out by hand (Hugging Face's gelu_python and LaplaceActivation): erf(z), Phi(z) = ndtr(z)
+    # a gate written out by hand (Hugging Face's gelu_python and LaplaceActivation): erf(z), Phi(z) = ndtr(z), and
+    # their mirrored or logged forms; the code is z > 0 and the soft code the gate rising with z in every form
     **{f: _fixed("erf") for f in (torch.erf, torch.erf_, torch.special.erf, T.erf, T.erf_)},
+    **{f: _fixed("erfc") for f in (torch.erfc, torch.erfc_, torch.special.erfc, T.erfc, T.erfc_)},
     torch.special.ndtr: _fixed("ndtr"),
+    torch.special.log_ndtr: _fixed("log_ndtr"),
     **{f: _max_pool(1) for f in (F.max_pool1d, torch.max_pool1d)},
     **{f: _max_pool(2) for f in (F.max_pool2d, torch.max_pool2d)},
 }

@@ -176,25 +176,45 @@ def _weighted_counts(idx: np.ndarray, code_of_row: np.ndarray, n_codes: int) -> 
     return np.bincount(flat, minlength=b * (n_codes + 1)).reshape(b, n_codes + 1)[:, :n_codes]
 
 
-def _entropies(sizes: np.ndarray, n_singletons: np.ndarray, total: np.ndarray) -> np.ndarray:
-    """scikit-learn's labelling entropy per row of cluster ``sizes`` (zeros: absent), with ``n_singletons`` more
-    clusters of one row each; 0 for a single cluster."""
+def _entropies(sizes: np.ndarray, total: np.ndarray, extra: tuple | None = None) -> np.ndarray:
+    """scikit-learn's labelling entropy per row of cluster ``sizes`` (zeros: absent); ``extra`` = (count, rows,
+    sum of m log m) of more clusters given by their sizes m alone; 0 for a single cluster."""
+    n_extra, rows_extra, mlogm = extra if extra is not None else (0, 0, 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         log_total = np.log(total)[:, None]
         terms = np.where(sizes > 0, (sizes / total[:, None]) * (np.log(np.maximum(sizes, 1)) - log_total), 0.0)
-        h = -(terms.sum(axis=1) + n_singletons * ((1.0 / total) * (0.0 - np.log(total))))
-    single = ((sizes > 0).sum(axis=1) + n_singletons) == 1
+        h = -(terms.sum(axis=1) + (mlogm - rows_extra * np.log(total)) / total)
+    single = ((sizes > 0).sum(axis=1) + n_extra) == 1
     return np.where(single, 0.0, h)
+
+
+def _copies(idx: np.ndarray, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per resample (row of ``idx``; ``n`` marks a row not counted): how many distinct rows of the mask ``rows`` it
+    holds, and the sums of m**2 and m log m over their numbers of copies m."""
+    b = len(idx)
+    hit = np.append(rows, False)[idx]
+    which, row = np.nonzero(hit)
+    if not len(which):
+        z = np.zeros(b)
+        return z.astype(np.int64), z.astype(np.int64), z
+    keys, m = np.unique(which.astype(np.int64) * (n + 1) + idx[which, row], return_counts=True)
+    owner = keys // (n + 1)
+    distinct = np.bincount(owner, minlength=b)
+    sq = np.bincount(owner, weights=m.astype(np.float64) ** 2, minlength=b).astype(np.int64)
+    mlogm = np.bincount(owner, weights=m * np.log(m), minlength=b)
+    return distinct, sq, mlogm
 
 
 def resampled_clustering_scores(labels_true, labels_pred, indices, *, noise: str = "cluster") -> dict:
     """Purity, NMI (arithmetic) and ARI of ``labels_pred`` against ``labels_true`` on each resample of rows.
 
     ``indices`` (resamples, m) holds each resample's row indices (repeats allowed; -1 pads a shorter resample and is
-    not a row). Row ``b`` of each returned array
-    equals ``clustering_scores(labels_true[indices[b]], labels_pred[indices[b]], noise=noise)`` (NaN where
-    ``"exclude"`` leaves no rows), computed from the resample's contingency table: a weighted count of the distinct
-    (label, cluster) pairs. Under ``"singleton"`` every occurrence of a noise row is a cluster of its own.
+    not a row). Row ``b`` of each returned array equals ``clustering_scores(labels_true[indices[b]],
+    labels_pred[indices[b]], noise=noise)`` (NaN where ``"exclude"`` leaves no rows), computed from the resample's
+    contingency table: a weighted count of the distinct (label, cluster) pairs. Under ``"singleton"`` every noise
+    row is a cluster of its own and a resample's copies of it are that one cluster, as if noise were made singletons
+    first and then resampled (each copy a cluster of one, as before, biased resampled NMI downwards: an interval
+    could miss its own point estimate).
     """
     from ..cluster import NOISE, NOISE_POLICIES, _one_of
 
@@ -220,16 +240,19 @@ def resampled_clustering_scores(labels_true, labels_pred, indices, *, noise: str
     clusters = counts(regular, p_code, n_clu)            # (b, clusters)
     counted = regular | (noise == "singleton")
     classes = counts(counted, t_code, n_cls)             # (b, classes)
-    if noise == "singleton":  # noise occurrences per class: each a cell and a cluster of one row
+    if noise == "singleton":  # noise occurrences per class; each distinct noise row is a cluster (and a cell)
         single_cls = counts(is_noise, t_code, n_cls)
+        n_single, single_sq, single_mlogm = _copies(idx, is_noise, len(t))
     else:
         single_cls = np.zeros_like(classes)
+        n_single = single_sq = np.zeros(len(idx), dtype=np.int64)
+        single_mlogm = np.zeros(len(idx))
     singles = single_cls.sum(axis=1)
     total = classes.sum(axis=1)
-    present_cls, present_clu = (classes > 0).sum(axis=1), (clusters > 0).sum(axis=1) + singles
+    present_cls, present_clu = (classes > 0).sum(axis=1), (clusters > 0).sum(axis=1) + n_single
     ftotal = total.astype(np.float64)
 
-    # purity: the largest cell of each cluster, plus one per singleton
+    # purity: the largest cell of each cluster; a noise row's cluster is one cell, all its copies
     by_clu = np.argsort(clu_of_pair, kind="stable")
     starts = np.flatnonzero(np.r_[True, np.diff(clu_of_pair[by_clu]) != 0])
     largest = np.maximum.reduceat(cells[:, by_clu], starts, axis=1).sum(axis=1) if n_pairs else 0
@@ -243,23 +266,24 @@ def resampled_clustering_scores(labels_true, labels_pred, indices, *, noise: str
         nm = cells / ftotal[:, None]
         term = nm * (np.log(np.maximum(cells, 1)) - log_n) + nm * ((-np.log(np.maximum(outer, 1)) + log_n) + log_n)
         term = np.where((cells > 0) & (np.abs(term) >= eps), term, 0.0)
-        one = 1.0 / ftotal[:, None]  # a one-row cell: its class's size times a cluster of one
+        # a noise row's cell (m copies, its cluster's size m): m/N log(N m / (a m)), the same 1/N log(N / a) per copy
+        one = 1.0 / ftotal[:, None]
         s_term = one * (0.0 - log_n) + one * ((-np.log(np.maximum(classes, 1)) + log_n) + log_n)
         s_term = np.where((single_cls > 0) & (np.abs(s_term) >= eps), s_term, 0.0)
         mi = np.clip(term.sum(axis=1) + (single_cls * s_term).sum(axis=1), 0.0, None)
         mi = np.where((present_cls == 1) | (present_clu == 1), 0.0, mi)
-        h_true = _entropies(classes, np.zeros_like(singles), ftotal)
-        h_pred = _entropies(clusters, singles, ftotal)
+        h_true = _entropies(classes, ftotal)
+        h_pred = _entropies(clusters, ftotal, (n_single, singles, single_mlogm))
         nmi = np.where(mi == 0, 0.0, mi / ((h_true + h_pred) / 2))
     nmi = np.where((present_cls == present_clu) & (present_cls <= 1), 1.0, nmi)
 
     # adjusted Rand index from the pair confusion matrix, in integers as scikit-learn (Python integers where int64
     # could overflow)
     ints = (lambda a: a.astype(object)) if int(total.max(initial=0)) > 40_000 else (lambda a: a.astype(np.int64))
-    sum_sq = ints((cells.astype(np.int64) ** 2).sum(axis=1) + singles)
+    sum_sq = ints((cells.astype(np.int64) ** 2).sum(axis=1) + single_sq)
     n = ints(total)
     tp = sum_sq - n
-    fp = ints((clusters.astype(np.int64) ** 2).sum(axis=1) + singles) - sum_sq
+    fp = ints((clusters.astype(np.int64) ** 2).sum(axis=1) + single_sq) - sum_sq
     fn = ints((classes.astype(np.int64) ** 2).sum(axis=1)) - sum_sq
     tn = n * n - fp - fn - sum_sq
     perfect = (fn == 0) & (fp == 0)
