@@ -722,8 +722,7 @@ def _note_zero_alpha(res: PathBatchResult, alphas: tuple) -> PathBatchResult:
     t0 = geometry.zero_t(alphas)
     if not 0.0 <= t0 <= 1.0:
         return res
-    blocks = res.paths._blocks if isinstance(res.paths, PathList) else None
-    t = np.concatenate([b.rec_t for b in blocks] or [np.zeros(0)]) if blocks is not None else np.concatenate(
+    t = res.paths.crossing_t if isinstance(res.paths, PathList) else np.concatenate(
         [p.records["t"] for p in res.paths] or [np.zeros(0)])
     # sampled mode locates a change at the knot by bisection next to it, within its tolerance in t
     at = int((t == t0).sum()) if res.exact else int((np.abs(t - t0) <= res.tolerance["tol"]).sum())

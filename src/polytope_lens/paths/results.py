@@ -270,6 +270,11 @@ class PathList(Sequence):
         """(paths, sites) crossings."""
         return np.concatenate([b.per_site for b in self._blocks]) if self._blocks else np.zeros((0, 0), np.int64)
 
+    @property
+    def crossing_t(self) -> np.ndarray:
+        """Positions t of every crossing, path after path, without making a ``PathResult`` per path."""
+        return np.concatenate([b.rec_t for b in self._blocks] or [np.zeros(0)])
+
 
 @dataclass(frozen=True)
 class PathBatchResult:
