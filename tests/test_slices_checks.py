@@ -1,3 +1,4 @@
+import json
 """Slices: decision boundary on region edges and ties, float64 planes, output forms, until= past a bend, and the
 one-line errors of bad inputs. Each test checks the library against the model itself (a grid, probes just off each
 segment) or a hand-computed value."""
@@ -220,6 +221,51 @@ def test_cli_complexity_refuses_an_infinite_radius(tmp_path):
     r = CliRunner().invoke(app, ["complexity", "--model", "toy:2-8-8-2", "--data", f"npy:{tmp_path / 'x.npy'}",
                                  "--json", str(tmp_path / "lc.json"), "--radius", "inf"])
     assert r.exit_code == 1 and "--radius must be a finite number > 0" in r.stderr, r.output
+
+
+def test_local_complexity_refuses_overflow_at_its_vertices():
+    """A finite radius at which the model overflows: pieces of inf/NaN unit inputs were counted as if they were
+    values (the exact count and slices refused the same overflow)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                      nn.Linear(16, 2)).double()
+    with torch.no_grad():
+        for lin in m[::2]:
+            lin.weight.mul_(1e4)
+    with pytest.raises(InvalidInputError, match=r"site '\d.relu' are NaN or infinite .*use a smaller radius") as e:
+        local_complexity(m, torch.randn(3, 4, dtype=torch.float64), radius=1e300, n_dirs=4)
+    assert "\n" not in str(e.value)
+
+
+def test_exact_local_complexity_says_which_counts_are_near_float_resolution(tmp_path):
+    """Points exactly on the crossing of two kink lines: every square centred there holds >= 4 regions, but a square
+    of side 1e-13 is below float resolution and its slice merges them. The count says so (it was labelled exact with
+    no word), in the API, the JSON and on stderr; a square large enough has no note and the true count."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        m[0].weight[:2, 2] = 0
+        m[0].bias[:2] = 0
+    pts = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 10.0], [0.0, 0.0, 1000.0]])
+    tiny = exact_local_complexity(m, pts, radius=1e-13)
+    assert (tiny.total < 4).any() and len(tiny.notes) == 1 and "near float resolution at 3 of 3 points" in tiny.notes[0]
+    fine = exact_local_complexity(m, pts, radius=1e-3)
+    assert (fine.total >= 4).all() and fine.notes == ()
+    torch.save(m, tmp_path / "m.pt")
+    np.save(tmp_path / "x.npy", pts.numpy())
+    r = CliRunner().invoke(app, ["complexity", "--model", f"file:{tmp_path / 'm.pt'}", "--data",
+                                 f"npy:{tmp_path / 'x.npy'}", "--radius", "1e-13", "--exact", "--json",
+                                 str(tmp_path / "lc.json")])
+    assert r.exit_code == 0, r.output
+    assert "near float resolution" in r.stderr
+    assert "near float resolution" in json.loads((tmp_path / "lc.json").read_text())["exact"]["notes"][0]
+
+
+@pytest.mark.parametrize("units", [[1.9], [True], [0.999]])
+def test_unit_indices_must_be_integers(units):
+    """1.9, True and 0.999 were read as units 1, 1 and 0."""
+    with pytest.raises(InvalidInputError, match="must hold integer unit indices"):
+        slice_box(_MLP, units=units)
 
 
 def _site_case():

@@ -725,6 +725,8 @@ def complexity_cmd(
         regions = payload["exact"]["total"]
         out.print(f"exact: {sum(regions) / len(regions):.2f} regions on average (min {min(regions)}, max "
                   f"{max(regions)}) in a square of side {radius} in a random plane through each point")
+        for note in payload["exact"]["notes"]:
+            err.print(f"note: {note}")
     _write_json(json_out, payload)
 
 

@@ -218,7 +218,11 @@ def site_unit_indices(site: CallSite, shape: tuple, units, owner: str) -> torch.
                                     f"of shape (C, H, W)). Got {units!r} for {site.name!r} of shape {tuple(shape)}.")
         flat = torch.arange(d).reshape(1, *shape)
         return UnitSelection("position").apply(site, flat, None)[0]
-    idx = torch.as_tensor(np.asarray(units)).long().flatten()
+    arr = np.asarray(units)
+    if arr.dtype.kind not in "iu" and arr.size:  # 1.9 or True would have been read as unit 1
+        raise InvalidInputError(f"The 'units' parameter of {owner} must hold integer unit indices of {site.name!r}. "
+                                f"Got {arr.dtype} values ({arr.ravel()[0]!r} ...).")
+    idx = torch.as_tensor(arr.astype(np.int64)).flatten()
     bad = idx[(idx < 0) | (idx >= d)]
     if not len(idx) or len(bad) or len(torch.unique(idx)) != len(idx):
         why = ("none" if not len(idx) else f"{bad[0].item()} (out of range)" if len(bad) else

@@ -22,6 +22,9 @@ from torch import nn
 from ..capture import check_capture_kwargs, model_errors, run, select_sites
 from ..errors import InvalidInputError
 from ..paths.runner import check_dtype, default_forward, prepare_model
+from .partition import _not_finite
+
+NEAR_RESOLUTION = "near float resolution"  # a slice's note that its thinnest regions may be merged
 
 __all__ = ["LocalComplexity", "local_complexity", "exact_local_complexity"]
 
@@ -44,6 +47,9 @@ class LocalComplexity:
     n_dirs : int
         P of the sampled measure; 2 (the plane) for the exact count, whose ``to_dict`` leaves it out.
     dtype : str
+    notes : tuple of str
+        Exact counts: the points whose square was near float resolution (their slice's note), where regions
+        thinner than the snapping tolerance may be merged and the count can be low.
     """
 
     per_site: dict
@@ -53,13 +59,14 @@ class LocalComplexity:
     radius: float
     n_dirs: int
     dtype: str
+    notes: tuple = ()
 
     def to_dict(self) -> dict:
         return {"exact": self.exact, "method": self.method, "radius": self.radius,
                 **({} if self.exact else {"n_dirs": self.n_dirs}), "dtype": self.dtype,
                 "mean_total": float(self.total.mean()) if len(self.total) else None,
                 "per_site_mean": {k: float(v.mean()) for k, v in self.per_site.items()},
-                "total": self.total.tolist()}
+                "total": self.total.tolist(), "notes": list(self.notes)}
 
 
 def _check_radius(radius, owner) -> None:
@@ -125,6 +132,9 @@ def local_complexity(model: nn.Module, points: torch.Tensor, *, radius: float = 
         got = {}
 
         def handler(site, z, n=n):
+            if not bool(torch.isfinite(z).all()):  # pieces of NaN or inf would be counted as if they were values
+                raise _not_finite(f"the unit inputs of site {site.name!r}", owner, dtype,
+                                  "at some vertices of the cross-polytopes", "radius")
             got[site.name] = (site, site.activation.pieces(z.detach()).reshape(n, 2 * n_dirs, -1))
         with model_errors(fwd, verts[:1], owner, "points"):
             run(m, lambda: fwd(verts), handler, **capture_kwargs)
@@ -157,14 +167,20 @@ def exact_local_complexity(model: nn.Module, points: torch.Tensor, *, radius: fl
     if d < 2:
         raise InvalidInputError(f"{owner} needs an input space of dimension >= 2. Got {d}.")
     g = torch.Generator().manual_seed(seed)
-    out = []
-    for x in pts:
+    out, coarse = [], []
+    for i, x in enumerate(pts):
         q, _ = torch.linalg.qr(torch.randn(d, 2, generator=g, dtype=torch.float64))
         pl = Plane.from_directions(x.to(torch.float64), (q[:, 0] * radius / 2).reshape(x.shape),
                                    (q[:, 1] * radius / 2).reshape(x.shape), extent=1.0)
         r = slice_plane(model, pl, dtype=dtype, device=device, memory_budget=memory_budget, outputs=False,
                         **slice_kwargs)
         out.append(r.num_regions)
+        if any(note.startswith(NEAR_RESOLUTION) for note in r.notes):
+            coarse.append(i)
     tot = np.array(out)
+    notes = () if not coarse else (
+        f"{NEAR_RESOLUTION} at {len(coarse)} of {len(tot)} points ({', '.join(map(str, coarse[:8]))}"
+        f"{' ...' if len(coarse) > 8 else ''}): their squares are small for float resolution, regions thinner than "
+        "the snapping tolerance may be merged, so those counts can be low (use a larger radius)",)
     return LocalComplexity({"regions": tot}, tot, True, "exact regions in a square", float(radius), 2,
-                           str(dtype).replace("torch.", ""))
+                           str(dtype).replace("torch.", ""), notes)

@@ -599,9 +599,11 @@ def _check_finite_model(m, owner: str, dtype) -> None:
                                         f"{str(dtype).replace('torch.', '')}), so it has no linear regions.")
 
 
-def _not_finite(what: str, owner: str, dtype) -> InvalidInputError:
-    return InvalidInputError(f"{owner}: {what} are NaN or infinite at some points of the slice (the model computes "
-                             f"NaN, or overflows {str(dtype).replace('torch.', '')} there).")
+def _not_finite(what: str, owner: str, dtype, where: str = "at some points of the slice",
+                smaller: str | None = None) -> InvalidInputError:
+    hint = f"; use a smaller {smaller}" if smaller else ""
+    return InvalidInputError(f"{owner}: {what} are NaN or infinite {where} (the model computes NaN, or overflows "
+                             f"{str(dtype).replace('torch.', '')} there){hint}.")
 
 
 def _until(runner: Runner, sites: list, until: str, at: str | None, owner: str) -> list:
