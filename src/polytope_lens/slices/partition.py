@@ -481,13 +481,25 @@ class _Partitioner:
                                                                       device=mesh.vals.device)
         packed = []
         for s in range(0, mesh.nc, step):
-            zc = take(mesh.vals, R[s:s + step]).mean(1)
+            ring = take(mesh.vals, R[s:s + step])
             if isinstance(act, WindowMax):
-                # tie policy of the cuts: entries within tol of the window's max tie, and the first of them wins
-                w = act.windows(zc.reshape(len(zc), *self.z_shape[name]))
-                pieces = first_max(w, self.cur_tol).reshape(len(zc), -1)
-            else:  # a unit within tol of a kink over a whole cell is on it: the registry's lower piece
-                pieces = act.pieces(_mesh.snap(zc, kinks, self.cur_tol))
+                # tie policy of the cuts: entries within tol of the window's max tie, and the first of them wins;
+                # the cell's entry is the first within tol of the max at every vertex (a thin cell beside a clip
+                # has one vertex where the other side's entry is beyond tol: at its centroid the two were tied and
+                # the first won, the neighbour's code), else the first maximum at the centroid
+                c = len(ring)
+                w = act.windows(ring.reshape(c * W, *self.z_shape[name]))
+                w = w.reshape(c, W, *w.shape[1:])
+                everywhere = (w >= w.amax(-1, keepdim=True) - self.cur_tol).all(1)  # (c, windows, K)
+                at_centre = first_max(w.mean(1), self.cur_tol)
+                pieces = torch.where(everywhere.any(-1), everywhere.int().argmax(-1), at_centre).reshape(c, -1)
+            else:
+                # vertices snapped as the cuts saw them, then averaged: a cell's values lie in one piece's closure
+                # and its mean is inside that piece unless every vertex is on the kink (then on it: the registry's
+                # lower piece). Snapping the mean instead gave a thin cell beside a cut the lower piece whenever its
+                # mean was within tol, though a vertex lies beyond tol on the upper side (float32 CNN slices:
+                # adjacent regions with equal codes)
+                pieces = act.pieces(_mesh.snap(ring, kinks, self.cur_tol).mean(1))
             packed.append(pack_pieces(pieces.cpu(), act).to(R.device))
         packed = torch.cat(packed) if packed else torch.zeros((0, 0), dtype=torch.uint8, device=R.device)
         self._append_codes(mesh, packed, name)
