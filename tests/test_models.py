@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import sys
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -11,7 +12,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from typer.testing import CliRunner
 
+from polytope_lens.capture import list_sites
+from polytope_lens.cli import app
 from polytope_lens.data import DataSource, load_data
 from polytope_lens.errors import InvalidInputError, MissingDependencyError
 from polytope_lens.models import MODEL_SPEC_FORMS, ModelInputs, list_models, load_model
@@ -194,6 +198,7 @@ def test_toy_options_and_determinism():
     ("toy:2-0-2", "at least an input"),
     ("toy:2-3:swish", r"'swish'.*relu.*gelu"),
     ("toy:2-3:seed=a", "must be an int"),
+    ("toy:2-3:seed=99999999999999999999", r"must be in \[-2\*\*63, 2\*\*64\)"),  # was a ValueError traceback
 ])
 def test_toy_bad_specs(spec, match):
     """Malformed toy specs are rejected with a message naming the bad part."""
@@ -244,6 +249,30 @@ def test_file_errors(tmp_path):
         load_model(f"file:{tmp_path / 'lin.pt'}:input_shape=axb")
     with pytest.raises(InvalidInputError, match="modality 'text'"):
         load_model(f"file:{tmp_path / 'lin.pt'}:modality=text")
+    with pytest.raises(InvalidInputError, match="has 99,999,999,999,999,999,999 entries per example"):
+        load_model(f"file:{tmp_path / 'lin.pt'}:input_shape=99999999999999999999")  # np.zeros raised a traceback
+    torch.jit.save(torch.jit.script(nn.Sequential(nn.Linear(4, 8), nn.ReLU())), tmp_path / "scripted.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.load's warning about TorchScript archives added two lines
+        with pytest.raises(InvalidInputError, match="holds a TorchScript module"):
+            load_model(f"file:{tmp_path / 'scripted.pt'}")
+
+
+def test_a_damaged_cnn_cache_is_trained_again(tmp_path, monkeypatch):
+    """A corrupt digits-cnn cache file was an UnpicklingError traceback; now the model is trained again (here a
+    stand-in for the training, which checks it is called) and the cache replaced."""
+    monkeypatch.setenv("POLYTOPE_LENS_CACHE", str(tmp_path))
+    path = embedded.cached_weights("digits-cnn")
+    path.write_text("garbage")
+    calls = []
+
+    def train(name):
+        calls.append(name)
+        return embedded.SmallResCNN(embedded.RECIPES[name]["side"]).state_dict(), {"stand-in": True}
+    monkeypatch.setattr(embedded, "train_cnn", train)
+    bundle = load_model("digits-cnn")
+    assert calls == ["digits-cnn"] and bundle.provenance is not None
+    assert torch.load(path, weights_only=True)["record"] == json.dumps({"stand-in": True})
 
 
 # -------------------------------------------------------------------------------------------- hf: and tl:
@@ -321,6 +350,75 @@ def test_tl_minilm_matches_hf_mlp_pre():
     finally:
         handle.remove()
     assert torch.allclose(cache["blocks.0.mlp.hook_pre"], seen["pre"], atol=1e-4)
+
+
+def test_tl_minilm_says_its_masked_lm_head_is_random(tmp_path):
+    """MiniLM's checkpoint has no masked-LM head, which the bridge's BERT adapter needs: transformers fills it at
+    random, so its gelu site and the logits mean nothing. It was silent; now a RandomWeightsWarning, the provenance,
+    and one line on the CLI's stderr say so. Oracle: transformers' own loading info."""
+    pytest.importorskip("transformer_lens")
+    from polytope_lens.errors import RandomWeightsWarning
+
+    with pytest.warns(RandomWeightsWarning, match=r"tl:minilm: the checkpoint has no weights for cls\.predictions"):
+        bundle = load_model("tl:minilm")
+    assert "cls.predictions.transform.dense.weight" in bundle.provenance["random_weights"]
+    r = CliRunner().invoke(app, ["sites", "--model", "tl:minilm"])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: tl:minilm: the checkpoint has no weights"), r.stderr
+
+
+def test_hf_masked_lm_checkpoint_drops_the_pooler_it_lacks(tmp_path):
+    """AutoModel of a BertForMaskedLM checkpoint builds a BertModel whose pooler is not in it (random; its tanh site
+    was coded, differently on each load). The output is the last hidden state, so the pooler is removed; a checkpoint
+    that has one keeps it."""
+    from transformers import BertConfig, BertForMaskedLM, BertModel
+
+    cfg = BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=30)
+    torch.manual_seed(0)
+    BertForMaskedLM(cfg).save_pretrained(tmp_path / "mlm")
+    BertModel(cfg).save_pretrained(tmp_path / "base")
+    ids = {"input_ids": torch.tensor([[1, 5, 7, 2]])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing random is left, so nothing to warn about
+        mlm, base = load_model(f"hf:{tmp_path / 'mlm'}"), load_model(f"hf:{tmp_path / 'base'}")
+    assert mlm.module.pooler is None and "pooler" in mlm.provenance["removed"]
+    assert not any("pooler" in s.name for s in list_sites(mlm.module, lambda: mlm.module(**ids)))
+    assert base.module.pooler is not None and "removed" not in base.provenance
+    assert any("pooler" in s.name for s in list_sites(base.module, lambda: base.module(**ids)))
+
+
+def test_hf_folders_that_exist_say_why_they_do_not_load(tmp_path, tiny_gpt2_dir):
+    """An existing folder was reported as 'not a local folder and not in the local Hugging Face cache'."""
+    (tmp_path / "empty").mkdir()
+    for kind in ("hf", "tl"):
+        if kind == "tl" and importlib.util.find_spec("transformer_lens") is None:
+            continue
+        with pytest.raises(InvalidInputError, match="Model folder .*empty.* has no config transformers can read"):
+            load_model(f"{kind}:{tmp_path / 'empty'}")
+
+
+def test_tokenizers_without_unknown_or_padding_tokens(tmp_path):
+    """A word-level vocabulary with no unknown token (the loader's probe raised a plain Exception: a traceback, and
+    the model did not load) and a tokenizer with no pad, eos or unk token (padding=True raised ValueError)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerFast
+
+    words = "the cat sat on mat".split()
+    for name, unk in (("no_unk", False), ("no_special", True)):
+        vocab = {w: i for i, w in enumerate(words)} | ({"[UNK]": len(words)} if unk else {})
+        core = Tokenizer(models.WordLevel(vocab=vocab, **({"unk_token": "[UNK]"} if unk else {})))
+        core.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=core).save_pretrained(tmp_path / name)
+        GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(vocab), n_positions=16)).save_pretrained(
+            tmp_path / name)
+    ok = load_model(f"hf:{tmp_path / 'no_unk'}")
+    assert ok.forward(ok.encode(DataSource("t", "text", ["the cat sat", "on the mat"]))).shape[:2] == (2, 3)
+    with pytest.raises(InvalidInputError, match="The tokenizer of .* cannot encode 't'"):
+        ok.encode(DataSource("t", "text", ["a dog"]))
+    padded = load_model(f"hf:{tmp_path / 'no_special'}")
+    inputs = padded.encode(DataSource("t", "text", ["the cat sat on the mat", "a dog"]))
+    assert inputs.tensors["attention_mask"].tolist()[1] == [1, 1, 0, 0, 0, 0]
 
 
 def test_torchvision_spec():

@@ -2512,9 +2512,11 @@ def test_ray_notes_the_crossings_at_alpha_zero():
     assert p.per_layer["3.relu"] == 3 and sorted(p.alpha(p.records["t"]).tolist()) == [0.0, 0.0, 0.5]
     assert p.crossings == 3 and any(n.startswith("2 of 3 crossings lie at alpha = 0") for n in res.notes), res.notes
     assert not any("alpha = 0" in n for n in ray_crossings(m, x, layer="1.relu", alphas=(0.25, 1.0)).notes)
-    # sampled mode locates those changes next to the knot, within its tolerance: noted all the same
+    # sampled mode locates those changes next to the knot, within its tolerance: noted as within tol, not at it (a
+    # tester's GPT-2 ray at tol 1e-3: 3 crossings "at alpha = 0" were at alpha 0.001-0.003)
     sampled = ray_crossings(m, x, layer="1.relu", alphas=(-1.0, 1.0), method="sampled", trace=False)
-    assert any(n.startswith("2 of 3 crossings lie at alpha = 0") for n in sampled.notes), sampled.notes
+    assert any(n.startswith("2 of 3 crossings were located within tol (1e-09 in t) of alpha = 0, so they may lie")
+               for n in sampled.notes), sampled.notes
     # alpha at the knot is exactly 0 in the JSON too (alphas whose t_0 = 0.1 / 0.8 is not exact)
     odd = ray_crossings(m, x, layer="1.relu", alphas=(-0.1, 0.7), trace=False).paths[0]
     assert sorted(rec["alpha"] for rec in odd.to_dict()["records"])[:2] == [0.0, 0.0]

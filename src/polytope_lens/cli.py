@@ -15,6 +15,7 @@ import platform
 import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -25,7 +26,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
                            TimeRemainingColumn)
 from rich.table import Table
 
-from .errors import InvalidInputError, PolytopeLensError
+from .errors import InvalidInputError, PolytopeLensError, RandomWeightsWarning
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -47,10 +48,19 @@ def _version_callback(value: bool):
         raise typer.Exit()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """polytope-lens' own warnings (``RandomWeightsWarning``) as one line on stderr; others as Python shows them."""
+    if issubclass(category, RandomWeightsWarning):
+        err.print(f"[yellow]warning:[/yellow] {escape(str(message))}", highlight=False, soft_wrap=True)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 @app.callback()
 def main(version: Annotated[Optional[bool], typer.Option("--version", callback=_version_callback, is_eager=True,
                                                          help="Print versions and exit.")] = None):
     """Spline codes, polytope boundaries and the paper's predictions for PyTorch models."""
+    warnings.showwarning = _show_warning
 
 
 def _user_errors(fn):

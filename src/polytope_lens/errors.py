@@ -19,3 +19,8 @@ class MissingDependencyError(PolytopeLensError, ImportError):
 
 class NotPiecewiseLinearError(PolytopeLensError):
     """An exact (piecewise-linear) analysis met a model that is not piecewise linear between its captured sites."""
+
+
+class RandomWeightsWarning(UserWarning):
+    """A loaded model holds parameters that its checkpoint lacks, initialised at random (the CLI prints it as one
+    line): what they compute means nothing."""

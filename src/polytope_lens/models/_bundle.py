@@ -216,8 +216,12 @@ class ModelBundle:
             raise InvalidInputError(f"Model {self.spec!r} has no tokenizer, so it cannot encode text.")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise InvalidInputError(f"The 'max_length' parameter of encode must be a positive int; got {max_length!r}.")
-        enc = self.tokenizer(list(data.items), padding=True, truncation=True, max_length=max_length,
-                             return_tensors="pt", return_special_tokens_mask=True)
+        try:
+            enc = self.tokenizer(list(data.items), padding=True, truncation=True, max_length=max_length,
+                                 return_tensors="pt", return_special_tokens_mask=True)
+        except Exception as exc:  # noqa: BLE001 - tokenizers raise plain Exceptions (a word outside a vocabulary)
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise InvalidInputError(f"The tokenizer of {self.spec!r} cannot encode {data.spec!r}: {reason}") from None
         # rows of token protocols are content tokens: padding and special tokens ([CLS], [SEP]) are left out
         mask = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()
         tensors = {self.input_name: enc["input_ids"], "attention_mask": enc["attention_mask"]}

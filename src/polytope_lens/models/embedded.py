@@ -227,10 +227,15 @@ def load_trained_cnn(name: str, device: str) -> ModelBundle:
     recipe = RECIPES[name]
     path = cached_weights(name)
     trained_now = False
+    saved = None
     if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        state, record = saved["state_dict"], json.loads(saved["record"])
-    else:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            state, record = saved["state_dict"], json.loads(saved["record"])
+            SmallResCNN(recipe["side"]).load_state_dict(state)
+        except Exception:  # noqa: BLE001 - a damaged or foreign cache file: train again and replace it
+            saved = None
+    if saved is None:
         state, record = train_cnn(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".tmp", dir=path.parent)

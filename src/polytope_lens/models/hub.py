@@ -7,14 +7,16 @@ torchvision are imported only inside the function that needs them.
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from polytope_lens.data._source import package_version
-from polytope_lens.errors import InvalidInputError, MissingDependencyError
+from polytope_lens.errors import InvalidInputError, MissingDependencyError, RandomWeightsWarning
 from polytope_lens.models._bundle import ModelBundle
 
 INSTALL_TRANSFORMERS = "pip install 'polytope-lens[models]'"
@@ -47,6 +49,9 @@ def _parse_shape(text: str, spec: str) -> tuple[int, ...]:
         raise InvalidInputError(
             f"input_shape {text!r} in {spec!r} must be positive ints joined by 'x', e.g. 'input_shape=1x28x28'."
         )
+    if math.prod(shape) > 2**31:
+        raise InvalidInputError(f"input_shape {text!r} in {spec!r} has {math.prod(shape):,} entries per example; "
+                                "give the shape one example has, e.g. 'input_shape=1x28x28'.")
     return shape
 
 
@@ -84,7 +89,9 @@ def load_file(rest: str, spec: str, device: str) -> ModelBundle:
     if not path.is_file():
         raise InvalidInputError(f"Model spec {spec!r}: no such file {str(path)!r}.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # a TorchScript archive: torch.load warns before loading it (refused below)
+            warnings.filterwarnings("ignore", message=".*(TorchScript|torch.jit).*")
+            obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # unpickling can fail in many ways; all mean "not a loadable module file"
         hint = ""
         if isinstance(exc, (ModuleNotFoundError, AttributeError)):  # the pickle names the model's class by module
@@ -93,6 +100,9 @@ def load_file(rest: str, spec: str, device: str) -> ModelBundle:
                     "a module.")
         raise InvalidInputError(f"Cannot load {str(path)!r} with torch.load: {type(exc).__name__}: {exc}.{hint}") \
             from None
+    if isinstance(obj, torch.jit.ScriptModule):
+        raise InvalidInputError(f"{str(path)!r} holds a TorchScript module (torch.jit.save): the nonlinearities it "
+                                "applies cannot be seen; save the eager module with torch.save(model, path).")
     if not isinstance(obj, nn.Module):
         hint = " (a state_dict? save the module itself with torch.save(model, path))" if isinstance(obj, dict) else ""
         raise InvalidInputError(
@@ -132,11 +142,20 @@ def _not_local(name: str, spec: str, exc: Exception) -> MissingDependencyError:
     )
 
 
+def _folder_error(name: str, spec: str, exc: Exception, what: str) -> InvalidInputError:
+    """A folder that exists but cannot be loaded: the loader's own reason (its first line), not "not local"."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return InvalidInputError(f"Model folder {name!r} (spec {spec!r}) {what}: {reason}")
+
+
 def _hf_config(name: str, spec: str):
     transformers = _transformers()
     try:
         return transformers.AutoConfig.from_pretrained(name, local_files_only=True)
     except (OSError, ValueError) as exc:
+        if Path(name).is_dir():
+            raise _folder_error(name, spec, exc, "has no config transformers can read (save the model into it "
+                                "with save_pretrained)") from None
         raise _not_local(name, spec, exc) from None
 
 
@@ -146,13 +165,36 @@ def _hf_tokenizer(name: str):
     transformers = _transformers()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=True)
-        if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
-            return None
     except (OSError, ValueError, TypeError):
         return None
+    if len(tokenizer) < 2:
+        return None
+    try:
+        if not tokenizer("hello world", add_special_tokens=False)["input_ids"]:
+            return None
+    except Exception:  # noqa: BLE001 - a word-level vocabulary without an unknown token cannot encode these words
+        pass
     if tokenizer.pad_token is None:  # GPT-2 style tokenizers have none; padding is masked out anyway
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
     return tokenizer
+
+
+def _random_weights(module: nn.Module, info: dict, spec: str, provenance: dict) -> None:
+    """Say which parameters the checkpoint lacked (transformers initialised them at random): a
+    ``RandomWeightsWarning`` and ``provenance["random_weights"]``. A BERT pooler that the checkpoint lacks (a
+    masked-LM checkpoint read by ``AutoModel``) is removed instead: the bundle's output, the last hidden state, does
+    not read it, and its random tanh site would be coded as if it meant something."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing and all(k.startswith("pooler.") for k in missing) and getattr(module, "pooler", None) is not None:
+        module.pooler = None
+        provenance["removed"] = "pooler (not in the checkpoint; the output is the last hidden state)"
+        return
+    if missing:
+        provenance["random_weights"] = missing
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        warnings.warn(RandomWeightsWarning(
+            f"{spec}: the checkpoint has no weights for {shown}; they are random, so the sites and outputs that read "
+            "them mean nothing (provenance['random_weights'] lists them)"), stacklevel=3)
 
 
 def load_hf(name: str, spec: str, device: str) -> ModelBundle:
@@ -169,7 +211,7 @@ def load_hf(name: str, spec: str, device: str) -> ModelBundle:
     classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
     auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
     try:
-        module = auto.from_pretrained(name, local_files_only=True)
+        module, info = auto.from_pretrained(name, local_files_only=True, output_loading_info=True)
     except (OSError, ValueError) as exc:
         if Path(name).is_dir():
             raise InvalidInputError(f"Model folder {name!r} (spec {spec!r}) has a config but its weights could not "
@@ -189,6 +231,7 @@ def load_hf(name: str, spec: str, device: str) -> ModelBundle:
                   "model_type": getattr(config, "model_type", None), "transformers": package_version("transformers"),
                   "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
                   "output": "logits" if classifier else "last_hidden_state"}
+    _random_weights(module, info, spec, provenance)
     return ModelBundle(spec, module.float().eval().to(device), "text", None, class_names, tokenizer, provenance)
 
 
@@ -215,11 +258,18 @@ def load_tl(name: str, spec: str, device: str) -> ModelBundle:
     config = _hf_config(name, spec)
     tokenizer = _hf_tokenizer(name)
     kwargs = {"tokenizer": tokenizer, "device": device}
-    if getattr(config, "model_type", None) == "bert":
-        kwargs["hf_model"] = transformers.BertForMaskedLM.from_pretrained(name, local_files_only=True)
+    info: dict = {}
+    if getattr(config, "model_type", None) == "bert":  # a sentence encoder (MiniLM) has no masked-LM head weights
+        try:
+            kwargs["hf_model"], info = transformers.BertForMaskedLM.from_pretrained(name, local_files_only=True,
+                                                                                   output_loading_info=True)
+        except (OSError, ValueError) as exc:
+            raise _folder_error(str(name), spec, exc, "has a config but its weights could not be loaded") from None
     try:
         bridge = TransformerBridge.boot_transformers(str(name), **kwargs)
     except (OSError, ValueError) as exc:
+        if Path(name).is_dir():
+            raise _folder_error(str(name), spec, exc, "could not be booted by TransformerLens") from None
         raise _not_local(str(name), spec, exc) from None
     bridge.eval()
     provenance = {"source": "TransformerLens TransformerBridge.boot_transformers (local files only)",
@@ -227,6 +277,7 @@ def load_tl(name: str, spec: str, device: str) -> ModelBundle:
                   "model_type": getattr(config, "model_type", None),
                   "architectures": list(getattr(config, "architectures", None) or []),
                   "output": "logits (batch, pos, d_vocab)"}
+    _random_weights(bridge, info, spec, provenance)
     return ModelBundle(spec, bridge, "text", None, None, tokenizer, provenance, input_name="input")
 
 
@@ -255,6 +306,9 @@ def load_torchvision(name: str, spec: str, device: str) -> ModelBundle:
     provenance = {"source": f"torchvision.models.{name}", "torchvision": torchvision.__version__,
                   "pretrained": pretrained, "weights": str(cached) if pretrained else None,
                   "preprocess": f"shorter side to {crop}, centre crop, ImageNet mean/std"}
+    if not pretrained:
+        warnings.warn(RandomWeightsWarning(f"{spec}: no weights file in the torch hub cache ({cached}); the model is "
+                                           "randomly initialised"), stacklevel=3)
     return ModelBundle(spec, module.float().eval().to(device), "image", (3, crop, crop), categories, None,
                        provenance, normalize=lambda x: (x - mean.to(x.device)) / std.to(x.device))
 

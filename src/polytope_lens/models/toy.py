@@ -67,6 +67,8 @@ def parse_toy(spec: str) -> tuple[list[int], str, int]:
                 seed = int(option[5:])
             except ValueError:
                 raise InvalidInputError(f"Toy model seed {option[5:]!r} in {spec!r} must be an int.") from None
+            if not -2**63 <= seed < 2**64:  # what torch.Generator.manual_seed takes
+                raise InvalidInputError(f"Toy model seed {option[5:]!r} in {spec!r} must be in [-2**63, 2**64).")
         elif option in ACTIVATIONS:
             activation = option
         else:

@@ -728,7 +728,9 @@ def _note_zero_alpha(res: PathBatchResult, alphas: tuple) -> PathBatchResult:
     at = int((t == t0).sum()) if res.exact else int((np.abs(t - t0) <= res.tolerance["tol"]).sum())
     if not at:
         return res
-    note = (f"{at:,} of {len(t):,} crossings lie at alpha = 0, where the site's output is 0: later units see their "
+    where = ("lie at alpha = 0" if res.exact else f"were located within tol ({res.tolerance['tol']:g} in t) of "
+             "alpha = 0, so they may lie at it (bisection cannot tell)")
+    note = (f"{at:,} of {len(t):,} crossings {where}, where the site's output is 0: later units see their "
             "constants alone, and those on a kink there (a max-pool window of equal entries) take the piece the tie "
             "rules give; counts and densities include them")
     return dataclasses.replace(res, notes=res.notes + (note,))
