@@ -421,6 +421,21 @@ def test_tokenizers_without_unknown_or_padding_tokens(tmp_path):
     assert inputs.tensors["attention_mask"].tolist()[1] == [1, 1, 0, 0, 0, 0]
 
 
+def test_text_longer_than_the_models_positions_is_cut_to_them(tiny_gpt2_dir):
+    """The tiny GPT-2 has 64 positions: text was truncated to max_length (256) alone, and the model failed with
+    'index out of range in self'. Oracle: the model run directly on the first 64 tokens."""
+    from transformers import GPT2Model
+
+    bundle = load_model(f"hf:{tiny_gpt2_dir}")
+    assert bundle.position_limit() == 64
+    inputs = bundle.encode(DataSource("t", "text", [" ".join(["the cat"] * 60)]), max_length=256)
+    ids = inputs.tensors["input_ids"]
+    assert ids.shape == (1, 64)
+    with torch.no_grad():
+        want = GPT2Model.from_pretrained(tiny_gpt2_dir).eval()(ids).last_hidden_state
+        assert torch.allclose(bundle.forward(inputs), want, atol=1e-6)
+
+
 def test_torchvision_spec():
     """torchvision:NAME needs torchvision; without it the error says so."""
     if importlib.util.find_spec("torchvision") is None:

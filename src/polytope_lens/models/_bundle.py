@@ -207,6 +207,17 @@ class ModelBundle:
             )
         return torch.as_tensor(np.ascontiguousarray(items), dtype=torch.float32)
 
+    def position_limit(self) -> int | None:
+        """The most tokens a text model's position embeddings hold (Hugging Face ``max_position_embeddings`` or
+        ``n_positions``, TransformerLens ``n_ctx``); None when it does not say."""
+        for cfg, keys in ((getattr(self.module, "config", None), ("max_position_embeddings", "n_positions")),
+                          (getattr(self.module, "cfg", None), ("n_ctx",))):
+            for key in keys:
+                value = getattr(cfg, key, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                    return value
+        return None
+
     def _encode_text(self, data: Any, max_length: int) -> ModelInputs:
         if data.modality != "text":
             raise InvalidInputError(
@@ -216,6 +227,8 @@ class ModelBundle:
             raise InvalidInputError(f"Model {self.spec!r} has no tokenizer, so it cannot encode text.")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise InvalidInputError(f"The 'max_length' parameter of encode must be a positive int; got {max_length!r}.")
+        limit = self.position_limit()
+        max_length = max_length if limit is None else min(max_length, limit)  # longer text would index past them
         try:
             enc = self.tokenizer(list(data.items), padding=True, truncation=True, max_length=max_length,
                                  return_tensors="pt", return_special_tokens_mask=True)

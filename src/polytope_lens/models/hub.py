@@ -205,6 +205,7 @@ def load_hf(name: str, spec: str, device: str) -> ModelBundle:
     """
     if not name:
         raise InvalidInputError(f"Model spec {spec!r} names no model; write it as 'hf:NAME_OR_DIR'.")
+    name = os.path.expanduser(name)
     transformers = _transformers()
     config = _hf_config(name, spec)
     architectures = list(getattr(config, "architectures", None) or [])
@@ -244,6 +245,7 @@ def load_tl(name: str, spec: str, device: str) -> ModelBundle:
     """
     if not name:
         raise InvalidInputError(f"Model spec {spec!r} names no model; write it as 'tl:NAME_OR_DIR'.")
+    name = os.path.expanduser(name)
     transformers = _transformers()
     try:
         from transformer_lens.model_bridge import TransformerBridge

@@ -26,7 +26,6 @@ ACTIVATIONS = {
     "tanh": nn.Tanh,
     "sigmoid": nn.Sigmoid,
     "softplus": nn.Softplus,
-    "elu": nn.ELU,
 }
 """Activation names accepted after the widths; each hidden layer gets one fresh module of this class."""
 
