@@ -143,6 +143,31 @@ def test_torchscript_modules_are_refused_in_codes_and_paths():
         pl.spline_codes(whole, X)
 
 
+@torch.jit.script
+def _scripted_relu(x):
+    return torch.relu(x) * 2.0
+
+
+class CallsScript(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(F.relu(_scripted_relu(self.a(x))))
+
+
+def test_torchscript_functions_called_from_forward_are_refused():
+    """A @torch.jit.script function called from an eager forward hid its ReLU: codes listed one site of two and an
+    exact path missed its crossings. Now refused in one line, naming the module and the function."""
+    outer = nn.Sequential(nn.Linear(3, 3), CallsScript())
+    with pytest.raises(InvalidInputError, match=r"forward of module '1' \(CallsScript\) calls the TorchScript "
+                                                r"function '_scripted_relu'"):
+        pl.spline_codes(outer, X)
+    with pytest.raises(InvalidInputError, match="calls the TorchScript function"):
+        path_crossings(outer, X[:1], X[1:2])
+
+
 class PoolUnbatched(nn.Module):
     """Max pooling on torch's unbatched layouts: max_pool2d of (N, H, W) maps, max_pool1d of (N, L) signals."""
 

@@ -669,14 +669,51 @@ def batched_values(tensors, owner: str) -> list[torch.Tensor]:
     return values
 
 
+def _code_names(code) -> set[str]:
+    """Global and attribute names a code object reads, its nested functions' and comprehensions' included."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            names |= _code_names(const)
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def _script_functions(cls: type) -> tuple[str, ...]:
+    """TorchScript functions (``@torch.jit.script``) that the ``forward`` of ``cls`` (or a base class) names: a
+    global (``fused_gelu(x)``) or an attribute of an imported module (``ops.fused_gelu(x)``)."""
+    found = []
+    for klass in cls.__mro__:
+        forward = klass.__dict__.get("forward")
+        code = getattr(forward, "__code__", None)
+        if code is None:
+            continue
+        names, scope = _code_names(code), getattr(forward, "__globals__", {})
+        for name in sorted(names):
+            value = scope.get(name)
+            if isinstance(value, torch.jit.ScriptFunction):
+                found.append(name)
+            elif inspect.ismodule(value) and not value.__name__.startswith("torch"):
+                found += [f"{name}.{a}" for a in sorted(names) if isinstance(getattr(value, a, None),
+                                                                           torch.jit.ScriptFunction)]
+    return tuple(found)
+
+
 def check_eager(model: nn.Module) -> None:
-    """A one-line error when ``model`` or one of its modules is TorchScript: its calls run inside TorchScript, where
-    no nonlinearity can be seen."""
+    """A one-line error when ``model`` or one of its modules is TorchScript, or calls a TorchScript function from
+    its ``forward``: those calls run inside TorchScript, where no nonlinearity can be seen."""
     scripted = next((n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
     if scripted is not None:
         raise InvalidInputError(f"{'Module ' + repr(scripted) if scripted else 'The model'} is TorchScript "
                                 "(torch.jit.script or trace): the nonlinearities it applies cannot be seen; give the "
                                 "eager module it was made from.")
+    for path, module in model.named_modules():
+        called = _script_functions(type(module))
+        if called:
+            where = f"module {path!r}" if path else "the model"
+            raise InvalidInputError(f"The forward of {where} ({type(module).__name__}) calls the TorchScript function "
+                                    f"{called[0]!r} (torch.jit.script): the nonlinearities it applies cannot be seen; "
+                                    "call the plain Python function instead.")
 
 
 @contextmanager
