@@ -176,6 +176,24 @@ def test_cluster_cli_writes_outputs(digits_store, tmp_path):
         assert str(c["majority"]) == str(vals[counts.argmax()]) and c["majority_share"] == counts.max() / c["size"]
 
 
+def test_a_store_of_a_whole_data_set_reloads_its_labels():
+    """A store made without a limit reloads its data without one: a limit (even of every item) samples digits by
+    class and says so in the provenance, so a full digits store lost its labels, label scores and pictures. Oracle:
+    the data set loaded directly; a store made with a limit still reloads with it."""
+    from polytope_lens.cluster_report import _load_source
+    from polytope_lens.data import load_data
+
+    full = load_data("digits")
+    source, why = _load_source({"data": "digits", "fingerprint": {"n_items": len(full)},
+                                "data_provenance": full.provenance})
+    assert why is None and np.array_equal(source.labels, full.labels) and np.array_equal(source.items, full.items)
+    some = load_data("digits", limit=300)
+    source, why = _load_source({"data": "digits", "fingerprint": {"n_items": 300}, "data_provenance": some.provenance})
+    assert why is None and np.array_equal(source.labels, some.labels)
+    other = dict(full.provenance, package="scikit-learn 0.0")
+    assert _load_source({"data": "digits", "fingerprint": {"n_items": len(full)}, "data_provenance": other})[0] is None
+
+
 def test_cluster_dashboard_shows_image_shaped_arrays(tmp_path):
     """Images from an npy: data set (modality 'array', shape (N, 1, 8, 8)) are drawn like an image data set's (the
     dashboard said "neither images nor text"); a flat array still gets no pictures, with the reason."""

@@ -196,6 +196,33 @@ def test_resume_refuses_other_model(tmp_path, toy_npy):
         extract_to_store("toy:32-8-10", f"npy:{toy_npy}", out, batch_size=8, resume=True)
 
 
+@pytest.mark.parametrize("what", ["data", "model"])
+def test_resume_refuses_a_file_changed_under_the_same_spec(tmp_path, what):
+    """A file: model or npy: data replaced under the same path (same shapes) between an interrupted run and its
+    resume was appended to: the store mixed two models' codes (30 of 100 rows differed from a fresh run). The
+    fingerprint now holds the content's SHA-256."""
+    x = np.random.default_rng(0).normal(size=(100, 2)).astype(np.float32)
+    np.save(tmp_path / "d.npy", x)
+    torch.manual_seed(0)
+    torch.save(nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2)), tmp_path / "m.pt")
+    spec, data, out = f"file:{tmp_path / 'm.pt'}", f"npy:{tmp_path / 'd.npy'}", tmp_path / "c.zarr"
+    seen = []
+
+    def interrupt(n):
+        seen.append(n)
+        if len(seen) > 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        extract_to_store(spec, data, out, batch_size=10, resume=True, progress=interrupt)
+    if what == "data":
+        np.save(tmp_path / "d.npy", x + 5)
+    else:
+        torch.manual_seed(1)
+        torch.save(nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2)), tmp_path / "m.pt")
+    with pytest.raises(InvalidInputError, match=f"made with a different {what}_sha256"):
+        extract_to_store(spec, data, out, batch_size=10, resume=True)
+
+
 def test_failing_writer_keeps_a_valid_partial_store(tmp_path, toy_npy, monkeypatch):
     """A writer that fails mid-way (disk full) gives a clean error; the partial store resumes to the right result."""
     reference = tmp_path / "ref.zarr"

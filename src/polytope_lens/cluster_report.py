@@ -202,14 +202,19 @@ def _load_source(meta: dict):
     if not spec:
         return None, "the store does not name its data set"
     n_items = (meta.get("fingerprint") or {}).get("n_items")
-    try:
-        source = load_data(spec, limit=n_items)
-    except PolytopeLensError as e:
-        return None, f"data {spec!r} did not load here: {e}"
-    recorded = meta.get("data_provenance") or {}
-    if json.loads(json.dumps(source.provenance, default=str)) != json.loads(json.dumps(recorded, default=str)):
-        return None, f"data {spec!r} loads here with another provenance than the store records"
-    return source, None
+    recorded = json.loads(json.dumps(meta.get("data_provenance") or {}, default=str))
+    # a store made without a limit reloads without one: a limit, even of every item, samples digits and
+    # fashion-mnist by class, which their provenance records (a full store lost its labels and pictures)
+    limits = (n_items,) if "sample" in recorded or n_items is None else (n_items, None)
+    for limit in limits:
+        try:
+            source = load_data(spec, limit=limit)
+        except PolytopeLensError as e:
+            return None, f"data {spec!r} did not load here: {e}"
+        if json.loads(json.dumps(source.provenance, default=str)) == recorded and (
+                n_items is None or len(source) == n_items):
+            return source, None
+    return None, f"data {spec!r} loads here with another provenance than the store records"
 
 
 def _row_labels(source, codes: SplineCodes):

@@ -45,6 +45,36 @@ def _source(data, limit):
     return data
 
 
+def content_digest(bundle, source) -> dict:
+    """SHA-256 of the model's parameters and buffers and of the data's items and labels: a resumed store checks them,
+    since a spec names a file, not what it holds (a ``file:`` model or ``npy:`` data replaced under the same path was
+    appended to, mixing two models' codes in one store)."""
+    import hashlib
+
+    import torch
+
+    model = hashlib.sha256()
+    for name, t in sorted(bundle.module.state_dict().items()):
+        if isinstance(t, torch.Tensor):
+            model.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            model.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    data = hashlib.sha256()
+    items = source.items
+    if isinstance(items, np.ndarray):
+        data.update(f"{items.shape}{items.dtype}".encode())
+        data.update(np.ascontiguousarray(items).tobytes())
+    else:
+        for item in items:
+            if isinstance(item, str):
+                data.update(len(item).to_bytes(8, "little") + item.encode("utf-8", "surrogatepass"))
+            else:
+                a = np.ascontiguousarray(item)
+                data.update(f"{a.shape}{a.dtype}".encode() + a.tobytes())
+    if source.labels is not None:
+        data.update(np.ascontiguousarray(source.labels).tobytes())
+    return {"model_sha256": model.hexdigest(), "data_sha256": data.hexdigest()}
+
+
 def default_units(bundle) -> str:
     """Text models use the paper's token protocol; every other model codes all units of each example."""
     return "tokens" if bundle.modality == "text" else "all"
@@ -162,7 +192,7 @@ def extract_to_store(model, data, out, *, overwrite: bool = False, resume: bool 
     selection = _selection(bundle, units, k, skip, position)
     fingerprint = {"model": bundle.spec, "data": source.spec, "n_items": len(source), "layers": layers,
                    "selection": selection.to_dict(), "soft": soft, "batch_size": batch_size,
-                   "max_length": max_length}
+                   "max_length": max_length, **content_digest(bundle, source)}
     writer = CodeStoreWriter(out, overwrite=overwrite, resume=resume, fingerprint=fingerprint,
                              meta=_meta(bundle, source))
     with writer:
