@@ -359,7 +359,8 @@ def test_tl_minilm_says_its_masked_lm_head_is_random(tmp_path):
     pytest.importorskip("transformer_lens")
     from polytope_lens.errors import RandomWeightsWarning
 
-    with pytest.warns(RandomWeightsWarning, match=r"tl:minilm: the checkpoint has no weights for cls\.predictions"):
+    with pytest.warns(RandomWeightsWarning, match=r"tl:minilm: the checkpoint has no weights for cls\.predictions"
+                                                  r".*mlm_head\.hook_out"):
         bundle = load_model("tl:minilm")
     assert "cls.predictions.transform.dense.weight" in bundle.provenance["random_weights"]
     r = CliRunner().invoke(app, ["sites", "--model", "tl:minilm"])
@@ -434,6 +435,39 @@ def test_text_longer_than_the_models_positions_is_cut_to_them(tiny_gpt2_dir):
     with torch.no_grad():
         want = GPT2Model.from_pretrained(tiny_gpt2_dir).eval()(ids).last_hidden_state
         assert torch.allclose(bundle.forward(inputs), want, atol=1e-6)
+
+
+def test_api_functions_take_a_bundle_as_they_take_its_module():
+    """load_model is how Python gets the embedded models; path_crossings took its bundle but site_activations,
+    ray_crossings and spline_codes failed with a raw AttributeError. Oracle: the same call on bundle.module."""
+    import polytope_lens as pl
+    from polytope_lens.paths import path_crossings, ray_crossings, site_activations
+    from polytope_lens.slices import local_complexity, slice_box
+
+    bundle = load_model("toy:2-8-8-3:seed=2")
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    for model in (bundle, bundle.module):
+        got = (pl.spline_codes(model, x).concat(), site_activations(model, x, layer="1.relu"),
+               ray_crossings(model, x, layer="1.relu").counts, path_crossings(model, x[:1], x[1:2]).counts,
+               slice_box(model).num_regions, local_complexity(model, x, n_dirs=2).total)
+        if model is bundle:
+            first = got
+    for a, b in zip(first, got):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(InvalidInputError, match="'model' parameter of spline_codes must be a torch.nn.Module or a "
+                                                "ModelBundle"):
+        pl.spline_codes("toy:2-8-3", x)
+
+
+def test_model_inputs_take_rows_like_a_tensor():
+    """docs/paths.md passes inputs=x[:1]; ModelInputs could not be sliced (TypeError). Oracle: the tensors' rows."""
+    bundle = load_model("minilm")
+    x = bundle.encode(DataSource("t", "text", TEXTS + ["a third one"]), max_length=16)
+    for rows, want in ((slice(0, 1), [0]), (slice(1, None), [1, 2]), (-1, [2]), ([0, 2], [0, 2])):
+        part = x[rows]
+        assert len(part) == len(want) and part.tokens == [x.tokens[i] for i in want]
+        assert torch.equal(part.attention_mask, x.attention_mask[want])
+        assert all(torch.equal(part.tensors[k], v[want]) for k, v in x.tensors.items())
 
 
 def test_torchvision_spec():

@@ -44,7 +44,7 @@ from .kinks import BENDING_OPS, VALUE_READS, Activation, get_activation, resolve
 
 __all__ = ["CallSite", "BendTracker", "capture", "list_sites", "select_sites", "StopForward", "SharedPrefix",
            "PrefixRead", "PrefixReplay", "ReplayMismatch", "ACTIVATION_MODULE_CLASSES", "eval_mode",
-           "check_eager", "is_batched", "input_tensors", "batched_values", "check_capture_kwargs",
+           "as_module", "check_eager", "is_batched", "input_tensors", "batched_values", "check_capture_kwargs",
            "CAPTURE_OPTIONS"]
 
 # composite activation modules, by class name: their input is the unit input, their inner calls are not sites
@@ -667,6 +667,19 @@ def batched_values(tensors, owner: str) -> list[torch.Tensor]:
         raise InvalidInputError(f"The inputs of {owner} hold different numbers of examples: "
                                 f"{[tuple(v.shape) for v in values]}.")
     return values
+
+
+def as_module(model, owner: str = "the model") -> nn.Module:
+    """``model`` itself, or the module of a ``ModelBundle`` (``load_model``'s result: the only way to get an embedded
+    model in Python); anything else is a one-line error."""
+    module = getattr(model, "module", None)
+    if not isinstance(model, nn.Module) and isinstance(module, nn.Module) and isinstance(getattr(model, "spec", None),
+                                                                                         str):
+        return module
+    if not isinstance(model, nn.Module):
+        raise InvalidInputError(f"The 'model' parameter of {owner} must be a torch.nn.Module or a ModelBundle "
+                                f"(polytope_lens.models.load_model). Got {type(model).__name__}.")
+    return model
 
 
 def _code_names(code) -> set[str]:

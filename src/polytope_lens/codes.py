@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from ._transfer import to_host, wait_for_copies
-from .capture import (CallSite, StopForward, batched_values, check_capture_kwargs, eval_mode, input_tensors, is_batched,
-                      list_sites, model_errors, run, select_sites)
+from .capture import (CallSite, StopForward, as_module, batched_values, check_capture_kwargs, eval_mode, input_tensors,
+                      is_batched, list_sites, model_errors, run, select_sites)
 from .errors import InvalidInputError
 from .kinks import Activation, ScalarKinks
 
@@ -420,9 +420,9 @@ class CodeExtractor:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidInputError(
                 f"The 'batch_size' parameter of spline_codes must be an int >= 1. Got {batch_size!r}.")
-        self.model, self.layers, self.soft, self.batch_size = model, layers, soft, batch_size
+        self.model, self.layers, self.soft, self.batch_size = as_module(model, "spline_codes"), layers, soft, batch_size
         self.selection = _as_selection(units)
-        self.forward = forward or _default_forward(model)
+        self.forward = forward or _default_forward(self.model)
         self.capture_kwargs = capture_kwargs
         self.sites: list[CallSite] | None = None
         self.model_errors = True  # the model's errors on the inputs as one line (off where a caller says it better)

@@ -48,6 +48,19 @@ class ModelInputs:
     def __len__(self) -> int:
         return int(next(iter(self.tensors.values())).shape[0])
 
+    def __getitem__(self, rows) -> "ModelInputs":
+        """The examples ``rows`` (a slice, an index array or an int, kept as a batch of one): ``x[:1]``."""
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1 if rows != -1 else None)
+        if isinstance(rows, slice):
+            index = range(len(self))[rows]
+            pick = list(index)
+        else:
+            pick = torch.as_tensor(rows).reshape(-1).tolist()
+        mask = None if self.attention_mask is None else self.attention_mask[rows]
+        tokens = None if self.tokens is None else [self.tokens[i] for i in pick]
+        return ModelInputs({k: v[rows] for k, v in self.tensors.items()}, mask, tokens)
+
 
 def forward_input_name(module: torch.nn.Module) -> str:
     """Name of the first parameter of ``module.forward`` (the keyword its main input goes by)."""

@@ -179,7 +179,7 @@ def _hf_tokenizer(name: str):
     return tokenizer
 
 
-def _random_weights(module: nn.Module, info: dict, spec: str, provenance: dict) -> None:
+def _random_weights(module: nn.Module, info: dict, spec: str, provenance: dict, reads: str = "") -> None:
     """Say which parameters the checkpoint lacked (transformers initialised them at random): a
     ``RandomWeightsWarning`` and ``provenance["random_weights"]``. A BERT pooler that the checkpoint lacks (a
     masked-LM checkpoint read by ``AutoModel``) is removed instead: the bundle's output, the last hidden state, does
@@ -194,7 +194,7 @@ def _random_weights(module: nn.Module, info: dict, spec: str, provenance: dict) 
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         warnings.warn(RandomWeightsWarning(
             f"{spec}: the checkpoint has no weights for {shown}; they are random, so the sites and outputs that read "
-            "them mean nothing (provenance['random_weights'] lists them)"), stacklevel=3)
+            f"them mean nothing{reads} (provenance['random_weights'] lists them)"), stacklevel=3)
 
 
 def load_hf(name: str, spec: str, device: str) -> ModelBundle:
@@ -279,7 +279,10 @@ def load_tl(name: str, spec: str, device: str) -> ModelBundle:
                   "model_type": getattr(config, "model_type", None),
                   "architectures": list(getattr(config, "architectures", None) or []),
                   "output": "logits (batch, pos, d_vocab)"}
-    _random_weights(bridge, info, spec, provenance)
+    head = any(k.startswith("cls.predictions") for k in info.get("missing_keys") or ())
+    _random_weights(bridge, info, spec, provenance, reads=(
+        ": the masked-LM head's site (alias mlm_head.hook_out) and the logits; code the blocks alone with layers "
+        "'blocks.*' (CLI --layers 'blocks.*')") if head else "")
     return ModelBundle(spec, bridge, "text", None, None, tokenizer, provenance, input_name="input")
 
 

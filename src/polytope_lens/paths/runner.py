@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..capture import (BendTracker, CallSite, PrefixRead, PrefixReplay, ReplayMismatch, SharedPrefix, StopForward,
-                       check_eager, is_batched, model_errors, run)
+                       as_module, check_eager, is_batched, model_errors, run)
 from ..errors import InvalidInputError, NotPiecewiseLinearError
 from ..kinks import ScalarKinks
 from .geometry import PathSpec
@@ -91,7 +91,9 @@ def check_device(device) -> torch.device:
 
 
 def prepare_model(model: nn.Module, dtype, device) -> nn.Module:
-    """A copy of ``model`` in ``dtype`` on ``device``, in eval mode (dropout off, BatchNorm on running statistics)."""
+    """A copy of ``model`` (or of a ``ModelBundle``'s module) in ``dtype`` on ``device``, in eval mode (dropout off,
+    BatchNorm on running statistics)."""
+    model = as_module(model)
     check_eager(model)
     m = copy.deepcopy(model).to(device=check_device(device), dtype=dtype).eval()
     for p in m.parameters():
