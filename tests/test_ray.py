@@ -23,7 +23,8 @@ def _store(path):
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+                   configure_logging=False)
     yield ctx.address_info["gcs_address"]
     ray.shutdown()
 

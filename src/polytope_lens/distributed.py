@@ -78,8 +78,8 @@ def connect(address: str, *, connect_timeout: float = 5.0) -> bool:
     if ray.is_initialized():
         return False
     try:
-        if address == "local":
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        if address == "local":  # a new instance even when another runs, or a stale one is recorded in /tmp/ray
+            ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
         else:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
