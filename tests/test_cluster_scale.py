@@ -176,6 +176,22 @@ def test_cluster_cli_writes_outputs(digits_store, tmp_path):
         assert str(c["majority"]) == str(vals[counts.argmax()]) and c["majority_share"] == counts.max() / c["size"]
 
 
+def test_cluster_says_when_the_rows_have_one_label(tmp_path):
+    """A store whose rows all have one label (austen --limit N: the first passages, all of Emma) reported purity 1,
+    NMI 0, ARI 0 without a word; now n_labels is given and the CLI and dashboard say the scores mean nothing."""
+    from polytope_lens.data.arrays import LABEL_KEY
+    from polytope_lens.extract import extract_to_store
+
+    x = np.random.default_rng(0).normal(size=(120, 2)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, **{LABEL_KEY: np.zeros(120, dtype=np.int64)})
+    extract_to_store("toy:2-16-16-2", f"npz:{tmp_path / 'd.npz'}:x", tmp_path / "s.zarr")
+    r = CliRunner().invoke(app, ["cluster", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"),
+                                 "--min-cluster-size", "5"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o" / "clusters.json").read_text())["label_scores"]["n_labels"] == 1
+    assert "single label" in r.stderr and "single label" in (tmp_path / "o" / "index.html").read_text()
+
+
 def test_a_store_of_a_whole_data_set_reloads_its_labels():
     """A store made without a limit reloads its data without one: a limit (even of every item) samples digits by
     class and says so in the provenance, so a full digits store lost its labels, label scores and pictures. Oracle:

@@ -794,6 +794,10 @@ def cluster_cmd(
     out.print(f"[bold]{result['n_clusters']}[/bold] clusters of [bold]{result['n_rows']}[/bold] rows "
               f"({100 * result['noise_fraction']:.1f}% noise, {result['metric']}, kNN "
               f"{'exact' if result['knn_exact'] else 'approximate'}, {result['seconds']:.1f} s) -> {result['out']}")
+    sc = result.get("label_scores")
+    if sc and sc["n_labels"] < 2:
+        err.print("note: the rows have a single label (a --limit that takes the first items of one class or novel?): "
+                  "the label scores say nothing about the clusters")
 
 
 @app.command("reproduce")

@@ -120,8 +120,10 @@ def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_clust
         "knn_components": est.n_components_, "seconds": round(seconds, 3),
         # purity, NMI and ARI against the data set's labels over the clustered rows (coverage: their share), when
         # the data set has labels
-        "label_scores": None if y is None else {k: None if isinstance(v, float) and v != v else v  # NaN: no rows
-                                                for k, v in clustering_scores(y, est.labels_, noise="exclude").items()},
+        "label_scores": None if y is None else {
+            **{k: None if isinstance(v, float) and v != v else v  # NaN: no rows
+               for k, v in clustering_scores(y, est.labels_, noise="exclude").items()},
+            "n_labels": int(len(np.unique(y)))},  # one label: purity 1 and NMI, ARI 0 say nothing
         "files": {"assignments": "assignments.npy", "rows": "rows.npy", "dashboard": "index.html"},
     }
     tmp = out.parent / f".{out.name}.partial"
@@ -278,6 +280,9 @@ def _dashboard(result: dict, summary, codes: SplineCodes, max_shown: int, loaded
     sc = result.get("label_scores")
     if sc and sc["purity"] is None:
         parts.append("<p class='muted'>Every row is noise: nothing to score against the data's labels.</p>")
+    elif sc and sc["n_labels"] < 2:
+        parts.append("<p class='muted'>The rows have a single label (a limit that takes the first items of one "
+                     "class or novel?): purity 1 and NMI, ARI 0 say nothing about the clusters.</p>")
     elif sc:
         parts.append(f"<p>against the data's labels, over the {100 * sc['coverage']:.1f}% of rows in clusters: "
                      f"purity {sc['purity']:.3f} &middot; NMI {sc['nmi']:.3f} &middot; ARI {sc['ari']:.3f}</p>")
