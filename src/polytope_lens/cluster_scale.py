@@ -243,7 +243,8 @@ class ScalableCodeClusterer(ClusterMixin, BaseEstimator):
         HDBSCAN's parameters (``min_samples`` defaults to ``min_cluster_size``; it counts the row itself).
     n_neighbors : int, optional
         Neighbours per row in the kNN graph, the row included (default ``max(2 * min_samples, 16)``). Larger is
-        closer to exact HDBSCAN, slower, and more memory.
+        closer to exact HDBSCAN, slower, and more memory; where many distances tie, exact HDBSCAN's own answer
+        depends on the order it merges equal heights in (docs/scale.md).
     index : {"auto", "flat", "hnsw"}
         faiss index for the kNN search: exact ``flat`` or approximate ``hnsw``; ``auto`` is ``flat`` up to
         ``flat_max_rows`` rows. ``knn_exact_`` says which was used.
