@@ -283,3 +283,32 @@ def test_json_records_the_rows_and_labels_references_resolved_to(tmp_path):
                             "stem.2.relu", "--no-trace", "--json", str(tmp_path / "s.json")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "s.json").read_text())["input_item"] == {"file": str(tmp_path / "a.npy")}
+
+
+def test_float64_npy_endpoints_are_kept_as_pairs_keep_them(tmp_path, pairs):
+    """--from/--to .npy files were cast to float32 while --pairs kept float64: a path of length 2e-9 was refused
+    as having equal ends, and an ordinary path's length was the float32 one. Oracle: --pairs on the same points."""
+    z = np.load(pairs)
+    start, end = z["start"][:2], z["end"][:2]
+    end[0] = start[0] + 1e-9  # equal once rounded to float32
+    np.savez(tmp_path / "two.npz", start=start, end=end)
+    r = runner.invoke(app, ["path", "--model", MODEL, "--pairs", str(tmp_path / "two.npz"), "--json",
+                            str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    want = json.loads((tmp_path / "p.json").read_text())["paths"]
+    for i in range(2):
+        np.save(tmp_path / "a.npy", start[i])
+        np.save(tmp_path / "b.npy", end[i])
+        r = runner.invoke(app, ["path", "--model", MODEL, "--from", str(tmp_path / "a.npy"), "--to",
+                                str(tmp_path / "b.npy"), "--json", str(tmp_path / "one.json")])
+        assert r.exit_code == 0, r.output
+        got = json.loads((tmp_path / "one.json").read_text())["paths"][0]
+        assert got["length"] == want[i]["length"] == pytest.approx(np.linalg.norm(end[i] - start[i]), rel=1e-15)
+        assert got["crossings"] == want[i]["crossings"] and got["t"] == want[i]["t"]
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu"])
+def test_devices_other_than_cpu_and_cuda_are_one_line(tmp_path, pairs, device):
+    r = runner.invoke(app, ["path", "--model", MODEL, "--pairs", str(pairs), "--device", device, "--json",
+                            str(tmp_path / "p.json")])
+    assert r.exit_code == 1 and "must be 'cpu' or 'cuda'" in r.stderr and "Traceback" not in r.output

@@ -318,6 +318,11 @@ def _item(bundle, ref: str, what: str, max_tokens: int | None = None):
         arr = _load_npy(path, what)
         arr = arr if bundle.input_shape is None or arr.shape != tuple(bundle.input_shape) else arr[None]
         inputs = bundle.encode(DataSource(str(path), "array", arr.astype(np.float32), None, None, {}))
+        if arr.dtype == np.float64:  # arrays are model inputs as they are: keep float64 points (as --pairs does)
+            import torch
+
+            inputs.tensors[bundle.input_name] = torch.from_numpy(np.ascontiguousarray(arr)).reshape(
+                inputs.tensors[bundle.input_name].shape)
         info = {"file": str(path)}
     if bundle.modality == "text":
         if max_tokens is None:

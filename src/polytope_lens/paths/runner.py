@@ -84,6 +84,8 @@ def check_device(device) -> torch.device:
     except (RuntimeError, TypeError, ValueError):
         raise InvalidInputError(f"The 'device' parameter must be a torch device such as 'cpu' or 'cuda'. Got "
                                 f"{device!r}.") from None
+    if dev.type not in ("cpu", "cuda"):  # meta, mps, xpu...: tensors there fail later with a traceback
+        raise InvalidInputError(f"The 'device' parameter must be 'cpu' or 'cuda' (or 'cuda:N'). Got {device!r}.")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError(f"The 'device' parameter is {device!r}, but torch {torch.__version__} here has no CUDA "
                                 "device; use 'cpu'.")
