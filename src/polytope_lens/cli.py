@@ -771,8 +771,8 @@ def cluster_cmd(
     min_samples: Annotated[Optional[int], typer.Option(help="HDBSCAN's core neighbourhood, the row included "
                                                             "(default: min-cluster-size).")] = None,
     n_neighbors: Annotated[Optional[int], typer.Option(help="kNN graph degree (default: max(2 * min-samples, "
-                                                            "16)); larger is closer to exact HDBSCAN, except where many distances tie "
-                                                            "(see docs/scale.md).")] = None,
+                                                            "16)); larger is closer to exact HDBSCAN, except "
+                                                            "where many distances tie (see docs/scale.md).")] = None,
     index: Annotated[str, typer.Option(help="auto | flat (exact kNN) | hnsw (approximate kNN).")] = "auto",
     limit: Annotated[Optional[int], typer.Option(help="Cluster only the first N rows.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing results folder.")] = False,
