@@ -463,11 +463,76 @@ def test_model_inputs_take_rows_like_a_tensor():
     """docs/paths.md passes inputs=x[:1]; ModelInputs could not be sliced (TypeError). Oracle: the tensors' rows."""
     bundle = load_model("minilm")
     x = bundle.encode(DataSource("t", "text", TEXTS + ["a third one"]), max_length=16)
-    for rows, want in ((slice(0, 1), [0]), (slice(1, None), [1, 2]), (-1, [2]), ([0, 2], [0, 2])):
+    for rows, want in ((slice(0, 1), [0]), (slice(1, None), [1, 2]), (-1, [2]), ([0, 2], [0, 2]),
+                       (np.int64(1), [1]), (torch.tensor(1), [1]), (np.array([True, False, True]), [0, 2]),
+                       (slice(None, None, -1), [2, 1, 0])):
         part = x[rows]
         assert len(part) == len(want) and part.tokens == [x.tokens[i] for i in want]
         assert torch.equal(part.attention_mask, x.attention_mask[want])
         assert all(torch.equal(part.tensors[k], v[want]) for k, v in x.tensors.items())
+    for bad in (3, True, np.array([True, False])):
+        with pytest.raises(IndexError):
+            x[bad]
+    from polytope_lens.capture import list_sites as sites_of  # capture and list_sites take the bundle too
+    assert sites_of(bundle, lambda: bundle.forward(x)) == sites_of(bundle.module, lambda: bundle.forward(x))
+
+
+def test_random_weights_are_the_same_on_every_load_and_leave_the_global_generator_alone():
+    """tl:minilm's random masked-LM head was drawn anew on each load, so a resumed store's model digest never
+    matched (resume always refused) and the head's codes changed; it is now seeded, without touching torch's
+    global generator. Oracle: two loads' digests, and the generator's next draw with and without a load between."""
+    pytest.importorskip("transformer_lens")
+    from polytope_lens.extract import content_digest
+
+    data = DataSource("t", "text", TEXTS)
+    torch.manual_seed(7)
+    want = torch.rand(3)
+    torch.manual_seed(7)
+    with pytest.warns(Warning):
+        first = content_digest(load_model("tl:minilm"), data)
+    assert torch.equal(torch.rand(3), want)
+    torch.manual_seed(8)
+    with pytest.warns(Warning):
+        assert content_digest(load_model("tl:minilm"), data) == first
+
+
+def test_a_classifier_keeps_the_pooler_its_head_reads(tmp_path):
+    """A sequence classifier lacking only its pooler: the pooler was removed, so every forward failed; it is kept
+    (random, seeded) and said. Oracle: the classifier's logits from transformers, seeded the same way."""
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=30,
+                     num_labels=3, architectures=["BertForSequenceClassification"])
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path)
+    f = next(tmp_path.glob("*.safetensors"))
+    save_file({k: v for k, v in load_file(f).items() if "pooler" not in k}, f, metadata={"format": "pt"})
+    from polytope_lens.errors import RandomWeightsWarning
+    with pytest.warns(RandomWeightsWarning, match="pooler"):
+        bundle = load_model(f"hf:{tmp_path}")
+    assert bundle.module.bert.pooler is not None and "removed" not in bundle.provenance
+    assert bundle.module(torch.tensor([[1, 5, 7, 2]])).logits.shape == (1, 3)
+
+
+def test_roberta_positions_start_after_the_padding_index(tmp_path):
+    """RoBERTa numbers positions from padding_idx + 1: 12 position embeddings with padding 1 hold 10 tokens (text
+    cut to 12 failed with 'index out of range')."""
+    from transformers import RobertaConfig, RobertaModel
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "the": 4, "cat": 5}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>").save_pretrained(tmp_path)
+    RobertaModel(RobertaConfig(vocab_size=6, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=12, pad_token_id=1)).save_pretrained(
+        tmp_path)
+    bundle = load_model(f"hf:{tmp_path}")
+    assert bundle.position_limit() == 10
+    x = bundle.encode(DataSource("t", "text", ["the cat " * 20]), max_length=256)
+    assert x.tensors["input_ids"].shape == (1, 10) and bundle.forward(x).shape == (1, 10, 16)
 
 
 def test_torchvision_spec():

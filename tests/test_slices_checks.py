@@ -1,9 +1,9 @@
-import json
 """Slices: decision boundary on region edges and ties, float64 planes, output forms, until= past a bend, and the
 one-line errors of bad inputs. Each test checks the library against the model itself (a grid, probes just off each
 segment) or a hand-computed value."""
 
 import copy
+import json
 
 import numpy as np
 import pytest

@@ -223,6 +223,30 @@ def test_resume_refuses_a_file_changed_under_the_same_spec(tmp_path, what):
         extract_to_store(spec, data, out, batch_size=10, resume=True)
 
 
+def test_content_digest_takes_any_tensor_and_object_labels():
+    """The resume digest crashed on a sparse buffer (a model spline_codes takes), hashed a negative view as its
+    storage, and hashed object arrays' addresses (different in every process). Oracle: equal contents give equal
+    digests; a different value a different one."""
+    from types import SimpleNamespace
+
+    from polytope_lens.data import DataSource
+    from polytope_lens.extract import content_digest
+
+    def digest(buffers, labels=None):
+        m = nn.Module()
+        for k, v in buffers.items():
+            m.register_buffer(k, v)
+        return content_digest(SimpleNamespace(module=m), DataSource("x", "array", np.zeros((2, 1)), labels))
+
+    eye = torch.eye(3)
+    assert digest({"a": eye.to_sparse()}) == digest({"a": eye.to_sparse()}) != digest({"a": (2 * eye).to_sparse()})
+    assert digest({"a": eye.to_sparse_csr()})["model_sha256"]
+    v = torch.tensor([1.0, 2.0])
+    assert digest({"a": v}) != digest({"a": torch._neg_view(v)}) == digest({"a": -v})
+    labels = [np.array(["cat", "dog"], dtype=object), np.array(["c" + "at", "d" + "og"], dtype=object)]
+    assert digest({}, labels[0]) == digest({}, labels[1]) != digest({}, np.array(["dog", "cat"], dtype=object))
+
+
 def test_failing_writer_keeps_a_valid_partial_store(tmp_path, toy_npy, monkeypatch):
     """A writer that fails mid-way (disk full) gives a clean error; the partial store resumes to the right result."""
     reference = tmp_path / "ref.zarr"

@@ -2,6 +2,7 @@
 torch's unbatched layouts, stacked batch axes, models left in train mode, inputs of other types. Each case is checked
 against codes computed by hand (a forward pass and the activation's own rule) or against a one-line refusal."""
 
+import functools
 import math
 
 import numpy as np
@@ -166,6 +167,48 @@ def test_torchscript_functions_called_from_forward_are_refused():
         pl.spline_codes(outer, X)
     with pytest.raises(InvalidInputError, match="calls the TorchScript function"):
         path_crossings(outer, X[:1], X[1:2])
+
+    def logged(forward):
+        @functools.wraps(forward)
+        def wrapper(self, *args):
+            return forward(self, *args)
+        return wrapper
+
+    class Decorated(nn.Module):  # a forward under a functools.wraps decorator is unwrapped
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+
+        @logged
+        def forward(self, x):
+            return F.relu(_scripted_relu(self.a(x)))
+    with pytest.raises(InvalidInputError, match="calls the TorchScript function '_scripted_relu'"):
+        pl.spline_codes(Decorated(), X)
+
+
+def test_a_lazy_module_that_raises_is_not_a_reason_to_fail():
+    """The TorchScript check reads attributes of the modules a forward names; a lazy module (transformers') can raise
+    anything for a name it cannot import, which made spline_codes fail."""
+    import types
+
+    class Lazy(types.ModuleType):
+        def __getattr__(self, name):
+            raise RuntimeError(f"cannot import {name}")
+    lazy = Lazy("lazyops")
+    globals()["lazyops"] = lazy
+    try:
+        class UsesLazy(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a = nn.Linear(3, 4)
+
+            def forward(self, x):
+                if x is None:
+                    return lazyops.missing(x)  # noqa: F821 - named, never called
+                return F.relu(self.a(x))
+        assert "relu" in pl.spline_codes(UsesLazy(), X).layers
+    finally:
+        del globals()["lazyops"]
 
 
 class PoolUnbatched(nn.Module):

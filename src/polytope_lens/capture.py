@@ -695,9 +695,19 @@ def _code_names(code) -> set[str]:
 def _script_functions(cls: type) -> tuple[str, ...]:
     """TorchScript functions (``@torch.jit.script``) that the ``forward`` of ``cls`` (or a base class) names: a
     global (``fused_gelu(x)``) or an attribute of an imported module (``ops.fused_gelu(x)``)."""
+    def attribute(module, name):
+        try:  # a lazy module (transformers') may raise anything for a name it cannot import
+            return getattr(module, name, None)
+        except Exception:  # noqa: BLE001
+            return None
+
     found = []
     for klass in cls.__mro__:
         forward = klass.__dict__.get("forward")
+        try:
+            forward = inspect.unwrap(forward) if forward is not None else None  # under a functools.wraps decorator
+        except ValueError:
+            pass
         code = getattr(forward, "__code__", None)
         if code is None:
             continue
@@ -706,8 +716,8 @@ def _script_functions(cls: type) -> tuple[str, ...]:
             value = scope.get(name)
             if isinstance(value, torch.jit.ScriptFunction):
                 found.append(name)
-            elif inspect.ismodule(value) and not value.__name__.startswith("torch"):
-                found += [f"{name}.{a}" for a in sorted(names) if isinstance(getattr(value, a, None),
+            elif inspect.ismodule(value) and value.__name__.split(".")[0] != "torch":
+                found += [f"{name}.{a}" for a in sorted(names) if isinstance(attribute(value, a),
                                                                            torch.jit.ScriptFunction)]
     return tuple(found)
 
@@ -765,6 +775,7 @@ def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str,
     reset : callable
         Call between forward passes to restart the per-pass call counters (``run`` does it for you).
     """
+    model = as_module(model, "capture")
     check_eager(model)
     aliases = _tl_aliases(model)
     by_alias = {v: k for k, v in aliases.items()}

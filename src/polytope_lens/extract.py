@@ -7,9 +7,11 @@ either concatenates the chunks or appends them to a ``CodeStoreWriter`` (publish
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable, Iterator
 
 import numpy as np
+import torch
 
 from .capture import model_errors
 from .codes import CodeExtractor, SplineCodes, UnitSelection, check_unit_shape, fraction_active, no_rows_error
@@ -49,30 +51,51 @@ def content_digest(bundle, source) -> dict:
     """SHA-256 of the model's parameters and buffers and of the data's items and labels: a resumed store checks them,
     since a spec names a file, not what it holds (a ``file:`` model or ``npy:`` data replaced under the same path was
     appended to, mixing two models' codes in one store)."""
-    import hashlib
-
-    import torch
-
     model = hashlib.sha256()
     for name, t in sorted(bundle.module.state_dict().items()):
         if isinstance(t, torch.Tensor):
-            model.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-            model.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            model.update(name.encode() + _tensor_bytes(t))
     data = hashlib.sha256()
     items = source.items
-    if isinstance(items, np.ndarray):
-        data.update(f"{items.shape}{items.dtype}".encode())
-        data.update(np.ascontiguousarray(items).tobytes())
+    if isinstance(items, np.ndarray) and items.dtype != object:
+        data.update(f"{items.shape}{items.dtype}".encode() + np.ascontiguousarray(items).tobytes())
     else:
         for item in items:
-            if isinstance(item, str):
-                data.update(len(item).to_bytes(8, "little") + item.encode("utf-8", "surrogatepass"))
-            else:
-                a = np.ascontiguousarray(item)
-                data.update(f"{a.shape}{a.dtype}".encode() + a.tobytes())
+            data.update(_item_bytes(item))
     if source.labels is not None:
-        data.update(np.ascontiguousarray(source.labels).tobytes())
+        data.update(b"labels" + b"".join(_item_bytes(v) for v in np.asarray(source.labels).ravel())
+                    if np.asarray(source.labels).dtype == object else np.ascontiguousarray(source.labels).tobytes())
     return {"model_sha256": model.hexdigest(), "data_sha256": data.hexdigest()}
+
+
+def _tensor_bytes(t) -> bytes:
+    """A tensor's values as bytes: sparse and compressed layouts densified, conjugate and negative views resolved;
+    a tensor without values here (meta, nested) by its kind alone."""
+    try:
+        t = t.detach()
+        head = f"{tuple(t.shape)}{t.dtype}{t.layout}".encode()
+        if t.is_meta:
+            return head + b"meta"
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        t = t.resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
+        return head + t.view(torch.uint8).numpy().tobytes()
+    except Exception:  # noqa: BLE001 - nested tensors and other layouts: their kind stands for them
+        return repr((type(t).__name__, getattr(t, "layout", None))).encode()
+
+
+def _item_bytes(item) -> bytes:
+    """One data item (or label) as bytes that do not depend on the process: text as UTF-8, arrays by shape, dtype and
+    values, anything else (an object array's entries) by its repr."""
+    if isinstance(item, str):
+        raw = item.encode("utf-8", "surrogatepass")
+        return len(raw).to_bytes(8, "little") + raw
+    a = np.asarray(item)
+    if a.dtype == object:
+        raw = repr(a.tolist()).encode()
+        return len(raw).to_bytes(8, "little") + raw
+    return f"{a.shape}{a.dtype}".encode() + np.ascontiguousarray(a).tobytes()
+
 
 
 def default_units(bundle) -> str:

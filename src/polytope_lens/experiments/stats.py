@@ -209,12 +209,12 @@ def resampled_clustering_scores(labels_true, labels_pred, indices, *, noise: str
     """Purity, NMI (arithmetic) and ARI of ``labels_pred`` against ``labels_true`` on each resample of rows.
 
     ``indices`` (resamples, m) holds each resample's row indices (repeats allowed; -1 pads a shorter resample and is
-    not a row). Row ``b`` of each returned array equals ``clustering_scores(labels_true[indices[b]],
-    labels_pred[indices[b]], noise=noise)`` (NaN where ``"exclude"`` leaves no rows), computed from the resample's
-    contingency table: a weighted count of the distinct (label, cluster) pairs. Under ``"singleton"`` every noise
-    row is a cluster of its own and a resample's copies of it are that one cluster, as if noise were made singletons
-    first and then resampled (each copy a cluster of one, as before, biased resampled NMI downwards: an interval
-    could miss its own point estimate).
+    not a row). Under ``"cluster"`` and ``"exclude"``, row ``b`` of each returned array equals
+    ``clustering_scores(labels_true[indices[b]], labels_pred[indices[b]], noise=noise)`` (NaN where ``"exclude"``
+    leaves no rows), computed from the resample's contingency table: a weighted count of the distinct (label,
+    cluster) pairs. Under ``"singleton"`` every noise row is a cluster of its own and a resample's copies of it are
+    that one cluster, as if noise were made singletons first and then resampled (each copy a cluster of one, as
+    before, biased resampled NMI downwards: an interval could miss its own point estimate).
     """
     from ..cluster import NOISE, NOISE_POLICIES, _one_of
 

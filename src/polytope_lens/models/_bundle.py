@@ -49,17 +49,32 @@ class ModelInputs:
         return int(next(iter(self.tensors.values())).shape[0])
 
     def __getitem__(self, rows) -> "ModelInputs":
-        """The examples ``rows`` (a slice, an index array or an int, kept as a batch of one): ``x[:1]``."""
-        if isinstance(rows, int):
-            rows = slice(rows, rows + 1 if rows != -1 else None)
+        """The examples ``rows``, always as a batch: a slice (``x[:1]``), an int (a batch of one), integer indices or a
+        boolean mask of ``len(x)`` entries."""
+        n = len(self)
         if isinstance(rows, slice):
-            index = range(len(self))[rows]
-            pick = list(index)
+            pick = list(range(n)[rows])
         else:
-            pick = torch.as_tensor(rows).reshape(-1).tolist()
-        mask = None if self.attention_mask is None else self.attention_mask[rows]
+            a = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows)
+            if a.dtype == bool:
+                if a.shape != (n,):
+                    raise IndexError(f"a boolean mask of ModelInputs needs {n} entries; got shape {a.shape}")
+                pick = np.flatnonzero(a).tolist()
+            elif a.dtype.kind in "iu":
+                pick = a.reshape(-1).tolist()
+                bad = [i for i in pick if not -n <= i < n]
+                if bad:
+                    raise IndexError(f"row {bad[0]} out of range for ModelInputs of {n} examples")
+                pick = [i % n for i in pick]
+            else:
+                raise IndexError(f"ModelInputs take a slice, integer rows or a boolean mask; got {a.dtype} {rows!r}")
+        index = torch.as_tensor(pick, dtype=torch.long)
+
+        def take(v):
+            return v[index.to(v.device)]
+        mask = None if self.attention_mask is None else take(self.attention_mask)
         tokens = None if self.tokens is None else [self.tokens[i] for i in pick]
-        return ModelInputs({k: v[rows] for k, v in self.tensors.items()}, mask, tokens)
+        return ModelInputs({k: take(v) for k, v in self.tensors.items()}, mask, tokens)
 
 
 def forward_input_name(module: torch.nn.Module) -> str:
@@ -222,13 +237,16 @@ class ModelBundle:
 
     def position_limit(self) -> int | None:
         """The most tokens a text model's position embeddings hold (Hugging Face ``max_position_embeddings`` or
-        ``n_positions``, TransformerLens ``n_ctx``); None when it does not say."""
+        ``n_positions``, TransformerLens ``n_ctx``); None when it does not say. RoBERTa-style embeddings number
+        positions from ``padding_idx + 1``, which that many fewer tokens fit."""
         for cfg, keys in ((getattr(self.module, "config", None), ("max_position_embeddings", "n_positions")),
                           (getattr(self.module, "cfg", None), ("n_ctx",))):
             for key in keys:
                 value = getattr(cfg, key, None)
                 if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                    return value
+                    pad = getattr(getattr(self.module, "embeddings", None), "padding_idx", None)
+                    offset = pad + 1 if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else 0
+                    return max(1, value - offset)
         return None
 
     def _encode_text(self, data: Any, max_length: int) -> ModelInputs:

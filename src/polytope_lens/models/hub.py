@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -179,13 +180,25 @@ def _hf_tokenizer(name: str):
     return tokenizer
 
 
-def _random_weights(module: nn.Module, info: dict, spec: str, provenance: dict, reads: str = "") -> None:
+@contextmanager
+def _seeded():
+    """Weights a checkpoint lacks are drawn from torch's global generator: seeded here (and the caller's state
+    restored after), so that they are the same on every load: a model's codes, and a resumed store's fingerprint,
+    do not change from one process to the next."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        yield
+
+
+def _random_weights(module: nn.Module, info: dict, spec: str, provenance: dict, reads: str = "",
+                    pooler_unused: bool = True) -> None:
     """Say which parameters the checkpoint lacked (transformers initialised them at random): a
     ``RandomWeightsWarning`` and ``provenance["random_weights"]``. A BERT pooler that the checkpoint lacks (a
     masked-LM checkpoint read by ``AutoModel``) is removed instead: the bundle's output, the last hidden state, does
     not read it, and its random tanh site would be coded as if it meant something."""
     missing = sorted(info.get("missing_keys") or ())
-    if missing and all(k.startswith("pooler.") for k in missing) and getattr(module, "pooler", None) is not None:
+    if (pooler_unused and missing and all(k.startswith("pooler.") for k in missing)
+            and getattr(module, "pooler", None) is not None):
         module.pooler = None
         provenance["removed"] = "pooler (not in the checkpoint; the output is the last hidden state)"
         return
@@ -194,7 +207,8 @@ def _random_weights(module: nn.Module, info: dict, spec: str, provenance: dict, 
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         warnings.warn(RandomWeightsWarning(
             f"{spec}: the checkpoint has no weights for {shown}; they are random, so the sites and outputs that read "
-            f"them mean nothing{reads} (provenance['random_weights'] lists them)"), stacklevel=3)
+            f"them mean nothing{reads}; drawn with seed 0, the same on every load (provenance['random_weights'] lists "
+            "them)"), stacklevel=3)
 
 
 def load_hf(name: str, spec: str, device: str) -> ModelBundle:
@@ -212,7 +226,8 @@ def load_hf(name: str, spec: str, device: str) -> ModelBundle:
     classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
     auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
     try:
-        module, info = auto.from_pretrained(name, local_files_only=True, output_loading_info=True)
+        with _seeded():
+            module, info = auto.from_pretrained(name, local_files_only=True, output_loading_info=True)
     except (OSError, ValueError) as exc:
         if Path(name).is_dir():
             raise InvalidInputError(f"Model folder {name!r} (spec {spec!r}) has a config but its weights could not "
@@ -232,7 +247,7 @@ def load_hf(name: str, spec: str, device: str) -> ModelBundle:
                   "model_type": getattr(config, "model_type", None), "transformers": package_version("transformers"),
                   "tokenizer": type(tokenizer).__name__ if tokenizer is not None else None,
                   "output": "logits" if classifier else "last_hidden_state"}
-    _random_weights(module, info, spec, provenance)
+    _random_weights(module, info, spec, provenance, pooler_unused=not classifier)  # a classifier's head reads it
     return ModelBundle(spec, module.float().eval().to(device), "text", None, class_names, tokenizer, provenance)
 
 
@@ -263,12 +278,14 @@ def load_tl(name: str, spec: str, device: str) -> ModelBundle:
     info: dict = {}
     if getattr(config, "model_type", None) == "bert":  # a sentence encoder (MiniLM) has no masked-LM head weights
         try:
-            kwargs["hf_model"], info = transformers.BertForMaskedLM.from_pretrained(name, local_files_only=True,
-                                                                                   output_loading_info=True)
+            with _seeded():
+                kwargs["hf_model"], info = transformers.BertForMaskedLM.from_pretrained(
+                    name, local_files_only=True, output_loading_info=True)
         except (OSError, ValueError) as exc:
             raise _folder_error(str(name), spec, exc, "has a config but its weights could not be loaded") from None
     try:
-        bridge = TransformerBridge.boot_transformers(str(name), **kwargs)
+        with _seeded():
+            bridge = TransformerBridge.boot_transformers(str(name), **kwargs)
     except (OSError, ValueError) as exc:
         if Path(name).is_dir():
             raise _folder_error(str(name), spec, exc, "could not be booted by TransformerLens") from None
@@ -303,7 +320,8 @@ def load_torchvision(name: str, spec: str, device: str) -> ModelBundle:
     weights = torchvision.models.get_model_weights(name).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     pretrained = cached.is_file()
-    module = torchvision.models.get_model(name, weights=weights if pretrained else None)
+    with _seeded():
+        module = torchvision.models.get_model(name, weights=weights if pretrained else None)
     categories = list(weights.meta.get("categories") or []) if pretrained else None
     crop = int(getattr(weights.transforms(), "crop_size", [224])[0]) if pretrained else 224
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
