@@ -307,6 +307,20 @@ def test_float64_npy_endpoints_are_kept_as_pairs_keep_them(tmp_path, pairs):
         assert got["crossings"] == want[i]["crossings"] and got["t"] == want[i]["t"]
 
 
+def test_float64_rows_of_npy_specs_and_big_endian_files_are_kept(tmp_path):
+    """npy:PATH@ROW rows and big-endian (>f8) .npy files were still rounded to float32. Oracle: the API on the same
+    float64 points."""
+    x = np.random.default_rng(3).normal(size=(2, 6))
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "be.npy", x[1].astype(">f8"))
+    r = runner.invoke(app, ["path", "--model", MODEL, "--from", f"npy:{tmp_path / 'x.npy'}@0", "--to",
+                            str(tmp_path / "be.npy"), "--json", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    got = json.loads((tmp_path / "p.json").read_text())["paths"][0]
+    want = path_crossings(load_model(MODEL).module, torch.from_numpy(x[:1]), torch.from_numpy(x[1:])).paths[0]
+    assert got["length"] == want.length and got["t"] == want.t.tolist()
+
+
 @pytest.mark.parametrize("device", ["meta", "mps", "xpu"])
 def test_devices_other_than_cpu_and_cuda_are_one_line(tmp_path, pairs, device):
     r = runner.invoke(app, ["path", "--model", MODEL, "--pairs", str(pairs), "--device", device, "--json",

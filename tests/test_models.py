@@ -496,21 +496,25 @@ def test_random_weights_are_the_same_on_every_load_and_leave_the_global_generato
         assert content_digest(load_model("tl:minilm"), data) == first
 
 
-def test_a_classifier_keeps_the_pooler_its_head_reads(tmp_path):
-    """A sequence classifier lacking only its pooler: the pooler was removed, so every forward failed; it is kept
-    (random, seeded) and said. Oracle: the classifier's logits from transformers, seeded the same way."""
+def test_a_classifier_keeps_the_pooler_its_head_reads(tmp_path, monkeypatch):
+    """A DeBERTa-v2 classifier (its pooler a top-level module, read by the head) lacking only the pooler's weights:
+    the pooler was removed, so every forward failed; it is kept (random, seeded) and said. Loading seeds torch's CPU
+    generator alone: a device's generator (CUDA's, reset to 0 by torch.manual_seed) is not touched."""
     from safetensors.torch import load_file, save_file
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
-    cfg = BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=30,
-                     num_labels=3, architectures=["BertForSequenceClassification"])
-    BertForSequenceClassification(cfg).save_pretrained(tmp_path)
-    f = next(tmp_path.glob("*.safetensors"))
-    save_file({k: v for k, v in load_file(f).items() if "pooler" not in k}, f, metadata={"format": "pt"})
     from polytope_lens.errors import RandomWeightsWarning
+
+    cfg = DebertaV2Config(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=32, num_labels=3, max_position_embeddings=32,
+                          architectures=["DebertaV2ForSequenceClassification"])
+    DebertaV2ForSequenceClassification(cfg).save_pretrained(tmp_path)
+    f = next(tmp_path.glob("*.safetensors"))
+    save_file({k: v for k, v in load_file(f).items() if not k.startswith("pooler.")}, f, metadata={"format": "pt"})
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: pytest.fail("a device generator was seeded"))
     with pytest.warns(RandomWeightsWarning, match="pooler"):
         bundle = load_model(f"hf:{tmp_path}")
-    assert bundle.module.bert.pooler is not None and "removed" not in bundle.provenance
+    assert bundle.module.pooler is not None and "removed" not in bundle.provenance
     assert bundle.module(torch.tensor([[1, 5, 7, 2]])).logits.shape == (1, 3)
 
 
@@ -533,6 +537,15 @@ def test_roberta_positions_start_after_the_padding_index(tmp_path):
     assert bundle.position_limit() == 10
     x = bundle.encode(DataSource("t", "text", ["the cat " * 20]), max_length=256)
     assert x.tensors["input_ids"].shape == (1, 10) and bundle.forward(x).shape == (1, 10, 16)
+    # a classifier holds its embeddings deeper (roberta.embeddings): the offset is found there too
+    from transformers import RobertaForSequenceClassification
+
+    RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=6, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=12, pad_token_id=1, num_labels=2,
+        architectures=["RobertaForSequenceClassification"])).save_pretrained(tmp_path / "cls")
+    cls = load_model(f"hf:{tmp_path / 'cls'}")
+    assert cls.position_limit() == 10
 
 
 def test_torchvision_spec():

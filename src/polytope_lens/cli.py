@@ -304,6 +304,8 @@ def _item(bundle, ref: str, what: str, max_tokens: int | None = None):
             raise InvalidInputError(f"{what} {ref!r}: row {row} is out of range (the data has {len(source)} items).")
         inputs = (bundle.encode(source, [row], max_length=max_tokens)
                   if bundle.modality == "text" and max_tokens is not None else bundle.encode(source, [row]))
+        if source.modality == "array":  # npy:/npz: rows
+            _keep_float64(inputs, bundle, np.asarray(source.items[row:row + 1]))
         label = None if source.labels is None else np.asarray(source.labels)[row].item()
         if label is not None and names and isinstance(label, int) and 0 <= label < len(names):
             label = str(names[label])
@@ -318,11 +320,7 @@ def _item(bundle, ref: str, what: str, max_tokens: int | None = None):
         arr = _load_npy(path, what)
         arr = arr if bundle.input_shape is None or arr.shape != tuple(bundle.input_shape) else arr[None]
         inputs = bundle.encode(DataSource(str(path), "array", arr.astype(np.float32), None, None, {}))
-        if arr.dtype == np.float64:  # arrays are model inputs as they are: keep float64 points (as --pairs does)
-            import torch
-
-            inputs.tensors[bundle.input_name] = torch.from_numpy(np.ascontiguousarray(arr)).reshape(
-                inputs.tensors[bundle.input_name].shape)
+        _keep_float64(inputs, bundle, arr)
         info = {"file": str(path)}
     if bundle.modality == "text":
         if max_tokens is None:
@@ -330,6 +328,18 @@ def _item(bundle, ref: str, what: str, max_tokens: int | None = None):
                                     f"Python API with layer= on {bundle.spec!r}, or 'scale' for one text's rays.")
         return dict(inputs.tensors), info
     return next(iter(inputs.tensors.values())).to(torch.float64), info
+
+
+def _keep_float64(inputs, bundle, arr) -> None:
+    """Arrays are model inputs as they are, and ``encode`` casts them to float32: float64 values (any byte order) are
+    put back, so an endpoint keeps the values --pairs keeps (a path between close float64 points was refused)."""
+    import numpy as np
+    import torch
+
+    if arr.dtype.kind == "f" and arr.dtype.itemsize >= 8:
+        encoded = inputs.tensors[bundle.input_name]
+        inputs.tensors[bundle.input_name] = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64)).reshape(
+            encoded.shape)
 
 
 def _pairs(bundle, path: Path):

@@ -77,6 +77,17 @@ class ModelInputs:
         return ModelInputs({k: take(v) for k, v in self.tensors.items()}, mask, tokens)
 
 
+def _position_offset(module: torch.nn.Module) -> int:
+    """``padding_idx + 1`` for RoBERTa-style embeddings (a module with ``padding_idx`` and ``position_embeddings``,
+    wherever it sits: a classifier holds it in ``roberta.embeddings``), which number positions from there; else 0."""
+    for sub in module.modules():
+        pad = getattr(sub, "padding_idx", None)
+        if (isinstance(getattr(sub, "position_embeddings", None), torch.nn.Embedding) and isinstance(pad, int)
+                and not isinstance(pad, bool) and pad >= 0):
+            return pad + 1
+    return 0
+
+
 def forward_input_name(module: torch.nn.Module) -> str:
     """Name of the first parameter of ``module.forward`` (the keyword its main input goes by)."""
     try:
@@ -239,14 +250,14 @@ class ModelBundle:
         """The most tokens a text model's position embeddings hold (Hugging Face ``max_position_embeddings`` or
         ``n_positions``, TransformerLens ``n_ctx``); None when it does not say. RoBERTa-style embeddings number
         positions from ``padding_idx + 1``, which that many fewer tokens fit."""
-        for cfg, keys in ((getattr(self.module, "config", None), ("max_position_embeddings", "n_positions")),
-                          (getattr(self.module, "cfg", None), ("n_ctx",))):
-            for key in keys:
-                value = getattr(cfg, key, None)
-                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                    pad = getattr(getattr(self.module, "embeddings", None), "padding_idx", None)
-                    offset = pad + 1 if isinstance(pad, int) and not isinstance(pad, bool) and pad >= 0 else 0
-                    return max(1, value - offset)
+        n_ctx = getattr(getattr(self.module, "cfg", None), "n_ctx", None)  # TransformerLens: the offset counted
+        if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > 0:
+            return n_ctx
+        config = getattr(self.module, "config", None)
+        for key in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return max(1, value - _position_offset(self.module))
         return None
 
     def _encode_text(self, data: Any, max_length: int) -> ModelInputs:

@@ -185,8 +185,8 @@ def _seeded():
     """Weights a checkpoint lacks are drawn from torch's global generator: seeded here (and the caller's state
     restored after), so that they are the same on every load: a model's codes, and a resumed store's fingerprint,
     do not change from one process to the next."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with torch.random.fork_rng(devices=[]):  # the CPU generator, where weights are made; no device's is touched
+        torch.default_generator.manual_seed(0)
         yield
 
 
