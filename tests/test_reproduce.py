@@ -65,6 +65,69 @@ def test_overwrite_replaces_only_reports(tiny_report, tmp_path, monkeypatch):
     rep.check_out_dir(tiny_report[0], overwrite=True)  # an earlier report may be replaced
 
 
+def test_report_tables_name_the_data_and_the_folder_is_readable(tiny_report):
+    """The data column of every prediction table showed '—' (the entries the tables were built from had no data);
+    the report folder was private (mode 0700, from tempfile.mkdtemp)."""
+    out, _ = tiny_report
+    page = (out / "index.html").read_text()
+    data = json.loads((out / "results.json").read_text())
+    for key in ("prediction_1", "prediction_2", "prediction_3"):
+        for e in data[key]:
+            assert f"<td>{e['model']}</td><td>{e['data']}</td><td>{e['statistic']}</td>" in page, (key, e)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_outputs_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """_outputs.publish and canonical, the last step of reproduce, cluster and codes. (1) 'report/sub/..' is the
+    report itself: its temporary sibling was made inside it and the run deleted both. (2) Ctrl-C between removing
+    the old output and renaming the new one left nothing (or half a report) and said nothing was written: the old
+    one is now renamed aside and put back. (3) Without overwrite, an output that appeared during the run was
+    deleted. (4) JSON is strict: NaN is null (it was written bare, which JSON.parse refuses)."""
+    from polytope_lens import _outputs
+    from polytope_lens._outputs import canonical, json_text, publish
+    from polytope_lens.errors import InvalidInputError
+
+    def report(path, text):
+        path.mkdir()
+        (path / "results.json").write_text(json.dumps({"format": "polytope-lens/report/1", "x": text}))
+        (path / "index.html").write_text(text)
+
+    report(tmp_path / "rep", "old")
+    (tmp_path / "rep" / "sub").mkdir()
+    assert canonical(tmp_path / "rep" / "sub" / "..") == (tmp_path / "rep").resolve()
+    (tmp_path / "link").symlink_to(tmp_path / "rep" / "sub")
+    assert canonical(tmp_path / "link" / "..") == (tmp_path / "rep").resolve()
+    assert canonical(tmp_path / "link" / "r") == (tmp_path / "rep" / "sub" / "r").resolve()
+
+    report(tmp_path / "new", "new")
+    calls = []
+    real = os.replace
+
+    def interrupted(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:  # after the old report was moved aside, before the new one is in place
+            raise KeyboardInterrupt
+        return real(a, b)
+    monkeypatch.setattr(_outputs.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        publish(tmp_path / "new", tmp_path / "rep", "report", overwrite=True)
+    monkeypatch.setattr(_outputs.os, "replace", real)
+    assert (tmp_path / "rep" / "index.html").read_text() == "old" and (tmp_path / "new" / "index.html").exists()
+    assert not list(tmp_path.glob(".rep.*"))
+
+    with pytest.raises(InvalidInputError, match="appeared while this run was writing"):
+        publish(tmp_path / "new", tmp_path / "rep", "report", overwrite=False)
+    assert (tmp_path / "rep" / "index.html").read_text() == "old"
+    publish(tmp_path / "new", tmp_path / "rep", "report", overwrite=True)
+    assert (tmp_path / "rep" / "index.html").read_text() == "new" and not (tmp_path / "new").exists()
+    assert not list(tmp_path.glob(".rep.*"))
+
+    text = json_text({"a": float("nan"), "b": [np.float64("inf"), np.int64(3)], "c": np.array([1.5, np.nan])})
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {"a": None, "b": [None, 3], "c": [1.5, None]}
+
+
 def test_report_renders_in_chromium(tiny_report):
     """Every section visible, every figure decoded and not blank, no console errors."""
     pw = pytest.importorskip("playwright.sync_api")

@@ -7,12 +7,16 @@ foreign folder; each refusal is one ``InvalidInputError`` line, raised before an
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 from pathlib import Path
+
+import numpy as np
 
 from .errors import InvalidInputError
 
-__all__ = ["check_destination", "check_replaceable", "REPORT_FORMAT"]
+__all__ = ["canonical", "check_destination", "check_replaceable", "json_text", "publish", "REPORT_FORMAT"]
 
 REPORT_FORMAT = "polytope-lens/report/1"
 _REPORT_KEYS = {"prediction_1", "prediction_2", "prediction_3", "details"}
@@ -87,3 +91,63 @@ def check_destination(out, kind: str, *, overwrite: bool = False, inputs=()) -> 
     parent = out.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise InvalidInputError(f"The output folder {str(parent)!r} does not exist or is not writable.")
+
+
+def canonical(out) -> Path:
+    """``out`` with its folder resolved (``..`` and symbolic links of the folders above it), its own name kept (a
+    link there is still refused). ``report/sub/..`` is ``report`` itself: its temporary sibling was made inside the
+    folder being replaced, and the replacement deleted both."""
+    p = Path(out)
+    if p.name in ("", ".", ".."):
+        return p.resolve()
+    return p.parent.resolve() / p.name
+
+
+def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool, inputs=()) -> None:
+    """Move the finished output ``tmp`` to ``out``, replacing an earlier output of ``kind`` only with ``overwrite``.
+
+    The earlier output is renamed aside first and removed only once the new one is in place; an interrupt between
+    the two renames puts it back, so Ctrl-C leaves either the old output or the new one, whole. An output that
+    appeared at ``out`` during the run is not replaced without ``overwrite``. ``tmp`` gets the permissions a plain
+    ``mkdir`` would give (``tempfile.mkdtemp`` makes it private)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
+    aside = None
+    if os.path.lexists(out):
+        if not overwrite:
+            raise InvalidInputError(f"The output {str(out)!r} appeared while this run was writing; pass overwrite "
+                                    "(--overwrite) to replace it or choose another path.")
+        check_replaceable(out, kind, inputs)  # again: it may have changed during the run
+        aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(out, aside)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if aside is not None and not os.path.lexists(out):
+            os.replace(aside, out)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _finite(v):
+    """``v`` with NumPy values as Python ones and every NaN or infinity as None (JSON has no NaN: a strict reader,
+    JavaScript's JSON.parse included, refuses the file)."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return _finite(v.tolist())
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def json_text(payload, default=str) -> str:
+    """Strict JSON of ``payload`` (NaN and infinities as null), indented, other objects through ``default``."""
+    return json.dumps(_finite(payload), indent=1, default=default, allow_nan=False)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import os
 import platform
@@ -378,7 +377,9 @@ def _write_json(path: Path, payload: dict, *pictures: tuple) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InvalidInputError(f"The JSON output folder {str(parent)!r} does not exist.")
-    items = [*pictures, (path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1, default=str)))]
+    from ._outputs import json_text
+
+    items = [*pictures, (path, lambda tmp: Path(tmp).write_text(json_text(payload)))]
     written = []
     try:
         for target, write in items:

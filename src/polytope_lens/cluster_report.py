@@ -23,7 +23,6 @@ import fnmatch
 import html
 import io
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from ._outputs import check_destination, check_replaceable
+from ._outputs import canonical, check_destination, json_text, publish
 from .codes import SplineCodes
 from .errors import InvalidInputError, PolytopeLensError
 from .store import read_codes
@@ -97,7 +96,7 @@ def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_clust
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 2):
         raise InvalidInputError(f"The 'limit' parameter of cluster_store must be an int >= 2. Got {limit!r} instead.")
-    out = Path(out)
+    out = canonical(out)
     check_destination(out, "clusters", overwrite=overwrite, inputs=[store])
     if not Path(store).is_dir():
         raise InvalidInputError(f"{str(store)!r} is not a polytope-lens code store (no such folder).")
@@ -132,12 +131,9 @@ def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_clust
         tmp.mkdir()
         np.save(tmp / "assignments.npy", est.labels_)
         np.save(tmp / "rows.npy", codes.rows)
-        (tmp / "clusters.json").write_text(json.dumps({**result, **summary.to_dict()}, indent=1, default=str))
+        (tmp / "clusters.json").write_text(json_text({**result, **summary.to_dict()}))
         (tmp / "index.html").write_text(_dashboard(result, summary, codes, max_shown, loaded), encoding="utf-8")
-        if os.path.lexists(out):
-            check_replaceable(out, "clusters", inputs=[store])  # again: it may have changed during the run
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish(tmp, out, "clusters", overwrite=overwrite, inputs=[store])
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise PolytopeLensError(f"Writing the results to {str(out)!r} failed: {e.strerror or e}; nothing was "

@@ -13,7 +13,6 @@ data is missing is skipped and the report's Methods section says why.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -24,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from ._outputs import REPORT_FORMAT, check_destination, check_replaceable
+from ._outputs import REPORT_FORMAT, canonical, check_destination, json_text, publish
 from .errors import InvalidInputError, PolytopeLensError
 
 __all__ = ["reproduce", "JOBS", "QUICK", "FULL", "QUICK_MODELS", "estimate_seconds"]
@@ -201,7 +200,7 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
     from .data import load_data
     from .report.html import render_report
 
-    out = Path(out_dir)
+    out = canonical(out_dir)
     check_out_dir(out, overwrite=overwrite)
     say = progress or (lambda msg: None)
     cfg = {**(QUICK if quick else FULL), **(config or {})}
@@ -307,11 +306,8 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
         payload = {"format": REPORT_FORMAT, **results,
                    "details": {"prediction_2": state["p2"], "prediction_3": state["p3"], "flow": state["flow"],
                                "methods": state["methods"]}}
-        (tmp / "results.json").write_text(json.dumps(payload, indent=1, default=_json_default), encoding="utf-8")
-        if os.path.lexists(out):
-            check_replaceable(out, "report")  # again: it may have changed during the run
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        (tmp / "results.json").write_text(json_text(payload, default=_json_default), encoding="utf-8")
+        publish(tmp, out, "report", overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

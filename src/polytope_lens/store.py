@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ._outputs import check_destination as _check_output
-from ._outputs import check_replaceable
+from ._outputs import canonical, publish
 from .codes import LayerCodes, SplineCodes, active_counts, check_unit_shape
 from .errors import InvalidInputError, PolytopeLensError
 
@@ -104,7 +104,7 @@ class CodeStoreWriter:
 
     def __init__(self, path, *, meta: dict | None = None, fingerprint: dict | None = None, overwrite: bool = False,
                  resume: bool = False, chunk_rows: int = 4096):
-        self.path = Path(path)
+        self.path = canonical(path)
         check_destination(self.path, overwrite=overwrite)
         self.tmp = self.path.parent / f".{self.path.name}.partial"
         self.meta = dict(meta or {})
@@ -265,10 +265,7 @@ class CodeStoreWriter:
             "chunks": self.chunks, **self.meta,
         })
         (self.tmp / self.MANIFEST).unlink(missing_ok=True)
-        if os.path.lexists(self.path) and self.overwrite:
-            check_replaceable(self.path, "codes")  # again: the destination may have changed during the run
-            shutil.rmtree(self.path)
-        os.replace(self.tmp, self.path)
+        publish(self.tmp, self.path, "codes", overwrite=self.overwrite)
         self._closed = True
         return self.path
 

@@ -88,7 +88,7 @@ def render_report(state: dict) -> str:
     # prediction 1
     p1 = state.get("p1", [])
     sec = ["<section id='prediction-1'><h2>Prediction 1: spline-code clusters vs activation clusters</h2>"]
-    all_e = [e for r in p1 for e in r["entries"]]
+    all_e = [dict(e, data=r["data"]) for r in p1 for e in r["entries"]]
     if all_e:
         sec.append(_table(all_e))
         sec.append(_img(figures.entries_figure(all_e, "Prediction 1: codes - activations"), "prediction 1 CIs"))
@@ -108,7 +108,7 @@ def render_report(state: dict) -> str:
     # prediction 2
     p2 = state.get("p2", [])
     sec = ["<section id='prediction-2'><h2>Prediction 2: boundary density along interpolation paths</h2>"]
-    all_e = [e for r in p2 for e in r["entries"]]
+    all_e = [dict(e, data=r["data"]) for r in p2 for e in r["entries"]]
     if all_e:
         sec.append(_table(all_e))
     for r in p2:
@@ -126,7 +126,7 @@ def render_report(state: dict) -> str:
     # prediction 3
     p3 = state.get("p3", [])
     sec = ["<section id='prediction-3'><h2>Prediction 3: scaling and validity intervals</h2>"]
-    all_e = [e for r in p3 for e in r["entries"]]
+    all_e = [dict(e, data=r["data"]) for r in p3 for e in r["entries"]]
     if all_e:
         sec.append(_table(all_e))
     for r in p3:
