@@ -89,6 +89,9 @@ def check_device(device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError(f"The 'device' parameter is {device!r}, but torch {torch.__version__} here has no CUDA "
                                 "device; use 'cpu'.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InvalidInputError(f"The 'device' parameter is {device!r}, but this machine has "
+                                f"{torch.cuda.device_count()} CUDA device(s).")
     return dev
 
 
