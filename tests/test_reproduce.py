@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,6 +124,40 @@ def test_outputs_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     publish(tmp_path / "new", tmp_path / "rep", "report", overwrite=True)
     assert (tmp_path / "rep" / "index.html").read_text() == "new" and not (tmp_path / "new").exists()
     assert not list(tmp_path.glob(".rep.*"))
+
+    # an interrupt as the new output's rename returns, or while the replaced one is removed: the run is done, whole,
+    # and nothing is left aside (a reviewer found '.NAME.replaced-PID' folders, half removed, and "nothing was written")
+    for when in ("rename", "removal"):
+        report(tmp_path / "new", when)
+        fired = []
+        real_rmtree = _outputs.shutil.rmtree
+
+        def late_rename(a, b):
+            real(a, b)
+            if Path(a).name == "new" and not fired:
+                fired.append(1)
+                raise KeyboardInterrupt
+
+        def late_removal(path, **kw):
+            if not fired:
+                fired.append(1)
+                real_rmtree(Path(path) / "index.html", ignore_errors=True)  # half removed, then Ctrl-C
+                raise KeyboardInterrupt
+            return real_rmtree(path, **kw)
+        if when == "rename":
+            monkeypatch.setattr(_outputs.os, "replace", late_rename)
+        else:
+            monkeypatch.setattr(_outputs.shutil, "rmtree", late_removal)
+            (tmp_path / ".rep.replaced").mkdir()  # an earlier run's leftover goes too
+        publish(tmp_path / "new", tmp_path / "rep", "report", overwrite=True)
+        monkeypatch.setattr(_outputs.os, "replace", real)
+        monkeypatch.setattr(_outputs.shutil, "rmtree", real_rmtree)
+        assert fired and (tmp_path / "rep" / "index.html").read_text() == when
+        assert not list(tmp_path.glob(".rep.*")) and not (tmp_path / "new").exists()
+
+    from polytope_lens._outputs import check_destination
+    with pytest.raises(InvalidInputError, match="is too long: its temporary sibling"):
+        check_destination(tmp_path / ("r" * 250), "report")
 
     text = json_text({"a": float("nan"), "b": [np.float64("inf"), np.int64(3)], "c": np.array([1.5, np.nan])})
     assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {"a": None, "b": [None, 3], "c": [1.5, None]}

@@ -1,5 +1,6 @@
 """Code stores: round trips, atomic publication, and exact resumption after SIGKILL or corruption."""
 
+import os
 import random
 import signal
 import subprocess
@@ -245,6 +246,29 @@ def test_content_digest_takes_any_tensor_and_object_labels():
     assert digest({"a": v}) != digest({"a": torch._neg_view(v)}) == digest({"a": -v})
     labels = [np.array(["cat", "dog"], dtype=object), np.array(["c" + "at", "d" + "og"], dtype=object)]
     assert digest({}, labels[0]) == digest({}, labels[1]) != digest({}, np.array(["dog", "cat"], dtype=object))
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_refused_publish_leaves_no_partial_store_or_a_resumable_one(tmp_path, resume):
+    """A store whose destination appeared during the run is refused at the end; the partial store was left behind
+    with its manifest already deleted (so --resume started over). Now: removed without resume, resumable with it."""
+    codes = spline_codes(nn.Sequential(nn.Linear(2, 4), nn.ReLU()), torch.randn(5, 2))
+    w = CodeStoreWriter(tmp_path / "s", resume=resume)
+    w.append(codes)
+    (tmp_path / "s").mkdir()
+    with pytest.raises(InvalidInputError, match="appeared while this run was writing"):
+        with w:
+            pass
+    partial = tmp_path / ".s.partial"
+    assert partial.exists() == resume and (partial / "manifest.json").exists() == resume
+    if resume:
+        (tmp_path / "s").rmdir()
+        with CodeStoreWriter(tmp_path / "s", resume=True) as again:
+            assert again.n_rows == 5
+        assert not (tmp_path / "s" / "manifest.json").exists() and not partial.exists()
+        mask = os.umask(0)
+        os.umask(mask)
+        assert (tmp_path / "s").stat().st_mode & 0o777 == 0o777 & ~mask
 
 
 def test_failing_writer_keeps_a_valid_partial_store(tmp_path, toy_npy, monkeypatch):

@@ -91,6 +91,14 @@ def check_destination(out, kind: str, *, overwrite: bool = False, inputs=()) -> 
     parent = out.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise InvalidInputError(f"The output folder {str(parent)!r} does not exist or is not writable.")
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    longest = max(len(_aside(out).name.encode()), len(out.name.encode()) + 10)  # the aside, the temporary sibling
+    if longest > name_max:
+        raise InvalidInputError(f"The output name {out.name[:40]!r}... is too long: its temporary sibling would have "
+                                f"{longest} bytes, above this file system's {name_max}; choose a shorter name.")
 
 
 def canonical(out) -> Path:
@@ -113,23 +121,39 @@ def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool, inputs=()) -> N
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(tmp, 0o777 & ~mask)
-    aside = None
+    aside = _aside(out)
+    _discard(aside)  # left by a run stopped while it removed the output it had replaced
     if os.path.lexists(out):
         if not overwrite:
             raise InvalidInputError(f"The output {str(out)!r} appeared while this run was writing; pass overwrite "
                                     "(--overwrite) to replace it or choose another path.")
         check_replaceable(out, kind, inputs)  # again: it may have changed during the run
-        aside = out.parent / f".{out.name}.replaced-{os.getpid()}"
-        shutil.rmtree(aside, ignore_errors=True)
         os.replace(out, aside)
     try:
         os.replace(tmp, out)
     except BaseException:
-        if aside is not None and not os.path.lexists(out):
-            os.replace(aside, out)
-        raise
-    if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+        if os.path.lexists(tmp):  # the new output did not move: put the old one back
+            if os.path.lexists(aside) and not os.path.lexists(out):
+                os.replace(aside, out)
+            raise
+        # it moved (an interrupt as the rename returned): the run is done
+    _discard(aside)
+
+
+def _aside(out: Path) -> Path:
+    """Where ``publish`` keeps the output it replaces until the new one is in place."""
+    return out.parent / f".{out.name}.replaced"
+
+
+def _discard(path: Path) -> None:
+    """Remove ``path`` to the end: an interrupt here would leave half an old output beside the new one."""
+    while os.path.lexists(path):
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        except KeyboardInterrupt:
+            continue
+        if os.path.lexists(path):  # what cannot be removed stays, as rmtree(ignore_errors) leaves it
+            return
 
 
 def _finite(v):

@@ -381,11 +381,14 @@ def _write_json(path: Path, payload: dict, *pictures: tuple) -> None:
 
     items = [*pictures, (path, lambda tmp: Path(tmp).write_text(json_text(payload)))]
     written = []
+    mask = os.umask(0)
+    os.umask(mask)
     try:
         for target, write in items:
             fd, tmp = tempfile.mkstemp(prefix=".polytope-lens-", suffix=".tmp",
                                        dir=target.parent if str(target.parent) else ".")
             os.close(fd)
+            os.chmod(tmp, 0o666 & ~mask)  # a plain open() would give these; mkstemp's files are private
             written.append((tmp, target))
             write(tmp)
         for tmp, target in written:

@@ -264,8 +264,13 @@ class CodeStoreWriter:
             "selection": self.selection, "layers": self.layer_meta, "fingerprint": self.fingerprint,
             "chunks": self.chunks, **self.meta,
         })
-        (self.tmp / self.MANIFEST).unlink(missing_ok=True)
-        publish(self.tmp, self.path, "codes", overwrite=self.overwrite)
+        try:  # the manifest stays until the store is in place: a refused publish leaves a resumable partial store
+            publish(self.tmp, self.path, "codes", overwrite=self.overwrite)
+        except BaseException:
+            if not self.resume and os.path.lexists(self.tmp):
+                self.abort()
+            raise
+        (self.path / self.MANIFEST).unlink(missing_ok=True)
         self._closed = True
         return self.path
 
