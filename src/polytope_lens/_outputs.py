@@ -16,7 +16,8 @@ import numpy as np
 
 from .errors import InvalidInputError
 
-__all__ = ["canonical", "check_destination", "check_replaceable", "json_text", "publish", "REPORT_FORMAT"]
+__all__ = ["canonical", "check_destination", "check_replaceable", "json_text", "plain_mode", "publish",
+           "REPORT_FORMAT"]
 
 REPORT_FORMAT = "polytope-lens/report/1"
 _REPORT_KEYS = {"prediction_1", "prediction_2", "prediction_3", "details"}
@@ -118,9 +119,7 @@ def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool, inputs=()) -> N
     the two renames puts it back, so Ctrl-C leaves either the old output or the new one, whole. An output that
     appeared at ``out`` during the run is not replaced without ``overwrite``. ``tmp`` gets the permissions a plain
     ``mkdir`` would give (``tempfile.mkdtemp`` makes it private)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)
+    os.chmod(tmp, plain_mode(folder=True))
     aside = _aside(out)
     _discard(aside)  # left by a run stopped while it removed the output it had replaced
     if os.path.lexists(out):
@@ -138,6 +137,14 @@ def publish(tmp: Path, out: Path, kind: str, *, overwrite: bool, inputs=()) -> N
             raise
         # it moved (an interrupt as the rename returned): the run is done
     _discard(aside)
+
+
+def plain_mode(folder: bool) -> int:
+    """The permissions ``mkdir`` (``folder``) or ``open`` would give here: what an output made through
+    ``tempfile`` (private, 0700 / 0600) is set to before it is moved into place."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if folder else 0o666) & ~mask
 
 
 def _aside(out: Path) -> Path:

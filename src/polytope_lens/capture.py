@@ -39,7 +39,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ._conv64 import conv_call
-from .errors import InvalidInputError, PolytopeLensError, UnsupportedActivationError
+from .errors import InvalidInputError, PolytopeLensError, UnsupportedActivationError, first_line
 from .kinks import BENDING_OPS, VALUE_READS, Activation, get_activation, resolve_call
 
 __all__ = ["CallSite", "BendTracker", "capture", "list_sites", "select_sites", "StopForward", "SharedPrefix",
@@ -829,7 +829,7 @@ def check_model_runs(fwd: Callable, x, owner: str, what: str) -> None:
     except Exception as e:  # noqa: BLE001 - any failure of the user's model on these inputs
         shape = {k: tuple(v.shape[1:]) for k, v in x.items() if is_batched(v)} if isinstance(x, Mapping) else \
             tuple(x.shape[1:])
-        first = (str(e).strip().splitlines() or [""])[0][:200]
+        first = first_line(e, 200, empty="")
         hint = " Rows of shape () are entries of a 1-D tensor: one example is x[None]." if shape == () else ""
         raise InvalidInputError(f"The model raised {type(e).__name__} on the {what} of {owner} (one row of shape "
                                 f"{shape}): {first}. Are they of the shape the model takes?{hint}") from e

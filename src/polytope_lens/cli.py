@@ -377,18 +377,17 @@ def _write_json(path: Path, payload: dict, *pictures: tuple) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InvalidInputError(f"The JSON output folder {str(parent)!r} does not exist.")
-    from ._outputs import json_text
+    from ._outputs import json_text, plain_mode
 
     items = [*pictures, (path, lambda tmp: Path(tmp).write_text(json_text(payload)))]
     written = []
-    mask = os.umask(0)
-    os.umask(mask)
+    mode = plain_mode(folder=False)
     try:
         for target, write in items:
             fd, tmp = tempfile.mkstemp(prefix=".polytope-lens-", suffix=".tmp",
                                        dir=target.parent if str(target.parent) else ".")
             os.close(fd)
-            os.chmod(tmp, 0o666 & ~mask)  # a plain open() would give these; mkstemp's files are private
+            os.chmod(tmp, mode)
             written.append((tmp, target))
             write(tmp)
         for tmp, target in written:

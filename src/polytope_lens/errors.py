@@ -24,3 +24,10 @@ class NotPiecewiseLinearError(PolytopeLensError):
 class RandomWeightsWarning(UserWarning):
     """A loaded model holds parameters that its checkpoint lacks, initialised at random (the CLI prints it as one
     line): what they compute means nothing."""
+
+
+def first_line(exc: BaseException, limit: int = 300, empty: str | None = None) -> str:
+    """The first line of an exception's message, cut at ``limit`` characters, for a one-line error that names
+    another library's reason; ``empty`` (default: the exception's type name) when the message is empty."""
+    lines = str(exc).strip().splitlines()
+    return lines[0][:limit] if lines else (type(exc).__name__ if empty is None else empty)

@@ -55,16 +55,9 @@ def content_digest(bundle, source) -> dict:
     for name, t in sorted(bundle.module.state_dict().items()):
         if isinstance(t, torch.Tensor):
             model.update(name.encode() + _tensor_bytes(t))
-    data = hashlib.sha256()
-    items = source.items
-    if isinstance(items, np.ndarray) and items.dtype != object:
-        data.update(f"{items.shape}{items.dtype}".encode() + np.ascontiguousarray(items).tobytes())
-    else:
-        for item in items:
-            data.update(_item_bytes(item))
+    data = hashlib.sha256(_values_bytes(source.items))
     if source.labels is not None:
-        data.update(b"labels" + b"".join(_item_bytes(v) for v in np.asarray(source.labels).ravel())
-                    if np.asarray(source.labels).dtype == object else np.ascontiguousarray(source.labels).tobytes())
+        data.update(b"labels" + _values_bytes(np.asarray(source.labels)))
     return {"model_sha256": model.hexdigest(), "data_sha256": data.hexdigest()}
 
 
@@ -84,17 +77,21 @@ def _tensor_bytes(t) -> bytes:
         return repr((type(t).__name__, getattr(t, "layout", None))).encode()
 
 
-def _item_bytes(item) -> bytes:
-    """One data item (or label) as bytes that do not depend on the process: text as UTF-8, arrays by shape, dtype and
-    values, anything else (an object array's entries) by its repr."""
-    if isinstance(item, str):
-        raw = item.encode("utf-8", "surrogatepass")
+def _values_bytes(values) -> bytes:
+    """Data items or labels as bytes that do not depend on the process: a numeric array whole (shape, dtype, values),
+    else entry by entry (text as UTF-8, arrays as numeric arrays, anything else by its repr)."""
+    if isinstance(values, str):
+        raw = values.encode("utf-8", "surrogatepass")
         return len(raw).to_bytes(8, "little") + raw
-    a = np.asarray(item)
-    if a.dtype == object:
-        raw = repr(a.tolist()).encode()
-        return len(raw).to_bytes(8, "little") + raw
-    return f"{a.shape}{a.dtype}".encode() + np.ascontiguousarray(a).tobytes()
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        return f"{values.shape}{values.dtype}".encode() + np.ascontiguousarray(values).tobytes()
+    if isinstance(values, (list, tuple, np.ndarray)):
+        return len(values).to_bytes(8, "little") + b"".join(_values_bytes(v) for v in values)
+    a = np.asarray(values)
+    if a.dtype != object:
+        return _values_bytes(a)
+    raw = repr(values).encode()
+    return len(raw).to_bytes(8, "little") + raw
 
 
 

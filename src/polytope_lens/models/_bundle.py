@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from polytope_lens.errors import InvalidInputError
+from polytope_lens.errors import InvalidInputError, first_line
 
 MODEL_MODALITIES = ("image", "text", "vector")
 
@@ -275,8 +275,8 @@ class ModelBundle:
             enc = self.tokenizer(list(data.items), padding=True, truncation=True, max_length=max_length,
                                  return_tensors="pt", return_special_tokens_mask=True)
         except Exception as exc:  # noqa: BLE001 - tokenizers raise plain Exceptions (a word outside a vocabulary)
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise InvalidInputError(f"The tokenizer of {self.spec!r} cannot encode {data.spec!r}: {reason}") from None
+            raise InvalidInputError(f"The tokenizer of {self.spec!r} cannot encode {data.spec!r}: "
+                                    f"{first_line(exc)}") from None
         # rows of token protocols are content tokens: padding and special tokens ([CLS], [SEP]) are left out
         mask = enc["attention_mask"].bool() & ~enc["special_tokens_mask"].bool()
         tensors = {self.input_name: enc["input_ids"], "attention_mask": enc["attention_mask"]}

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from polytope_lens.data._source import package_version
-from polytope_lens.errors import InvalidInputError, MissingDependencyError, RandomWeightsWarning
+from polytope_lens.errors import InvalidInputError, MissingDependencyError, RandomWeightsWarning, first_line
 from polytope_lens.models._bundle import ModelBundle
 
 INSTALL_TRANSFORMERS = "pip install 'polytope-lens[models]'"
@@ -145,8 +145,7 @@ def _not_local(name: str, spec: str, exc: Exception) -> MissingDependencyError:
 
 def _folder_error(name: str, spec: str, exc: Exception, what: str) -> InvalidInputError:
     """A folder that exists but cannot be loaded: the loader's own reason (its first line), not "not local"."""
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-    return InvalidInputError(f"Model folder {name!r} (spec {spec!r}) {what}: {reason}")
+    return InvalidInputError(f"Model folder {name!r} (spec {spec!r}) {what}: {first_line(exc)}")
 
 
 def _hf_config(name: str, spec: str):

@@ -108,7 +108,7 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
     >>> res.exact, float(res.area.sum())
     (True, 4.0)
     """
-    from .partition import build
+    from .partition import NEAR_RESOLUTION, build
     owner = "slice_plane"
     check_capture_kwargs(slice_plane, capture_kwargs)
     _check(owner, dtype, tol, memory_budget)
@@ -155,7 +155,7 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
                      "their scale), so tol is kept to a millionth of that move (at least 64 ulps)")
     if out["coarse"]:
         worst = max(out["coarse"], key=out["coarse"].get)
-        notes.append(f"near float resolution: at {worst!r} the snapping tolerance is {out['coarse'][worst]:.2g} of how "
+        notes.append(f"{NEAR_RESOLUTION}: at {worst!r} the snapping tolerance is {out['coarse'][worst]:.2g} of how "
                      "far the least-moving unit whose kink the plane crosses moves across it, so regions thinner than "
                      "about that share of the plane may be merged (use a larger plane)")
     if out["fallbacks"]:

@@ -22,9 +22,7 @@ from torch import nn
 from ..capture import check_capture_kwargs, model_errors, run, select_sites
 from ..errors import InvalidInputError
 from ..paths.runner import check_dtype, default_forward, prepare_model
-from .partition import _not_finite
-
-NEAR_RESOLUTION = "near float resolution"  # a slice's note that its thinnest regions may be merged
+from .partition import NEAR_RESOLUTION, _not_finite
 
 __all__ = ["LocalComplexity", "local_complexity", "exact_local_complexity"]
 

@@ -611,6 +611,9 @@ def _check_finite_model(m, owner: str, dtype) -> None:
                                         f"{str(dtype).replace('torch.', '')}), so it has no linear regions.")
 
 
+NEAR_RESOLUTION = "near float resolution"  # how a slice's note that its thinnest regions may be merged begins
+
+
 def _not_finite(what: str, owner: str, dtype, where: str = "at some points of the slice",
                 smaller: str | None = None) -> InvalidInputError:
     hint = f"; use a smaller {smaller}" if smaller else ""
