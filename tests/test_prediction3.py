@@ -152,6 +152,13 @@ def test_the_class_at_alpha_one_is_the_models_not_the_nearest_midpoints():
     assert r.intervals[0]["lo"] == pytest.approx(0.9, abs=1e-7) and r.intervals[0]["hi"] is None
     st = ray_statistics(r.rays)
     assert [iv["class"] for iv in st["intervals"]] == [1, 1]
+    # the notebook views: one panel per ray with its validity interval; the HTML view lists the intervals
+    import matplotlib.pyplot as plt
+    fig = r.plot(n_rays=2)
+    spans = [p for p in fig.axes[0].patches if p.get_label() == "validity interval"]
+    assert len(spans) == 1 and spans[0].get_x() == pytest.approx(r.intervals[0]["lo"])
+    assert f"<td>{r.intervals[0]['lo']:.4g}</td>" in r._repr_html_()
+    plt.close("all")
 
 
 @pytest.mark.parametrize("alphas", [(0.05, 0.3), (1.0, 4.0), (2.0, 0.5), (0.0, float("inf"))])

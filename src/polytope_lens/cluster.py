@@ -501,6 +501,13 @@ class ClusterSummary:
         return {"n_rows": self.n_rows, "n_noise": self.n_noise, "n_bits": self.n_bits,
                 "clusters": [c.to_dict() for c in self.clusters], **self.meta}
 
+    def _repr_html_(self) -> str:
+        from .report.html import cluster_table, summary_html
+
+        return summary_html(f"ClusterSummary: {len(self.clusters)} clusters of {self.n_rows} rows",
+                            {"noise rows": self.n_noise, "code bits": self.n_bits},
+                            cluster_table([c.to_dict() for c in self.clusters], n=20))
+
 
 def cluster_summary(labels, codes, *, y=None, top_k: int = 10, max_members: int | None = None) -> ClusterSummary:
     """Per cluster: size, member rows and the defining code bits.

@@ -18,10 +18,8 @@ Nothing here is exact or approximate beyond the clusterer: ``clusters.json`` rec
 
 from __future__ import annotations
 
-import base64
 import fnmatch
 import html
-import io
 import json
 import shutil
 import time
@@ -146,21 +144,16 @@ def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_clust
 
 # ------------------------------------------------------------------------------------------------ dashboard
 def _png(fig) -> str:
-    import matplotlib.pyplot as plt
+    from .report.figures import png
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    return f'<img src="data:image/png;base64,{png(fig, dpi=80)}">'
 
 
 def _sizes_chart(sizes: list[int]) -> str:
-    import matplotlib
+    from matplotlib.figure import Figure  # outside pyplot: no backend involved
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 2.5))
+    fig = Figure(figsize=(8, 2.5))
+    ax = fig.subplots()
     ax.bar(np.arange(len(sizes)), sizes, color="#4c72b0")
     ax.set_xlabel("cluster (largest first)")
     ax.set_ylabel("rows")
@@ -175,11 +168,12 @@ def _image_shaped(items) -> bool:
 
 def _image_grid(images: list[np.ndarray], stretch: bool = False) -> str:
     """A PNG grid of images in [0, 1] (``stretch``: each scaled from its own min to max, for arrays of any range)."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     cols = min(8, len(images))
     rows = -(-len(images) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.9, rows * 0.9), squeeze=False)
+    fig = Figure(figsize=(cols * 0.9, rows * 0.9))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, im in zip(axes.ravel(), images):

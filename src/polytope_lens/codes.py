@@ -345,6 +345,19 @@ class SplineCodes:
             **self.meta,
         }
 
+    def _repr_html_(self) -> str:
+        from .report.html import rows_table, summary_html
+
+        d = self.summary()
+        kind = "exact: every site piecewise linear" if d["exact"] else "threshold codes of smooth sites (not exact)"
+        return summary_html(
+            f"SplineCodes: {d['rows']} rows, {len(d['layers'])} sites ({kind})",
+            {"dtype": d["dtype"], "units": ", ".join(f"{k}={v}" for k, v in d["selection"].items())},
+            rows_table(["site", "alias", "activation", "exact", "units", "bits per unit", "bytes per row",
+                        "share off the first piece"],
+                       [[x["site"], x["alias"], x["activation"], x["exact"], x["n_units"], x["bits_per_unit"],
+                         x["bytes_per_row"], x["fraction_active"]] for x in d["layers"]]))
+
 
 def active_counts(lc: LayerCodes) -> tuple[int, int]:
     """(units off their first piece, units) over the rows of ``lc``."""

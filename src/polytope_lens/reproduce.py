@@ -234,10 +234,8 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
             if bundle.modality == "image":
                 src = data if photos else load_data(job["data"], limit=n1, seed=0)
                 try:
-                    import matplotlib
-                    matplotlib.use("Agg")
-                    from .report.figures import _png
-                    state["grids"][_label(d1)] = _png(r1.plot(src, max_clusters=6, per_cluster=8))
+                    from .report.figures import png
+                    state["grids"][_label(d1)] = png(r1.plot(src, max_clusters=6, per_cluster=8, detached=True))
                 except PolytopeLensError:
                     pass
             timings[f"{m}/prediction_1"] = round(time.perf_counter() - t0, 2)
@@ -318,13 +316,11 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
 
 def _opening_picture() -> str:
     """The paper's opening picture (a 2-D classifier trained here, its exact regions after each layer) as PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from .report.figures import _png
+    from .report.figures import png
     from .slices.render import opening_figure
 
-    fig, _ = opening_figure()
-    return _png(fig)
+    fig, _ = opening_figure(detached=True)
+    return png(fig)
 
 
 def _label(result: dict) -> str:

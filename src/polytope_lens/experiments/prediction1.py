@@ -195,32 +195,28 @@ class Prediction1Result:
                 "baseline_clustering": self.baseline_clustering, "code_clusters": list(self.code_clusters),
                 "baseline_clusters": list(self.baseline_clusters), "settings": self.settings}
 
-    def plot(self, source=None, *, which: str = "code", max_clusters: int = 8, per_cluster: int = 8):
+    def plot(self, source=None, *, which: str = "code", max_clusters: int = 8, per_cluster: int = 8,
+             detached: bool = False):
         """Image grid (one row per cluster, largest first, most confident members) or, without ``source``, the
         entries with their CIs. ``source`` is the loaded data (``load_data(data, limit=n_items, seed=seed)``).
+        ``detached``: a ``matplotlib.figure.Figure`` outside pyplot (for files and reports).
 
         Returns a matplotlib Figure.
         """
-        import matplotlib.pyplot as plt
+        from ..report.figures import entries_figure, new_figure
 
         if which not in ("code", "baseline"):
             raise InvalidInputError(f"The 'which' parameter of plot must be 'code' or 'baseline'. Got {which!r}.")
         if source is None:
-            fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(self.entries)))
-            for i, e in enumerate(self.entries):
-                d = e["value"] - e["baseline"]
-                ax.errorbar(d, i, xerr=[[d - e["ci"][0]], [e["ci"][1] - d]], fmt="o", capsize=3)
-            ax.axvline(0, color="grey", lw=0.8)
-            ax.set_yticks(range(len(self.entries)), [f"{e['statistic']} ({e['verdict']})" for e in self.entries])
-            ax.set_xlabel("codes - activations")
-            fig.tight_layout()
-            return fig
+            return entries_figure(list(self.entries), f"Prediction 1 on {self.model}: codes - activations",
+                                  detached=detached).figure
         clusters = [c for c in (self.code_clusters if which == "code" else self.baseline_clusters)
                     if "items" in c][:max_clusters]
         if not clusters:
             raise InvalidInputError("No image clusters to draw: the result has no image items (text model?) or no "
                                     "clusters.")
-        fig, axes = plt.subplots(len(clusters), per_cluster, figsize=(per_cluster, len(clusters)), squeeze=False)
+        fig = new_figure((per_cluster, len(clusters)), detached)
+        axes = fig.subplots(len(clusters), per_cluster, squeeze=False)
         for r, c in enumerate(clusters):
             for j, ax in enumerate(axes[r]):
                 ax.axis("off")
@@ -232,12 +228,13 @@ class Prediction1Result:
         return fig
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{h}</th>" for h in ("statistic", "codes", "activations", "CI of difference", "verdict"))
-        body = "".join(
-            f"<tr><td>{e['statistic']}</td><td>{e['value']:.3f}</td><td>{e['baseline']:.3f}</td>"
-            f"<td>[{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]</td><td>{e['verdict']}</td></tr>" for e in self.entries)
-        return (f"<p>Prediction 1 on <b>{self.model}</b> / {self.data}: <b>{self.verdict}</b> ({self.primary})</p>"
-                f"<table><tr>{head}</tr>{body}</table>")
+        from ..report.html import entries_table, summary_html
+
+        return summary_html(f"Prediction 1 on {self.model} / {self.data}: {self.verdict} ({self.primary})",
+                            {"rows": len(self.rows), "exact codes": self.exact,
+                             "code clusters": self.code_clustering.get("n_clusters_found"),
+                             "activation clusters": self.baseline_clustering.get("n_clusters_found")},
+                            entries_table(list(self.entries)))
 
 
 # ------------------------------------------------------------------------------------------------------ run

@@ -146,14 +146,15 @@ def path_statistics(different, same=None, control=None, *, model: str = "model",
 @dataclass(frozen=True, eq=False)
 class Prediction2Result:
     """Outcome of ``run_prediction2``: ``entries`` (one per statistic), the overall ``verdict`` (of ``primary``),
-    ``plot`` data, the path batches (``paths``: different / same / random) and ``settings``."""
+    ``plot_data`` (what ``plot()`` draws, ``to_dict``'s ``plot``), the path batches (``paths``: different / same /
+    random) and ``settings``."""
 
     model: str
     data: str
     entries: tuple
     primary: str
     verdict: str
-    plot: dict
+    plot_data: dict
     exact: bool
     method: str
     layer: str | None
@@ -170,8 +171,38 @@ class Prediction2Result:
     def to_dict(self) -> dict:
         return {"model": self.model, "data": self.data, "prediction": 2, "primary": self.primary,
                 "verdict": self.verdict, "exact": self.exact, "method": self.method, "layer": self.layer,
-                "entries": [dict(e) for e in self.entries], "plot": self.plot,
+                "entries": [dict(e) for e in self.entries], "plot": self.plot_data,
                 "pairs": {k: np.asarray(v).tolist() for k, v in self.pairs.items()}, "settings": self.settings}
+
+    def plot(self, kind: str = "both", ax=None):
+        """``"histogram"``: crossings per path by pair type; ``"density"``: windowed crossing density along the
+        different-class paths with their class changes; ``"both"`` (a new figure, side by side). Returns the Axes
+        (the Figure for ``"both"``)."""
+        from ..report.figures import crossings_histogram, density_vs_t, new_figure
+
+        data = {"model": self.model, "plot": self.plot_data}
+        if kind == "both" and ax is None:
+            fig = new_figure((10, 3))
+            left, right = fig.subplots(1, 2)
+            crossings_histogram(data, left)
+            density_vs_t(data, right)
+            fig.tight_layout()
+            return fig
+        draw = {"histogram": crossings_histogram, "density": density_vs_t}.get(kind)
+        if draw is None:
+            raise InvalidInputError(f"The 'kind' parameter of plot must be 'histogram' or 'density' (or 'both' without "
+                                    f"ax). Got {kind!r}.")
+        return draw(data, ax)
+
+    def _repr_html_(self) -> str:
+        from ..report.html import entries_table, summary_html
+
+        counts = {k: len(v) for k, v in self.plot_data.get("counts", {}).items()}
+        return summary_html(f"Prediction 2 on {self.model} / {self.data}: {self.verdict} ({self.primary})",
+                            {"crossings": "exact" if self.exact else "sampled (lower bounds)", "method": self.method,
+                             "paths at": self.layer or "the input",
+                             "paths": ", ".join(f"{n} {k}" for k, n in counts.items())},
+                            entries_table(list(self.entries)))
 
 
 def _draw_pairs(labels: np.ndarray, n_pairs: int, rng) -> tuple[np.ndarray, np.ndarray]:
@@ -328,7 +359,7 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
                 "sites": list(res_d.sites), "units": units if units is None or isinstance(units, str) else
                 "selected", "notes": list(res_d.notes)}
     return Prediction2Result(model=name, data=getattr(source, "spec", str(data)), entries=tuple(entries),
-                             primary=primary, verdict=overall, plot=stats_["plot"], exact=res_d.exact,
+                             primary=primary, verdict=overall, plot_data=stats_["plot"], exact=res_d.exact,
                              method=res_d.method, layer=layer,
                              paths={"different": res_d, "same": res_s, "random": res_c},
                              pairs={"different": diff, "same": same}, settings=settings, start_codes=starts)

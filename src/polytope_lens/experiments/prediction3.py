@@ -121,15 +121,15 @@ def ray_statistics(batch, *, model: str = "model", half_width: float = 0.1, leve
 
 @dataclass(frozen=True, eq=False)
 class Prediction3Result:
-    """Outcome of ``run_prediction3``: ``entries``, ``verdict``, per-ray ``intervals`` and ``plot`` data (alpha grid,
-    top class and its probability per ray, crossing positions)."""
+    """Outcome of ``run_prediction3``: ``entries``, ``verdict``, per-ray ``intervals`` and ``plot_data`` (what
+    ``plot()`` draws, ``to_dict``'s ``plot``: alpha grid, top class and its probability per ray, crossing positions)."""
 
     model: str
     data: str
     entries: tuple
     verdict: str
     intervals: tuple
-    plot: dict
+    plot_data: dict
     exact: bool
     method: str
     layer: str
@@ -139,8 +139,27 @@ class Prediction3Result:
     def to_dict(self) -> dict:
         return {"model": self.model, "data": self.data, "prediction": 3, "verdict": self.verdict,
                 "exact": self.exact, "method": self.method, "layer": self.layer,
-                "entries": [dict(e) for e in self.entries], "intervals": list(self.intervals), "plot": self.plot,
+                "entries": [dict(e) for e in self.entries], "intervals": list(self.intervals),
+                "plot": self.plot_data,
                 "settings": self.settings}
+
+    def plot(self, n_rays: int = 4):
+        """The first ``n_rays`` rays: top-class probability over alpha, the probability of the class at alpha = 1,
+        the validity interval and the crossings. Returns the Figure."""
+        from ..report.figures import scaling_figure
+
+        return scaling_figure({"plot": self.plot_data, "intervals": list(self.intervals)}, n_rays)
+
+    def _repr_html_(self) -> str:
+        from ..report.html import entries_table, interval_table, summary_html
+
+        return summary_html(
+            f"Prediction 3 on {self.model} / {self.data}: {self.verdict}",
+            {"crossings": "exact" if self.exact else "sampled (lower bounds)", "method": self.method,
+             "scaled site": self.layer, "alphas": self.settings.get("alphas"), "rays": len(self.intervals)},
+            entries_table(list(self.entries)),
+            interval_table(list(self.intervals)),
+            notes=["— : the class does not change on that side within the range."])
 
 
 def run_prediction3(model, data, *, layer: str, n_items: int = 50, alphas=(0.25, 4.0), seed: int = 0,
@@ -196,5 +215,5 @@ def run_prediction3(model, data, *, layer: str, n_items: int = 50, alphas=(0.25,
                 "units": units if units is None or isinstance(units, str) else "selected",
                 "closed_intervals": int(np.isfinite(st["widths"]).sum())}
     return Prediction3Result(model=bundle.spec, data=getattr(source, "spec", str(data)), entries=tuple(e),
-                             verdict=e[0]["verdict"], intervals=tuple(st["intervals"]), plot=plot, exact=rays.exact,
-                             method=rays.method, layer=layer, rays=rays, settings=settings)
+                             verdict=e[0]["verdict"], intervals=tuple(st["intervals"]), plot_data=plot,
+                             exact=rays.exact, method=rays.method, layer=layer, rays=rays, settings=settings)

@@ -137,6 +137,8 @@ class PathResult:
         (alpha0, alpha1) of a ray; ``alpha = alpha0 + t * (alpha1 - alpha0)`` (``alpha(t)``). A ray's ``to_dict``
         gives every position in alpha as well: ``alpha``, ``trace.alpha``, ``trace.class_changes_alpha`` and each
         record's ``alpha``.
+    exact : bool or None
+        Whether the crossings are exact (False: sampled lower bounds), as the batch says; None when not known.
     """
 
     index: int
@@ -150,6 +152,7 @@ class PathResult:
     ties: int = 0
     trace: Trace | None = None
     alphas: tuple | None = None
+    exact: bool | None = None
 
     @property
     def n_regions(self) -> int:
@@ -180,6 +183,27 @@ class PathResult:
                 for rec, a in zip(d["records"], self.alpha(self.records["t"]).tolist()):
                     rec["alpha"] = a
         return d
+
+    def plot(self, ax=None, *, bins: int = 50):
+        """Where the crossings lie (histogram stacked by site; a ray's in alpha) and, with a trace, the top-class
+        probability with the class changes dashed. Returns the Axes."""
+        from ..report.figures import path_figure
+
+        return path_figure(self, ax, bins=bins)
+
+    def _repr_html_(self) -> str:
+        from ..report.html import summary_html
+
+        kind = {True: "exact", False: "sampled (lower bound)", None: "not recorded"}[self.exact]
+        facts = {"crossings": f"{self.crossings} ({kind})", "length": self.length, "density": self.density,
+                 "regions": self.n_regions, "ties": self.ties}
+        if self.alphas is not None:
+            facts["alphas"] = f"{self.alphas[0]:g} to {self.alphas[1]:g}"
+        if self.trace is not None:
+            changes = self.trace.class_changes if self.alphas is None else self.alpha(self.trace.class_changes)
+            facts["class changes at " + ("alpha" if self.alphas is not None else "t")] = \
+                ", ".join(f"{c:.6g}" for c in np.atleast_1d(changes)[:10]) or "none"
+        return summary_html(f"Path {self.index}", facts, _site_table(self.per_layer))
 
 
 @dataclass(frozen=True)
@@ -214,7 +238,7 @@ class PathBlock:
         else:
             bps, ties = np.unique(np.concatenate([[0.0, 1.0], rt])), 0
         n, length = r1 - r0, float(self.lengths[i])
-        return PathResult(index=self.start + i, crossings=n, density=n / length, length=length, t=bps,
+        return PathResult(index=self.start + i, crossings=n, density=n / length, length=length, t=bps, exact=self.exact,
                           per_layer={s: int(c) for s, c in zip(self.sites, self.per_site[i].tolist())},
                           records={"t": rt, "site": self.rec_site[r0:r1].astype(np.int64),
                                    "unit": self.rec_unit[r0:r1].astype(np.int64),
@@ -274,6 +298,16 @@ class PathList(Sequence):
     def crossing_t(self) -> np.ndarray:
         """Positions t of every crossing, path after path, without making a ``PathResult`` per path."""
         return np.concatenate([b.rec_t for b in self._blocks] or [np.zeros(0)])
+
+    @property
+    def crossing_site(self) -> np.ndarray:
+        """Site (index into ``sites``) of every crossing, in the order of ``crossing_t``, int64."""
+        return np.concatenate([b.rec_site for b in self._blocks] or [np.zeros(0)]).astype(np.int64)
+
+    @property
+    def alphas(self) -> set:
+        """The distinct ``(alpha0, alpha1)`` of the blocks (``{None}`` for paths that are not rays)."""
+        return {b.alphas for b in self._blocks}
 
 
 @dataclass(frozen=True)
@@ -364,7 +398,63 @@ class PathBatchResult:
         """Crossings per site summed over paths ({site: count}; per path: ``per_site``)."""
         return {s: int(c) for s, c in zip(self.sites, self.per_site.sum(0).tolist())}
 
+    @property
+    def crossing_t(self) -> np.ndarray:
+        """Positions t of every crossing, path after path (float64)."""
+        if isinstance(self.paths, PathList):
+            return self.paths.crossing_t
+        return np.concatenate([p.records["t"] for p in self.paths] or [np.zeros(0)])
+
+    @property
+    def crossing_site(self) -> np.ndarray:
+        """Site (index into ``sites``) of every crossing, in the order of ``crossing_t``."""
+        if isinstance(self.paths, PathList):
+            return self.paths.crossing_site
+        return np.concatenate([p.records["site"] for p in self.paths] or [np.zeros(0)]).astype(np.int64)
+
+    @property
+    def ray_alphas(self) -> tuple | None:
+        """``(alpha0, alpha1)`` when every path is a ray over that one range, else None."""
+        ranges = self.paths.alphas if isinstance(self.paths, PathList) else {p.alphas for p in self.paths}
+        return next(iter(ranges)) if len(ranges) == 1 else None
+
+    def plot(self, ax=None, *, bins: int = 50):
+        """Where the crossings lie: the mean number per path in each bin of t (of alpha for rays over one range),
+        stacked by site. Returns the Axes."""
+        from ..report.figures import batch_figure
+
+        return batch_figure(self, ax, bins=bins)
+
+    def _repr_html_(self) -> str:
+        from ..report.html import summary_html
+
+        counts = self.counts
+        how = f"exact, {self.dtype}" if self.exact else f"sampled lower bounds, {self.dtype}"
+        return summary_html(
+            f"{len(self)} {self.kind}{'s' if len(self) != 1 else ''}: {int(counts.sum())} crossings ({how})",
+            {"method": self.method, "tolerance": ", ".join(f"{k}={v}" for k, v in self.tolerance.items()),
+             "paths drawn at": self.layer or "the input", "crossings per path": _spread(counts),
+             "seconds": round(self.seconds, 3)},
+            _site_table(self.per_layer), notes=self.notes)
+
     def to_dict(self, records: bool = False) -> dict:
         return {"exact": self.exact, "method": self.method, "dtype": self.dtype, "tolerance": dict(self.tolerance),
                 "kind": self.kind, "layer": self.layer, "sites": list(self.sites), "notes": list(self.notes),
                 "seconds": self.seconds, "paths": [p.to_dict(records=records) for p in self.paths]}
+
+
+def _spread(counts: np.ndarray) -> str:
+    """'mean 12.5 (min 3, max 40)' of per-path counts."""
+    if not len(counts):
+        return "no paths"
+    return f"mean {counts.mean():.4g} (min {counts.min()}, max {counts.max()})"
+
+
+def _site_table(per_layer: dict, n: int = 20) -> str:
+    """Crossings per site, in execution order; beyond ``n`` sites the rest are summed in one row."""
+    from ..report.html import rows_table
+
+    rows = [[s, c] for s, c in per_layer.items()]
+    if len(rows) > n:
+        rows = rows[:n] + [[f"{len(rows) - n} more sites", sum(c for _, c in rows[n:])]]
+    return rows_table(["site", "crossings"], rows)

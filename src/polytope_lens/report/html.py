@@ -28,11 +28,33 @@ def _f(x) -> str:
     return html.escape(str(x))
 
 
+def rows_table(header: list, rows: list) -> str:
+    """An HTML table with the given header and rows (cells formatted by ``_f``, so escaped)."""
+    head = "".join(f"<th>{_f(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_f(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def interval_table(intervals: list, n: int = 12) -> str:
+    """Prediction 3's validity intervals of the first ``n`` rays."""
+    return rows_table(["ray", "class at alpha=1", "interval lo", "interval hi"],
+                      [[i, v.get("class_name"), v["lo"], v["hi"]] for i, v in enumerate(intervals[:n])])
+
+
+def summary_html(title: str, facts: dict, *tables: str, notes=()) -> str:
+    """A result's notebook view: a bold title, a two-column table of facts, further tables and notes."""
+    facts_rows = "".join(f"<tr><th>{_f(k)}</th><td>{_f(v)}</td></tr>" for k, v in facts.items())
+    note_items = "".join(f"<li>{_f(n)}</li>" for n in notes)
+    return (f"<div><p><b>{_f(title)}</b></p><table>{facts_rows}</table>{''.join(tables)}"
+            + (f"<ul>{note_items}</ul>" if note_items else "") + "</div>")
+
+
 def _verdict(v: str) -> str:
     return f'<span class="{v.replace(" ", "-")}">{html.escape(v)}</span>'
 
 
-def _table(entries: list) -> str:
+def entries_table(entries: list) -> str:
+    """The rows of a prediction's statistics: value, baseline, interval of the difference, verdict."""
     head = ("<tr><th>model</th><th>data</th><th>statistic</th><th>value</th><th>baseline</th>"
             "<th>95% interval of difference</th><th>verdict</th></tr>")
     rows = "".join(f"<tr><td>{_f(e['model'])}</td><td>{_f(e.get('data'))}</td><td>{_f(e['statistic'])}</td>"
@@ -42,7 +64,7 @@ def _table(entries: list) -> str:
     return f"<table>{head}{rows}</table>"
 
 
-def _cluster_table(clusters: list, n: int = 12, n_units: int = 4) -> str:
+def cluster_table(clusters: list, n: int = 12, n_units: int = 4) -> str:
     """Dashboard rows of the largest code clusters: size, majority label and share, the bits that set it apart."""
     rows = []
     for c in [c for c in clusters if not c.get("noise")][:n]:
@@ -55,6 +77,10 @@ def _cluster_table(clusters: list, n: int = 12, n_units: int = 4) -> str:
         return ""
     return ("<table><tr><th>code cluster</th><th>size</th><th>majority label</th><th>defining units (site[unit] "
             "bit: share of members with the bit set vs of other rows)</th></tr>" + "".join(rows) + "</table>")
+
+
+def _png(ax) -> str:
+    return figures.png(ax.figure)
 
 
 def _img(b64: str, alt: str) -> str:
@@ -90,14 +116,15 @@ def render_report(state: dict) -> str:
     sec = ["<section id='prediction-1'><h2>Prediction 1: spline-code clusters vs activation clusters</h2>"]
     all_e = [dict(e, data=r["data"]) for r in p1 for e in r["entries"]]
     if all_e:
-        sec.append(_table(all_e))
-        sec.append(_img(figures.entries_figure(all_e, "Prediction 1: codes - activations"), "prediction 1 CIs"))
+        sec.append(entries_table(all_e))
+        sec.append(_img(_png(figures.entries_figure(all_e, "Prediction 1: codes - activations", detached=True)),
+                        "prediction 1 CIs"))
     for r in p1:
         sec.append(f"<h3>{_f(r['model'])} on {_f(r['data'])}</h3>")
         grid = state.get("grids", {}).get(f"{r['model']} on {r['data']}")
         if grid:
             sec.append("<p>Code clusters (one row per cluster, most confident members):</p>" + _img(grid, "grid"))
-        sec.append(_cluster_table(r.get("code_clusters", [])))
+        sec.append(cluster_table(r.get("code_clusters", [])))
         ctx = [c for c in r.get("code_clusters", []) if "contexts" in c][:6]
         for c in ctx:
             items = "".join(f"<li><code>{html.escape(t)}</code></li>" for t in c["contexts"][:5])
@@ -110,12 +137,12 @@ def render_report(state: dict) -> str:
     sec = ["<section id='prediction-2'><h2>Prediction 2: boundary density along interpolation paths</h2>"]
     all_e = [dict(e, data=r["data"]) for r in p2 for e in r["entries"]]
     if all_e:
-        sec.append(_table(all_e))
+        sec.append(entries_table(all_e))
     for r in p2:
         sec.append(f"<h3>{_f(r['model'])} on {_f(r['data'])} (paths at {_f(r['layer'] or 'input')}, "
                    f"{r['method']})</h3>")
-        sec.append(_img(figures.crossings_histogram(r), "crossings histogram"))
-        sec.append(_img(figures.density_vs_t(r), "density vs t"))
+        sec.append(_img(_png(figures.crossings_histogram(r, detached=True)), "crossings histogram"))
+        sec.append(_img(_png(figures.density_vs_t(r, detached=True)), "density vs t"))
     if state.get("slice"):
         sec.append("<h3>The polytope picture: exact 2-D regions of a toy classifier after each layer</h3>"
                    "<p class='note'>A 2-32-32-32-2 ReLU MLP trained here on two moons; regions coloured by a hash of "
@@ -128,15 +155,13 @@ def render_report(state: dict) -> str:
     sec = ["<section id='prediction-3'><h2>Prediction 3: scaling and validity intervals</h2>"]
     all_e = [dict(e, data=r["data"]) for r in p3 for e in r["entries"]]
     if all_e:
-        sec.append(_table(all_e))
+        sec.append(entries_table(all_e))
     for r in p3:
         sec.append(f"<h3>{_f(r['model'])} on {_f(r['data'])} (scaling {_f(r['layer'])}, "
                    f"alpha in {r['settings']['alphas']})</h3>")
-        sec.append(_img(figures.scaling_figure(r), "scaling"))
-        iv = "".join(f"<tr><td>{i}</td><td>{_f(v['class_name'])}</td><td>{_f(v['lo'])}</td><td>{_f(v['hi'])}</td></tr>"
-                     for i, v in enumerate(r["intervals"][:12]))
-        sec.append("<table><tr><th>ray</th><th>class at alpha=1</th><th>interval lo</th><th>interval hi</th></tr>"
-                   f"{iv}</table><p class='note'>— : the class does not change on that side within the range.</p>")
+        sec.append(_img(figures.png(figures.scaling_figure(r, detached=True)), "scaling"))
+        sec.append(interval_table(r["intervals"]) + "<p class='note'>— : the class does not change on that side "
+                   "within the range.</p>")
     sec.append("</section>")
     parts.append("".join(sec))
     # flow

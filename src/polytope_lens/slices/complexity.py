@@ -66,6 +66,29 @@ class LocalComplexity:
                 "per_site_mean": {k: float(v.mean()) for k, v in self.per_site.items()},
                 "total": self.total.tolist(), "notes": list(self.notes)}
 
+    def plot(self, ax=None, *, bins: int = 30):
+        """Histogram of ``total`` over the points. Returns the Axes."""
+        from ..report.figures import new_figure
+
+        ax = ax if ax is not None else new_figure((5, 3)).subplots()
+        ax.hist(self.total, bins=bins, color="C0")
+        ax.set_xlabel("regions in the square around the point" if self.exact else
+                      "units changing piece near the point, summed over sites")
+        ax.set_ylabel("points")
+        ax.set_title(f"local complexity, radius {self.radius:g} "
+                     f"({'exact' if self.exact else f'sampled, {self.n_dirs} directions'}, {self.dtype})", fontsize=9)
+        return ax
+
+    def _repr_html_(self) -> str:
+        from ..report.html import rows_table, summary_html
+
+        d = self.to_dict()
+        facts = {"points": len(self.total), "measure": "exact region count in the square" if self.exact else
+                 f"sampled: units changing piece over {self.n_dirs} directions", "radius": self.radius,
+                 "dtype": self.dtype, "mean total": d["mean_total"]}
+        return summary_html("LocalComplexity", facts,
+                            rows_table(["site", "mean"], list(d["per_site_mean"].items())), notes=self.notes)
+
 
 def _check_radius(radius, owner) -> None:
     if isinstance(radius, bool) or not (isinstance(radius, (int, float)) and 0 < radius < math.inf):

@@ -166,19 +166,23 @@ def toy_classifier(dataset: str = "moons", width: int = 32, depth: int = 3, step
 
 
 def opening_figure(path=None, *, dataset: str = "moons", width: int = 32, depth: int = 3, seed: int = 0,
-                   lo: float = -1.0, hi: float = 1.0):
+                   lo: float = -1.0, hi: float = 1.0, detached: bool = False):
     """The paper's opening picture: a toy 2-D classifier's polytopes after each layer and its decision boundary.
 
-    Returns (figure, list of SliceResult); writes ``path`` (PNG or SVG by suffix) when given."""
-    import matplotlib
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    Returns (figure, list of SliceResult); writes ``path`` (PNG or SVG by suffix) when given. ``detached``: a
+    ``matplotlib.figure.Figure`` outside pyplot (for files and reports; no backend involved)."""
     from . import slice_box
     from ..capture import list_sites
     model, X, y = toy_classifier(dataset, width, depth, seed=seed)
     sites = [s.name for s in list_sites(model, lambda: model(torch.zeros(1, 2)))]
     results = [slice_box(model, lo, hi, until=s) for s in sites[:-1]] + [slice_box(model, lo, hi)]
-    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 4.2))
+    if detached:
+        from matplotlib.figure import Figure
+        fig = Figure(figsize=(4 * len(results), 4.2))
+        axes = fig.subplots(1, len(results))
+    else:
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 4.2))
     for i, (ax, r) in enumerate(zip(np.atleast_1d(axes), results)):
         last = i == len(results) - 1
         r.plot(ax, color_by="class" if last else "code", kinks_of=sites[i], boundary=last,

@@ -160,15 +160,23 @@ class SliceResult:
         self._save(path, "svg", **kwargs)
 
     def _save(self, path, fmt, dpi: int = 150, size: float = 6.0, **kwargs):
-        import matplotlib
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(size, size))
-        try:
-            self.plot(ax, **kwargs)
-            fig.savefig(path, format=fmt, dpi=dpi, bbox_inches="tight")
-        finally:
-            plt.close(fig)
+        from matplotlib.figure import Figure  # outside pyplot: the backend a notebook chose stays as it is
+        fig = Figure(figsize=(size, size))
+        self.plot(fig.subplots(), **kwargs)
+        fig.savefig(path, format=fmt, dpi=dpi, bbox_inches="tight")
+
+    def _repr_html_(self) -> str:
+        import base64
+
+        from ..report.html import summary_html
+
+        picture = base64.b64encode(self._repr_png_()).decode("ascii")
+        return summary_html(
+            f"SliceResult: {self.num_regions} regions (exact up to tol {self.tol:g}, {self.dtype})",
+            {"plane": f"{self.plane.kind} in the space of {self.plane.site or 'the input'}",
+             "sites": ", ".join(self.sites), "area covered":
+             f"{float(self.area.sum()):.6g} of {self.plane.area:.6g}", "seconds": round(self.seconds, 3)},
+            f'<img alt="slice" src="data:image/png;base64,{picture}">', notes=self.notes)
 
     def _repr_png_(self) -> bytes:
         buf = io.BytesIO()
