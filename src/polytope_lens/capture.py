@@ -728,15 +728,15 @@ def check_eager(model: nn.Module) -> None:
     scripted = next((n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
     if scripted is not None:
         raise InvalidInputError(f"{'Module ' + repr(scripted) if scripted else 'The model'} is TorchScript "
-                                "(torch.jit.script or trace): the nonlinearities it applies cannot be seen; give the "
-                                "eager module it was made from.")
+                                "(torch.jit.script or trace): what it computes inside cannot be seen, so any "
+                                "nonlinearity there would be missed; give the eager module it was made from.")
     for path, module in model.named_modules():
         called = _script_functions(type(module))
         if called:
             where = f"module {path!r}" if path else "the model"
             raise InvalidInputError(f"The forward of {where} ({type(module).__name__}) calls the TorchScript function "
-                                    f"{called[0]!r} (torch.jit.script): the nonlinearities it applies cannot be seen; "
-                                    "call the plain Python function instead.")
+                                    f"{called[0]!r} (torch.jit.script): what it computes inside cannot be seen, so any "
+                                    "nonlinearity there would be missed; call the plain Python function instead.")
 
 
 @contextmanager
