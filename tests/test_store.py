@@ -248,6 +248,27 @@ def test_content_digest_takes_any_tensor_and_object_labels():
     assert digest({}, labels[0]) == digest({}, labels[1]) != digest({}, np.array(["dog", "cat"], dtype=object))
 
 
+def test_content_digest_sees_quantized_weights():
+    """A dynamically quantized Linear keeps its weight in a (weight, bias) tuple in the state dict, which the digest
+    skipped: two different quantized models had one digest, so --resume appended one model's codes to the other's."""
+    import warnings
+    from types import SimpleNamespace
+
+    from polytope_lens.data import DataSource
+    from polytope_lens.extract import content_digest
+
+    def quantized(seed):
+        torch.manual_seed(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch deprecates eager quantization
+            return torch.ao.quantization.quantize_dynamic(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)),
+                                                          {nn.Linear}, dtype=torch.qint8)
+
+    src = DataSource("x", "array", np.zeros((2, 1)), None)
+    a, b, a_again = (content_digest(SimpleNamespace(module=quantized(s)), src)["model_sha256"] for s in (0, 1, 0))
+    assert a == a_again != b
+
+
 @pytest.mark.parametrize("resume", [False, True])
 def test_a_refused_publish_leaves_no_partial_store_or_a_resumable_one(tmp_path, resume):
     """A store whose destination appeared during the run is refused at the end; the partial store was left behind

@@ -52,13 +52,23 @@ def content_digest(bundle, source) -> dict:
     since a spec names a file, not what it holds (a ``file:`` model or ``npy:`` data replaced under the same path was
     appended to, mixing two models' codes in one store)."""
     model = hashlib.sha256()
-    for name, t in sorted(bundle.module.state_dict().items()):
-        if isinstance(t, torch.Tensor):
-            model.update(name.encode() + _tensor_bytes(t))
+    for name, value in sorted(bundle.module.state_dict().items()):
+        model.update(name.encode() + _state_bytes(value))
     data = hashlib.sha256(_values_bytes(source.items))
     if source.labels is not None:
         data.update(b"labels" + _values_bytes(np.asarray(source.labels)))
     return {"model_sha256": model.hexdigest(), "data_sha256": data.hexdigest()}
+
+
+def _state_bytes(value) -> bytes:
+    """A state-dict entry as bytes: a tensor's values, a tuple's entries (a quantized layer's packed weight and
+    bias), anything else (a dtype) by its repr."""
+    if isinstance(value, torch.Tensor):
+        return _tensor_bytes(value)
+    if isinstance(value, (tuple, list)):
+        return len(value).to_bytes(8, "little") + b"".join(_state_bytes(v) for v in value)
+    raw = repr(value).encode()
+    return len(raw).to_bytes(8, "little") + raw
 
 
 def _tensor_bytes(t) -> bytes:
@@ -69,6 +79,13 @@ def _tensor_bytes(t) -> bytes:
         head = f"{tuple(t.shape)}{t.dtype}{t.layout}".encode()
         if t.is_meta:
             return head + b"meta"
+        if t.is_quantized:  # the integers and how they map to values
+            if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                scale = repr((t.q_scale(), t.q_zero_point())).encode()
+            else:
+                scale = (_tensor_bytes(t.q_per_channel_scales()) + _tensor_bytes(t.q_per_channel_zero_points())
+                         + str(t.q_per_channel_axis()).encode())
+            return head + scale + _tensor_bytes(t.int_repr())
         if t.layout != torch.strided:
             t = t.to_dense()
         t = t.resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
