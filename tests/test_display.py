@@ -49,6 +49,27 @@ def test_batch_plot_draws_the_mean_crossings_per_bin(mlp):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [s for s in by_count if res.per_layer[s]]
 
 
+def test_legends_name_sites_that_start_with_an_underscore():
+    """Matplotlib drops a label= that starts with '_': EfficientNet-Lite0's sites (``_blocks.0._swish.relu6``) had
+    bars without legend entries."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self._a, self._act, self._b = nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self._b(self._act(self._a(x)))
+
+    net = Net().double()
+    g = torch.Generator().manual_seed(4)
+    res = path_crossings(net, torch.randn(2, 3, generator=g, dtype=torch.float64),
+                         torch.randn(2, 3, generator=g, dtype=torch.float64))
+    assert res.sites[0].startswith("_") and res.counts.sum() > 0
+    assert [t.get_text() for t in res.plot().get_legend().get_texts()] == [res.sites[0]]
+    assert [t.get_text() for t in res[0].plot().get_legend().get_texts()] == [res.sites[0]]
+
+
 def test_ray_plot_is_drawn_in_alpha_with_the_class_changes(mlp):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, generator=g, dtype=torch.float64)

@@ -180,7 +180,7 @@ class Prediction2Result:
         (the Figure for ``"both"``)."""
         from ..report.figures import crossings_histogram, density_vs_t, new_figure
 
-        data = {"model": self.model, "plot": self.plot_data}
+        data = {"model": self.model, "plot": self.plot_data, "exact": self.exact}
         if kind == "both" and ax is None:
             fig = new_figure((10, 3))
             left, right = fig.subplots(1, 2)
@@ -200,9 +200,14 @@ class Prediction2Result:
         counts = {k: len(v) for k, v in self.plot_data.get("counts", {}).items()}
         return summary_html(f"Prediction 2 on {self.model} / {self.data}: {self.verdict} ({self.primary})",
                             {"crossings": "exact" if self.exact else "sampled (lower bounds)", "method": self.method,
-                             "paths at": self.layer or "the input",
+                             "tolerance": _tolerance(self.settings), "paths at": self.layer or "the input",
                              "paths": ", ".join(f"{n} {k}" for k, n in counts.items())},
                             entries_table(list(self.entries)))
+
+
+def _tolerance(settings: dict) -> str:
+    """A path batch's tolerance from a prediction's settings, as 'key=value' pairs."""
+    return ", ".join(f"{k}={v}" for k, v in (settings.get("tolerance") or {}).items()) or "not recorded"
 
 
 def _draw_pairs(labels: np.ndarray, n_pairs: int, rng) -> tuple[np.ndarray, np.ndarray]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
-from .prediction2 import _entry
+from .prediction2 import _entry, _tolerance
 from .stats import mean_difference_ci
 
 __all__ = ["Prediction3Result", "run_prediction3", "validity_interval", "ray_statistics"]
@@ -148,7 +148,7 @@ class Prediction3Result:
         the validity interval and the crossings. Returns the Figure."""
         from ..report.figures import scaling_figure
 
-        return scaling_figure({"plot": self.plot_data, "intervals": list(self.intervals)}, n_rays)
+        return scaling_figure({"plot": self.plot_data, "intervals": list(self.intervals), "exact": self.exact}, n_rays)
 
     def _repr_html_(self) -> str:
         from ..report.html import entries_table, interval_table, summary_html
@@ -156,7 +156,8 @@ class Prediction3Result:
         return summary_html(
             f"Prediction 3 on {self.model} / {self.data}: {self.verdict}",
             {"crossings": "exact" if self.exact else "sampled (lower bounds)", "method": self.method,
-             "scaled site": self.layer, "alphas": self.settings.get("alphas"), "rays": len(self.intervals)},
+             "tolerance": _tolerance(self.settings), "scaled site": self.layer, "alphas": self.settings.get("alphas"),
+             "rays": len(self.intervals)},
             entries_table(list(self.entries)),
             interval_table(list(self.intervals)),
             notes=["— : the class does not change on that side within the range."])

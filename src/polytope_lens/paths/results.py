@@ -200,9 +200,11 @@ class PathResult:
         if self.alphas is not None:
             facts["alphas"] = f"{self.alphas[0]:g} to {self.alphas[1]:g}"
         if self.trace is not None:
-            changes = self.trace.class_changes if self.alphas is None else self.alpha(self.trace.class_changes)
-            facts["class changes at " + ("alpha" if self.alphas is not None else "t")] = \
-                ", ".join(f"{c:.6g}" for c in np.atleast_1d(changes)[:10]) or "none"
+            changes = np.atleast_1d(self.trace.class_changes if self.alphas is None else
+                                    self.alpha(self.trace.class_changes))
+            listed = ", ".join(f"{c:.6g}" for c in changes[:10]) + (f" ... ({len(changes)} in all)"
+                                                                     if len(changes) > 10 else "")
+            facts["class changes at " + ("alpha" if self.alphas is not None else "t")] = listed or "none"
         return summary_html(f"Path {self.index}", facts, _site_table(self.per_layer))
 
 

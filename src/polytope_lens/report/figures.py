@@ -52,6 +52,11 @@ def _axes(ax, figsize, detached: bool):
     return ax if ax is not None else _figure(figsize, detached)[1][0]
 
 
+def _counted(result: dict) -> str:
+    """' (exact)' or ' (sampled lower bounds)' from a result dict's ``exact``, for a title."""
+    return {True: " (exact)", False: " (sampled lower bounds)"}.get(result.get("exact"), "")
+
+
 def crossings_histogram(p2: dict, ax=None, *, detached: bool = False):
     """Prediction 2: crossings per path, by pair type (different class, same class, random direction). Returns the
     Axes."""
@@ -64,7 +69,7 @@ def crossings_histogram(p2: dict, ax=None, *, detached: bool = False):
             ax.hist(counts[kind], bins=bins, alpha=0.55, color=color, label=f"{kind} (n={len(counts[kind])})")
     ax.set_xlabel("boundary crossings per path")
     ax.set_ylabel("paths")
-    ax.set_title(f"{p2['model']}: crossings by pair type", fontsize=9)
+    ax.set_title(f"{p2['model']}: crossings by pair type{_counted(p2)}", fontsize=9)
     ax.legend(fontsize=7)
     return ax
 
@@ -84,7 +89,7 @@ def density_vs_t(p2: dict, ax=None, *, detached: bool = False, n_paths: int = 6)
         ax.plot(c, d.mean(0), color="black", lw=2, label="mean over paths")
         ax.legend(fontsize=7)
     ax.set_xlabel("t (path position)")
-    ax.set_ylabel("crossings per unit length (windowed)")
+    ax.set_ylabel(f"crossings per unit length (windowed){_counted(p2)}")
     ax.set_title(f"{p2['model']}: density along different-class paths, flips dashed", fontsize=9)
     return ax
 
@@ -107,7 +112,7 @@ def scaling_figure(p3: dict, n_rays: int = 4, *, detached: bool = False):
         ca = np.asarray(pl["crossings_alpha"][i])
         ax2 = ax.twinx()
         ax2.hist(ca, bins=40, range=(alpha[0], alpha[-1]), color="C3", alpha=0.35)
-        ax2.set_ylabel("crossings", fontsize=7)
+        ax2.set_ylabel(f"crossings{_counted(p3)}", fontsize=7)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("prob.", fontsize=7)
         top = np.asarray(pl["top_class"][i])
@@ -159,10 +164,11 @@ def _crossing_histogram(ax, x: np.ndarray, site: np.ndarray, sites: tuple, bins:
     """Stacked histogram of crossing positions ``x`` by site, each crossing counting ``weight``."""
     groups = _site_groups(sites, np.bincount(site, minlength=len(sites)))
     if groups:
-        ax.hist([x[np.isin(site, idx)] for _, idx in groups], bins=bins, stacked=True,
-                weights=[np.full(int(np.isin(site, idx).sum()), weight) for _, idx in groups],
-                label=[name for name, _ in groups], color=[f"C{i % 10}" for i in range(len(groups))])
-        ax.legend(fontsize=6, loc="upper left")
+        _, _, bars = ax.hist([x[np.isin(site, idx)] for _, idx in groups], bins=bins, stacked=True,
+                             weights=[np.full(int(np.isin(site, idx).sum()), weight) for _, idx in groups],
+                             color=[f"C{i % 10}" for i in range(len(groups))])
+        # labels given to legend() itself: matplotlib drops a label= that starts with "_" (every EfficientNet site)
+        ax.legend(bars if len(groups) > 1 else [bars], [name for name, _ in groups], fontsize=6, loc="upper left")
 
 
 def path_figure(path, ax=None, *, bins: int = 50, detached: bool = False):
@@ -204,6 +210,6 @@ def batch_figure(batch, ax=None, *, bins: int = 50, detached: bool = False):
     ax.set_xlim(lo, hi)
     ax.set_xlabel("alpha (activation scale)" if ray else "t (path position)")
     ax.set_ylabel("mean crossings per path and bin")
-    ax.set_title(f"{len(batch)} {batch.kind}s, {int(batch.counts.sum())} crossings "
+    ax.set_title(f"{len(batch)} {batch.kind}{'' if len(batch) == 1 else 's'}, {int(batch.counts.sum())} crossings "
                  f"({_label(batch.exact, batch.dtype, batch.tolerance)})", fontsize=9)
     return ax

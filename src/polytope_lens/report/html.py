@@ -66,8 +66,8 @@ def entries_table(entries: list) -> str:
 
 def cluster_table(clusters: list, n: int = 12, n_units: int = 4) -> str:
     """Dashboard rows of the largest code clusters: size, majority label and share, the bits that set it apart."""
-    rows = []
-    for c in [c for c in clusters if not c.get("noise")][:n]:
+    rows, clusters = [], [c for c in clusters if not c.get("noise")]
+    for c in clusters[:n]:
         units = "; ".join(f"{u['site'] or ''}[{u['unit']}] bit {u['bit']}: {u['p_in']:.2f} vs {u['p_out']:.2f}"
                           for u in c.get("units", [])[:n_units])
         share = c.get("majority_share")
@@ -75,6 +75,9 @@ def cluster_table(clusters: list, n: int = 12, n_units: int = 4) -> str:
                     f"{'' if share is None else f' ({share:.0%})'}</td><td>{_f(units)}</td></tr>")
     if not rows:
         return ""
+    if len(clusters) > n:
+        rows.append(f"<tr><td>{len(clusters) - n} more clusters</td><td>{sum(c['size'] for c in clusters[n:])}</td>"
+                    "<td></td><td></td></tr>")
     return ("<table><tr><th>code cluster</th><th>size</th><th>majority label</th><th>defining units (site[unit] "
             "bit: share of members with the bit set vs of other rows)</th></tr>" + "".join(rows) + "</table>")
 
