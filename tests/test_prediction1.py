@@ -174,18 +174,23 @@ def test_run_prediction1_digits_is_well_formed(digits_result):
 
 
 def test_plots_render(digits_result):
-    """The CI plot and an image grid of the code clusters render (Agg backend)."""
-    import matplotlib
+    """The CI plot (one point per finite entry, the level in its label) and an image grid of the code clusters
+    (Axes, one row per cluster) render; the notebook view names the data and the interval's level."""
+    import matplotlib.pyplot as plt
 
-    matplotlib.use("Agg")
     from polytope_lens.data import load_data
 
-    assert digits_result.plot().axes
+    ax = digits_result.plot()
+    finite = [e for e in digits_result.entries if np.isfinite([e["value"], e["baseline"], *e["ci"]]).all()]
+    assert len(ax.lines) - 1 >= len(finite) and "95% interval" in ax.get_xlabel()
     src = load_data("digits", limit=300, seed=0)
-    fig = digits_result.plot(src, max_clusters=3, per_cluster=4)
-    assert len(fig.axes) == 12
+    axes = digits_result.plot(src, max_clusters=3, per_cluster=4)
+    assert axes.shape == (3, 4) and len(axes.flat[0].figure.axes) == 12
     with pytest.raises(InvalidInputError, match="'which' parameter of plot"):
         digits_result.plot(src, which="both")
+    h = digits_result._repr_html_()
+    assert "<td>digits</td>" in h and "95% interval of difference" in h and "(spread)" in h
+    plt.close("all")
 
 
 def test_run_prediction1_exclude_is_paired():

@@ -95,11 +95,12 @@ def test_run_prediction2_digits_small():
             units, first = np.unique(p.records["unit"][m], return_index=True)
             assert (r.start_codes[site][p_i, units] != p.records["piece"][m][first]).all()
     # the notebook views: the histogram counts every path once, the HTML view carries the verdict and entries
-    fig = r.plot()
+    axes = r.plot()
     n_paths = sum(len(v) for v in r.plot_data["counts"].values())
-    assert sum(p.get_height() for p in fig.axes[0].patches) == n_paths and len(fig.axes) == 2
+    assert sum(p.get_height() for p in axes[0].patches) == n_paths and len(axes) == 2
     h = r._repr_html_()
     assert r.verdict in h and all(e["statistic"] in h for e in r.entries) and "exact" in h
+    assert "<td>digits</td>" in h and "tie_tol=" in h
     import matplotlib.pyplot as plt
     plt.close("all")
 

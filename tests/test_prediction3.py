@@ -154,8 +154,8 @@ def test_the_class_at_alpha_one_is_the_models_not_the_nearest_midpoints():
     assert [iv["class"] for iv in st["intervals"]] == [1, 1]
     # the notebook views: one panel per ray with its validity interval; the HTML view lists the intervals
     import matplotlib.pyplot as plt
-    fig = r.plot(n_rays=2)
-    spans = [p for p in fig.axes[0].patches if p.get_label() == "validity interval"]
+    axes = r.plot(n_rays=2)
+    spans = [p for p in axes[0].patches if p.get_label() == "validity interval"]
     assert len(spans) == 1 and spans[0].get_x() == pytest.approx(r.intervals[0]["lo"])
     assert f"<td>{r.intervals[0]['lo']:.4g}</td>" in r._repr_html_()
     plt.close("all")
@@ -197,3 +197,16 @@ def test_mean_difference_ci_is_scipys_t_interval_and_calibrated_at_small_n():
                     for x, y in (rng.normal(size=(2, n)) for _ in range(4000))]
         for side in ("holds", "does not hold"):
             assert 0.015 < verdicts.count(side) / len(verdicts) < 0.035, (n, side)
+
+
+def test_no_verdict_says_why():
+    """Rays over (1.0, 1.2), where no class changes (the planted changes are at 0.6 + s and 2.5 + s), and rays where
+    only one of them changes class: the entry is inconclusive and says why (it showed nan, nan, inconclusive)."""
+    m = _Planted([0.3])
+    x = torch.stack([torch.ones(3), torch.zeros(3)], 1)
+    st = ray_statistics(ray_crossings(m, x, layer="pre.relu", alphas=(1.0, 1.2), method="sampled", n_samples=64))
+    e = st["entries"][0]
+    assert e["verdict"] == "inconclusive" and e["degenerate"].startswith("no ray changes class within its alphas")
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.5], [1.0, 0.5]])  # flips at 0.6 (ray 0) and 1.1 (rays 1, 2: class 1 after)
+    st = ray_statistics(ray_crossings(m, x, layer="pre.relu", alphas=(0.5, 0.9), method="sampled", n_samples=64))
+    assert st["entries"][0]["degenerate"].startswith("only one ray changes class")

@@ -280,6 +280,10 @@ class LayerCodes:
     def exact(self) -> bool:
         return bool(self.activation["exact"])
 
+    def __repr__(self) -> str:
+        return (f"LayerCodes({self.site!r}, {self.activation['name']}, {len(self.packed)} rows x {self.n_units} units, "
+                f"{'exact' if self.exact else 'threshold codes'}{', soft' if self.soft is not None else ''})")
+
     @property
     def bits_per_unit(self) -> int:
         n, ordered = self.activation["n_pieces"], self.activation["ordered"]
@@ -316,6 +320,10 @@ class SplineCodes:
     @property
     def exact(self) -> bool:
         return all(lc.exact for lc in self.layers.values())
+
+    def __repr__(self) -> str:
+        return (f"SplineCodes({len(self)} rows, {len(self.layers)} sites: {', '.join(list(self.layers)[:4])}"
+                f"{', ...' if len(self.layers) > 4 else ''}; {'exact' if self.exact else 'not exact'}, {self.dtype})")
 
     def __len__(self) -> int:
         return len(self.rows)

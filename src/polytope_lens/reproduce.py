@@ -235,7 +235,8 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
                 src = data if photos else load_data(job["data"], limit=n1, seed=0)
                 try:
                     from .report.figures import png
-                    state["grids"][_label(d1)] = png(r1.plot(src, max_clusters=6, per_cluster=8, detached=True))
+                    grid = r1.plot(src, max_clusters=6, per_cluster=8, detached=True)
+                    state["grids"][_label(d1)] = png(grid.flat[0].figure)
                 except PolytopeLensError:
                     pass
             timings[f"{m}/prediction_1"] = round(time.perf_counter() - t0, 2)

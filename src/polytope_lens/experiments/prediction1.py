@@ -195,46 +195,40 @@ class Prediction1Result:
                 "baseline_clustering": self.baseline_clustering, "code_clusters": list(self.code_clusters),
                 "baseline_clusters": list(self.baseline_clusters), "settings": self.settings}
 
-    def plot(self, source=None, *, which: str = "code", max_clusters: int = 8, per_cluster: int = 8,
+    def plot(self, source=None, *, which: str = "code", max_clusters: int = 8, per_cluster: int = 8, ax=None,
              detached: bool = False):
-        """Image grid (one row per cluster, largest first, most confident members) or, without ``source``, the
-        entries with their CIs. ``source`` is the loaded data (``load_data(data, limit=n_items, seed=seed)``).
-        ``detached``: a ``matplotlib.figure.Figure`` outside pyplot (for files and reports).
+        """Without ``source``: the entries with their intervals (on ``ax`` when given). With ``source``, the loaded
+        data (``load_data(data, limit=n_items, seed=seed)``): an image grid, one row per cluster (largest first, most
+        confident members). ``detached``: drawn outside pyplot (for files and reports).
 
-        Returns a matplotlib Figure.
+        Returns the Axes (the grid's: an array, clusters x per_cluster; ``.flat[0].figure`` is the Figure).
         """
-        from ..report.figures import entries_figure, new_figure
+        from ..report.figures import cluster_grid, entries_figure
 
         if which not in ("code", "baseline"):
             raise InvalidInputError(f"The 'which' parameter of plot must be 'code' or 'baseline'. Got {which!r}.")
         if source is None:
-            return entries_figure(list(self.entries), f"Prediction 1 on {self.model}: codes - activations",
-                                  detached=detached).figure
+            return entries_figure(list(self.entries), f"Prediction 1 on {self.model}: codes - activations", ax,
+                                  level=self.settings.get("level", 0.95), detached=detached)
         clusters = [c for c in (self.code_clusters if which == "code" else self.baseline_clusters)
                     if "items" in c][:max_clusters]
         if not clusters:
-            raise InvalidInputError("No image clusters to draw: the result has no image items (text model?) or no "
-                                    "clusters.")
-        fig = new_figure((per_cluster, len(clusters)), detached)
-        axes = fig.subplots(len(clusters), per_cluster, squeeze=False)
-        for r, c in enumerate(clusters):
-            for j, ax in enumerate(axes[r]):
-                ax.axis("off")
-                if j < len(c["items"]):
-                    img = np.asarray(source.items[c["items"][j]], dtype=np.float32)
-                    ax.imshow(img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1), cmap="gray")
-            axes[r][0].set_title(f"#{c['cluster']} n={c['size']} {c['majority']}", fontsize=7, loc="left")
-        fig.tight_layout()
-        return fig
+            why = (self.settings.get("degenerate") or "the clusters hold no image items (a text model?)")
+            raise InvalidInputError(f"No image clusters to draw: {why}.")
+        return cluster_grid(clusters, source.items, per_cluster, detached=detached)
 
     def _repr_html_(self) -> str:
         from ..report.html import entries_table, summary_html
 
+        noise = self.code_clustering.get("noise_fraction")
         return summary_html(f"Prediction 1 on {self.model} / {self.data}: {self.verdict} ({self.primary})",
                             {"rows": len(self.rows), "exact codes": self.exact,
                              "code clusters": self.code_clustering.get("n_clusters_found"),
+                             "code rows called noise": "—" if noise is None else f"{noise:.0%} (noise policy: "
+                                                       f"{self.settings.get('noise', '—')})",
                              "activation clusters": self.baseline_clustering.get("n_clusters_found")},
-                            entries_table(list(self.entries)))
+                            entries_table([dict(e, data=self.data) for e in self.entries],
+                                          self.settings.get("level", 0.95)))
 
 
 # ------------------------------------------------------------------------------------------------------ run

@@ -177,17 +177,17 @@ class Prediction2Result:
     def plot(self, kind: str = "both", ax=None):
         """``"histogram"``: crossings per path by pair type; ``"density"``: windowed crossing density along the
         different-class paths with their class changes; ``"both"`` (a new figure, side by side). Returns the Axes
-        (the Figure for ``"both"``)."""
+        (an array of two for ``"both"``)."""
         from ..report.figures import crossings_histogram, density_vs_t, new_figure
 
         data = {"model": self.model, "plot": self.plot_data, "exact": self.exact}
         if kind == "both" and ax is None:
             fig = new_figure((10, 3))
-            left, right = fig.subplots(1, 2)
-            crossings_histogram(data, left)
-            density_vs_t(data, right)
+            axes = fig.subplots(1, 2)
+            crossings_histogram(data, axes[0])
+            density_vs_t(data, axes[1])
             fig.tight_layout()
-            return fig
+            return axes
         draw = {"histogram": crossings_histogram, "density": density_vs_t}.get(kind)
         if draw is None:
             raise InvalidInputError(f"The 'kind' parameter of plot must be 'histogram' or 'density' (or 'both' without "
@@ -202,7 +202,8 @@ class Prediction2Result:
                             {"crossings": "exact" if self.exact else "sampled (lower bounds)", "method": self.method,
                              "tolerance": _tolerance(self.settings), "paths at": self.layer or "the input",
                              "paths": ", ".join(f"{n} {k}" for k, n in counts.items())},
-                            entries_table(list(self.entries)))
+                            entries_table([dict(e, data=self.data) for e in self.entries],
+                                          self.settings.get("level", 0.95)))
 
 
 def _tolerance(settings: dict) -> str:

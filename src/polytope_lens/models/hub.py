@@ -180,13 +180,25 @@ def _hf_tokenizer(name: str):
 
 
 @contextmanager
-def _seeded():
-    """Weights a checkpoint lacks are drawn from torch's global generator: seeded here (and the caller's state
-    restored after), so that they are the same on every load: a model's codes, and a resumed store's fingerprint,
-    do not change from one process to the next."""
-    with torch.random.fork_rng(devices=[]):  # the CPU generator, where weights are made; no device's is touched
-        torch.default_generator.manual_seed(0)
-        yield
+def loading():
+    """Around a checkpoint load. Weights a checkpoint lacks are drawn from torch's global generator: seeded here (and
+    the caller's state restored after), so that they are the same on every load: a model's codes, and a resumed
+    store's fingerprint, do not change from one process to the next. transformers' per-load progress bar ("Loading
+    weights") is off meanwhile: it printed into notebooks and CLI output for a load that takes a second."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        hf_logging = None
+    bars = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    if bars:
+        hf_logging.disable_progress_bar()
+    try:
+        with torch.random.fork_rng(devices=[]):  # the CPU generator, where weights are made; no device's is touched
+            torch.default_generator.manual_seed(0)
+            yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _random_weights(module: nn.Module, info: dict, spec: str, provenance: dict, reads: str = "",
@@ -225,7 +237,7 @@ def load_hf(name: str, spec: str, device: str) -> ModelBundle:
     classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
     auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
     try:
-        with _seeded():
+        with loading():
             module, info = auto.from_pretrained(name, local_files_only=True, output_loading_info=True)
     except (OSError, ValueError) as exc:
         if Path(name).is_dir():
@@ -277,13 +289,13 @@ def load_tl(name: str, spec: str, device: str) -> ModelBundle:
     info: dict = {}
     if getattr(config, "model_type", None) == "bert":  # a sentence encoder (MiniLM) has no masked-LM head weights
         try:
-            with _seeded():
+            with loading():
                 kwargs["hf_model"], info = transformers.BertForMaskedLM.from_pretrained(
                     name, local_files_only=True, output_loading_info=True)
         except (OSError, ValueError) as exc:
             raise _folder_error(str(name), spec, exc, "has a config but its weights could not be loaded") from None
     try:
-        with _seeded():
+        with loading():
             bridge = TransformerBridge.boot_transformers(str(name), **kwargs)
     except (OSError, ValueError) as exc:
         if Path(name).is_dir():
@@ -319,7 +331,7 @@ def load_torchvision(name: str, spec: str, device: str) -> ModelBundle:
     weights = torchvision.models.get_model_weights(name).DEFAULT
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     pretrained = cached.is_file()
-    with _seeded():
+    with loading():
         module = torchvision.models.get_model(name, weights=weights if pretrained else None)
     categories = list(weights.meta.get("categories") or []) if pretrained else None
     crop = int(getattr(weights.transforms(), "crop_size", [224])[0]) if pretrained else 224

@@ -196,7 +196,7 @@ class PathResult:
 
         kind = {True: "exact", False: "sampled (lower bound)", None: "not recorded"}[self.exact]
         facts = {"crossings": f"{self.crossings} ({kind})", "length": self.length, "density": self.density,
-                 "regions": self.n_regions, "ties": self.ties}
+                 "regions": self.n_regions, "ties": self.ties if self.exact else "not computed (sampled)"}
         if self.alphas is not None:
             facts["alphas"] = f"{self.alphas[0]:g} to {self.alphas[1]:g}"
         if self.trace is not None:
@@ -435,8 +435,9 @@ class PathBatchResult:
         return summary_html(
             f"{len(self)} {self.kind}{'s' if len(self) != 1 else ''}: {int(counts.sum())} crossings ({how})",
             {"method": self.method, "tolerance": ", ".join(f"{k}={v}" for k, v in self.tolerance.items()),
-             "paths drawn at": self.layer or "the input", "crossings per path": _spread(counts),
-             "seconds": round(self.seconds, 3)},
+             "paths drawn at": self.layer or "the input",
+             **({"alphas": f"{self.ray_alphas[0]:g} to {self.ray_alphas[1]:g}"} if self.ray_alphas else {}),
+             "crossings per path": _spread(counts), "seconds": round(self.seconds, 3)},
             _site_table(self.per_layer), notes=self.notes)
 
     def to_dict(self, records: bool = False) -> dict:
@@ -449,7 +450,7 @@ def _spread(counts: np.ndarray) -> str:
     """'mean 12.5 (min 3, max 40)' of per-path counts."""
     if not len(counts):
         return "no paths"
-    return f"mean {counts.mean():.4g} (min {counts.min()}, max {counts.max()})"
+    return f"mean {counts.mean():.1f} (min {counts.min()}, max {counts.max()})"
 
 
 def _site_table(per_layer: dict, n: int = 20) -> str:

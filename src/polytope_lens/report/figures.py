@@ -15,7 +15,7 @@ import numpy as np
 from ..paths.geometry import ray_alpha
 
 __all__ = ["png", "new_figure", "crossings_histogram", "density_vs_t", "scaling_figure", "entries_figure",
-           "path_figure", "batch_figure"]
+           "path_figure", "batch_figure", "cluster_grid"]
 
 _SITE_COLOURS = 8  # sites drawn in their own colour; the rest are summed as "other sites"
 
@@ -96,7 +96,8 @@ def density_vs_t(p2: dict, ax=None, *, detached: bool = False, n_paths: int = 6)
 
 def scaling_figure(p3: dict, n_rays: int = 4, *, detached: bool = False):
     """Prediction 3: per ray, the top-class probability and the probability of the class at alpha = 1 over the alpha
-    grid, the validity interval, and a histogram of the crossings. Returns the Figure."""
+    grid, the validity interval, and a histogram of the crossings. Returns the Axes, one per ray (their ``figure``
+    is the Figure)."""
     pl = p3["plot"]
     alpha = np.asarray(pl["alpha"])
     k = max(1, min(n_rays, len(pl["top_prob"])))
@@ -113,6 +114,7 @@ def scaling_figure(p3: dict, n_rays: int = 4, *, detached: bool = False):
         ax2 = ax.twinx()
         ax2.hist(ca, bins=40, range=(alpha[0], alpha[-1]), color="C3", alpha=0.35)
         ax2.set_ylabel(f"crossings{_counted(p3)}", fontsize=7)
+        ax2.set_ylim(bottom=0)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("prob.", fontsize=7)
         top = np.asarray(pl["top_class"][i])
@@ -124,11 +126,12 @@ def scaling_figure(p3: dict, n_rays: int = 4, *, detached: bool = False):
         if i == 0:
             ax.legend(fontsize=6, loc="lower right")
     axes[-1].set_xlabel("alpha (activation scale)")
-    return fig
+    return axes
 
 
-def entries_figure(entries: list, title: str, ax=None, *, detached: bool = False):
-    """A prediction's statistics: value - baseline with its interval, coloured by verdict. Returns the Axes."""
+def entries_figure(entries: list, title: str, ax=None, *, level: float = 0.95, detached: bool = False):
+    """A prediction's statistics: value - baseline with its ``level`` interval, coloured by verdict. Returns the
+    Axes."""
     ax = _axes(ax, (6, 0.6 + 0.35 * max(1, len(entries))), detached)
     for i, e in enumerate(entries):
         d = e["value"] - e["baseline"]
@@ -139,9 +142,25 @@ def entries_figure(entries: list, title: str, ax=None, *, detached: bool = False
     ax.axvline(0, color="grey", lw=0.8)
     ax.set_yticks(range(len(entries)), [f"{e.get('model', '')}: {e['statistic']}" if e.get("model") else
                                         e["statistic"] for e in entries], fontsize=7)
-    ax.set_xlabel("value - baseline (95% CI)")
+    ax.set_xlabel(f"value - baseline ({level:.0%} interval; stability: spread)")
     ax.set_title(title, fontsize=9)
     return ax
+
+
+def cluster_grid(clusters: list, items, per_cluster: int = 8, *, detached: bool = False):
+    """Images of code clusters, one row per cluster (``clusters``: dashboard dicts with ``items``, row indices into
+    ``items``). Returns the Axes, (clusters, per_cluster)."""
+    fig = new_figure((per_cluster, len(clusters)), detached)
+    axes = fig.subplots(len(clusters), per_cluster, squeeze=False)
+    for r, c in enumerate(clusters):
+        for j, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if j < len(c["items"]):
+                img = np.asarray(items[c["items"][j]], dtype=np.float32)
+                ax.imshow(img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1), cmap="gray")
+        axes[r][0].set_title(f"#{c['cluster']} n={c['size']} {c['majority']}", fontsize=7, loc="left")
+    fig.tight_layout()
+    return axes
 
 
 def _label(exact: bool, dtype: str, tolerance: dict) -> str:
@@ -168,7 +187,7 @@ def _crossing_histogram(ax, x: np.ndarray, site: np.ndarray, sites: tuple, bins:
                              weights=[np.full(int(np.isin(site, idx).sum()), weight) for _, idx in groups],
                              color=[f"C{i % 10}" for i in range(len(groups))])
         # labels given to legend() itself: matplotlib drops a label= that starts with "_" (every EfficientNet site)
-        ax.legend(bars if len(groups) > 1 else [bars], [name for name, _ in groups], fontsize=6, loc="upper left")
+        ax.legend(bars if len(groups) > 1 else [bars], [name for name, _ in groups], fontsize=6, loc="best")
 
 
 def path_figure(path, ax=None, *, bins: int = 50, detached: bool = False):
@@ -186,11 +205,12 @@ def path_figure(path, ax=None, *, bins: int = 50, detached: bool = False):
     if path.trace is not None and len(path.trace.t):
         tw = ax.twinx()
         order = np.argsort(path.trace.t)
-        tw.plot(pos(path.trace.t[order]), path.trace.top_prob[order], color="black", lw=1, label="top-class prob.")
+        tw.plot(pos(path.trace.t[order]), path.trace.top_prob[order], color="black", lw=1, marker=".", ms=3,
+                label="top-class prob.")  # at region midpoints (exact) or samples: a one-region path is one dot
         for c in pos(path.trace.class_changes):
             tw.axvline(c, color="black", ls="--", lw=0.8)
         tw.set_ylim(0, 1.05)
-        tw.set_ylabel("top-class probability (class changes dashed)", fontsize=7)
+        tw.set_ylabel("top-class probability, per region (class changes dashed)", fontsize=7)
     how = {True: " (exact)", False: " (sampled lower bound)"}.get(path.exact, "")
     ax.set_title(f"path {path.index}: {path.crossings} crossings{how}, {path.n_regions} regions", fontsize=9)
     return ax

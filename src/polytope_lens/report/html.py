@@ -36,9 +36,11 @@ def rows_table(header: list, rows: list) -> str:
 
 
 def interval_table(intervals: list, n: int = 12) -> str:
-    """Prediction 3's validity intervals of the first ``n`` rays."""
-    return rows_table(["ray", "class at alpha=1", "interval lo", "interval hi"],
-                      [[i, v.get("class_name"), v["lo"], v["hi"]] for i, v in enumerate(intervals[:n])])
+    """Prediction 3's validity intervals of the first ``n`` rays (the rest counted in one row)."""
+    rows = [[i, v.get("class_name"), v["lo"], v["hi"]] for i, v in enumerate(intervals[:n])]
+    if len(intervals) > n:
+        rows.append([f"{len(intervals) - n} more rays", "", "", ""])
+    return rows_table(["ray", "class at alpha=1", "interval lo", "interval hi"], rows)
 
 
 def summary_html(title: str, facts: dict, *tables: str, notes=()) -> str:
@@ -53,12 +55,18 @@ def _verdict(v: str) -> str:
     return f'<span class="{v.replace(" ", "-")}">{html.escape(v)}</span>'
 
 
-def entries_table(entries: list) -> str:
-    """The rows of a prediction's statistics: value, baseline, interval of the difference, verdict."""
+def entries_table(entries: list, level: float = 0.95) -> str:
+    """The rows of a prediction's statistics: value, baseline, ``level`` interval of the difference (stability's:
+    the spread of per-round differences, marked), verdict and, where there is none, why."""
     head = ("<tr><th>model</th><th>data</th><th>statistic</th><th>value</th><th>baseline</th>"
-            "<th>95% interval of difference</th><th>verdict</th></tr>")
+            f"<th>{level:.0%} interval of difference</th><th>verdict</th></tr>")
+
+    def interval(e):
+        spread = " (spread)" if str(e.get("ci_method", "")).startswith("spread") else ""
+        return f"[{_f(e['ci'][0])}, {_f(e['ci'][1])}]{spread}"
+
     rows = "".join(f"<tr><td>{_f(e['model'])}</td><td>{_f(e.get('data'))}</td><td>{_f(e['statistic'])}</td>"
-                   f"<td>{_f(e['value'])}</td><td>{_f(e['baseline'])}</td><td>[{_f(e['ci'][0])}, {_f(e['ci'][1])}]</td>"
+                   f"<td>{_f(e['value'])}</td><td>{_f(e['baseline'])}</td><td>{interval(e)}</td>"
                    f"<td>{_verdict(e['verdict'])}" + (f" ({_f(e['degenerate'])})" if e.get("degenerate") else "")
                    + "</td></tr>" for e in entries)
     return f"<table>{head}{rows}</table>"
@@ -162,7 +170,7 @@ def render_report(state: dict) -> str:
     for r in p3:
         sec.append(f"<h3>{_f(r['model'])} on {_f(r['data'])} (scaling {_f(r['layer'])}, "
                    f"alpha in {r['settings']['alphas']})</h3>")
-        sec.append(_img(figures.png(figures.scaling_figure(r, detached=True)), "scaling"))
+        sec.append(_img(figures.png(figures.scaling_figure(r, detached=True)[0].figure), "scaling"))
         sec.append(interval_table(r["intervals"]) + "<p class='note'>— : the class does not change on that side "
                    "within the range.</p>")
     sec.append("</section>")

@@ -170,7 +170,9 @@ class SliceResult:
 
         from ..report.html import summary_html
 
-        picture = base64.b64encode(self._repr_png_()).decode("ascii")
+        buf = io.BytesIO()
+        self._save(buf, "png", dpi=80, size=4.0)
+        picture = base64.b64encode(buf.getvalue()).decode("ascii")
         return summary_html(
             f"SliceResult: {self.num_regions} regions (exact up to tol {self.tol:g}, {self.dtype})",
             {"plane": f"{self.plane.kind} in the space of {self.plane.site or 'the input'}",
@@ -178,10 +180,6 @@ class SliceResult:
              f"{float(self.area.sum()):.6g} of {self.plane.area:.6g}", "seconds": round(self.seconds, 3)},
             f'<img alt="slice" src="data:image/png;base64,{picture}">', notes=self.notes)
 
-    def _repr_png_(self) -> bytes:
-        buf = io.BytesIO()
-        self._save(buf, "png", dpi=80, size=4.0)
-        return buf.getvalue()
 
 
 def code_color(code: bytes) -> tuple[float, float, float]:
