@@ -308,12 +308,14 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
             return xa.tensors[key], xb.tensors[key], None
         a = site_activations(bundle.module, xa.tensors, layer=layer)
         b = site_activations(bundle.module, xb.tensors, layer=layer)
-        if text:  # sequences differ in length: pad/cut b to a's shape (positions beyond a's mask are ignored)
+        if text:  # sequences differ in length: pad/cut b to a's shape; past a's mask b is a, so the path (and the
+            # random control's norm, from b - a) lies in a's positions, where paths at a site run (paths._per_text)
             if b.shape != a.shape:
                 bb = torch.zeros_like(a)
                 m = min(a.shape[1], b.shape[1])
                 bb[:, :m] = b[:, :m]
                 b = bb
+            b = torch.where(xa.tensors["attention_mask"][..., None].to(torch.bool), b, a)
         return a, b, xa.tensors
 
     def crossings(a, b, base):
@@ -326,6 +328,8 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
     res_d = crossings(a, b, base)
     d = (b - a)
     u = torch.randn(d.shape, generator=torch.Generator().manual_seed(seed), dtype=d.dtype)
+    if text:
+        u = u * base["attention_mask"][..., None].to(u.dtype)  # a's positions only, as the different-class paths
     u = u * (d.flatten(1).norm(dim=1) / u.flatten(1).norm(dim=1).clamp_min(1e-30)).view(-1, *[1] * (d.dim() - 1))
     starts = None if text else _start_codes(bundle.module, a if layer is None else base, res_d.sites)
     say(f"{name}: {len(diff)} random-direction paths")

@@ -352,8 +352,10 @@ class PathBatchResult:
         return len(self.paths)
 
     @classmethod
-    def concat(cls, parts: list[PathBatchResult], seconds: float | None = None) -> PathBatchResult:
-        """One result from the results of consecutive blocks of paths (e.g. from Ray workers, ``distributed``).
+    def concat(cls, parts: list[PathBatchResult], seconds: float | None = None,
+               rows: list[list[int]] | None = None) -> PathBatchResult:
+        """One result from the results of consecutive blocks of paths (e.g. from Ray workers, ``distributed``), or
+        with ``rows`` (each part's path positions in the joined result) of interleaved groups.
 
         Paths are re-indexed in order; the blocks must agree on how they were computed (exact, method, dtype,
         tolerance, kind, layer, sites), or the joined numbers would mean different things. Notes are kept once each;
@@ -369,10 +371,13 @@ class PathBatchResult:
                 hint = " (pass method='exact' or 'sampled' rather than 'auto')" if key in ("exact", "method") else ""
                 raise InvalidInputError(f"Cannot join path results computed with different {key}: {values[0]!r} "
                                         f"and {other!r}{hint}.")
-        paths, offset = [], 0
-        for p in parts:
-            paths += [dataclasses.replace(r, index=offset + r.index) for r in p.paths]
-            offset += len(p.paths)
+        if rows is None:
+            offsets = np.cumsum([0] + [len(p.paths) for p in parts])
+            rows = [range(o, o + len(p.paths)) for o, p in zip(offsets.tolist(), parts)]
+        paths = [None] * sum(len(p.paths) for p in parts)
+        for p, where in zip(parts, rows):
+            for r, i in zip(p.paths, where):
+                paths[i] = dataclasses.replace(r, index=int(i))
         notes = tuple(dict.fromkeys(n for p in parts for n in p.notes))
         return cls(paths, first.exact, first.method, first.dtype, dict(first.tolerance), first.kind, first.layer,
                    first.sites, notes, float(sum(p.seconds for p in parts)) if seconds is None else float(seconds))
