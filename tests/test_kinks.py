@@ -304,3 +304,22 @@ def test_snapped_puts_rounding_neighbours_of_a_kink_on_it():
     got = act.snapped(z)
     assert got.tolist() == [[0.0, 0.0, 6.0, 1e-9, 0.0, 2.0]]
     assert act.snapped(torch.tensor([[0.0, 1e-9, 6.0]], dtype=torch.float64)) is None
+
+
+def test_soft_codes_keep_their_digits_far_below_the_kink():
+    """Gates computed as 0.5 * (1 + erf(.)) or (tanh + 1) / 2 cancel for negative inputs: float32 GELU gave 2.98e-8
+    for Phi(-5.5) = 1.9e-8 and 0 from -6 on (MiniLM had 1,485 soft values of exactly 0). Oracle: scipy in float64."""
+    from scipy.special import erfc, expit, ndtr
+
+    z = np.array([-13.0, -9.0, -6.0, -5.5, -2.0, 0.0, 1.5, 4.0], dtype=np.float32)
+    zt = torch.from_numpy(z)
+    z64 = z.astype(np.float64)
+    k = np.sqrt(2 / np.pi)
+    oracle = {"gelu": ndtr(z64), "ndtr": ndtr(z64), "log_ndtr": ndtr(z64), "tanh": expit(2 * z64),
+              "erf": erfc(-z64) / 2, "erfc": erfc(-z64) / 2, "gelu_tanh": expit(2 * k * (z64 + 0.044715 * z64 ** 3)),
+              "sigmoid": expit(z64), "silu": expit(z64)}
+    for name, want in oracle.items():
+        got = REGISTRY[name].soft(zt).numpy().astype(np.float64)
+        normal = want > 1e-37  # float32's normal range; below it subnormals lose relative precision by design
+        np.testing.assert_allclose(got[normal], want[normal], rtol=1e-5, err_msg=name)  # float32 rounding of z
+        assert (got[want > 1e-44] > 0).all(), name  # not 0 wherever float32 holds the gate

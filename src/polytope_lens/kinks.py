@@ -144,7 +144,8 @@ class Activation:
         return self.crossings(z[:-1], z[1:], tol)
 
     def soft(self, z: torch.Tensor) -> torch.Tensor | None:
-        """Soft code in (0, 1) per unit for smooth activations; None for piecewise-linear ones."""
+        """Soft code in [0, 1] per unit for smooth activations (0 or 1 only where the gate rounds to it); None for
+        piecewise-linear ones."""
         return None
 
     def on_kink(self, z: torch.Tensor) -> torch.Tensor | None:
@@ -585,16 +586,22 @@ def sort_crossings(c: Crossings, in_segment_order: bool = False, tie_key: torch.
 
 
 # --------------------------------------------------------------------------------------------- soft codes
+# Each gate in a form without cancellation: 0.5 * (1 + erf(z / sqrt 2)) lost every digit below 1 for z < 0 (float32:
+# 2.98e-8 for Phi(-5.5) = 1.9e-8, exactly 0 from z = -6), and (tanh(z) + 1) / 2 the same way.
 def _gelu_gate(z):
-    return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+    return 0.5 * torch.special.erfc(-z / math.sqrt(2.0))  # Phi(z); torch.special.ndtr cancels too (0 at -6)
 
 
 def _gelu_tanh_gate(z):
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
+    return torch.sigmoid(2.0 * math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3))  # (1 + tanh(u)) / 2 = sigmoid(2u)
+
+
+def _tanh_gate(z):
+    return torch.sigmoid(2.0 * z)  # (tanh(z) + 1) / 2
 
 
 def _erf_gate(z):
-    return 0.5 * (1.0 + torch.erf(z))
+    return 0.5 * torch.special.erfc(-z)  # (1 + erf(z)) / 2
 
 
 def _softplus_gate(z, beta: float = 1.0):
@@ -619,11 +626,11 @@ REGISTRY: dict[str, Activation] = {
         ScalarKinks("silu", exact=False, soft_fn=torch.sigmoid),
         ScalarKinks("softplus", exact=False, soft_fn=torch.sigmoid),
         ScalarKinks("sigmoid", exact=False, soft_fn=torch.sigmoid),
-        ScalarKinks("tanh", exact=False, soft_fn=lambda z: 0.5 * (torch.tanh(z) + 1.0)),
+        ScalarKinks("tanh", exact=False, soft_fn=_tanh_gate),
         ScalarKinks("erf", exact=False, soft_fn=_erf_gate),
         ScalarKinks("erfc", exact=False, soft_fn=_erf_gate),
-        ScalarKinks("ndtr", exact=False, soft_fn=torch.special.ndtr),
-        ScalarKinks("log_ndtr", exact=False, soft_fn=torch.special.ndtr),
+        ScalarKinks("ndtr", exact=False, soft_fn=_gelu_gate),
+        ScalarKinks("log_ndtr", exact=False, soft_fn=_gelu_gate),
         ScalarKinks("solu", exact=False, soft_fn=_solu_gate),
         WindowMax("max_pool2d", kernel=(2, 2), stride=(2, 2)),
     )
