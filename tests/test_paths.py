@@ -2576,3 +2576,18 @@ def test_a_texts_paths_do_not_depend_on_the_padding_it_is_batched_with():
     line_alone = polyline_crossings(bert, torch.stack([a, b, a * 0.5], 1)[:1, :, :5], inputs=alone, **kw)
     assert line[0].crossings == line_alone[0].crossings
     np.testing.assert_allclose(line[0].t, line_alone[0].t, atol=1e-9)
+
+
+def test_sampled_polylines_keep_their_knots_as_breakpoints():
+    """A polyline knot is a breakpoint in both modes (PathResult.t: 'including 0 and 1 and polyline knots'); sampled
+    results left it out, so a knot without a crossing gave one region fewer than the exact engine."""
+    torch.manual_seed(5)
+    m = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    pts = 0.05 * torch.randn(4, 3, 2, dtype=torch.float64)  # short polylines: few crossings, knots mostly alone
+    exact, sampled = polyline_crossings(m, pts), polyline_crossings(m, pts, method="sampled", n_samples=256)
+    for e, s in zip(exact.paths, sampled.paths):
+        assert s.n_regions == e.n_regions and len(s.t) == len(e.t)
+        np.testing.assert_allclose(s.t, e.t, atol=1e-8)
+        knot = np.linalg.norm(pts[e.index, 1] - pts[e.index, 0]) / (
+            np.linalg.norm(pts[e.index, 1] - pts[e.index, 0]) + np.linalg.norm(pts[e.index, 2] - pts[e.index, 1]))
+        assert np.isclose(s.t, knot, atol=1e-12).any()

@@ -435,9 +435,12 @@ def _collect(results: PathList, out, gp, spec: PathSpec, lengths: np.ndarray, ru
         if at_points is None:
             bisect = traces
         traces.update(_refine_flips(bisect, gp, runner))
+    knots = None  # sampled polylines: their inner knots are breakpoints, as the exact engine's are
+    if not exact and spec.kind == "polyline" and spec.knots_t.shape[1] > 2:
+        knots = spec.knots_t[start:start + c, 1:-1].cpu().numpy()
     results.append(PathBlock(start, roff_np, rt_np, rs_np, ru_np, rpc_np, per_np, len_np, tuple(reported), exact,
                              poff_np if exact else None, t_np if exact else None, ties_np if exact else None, traces,
-                             spec.alphas))
+                             spec.alphas, knots))
     return wait
 
 

@@ -228,6 +228,7 @@ class PathBlock:
     ties: np.ndarray | None = None  # (c,) exact: tied breakpoints per path
     traces: dict = field(default_factory=dict)  # i -> Trace
     alphas: tuple | None = None
+    knots: np.ndarray | None = None  # sampled polylines: (c, K - 2) inner knots, breakpoints like the crossings
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -238,7 +239,8 @@ class PathBlock:
         if self.exact:
             bps, ties = self.t[self.pt_off[i]:self.pt_off[i + 1]], int(self.ties[i])
         else:
-            bps, ties = np.unique(np.concatenate([[0.0, 1.0], rt])), 0
+            inner = self.knots[i] if self.knots is not None else []
+            bps, ties = np.unique(np.concatenate([[0.0, 1.0], rt, inner])), 0
         n, length = r1 - r0, float(self.lengths[i])
         return PathResult(index=self.start + i, crossings=n, density=n / length, length=length, t=bps, exact=self.exact,
                           per_layer={s: int(c) for s, c in zip(self.sites, self.per_site[i].tolist())},
