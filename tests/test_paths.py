@@ -2591,3 +2591,20 @@ def test_sampled_polylines_keep_their_knots_as_breakpoints():
         knot = np.linalg.norm(pts[e.index, 1] - pts[e.index, 0]) / (
             np.linalg.norm(pts[e.index, 1] - pts[e.index, 0]) + np.linalg.norm(pts[e.index, 2] - pts[e.index, 1]))
         assert np.isclose(s.t, knot, atol=1e-12).any()
+
+
+def test_sampled_paths_refuse_a_model_that_overflows_along_them():
+    """A ray to alpha = 1e300 overflows before LayerNorm (oracle: the unit inputs there are inf/NaN in float64); NaN
+    read as a piece gave spurious crossings (1 crossing at 1e100, 3 at 1e300). Now a one-line error says where."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 2)).double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with torch.no_grad():
+        h = m[2](m[1](1e300 * m[0](x)))
+        assert not torch.isfinite(m[3](h)).all()
+    ray_crossings(m, x, layer="1.relu", alphas=(0.5, 1e100), n_samples=16)  # finite all along: runs
+    with pytest.raises(InvalidInputError, match=r"unit inputs of site '4.gelu' are NaN or infinite on path 0 at t = "
+                                                r".*use a smaller range of alpha"):
+        ray_crossings(m, x, layer="1.relu", alphas=(0.5, 1e300), n_samples=16)
+    with pytest.raises(InvalidInputError, match=r"'n_samples' parameter of ray_crossings must be an int in \[2, "):
+        ray_crossings(m, x, layer="1.relu", n_samples=2**63 - 1)

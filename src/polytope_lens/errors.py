@@ -31,3 +31,12 @@ def first_line(exc: BaseException, limit: int = 300, empty: str | None = None) -
     another library's reason; ``empty`` (default: the exception's type name) when the message is empty."""
     lines = str(exc).strip().splitlines()
     return lines[0][:limit] if lines else (type(exc).__name__ if empty is None else empty)
+
+
+def not_finite(what: str, owner: str, dtype, where: str = "at some points of the slice",
+               smaller: str | None = None) -> InvalidInputError:
+    """The one-line error for NaN or infinite values a model computes (it overflows ``dtype``, or makes NaN): a
+    piece read from NaN is a tie-break, not a side, so counts made from it would be artefacts."""
+    hint = f"; use a smaller {smaller}" if smaller else ""
+    return InvalidInputError(f"{owner}: {what} are NaN or infinite {where} (the model computes NaN, or overflows "
+                             f"{str(dtype).replace('torch.', '')} there){hint}.")

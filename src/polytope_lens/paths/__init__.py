@@ -92,8 +92,9 @@ def _check_options(owner: str, method, dtype, memory_budget, tie_tol, n_samples,
     if isinstance(tie_tol, bool) or not (isinstance(tie_tol, (int, float)) and 0 <= tie_tol <= top):
         raise InvalidInputError(f"The 'tie_tol' parameter of {owner} must be a number in [0, {top!r}] (for "
                                 f"{str(dtype).replace('torch.', '')}). Got {tie_tol!r}.")
-    if not isinstance(n_samples, int) or n_samples < 2:
-        raise InvalidInputError(f"The 'n_samples' parameter of {owner} must be an int >= 2. Got {n_samples!r}.")
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or not 2 <= n_samples <= 2**53:
+        raise InvalidInputError(f"The 'n_samples' parameter of {owner} must be an int in [2, 2**53]. Got "
+                                f"{n_samples!r}.")
     if not (isinstance(tol, (int, float)) and 0 < tol < 1):
         raise InvalidInputError(f"The 'tol' parameter of {owner} must be a number in (0, 1). Got {tol!r}.")
 
@@ -292,6 +293,9 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
         notes.append(f"tol raised from {tol:g} to {floor:g}: {str(prep.dtype).replace('torch.', '')} cannot place a "
                      "crossing more finely in t")
         tol = floor
+    if not use_exact and prep.dtype == torch.float32:
+        notes.append("float32: the rounding of the unit inputs, not only tol, limits where a crossing is placed (on "
+                     "GELU MLPs up to about 4 x tol from the true root); use float64 for positions")
     affine = frontier = None
     why_not = ""
     if use_exact and evaluator in ("auto", "affine"):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import not_finite
 from .runner import Runner
 
 
@@ -68,6 +69,11 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
         ends, ends_piece = {}, {}
         for k, site in enumerate(runner.processed):
             z = o[site.name].reshape(rows.stop - rows.start, -1)
+            if not bool(torch.isfinite(z).all()):  # NaN reads as a piece: its "crossings" would be artefacts
+                row = rows.start + int(torch.nonzero(~torch.isfinite(z).all(1))[0])
+                raise not_finite(f"the unit inputs of site {site.name!r}", runner.owner, z.dtype,
+                                 f"on path {int(gpids[pid[row]])} at t = {float(t[row]):.6g}",
+                                 "range of alpha (or shorter paths)")
             if last is not None:
                 z = torch.cat([last[k], z])
             zs = z.reshape(len(z), *runner.z_shape[site.name])

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from ..capture import check_capture_kwargs, model_errors, run, select_sites
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, not_finite
 from ..paths.runner import check_dtype, default_forward, prepare_model
-from .partition import NEAR_RESOLUTION, _not_finite
+from .partition import NEAR_RESOLUTION
 
 __all__ = ["LocalComplexity", "local_complexity", "exact_local_complexity"]
 
@@ -154,7 +154,7 @@ def local_complexity(model: nn.Module, points: torch.Tensor, *, radius: float = 
 
         def handler(site, z, n=n):
             if not bool(torch.isfinite(z).all()):  # pieces of NaN or inf would be counted as if they were values
-                raise _not_finite(f"the unit inputs of site {site.name!r}", owner, dtype,
+                raise not_finite(f"the unit inputs of site {site.name!r}", owner, dtype,
                                   "at some vertices of the cross-polytopes", "radius")
             got[site.name] = (site, site.activation.pieces(z.detach()).reshape(n, 2 * n_dirs, -1))
         with model_errors(fwd, verts[:1], owner, "points"):

@@ -52,7 +52,7 @@ import torch
 
 from ..capture import select_sites
 from ..codes import pack_bits, pack_pieces, site_unit_indices
-from ..errors import InvalidInputError, NotPiecewiseLinearError
+from ..errors import InvalidInputError, NotPiecewiseLinearError, not_finite
 from ..kinks import REGISTRY, ScalarKinks, WindowMax
 from ..paths.geometry import PathSpec
 from ..paths.runner import SRC, Affine, Runner, affine_tol, default_forward, index_inputs, prepare_model
@@ -238,7 +238,7 @@ class _Partitioner:
                 lo_z, hi_z = z.amin(0), z.amax(0)
                 big, moves = torch.maximum(lo_z.abs(), hi_z.abs()), hi_z - lo_z
                 if not math.isfinite(float(big.max())):  # NaN propagates through max
-                    raise _not_finite(f"the unit inputs of site {site.name!r}", self.owner, mesh.vals.dtype)
+                    raise not_finite(f"the unit inputs of site {site.name!r}", self.owner, mesh.vals.dtype)
                 # the site's scale: its largest unit input among those that move over the plane (one that does not,
                 # a unit with a large bias and no weight, says nothing about the others' rounding)
                 top, spread = float((big * (moves > 0)).max()), float(moves.max())
@@ -614,13 +614,6 @@ def _check_finite_model(m, owner: str, dtype) -> None:
 NEAR_RESOLUTION = "near float resolution"  # how a slice's note that its thinnest regions may be merged begins
 
 
-def _not_finite(what: str, owner: str, dtype, where: str = "at some points of the slice",
-                smaller: str | None = None) -> InvalidInputError:
-    hint = f"; use a smaller {smaller}" if smaller else ""
-    return InvalidInputError(f"{owner}: {what} are NaN or infinite {where} (the model computes NaN, or overflows "
-                             f"{str(dtype).replace('torch.', '')} there){hint}.")
-
-
 def _until(runner: Runner, sites: list, until: str, at: str | None, owner: str) -> list:
     """The cutting sites up to the last one ``until`` names; for a plane at a site, a clear error when it names only
     sites that run at or before the plane's (those are not partitioned)."""
@@ -779,7 +772,7 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
         elif out_affine:
             outs = mdl.outputs(coords)
             if not bool(torch.isfinite(outs).all()):
-                raise _not_finite("the model's scores", owner, dtype)
+                raise not_finite("the model's scores", owner, dtype)
             slope, offset = fit_affine(coords, outs, R, dg)
             # one score: logits_of made it [0, s] (the binary-logit convention: class 1 where s > 0), which the
             # decision boundary keeps, but the maps are of the model's one output, as predict() should return
