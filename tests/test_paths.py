@@ -2608,3 +2608,26 @@ def test_sampled_paths_refuse_a_model_that_overflows_along_them():
         ray_crossings(m, x, layer="1.relu", alphas=(0.5, 1e300), n_samples=16)
     with pytest.raises(InvalidInputError, match=r"'n_samples' parameter of ray_crossings must be an int in \[2, "):
         ray_crossings(m, x, layer="1.relu", n_samples=2**63 - 1)
+
+
+def test_encoded_inputs_are_taken_as_their_tensor_everywhere():
+    """A bundle's encode() gives ModelInputs; ray_crossings and site_activations took it, path_crossings, slices and
+    local complexity refused it or crashed (slice_through(..., inputs=x[:1]) raised AttributeError). Oracle: the
+    same call on the tensor inside."""
+    from polytope_lens.models._bundle import ModelInputs
+    from polytope_lens.slices import local_complexity, slice_through
+
+    torch.manual_seed(1)
+    m = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    t = torch.randn(3, 3, dtype=torch.float64)
+    x = ModelInputs({"input": t})  # keyed by the forward argument, as a bundle encodes
+    assert path_crossings(m, x[:1], x[1:2]).counts.tolist() == path_crossings(m, t[:1], t[1:2]).counts.tolist()
+    a = site_activations(m, x, layer="1.relu")
+    kw = dict(layer="1.relu", until="3.relu")
+    assert slice_through(m, a[0], a[1], a[2], inputs=x[:1], **kw).num_regions == \
+        slice_through(m, a[0], a[1], a[2], inputs=t[:1], **kw).num_regions
+    assert (local_complexity(m, x, radius=0.1, n_dirs=2).total == local_complexity(m, t, radius=0.1, n_dirs=2).total
+            ).all()
+    text = ModelInputs({"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4)})
+    with pytest.raises(InvalidInputError, match="token ids cannot be interpolated; draw the path at a site"):
+        path_crossings(m, text[:1], text[1:])

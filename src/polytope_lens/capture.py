@@ -633,6 +633,15 @@ def is_batched(v) -> bool:
     return isinstance(v, torch.Tensor) and v.dim() > 0
 
 
+def unwrap_encoded(v):
+    """A bundle's encoded inputs (``ModelInputs``) as points the functions take: its one tensor (an image model's
+    ``{"x": images}``), or the mapping of several (a text model's ids and masks); anything else unchanged."""
+    tensors = getattr(v, "tensors", None)
+    if not isinstance(tensors, Mapping):
+        return v
+    return next(iter(tensors.values())) if len(tensors) == 1 else dict(tensors)
+
+
 def input_tensors(inputs, float_dtype: torch.dtype | None = None):
     """``inputs`` (a tensor, a NumPy array, a mapping of them, or a bundle's ``Inputs``: its tensors) with arrays
     as tensors; floating-point arrays in ``float_dtype`` when given (the model's: NumPy's default is float64)."""

@@ -218,8 +218,8 @@ def codes_cmd(
                                               "batching) from its partial store.")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the summary as JSON here.")] = None,
     ray: Annotated[Optional[str], typer.Option("--ray", help="Code chunks on Ray workers: local | auto | HOST:PORT "
-                                                             "(needs polytope-lens\\[scale]); the store is the same "
-                                                             "as without it.")] = None,
+                                                             "| ray://HOST:PORT (needs polytope-lens\\[scale]); the "
+                                                             "store is the same as without it.")] = None,
     ray_workers: Annotated[Optional[int], typer.Option(help="Ray workers (default: one per GPU, else per CPU).")
                            ] = None,
 ):
@@ -467,9 +467,10 @@ def path_cmd(
     trace: Annotated[bool, typer.Option(help="Semantic trace: the output in every region (one model evaluation "
                                              "per region; turn off for paths with very many regions).")] = True,
     ray: Annotated[Optional[str], typer.Option("--ray", help="Analyse blocks of pairs on Ray workers: local | auto | "
-                                                             "HOST:PORT (needs polytope-lens\\[scale]); counts are the "
-                                                             "same as without it, positions equal to rounding; "
-                                                             "--device cuda puts each worker on a GPU.")] = None,
+                                                             "HOST:PORT | ray://HOST:PORT (needs "
+                                                             "polytope-lens\\[scale]); counts are the same as without "
+                                                             "it, positions equal to rounding; --device cuda puts each "
+                                                             "worker on a GPU.")] = None,
     ray_workers: Annotated[Optional[int], typer.Option(help="Ray workers (default: one per GPU with --device cuda, "
                                                             "else one per CPU).")] = None,
 ):
@@ -587,7 +588,7 @@ def scale_cmd(
 
 def _check_ray(ray: str | None, ray_workers: int | None) -> None:
     if ray_workers is not None and ray is None:
-        raise InvalidInputError("--ray-workers needs --ray (local | auto | HOST:PORT).")
+        raise InvalidInputError("--ray-workers needs --ray (local | auto | HOST:PORT | ray://HOST:PORT).")
 
 
 def _box(text: str) -> tuple[float, float, float, float]:
@@ -790,8 +791,9 @@ def cluster_cmd(
     limit: Annotated[Optional[int], typer.Option(help="Cluster only the first N rows.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing results folder.")] = False,
     ray: Annotated[Optional[str], typer.Option("--ray", help="Search the kNN graph on Ray workers: local | auto | "
-                                                             "HOST:PORT (needs polytope-lens\\[scale]); the results "
-                                                             "are the same as without it.")] = None,
+                                                             "HOST:PORT | ray://HOST:PORT (needs "
+                                                             "polytope-lens\\[scale]); the results are the same as "
+                                                             "without it.")] = None,
     ray_workers: Annotated[Optional[int], typer.Option(help="Ray workers (default: one per CPU).")] = None,
 ):
     """Cluster a store's codes (HDBSCAN through a faiss kNN graph): assignments, clusters.json and index.html."""

@@ -13,7 +13,8 @@ hand-made models can be tested directly. Statistics (larger is better for every 
   interval: two independent groups; the others are paired t intervals, ``stats.mean_difference_ci``);
 * ``crossings[different vs same]`` and ``crossings[different vs random]`` (the latter paired by start point);
 * ``alignment[peak vs flip]``: ``1 - |t_peak - t_flip|`` (t_peak = centre of the densest of ``n_windows`` windows,
-  t_flip = the prediction flip nearest to it; flips are located on the model by the trace's bisection) vs the null
+  t_flip = the prediction flip nearest to it; flips are the trace's class changes: exact on exact paths followed to
+  the output, bisected on the model otherwise) vs the null
   of a peak at a uniform random position U, ``1 - E min_j |U - t_flip_j|``; paths without a flip are left out;
 * ``spearman[density vs JS]``: per path, Spearman correlation of the crossings per window with the summed JS
   divergence per window, vs the same with the JS windows shuffled within the path (paired over paths).

@@ -27,7 +27,8 @@ class ModelInputs:
     Parameters
     ----------
     tensors : dict of str to torch.Tensor
-        Keyword arguments for the module, e.g. ``{"inputs": images}`` (batch, C, H, W) or
+        Keyword arguments for the module, e.g. ``{"x": images}`` (batch, C, H, W; the key is the forward's argument,
+        ``ModelBundle.input_name``) or
         ``{"input_ids": ..., "attention_mask": ...}`` (batch, pos).
     attention_mask : torch.Tensor or None
         (batch, pos) bool, True at content tokens (not padding, not special tokens such as [CLS]/[SEP]): the

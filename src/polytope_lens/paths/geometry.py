@@ -16,6 +16,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from ..capture import unwrap_encoded
 from ..errors import InvalidInputError
 
 __all__ = ["PathSpec", "segments", "polyline", "ray"]
@@ -104,6 +105,11 @@ def _tensor(name: str, owner: str, v, min_dim: int, device=None) -> torch.Tensor
     """``v`` as a floating-point tensor of finite values with a batch dimension, on ``device`` when given (it is
     moved before it is checked: on a GPU the checks are a few microseconds, on the host tens of milliseconds for tens
     of thousands of 784-dim points, while the GPU waits)."""
+    v = unwrap_encoded(v)
+    if isinstance(v, Mapping):
+        raise InvalidInputError(f"The {name!r} parameter of {owner} must be a tensor of points. Got inputs of "
+                                f"several tensors ({', '.join(v)}): token ids cannot be interpolated; draw the path at "
+                                "a site with layer= (site_activations gives its points).")
     if not isinstance(v, torch.Tensor):
         try:
             v = torch.as_tensor(v)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .._heap import keep_freed_memory
-from ..capture import check_capture_kwargs
+from ..capture import check_capture_kwargs, input_tensors
 from ..errors import InvalidInputError
 from ..paths.runner import check_dtype
 from .complexity import LocalComplexity, exact_local_complexity, local_complexity
@@ -120,6 +120,7 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
         if inputs is None:
             raise InvalidInputError(f"{owner} with layer= needs 'inputs': one real model input (batch of 1) that "
                                     "feeds every other branch.")
+        inputs = input_tensors(inputs)  # a bundle's encoded inputs (ModelInputs) as their tensors
         _check_one_example(inputs, owner)
         plane = plane.at(_resolve_site(model, inputs, layer, forward, capture_kwargs, dtype, device), inputs)
     elif plane.site is not None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture import check_capture_kwargs, model_errors, run, select_sites
+from ..capture import check_capture_kwargs, model_errors, run, select_sites, unwrap_encoded
 from ..errors import InvalidInputError, not_finite
 from ..paths.runner import check_dtype, default_forward, prepare_model
 from .partition import NEAR_RESOLUTION
@@ -96,6 +96,7 @@ def _check_radius(radius, owner) -> None:
 
 
 def _points(points, owner):
+    points = unwrap_encoded(points)
     if not isinstance(points, torch.Tensor) or not points.is_floating_point() or points.dim() < 2 or not len(points):
         raise InvalidInputError(f"The 'points' parameter of {owner} must be a floating tensor (n, ...) with n >= 1. "
                                 f"Got {type(points).__name__} {tuple(getattr(points, 'shape', ()))}.")

@@ -23,6 +23,7 @@ from typing import Mapping
 
 import torch
 
+from ..capture import unwrap_encoded
 from ..errors import InvalidInputError
 
 __all__ = ["Plane"]
@@ -31,6 +32,7 @@ __all__ = ["Plane"]
 def _tensor(name: str, owner: str, v) -> torch.Tensor:
     """``v`` as a float64 tensor; lists and arrays go straight to float64 (``torch.as_tensor`` of a Python list
     would round it to float32 first)."""
+    v = unwrap_encoded(v)
     try:
         t = v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=torch.float64)
     except Exception:
