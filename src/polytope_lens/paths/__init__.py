@@ -814,8 +814,8 @@ def _note_zero_alpha(res: PathBatchResult, alphas: tuple) -> PathBatchResult:
     where = ("lie at alpha = 0" if res.exact else f"were located within tol ({res.tolerance['tol']:g} in t) of "
              "alpha = 0, so they may lie at it (bisection cannot tell)")
     note = (f"{at:,} of {len(t):,} crossings {where}, where the site's output is 0: later units see their "
-            "constants alone, and those on a kink there (a max-pool window of equal entries) take the piece the tie "
-            "rules give; counts and densities include them")
+            "constants alone, and those on a kink there (a unit without bias, a max-pool window of equal entries) "
+            "take the piece the tie rules give; counts and densities include them")
     return dataclasses.replace(res, notes=res.notes + (note,))
 
 

@@ -75,7 +75,7 @@ class LocalComplexity:
         ax.set_xlabel("regions in the square around the point" if self.exact else
                       "units changing piece near the point, summed over sites")
         ax.set_ylabel("points")
-        ax.set_title(f"local complexity, radius {self.radius:g} "
+        ax.set_title(f"local complexity, {'square side' if self.exact else 'radius'} {self.radius:g} "
                      f"({'exact' if self.exact else f'sampled, {self.n_dirs} directions'}, {self.dtype})", fontsize=9)
         return ax
 
@@ -84,7 +84,8 @@ class LocalComplexity:
 
         d = self.to_dict()
         facts = {"points": len(self.total), "measure": "exact region count in the square" if self.exact else
-                 f"sampled: units changing piece over {self.n_dirs} directions", "radius": self.radius,
+                 f"sampled: units changing piece over {self.n_dirs} directions",
+                 "square side" if self.exact else "radius": self.radius,
                  "dtype": self.dtype, "mean total": d["mean_total"]}
         return summary_html("LocalComplexity", facts,
                             rows_table(["site", "mean"], list(d["per_site_mean"].items())), notes=self.notes)

@@ -125,7 +125,16 @@ def plot_slice(res, ax=None, *, color_by: str = "code", kinks_of: str | None = N
     if res.plane.anchors is not None and res.plane.kind == "through":
         a = res.plane.anchors.cpu().numpy()
         ax.scatter(a[:, 0], a[:, 1], c="k", s=12, zorder=3)
-    ax.set_title(title or f"{res.num_regions} regions")
+    if color_by == "class":  # which colour is which class (regions are shaded by their code within it)
+        import matplotlib
+        from matplotlib.patches import Patch
+        shown = np.unique(cls)
+        ax.legend([Patch(color=matplotlib.colormaps["tab10"](int(c) % 10)) for c in shown],
+                  [f"class {int(c)}" for c in shown], fontsize=6, loc="upper right")
+    ax.set_xlabel("plane coordinate 1", fontsize=7)
+    ax.set_ylabel("plane coordinate 2", fontsize=7)
+    kinks = f"; white: kinks of {kinks_of}" if kinks_of is not None else ""
+    ax.set_title(title or f"{res.num_regions} regions (exact, {res.dtype}){kinks}", fontsize=9)
     return ax
 
 
