@@ -69,7 +69,9 @@ def sampled_chunk(runner: Runner, gpids: torch.Tensor, n_samples: int, tol: floa
         ends, ends_piece = {}, {}
         for k, site in enumerate(runner.processed):
             z = o[site.name].reshape(rows.stop - rows.start, -1)
-            if not bool(torch.isfinite(z).all()):  # NaN reads as a piece: its "crossings" would be artefacts
+            # NaN reads as a piece: its "crossings" would be artefacts (the sum is the cheap test; finite values
+            # whose sum overflows go on to the exact one)
+            if not bool(torch.isfinite(z.sum())) and not bool(torch.isfinite(z).all()):
                 row = rows.start + int(torch.nonzero(~torch.isfinite(z).all(1))[0])
                 raise not_finite(f"the unit inputs of site {site.name!r}", runner.owner, z.dtype,
                                  f"on path {int(gpids[pid[row]])} at t = {float(t[row]):.6g}",
