@@ -713,6 +713,20 @@ def test_file_input_shape_is_the_first_layer_that_runs(tmp_path):
     assert load_model(f"file:{tmp_path / 'm.pt'}").input_shape == (3,)
     assert infer_input_shape(Branchy()) is None
     assert infer_input_shape(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2))) is None
+    # a reshape before the first Linear: its width is not the input's (a Flatten of 1x8x8 digits guessed (64,))
+    assert infer_input_shape(nn.Sequential(nn.Flatten(), nn.Linear(64, 2))) is None
+    assert infer_input_shape(TokenMixer()) is None
+
+
+class TokenMixer(nn.Module):
+    """Takes (N, 12): four tokens of 3 features, mixed across tokens by a Linear of width 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.mix(x.view(-1, 4, 3).transpose(1, 2))
 
 
 class NormFirst(nn.Module):
@@ -733,3 +747,31 @@ def test_input_shape_is_inferred_past_buffers_and_constants():
     from polytope_lens.models.hub import infer_input_shape
 
     assert infer_input_shape(NormFirst()) == (6,)
+
+
+def test_file_models_keep_float64_weights(tmp_path):
+    """file: models were cast to float32 on load, so a float64 module lost its kinks' places: two kinks 1e-12 apart
+    (at x = 0.1 and 0.1 + 1e-12, hand-set) became one tied breakpoint at 0.10000000149. Half models still become
+    float32."""
+    from polytope_lens.paths import path_crossings
+
+    m = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1)).double()
+    with torch.no_grad():
+        m[0].weight.fill_(1.0)
+        m[0].bias.copy_(torch.tensor([-0.1, -(0.1 + 1e-12)], dtype=torch.float64))
+    torch.save(m, tmp_path / "m64.pt")
+    torch.save(nn.Sequential(nn.Linear(1, 2), nn.ReLU()).half(), tmp_path / "m16.pt")
+    bundle = load_model(f"file:{tmp_path / 'm64.pt'}")
+    assert bundle.module[0].weight.dtype == torch.float64 and bundle.provenance["dtype"] == "float64"
+    res = path_crossings(bundle, torch.zeros(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64))
+    np.testing.assert_allclose(res[0].records["t"], [0.1, 0.1 + 1e-12], rtol=0, atol=1e-16)
+    assert res[0].ties == 0
+    assert load_model(f"file:{tmp_path / 'm16.pt'}").module[0].weight.dtype == torch.float32
+
+
+def test_a_guessed_input_shape_says_it_was_guessed(tmp_path):
+    """The error for data of another shape names the guess and the spec option that overrides it."""
+    torch.save(nn.Sequential(nn.Linear(64, 2), nn.ReLU()), tmp_path / "m.pt")
+    bundle = load_model(f"file:{tmp_path / 'm.pt'}")
+    with pytest.raises(InvalidInputError, match=r"guessed from its first Linear layer.*':input_shape=\.\.\.'"):
+        bundle.encode(load_data("digits", limit=2))

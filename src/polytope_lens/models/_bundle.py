@@ -240,12 +240,19 @@ class ModelBundle:
                 )
             items = np.stack([np.asarray(item) for item in items])
         if self.input_shape is not None and tuple(items.shape[1:]) != tuple(self.input_shape):
+            guessed = ("; that shape was guessed from its first Linear layer: a model that reshapes its input first "
+                       "needs ':input_shape=...' in its spec" if self.provenance.get("input_shape_from") ==
+                       "first Linear" else "")
             raise InvalidInputError(
                 f"Model {self.spec!r} expects inputs of shape {tuple(self.input_shape)} per example; data "
                 f"{data.spec!r} has {len(items) if n_items is None else n_items} items of shape "
-                f"{tuple(items.shape[1:])} (its first axis counts the examples)."
+                f"{tuple(items.shape[1:])} (its first axis counts the examples){guessed}."
             )
-        return torch.as_tensor(np.ascontiguousarray(items), dtype=torch.float32)
+        return torch.as_tensor(np.ascontiguousarray(items), dtype=self.float_dtype())
+
+    def float_dtype(self) -> torch.dtype:
+        """The dtype of the module's floating-point parameters (float32 when it has none): encoded arrays get it."""
+        return next((p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32)
 
     def position_limit(self) -> int | None:
         """The most tokens a text model's position embeddings hold (Hugging Face ``max_position_embeddings`` or

@@ -67,6 +67,8 @@ def infer_input_shape(module: nn.Module) -> tuple[int, ...] | None:
     except Exception:  # data-dependent control flow and the like: no guess rather than a wrong one
         return None
     for node in graph.nodes:
+        if _reshapes(node, module):
+            return None  # the first Linear's width is not the input's: a (N, 12) token mixer read 4 features
         if node.op == "get_attr":
             owner, _, attr = node.target.rpartition(".")
             if isinstance(getattr(module.get_submodule(owner) if owner else module, attr), nn.Parameter):
@@ -78,6 +80,19 @@ def infer_input_shape(module: nn.Module) -> tuple[int, ...] | None:
             if any(True for _ in sub.parameters()):
                 return None
     return None
+
+
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "permute", "transpose", "t", "movedim", "squeeze",
+                    "unsqueeze", "view_as", "reshape_as", "swapaxes", "swapdims", "moveaxis", "mT", "T"}
+
+
+def _reshapes(node, module: nn.Module) -> bool:
+    """Whether an fx node changes a tensor's shape (before the first Linear, its width is then not the input's)."""
+    if node.op == "call_method":
+        return node.target in _RESHAPE_METHODS
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", "") in _RESHAPE_METHODS
+    return node.op == "call_module" and isinstance(module.get_submodule(node.target), (nn.Flatten, nn.Unflatten))
 
 
 def load_file(rest: str, spec: str, device: str) -> ModelBundle:
@@ -120,7 +135,11 @@ def load_file(rest: str, spec: str, device: str) -> ModelBundle:
                   "module": type(obj).__module__, "input_shape_from": "spec" if "input_shape" in options
                   else ("first Linear" if shape else None),
                   "n_parameters": sum(p.numel() for p in obj.parameters())}
-    return ModelBundle(canonical, obj.float().eval().to(device), modality, shape, None, None, provenance)
+    floats = {t.dtype for t in (*obj.parameters(), *obj.buffers()) if t.is_floating_point()}
+    if floats != {torch.float64}:  # half, bfloat16 or mixed: float32, which every step here runs; float64 stays
+        obj = obj.float()
+    provenance["dtype"] = "float64" if floats == {torch.float64} else "float32"
+    return ModelBundle(canonical, obj.eval().to(device), modality, shape, None, None, provenance)
 
 
 # ---------------------------------------------------------------------------------------- hf:NAME_OR_DIR
