@@ -2631,3 +2631,67 @@ def test_encoded_inputs_are_taken_as_their_tensor_everywhere():
     text = ModelInputs({"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4)})
     with pytest.raises(InvalidInputError, match="token ids cannot be interpolated; draw the path at a site"):
         path_crossings(m, text[:1], text[1:])
+
+
+class _ClampOut(nn.Module):
+    def __init__(self, out_form: bool):
+        super().__init__()
+        torch.manual_seed(1)
+        self.l1, self.l2, self.l3, self.out_form = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3), out_form
+
+    def forward(self, x):
+        h = self.l1(x)
+        if self.out_form:
+            torch.clamp(h, -0.2, 0.3, out=h)  # the caller reads h, not the return value
+        else:
+            h.clamp_(-0.2, 0.3)
+        return self.l3(F.relu(self.l2(h)))
+
+
+@pytest.mark.parametrize("evaluator", ["affine", "graph"])
+def test_a_site_called_with_out_is_followed_like_its_in_place_form(evaluator):
+    """torch.clamp(h, lo, hi, out=h) failed an internal check ('please report'): a replaced value was returned but
+    not written into out, which the caller reads. Oracle: the same model written h.clamp_(lo, hi), and dense
+    sampling of both sites' pieces."""
+    g = torch.Generator().manual_seed(3)
+    a, b = 2 * torch.randn(1, 4, generator=g, dtype=torch.float64), 2 * torch.randn(1, 4, generator=g,
+                                                                                     dtype=torch.float64)
+    out_form = path_crossings(_ClampOut(True).double(), a, b, evaluator=evaluator)
+    in_place = path_crossings(_ClampOut(False).double(), a, b, evaluator=evaluator)
+    assert out_form.exact and list(out_form[0].per_layer.values()) == list(in_place[0].per_layer.values())
+    np.testing.assert_allclose(out_form[0].records["t"], in_place[0].records["t"], atol=1e-12)
+    m = _ClampOut(False).double()
+    t = torch.linspace(0, 1, 20001, dtype=torch.float64)[:, None]
+    with torch.no_grad():
+        h = m.l1(a + t * (b - a))
+        c = (h > 0.3).long() + (h >= -0.2).long()
+        r = (m.l2(h.clamp(-0.2, 0.3)) > 0).long()
+    dense = int((c[1:] != c[:-1]).sum() + (r[1:] != r[:-1]).sum())
+    assert out_form[0].crossings == dense
+
+
+def test_a_site_without_the_batch_first_is_a_one_line_error():
+    """A sequence-first layer (nn.TransformerEncoderLayer(batch_first=False) in a batch-first model) crashed paths
+    and slices with raw reshape or matmul errors; exact mode blamed an unseen LayerNorm and sent users to sampled
+    mode, which crashed too."""
+    from polytope_lens.slices import slice_through
+
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.enc(x.transpose(0, 1))[-1])
+
+    m = SeqFirst().double().eval()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert m(x).shape == (3, 3)  # the model itself runs
+    for method in ("auto", "exact", "sampled"):
+        with pytest.raises(InvalidInputError, match=r"site 'enc.relu' applies its nonlinearity to a tensor of shape "
+                                                    r"\(5, 1, 16\) for one example; .* batch on its own first axis"):
+            path_crossings(m, x[:1], x[1:2], method=method, n_samples=8)
+    with pytest.raises(InvalidInputError, match="batch on its own first axis"):
+        slice_through(m, x[0], x[1], x[2])

@@ -417,15 +417,20 @@ class _SiteMode(TorchFunctionMode):
                 raise UnsupportedActivationError(f"{e} (called in module {where!r})") from None
             if act is not None:
                 inplace = _is_inplace(func, args, kwargs)
-                out = tr.fire(act, args[0], tr.current_path(), apply=_CallApply(func, args[1:], kwargs, inplace),
-                              inplace=inplace)
+                # torch.clamp(h, lo, hi, out=h): the caller reads ``out``, so a replaced value is written there too;
+                # the site's own function runs without it (it would write into the caller's tensor)
+                target = kwargs.get("out") if isinstance(kwargs.get("out"), torch.Tensor) else None
+                own = {k: v for k, v in kwargs.items() if k != "out"} if target is not None else kwargs
+                out = tr.fire(act, args[0], tr.current_path(), apply=_CallApply(func, args[1:], own, inplace),
+                              inplace=inplace or target is not None)
                 if out is not None:
                     # the caller may read the mutated input, not the return value (F.relu(x, inplace=True); use x);
                     # not where the input holds a reduced pass's prefix rows (``SharedPrefix(at=...)``), as many as
                     # the points only by chance: later reads of it are the prefix's, and would get the points' values
-                    if inplace and out.shape == args[0].shape and not tr.fewer_rows:
-                        args[0].copy_(out)
-                        return args[0]
+                    written = args[0] if inplace else target
+                    if written is not None and out.shape == written.shape and not tr.fewer_rows:
+                        written.copy_(out)
+                        return written
                     return out
         return conv_call(func, args, kwargs)  # float64 CPU convolutions and max pooling the faster way (``_conv64``)
 
