@@ -2695,3 +2695,56 @@ def test_a_site_without_the_batch_first_is_a_one_line_error():
             path_crossings(m, x[:1], x[1:2], method=method, n_samples=8)
     with pytest.raises(InvalidInputError, match="batch on its own first axis"):
         slice_through(m, x[0], x[1], x[2])
+
+
+def test_padded_text_batches_edge_cases():
+    """Review of the per-text runs: one alpha = 0 note for the batch (each group added its own); an error inside a
+    group says which rows of the batch it means; a row without tokens, left padding and units= (which index the
+    padded layout) are a one-line error or a note, not a crash or a silent count."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                                vocab_size=30)).eval()
+    ids = torch.tensor([[1, 5, 7, 9, 2, 0, 0], [1, 4, 4, 6, 8, 3, 2], [1, 6, 2, 0, 0, 0, 0]])
+    right = (ids != 0).long()
+    site = "encoder.layer.0.intermediate.intermediate_act_fn.gelu"
+    kw = dict(layer=site, n_samples=16, tol=1e-6, trace=False)
+    res = ray_crossings(bert, {"input_ids": ids, "attention_mask": right}, alphas=(-1.0, 2.0), **kw)
+    zero_notes = [n for n in res.notes if "where the site's output is 0" in n]
+    assert len(zero_notes) <= 1 and any("own lengths" in n for n in res.notes)
+    a = site_activations(bert, {"input_ids": ids, "attention_mask": right}, layer=site)
+    end = a + 1
+    end[2, :3] = a[2, :3]  # row 2 (3 tokens) moves only at its padding: equal ends once run at its own length
+    with pytest.raises(InvalidInputError, match=r"Paths \[0\] .* equal start and end points.*in the rows \[2\] of "
+                                                r"the batch, texts of 3 positions"):
+        path_crossings(bert, a, end, inputs={"input_ids": ids, "attention_mask": right}, **kw)
+    with pytest.raises(InvalidInputError, match=r"Rows \[2\] of the 'inputs' of ray_crossings have no tokens"):
+        ray_crossings(bert, {"input_ids": ids, "attention_mask": right * torch.tensor([[1], [1], [0]])}, **kw)
+    left = right.flip(1)
+    res = ray_crossings(bert, {"input_ids": ids.flip(1), "attention_mask": left}, alphas=(0.5, 2.0), **kw)
+    assert any("pads on the left or has holes" in n for n in res.notes)
+
+
+def test_units_on_a_padded_batch_keep_the_padded_layout():
+    """units= index the padded layout (position * units + unit); a per-text run refused index 31 of a 7 x 5 site as
+    out of range for a 4-token group. Now the batch is not split, and a note says padding positions are counted."""
+
+    class Toy(nn.Module):  # an exact "text" model: embeddings, masked mean mixing, ReLUs
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(2)
+            self.emb, self.r1, self.l2, self.r2 = nn.Embedding(10, 5), nn.ReLU(), nn.Linear(5, 5), nn.ReLU()
+
+        def forward(self, input_ids, attention_mask):
+            h = self.r1(self.emb(input_ids) * attention_mask[..., None])
+            return self.r2(self.l2(h)).mean(1)
+
+    m = Toy().double()
+    ids = torch.tensor([[1, 2, 3, 4, 0, 0, 0], [5, 6, 7, 8, 9, 1, 2]])
+    base = {"input_ids": ids, "attention_mask": (torch.arange(7) < torch.tensor([[4], [7]])).long()}
+    res = ray_crossings(m, base, layer="r1.relu", alphas=(-1.0, 2.0), units=[31], trace=False)
+    assert any("units= index the padded layout" in n for n in res.notes)
+    full = ray_crossings(m, index_inputs(base, torch.tensor([1])), layer="r1.relu", alphas=(-1.0, 2.0), units=[31],
+                         trace=False)
+    assert res[1].crossings == full[0].crossings

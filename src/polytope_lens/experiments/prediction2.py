@@ -309,14 +309,15 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
             return xa.tensors[key], xb.tensors[key], None
         a = site_activations(bundle.module, xa.tensors, layer=layer)
         b = site_activations(bundle.module, xb.tensors, layer=layer)
-        if text:  # sequences differ in length: pad/cut b to a's shape; past a's mask b is a, so the path (and the
-            # random control's norm, from b - a) lies in a's positions, where paths at a site run (paths._per_text)
-            if b.shape != a.shape:
-                bb = torch.zeros_like(a)
-                m = min(a.shape[1], b.shape[1])
-                bb[:, :m] = b[:, :m]
-                b = bb
-            b = torch.where(xa.tensors["attention_mask"][..., None].to(torch.bool), b, a)
+        if text:  # sequences differ in length: b cut or padded to a's positions. The path moves only where both
+            # texts have a token: elsewhere b is a, so a pair's path depends on its two texts alone (not on the
+            # padding of the other texts in b's batch), and lies in a's positions, where paths at a site run
+            m = min(a.shape[1], b.shape[1])
+            both = torch.zeros(a.shape[:2], dtype=torch.bool)
+            both[:, :m] = (xa.tensors["attention_mask"][:, :m] != 0) & (xb.tensors["attention_mask"][:, :m] != 0)
+            bb = a.clone()
+            bb[:, :m] = b[:, :m]
+            b = torch.where(both[..., None].to(a.device), bb, a)
         return a, b, xa.tensors
 
     def crossings(a, b, base):

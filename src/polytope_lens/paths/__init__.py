@@ -32,7 +32,7 @@ from .._transfer import arrays_to_host_async
 from ..capture import (StopForward, batched_values, check_capture_kwargs, input_tensors, list_sites, model_errors, run,
                        select_sites)
 from ..codes import site_unit_indices
-from ..errors import InvalidInputError, NotPiecewiseLinearError
+from ..errors import InvalidInputError, NotPiecewiseLinearError, first_line
 from ..kinks import argmax_changes, counts_below, first_max, lexsort
 from . import geometry
 from .exact import Refiner, verify_chunk
@@ -122,9 +122,10 @@ def _check_base(inputs, n_paths: int, owner: str):
     return tensors
 
 
-def _text_lengths(base) -> list[tuple[torch.Tensor, int]] | None:
+def _text_lengths(base, owner: str) -> list[tuple[torch.Tensor, int]] | str | None:
     """Rows of right-padded text inputs grouped by content length: ``[(rows, length), ...]`` when an
-    ``attention_mask`` (ones, then zeros) pads some row; None otherwise (nothing to trim).
+    ``attention_mask`` (ones, then zeros) pads some row; a note when a mask pads otherwise (on the left, or with
+    holes), which is not trimmed; None when nothing is padded.
 
     A text's paths at a site run at its own length: positions past its mask are not the text's, and counting their
     crossings (and their share of a path's length) made one text's result depend on what it was batched with (32
@@ -133,9 +134,15 @@ def _text_lengths(base) -> list[tuple[torch.Tensor, int]] | None:
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return None
     lengths = (mask != 0).sum(1)
-    right_padded = bool(((mask != 0) == (torch.arange(mask.shape[1], device=mask.device) < lengths[:, None])).all())
-    if not right_padded or bool((lengths == mask.shape[1]).all()):
+    empty = torch.nonzero(lengths == 0).flatten().tolist()
+    if empty:
+        raise InvalidInputError(f"Rows {empty[:5]} of the 'inputs' of {owner} have no tokens (their attention_mask is "
+                                "all 0).")
+    if bool((lengths == mask.shape[1]).all()):
         return None
+    if not bool(((mask != 0) == (torch.arange(mask.shape[1], device=mask.device) < lengths[:, None])).all()):
+        return ("the attention_mask pads on the left or has holes: rows are not run at their own lengths, so "
+                "crossings at padding positions are counted (pad on the right, or run each text alone)")
     return [(torch.nonzero(lengths == n).flatten(), int(n)) for n in torch.unique(lengths).tolist()]
 
 
@@ -152,17 +159,34 @@ def _text_rows(v, rows: torch.Tensor, length: int, seq: int, axis: int, batched:
     return v.narrow(axis, 0, length) if v.dim() > axis and v.shape[axis] == seq else v
 
 
-def _per_text(run_group, base, site_shape: tuple) -> PathBatchResult | None:
-    """``run_group(rows, length)`` for each group of equally long texts (``_text_lengths``), joined in row order, or
-    None when there is nothing to trim (no padding, or a site whose first axis is not the positions)."""
-    groups = _text_lengths(base)
+def _per_text(run_group, base, site_shape: tuple, owner: str, units=None) -> PathBatchResult | str | None:
+    """``run_group(rows, length)`` for each group of equally long texts (``_text_lengths``), joined in row order;
+    or a note for the untrimmed run when padding cannot be trimmed (left padding; ``units``, which index the padded
+    layout); or None when there is nothing to trim (no padding, or a site whose first axis is not the positions)."""
+    groups = _text_lengths(base, owner)
     if groups is None or not site_shape or site_shape[0] != base["attention_mask"].shape[1]:
         return None
-    parts = [run_group(rows, n) for rows, n in groups]
+    if isinstance(groups, str):
+        return groups
+    if units is not None:
+        return ("units= index the padded layout, so rows are not run at their own lengths: crossings at padding "
+                "positions are counted")
+    parts = []
+    for rows, n in groups:
+        try:
+            parts.append(run_group(rows, n))
+        except InvalidInputError as e:  # the group's path indices are not the batch's: say which rows they are
+            raise InvalidInputError(f"{first_line(e).rstrip('.')} (in the rows {rows.tolist()[:8]} of the batch, "
+                                    f"texts of {n} positions run together: path indices count within them).") from None
     res = PathBatchResult.concat(parts, rows=[rows.tolist() for rows, _ in groups])
     note = (f"text rows run at their own lengths ({', '.join(str(n) for _, n in groups)} positions of "
             f"{site_shape[0]}): crossings at padding positions are not counted")
     return dataclasses.replace(res, notes=res.notes + (note,))
+
+
+def _noted(res: PathBatchResult, note) -> PathBatchResult:
+    """``res`` with ``note`` added (None: as it is)."""
+    return res if note is None else dataclasses.replace(res, notes=res.notes + (note,))
 
 
 class PreparedModel:
@@ -386,6 +410,10 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
         wait()
     tolerance = ({"tie_tol": float(tie_tol), "value_tol": float(runner.tol)} if use_exact
                  else {"tol": float(tol), "n_samples": int(n_samples)})
+    undefined = sum(int((~np.isfinite(tr.top_prob)).sum()) for b in results._blocks for tr in b.traces.values())
+    if undefined:  # the sites were finite (checked), the outputs overflow: say so rather than show NaN quietly
+        notes.append(f"the model's outputs are NaN or infinite at {undefined:,} positions of the traces (it overflows "
+                     "there): their top class, probability and JS are undefined; the crossings are not affected")
     return PathBatchResult(results, use_exact, "exact" if use_exact else "sampled",
                            str(prep.dtype).replace("torch.", ""), tolerance, spec.kind, spec.site, tuple(reported),
                            tuple(notes), time.perf_counter() - t0)
@@ -682,15 +710,16 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
             inputs=_text_rows(base, rows, n, seq, 1), layers=layers, method=method, dtype=dtype, device=device,
             tie_tol=tie_tol, n_samples=n_samples, tol=tol, trace=trace, verify=verify, memory_budget=memory_budget,
             evaluator=evaluator, units=units, forward=forward, progress=progress, **capture_kwargs),
-            base, tuple(start.shape[1:]))
-        if res is not None:
+            base, tuple(start.shape[1:]), owner, units)
+        if isinstance(res, PathBatchResult):
             return res
     x = geometry.stacked([start, end], prep.dtype, prep.device)
     kt = torch.tensor([0.0, 1.0], dtype=torch.float64).expand(len(start), 2)
     spec = PathSpec(kt, x, length, "segment", site_name, base)
-    return _analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol, n_samples=n_samples,
-                    tol=tol, trace=trace, verify=verify, memory_budget=memory_budget, evaluator=evaluator,
-                    units=units, capture_kwargs=capture_kwargs, progress=progress)
+    return _noted(_analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol,
+                           n_samples=n_samples, tol=tol, trace=trace, verify=verify, memory_budget=memory_budget,
+                           evaluator=evaluator, units=units, capture_kwargs=capture_kwargs, progress=progress),
+                  res if base is not None else None)
 
 
 path_crossings.__doc__ = """Exact (or sampled) boundary crossings along straight segments ``start -> end``.
@@ -740,13 +769,14 @@ def polyline_crossings(model: nn.Module, points, *, layer: str | None = None, in
             prep.model, _text_rows(pts, rows, n, seq, 2), layer=site_name, inputs=_text_rows(base, rows, n, seq, 1),
             layers=layers, method=method, dtype=dtype, device=device, tie_tol=tie_tol, n_samples=n_samples, tol=tol,
             trace=trace, verify=verify, memory_budget=memory_budget, evaluator=evaluator, units=units,
-            forward=forward, progress=progress, **capture_kwargs), base, tuple(pts.shape[2:]))
-        if res is not None:
+            forward=forward, progress=progress, **capture_kwargs), base, tuple(pts.shape[2:]), owner, units)
+        if isinstance(res, PathBatchResult):
             return res
     spec = PathSpec(knots.to(torch.float64), pts, length.to(torch.float64), "polyline", site_name, base)
-    return _analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol, n_samples=n_samples,
-                    tol=tol, trace=trace, verify=verify, memory_budget=memory_budget, evaluator=evaluator,
-                    units=units, capture_kwargs=capture_kwargs, progress=progress)
+    return _noted(_analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol,
+                           n_samples=n_samples, tol=tol, trace=trace, verify=verify, memory_budget=memory_budget,
+                           evaluator=evaluator, units=units, capture_kwargs=capture_kwargs, progress=progress),
+                  res if base is not None else None)
 
 
 polyline_crossings.__doc__ = """Crossings along polylines through ``points`` (P, K, *shape), t by arc length.
@@ -788,14 +818,19 @@ def ray_crossings(model: nn.Module, inputs, *, layer: str, alphas=(0.0, 2.0), di
                              n_samples=n_samples, tol=tol, trace=trace, verify=verify, memory_budget=memory_budget,
                              evaluator=evaluator, units=units, forward=forward, progress=progress, **capture_kwargs)
     kt, x, length, al, d, offset = geometry.ray(a, direction, alphas, owner=owner)  # checks before any split
-    res = _per_text(group, base, tuple(a.shape[1:]))
-    if res is not None:
-        return res
-    spec = PathSpec(kt, x, length.to(torch.float64), "ray", site.name, base, al, d, offset)
-    res = _analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol, n_samples=n_samples,
-                   tol=tol, trace=trace, verify=verify, memory_budget=memory_budget, evaluator=evaluator,
-                   units=units, capture_kwargs=capture_kwargs, progress=progress)
+    trimmed = _per_text(group, base, tuple(a.shape[1:]), owner, units)
+    if isinstance(trimmed, PathBatchResult):  # the groups' own alpha = 0 notes give way to the batch's
+        res = dataclasses.replace(trimmed, notes=tuple(n for n in trimmed.notes if _ZERO_ALPHA not in n))
+    else:
+        spec = PathSpec(kt, x, length.to(torch.float64), "ray", site.name, base, al, d, offset)
+        res = _noted(_analyse(prep, spec, owner=owner, layers=layers, method=method, tie_tol=tie_tol,
+                              n_samples=n_samples, tol=tol, trace=trace, verify=verify, memory_budget=memory_budget,
+                              evaluator=evaluator, units=units, capture_kwargs=capture_kwargs, progress=progress),
+                     trimmed)
     return res if direction is not None else _note_zero_alpha(res, al)
+
+
+_ZERO_ALPHA = "where the site's output is 0"  # in the alpha = 0 note (``_note_zero_alpha``)
 
 
 def _note_zero_alpha(res: PathBatchResult, alphas: tuple) -> PathBatchResult:
@@ -805,15 +840,14 @@ def _note_zero_alpha(res: PathBatchResult, alphas: tuple) -> PathBatchResult:
     t0 = geometry.zero_t(alphas)
     if not 0.0 <= t0 <= 1.0:
         return res
-    t = res.paths.crossing_t if isinstance(res.paths, PathList) else np.concatenate(
-        [p.records["t"] for p in res.paths] or [np.zeros(0)])
+    t = res.crossing_t
     # sampled mode locates a change at the knot by bisection next to it, within its tolerance in t
     at = int((t == t0).sum()) if res.exact else int((np.abs(t - t0) <= res.tolerance["tol"]).sum())
     if not at:
         return res
     where = ("lie at alpha = 0" if res.exact else f"were located within tol ({res.tolerance['tol']:g} in t) of "
              "alpha = 0, so they may lie at it (bisection cannot tell)")
-    note = (f"{at:,} of {len(t):,} crossings {where}, where the site's output is 0: later units see their "
+    note = (f"{at:,} of {len(t):,} crossings {where}, {_ZERO_ALPHA}: later units see their "
             "constants alone, and those on a kink there (a unit without bias, a max-pool window of equal entries) "
             "take the piece the tie rules give; counts and densities include them")
     return dataclasses.replace(res, notes=res.notes + (note,))

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InvalidInputError, NotPiecewiseLinearError
+from ..errors import InvalidInputError, NotPiecewiseLinearError, not_finite
 from .._kink_scan import interpolated_outputs, scan, triton_ready
 from ..kinks import Crossings, ScalarKinks, WindowMax, counts_below, lexsort, sort_crossings
 from .runner import SRC, Affine, Runner, index_inputs, same_values
@@ -1266,6 +1266,13 @@ def _verify_intervals(runner: Runner, gpids, pid, t, pick, units, tie_tol: float
         zl, zr, zm = z[:n], z[n:2 * n], z[2 * n:]
         scale = torch.maximum(zl.abs(), zr.abs()).amax(1, keepdim=True).clamp_min(1.0)
         err = ((zm - 0.5 * (zl + zr)).abs() / scale).max()
+        if not bool(torch.isfinite(err)):  # overflow, not a hidden nonlinearity
+            raise not_finite(f"the unit inputs of site {site.name!r}", runner.owner, z.dtype, "on some paths",
+                             "range of alpha (or shorter paths)")
+        if not bool(err <= runner.tol) and float(scale.max()) > torch.finfo(z.dtype).max * 2.0 ** -20:
+            raise InvalidInputError(f"{runner.owner}: the unit inputs of site {site.name!r} reach "
+                                    f"{float(scale.max()):.3g}, near the largest {str(z.dtype).replace('torch.', '')}, "
+                                    "where sums lose their digits; use a smaller range of alpha (or shorter paths).")
         if not bool(err <= runner.tol):
             raise NotPiecewiseLinearError(
                 f"not piecewise-linear: the unit input of site {site.name!r} is not affine between two consecutive "
