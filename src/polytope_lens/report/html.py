@@ -98,6 +98,12 @@ def _img(b64: str, alt: str) -> str:
     return f'<img class="fig" alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
 
 
+def _section(sid: str, title: str, results: list) -> tuple[list, list]:
+    """A prediction's section opened: its heading and the table of every model's entries (returned too)."""
+    entries = [dict(e, data=r["data"]) for r in results for e in r["entries"]]
+    return [f"<section id='{sid}'><h2>{title}</h2>"] + ([entries_table(entries)] if entries else []), entries
+
+
 def render_report(state: dict) -> str:
     """HTML text of the report from the reproduce state (see ``reproduce``)."""
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>polytope-lens reproduction</title>"
@@ -124,10 +130,8 @@ def render_report(state: dict) -> str:
                  + "".join(rows) + "</table></section>")
     # prediction 1
     p1 = state.get("p1", [])
-    sec = ["<section id='prediction-1'><h2>Prediction 1: spline-code clusters vs activation clusters</h2>"]
-    all_e = [dict(e, data=r["data"]) for r in p1 for e in r["entries"]]
+    sec, all_e = _section("prediction-1", "Prediction 1: spline-code clusters vs activation clusters", p1)
     if all_e:
-        sec.append(entries_table(all_e))
         sec.append(_img(_png(figures.entries_figure(all_e, "Prediction 1: codes - activations", detached=True)),
                         "prediction 1 CIs"))
     for r in p1:
@@ -145,10 +149,7 @@ def render_report(state: dict) -> str:
     parts.append("".join(sec))
     # prediction 2
     p2 = state.get("p2", [])
-    sec = ["<section id='prediction-2'><h2>Prediction 2: boundary density along interpolation paths</h2>"]
-    all_e = [dict(e, data=r["data"]) for r in p2 for e in r["entries"]]
-    if all_e:
-        sec.append(entries_table(all_e))
+    sec, _ = _section("prediction-2", "Prediction 2: boundary density along interpolation paths", p2)
     for r in p2:
         sec.append(f"<h3>{_f(r['model'])} on {_f(r['data'])} (paths at {_f(r['layer'] or 'input')}, "
                    f"{r['method']})</h3>")
@@ -163,10 +164,7 @@ def render_report(state: dict) -> str:
     parts.append("".join(sec))
     # prediction 3
     p3 = state.get("p3", [])
-    sec = ["<section id='prediction-3'><h2>Prediction 3: scaling and validity intervals</h2>"]
-    all_e = [dict(e, data=r["data"]) for r in p3 for e in r["entries"]]
-    if all_e:
-        sec.append(entries_table(all_e))
+    sec, _ = _section("prediction-3", "Prediction 3: scaling and validity intervals", p3)
     for r in p3:
         sec.append(f"<h3>{_f(r['model'])} on {_f(r['data'])} (scaling {_f(r['layer'])}, "
                    f"alpha in {r['settings']['alphas']})</h3>")
