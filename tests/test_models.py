@@ -767,6 +767,18 @@ def test_file_models_keep_float64_weights(tmp_path):
     np.testing.assert_allclose(res[0].records["t"], [0.1, 0.1 + 1e-12], rtol=0, atol=1e-16)
     assert res[0].ties == 0
     assert load_model(f"file:{tmp_path / 'm16.pt'}").module[0].weight.dtype == torch.float32
+    torch.save(BufferOnly(), tmp_path / "buf.pt")  # float64 buffers, no parameters: inputs are encoded in float64
+    buf = load_model(f"file:{tmp_path / 'buf.pt'}:input_shape=4")
+    assert buf.float_dtype() == torch.float64 and buf.encode(DataSource("v", "array", np.ones((2, 4)), None))
+
+
+class BufferOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("w", torch.ones(4, 2, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.relu(x) @ self.w
 
 
 def test_a_guessed_input_shape_says_it_was_guessed(tmp_path):

@@ -2696,6 +2696,23 @@ def test_a_site_without_the_batch_first_is_a_one_line_error():
     with pytest.raises(InvalidInputError, match="batch on its own first axis"):
         slice_through(m, x[0], x[1], x[2])
 
+    class EarlyTransposed(nn.Module):  # the odd site runs before the ray's site: rays there never follow it
+        def __init__(self, transposed: bool):
+            super().__init__()
+            torch.manual_seed(4)
+            self.l1, self.l2, self.l3, self.t = nn.Linear(3, 6), nn.Linear(6, 6), nn.Linear(6, 2), transposed
+            self.a1, self.a2, self.a3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
+
+        def forward(self, v):
+            h = self.l1(v)
+            h = self.a1(h.t()).t() if self.t else self.a1(h)
+            return self.l3(self.a3(self.l2(self.a2(h))))
+
+    v = torch.randn(4, 3, dtype=torch.float64)
+    counts = [ray_crossings(EarlyTransposed(t).double(), v, layer="a2", alphas=(0.5, 3.0)).counts.tolist()
+              for t in (True, False)]
+    assert counts[0] == counts[1]
+
 
 def test_padded_text_batches_edge_cases():
     """Review of the per-text runs: one alpha = 0 note for the batch (each group added its own); an error inside a

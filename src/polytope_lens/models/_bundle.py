@@ -251,8 +251,10 @@ class ModelBundle:
         return torch.as_tensor(np.ascontiguousarray(items), dtype=self.float_dtype())
 
     def float_dtype(self) -> torch.dtype:
-        """The dtype of the module's floating-point parameters (float32 when it has none): encoded arrays get it."""
-        return next((p.dtype for p in self.module.parameters() if p.is_floating_point()), torch.float32)
+        """The dtype of the module's floating-point parameters or buffers (float32 when it has none): encoded arrays
+        get it."""
+        tensors = (*self.module.parameters(), *self.module.buffers())
+        return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
 
     def position_limit(self) -> int | None:
         """The most tokens a text model's position embeddings hold (Hugging Face ``max_position_embeddings`` or

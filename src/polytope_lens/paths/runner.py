@@ -174,8 +174,9 @@ class Runner:
             self.processed = [s for s in self.all_sites if s.order > order]
         # a site whose unit input does not depend on the path (a clamp of parameters) has no crossings on it
         self.constant_sites = bends.constant
-        for site, z in seen.values():  # the probe is one example: a site's unit input holds it on its first axis
-            if site.name not in self.constant_sites and (z.dim() == 0 or z.shape[0] != 1):
+        checked = {s.name for s in self.processed} | ({spec.site} if spec.site is not None else set())
+        for site, z in seen.values():  # the probe is one example: a followed site's unit input holds it first
+            if site.name in checked and site.name not in self.constant_sites and (z.dim() == 0 or z.shape[0] != 1):
                 raise InvalidInputError(
                     f"{owner}: site {site.name!r} applies its nonlinearity to a tensor of shape {tuple(z.shape)} for "
                     "one example; paths and slices need the batch on its own first axis, of size 1 here (a "
