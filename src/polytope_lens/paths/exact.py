@@ -1276,8 +1276,10 @@ def _verify_intervals(runner: Runner, gpids, pid, t, pick, units, tie_tol: float
         if not bool(err <= runner.tol):
             raise NotPiecewiseLinearError(
                 f"not piecewise-linear: the unit input of site {site.name!r} is not affine between two consecutive "
-                f"breakpoints (relative deviation {float(err):.2e}); an operation capture does not see (LayerNorm, "
-                "softmax, normalisation by batch statistics...) sits before it. Use method='sampled'.")
+                f"breakpoints (relative deviation {float(err):.2e}, unit inputs up to {float(scale.max()):.3g}); an "
+                "operation capture does not see (LayerNorm, softmax, normalisation by batch statistics...) sits before "
+                "it, or, in a model without one, the path's scale outruns the dtype's rounding (use a shorter path or "
+                "ray). Use method='sampled' for the first.")
         act = site.activation
         if isinstance(act, ScalarKinks):
             pl, pr = act.pieces(zl), act.pieces(zr)
