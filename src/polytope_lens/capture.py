@@ -44,8 +44,8 @@ from .kinks import BENDING_OPS, VALUE_READS, Activation, get_activation, resolve
 
 __all__ = ["CallSite", "BendTracker", "capture", "list_sites", "select_sites", "StopForward", "SharedPrefix",
            "PrefixRead", "PrefixReplay", "ReplayMismatch", "ACTIVATION_MODULE_CLASSES", "eval_mode",
-           "as_module", "check_eager", "is_batched", "input_tensors", "batched_values", "check_capture_kwargs",
-           "CAPTURE_OPTIONS"]
+           "as_module", "float_dtype", "check_eager", "is_batched", "input_tensors", "batched_values",
+           "check_capture_kwargs", "CAPTURE_OPTIONS"]
 
 # composite activation modules, by class name: their input is the unit input, their inner calls are not sites
 ACTIVATION_MODULE_CLASSES: dict[str, str] = {
@@ -636,6 +636,13 @@ def is_batched(v) -> bool:
     """Whether a model input holds one row per example: a tensor with a first axis. A mapping's other values (a
     flag, a 0-d temperature) go to every batch as they are."""
     return isinstance(v, torch.Tensor) and v.dim() > 0
+
+
+def float_dtype(module: nn.Module, default: torch.dtype | None = None) -> torch.dtype | None:
+    """The dtype of a module's first floating-point parameter or buffer: what its inputs are cast to; ``default``
+    when it has none."""
+    tensors = (*module.parameters(), *module.buffers())
+    return next((t.dtype for t in tensors if t.is_floating_point()), default)
 
 
 def unwrap_encoded(v):

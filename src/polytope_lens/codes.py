@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from ._transfer import to_host, wait_for_copies
-from .capture import (CallSite, StopForward, as_module, batched_values, check_capture_kwargs, eval_mode, input_tensors,
-                      is_batched, list_sites, model_errors, run, select_sites)
+from .capture import (CallSite, StopForward, as_module, batched_values, check_capture_kwargs, eval_mode, float_dtype,
+                      input_tensors, is_batched, list_sites, model_errors, run, select_sites)
 from .errors import InvalidInputError
 from .kinks import Activation, ScalarKinks
 
@@ -489,8 +489,7 @@ class CodeExtractor:
         sequences), which is then the caller's to check over the whole set (``no_rows_error``); ``first``: the data
         set's index of ``inputs``' first example (named in errors). The model runs in eval mode (``eval_mode``)."""
         if not hasattr(inputs, "tensors"):  # a bundle's Inputs keep their attention mask
-            inputs = input_tensors(inputs, next((p.dtype for p in self.model.parameters() if p.is_floating_point()),
-                                                None))
+            inputs = input_tensors(inputs, float_dtype(self.model))
         n_total = _check_inputs(inputs)
         one, _, _ = next(_batches(inputs, 1))
         guard = model_errors(self.forward, one, "spline_codes", "inputs") if self.model_errors else nullcontext()

@@ -196,20 +196,16 @@ class Prediction2Result:
         return draw(data, ax)
 
     def _repr_html_(self) -> str:
-        from ..report.html import entries_table, summary_html
+        from ..report.html import entries_table, summary_html, tolerance_text
 
         counts = {k: len(v) for k, v in self.plot_data.get("counts", {}).items()}
         return summary_html(f"Prediction 2 on {self.model} / {self.data}: {self.verdict} ({self.primary})",
                             {"crossings": "exact" if self.exact else "sampled (lower bounds)", "method": self.method,
-                             "tolerance": _tolerance(self.settings), "paths at": self.layer or "the input",
+                             "tolerance": tolerance_text(self.settings.get("tolerance")),
+                             "paths at": self.layer or "the input",
                              "paths": ", ".join(f"{n} {k}" for k, n in counts.items())},
                             entries_table([dict(e, data=self.data) for e in self.entries],
                                           self.settings.get("level", 0.95)))
-
-
-def _tolerance(settings: dict) -> str:
-    """A path batch's tolerance from a prediction's settings, as 'key=value' pairs."""
-    return ", ".join(f"{k}={v}" for k, v in (settings.get("tolerance") or {}).items()) or "not recorded"
 
 
 def _draw_pairs(labels: np.ndarray, n_pairs: int, rng) -> tuple[np.ndarray, np.ndarray]:

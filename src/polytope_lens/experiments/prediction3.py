@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInputError
-from .prediction2 import _entry, _tolerance
+from .prediction2 import _entry
 from .stats import mean_difference_ci
 
 __all__ = ["Prediction3Result", "run_prediction3", "validity_interval", "ray_statistics"]
@@ -156,12 +156,13 @@ class Prediction3Result:
         return scaling_figure({"plot": self.plot_data, "intervals": list(self.intervals), "exact": self.exact}, n_rays)
 
     def _repr_html_(self) -> str:
-        from ..report.html import entries_table, interval_table, summary_html
+        from ..report.html import entries_table, interval_table, summary_html, tolerance_text
 
         return summary_html(
             f"Prediction 3 on {self.model} / {self.data}: {self.verdict}",
             {"crossings": "exact" if self.exact else "sampled (lower bounds)", "method": self.method,
-             "tolerance": _tolerance(self.settings), "scaled site": self.layer, "alphas": self.settings.get("alphas"),
+             "tolerance": tolerance_text(self.settings.get("tolerance")), "scaled site": self.layer,
+             "alphas": self.settings.get("alphas"),
              "rays": len(self.intervals)},
             entries_table([dict(e, data=self.data) for e in self.entries], self.settings.get("level", 0.95)),
             interval_table(list(self.intervals)),

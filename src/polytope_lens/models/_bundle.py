@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from polytope_lens.capture import float_dtype
 from polytope_lens.errors import InvalidInputError, first_line
 
 MODEL_MODALITIES = ("image", "text", "vector")
@@ -253,8 +254,7 @@ class ModelBundle:
     def float_dtype(self) -> torch.dtype:
         """The dtype of the module's floating-point parameters or buffers (float32 when it has none): encoded arrays
         get it."""
-        tensors = (*self.module.parameters(), *self.module.buffers())
-        return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+        return float_dtype(self.module, torch.float32)
 
     def position_limit(self) -> int | None:
         """The most tokens a text model's position embeddings hold (Hugging Face ``max_position_embeddings`` or

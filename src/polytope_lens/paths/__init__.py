@@ -179,9 +179,8 @@ def _per_text(run_group, base, site_shape: tuple, owner: str, units=None) -> Pat
             raise InvalidInputError(f"{first_line(e).rstrip('.')} (in the rows {rows.tolist()[:8]} of the batch, "
                                     f"texts of {n} positions run together: path indices count within them).") from None
     res = PathBatchResult.concat(parts, rows=[rows.tolist() for rows, _ in groups])
-    note = (f"text rows run at their own lengths ({', '.join(str(n) for _, n in groups)} positions of "
-            f"{site_shape[0]}): crossings at padding positions are not counted")
-    return dataclasses.replace(res, notes=res.notes + (note,))
+    return _noted(res, f"text rows run at their own lengths ({', '.join(str(n) for _, n in groups)} positions of "
+                       f"{site_shape[0]}): crossings at padding positions are not counted")
 
 
 def _noted(res: PathBatchResult, note) -> PathBatchResult:
@@ -410,7 +409,7 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
         wait()
     tolerance = ({"tie_tol": float(tie_tol), "value_tol": float(runner.tol)} if use_exact
                  else {"tol": float(tol), "n_samples": int(n_samples)})
-    undefined = sum(int((~np.isfinite(tr.top_prob)).sum()) for b in results._blocks for tr in b.traces.values())
+    undefined = sum(int((~np.isfinite(tr.top_prob)).sum()) for tr in results.traces())
     if undefined:  # the sites were finite (checked), the outputs overflow: say so rather than show NaN quietly
         notes.append(f"the model's outputs are NaN or infinite at {undefined:,} positions of the traces (it overflows "
                      "there): their top class, probability and JS are undefined; the crossings are not affected")
@@ -850,7 +849,7 @@ def _note_zero_alpha(res: PathBatchResult, alphas: tuple) -> PathBatchResult:
     note = (f"{at:,} of {len(t):,} crossings {where}, {_ZERO_ALPHA}: later units see their "
             "constants alone, and those on a kink there (a unit without bias, a max-pool window of equal entries) "
             "take the piece the tie rules give; counts and densities include them")
-    return dataclasses.replace(res, notes=res.notes + (note,))
+    return _noted(res, note)
 
 
 ray_crossings.__doc__ = """Crossings along scaling rays at site ``layer``: ``alpha * a`` (or ``a + alpha * d``).

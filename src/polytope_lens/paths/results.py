@@ -308,6 +308,10 @@ class PathList(Sequence):
         """Site (index into ``sites``) of every crossing, in the order of ``crossing_t``, int64."""
         return np.concatenate([b.rec_site for b in self._blocks] or [np.zeros(0)]).astype(np.int64)
 
+    def traces(self):
+        """The traces the paths have, block by block, without making a ``PathResult`` per path."""
+        return (tr for b in self._blocks for tr in b.traces.values())
+
     @property
     def alphas(self) -> set:
         """The distinct ``(alpha0, alpha1)`` of the blocks (``{None}`` for paths that are not rays)."""
@@ -435,13 +439,13 @@ class PathBatchResult:
         return batch_figure(self, ax, bins=bins)
 
     def _repr_html_(self) -> str:
-        from ..report.html import summary_html
+        from ..report.html import summary_html, tolerance_text
 
         counts = self.counts
         how = f"exact, {self.dtype}" if self.exact else f"sampled lower bounds, {self.dtype}"
         return summary_html(
             f"{len(self)} {self.kind}{'s' if len(self) != 1 else ''}: {int(counts.sum())} crossings ({how})",
-            {"method": self.method, "tolerance": ", ".join(f"{k}={v}" for k, v in self.tolerance.items()),
+            {"method": self.method, "tolerance": tolerance_text(self.tolerance),
              "paths drawn at": self.layer or "the input",
              **({"alphas": f"{self.ray_alphas[0]:g} to {self.ray_alphas[1]:g}"} if self.ray_alphas else {}),
              "crossings per path": _spread(counts), "seconds": round(self.seconds, 3)},

@@ -43,6 +43,11 @@ def interval_table(intervals: list, n: int = 12) -> str:
     return rows_table(["ray", "class at alpha=1", "interval lo", "interval hi"], rows)
 
 
+def tolerance_text(tolerance: dict | None) -> str:
+    """A path batch's tolerance as 'key=value' pairs ('not recorded' when there is none)."""
+    return ", ".join(f"{k}={v}" for k, v in (tolerance or {}).items()) or "not recorded"
+
+
 def summary_html(title: str, facts: dict, *tables: str, notes=()) -> str:
     """A result's notebook view: a bold title, a two-column table of facts, further tables and notes."""
     facts_rows = "".join(f"<tr><th>{_f(k)}</th><td>{_f(v)}</td></tr>" for k, v in facts.items())

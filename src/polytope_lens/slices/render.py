@@ -185,13 +185,9 @@ def opening_figure(path=None, *, dataset: str = "moons", width: int = 32, depth:
     model, X, y = toy_classifier(dataset, width, depth, seed=seed)
     sites = [s.name for s in list_sites(model, lambda: model(torch.zeros(1, 2)))]
     results = [slice_box(model, lo, hi, until=s) for s in sites[:-1]] + [slice_box(model, lo, hi)]
-    if detached:
-        from matplotlib.figure import Figure
-        fig = Figure(figsize=(4 * len(results), 4.2))
-        axes = fig.subplots(1, len(results))
-    else:
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 4.2))
+    from ..report.figures import new_figure
+    fig = new_figure((4 * len(results), 4.2), detached)
+    axes = fig.subplots(1, len(results))
     for i, (ax, r) in enumerate(zip(np.atleast_1d(axes), results)):
         last = i == len(results) - 1
         r.plot(ax, color_by="class" if last else "code", kinks_of=sites[i], boundary=last,
