@@ -2766,3 +2766,29 @@ def test_units_on_a_padded_batch_keep_the_padded_layout():
     full = ray_crossings(m, index_inputs(base, torch.tensor([1])), layer="r1.relu", alphas=(-1.0, 2.0), units=[31],
                          trace=False)
     assert res[1].crossings == full[0].crossings
+
+
+@pytest.mark.parametrize("evaluator", ["affine", "graph", "frontier"])
+def test_rays_over_many_orders_of_magnitude_equal_log_spaced_sampling(evaluator):
+    """Found at stop 35: ties were a fixed 1e-12 in t, which on a ray over (1, 1e9) is 1e-3 in alpha, where the
+    kinks crowd: distinct crossings were merged and moved (the digits CNN failed its affine check), and over
+    (1, 1e200) everything up to alpha ~1e188 was one tie (747 crossings, 786 now). Ties on rays are relative to
+    alpha. Oracle: dense sampling at log-spaced alphas; and the ray over (1, 3) gives the same records there."""
+    cnn = SmallCNN(seed=2)
+    x = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    site = [s.name for s in __import__("polytope_lens").list_sites(cnn, lambda: cnn(x[:1]))][0]
+    a = site_activations(cnn, x, layer=site)
+    near = ray_crossings(cnn, x, layer=site, alphas=(1.0, 3.0), evaluator=evaluator, trace=False)
+    for top in (1e9, 1e200):
+        wide = ray_crossings(cnn, x, layer=site, alphas=(1.0, top), evaluator=evaluator, trace=False)
+        assert wide.tolerance["tie_tol_in"] == "alpha, relative"
+        for i, p in enumerate(wide.paths):
+            decades = math.log10(top)
+            want = dense_count(cnn, lambda t, i=i: (10.0 ** (decades * t)).reshape(-1, *[1] * (a.dim() - 1)) * a[i],
+                               site=site, base=x[i:i + 1].double(), n_max=2 ** 19)
+            assert p.per_layer == {k: v for k, v in want.items() if k in wide.sites}
+            q = near.paths[i]
+            inside = p.alpha(p.records["t"]) <= 3.0
+            for key in ("site", "unit", "piece"):
+                np.testing.assert_array_equal(p.records[key][inside], q.records[key])
+            np.testing.assert_allclose(p.alpha(p.records["t"][inside]), q.alpha(q.records["t"]), rtol=1e-12)

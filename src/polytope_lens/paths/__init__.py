@@ -347,7 +347,8 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
                      + _folded_note(frontier) + ")" if frontier is not None
                      else "evaluator: graph (forward passes at new breakpoints, from the site that made them where "
                      "the model allows" + (f"; not the frontier evaluator: {why_not}" if why_not else "") + ")")
-    refiner = Refiner(runner, affine, tie_tol, trace, unit_idx, output_affine=out_affine,
+    ties = geometry.TieTolerance.of(spec, tie_tol)
+    refiner = Refiner(runner, affine, ties, trace, unit_idx, output_affine=out_affine,
                       frontier=frontier, local=evaluator == "local") if use_exact else None
 
     n_paths = spec.n_paths
@@ -397,8 +398,7 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
         else:
             out = refiner.run_chunk(gp)
         if use_exact and verify:
-            verify_chunk(runner, gp, out["pid"], out["t"], n_check=32, seed=start, units=unit_idx,
-                         tie_tol=tie_tol)
+            verify_chunk(runner, gp, out["pid"], out["t"], n_check=32, seed=start, units=unit_idx, ties=ties)
         if use_exact:  # memory scales with the points evaluated at the last site (see Refiner.run_chunk)
             est_pts = max(est_pts, 1.25 * out["n_evaluated"] / c)
         arriving.append(_collect(results, out, gp, spec, lengths, runner, reported, use_exact, trace))
@@ -407,7 +407,7 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
         start += c
     for wait in arriving:
         wait()
-    tolerance = ({"tie_tol": float(tie_tol), "value_tol": float(runner.tol)} if use_exact
+    tolerance = (ties.record() | {"value_tol": float(runner.tol)} if use_exact
                  else {"tol": float(tol), "n_samples": int(n_samples)})
     undefined = sum(int((~np.isfinite(tr.top_prob)).sum()) for tr in results.traces())
     if undefined:  # the sites were finite (checked), the outputs overflow: say so rather than show NaN quietly
@@ -630,7 +630,8 @@ _COMMON_DOC = """
         The model is copied and cast to it (float64 by default), in eval mode.
     device : str or torch.device
     tie_tol : float
-        Exact mode: crossings closer than this in t make one breakpoint (counted in ``ties``); see ``exact``. At most
+        Exact mode: crossings closer than this in t make one breakpoint (counted in ``ties``); on rays, closer than
+        ``tie_tol * |alpha|`` in alpha (never more than ``tie_tol`` in t); see ``exact``. At most
         the affine checks' rounding tolerance (1e-9 in float64, 1000 ulps = 1.19e-4 in float32): a crossing moved
         further would leave its kink inside an interval where later sites' inputs must be affine.
         Max-pool entries within the dtype's affine tolerance of a window's maximum count as tied at it (rounding of

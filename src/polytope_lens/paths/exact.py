@@ -37,12 +37,13 @@ Each breakpoint is evaluated once per later site, never by re-running the prefix
 
 Ties
 ----
-``tie_tol`` (in t, default 1e-12): crossings on one interval closer than ``tie_tol`` become one breakpoint (at the
-first crossing's t); a crossing within ``tie_tol`` of an existing breakpoint (including a unit exactly on its kink
-there) is placed at that breakpoint. Each such crossing is still one record; ``ties`` counts the breakpoints that
-carry such coincidences. z == kink belongs to the lower piece (the registry's convention); a unit whose crossings
-land on one breakpoint from both sides (it touches its kink there, or a max-pool window ties there) changes piece
-there once, from the piece before to the piece after, or not at all (``_net_changes``): one record or none.
+``tie_tol`` (default 1e-12; in t on paths, relative to alpha on rays: ``geometry.TieTolerance``): crossings on one
+interval closer than that become one breakpoint (at the first crossing's t); a crossing that close to an existing
+breakpoint (including a unit exactly on its kink there) is placed at that breakpoint. Each such crossing is still
+one record; ``ties`` counts the breakpoints that carry such coincidences. z == kink belongs to the lower piece (the
+registry's convention); a unit whose crossings land on one breakpoint from both sides (it touches its kink there, or
+a max-pool window ties there) changes piece there once, from the piece before to the piece after, or not at all
+(``_net_changes``): one record or none.
 
 Cost
 ----
@@ -62,6 +63,7 @@ import torch
 from ..errors import InvalidInputError, NotPiecewiseLinearError, not_finite
 from .._kink_scan import interpolated_outputs, scan, triton_ready
 from ..kinks import Crossings, ScalarKinks, WindowMax, counts_below, lexsort, sort_crossings
+from .geometry import TieTolerance
 from .runner import SRC, Affine, Runner, index_inputs, same_values
 
 
@@ -528,14 +530,14 @@ def _kernel_lines(site, act: ScalarKinks, zshape: tuple, dtype, device) -> torch
 class Refiner:
     """Layered breakpoint refinement over one chunk of paths at a time."""
 
-    def __init__(self, runner: Runner, affine: Affine | None, tie_tol: float, want_output: bool,
+    def __init__(self, runner: Runner, affine: Affine | None, ties: TieTolerance, want_output: bool,
                  units: torch.Tensor | None = None, output_affine: bool = False, frontier=None, local: bool = False):
         self.r = runner
         self.frontier = frontier  # a ``frontier.FrontierProgram``: all points advance site by site (graph models)
         self.local = local  # with ``frontier``'s graph: values held per spatial position (``paths.local``)
         self.units = units  # flat unit indices of the last site whose crossings are wanted (None = all)
         self.aff = affine
-        self.tie_tol = float(tie_tol)
+        self.ties = ties
         self.want_output = want_output
         self.reduction: dict[str, str] = {}  # graph route: how the pass before each site runs at its new points
         # when the model output is affine on every region the processed sites bound (``output_affine``: no
@@ -614,13 +616,14 @@ class Refiner:
         tl, tr = t[seg], t[seg + 1]
         dt = tr - tl
         off = s * dt
-        snap_l = off <= self.tie_tol
-        snap_r = (~snap_l) & ((dt - off) <= self.tie_tol)
+        tc = tl + off
+        tie = self.ties.at(tc)
+        snap_l = off <= tie
+        snap_r = (~snap_l) & ((dt - off) <= tie)
         snapped = snap_l | snap_r
         n_inner = len(seg) - int(snapped.sum())
         counted = None if n_inner == len(seg) or before is None else _net_changes(seg, unit, piece, before, snap_l,
                                                                                   snap_r)
-        tc = tl + off
         if n_inner < len(seg):
             by_side = torch.argsort(snapped.to(torch.uint8), stable=True)
             inner, outer = by_side[:n_inner], by_side[n_inner:]  # crossing indices, each in order
@@ -630,7 +633,7 @@ class Refiner:
             ji, ti, si = seg, tc, s
         newg = torch.ones(len(ji), dtype=torch.bool, device=t.device)
         if len(ji) > 1:
-            newg[1:] = (ji[1:] != ji[:-1]) | ((ti[1:] - ti[:-1]) > self.tie_tol)
+            newg[1:] = (ji[1:] != ji[:-1]) | ((ti[1:] - ti[:-1]) > self.ties.at(ti[1:]))
         first = torch.nonzero(newg).flatten()
         grouped = len(first) < len(ji)  # some crossings share a new point
         if grouped:
@@ -1234,10 +1237,10 @@ def _join_pieces(pieces: list[dict]) -> dict:
 
 
 def verify_chunk(runner: Runner, gpids: torch.Tensor, pid: torch.Tensor, t: torch.Tensor, n_check: int,
-                 seed: int = 0, units: torch.Tensor | None = None, tie_tol: float = 0.0) -> None:
+                 seed: int = 0, units: torch.Tensor | None = None, ties: TieTolerance = TieTolerance(0.0)) -> None:
     """Check the invariant on a sample of final intervals: every site's unit input is affine there, and no unit
-    changes piece strictly inside (a piece change between the ends needs an end on the kink, or within ``tie_tol``
-    in t of it: a crossing that close to a breakpoint was placed there).
+    changes piece strictly inside (a piece change between the ends needs an end on the kink, or within ``ties``
+    of it: a crossing that close to a breakpoint was placed there).
 
     Raises
     ------
@@ -1250,15 +1253,18 @@ def verify_chunk(runner: Runner, gpids: torch.Tensor, pid: torch.Tensor, t: torc
     pick = same[torch.randperm(len(same), generator=g)[:n_check].to(same.device)]
     group = max(1, runner.rows_per_batch() // 3)  # intervals checked at once: a batch's rows (3 points each)
     for s in range(0, len(pick), group):
-        _verify_intervals(runner, gpids, pid, t, pick[s:s + group], units, tie_tol)
+        _verify_intervals(runner, gpids, pid, t, pick[s:s + group], units, ties)
 
 
-def _verify_intervals(runner: Runner, gpids, pid, t, pick, units, tie_tol: float) -> None:
+def _verify_intervals(runner: Runner, gpids, pid, t, pick, units, ties: TieTolerance) -> None:
     tl, tr = t[pick], t[pick + 1]
     gp = gpids[pid[pick]]
     pts_t = torch.cat([tl, tr, 0.5 * (tl + tr)])
     vals = runner.eval_points(torch.cat([gp, gp, gp]), pts_t, runner.names)
     n = len(pick)
+    tie = ties.over(tl, tr)
+    if isinstance(tie, torch.Tensor):
+        tie = tie.unsqueeze(1)
     for site in runner.processed:
         z = vals[site.name]
         if units is not None and site is runner.processed[-1]:
@@ -1286,7 +1292,7 @@ def _verify_intervals(runner: Runner, gpids, pid, t, pick, units, tie_tol: float
             diff = pl != pr
             if bool(diff.any()):
                 # on the kink to rounding, or as far from it as the unit moves in tie_tol
-                reach = runner.tol * scale + tie_tol * (zr - zl).abs() / (tr - tl).unsqueeze(1).to(z.dtype)
+                reach = runner.tol * scale + tie * (zr - zl).abs() / (tr - tl).unsqueeze(1).to(z.dtype)
                 near = torch.zeros_like(diff)
                 for kink in act.kinks:
                     near |= ((zl - kink).abs() <= reach) | ((zr - kink).abs() <= reach)

@@ -19,7 +19,7 @@ import torch
 from ..capture import unwrap_encoded
 from ..errors import InvalidInputError
 
-__all__ = ["PathSpec", "segments", "polyline", "ray"]
+__all__ = ["PathSpec", "TieTolerance", "segments", "polyline", "ray"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,47 @@ class PathSpec:
         return PathSpec(self.knots_t.to(device, dtype), cast(self.knots_x, dtype, device), self.length.to(dtype),
                         self.kind, self.site, cast(self.base, dtype, device), self.alphas,
                         cast(self.direction, dtype, device), cast(self.offset, dtype, device))
+
+
+@dataclass(frozen=True)
+class TieTolerance:
+    """How close two crossings (or a crossing and a breakpoint) must be in t to be one breakpoint.
+
+    On paths, ``tie_tol`` in t. On rays, relative to alpha: ``|d alpha| <= tie_tol * |alpha|``, that is
+    ``tie_tol * |t - t_0|`` in t, never more than ``tie_tol``; a ray's kinks crowd near small alpha, and on a ray
+    over (1, 1e9) a fixed 1e-12 in t is 1e-3 in alpha, which merged distinct crossings there (over (1, 1e200), all
+    of them). ``floor`` (in t) keeps it from vanishing near alpha = 0 on rays ``a + alpha * d``, whose points round
+    there on the scale of ``a`` (rays ``alpha * a`` have an exact knot at alpha = 0)."""
+
+    tie_tol: float
+    origin: float | None = None  # t_0 of a ray; None for other paths
+    floor: float = 0.0
+
+    @classmethod
+    def of(cls, spec: "PathSpec", tie_tol: float) -> "TieTolerance":
+        if spec.alphas is None or tie_tol == 0:
+            return cls(float(tie_tol))
+        a0, a1 = spec.alphas
+        floor = 0.0
+        if spec.offset is not None:  # the smallest |a| / |d| of the batch, in t
+            flat = len(spec.offset)
+            ratio = (_lengths(spec.offset.reshape(flat, -1), "ray") / _lengths(spec.direction.reshape(flat, -1), "ray"))
+            floor = float(ratio.min()) / (a1 - a0)
+        return cls(float(tie_tol), zero_t((a0, a1)), min(floor, 1.0))
+
+    def at(self, t: torch.Tensor):
+        """The tolerance in t at positions ``t`` (a number on paths, a tensor like ``t`` on rays)."""
+        if self.origin is None:
+            return self.tie_tol
+        return self.tie_tol * (t - self.origin).abs().clamp_(min=self.floor, max=1.0)
+
+    def over(self, tl: torch.Tensor, tr: torch.Tensor):
+        """The largest tolerance on intervals ``[tl, tr]`` (the end further from alpha = 0)."""
+        return self.at(tl) if self.origin is None else torch.maximum(self.at(tl), self.at(tr))
+
+    def record(self) -> dict:
+        """The tolerance as a result states it."""
+        return {"tie_tol": self.tie_tol} | ({"tie_tol_in": "alpha, relative"} if self.origin is not None else {})
 
 
 def cast(v, dtype, device):
