@@ -153,3 +153,49 @@ def test_data_source_is_cut_to_n_items_and_labels_must_match():
     with pytest.raises(InvalidInputError, match=r"one label per item \(30\)\. Got 80"):
         run_prediction2("digits-cnn", "digits", layer="pool2.max_pool2d", n_pairs=2, n_items=30,
                         labels=np.asarray(src.labels))
+
+
+def test_js_windows_of_exact_paths_sit_where_the_output_changes():
+    """Found at stop 35: exact traces' JS was placed halfway between two region midpoints, windows away from the
+    boundary when a region is long. Hand-built: the logits are (0, 1000 * ramp) with ramp = relu(x - 0.8) -
+    relu(x - 0.81), constant outside [0.8, 0.81]; the path runs x from 0 to 1. Oracle: JS between consecutive
+    points of a 20,001-point grid, summed per window: all of it in window 16 ([0.8, 0.85)), as the tool's."""
+    m = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 2)).double()
+    with torch.no_grad():
+        m[0].weight.fill_(1.0), m[0].bias.copy_(torch.tensor([-0.8, -0.81], dtype=torch.float64))
+        m[2].weight.copy_(torch.tensor([[0.0, 0.0], [1000.0, -1000.0]])), m[2].bias.zero_()
+    res = path_crossings(m, torch.zeros(1, 1), torch.ones(1, 1))
+    assert res.exact and res.paths[0].records["t"].tolist() == [0.8, 0.81]
+    got = np.array(path_statistics(res, n_windows=20)["plot"]["js_windows"][0])
+    x = torch.linspace(0, 1, 20001, dtype=torch.float64)[:, None]
+    with torch.no_grad():
+        pr = torch.softmax(m(x), -1).numpy()
+    mid = 0.5 * (pr[1:] + pr[:-1])
+    js = 0.5 * ((pr[1:] * np.log(pr[1:] / mid)).sum(1) + (pr[:-1] * np.log(pr[:-1] / mid)).sum(1))
+    want = np.bincount(np.minimum((x[1:, 0].numpy() * 20).astype(int), 19), weights=js, minlength=20)
+    assert np.argmax(want) == np.argmax(got) == 16
+    assert np.flatnonzero(got).tolist() == [16] and want[16] / want.sum() > 0.99
+
+
+def test_pairs_of_equal_items_are_left_out_with_a_note():
+    """Found at stop 35: data holding an item twice drew a pair of equal ends, and path_crossings refused the whole
+    run ("equal start and end points"). Such pairs are left out, and the settings' notes count them; every path
+    kept has distinct ends (oracle: the items themselves)."""
+    from polytope_lens.data._source import DataSource
+    from polytope_lens.experiments.prediction2 import run_prediction2
+    from polytope_lens.models._bundle import ModelBundle
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    x = np.random.default_rng(0).uniform(0, 1, (6, 2)).astype(np.float32)
+    x, y = np.concatenate([x, x]), np.concatenate([np.arange(6) % 2] * 2)
+    r = run_prediction2(ModelBundle("dup", net, "vector", input_shape=(2,)), DataSource("dup", "array", x, y, None, {}),
+                        n_pairs=12, n_items=12, seed=0)
+    for kind in ("different", "same"):
+        pairs = r.pairs[kind]
+        assert len(pairs) >= 2 and (x[pairs[:, 0]] != x[pairs[:, 1]]).any(1).all()
+        assert r.paths[kind].counts.shape == (len(pairs),)
+    equal = sum(int((x[i] == x[j]).all()) for i, j in __import__("itertools").combinations(range(12), 2))
+    assert equal == 6
+    assert any(n.endswith("pairs left out: their two items are equal (a path needs two distinct ends)")
+               for n in r.settings["notes"])

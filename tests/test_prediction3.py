@@ -210,3 +210,22 @@ def test_no_verdict_says_why():
     x = torch.tensor([[1.0, 0.0], [1.0, 0.5], [1.0, 0.5]])  # flips at 0.6 (ray 0) and 1.1 (rays 1, 2: class 1 after)
     st = ray_statistics(ray_crossings(m, x, layer="pre.relu", alphas=(0.5, 0.9), method="sampled", n_samples=64))
     assert st["entries"][0]["degenerate"].startswith("only one ray changes class")
+
+
+@pytest.mark.parametrize("bad,match", [({"half_width": -1.0}, "'half_width' parameter of run_prediction3"),
+                                       ({"half_width": float("nan")}, "'half_width' parameter of run_prediction3"),
+                                       ({"n_grid": 0}, "'n_grid' parameter of run_prediction3"),
+                                       ({"level": 2.0}, "'level' parameter of run_prediction3"),
+                                       ({"model": nn.Linear(2, 2)}, "'model' parameter of run_prediction3 must be")])
+def test_run_prediction3_refuses_bad_options_before_any_ray(bad, match, monkeypatch):
+    """Found at stop 35: a negative or NaN half_width ran to NaN statistics and an 'inconclusive' verdict, n_grid=0
+    was a raw torch error, a bad level was named as mean_difference_ci's after every ray, and a bare module raised
+    AttributeError ('modality'). Each is now a one-line error before any ray runs."""
+    import polytope_lens.paths as paths
+    from polytope_lens.errors import InvalidInputError
+    from polytope_lens.experiments import run_prediction3
+
+    monkeypatch.setattr(paths, "ray_crossings", lambda *a, **k: pytest.fail("a ray ran"))
+    kw = {"model": "toy:2-8-8-2", "n_items": 4} | bad
+    with pytest.raises(InvalidInputError, match=match):
+        run_prediction3(kw.pop("model"), "digits", layer="1.relu", **kw)

@@ -290,7 +290,7 @@ def run_prediction1(model, data, *, layers=None, units: str = "auto", n_items: i
     'does not hold'
     """
     from ..data import load_data
-    from ..models import load_model
+    from ..models import as_bundle
 
     for pname, value, choices in (("noise", noise, NOISE_POLICIES), ("metric", metric, CODE_METRICS),
                                   ("method", method, METHODS), ("baseline_metric", baseline_metric, ACTIVATION_METRICS),
@@ -300,7 +300,7 @@ def run_prediction1(model, data, *, layers=None, units: str = "auto", n_items: i
                                     f"{', '.join(map(repr, choices))}. Got {value!r} instead.")
     if isinstance(n_items, bool) or not isinstance(n_items, int) or n_items < 2:
         raise InvalidInputError(f"The 'n_items' parameter of run_prediction1 must be an int >= 2. Got {n_items!r}.")
-    bundle = load_model(model) if isinstance(model, str) else model
+    bundle = as_bundle(model, 'run_prediction1')
     source = load_data(data, limit=n_items, seed=seed) if isinstance(data, str) else data.subset(slice(0, n_items))
     selection = UnitSelection(default_units(bundle) if units in (None, "auto") else units,
                               position=tuple(position), k=k, skip=skip)

@@ -33,6 +33,7 @@ import torch
 _GRID = (np.arange(2000) + 0.5) / 2000  # U(0, 1) quadrature for the alignment null
 
 from ..errors import InvalidInputError
+from ..paths.runner import index_inputs
 from .stats import find_entry, mean_difference_ci, verdict
 
 __all__ = ["Prediction2Result", "run_prediction2", "path_statistics", "window_counts"]
@@ -98,7 +99,9 @@ def path_statistics(different, same=None, control=None, *, model: str = "model",
         if js is not None:
             jt, jv = js[i]
         elif tr is not None and len(tr.js):
-            jt, jv = 0.5 * (tr.t[:-1] + tr.t[1:]), tr.js
+            # exact: the change between two regions sits at the breakpoint between them (a long region's midpoint
+            # can be windows away from it); sampled: between two samples
+            jt, jv = (p.t[1:-1] if p.exact else 0.5 * (tr.t[:-1] + tr.t[1:])), tr.js
         else:
             jt, jv = np.zeros(0), np.zeros(0)
         jw = window_counts(jt, n_windows, weights=jv)
@@ -258,13 +261,13 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
     Prediction2Result
     """
     from ..data import load_data
-    from ..models import load_model
+    from ..models import as_bundle
     from ..paths import path_crossings, site_activations
     from ._along import outputs_along
 
     if isinstance(n_pairs, bool) or not isinstance(n_pairs, int) or n_pairs < 2:
         raise InvalidInputError(f"The 'n_pairs' parameter of run_prediction2 must be an int >= 2. Got {n_pairs!r}.")
-    bundle = load_model(model) if isinstance(model, str) else model
+    bundle = as_bundle(model, 'run_prediction2')
     source = load_data(data, limit=n_items, seed=seed) if isinstance(data, str) else (
         data.subset(slice(0, n_items)) if len(data) > n_items else data)  # a DataSource: its first n_items
     say = progress or (lambda msg: None)
@@ -290,8 +293,6 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
         same = np.zeros((0, 2), dtype=np.int64)
     else:
         diff, same = _draw_pairs(y, n_pairs, rng)
-    if len(diff) < 2:
-        raise InvalidInputError(f"Only {len(diff)} different-class pairs could be drawn from {len(source)} items.")
     enc = lambda idx: bundle.encode(source, idx, max_length=max_length) if text else bundle.encode(source, idx)
     fwd = lambda x: bundle.module(**x)
     kw = dict(method=method, n_samples=n_samples, tol=tol, trace=not text,
@@ -316,13 +317,29 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
             b = torch.where(both[..., None].to(a.device), bb, a)
         return a, b, xa.tensors
 
+    dropped = []
+
+    def distinct(pairs):
+        """``pairs`` whose two ends differ (two items can be equal, or meet at ``layer``), and their ends: a path
+        needs two."""
+        a, b, base = endpoints(pairs)
+        keep = (a != b).flatten(1).any(1)
+        if bool(keep.all()):
+            return pairs, a, b, base
+        dropped.append(int((~keep).sum()))
+        idx = torch.nonzero(keep).flatten()
+        return pairs[idx.numpy()], a[idx], b[idx], None if base is None else index_inputs(base, idx)
+
     def crossings(a, b, base):
         if layer is None:
             return path_crossings(bundle.module, a, b, **kw)
         return path_crossings(bundle.module, a, b, layer=layer, inputs=base, **kw)
 
+    diff, a, b, base = distinct(diff)
+    if len(diff) < 2:
+        raise InvalidInputError(f"Only {len(diff)} different-class pairs with distinct ends could be drawn from "
+                                f"{len(source)} items.")
     say(f"{name}: {len(diff)} different-class paths")
-    a, b, base = endpoints(diff)
     res_d = crossings(a, b, base)
     d = (b - a)
     u = torch.randn(d.shape, generator=torch.Generator().manual_seed(seed), dtype=d.dtype)
@@ -333,9 +350,9 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
     say(f"{name}: {len(diff)} random-direction paths")
     res_c = crossings(a, a + u, base)
     res_s = None
+    same, sa, sb, sbase = distinct(same) if len(same) >= 2 else (same, None, None, None)
     if len(same) >= 2:
         say(f"{name}: {len(same)} same-class paths")
-        sa, sb, sbase = endpoints(same)
         res_s = crossings(sa, sb, sbase)
     flips = js = None
     if text:  # embedding trace on a grid: change of the mean-pooled output between consecutive samples
@@ -365,7 +382,9 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
                 "seconds": float(res_d.seconds + res_c.seconds + (res_s.seconds if res_s else 0.0)),
                 "semantic": "embedding change (1 - cosine of mean-pooled output)" if text else "top class / JS",
                 "sites": list(res_d.sites), "units": units if units is None or isinstance(units, str) else
-                "selected", "notes": list(res_d.notes)}
+                "selected", "notes": list(res_d.notes) + ([
+                    f"{sum(dropped)} drawn pairs left out: their two items are equal"
+                    + (f" at {layer}" if layer else "") + " (a path needs two distinct ends)"] if dropped else [])}
     return Prediction2Result(model=name, data=getattr(source, "spec", str(data)), entries=tuple(entries),
                              primary=primary, verdict=overall, plot_data=stats_["plot"], exact=res_d.exact,
                              method=res_d.method, layer=layer,

@@ -13,6 +13,8 @@ the ray's own alpha-dependence of density; paired t interval over rays, ``stats.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,7 +22,7 @@ import torch
 
 from ..errors import InvalidInputError
 from .prediction2 import _entry
-from .stats import mean_difference_ci
+from .stats import _check_level, mean_difference_ci
 
 __all__ = ["Prediction3Result", "run_prediction3", "validity_interval", "ray_statistics"]
 
@@ -176,7 +178,7 @@ def run_prediction3(model, data, *, layer: str, n_items: int = 50, alphas=(0.25,
     """Scale site ``layer``'s activation of ``n_items`` inputs by alpha in ``alphas``; validity intervals and the
     density of boundaries near their ends. ``index``: rows of the data to use (default the first ``n_items``)."""
     from ..data import load_data
-    from ..models import load_model
+    from ..models import as_bundle
     from ..paths import ray_crossings, site_activations
     from ._along import outputs_along
 
@@ -185,7 +187,14 @@ def run_prediction3(model, data, *, layer: str, n_items: int = 50, alphas=(0.25,
         raise InvalidInputError(f"The 'alphas' parameter of run_prediction3 must be (alpha0, alpha1) with alpha0 < 1 < "
                                 f"alpha1: the validity interval is the range of alpha around 1 (the input's own "
                                 f"activation) with its class. Got {alphas!r}.")
-    bundle = load_model(model) if isinstance(model, str) else model
+    if isinstance(half_width, bool) or not isinstance(half_width, numbers.Real) or not 0 < half_width < math.inf:
+        raise InvalidInputError(f"The 'half_width' parameter of run_prediction3 must be a positive number (the "
+                                f"window around each interval end, in alpha). Got {half_width!r}.")
+    if isinstance(n_grid, bool) or not isinstance(n_grid, numbers.Integral) or n_grid < 2:
+        raise InvalidInputError(f"The 'n_grid' parameter of run_prediction3 must be an int >= 2 (alphas of the "
+                                f"plotted outputs). Got {n_grid!r}.")
+    _check_level(level, "run_prediction3")
+    bundle = as_bundle(model, 'run_prediction3')
     if bundle.modality == "text":
         raise InvalidInputError("run_prediction3 needs a classifier (the validity interval is defined by the top "
                                 "class); got a text encoder.")

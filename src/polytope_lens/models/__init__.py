@@ -26,7 +26,7 @@ import importlib.util
 from polytope_lens.errors import InvalidInputError
 from polytope_lens.models._bundle import ModelBundle, ModelInputs
 
-__all__ = ["ModelBundle", "ModelInputs", "load_model", "list_models", "MODEL_SPEC_FORMS"]
+__all__ = ["ModelBundle", "ModelInputs", "load_model", "as_bundle", "list_models", "MODEL_SPEC_FORMS"]
 
 MODEL_SPEC_FORMS = (
     "minilm", "efficientnet-lite0", "digits-cnn", "fashion-cnn", "toy:W0-W1-...-WL[:ACTIVATION][:seed=N]",
@@ -94,6 +94,18 @@ def load_model(spec: str, *, device: str = "cpu") -> ModelBundle:
         loader = {"file": hub.load_file, "hf": hub.load_hf, "tl": hub.load_tl, "torchvision": hub.load_torchvision}
         return loader[kind](rest, spec, device)
     raise InvalidInputError(f"Unknown model spec {spec!r}; valid forms are: {', '.join(MODEL_SPEC_FORMS)}.")
+
+
+def as_bundle(model, owner: str) -> ModelBundle:
+    """``model`` as a ModelBundle: a spec is loaded (``load_model``), a bundle returned as it is; anything else (a
+    bare ``nn.Module``, whose input conventions the experiments cannot know) is a one-line error."""
+    if isinstance(model, str):
+        return load_model(model)
+    if isinstance(model, ModelBundle):
+        return model
+    raise InvalidInputError(f"The 'model' parameter of {owner} must be a model spec (e.g. 'digits-cnn', "
+                            f"'file:PATH') or a ModelBundle (ModelBundle(spec, module, modality, input_shape=...)). "
+                            f"Got {type(model).__name__}.")
 
 
 def list_models() -> list[tuple[str, bool, str]]:
