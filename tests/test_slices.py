@@ -600,3 +600,46 @@ def test_budget_advice_knows_when_units_already_restrict_the_site():
     with pytest.raises(InvalidInputError, match=r"cut fewer of this site's units \(units= keeps 200 now\)") as e:
         slice_box(m, memory_budget=1 << 20, units=list(range(200)))
     assert "cut only some" not in str(e.value)
+
+
+def test_plane_checks_follow_the_points_precision_and_refuse_unbounded_sizes():
+    """Found at stop 35: a float32 midpoint of two 784-d points is off their line by float32 rounding (5.6e-7
+    here), and passed float64's 1e-9 collinearity test, so the slice's second axis was rounding noise; the same
+    points in float64 were refused. Infinite margins and extents were accepted and blamed on the model later, and
+    a box whose area overflows float64 was a NotPiecewiseLinearError advising float64. NumPy scalars are numbers."""
+    x = torch.randn(2, 784, generator=torch.Generator().manual_seed(0))
+    mid32 = (x[0] + x[1]) / 2
+    off = mid32.double() - (x[0].double() + x[1].double()) / 2
+    assert 0 < float(off.norm()) < 1e-5  # the oracle: the float32 midpoint is the true one up to float32 rounding
+    with pytest.raises(InvalidInputError, match="collinear"):
+        Plane.through(x[0], x[1], mid32)
+    Plane.through(x[0], x[1], mid32 + 1e-3 * torch.randn(784, generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(InvalidInputError, match="'margin' parameter of Plane.through must be a finite number"):
+        Plane.through(torch.zeros(3), torch.eye(3)[0], torch.eye(3)[1], margin=float("inf"))
+    with pytest.raises(InvalidInputError, match="'extent' parameter of Plane.from_directions must be a finite"):
+        Plane.from_directions(torch.zeros(2), torch.eye(2)[0], torch.eye(2)[1], extent=float("inf"))
+    with pytest.raises(InvalidInputError, match="area overflows"):
+        Plane.box(-1e300, 1e300)
+    assert torch.equal(Plane.box(np.float32(-1), np.int64(1)).domain, Plane.box(-1.0, 1.0).domain)
+
+
+def test_numpy_scalar_options_equal_python_numbers():
+    """Found at stop 35: n_samples=np.int64(64) was refused as "must be an int ... Got np.int64(64)" (memory
+    budgets, tie_tol, n_dirs alike), while tol took NumPy floats. Results equal those with Python numbers."""
+    from polytope_lens.paths import path_crossings
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3))
+    a, b = torch.randn(3, 2), torch.randn(3, 2)
+    py = path_crossings(mlp, a, b, method="sampled", n_samples=64, tol=1e-6, memory_budget=2**30)
+    np_ = path_crossings(mlp, a, b, method="sampled", n_samples=np.int64(64), tol=np.float64(1e-6),
+                         memory_budget=np.int64(2**30))
+    assert py.counts.tolist() == np_.counts.tolist() and py.tolerance == np_.tolerance
+    ex = path_crossings(mlp, a, b, tie_tol=np.float32(1e-12))
+    assert ex.counts.tolist() == path_crossings(mlp, a, b).counts.tolist()
+    pts = torch.randn(4, 2)
+    assert np.array_equal(local_complexity(mlp, pts, n_dirs=np.int64(2), radius=np.float32(0.5)).total,
+                          local_complexity(mlp, pts, n_dirs=2, radius=float(np.float32(0.5))).total)
+    assert slice_box(mlp, memory_budget=np.int64(2**30)).num_regions == slice_box(mlp).num_regions
+    with pytest.raises(InvalidInputError, match="'n_samples' parameter"):
+        path_crossings(mlp, a, b, n_samples=True)

@@ -1,4 +1,7 @@
-"""The library's exceptions: one root, a few kinds that callers may want to catch apart."""
+"""The library's exceptions: one root, a few kinds that callers may want to catch apart; and the tests of option
+values that the checks share."""
+
+import numbers
 
 
 class PolytopeLensError(Exception):
@@ -24,6 +27,16 @@ class NotPiecewiseLinearError(PolytopeLensError):
 class RandomWeightsWarning(UserWarning):
     """A loaded model holds parameters that its checkpoint lacks, initialised at random (the CLI prints it as one
     line): what they compute means nothing."""
+
+
+def is_int(v) -> bool:
+    """An integer option's value: a Python or NumPy integer, not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_real(v) -> bool:
+    """A real option's value: a Python or NumPy number (NaN and infinities included: callers bound it), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def first_line(exc: BaseException, limit: int = 300, empty: str | None = None) -> str:

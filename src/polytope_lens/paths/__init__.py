@@ -32,7 +32,7 @@ from .._transfer import arrays_to_host_async
 from ..capture import (StopForward, batched_values, check_capture_kwargs, input_tensors, list_sites, model_errors, run,
                        select_sites)
 from ..codes import site_unit_indices
-from ..errors import InvalidInputError, NotPiecewiseLinearError, first_line
+from ..errors import InvalidInputError, NotPiecewiseLinearError, first_line, is_int, is_real
 from ..kinks import argmax_changes, counts_below, first_max, lexsort
 from . import geometry
 from .exact import Refiner, verify_chunk
@@ -83,19 +83,19 @@ def _check_options(owner: str, method, dtype, memory_budget, tie_tol, n_samples,
                                 f"of paths (or fraction of a path) just finished. Got {progress!r}.")
     check_choices(owner, method, evaluator)
     check_dtype(owner, dtype)
-    if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget < (1 << 20)):
+    if memory_budget is not None and (not is_int(memory_budget) or memory_budget < (1 << 20)):
         raise InvalidInputError(f"The 'memory_budget' parameter of {owner} must be None or an int >= 1 MiB (bytes). "
                                 f"Got {memory_budget!r}.")
     # a crossing moved onto a breakpoint leaves its kink up to tie_tol inside an interval: no further than the
     # rounding the affine checks allow (1e-9 in float64), or later sites' inputs are no longer affine between points
     top = affine_tol(dtype)
-    if isinstance(tie_tol, bool) or not (isinstance(tie_tol, (int, float)) and 0 <= tie_tol <= top):
+    if not (is_real(tie_tol) and 0 <= tie_tol <= top):
         raise InvalidInputError(f"The 'tie_tol' parameter of {owner} must be a number in [0, {top!r}] (for "
                                 f"{str(dtype).replace('torch.', '')}). Got {tie_tol!r}.")
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or not 2 <= n_samples <= 2**53:
+    if not is_int(n_samples) or not 2 <= n_samples <= 2**53:
         raise InvalidInputError(f"The 'n_samples' parameter of {owner} must be an int in [2, 2**53]. Got "
                                 f"{n_samples!r}.")
-    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+    if not (is_real(tol) and 0 < tol < 1):
         raise InvalidInputError(f"The 'tol' parameter of {owner} must be a number in (0, 1). Got {tol!r}.")
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .._heap import keep_freed_memory
 from ..capture import check_capture_kwargs, input_tensors
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, is_int, is_real
 from ..paths.runner import check_dtype
 from .complexity import LocalComplexity, exact_local_complexity, local_complexity
 from .geometry import Plane
@@ -48,11 +48,11 @@ def default_tol(dtype: torch.dtype) -> float:
 def _check(owner, dtype, tol, memory_budget):
     check_dtype(owner, dtype)
     low = min_tol(dtype)
-    if tol is not None and not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and low <= tol < 1e-3):
+    if tol is not None and not (is_real(tol) and low <= tol < 1e-3):
         raise InvalidInputError(f"The 'tol' parameter of {owner} must be None or a number in [{low:.3g}, 1e-3) for "
                                 f"{str(dtype).replace('torch.', '')} (64 ulps at least: below the dtype's rounding "
                                 f"the plane is not tiled). Got {tol!r}.")
-    if not isinstance(memory_budget, int) or memory_budget < (1 << 16):
+    if not is_int(memory_budget) or memory_budget < (1 << 16):
         raise InvalidInputError(f"The 'memory_budget' parameter of {owner} must be an int >= 64 KiB (bytes). "
                                 f"Got {memory_budget!r}.")
 

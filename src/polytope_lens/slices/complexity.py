@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..capture import check_capture_kwargs, model_errors, run, select_sites, unwrap_encoded
-from ..errors import InvalidInputError, not_finite
+from ..errors import InvalidInputError, is_int, is_real, not_finite
 from ..paths.runner import check_dtype, default_forward, prepare_model
 from .partition import NEAR_RESOLUTION
 
@@ -92,7 +92,7 @@ class LocalComplexity:
 
 
 def _check_radius(radius, owner) -> None:
-    if isinstance(radius, bool) or not (isinstance(radius, (int, float)) and 0 < radius < math.inf):
+    if not (is_real(radius) and 0 < radius < math.inf):
         raise InvalidInputError(f"The 'radius' parameter of {owner} must be a finite number > 0. Got {radius!r}.")
 
 
@@ -134,11 +134,11 @@ def local_complexity(model: nn.Module, points: torch.Tensor, *, radius: float = 
     check_capture_kwargs(local_complexity, capture_kwargs)
     pts = _points(points, owner)
     d = math.prod(pts.shape[1:])
-    if not (isinstance(n_dirs, int) and 1 <= n_dirs <= d):
+    if not (is_int(n_dirs) and 1 <= n_dirs <= d):
         raise InvalidInputError(f"The 'n_dirs' parameter of {owner} must be an int in [1, {d}]. Got {n_dirs!r}.")
     _check_radius(radius, owner)
     check_dtype(owner, dtype)
-    if isinstance(batch_size, bool) or not (isinstance(batch_size, int) and batch_size >= 1):
+    if not (is_int(batch_size) and batch_size >= 1):
         raise InvalidInputError(f"The 'batch_size' parameter of {owner} must be an int >= 1. Got {batch_size!r}.")
     m = prepare_model(model, dtype, device)
     fwd = forward(m) if forward is not None else default_forward(m)

@@ -18,15 +18,21 @@ Any of them may live at a site (``site=``, with one real ``inputs`` example feed
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
 
 from ..capture import unwrap_encoded
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, is_real
 
 __all__ = ["Plane"]
+
+
+def _finite(v) -> bool:
+    """A finite real number (NumPy scalars included; not a bool)."""
+    return is_real(v) and math.isfinite(v)
 
 
 def _tensor(name: str, owner: str, v) -> torch.Tensor:
@@ -100,11 +106,15 @@ class Plane:
         ylo = lo if ylo is None else ylo
         yhi = hi if yhi is None else yhi
         vals = [lo, hi, ylo, yhi]
-        if not all(isinstance(v, (int, float)) and abs(v) < float("inf") for v in vals):
+        if not all(_finite(v) for v in vals):
             raise InvalidInputError(f"The bounds of Plane.box must be finite numbers. Got {vals}.")
+        lo, hi, ylo, yhi = (float(v) for v in vals)
         if not (hi > lo and yhi > ylo):
             raise InvalidInputError(f"Plane.box needs lo < hi in both axes (a box of positive area). Got "
                                     f"x in [{lo}, {hi}], y in [{ylo}, {yhi}].")
+        if not math.isfinite((hi - lo) * (yhi - ylo)):
+            raise InvalidInputError(f"The box of Plane.box spans more than float64 holds (its area overflows). Got x "
+                                    f"in [{lo}, {hi}], y in [{ylo}, {yhi}]; use a smaller box.")
         dom = torch.tensor([[lo, ylo], [hi, ylo], [hi, yhi], [lo, yhi]], dtype=torch.float64)
         return Plane(torch.zeros(2, dtype=torch.float64), torch.eye(2, dtype=torch.float64), dom, "box")
 
@@ -112,12 +122,17 @@ class Plane:
     def through(p0, p1, p2, *, margin: float = 0.25) -> "Plane":
         """The plane through three points (same shape), orthonormal coordinates, origin at their centroid."""
         owner = "Plane.through"
-        pts = [_tensor(n, owner, p) for n, p in (("p0", p0), ("p1", p1), ("p2", p2))]
+        given = [unwrap_encoded(p) for p in (p0, p1, p2)]
+        pts = [_tensor(n, owner, p) for n, p in zip(("p0", "p1", "p2"), given)]
+        # points given in a lower precision are collinear up to their own rounding (a float32 midpoint is off the
+        # line by ~1e-7 of its size), not float64's
+        eps = max(torch.finfo(p.dtype).eps if isinstance(p, torch.Tensor) and p.is_floating_point()
+                  else torch.finfo(torch.float64).eps for p in given)
         if not (pts[0].shape == pts[1].shape == pts[2].shape):
             raise InvalidInputError(f"The three points of {owner} must have the same shape. Got "
                                     f"{[tuple(p.shape) for p in pts]}.")
-        if not (isinstance(margin, (int, float)) and margin >= 0):
-            raise InvalidInputError(f"The 'margin' parameter of {owner} must be a number >= 0. Got {margin!r}.")
+        if not (_finite(margin) and margin >= 0):
+            raise InvalidInputError(f"The 'margin' parameter of {owner} must be a finite number >= 0. Got {margin!r}.")
         flat = torch.stack([p.reshape(-1) for p in pts])
         origin = flat.mean(0)
         e1 = flat[1] - flat[0]
@@ -129,7 +144,7 @@ class Plane:
                                     "spanning a plane are needed.")
         e1 = e1 / n1
         e2 = v - (v @ e1) * e1
-        if float(e2.norm()) <= 1e-9 * scale:
+        if float(e2.norm()) <= max(1e-9 * scale, 4 * eps * float(flat.norm(dim=1).max())):
             raise InvalidInputError(f"The points of {owner} are collinear (p2 lies on the line through p0 and p1, "
                                     f"distance {float(e2.norm()):.3g}); three points spanning a plane are needed.")
         e2 = e2 / e2.norm()
@@ -153,8 +168,8 @@ class Plane:
         if not (p.shape == a.shape == b.shape):
             raise InvalidInputError(f"point, d1 and d2 of {owner} must have the same shape. Got "
                                     f"{tuple(p.shape)}, {tuple(a.shape)}, {tuple(b.shape)}.")
-        if not (isinstance(extent, (int, float)) and extent > 0):
-            raise InvalidInputError(f"The 'extent' parameter of {owner} must be a number > 0. Got {extent!r}.")
+        if not (_finite(extent) and extent > 0):
+            raise InvalidInputError(f"The 'extent' parameter of {owner} must be a finite number > 0. Got {extent!r}.")
         fa, fb = a.reshape(-1), b.reshape(-1)
         na, nb = float(fa.norm()), float(fb.norm())
         if na == 0 or nb == 0:
