@@ -2792,3 +2792,19 @@ def test_rays_over_many_orders_of_magnitude_equal_log_spaced_sampling(evaluator)
             for key in ("site", "unit", "piece"):
                 np.testing.assert_array_equal(p.records[key][inside], q.records[key])
             np.testing.assert_allclose(p.alpha(p.records["t"][inside]), q.alpha(q.records["t"]), rtol=1e-12)
+
+
+def test_sampled_rays_too_wide_for_their_samples_say_so():
+    """Sampled rays space samples evenly in alpha: over (1, 1e9) the first step is ~1.6e7 with 64 samples, so the
+    low end, where crossings crowd, is resolved only unit by unit, and positions to tol in t = 1 in alpha. The
+    result says so; a ray over (0.25, 4) does not."""
+    cnn = SmallCNN(seed=2)
+    x = torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    site = [s.name for s in __import__("polytope_lens").list_sites(cnn, lambda: cnn(x[:1]))][0]
+    wide = ray_crossings(cnn, x, layer=site, alphas=(1.0, 1e9), method="sampled", n_samples=64, trace=False)
+    exact = ray_crossings(cnn, x, layer=site, alphas=(1.0, 1e9), trace=False)
+    assert wide.counts[0] <= exact.counts[0]
+    assert sum(n.startswith("samples are 1.59e+07 apart in alpha, more than the ray's smallest |alpha| (1), where")
+               and "known to tol in t (1 in alpha)" in n for n in wide.notes) == 1
+    narrow = ray_crossings(cnn, x, layer=site, alphas=(0.25, 4.0), method="sampled", n_samples=64, trace=False)
+    assert not any(n.startswith("samples are") for n in narrow.notes + exact.notes)
