@@ -168,6 +168,10 @@ def test_code_clusterer_rejects_bad_codes(bad, match):
     ({"method": "kmeans", "n_clusters": 50}, r"must be at most the number of rows \(20\)"),
     ({"method": "kmeans", "metric": "jaccard", "n_clusters": 2}, "k-means works under the Hamming distance only"),
     ({"max_rows": 10}, r"dense 20 x 20 distance matrix .* above max_rows=10; .*method='kmeans'"),
+    ({"cluster_selection_epsilon": -1.0},
+     r"The 'cluster_selection_epsilon' parameter of CodeClusterer must be a float >= 0\. Got -1\.0"),
+    ({"cluster_selection_epsilon": float("nan")}, "'cluster_selection_epsilon' parameter of CodeClusterer"),
+    ({"method": "kmeans", "n_clusters": 3, "n_init": 0}, r"The 'n_init' parameter of CodeClusterer must be an int >= "),
 ])
 def test_code_clusterer_rejects_bad_params(kwargs, match):
     X = np.random.default_rng(0).integers(0, 256, size=(20, 2), dtype=np.uint8)
@@ -199,3 +203,57 @@ def test_hdbscan_min_cluster_size_above_the_rows_is_one_line():
         with pytest.raises(InvalidInputError, match=r"'min_cluster_size' parameter of \w+ \(30\) must be at most the "
                                                     r"number of rows \(20"):
             est.fit(data)
+
+
+def test_activation_clusterer_validates_its_own_params_and_refuses_complex():
+    """n_init=0 and a negative epsilon were sklearn errors naming KMeans / HDBSCAN; complex input lost its
+    imaginary part."""
+    A = np.random.default_rng(0).normal(size=(40, 3))
+    with pytest.raises(InvalidInputError, match="'n_init' parameter of ActivationClusterer must be an int >= 1"):
+        ActivationClusterer(n_clusters=3, n_init=0).fit(A)
+    with pytest.raises(InvalidInputError, match="'cluster_selection_epsilon' parameter of ActivationClusterer"):
+        ActivationClusterer(method="hdbscan", cluster_selection_epsilon=-0.5).fit(A)
+    with pytest.raises(InvalidInputError, match="2-D real numeric array .* complex128"):
+        ActivationClusterer(n_clusters=2).fit(A + 1j)
+
+
+def test_cosine_agglomerative_takes_an_all_zero_row():
+    """An all-zero activation row (every ReLU off) crashed sklearn's cosine agglomerative clustering; it is now at
+    cosine distance 1 from every other row, as in the HDBSCAN path. Oracle: scipy's average linkage on that matrix
+    computed by hand."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    rng = np.random.default_rng(0)
+    directions = np.array([[1.0, 1, 0], [0, 1, 1], [1, 0, 1]])  # 60 degrees apart: cosine distance 0.5
+    A = np.maximum(directions[np.arange(31) % 3] + rng.normal(scale=0.05, size=(31, 3)), 0)
+    A[7] = 0
+    U = A / np.maximum(np.linalg.norm(A, axis=1, keepdims=True), 1e-300)
+    D = np.clip(1 - U @ U.T, 0, None)
+    D[A.sum(1) == 0] = D[:, A.sum(1) == 0] = 1.0
+    np.fill_diagonal(D, 0)
+    for k in (2, 4):  # the zero row alone, then with the three directions
+        expected = fcluster(linkage(squareform(D, checks=False), "average"), k, "maxclust")
+        got = ActivationClusterer(metric="cosine", method="agglomerative", n_clusters=k).fit(A).labels_
+        assert len(np.unique(expected)) == k and adjusted_rand_score(expected, got) == 1.0
+        assert (got == got[7]).sum() == 1
+    with pytest.raises(InvalidInputError, match="dense 31 x 31 distance matrix"):
+        ActivationClusterer(metric="cosine", method="agglomerative", n_clusters=3, max_rows=10).fit(A)
+
+
+def test_stability_checks_the_rows_and_takes_lists():
+    """A fitted estimator's labels_ must belong to X (fitted on 20 rows, X of 40 scored rows 0-19 silently; the
+    reverse raised IndexError); a list X (it raised TypeError) gives the ARI computed by hand."""
+    X, _, _ = planted_codes(per=10)
+    with pytest.raises(InvalidInputError, match="fitted on 20 rows .* X of 50 rows"):
+        stability(CodeClusterer(min_cluster_size=3).fit(X[:20]), X, n_rounds=2)
+    with pytest.raises(InvalidInputError, match="fitted on 50 rows .* X of 20 rows"):
+        stability(CodeClusterer(min_cluster_size=3).fit(X), X[:20], n_rounds=2)
+    with pytest.raises(InvalidInputError, match=r"'indices' parameter of stability .* in \[0, 50\)"):
+        stability(CodeClusterer(min_cluster_size=3), X, indices=[np.arange(48, 51)])
+    A = np.random.default_rng(1).normal(size=(30, 3))
+    A[:15] += 4
+    idx = subsample_indices(30, n_rounds=3, fraction=0.5, random_state=2)
+    est = ActivationClusterer(n_clusters=3).fit(A)
+    by_hand = [adjusted_rand_score(est.labels_[i], ActivationClusterer(n_clusters=3).fit(A[i]).labels_) for i in idx]
+    np.testing.assert_allclose(stability(ActivationClusterer(n_clusters=3), A.tolist(), indices=idx), by_hand)

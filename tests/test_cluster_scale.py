@@ -287,3 +287,78 @@ def test_jaccard_graph_is_labelled_exact_only_when_every_row_is_a_candidate():
     brute = np.sort(jaccard(X, X), axis=1)[:, :16]
     np.testing.assert_allclose(np.sort(D, axis=1), brute, atol=1e-12)
     assert ScalableCodeClusterer(metric="hamming", min_cluster_size=5).fit(X).knn_exact_
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"index": "flta"}, r"The 'index' parameter of knn_graph must be one of 'auto', 'flat', 'hnsw'\. Got 'flta'"),
+    ({"metric": "cosine"}, r"The 'metric' parameter of knn_graph must be one of 'hamming', 'jaccard'\. Got 'cosine'"),
+    ({"n_neighbors": 0}, r"The 'n_neighbors' parameter of knn_graph must be an int >= 1\. Got 0"),
+    ({"chunk_rows": 0}, r"The 'chunk_rows' parameter of knn_graph must be an int >= 1\. Got 0"),
+])
+def test_knn_graph_validates_its_arguments(kwargs, match):
+    """A typo or "auto" built an approximate HNSW index; a bad metric gave a broadcast error, k=0 an AssertionError."""
+    X, _ = planted(n=50, n_bits=64)
+    with pytest.raises(InvalidInputError, match=match):
+        knn_graph(X, **{"n_neighbors": 5, **kwargs})
+
+
+def test_knn_graph_auto_is_exact_up_to_flat_max_rows():
+    """index="auto" means what it means in ScalableCodeClusterer: the exact flat search up to flat_max_rows rows
+    (it silently built HNSW). Oracle: the sorted rows of the dense Hamming matrix."""
+    X, _ = planted(n=3000, n_bits=128, seed=2)
+    D, ind = knn_graph(X, 10, index="auto")
+    assert np.array_equal(D, np.sort(hamming(X), axis=1)[:, :10]) and (ind >= 0).all()
+    hnsw = knn_graph(X, 10, index="hnsw")
+    assert np.array_equal(knn_graph(X, 10, index="auto", flat_max_rows=2999)[0], hnsw[0])
+
+
+def nested_codes(m=10):
+    """Groups A1, A2, B1, B2 of m codes: each member is its group's centre with one bit of its own flipped (members
+    2 apart); A1-A2 and B1-B2 centres 8 bits apart, A and B 64. With min_cluster_size=5, A splits into A1 and A2
+    (and B into B1, B2) at mutual-reachability distance 8."""
+    centres = np.zeros((4, 128), np.uint8)
+    centres[[1, 3], 64:72] = 1
+    centres[[2, 3], :64] = 1
+    bits = np.repeat(centres, m, axis=0)
+    bits[np.arange(4 * m), 72 + np.tile(np.arange(m), 4)] ^= 1
+    return np.packbits(bits, axis=1, bitorder="little"), np.repeat(np.arange(4), m)
+
+
+def test_cluster_selection_epsilon_merges_clusters_born_below_it():
+    """sklearn 1.9.1's epsilon step raises TypeError under NumPy >= 2.4 whenever epsilon changes the selection
+    (scikit-learn #33219), e.g. any epsilon above every distance. Hand-computed oracle: below 8 the four groups,
+    above 8 A and B, above every distance still A and B (the root's children; allow_single_cluster is off)."""
+    X, g = nested_codes()
+    for eps, truth in ((0.0, g), (5.0, g), (9.0, g // 2), (20.0, g // 2), (1000.0, g // 2)):
+        for est in (CodeClusterer(min_cluster_size=5, cluster_selection_epsilon=eps),
+                    ScalableCodeClusterer(min_cluster_size=5, cluster_selection_epsilon=eps)):
+            labels = est.fit(X).labels_
+            assert adjusted_rand_score(truth, labels) == 1.0 and (labels != NOISE).all(), (type(est).__name__, eps)
+    with pytest.raises(InvalidInputError, match="'cluster_selection_epsilon' parameter of ScalableCodeClusterer"):
+        ScalableCodeClusterer(cluster_selection_epsilon=float("nan")).fit(X)
+
+
+def test_epsilon_selection_equals_sklearns_wherever_sklearn_runs():
+    """Labels and probabilities equal sklearn's tree_to_labels for every epsilon it does not crash on (all of them,
+    once sklearn is fixed); Euclidean blobs, rounded to make ties, with and without allow_single_cluster."""
+    from sklearn.cluster._hdbscan._tree import tree_to_labels
+
+    from polytope_lens.cluster_scale import _tree_labels
+
+    rng = np.random.default_rng(1)
+    compared = 0
+    for t in range(40):
+        P = rng.normal(size=(int(rng.integers(10, 80)), 2))
+        P[: len(P) // 2] += rng.uniform(1, 6)
+        P = np.round(P * 2) / 2 if t % 2 else P
+        mcs, single = int(rng.integers(2, 8)), bool(t % 4 == 0)
+        tree = HDBSCAN(min_cluster_size=mcs, allow_single_cluster=single, copy=True).fit(P)._single_linkage_tree_
+        for eps in (0.0, 0.1, 0.5, 1.0, 2.0, 50.0):
+            try:
+                want = tree_to_labels(tree, mcs, "eom", single, eps, None)
+            except TypeError:  # scikit-learn #33219
+                continue
+            got = _tree_labels(tree, mcs, single, eps)
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+            compared += eps > 0
+    assert compared > 50

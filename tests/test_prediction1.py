@@ -52,6 +52,33 @@ def test_percentile_ci_and_paired_bootstrap():
 
 
 
+@pytest.mark.parametrize("block", [0, -1, 2.5, True])
+def test_paired_bootstrap_rejects_a_bad_block(block):
+    """block=-1 returned {} silently and block=0 raised range()'s ValueError."""
+    with pytest.raises(InvalidInputError, match=rf"The 'block' parameter must be an int >= 1 or None\. Got {block!r}"):
+        paired_bootstrap(lambda idx: {"m": idx.mean(1)}, 10, n_boot=5, block=block)
+
+
+def test_mean_difference_ci_zero_spread_rule_tolerates_rounding():
+    """Differences equal up to float rounding (0.7 - 0.6 vs 0.8 - 0.7, ~1e-16 apart) follow the zero-spread rule as
+    exact ones do: (nan, nan) below the sign-test threshold (3 pairs; it gave a ~1e-16-wide t interval and "holds"),
+    a point from 6 pairs; Welch likewise. A real spread of 1e-9 still gets scipy's t interval."""
+    from scipy import stats as sps
+
+    from polytope_lens.experiments.stats import mean_difference_ci
+
+    a, b = np.array([0.7, 0.8, 0.9]), np.array([0.6, 0.7, 0.8])
+    assert np.ptp(a - b) > 0 and all(np.isnan(mean_difference_ci(a, b, paired=True)))
+    assert all(np.isnan(mean_difference_ci([5.0, 5.0, 5.0 + 1e-13], [0.0] * 3, paired=True)))
+    assert mean_difference_ci(np.tile(a, 2), np.tile(b, 2), paired=True) == pytest.approx((0.1, 0.1), abs=1e-15)
+    assert all(np.isnan(mean_difference_ci([1e6 + 0.1] * 2 + [1e6 + 0.1 + 1e-10], [1e6] * 3, paired=True)))
+    assert all(np.isnan(mean_difference_ci([0.3, 0.1 + 0.2, 0.3], [0.0] * 3, paired=False)))
+    assert mean_difference_ci([0.3, 0.1 + 0.2] * 2, [0.0] * 4, paired=False) == pytest.approx((0.3, 0.3), abs=1e-15)
+    c = np.array([1.0, 1.0 + 1e-9, 1.0 + 2e-9])
+    assert mean_difference_ci(c, np.zeros(3), paired=True) == pytest.approx(
+        tuple(sps.ttest_rel(c, np.zeros(3)).confidence_interval()), rel=1e-9)
+
+
 def test_paired_bootstrap_blocks_draw_the_same_resamples():
     """A block statistic sees the same resamples, in the same order, as one call per resample."""
     one, blocks = [], []

@@ -80,6 +80,12 @@ def _int_at_least(owner: str, name: str, value, low: int, *, optional: bool = Fa
             f"Got {value!r} instead.")
 
 
+def _epsilon_at_least_zero(owner: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:  # NaN fails >= 0
+        raise InvalidInputError(f"The 'cluster_selection_epsilon' parameter of {owner} must be a float >= 0. "
+                                f"Got {value!r} instead.")
+
+
 def _as_packed(X, owner: str) -> np.ndarray:
     """Packed codes (rows, n_bytes) uint8 from a SplineCodes, LayerCodes or array."""
     if isinstance(X, SplineCodes):
@@ -98,9 +104,9 @@ def _as_packed(X, owner: str) -> np.ndarray:
 
 def _as_activations(X, owner: str) -> np.ndarray:
     X = np.asarray(X.detach().cpu() if hasattr(X, "detach") else X)
-    if X.ndim != 2 or not np.issubdtype(X.dtype, np.number):
-        raise InvalidInputError(f"{owner} needs a 2-D numeric array (rows, units); got dtype {X.dtype} and shape "
-                                f"{X.shape}.")
+    if X.ndim != 2 or not np.issubdtype(X.dtype, np.number) or np.iscomplexobj(X):
+        raise InvalidInputError(f"{owner} needs a 2-D real numeric array (rows, units); got dtype {X.dtype} and "
+                                f"shape {X.shape}.")
     if X.shape[0] == 0 or X.shape[1] == 0:
         raise InvalidInputError(f"{owner} got empty activations of shape {X.shape}; give at least 2 rows.")
     X = X.astype(np.float64)
@@ -136,6 +142,8 @@ class _Clusterer(ClusterMixin, BaseEstimator):
         _int_at_least(owner, "min_samples", self.min_samples, 1, optional=True)
         _int_at_least(owner, "n_clusters", self.n_clusters, 1, optional=True)
         _int_at_least(owner, "max_rows", self.max_rows, 2)
+        _int_at_least(owner, "n_init", self.n_init, 1)
+        _epsilon_at_least_zero(owner, self.cluster_selection_epsilon)
         if n < 2:
             raise InvalidInputError(f"{owner} needs at least 2 rows to cluster; got {n}.")
         if self.method not in ("hdbscan", "scalable"):
@@ -159,12 +167,20 @@ class _Clusterer(ClusterMixin, BaseEstimator):
                 f"{self._owner} with method={self.method!r} and metric={self.metric!r} builds a dense {n} x {n} "
                 f"distance matrix ({gb:.1f} GB), above max_rows={self.max_rows}; {why}")
 
+    def _hdbscan(self, data: np.ndarray, metric: str, copy: bool) -> None:
+        est = HDBSCAN(min_cluster_size=self.min_cluster_size, min_samples=self.min_samples, metric=metric, copy=copy)
+        est.fit(data)
+        labels, probabilities = est.labels_, est.probabilities_
+        if self.cluster_selection_epsilon > 0:  # sklearn <= 1.9.1 raises on it under NumPy >= 2.4: see _tree_labels
+            from .cluster_scale import _tree_labels
+
+            labels, probabilities = _tree_labels(est._single_linkage_tree_, self.min_cluster_size, False,
+                                                 float(self.cluster_selection_epsilon))
+        self.labels_, self.probabilities_ = np.asarray(labels, dtype=np.int64), np.asarray(probabilities)
+
     def _fit_precomputed(self, D: np.ndarray) -> None:
         if self.method == "hdbscan":
-            est = HDBSCAN(min_cluster_size=self.min_cluster_size, min_samples=self.min_samples,
-                          cluster_selection_epsilon=self.cluster_selection_epsilon, metric="precomputed", copy=False)
-            est.fit(D)
-            self.labels_, self.probabilities_ = est.labels_.astype(np.int64), est.probabilities_
+            self._hdbscan(D, "precomputed", copy=False)
         else:
             est = AgglomerativeClustering(n_clusters=self.n_clusters, metric="precomputed", linkage="average")
             self.labels_ = est.fit(D).labels_.astype(np.int64)
@@ -172,10 +188,7 @@ class _Clusterer(ClusterMixin, BaseEstimator):
 
     def _fit_features(self, F: np.ndarray, metric: str) -> None:
         if self.method == "hdbscan":
-            est = HDBSCAN(min_cluster_size=self.min_cluster_size, min_samples=self.min_samples,
-                          cluster_selection_epsilon=self.cluster_selection_epsilon, metric=metric, copy=True)
-            est.fit(F)
-            self.labels_, self.probabilities_ = est.labels_.astype(np.int64), est.probabilities_
+            self._hdbscan(F, metric, copy=True)
         elif self.method == "kmeans":
             est = KMeans(n_clusters=self.n_clusters, n_init=self.n_init, random_state=self.random_state)
             self.labels_ = est.fit(F).labels_.astype(np.int64)
@@ -208,7 +221,9 @@ class CodeClusterer(_Clusterer):
         (``cluster_scale.ScalableCodeClusterer`` with its defaults, no row cap; for its own options use it
         directly). It is never chosen for you: exact HDBSCAN does not silently turn into the kNN-graph version.
     min_cluster_size, min_samples, cluster_selection_epsilon
-        HDBSCAN's parameters.
+        HDBSCAN's parameters. A selected cluster born below distance ``cluster_selection_epsilon`` gives way to its
+        nearest ancestor born above it (at most a child of the root), as in sklearn, whose own step raises under
+        NumPy >= 2.4 (``cluster_scale._tree_labels`` does it).
     n_clusters : int, optional
         Clusters to find; required by ``kmeans`` and ``agglomerative``.
     max_rows : int
@@ -286,8 +301,9 @@ class ActivationClusterer(_Clusterer):
     """Cluster continuous activations (the baseline of prediction 1) with Euclidean or cosine distance.
 
     Parameters are those of ``CodeClusterer`` except ``metric`` in {"euclidean", "cosine"}. HDBSCAN with Euclidean
-    distance uses a tree and has no row cap; with cosine it builds the dense matrix (``max_rows`` applies). k-means
-    with cosine runs on L2-normalised rows.
+    distance uses a tree and has no row cap; with cosine, HDBSCAN and (average-linkage) agglomerative clustering use
+    the dense matrix (``max_rows`` applies), where an all-zero row (every ReLU off) is at distance 1 from every other
+    row. k-means with cosine runs on L2-normalised rows (an all-zero row stays zero).
 
     Attributes
     ----------
@@ -315,8 +331,8 @@ class ActivationClusterer(_Clusterer):
         """Cluster the rows of ``X`` (float activations, (rows, units))."""
         X = _as_activations(X, self._owner)
         self._validate(len(X))
-        if self.metric == "cosine" and self.method != "agglomerative":
-            if self.method == "hdbscan":
+        if self.metric == "cosine":
+            if self.method != "kmeans":  # sklearn's cosine distance puts an all-zero row at 1 from every other row
                 self._check_dense(len(X), "subsample the rows, raise max_rows, or use metric='euclidean'.")
                 from sklearn.metrics import pairwise_distances
 
@@ -410,7 +426,7 @@ def stability(estimator, X, *, indices: list[np.ndarray] | None = None, n_rounds
     estimator : CodeClusterer or ActivationClusterer
         Fitted on ``X`` (its ``labels_`` are the reference) or unfitted (it is fitted on a clone first).
     X : array
-        The rows the estimator clusters.
+        The rows the estimator clusters (those it was fitted on, if fitted).
     indices : list of int arrays, optional
         Subsamples to use (share them between estimators for paired rounds); default ``subsample_indices``.
     noise : {"cluster", "exclude", "singleton"}
@@ -421,16 +437,29 @@ def stability(estimator, X, *, indices: list[np.ndarray] | None = None, n_rounds
     ndarray of float (rounds,)
     """
     _one_of("stability", "noise", noise, NOISE_POLICIES)
+    if isinstance(X, (SplineCodes, LayerCodes)):
+        X = _as_packed(X, "stability")
+    X = np.asarray(X.detach().cpu() if hasattr(X, "detach") else X)
+    if X.ndim == 0:
+        raise InvalidInputError(f"stability needs rows to cluster; got a scalar of dtype {X.dtype}.")
     reference = getattr(estimator, "labels_", None)
     if reference is None:
         reference = clone(estimator).fit(X).labels_
     n = len(reference)
+    if n != len(X):
+        raise InvalidInputError(f"stability got an estimator fitted on {n} rows (its labels_) and X of {len(X)} rows; "
+                                "pass the X it was fitted on, or an unfitted estimator.")
     if indices is None:
         indices = subsample_indices(n, n_rounds=n_rounds, fraction=fraction, random_state=random_state)
+    indices = [np.asarray(idx) for idx in indices]
+    for idx in indices:
+        in_range = idx.size == 0 or (np.issubdtype(idx.dtype, np.integer) and 0 <= idx.min() and idx.max() < n)
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or not in_range:
+            raise InvalidInputError(f"The 'indices' parameter of stability must hold 1-D int arrays of row numbers in "
+                                    f"[0, {n}). Got dtype {idx.dtype}, shape {idx.shape}.")
     scores = []
     for idx in indices:
-        sub = X[idx] if not isinstance(X, (SplineCodes, LayerCodes)) else _as_packed(X, "stability")[idx]
-        a, b = reference[idx], clone(estimator).fit(sub).labels_
+        a, b = reference[idx], clone(estimator).fit(X[idx]).labels_
         if noise == "exclude":
             keep = (a != NOISE) & (b != NOISE)
             a, b = a[keep], b[keep]

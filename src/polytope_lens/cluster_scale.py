@@ -23,7 +23,9 @@ HDBSCAN over the dense distance matrix) without ever forming the ``rows x rows``
 4. **Minimum spanning forest** with ``scipy.sparse.csgraph.minimum_spanning_tree`` (weights shifted by +1 so that
    zero-distance duplicates stay edges; the weights of the tree's edges are recomputed exactly afterwards).
 5. **Hierarchy and selection** by sklearn's own HDBSCAN kernels (``make_single_linkage`` then ``tree_to_labels``:
-   condensed tree, excess-of-mass selection, probabilities), wrapped once in ``_sklearn_tree``.
+   condensed tree, excess-of-mass selection, probabilities), wrapped once in ``_sklearn_tree``. A
+   ``cluster_selection_epsilon`` > 0 is applied by ``_tree_labels`` as sklearn specifies it (sklearn <= 1.9.1's own
+   step raises under NumPy >= 2.4).
 
 When is it exact? The MST of the full mutual-reachability graph uses only kNN edges whenever, for every pair split
 by a minimum cut, the lightest crossing edge joins rows within ``n_neighbors`` of each other; edges past both rows'
@@ -40,7 +42,6 @@ index, the MST and the tree stay in this process, and each worker holds its own 
 
 from __future__ import annotations
 
-import numbers
 from typing import Callable
 
 import numpy as np
@@ -75,11 +76,94 @@ def _sklearn_tree():
     """sklearn's private HDBSCAN kernels (stable from 1.3 to 1.9): the one place they are imported."""
     try:
         from sklearn.cluster._hdbscan._linkage import MST_edge_dtype, make_single_linkage
-        from sklearn.cluster._hdbscan._tree import tree_to_labels
+        from sklearn.cluster._hdbscan._tree import _condense_tree, _do_labelling, tree_to_labels
     except ImportError as e:  # pragma: no cover - a future sklearn moved them
         raise MissingDependencyError(f"This scikit-learn has no HDBSCAN kernels where expected ({e}); install "
                                      "scikit-learn>=1.3,<2.") from None
-    return MST_edge_dtype, make_single_linkage, tree_to_labels
+    return MST_edge_dtype, make_single_linkage, tree_to_labels, _condense_tree, _do_labelling
+
+
+def _tree_labels(tree: np.ndarray, min_cluster_size: int, allow_single_cluster: bool,
+                 epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and probabilities from a single-linkage tree: sklearn's excess-of-mass selection (``tree_to_labels``).
+
+    A ``cluster_selection_epsilon`` > 0 is applied here, as sklearn's ``epsilon_search`` does it: a selected cluster
+    born below ``epsilon`` (in distance) is replaced by its nearest ancestor born above it, at most a child of the
+    root unless ``allow_single_cluster``. sklearn <= 1.9.1 raises a TypeError there under NumPy >= 2.4 whenever
+    epsilon changes the selection (scikit-learn issue #33219); the selection without epsilon and the labelling stay
+    sklearn's (``_condense_tree``, ``_do_labelling``); the membership probabilities follow its ``get_probabilities``.
+    """
+    _, _, tree_to_labels, _condense_tree, _do_labelling = _sklearn_tree()
+    if epsilon == 0:
+        return tree_to_labels(tree, min_cluster_size, "eom", allow_single_cluster, 0.0, None)
+    ct = _condense_tree(tree, min_cluster_size)
+    parent, child, lam, size = ct["parent"], ct["child"], ct["value"], ct["cluster_size"]
+    root = int(parent.min())
+    birth = np.zeros(max(int(child.max()), root) + 1)  # lambda = 1 / distance at which each node appears
+    birth[child] = lam
+    birth[root] = 0.0
+    with np.errstate(divide="ignore"):
+        born_at = (1.0 / birth).tolist()
+    acc = np.zeros(int(parent.max()) + 1 - root)
+    np.add.at(acc, parent - root, (lam - birth[parent]) * size)  # row order, as sklearn's _compute_stability
+    stability = {root + i: float(v) for i, v in enumerate(acc)}
+    ctree = ct[size > 1]
+    kids: dict[int, list[int]] = {}
+    up: dict[int, int] = {}
+    for p, c in zip(ctree["parent"].tolist(), ctree["child"].tolist()):
+        kids.setdefault(p, []).append(c)
+        up[c] = p
+
+    def below(node):  # node and every cluster under it
+        out, queue = [], [node]
+        while queue:
+            out += queue
+            queue = [c for q in queue for c in kids.get(q, [])]
+        return out
+
+    nodes = sorted(stability, reverse=True)[:None if allow_single_cluster else -1]
+    chosen = dict.fromkeys(nodes, True)
+    for node in nodes:  # excess of mass, children before parents
+        sub = sum(stability[c] for c in kids.get(node, []))
+        if sub > stability[node]:
+            chosen[node], stability[node] = False, sub
+        else:
+            for c in below(node)[1:]:
+                chosen[c] = False
+    selected = {c for c in chosen if chosen[c]}
+    if len(ctree) and selected != {root}:
+        picked, processed = set(), set()
+        for leaf in selected:
+            if born_at[leaf] >= epsilon:
+                picked.add(leaf)
+            elif leaf not in processed:
+                node = leaf
+                while up[node] != root and born_at[up[node]] <= epsilon:
+                    node = up[node]
+                node = up[node] if up[node] != root or allow_single_cluster else node
+                picked.add(node)
+                processed.update(below(node)[1:])
+        selected = picked
+    elif len(ctree) and not allow_single_cluster:
+        selected = set()
+    label_of = {c: i for i, c in enumerate(sorted(selected))}
+    labels = np.asarray(_do_labelling(ct, selected, label_of, allow_single_cluster, float(epsilon)), dtype=np.intp)
+    # sklearn's max_lambdas: the largest lambda of each run of rows with one parent, the last run winning
+    starts = np.flatnonzero(np.r_[True, parent[1:] != parent[:-1]])
+    run_max = np.maximum.reduceat(lam, starts)
+    run_parent, last = np.unique(parent[starts][::-1], return_index=True)
+    death = np.zeros(int(parent.max()) + 1)
+    death[run_parent] = run_max[::-1][last]
+    node_of = np.array(sorted(selected) or [0], dtype=np.int64)
+    probabilities = np.zeros(len(labels))
+    point = child < root
+    pts, pl = child[point], lam[point]
+    members = labels[pts] != -1
+    pts, pl = pts[members], pl[members]
+    top = death[node_of[labels[pts]]]
+    with np.errstate(invalid="ignore"):  # inf / inf where the point's lambda is inf: 1 below
+        probabilities[pts] = np.where((top == 0) | np.isinf(pl), 1.0, np.minimum(pl, top) / np.where(top == 0, 1, top))
+    return labels, probabilities
 
 
 def _popcount(x: np.ndarray) -> np.ndarray:
@@ -145,9 +229,9 @@ def _search_rows(idx, X: np.ndarray, s: int, e: int, k: int, kc: int, metric: st
 
 
 def knn_graph(X: np.ndarray, n_neighbors: int, *, metric: str = "hamming", index: str = "flat",
-              jaccard_candidates: int = 4, hnsw_m: int = 32, ef_search: int = 128, ef_construction: int = 64,
-              chunk_rows: int = 8192, progress: Progress | None = None, ray_address: str | None = None,
-              ray_workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+              flat_max_rows: int = 20_000, jaccard_candidates: int = 4, hnsw_m: int = 32, ef_search: int = 128,
+              ef_construction: int = 64, chunk_rows: int = 8192, progress: Progress | None = None,
+              ray_address: str | None = None, ray_workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each row's ``n_neighbors`` nearest rows (itself included, usually first) and their distances.
 
     Parameters
@@ -158,8 +242,9 @@ def knn_graph(X: np.ndarray, n_neighbors: int, *, metric: str = "hamming", index
         Neighbours per row, counting the row itself (at most ``rows``).
     metric : {"hamming", "jaccard"}
         Jaccard re-ranks ``jaccard_candidates * n_neighbors`` Hamming candidates (see the module docstring).
-    index : {"flat", "hnsw"}
-        Exact or approximate faiss binary index.
+    index : {"flat", "hnsw", "auto"}
+        Exact or approximate faiss binary index; ``"auto"`` is ``"flat"`` up to ``flat_max_rows`` rows, as in
+        ``ScalableCodeClusterer``.
     ray_address : str, optional
         Search blocks of query rows on Ray workers (``"local"``, ``"auto"``, ``"HOST:PORT"``; see ``distributed``):
         the index is built here once and shipped to them; the graph is identical to a single-process search.
@@ -171,9 +256,22 @@ def knn_graph(X: np.ndarray, n_neighbors: int, *, metric: str = "hamming", index
     distances : ndarray of float64 (rows, n_neighbors), ascending per row
     indices : ndarray of int64 (rows, n_neighbors); -1 where the index found fewer neighbours
     """
+    from .cluster import _as_packed, _int_at_least, _one_of
+
+    owner = "knn_graph"
+    _one_of(owner, "metric", metric, METRICS)
+    _one_of(owner, "index", index, INDEXES)
+    for name, value in (("n_neighbors", n_neighbors), ("flat_max_rows", flat_max_rows),
+                        ("jaccard_candidates", jaccard_candidates), ("hnsw_m", hnsw_m), ("ef_search", ef_search),
+                        ("ef_construction", ef_construction), ("chunk_rows", chunk_rows)):
+        _int_at_least(owner, name, value, 1)
+    _int_at_least(owner, "ray_workers", ray_workers, 1, optional=True)
+    X = _as_packed(X, owner)
     n = len(X)
+    if index == "auto":
+        index = "flat" if n <= flat_max_rows else "hnsw"
     k = min(n, n_neighbors)
-    kc = k if metric == "hamming" else min(n, k * max(1, jaccard_candidates))
+    kc = k if metric == "hamming" else min(n, k * jaccard_candidates)
     if index == "hnsw":
         ef_search = max(ef_search, kc)
     idx = _make_index(X, index, hnsw_m, ef_construction, ef_search)
@@ -316,7 +414,7 @@ class ScalableCodeClusterer(ClusterMixin, BaseEstimator):
         self.ray_workers = ray_workers
 
     def _validate(self, n: int) -> tuple[int, int, str]:
-        from .cluster import _int_at_least, _one_of
+        from .cluster import _epsilon_at_least_zero, _int_at_least, _one_of
 
         owner = self._owner
         _one_of(owner, "metric", self.metric, METRICS)
@@ -327,9 +425,7 @@ class ScalableCodeClusterer(ClusterMixin, BaseEstimator):
         for name in ("flat_max_rows", "jaccard_candidates", "hnsw_m", "ef_search", "ef_construction",
                      "bridge_samples"):
             _int_at_least(owner, name, getattr(self, name), 1)
-        if not isinstance(self.cluster_selection_epsilon, numbers.Real) or self.cluster_selection_epsilon < 0:
-            raise InvalidInputError(f"The 'cluster_selection_epsilon' parameter of {owner} must be a float >= 0. "
-                                    f"Got {self.cluster_selection_epsilon!r} instead.")
+        _epsilon_at_least_zero(owner, self.cluster_selection_epsilon)
         if self.ray_address is not None and not isinstance(self.ray_address, str):
             raise InvalidInputError(f"The 'ray_address' parameter of {owner} must be a str ('local', 'auto', "
                                     f"'HOST:PORT') or None. Got {self.ray_address!r} instead.")
@@ -385,13 +481,12 @@ class ScalableCodeClusterer(ClusterMixin, BaseEstimator):
         if len(ma) != n - 1:  # pragma: no cover - bridging guarantees one component
             raise AssertionError(f"The spanning forest has {len(ma)} edges for {n} rows; expected {n - 1}.")
         mw = np.maximum(np.maximum(core[ma], core[mb]), _pair_distance(X, ma, mb, self.metric, pop))
-        edge_dtype, make_single_linkage, tree_to_labels = _sklearn_tree()
+        edge_dtype, make_single_linkage = _sklearn_tree()[:2]
         order = np.argsort(mw, kind="stable")
         edges = np.rec.fromarrays([ma[order], mb[order], mw[order]], dtype=edge_dtype)
         self.single_linkage_tree_ = make_single_linkage(edges)
-        labels, probabilities = tree_to_labels(self.single_linkage_tree_, self.min_cluster_size, "eom",
-                                               self.allow_single_cluster, float(self.cluster_selection_epsilon),
-                                               None)
+        labels, probabilities = _tree_labels(self.single_linkage_tree_, self.min_cluster_size,
+                                             self.allow_single_cluster, float(self.cluster_selection_epsilon))
         if progress is not None:
             progress("tree", 1, 1)
         self.labels_ = np.asarray(labels, dtype=np.int64)

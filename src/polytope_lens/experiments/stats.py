@@ -82,7 +82,9 @@ def mean_difference_ci(a, b, *, paired: bool, level: float = 0.95) -> tuple[floa
     which ``verdict`` reads as inconclusive. Samples without any spread (integer counts can be) give a point
     interval only where the exact sign test (permutation test, unpaired) could reach ``level`` at all: at 95 %, 6
     pairs, or a + b values with 2 / C(a + b, a) <= 5 % (4 + 4, 3 + 5, 2 + 8, ...); fewer give (nan, nan): two paths
-    both with 5 more crossings are no evidence at 95 %.
+    both with 5 more crossings are no evidence at 95 %. "Without spread" allows rounding: a standard deviation (of
+    the differences, paired; of each sample, unpaired) of at most 1e-12 * max(1, largest |value| of a and b), since
+    ``a - b`` carries the rounding of a and b, not of the difference (``verdict``'s tolerance is the same).
 
     Examples
     --------
@@ -94,6 +96,7 @@ def mean_difference_ci(a, b, *, paired: bool, level: float = 0.95) -> tuple[floa
     _check_level(level, "mean_difference_ci")
     a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
     q = 0.5 + level / 2.0
+    tol = 1e-12 * max(1.0, float(np.abs(a).max(initial=0.0)), float(np.abs(b).max(initial=0.0)))  # rounding
     if paired:
         if len(a) != len(b):
             raise InvalidInputError(f"Paired samples need equal lengths. Got {len(a)} and {len(b)}.")
@@ -101,7 +104,7 @@ def mean_difference_ci(a, b, *, paired: bool, level: float = 0.95) -> tuple[floa
         if len(d) < 2:
             return (float("nan"), float("nan"))
         sd = float(d.std(ddof=1))
-        if sd == 0:  # a point, where the exact sign test could reject at this level at all
+        if sd <= tol:  # a point, where the exact sign test could reject at this level at all
             mid = float(d.mean())
             return (mid, mid) if 2 * 0.5 ** len(d) <= 1 - level else (float("nan"), float("nan"))
         half = float(student.ppf(q, len(d) - 1)) * sd / math.sqrt(len(d))
@@ -110,7 +113,8 @@ def mean_difference_ci(a, b, *, paired: bool, level: float = 0.95) -> tuple[floa
         return (float("nan"), float("nan"))
     va, vb = float(a.var(ddof=1)) / len(a), float(b.var(ddof=1)) / len(b)
     mid = float(a.mean() - b.mean())
-    if va + vb == 0:  # a point, where the exact permutation test could reject at this level at all
+    # no spread on either side: a point, where the exact permutation test could reject at this level at all
+    if max(float(a.std(ddof=1)), float(b.std(ddof=1))) <= tol:
         return (mid, mid) if 2 / math.comb(len(a) + len(b), len(a)) <= 1 - level else (float("nan"), float("nan"))
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))  # Welch-Satterthwaite
     half = float(student.ppf(q, df)) * math.sqrt(va + vb)
@@ -131,6 +135,8 @@ def paired_bootstrap(statistic: Callable[[np.ndarray], dict], n: int, *, n_boot:
     """
     if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
         raise InvalidInputError(f"The 'n_boot' parameter must be an int >= 1. Got {n_boot!r} instead.")
+    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+        raise InvalidInputError(f"The 'block' parameter must be an int >= 1 or None. Got {block!r} instead.")
     if n < 1:
         raise InvalidInputError(f"The bootstrap needs at least 1 row; got {n}.")
     rng = np.random.default_rng(random_state)
