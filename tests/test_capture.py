@@ -243,3 +243,42 @@ def test_a_recording_changed_in_place_after_its_site_is_spoiled():
             if in_place_site:
                 rp.compact()
                 assert torch.equal(out, 2.0 * rep)
+
+
+class _Declared(nn.Module):
+    """A GELU-like nonlinearity the capture cannot see (ndtr): its input is declared as a site."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.out = nn.Linear(2, 4), nn.Linear(4, 3)
+        self.hook_dict = {"blocks.0.hook_pre": self.pre, "blocks.0.mlp.pre_act": self.pre}
+
+    def forward(self, x):
+        return self.out(torch.special.ndtr(self.pre(x)))
+
+
+def test_declared_sites_must_name_a_module_or_hook():
+    """A declared path or hook name that the model lacks was dropped without a word; now it is an error with the
+    close name. A path, the preferred hook name and another hook name of the same module all declare it."""
+    m = _Declared()
+    x = torch.randn(3, 2)
+    assert [s.name for s in list_sites(m, lambda: m(x))] == ["ndtr"]
+    for key in ("pre", "blocks.0.hook_pre", "blocks.0.mlp.pre_act"):
+        sites = list_sites(m, lambda: m(x), declared_sites={key: "relu"})
+        assert [(s.module_path, s.activation.name) for s in sites] == [("pre", "relu"), ("", "ndtr")]
+    for decl, close in (({"pree": "relu"}, "pre"), ({"pre": "relu", "blocks.0.hook_pree": "relu"},
+                                                    "blocks.0.hook_pre")):
+        with pytest.raises(InvalidInputError, match=f"names '{list(decl)[-1]}', which is not a module path or hook "
+                                                    rf"name of the model \(did you mean '{close}'\?\)"):
+            list_sites(m, lambda: m(x), declared_sites=decl)
+    with pytest.raises(InvalidInputError, match="'declared_sites' parameter must be a dict"):
+        list_sites(m, lambda: m(x), declared_sites=[("pre", "relu")])
+
+
+def test_select_sites_refuses_layers_that_are_not_strings():
+    m = Functional()
+    sites = list_sites(m, lambda: m(torch.randn(1, 4)))
+    assert [s.name for s in select_sites(sites, ("relu", "relu#2"))] == ["relu", "relu#2"]
+    for bad in (1, [1], ["relu", None], 2.5):
+        with pytest.raises(InvalidInputError, match="'layers' parameter must be a site name or glob"):
+            select_sites(sites, bad)

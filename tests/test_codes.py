@@ -359,3 +359,20 @@ def test_a_site_that_does_not_run_is_named_with_the_data_sets_example_indices():
     bundle = ModelBundle("custom", Branchy().eval(), "vector", (3,))
     with pytest.raises(InvalidInputError, match=r"did not run on examples 30\.\.39;"):
         extract_codes(bundle, DataSource("arr", "array", x, provenance={}), batch_size=10)
+
+
+def test_distances_refuse_arrays_that_are_not_packed_codes():
+    """ReLU6 on x = -1, 3, 10 gives pieces 0, 1, 2: kinks apart 1, 2, 1 (hand count). Unpacked pieces, ints above
+    255, negatives and floats were cast to uint8 (pieces 0 vs 2 at distance 1, 256 as 0); now refused, as by
+    CodeClusterer."""
+    codes = spline_codes(nn.Sequential(nn.ReLU6()), torch.tensor([[-1.0], [3.0], [10.0]]))
+    kinks = np.array([[0, 1, 2], [1, 0, 1], [2, 1, 0]])
+    assert np.array_equal(hamming(codes["0.relu6"].packed), kinks)
+    assert np.array_equal(hamming(codes), kinks) and np.array_equal(hamming(codes["0.relu6"]), kinks)
+    for bad in (codes["0.relu6"].pieces(), np.array([[256], [0]]), np.array([[0.9], [0.0]]), np.array([[-1], [255]]),
+                np.zeros(4, dtype=np.uint8)):
+        for fn in (hamming, jaccard):
+            with pytest.raises(InvalidInputError, match=f"{fn.__name__} needs packed codes, a 2-D uint8 array"):
+                fn(bad)
+            with pytest.raises(InvalidInputError, match="needs packed codes"):
+                fn(codes["0.relu6"].packed, bad)

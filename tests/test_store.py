@@ -334,3 +334,71 @@ def test_removing_a_partial_store_outlasts_a_write_in_flight(tmp_path):
     _remove_partial(folder)
     writer.join()
     assert not folder.exists()
+
+
+def test_meta_is_checked_before_anything_is_written(tmp_path):
+    """NumPy scalars in meta are stored as Python numbers; a value JSON cannot hold, a non-dict meta or chunk_rows < 1
+    is a one-line error that leaves nothing on disk; a failure while closing removes the partial store too."""
+    codes = _codes(5)
+    write_codes(codes, tmp_path / "ok.zarr", meta={"n_items": np.int64(5), "scale": np.float32(0.5), "tag": ["a"]})
+    back = read_codes(tmp_path / "ok.zarr").meta
+    assert back["n_items"] == 5 and type(back["n_items"]) is int and back["scale"] == 0.5 and back["tag"] == ["a"]
+    for meta, why in (({"t": torch.tensor(1)}, "'t': Tensor"), ({"s": {1, 2}}, "'s': set"),
+                      ({"a": np.zeros(2)}, "'a': ndarray"), ([("a", 1)], "must be a dict")):
+        with pytest.raises(InvalidInputError, match=why):
+            write_codes(codes, tmp_path / "bad.zarr", meta=meta)
+    for rows in (0, -1, True, 2.5):
+        with pytest.raises(InvalidInputError, match="'chunk_rows' parameter of CodeStoreWriter must be an int >= 1"):
+            CodeStoreWriter(tmp_path / "bad.zarr", chunk_rows=rows)
+    w = CodeStoreWriter(tmp_path / "bad.zarr", chunk_rows=3)
+    w.append(codes)
+    w.meta = {"x": object()}  # past the check: the attributes cannot be written
+    with pytest.raises(TypeError):
+        w.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.zarr"]
+
+
+@pytest.mark.parametrize("key", ["format", "version", "n_rows", "exact", "dtype", "selection", "layers",
+                                 "fingerprint", "chunks"])
+def test_meta_cannot_overwrite_the_stores_own_attributes(tmp_path, key):
+    codes = _codes(5)
+    with pytest.raises(InvalidInputError, match=f"must not set the store's own attributes .*Got '{key}'"):
+        write_codes(codes, tmp_path / "s.zarr", meta={"model": "toy", key: 999})
+    assert not list(tmp_path.iterdir())
+    write_codes(codes, tmp_path / "s.zarr", meta={"model": "toy"})
+    back = read_codes(tmp_path / "s.zarr")
+    assert len(back) == back.meta["n_rows"] == 5 and back.meta["exact"] is False and back.meta["model"] == "toy"
+
+
+def test_write_codes_takes_spline_codes(tmp_path):
+    codes = _codes(5)
+    with pytest.raises(InvalidInputError, match="must be a SplineCodes .* Got LayerCodes .*layers='1.relu6'"):
+        write_codes(codes["1.relu6"], tmp_path / "s.zarr")
+    w = CodeStoreWriter(tmp_path / "s.zarr")
+    with pytest.raises(InvalidInputError, match="'codes' parameter of CodeStoreWriter.append must be a SplineCodes"):
+        w.append(codes["1.relu6"])
+    w.abort()
+    assert not list(tmp_path.iterdir())
+
+
+def test_extract_checks_limit_and_keywords_with_a_data_source(tmp_path):
+    """A DataSource meets the spec string's limit check (limit=-1 used to code 9 of 10 items, True 1); a valid limit
+    codes the same rows as the spec; a keyword typo names extract_codes and the close parameter."""
+    from polytope_lens.data import load_data
+    from polytope_lens.extract import extract_codes
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(10, 2)).astype(np.float32))
+    spec = f"npy:{tmp_path / 'x.npy'}"
+    source = load_data(spec)
+    for limit in (-1, 0, True, 2.5, "3"):
+        for data in (spec, source):
+            with pytest.raises(InvalidInputError, match="'limit' parameter of load_data must be a positive int"):
+                extract_codes("toy:2-8-2", data, limit=limit)
+        with pytest.raises(InvalidInputError, match="'limit' parameter"):
+            extract_to_store("toy:2-8-2", source, tmp_path / "s.zarr", limit=limit)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+    a, b = extract_codes("toy:2-8-2", spec, limit=3), extract_codes("toy:2-8-2", source, limit=np.int64(3))
+    assert len(b) == 3 and np.array_equal(a.concat(), b.concat()) and np.array_equal(b.rows[:, 0], [0, 1, 2])
+    with pytest.raises(InvalidInputError, match=r"extract_codes got an unexpected keyword argument 'layer' \(did you "
+                                                r"mean 'layers'\?\)"):
+        extract_codes("toy:2-8-2", source, layer="*relu*")

@@ -623,13 +623,17 @@ def check_capture_kwargs(owner: Callable, kwargs: dict) -> None:
     """A one-line error for a keyword that is neither a parameter of the public function ``owner`` nor one of
     ``capture``'s options (which those functions pass on), with the closest name (``layer=`` for ``layers=``)."""
     params = [p for p in inspect.signature(owner).parameters if p not in ("capture_kwargs", "slice_kwargs")]
+    check_kwargs(owner.__name__, kwargs, params + list(CAPTURE_OPTIONS))
+
+
+def check_kwargs(owner: str, kwargs, params: list[str]) -> None:
+    """A one-line error for a keyword of ``owner`` not in ``params``, with the closest name."""
     for key in kwargs:
-        if key not in CAPTURE_OPTIONS:
-            close = difflib.get_close_matches(key, [p for p in params + list(CAPTURE_OPTIONS) if p != key], n=1,
-                                              cutoff=0.8)
+        if key not in params:
+            close = difflib.get_close_matches(key, params, n=1, cutoff=0.8)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise InvalidInputError(f"{owner.__name__} got an unexpected keyword argument {key!r}{hint}. Its "
-                                    f"parameters: {', '.join(params + list(CAPTURE_OPTIONS))}.")
+            raise InvalidInputError(f"{owner} got an unexpected keyword argument {key!r}{hint}. Its "
+                                    f"parameters: {', '.join(params)}.")
 
 
 def is_batched(v) -> bool:
@@ -760,6 +764,32 @@ def check_eager(model: nn.Module) -> None:
                                     "nonlinearity there would be missed; call the plain Python function instead.")
 
 
+def _declared_paths(model: nn.Module, declared_sites, by_alias: dict[str, str]) -> dict:
+    """``declared_sites`` keyed by module path (a TransformerLens hook name becomes its hook point's path); a key
+    that names no module of ``model`` is a one-line error with the closest name."""
+    if not declared_sites:
+        return {}
+    if not isinstance(declared_sites, Mapping):
+        raise InvalidInputError(f"The 'declared_sites' parameter must be a dict {{module path or hook name: activation "
+                                f"name}}. Got {type(declared_sites).__name__}.")
+    ids = {id(m): p for p, m in model.named_modules()}
+    paths, hooks = set(ids.values()), getattr(model, "hook_dict", None)
+    hooks = {k: ids[id(m)] for k, m in hooks.items() if id(m) in ids} if isinstance(hooks, dict) else {}
+    out = {}
+    for key, act in declared_sites.items():
+        if key in by_alias or key in paths:
+            out[key] = act
+        elif key in hooks:
+            out[hooks[key]] = act
+        else:
+            names = sorted(p for p in paths | set(hooks) if p)
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else "see model.named_modules()"
+            raise InvalidInputError(f"The 'declared_sites' parameter names {key!r}, which is not a module path"
+                                    f"{' or hook name' if hooks else ''} of the model ({hint}).")
+    return out
+
+
 @contextmanager
 def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str, str] | None = None,
             declared_sites: dict[str, str | Activation] | None = None,
@@ -803,7 +833,7 @@ def capture(model: nn.Module, handler: Handler, *, activation_modules: dict[str,
     tl_declared, tl_suppress = _tl_declared(model, aliases)
     suppress = tuple(suppress) + tl_suppress
     declared: dict[str, Activation] = {}
-    for key, act in {**tl_declared, **(declared_sites or {})}.items():
+    for key, act in {**tl_declared, **_declared_paths(model, declared_sites, by_alias)}.items():
         path = by_alias.get(key, key)
         declared[path] = act if isinstance(act, Activation) else get_activation(act)
     tracker = _Tracker(model, handler, {**ACTIVATION_MODULE_CLASSES, **(activation_modules or {})}, declared,
@@ -901,7 +931,14 @@ def select_sites(sites: list[CallSite], layers: str | list[str] | None) -> list[
     """
     if layers is None:
         return list(sites)
-    patterns = [p.strip() for p in (layers.split(",") if isinstance(layers, str) else layers) if p.strip()]
+    try:
+        given = layers.split(",") if isinstance(layers, str) else list(layers)
+    except TypeError:
+        given = [None]
+    if not all(isinstance(p, str) for p in given):
+        raise InvalidInputError(f"The 'layers' parameter must be a site name or glob (comma-separated string), a list "
+                                f"of them, or None. Got {layers!r}.")
+    patterns = [p.strip() for p in given if p.strip()]
     if not patterns:
         raise InvalidInputError("The 'layers' parameter is empty; give a glob such as '*relu*' or a site name.")
     chosen = []

@@ -630,9 +630,11 @@ def spline_codes(model: nn.Module, inputs, *, layers: str | list[str] | None = N
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 
 
-def _pairwise(a: np.ndarray, b: np.ndarray | None, fn, memory_bytes: int) -> np.ndarray:
-    a = np.ascontiguousarray(a, dtype=np.uint8)
-    b = a if b is None else np.ascontiguousarray(b, dtype=np.uint8)
+def _pairwise(a: np.ndarray, b: np.ndarray | None, fn, memory_bytes: int, owner: str) -> np.ndarray:
+    from .cluster import _as_packed  # the clusterers' check: packed uint8 codes only (cluster imports this module)
+
+    a = _as_packed(a, owner)
+    b = a if b is None else _as_packed(b, owner)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise InvalidInputError(f"Packed codes must be 2-D with the same number of bytes. Got {a.shape} and {b.shape}.")
     out = np.empty((len(a), len(b)), dtype=np.float64)
@@ -645,15 +647,19 @@ def _pairwise(a: np.ndarray, b: np.ndarray | None, fn, memory_bytes: int) -> np.
 def hamming(a: np.ndarray, b: np.ndarray | None = None, *, memory_bytes: int = 256 << 20) -> np.ndarray:
     """Pairwise Hamming distances (number of differing bits) between packed codes: (len(a), len(b)).
 
+    ``a``, ``b``: packed uint8 codes (rows, bytes), a ``SplineCodes`` (its ``concat()``) or a ``LayerCodes``; other
+    arrays (unpacked pieces, ints, floats) are refused rather than cast.
+
     For thermometer-coded sites this is the number of kinks separating the two codes, summed over units.
     """
-    return _pairwise(a, b, lambda x, y: _POPCOUNT[x ^ y].sum(-1, dtype=np.int64), memory_bytes)
+    return _pairwise(a, b, lambda x, y: _POPCOUNT[x ^ y].sum(-1, dtype=np.int64), memory_bytes, "hamming")
 
 
 def jaccard(a: np.ndarray, b: np.ndarray | None = None, *, memory_bytes: int = 256 << 20) -> np.ndarray:
-    """Pairwise Jaccard distances 1 - |x & y| / |x | y| between packed codes (0 when both are all-zero)."""
+    """Pairwise Jaccard distances 1 - |x & y| / |x | y| between packed codes (0 when both are all-zero); inputs as
+    in ``hamming``."""
     def fn(x, y):
         inter = _POPCOUNT[x & y].sum(-1, dtype=np.int64)
         union = _POPCOUNT[x | y].sum(-1, dtype=np.int64)
         return np.where(union > 0, 1.0 - inter / np.maximum(union, 1), 0.0)
-    return _pairwise(a, b, fn, memory_bytes)
+    return _pairwise(a, b, fn, memory_bytes, "jaccard")

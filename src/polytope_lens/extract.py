@@ -8,12 +8,13 @@ either concatenates the chunks or appends them to a ``CodeStoreWriter`` (publish
 from __future__ import annotations
 
 import hashlib
+import inspect
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-from .capture import model_errors
+from .capture import check_kwargs, model_errors
 from .codes import CodeExtractor, SplineCodes, UnitSelection, check_unit_shape, fraction_active, no_rows_error
 from .errors import InvalidInputError
 from .store import CodeStoreWriter
@@ -34,7 +35,7 @@ def _bundle(model):
 
 
 def _source(data, limit):
-    from .data import DataSource, load_data
+    from .data import DataSource, check_limit, load_data
 
     if isinstance(data, str):
         return load_data(data, limit=limit)
@@ -43,6 +44,7 @@ def _source(data, limit):
                                 f"from load_data; got {type(data).__name__}. For a module and tensors, use "
                                 "polytope_lens.spline_codes.")
     if limit is not None:
+        check_limit(limit)  # as load_data does for a spec
         return data.subset(slice(0, limit))
     return data
 
@@ -181,6 +183,7 @@ def extract_codes(model, data, **kwargs) -> SplineCodes:
     Keyword arguments are those of ``extract_to_store`` except ``out``, ``overwrite``, ``resume``, ``ray_address``
     and ``ray_workers`` (in memory, in this process).
     """
+    check_kwargs("extract_codes", kwargs, list(inspect.signature(iter_code_chunks).parameters))
     parts, offsets = [], []
     bundle = source = None
     for first, codes, bundle, source in iter_code_chunks(model, data, **kwargs):

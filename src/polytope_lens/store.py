@@ -32,6 +32,45 @@ from .errors import InvalidInputError, PolytopeLensError
 __all__ = ["CodeStoreWriter", "read_codes", "write_codes", "FORMAT"]
 
 FORMAT = "polytope-lens/codes/1"
+RESERVED = ("format", "version", "n_rows", "exact", "dtype", "selection", "layers", "fingerprint", "chunks")
+
+
+def _json_value(value):
+    """``json.dumps``' fallback: a NumPy scalar as its Python value; anything else is not stored."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(type(value).__name__)
+
+
+def check_meta(meta, owner: str) -> dict:
+    """``meta`` as stored: a dict of JSON values (NumPy scalars become Python numbers) without the store's own
+    attribute names (``RESERVED``), or a one-line ``InvalidInputError``."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise InvalidInputError(f"The 'meta' parameter of {owner} must be a dict or None. Got {type(meta).__name__}.")
+    clash = [k for k in RESERVED if k in meta]
+    if clash:
+        raise InvalidInputError(f"The 'meta' parameter of {owner} must not set the store's own attributes "
+                                f"({', '.join(RESERVED)}). Got {', '.join(map(repr, clash))}; rename them.")
+    out = {}
+    for key, value in meta.items():
+        try:
+            if not isinstance(key, str):
+                raise TypeError(f"key of type {type(key).__name__}")
+            out[key] = json.loads(json.dumps(value, default=_json_value))
+        except (TypeError, ValueError) as e:
+            raise InvalidInputError(f"The 'meta' parameter of {owner} must hold JSON values (str, number, bool, None, "
+                                    f"lists and dicts of them; NumPy scalars). Got {key!r}: {e}.") from None
+    return out
+
+
+def _check_codes(codes, owner: str) -> None:
+    if not isinstance(codes, SplineCodes):
+        hint = (" (one site's codes, without their rows): write the SplineCodes it came from, or code that site "
+                "alone with layers=" + repr(codes.site)) if isinstance(codes, LayerCodes) else ""
+        raise InvalidInputError(f"The 'codes' parameter of {owner} must be a SplineCodes (from spline_codes or "
+                                f"extract_codes). Got {type(codes).__name__}{hint}.")
 
 
 def _zarr():
@@ -87,7 +126,8 @@ class CodeStoreWriter:
     path : str or Path
         Destination folder (conventionally ``*.zarr``).
     meta : dict
-        JSON-safe metadata stored in the group attributes (model spec, data provenance, ...).
+        Metadata stored in the group attributes (model spec, data provenance, ...): JSON values, NumPy scalars
+        stored as Python numbers; the store's own attribute names (``RESERVED``) are refused.
     fingerprint : dict
         What the store is made of (model, data, sites, selection, batching); a partial store made with another
         fingerprint is never continued.
@@ -97,19 +137,22 @@ class CodeStoreWriter:
     resume : bool
         Continue a partial store left by an interrupted run with the same fingerprint.
     chunk_rows : int
-        Rows per zarr chunk.
+        Rows per zarr chunk (>= 1).
     """
 
     MANIFEST = "manifest.json"
 
     def __init__(self, path, *, meta: dict | None = None, fingerprint: dict | None = None, overwrite: bool = False,
                  resume: bool = False, chunk_rows: int = 4096):
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
+            raise InvalidInputError(f"The 'chunk_rows' parameter of CodeStoreWriter must be an int >= 1. "
+                                    f"Got {chunk_rows!r}.")
+        self.meta = check_meta(meta, "CodeStoreWriter")
         self.path = canonical(path)
         check_destination(self.path, overwrite=overwrite)
         self.tmp = self.path.parent / f".{self.path.name}.partial"
-        self.meta = dict(meta or {})
         self.fingerprint = json.loads(json.dumps(fingerprint or {}, default=str))
-        self.overwrite, self.resume, self.chunk_rows = overwrite, resume, chunk_rows
+        self.overwrite, self.resume, self.chunk_rows = overwrite, resume, int(chunk_rows)
         self.group = None
         self.names: list[str] = []
         self.layer_meta: list[dict] = []
@@ -218,6 +261,7 @@ class CodeStoreWriter:
         ``row_offset`` (default: the next example index) is added to each row's example index; ``n_examples`` is
         the number of examples the chunk covers (default: ``codes.meta["n_examples"]``).
         """
+        _check_codes(codes, "CodeStoreWriter.append")
         if self.group is None:
             self._open(codes)
         if list(codes.layers) != self.names:
@@ -259,12 +303,12 @@ class CodeStoreWriter:
             self.abort()
             raise InvalidInputError("No codes were written; the store was not created.")
         exact = all(m["exact"] for m in self.layer_meta)
-        self.group.attrs.update({
-            "format": FORMAT, "version": _version(), "n_rows": self.n_rows, "exact": exact, "dtype": self.dtype,
-            "selection": self.selection, "layers": self.layer_meta, "fingerprint": self.fingerprint,
-            "chunks": self.chunks, **self.meta,
-        })
         try:  # the manifest stays until the store is in place: a refused publish leaves a resumable partial store
+            self.group.attrs.update({
+                **self.meta, "format": FORMAT, "version": _version(), "n_rows": self.n_rows, "exact": exact,
+                "dtype": self.dtype, "selection": self.selection, "layers": self.layer_meta,
+                "fingerprint": self.fingerprint, "chunks": self.chunks,
+            })
             publish(self.tmp, self.path, "codes", overwrite=self.overwrite)
         except BaseException:
             if not self.resume and os.path.lexists(self.tmp):
@@ -287,7 +331,11 @@ def _version() -> str:
 
 
 def write_codes(codes: SplineCodes, path, *, meta: dict | None = None, overwrite: bool = False) -> Path:
-    """Write ``codes`` to a new zarr store at ``path`` (atomically); returns the path."""
+    """Write ``codes`` (a ``SplineCodes``) to a new zarr store at ``path`` (atomically); returns the path.
+
+    ``meta``: extra JSON attributes, read back in ``read_codes(path).meta`` (see ``CodeStoreWriter``)."""
+    _check_codes(codes, "write_codes")
+    meta = check_meta(meta, "write_codes")
     with CodeStoreWriter(path, meta=meta, overwrite=overwrite) as w:
         w.append(codes)
     return Path(path)
