@@ -511,3 +511,58 @@ def test_float32_cnn_slice_codes_are_the_model_codes_inside_each_region():
         assert (gap <= tol).all(), (name, len(gap), float(gap.max()))
     _, counts = np.unique(r.codes, axis=0, return_counts=True)
     assert (counts > 1).sum() <= 0.001 * r.num_regions
+
+
+def _line_count(m, x, q, side):
+    """Oracle: regions of a 1-hidden-layer ReLU MLP in the square of side ``side`` at x in the plane of q's columns:
+    1 + kink lines crossing the square + their crossings inside it (general position)."""
+    import itertools
+
+    W, b = m[0].weight.detach().double(), m[0].bias.detach().double()
+    a, c, h = (W @ q).numpy(), (W @ x + b).numpy(), side / 2
+    vals = np.array([[-h, -h], [h, -h], [h, h], [-h, h]]) @ a.T + c
+    cr = [j for j in range(len(c)) if vals[:, j].min() < 0 < vals[:, j].max()]
+    inside = sum(bool(np.all(np.abs(np.linalg.solve(a[[i, j]], -c[[i, j]])) < h))
+                 for i, j in itertools.combinations(cr, 2))
+    return 1 + len(cr) + inside
+
+
+def test_exact_local_complexity_shares_one_plane_and_flags_wide_squares():
+    """Found at stop 35: point i's plane was the i-th draw of one generator, so a point's count depended on its
+    place in the batch (four copies of one point: 11, 11, 14, 7); and on huge squares the snapping tolerance (tol x
+    the largest unit input, ~1 at side 1e10) merged the central structure with no note (72 regions instead of 137).
+    Oracle: the closed-form count of a 1-hidden-layer MLP in the shared plane. Also: until='s note is passed on,
+    seed and unknown keywords are one-line errors."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 2)).double()
+    pts = torch.randn(3, 4, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    batch = exact_local_complexity(m, torch.cat([pts, pts[2:].expand(3, -1)]), radius=3.0)
+    assert batch.total.tolist() == [_line_count(m, x, q, 3.0) for x in pts] + [batch.total[2]] * 3
+    assert batch.total[2] == exact_local_complexity(m, pts[2:], radius=3.0).total[0] and batch.notes == ()
+    wide = exact_local_complexity(m, pts, radius=1e10)
+    want = [_line_count(m, x, q, 1e10) for x in pts]
+    assert (wide.total < want).any()  # the tolerance merged regions: the result says so
+    assert len(wide.notes) == 1 and wide.notes[0].startswith("near float resolution at 3 of 3 points (0, 1, 2): "
+                                                             "their squares are wide against the structure")
+    deep = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    cut = exact_local_complexity(deep, pts, radius=3.0, until="1.relu")
+    assert cut.notes == ("partial: only sites up to 1.relu; no output maps or decision boundary",)
+    for bad, match in (({"seed": None}, "'seed' parameter of exact_local_complexity"),
+                       ({"outputs": True}, "exact_local_complexity got an unexpected keyword argument 'outputs'"),
+                       ({"untill": "1.relu"}, "did you mean 'until'")):
+        with pytest.raises(InvalidInputError, match=match):
+            exact_local_complexity(deep, pts, radius=3.0, **bad)
+
+
+def test_sampled_local_complexity_notes_a_radius_at_float_resolution():
+    """Found at stop 35: float32 points 3e-9 from a kink at radius 1e-8 gave 0 (float64: 1) with no note: the
+    vertices rounded onto the points. Now noted; float64 at that radius is not."""
+    m = nn.Sequential(nn.Linear(2, 1), nn.ReLU()).double()
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([[1.0, 0.0]], dtype=torch.float64)), m[0].bias.fill_(-3.0)
+    pts = torch.tensor([[3.0 - 3e-9, 0.5]])
+    f64 = local_complexity(m, pts, radius=1e-8, n_dirs=2)
+    assert f64.total.tolist() == [1] and f64.notes == ()
+    f32 = local_complexity(m, pts, radius=1e-8, n_dirs=2, dtype=torch.float32)
+    assert len(f32.notes) == 1 and "the vertices round toward the points" in f32.notes[0]

@@ -744,12 +744,15 @@ def complexity_cmd(
         if exact:
             payload["exact"] = exact_local_complexity(bundle.module, x, radius=radius).to_dict()
     table = Table(title=f"local complexity of {bundle.spec} on {source.spec} (approximate: {2 * n_dirs} vertices, "
-                        f"r={radius})", title_justify="left")
+                        f"r={radius}{'; smooth sites: threshold codes' if 'threshold codes' in lc.method else ''})",
+                  title_justify="left")
     table.add_column("site", overflow="fold")
     table.add_column("mean units changing")
     for site, v in lc.per_site.items():
         table.add_row(site, f"{float(v.mean()):.2f}")
     out.print(table)
+    for note in lc.notes:
+        err.print(f"note: {note}")
     if exact:
         regions = payload["exact"]["total"]
         out.print(f"exact: {sum(regions) / len(regions):.2f} regions on average (min {min(regions)}, max "

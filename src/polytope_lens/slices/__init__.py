@@ -159,6 +159,12 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
         notes.append(f"{NEAR_RESOLUTION}: at {worst!r} the snapping tolerance is {out['coarse'][worst]:.2g} of how "
                      "far the least-moving unit whose kink the plane crosses moves across it, so regions thinner than "
                      "about that share of the plane may be merged (use a larger plane)")
+    if out["wide"]:
+        worst = max(out["wide"], key=out["wide"].get)
+        notes.append(f"{NEAR_RESOLUTION}: at {worst!r} the snapping tolerance (tol x the largest unit input over the "
+                     f"plane) is {out['wide'][worst]:.2g} of the unit inputs' size at the vertex where they are "
+                     "smallest: the plane is wide against its central structure, where regions narrower than about "
+                     "tol x the plane's extent may be merged (use a smaller plane)")
     if out["fallbacks"]:
         notes.append(f"{out['fallbacks']} site(s) cut unit by unit: kink lines met within tol (ties), or the all-lines "
                      "arrangement would not fit the memory budget")

@@ -11,6 +11,7 @@ point in a random plane (``exact=True`` for piecewise-linear models).
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -19,7 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture import check_capture_kwargs, model_errors, run, select_sites, unwrap_encoded
+from ..capture import (CAPTURE_OPTIONS, check_capture_kwargs, check_kwargs, model_errors, run, select_sites,
+                       unwrap_encoded)
 from ..errors import InvalidInputError, is_int, is_real, not_finite
 from ..paths.runner import check_dtype, default_forward, prepare_model
 from .partition import NEAR_RESOLUTION
@@ -46,8 +48,9 @@ class LocalComplexity:
         P of the sampled measure; 2 (the plane) for the exact count, whose ``to_dict`` leaves it out.
     dtype : str
     notes : tuple of str
-        Exact counts: the points whose square was near float resolution (their slice's note), where regions
-        thinner than the snapping tolerance may be merged and the count can be low.
+        Exact counts: the points whose square was near float resolution or wide against its central structure
+        (their slice's notes), where regions may be merged and the count can be low; the slices' ``partial`` note
+        under ``until``/``units``. Sampled: a radius near the points' float resolution.
     """
 
     per_site: dict
@@ -76,24 +79,39 @@ class LocalComplexity:
                       "units changing piece near the point, summed over sites")
         ax.set_ylabel("points")
         ax.set_title(f"local complexity, {'square side' if self.exact else 'radius'} {self.radius:g} "
-                     f"({'exact' if self.exact else f'sampled, {self.n_dirs} directions'}, {self.dtype})", fontsize=9)
+                     f"({'exact' if self.exact else f'sampled, {self.n_dirs} directions'}{self._smooth}, "
+                     f"{self.dtype})", fontsize=9)
+        ax.figure.tight_layout()
         return ax
+
+    @property
+    def _smooth(self) -> str:
+        """How a count over smooth activations is qualified ('' where every site is piecewise linear)."""
+        return "; smooth sites: threshold codes, approximate" if _SMOOTH in self.method else ""
 
     def _repr_html_(self) -> str:
         from ..report.html import rows_table, summary_html
 
         d = self.to_dict()
         facts = {"points": len(self.total), "measure": "exact region count in the square" if self.exact else
-                 f"sampled: units changing piece over {self.n_dirs} directions",
+                 f"sampled: units changing piece over {self.n_dirs} directions{self._smooth}",
                  "square side" if self.exact else "radius": self.radius,
                  "dtype": self.dtype, "mean total": d["mean_total"]}
         return summary_html("LocalComplexity", facts,
                             rows_table(["site", "mean"], list(d["per_site_mean"].items())), notes=self.notes)
 
 
+_SMOOTH = "; smooth activations use threshold codes"  # in ``method`` when a site is smooth
+
+
 def _check_radius(radius, owner) -> None:
     if not (is_real(radius) and 0 < radius < math.inf):
         raise InvalidInputError(f"The 'radius' parameter of {owner} must be a finite number > 0. Got {radius!r}.")
+
+
+def _check_seed(seed, owner) -> None:
+    if not (is_int(seed) and 0 <= seed < 2**63):
+        raise InvalidInputError(f"The 'seed' parameter of {owner} must be an int in [0, 2**63). Got {seed!r}.")
 
 
 def _points(points, owner):
@@ -140,6 +158,7 @@ def local_complexity(model: nn.Module, points: torch.Tensor, *, radius: float = 
     check_dtype(owner, dtype)
     if not (is_int(batch_size) and batch_size >= 1):
         raise InvalidInputError(f"The 'batch_size' parameter of {owner} must be an int >= 1. Got {batch_size!r}.")
+    _check_seed(seed, owner)
     m = prepare_model(model, dtype, device)
     fwd = forward(m) if forward is not None else default_forward(m)
     g = torch.Generator().manual_seed(seed)
@@ -170,40 +189,64 @@ def local_complexity(model: nn.Module, points: torch.Tensor, *, radius: float = 
             counts.setdefault(name, []).append(c)
     per = {k: np.concatenate(v_) for k, v_ in counts.items()}
     total = np.sum(list(per.values()), axis=0) if per else np.zeros(len(pts), dtype=np.int64)
-    return LocalComplexity(per, total, False, "cross-polytope (sampled vertices)" + ("" if exact else
-                           "; smooth activations use threshold codes"), float(radius), n_dirs,
-                           str(dtype).replace("torch.", ""))
+    # the vertices x +- r v round toward x where r is within ~1000 ulps of the points' entries
+    resolution = torch.finfo(dtype).eps * float(pts.abs().max())
+    notes = () if radius >= 1e3 * resolution else (
+        f"{NEAR_RESOLUTION}: the radius {radius:g} is within 1000 ulps of the points' largest entry in "
+        f"{str(dtype).replace('torch.', '')} ({resolution:.3g} per ulp): the vertices round toward the points, so "
+        "counts can be low (use a larger radius, or float64)",)
+    return LocalComplexity(per, total, False, "cross-polytope (sampled vertices)" + ("" if exact else _SMOOTH),
+                           float(radius), n_dirs, str(dtype).replace("torch.", ""), notes)
 
 
 def exact_local_complexity(model: nn.Module, points: torch.Tensor, *, radius: float = 0.05, seed: int = 0,
                            dtype: torch.dtype = torch.float64, device="cpu", memory_budget: int = 1 << 30,
                            **slice_kwargs) -> LocalComplexity:
-    """Number of linear regions in the square of side ``radius`` centred at each point, in a random plane through
-    it (exact partition per point)."""
+    """Number of linear regions in the square of side ``radius`` centred at each point, in one random plane
+    (orientation drawn from ``seed``, shared by all points of a call, as ``local_complexity``'s subspace: a point's
+    count does not depend on the others); exact partitions (``slice_plane``), whose notes are passed on: a square
+    near float resolution, or too wide for its central structure, may have merged regions; ``until``/``units`` count
+    the regions of the network cut there."""
     from . import slice_plane
     from .geometry import Plane
     owner = "exact_local_complexity"
+    own = [p for p in inspect.signature(exact_local_complexity).parameters if p != "slice_kwargs"]
+    check_kwargs(owner, slice_kwargs, own + [p for p in inspect.signature(slice_plane).parameters
+                                             if p not in own + ["plane", "outputs", "capture_kwargs"]]
+                 + list(CAPTURE_OPTIONS))
     pts = _points(points, owner)
     _check_radius(radius, owner)
+    _check_seed(seed, owner)
     check_dtype(owner, dtype)
     d = math.prod(pts.shape[1:])
     if d < 2:
         raise InvalidInputError(f"{owner} needs an input space of dimension >= 2. Got {d}.")
-    g = torch.Generator().manual_seed(seed)
-    out, coarse = [], []
+    q, _ = torch.linalg.qr(torch.randn(d, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    out, flagged, passed = [], {}, []
     for i, x in enumerate(pts):
-        q, _ = torch.linalg.qr(torch.randn(d, 2, generator=g, dtype=torch.float64))
         pl = Plane.from_directions(x.to(torch.float64), (q[:, 0] * radius / 2).reshape(x.shape),
                                    (q[:, 1] * radius / 2).reshape(x.shape), extent=1.0)
         r = slice_plane(model, pl, dtype=dtype, device=device, memory_budget=memory_budget, outputs=False,
                         **slice_kwargs)
         out.append(r.num_regions)
-        if any(note.startswith(NEAR_RESOLUTION) for note in r.notes):
-            coarse.append(i)
+        for note in r.notes:
+            if note.startswith(NEAR_RESOLUTION):
+                flagged.setdefault("wide" if "wide against" in note else "small", []).append(i)
+            elif note.startswith("partial:") and note not in passed:
+                passed.append(note)
     tot = np.array(out)
-    notes = () if not coarse else (
-        f"{NEAR_RESOLUTION} at {len(coarse)} of {len(tot)} points ({', '.join(map(str, coarse[:8]))}"
-        f"{' ...' if len(coarse) > 8 else ''}): their squares are small for float resolution, regions thinner than "
-        "the snapping tolerance may be merged, so those counts can be low (use a larger radius)",)
+
+    def where(rows):
+        return f"at {len(rows)} of {len(tot)} points ({', '.join(map(str, rows[:8]))}{' ...' if len(rows) > 8 else ''})"
+    notes = tuple(passed)
+    if "small" in flagged:
+        notes += (f"{NEAR_RESOLUTION} {where(flagged['small'])}: their squares are small for float resolution, "
+                  "regions thinner than the snapping tolerance may be merged, so those counts can be low (use a larger "
+                  "radius)",)
+    if "wide" in flagged:
+        notes += (f"{NEAR_RESOLUTION} {where(flagged['wide'])}: their squares are wide against the structure at "
+                  "their centre (the snapping tolerance follows the largest unit input over the square), regions "
+                  "narrower than about tol x the side may be merged, so those counts can be low (use a smaller "
+                  "radius)",)
     return LocalComplexity({"regions": tot}, tot, True, "exact regions in a square", float(radius), 2,
                            str(dtype).replace("torch.", ""), notes)

@@ -131,6 +131,7 @@ class _Partitioner:
         self.tol_floor = tol_floor  # None: tol as given; else the lowest tol a small plane may lower it to
         self.lowered: dict[str, float] = {}  # site -> the relative tol used there, where lowered (``site_tol``)
         self.coarse: dict[str, float] = {}  # site -> tol over the inputs' move across the plane, where over 1e-3
+        self.wide: dict[str, float] = {}  # site -> tol over the inputs' size at the plane's least vertex, over 1e-3
         self.cur_index = 0  # the site being cut (``run``), for the budget error's advice
         self.round_threads = round_threads  # torch threads for unit-by-unit / window-by-window cutting
         self.rounds = 0
@@ -232,9 +233,15 @@ class _Partitioner:
             mesh.set_vals(self._site_z(mesh, site, cols))
             for leaf in [k for k in mesh.leaves if self.last_use[k] <= i]:  # read for the last time just now
                 del mesh.leaves[leaf]
-            top, spread, least = 0.0, 0.0, 0.0
+            top, spread, least, local = 0.0, 0.0, 0.0, 1.0
             if mesh.nv and mesh.vals.shape[1]:
                 z = mesh.vals[: mesh.nv]
+                # the inputs' size at the vertex where they are smallest: their rounding there is about eps of it,
+                # while the snapping tolerance follows the largest (a plane far wider than its central structure)
+                local = float(z.abs().amax(1).min())
+                if mesh.nc == 1:  # one cell, the inputs affine on it: their value at its vertex average is exact
+                    local = min(local, float(z.mean(0).abs().max()))
+                local = max(1.0, local)
                 lo_z, hi_z = z.amin(0), z.amax(0)
                 big, moves = torch.maximum(lo_z.abs(), hi_z.abs()), hi_z - lo_z
                 if not math.isfinite(float(big.max())):  # NaN propagates through max
@@ -252,6 +259,8 @@ class _Partitioner:
                 del z, lo_z, hi_z, big, moves
             scale = max(1.0, top)
             tol = self.cur_tol = self.site_tol(scale, spread, least, site.name)
+            if tol > 1e-3 * local:
+                self.wide[site.name] = tol / local
             if isinstance(act, ScalarKinks):
                 self._scalar_site(mesh, act, tol, site.name, keep_vals=self.last_use.get(site.name, -1) > i
                                   if self.blocks is not None else False)
@@ -780,5 +789,5 @@ def build(model, plane: Plane, *, until, units, dtype, device, tol, memory_budge
             out["outputs"] = outs[:, 1:] if single else outs
             out["boundary"] = decision_boundary(part, coords, outs, R, dg, used)
     out["seconds"] = time.perf_counter() - t0
-    out["tol"], out["lowered"], out["coarse"] = tol, part.lowered, part.coarse
+    out["tol"], out["lowered"], out["coarse"], out["wide"] = tol, part.lowered, part.coarse, part.wide
     return out
