@@ -2808,3 +2808,45 @@ def test_sampled_rays_too_wide_for_their_samples_say_so():
                and "known to tol in t (1 in alpha)" in n for n in wide.notes) == 1
     narrow = ray_crossings(cnn, x, layer=site, alphas=(0.25, 4.0), method="sampled", n_samples=64, trace=False)
     assert not any(n.startswith("samples are") for n in narrow.notes + exact.notes)
+
+
+@pytest.mark.parametrize("alphas", [(-1.0, 2.0), (-0.5, 1e3), (-3.0, 7.0)])
+def test_direction_rays_through_a_point_where_units_tie_count_each_change_once(alphas):
+    """Found at stop 35 (a regression of the day's relative ties): a ray 0 + alpha * d through a bias-free net, where
+    every later unit sits on its kink at alpha = 0, had no knot there, so its points near 0 were interpolated between
+    the ends and their rounding, no longer tied, counted 28 or 34 crossings for 22. Direction rays get the knot at
+    alpha = 0 that rays alpha * a have. Oracle: the units whose piece differs between alpha = -1 and 1 (the
+    pattern is constant on each side of 0 in a bias-free ReLU net)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16, bias=False), nn.ReLU(), nn.Linear(16, 16, bias=False), nn.ReLU(),
+                      nn.Linear(16, 16, bias=False), nn.ReLU()).double()
+    x = torch.randn(1, 8, dtype=torch.float64)
+    d = site_activations(m, x, layer="1.relu")
+    sides = [torch.cat([torch.relu(m[2](al * d)), torch.relu(m[4](torch.relu(m[2](al * d))))], 1) > 0
+             for al in (-1.0, 1.0)]
+    want = int((sides[0] != sides[1]).sum())
+    res = ray_crossings(m, torch.zeros_like(x), layer="1.relu", alphas=alphas, direction=d, trace=False)
+    assert want > 10 and res.counts.tolist() == [want] and res.paths[0].ties == 1
+    assert res.counts.tolist() == ray_crossings(m, x, layer="1.relu", alphas=alphas, trace=False).counts.tolist()
+
+
+def test_negative_rays_are_resolved_up_to_what_t_can_place():
+    """Found at stop 35: rays whose end nearest alpha = 0 is alpha1 crowd their kinks near t = 1, where t's spacing
+    is (alpha1 - alpha0) * 1.1e-16 in alpha: (-1e9, -1) failed the affine checks ('not affine', or 'internal check
+    failed: please report'). alpha is now measured from that end (``ray_alpha``), so (-1e6, -1) runs and equals
+    log-spaced dense sampling; ranges t cannot resolve to the affine checks' 1e-9 ((-1e8, -1) failed them on this
+    CNN) are one-line errors that say where to split."""
+    cnn = SmallCNN(seed=2)
+    x = torch.randn(1, 1, 6, 6, generator=torch.Generator().manual_seed(3))
+    site = [s.name for s in __import__("polytope_lens").list_sites(cnn, lambda: cnn(x[:1]))][0]
+    a = site_activations(cnn, x, layer=site)
+    res = ray_crossings(cnn, x, layer=site, alphas=(-1e6, -1.0), trace=False)
+    want = dense_count(cnn, lambda t: -(10.0 ** (6 * (1 - t))).reshape(-1, *[1] * (a.dim() - 1)) * a[0],
+                       site=site, base=x.double(), n_max=2 ** 19)
+    assert res.paths[0].per_layer == {k: v for k, v in want.items() if k in res.sites} and res.counts[0] > 0
+    for alphas, hint in (((-1e8, -1.0), r"split it where \|alpha\| is about the geometric mean of its ends: "
+                                        r"\(-1e\+08, -1e\+04\) and \(-1e\+04, -1\)"),
+                         ((-1e9, 1.0), "split it at alpha = 0")):
+        with pytest.raises(InvalidInputError, match=hint):
+            ray_crossings(cnn, x, layer=site, alphas=alphas)
+    assert ray_crossings(cnn, x, layer=site, alphas=(-1e9, 1.0), method="sampled", n_samples=64).counts[0] >= 0

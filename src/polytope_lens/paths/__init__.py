@@ -307,6 +307,8 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
                 "sites' outputs (an operation capture does not see, e.g. LayerNorm or softmax, sits before it); use "
                 "method='sampled' (or 'auto').")
     use_exact = method == "exact" or (method == "auto" and not smooth and not bad and not hidden)
+    if use_exact and spec.alphas is not None:
+        geometry.check_ray_resolution(spec.alphas, owner)
     if method == "auto" and not use_exact:
         notes.append("auto chose sampled: " + (f"smooth activation at {smooth[0]}" if smooth else
                                                 f"{hidden}, a bend outside the sites" if hidden else

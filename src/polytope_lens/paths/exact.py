@@ -1259,7 +1259,9 @@ def verify_chunk(runner: Runner, gpids: torch.Tensor, pid: torch.Tensor, t: torc
 def _verify_intervals(runner: Runner, gpids, pid, t, pick, units, ties: TieTolerance) -> None:
     tl, tr = t[pick], t[pick + 1]
     gp = gpids[pid[pick]]
-    pts_t = torch.cat([tl, tr, 0.5 * (tl + tr)])
+    tm = 0.5 * (tl + tr)
+    w = ((tm - tl) / (tr - tl)).unsqueeze(1)  # 1/2 but where the midpoint rounds (an interval of a few ulps)
+    pts_t = torch.cat([tl, tr, tm])
     vals = runner.eval_points(torch.cat([gp, gp, gp]), pts_t, runner.names)
     n = len(pick)
     tie = ties.over(tl, tr)
@@ -1271,7 +1273,7 @@ def _verify_intervals(runner: Runner, gpids, pid, t, pick, units, ties: TieToler
             z = z[:, units]  # the other units of the last site are not followed
         zl, zr, zm = z[:n], z[n:2 * n], z[2 * n:]
         scale = torch.maximum(zl.abs(), zr.abs()).amax(1, keepdim=True).clamp_min(1.0)
-        err = ((zm - 0.5 * (zl + zr)).abs() / scale).max()
+        err = ((zm - (zl + w.to(z.dtype) * (zr - zl))).abs() / scale).max()
         if not bool(torch.isfinite(err)):  # overflow, not a hidden nonlinearity
             raise not_finite(f"the unit inputs of site {site.name!r}", runner.owner, z.dtype, "on some paths",
                              "range of alpha (or shorter paths)")

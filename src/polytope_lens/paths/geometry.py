@@ -42,8 +42,8 @@ class PathSpec:
     alphas : tuple or None
         (alpha0, alpha1) of a scaling ray: t maps to alpha0 + t * (alpha1 - alpha0).
     direction, offset : Tensor (P, *shape) or None
-        A ray's points are ``offset + alpha * direction`` (``alpha * a``: no offset) with ``alpha = (t - t_0) *
-        (alpha1 - alpha0)``, ``t_0`` where alpha is 0, computed so rather than interpolated between its ends: at
+        A ray's points are ``offset + alpha * direction`` (``alpha * a``: no offset) with alpha from ``ray_alpha``
+        (measured from the point of the range nearest 0), computed so rather than interpolated between its ends: at
         alpha = 0 the point is exactly the offset (0 for ``alpha * a``; ``ray`` makes that t a knot, see there); at
         t = 0 and 1 alpha is exactly alpha0 and alpha1.
     """
@@ -117,10 +117,13 @@ class TieTolerance:
         return cls(float(tie_tol), zero_t((a0, a1)), min(floor, 1.0))
 
     def at(self, t: torch.Tensor):
-        """The tolerance in t at positions ``t`` (a number on paths, a tensor like ``t`` on rays)."""
+        """The tolerance in t at positions ``t`` (a number on paths, a tensor like ``t`` on rays); on rays at least
+        16 ulps of t, its own resolution (a ray over (-1e9, -1) crowds its kinks near t = 1, where an ulp of t is
+        1e-7 of alpha)."""
         if self.origin is None:
             return self.tie_tol
-        return self.tie_tol * (t - self.origin).abs().clamp_(min=self.floor, max=1.0)
+        rel = self.tie_tol * (t - self.origin).abs().clamp_(min=self.floor, max=1.0)
+        return torch.maximum(rel, t.abs() * (16 * torch.finfo(t.dtype).eps))
 
     def over(self, tl: torch.Tensor, tr: torch.Tensor):
         """The largest tolerance on intervals ``[tl, tr]`` (the end further from alpha = 0)."""
@@ -209,13 +212,43 @@ def zero_t(alphas: tuple[float, float]) -> float:
     return -a0 / (a1 - a0)
 
 
+def check_ray_resolution(alphas: tuple[float, float], owner: str) -> None:
+    """Refuse an exact ray that t in [0, 1] cannot resolve where its kinks crowd, near the point of the range nearest
+    alpha = 0 (at |alpha| of order 1 or that point's own |alpha|, whichever is larger: a unit's kink lies at alpha =
+    -c / (J a), its constant over its slope). Near t = 1 (alphas (-1e9, -1), or (-1e9, 1) through 0) t's spacing,
+    1.1e-16, is (alpha1 - alpha0) * 1.1e-16 in alpha; over 1e-9 of that scale (the affine checks' tolerance) the
+    crossings cannot be placed to it (a CNN over (-1e8, -1) failed them at 1.7e-9). Near t = 0, t is resolved
+    relatively, so (1, 1e9) runs."""
+    a0, a1 = alphas
+    near = min(max(zero_t(alphas), 0.0), 1.0)  # where the range is nearest alpha = 0
+    spacing = float(np.spacing(near)) * (a1 - a0)
+    scale = max(1.0, min(abs(a0), abs(a1)))
+    if spacing > 1e-9 * scale:
+        cut = -math.sqrt(abs(a0 * a1)) if a1 < 0 else None
+        hint = (f"split it where |alpha| is about the geometric mean of its ends: ({a0:g}, {cut:.3g}) and "
+                f"({cut:.3g}, {a1:g})" if cut is not None else
+                "split it at alpha = 0 and run the negative part over narrower ranges")
+        raise InvalidInputError(f"The 'alphas' of {owner}, {(a0, a1)}, put the point nearest alpha = 0 at t = "
+                                f"{near:.9g}, where t in [0, 1] resolves alpha only to {spacing:.2g}, over 1e-9 of "
+                                f"{scale:g}: exact crossings crowd there and cannot be placed; {hint}.")
+
+
 def ray_alpha(t, alphas: tuple[float, float]):
-    """A ray's alpha at positions ``t`` (a tensor or an array): ``(t - t_0) * (alpha1 - alpha0)`` with ``t_0`` where
-    alpha is 0 (``zero_t``), so that alpha is exactly 0 there and relative rounding stays small near it, and exactly
+    """A ray's alpha at positions ``t`` (a tensor or an array), measured from the point of the range nearest 0, so
+    that relative rounding stays small where a ray's kinks crowd: ``(t - t_0) * (alpha1 - alpha0)`` with ``t_0``
+    where alpha is 0 (``zero_t``) when the range holds 0 (alpha is exactly 0 there); else from the end nearer 0,
+    ``alpha0 + t * (alpha1 - alpha0)`` or ``alpha1 - (1 - t) * (alpha1 - alpha0)`` (over (-1e9, -1), ``t_0`` is 1 +
+    1e-9, rounded, and ``t - t_0`` near t = 1 was off by up to 1e-7 relative: the affine checks failed). Exactly
     alpha0 and alpha1 at t = 0 and 1 (``t_0`` rounds: alphas (-2, -0.5) gave alpha(1) = -0.4999999999999999)."""
     a0, a1 = alphas
     where = torch.where if isinstance(t, torch.Tensor) else np.where
-    alpha = (t - zero_t(alphas)) * (a1 - a0)
+    t0 = zero_t(alphas)
+    if t0 < 0.0:
+        alpha = a0 + t * (a1 - a0)
+    elif t0 > 1.0:
+        alpha = a1 - (1 - t) * (a1 - a0)
+    else:
+        alpha = (t - t0) * (a1 - a0)
     return where(t == 0, a0, where(t == 1, a1, alpha))
 
 
@@ -288,9 +321,9 @@ def ray(a: torch.Tensor, direction, alphas, *, owner: str = "ray_crossings"):
         what = "activation" if direction is None else "direction"
         raise InvalidInputError(f"Rays {zero[:5]} of {owner} have a zero {what} vector, so the ray is a single point.")
     t0 = zero_t((a0, a1))
-    if direction is None and 0.0 < t0 < 1.0:
+    if 0.0 < t0 < 1.0:  # alpha = 0 a knot: the point there is exact (0, or a), not interpolated between the ends
         knots_t = torch.tensor([0.0, t0, 1.0], dtype=torch.float64)
-        knots_x = torch.stack([x0, torch.zeros_like(a), x1], dim=1)
+        knots_x = torch.stack([x0, torch.zeros_like(a) if direction is None else a, x1], dim=1)
     else:
         knots_t, knots_x = torch.tensor([0.0, 1.0], dtype=torch.float64), torch.stack([x0, x1], dim=1)
     return knots_t.expand(len(a), -1), knots_x, length, (a0, a1), d, (None if direction is None else a)
