@@ -376,3 +376,34 @@ def test_distances_refuse_arrays_that_are_not_packed_codes():
                 fn(bad)
             with pytest.raises(InvalidInputError, match="needs packed codes"):
                 fn(codes["0.relu6"].packed, bad)
+
+
+def test_option_and_input_errors_are_one_line_before_any_work():
+    """Found at stop 35: batch_size=True, progress=3 (after coding), UnitSelection(k='6'), position=0.5 and tensors
+    on the 'meta' device ended in raw TypeErrors or RuntimeErrors; a mistyped layer name listed the first 8 sites
+    instead of the one meant. NumPy ints are ints."""
+    import numpy as np
+    import pytest
+    import torch
+    from torch import nn
+
+    from polytope_lens.codes import UnitSelection, spline_codes
+    from polytope_lens.errors import InvalidInputError
+    from polytope_lens.paths import path_crossings, site_activations
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(4, 4), nn.ReLU())])
+    x = torch.randn(3, 4)
+    for call, match in ((lambda: spline_codes(mlp, x, batch_size=True), "'batch_size' parameter"),
+                        (lambda: spline_codes(mlp, x, progress=3), "'progress' parameter of spline_codes"),
+                        (lambda: UnitSelection("tokens", k="6"), "needs ints k >= 1"),
+                        (lambda: UnitSelection("position", position=0.5), "'position' must be two fractions"),
+                        (lambda: spline_codes(mlp, x.to("meta")), "'meta' device"),
+                        (lambda: path_crossings(mlp, x.to("meta"), x.to("meta")), "'meta' device"),
+                        (lambda: site_activations(mlp, x.to("meta"), layer="1.relu"), "'meta' device"),
+                        (lambda: spline_codes(mlp, x, layers="21.rleu"), r"did you mean '21.relu'\?")):
+        with pytest.raises(InvalidInputError, match=match) as e:
+            call()
+        assert "\n" not in str(e.value)
+    a, b = spline_codes(mlp, x, batch_size=np.int64(2)), spline_codes(mlp, x, batch_size=2)
+    assert all(np.array_equal(a.layers[k].packed, b.layers[k].packed) for k in b.layers) and len(b.layers) == 12

@@ -691,6 +691,9 @@ def batched_values(tensors, owner: str) -> list[torch.Tensor]:
     if any(v.shape[0] != values[0].shape[0] for v in values):
         raise InvalidInputError(f"The inputs of {owner} hold different numbers of examples: "
                                 f"{[tuple(v.shape) for v in values]}.")
+    if any(v.is_meta for v in values):
+        raise InvalidInputError(f"The inputs of {owner} are on the 'meta' device, which holds shapes but no values; "
+                                "give real tensors.")
     return values
 
 
@@ -945,10 +948,12 @@ def select_sites(sites: list[CallSite], layers: str | list[str] | None) -> list[
     for p in patterns:
         hits = [s for s in sites if s.matches(p)]
         if not hits:
-            names = ", ".join(s.alias or s.name for s in sites[:8]) + (" ..." if len(sites) > 8 else "")
+            every = [n for st in sites for n in (st.name, st.alias) if n]
+            close = difflib.get_close_matches(p, every, n=1, cutoff=0.6)
+            names = ", ".join(st.alias or st.name for st in sites[:8]) + (" ..." if len(sites) > 8 else "")
             raise InvalidInputError(
-                f"The layer pattern {p!r} matches none of the model's {len(sites)} activation sites "
-                f"({names or 'none found'}); run 'polytope-lens sites' to list them."
-            )
+                f"The layer pattern {p!r} matches none of the model's {len(sites)} activation sites"
+                + (f" (did you mean {close[0]!r}?)" if close else f" ({names or 'none found'})")
+                + "; run 'polytope-lens sites' to list them.")
         chosen.extend(s for s in hits if s not in chosen)
     return sorted(chosen, key=lambda s: s.order)

@@ -32,7 +32,7 @@ from torch import nn
 from ._transfer import to_host, wait_for_copies
 from .capture import (CallSite, StopForward, as_module, batched_values, check_capture_kwargs, eval_mode, float_dtype,
                       input_tensors, is_batched, list_sites, model_errors, run, select_sites)
-from .errors import InvalidInputError
+from .errors import InvalidInputError, is_int, is_real
 from .kinks import Activation, ScalarKinks
 
 __all__ = [
@@ -141,9 +141,12 @@ class UnitSelection:
     def __post_init__(self):
         if self.kind not in self.KINDS:
             raise InvalidInputError(f"The 'units' parameter must be one of {', '.join(self.KINDS)}. Got {self.kind!r}.")
-        if self.k < 1 or self.skip < 0:
-            raise InvalidInputError(f"Token protocol needs k >= 1 and skip >= 0. Got k={self.k}, skip={self.skip}.")
-        if not all(0.0 <= p <= 1.0 for p in self.position):
+        if not (is_int(self.k) and is_int(self.skip)) or self.k < 1 or self.skip < 0:
+            raise InvalidInputError(f"Token protocol needs ints k >= 1 and skip >= 0. Got k={self.k!r}, "
+                                    f"skip={self.skip!r}.")
+        pos = self.position
+        if not (isinstance(pos, (tuple, list)) and len(pos) == 2 and all(is_real(p) and 0.0 <= p <= 1.0
+                                                                        for p in pos)):
             raise InvalidInputError(f"The 'position' must be two fractions in [0, 1]. Got {self.position}.")
 
     def fits(self, site: CallSite) -> bool:
@@ -438,7 +441,7 @@ class CodeExtractor:
                  units: str | UnitSelection = "all", soft: bool = False, batch_size: int = 64,
                  forward: Callable[[object], object] | None = None, **capture_kwargs):
         check_capture_kwargs(CodeExtractor, capture_kwargs)
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise InvalidInputError(
                 f"The 'batch_size' parameter of spline_codes must be an int >= 1. Got {batch_size!r}.")
         self.model, self.layers, self.soft, self.batch_size = as_module(model, "spline_codes"), layers, soft, batch_size
@@ -488,6 +491,9 @@ class CodeExtractor:
         """The codes of ``inputs``; ``allow_empty``: a chunk of a larger data set may select no rows (its short
         sequences), which is then the caller's to check over the whole set (``no_rows_error``); ``first``: the data
         set's index of ``inputs``' first example (named in errors). The model runs in eval mode (``eval_mode``)."""
+        if progress is not None and not callable(progress):
+            raise InvalidInputError(f"The 'progress' parameter of spline_codes must be None or a callable taking the "
+                                    f"number of rows just coded. Got {progress!r}.")
         if not hasattr(inputs, "tensors"):  # a bundle's Inputs keep their attention mask
             inputs = input_tensors(inputs, float_dtype(self.model))
         n_total = _check_inputs(inputs)

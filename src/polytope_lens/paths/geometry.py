@@ -163,6 +163,9 @@ def _tensor(name: str, owner: str, v, min_dim: int, device=None) -> torch.Tensor
     if not v.is_floating_point():
         raise InvalidInputError(f"The {name!r} parameter of {owner} must be a floating-point tensor (paths are "
                                 f"continuous). Got dtype {v.dtype}; pass embeddings or use layer=.")
+    if v.is_meta:
+        raise InvalidInputError(f"The {name!r} parameter of {owner} is on the 'meta' device, which holds shapes but "
+                                "no values; give real tensors.")
     if v.dim() < min_dim or v.shape[0] == 0:
         raise InvalidInputError(f"The {name!r} parameter of {owner} must have a batch dimension of paths first "
                                 f"(shape (P, ...), P >= 1). Got shape {tuple(v.shape)}.")
