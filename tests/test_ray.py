@@ -1,6 +1,7 @@
 """Ray on a local 2-worker cluster: codes, path and cluster give the single-process results; a dead address fails
 fast with one line."""
 
+import dataclasses
 import time
 
 import numpy as np
@@ -186,6 +187,14 @@ def test_path_results_concat():
     assert joined.counts.tolist() == a.counts.tolist() + b.counts.tolist() and joined.notes == a.notes
     with pytest.raises(InvalidInputError, match="different exact"):
         PathBatchResult.concat([a, path_crossings(module, s[2:], e[2:], method="sampled")])
+    # blocks of padded text (Ray workers) each note the lengths they ran at: one note, their union (there was one
+    # per block)
+    from polytope_lens.paths.results import own_lengths_note
+
+    noted = [dataclasses.replace(r, notes=r.notes + (own_lengths_note(n, 9),)) for r, n in ((a, [5, 7]), (b, [7, 9]))]
+    assert PathBatchResult.concat(noted).notes == a.notes + (own_lengths_note([5, 7, 9], 9),)
+    assert own_lengths_note([7, 5, 7], 9) == ("text rows run at their own lengths (5, 7 positions of 9): crossings at "
+                                              "padding positions are not counted")
 
 
 @pytest.mark.parametrize("index,metric", [("flat", "hamming"), ("hnsw", "jaccard")])

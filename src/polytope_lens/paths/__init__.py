@@ -39,7 +39,8 @@ from .exact import Refiner, verify_chunk
 from . import local
 from .frontier import FrontierProgram
 from .geometry import PathSpec
-from .results import PathBatchResult, PathBlock, PathList, PathResult, Trace, traces_from_outputs
+from .results import (PathBatchResult, PathBlock, PathList, PathResult, Trace, own_lengths_note,
+                      traces_from_outputs)
 from .runner import Runner, affine_tol, check_device, check_dtype, default_forward, index_inputs, prepare_model
 from .sampled import sampled_chunk
 
@@ -179,8 +180,7 @@ def _per_text(run_group, base, site_shape: tuple, owner: str, units=None) -> Pat
             raise InvalidInputError(f"{first_line(e).rstrip('.')} (in the rows {rows.tolist()[:8]} of the batch, "
                                     f"texts of {n} positions run together: path indices count within them).") from None
     res = PathBatchResult.concat(parts, rows=[rows.tolist() for rows, _ in groups])
-    return _noted(res, f"text rows run at their own lengths ({', '.join(str(n) for _, n in groups)} positions of "
-                       f"{site_shape[0]}): crossings at padding positions are not counted")
+    return _noted(res, own_lengths_note([n for _, n in groups], site_shape[0]))
 
 
 def _noted(res: PathBatchResult, note) -> PathBatchResult:

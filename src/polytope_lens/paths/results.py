@@ -318,6 +318,32 @@ class PathList(Sequence):
         return {b.alphas for b in self._blocks}
 
 
+def own_lengths_note(lengths, positions: int) -> str:
+    """The note of text paths run at their own lengths (``paths._per_text``): one home for its wording, which
+    ``PathBatchResult.concat`` reads back to join the notes of blocks (Ray workers) into one."""
+    return (f"{_OWN_LENGTHS}{', '.join(str(n) for n in sorted(set(lengths)))} positions of {positions}): crossings at "
+            "padding positions are not counted")
+
+
+_OWN_LENGTHS = "text rows run at their own lengths ("
+
+
+def _merged_length_notes(notes: list[str]) -> tuple:
+    """``notes`` with the own-lengths notes of several blocks joined into one (the union of their lengths)."""
+    own = [n for n in notes if n.startswith(_OWN_LENGTHS)]
+    if len(own) < 2:
+        return tuple(notes)
+    lengths, positions = [], None
+    for n in own:
+        listed, _, rest = n[len(_OWN_LENGTHS):].partition(" positions of ")
+        lengths += [int(v) for v in listed.split(", ")]
+        positions = rest.partition(")")[0]
+    first = notes.index(own[0])
+    kept = [n for n in notes if n not in own]
+    kept.insert(first, own_lengths_note(lengths, int(positions)))
+    return tuple(kept)
+
+
 @dataclass(frozen=True)
 class PathBatchResult:
     """Crossings along a batch of paths, with how they were computed.
@@ -385,7 +411,7 @@ class PathBatchResult:
         for p, where in zip(parts, rows):
             for r, i in zip(p.paths, where):
                 paths[i] = dataclasses.replace(r, index=int(i))
-        notes = tuple(dict.fromkeys(n for p in parts for n in p.notes))
+        notes = _merged_length_notes(list(dict.fromkeys(n for p in parts for n in p.notes)))
         return cls(paths, first.exact, first.method, first.dtype, dict(first.tolerance), first.kind, first.layer,
                    first.sites, notes, float(sum(p.seconds for p in parts)) if seconds is None else float(seconds))
 
