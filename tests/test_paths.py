@@ -2804,8 +2804,10 @@ def test_sampled_rays_too_wide_for_their_samples_say_so():
     wide = ray_crossings(cnn, x, layer=site, alphas=(1.0, 1e9), method="sampled", n_samples=64, trace=False)
     exact = ray_crossings(cnn, x, layer=site, alphas=(1.0, 1e9), trace=False)
     assert wide.counts[0] <= exact.counts[0]
-    assert sum(n.startswith("samples are 1.59e+07 apart in alpha, more than the ray's smallest |alpha| (1), where")
-               and "known to tol in t (1 in alpha)" in n for n in wide.notes) == 1
+    assert sum(n.startswith("samples are 1.59e+07 apart in alpha, more than the |alpha| around which the ray's kinks "
+                            "crowd (1)") and "known to tol in t (1 in alpha)" in n for n in wide.notes) == 1
+    through = ray_crossings(cnn, x, layer=site, alphas=(-1.0, 1e9), method="sampled", n_samples=64, trace=False)
+    assert any(n.startswith("samples are 1.59e+07 apart") for n in through.notes)  # a range holding 0 too
     narrow = ray_crossings(cnn, x, layer=site, alphas=(0.25, 4.0), method="sampled", n_samples=64, trace=False)
     assert not any(n.startswith("samples are") for n in narrow.notes + exact.notes)
 
@@ -2844,9 +2846,27 @@ def test_negative_rays_are_resolved_up_to_what_t_can_place():
     want = dense_count(cnn, lambda t: -(10.0 ** (6 * (1 - t))).reshape(-1, *[1] * (a.dim() - 1)) * a[0],
                        site=site, base=x.double(), n_max=2 ** 19)
     assert res.paths[0].per_layer == {k: v for k, v in want.items() if k in res.sites} and res.counts[0] > 0
-    for alphas, hint in (((-1e8, -1.0), r"split it where \|alpha\| is about the geometric mean of its ends: "
+    for alphas, hint in (((-1e8, -1.0), r"split it where \|alpha\| is about the geometric mean of its ends, "
                                         r"\(-1e\+08, -1e\+04\) and \(-1e\+04, -1\)"),
-                         ((-1e9, 1.0), "split it at alpha = 0")):
+                         ((-1e9, 1.0), "split it at alpha = 0"),
+                         ((-1e9, 1e9), r"\(\(0, 1e\+09\) runs\), ranges reaching 0 from below only when at most "
+                                       "9e\\+06 wide")):
         with pytest.raises(InvalidInputError, match=hint):
             ray_crossings(cnn, x, layer=site, alphas=alphas)
     assert ray_crossings(cnn, x, layer=site, alphas=(-1e9, 1.0), method="sampled", n_samples=64).counts[0] >= 0
+
+
+@pytest.mark.parametrize("dtype,tie_tol", [(torch.float64, 0.0), (torch.float32, 1e-12)])
+def test_a_crossing_that_rounds_onto_the_next_breakpoint_passes_the_checks(dtype, tie_tol):
+    """Found at stop 35 by a reviewer: a crossing that rounds onto the next breakpoint leaves an interval of width 0,
+    where the affine check's new midpoint weight was 0/0 and the run failed as an overflow. Hand-built: site 1 is
+    relu(x) along x from -1 to 1 (kink at t = 1/2), site 2 relu(h - k) with k one ulp below 1 (its kink at t just
+    below 1, which rounds to 1): two crossings."""
+    k = 1 - torch.finfo(dtype).eps / 2
+    m = nn.Sequential(nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 1), nn.ReLU(), nn.Linear(1, 1)).double()
+    with torch.no_grad():
+        for lin, bias in ((m[0], 0.0), (m[2], -k), (m[4], 0.0)):
+            lin.weight.fill_(1.0), lin.bias.fill_(bias)
+    res = path_crossings(m, -torch.ones(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64),
+                         dtype=dtype, tie_tol=tie_tol)
+    assert res.counts.tolist() == [2] and res.paths[0].per_layer == {"1.relu": 1, "3.relu": 1}

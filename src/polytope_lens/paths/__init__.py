@@ -834,17 +834,16 @@ def ray_crossings(model: nn.Module, inputs, *, layer: str, alphas=(0.0, 2.0), di
 
 
 def _note_wide_sampled(res: PathBatchResult, alphas: tuple, n_samples: int, tol: float) -> PathBatchResult:
-    """Sampled rays space their samples evenly in alpha: over a range that excludes 0 and whose first sample step
-    exceeds its smallest |alpha| (say (1, 1e9)), the low end, where a ray's kinks crowd, is barely resolved (the
-    digits CNN over (1, 1e9): 752 of 786 crossings with 1,024 or 16,384 samples, positions to 1 in alpha)."""
+    """Sampled rays space their samples evenly in alpha: where the sample step exceeds the |alpha| around which the
+    kinks crowd (``geometry.crowd_scale``: (1, 1e9), (-1, 1e9)), that part is barely resolved (the digits CNN over
+    (1, 1e9): 752 of 786 crossings with 1,024 or 16,384 samples, positions to 1 in alpha)."""
     a0, a1 = alphas
-    step = (a1 - a0) / (n_samples - 1)
-    low = min(abs(a0), abs(a1))
-    note = (f"samples are {step:.3g} apart in alpha, more than the ray's smallest |alpha| ({low:g}), where "
-            "crossings crowd: a unit that crosses more than once between two samples is undercounted, and positions "
-            f"are known to tol in t ({tol * (a1 - a0):.3g} in alpha); use method='exact', or rays over narrower "
-            "ranges")
-    if res.exact or a0 <= 0.0 <= a1 or step <= low or note in res.notes:  # per-text groups noted it already
+    step, scale = (a1 - a0) / (n_samples - 1), geometry.crowd_scale(alphas)
+    note = (f"samples are {step:.3g} apart in alpha, more than the |alpha| around which the ray's kinks crowd "
+            f"({scale:g}): a unit that crosses more than once between two samples there is undercounted, and "
+            f"positions are known to tol in t ({tol * (a1 - a0):.3g} in alpha); use method='exact', or rays over "
+            "narrower ranges")
+    if res.exact or step <= scale or note in res.notes:  # per-text groups noted it already
         return res
     return _noted(res, note)
 

@@ -1260,7 +1260,9 @@ def _verify_intervals(runner: Runner, gpids, pid, t, pick, units, ties: TieToler
     tl, tr = t[pick], t[pick + 1]
     gp = gpids[pid[pick]]
     tm = 0.5 * (tl + tr)
-    w = ((tm - tl) / (tr - tl)).unsqueeze(1)  # 1/2 but where the midpoint rounds (an interval of a few ulps)
+    # 1/2 but where the midpoint rounds (an interval of a few ulps); an interval of width 0 (a crossing that rounded
+    # onto the next breakpoint) is affine at any weight
+    w = torch.where(tr > tl, (tm - tl) / torch.where(tr > tl, tr - tl, 1.0), 0.5).unsqueeze(1)
     pts_t = torch.cat([tl, tr, tm])
     vals = runner.eval_points(torch.cat([gp, gp, gp]), pts_t, runner.names)
     n = len(pick)

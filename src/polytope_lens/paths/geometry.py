@@ -118,12 +118,12 @@ class TieTolerance:
 
     def at(self, t: torch.Tensor):
         """The tolerance in t at positions ``t`` (a number on paths, a tensor like ``t`` on rays); on rays at least
-        16 ulps of t, its own resolution (a ray over (-1e9, -1) crowds its kinks near t = 1, where an ulp of t is
-        1e-7 of alpha)."""
+        16 ulps of t, its own resolution (a ray over (-1e7, -1) crowds its kinks near t = 1, where an ulp of t is
+        1e-9 of alpha), but never more than ``tie_tol`` (float32 rays tie as float32 segments do)."""
         if self.origin is None:
             return self.tie_tol
         rel = self.tie_tol * (t - self.origin).abs().clamp_(min=self.floor, max=1.0)
-        return torch.maximum(rel, t.abs() * (16 * torch.finfo(t.dtype).eps))
+        return torch.maximum(rel, (t.abs() * (16 * torch.finfo(t.dtype).eps)).clamp_(max=self.tie_tol))
 
     def over(self, tl: torch.Tensor, tr: torch.Tensor):
         """The largest tolerance on intervals ``[tl, tr]`` (the end further from alpha = 0)."""
@@ -215,22 +215,32 @@ def zero_t(alphas: tuple[float, float]) -> float:
     return -a0 / (a1 - a0)
 
 
+def crowd_scale(alphas: tuple[float, float]) -> float:
+    """The |alpha| around which a ray's kinks crowd, at least: a unit's kink lies at alpha = -c / (J a), its constant
+    over its slope, of order 1 for typical units; 1 when the range holds 0, else the larger of 1 and its end nearest
+    0 (a range far from 0 meets its kinks at its near end)."""
+    a0, a1 = alphas
+    return 1.0 if a0 <= 0.0 <= a1 else max(1.0, min(abs(a0), abs(a1)))
+
+
 def check_ray_resolution(alphas: tuple[float, float], owner: str) -> None:
-    """Refuse an exact ray that t in [0, 1] cannot resolve where its kinks crowd, near the point of the range nearest
-    alpha = 0 (at |alpha| of order 1 or that point's own |alpha|, whichever is larger: a unit's kink lies at alpha =
-    -c / (J a), its constant over its slope). Near t = 1 (alphas (-1e9, -1), or (-1e9, 1) through 0) t's spacing,
-    1.1e-16, is (alpha1 - alpha0) * 1.1e-16 in alpha; over 1e-9 of that scale (the affine checks' tolerance) the
-    crossings cannot be placed to it (a CNN over (-1e8, -1) failed them at 1.7e-9). Near t = 0, t is resolved
-    relatively, so (1, 1e9) runs."""
+    """Refuse an exact ray that t in [0, 1] cannot resolve where its kinks crowd (``crowd_scale``), at the point of
+    the range nearest alpha = 0: near t = 1 (alphas (-1e8, -1)) or t = 1/2 ((-1e9, 1e9)) t's spacing, 1.1e-16 or
+    5.6e-17, is that times (alpha1 - alpha0) in alpha; over 1e-9 of the scale (the affine checks' tolerance) the
+    crossings cannot be placed to it (a CNN over (-1e8, -1) failed them at 1.7e-9, and (-1e9, 1e9) failed). Near
+    t = 0, t is resolved relatively, so (1, 1e9) and (0, 1e300) run. A rough bound: the units' slopes matter too."""
     a0, a1 = alphas
     near = min(max(zero_t(alphas), 0.0), 1.0)  # where the range is nearest alpha = 0
-    spacing = float(np.spacing(near)) * (a1 - a0)
-    scale = max(1.0, min(abs(a0), abs(a1)))
+    spacing = (near - float(np.nextafter(near, -1.0)) if near > 0 else float(np.spacing(0.0))) * (a1 - a0)
+    scale = crowd_scale(alphas)
     if spacing > 1e-9 * scale:
+        widest = 1e-9 / (1.0 - float(np.nextafter(1.0, 0.0)))  # a range (-w, 0): its end nearest 0 at t = 1
         cut = -math.sqrt(abs(a0 * a1)) if a1 < 0 else None
-        hint = (f"split it where |alpha| is about the geometric mean of its ends: ({a0:g}, {cut:.3g}) and "
+        hint = (f"split it where |alpha| is about the geometric mean of its ends, ({a0:g}, {cut:.3g}) and "
                 f"({cut:.3g}, {a1:g})" if cut is not None else
-                "split it at alpha = 0 and run the negative part over narrower ranges")
+                f"split it at alpha = 0: ranges from alpha0 = 0 up are resolved relatively"
+                f"{f' ((0, {a1:g}) runs)' if a1 > 0 else ''}, ranges reaching 0 from below only when at most "
+                f"{widest:.2g} wide")
         raise InvalidInputError(f"The 'alphas' of {owner}, {(a0, a1)}, put the point nearest alpha = 0 at t = "
                                 f"{near:.9g}, where t in [0, 1] resolves alpha only to {spacing:.2g}, over 1e-9 of "
                                 f"{scale:g}: exact crossings crowd there and cannot be placed; {hint}.")
