@@ -229,3 +229,28 @@ def test_run_prediction3_refuses_bad_options_before_any_ray(bad, match, monkeypa
     kw = {"model": "toy:2-8-8-2", "n_items": 4} | bad
     with pytest.raises(InvalidInputError, match=match):
         run_prediction3(kw.pop("model"), "digits", layer="1.relu", **kw)
+
+
+def test_numpy_seeds_and_option_ints_are_taken_and_bad_seeds_refused():
+    """Found at stop 35 by a reviewer: seed=np.int64(3) passed the new seed check of local complexity, then crashed
+    in torch.Generator.manual_seed (a raw TypeError); run_prediction2 took no seed check at all; paired_bootstrap
+    refused block=np.int64(5). One check (errors.check_seed) now returns a Python int everywhere."""
+    import numpy as np
+
+    from polytope_lens.errors import InvalidInputError
+    from polytope_lens.experiments import run_prediction2
+    from polytope_lens.experiments.stats import paired_bootstrap
+    from polytope_lens.slices import exact_local_complexity, local_complexity
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+    pts = torch.randn(3, 3, dtype=torch.float64)
+    for f, kw in ((local_complexity, {"n_dirs": 2}), (exact_local_complexity, {})):
+        assert np.array_equal(f(m, pts, radius=0.5, seed=np.int64(3), **kw).total,
+                              f(m, pts, radius=0.5, seed=3, **kw).total)
+    for bad in (-1, 1.5, np.float64(2.0)):
+        with pytest.raises(InvalidInputError, match="'seed' parameter of run_prediction2 must be an int"):
+            run_prediction2("toy:64-8-10", "digits", seed=bad, n_items=20)
+    stat = lambda idx: {"mean": idx.mean(-1)}
+    assert np.array_equal(paired_bootstrap(stat, 10, n_boot=4, block=np.int64(2))["mean"],
+                          paired_bootstrap(stat, 10, n_boot=4, block=2)["mean"])

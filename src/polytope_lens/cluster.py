@@ -34,13 +34,12 @@ one noise policy; split the summaries out if the module grows further.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .codes import LayerCodes, SplineCodes, hamming, jaccard
-from .errors import InvalidInputError, MissingDependencyError
+from .errors import InvalidInputError, MissingDependencyError, is_int, is_real
 
 try:
     from sklearn.base import BaseEstimator, ClusterMixin, clone
@@ -74,14 +73,14 @@ def _one_of(owner: str, name: str, value, choices) -> None:
 def _int_at_least(owner: str, name: str, value, low: int, *, optional: bool = False) -> None:
     if optional and value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+    if not is_int(value) or value < low:
         raise InvalidInputError(
             f"The {name!r} parameter of {owner} must be an int >= {low}{' or None' if optional else ''}. "
             f"Got {value!r} instead.")
 
 
 def _epsilon_at_least_zero(owner: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:  # NaN fails >= 0
+    if not is_real(value) or not value >= 0:  # NaN fails >= 0
         raise InvalidInputError(f"The 'cluster_selection_epsilon' parameter of {owner} must be a float >= 0. "
                                 f"Got {value!r} instead.")
 

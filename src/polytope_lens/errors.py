@@ -39,6 +39,14 @@ def is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def check_seed(seed, owner: str) -> int:
+    """A random seed as a Python int (what ``torch.Generator.manual_seed`` and NumPy take); a one-line error unless
+    it is an int in [0, 2**63)."""
+    if not (is_int(seed) and 0 <= seed < 2**63):
+        raise InvalidInputError(f"The 'seed' parameter of {owner} must be an int in [0, 2**63). Got {seed!r}.")
+    return int(seed)
+
+
 def first_line(exc: BaseException, limit: int = 300, empty: str | None = None) -> str:
     """The first line of an exception's message, cut at ``limit`` characters, for a one-line error that names
     another library's reason; ``empty`` (default: the exception's type name) when the message is empty."""

@@ -27,7 +27,7 @@ import numpy as np
 from ._outputs import check_destination as _check_output
 from ._outputs import canonical, publish
 from .codes import LayerCodes, SplineCodes, active_counts, check_unit_shape
-from .errors import InvalidInputError, PolytopeLensError
+from .errors import InvalidInputError, PolytopeLensError, is_int
 
 __all__ = ["CodeStoreWriter", "read_codes", "write_codes", "FORMAT"]
 
@@ -144,7 +144,7 @@ class CodeStoreWriter:
 
     def __init__(self, path, *, meta: dict | None = None, fingerprint: dict | None = None, overwrite: bool = False,
                  resume: bool = False, chunk_rows: int = 4096):
-        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
+        if not is_int(chunk_rows) or chunk_rows < 1:
             raise InvalidInputError(f"The 'chunk_rows' parameter of CodeStoreWriter must be an int >= 1. "
                                     f"Got {chunk_rows!r}.")
         self.meta = check_meta(meta, "CodeStoreWriter")

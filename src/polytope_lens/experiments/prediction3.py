@@ -14,13 +14,12 @@ the ray's own alpha-dependence of density; paired t interval over rays, ``stats.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, check_seed, is_int, is_real
 from .prediction2 import _entry
 from .stats import _check_level, mean_difference_ci
 
@@ -187,13 +186,14 @@ def run_prediction3(model, data, *, layer: str, n_items: int = 50, alphas=(0.25,
         raise InvalidInputError(f"The 'alphas' parameter of run_prediction3 must be (alpha0, alpha1) with alpha0 < 1 < "
                                 f"alpha1: the validity interval is the range of alpha around 1 (the input's own "
                                 f"activation) with its class. Got {alphas!r}.")
-    if isinstance(half_width, bool) or not isinstance(half_width, numbers.Real) or not 0 < half_width < math.inf:
+    if not is_real(half_width) or not 0 < half_width < math.inf:
         raise InvalidInputError(f"The 'half_width' parameter of run_prediction3 must be a positive number (the "
                                 f"window around each interval end, in alpha). Got {half_width!r}.")
-    if isinstance(n_grid, bool) or not isinstance(n_grid, numbers.Integral) or n_grid < 2:
+    if not is_int(n_grid) or n_grid < 2:
         raise InvalidInputError(f"The 'n_grid' parameter of run_prediction3 must be an int >= 2 (alphas of the "
                                 f"plotted outputs). Got {n_grid!r}.")
     _check_level(level, "run_prediction3")
+    seed = check_seed(seed, 'run_prediction3')
     bundle = as_bundle(model, 'run_prediction3')
     if bundle.modality == "text":
         raise InvalidInputError("run_prediction3 needs a classifier (the validity interval is defined by the top "

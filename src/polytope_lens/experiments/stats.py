@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, is_int
 
 __all__ = ["VERDICTS", "verdict", "percentile_ci", "mean_difference_ci", "paired_bootstrap",
            "resampled_clustering_scores"]
@@ -133,9 +133,9 @@ def paired_bootstrap(statistic: Callable[[np.ndarray], dict], n: int, *, n_boot:
     are resampled (as many draws as there are groups, each taking all its rows), so rows of one group, which are
     correlated, move together; resamples then differ in length, and a block's are padded with -1 (not a row).
     """
-    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 1:
+    if not is_int(n_boot) or n_boot < 1:
         raise InvalidInputError(f"The 'n_boot' parameter must be an int >= 1. Got {n_boot!r} instead.")
-    if block is not None and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+    if block is not None and (not is_int(block) or block < 1):
         raise InvalidInputError(f"The 'block' parameter must be an int >= 1 or None. Got {block!r} instead.")
     if n < 1:
         raise InvalidInputError(f"The bootstrap needs at least 1 row; got {n}.")

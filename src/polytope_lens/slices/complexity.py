@@ -22,7 +22,7 @@ from torch import nn
 
 from ..capture import (CAPTURE_OPTIONS, check_capture_kwargs, check_kwargs, model_errors, run, select_sites,
                        unwrap_encoded)
-from ..errors import InvalidInputError, is_int, is_real, not_finite
+from ..errors import InvalidInputError, check_seed, is_int, is_real, not_finite
 from ..paths.runner import check_dtype, default_forward, prepare_model
 from .partition import NEAR_RESOLUTION
 
@@ -109,11 +109,6 @@ def _check_radius(radius, owner) -> None:
         raise InvalidInputError(f"The 'radius' parameter of {owner} must be a finite number > 0. Got {radius!r}.")
 
 
-def _check_seed(seed, owner) -> None:
-    if not (is_int(seed) and 0 <= seed < 2**63):
-        raise InvalidInputError(f"The 'seed' parameter of {owner} must be an int in [0, 2**63). Got {seed!r}.")
-
-
 def _points(points, owner):
     points = unwrap_encoded(points)
     if not isinstance(points, torch.Tensor) or not points.is_floating_point() or points.dim() < 2 or not len(points):
@@ -158,7 +153,7 @@ def local_complexity(model: nn.Module, points: torch.Tensor, *, radius: float = 
     check_dtype(owner, dtype)
     if not (is_int(batch_size) and batch_size >= 1):
         raise InvalidInputError(f"The 'batch_size' parameter of {owner} must be an int >= 1. Got {batch_size!r}.")
-    _check_seed(seed, owner)
+    seed = check_seed(seed, owner)
     m = prepare_model(model, dtype, device)
     fwd = forward(m) if forward is not None else default_forward(m)
     g = torch.Generator().manual_seed(seed)
@@ -216,7 +211,7 @@ def exact_local_complexity(model: nn.Module, points: torch.Tensor, *, radius: fl
                  + list(CAPTURE_OPTIONS))
     pts = _points(points, owner)
     _check_radius(radius, owner)
-    _check_seed(seed, owner)
+    seed = check_seed(seed, owner)
     check_dtype(owner, dtype)
     d = math.prod(pts.shape[1:])
     if d < 2:
