@@ -2870,3 +2870,29 @@ def test_a_crossing_that_rounds_onto_the_next_breakpoint_passes_the_checks(dtype
     res = path_crossings(m, -torch.ones(1, 1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.float64),
                          dtype=dtype, tie_tol=tie_tol)
     assert res.counts.tolist() == [2] and res.paths[0].per_layer == {"1.relu": 1, "3.relu": 1}
+
+
+def test_declared_piecewise_linear_sites_run_sampled_and_say_why():
+    """Found at stop 35 by a reviewer: a declared site of a piecewise-linear activation (its module's output is the
+    unit input; the model applies the activation itself, out of capture's sight) has no ``apply``, and exact paths
+    ended in a raw TypeError. Exact mode now refuses in one line; auto runs sampled and says why. Oracle: the model
+    relu(x) * (x > 0) applied by hand after a declared Linear, sampled densely."""
+    class Formula(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pre, self.out = nn.Linear(2, 6), nn.Linear(6, 2)
+
+        def forward(self, x):
+            z = self.pre(x)
+            return self.out(z * (z > 0))  # relu as a formula: no torch call capture sees as a site
+
+    torch.manual_seed(0)
+    m = Formula().double()
+    a, b = torch.randn(1, 2, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
+    with pytest.raises(NotPiecewiseLinearError, match="'pre' is a declared site .* use method='sampled'"):
+        path_crossings(m, a, b, declared_sites={"pre": "relu"}, method="exact")
+    res = path_crossings(m, a, b, declared_sites={"pre": "relu"}, n_samples=4096)
+    assert res.method == "sampled" and "auto chose sampled: declared site pre" in res.notes[0]
+    with torch.no_grad():
+        z = m.pre(a + torch.linspace(0, 1, 100001, dtype=torch.float64)[:, None] * (b - a))
+    assert res.counts.tolist() == [int(((z[1:] > 0) != (z[:-1] > 0)).sum())]

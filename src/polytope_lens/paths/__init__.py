@@ -292,6 +292,14 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
         notes.append(f"crossings of {runner.names[-1]} counted for {len(unit_idx)} selected units"
                      + ("; the trace's regions are bounded by those and earlier sites' crossings" if trace else ""))
     smooth = [s.name for s in runner.processed if not s.activation.exact]
+    # a declared site's activation is applied by the model itself, later, in code capture does not see: exact mode
+    # cannot compute the site's output at its new points (sampled mode runs the model)
+    declared = [s.name for s in runner.processed if s.apply is None and s.activation.exact]
+    if declared and method == "exact":
+        raise NotPiecewiseLinearError(f"site {declared[0]!r} is a declared site (declared_sites): the model applies "
+                                      "its activation itself, which exact mode cannot follow; use method='sampled' "
+                                      "(or 'auto').")
+    smooth += declared
     bad, out_affine = runner.affinity_probe(want_output=trace)
     hidden = runner.hidden_kink(runner.processed)
     if method == "exact":
@@ -310,7 +318,9 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
     if use_exact and spec.alphas is not None:
         geometry.check_ray_resolution(spec.alphas, owner)
     if method == "auto" and not use_exact:
-        notes.append("auto chose sampled: " + (f"smooth activation at {smooth[0]}" if smooth else
+        notes.append("auto chose sampled: " + (f"declared site {smooth[0]} (the model applies its activation)"
+                                                if smooth and smooth[0] in declared else
+                                                f"smooth activation at {smooth[0]}" if smooth else
                                                 f"{hidden}, a bend outside the sites" if hidden else
                                                 f"not affine between sites before {bad[0]}"))
     floor = 4 * torch.finfo(prep.dtype).eps  # the narrowest bracket the dtype resolves in t (spacing near 1: eps)
