@@ -643,3 +643,54 @@ def test_numpy_scalar_options_equal_python_numbers():
     assert slice_box(mlp, memory_budget=np.int64(2**30)).num_regions == slice_box(mlp).num_regions
     with pytest.raises(InvalidInputError, match="'n_samples' parameter"):
         path_crossings(mlp, a, b, n_samples=True)
+
+
+@pytest.mark.parametrize("n_out,seed", [(3, 0), (1, 2)])
+def test_class_picture_paints_torch_argmax_where_scores_tie_over_an_area(n_out, seed):
+    """Found at stop 35: a net ending in nn.ReLU() has regions where several scores are exactly 0; every tied class
+    kept the whole region, so the picture showed the last drawn (17.7 % of a box painted another class than
+    torch.argmax; one score, 0 everywhere, painted class 1). Oracle: argmax (one score: > 0 is class 1) on a grid,
+    against the last piece covering each point, as matplotlib paints them."""
+    from matplotlib.path import Path
+
+    from polytope_lens.slices.render import class_pieces
+
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(2, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, n_out),
+                      nn.ReLU()).double()
+    res = slice_box(m, -2, 2)
+    polys, cls, region = class_pieces(res)
+    g = (np.arange(120) + 0.5123) / 120 * 4 - 2
+    u = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    painted = np.full(len(u), -1)
+    for poly, c in zip(polys, cls):
+        painted[Path(poly).contains_points(u)] = c
+    with torch.no_grad():
+        y = m(torch.tensor(u))
+    want = (y[:, 0] > 0).long().numpy() if n_out == 1 else y.argmax(1).numpy()
+    assert (painted >= 0).all() and (painted == want).all()
+    assert len(set(region.tolist())) == res.num_regions
+
+
+def test_neighbours_name_the_models_units_under_units_selection():
+    """Found at stop 35: with units=[5, 6], neighbours named the last site's columns (0, 1) as its units; the result
+    did not say which units were selected. site_info and the JSON now give unit_ids. Oracle: the unit whose input
+    is 0 at each edge's midpoint (forward pass)."""
+    from polytope_lens.slices import neighbours
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    res = slice_box(m, -2, 2, units=[5, 6])
+    assert res.site_info["3.relu"]["unit_ids"] == [5, 6] and res.to_dict()["unit_ids"] == {"3.relu": [5, 6]}
+    nb = neighbours(res)
+    checked = 0
+    for edge, units in zip(nb.edge, nb.units):
+        mid = torch.tensor(edge.mean(0))[None]
+        with torch.no_grad():
+            z1 = m[0](mid)
+            z3 = m[2](torch.relu(z1))
+        for site, u in units:
+            z = z1 if site == "1.relu" else z3
+            assert abs(float(z[0, u])) < 1e-9
+            checked += site == "3.relu"
+    assert checked >= 5

@@ -144,6 +144,8 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
         if s.activation.__class__.__name__ == "WindowMax":
             n = len(s.activation.window_index(out["z_shape"][s.name]))
         info[s.name] = {"units": n, "activation": s.activation.describe()}
+        if out["units"] is not None and s is out["sites"][-1]:  # the model's unit (or window) of each column
+            info[s.name]["unit_ids"] = [int(u) for u in torch.as_tensor(out["units"]).flatten().tolist()]
     notes = []
     if not out["full"]:
         notes.append("partial: only sites up to " + out["sites"][-1].name + (" (selected units)" if

@@ -125,11 +125,13 @@ def neighbours(res) -> Neighbours:
     per_site = []
     for s in res.sites:
         pa, pb = res.pieces(s)[ra.numpy()], res.pieces(s)[rb.numpy()]
-        per_site.append((s, pa != pb))
+        ids = res.site_info[s].get("unit_ids")  # under units=, column c is the model's unit ids[c]
+        per_site.append((s, pa != pb, None if ids is None else np.asarray(ids)))
     for i in range(len(ra)):
         lst = []
-        for s, diff in per_site:
-            lst.extend((s, int(u)) for u in np.nonzero(diff[i])[0])
+        for s, diff, ids in per_site:
+            cols = np.nonzero(diff[i])[0]
+            lst.extend((s, int(u)) for u in (cols if ids is None else ids[cols]))
         units.append(lst)
         counts[i] = len(lst)
     dist = None

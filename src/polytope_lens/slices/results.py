@@ -33,6 +33,9 @@ class SliceResult:
     plane : Plane
     sites : tuple of str
         Sites that cut the slice, in execution order.
+    site_info : dict name -> dict
+        Per site: ``units`` (columns of its pieces), ``activation``, and under ``units=`` the last site's
+        ``unit_ids``: the model's flat unit (or window) index of each column.
     coords : Tensor (V, 2)
         Vertex slice coordinates.
     ring, deg : Tensor (R, W), (R,)
@@ -140,6 +143,8 @@ class SliceResult:
              "plane": self.plane.describe(), "sites": list(self.sites), "seconds": self.seconds,
              "domain_area": self.plane.area, "total_area": float(self.area.sum()), "notes": list(self.notes),
              "site_bytes": {k: list(v) for k, v in self.site_bytes.items()},
+             **({"unit_ids": {k: v["unit_ids"] for k, v in self.site_info.items() if "unit_ids" in v}}
+                if any("unit_ids" in v for v in self.site_info.values()) else {}),
              "decision_boundary_segments": None if self.boundary is None else int(len(self.boundary))}
         if regions:
             d["regions"] = [{"area": float(a), "code": h, "n_vertices": int(n)}
