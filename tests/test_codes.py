@@ -407,3 +407,27 @@ def test_option_and_input_errors_are_one_line_before_any_work():
         assert "\n" not in str(e.value)
     a, b = spline_codes(mlp, x, batch_size=np.int64(2)), spline_codes(mlp, x, batch_size=2)
     assert all(np.array_equal(a.layers[k].packed, b.layers[k].packed) for k in b.layers) and len(b.layers) == 12
+
+
+def test_position_and_sizes_of_extract_and_prediction1_are_checked_in_one_line(tmp_path):
+    """Found at stop 35 by a reviewer: extract_codes and run_prediction1 turned position=0.5 into a raw TypeError
+    (tuple(0.5)) before UnitSelection could check it; NumPy ints were refused for batch_size and n_items. A list
+    position is kept as a tuple."""
+    import numpy as np
+    import pytest
+
+    from polytope_lens.codes import UnitSelection
+    from polytope_lens.errors import InvalidInputError
+    from polytope_lens.experiments import run_prediction1
+    from polytope_lens.extract import extract_codes
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(6, 2)).astype(np.float32))
+    data = f"npy:{tmp_path / 'x.npy'}"
+    for call in (lambda: extract_codes("toy:2-8-8-2", data, units="position", position=0.5),
+                 lambda: run_prediction1("toy:2-8-8-2", data, position=0.5, n_items=6)):
+        with pytest.raises(InvalidInputError, match="'position' must be two fractions"):
+            call()
+    a = extract_codes("toy:2-8-8-2", data, batch_size=np.int64(2))
+    b = extract_codes("toy:2-8-8-2", data, batch_size=2)
+    assert all(np.array_equal(a.layers[k].packed, b.layers[k].packed) for k in b.layers)
+    assert UnitSelection("position", position=[0.25, 0.75]).position == (0.25, 0.75)

@@ -30,7 +30,7 @@ import numpy as np
 
 from ._outputs import canonical, check_destination, json_text, publish
 from .codes import SplineCodes
-from .errors import InvalidInputError, PolytopeLensError
+from .errors import InvalidInputError, PolytopeLensError, is_int
 from .store import read_codes
 
 __all__ = ["cluster_store", "select_store_sites"]
@@ -92,7 +92,7 @@ def cluster_store(store, out, *, metric: str = "hamming", layers=None, min_clust
     from .cluster import cluster_summary, clustering_scores
     from .cluster_scale import ScalableCodeClusterer
 
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 2):
+    if limit is not None and (not is_int(limit) or limit < 2):
         raise InvalidInputError(f"The 'limit' parameter of cluster_store must be an int >= 2. Got {limit!r} instead.")
     out = canonical(out)
     check_destination(out, "clusters", overwrite=overwrite, inputs=[store])

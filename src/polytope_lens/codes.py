@@ -145,9 +145,10 @@ class UnitSelection:
             raise InvalidInputError(f"Token protocol needs ints k >= 1 and skip >= 0. Got k={self.k!r}, "
                                     f"skip={self.skip!r}.")
         pos = self.position
-        if not (isinstance(pos, (tuple, list)) and len(pos) == 2 and all(is_real(p) and 0.0 <= p <= 1.0
-                                                                        for p in pos)):
+        if not (isinstance(pos, (tuple, list, np.ndarray)) and len(pos) == 2
+                and all(is_real(p) and 0.0 <= p <= 1.0 for p in pos)):
             raise InvalidInputError(f"The 'position' must be two fractions in [0, 1]. Got {self.position}.")
+        object.__setattr__(self, "position", tuple(float(p) for p in pos))  # a list or array given: a tuple kept
 
     def fits(self, site: CallSite) -> bool:
         """Whether the site's unit tensor has the layout this selection needs (any, 4-D images, 3-D tokens)."""

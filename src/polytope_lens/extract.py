@@ -16,7 +16,7 @@ import torch
 
 from .capture import check_kwargs, model_errors
 from .codes import CodeExtractor, SplineCodes, UnitSelection, check_unit_shape, fraction_active, no_rows_error
-from .errors import InvalidInputError
+from .errors import InvalidInputError, is_int
 from .store import CodeStoreWriter
 
 __all__ = ["extract_codes", "extract_to_store", "default_units", "chunk_coder"]
@@ -123,7 +123,7 @@ def _selection(bundle, units, k, skip, position) -> UnitSelection:
     if isinstance(units, UnitSelection):
         return units
     kind = default_units(bundle) if units in (None, "auto") else units
-    return UnitSelection(kind, position=tuple(position), k=k, skip=skip)
+    return UnitSelection(kind, position=position, k=k, skip=skip)
 
 
 def iter_code_chunks(model, data, *, layers=None, units="auto", k: int = 6, skip: int = 100,
@@ -134,7 +134,7 @@ def iter_code_chunks(model, data, *, layers=None, units="auto", k: int = 6, skip
 
     Chunks are ``batch_size`` examples each, starting at example ``start`` (a resumed run starts mid-way).
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise InvalidInputError(f"The 'batch_size' parameter must be an int >= 1. Got {batch_size!r}.")
     bundle, source = _bundle(model), _source(data, limit)
     if len(source) == 0:

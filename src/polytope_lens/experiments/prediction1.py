@@ -35,7 +35,7 @@ import torch
 from ..capture import StopForward, run
 from ..cluster import (ACTIVATION_METRICS, CODE_METRICS, METHODS, NOISE, NOISE_POLICIES, ActivationClusterer,
                        CodeClusterer, cluster_summary, clustering_scores, stability, subsample_indices)
-from ..errors import InvalidInputError, check_seed
+from ..errors import InvalidInputError, check_seed, is_int
 from ..codes import UnitSelection
 from ..extract import default_units, extract_codes
 from .stats import find_entry, paired_bootstrap, percentile_ci, resampled_clustering_scores, verdict
@@ -298,13 +298,13 @@ def run_prediction1(model, data, *, layers=None, units: str = "auto", n_items: i
         if value not in choices:  # checked before the (possibly long) extraction
             raise InvalidInputError(f"The {pname!r} parameter of run_prediction1 must be one of "
                                     f"{', '.join(map(repr, choices))}. Got {value!r} instead.")
-    if isinstance(n_items, bool) or not isinstance(n_items, int) or n_items < 2:
+    if not is_int(n_items) or n_items < 2:
         raise InvalidInputError(f"The 'n_items' parameter of run_prediction1 must be an int >= 2. Got {n_items!r}.")
     seed = check_seed(seed, 'run_prediction1')
     bundle = as_bundle(model, 'run_prediction1')
     source = load_data(data, limit=n_items, seed=seed) if isinstance(data, str) else data.subset(slice(0, n_items))
     selection = UnitSelection(default_units(bundle) if units in (None, "auto") else units,
-                              position=tuple(position), k=k, skip=skip)
+                              position=position, k=k, skip=skip)
     codes = extract_codes(bundle, source, layers=layers, units=selection.kind, k=k, skip=skip, position=position,
                           batch_size=batch_size, max_length=max_length)
     sites = list(codes.layers)

@@ -32,7 +32,7 @@ import torch
 
 _GRID = (np.arange(2000) + 0.5) / 2000  # U(0, 1) quadrature for the alignment null
 
-from ..errors import InvalidInputError, check_seed
+from ..errors import InvalidInputError, check_seed, is_int
 from ..paths.runner import index_inputs
 from .stats import find_entry, mean_difference_ci, verdict
 
@@ -265,7 +265,7 @@ def run_prediction2(model, data, *, layer: str | None = None, n_pairs: int = 50,
     from ..paths import path_crossings, site_activations
     from ._along import outputs_along
 
-    if isinstance(n_pairs, bool) or not isinstance(n_pairs, int) or n_pairs < 2:
+    if not is_int(n_pairs) or n_pairs < 2:
         raise InvalidInputError(f"The 'n_pairs' parameter of run_prediction2 must be an int >= 2. Got {n_pairs!r}.")
     seed = check_seed(seed, 'run_prediction2')
     bundle = as_bundle(model, 'run_prediction2')

@@ -236,11 +236,14 @@ def check_ray_resolution(alphas: tuple[float, float], owner: str) -> None:
     if spacing > 1e-9 * scale:
         widest = 1e-9 / (1.0 - float(np.nextafter(1.0, 0.0)))  # a range (-w, 0): its end nearest 0 at t = 1
         cut = -math.sqrt(abs(a0 * a1)) if a1 < 0 else None
-        hint = (f"split it where |alpha| is about the geometric mean of its ends, ({a0:g}, {cut:.3g}) and "
-                f"({cut:.3g}, {a1:g})" if cut is not None else
-                f"split it at alpha = 0: ranges from alpha0 = 0 up are resolved relatively"
-                f"{f' ((0, {a1:g}) runs)' if a1 > 0 else ''}, ranges reaching 0 from below only when at most "
-                f"{widest:.2g} wide")
+        if cut is not None:
+            hint = (f"split it where |alpha| is about the geometric mean of its ends, ({a0:g}, {cut:.3g}) and "
+                    f"({cut:.3g}, {a1:g}), and again where a part is still refused")
+        elif a1 > 0:
+            hint = (f"split it at alpha = 0: ranges from alpha0 = 0 up are resolved relatively ((0, {a1:g}) runs), "
+                    f"ranges reaching 0 from below only when at most {widest:.2g} wide")
+        else:
+            hint = f"ranges reaching 0 from below are resolved only when at most {widest:.2g} wide"
         raise InvalidInputError(f"The 'alphas' of {owner}, {(a0, a1)}, put the point nearest alpha = 0 at t = "
                                 f"{near:.9g}, where t in [0, 1] resolves alpha only to {spacing:.2g}, over 1e-9 of "
                                 f"{scale:g}: exact crossings crowd there and cannot be placed; {hint}.")
