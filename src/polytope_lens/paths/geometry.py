@@ -118,8 +118,8 @@ class TieTolerance:
 
     def at(self, t: torch.Tensor):
         """The tolerance in t at positions ``t`` (a number on paths, a tensor like ``t`` on rays); on rays at least
-        16 ulps of t, its own resolution (a ray over (-1e7, -1) crowds its kinks near t = 1, where an ulp of t is
-        1e-9 of alpha), but never more than ``tie_tol`` (float32 rays tie as float32 segments do)."""
+        16 ulps of t, its own resolution (a ray over (-7e6, -1) crowds its kinks near t = 1, where an ulp of t is
+        8e-10 of alpha), but never more than ``tie_tol`` (float32 rays tie as float32 segments do)."""
         if self.origin is None:
             return self.tie_tol
         rel = self.tie_tol * (t - self.origin).abs().clamp_(min=self.floor, max=1.0)
