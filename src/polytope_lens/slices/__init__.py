@@ -108,7 +108,7 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
     >>> res.exact, float(res.area.sum())
     (True, 4.0)
     """
-    from .partition import NEAR_RESOLUTION, build
+    from .partition import NEAR_RESOLUTION, WIDE_PLANE, build
     owner = "slice_plane"
     check_capture_kwargs(slice_plane, capture_kwargs)
     _check(owner, dtype, tol, memory_budget)
@@ -165,8 +165,8 @@ def slice_plane(model: nn.Module, plane: Plane, *, layer: str | None = None, inp
         worst = max(out["wide"], key=out["wide"].get)
         notes.append(f"{NEAR_RESOLUTION}: at {worst!r} the snapping tolerance (tol x the largest unit input over the "
                      f"plane) is {out['wide'][worst]:.2g} of the unit inputs' size at the vertex where they are "
-                     "smallest: the plane is wide against its central structure, where regions narrower than about "
-                     "tol x the plane's extent may be merged (use a smaller plane)")
+                     f"smallest: {WIDE_PLANE}, where regions narrower than about tol x the plane's extent may be "
+                     "merged (use a smaller plane)")
     if out["fallbacks"]:
         notes.append(f"{out['fallbacks']} site(s) cut unit by unit: kink lines met within tol (ties), or the all-lines "
                      "arrangement would not fit the memory budget")

@@ -24,7 +24,7 @@ from ..capture import (CAPTURE_OPTIONS, check_capture_kwargs, check_kwargs, mode
                        unwrap_encoded)
 from ..errors import InvalidInputError, check_seed, is_int, is_real, not_finite
 from ..paths.runner import check_dtype, default_forward, prepare_model
-from .partition import NEAR_RESOLUTION
+from .partition import NEAR_RESOLUTION, WIDE_PLANE
 
 __all__ = ["LocalComplexity", "local_complexity", "exact_local_complexity"]
 
@@ -226,7 +226,7 @@ def exact_local_complexity(model: nn.Module, points: torch.Tensor, *, radius: fl
         out.append(r.num_regions)
         for note in r.notes:
             if note.startswith(NEAR_RESOLUTION):
-                flagged.setdefault("wide" if "wide against" in note else "small", []).append(i)
+                flagged.setdefault("wide" if WIDE_PLANE in note else "small", []).append(i)
             elif note.startswith("partial:") and note not in passed:
                 passed.append(note)
     tot = np.array(out)

@@ -238,7 +238,7 @@ class _Partitioner:
                 z = mesh.vals[: mesh.nv]
                 # the inputs' size at the vertex where they are smallest: their rounding there is about eps of it,
                 # while the snapping tolerance follows the largest (a plane far wider than its central structure)
-                local = float(z.abs().amax(1).min())
+                local = float(torch.maximum(z.amax(1), -z.amin(1)).min())  # row max of |z|, no (nv, units) copy
                 if mesh.nc == 1:  # one cell, the inputs affine on it: their value at its vertex average is exact
                     local = min(local, float(z.mean(0).abs().max()))
                 local = max(1.0, local)
@@ -621,6 +621,7 @@ def _check_finite_model(m, owner: str, dtype) -> None:
 
 
 NEAR_RESOLUTION = "near float resolution"  # how a slice's note that its thinnest regions may be merged begins
+WIDE_PLANE = "the plane is wide against its central structure"  # in that note when the plane is too wide, not small
 
 
 def _until(runner: Runner, sites: list, until: str, at: str | None, owner: str) -> list:

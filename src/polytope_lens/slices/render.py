@@ -76,10 +76,10 @@ def class_pieces(res) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         if len(leaders) == 1:
             polys.append(poly), classes.append(int(leaders[0])), regions.append(r)
             continue
+        tol = 1e-12 * max(1.0, float(np.abs(scores).max()))  # equal scores: the maps are fitted on the vertices
         for k in leaders:
             # a class of lower index with equal scores over the whole region (at every vertex: affine) wins it
             # (torch.argmax's first maximum; one score: 0 is class 0): k would otherwise keep the whole region too
-            tol = 1e-12 * max(1.0, float(np.abs(scores).max()))  # the maps are fitted on the vertices: rounding
             tied = {int(j) for j in leaders if j != k and np.abs(scores[:, j] - scores[:, k]).max() <= tol}
             if any(j < k for j in tied):
                 continue
