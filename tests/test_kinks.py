@@ -323,3 +323,31 @@ def test_soft_codes_keep_their_digits_far_below_the_kink():
         normal = want > 1e-37  # float32's normal range; below it subnormals lose relative precision by design
         np.testing.assert_allclose(got[normal], want[normal], rtol=1e-5, err_msg=name)  # float32 rounding of z
         assert (got[want > 1e-44] > 0).all(), name  # not 0 wherever float32 holds the gate
+
+
+def test_max_pool_pieces_and_changes_do_not_depend_on_the_inputs_scale():
+    """Max pooling's ties (``tol * max(floor, |max|)``, floor = min(1, the example's largest |entry|)) are relative
+    below 1: scaling an example by 1e-12 keeps its first maxima and its changes along a segment, ties rounded apart
+    included (0.1 + 0.2 vs 0.3). Oracle: the unscaled example's pieces and changes (a scale leaves every argmax and
+    every crossing position unchanged in exact arithmetic)."""
+    pool = WindowMax("max_pool2d", kernel=(2, 2), stride=(2, 2))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    x[:, :, 0, 0], x[:, :, 0, 1] = 0.1 + 0.2, 0.3  # equal in exact arithmetic, one ulp apart here
+    x[:, :, 1, :2] = 0.0
+    y = torch.rand(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    want = pool.first_maxima(x, 1e-9)
+    assert (want[:, :, 0, 0] == 0).all()  # the tie goes to the first entry
+    ref = pool.crossings(x, y, 1e-9)
+    for s in (1e-12, 1e-200):
+        assert torch.equal(pool.first_maxima(x * s, 1e-9), want)
+        got = pool.crossings(x * s, y * s, 1e-9)
+        for f in ("segment", "unit", "piece"):
+            assert torch.equal(getattr(got, f), getattr(ref, f))
+        torch.testing.assert_close(got.t, ref.t, rtol=1e-12, atol=0)
+    # above 1 the band is tol * |max| as before; an example of zeros ties only exactly
+    zeros = torch.zeros(1, 1, 2, 2, dtype=torch.float64)
+    assert pool.first_maxima(zeros, 1e-9).item() == 0
+    tiny = zeros.clone()
+    tiny[0, 0, 1, 1] = 1e-300
+    assert pool.first_maxima(tiny, 1e-9).item() == 3

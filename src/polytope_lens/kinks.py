@@ -131,8 +131,9 @@ class Activation:
         ``z0`` and ``z1`` are shaped ``(segments, *unit_input_shape)``. A crossing is reported wherever the piece
         that ``pieces`` assigns changes: at t=0 only when ``z0`` sits exactly on a kink and the unit leaves it, at
         t=1 when ``z1`` lands exactly on one. Crossings come sorted by (segment, t). ``tol``: for max pooling,
-        window entries within ``tol * max(1, |maximum|)`` of the maximum count as equal to it (rounding of entries
-        that are equal in exact arithmetic); scalar kinks ignore it.
+        window entries within ``tol * max(floor, |maximum|)`` of the maximum count as equal to it (rounding of entries
+        that are equal in exact arithmetic; floor: ``tie_floor``, min(1, the row's largest |entry|)); scalar kinks
+        ignore it.
         """
         raise NotImplementedError
 
@@ -344,8 +345,10 @@ class WindowMax(Activation):
         out = _max_of(self._entries(x))
         return self._as_given(out, x)
 
-    def first_maxima(self, x: torch.Tensor, tol: float = 0.0, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        """``first_max(self.windows(x), tol)`` (the piece of every output unit; ``pieces`` when ``tol`` is 0),
+    def first_maxima(self, x: torch.Tensor, tol: float = 0.0, dtype: torch.dtype = torch.int64,
+                     floor: torch.Tensor | None = None) -> torch.Tensor:
+        """``first_max(self.windows(x), tol, floor)`` (the piece of every output unit; ``pieces`` when ``tol`` is 0;
+        ``floor``: ``tie_floor(x)``, computed here when not given),
         computed on the windows' strided views, a few MiB of ``x`` at a time on a CPU (in cache), instead of gathering
         every window entry into one array first (a slow, strided copy of kernel-size times the output). The first
         maximum is the number of leading entries below the threshold, summed as bytes (``dtype=torch.uint8`` keeps
@@ -358,7 +361,10 @@ class WindowMax(Activation):
         for a in range(0, len(x), step):
             entries = self._entries(x[a:a + step])
             top = _max_of(entries)
-            low = _max_threshold(top, tol) if tol > 0 else top
+            if tol > 0:
+                low = _max_threshold(top, tol, tie_floor(x[a:a + step]) if floor is None else floor[a:a + step])
+            else:
+                low = top
             if out is None:
                 out = torch.empty((len(x), *top.shape[1:]), dtype=dtype, device=x.device)
             first = out[a:a + step]
@@ -399,44 +405,53 @@ class WindowMax(Activation):
 
     def crossings(self, z0: torch.Tensor, z1: torch.Tensor, tol: float = 0.0) -> Crossings:
         n = len(z0)
-        first, last = (self.first_maxima(z, tol, self._index_dtype).reshape(n, -1) for z in (z0, z1))
-        return self._changes_between(z0, z1, first, last, tol)
+        f0, f1 = (tie_floor(z0), tie_floor(z1)) if tol > 0 else (None, None)
+        first, last = (self.first_maxima(z, tol, self._index_dtype, f).reshape(n, -1) for z, f in ((z0, f0), (z1, f1)))
+        return self._changes_between(z0, z1, first, last, tol, floors=(f0, f1) if tol > 0 else None)
 
     def crossings_along(self, z: torch.Tensor, tol: float = 0.0, order: torch.Tensor | None = None) -> Crossings:
-        top = self.first_maxima(z, tol, self._index_dtype).reshape(len(z), -1)  # once per point, not per segment end
+        f = tie_floor(z) if tol > 0 else None
+        top = self.first_maxima(z, tol, self._index_dtype, f).reshape(len(z), -1)  # once per point, not per end
         if order is None:
-            return self._changes_between(z[:-1], z[1:], top[:-1], top[1:], tol)
+            return self._changes_between(z[:-1], z[1:], top[:-1], top[1:], tol,
+                                         floors=None if f is None else (f[:-1], f[1:]))
         top = top.index_select(0, order)  # path order: the window indices moved, not the entries
-        return self._changes_between(z, z, top[:-1], top[1:], tol, (order[:-1], order[1:]))
+        floors = None if f is None else (f, f)  # indexed by the rows of the segments' ends
+        return self._changes_between(z, z, top[:-1], top[1:], tol, (order[:-1], order[1:]), floors)
 
     def _changes_between(self, z0: torch.Tensor, z1: torch.Tensor, first: torch.Tensor, last: torch.Tensor,
-                         tol: float, rows: tuple | None = None) -> Crossings:
+                         tol: float, rows: tuple | None = None, floors: tuple | None = None) -> Crossings:
         """``_changes`` of the windows whose first maxima differ between the segments' ends ``z0`` and ``z1``
         (``first``, ``last``: (segments, units)), their entries gathered for those windows only; with ``rows``,
-        segment i's ends are rows ``rows[0][i]`` of ``z0`` and ``rows[1][i]`` of ``z1``."""
+        segment i's ends are rows ``rows[0][i]`` of ``z0`` and ``rows[1][i]`` of ``z1``; ``floors``: ``tie_floor``
+        of ``z0``'s and ``z1``'s rows."""
         seg, unit = torch.nonzero(first != last, as_tuple=True)
         index = self.window_index(tuple(z0.shape[1:]), z0.device)
         r0, r1 = (seg, seg) if rows is None else (rows[0][seg], rows[1][seg])
         a, b = self.unit_windows(z0, r0, unit, index), self.unit_windows(z1, r1, unit, index)
-        return self._changes(seg, unit, a, b, first[seg, unit].long(), last[seg, unit].long(), tol)
+        fa, fb = (1.0, 1.0) if floors is None else (floors[0][r0], floors[1][r1])
+        return self._changes(seg, unit, a, b, first[seg, unit].long(), last[seg, unit].long(), tol, fa, fb)
 
     def _changes(self, seg: torch.Tensor, unit: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cur: torch.Tensor,
-                 end_piece: torch.Tensor, tol: float) -> Crossings:
+                 end_piece: torch.Tensor, tol: float, floor_a=1.0, floor_b=1.0) -> Crossings:
         """Changes of the maximal entry of the windows ``(seg, unit)`` whose entries move affinely from ``a`` to ``b``
         (both (n, K), -inf on padding) along their segment, and whose first maxima (``first_max``) at its ends
-        differ: ``cur`` at t = 0, ``end_piece`` at t = 1.
+        differ: ``cur`` at t = 0, ``end_piece`` at t = 1 (ties within ``tol * max(floor, |maximum|)``; ``floor_a``,
+        ``floor_b``: the ends' ``tie_floor``, a number or (n, 1)).
 
         The upper envelope of K lines is convex: each change enters a strictly steeper line, so a window whose
         maximum is the same entry at both ends (the first maximum, as ``pieces`` gives) changes nowhere in between;
         only the others are followed, through at most K - 1 changes. Entries within the tolerance of the maximum at
         an end are set to it there, so rounding between entries that are equal in exact arithmetic (a uniform
         image region) is not read as a change."""
-        a, b = _snap_to_max(a, tol), _snap_to_max(b, tol)
+        a, b = _snap_to_max(a, tol, floor_a), _snap_to_max(b, tol, floor_b)
+        floor = torch.maximum(torch.as_tensor(floor_a, dtype=a.dtype, device=a.device),
+                              torch.as_tensor(floor_b, dtype=a.dtype, device=a.device)).reshape(-1)  # (n,) or (1,)
         if tol > 0 and len(seg):
             # entries within the tolerance of each other at both ends are one line over the segment (the lowest
             # index): rounding between them must not make the envelope switch back and forth in the middle
             k = self.n_pieces
-            scale = tol * torch.maximum(a.amax(-1), b.amax(-1)).abs().clamp_min(1.0)[:, None, None]
+            scale = tol * torch.maximum(torch.maximum(a.amax(-1), b.amax(-1)).abs(), floor)[:, None, None]
             same = ((a[:, :, None] - a[:, None, :]).abs() <= scale) & ((b[:, :, None] - b[:, None, :]).abs() <= scale)
             dup = (same & torch.ones(k, k, dtype=torch.bool, device=a.device).tril(-1)).any(-1)
             a, b = a.masked_fill(dup, -math.inf), b.masked_fill(dup, -math.inf)
@@ -463,7 +478,7 @@ class WindowMax(Activation):
             if tol > 0:
                 tn = torch.where(torch.isfinite(t_next), t_next, torch.zeros_like(t_next))[:, None]
                 v_now = v_cur + s_cur * tn
-                near = (a + slope * tn) >= v_now - tol * v_now.abs().clamp_min(1.0)
+                near = (a + slope * tn) >= v_now - tol * torch.maximum(v_now.abs(), floor[:, None])
                 at_t |= torch.isfinite(t_meet) & near
             nxt = torch.where(at_t, slope, torch.full_like(slope, -math.inf)).argmax(dim=-1)
             # a change that lands on t=1 (within rounding) enters the piece ``pieces`` gives at t=1 (first maximum),
@@ -494,10 +509,11 @@ def argmax_changes(w0: torch.Tensor, w1: torch.Tensor, tol: float = 0.0) -> Cros
     top class along a path region where its logits are affine. Crossings' ``segment`` is the row, ``unit`` 0,
     ``piece`` the entered index."""
     k = w0.shape[-1]
-    first, last = first_max(w0, tol), first_max(w1, tol)
+    f0, f1 = tie_floor(w0), tie_floor(w1)
+    first, last = first_max(w0, tol, f0), first_max(w1, tol, f1)
     seg = torch.nonzero(first != last).flatten()
     return WindowMax("argmax", kernel=(1, k), stride=(1, k))._changes(seg, torch.zeros_like(seg), w0[seg], w1[seg],
-                                                                       first[seg], last[seg], tol)
+                                                                       first[seg], last[seg], tol, f0[seg], f1[seg])
 
 
 def _max_of(entries: list[torch.Tensor]) -> torch.Tensor:
@@ -508,30 +524,54 @@ def _max_of(entries: list[torch.Tensor]) -> torch.Tensor:
     return top
 
 
-def _max_threshold(top: torch.Tensor, tol: float) -> torch.Tensor:
-    """``top - tol * max(1, |top|)``: entries at or above it count as a window's (or row's) maximum. In place on a
-    new array: one temporary instead of four (each a fresh, page-faulted array when big)."""
-    return top.abs().clamp_min_(1.0).mul_(-tol).add_(top)
+def tie_floor(x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """Per row of ``x`` (its first dimension; ``rows`` rows of a flat view), ``min(1, max |entry|)``: the floor of
+    max pooling's tie band ``tol * max(floor, |maximum|)``, shape (rows, 1). Rounding of a point's entries scales with
+    the point's own values, so a tie band of at most ``tol`` in absolute terms, not below the point's scale, keeps
+    max pooling's pieces scale-invariant where its input is scaled towards 0 (a ray from a tiny alpha had every
+    window tied, then "changed" at t = 0); entries that are all exactly 0 tie only exactly."""
+    n = len(x) if rows is None else rows
+    flat = x.reshape(n, -1)
+    if flat.shape[1] == 0:
+        return flat.new_ones((n, 1))
+    lo, hi = torch.aminmax(flat, dim=1)
+    return torch.maximum(hi, -lo).clamp_max_(1.0)[:, None]
 
 
-def _near_max(w: torch.Tensor, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _floor_like(floor, top: torch.Tensor):
+    """``floor`` (a number, or one value per row) broadcast against ``top`` (rows, ...)."""
+    if isinstance(floor, torch.Tensor):
+        return floor.reshape(len(floor), *[1] * (top.dim() - 1)).to(top.dtype)
+    return floor
+
+
+def _max_threshold(top: torch.Tensor, tol: float, floor=1.0) -> torch.Tensor:
+    """``top - tol * max(floor, |top|)``: entries at or above it count as a window's (or row's) maximum (``floor``: a
+    number or ``tie_floor``'s value per row). In place on a new array: one temporary instead of four (each a fresh,
+    page-faulted array when big)."""
+    f = _floor_like(floor, top)
+    band = top.abs().clamp_min_(f) if not isinstance(f, torch.Tensor) else torch.maximum(top.abs(), f)
+    return band.mul_(-tol).add_(top)
+
+
+def _near_max(w: torch.Tensor, tol: float, floor=1.0) -> tuple[torch.Tensor, torch.Tensor]:
     top = w.amax(dim=-1, keepdim=True)
-    return top, w >= _max_threshold(top, tol)
+    return top, w >= _max_threshold(top, tol, floor)
 
 
-def first_max(w: torch.Tensor, tol: float) -> torch.Tensor:
-    """Index of the first window entry within ``tol * max(1, |maximum|)`` of the maximum (the first maximum, as
-    ``torch.argmax`` gives, when ``tol`` is 0)."""
+def first_max(w: torch.Tensor, tol: float, floor=1.0) -> torch.Tensor:
+    """Index of the first window entry within ``tol * max(floor, |maximum|)`` of the maximum (the first maximum, as
+    ``torch.argmax`` gives, when ``tol`` is 0). ``floor``: a number, or one value per row of ``w`` (``tie_floor``)."""
     if tol <= 0:
         return w.argmax(dim=-1)
-    return _near_max(w, tol)[1].view(torch.uint8).argmax(dim=-1)  # a view: bool and uint8 share their bytes
+    return _near_max(w, tol, floor)[1].view(torch.uint8).argmax(dim=-1)  # a view: bool and uint8 share their bytes
 
 
-def _snap_to_max(w: torch.Tensor, tol: float) -> torch.Tensor:
-    """Entries within ``tol * max(1, |maximum|)`` of their window's maximum set to it (a tie at the maximum)."""
+def _snap_to_max(w: torch.Tensor, tol: float, floor=1.0) -> torch.Tensor:
+    """Entries within ``tol * max(floor, |maximum|)`` of their window's maximum set to it (a tie at the maximum)."""
     if tol <= 0:
         return w
-    top, near = _near_max(w, tol)
+    top, near = _near_max(w, tol, floor)
     return torch.where(near, top, w)
 
 

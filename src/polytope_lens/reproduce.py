@@ -285,7 +285,8 @@ def reproduce(out_dir, quick: bool = False, *, models: list[str] | None = None, 
     state["methods"]["exact vs approximate"] = (
         "Crossing counts of ReLU/ReLU6/max-pool models (digits-cnn, fashion-cnn, EfficientNet-Lite0 after the path "
         "site) are exact: layered breakpoint refinement in float64 (tie tolerance 1e-12 in t; max-pool entries "
-        "within 1e-9 x max(1, |maximum|) of a window's maximum count as tied), verified on random intervals. MiniLM "
+        "within 1e-9 x max(min(1, largest |entry|), |maximum|) of a window's maximum count as tied), verified on "
+        "random intervals. MiniLM "
         "(GELU, LayerNorm) uses sampled crossings (threshold-code changes between dense samples, located to the "
         "sample spacing; counts are lower bounds) and the embedding-change trace (1 - cosine of mean-pooled output, "
         "33 points): approximate. "

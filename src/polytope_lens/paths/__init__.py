@@ -33,7 +33,7 @@ from ..capture import (StopForward, batched_values, check_capture_kwargs, input_
                        select_sites)
 from ..codes import site_unit_indices
 from ..errors import InvalidInputError, NotPiecewiseLinearError, first_line, is_int, is_real
-from ..kinks import argmax_changes, counts_below, first_max, lexsort
+from ..kinks import argmax_changes, counts_below, first_max, lexsort, tie_floor
 from . import geometry
 from .exact import Refiner, verify_chunk
 from . import local
@@ -558,7 +558,7 @@ def _class_changes(t: torch.Tensor, logits: torch.Tensor, last: torch.Tensor, pc
     their ends can change (the upper envelope of lines is convex); they are followed ``block`` at a time, which
     bounds the (regions x classes x classes) work arrays."""
     logits = logits.to(torch.float64)
-    first = first_max(logits, tol)
+    first = first_max(logits, tol, tie_floor(logits))
     seg = torch.nonzero((first[:-1] != first[1:]) & ~last[:-1]).flatten()
     pos = []
     for s in range(0, len(seg), block):

@@ -359,7 +359,8 @@ class PathBatchResult:
     tolerance : dict
         ``tie_tol`` and ``value_tol`` (exact: crossings closer than ``tie_tol`` in t are one breakpoint, on rays
         closer than ``tie_tol * |alpha|`` in alpha, ``tie_tol_in``: "alpha, relative"; max-pool entries within
-        ``value_tol * max(1, |maximum|)`` of a window's maximum are tied at it) or ``tol`` and
+        ``value_tol * max(floor, |maximum|)`` of a window's maximum are tied at it, floor = min(1, the point's largest
+        |entry| in the pool's input)) or ``tol`` and
         ``n_samples`` (sampled: bisection width and initial samples per path).
     kind : {"segment", "polyline", "ray"}
     layer : str or None
