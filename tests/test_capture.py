@@ -95,6 +95,40 @@ def test_handler_can_replace_output():
     assert torch.allclose(out, m[2](2 * F.relu(m[0](x))))
 
 
+class _OutResized(nn.Module):
+    """A site written with out= into an empty tensor, which torch resizes to the result."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        buf = torch.empty(0, dtype=x.dtype)
+        torch.clamp(self.a(x), min=0, out=buf)
+        return self.b(buf)
+
+
+def test_a_site_written_with_out_into_a_tensor_of_another_shape_is_followed():
+    """torch.clamp(h, min=0, out=buf) into an empty buf: a replacement was returned but not written into buf (the
+    shapes differ), which the caller reads, so a replacing pass, paths and slices ended in a raw 'mat1 and mat2
+    shapes cannot be multiplied'. Oracles: the replacement applied by hand; the relu's on/off pattern; the model
+    written without out=."""
+    from polytope_lens import spline_codes
+    from polytope_lens.paths import path_crossings
+
+    m = _OutResized().double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with torch.no_grad():
+        h = m.a(x)
+        assert [s.name for s in list_sites(m, lambda: m(x))] == ["relu"]
+        assert torch.allclose(run(m, lambda: m(x), lambda site, z: 2 * z.clamp(min=0)), m.b(2 * h.clamp(min=0)))
+    assert (spline_codes(m, x)["relu"].pieces() == (h > 0).long().numpy()).all()
+    plain = nn.Sequential(m.a, nn.ReLU(), m.b)
+    got = path_crossings(m, 3 * x, -3 * x).counts.tolist()  # through the origin: most units turn
+    assert got == path_crossings(plain, 3 * x, -3 * x).counts.tolist() and sum(got) >= 6
+
+
 def test_unknown_activation_names_op_and_module():
     class Elu(nn.Module):
         def forward(self, x):

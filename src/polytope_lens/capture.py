@@ -44,7 +44,7 @@ from .kinks import BENDING_OPS, VALUE_READS, Activation, get_activation, resolve
 
 __all__ = ["CallSite", "BendTracker", "capture", "list_sites", "select_sites", "StopForward", "SharedPrefix",
            "PrefixRead", "PrefixReplay", "ReplayMismatch", "ACTIVATION_MODULE_CLASSES", "eval_mode",
-           "as_module", "float_dtype", "check_eager", "is_batched", "input_tensors", "batched_values",
+           "as_module", "float_dtype", "check_eager", "is_batched", "input_tensors", "call_forward", "batched_values",
            "check_capture_kwargs", "CAPTURE_OPTIONS"]
 
 # composite activation modules, by class name: their input is the unit input, their inner calls are not sites
@@ -428,9 +428,12 @@ class _SiteMode(TorchFunctionMode):
                     # not where the input holds a reduced pass's prefix rows (``SharedPrefix(at=...)``), as many as
                     # the points only by chance: later reads of it are the prefix's, and would get the points' values
                     written = args[0] if inplace else target
-                    if written is not None and out.shape == written.shape and not tr.fewer_rows:
-                        written.copy_(out)
-                        return written
+                    if written is not None and not tr.fewer_rows:
+                        if written is target and out.shape != target.shape:  # torch resizes ``out`` to the result:
+                            conv_call(func, args, kwargs)  # the call itself does, as in a plain pass (or fails)
+                        if out.shape == written.shape:
+                            written.copy_(out)
+                            return written
                     return out
         return conv_call(func, args, kwargs)  # float64 CPU convolutions and max pooling the faster way (``_conv64``)
 
@@ -674,6 +677,37 @@ def input_tensors(inputs, float_dtype: torch.dtype | None = None):
     if isinstance(tensors, Mapping):
         return {k: tensor(v) if isinstance(v, np.ndarray) else v for k, v in tensors.items()}
     return tensors
+
+
+def call_forward(module: nn.Module, tensors: Mapping):
+    """``module`` called on the named ``tensors`` (a bundle's encoded inputs): by keyword where a key names a parameter
+    of its ``forward`` (``{"x": t}`` is ``x`` of ``forward(self, mask=None, x=None)``), by position where it must be
+    (a positional-only parameter; the one tensor of a ``forward(*args)``). A key that names no parameter of a forward
+    without ``**kwargs`` is a one-line error."""
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):  # no signature to read (a compiled forward): keywords, as given
+        return module(**tensors)
+    P, params = inspect.Parameter, sig.parameters
+    kinds = {n: p.kind for n, p in params.items() if p.kind not in (P.VAR_POSITIONAL, P.VAR_KEYWORD)}
+    only = [n for n, k in kinds.items() if k == P.POSITIONAL_ONLY]
+    only = only[:max((i + 1 for i, n in enumerate(only) if n in tensors), default=0)]  # up to the last one given
+    missing = [n for n in only if n not in tensors and params[n].default is P.empty]
+    if missing:
+        raise InvalidInputError(f"The inputs lack {missing[0]!r}, which comes by position before the ones they give "
+                                f"in {type(module).__name__}.forward{sig}; give it too.")
+    args = [tensors[n] if n in tensors else params[n].default for n in only]
+    kwargs = {k: v for k, v in tensors.items() if k in kinds and kinds[k] != P.POSITIONAL_ONLY}
+    rest = [k for k in tensors if k not in kinds]
+    has = {p.kind for p in params.values()}
+    if P.VAR_KEYWORD in has:
+        kwargs.update((k, tensors[k]) for k in rest)
+    elif len(rest) == 1 and P.VAR_POSITIONAL in has and all(k == P.KEYWORD_ONLY for k in kinds.values()):
+        args.append(tensors[rest[0]])  # forward(*args): its one tensor by position
+    elif rest:
+        raise InvalidInputError(f"The input {rest[0]!r} names no parameter of {type(module).__name__}.forward{sig}; "
+                                "key each tensor by the parameter it is for.")
+    return module(*args, **kwargs)
 
 
 def batched_values(tensors, owner: str) -> list[torch.Tensor]:
