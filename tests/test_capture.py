@@ -316,3 +316,43 @@ def test_select_sites_refuses_layers_that_are_not_strings():
     for bad in (1, [1], ["relu", None], 2.5):
         with pytest.raises(InvalidInputError, match="'layers' parameter must be a site name or glob"):
             select_sites(sites, bad)
+
+
+def test_a_bundles_one_named_input_reaches_the_parameter_it_names_in_paths_and_slices():
+    """Found at stop 36: a ``ModelInputs`` of one tensor lost its name on the way to paths and slices (its points are
+    the bare tensor), which then called ``model(x)``: a ``forward(self, mask=None, x=None)`` got the points as
+    ``mask``. Oracle: the same layers behind a plain ``forward(self, x)`` give the same counts, and the model records
+    the argument it was given."""
+    from polytope_lens.models import ModelInputs
+    from polytope_lens.paths import path_crossings, polyline_crossings
+    from polytope_lens.slices import exact_local_complexity, local_complexity, slice_through
+
+    class Plain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.l1, self.l2 = nn.Linear(3, 16), nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.l2(torch.relu(self.l1(x)))
+
+    class MaskFirst(Plain):
+        def forward(self, mask=None, x=None):
+            if mask is not None or x is None:
+                raise ValueError("the points reached 'mask'")
+            return super().forward(x)
+
+    t = torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    keyed, plain = MaskFirst().double(), Plain().double()
+    plain.load_state_dict(keyed.state_dict())
+    inp = ModelInputs({"x": t})
+    got = path_crossings(keyed, inp[:2], inp[1:3], trace=False).counts.tolist()
+    assert got == path_crossings(plain, t[:2], t[1:3], trace=False).counts.tolist() and sum(got) > 0
+    assert (polyline_crossings(keyed, ModelInputs({"x": t[None]}), trace=False).counts.tolist()
+            == polyline_crossings(plain, t[None], trace=False).counts.tolist())
+    assert (slice_through(keyed, inp[0], inp[1], inp[2]).num_regions
+            == slice_through(plain, t[:1], t[1:2], t[2:3]).num_regions)
+    assert (local_complexity(keyed, inp, radius=0.5, n_dirs=2).total.tolist()
+            == local_complexity(plain, t, radius=0.5, n_dirs=2).total.tolist())
+    assert (exact_local_complexity(keyed, inp, radius=0.5).total.tolist()
+            == exact_local_complexity(plain, t, radius=0.5).total.tolist())

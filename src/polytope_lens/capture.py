@@ -44,7 +44,8 @@ from .kinks import BENDING_OPS, VALUE_READS, Activation, get_activation, resolve
 
 __all__ = ["CallSite", "BendTracker", "capture", "list_sites", "select_sites", "StopForward", "SharedPrefix",
            "PrefixRead", "PrefixReplay", "ReplayMismatch", "ACTIVATION_MODULE_CLASSES", "eval_mode",
-           "as_module", "float_dtype", "check_eager", "is_batched", "input_tensors", "call_forward", "batched_values",
+           "as_module", "float_dtype", "check_eager", "is_batched", "input_tensors", "call_forward", "default_forward",
+           "encoded_forward", "batched_values",
            "check_capture_kwargs", "CAPTURE_OPTIONS"]
 
 # composite activation modules, by class name: their input is the unit input, their inner calls are not sites
@@ -708,6 +709,50 @@ def call_forward(module: nn.Module, tensors: Mapping):
         raise InvalidInputError(f"The input {rest[0]!r} names no parameter of {type(module).__name__}.forward{sig}; "
                                 "key each tensor by the parameter it is for.")
     return module(*args, **kwargs)
+
+
+def _binds_first(module: nn.Module, key: str) -> bool:
+    """Whether ``module(x)`` gives ``x`` to the parameter ``key`` (its forward's first positional parameter is
+    ``key``, or it takes ``*args`` first); True where the signature cannot be read (a plain call, as always)."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    P = inspect.Parameter
+    for p in params:
+        if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD):
+            return p.name == key
+        if p.kind == P.VAR_POSITIONAL:
+            return True
+    return False
+
+
+def default_forward(model: nn.Module, key: str | None = None) -> Callable[[object], object]:
+    """How paths, slices and codes call ``model`` on a batch: ``model(x)``, or ``call_forward`` for a mapping of named
+    inputs. With ``key`` (the one name of a bundle's encoded inputs, ``encoded_forward``), a tensor goes to the forward
+    parameter of that name, by keyword where a plain call would give it to another parameter."""
+    if key is not None and not _binds_first(model, key):
+        def keyed(x):
+            return call_forward(model, x if isinstance(x, Mapping) else {key: x})
+        return keyed
+
+    def forward(x):
+        return call_forward(model, x) if isinstance(x, Mapping) else model(x)
+    forward.plain_call = True  # model(x): what an FX graph of the model reproduces (``paths.frontier``)
+    return forward
+
+
+def encoded_forward(forward: Callable | None, *points) -> Callable | None:
+    """The ``forward=`` option (a function of the prepared model) of a function given ``points``: as given, or, when
+    None and the points are a bundle's encoded inputs of one tensor (``unwrap_encoded`` drops their name), one that
+    passes the tensor under that name (``default_forward(model, key)``)."""
+    if forward is not None:
+        return forward
+    for v in points:
+        tensors = getattr(v, "tensors", None)
+        if isinstance(tensors, Mapping) and len(tensors) == 1:
+            return functools.partial(default_forward, key=next(iter(tensors)))
+    return None
 
 
 def batched_values(tensors, owner: str) -> list[torch.Tensor]:

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from ._transfer import to_host, wait_for_copies
-from .capture import (CallSite, StopForward, as_module, batched_values, check_capture_kwargs, eval_mode, float_dtype,
-                      input_tensors, is_batched, list_sites, model_errors, run, select_sites)
+from .capture import (CallSite, StopForward, as_module, batched_values, check_capture_kwargs, default_forward,
+                      eval_mode, float_dtype, input_tensors, is_batched, list_sites, model_errors, run, select_sites)
 from .errors import InvalidInputError, is_int, is_real
 from .kinks import Activation, ScalarKinks
 
@@ -425,12 +425,6 @@ def _check_inputs(inputs) -> int:
     return n
 
 
-def _default_forward(model: nn.Module) -> Callable[[object], object]:
-    def forward(x):
-        return model(**x) if isinstance(x, Mapping) else model(x)
-    return forward
-
-
 class CodeExtractor:
     """Spline codes of chosen sites of one model, for any number of input batches.
 
@@ -447,7 +441,7 @@ class CodeExtractor:
                 f"The 'batch_size' parameter of spline_codes must be an int >= 1. Got {batch_size!r}.")
         self.model, self.layers, self.soft, self.batch_size = as_module(model, "spline_codes"), layers, soft, batch_size
         self.selection = _as_selection(units)
-        self.forward = forward or _default_forward(self.model)
+        self.forward = forward or default_forward(self.model)
         self.capture_kwargs = capture_kwargs
         self.sites: list[CallSite] | None = None
         self.model_errors = True  # the model's errors on the inputs as one line (off where a caller says it better)

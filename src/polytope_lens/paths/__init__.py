@@ -29,8 +29,8 @@ from torch import nn
 
 from .._heap import keep_freed_memory
 from .._transfer import arrays_to_host_async
-from ..capture import (StopForward, batched_values, check_capture_kwargs, input_tensors, list_sites, model_errors, run,
-                       select_sites)
+from ..capture import (StopForward, batched_values, check_capture_kwargs, default_forward, encoded_forward,
+                       input_tensors, list_sites, model_errors, run, select_sites)
 from ..codes import site_unit_indices
 from ..errors import InvalidInputError, NotPiecewiseLinearError, first_line, is_int, is_real
 from ..kinks import argmax_changes, counts_below, first_max, lexsort, tie_floor
@@ -41,8 +41,8 @@ from .frontier import FrontierProgram
 from .geometry import PathSpec
 from .results import (PathBatchResult, PathBlock, PathList, PathResult, Trace, own_lengths_note,
                       traces_from_outputs)
-from .runner import Runner, affine_tol, check_device, check_dtype, default_forward, index_inputs, prepare_model
-from .sampled import sampled_chunk
+from .runner import Runner, affine_tol, check_device, check_dtype, index_inputs, prepare_model
+from .sampled import sampled_chunk, wide_ray_grid
 
 __all__ = ["path_crossings", "polyline_crossings", "ray_crossings", "site_activations", "PathResult", "PathList",
            "PathBatchResult", "Trace", "PathSpec", "default_memory_budget"]
@@ -691,6 +691,8 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
                    progress: Callable[[float], None] | None = None, **capture_kwargs) -> PathBatchResult:
     owner = "path_crossings"
     check_capture_kwargs(path_crossings, capture_kwargs)
+    if layer is None:  # points in input space: a bundle's one named input goes to the parameter it names
+        forward = encoded_forward(forward, start, end)
     _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress)
     # checked where the paths will run (a Ray run ships them to its workers from here)
     start, end, length = geometry.segments(start, end, owner=owner,
@@ -771,6 +773,8 @@ def polyline_crossings(model: nn.Module, points, *, layer: str | None = None, in
                        **capture_kwargs) -> PathBatchResult:
     owner = "polyline_crossings"
     check_capture_kwargs(polyline_crossings, capture_kwargs)
+    if layer is None:
+        forward = encoded_forward(forward, points)
     _check_options(owner, method, dtype, memory_budget, tie_tol, n_samples, tol, evaluator, progress)
     knots, pts, length = geometry.polyline(points, owner=owner)
     prep = PreparedModel(model, forward, dtype, device)
@@ -844,16 +848,27 @@ def ray_crossings(model: nn.Module, inputs, *, layer: str, alphas=(0.0, 2.0), di
 
 
 def _note_wide_sampled(res: PathBatchResult, alphas: tuple, n_samples: int, tol: float) -> PathBatchResult:
-    """Sampled rays space their samples evenly in alpha: where the sample step exceeds the |alpha| around which the
-    kinks crowd (``geometry.crowd_scale``: (1, 1e9), (-1, 1e9)), that part is barely resolved (the digits CNN over
-    (1, 1e9): 752 of 786 crossings with 1,024 or 16,384 samples, positions to 1 in alpha)."""
+    """Sampled rays whose evenly spaced samples would be further apart in alpha than the |alpha| around which the
+    kinks crowd (``geometry.crowd_scale``: (1, 1e9), (-1, 1e9)) put half of them evenly in asinh(alpha / that
+    scale) (``sampled.wide_ray_grid``): the note says how they were spaced and what that resolves. Evenly spaced,
+    the crowded part fell in a sample interval or two (the digits CNN at stem.2.relu over (1, 1e9): 752 of 786
+    crossings with 64, 1,024 or 16,384 samples; now 779, 784 and 786)."""
+    wide = wide_ray_grid(alphas, n_samples)
+    if res.exact or wide is None:
+        return res
     a0, a1 = alphas
-    step, scale = (a1 - a0) / (n_samples - 1), geometry.crowd_scale(alphas)
-    note = (f"samples are {step:.3g} apart in alpha, more than the |alpha| around which the ray's kinks crowd "
-            f"({scale:g}): a unit that crosses more than once between two samples there is undercounted, and "
-            f"positions are known to tol in t ({tol * (a1 - a0):.3g} in alpha); use method='exact', or rays over "
-            "narrower ranges")
-    if res.exact or step <= scale or note in res.notes:  # per-text groups noted it already
+    s, (lo, hi) = wide.scale, wide.window
+    n = len(wide.t(alphas, getattr(torch, res.dtype), "cpu"))  # fewer where the dtype rounds samples together
+    nearest = 0.0 if lo < 0.0 < hi else min(abs(lo), abs(hi))  # the window's |alpha| nearest 0
+    below = f", and about {s * wide.du:.2g} apart in alpha well below it" if nearest < s else ""
+    note = (f"samples evenly spaced in alpha would be {wide.step:.3g} apart, more than the |alpha| around which the "
+            f"ray's kinks crowd ({s:g}): {n - wide.n_even:,} of the {n:,} samples were spaced evenly in "
+            f"asinh(alpha / {s:g}) over alpha in [{lo:.4g}, {hi:.4g}] (consecutive ones about a factor of "
+            f"{math.exp(wide.du):.3g} apart in |alpha| well above {s:g}{below}), the other {wide.n_even:,} evenly in "
+            f"alpha, {wide.even_step:.3g} apart; a unit that crosses more than once between two samples is "
+            f"undercounted, and positions are known to tol in t ({tol * (a1 - a0):.3g} in alpha) or to the spacing "
+            "of the samples around them, whichever is finer; use method='exact', or rays over narrower ranges")
+    if note in res.notes:  # per-text groups noted it already
         return res
     return _noted(res, note)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 from torch import nn
@@ -51,13 +51,6 @@ def same_values(got: torch.Tensor, want: torch.Tensor, tol: float) -> bool:
     """Equal shapes, and every entry within ``tol * max(1, max |want|)`` of ``want`` (an evaluation shortcut
     reproduces the plain one up to rounding)."""
     return got.shape == want.shape and bool(((got - want).abs() <= tol * want.abs().max().clamp_min(1.0)).all())
-
-
-def default_forward(model: nn.Module) -> Callable[[object], object]:
-    def forward(x):
-        return model(**x) if isinstance(x, Mapping) else model(x)
-    forward.plain_call = True  # model(x): what an FX graph of the model reproduces (``frontier``)
-    return forward
 
 
 def logits_of(out) -> torch.Tensor | None:

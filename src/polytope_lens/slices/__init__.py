@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .._heap import keep_freed_memory
-from ..capture import check_capture_kwargs, input_tensors
+from ..capture import check_capture_kwargs, encoded_forward, input_tensors
 from ..errors import InvalidInputError, is_int, is_real
 from ..paths.runner import check_dtype
 from .complexity import LocalComplexity, exact_local_complexity, local_complexity
@@ -210,4 +210,6 @@ def slice_through(model: nn.Module, p0, p1, p2, *, margin: float = 0.25, **kwarg
     their bounding square widened by ``margin`` of its side (``Plane.through``). Every other option (``layer``,
     ``inputs``, ``until``, ``units``, ``dtype``, ``device``, ``tol``, ``memory_budget``, ``outputs``, ...) is
     ``slice_plane``'s."""
+    if kwargs.get("layer") is None:  # points in input space: a bundle's one named input goes to the parameter it names
+        kwargs["forward"] = encoded_forward(kwargs.get("forward"), p0, p1, p2)
     return slice_plane(model, Plane.through(p0, p1, p2, margin=margin), **kwargs)

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..capture import (CAPTURE_OPTIONS, check_capture_kwargs, check_kwargs, model_errors, run, select_sites,
-                       unwrap_encoded)
+from ..capture import (CAPTURE_OPTIONS, check_capture_kwargs, check_kwargs, default_forward, encoded_forward,
+                       model_errors, run, select_sites, unwrap_encoded)
 from ..errors import InvalidInputError, check_seed, is_int, is_real, not_finite
-from ..paths.runner import check_dtype, default_forward, prepare_model
+from ..paths.runner import check_dtype, prepare_model
 from .partition import NEAR_RESOLUTION, WIDE_PLANE
 
 __all__ = ["LocalComplexity", "local_complexity", "exact_local_complexity"]
@@ -155,6 +155,7 @@ def local_complexity(model: nn.Module, points: torch.Tensor, *, radius: float = 
         raise InvalidInputError(f"The 'batch_size' parameter of {owner} must be an int >= 1. Got {batch_size!r}.")
     seed = check_seed(seed, owner)
     m = prepare_model(model, dtype, device)
+    forward = encoded_forward(forward, points)
     fwd = forward(m) if forward is not None else default_forward(m)
     g = torch.Generator().manual_seed(seed)
     v, _ = torch.linalg.qr(torch.randn(d, n_dirs, generator=g, dtype=torch.float64))
@@ -210,6 +211,8 @@ def exact_local_complexity(model: nn.Module, points: torch.Tensor, *, radius: fl
                                              if p not in own + ["plane", "outputs", "capture_kwargs"]]
                  + list(CAPTURE_OPTIONS))
     pts = _points(points, owner)
+    if slice_kwargs.get("layer") is None:  # a bundle's one named input goes to the parameter it names
+        slice_kwargs["forward"] = encoded_forward(slice_kwargs.get("forward"), points)
     _check_radius(radius, owner)
     seed = check_seed(seed, owner)
     check_dtype(owner, dtype)

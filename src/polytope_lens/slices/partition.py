@@ -50,12 +50,12 @@ from typing import Callable
 
 import torch
 
-from ..capture import select_sites
+from ..capture import default_forward, select_sites
 from ..codes import pack_bits, pack_pieces, site_unit_indices
 from ..errors import InvalidInputError, NotPiecewiseLinearError, not_finite
 from ..kinks import REGISTRY, ScalarKinks, WindowMax
 from ..paths.geometry import PathSpec
-from ..paths.runner import SRC, Affine, Runner, affine_tol, default_forward, index_inputs, prepare_model
+from ..paths.runner import SRC, Affine, Runner, affine_tol, index_inputs, prepare_model
 from . import _mesh
 from ._arrangement import Degenerate, arrange
 from .neighbours import shared_edges
