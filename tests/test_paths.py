@@ -2517,8 +2517,8 @@ def test_ray_notes_the_crossings_at_alpha_zero():
     # sampled mode locates those changes next to the knot, within its tolerance: noted as within tol, not at it (a
     # tester's GPT-2 ray at tol 1e-3: 3 crossings "at alpha = 0" were at alpha 0.001-0.003)
     sampled = ray_crossings(m, x, layer="1.relu", alphas=(-1.0, 1.0), method="sampled", trace=False)
-    assert any(n.startswith("2 of 3 crossings were located within tol (1e-09 in t) of alpha = 0, so they may lie")
-               for n in sampled.notes), sampled.notes
+    assert any(n.startswith("2 of 3 crossings were located within tol (1e-09 in t, 2e-09 in alpha) of alpha = 0, "
+                            "so they may lie") for n in sampled.notes), sampled.notes
     # alpha at the knot is exactly 0 in the JSON too (alphas whose t_0 = 0.1 / 0.8 is not exact)
     odd = ray_crossings(m, x, layer="1.relu", alphas=(-0.1, 0.7), trace=False).paths[0]
     assert sorted(rec["alpha"] for rec in odd.to_dict()["records"])[:2] == [0.0, 0.0]

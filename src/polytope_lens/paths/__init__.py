@@ -888,8 +888,10 @@ def _note_zero_alpha(res: PathBatchResult, alphas: tuple) -> PathBatchResult:
     at = int((t == t0).sum()) if res.exact else int((np.abs(t - t0) <= res.tolerance["tol"]).sum())
     if not at:
         return res
-    where = ("lie at alpha = 0" if res.exact else f"were located within tol ({res.tolerance['tol']:g} in t) of "
-             "alpha = 0, so they may lie at it (bisection cannot tell)")
+    reach = res.tolerance["tol"] * (alphas[1] - alphas[0]) if not res.exact else 0.0
+    where = ("lie at alpha = 0" if res.exact else f"were located within tol ({res.tolerance['tol']:g} in t, "
+             f"{reach:.3g} in alpha) of alpha = 0, so they may lie at it (bisection cannot tell; a smaller tol "
+             "narrows this)")
     note = (f"{at:,} of {len(t):,} crossings {where}, {_ZERO_ALPHA}: later units see their "
             "constants alone, and those on a kink there (a unit without bias, a max-pool window of equal entries) "
             "take the piece the tie rules give; counts and densities include them")
