@@ -477,6 +477,70 @@ def test_model_inputs_take_rows_like_a_tensor():
     assert sites_of(bundle, lambda: bundle.forward(x)) == sites_of(bundle.module, lambda: bundle.forward(x))
 
 
+class _MaskFirst(nn.Module):
+    """Its main input is not its first parameter; records which argument each call got."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.got = nn.Linear(3, 2), []
+
+    def forward(self, mask=None, x=None):
+        self.got.append([k for k, v in (("mask", mask), ("x", x)) if v is not None])
+        return self.lin(torch.relu(x if mask is None else mask))
+
+
+class _Star(nn.Module):
+    """A forward of ``*args`` only; records how many it got."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.got = nn.Linear(3, 2), []
+
+    def forward(self, *xs):
+        self.got.append(len(xs))
+        return self.lin(xs[0])
+
+
+class _PositionalOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x, /):
+        return self.lin(x)
+
+
+def test_a_bundle_passes_each_input_as_the_forward_parameter_its_key_names():
+    """ModelInputs({"x": t}) reaches ``x`` of forward(self, mask=None, x=None), in a bundle's forward and in
+    extract_codes; a forward(*args) or forward(x, /) got keywords it does not take (raw TypeError), and a key that
+    names no parameter was a raw TypeError from inside the call: now a one-line error. Oracle: the model records
+    which argument it got; its codes are the relu's on/off pattern of t."""
+    from polytope_lens.extract import extract_codes
+    from polytope_lens.models import ModelBundle
+
+    torch.manual_seed(0)
+    t = torch.randn(4, 3)
+    m = _MaskFirst()
+    bundle = ModelBundle("test:mask-first", m, "vector", input_shape=(3,), input_name="x")
+    with torch.no_grad():
+        assert torch.equal(bundle.forward(ModelInputs({"x": t})), m.lin(torch.relu(t))) and m.got == [["x"]]
+        m.got.clear()
+        codes = extract_codes(bundle, DataSource("t", "array", t.numpy()), units="all", batch_size=4)
+    assert m.got and all(g == ["x"] for g in m.got)
+    assert np.array_equal(codes["relu"].pieces(), (t > 0).long().numpy())
+    with pytest.raises(InvalidInputError, match=r"^The input 'y' names no parameter of _MaskFirst.forward\(mask=None, "
+                                                r"x=None\); key each tensor by the parameter it is for\.$"):
+        bundle.forward(ModelInputs({"y": t}))
+    star = _Star()
+    b = ModelBundle("test:star", star, "vector", input_shape=(3,))
+    with torch.no_grad():
+        assert torch.equal(b.forward(b.encode(DataSource("t", "array", t.numpy()))), star.lin(t)) and star.got == [1]
+    only = _PositionalOnly()
+    b = ModelBundle("test:positional-only", only, "vector", input_shape=(3,))
+    with torch.no_grad():
+        assert b.input_name == "x" and torch.equal(b.forward(ModelInputs({"x": t})), only.lin(t))
+
+
 def test_random_weights_are_the_same_on_every_load_and_leave_the_global_generator_alone():
     """tl:minilm's random masked-LM head was drawn anew on each load, so a resumed store's model digest never
     matched (resume always refused) and the head's codes changed; it is now seeded, without touching torch's
@@ -787,3 +851,171 @@ def test_a_guessed_input_shape_says_it_was_guessed(tmp_path):
     bundle = load_model(f"file:{tmp_path / 'm.pt'}")
     with pytest.raises(InvalidInputError, match=r"guessed from its first Linear layer.*':input_shape=\.\.\.'"):
         bundle.encode(load_data("digits", limit=2))
+
+
+# ------------------------------------------------------------------ left padding, missing weights, damaged folders
+def _copy_of(folder, to, **tokenizer_config):
+    """A copy of a save_pretrained folder, with keys of its tokenizer_config.json changed."""
+    import shutil
+
+    shutil.copytree(folder, to)
+    path = to / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **tokenizer_config}))
+    return to
+
+
+def test_a_left_padding_tokenizer_does_not_make_a_texts_codes_depend_on_its_batch(tmp_path, tiny_gpt2_dir):
+    """A tokenizer that pads on the left ("padding_side": "left", Llama's default): GPT-2 (learned positions, no
+    position_ids passed) numbered a short text's tokens from after its padding, so its codes and outputs depended on
+    the other texts in its batch, and the code rows' token positions were positions in the padded batch. Text is now
+    padded on the right whatever the tokenizer's default. Oracles: transformers' own forward of each text alone (a
+    hook on the MLP's activation for the pre-activation sign; a classifier's logits, read at the last token), and
+    batch_size 1 against 2."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
+
+    from polytope_lens.extract import extract_codes
+
+    folder = _copy_of(tiny_gpt2_dir, tmp_path / "left", padding_side="left")
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.padding_side == "left"
+    data = DataSource("t", "text", TEXTS)
+    alone = [tok(t, return_tensors="pt") for t in TEXTS]  # each text by itself: no padding at all
+    bundle = load_model(f"hf:{folder}")
+    ref, pre = GPT2Model.from_pretrained(folder).eval(), []
+    handle = ref.h[0].mlp.act.register_forward_pre_hook(lambda mod, args: pre.append(args[0][0]))
+    with torch.no_grad():
+        x = bundle.encode(data)
+        out = bundle.forward(x)
+        for i, enc in enumerate(alone):
+            n = enc["input_ids"].shape[1]
+            assert torch.equal(x.tensors["input_ids"][i, x.attention_mask[i]], enc["input_ids"][0])
+            assert torch.allclose(out[i, x.attention_mask[i]], ref(**enc).last_hidden_state[0], atol=1e-5)
+            assert x.attention_mask[i, :n].all()  # the text's tokens come first
+    handle.remove()
+    site = "h.0.mlp.act.gelu_tanh"
+    together = extract_codes(bundle, data, units="all-tokens", batch_size=2, layers=site)
+    single = extract_codes(bundle, data, units="all-tokens", batch_size=1, layers=site)
+    assert np.array_equal(together.rows, single.rows)
+    assert np.array_equal(together[site].pieces(), single[site].pieces())
+    for i, p in enumerate(pre):
+        mine = together.rows[:, 0] == i
+        assert together.rows[mine, 1].tolist() == list(range(len(p)))  # positions in the text, not in the batch
+        assert np.array_equal(together[site].pieces()[mine], (p > 0).numpy())
+    # a classifier's output reads the last token: transformers finds it from the padding (the first pad on the right)
+    cls_dir = _copy_of(tiny_gpt2_dir, tmp_path / "classifier", padding_side="left")
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(GPT2Config.from_pretrained(folder, num_labels=3)).save_pretrained(cls_dir)
+    classifier = load_model(f"hf:{cls_dir}")
+    with torch.no_grad():
+        ref = GPT2ForSequenceClassification.from_pretrained(cls_dir).eval()
+        assert torch.allclose(classifier.forward(classifier.encode(data)),
+                              torch.cat([ref(**enc).logits for enc in alone]), atol=1e-5)
+    if importlib.util.find_spec("transformer_lens") is None:
+        return
+    bridge = load_model(f"tl:{folder}")
+    assert bridge.tokenizer.padding_side == "left"  # the tokenizer itself is left as it was
+    lm = GPT2LMHeadModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        x = bridge.encode(data)
+        logits = bridge.forward(x)
+        for i, enc in enumerate(alone):
+            assert torch.allclose(logits[i, x.attention_mask[i]], lm(**enc).logits[0], atol=1e-4)
+    site = "blocks.0.mlp.hook_pre"
+    together = extract_codes(bridge, data, units="all-tokens", batch_size=2, layers=site)
+    single = extract_codes(bridge, data, units="all-tokens", batch_size=1, layers=site)
+    assert np.array_equal(together.rows, single.rows)
+    assert together.rows[together.rows[:, 0] == 1, 1].tolist() == [0, 1, 2]
+    name = next(iter(together.layers))
+    assert np.array_equal(together[name].pieces(), single[name].pieces())
+
+
+def _without(folder, to, key_end):
+    """A copy of a model folder whose model.safetensors lacks the weight whose name ends with ``key_end``; returns
+    the copy and the weight removed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(folder, to)
+    weights = load_file(to / "model.safetensors")
+    key = next(k for k in weights if k.endswith(key_end))
+    removed = weights.pop(key)
+    save_file(weights, to / "model.safetensors", metadata={"format": "pt"})
+    return to, key, removed
+
+
+def test_tl_says_which_weights_its_checkpoint_lacks_for_every_architecture(tmp_path, tiny_gpt2_dir):
+    """tl: collected the checkpoint's missing weights for BERT folders alone: a GPT-NeoX base-model folder (no LM
+    head) and a GPT-2 folder without one MLP weight loaded with random weights, silently. Now a RandomWeightsWarning,
+    provenance["random_weights"] and one line on the CLI's stderr, as for hf:. Oracles: the safetensors key list,
+    the weight saved against the one loaded, and hf: of the same folder."""
+    pytest.importorskip("transformer_lens")
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXModel
+
+    from polytope_lens.errors import RandomWeightsWarning
+
+    neox = tmp_path / "neox"
+    torch.manual_seed(0)
+    GPTNeoXModel(GPTNeoXConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                               vocab_size=29, max_position_embeddings=64)).save_pretrained(neox)
+    AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(neox)
+    keys = list(load_file(neox / "model.safetensors"))
+    assert not any("lm_head" in k or "embed_out" in k for k in keys)  # the checkpoint has no LM head
+    with pytest.warns(RandomWeightsWarning, match=r"tl:.*neox: the checkpoint has no weights for lm_head\.weight.*"
+                                                  r"the output head and so the logits"):
+        bundle = load_model(f"tl:{neox}")
+    assert bundle.provenance["random_weights"] == ["lm_head.weight"]
+    r = CliRunner().invoke(app, ["sites", "--model", f"tl:{neox}"])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"warning: tl:{neox}: the checkpoint has no weights"), r.stderr
+
+    partial, key, saved = _without(tiny_gpt2_dir, tmp_path / "partial", "h.0.mlp.c_fc.weight")
+    for kind in ("hf", "tl"):
+        with pytest.warns(RandomWeightsWarning, match=r"no weights for (transformer\.)?h\.0\.mlp\.c_fc\.weight"):
+            bundle = load_model(f"{kind}:{partial}")
+        assert [k.removeprefix("transformer.") for k in bundle.provenance["random_weights"]] == ["h.0.mlp.c_fc.weight"]
+        loaded = next(p for n, p in bundle.module.named_parameters()  # the bridge names it h.0._original_...c_fc
+                      if "h.0." in n and ".c_fc." in n and n.endswith("weight"))
+        assert loaded.shape == saved.shape and not torch.equal(loaded.detach().cpu(), saved)  # random indeed
+    with warnings.catch_warnings():  # a complete checkpoint (its LM head tied to the embedding): nothing to say
+        warnings.simplefilter("error", RandomWeightsWarning)
+        assert "random_weights" not in load_model(f"tl:{tiny_gpt2_dir}").provenance
+
+
+def test_damaged_or_mismatched_weight_folders_are_one_line_errors(tmp_path, tiny_gpt2_dir):
+    """A truncated model.safetensors (SafetensorError), a config that does not match the weights (RuntimeError
+    pointing to a report), a damaged pytorch_model.bin (UnpicklingError) and a file inside the folder named instead
+    of the folder (torch.load of config.json) gave tracebacks for hf: and tl:; each is now one line (exit 1 on the
+    CLI). Oracle for the mismatch: the shapes in the weights file and in the config."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    kinds = ["hf"] + (["tl"] if importlib.util.find_spec("transformer_lens") else [])
+    truncated = _copy_of(tiny_gpt2_dir, tmp_path / "truncated")
+    raw = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    mismatch = _copy_of(tiny_gpt2_dir, tmp_path / "mismatch")
+    config = json.loads((mismatch / "config.json").read_text())
+    (mismatch / "config.json").write_text(json.dumps({**config, "n_positions": 48}))
+    assert load_file(tiny_gpt2_dir / "model.safetensors")["transformer.wpe.weight"].shape == (64, 32)
+    pickled = _copy_of(tiny_gpt2_dir, tmp_path / "pickled")
+    (pickled / "model.safetensors").unlink()
+    (pickled / "pytorch_model.bin").write_bytes(b"not a pickle of tensors" * 8)
+    cases = {truncated: r"has a weights file that cannot be read \(SafetensorError: .*\): it is damaged or "
+                        r"incomplete .*; save or copy the model into it again\.$",
+             mismatch: r"has weights whose shapes do not match its config: (transformer\.)?wpe\.weight is "
+                       r"\(64, 32\) in the weights file but \(48, 32\) by the config; .*save_pretrained\.$",
+             pickled: r"has a weights file torch\.load cannot read as tensors alone \(UnpicklingError\)",
+             tiny_gpt2_dir / "config.json": r"names the file .*config\.json', not a model folder; give the folder that "
+                                            r"holds it, '(hf|tl):.*tiny_gpt2.*'"}
+    for kind in kinds:
+        for path, match in cases.items():
+            with pytest.raises(InvalidInputError, match=match):
+                load_model(f"{kind}:{path}")
+            r = CliRunner().invoke(app, ["sites", "--model", f"{kind}:{path}"])
+            lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+            assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (kind, path, r.stderr)
+    shutil.rmtree(truncated)

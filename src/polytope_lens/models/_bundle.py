@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from polytope_lens.capture import float_dtype
+from polytope_lens.capture import call_forward, float_dtype
 from polytope_lens.errors import InvalidInputError, first_line
 
 MODEL_MODALITIES = ("image", "text", "vector")
@@ -28,8 +28,8 @@ class ModelInputs:
     Parameters
     ----------
     tensors : dict of str to torch.Tensor
-        Keyword arguments for the module, e.g. ``{"x": images}`` (batch, C, H, W; the key is the forward's argument,
-        ``ModelBundle.input_name``) or
+        The module's arguments by parameter name, e.g. ``{"x": images}`` (batch, C, H, W; the key is the forward's
+        argument, ``ModelBundle.input_name``) or
         ``{"input_ids": ..., "attention_mask": ...}`` (batch, pos).
     attention_mask : torch.Tensor or None
         (batch, pos) bool, True at content tokens (not padding, not special tokens such as [CLS]/[SEP]): the
@@ -178,8 +178,9 @@ class ModelBundle:
 
         Images are resized (shorter side) and centre-cropped to `input_shape`, a 1-channel image is repeated to
         3 channels when the model wants 3, then `normalize` is applied. Arrays are taken as model inputs as they
-        are (cast to float32) and must match `input_shape`. Text is tokenised with padding and truncation to
-        `max_length` tokens.
+        are (cast to float32) and must match `input_shape`. Text is tokenised with truncation to `max_length` tokens
+        and padding on the right, whatever side the tokenizer pads by default (a text's tokens are at positions 0, 1,
+        ... in any batch).
 
         Parameters
         ----------
@@ -281,9 +282,11 @@ class ModelBundle:
             raise InvalidInputError(f"The 'max_length' parameter of encode must be a positive int; got {max_length!r}.")
         limit = self.position_limit()
         max_length = max_length if limit is None else min(max_length, limit)  # longer text would index past them
-        try:
+        try:  # padded on the right whatever the tokenizer's default: each text's tokens keep positions 0, 1, ...,
+            # so its codes, outputs and row positions do not depend on the other texts in its batch (models given
+            # no position_ids number a left-padded text from its padding on)
             enc = self.tokenizer(list(data.items), padding=True, truncation=True, max_length=max_length,
-                                 return_tensors="pt", return_special_tokens_mask=True)
+                                 return_tensors="pt", return_special_tokens_mask=True, padding_side="right")
         except Exception as exc:  # noqa: BLE001 - tokenizers raise plain Exceptions (a word outside a vocabulary)
             raise InvalidInputError(f"The tokenizer of {self.spec!r} cannot encode {data.spec!r}: "
                                     f"{first_line(exc)}") from None
@@ -296,7 +299,8 @@ class ModelBundle:
         return ModelInputs(tensors, mask, tokens)
 
     def forward(self, inputs: ModelInputs) -> torch.Tensor:
-        """Run the module on `inputs` (moved to the module's device).
+        """Run the module on `inputs` (moved to the module's device), each tensor as the ``forward`` parameter its key
+        names (``capture.call_forward``).
 
         Gradients are left on: wrap the call in `torch.no_grad` when they are not needed.
 
@@ -306,7 +310,7 @@ class ModelBundle:
             Logits (batch, class) for classifiers and language-model heads, the last hidden state
             (batch, pos, d_model) for text encoders, or the module's plain tensor output.
         """
-        out = self.module(**inputs.to(self.device).tensors)
+        out = call_forward(self.module, inputs.to(self.device).tensors)
         return select_output(out)
 
 

