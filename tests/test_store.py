@@ -402,3 +402,84 @@ def test_extract_checks_limit_and_keywords_with_a_data_source(tmp_path):
     with pytest.raises(InvalidInputError, match=r"extract_codes got an unexpected keyword argument 'layer' \(did you "
                                                 r"mean 'layers'\?\)"):
         extract_codes("toy:2-8-2", source, layer="*relu*")
+
+
+def _damage_attrs(path, change):
+    import json
+
+    meta = json.loads((path / "zarr.json").read_text())
+    change(meta["attributes"])
+    (path / "zarr.json").write_text(json.dumps(meta))
+
+
+def _last_chunk(path, array):
+    return sorted(p for p in (path / array / "c").rglob("*") if p.is_file())[-1]
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda p: __import__("shutil").rmtree(p / "rows"), "its array 'rows' is missing"),
+    (lambda p: __import__("shutil").rmtree(p / "codes" / "site_000"), "its array 'codes/site_000' is missing"),
+    (lambda p: __import__("shutil").rmtree(p / "soft"), "its array 'soft/site_001' is missing"),
+    (lambda p: _last_chunk(p, "codes/site_000").write_bytes(_last_chunk(p, "codes/site_000").read_bytes()[:5]),
+     "its array 'codes/site_000' cannot be read (RuntimeError: Zstd decompression error: invalid input data)"),
+    (lambda p: _last_chunk(p, "rows").write_bytes(b"x" * 40),
+     "its array 'rows' cannot be read (RuntimeError: Zstd decompression error: invalid input data)"),
+    (lambda p: (p / "codes" / "site_001" / "zarr.json").write_text("{"),
+     "its array 'codes/site_001' cannot be read (JSONDecodeError: Expecting property name enclosed in double quotes: "
+     "line 1 column 2 (char 1))"),
+    (lambda p: _damage_attrs(p, lambda a: a.pop("layers")), "its zarr.json attributes lack 'layers'"),
+    (lambda p: _damage_attrs(p, lambda a: a.pop("selection")), "its zarr.json attributes lack 'selection'"),
+    (lambda p: _damage_attrs(p, lambda a: a.update(layers=5)),
+     "its zarr.json attribute 'layers' is malformed (TypeError: 'int' object is not iterable)"),
+    (lambda p: _damage_attrs(p, lambda a: a["layers"][0].pop("key")),
+     "its zarr.json attribute 'layers' is malformed (KeyError: 'key')"),
+], ids=["rows", "site", "soft", "chunk", "rows-chunk", "array-json", "layers", "selection", "layers-int", "layer-key"])
+def test_a_damaged_store_is_one_line_naming_it_and_the_damage(tmp_path, damage, reason):
+    """A store with an array, a chunk or an attribute missing or damaged printed a traceback (KeyError, zstd's
+    RuntimeError, TypeError). Oracle: the exact one-line message, from read_codes and from the cluster command."""
+    from typer.testing import CliRunner
+
+    from polytope_lens.cli import app
+
+    path = tmp_path / "s.zarr"
+    write_codes(_codes(40, soft=True), path)
+    damage(path)
+    with pytest.raises(InvalidInputError) as info:
+        read_codes(path)
+    assert str(info.value) == f"{str(path)!r} is a damaged polytope-lens code store: {reason}."
+    r = CliRunner().invoke(app, ["cluster", str(path), "--out", str(tmp_path / "c"), "--min-cluster-size", "5"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and lines == [f"error: {info.value}"], r.output
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_chunk_file_deleted_or_swapped_is_caught_by_the_writers_checksums(tmp_path):
+    """Found at stop 36: zarr reads a deleted chunk file as its fill value and a chunk file swapped in from another
+    store as valid codes, so read_codes returned zeros or another data set's codes without a word. It now checks each
+    chunk against the sha256 its writer recorded. Oracle: the intact store reads back the codes written."""
+    import shutil
+
+    import torch
+    from torch import nn
+
+    from polytope_lens.codes import spline_codes
+    from polytope_lens.errors import InvalidInputError
+    from polytope_lens.store import read_codes, write_codes
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 9), nn.ReLU(), nn.Linear(9, 4), nn.ReLU())
+    a, b = spline_codes(m, torch.randn(50, 3)), spline_codes(m, torch.randn(50, 3))
+    write_codes(a, tmp_path / "a")
+    write_codes(b, tmp_path / "b")
+    got = read_codes(tmp_path / "a")
+    for site in a.layers:
+        assert np.array_equal(got.layers[site].packed, a.layers[site].packed)
+    for name, damage in [("deleted", lambda p: p.unlink()),
+                         ("swapped", lambda p: shutil.copyfile(tmp_path / "b" / p.relative_to(tmp_path / "c"), p))]:
+        shutil.rmtree(tmp_path / "c", ignore_errors=True)
+        shutil.copytree(tmp_path / "a", tmp_path / "c")
+        chunk = sorted((tmp_path / "c" / "codes" / "site_000" / "c").rglob("*"))[-1]
+        damage(chunk)
+        with pytest.raises(InvalidInputError, match=r"is a damaged polytope-lens code store: rows 0 to 49 \(chunk 0\) "
+                                                    r"do not match the checksum its writer recorded"):
+            read_codes(tmp_path / "c")

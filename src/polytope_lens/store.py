@@ -27,7 +27,7 @@ import numpy as np
 from ._outputs import check_destination as _check_output
 from ._outputs import canonical, publish
 from .codes import LayerCodes, SplineCodes, active_counts, check_unit_shape
-from .errors import InvalidInputError, PolytopeLensError, is_int
+from .errors import InvalidInputError, PolytopeLensError, first_line, is_int
 
 __all__ = ["CodeStoreWriter", "read_codes", "write_codes", "FORMAT"]
 
@@ -341,8 +341,25 @@ def write_codes(codes: SplineCodes, path, *, meta: dict | None = None, overwrite
     return Path(path)
 
 
+def _damaged(path, what: str) -> InvalidInputError:
+    return InvalidInputError(f"{str(path)!r} is a damaged polytope-lens code store: {what}.")
+
+
+def _stored_array(group, key: str, path) -> np.ndarray:
+    """The array ``key`` of an open store, or a one-line error naming the store and the array missing or damaged."""
+    try:
+        return np.asarray(group[key][:])
+    except KeyError:  # zarr: no such array (its folder or its zarr.json removed)
+        raise _damaged(path, f"its array {key!r} is missing") from None
+    except (RuntimeError, ValueError, OSError) as e:  # a cut or altered chunk (codec errors), unreadable metadata
+        raise _damaged(path, f"its array {key!r} cannot be read ({type(e).__name__}: {first_line(e)})") from None
+
+
 def read_codes(path) -> SplineCodes:
-    """Read a store written by ``write_codes`` / ``CodeStoreWriter`` back into ``SplineCodes``."""
+    """Read a store written by ``write_codes`` / ``CodeStoreWriter`` back into ``SplineCodes``.
+
+    A store that is not one is refused in one line; so is a damaged one (an array, a chunk or an attribute missing or
+    unreadable), naming the store and the damage."""
     zarr = _zarr()
     try:
         g = zarr.open_group(str(path), mode="r")
@@ -351,10 +368,49 @@ def read_codes(path) -> SplineCodes:
     attrs = dict(g.attrs)
     if attrs.get("format") != FORMAT:
         raise InvalidInputError(f"{str(path)!r} is not a polytope-lens code store (format {attrs.get('format')!r}).")
+    missing = [k for k in ("layers", "selection", "dtype") if k not in attrs]
+    if missing:
+        raise _damaged(path, f"its zarr.json attributes lack {', '.join(map(repr, missing))}")
+    try:
+        sites = [(m["site"], m["alias"], m["activation"], m["n_units"], tuple(m["unit_shape"]), m["key"],
+                  bool(m["soft"])) for m in attrs["layers"]]
+    except (KeyError, TypeError) as e:
+        raise _damaged(path, f"its zarr.json attribute 'layers' is malformed ({type(e).__name__}: {first_line(e)})") \
+            from None
+    rows = _stored_array(g, "rows", path)
+    stored = [rows]  # in the order the writer's checksums read them (``CodeStoreWriter._arrays``)
     layers = {}
-    for m in attrs["layers"]:
-        soft = np.asarray(g[f"soft/{m['key']}"][:], dtype=np.float32) if m["soft"] else None
-        layers[m["site"]] = LayerCodes(m["site"], m["alias"], m["activation"], m["n_units"], tuple(m["unit_shape"]),
-                                       np.asarray(g[f"codes/{m['key']}"][:]), soft)
+    for site, alias, activation, n_units, unit_shape, key, has_soft in sites:
+        codes = _stored_array(g, f"codes/{key}", path)
+        stored.append(codes)
+        soft = None
+        if has_soft:
+            stored.append(_stored_array(g, f"soft/{key}", path))
+            soft = np.asarray(stored[-1], dtype=np.float32)
+        layers[site] = LayerCodes(site, alias, activation, n_units, unit_shape, codes, soft)
+    _check_chunks(attrs.get("chunks"), stored, path)
     keep = {k: v for k, v in attrs.items() if k not in ("layers", "selection", "dtype", "format", "chunks")}
-    return SplineCodes(layers, np.asarray(g["rows"][:]), attrs["selection"], attrs["dtype"], keep)
+    return SplineCodes(layers, rows, attrs["selection"], attrs["dtype"], keep)
+
+
+def _check_chunks(chunks, stored: list[np.ndarray], path) -> None:
+    """The store's rows against the checksums its writer recorded per chunk: a chunk file deleted or replaced reads
+    as zeros or as other codes without any error from zarr (a missing chunk is its fill value)."""
+    if not isinstance(chunks, list):
+        raise _damaged(path, "its zarr.json attribute 'chunks' (the checksums of its rows) is missing or malformed")
+    covered = 0
+    for i, c in enumerate(chunks):
+        try:
+            start, n, want = int(c["row_start"]), int(c["n_rows"]), str(c["sha256"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise _damaged(path, f"its zarr.json attribute 'chunks' is malformed ({type(e).__name__}: "
+                                 f"{first_line(e)})") from None
+        h = hashlib.sha256()
+        for arr in stored:
+            h.update(np.ascontiguousarray(arr[start:start + n]).tobytes())
+        if start != covered or h.hexdigest() != want:
+            raise _damaged(path, f"rows {start} to {start + n - 1} (chunk {i}) do not match the checksum its writer "
+                                 "recorded (a chunk file deleted, cut or replaced)")
+        covered = start + n
+    if covered != len(stored[0]):
+        raise _damaged(path, f"its checksums cover {covered:,} of its {len(stored[0]):,} rows")

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from polytope_lens.capture import call_forward, float_dtype
+from polytope_lens.data.arrays import real_array
 from polytope_lens.errors import InvalidInputError, first_line
 
 MODEL_MODALITIES = ("image", "text", "vector")
@@ -241,6 +242,7 @@ class ModelBundle:
                     f"needs one shape {self.input_shape}."
                 )
             items = np.stack([np.asarray(item) for item in items])
+        items = real_array(items, f"Data {data.spec!r}")  # native byte order: torch refuses others
         if self.input_shape is not None and tuple(items.shape[1:]) != tuple(self.input_shape):
             guessed = ("; that shape was guessed from its first Linear layer: a model that reshapes its input first "
                        "needs ':input_shape=...' in its spec" if self.provenance.get("input_shape_from") ==
