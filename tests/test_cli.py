@@ -194,8 +194,8 @@ def test_out_of_memory_is_one_line(monkeypatch):
     r = invoke("sites", "--model", "toy:2-5-2")
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.exit_code == 1 and len(lines) == 1
-    assert lines[0] == ("error: out of memory (tried to allocate 40000000000 bytes); lower --memory-mib, the number "
-                        "of inputs or the model size.")
+    assert lines[0] == ("error: out of memory (tried to allocate 40000000000 bytes); the model does not fit in memory "
+                        "here (it runs one example); use a smaller model.")  # sites has no --memory-mib to lower
 
     def broken(spec):
         raise RuntimeError("shape mismatch")
@@ -320,3 +320,104 @@ def test_extract_codes_names_what_it_takes():
         extract_codes(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), "digits")
     with pytest.raises(InvalidInputError, match="'data' parameter takes a data spec.*got Tensor"):
         extract_codes("toy:4-5-3", torch.zeros(3, 4))
+
+
+def test_out_of_memory_advice_names_only_options_the_command_has():
+    """The out-of-memory line told 'sites' to lower --memory-mib, an option it does not have. Oracle: each command's
+    own options, as Click parses them."""
+    import re
+
+    from typer.main import get_command
+
+    from polytope_lens.cli import _OOM_ADVICE
+
+    group = get_command(app)
+    for name, cmd in group.commands.items():
+        flags = {f for p in cmd.params for f in p.opts}
+        advice = _OOM_ADVICE.get(cmd.callback.__name__)
+        if name == "models":
+            continue  # lists specs; nothing to run out of memory
+        assert advice is not None, name
+        named = re.findall(r"--[a-z-]+", advice)
+        assert set(named) <= flags, (name, named)
+        assert ("--memory-mib" in named) == ("--memory-mib" in flags and name != "codes"), name
+
+
+def test_cluster_says_whether_the_codes_are_exact(tmp_path, toy_data):
+    """Clusters of threshold codes (GELU) were presented like polytope clusters: only clusters.json said
+    exact_codes false. The summary line and index.html now say which; the oracle is the store's own flag
+    (read_codes(...).exact, from the activation registry)."""
+    for act, want in (("gelu", False), ("relu", True)):
+        store = tmp_path / f"{act}.zarr"
+        assert invoke("codes", "--model", f"toy:4-16-16-3:{act}", "--data", f"npy:{toy_data[0]}", "--out",
+                      store).exit_code == 0
+        assert read_codes(store).exact is want
+        r = invoke("cluster", store, "--out", tmp_path / f"cl_{act}", "--min-cluster-size", 3)
+        assert r.exit_code == 0, r.output
+        line = " ".join(r.stdout.split())
+        page = (tmp_path / f"cl_{act}" / "index.html").read_text()
+        assert json.loads((tmp_path / f"cl_{act}" / "clusters.json").read_text())["exact_codes"] is want
+        if want:
+            assert "rows of exact polytope codes (" in line and "approximate threshold" not in line, line
+            assert "<p>codes: exact polytope codes</p>" in page and "approximate threshold" not in page
+        else:
+            assert "rows of approximate threshold codes of smooth activations (" in line, line
+            assert "<strong>approximate threshold codes of smooth activations</strong> (they do not name true " \
+                   "polytopes" in page
+
+
+def test_codes_json_cannot_be_the_store(tmp_path, toy_data, monkeypatch):
+    """--json naming the --out store (or a file inside it) published the store, then failed naming an internal temp
+    file (or wrote the summary into the store). One line before the model loads; nothing written or changed."""
+    import polytope_lens.models as models
+
+    store = tmp_path / "st"
+    assert invoke("codes", "--model", "toy:4-5-3", "--data", f"npy:{toy_data[0]}", "--out", store).exit_code == 0
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    monkeypatch.setattr(models, "load_model", lambda spec: pytest.fail("the model loaded before the check"))
+    monkeypatch.chdir(tmp_path)
+    for out, js, extra, why in ((tmp_path / "new", tmp_path / "new", [], "names the --out store"),
+                                ("new", store / ".." / "new", [], "names the --out store"),
+                                (store, store / "s.json", ["--overwrite"], "is inside the --out store")):
+        r = runner.invoke(app, ["codes", "--model", "toy:4-5-3", "--data", f"npy:{toy_data[0]}", "--out", str(out),
+                                "--json", str(js), *extra])
+        assert why in _one_error_line(r), r.stderr
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["complexity", "--model", "toy:2-8-3", "--data", "digits", "--json", "o.json", "--limit", "abc"],
+     "Invalid value for '--limit'"),
+    (["complexity", "--model", "toy:2-8-3", "--data", "digits", "--json", "o.json", "--radius", "1e-2x"],
+     "Invalid value for '--radius'"),
+    (["complexity", "--model", "toy:2-8-3", "--data", "digits", "--json"], "Option '--json' requires an argument"),
+    (["codes", "--data", "digits", "--out", "st"], "Missing option '--model'"),
+    (["sites", "--model", "toy:2-8-3", "--limt", "3"], "No such option: --limt"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+])
+def test_usage_errors_are_one_line_exit_1(argv, message, tmp_path, monkeypatch):
+    """Wrong option types, missing values or options, unknown options or commands: Click's message on one line and
+    exit 1 (they were Click's boxed usage text and exit 2); nothing runs or is written. Through the console
+    script too (its own process), where Click's standalone handling applies."""
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, argv)
+    line = _one_error_line(r)
+    assert message in line and r.stdout == "", line
+    p = subprocess.run([sys.executable, "-c", "import sys; from polytope_lens.cli import app; sys.exit(app())",
+                        *argv], capture_output=True, text=True, cwd=tmp_path, env={**__import__("os").environ,
+                                                                                  "COLUMNS": "60"})
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr
+    assert p.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_help_and_version_still_work():
+    for argv in (["--help"], ["complexity", "--help"], ["--version"]):
+        r = runner.invoke(app, argv)
+        assert r.exit_code == 0 and r.stderr == "", (argv, r.output)
+        assert ("Usage:" in r.stdout) != (argv == ["--version"]), r.stdout
+    r = runner.invoke(app, [])  # no arguments: the help, as before
+    assert "Usage:" in r.output and "error:" not in r.output

@@ -326,3 +326,107 @@ def test_devices_other_than_cpu_and_cuda_are_one_line(tmp_path, pairs, device):
     r = runner.invoke(app, ["path", "--model", MODEL, "--pairs", str(pairs), "--device", device, "--json",
                             str(tmp_path / "p.json")])
     assert r.exit_code == 1 and "must be 'cpu' or 'cuda'" in r.stderr and "Traceback" not in r.output
+
+
+# ------------------------------------------ arrays in another byte order, damaged archives, arrays of non-real values
+def _one_error_line(r):
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.output
+    return lines[0][len("error: "):]
+
+
+def test_big_endian_pairs_and_rows_give_what_the_native_arrays_give(tmp_path):
+    """--pairs with >f8 arrays and --from npy:BIG_ENDIAN@ROW crashed in torch ("byte order different from the native
+    byte order"). Oracle: the same values in native byte order give the same paths."""
+    rng = np.random.default_rng(5)
+    start, end = rng.normal(size=(3, 6)), rng.normal(size=(3, 6))
+    swapped = np.dtype(np.float64).newbyteorder("S")
+    np.savez(tmp_path / "n.npz", start=start, end=end)
+    np.savez(tmp_path / "s.npz", start=start.astype(swapped), end=end.astype(swapped))
+    np.save(tmp_path / "n.npy", np.stack([start[0], end[0]]))
+    np.save(tmp_path / "s.npy", np.stack([start[0], end[0]]).astype(swapped))
+
+    def paths(*args):
+        out = tmp_path / "o.json"
+        r = runner.invoke(app, ["path", "--model", MODEL, *args, "--json", str(out)])
+        assert r.exit_code == 0, r.output
+        return json.loads(out.read_text())["paths"]
+
+    assert paths("--pairs", str(tmp_path / "s.npz")) == paths("--pairs", str(tmp_path / "n.npz"))
+    be = paths("--from", f"npy:{tmp_path / 's.npy'}@0", "--to", f"npy:{tmp_path / 's.npy'}@1")
+    ne = paths("--from", f"npy:{tmp_path / 'n.npy'}@0", "--to", f"npy:{tmp_path / 'n.npy'}@1")
+    assert be == ne
+    want = path_crossings(load_model(MODEL).module, torch.from_numpy(start[:1]), torch.from_numpy(end[:1])).paths[0]
+    assert be[0]["length"] == want.length and be[0]["t"] == want.t.tolist()  # >f8 rows keep float64
+
+
+def test_damaged_pairs_archives_are_one_line(tmp_path):
+    """A flipped byte (bad CRC) or an object array in the pairs file printed a traceback from the member read.
+    Oracle: the exact one-line message, and no JSON."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ok.npz", start=rng.random((3, 6)), end=rng.random((3, 6)))
+    b = bytearray((tmp_path / "ok.npz").read_bytes())
+    b[150] ^= 0xFF  # inside start.npy's data
+    (tmp_path / "crc.npz").write_bytes(bytes(b))
+    (tmp_path / "trunc.npz").write_bytes(bytes(b[:-30]))
+    np.savez(tmp_path / "obj.npz", start=np.array([1, "a"], dtype=object), end=rng.random((3, 6)))
+    np.savez(tmp_path / "cplx.npz", start=rng.random((3, 6)) + 1j, end=rng.random((3, 6)))
+    want = {
+        "crc": "Cannot read array 'start' of the pairs file '{p}': Bad CRC-32 for file 'start.npy'; the file is "
+               "damaged or cut short.",
+        "trunc": "The pairs file '{p}' is not a readable numpy file (BadZipFile).",
+        "obj": "Cannot read array 'start' of the pairs file '{p}' without pickle (Object arrays cannot be loaded when "
+               "allow_pickle=False); save a numeric array.",
+        "cplx": "The pairs file's 'start' array must hold real numbers; it holds complex128.",
+    }
+    for name, message in want.items():
+        p = tmp_path / f"{name}.npz"
+        r = runner.invoke(app, ["path", "--model", MODEL, "--pairs", str(p), "--json", str(tmp_path / "o.json")])
+        assert _one_error_line(r) == message.format(p=p)
+        assert not (tmp_path / "o.json").exists()
+
+
+def test_endpoints_of_strings_or_complex_numbers_are_one_line(tmp_path):
+    """A .npy endpoint of strings printed a traceback (astype); a complex one was cut to its real part with a NumPy
+    warning. Oracle: the exact one-line message, as --pairs words it, and no JSON."""
+    b = _npy(tmp_path, "b.npy", np.ones(6))
+    for name, arr, dtype in (("s.npy", np.array(["a"] * 6), "<U1"), ("c.npy", np.ones(6) + 0.5j, "complex128")):
+        p = _npy(tmp_path, name, arr)
+        for args, what in ((["--from", p, "--to", b], f"--from {p!r}"), (["--from", b, "--to", p], f"--to {p!r}")):
+            r = runner.invoke(app, ["path", "--model", MODEL, *args, "--json", str(tmp_path / "o.json")])
+            assert _one_error_line(r) == f"{what} must hold real numbers; it holds {dtype}."
+        np.save(tmp_path / "rows.npy", np.stack([arr, arr]))
+        r = runner.invoke(app, ["path", "--model", MODEL, "--from", f"npy:{tmp_path / 'rows.npy'}@0", "--to", b,
+                                "--json", str(tmp_path / "o.json")])
+        rows = str(tmp_path / "rows.npy")
+        assert _one_error_line(r) == f"Array in {rows!r} must hold real numbers; it holds {dtype}."
+        assert not (tmp_path / "o.json").exists()
+
+
+def test_an_existing_npy_whose_name_holds_at_is_a_file(tmp_path):
+    """'dir/x@0.npy' was split at '@' into the data spec 'dir/x' ("Unknown data spec"): an existing .npy file now
+    wins, for --from/--to and --input; 'npy:FILE@ROW' still reads a row. Oracle: the API on the arrays loaded."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 6))
+    (tmp_path / "d@1").mkdir()
+    a, b = tmp_path / "d@1" / "x@0.npy", tmp_path / "y@1.npy"
+    np.save(a, x[0])
+    np.save(b, x[1])
+    np.save(tmp_path / "rows.npy", x)
+    want = path_crossings(load_model(MODEL).module, torch.from_numpy(x[:1]), torch.from_numpy(x[1:])).paths[0]
+    for frm, to in ((a, b), (f"npy:{tmp_path / 'rows.npy'}@0", b)):
+        r = runner.invoke(app, ["path", "--model", MODEL, "--from", str(frm), "--to", str(to), "--json",
+                                str(tmp_path / "p.json")])
+        assert r.exit_code == 0, r.output
+        d = json.loads((tmp_path / "p.json").read_text())
+        got = d["paths"][0]
+        assert got["crossings"] == want.crossings and got["t"] == want.t.tolist() and got["length"] == want.length
+        assert d["to_item"] == {"file": str(b)}
+    assert d["from_item"] == {"data": f"npy:{tmp_path / 'rows.npy'}", "row": 0, "label": None}
+    r = runner.invoke(app, ["scale", "--model", MODEL, "--input", str(a), "--layer", "1.relu", "--no-trace",
+                            "--json", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "s.json").read_text())
+    assert d["input_item"] == {"file": str(a)}
+    assert d["paths"][0]["crossings"] == ray_crossings(load_model(MODEL).module, torch.from_numpy(x[:1]),
+                                                       layer="1.relu", alphas=(0, 4)).paths[0].crossings

@@ -62,6 +62,30 @@ def test_complexity_json(tmp_path):
         r.stdout.split())
 
 
+def test_complexity_keeps_float64_points(tmp_path):
+    """A float64 point 3e-9 from a ReLU's kink, radius 1e-8: the CLI rounded the data to float32 (moving the point
+    ~1e-8 off the kink) and counted 1 region where the API on the same float64 points counts 2. Oracle: the API."""
+    import torch
+
+    from polytope_lens.slices import exact_local_complexity, local_complexity
+
+    m = load_model("toy:2-8-3").module
+    w, b = m[0].weight.detach().double(), m[0].bias.detach().double()
+    x0 = 0.3
+    y0 = (3e-9 - b[0].item() - w[0, 0].item() * x0) / w[0, 1].item()
+    pts = np.array([[x0, y0], [0.5, -0.25]])
+    np.save(tmp_path / "near.npy", pts)
+    r = runner.invoke(app, ["complexity", "--model", "toy:2-8-3", "--data", f"npy:{tmp_path / 'near.npy'}",
+                            "--radius", "1e-8", "--exact", "--json", str(tmp_path / "lc.json")])
+    assert r.exit_code == 0, r.output
+    d = json.loads((tmp_path / "lc.json").read_text())
+    x = torch.from_numpy(pts)
+    want_exact = exact_local_complexity(m, x, radius=1e-8).to_dict()["total"]
+    want_approx = local_complexity(m, x, radius=1e-8, n_dirs=2).to_dict()["total"]
+    assert want_exact[0] == 2  # the point's square crosses the kink
+    assert d["exact"]["total"] == want_exact and d["approximate"]["total"] == want_approx
+
+
 def test_complexity_n_dirs_and_exact_layers(tmp_path):
     """The default --n-dirs (20) is capped at a smaller input dimension, with a note; a larger explicit --n-dirs and
     --exact with --layers are one line naming the options (they used to fail naming the API's 'n_dirs', and --exact
@@ -177,3 +201,53 @@ def test_outputs_are_written_all_or_none_whatever_their_names(tmp_path, monkeypa
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.exit_code == 1 and len(lines) == 1 and "305 bytes long" in lines[0], r.output
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- arrays in another byte order or of non-real values
+def test_big_endian_points_and_data_give_what_the_native_arrays_give(tmp_path):
+    """slice --points, complexity, sites and codes crashed in torch on >f8 / >f4 arrays ("byte order different from
+    the native byte order"). Oracle: the same values in native byte order give the same results."""
+    from polytope_lens.store import read_codes
+
+    x = np.random.default_rng(2).normal(size=(3, 2))
+    swapped = np.dtype(np.float64).newbyteorder("S")
+    np.save(tmp_path / "n.npy", x)
+    np.save(tmp_path / "s.npy", x.astype(swapped))
+    np.save(tmp_path / "s4.npy", x.astype(np.float32).astype(np.dtype(np.float32).newbyteorder("S")))
+    np.save(tmp_path / "n4.npy", x.astype(np.float32))
+
+    def run(*args, drop=("data", "seconds", "points")):
+        r = runner.invoke(app, [*args, "--json", str(tmp_path / "o.json")])
+        assert r.exit_code == 0, r.output
+        d = json.loads((tmp_path / "o.json").read_text())
+        return {k: v for k, v in d.items() if k not in drop}
+
+    for native, other in (("n.npy", "s.npy"), ("n4.npy", "s4.npy")):
+        n, s = str(tmp_path / native), str(tmp_path / other)
+        assert run("slice", "--model", "toy:2-8-8-3", "--points", s) == run("slice", "--model", "toy:2-8-8-3",
+                                                                             "--points", n)
+        assert run("complexity", "--model", "toy:2-8-3", "--data", f"npy:{s}") == \
+            run("complexity", "--model", "toy:2-8-3", "--data", f"npy:{n}")
+        sites = [runner.invoke(app, ["sites", "--model", "toy:2-8-3", "--data", f"npy:{p}"]) for p in (s, n)]
+        assert sites[0].exit_code == 0 and sites[0].stdout == sites[1].stdout, sites[0].output
+        for p, store in ((s, "s.zarr"), (n, "n.zarr")):
+            r = runner.invoke(app, ["codes", "--model", "toy:2-8-3", "--data", f"npy:{p}", "--out",
+                                    str(tmp_path / store), "--overwrite"])
+            assert r.exit_code == 0, r.output
+        got, want = read_codes(tmp_path / "s.zarr"), read_codes(tmp_path / "n.zarr")
+        assert np.array_equal(got.concat(), want.concat()) and np.array_equal(got.rows, want.rows)
+
+
+def test_points_of_strings_or_complex_numbers_are_one_line(tmp_path):
+    """--points of strings printed a traceback (torch.from_numpy); complex points were cut to their real part with a
+    NumPy warning. Oracle: the exact one-line message and no JSON."""
+    for arr, dtype in ((np.array([["a", "b"], ["c", "d"], ["e", "f"]]), "<U1"),
+                       (np.array([[0, 0], [1, 0], [0, 1]]) + 0.5j, "complex128")):
+        p = tmp_path / "p.npy"
+        np.save(p, arr)
+        r = runner.invoke(app, ["slice", "--model", "toy:2-8-3", "--points", str(p), "--json",
+                                str(tmp_path / "o.json")])
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        want = f"error: --points {str(p)!r} must hold real numbers; it holds {dtype}."
+        assert r.exit_code == 1 and lines == [want], r.output
+        assert not (tmp_path / "o.json").exists()

@@ -80,6 +80,39 @@ def test_report_tables_name_the_data_and_the_folder_is_readable(tiny_report):
     assert out.stat().st_mode & 0o777 == 0o777 & ~mask
 
 
+def test_cli_labels_every_count_exact_or_approximate(tiny_report, tmp_path, monkeypatch):
+    """The CLI printed prediction 2's counts of a sampled (text) run, lower bounds, with no label. Each printed line
+    of predictions 2 and 3 now says how its crossings were counted; the oracle is each entry's own 'exact' flag
+    (set by the API from its path results; results.json holds it). The digits-cnn run is exact; a text model's
+    entries (method 'sampled', exact False) are taken from the same entries, marked as a text run marks them."""
+    import copy
+
+    from typer.testing import CliRunner
+
+    import polytope_lens.reproduce as rep
+    from polytope_lens.cli import app
+
+    _, real = tiny_report
+    result = copy.deepcopy(real)
+    sampled = [dict(e, model="minilm", exact=False, method="sampled") for e in result["results"]["prediction_2"]]
+    result["results"]["prediction_2"] += sampled
+    monkeypatch.setattr(rep, "reproduce", lambda *a, **k: result)
+    r = CliRunner().invoke(app, ["reproduce", "--quick", "--models", "digits-cnn", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("prediction_")]
+    entries = [(k, e) for k, es in result["results"].items() for e in es]
+    assert len(lines) == len(entries)
+    assert sum("exact" in e for _, e in entries) > len(sampled) > 0 and any(e.get("exact") for _, e in entries)
+    for line, (key, e) in zip(lines, entries):
+        assert line.startswith(f"{key} {e['model']} {e['statistic']}:"), (line, e)
+        if "exact" not in e:  # prediction 1: clustering scores, not counts
+            assert "crossings" not in line.split(":", 1)[1], line
+        elif e["exact"]:
+            assert "(exact crossings) ->" in line, line
+        else:
+            assert "(approximate: sampled crossings, counts are lower bounds) ->" in line, line
+
+
 def test_outputs_are_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
     """_outputs.publish and canonical, the last step of reproduce, cluster and codes. (1) 'report/sub/..' is the
     report itself: its temporary sibling was made inside it and the run deleted both. (2) Ctrl-C between removing

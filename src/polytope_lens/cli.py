@@ -24,6 +24,7 @@ from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.table import Table
+from typer.core import TyperGroup
 
 from .errors import InvalidInputError, PolytopeLensError, RandomWeightsWarning
 
@@ -31,10 +32,46 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at ru
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-app = typer.Typer(help="Look at any PyTorch network through the polytope lens.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
 out = Console()
 err = Console(stderr=True)
+
+
+# Click's UsageError, whether typer uses click or (newer typer) its own copy of click: a base of typer.BadParameter
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_NoArgsIsHelp = getattr(sys.modules[_UsageError.__module__], "NoArgsIsHelpError", ())
+
+
+def _usage_error(e):
+    """A usage error (an option's value of the wrong type, a missing value or option, an unknown option or command)
+    as one line on stderr with Click's own message, and exit code 1, as the commands' own errors (Click would print
+    the usage and a box, and exit 2). Without arguments the help is shown as before."""
+    if isinstance(e, _NoArgsIsHelp):
+        raise e
+    message = " ".join(e.format_message().split())
+    message += "" if message.endswith((".", "?", "!")) else "."
+    hint = "" if e.ctx is None else f" Try '{e.ctx.command_path} --help' for help."
+    err.print(f"[red]error:[/red] {escape(message + hint)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+class _Group(TyperGroup):
+    """The app's command group: usage errors of the group and of every command become ``_usage_error``'s line."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except _UsageError as e:
+            _usage_error(e)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)  # a command's own options are parsed here
+        except _UsageError as e:
+            _usage_error(e)
+
+
+app = typer.Typer(help="Look at any PyTorch network through the polytope lens.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False, cls=_Group)
 
 
 def _version_callback(value: bool):
@@ -62,6 +99,19 @@ def main(version: Annotated[Optional[bool], typer.Option("--version", callback=_
     warnings.showwarning = _show_warning
 
 
+# what an out-of-memory error advises, per command: the options that command has which lower its memory
+_OOM_ADVICE = {
+    "sites_cmd": "the model does not fit in memory here (it runs one example); use a smaller model",
+    "codes_cmd": "lower --batch-size or use a smaller model",
+    "path_cmd": "lower --memory-mib, the number of pairs or the model size",
+    "scale_cmd": "lower --memory-mib or the model size",
+    "slice_cmd": "lower --memory-mib, slice fewer sites (--until) or use a smaller model",
+    "complexity_cmd": "lower --limit, --n-dirs or the model size",
+    "cluster_cmd": "lower --limit or --n-neighbors, or cluster fewer sites (--layers)",
+    "reproduce_cmd": "use --quick or fewer --models",
+}
+
+
 def _user_errors(fn):
     """Turn library errors into one line on stderr and exit code 1."""
     @functools.wraps(fn)
@@ -87,8 +137,8 @@ def _user_errors(fn):
                 raise
             asked = re.search(r"tried to allocate ([0-9.]+) ?([KMGT]?i?B|bytes)", text)
             what = f"tried to allocate {asked.group(1)} {asked.group(2)}" if asked else type(e).__name__
-            err.print(f"[red]error:[/red] out of memory ({escape(what)}); lower --memory-mib, the number of inputs "
-                      "or the model size.", highlight=False, soft_wrap=True)
+            advice = _OOM_ADVICE.get(fn.__name__, "use fewer inputs or a smaller model")
+            err.print(f"[red]error:[/red] out of memory ({escape(what)}); {advice}.", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
     return wrapper
 
@@ -232,6 +282,11 @@ def codes_cmd(
 
     if json_out is not None:
         _check_json_target(json_out)
+        store, summary_file = out_path.resolve(), json_out.resolve()
+        if summary_file == store or store in summary_file.parents:  # the JSON would replace the store, or land in it
+            where = "names the --out store {!r} itself" if summary_file == store else "is inside the --out store {!r}"
+            raise InvalidInputError(f"--json {str(json_out)!r} {where.format(str(out_path))}; give the JSON summary a "
+                                    "path outside the store.")
     _check_ray(ray, ray_workers)
     check_destination(out_path, overwrite=overwrite)  # before the model loads; the writer checks again
     bundle = load_model(model)
@@ -282,7 +337,7 @@ def _item(bundle, ref: str, what: str, max_tokens: int | None = None):
 
     from .data import load_data
 
-    if "@" in ref:
+    if "@" in ref and not (ref.endswith(".npy") and Path(ref).is_file()):  # an existing .npy named x@0.npy is a file
         spec, key = ref.rsplit("@", 1)
         source = load_data(spec)
         names = list(source.label_names or [])
@@ -315,8 +370,9 @@ def _item(bundle, ref: str, what: str, max_tokens: int | None = None):
             raise InvalidInputError(f"{what} {ref!r} must be DATA_SPEC@INDEX (e.g. skimage@chelsea, digits@0) or an "
                                     "existing .npy file.")
         from .data import DataSource
+        from .data.arrays import real_array
 
-        arr = _load_npy(path, what)
+        arr = real_array(_load_npy(path, what), f"{what} {ref!r}")
         arr = arr if bundle.input_shape is None or arr.shape != tuple(bundle.input_shape) else arr[None]
         inputs = bundle.encode(DataSource(str(path), "array", arr.astype(np.float32), None, None, {}))
         _keep_float64(inputs, bundle, arr)
@@ -345,6 +401,8 @@ def _pairs(bundle, path: Path):
     import numpy as np
     import torch
 
+    from .data.arrays import npz_member, real_array
+
     z = _np_load(path, "The pairs file")
     if not isinstance(z, np.lib.npyio.NpzFile):
         raise InvalidInputError(f"The pairs file {str(path)!r} must be an .npz holding arrays 'start' and 'end'.")
@@ -352,11 +410,10 @@ def _pairs(bundle, path: Path):
         if "start" not in z or "end" not in z:
             raise InvalidInputError(f"The pairs file {str(path)!r} must hold arrays 'start' and 'end'; it has "
                                     f"{', '.join(z.files)}.")
-        start, end = z["start"], z["end"]
+        start, end = (npz_member(z, k, f"the pairs file {str(path)!r}") for k in ("start", "end"))
+    start, end = (real_array(arr, f"The pairs file's {name!r} array") for name, arr in (("start", start), ("end", end)))
     want = None if bundle.input_shape is None else tuple(bundle.input_shape)
     for name, arr in (("start", start), ("end", end)):
-        if arr.dtype.kind not in "biuf":
-            raise InvalidInputError(f"The pairs file's {name!r} array must hold numbers; it holds {arr.dtype}.")
         if want is not None and tuple(arr.shape[1:]) != want:
             raise InvalidInputError(f"The pairs file's {name!r} array has shape {arr.shape}; model {bundle.spec!r} "
                                     f"needs (P, {', '.join(map(str, want))}).")
@@ -606,7 +663,9 @@ def _three_points(bundle, points: Path | None, through: str | None):
     import torch
 
     if points is not None:
-        arr = _load_npy(points, "--points")
+        from .data.arrays import real_array
+
+        arr = real_array(_load_npy(points, "--points"), f"--points {str(points)!r}")
         if arr.ndim < 2 or arr.shape[0] != 3:
             raise InvalidInputError(f"--points must hold three points, an array of shape (3, *input_shape). Got "
                                     f"{arr.shape}.")
@@ -729,7 +788,12 @@ def complexity_cmd(
     source = load_data(data, limit=limit)
     if bundle.modality == "text":
         raise InvalidInputError("Local complexity needs image or vector inputs; text models are not supported.")
-    x = next(iter(bundle.encode(source).tensors.values())).double()
+    inputs = bundle.encode(source)
+    if source.modality == "array":  # npy:/npz: points keep their float64 values, as the API's tensor would
+        import numpy as np
+
+        _keep_float64(inputs, bundle, np.asarray(source.items))
+    x = next(iter(inputs.tensors.values())).double()
     dim = math.prod(x.shape[1:])
     if n_dirs is None:
         n_dirs = min(20, dim)
@@ -800,7 +864,7 @@ def cluster_cmd(
     ray_workers: Annotated[Optional[int], typer.Option(help="Ray workers (default: one per CPU).")] = None,
 ):
     """Cluster a store's codes (HDBSCAN through a faiss kNN graph): assignments, clusters.json and index.html."""
-    from .cluster_report import cluster_store
+    from .cluster_report import cluster_store, codes_kind
 
     _check_ray(ray, ray_workers)
     stages = {"knn": "kNN graph", "bridge": "bridging components", "tree": "HDBSCAN tree"}
@@ -815,9 +879,10 @@ def cluster_cmd(
         result = cluster_store(store, out_path, metric=metric, layers=layers, min_cluster_size=min_cluster_size,
                                min_samples=min_samples, n_neighbors=n_neighbors, index=index, limit=limit,
                                overwrite=overwrite, progress=progress, ray_address=ray, ray_workers=ray_workers)
-    out.print(f"[bold]{result['n_clusters']}[/bold] clusters of [bold]{result['n_rows']}[/bold] rows "
-              f"({100 * result['noise_fraction']:.1f}% noise, {result['metric']}, kNN "
-              f"{'exact' if result['knn_exact'] else 'approximate'}, {result['seconds']:.1f} s) -> {result['out']}")
+    out.print(f"[bold]{result['n_clusters']}[/bold] clusters of [bold]{result['n_rows']}[/bold] rows of "
+              f"{codes_kind(result['exact_codes'])} ({100 * result['noise_fraction']:.1f}% noise, "
+              f"{result['metric']}, kNN {'exact' if result['knn_exact'] else 'approximate'}, "
+              f"{result['seconds']:.1f} s) -> {result['out']}")
     sc = result.get("label_scores")
     if sc and sc["n_labels"] < 2:
         err.print("note: the rows have a single label (a --limit that takes the first items of one class or novel?): "
@@ -837,7 +902,8 @@ def reproduce_cmd(
                                                        "data is not installed is skipped.")] = None,
 ):
     """Run predictions 1-3 and the representational flow on the embedded models; write the HTML report."""
-    from .reproduce import FULL, QUICK, check_models, check_out_dir, default_models, estimate_seconds, reproduce
+    from .reproduce import (FULL, QUICK, check_models, check_out_dir, counts_kind, default_models, estimate_seconds,
+                            reproduce)
 
     chosen = default_models(quick) if models is None else check_models([m.strip() for m in models.split(",")
                                                                          if m.strip()])
@@ -850,8 +916,10 @@ def reproduce_cmd(
                            progress=lambda msg: bar.update(task, description=msg))
     for key, entries in result["results"].items():
         for e in entries:
-            out.print(f"{key} {e['model']} {e['statistic']}: {e['value']:.4g} vs {e['baseline']:.4g} "
-                      f"-> {e['verdict']}", highlight=False, markup=False)
+            kind = counts_kind(e)  # predictions 2 and 3 rest on crossing counts: exact or sampled lower bounds
+            out.print(f"{key} {e['model']} {e['statistic']}: {e['value']:.4g} vs {e['baseline']:.4g}"
+                      f"{'' if kind is None else f' ({kind})'} -> {e['verdict']}", highlight=False, markup=False,
+                      soft_wrap=True)  # one line per entry, whatever the width
     for m, why in result["skipped"].items():
         err.print(f"skipped {m}: {why}", highlight=False, markup=False)
     out.print(f"report in {result['seconds']:.0f} s -> {result['out_dir']}/index.html")

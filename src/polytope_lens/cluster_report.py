@@ -13,7 +13,9 @@ place, nothing at ``out`` on failure)::
                           the store's data set loads with ``data.load_data`` and matches its recorded provenance),
                           as token contexts (text stores, tokenised by the store's model), or as row indices
 
-Nothing here is exact or approximate beyond the clusterer: ``clusters.json`` records ``knn_exact``.
+Two things are exact or approximate: the codes (``exact_codes``: false for threshold codes of smooth activations,
+which name no true polytopes; the dashboard, and the CLI's summary line, say which) and the clusterer's kNN search
+(``knn_exact``).
 """
 
 from __future__ import annotations
@@ -251,6 +253,18 @@ def _examples(codes: SplineCodes, summary, max_shown: int, loaded, per_cluster: 
     return out, None
 
 
+def codes_kind(exact: bool) -> str:
+    """How a summary names the codes clustered (``exact_codes``)."""
+    return "exact polytope codes" if exact else "approximate threshold codes of smooth activations"
+
+
+def _codes_kind(exact: bool) -> str:
+    if exact:
+        return codes_kind(True)
+    return (f"<strong>{codes_kind(False)}</strong> (they do not name true polytopes: rows are grouped by the side "
+            "of each unit's threshold they are on)")
+
+
 def _dashboard(result: dict, summary, codes: SplineCodes, max_shown: int, loaded) -> str:
     e = html.escape
     sizes = [c.size for c in summary.clusters]
@@ -266,6 +280,7 @@ def _dashboard(result: dict, summary, codes: SplineCodes, max_shown: int, loaded
         f"noise {100 * result['noise_fraction']:.1f}% &middot; kNN search "
         f"{'exact' if result['knn_exact'] else 'approximate'} &middot; {result['seconds']:.1f} s</p>",
         f"<p class='muted'>sites: {e(', '.join(result['sites']))}</p>",
+        f"<p>codes: {_codes_kind(result['exact_codes'])}</p>",
     ]
     sc = result.get("label_scores")
     if sc and sc["purity"] is None:

@@ -144,6 +144,16 @@ def check_models(models) -> list[str]:
     return models
 
 
+def counts_kind(entry: dict) -> str | None:
+    """How the crossings a results entry rests on were counted, as a summary says it: exact, or approximate
+    (sampled: counts are lower bounds); None for an entry that rests on no crossings (prediction 1's scores)."""
+    if "exact" not in entry:
+        return None
+    if entry["exact"]:
+        return "exact crossings"
+    return f"approximate: {entry.get('method') or 'sampled'} crossings, counts are lower bounds"
+
+
 def check_out_dir(out, *, overwrite: bool = False) -> None:
     """Raise unless ``out`` is free, or is a report that ``overwrite`` may replace (``_outputs``)."""
     check_destination(out, "report", overwrite=overwrite)
