@@ -3042,3 +3042,132 @@ def test_wide_sampled_gelu_rays_equal_log_spaced_dense_signs(alphas):
             mine = np.sort(p.alpha(p.records["t"][(np.asarray(res.sites)[p.records["site"]] == name)
                                                   & (p.records["unit"] == u)]))
             np.testing.assert_allclose(mine, where, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------- affine route: bends on their own scale
+def _exact_bend(zl, zr, u, v):
+    """The function ``_bend`` describes, in exact rational arithmetic from its float inputs: zl + s0 u +
+    sum_j v_j max(0, u - u_j), s0 fixed by zr at u = 1 (one interval; zl, zr (d,), u (n,), v (n, d))."""
+    from fractions import Fraction as Q
+
+    zl, zr = [Q(float(a)) for a in zl], [Q(float(a)) for a in zr]
+    us, vs = [Q(float(a)) for a in u], [[Q(float(a)) for a in row] for row in v]
+    out = []
+    for ui in us:
+        row = []
+        for k in range(len(zl)):
+            s0 = zr[k] - zl[k] - sum((1 - uj) * vj[k] for uj, vj in zip(us, vs))
+            row.append(float(zl[k] + s0 * ui + sum(vj[k] * max(Q(0), ui - uj) for uj, vj in zip(us, vs))))
+        out.append(row)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("n", [1, 5, 31, 32, 33, 100, 1025, 5000])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cumsum_rows_in_runs_equals_a_cumsum_per_run(n, reverse):
+    """``_cumsum_rows`` with runs (``seg``) restarts at each run, from the run's first row or (``reverse``) its
+    last, across block boundaries and in the recursive block totals (1025, 5000 rows; runs longer than a block and
+    of one row), against torch's cumsum of each run alone; and a run's sums never pass through another's, so a run
+    of values near 1 after one near 1e12 keeps its own digits (subtracting a running sum over both kept 1e-4)."""
+    from polytope_lens.paths.exact import _cumsum_rows
+
+    g = torch.Generator().manual_seed(n)
+    lengths = []
+    while sum(lengths) < n:
+        lengths.append(int(torch.randint(1, 80, (1,), generator=g)))
+    lengths[-1] -= sum(lengths) - n
+    seg = torch.cat([torch.full((m,), 3 * i + 7) for i, m in enumerate(lengths)])  # labels: any, one per run
+    scale = torch.cat([torch.full((m,), 1e12 if i % 2 == 0 else 1.0) for i, m in enumerate(lengths)])
+    x = torch.randn(n, 3, generator=g, dtype=torch.float64) * scale[:, None]
+
+    def per_run(v):
+        return torch.cat([p.flip(0).cumsum(0).flip(0) if reverse else p.cumsum(0) for p in torch.split(v, lengths)])
+    got = _cumsum_rows(x, seg=seg, reverse=reverse)
+    # within rounding of the run's own sums of |x| (random signs cancel: a relative tolerance on the sums is not one)
+    assert ((got - per_run(x)).abs() <= 1e-13 * per_run(x.abs())).all()
+    if not reverse:  # no runs: torch's cumsum, as before
+        assert ((_cumsum_rows(x) - x.cumsum(0)).abs() <= 1e-13 * x.abs().cumsum(0)).all()
+
+
+def test_bend_rounds_each_interval_on_the_scale_of_its_own_terms():
+    """``_bend``'s long intervals (prefix sums) are each rounded on the scale of their own terms: zl (1 - u) + zr u
+    and |v_j| min(u, u_j) (1 - max(u, u_j)). Against the function written out in exact rational arithmetic, with
+    (1) an interval of slope jumps near 1e9 (a ray's interval up to alpha = 1e9) before one of jumps near 1: the
+    sums over both, restarted by subtracting, left the second 2.6e-7 of its scale off (as on the digits CNN ray
+    batch over (-1, 1e9) that failed the final check); (2) an interval that ends at its small values (alpha = 0 at
+    u = 1, from alpha = -1e9): the sums after each point, taken as the interval's total less the sum before it,
+    left 3.2e-7 there. Now 1.7e-16."""
+    from polytope_lens.paths.exact import _PAIRWISE_MAX, _bend
+
+    g = torch.Generator().manual_seed(11)
+    d, n = 3, 3 * _PAIRWISE_MAX  # long intervals: prefix sums
+    # (1) alpha up to 1e9 at u = 1, small values at u -> 0; then an ordinary interval of values near 1
+    u1 = torch.sort(torch.cat([torch.rand(n // 2, generator=g, dtype=torch.float64) * 1e-9,
+                               torch.rand(n - n // 2, generator=g, dtype=torch.float64)])).values
+    v1 = torch.randn(n, d, generator=g, dtype=torch.float64) * 1e9
+    zl1, zr1 = torch.randn(d, generator=g, dtype=torch.float64), 1e9 * torch.randn(d, generator=g, dtype=torch.float64)
+    u2 = torch.sort(torch.rand(n, generator=g, dtype=torch.float64)).values
+    v2 = torch.randn(n, d, generator=g, dtype=torch.float64)
+    zl2, zr2 = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    # (2) from alpha = -1e9 at u = 0 to alpha = 0 at u = 1: large values first, small ones near u = 1
+    u3 = torch.sort(torch.cat([torch.rand(n // 2, generator=g, dtype=torch.float64),
+                               1.0 - torch.rand(n - n // 2, generator=g, dtype=torch.float64) * 1e-9])).values
+    v3 = torch.randn(n, d, generator=g, dtype=torch.float64) * 1e9
+    zl3, zr3 = 1e9 * torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    zl, zr = torch.stack([zl1, zl2, zl3]), torch.stack([zr1, zr2, zr3])
+    u, v = torch.cat([u1, u2, u3]), torch.cat([v1, v2, v3])
+    grp = torch.arange(3).repeat_interleave(n)
+    got = _bend(torch.lerp(zl[grp], zr[grp], u[:, None]), u, grp, 3, v.clone())
+    for i, (ui, vi) in enumerate(((u1, v1), (u2, v2), (u3, v3))):
+        want = _exact_bend(zl[i], zr[i], ui, vi)
+        lo, hi = torch.minimum(ui[:, None], ui[None]), torch.maximum(ui[:, None], ui[None])
+        scale = ((1 - ui)[:, None] * zl[i].abs() + ui[:, None] * zr[i].abs()
+                 + (lo * (1 - hi)) @ vi.abs()).numpy()  # the terms' own size at each point
+        err = np.abs(got[i * n:(i + 1) * n].numpy() - want) / scale
+        assert err.max() < 1e-13, (i, float(err.max()))
+
+
+def test_affine_ray_batch_over_a_wide_range_matches_the_forward_pass_and_the_graph_route(monkeypatch):
+    """The digits CNN at stem.2.relu, rows 0, 1, 7 over alpha in (-1, 1e9). Refined together, the second chunk's
+    closed-form bends (``_bend``) summed the first path's interval up to alpha 1e9 into the second's near alpha 0:
+    a block.relu2 unit at alpha -0.17 was 7e-8 off its forward-pass value, its crossing placed 6e-8 (in alpha) from
+    where it is, and verify raised "internal check failed" (each row alone passed). Oracles: every unit input the
+    affine route computes (at every point, every site) against a forward pass at that point (``Runner.eval_points``,
+    to 1e-12 of the point's largest unit input; old code 3.6e-7), and the graph route's records (the same
+    crossings, alphas equal to 1e-12 relative but for a few ill-conditioned units, all to 1e-10)."""
+    from polytope_lens.data import load_data
+    from polytope_lens.models import load_model
+    from polytope_lens.paths import exact
+
+    b = load_model("digits-cnn")
+    x = b.encode(load_data("digits"), [0, 1, 7]).tensors[b.input_name]
+    alphas = (-1.0, 1e9)
+    seen = []
+    affine_z = exact.Refiner._affine_z
+
+    def recorded(self, m, pid, t, gpids, *args, **kwargs):
+        z = affine_z(self, m, pid, t, gpids, *args, **kwargs)
+        seen.append((self.r, m, gpids[pid], t.clone(), z.clone()))
+        return z
+    monkeypatch.setattr(exact.Refiner, "_affine_z", recorded)
+    aff = ray_crossings(b.module, x, layer="stem.2.relu", alphas=alphas, trace=False, evaluator="affine")
+    monkeypatch.undo()
+    assert any("evaluator: affine" in note for note in aff.notes)
+    assert len({tuple(gp.unique().tolist()) for _, _, gp, _, _ in seen}) >= 2  # some chunk held several rays
+    worst = 0.0
+    for runner, m, gp, t, z in seen:
+        want = runner.eval_points(gp, t, [m])[m]
+        err = ((z - want).abs().amax(1) / want.abs().amax(1).clamp_min(1e-300)).max()
+        worst = max(worst, float(err))
+    assert worst < 1e-12, worst
+    graph = ray_crossings(b.module, x, layer="stem.2.relu", alphas=alphas, trace=False, evaluator="graph")
+    for p, q in zip(aff.paths, graph.paths):
+        assert p.per_layer == q.per_layer and p.ties == q.ties
+        order = [np.lexsort((r.records["piece"], r.records["unit"], r.records["site"],
+                             np.round(r.alpha(r.records["t"]), 6))) for r in (p, q)]
+        for f in ("site", "unit", "piece"):
+            assert (p.records[f][order[0]] == q.records[f][order[1]]).all()
+        ap, aq = p.alpha(p.records["t"][order[0]]), q.alpha(q.records["t"][order[1]])
+        assert ((ap == 0) == (aq == 0)).all()
+        rel = np.abs(ap - aq) / np.where(aq == 0, 1.0, np.abs(aq))
+        assert rel.max() < 1e-10 and (rel > 1e-12).sum() <= 2, (p.index, rel.max(), (rel > 1e-12).sum())

@@ -329,17 +329,41 @@ class _Rows:
         return self.blocks[0]
 
 
-def _cumsum_rows(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+def _cumsum_rows(x: torch.Tensor, block: int = 32, seg: torch.Tensor | None = None,
+                 reverse: bool = False) -> torch.Tensor:
     """``torch.cumsum(x, 0)`` for a (n, d) tensor, several times faster: a triangular product within blocks of
     rows, then the running block totals, the same way while there are many blocks (torch's cumsum along a
-    non-innermost dimension is a strided loop on the CPU and one sequential thread per column on a GPU)."""
+    non-innermost dimension is a strided loop on the CPU and one sequential thread per column on a GPU).
+
+    ``seg`` (n,): labels of contiguous runs of rows (one label per run); the sums then restart at each run, and no
+    run's sums pass through another's, so each carries rounding of its own size only (``_bend``: subtracting a
+    running sum over all runs left eps times every earlier run's sums, 1e9 times too much at small alpha on a ray
+    over (-1, 1e9) when another path's run over alpha up to 1e9 came first). ``reverse``: sums from the last row (of
+    each run) back, ``x[i:]`` summed."""
     n, d = x.shape
-    if n <= block:
+    if seg is None and not reverse and n <= block:
         return x.cumsum(0)
     nb = -(-n // block)
-    xp = x if n == nb * block else torch.cat([x, x.new_zeros(nb * block - n, d)])
-    within = torch.matmul(torch.ones(block, block, dtype=x.dtype, device=x.device).tril_(), xp.view(nb, block, d))
-    within[1:] += _cumsum_rows(within[:-1, -1], block)[:, None]
+    pad = nb * block - n
+    xp = x if not pad else torch.cat([x, x.new_zeros(pad, d)])
+    tri = torch.ones(block, block, dtype=torch.bool, device=x.device)
+    tri = tri.triu_() if reverse else tri.tril_()  # row i sums rows j >= i, or j <= i
+    if seg is None:
+        mask, sp = tri.to(x.dtype), None
+    else:
+        sp = (seg if not pad else torch.cat([seg, seg[-1:].expand(pad)])).view(nb, block)  # zeros join the last run
+        mask = (tri & (sp[:, :, None] == sp[:, None, :])).to(x.dtype)
+    within = torch.matmul(mask, xp.view(nb, block, d))
+    if nb > 1:
+        edge = 0 if reverse else -1  # the row of each block that its neighbour's carry continues
+        lab = None if sp is None else sp[:, edge]
+        carry = _cumsum_rows(within[:, edge], block, lab, reverse)  # totals over whole blocks (of one run)
+        into, frm = (within[:-1], carry[1:]) if reverse else (within[1:], carry[:-1])
+        if sp is None:
+            into += frm[:, None]
+        else:  # only the rows of the run that the neighbouring block ends (or starts) with
+            same = (sp[:-1] if reverse else sp[1:]) == (lab[1:] if reverse else lab[:-1])[:, None]
+            into.addcmul_(same[:, :, None].to(x.dtype), frm[:, None])  # times 1 or 0: exact, one pass
     return within.view(-1, d)[:n]
 
 
@@ -354,9 +378,14 @@ def _bend(line: torch.Tensor, u: torch.Tensor, grp: torch.Tensor, n_grp: int, v:
     Closed form (the Green's function of d2/du2 on [0, 1] with zero ends): z_i = lerp(zl, zr, u_i) - sum_j
     min(u_i, u_j) (1 - max(u_i, u_j)) v_j over the points j of i's interval. Intervals with few points sum their
     pairs (O(points^2) rows, no running sums); longer ones use prefix sums, z_i = lerp - (1 - u_i) sum_{j<i} u_j v_j -
-    u_i sum_{j>=i} (1 - u_j) v_j, taken over all long intervals' rows at once and restarted at each interval by
-    subtracting the sum before it (rounding of order eps times that running sum). About seven passes over
-    (points x units), against one matrix product per point for a forward evaluation.
+    u_i sum_{j>i} (1 - u_j) v_j (and the j = i term), taken over all long intervals' rows at once, each sum within its
+    own interval only, the first from the interval's start and the second from its end (``_cumsum_rows`` with runs):
+    so a value near an end where the path's unit inputs are small (a ray near alpha = 0) is rounded on their scale.
+    Before, the sums ran over every long interval and were restarted by subtracting the sum before the
+    interval, rounding of order eps times that running sum: on a batch of rays over (-1, 1e9) a unit at alpha
+    -0.17 of the second ray was 7e-8 off (the first ray's interval up to alpha 1e9 came first), 2e-7 in alpha, and
+    its crossing failed the final check. About seven passes over (points x units), against one matrix product per
+    point for a forward evaluation.
     """
     out = line
     if v is None or not len(u):
@@ -378,20 +407,15 @@ def _bend(line: torch.Tensor, u: torch.Tensor, grp: torch.Tensor, n_grp: int, v:
         out.index_add_(0, i, v[j] * coef[:, None])
     long = torch.nonzero(w > _PAIRWISE_MAX).flatten()
     if len(long):
-        # prefix sums over the long intervals' rows, restarted at each interval by subtracting the sum before it
+        # prefix sums restarted at each interval (``_cumsum_rows``'s runs), sum_{j<i} from the interval's start and
+        # sum_{j>i} from its end: each is rounded on the scale of the terms it sums, which near an end where u_i or
+        # 1 - u_i is small (a ray's alpha near 0) are small too
         g = grp[long]
-        head = torch.ones(len(long), dtype=torch.bool, device=u.device)
-        head[1:] = g[1:] != g[:-1]
-        seg = torch.cumsum(head.long(), 0) - 1
-        starts = torch.nonzero(head).flatten()
-        ends = torch.cat([starts[1:], starts.new_tensor([len(long)])]) - 1
         ul, vl = u[long, None], v[long]
         x = ul * vl
-        before = _cumsum_rows(x).sub_(x)  # exclusive prefix sums of u_j v_j over the long rows
-        before -= before[starts][seg]  # ... from the start of each interval: sum_{j<i} u_j v_j
-        y = vl.sub_(x)  # (1 - u_j) v_j
-        after = _cumsum_rows(y)
-        after = after[ends][seg].sub_(after)  # sum_{j>i} (1 - u_j) v_j
+        before = _cumsum_rows(x, seg=g).sub_(x)  # sum_{j<i} u_j v_j
+        y = vl.mul_(1.0 - ul)  # (1 - u_j) v_j (not v_j - u_j v_j: eps |v_j| off where u_j is near 1)
+        after = _cumsum_rows(y, seg=g, reverse=True).sub_(y)  # sum_{j>i} (1 - u_j) v_j
         before.mul_(1.0 - ul).add_(after.mul_(ul))
         out.index_add_(0, long, before, alpha=-1.0)
     return out
