@@ -3171,3 +3171,33 @@ def test_affine_ray_batch_over_a_wide_range_matches_the_forward_pass_and_the_gra
         assert ((ap == 0) == (aq == 0)).all()
         rel = np.abs(ap - aq) / np.where(aq == 0, 1.0, np.abs(aq))
         assert rel.max() < 1e-10 and (rel > 1e-12).sum() <= 2, (p.index, rel.max(), (rel > 1e-12).sum())
+
+
+# ------------------------------------------------------------------- stop 36: inputs a CLI hunt found
+@pytest.mark.parametrize("evaluator", ["affine", "graph", "frontier"])
+def test_paths_between_entries_of_a_1d_batch(evaluator):
+    """Found at stop 36: paths whose points have shape () (the entries of 1-D tensors, as the docs allow) ended in an
+    IndexError on the affine route's set-up. Hand-computed: relu(x) from 0.1 to 0.9 never crosses, from 0.2 to -0.7
+    crosses once at t = 0.2 / 0.9."""
+    res = path_crossings(nn.ReLU(), torch.tensor([0.1, 0.2], dtype=torch.float64),
+                         torch.tensor([0.9, -0.7], dtype=torch.float64), evaluator=evaluator)
+    assert res.counts.tolist() == [0, 1]
+    np.testing.assert_allclose(res.paths[1].records["t"], [0.2 / 0.9], rtol=1e-14)
+
+
+def test_ray_directions_in_another_byte_order_run_and_complex_ones_are_refused():
+    """Found at stop 36: a big-endian NumPy direction (MATLAB, FITS, HDF5 exports) was refused as 'not an array of
+    numbers', and a complex one was cut to its real part by torch. Oracle: the same direction in native order."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU()).double()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    d = np.random.default_rng(0).normal(size=8)
+    want = ray_crossings(m, x, layer="1.relu", direction=d, alphas=(-1.0, 2.0), trace=False)
+    got = ray_crossings(m, x, layer="1.relu", direction=d.astype(">f8"), alphas=(-1.0, 2.0), trace=False)
+    assert got.counts.tolist() == want.counts.tolist() and sum(want.counts) > 4
+    assert_same_records(got, want, trace=False, t_atol=0.0)
+    for bad, kind in [(d.astype(complex), "complex128"), (torch.tensor(d, dtype=torch.complex128), "torch.complex128"),
+                      (np.array(["a"] * 8), "<U1")]:
+        with pytest.raises(InvalidInputError, match=f"The 'direction' parameter of ray_crossings must hold real "
+                                                    f"numbers; it holds {kind}."):
+            ray_crossings(m, x, layer="1.relu", direction=bad, alphas=(-1.0, 2.0))

@@ -165,7 +165,7 @@ def _net_changes(seg: torch.Tensor, unit: torch.Tensor, piece: torch.Tensor, bef
 def _still_legs(spec) -> torch.Tensor | None:
     """(paths, legs, input coordinates): whether a coordinate of a path's input is 0 at both knots of a leg, so all
     along it (a ray ``alpha * a`` keeps a's zeros; a polyline may rest on 0 for one leg); None where none is."""
-    zero = spec.knots_x.flatten(2) == 0
+    zero = spec.knots_x.reshape(*spec.knots_x.shape[:2], -1) == 0  # points of shape () too (a 1-D batch)
     legs = zero[:, :-1] & zero[:, 1:]
     return legs if bool(legs.any()) else None
 

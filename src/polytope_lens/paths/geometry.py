@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..capture import unwrap_encoded
+from ..data.arrays import real_array
 from ..errors import InvalidInputError
 
 __all__ = ["PathSpec", "TieTolerance", "segments", "polyline", "ray"]
@@ -316,6 +317,11 @@ def ray(a: torch.Tensor, direction, alphas, *, owner: str = "ray_crossings"):
         d = a
         x0, x1 = a0 * a, a1 * a
     else:
+        if isinstance(direction, np.ndarray):  # native byte order; complex, strings and objects refused
+            direction = real_array(direction, f"The 'direction' parameter of {owner}")
+        if isinstance(direction, torch.Tensor) and direction.is_complex():
+            raise InvalidInputError(f"The 'direction' parameter of {owner} must hold real numbers; it holds "
+                                    f"{direction.dtype}.")
         try:
             d = torch.as_tensor(direction).detach().to(device=a.device, dtype=a.dtype)
         except Exception:
