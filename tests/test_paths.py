@@ -696,7 +696,8 @@ def test_shared_prefix_is_used_only_where_it_reproduces_the_model():
     scores, refused for a model that reads the batch size early (which would break), and both give the per-point
     forward's counts."""
     from polytope_lens.paths.geometry import PathSpec
-    from polytope_lens.paths.runner import Runner, default_forward
+    from polytope_lens.capture import default_forward
+    from polytope_lens.paths.runner import Runner
 
     def runner(model, x, site):
         a = torch.relu(torch.randn(2, 10, dtype=torch.float64))
