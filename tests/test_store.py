@@ -483,3 +483,96 @@ def test_a_chunk_file_deleted_or_swapped_is_caught_by_the_writers_checksums(tmp_
         with pytest.raises(InvalidInputError, match=r"is a damaged polytope-lens code store: rows 0 to 49 \(chunk 0\) "
                                                     r"do not match the checksum its writer recorded"):
             read_codes(tmp_path / "c")
+
+
+def _unlike_chunks():
+    """(label, first chunk, unlike second chunk, message) for chunks a store of the first cannot hold."""
+    import copy
+    import dataclasses
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 9), nn.ReLU6(), nn.Linear(9, 4), nn.GELU())
+    x = torch.randn(6, 3)
+    hard, soft = spline_codes(m, x), spline_codes(m, x, soft=True)
+    f64 = spline_codes(copy.deepcopy(m).double(), x.double())
+    tokens = dataclasses.replace(hard, selection={"kind": "tokens", "k": 6, "skip": 100})
+    other_act = spline_codes(nn.Sequential(nn.Linear(3, 9), nn.ReLU(), nn.Linear(9, 4), nn.GELU()), x)
+    other_act.layers = {new: dataclasses.replace(lc, site=new)
+                        for new, lc in zip(hard.layers, other_act.layers.values())}
+    return [("dtype", hard, f64, "Cannot append codes of dtype 'float64' to a store of dtype 'float32'"),
+            ("selection", hard, tokens, "Cannot append codes of unit selection .*'tokens'.* to a store of unit "
+                                        r"selection \{'kind': 'all'\}"),
+            ("soft after hard", hard, soft, "Cannot append codes with soft codes .* to a store without them"),
+            ("hard after soft", soft, hard, "Cannot append codes without soft codes .* to a store with them"),
+            ("activation", hard, other_act, "Cannot append codes of site .* with activation .*'relu'.* to a store "
+                                            "where it has .*'relu6'")]
+
+
+@pytest.mark.parametrize("case", range(5), ids=["dtype", "selection", "soft_after_hard", "hard_after_soft",
+                                                "activation"])
+@pytest.mark.parametrize("resume", [False, True])
+def test_refuses_chunks_unlike_the_first(tmp_path, case, resume):
+    """A chunk of another dtype, unit selection, soft setting or activation than the store's first chunk is refused
+    in one line before anything of it is written (the store's attributes describe the first chunk only), like a
+    chunk of other sites; without resume the context manager removes the partial store, with resume the store
+    keeps exactly the first chunk and a resumed run continues it."""
+    _, first, second, why = _unlike_chunks()[case]
+    out = tmp_path / "c.zarr"
+    with pytest.raises(InvalidInputError, match=why):
+        with CodeStoreWriter(out, resume=resume, fingerprint={"x": 1}) as w:
+            w.append(first)
+            w.append(second)
+    assert not out.exists()
+    if not resume:
+        assert not list(tmp_path.iterdir())
+        return
+    assert w.n_rows == len(first) and all(a.shape[0] == len(first) for a in w._arrays())
+    w2 = CodeStoreWriter(out, resume=True, fingerprint={"x": 1})  # the refusal is the same after a resume
+    assert w2.n_rows == len(first)
+    with pytest.raises(InvalidInputError, match=why):
+        w2.append(second)
+    w2.close()
+    back = read_codes(out)  # oracle: the store equals its first chunk, with the first chunk's attributes
+    assert (back.dtype, back.selection, len(back)) == (first.dtype, first.selection, len(first))
+    for name, lc in first.layers.items():
+        assert np.array_equal(back.layers[name].packed, lc.packed)
+        assert (back.layers[name].soft is None) == (lc.soft is None)
+        assert back.layers[name].activation == lc.activation
+
+
+def test_like_chunks_are_still_appended(tmp_path):
+    """Chunks of the same dtype, selection, soft setting and activations as the first go on being accepted."""
+    out = tmp_path / "c.zarr"
+    first = _codes(6, soft=True)
+    with CodeStoreWriter(out) as w:
+        w.append(first)
+        w.append(first)
+    back = read_codes(out)
+    assert len(back) == 12 and any(lc.soft is not None for lc in first.layers.values())
+    for name, lc in first.layers.items():
+        assert np.array_equal(back.layers[name].packed, np.concatenate([lc.packed, lc.packed]))
+        assert (back.layers[name].soft is None) == (lc.soft is None)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), np.float32("nan"),
+                                   [1.0, float("nan")], {"a": {"b": float("-inf")}}])
+def test_meta_refuses_nan_and_infinities(tmp_path, value):
+    """NaN and infinities are not JSON numbers: json would write them into zarr.json as bare NaN / Infinity tokens
+    that strict readers refuse, so check_meta refuses them in one line, as other non-JSON values, before anything is
+    written. Oracle: every zarr.json of a store that is written parses as strict JSON."""
+    import json
+
+    codes = _codes(3)
+    for make in (lambda: write_codes(codes, tmp_path / "s.zarr", meta={"x": value}),
+                 lambda: CodeStoreWriter(tmp_path / "s.zarr", meta={"ok": 1, "x": value})):
+        with pytest.raises(InvalidInputError, match=r"must hold JSON values .*Got 'x': -?(nan|inf) is not a JSON "):
+            make()
+        assert not list(tmp_path.iterdir())
+    write_codes(codes, tmp_path / "s.zarr", meta={"x": None, "big": 1e308, "y": [0.5, {"z": -2.0}]})
+
+    def strict(token):
+        raise ValueError(f"not JSON: {token}")
+
+    for f in (tmp_path / "s.zarr").rglob("zarr.json"):
+        json.loads(f.read_text(), parse_constant=strict)
+    assert read_codes(tmp_path / "s.zarr").meta["y"] == [0.5, {"z": -2.0}]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -42,9 +43,26 @@ def _json_value(value):
     raise TypeError(type(value).__name__)
 
 
+def _plain(value):
+    """``value`` as JSON holds it (tuples as lists, other objects as their text), to compare with a manifest's."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _non_finite(value):
+    """The first NaN or infinity in a JSON-parsed ``value``, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else value
+    for item in value.values() if isinstance(value, dict) else value if isinstance(value, list) else ():
+        bad = _non_finite(item)
+        if bad is not None:
+            return bad
+    return None
+
+
 def check_meta(meta, owner: str) -> dict:
-    """``meta`` as stored: a dict of JSON values (NumPy scalars become Python numbers) without the store's own
-    attribute names (``RESERVED``), or a one-line ``InvalidInputError``."""
+    """``meta`` as stored: a dict of JSON values (NumPy scalars become Python numbers; NaN and infinities, which
+    are not JSON numbers, are refused) without the store's own attribute names (``RESERVED``), or a one-line
+    ``InvalidInputError``."""
     if meta is None:
         return {}
     if not isinstance(meta, dict):
@@ -59,6 +77,9 @@ def check_meta(meta, owner: str) -> dict:
             if not isinstance(key, str):
                 raise TypeError(f"key of type {type(key).__name__}")
             out[key] = json.loads(json.dumps(value, default=_json_value))
+            bad = _non_finite(out[key])
+            if bad is not None:  # json writes it as a bare NaN / Infinity token: zarr.json would not be JSON
+                raise ValueError(f"{bad!r} is not a JSON number (store a missing value as None)")
         except (TypeError, ValueError) as e:
             raise InvalidInputError(f"The 'meta' parameter of {owner} must hold JSON values (str, number, bool, None, "
                                     f"lists and dicts of them; NumPy scalars). Got {key!r}: {e}.") from None
@@ -254,6 +275,26 @@ class CodeStoreWriter:
                                     "soft": lc.soft is not None})
         self.selection, self.dtype = first.selection, first.dtype
 
+    def _check_like_store(self, codes: SplineCodes) -> None:
+        """Refuse, in one line and before anything of it is written, a chunk unlike the store's first one: another
+        dtype, unit selection, activation or unit shape of a site, or soft codes where the store has none (or none
+        where it has them); the store's attributes describe its first chunk only."""
+        for what, got, want in (("dtype", codes.dtype, self.dtype),
+                                ("unit selection", codes.selection, self.selection)):
+            if _plain(got) != _plain(want):
+                raise InvalidInputError(f"Cannot append codes of {what} {_plain(got)!r} to a store of {what} "
+                                        f"{_plain(want)!r}.")
+        for m, lc in zip(self.layer_meta, codes.layers.values()):
+            if (lc.soft is not None) != bool(m["soft"]):
+                with_ = "with" if lc.soft is not None else "without"
+                raise InvalidInputError(f"Cannot append codes {with_} soft codes (site {lc.site!r}) to a store "
+                                        f"{'with' if m['soft'] else 'without'} them; code every chunk with the "
+                                        "same soft setting.")
+            if _plain(lc.activation) != _plain(m["activation"]) or lc.bits_per_unit != m["bits_per_unit"]:
+                raise InvalidInputError(f"Cannot append codes of site {lc.site!r} with activation "
+                                        f"{_plain(lc.activation)!r} to a store where it has {m['activation']!r}.")
+            check_unit_shape(lc.site, lc.unit_shape, m["unit_shape"], (self.selection or {}).get("kind", ""))
+
     # -------------------------------------------------------------------------------------------- writing
     def append(self, codes: SplineCodes, *, row_offset: int | None = None, n_examples: int | None = None) -> None:
         """Append one chunk of rows and record it in the manifest.
@@ -266,8 +307,7 @@ class CodeStoreWriter:
             self._open(codes)
         if list(codes.layers) != self.names:
             raise InvalidInputError(f"Cannot append codes of sites {list(codes.layers)} to a store of {self.names}.")
-        for m, lc in zip(self.layer_meta, codes.layers.values()):
-            check_unit_shape(lc.site, lc.unit_shape, m["unit_shape"], (self.selection or {}).get("kind", ""))
+        self._check_like_store(codes)
         start = self.next_example if row_offset is None else row_offset
         n_ex = int(codes.meta.get("n_examples", len(codes)) if n_examples is None else n_examples)
         r0, n = self.n_rows, len(codes)
