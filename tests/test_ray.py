@@ -235,3 +235,140 @@ def test_dead_address_path_and_cluster_cli(tmp_path):
     for args in runs.values():  # --ray-workers without --ray
         r = CliRunner().invoke(app, args[:-2] + ["--ray-workers", "2"])
         assert r.exit_code == 1 and "--ray-workers needs --ray" in r.output and "Traceback" not in r.output
+
+
+# ------------------------------------------------------------------------------------ fixes of the Ray hunt
+def test_edited_bundle_is_refused_on_ray(ray_cluster, tmp_path):
+    """Workers reload the model from its spec: a bundle edited in memory is refused in one line (no store), where
+    it used to be coded with the spec's weights under the edited model's fingerprint; an unedited bundle still
+    gives the single-process store. The same check guards the path workers (given the bundle)."""
+    import torch
+
+    from polytope_lens.data import load_data
+    from polytope_lens.distributed import ray_path_crossings
+    from polytope_lens.errors import InvalidInputError
+    from polytope_lens.models import load_model
+    from polytope_lens.paths import path_crossings
+
+    src = load_data("npy:" + str(_npy_4(tmp_path)))
+    bundle = load_model("toy:4-16-16-3:seed=0")
+    extract_to_store(bundle, src, tmp_path / "one.zarr", batch_size=4)
+    extract_to_store(bundle, src, tmp_path / "ray.zarr", batch_size=4, ray_address=ray_cluster, ray_workers=2)
+    (a_attrs, a), (b_attrs, b) = _store(tmp_path / "one.zarr"), _store(tmp_path / "ray.zarr")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a) and a_attrs == b_attrs
+    with torch.no_grad():
+        bundle.module[0].bias.add_(5.0)
+    with pytest.raises(InvalidInputError, match=r"model in memory differs from what spec 'toy:4-16-16-3:\S*' "
+                                                r"loads on the workers.*file:PATH"):
+        extract_to_store(bundle, src, tmp_path / "edited.zarr", batch_size=4, ray_address=ray_cluster,
+                         ray_workers=2)
+    assert not (tmp_path / "edited.zarr").exists()
+    s = torch.randn(4, 4, dtype=torch.float64)
+    with pytest.raises(InvalidInputError, match="model in memory differs"):
+        ray_path_crossings(ray_cluster, bundle, s, -s, workers=2)
+    with pytest.raises(InvalidInputError, match="model in memory differs"):  # the public call hands on the bundle
+        path_crossings(bundle, s, -s, ray_address=ray_cluster, ray_workers=2)
+    with pytest.raises(InvalidInputError, match=r"The 'ray_workers' parameter of path_crossings needs 'ray_address'"):
+        path_crossings(bundle, s, -s, ray_workers=2)  # it ran in one process, ignoring ray_workers
+
+
+def _npy_4(tmp_path, n=8):
+    path = tmp_path / "x4.npy"
+    np.save(path, np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32))
+    return path
+
+
+def test_driver_error_stops_the_actors(ray_cluster, tmp_path, monkeypatch):
+    """An error raised in this process while the chunks are consumed (here by the store writer) stops the actors at
+    once, even while its traceback is kept (as a notebook keeps it): their CPUs are free and the next run completes
+    (it waited forever for them)."""
+    import threading
+
+    import ray
+
+    from polytope_lens.store import CodeStoreWriter
+
+    path = "npy:" + str(_npy_4(tmp_path, 12))
+    real, calls = CodeStoreWriter.append, []
+
+    def fail_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("driver-side failure")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(CodeStoreWriter, "append", fail_second)
+    with pytest.raises(RuntimeError, match="driver-side failure") as kept:
+        extract_to_store("toy:4-8-3", path, tmp_path / "a.zarr", batch_size=2, ray_address=ray_cluster,
+                         ray_workers=2)
+    monkeypatch.setattr(CodeStoreWriter, "append", real)
+    deadline = time.time() + 20
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2, ray.available_resources()
+    done = []
+    worker = threading.Thread(target=lambda: done.append(extract_to_store(
+        "toy:4-8-3", path, tmp_path / "b.zarr", batch_size=2, ray_address=ray_cluster, ray_workers=2)), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert done and done[0]["rows"] == 12 and kept.value is not None
+
+
+@pytest.mark.parametrize("workers", [0, "two", 2])
+def test_ray_workers_without_address_is_refused(tmp_path, workers):
+    """ray_workers without ray_address is one line (it was ignored, invalid values included); with an address an
+    invalid value is refused before anything starts."""
+    from polytope_lens.errors import InvalidInputError
+
+    path = "npy:" + str(_npy(tmp_path))
+    with pytest.raises(InvalidInputError, match="'ray_workers' parameter needs 'ray_address'"):
+        extract_to_store("toy:2-8-2", path, tmp_path / "s.zarr", ray_workers=workers)
+    if workers != 2:
+        with pytest.raises(InvalidInputError, match="'ray_workers' parameter must be an int >= 1"):
+            extract_to_store("toy:2-8-2", path, tmp_path / "s.zarr", ray_address="127.0.0.1:1", ray_workers=workers)
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_empty_data_on_ray_is_refused_as_in_one_process(ray_cluster, tmp_path):
+    """A DataSource with no items: the single-process error ("has no items"), not a misleading no-rows one."""
+    from polytope_lens.data import load_data
+    from polytope_lens.errors import InvalidInputError
+
+    src = load_data("npy:" + str(_npy_4(tmp_path))).subset(slice(0, 0))
+    messages = []
+    for kw in ({}, {"ray_address": ray_cluster, "ray_workers": 2}):
+        with pytest.raises(InvalidInputError, match="has no items") as e:
+            extract_to_store("toy:4-8-3", src, tmp_path / "s.zarr", **kw)
+        messages.append(str(e.value))
+    assert messages[0] == messages[1] and not (tmp_path / "s.zarr").exists()
+
+
+def test_ray_path_notes_equal_one_process(ray_cluster, tmp_path):
+    """The overflow note counts every path (the blocks' counts summed, equal ones included), as one process does;
+    a text block without padding (no note of its own) ran at the full length, which joins the lengths' union."""
+    import torch
+    from torch import nn
+
+    from polytope_lens.models import load_model
+    from polytope_lens.paths import PathBatchResult, path_crossings
+    from polytope_lens.paths.results import own_lengths_note
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        m[2].weight.mul_(1e308)  # the outputs overflow on part of every path
+    torch.save(m, tmp_path / "overflow.pt")
+    bundle = load_model(f"file:{tmp_path / 'overflow.pt'}")
+    rng = np.random.default_rng(0)
+    s, e = torch.tensor(rng.normal(size=(4, 2)) * 300), torch.tensor(rng.normal(size=(4, 2)) * 300)
+    one = path_crossings(bundle, s, e)
+    two = path_crossings(bundle, s, e, ray_address=ray_cluster, ray_workers=2)
+    assert any("NaN or infinite" in n for n in one.notes) and one.notes == two.notes
+    assert one.counts.tolist() == two.counts.tolist()
+    # blocks with equal overflow counts: summed, not collapsed into one
+    a, b = path_crossings(bundle, s[:2], e[:2]), path_crossings(bundle, s[:2], e[:2])
+    both = path_crossings(bundle, torch.cat([s[:2], s[:2]]), torch.cat([e[:2], e[:2]]))
+    assert PathBatchResult.concat([a, b]).notes == both.notes
+    # text: a block of unpadded texts (no own-lengths note) ran at all 9 positions
+    noted = dataclasses.replace(a, notes=a.notes + (own_lengths_note([5], 9),))
+    assert PathBatchResult.concat([noted, a]).notes[-1] == own_lengths_note([5, 9], 9)

@@ -288,10 +288,13 @@ def knn_graph(X: np.ndarray, n_neighbors: int, *, metric: str = "hamming", index
         pop = _popcount(X) if metric == "jaccard" else None
         blocks = ((s, *_search_rows(idx, X, s, min(n, s + chunk_rows), k, kc, metric, pop))
                   for s in range(0, n, chunk_rows))
-    for s, d, i in blocks:
-        D[s:s + len(d)], Ind[s:s + len(d)] = d, i
-        if progress is not None:
-            progress("knn", s + len(d), n)
+    try:
+        for s, d, i in blocks:
+            D[s:s + len(d)], Ind[s:s + len(d)] = d, i
+            if progress is not None:
+                progress("knn", s + len(d), n)
+    finally:  # an error here (a progress callback's) must not leave Ray's actors waiting on a suspended generator
+        blocks.close()
     D[Ind < 0] = np.inf
     return D, Ind
 

@@ -5,7 +5,8 @@ worker and stops them afterwards; ``_ordered`` hands tasks out round-robin with 
 and yields the results in task order, so memory stays bounded and the driver sees the single-process sequence):
 
 * ``ray_code_chunks`` (``codes``): each worker loads the model from its spec with ``models.load_model`` (on a GPU when
-  the cluster has GPUs) and codes chunks with ``extract.chunk_coder``, the single-process function; the driver writes
+  the cluster has GPUs), checks it is the model in memory (``extract.model_digest``: a module edited after loading is
+  refused in one line) and codes chunks with ``extract.chunk_coder``, the single-process function; the driver writes
   the chunks in order through the same ``CodeStoreWriter`` (resume included). The store is identical to a
   single-process run's on the same kind of device (GPU codes may differ where a pre-activation is within rounding
   of a kink).
@@ -172,19 +173,34 @@ def _abandon(ray, actors: list, pending: deque) -> None:
     pending.clear()
 
 
+def _differs(module, model_spec: str, model_sha256: str | None) -> str | None:
+    """On a worker: the error line when the model it loaded from ``model_spec`` is not the driver's (``model_sha256``,
+    ``extract.model_digest`` of the model in memory: weights edited after loading, a file replaced), else None."""
+    from .extract import model_digest
+
+    if model_sha256 is None or model_digest(module) == model_sha256:
+        return None
+    return (f"The model in memory differs from what spec {model_spec!r} loads on the workers: Ray workers reload "
+            "models from their spec; save it (file:PATH) or run without Ray.")
+
+
 # ------------------------------------------------------------------------------------------------------- codes
 def _code_worker(ray):
     @ray.remote
     class CodeWorker:
         """Loads the model once, then codes the chunks it is given."""
 
-        def __init__(self, device, model_spec, source, kwargs):
+        def __init__(self, device, model_spec, source, kwargs, model_sha256):
             from .extract import chunk_coder
             from .models import load_model
 
-            self.code = chunk_coder(load_model(model_spec, device=device), source, **kwargs)
+            bundle = load_model(model_spec, device=device)
+            self.differs = _differs(bundle.module, model_spec, model_sha256)
+            self.code = chunk_coder(bundle, source, **kwargs)
 
         def run(self, first):
+            if self.differs:
+                raise InvalidInputError(self.differs)
             return first, self.code(first)
 
     return CodeWorker
@@ -192,8 +208,8 @@ def _code_worker(ray):
 
 def ray_code_chunks(address: str, bundle, source, *, layers, selection: UnitSelection, soft: bool, batch_size: int,
                     max_length: int, start: int = 0, workers: int | None = None,
-                    progress: Callable[[int], None] | None = None,
-                    connect_timeout: float = 5.0) -> Iterator[tuple[int, SplineCodes]]:
+                    progress: Callable[[int], None] | None = None, connect_timeout: float = 5.0,
+                    model_sha256: str | None = None) -> Iterator[tuple[int, SplineCodes]]:
     """Yield ``(first example index, codes)`` for consecutive chunks from ``start``, coded on Ray workers.
 
     Parameters
@@ -201,17 +217,26 @@ def ray_code_chunks(address: str, bundle, source, *, layers, selection: UnitSele
     address : str
         ``"local"``, ``"auto"``, ``"HOST:PORT"`` or ``"ray://HOST:PORT"`` (see the module docstring).
     bundle : ModelBundle
-        The model; workers reload it from ``bundle.spec``.
+        The model; workers reload it from ``bundle.spec`` and refuse to code (one line) when what they loaded is
+        not the model in memory (an edited module), by its ``extract.model_digest``.
     source : DataSource
         The data, shipped to the workers once.
     workers : int, optional
         Actors to start (default: one per GPU when the cluster has GPUs, else one per CPU).
     progress : callable, optional
         Called with the number of examples of each chunk once it is received.
+    model_sha256 : str, optional
+        ``extract.model_digest(bundle.module)`` when the caller has it already (computed here otherwise).
+
+    The actors live while the generator is suspended: a consumer stops them by closing it (``extract_to_store``
+    does, on any error).
     """
+    from .extract import model_digest
+
     kwargs = {"layers": layers, "selection": selection, "soft": soft, "batch_size": batch_size,
               "max_length": max_length}
-    with _actor_pool(address, _code_worker, (bundle.spec, source, kwargs), workers=workers, device="auto",
+    digest = model_digest(bundle.module) if model_sha256 is None else model_sha256
+    with _actor_pool(address, _code_worker, (bundle.spec, source, kwargs, digest), workers=workers, device="auto",
                      connect_timeout=connect_timeout) as (ray, actors):
         what = f"coding {bundle.spec!r} on {getattr(source, 'spec', '?')!r}"
         for first, codes in _ordered(ray, actors, ((f,) for f in range(start, len(source), batch_size)), what):
@@ -226,14 +251,18 @@ def _path_worker(ray):
     class PathWorker:
         """Loads the model once, then analyses the blocks of pairs it is given."""
 
-        def __init__(self, device, model_spec, kwargs):
+        def __init__(self, device, model_spec, kwargs, model_sha256):
             from .models import load_model
 
             self.module = load_model(model_spec).module
+            self.differs = _differs(self.module, model_spec, model_sha256)
             self.kwargs = {**kwargs, "device": device}
 
         def run(self, first, start, end, inputs):
             from .paths import path_crossings
+
+            if self.differs:
+                raise InvalidInputError(self.differs)
 
             extra = {} if inputs is None else {"inputs": inputs}
             return first, path_crossings(self.module, start, end, **self.kwargs, **extra)
@@ -241,16 +270,18 @@ def _path_worker(ray):
     return PathWorker
 
 
-def ray_path_crossings(address: str, model_spec: str, start, end, *, inputs=None, workers: int | None = None,
-                       blocks_per_worker: int = 4, connect_timeout: float = 5.0, progress=None, **kwargs):
+def ray_path_crossings(address: str, model_spec, start, end, *, inputs=None, workers: int | None = None,
+                       blocks_per_worker: int = 4, connect_timeout: float = 5.0, progress=None,
+                       model_sha256: str | None = None, **kwargs):
     """``paths.path_crossings`` over blocks of pairs on Ray workers, joined in order into one ``PathBatchResult``.
 
     Parameters
     ----------
     address : str
         As in ``ray_code_chunks``.
-    model_spec : str
-        Spec each worker loads the model from (``ModelBundle.spec``).
+    model_spec : str or ModelBundle
+        Spec each worker loads the model from (``ModelBundle.spec``). Given the bundle (or ``model_sha256``, its
+        ``extract.model_digest``), the workers refuse in one line when what they load is not the model in memory.
     start, end : Tensor (P, *shape)
         Validated endpoints; ``inputs`` (P, ...), for paths at a site, is split with them.
     workers : int, optional
@@ -271,10 +302,15 @@ def ray_path_crossings(address: str, model_spec: str, start, end, *, inputs=None
     from .paths.runner import index_inputs
 
     t0 = time.perf_counter()
+    if not isinstance(model_spec, str):  # a ModelBundle: check the workers' model against it
+        from .extract import model_digest
+
+        model_sha256 = model_digest(model_spec.module) if model_sha256 is None else model_sha256
+        model_spec = model_spec.spec
     device = "cuda" if torch.device(kwargs.get("device", "cpu")).type == "cuda" else "cpu"
     kwargs = {k: v for k, v in kwargs.items() if k != "device"}
     n_pairs = len(start)
-    with _actor_pool(address, _path_worker, (model_spec, kwargs), workers=workers, device=device,
+    with _actor_pool(address, _path_worker, (model_spec, kwargs, model_sha256), workers=workers, device=device,
                      connect_timeout=connect_timeout) as (ray, actors):
         size = max(1, math.ceil(n_pairs / (len(actors) * blocks_per_worker)))
 

@@ -53,13 +53,19 @@ def content_digest(bundle, source) -> dict:
     """SHA-256 of the model's parameters and buffers and of the data's items and labels: a resumed store checks them,
     since a spec names a file, not what it holds (a ``file:`` model or ``npy:`` data replaced under the same path was
     appended to, mixing two models' codes in one store)."""
-    model = hashlib.sha256()
-    for name, value in sorted(bundle.module.state_dict().items()):
-        model.update(name.encode() + _state_bytes(value))
     data = hashlib.sha256(_values_bytes(source.items))
     if source.labels is not None:
         data.update(b"labels" + _values_bytes(np.asarray(source.labels)))
-    return {"model_sha256": model.hexdigest(), "data_sha256": data.hexdigest()}
+    return {"model_sha256": model_digest(bundle.module), "data_sha256": data.hexdigest()}
+
+
+def model_digest(module) -> str:
+    """SHA-256 (hex) of a module's parameters and buffers: the store fingerprint's ``model_sha256``, and what each
+    Ray worker checks the model it loaded from the spec against (``distributed``)."""
+    model = hashlib.sha256()
+    for name, value in sorted(module.state_dict().items()):
+        model.update(name.encode() + _state_bytes(value))
+    return model.hexdigest()
 
 
 def _state_bytes(value) -> bytes:
@@ -226,9 +232,19 @@ def extract_to_store(model, data, out, *, overwrite: bool = False, resume: bool 
         cluster has them); this process writes the chunks in order through the same ``CodeStoreWriter``, so the
         store equals a single-process run's (on the same kind of device). See ``distributed``.
     ray_workers : int, optional
-        Ray workers (default: one per GPU if the cluster has GPUs, else one per CPU).
+        Ray workers (default: one per GPU if the cluster has GPUs, else one per CPU); only with ``ray_address``.
+        A model edited in memory after loading is refused with Ray (the workers load the spec's).
     """
+    if ray_address is None and ray_workers is not None:
+        raise InvalidInputError("The 'ray_workers' parameter needs 'ray_address' (\"local\", \"auto\", "
+                                f"\"HOST:PORT\"): without it the codes are computed here. Got {ray_workers!r}.")
+    if ray_address is not None:
+        from .distributed import check_workers
+
+        check_workers(ray_workers)
     bundle, source = _bundle(model), _source(data, limit)
+    if len(source) == 0:  # before the writer: as iter_code_chunks says it, Ray or not
+        raise InvalidInputError(f"The data {getattr(source, 'spec', '?')!r} has no items.")
     selection = _selection(bundle, units, k, skip, position)
     fingerprint = {"model": bundle.spec, "data": source.spec, "n_items": len(source), "layers": layers,
                    "selection": selection.to_dict(), "soft": soft, "batch_size": batch_size,
@@ -243,13 +259,17 @@ def extract_to_store(model, data, out, *, overwrite: bool = False, resume: bool 
 
             chunks = ray_code_chunks(ray_address, bundle, source, layers=layers, selection=selection, soft=soft,
                                      batch_size=batch_size, max_length=max_length, start=writer.next_example,
-                                     workers=ray_workers, progress=progress)
+                                     workers=ray_workers, progress=progress,
+                                     model_sha256=fingerprint["model_sha256"])
         else:
             chunks = ((first, codes) for first, codes, _, _ in iter_code_chunks(
                 bundle, source, layers=layers, units=selection, soft=soft, batch_size=batch_size,
                 max_length=max_length, start=writer.next_example, progress=progress))
-        for first, codes in chunks:
-            writer.append(codes, row_offset=first)
+        try:
+            for first, codes in chunks:
+                writer.append(codes, row_offset=first)
+        finally:  # an error here (the writer, progress, Ctrl-C) stops the Ray actors now, not when the
+            chunks.close()  # traceback holding this frame is dropped (never, in a notebook)
         if not writer.n_rows:  # a chunk may select no rows (short sequences); the whole data must select some
             raise no_rows_error(selection.to_dict())
         path = writer.close()

@@ -698,6 +698,9 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
     start, end, length = geometry.segments(start, end, owner=owner,
                                            device=None if ray_address is not None else check_device(device))
     spec = getattr(model, "spec", None) if not isinstance(model, nn.Module) else None
+    if ray_address is None and ray_workers is not None:
+        raise InvalidInputError(f"The 'ray_workers' parameter of {owner} needs 'ray_address' (\"local\", \"auto\", "
+                                f"\"HOST:PORT\"): without it the paths are computed here. Got {ray_workers!r}.")
     if ray_address is not None:
         from ..distributed import check_workers, ray_path_crossings
 
@@ -707,7 +710,7 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
         check_workers(ray_workers)
         if layer is not None:
             inputs = _check_base(inputs, len(start), owner)
-        return ray_path_crossings(ray_address, spec, start, end, inputs=inputs, workers=ray_workers,
+        return ray_path_crossings(ray_address, model, start, end, inputs=inputs, workers=ray_workers,
                                   progress=progress, layer=layer,
                                   layers=layers, method=method, dtype=dtype, device=device, tie_tol=tie_tol,
                                   n_samples=n_samples, tol=tol, trace=trace, verify=verify,

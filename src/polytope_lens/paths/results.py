@@ -328,20 +328,49 @@ def own_lengths_note(lengths, positions: int) -> str:
 _OWN_LENGTHS = "text rows run at their own lengths ("
 
 
-def _merged_length_notes(notes: list[str]) -> tuple:
-    """``notes`` with the own-lengths notes of several blocks joined into one (the union of their lengths)."""
+_OVERFLOW = "the model's outputs are NaN or infinite at "
+_OVERFLOW_REST = " positions of the traces"
+
+
+def _merged_length_notes(notes: list[str], missing: bool = False) -> tuple:
+    """``notes`` with the own-lengths notes of several blocks joined into one (the union of their lengths).
+
+    ``missing``: some block has no such note while another has one: its texts had no padding (``paths._per_text``
+    notes nothing then), so they ran at the full number of positions, which joins the union as a single process
+    lists it."""
     own = [n for n in notes if n.startswith(_OWN_LENGTHS)]
-    if len(own) < 2:
+    if len(own) < 2 and not (own and missing):
         return tuple(notes)
     lengths, positions = [], None
     for n in own:
         listed, _, rest = n[len(_OWN_LENGTHS):].partition(" positions of ")
         lengths += [int(v) for v in listed.split(", ")]
         positions = rest.partition(")")[0]
+    if missing:
+        lengths.append(int(positions))
     first = notes.index(own[0])
     kept = [n for n in notes if n not in own]
     kept.insert(first, own_lengths_note(lengths, int(positions)))
     return tuple(kept)
+
+
+def _merged_overflow_notes(parts_notes: list[tuple]) -> list[str]:
+    """The blocks' notes kept once each, with their overflow notes ("outputs are NaN or infinite at N positions")
+    joined into one with the total count, where the first one stood (a single process counts every path at once)."""
+    notes = list(dict.fromkeys(n for ns in parts_notes for n in ns))
+    over = [n for n in notes if n.startswith(_OVERFLOW)]
+    if not over:
+        return notes
+    total = 0
+    for ns in parts_notes:  # every block's note, equal ones included
+        for n in ns:
+            if n.startswith(_OVERFLOW):
+                total += int(n[len(_OVERFLOW):].partition(_OVERFLOW_REST)[0].replace(",", ""))
+    tail = over[0][len(_OVERFLOW):].partition(_OVERFLOW_REST)[2]
+    first = notes.index(over[0])
+    kept = [n for n in notes if n not in over]
+    kept.insert(first, f"{_OVERFLOW}{total:,}{_OVERFLOW_REST}{tail}")
+    return kept
 
 
 @dataclass(frozen=True)
@@ -392,8 +421,9 @@ class PathBatchResult:
         with ``rows`` (each part's path positions in the joined result) of interleaved groups.
 
         Paths are re-indexed in order; the blocks must agree on how they were computed (exact, method, dtype,
-        tolerance, kind, layer, sites), or the joined numbers would mean different things. Notes are kept once each;
-        ``seconds`` defaults to the blocks' sum.
+        tolerance, kind, layer, sites), or the joined numbers would mean different things. Notes are kept once each,
+        those counting the blocks' own paths joined as one process would write them (the overflow count summed, the
+        text lengths united); ``seconds`` defaults to the blocks' sum.
         """
         if not parts:
             raise InvalidInputError("PathBatchResult.concat needs at least one result.")
@@ -412,7 +442,9 @@ class PathBatchResult:
         for p, where in zip(parts, rows):
             for r, i in zip(p.paths, where):
                 paths[i] = dataclasses.replace(r, index=int(i))
-        notes = _merged_length_notes(list(dict.fromkeys(n for p in parts for n in p.notes)))
+        has_own = [any(n.startswith(_OWN_LENGTHS) for n in p.notes) for p in parts]
+        notes = _merged_length_notes(_merged_overflow_notes([p.notes for p in parts]),
+                                     missing=any(has_own) and not all(has_own))
         return cls(paths, first.exact, first.method, first.dtype, dict(first.tolerance), first.kind, first.layer,
                    first.sites, notes, float(sum(p.seconds for p in parts)) if seconds is None else float(seconds))
 
