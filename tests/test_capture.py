@@ -1,5 +1,6 @@
 """Capture finds activations by call, names them by module path, and cleans up after itself."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -356,3 +357,19 @@ def test_a_bundles_one_named_input_reaches_the_parameter_it_names_in_paths_and_s
             == local_complexity(plain, t, radius=0.5, n_dirs=2).total.tolist())
     assert (exact_local_complexity(keyed, inp, radius=0.5).total.tolist()
             == exact_local_complexity(plain, t, radius=0.5).total.tolist())
+
+
+def test_numpy_inputs_in_another_byte_order_run_and_complex_ones_are_refused():
+    """API arrays go through the one check of file arrays (``data.arrays.real_array``): big-endian arrays give the
+    native ones' codes; complex, string arrays are refused in one line (complex reached the model, whose dtype error
+    asked whether the inputs had the right shape). Oracle: the native-order array's codes."""
+    from polytope_lens import spline_codes
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 8), nn.ReLU())
+    x = np.random.default_rng(0).normal(size=(4, 3))
+    want, got = spline_codes(m, x.astype(np.float32)), spline_codes(m, x.astype(">f4"))
+    assert all(np.array_equal(want.layers[k].packed, got.layers[k].packed) for k in want.layers)
+    for bad, kind in [(x.astype(complex), "complex128"), (np.full((4, 3), "a"), "<U1")]:
+        with pytest.raises(InvalidInputError, match=f"A NumPy input must hold real numbers; it holds {kind}."):
+            spline_codes(m, bad)

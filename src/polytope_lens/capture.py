@@ -39,6 +39,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from ._conv64 import conv_call
+from .data.arrays import real_array
 from .errors import InvalidInputError, PolytopeLensError, UnsupportedActivationError, first_line
 from .kinks import BENDING_OPS, VALUE_READS, Activation, get_activation, resolve_call
 
@@ -666,10 +667,8 @@ def input_tensors(inputs, float_dtype: torch.dtype | None = None):
     """``inputs`` (a tensor, a NumPy array, a mapping of them, or a bundle's ``Inputs``: its tensors) with arrays
     as tensors; floating-point arrays in ``float_dtype`` when given (the model's: NumPy's default is float64)."""
     def tensor(a):
-        try:  # torch takes native byte order and positive strides only
-            t = torch.from_numpy(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("=")))
-        except TypeError:
-            raise InvalidInputError(f"A NumPy input of dtype {a.dtype} is not numeric; give numbers.") from None
+        # torch takes native byte order and positive strides only; complex, strings and objects are no model input
+        t = torch.from_numpy(np.ascontiguousarray(real_array(a, "A NumPy input")))
         return t.to(float_dtype) if float_dtype is not None and t.is_floating_point() else t
 
     tensors = getattr(inputs, "tensors", inputs)
