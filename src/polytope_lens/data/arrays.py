@@ -28,8 +28,8 @@ def real_array(array: np.ndarray, what: str) -> np.ndarray:
     `InvalidInputError` "WHAT must hold real numbers; it holds DTYPE." when it holds anything but bool, int or float
     values: complex (whose imaginary part a cast drops), strings, dates, records and objects are no model input.
 
-    Every reader of user arrays (``npy:``/``npz:`` data, `DataSource` items, the CLI's point files) goes through
-    here."""
+    Every reader of user arrays (``npy:``/``npz:`` data, `DataSource` items, the CLI's point files, NumPy inputs
+    of the API through ``capture.input_tensors``, ray directions) goes through here."""
     if array.dtype.kind not in "biuf":
         raise InvalidInputError(f"{what} must hold real numbers; it holds {array.dtype}.")
     return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
