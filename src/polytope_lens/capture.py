@@ -710,20 +710,27 @@ def call_forward(module: nn.Module, tensors: Mapping):
     return module(*args, **kwargs)
 
 
-def _binds_first(module: nn.Module, key: str) -> bool:
-    """Whether ``module(x)`` gives ``x`` to the parameter ``key`` (its forward's first positional parameter is
-    ``key``, or it takes ``*args`` first); True where the signature cannot be read (a plain call, as always)."""
+def positional_parameters(module: nn.Module) -> list[str] | None:
+    """The parameters of ``module.forward`` that ``module(a, b, ...)`` binds by position, in order ("*" for a
+    ``*args``, which takes the rest); None where the signature cannot be read."""
     try:
         params = inspect.signature(module.forward).parameters.values()
     except (TypeError, ValueError):
-        return True
-    P = inspect.Parameter
+        return None
+    names = []
     for p in params:
-        if p.kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD):
-            return p.name == key
-        if p.kind == P.VAR_POSITIONAL:
-            return True
-    return False
+        if p.kind == p.VAR_POSITIONAL:
+            return names + ["*"]
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            names.append(p.name)
+    return names
+
+
+def _binds_first(module: nn.Module, key: str) -> bool:
+    """Whether ``module(x)`` gives ``x`` to the parameter ``key`` (its forward's first positional parameter is
+    ``key``, or it takes ``*args`` first); True where the signature cannot be read (a plain call, as always)."""
+    names = positional_parameters(module)
+    return names is None or bool(names) and names[0] in (key, "*")
 
 
 def default_forward(model: nn.Module, key: str | None = None) -> Callable[[object], object]:

@@ -94,6 +94,17 @@ def check_workers(workers) -> None:
         raise InvalidInputError(f"The 'ray_workers' parameter must be an int >= 1. Got {workers!r} instead.")
 
 
+def check_ray_options(address, workers, computed: str, owner: str | None = None) -> None:
+    """``ray_workers`` only with ``ray_address`` (without it the ``computed`` results are computed here, and the
+    option would be ignored), and then ``check_workers``'s."""
+    if address is None and workers is not None:
+        of = "" if owner is None else f" of {owner}"
+        raise InvalidInputError(f"The 'ray_workers' parameter{of} needs 'ray_address' (\"local\", \"auto\", "
+                                f"\"HOST:PORT\"): without it the {computed} are computed here. Got {workers!r}.")
+    if address is not None:
+        check_workers(workers)
+
+
 @contextmanager
 def _actor_pool(address: str, make_class: Callable, args: tuple, *, workers: int | None, device: str,
                 connect_timeout: float):

@@ -35,17 +35,21 @@ def _bundle(model):
 
 
 def _source(data, limit):
+    """The data (a spec, or a DataSource) as a DataSource of at most ``limit`` items; a one-line error when it has
+    none."""
     from .data import DataSource, check_limit, load_data
 
     if isinstance(data, str):
-        return load_data(data, limit=limit)
-    if not isinstance(data, DataSource):
+        data = load_data(data, limit=limit)
+    elif not isinstance(data, DataSource):
         raise InvalidInputError(f"The 'data' parameter takes a data spec (e.g. 'digits', 'npy:PATH') or a DataSource "
                                 f"from load_data; got {type(data).__name__}. For a module and tensors, use "
                                 "polytope_lens.spline_codes.")
-    if limit is not None:
+    elif limit is not None:
         check_limit(limit)  # as load_data does for a spec
-        return data.subset(slice(0, limit))
+        data = data.subset(slice(0, limit))
+    if len(data) == 0:
+        raise InvalidInputError(f"The data {getattr(data, 'spec', '?')!r} has no items.")
     return data
 
 
@@ -143,8 +147,6 @@ def iter_code_chunks(model, data, *, layers=None, units="auto", k: int = 6, skip
     if not is_int(batch_size) or batch_size < 1:
         raise InvalidInputError(f"The 'batch_size' parameter must be an int >= 1. Got {batch_size!r}.")
     bundle, source = _bundle(model), _source(data, limit)
-    if len(source) == 0:
-        raise InvalidInputError(f"The data {getattr(source, 'spec', '?')!r} has no items.")
     selection = _selection(bundle, units, k, skip, position)
     code_chunk = chunk_coder(bundle, source, layers=layers, selection=selection, soft=soft, batch_size=batch_size,
                              max_length=max_length)
@@ -235,16 +237,10 @@ def extract_to_store(model, data, out, *, overwrite: bool = False, resume: bool 
         Ray workers (default: one per GPU if the cluster has GPUs, else one per CPU); only with ``ray_address``.
         A model edited in memory after loading is refused with Ray (the workers load the spec's).
     """
-    if ray_address is None and ray_workers is not None:
-        raise InvalidInputError("The 'ray_workers' parameter needs 'ray_address' (\"local\", \"auto\", "
-                                f"\"HOST:PORT\"): without it the codes are computed here. Got {ray_workers!r}.")
-    if ray_address is not None:
-        from .distributed import check_workers
+    from .distributed import check_ray_options
 
-        check_workers(ray_workers)
-    bundle, source = _bundle(model), _source(data, limit)
-    if len(source) == 0:  # before the writer: as iter_code_chunks says it, Ray or not
-        raise InvalidInputError(f"The data {getattr(source, 'spec', '?')!r} has no items.")
+    check_ray_options(ray_address, ray_workers, "codes")
+    bundle, source = _bundle(model), _source(data, limit)  # an empty source refused before the writer, Ray or not
     selection = _selection(bundle, units, k, skip, position)
     fingerprint = {"model": bundle.spec, "data": source.spec, "n_items": len(source), "layers": layers,
                    "selection": selection.to_dict(), "soft": soft, "batch_size": batch_size,

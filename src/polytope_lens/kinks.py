@@ -448,8 +448,9 @@ class WindowMax(Activation):
         an end are set to it there, so rounding between entries that are equal in exact arithmetic (a uniform
         image region) is not read as a change."""
         a, b = _snap_to_max(a, tol, floor_a), _snap_to_max(b, tol, floor_b)
-        floor = torch.maximum(torch.as_tensor(floor_a, dtype=a.dtype, device=a.device),
-                              torch.as_tensor(floor_b, dtype=a.dtype, device=a.device)).reshape(-1)  # (n,) or (1,)
+        if tol > 0:
+            floor = torch.maximum(torch.as_tensor(floor_a, dtype=a.dtype, device=a.device),
+                                  torch.as_tensor(floor_b, dtype=a.dtype, device=a.device)).reshape(-1)  # (n,), (1,)
         if tol > 0 and len(seg):
             # entries within the tolerance of each other at both ends are one line over the segment (the lowest
             # index): rounding between them must not make the envelope switch back and forth in the middle
@@ -527,13 +528,13 @@ def _max_of(entries: list[torch.Tensor]) -> torch.Tensor:
     return top
 
 
-def tie_floor(x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
-    """Per row of ``x`` (its first dimension; ``rows`` rows of a flat view), ``min(1, max |entry|)``: the floor of
+def tie_floor(x: torch.Tensor) -> torch.Tensor:
+    """Per row of ``x`` (its first dimension), ``min(1, max |entry|)``: the floor of
     max pooling's tie band ``tol * max(floor, |maximum|)``, shape (rows, 1). Rounding of a point's entries scales with
     the point's own values, so a tie band of at most ``tol`` in absolute terms, not below the point's scale, keeps
     max pooling's pieces scale-invariant where its input is scaled towards 0 (a ray from a tiny alpha had every
     window tied, then "changed" at t = 0); entries that are all exactly 0 tie only exactly."""
-    n = len(x) if rows is None else rows
+    n = len(x)
     flat = x.reshape(n, -1)
     if flat.shape[1] == 0:
         return flat.new_ones((n, 1))
@@ -552,9 +553,7 @@ def _max_threshold(top: torch.Tensor, tol: float, floor=1.0) -> torch.Tensor:
     """``top - tol * max(floor, |top|)``: entries at or above it count as a window's (or row's) maximum (``floor``: a
     number or ``tie_floor``'s value per row). In place on a new array: one temporary instead of four (each a fresh,
     page-faulted array when big)."""
-    f = _floor_like(floor, top)
-    band = top.abs().clamp_min_(f) if not isinstance(f, torch.Tensor) else torch.maximum(top.abs(), f)
-    return band.mul_(-tol).add_(top)
+    return top.abs().clamp_min_(_floor_like(floor, top)).mul_(-tol).add_(top)
 
 
 def _near_max(w: torch.Tensor, tol: float, floor=1.0) -> tuple[torch.Tensor, torch.Tensor]:

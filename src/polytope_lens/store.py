@@ -59,6 +59,15 @@ def _non_finite(value):
     return None
 
 
+def _rows_sha256(arrays, start: int, n: int) -> str:
+    """SHA-256 (hex) of rows ``start`` to ``start + n`` of each of ``arrays`` in turn (a chunk's checksum: the writer
+    records it, ``read_codes`` checks it)."""
+    h = hashlib.sha256()
+    for arr in arrays:
+        h.update(np.ascontiguousarray(arr[start:start + n]).tobytes())
+    return h.hexdigest()
+
+
 def check_meta(meta, owner: str) -> dict:
     """``meta`` as stored: a dict of JSON values (NumPy scalars become Python numbers; NaN and infinities, which
     are not JSON numbers, are refused) without the store's own attribute names (``RESERVED``), or a one-line
@@ -249,10 +258,7 @@ class CodeStoreWriter:
             arr.resize((n, *arr.shape[1:]))
 
     def _checksum(self, start: int, n: int) -> str:
-        h = hashlib.sha256()
-        for arr in self._arrays():
-            h.update(np.ascontiguousarray(arr[start:start + n]).tobytes())
-        return h.hexdigest()
+        return _rows_sha256(self._arrays(), start, n)
 
     def _open(self, first: SplineCodes) -> None:
         zarr = _zarr()
@@ -445,10 +451,7 @@ def _check_chunks(chunks, stored: list[np.ndarray], path) -> None:
         except (KeyError, TypeError, ValueError) as e:
             raise _damaged(path, f"its zarr.json attribute 'chunks' is malformed ({type(e).__name__}: "
                                  f"{first_line(e)})") from None
-        h = hashlib.sha256()
-        for arr in stored:
-            h.update(np.ascontiguousarray(arr[start:start + n]).tobytes())
-        if start != covered or h.hexdigest() != want:
+        if start != covered or _rows_sha256(stored, start, n) != want:
             raise _damaged(path, f"rows {start} to {start + n - 1} (chunk {i}) do not match the checksum its writer "
                                  "recorded (a chunk file deleted, cut or replaced)")
         covered = start + n

@@ -7,7 +7,6 @@ last hidden state of a text encoder). Analyses never need to know these details.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from polytope_lens.capture import call_forward, float_dtype
+from polytope_lens.capture import call_forward, float_dtype, positional_parameters
 from polytope_lens.data.arrays import real_array
 from polytope_lens.errors import InvalidInputError, first_line
 
@@ -93,12 +92,8 @@ def _position_offset(module: torch.nn.Module) -> int:
 
 def forward_input_name(module: torch.nn.Module) -> str:
     """Name of the first parameter of ``module.forward`` (the keyword its main input goes by)."""
-    try:
-        params = [p for p in inspect.signature(module.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        return "input"
-    return params[0].name if params else "input"
+    names = positional_parameters(module) or ["*"]
+    return "input" if names[0] == "*" else names[0]
 
 
 def resize_crop(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -39,7 +39,7 @@ from .exact import Refiner, verify_chunk
 from . import local
 from .frontier import FrontierProgram
 from .geometry import PathSpec
-from .results import (PathBatchResult, PathBlock, PathList, PathResult, Trace, own_lengths_note,
+from .results import (PathBatchResult, PathBlock, PathList, PathResult, Trace, overflow_note, own_lengths_note,
                       traces_from_outputs)
 from .runner import Runner, affine_tol, check_device, check_dtype, index_inputs, prepare_model
 from .sampled import sampled_chunk, wide_ray_grid
@@ -423,8 +423,7 @@ def _analyse(prep: PreparedModel, spec: PathSpec, *, owner, layers, method, tie_
                  else {"tol": float(tol), "n_samples": int(n_samples)})
     undefined = sum(int((~np.isfinite(tr.top_prob)).sum()) for tr in results.traces())
     if undefined:  # the sites were finite (checked), the outputs overflow: say so rather than show NaN quietly
-        notes.append(f"the model's outputs are NaN or infinite at {undefined:,} positions of the traces (it overflows "
-                     "there): their top class, probability and JS are undefined; the crossings are not affected")
+        notes.append(overflow_note(undefined))
     return PathBatchResult(results, use_exact, "exact" if use_exact else "sampled",
                            str(prep.dtype).replace("torch.", ""), tolerance, spec.kind, spec.site, tuple(reported),
                            tuple(notes), time.perf_counter() - t0)
@@ -698,16 +697,15 @@ def path_crossings(model: nn.Module, start, end, *, layer: str | None = None, in
     start, end, length = geometry.segments(start, end, owner=owner,
                                            device=None if ray_address is not None else check_device(device))
     spec = getattr(model, "spec", None) if not isinstance(model, nn.Module) else None
-    if ray_address is None and ray_workers is not None:
-        raise InvalidInputError(f"The 'ray_workers' parameter of {owner} needs 'ray_address' (\"local\", \"auto\", "
-                                f"\"HOST:PORT\"): without it the paths are computed here. Got {ray_workers!r}.")
+    from ..distributed import check_ray_options
+
+    check_ray_options(ray_address, ray_workers, "paths", owner)
     if ray_address is not None:
-        from ..distributed import check_workers, ray_path_crossings
+        from ..distributed import ray_path_crossings
 
         if not isinstance(spec, str):
             raise InvalidInputError(f"{owner} with ray_address needs the model as a ModelBundle (models.load_model): "
                                     "each Ray worker reloads it from its spec.")
-        check_workers(ray_workers)
         if layer is not None:
             inputs = _check_base(inputs, len(start), owner)
         return ray_path_crossings(ray_address, model, start, end, inputs=inputs, workers=ray_workers,

@@ -332,6 +332,13 @@ _OVERFLOW = "the model's outputs are NaN or infinite at "
 _OVERFLOW_REST = " positions of the traces"
 
 
+def overflow_note(count: int) -> str:
+    """The note of traces whose outputs overflow at ``count`` positions: one home for its wording, which
+    ``PathBatchResult.concat`` reads back to sum the blocks' counts."""
+    return (f"{_OVERFLOW}{count:,}{_OVERFLOW_REST} (it overflows there): their top class, probability and JS are "
+            "undefined; the crossings are not affected")
+
+
 def _merged_length_notes(notes: list[str], missing: bool = False) -> tuple:
     """``notes`` with the own-lengths notes of several blocks joined into one (the union of their lengths).
 
@@ -366,10 +373,9 @@ def _merged_overflow_notes(parts_notes: list[tuple]) -> list[str]:
         for n in ns:
             if n.startswith(_OVERFLOW):
                 total += int(n[len(_OVERFLOW):].partition(_OVERFLOW_REST)[0].replace(",", ""))
-    tail = over[0][len(_OVERFLOW):].partition(_OVERFLOW_REST)[2]
     first = notes.index(over[0])
     kept = [n for n in notes if n not in over]
-    kept.insert(first, f"{_OVERFLOW}{total:,}{_OVERFLOW_REST}{tail}")
+    kept.insert(first, overflow_note(total))
     return kept
 
 
